@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make audit` and `make test`. Both bootstrap .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: audit test lab bench clean-data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+audit: $(STAMP)
+	$(PY) scripts/run_audit.py --profile standard
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[lab]"
+	$(PY) -m jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) scripts/bench_store.py
+
+clean-data:
+	rm -rf data/runs.sqlite3* data/spool data/outbox data/work data/inbox

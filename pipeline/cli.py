@@ -1,0 +1,126 @@
+"""Command line: ``python -m pipeline COMMAND``; each command is a thin shell over the library.
+
+Errors the pipeline raises on purpose become one line on stderr and exit
+code 2; a failed run makes ``ingest`` exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import store as s
+from .config import Settings, load_settings
+from .errors import PipelineError
+from .sqlite_store import SqliteRunStore
+
+log = logging.getLogger("pipeline")
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Register ``fn`` as the CLI command named after it."""
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every command."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Email-triggered PDF digest pipeline.")
+    parser.add_argument("--data-dir", type=Path, help="where the run store, spool and outbox live (default: data)")
+    parser.add_argument("--config", type=Path, help="TOML settings file (sections: store, gateway, ingest, ...)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    runs = sub.add_parser("runs", help="list runs, newest first")
+    runs.add_argument("--workflow", help="only runs of this workflow")
+    runs.add_argument("--state", choices=s.RUN_STATES, help="only runs in this state")
+    runs.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
+    runs.add_argument("--before", type=int, metavar="RUN_ID", help="only runs older than this id (next page)")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    show = sub.add_parser("show", help="one run with its task instances")
+    show.add_argument("run_id", type=int, metavar="RUN_ID")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    purge = sub.add_parser("purge", help="delete finished runs older than N days")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="age in days")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Build Settings from ``--config`` and ``--data-dir``."""
+    return load_settings(args.config, args.data_dir)
+
+
+def open_store(args: argparse.Namespace, create: bool = False) -> SqliteRunStore:
+    """Open the run store named by the settings (it must exist unless ``create``)."""
+    return SqliteRunStore(settings_from(args).store, create=create)
+
+
+@command
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    runs = store.list_runs(args.workflow, args.state, args.limit, args.before)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
+        return 0
+    print(f"{'RUN':>8}  {'WORKFLOW':<14} {'STATE':<9} {'QUEUED (UTC)':<20} {'SECONDS':>8}  REASON")
+    for r in runs:
+        duration = f"{r.duration_s:8.3f}" if r.duration_s is not None else " " * 8
+        print(f"{r.run_id:>8}  {r.workflow:<14} {r.state:<9} {_utc(r.queued_at):<20} {duration}  {r.reason or ''}")
+    return 0
+
+
+@command
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    print(format_run(store, args.run_id, as_json=args.json))
+    return 0
+
+
+@command
+def cmd_purge(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    count = store.purge_runs(time.time() - args.older_than * 86400)
+    print(f"purged {count} run(s) that ended more than {args.older_than:g} day(s) ago")
+    return 0
+
+
+def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
+    """Render one run with its tasks as JSON (the README's shape) or text."""
+    run = store.get_run(run_id)
+    tasks = store.get_tasks(run_id)
+    if as_json:
+        return json.dumps({**run.as_dict(), "tasks": [t.as_dict() for t in tasks]}, indent=2)
+    lines = [f"run {run.run_id}  {run.workflow}  {run.state}" + (f"  ({run.reason})" if run.reason else ""),
+             f"  dedup key: {run.dedup_key}", f"  queued: {_utc(run.queued_at)}"]
+    for t in tasks:
+        took = f"{t.duration_s:.3f}s" if t.duration_s is not None else "-"
+        err = f"  {t.error_type}: {t.error_message}" if t.error_type else ""
+        lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took}{err}")
+    return "\n".join(lines)
+
+
+def _utc(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,146 @@
+"""Task and DAG: a workflow's shape, validated once when it is built.
+
+A task may be *mapped* over the list an upstream task returns (fan-out): the
+runner then creates one instance per item, ``ingest_pdf[0]``, ``ingest_pdf[1]``...
+Dependents of a mapped task wait for all its instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DAGError
+
+ALL_SUCCESS = "all_success"  # run only if every upstream instance succeeded
+ALL_DONE = "all_done"  # run once every upstream instance finished, whatever its state
+TRIGGER_RULES = (ALL_SUCCESS, ALL_DONE)
+EXECUTORS = ("thread", "process")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task callable receives; picklable so process tasks get it too.
+
+    ``upstream`` maps each dependency id to its result (a list for a mapped
+    dependency, ``None`` where an instance failed); ``errors`` maps failed
+    upstream instance ids to ``{"type", "message"}``; ``item`` is the element
+    of the mapped-over list for a mapped instance.
+    """
+
+    run_id: int
+    task_id: str
+    payload: Mapping[str, Any]
+    upstream: Mapping[str, Any]
+    errors: Mapping[str, Mapping[str, str]]
+    work_dir: str
+    try_number: int = 1
+    item: Any = None
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One step of a workflow.
+
+    ``fn(ctx: TaskContext)`` returns a small JSON-serialisable value (large data:
+    write a file under ``ctx.work_dir`` and return its path). ``executor`` picks
+    threads (I/O-bound) or processes (CPU-bound; ``fn`` must be importable).
+    """
+
+    id: str
+    fn: Callable[[TaskContext], Any]
+    deps: tuple[str, ...] = ()
+    retries: int | None = None  # None: the runner's default
+    timeout_s: float | None = None
+    executor: str = "thread"
+    map_over: str | None = None
+    trigger_rule: str = ALL_SUCCESS
+
+
+@dataclass(frozen=True)
+class DAG:
+    """A named, validated set of tasks."""
+
+    workflow_id: str
+    tasks: tuple[Task, ...]
+    order: tuple[str, ...] = field(init=False)  # topological order, computed at validation
+    _index: dict[str, Task] = field(init=False, repr=False, compare=False)
+    _dependents: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __init__(self, workflow_id: str, tasks: Iterable[Task]) -> None:
+        object.__setattr__(self, "workflow_id", workflow_id)
+        object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "order", validate_dag(workflow_id, self.tasks))
+        object.__setattr__(self, "_index", {t.id: t for t in self.tasks})
+        object.__setattr__(self, "_dependents", {
+            t.id: tuple(d.id for d in self.tasks if t.id in d.deps) for t in self.tasks})
+
+    def task(self, task_id: str) -> Task:
+        """Return the task with this id (KeyError if none)."""
+        return self._index[task_id]
+
+    def dependents(self, task_id: str) -> tuple[str, ...]:
+        """Ids of the tasks that depend directly on ``task_id``."""
+        return self._dependents[task_id]
+
+
+def validate_dag(workflow_id: str, tasks: tuple[Task, ...]) -> tuple[str, ...]:
+    """Check ids, dependencies, options and acyclicity; return a topological order."""
+    if not workflow_id or not workflow_id.replace("_", "").replace("-", "").isalnum():
+        raise DAGError(f"workflow id {workflow_id!r} must be letters, digits, '-' or '_'", workflow_id)
+    if not tasks:
+        raise DAGError(f"workflow {workflow_id!r} has no tasks", workflow_id)
+    seen: set[str] = set()
+    for task in tasks:
+        if task.id in seen:
+            raise DAGError(f"workflow {workflow_id!r}: duplicate task id {task.id!r}", task.id)
+        if not task.id or "[" in task.id:
+            raise DAGError(f"workflow {workflow_id!r}: invalid task id {task.id!r}", task.id)
+        seen.add(task.id)
+    for task in tasks:
+        _check_task(workflow_id, task, seen)
+    return _topological_order(workflow_id, tasks)
+
+
+def _check_task(workflow_id: str, task: Task, ids: set[str]) -> None:
+    where = f"workflow {workflow_id!r}, task {task.id!r}"
+    for dep in task.deps:
+        if dep not in ids:
+            raise DAGError(f"{where}: unknown dependency {dep!r}", dep)
+    if task.map_over is not None and task.map_over not in task.deps:
+        raise DAGError(f"{where}: map_over {task.map_over!r} must also be listed in deps", task.id)
+    if task.executor not in EXECUTORS:
+        raise DAGError(f"{where}: executor must be one of {EXECUTORS}, not {task.executor!r}", task.id)
+    if task.trigger_rule not in TRIGGER_RULES:
+        raise DAGError(f"{where}: trigger_rule must be one of {TRIGGER_RULES}", task.id)
+    if (task.retries is not None and task.retries < 0) or (task.timeout_s is not None and task.timeout_s <= 0):
+        raise DAGError(f"{where}: retries must be >= 0 and timeout_s > 0", task.id)
+
+
+def _topological_order(workflow_id: str, tasks: tuple[Task, ...]) -> tuple[str, ...]:
+    deps = {t.id: t.deps for t in tasks}
+    order: list[str] = []
+    state: dict[str, str] = {}  # "visiting" or "done"
+    for root in deps:
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = []
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                if state.get(node) == "done":
+                    continue
+                if state.get(node) == "visiting":
+                    cycle = path[path.index(node):] + [node]
+                    raise DAGError(f"workflow {workflow_id!r}: dependency cycle {' -> '.join(cycle)} (each needs the next)", cycle)
+                state[node] = "visiting"
+                path.append(node)
+            if i < len(deps[node]):
+                stack.append((node, i + 1))
+                stack.append((deps[node][i], 0))
+            else:
+                state[node] = "done"
+                path.pop()
+                order.append(node)
+    return tuple(order)

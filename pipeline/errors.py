@@ -1,0 +1,157 @@
+"""Typed errors a user of the pipeline can see.
+
+    PipelineError
+    ├── ConfigurationError      bad settings, missing optional dependency
+    ├── DAGError                invalid workflow graph (cycle, unknown dep, duplicate id)
+    ├── UnknownWorkflowError    trigger() for a workflow nobody registered
+    ├── StoreError              the run store cannot be opened or used
+    │   ├── NotADatabaseError   the file is not SQLite
+    │   ├── SchemaTooNewError   written by a newer version of the pipeline
+    │   └── UnknownRunError     no run with that id
+    ├── RejectedMessageError    the gateway refuses a message (size, recipient)
+    ├── IngestError             one PDF cannot be read; ``reason`` is what the store records
+    │   ├── EncryptedPdfError   reason "encrypted"
+    │   ├── CorruptPdfError     reason "corrupt"
+    │   └── PdfTooLargeError    reason "too_large" (pages, bytes, decompressed size, time)
+    ├── ParseError              an email is not usable MIME; reason "malformed_email"
+    ├── DeliveryError           the digest could not be delivered
+    └── StepError               a task failed; carries run_id, task_id and reason
+    TaskTimeoutError(StepError) a task ran past its timeout
+
+Every error carries a short machine-readable ``reason`` next to its message:
+the run store records it as the task's error type.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+    reason = "error"
+
+
+class ConfigurationError(PipelineError):
+    """Settings are invalid or an optional dependency is missing."""
+
+    reason = "configuration"
+
+
+class DAGError(PipelineError):
+    """A workflow graph is invalid; ``culprit`` names the offending task(s)."""
+
+    reason = "invalid_dag"
+
+    def __init__(self, message: str, culprit: object = None) -> None:
+        super().__init__(message)
+        self.culprit = culprit
+
+
+class UnknownWorkflowError(PipelineError):
+    """No workflow of that name is registered."""
+
+    reason = "unknown_workflow"
+
+    def __init__(self, workflow: str, known: list[str]) -> None:
+        super().__init__(f"unknown workflow {workflow!r}; registered: {', '.join(sorted(known)) or 'none'}")
+        self.workflow = workflow
+
+
+class StoreError(PipelineError):
+    """The run store cannot be opened or used."""
+
+    reason = "store"
+
+
+class NotADatabaseError(StoreError):
+    """The store path exists but is not a SQLite database."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path}: not a run store (file is not a SQLite database); refusing to touch it")
+        self.path = path
+
+
+class SchemaTooNewError(StoreError):
+    """The store was written by a newer pipeline; opening it could damage it."""
+
+    def __init__(self, path: object, found: int, supported: int) -> None:
+        super().__init__(
+            f"{path}: run store schema version {found} is newer than this pipeline supports ({supported}); upgrade the pipeline"
+        )
+        self.path, self.found, self.supported = path, found, supported
+
+
+class UnknownRunError(StoreError):
+    """No run has that id."""
+
+    def __init__(self, run_id: object) -> None:
+        super().__init__(f"no run with id {run_id!r}")
+        self.run_id = run_id
+
+
+class RejectedMessageError(PipelineError):
+    """The gateway refuses a message; ``smtp_code`` is the reply it sends."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, smtp_code: int = 550) -> None:
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+class IngestError(PipelineError):
+    """One PDF cannot be turned into text."""
+
+    reason = "ingest"
+
+    def __init__(self, message: str, filename: str = "") -> None:
+        super().__init__(message)
+        self.filename = filename
+
+
+class EncryptedPdfError(IngestError):
+    """The PDF is encrypted and the empty password does not open it."""
+
+    reason = "encrypted"
+
+
+class CorruptPdfError(IngestError):
+    """The PDF is damaged, truncated or not a PDF at all."""
+
+    reason = "corrupt"
+
+
+class PdfTooLargeError(IngestError):
+    """The PDF exceeds a page, size, decompression, memory or time limit."""
+
+    reason = "too_large"
+
+
+class ParseError(PipelineError):
+    """An email is not usable MIME."""
+
+    reason = "malformed_email"
+
+
+class DeliveryError(PipelineError):
+    """The digest could not be handed to the relay or the outbox."""
+
+    reason = "delivery"
+
+
+class StepError(PipelineError):
+    """A task of a run failed."""
+
+    reason = "step_failed"
+
+    def __init__(self, message: str, run_id: object = None, task_id: str = "", reason: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id, self.task_id = run_id, task_id
+        if reason:
+            self.reason = reason
+
+
+class TaskTimeoutError(StepError):
+    """A task ran past its timeout."""
+
+    reason = "timeout"

@@ -1,0 +1,331 @@
+"""DAGRunner: executes one run's tasks, callback-driven.
+
+No thread waits per run: ready tasks are submitted to a shared executor, and
+each finished future advances the run from its done-callback. That keeps
+hundreds of active runs cheap. Every transition goes to the store with its
+timestamp; results reach dependents through ``TaskContext.upstream`` and are
+persisted, so a resumed run reuses what already succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import store as s
+from . import tracing
+from .config import RunnerConfig
+from .dag import ALL_SUCCESS, DAG, Task, TaskContext
+from .errors import StepError, TaskTimeoutError
+from .store import DAGRunStore, Run, Transition, encode_output
+from .timers import Timers
+
+log = logging.getLogger(__name__)
+_INSTANCE = re.compile(r"^(?P<task>[^\[]+)(\[(?P<index>\d+)\])?$")
+
+
+@dataclass
+class _Instance:
+    """In-memory state of one task instance."""
+
+    task: Task
+    index: int | None
+    state: str = s.QUEUED
+    try_number: int = 0
+    output: Any = None
+    error: tuple[str, str] | None = None
+
+
+class Executors:
+    """The thread pool every run shares, and a process pool created on first use."""
+
+    def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor]) -> None:
+        self.config = config
+        self.thread = thread_pool
+        self._process_factory = process_factory
+        self._process: Executor | None = None
+        self._lock = threading.Lock()
+
+    def for_task(self, task: Task) -> Executor:
+        """Return the executor a task asked for."""
+        if task.executor == "thread":
+            return self.thread
+        with self._lock:
+            if self._process is None:
+                self._process = self._process_factory()
+            return self._process
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Shut both pools down; queued work is cancelled."""
+        self.thread.shutdown(wait=wait, cancel_futures=True)
+        if self._process is not None:
+            self._process.shutdown(wait=wait, cancel_futures=True)
+
+
+def _call(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
+    """Run a task callable inside a span (module-level so process pools can pickle it)."""
+    with tracing.span("task", task_id=ctx.task_id, run_id=ctx.run_id):
+        return fn(ctx)
+
+
+class DAGRunner:
+    """Drive one run to a terminal state, or back to the queue when stopped."""
+
+    def __init__(self, store: DAGRunStore, dag: DAG, run: Run, *, executors: Executors, timers: Timers,
+                 work_dir: Path, on_finish: Callable[[int, str], None] = lambda run_id, state: None) -> None:
+        self.store, self.dag, self.run = store, dag, run
+        self.executors, self.timers, self.config = executors, timers, executors.config
+        self.work_dir = work_dir
+        self.on_finish = on_finish
+        self._lock = threading.RLock()
+        self._instances: dict[str, _Instance] = {}
+        self._by_task: dict[str, list[str]] = {}
+        self._decided: set[str] = set()
+        self._inflight: dict[str, int] = {}  # instance id -> try number of the live try
+        self._waiting_retry: set[str] = set()
+        self._terminal = 0  # instances in a terminal state
+        self._stopping = False
+        self._finished = False
+
+    # -- public -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load what the store knows of this run, then submit every ready task."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        static = [t.id for t in self.dag.tasks if t.map_over is None]
+        self.store.create_tasks(self.run.run_id, static)
+        with self._lock:
+            for row in self.store.get_tasks(self.run.run_id):
+                self._load(row)
+            self._advance()
+
+    def stop(self) -> None:
+        """Submit nothing more; once live tries end, the run goes back to the queue."""
+        with self._lock:
+            self._stopping = True
+            self._waiting_retry.clear()
+            self._maybe_finish()
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _load(self, row: s.TaskRun) -> None:
+        match = _INSTANCE.match(row.task_id)
+        if match is None or match["task"] not in self.dag._index:
+            log.warning("run %s: ignoring unknown task instance %r", self.run.run_id, row.task_id)
+            return
+        index = int(match["index"]) if match["index"] is not None else None
+        error = (row.error_type or "", row.error_message or "") if row.error_type else None
+        self._instances[row.task_id] = _Instance(self.dag.task(match["task"]), index, row.state,
+                                                 row.try_number, row.output, error)
+        self._by_task.setdefault(match["task"], []).append(row.task_id)
+        self._terminal += row.state in s.TERMINAL_TASK_STATES
+
+    def _complete(self, task_id: str) -> bool:
+        return task_id in self._decided and all(
+            self._instances[i].state in s.TERMINAL_TASK_STATES for i in self._by_task[task_id])
+
+    def _succeeded(self, task_id: str) -> bool:
+        return all(self._instances[i].state == s.SUCCESS for i in self._by_task[task_id])
+
+    def _result_of(self, task_id: str) -> Any:
+        task = self.dag.task(task_id)
+        ids = self._by_task[task_id]
+        if task.map_over is None:
+            return self._instances[ids[0]].output
+        if ids == [task_id]:  # mapped over nothing, or never expanded
+            return []
+        return [self._instances[i].output if self._instances[i].state == s.SUCCESS else None
+                for i in sorted(ids, key=lambda i: self._instances[i].index or 0)]
+
+    # -- scheduling -------------------------------------------------------------
+
+    def _advance(self, candidates: tuple[str, ...] | None = None) -> None:
+        """Decide each candidate task whose dependencies are complete; then finish if all is done."""
+        work = list(self.dag.order if candidates is None else candidates)
+        ready: list[str] = []
+        while work and not self._stopping:
+            task_id = work.pop()
+            task = self.dag.task(task_id)
+            if task_id in self._decided or not all(self._complete(d) for d in task.deps):
+                continue
+            self._decided.add(task_id)
+            if task.trigger_rule == ALL_SUCCESS and not all(self._succeeded(d) for d in task.deps):
+                self._mark_upstream_failed(task)
+            else:
+                ready += [i for i in self._instantiate(task)
+                          if self._instances[i].state not in s.TERMINAL_TASK_STATES]
+            if self._complete(task_id):
+                work += self.dag.dependents(task_id)
+        for instance_id in ready:
+            self._submit(instance_id)
+        self._maybe_finish()
+
+    def _instantiate(self, task: Task) -> list[str]:
+        if task.map_over is None:
+            return self._by_task.setdefault(task.id, [task.id])
+        items = self._result_of(task.map_over)
+        if not isinstance(items, list):
+            self._new_instances(task, [(task.id, None)])
+            self._finish(task.id, s.FAILED, ("bad_map", f"{task.map_over!r} must return a list to map over, "
+                                              f"got {type(items).__name__}"))
+            return []
+        if not items:
+            self._new_instances(task, [(task.id, None)])
+            self._finish(task.id, s.SUCCESS, output=[])
+            return []
+        self._new_instances(task, [(f"{task.id}[{n}]", n) for n in range(len(items))])
+        return self._by_task[task.id]
+
+    def _new_instances(self, task: Task, ids: list[tuple[str, int | None]]) -> None:
+        fresh = [(i, n) for i, n in ids if i not in self._instances]
+        self.store.create_tasks(self.run.run_id, [i for i, _ in fresh])
+        for instance_id, index in fresh:
+            self._instances[instance_id] = _Instance(task, index)
+            self._by_task.setdefault(task.id, []).append(instance_id)
+
+    def _mark_upstream_failed(self, task: Task) -> None:
+        ids = self._by_task.get(task.id) or []
+        if not ids:
+            self._new_instances(task, [(task.id, None)])
+            ids = self._by_task[task.id]
+        for instance_id in ids:
+            if self._instances[instance_id].state not in s.TERMINAL_TASK_STATES:
+                self._finish(instance_id, s.UPSTREAM_FAILED, ("upstream_failed", "an upstream task did not succeed"))
+
+    def _context(self, instance_id: str, inst: _Instance) -> TaskContext:
+        task = inst.task
+        upstream = {d: self._result_of(d) for d in task.deps}
+        errors = {i: {"type": self._instances[i].error[0], "message": self._instances[i].error[1]}  # type: ignore[index]
+                  for d in task.deps for i in self._by_task[d] if self._instances[i].error}
+        item = upstream[task.map_over][inst.index] if task.map_over and inst.index is not None else None
+        return TaskContext(self.run.run_id, instance_id, self.run.payload, upstream, errors,
+                           str(self.work_dir), inst.try_number, item, inst.index)
+
+    def _submit(self, instance_id: str) -> None:
+        inst = self._instances[instance_id]
+        inst.try_number += 1
+        inst.state = s.RUNNING
+        attempt = inst.try_number
+        self._inflight[instance_id] = attempt
+        ctx = self._context(instance_id, inst)
+        if inst.task.executor == "process":
+            self._write(instance_id, s.RUNNING)
+            future = self.executors.for_task(inst.task).submit(_call, inst.task.fn, ctx)
+        else:
+            future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx)
+        timeout = inst.task.timeout_s or self.config.default_timeout_s
+        if timeout:
+            self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
+        future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
+
+    def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext) -> Any:
+        self._write(instance_id, s.RUNNING, try_number=attempt)
+        return _call(self._instances[instance_id].task.fn, ctx)
+
+    # -- completion -------------------------------------------------------------
+
+    def _on_done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
+        with self._lock:
+            if self._inflight.get(instance_id) != attempt:
+                return  # this try timed out already; its late result is ignored
+            del self._inflight[instance_id]
+            exc = future.exception()
+            output_json = None
+            if exc is None:
+                try:
+                    output_json = encode_output(future.result())
+                except ValueError as err:
+                    exc = StepError(str(err), self.run.run_id, instance_id, reason="bad_output")
+                    exc.retryable = False  # type: ignore[attr-defined]
+            if exc is None:
+                self._finish(instance_id, s.SUCCESS, output=json.loads(output_json or "null"), output_json=output_json)
+            else:
+                self._fail_or_retry(instance_id, exc)
+            self._advance(self.dag.dependents(self._instances[instance_id].task.id))
+
+    def _on_timeout(self, instance_id: str, attempt: int, timeout: float) -> None:
+        with self._lock:
+            if self._inflight.get(instance_id) != attempt:
+                return
+            del self._inflight[instance_id]
+            self._fail_or_retry(instance_id, TaskTimeoutError(f"task ran longer than {timeout:g} s",
+                                                              self.run.run_id, instance_id))
+            self._advance(self.dag.dependents(self._instances[instance_id].task.id))
+
+    def _fail_or_retry(self, instance_id: str, exc: BaseException) -> None:
+        inst = self._instances[instance_id]
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        error = (reason, str(exc) or type(exc).__name__)
+        retries = inst.task.retries if inst.task.retries is not None else self.config.default_retries
+        if inst.try_number <= retries and getattr(exc, "retryable", True) and not self._stopping:
+            inst.state, inst.error = s.RETRYING, error
+            self._write(instance_id, s.RETRYING, error=error)
+            delay = min(self.config.retry_max_delay_s, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
+            self._waiting_retry.add(instance_id)
+            self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)
+            log.info("run %s task %s: try %d failed (%s), retrying", self.run.run_id, instance_id,
+                     inst.try_number, reason)
+        else:
+            self._finish(instance_id, s.FAILED, error)
+
+    def _retry(self, instance_id: str) -> None:
+        with self._lock:
+            if instance_id in self._waiting_retry:
+                self._waiting_retry.discard(instance_id)
+                self._submit(instance_id)
+            self._maybe_finish()
+
+    def _finish(self, instance_id: str, state: str, error: tuple[str, str] | None = None,
+                output: Any = None, output_json: str | None = None) -> None:
+        inst = self._instances[instance_id]
+        self._terminal += inst.state not in s.TERMINAL_TASK_STATES
+        inst.state, inst.error, inst.output = state, error, output
+        if output_json is None and output is not None:
+            output_json = encode_output(output)
+        self._write(instance_id, state, error=error, output_json=output_json)
+        tracing.send(tracing.TASK_FINISHED, run_id=self.run.run_id, task_id=instance_id, state=state)
+        log.info("run %s task %s: %s%s", self.run.run_id, instance_id, state, f" ({error[0]})" if error else "")
+
+    def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
+               error: tuple[str, str] | None = None, output_json: str | None = None) -> None:
+        attempt = self._instances[instance_id].try_number if try_number is None else try_number
+        self.store.record_transitions([Transition(
+            self.run.run_id, instance_id, state, attempt, time.time(),
+            error[0] if error else None, error[1] if error else None, output_json)])
+
+    def _maybe_finish(self) -> None:
+        if self._finished or self._inflight or self._waiting_retry:
+            return
+        if self._stopping:
+            self._finished = True
+            self.store.requeue_run(self.run.run_id)
+            self.on_finish(self.run.run_id, s.QUEUED)
+            return
+        if len(self._decided) < len(self.dag.tasks) or self._terminal < len(self._instances):
+            return
+        self._finished = True
+        state, reason = self._outcome()
+        self.store.finish_run(self.run.run_id, state, reason)
+        log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state, f" ({reason})" if reason else "")
+        self.on_finish(self.run.run_id, state)
+
+    def _outcome(self) -> tuple[str, str | None]:
+        """A run fails when a leaf task did not succeed; the reason names the first real failure."""
+        leaves = [t.id for t in self.dag.tasks if not self.dag.dependents(t.id)]
+        if all(self._succeeded(leaf) for leaf in leaves):
+            return s.SUCCESS, None
+        for task_id in self.dag.order:
+            for instance_id in self._by_task.get(task_id, []):
+                inst = self._instances[instance_id]
+                if inst.state == s.FAILED and inst.error:
+                    return s.FAILED, f"{instance_id}: {inst.error[0]}: {inst.error[1]}"[:500]
+        return s.FAILED, "a final task did not succeed"

@@ -1,0 +1,336 @@
+"""SqliteRunStore: the embedded default DAGRunStore.
+
+One connection per store object, shared by the process's threads behind a
+lock: SQLite has one writer at a time anyway, and serialising in-process means
+our own threads never see "database is locked". Other processes (the CLI
+reading while ``serve`` writes) are handled by WAL and the busy timeout.
+Every read-then-write runs in ``BEGIN IMMEDIATE`` so it takes the write lock
+up front: a deferred transaction that upgrades can fail with
+SQLITE_BUSY_SNAPSHOT, which busy_timeout does not retry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import store as s
+from .config import StoreConfig
+from .errors import NotADatabaseError, SchemaTooNewError, StoreError, UnknownRunError
+from .store import DAGRunStore, Run, TaskRun, Transition
+
+# Named migrations, applied in order; PRAGMA user_version counts those applied.
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    ("create runs, task_runs and task_events", [
+        """CREATE TABLE runs (
+            run_id INTEGER PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            state TEXT NOT NULL,
+            dedup_key TEXT,
+            payload TEXT NOT NULL DEFAULT '{}',
+            queued_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            heartbeat_at REAL,
+            owner TEXT,
+            reason TEXT,
+            UNIQUE (workflow, dedup_key))""",
+        """CREATE TABLE task_runs (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs (run_id),
+            task_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            try_number INTEGER NOT NULL DEFAULT 0,
+            queued_at REAL,
+            started_at REAL,
+            ended_at REAL,
+            error_type TEXT,
+            error_message TEXT,
+            output TEXT,
+            UNIQUE (run_id, task_id))""",
+        """CREATE TABLE task_events (
+            run_id INTEGER NOT NULL,
+            task_id TEXT NOT NULL,
+            try_number INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            at REAL NOT NULL)""",
+    ]),
+    ("indexes for the canonical queries", [
+        # latest runs of a workflow, keyset-paginated on run_id (rowid rides along)
+        "CREATE INDEX runs_by_workflow ON runs (workflow)",
+        # list by state, FIFO claim of queued runs, count by state (covering)
+        "CREATE INDEX runs_by_state ON runs (state)",
+        # list and count within one workflow by state (covering)
+        "CREATE INDEX runs_by_workflow_state ON runs (workflow, state)",
+        # recovery: running runs with an old heartbeat
+        "CREATE INDEX runs_running_heartbeat ON runs (heartbeat_at) WHERE state = 'running'",
+        # purge: finished runs by end time
+        "CREATE INDEX runs_by_ended ON runs (ended_at) WHERE ended_at IS NOT NULL",
+        # duration percentiles over a time window (covering)
+        "CREATE INDEX task_runs_success_window ON task_runs (ended_at, task_id, started_at) WHERE state = 'success'",
+        "CREATE INDEX task_events_by_run ON task_events (run_id)",
+    ]),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+_RUN_COLUMNS = "run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, reason"
+_TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
+_MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
+
+
+class SqliteRunStore(DAGRunStore):
+    """DAGRunStore in one SQLite file (WAL by default)."""
+
+    def __init__(self, config: StoreConfig | Path | str = StoreConfig(), *, create: bool = True) -> None:
+        self.config = config if isinstance(config, StoreConfig) else StoreConfig(path=Path(config))
+        self.config.validate()
+        self.path = Path(self.config.path)
+        if not create and not self.path.exists():
+            raise StoreError(f"{self.path}: no run store here (nothing has run yet?)")
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+
+    # -- connection and transactions ---------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=self.config.busy_timeout_ms / 1000)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
+            if self.config.wal:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise NotADatabaseError(self.path) from exc
+            raise StoreError(f"{self.path}: cannot open run store: {exc}") from exc
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise SchemaTooNewError(self.path, version, SCHEMA_VERSION)
+        self._migrate(conn, version)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.close()
+            raise StoreError(f"{self.path}: a SQLite file with other tables, not a run store; refusing to touch it")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+            for number, (name, statements) in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, time.time()))
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """Run a write transaction: BEGIN IMMEDIATE, then COMMIT or ROLLBACK."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    # -- runs -----------------------------------------------------------------
+
+    def create_run(self, workflow: str, payload: Mapping[str, Any], dedup_key: str | None = None,
+                   now: float | None = None) -> tuple[Run, bool]:
+        return self.create_runs([(workflow, payload, dedup_key)], now)[0]
+
+    def create_runs(self, items: Iterable[tuple[str, Mapping[str, Any], str | None]],
+                    now: float | None = None) -> list[tuple[Run, bool]]:
+        now = time.time() if now is None else now
+        results = []
+        with self._tx() as conn:
+            for workflow, payload, dedup_key in items:
+                cur = conn.execute(
+                    "INSERT INTO runs (workflow, state, dedup_key, payload, queued_at) VALUES (?, 'queued', ?, ?, ?) "
+                    "ON CONFLICT (workflow, dedup_key) DO NOTHING",
+                    (workflow, dedup_key, json.dumps(payload), now))
+                if cur.rowcount:
+                    results.append((Run(cur.lastrowid or 0, workflow, s.QUEUED, dedup_key, dict(payload), now), True))
+                else:
+                    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
+                                       (workflow, dedup_key)).fetchone()
+                    results.append((_run(row), False))
+        return results
+
+    def get_run(self, run_id: int) -> Run:
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            raise UnknownRunError(run_id)
+        return _run(rows[0])
+
+    def list_runs(self, workflow: str | None = None, state: str | None = None, limit: int = 50,
+                  before_run_id: int | None = None) -> list[Run]:
+        where, params = _filters(workflow=workflow, state=state)
+        if before_run_id is not None:
+            where.append("run_id < ?")
+            params.append(before_run_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs {clause} ORDER BY run_id DESC LIMIT ?",
+                          [*params, limit])
+        return [_run(r) for r in rows]
+
+    def count_runs_by_state(self, workflow: str | None = None) -> dict[str, int]:
+        where, params = _filters(workflow=workflow)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return dict(self._read(f"SELECT state, count(*) FROM runs {clause} GROUP BY state", params))
+
+    def stale_runs(self, heartbeat_before: float) -> list[Run]:
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = 'running' "
+                          "AND (heartbeat_at < ? OR heartbeat_at IS NULL) ORDER BY run_id", (heartbeat_before,))
+        return [_run(r) for r in rows]
+
+    def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = 'queued' "
+                               "ORDER BY run_id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            run = _run(row)
+            started = run.started_at if run.started_at is not None else now  # keep first start across requeues
+            conn.execute("UPDATE runs SET state = 'running', started_at = ?, heartbeat_at = ?, owner = ? "
+                         "WHERE run_id = ?", (started, now, owner, run.run_id))
+        return Run(**{**run.__dict__, "state": s.RUNNING, "started_at": started, "heartbeat_at": now, "owner": owner})
+
+    def heartbeat(self, run_ids: Iterable[int], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.executemany("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND state = 'running'",
+                             [(now, r) for r in run_ids])
+
+    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None) -> None:
+        if state not in (s.SUCCESS, s.FAILED):
+            raise ValueError(f"finish_run takes success or failed, not {state!r}")
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ?",
+                         (state, reason, now, run_id))
+            conn.execute("INSERT INTO task_events VALUES (?, '', 0, ?, ?)", (run_id, state, now))
+
+    def requeue_run(self, run_id: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            self._requeue(conn, run_id, now)
+
+    def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = 'running'").fetchall()
+            dead = [r.run_id for r in map(_run, rows) if is_dead(r)]
+            for run_id in dead:
+                self._requeue(conn, run_id, now)
+        return dead
+
+    @staticmethod
+    def _requeue(conn: sqlite3.Connection, run_id: int, now: float) -> None:
+        conn.execute("UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL WHERE run_id = ?", (run_id,))
+        conn.execute("INSERT INTO task_events SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
+                     "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
+        conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
+                     (run_id,))
+        conn.execute("INSERT INTO task_events VALUES (?, '', 0, 'queued', ?)", (run_id, now))
+
+    # -- tasks ----------------------------------------------------------------
+
+    def get_tasks(self, run_id: int) -> list[TaskRun]:
+        rows = self._read(f"SELECT {_TASK_COLUMNS} FROM task_runs WHERE run_id = ? ORDER BY id", (run_id,))
+        return [_task(r) for r in rows]
+
+    def create_tasks(self, run_id: int, task_ids: Iterable[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        ids = list(task_ids)
+        with self._tx() as conn:
+            conn.executemany("INSERT INTO task_runs (run_id, task_id, state, queued_at) VALUES (?, ?, 'queued', ?) "
+                             "ON CONFLICT (run_id, task_id) DO NOTHING", [(run_id, t, now) for t in ids])
+            conn.executemany("INSERT INTO task_events VALUES (?, ?, 0, 'queued', ?)", [(run_id, t, now) for t in ids])
+
+    def record_transitions(self, transitions: Iterable[Transition]) -> None:
+        with self._tx() as conn:
+            for t in transitions:
+                started = t.at if t.state == s.RUNNING else None
+                ended = t.at if t.state in s.TERMINAL_TASK_STATES else None
+                conn.execute(
+                    "UPDATE task_runs SET state = ?, try_number = ?, started_at = coalesce(?, started_at), "
+                    "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output) "
+                    "WHERE run_id = ? AND task_id = ?",
+                    (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
+                     t.run_id, t.task_id))
+                conn.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
+                             (t.run_id, t.task_id, t.try_number, t.state, t.at))
+
+    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
+        until = time.time() if until is None else until
+        rows = self._read("SELECT task_id, ended_at - started_at FROM task_runs INDEXED BY task_runs_success_window "
+                          "WHERE state = 'success' AND ended_at >= ? AND ended_at < ?", (since, until))
+        groups: dict[str, list[float]] = {}
+        for task_id, duration in rows:
+            groups.setdefault(_MAPPED_SUFFIX.sub("", task_id), []).append(duration)
+        return {task: _percentiles(values) for task, values in sorted(groups.items())}
+
+    def purge_runs(self, older_than: float, batch_size: int = 1000) -> int:
+        total = 0
+        while True:
+            with self._tx() as conn:
+                ids = [r[0] for r in conn.execute(
+                    "SELECT run_id FROM runs WHERE ended_at < ? AND state IN ('success', 'failed') LIMIT ?",
+                    (older_than, batch_size))]
+                if not ids:
+                    return total
+                marks = ",".join("?" * len(ids))
+                conn.execute(f"DELETE FROM task_events WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM task_runs WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", ids)
+            total += len(ids)
+
+
+def _filters(**columns: Any) -> tuple[list[str], list[Any]]:
+    present = {k: v for k, v in columns.items() if v is not None}
+    return [f"{k} = ?" for k in present], list(present.values())
+
+
+def _run(row: tuple[Any, ...]) -> Run:
+    return Run(row[0], row[1], row[2], row[3], json.loads(row[4]), *row[5:])
+
+
+def _task(row: tuple[Any, ...]) -> TaskRun:
+    output = json.loads(row[9]) if row[9] is not None else None
+    return TaskRun(*row[:9], output=output)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) == 1:
+        return {"n": 1, "p50": values[0], "p95": values[0]}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"n": len(values), "p50": statistics.median(values), "p95": cuts[18]}

@@ -1,0 +1,218 @@
+"""DAGRunStore: the contract every run-store backend keeps, and its value types.
+
+The SQLite implementation is ``pipeline.sqlite_store.SqliteRunStore``; a
+Postgres one would sit beside it and pass the same contract tests.
+Timestamps are Unix seconds (float); run ids are integers in trigger order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Run states
+QUEUED, RUNNING, SUCCESS, FAILED = "queued", "running", "success", "failed"
+# Extra task states
+RETRYING, UPSTREAM_FAILED = "retrying", "upstream_failed"
+RUN_STATES = (QUEUED, RUNNING, SUCCESS, FAILED)
+TASK_STATES = (QUEUED, RUNNING, RETRYING, SUCCESS, FAILED, UPSTREAM_FAILED)
+TERMINAL_TASK_STATES = frozenset({SUCCESS, FAILED, UPSTREAM_FAILED})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One execution of a workflow."""
+
+    run_id: int
+    workflow: str
+    state: str
+    dedup_key: str | None
+    payload: Mapping[str, Any]
+    queued_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    heartbeat_at: float | None = None
+    owner: str | None = None
+    reason: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end, once ended."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the JSON shape documented in the README."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "state": self.state,
+            "dedup_key": self.dedup_key,
+            "queued_at": self.queued_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "duration_s": self.duration_s,
+            "reason": self.reason,
+            "payload": dict(self.payload),
+        }
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One task instance of a run (``ingest_pdf[2]`` for a mapped task)."""
+
+    run_id: int
+    task_id: str
+    state: str
+    try_number: int
+    queued_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    output: Any = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds the last try ran, once ended."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the JSON shape documented in the README."""
+        return {
+            "task_id": self.task_id,
+            "state": self.state,
+            "try_number": self.try_number,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "duration_s": self.duration_s,
+            "error": None if self.error_type is None else {"type": self.error_type, "message": self.error_message},
+        }
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A task state change to write; several may be written in one transaction."""
+
+    run_id: int
+    task_id: str
+    state: str
+    try_number: int
+    at: float
+    error_type: str | None = None
+    error_message: str | None = None
+    output_json: str | None = None  # the task's result, already encoded (see encode_output)
+
+
+MAX_INLINE_OUTPUT = 64 * 1024  # bytes of JSON; larger results belong in a file, its path inline
+
+
+def encode_output(value: Any) -> str:
+    """Encode a task result for the store; raise ValueError if it is not small JSON."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"task result is not JSON-serialisable: {exc}") from exc
+    if len(text) > MAX_INLINE_OUTPUT:
+        raise ValueError(f"task result is {len(text)} bytes of JSON, over {MAX_INLINE_OUTPUT}: "
+                         "write large data to a file under ctx.work_dir and return its path")
+    return text
+
+
+class DAGRunStore:
+    """Persistent record of runs, task instances and their transitions.
+
+    Implementations must be safe to call from many threads of one process,
+    and safe against other processes using the same store.
+    """
+
+    def create_run(self, workflow: str, payload: Mapping[str, Any], dedup_key: str | None = None,
+                   now: float | None = None) -> tuple[Run, bool]:
+        """Insert a queued run and return ``(run, True)``.
+
+        If ``(workflow, dedup_key)`` exists, insert nothing and return
+        ``(existing_run, False)``. Atomic: concurrent callers with one key
+        get one run between them.
+        """
+        raise NotImplementedError
+
+    def create_runs(self, items: Iterable[tuple[str, Mapping[str, Any], str | None]],
+                    now: float | None = None) -> list[tuple[Run, bool]]:
+        """Like ``create_run`` for many ``(workflow, payload, dedup_key)`` in one transaction."""
+        raise NotImplementedError
+
+    def get_run(self, run_id: int) -> Run:
+        """Return the run; raise ``UnknownRunError`` if there is none."""
+        raise NotImplementedError
+
+    def get_tasks(self, run_id: int) -> list[TaskRun]:
+        """Return the run's task instances in creation order (empty if none)."""
+        raise NotImplementedError
+
+    def list_runs(self, workflow: str | None = None, state: str | None = None, limit: int = 50,
+                  before_run_id: int | None = None) -> list[Run]:
+        """Return up to ``limit`` runs, newest first, with ``run_id < before_run_id``.
+
+        Keyset pagination: pass the last run id of one page to get the next.
+        """
+        raise NotImplementedError
+
+    def count_runs_by_state(self, workflow: str | None = None) -> dict[str, int]:
+        """Return ``{state: count}`` over all runs or one workflow's."""
+        raise NotImplementedError
+
+    def stale_runs(self, heartbeat_before: float) -> list[Run]:
+        """Return running runs whose heartbeat is older than ``heartbeat_before``."""
+        raise NotImplementedError
+
+    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
+        """Return ``{task_id: {"n", "p50", "p95"}}`` for successful tries ending in the window.
+
+        Mapped instances are grouped under their task id (``ingest_pdf``).
+        """
+        raise NotImplementedError
+
+    def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
+        """Atomically move the oldest queued run to running for ``owner``; None if none is queued."""
+        raise NotImplementedError
+
+    def heartbeat(self, run_ids: Iterable[int], now: float | None = None) -> None:
+        """Refresh the heartbeat of these running runs in one transaction."""
+        raise NotImplementedError
+
+    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None) -> None:
+        """Set a run's terminal state (success or failed) and end time."""
+        raise NotImplementedError
+
+    def requeue_run(self, run_id: int, now: float | None = None) -> None:
+        """Put a run back in the queue, keeping its position; unfinished tasks become queued."""
+        raise NotImplementedError
+
+    def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
+        """Requeue every running run for which ``is_dead(run)`` is true; return their ids."""
+        raise NotImplementedError
+
+    def create_tasks(self, run_id: int, task_ids: Iterable[str], now: float | None = None) -> None:
+        """Insert queued task instances; ids that exist already are left untouched."""
+        raise NotImplementedError
+
+    def record_transitions(self, transitions: Iterable[Transition]) -> None:
+        """Write task transitions, in order, in one transaction."""
+        raise NotImplementedError
+
+    def purge_runs(self, older_than: float, batch_size: int = 1000) -> int:
+        """Delete finished runs that ended before ``older_than`` with their tasks; return the count.
+
+        Deletes in batches of ``batch_size`` runs, one short transaction each,
+        so that other writers never wait long.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+        raise NotImplementedError

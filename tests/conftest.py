@@ -1,0 +1,61 @@
+"""Shared fixtures: real SQLite files and real engines in temp directories."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import EngineConfig, RunnerConfig, Settings
+from pipeline.engine import WorkflowEngine
+from pipeline.sqlite_store import SqliteRunStore
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings rooted in a temp data dir, with fast retries for tests."""
+    base = Settings.for_data_dir(tmp_path / "data")
+    return replace(base, runner=RunnerConfig(thread_workers=8, retry_base_delay_s=0.01, retry_max_delay_s=0.05),
+                   engine=EngineConfig(max_active_runs=8, heartbeat_interval_s=0.2, stale_after_s=2.0,
+                                       shutdown_grace_s=5.0))
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[SqliteRunStore]:
+    """A real SQLite run store under tmp_path."""
+    st = SqliteRunStore(settings.store)
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def make_engine(store: SqliteRunStore, settings: Settings) -> Iterator:
+    """Build started engines on the store; every one is shut down after the test."""
+    engines: list[WorkflowEngine] = []
+
+    def make(*dags, **engine_overrides) -> WorkflowEngine:
+        cfg = replace(settings, engine=replace(settings.engine, **engine_overrides)) if engine_overrides else settings
+        engine = WorkflowEngine(store, cfg)
+        for dag in dags:
+            engine.register(dag)
+        engines.append(engine.start())
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(grace_s=5)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads behind."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leaked:
+        t.join(timeout=5)
+    still = [t.name for t in leaked if t.is_alive()]
+    assert not still, f"threads outlived the test: {still}"

@@ -1,0 +1,46 @@
+"""Task callables for tests; module-level so process pools can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.dag import TaskContext
+
+
+def noop(ctx: TaskContext) -> None:
+    return None
+
+
+def square_in_process(ctx: TaskContext) -> dict:
+    return {"pid": os.getpid(), "value": ctx.payload["n"] ** 2}
+
+
+def record_call(ctx: TaskContext) -> str:
+    """Log this call to the payload's log file and return the task id.
+
+    Tasks named in ``hold`` wait while the payload's ``gate`` file exists (30 s at most).
+    """
+    log = Path(ctx.payload["log"])
+    with log.open("a") as fh:
+        fh.write(f"{ctx.task_id} start\n")
+    deadline = time.monotonic() + 30
+    while ctx.task_id.split("[")[0] in ctx.payload.get("hold", ()) and Path(ctx.payload["gate"]).exists():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    with log.open("a") as fh:
+        fh.write(f"{ctx.task_id} done\n")
+    return ctx.task_id
+
+
+def recovery_dag():
+    """a -> b (fan-out over two items) -> c; each call is logged to the payload's log file."""
+    from pipeline.dag import DAG, Task
+
+    return DAG("recover", [
+        Task("a", lambda ctx: record_call(ctx) and [1, 2]),
+        Task("b", record_call, deps=("a",), map_over="a"),
+        Task("c", record_call, deps=("b",)),
+    ])

@@ -1,0 +1,87 @@
+"""The CLI on a real store: runs, show, purge, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import build_parser, main
+from pipeline.store import Transition
+
+
+@pytest.fixture
+def filled(store, settings):
+    ok = store.create_run("wf", {"n": 1}, "k1")[0]
+    store.claim_next_run("me")
+    store.create_tasks(ok.run_id, ["t"])
+    store.record_transitions([Transition(ok.run_id, "t", "running", 1, 10.0),
+                              Transition(ok.run_id, "t", "failed", 1, 12.5, "corrupt", "bad xref")])
+    store.finish_run(ok.run_id, "failed", "t: corrupt: bad xref", now=13.0)
+    queued = store.create_run("other", {})[0]
+    return ok, queued
+
+
+def run_cli(settings, *args):
+    return main(["--data-dir", str(settings.data_dir), *args])
+
+
+def test_runs_json_lists_newest_first(filled, settings, capsys):
+    assert run_cli(settings, "runs", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in rows] == [filled[1].run_id, filled[0].run_id]
+    assert set(rows[0]) >= {"run_id", "workflow", "state", "queued_at", "started_at", "ended_at", "dedup_key"}
+
+
+def test_runs_filters_by_workflow_and_state(filled, settings, capsys):
+    run_cli(settings, "runs", "--workflow", "wf", "--state", "failed", "--json")
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == [filled[0].run_id]
+    run_cli(settings, "runs")
+    table = capsys.readouterr().out
+    assert "RUN" in table and "t: corrupt: bad xref" in table
+
+
+def test_show_json_has_tasks_with_errors(filled, settings, capsys):
+    assert run_cli(settings, "show", str(filled[0].run_id), "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["dedup_key"] == "k1" and shown["state"] == "failed"
+    assert shown["tasks"] == [{"task_id": "t", "state": "failed", "try_number": 1, "started_at": 10.0,
+                               "ended_at": 12.5, "duration_s": 2.5,
+                               "error": {"type": "corrupt", "message": "bad xref"}}]
+
+
+def test_unknown_run_is_one_line_error(filled, settings, capsys):
+    assert run_cli(settings, "show", "999") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no run with id 999"]
+
+
+def test_store_that_is_not_a_database_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "runs.sqlite3").write_text("garbage" * 50)
+    assert main(["--data-dir", str(tmp_path), "runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a SQLite database" in err[0] and str(tmp_path) in err[0]
+
+
+def test_missing_store_is_an_error_not_a_new_file(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "nothing"), "runs"]) == 2
+    assert "no run store here" in capsys.readouterr().err
+    assert not (tmp_path / "nothing" / "runs.sqlite3").exists()
+
+
+def test_purge_removes_old_runs(filled, settings, store, capsys):
+    assert run_cli(settings, "purge", "--older-than", "1") == 0
+    assert "purged 1 run(s)" in capsys.readouterr().out
+    assert [r.run_id for r in store.list_runs()] == [filled[1].run_id]
+
+
+def test_every_command_has_help():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices) and all(helps.values())
+
+
+def test_python_dash_m_entry_point(filled, settings):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(settings.data_dir), "runs", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert len(json.loads(out.stdout)) == 2

@@ -1,0 +1,210 @@
+"""WorkflowEngine and DAGRunner on real SQLite: fan-out, retries, timeouts, failures, bounds."""
+
+import threading
+import time
+
+import pytest
+
+from pipeline.dag import ALL_DONE, DAG, Task
+from pipeline.errors import UnknownWorkflowError
+
+from helpers import noop, square_in_process
+
+
+def states(store, run_id):
+    return {t.task_id: t.state for t in store.get_tasks(run_id)}
+
+
+def output(store, run_id, task_id):
+    return next(t.output for t in store.get_tasks(run_id) if t.task_id == task_id)
+
+
+def test_results_flow_to_dependents_and_fan_out(store, make_engine):
+    dag = DAG("fan", [
+        Task("split", lambda ctx: ctx.payload["items"]),
+        Task("double", lambda ctx: ctx.item * 2, deps=("split",), map_over="split"),
+        Task("total", lambda ctx: sum(ctx.upstream["double"]), deps=("double",)),
+    ])
+    engine = make_engine(dag)
+    run = engine.wait(engine.trigger("fan", {"items": [1, 2, 3, 4]}).run_id, timeout=10)
+    assert run.state == "success"
+    tasks = {t.task_id: t for t in store.get_tasks(run.run_id)}
+    assert [tasks[f"double[{i}]"].output for i in range(4)] == [2, 4, 6, 8]
+    assert tasks["total"].output == 20
+
+
+def test_fan_out_over_empty_list_succeeds(store, make_engine):
+    dag = DAG("fan0", [Task("split", lambda ctx: []),
+                       Task("each", noop, deps=("split",), map_over="split"),
+                       Task("after", lambda ctx: ctx.upstream["each"], deps=("each",))])
+    engine = make_engine(dag)
+    run = engine.wait(engine.trigger("fan0").run_id, timeout=10)
+    assert run.state == "success"
+    assert output(store, run.run_id, "after") == []
+    assert states(store, run.run_id) == {"split": "success", "each": "success", "after": "success"}
+
+
+def test_failed_instance_fails_only_itself_with_all_done(store, make_engine):
+    def each(ctx):
+        if ctx.item == "bad":
+            raise ValueError("cannot read bad")
+        return ctx.item.upper()
+
+    dag = DAG("partial", [
+        Task("split", lambda ctx: ["a", "bad", "c"]),
+        Task("each", each, deps=("split",), map_over="split"),
+        Task("summary", lambda ctx: {"ok": ctx.upstream["each"], "errors": ctx.errors}, deps=("each",),
+             trigger_rule=ALL_DONE),
+    ])
+    engine = make_engine(dag)
+    run = engine.wait(engine.trigger("partial").run_id, timeout=10)
+    assert run.state == "success"  # the leaf succeeded
+    summary = output(store, run.run_id, "summary")
+    assert summary["ok"] == ["A", None, "C"]
+    assert summary["errors"] == {"each[1]": {"type": "ValueError", "message": "cannot read bad"}}
+
+
+def test_upstream_failed_propagates_and_fails_run(store, make_engine):
+    def boom(ctx):
+        raise RuntimeError("kaput")
+
+    dag = DAG("chain", [Task("a", boom), Task("b", noop, deps=("a",)), Task("c", noop, deps=("b",)),
+                        Task("side", noop)])
+    engine = make_engine(dag)
+    run = engine.wait(engine.trigger("chain").run_id, timeout=10)
+    assert run.state == "failed"
+    assert run.reason == "a: RuntimeError: kaput"
+    assert states(store, run.run_id) == {"a": "failed", "b": "upstream_failed", "c": "upstream_failed",
+                                         "side": "success"}
+
+
+def test_retries_with_backoff_record_every_try(store, make_engine):
+    calls = []
+
+    def flaky(ctx):
+        calls.append((ctx.try_number, time.monotonic()))
+        if ctx.try_number < 3:
+            raise ConnectionError(f"try {ctx.try_number} failed")
+        return "ok"
+
+    engine = make_engine(DAG("flaky", [Task("f", flaky, retries=3)]))
+    run = engine.wait(engine.trigger("flaky").run_id, timeout=10)
+    assert run.state == "success"
+    task = store.get_tasks(run.run_id)[0]
+    assert task.try_number == 3 and task.output == "ok" and task.error_type is None
+    events = store._read("SELECT state, try_number FROM task_events WHERE run_id = ? AND task_id = 'f'",
+                         (run.run_id,))
+    assert events == [("queued", 0), ("running", 1), ("retrying", 1), ("running", 2), ("retrying", 2),
+                      ("running", 3), ("success", 3)]
+    gaps = [b[1] - a[1] for a, b in zip(calls, calls[1:])]
+    assert all(g >= 0.004 for g in gaps)  # base delay 0.01 s with jitter in [0.5, 1]
+
+
+def test_retries_exhausted_fail_with_last_error(store, make_engine):
+    def always(ctx):
+        raise ConnectionError(f"down on try {ctx.try_number}")
+
+    engine = make_engine(DAG("down", [Task("f", always, retries=2)]))
+    run = engine.wait(engine.trigger("down").run_id, timeout=10)
+    task = store.get_tasks(run.run_id)[0]
+    assert (run.state, task.state, task.try_number) == ("failed", "failed", 3)
+    assert task.error_message == "down on try 3"
+
+
+def test_timeout_fails_task_and_ignores_late_result(store, make_engine):
+    release = threading.Event()
+
+    def slow(ctx):
+        release.wait(5)
+        return "late"
+
+    engine = make_engine(DAG("slow", [Task("s", slow, timeout_s=0.2)]))
+    run = engine.wait(engine.trigger("slow").run_id, timeout=10)
+    release.set()
+    task = store.get_tasks(run.run_id)[0]
+    assert run.state == "failed" and task.error_type == "timeout"
+    assert "longer than 0.2 s" in task.error_message
+    time.sleep(0.1)
+    assert store.get_tasks(run.run_id)[0].state == "failed"
+
+
+def test_non_json_result_fails_clearly(store, make_engine):
+    engine = make_engine(DAG("badout", [Task("x", lambda ctx: object(), retries=2)]))
+    run = engine.wait(engine.trigger("badout").run_id, timeout=10)
+    task = store.get_tasks(run.run_id)[0]
+    assert task.error_type == "bad_output" and task.try_number == 1  # not retried
+    assert "not JSON-serialisable" in task.error_message
+
+
+def test_process_executor_runs_in_another_process(store, make_engine):
+    import os
+    engine = make_engine(DAG("cpu", [Task("sq", square_in_process, executor="process")]))
+    run = engine.wait(engine.trigger("cpu", {"n": 7}).run_id, timeout=60)
+    out = store.get_tasks(run.run_id)[0].output
+    assert run.state == "success" and out["value"] == 49 and out["pid"] != os.getpid()
+
+
+def test_trigger_dedup_returns_same_run(make_engine):
+    engine = make_engine(DAG("d", [Task("a", noop)]))
+    assert engine.trigger("d", {}, "k").run_id == engine.trigger("d", {}, "k").run_id
+
+
+def test_unknown_workflow_is_refused(make_engine):
+    engine = make_engine(DAG("d", [Task("a", noop)]))
+    with pytest.raises(UnknownWorkflowError, match="unknown workflow 'nope'; registered: d"):
+        engine.trigger("nope")
+
+
+def test_active_runs_are_bounded_and_fifo(store, make_engine):
+    gate = threading.Event()
+    peak = []
+    lock = threading.Lock()
+    running = [0]
+    started_order = []
+
+    def hold(ctx):
+        with lock:
+            running[0] += 1
+            peak.append(running[0])
+            started_order.append(ctx.run_id)
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+
+    engine = make_engine(DAG("hold", [Task("h", hold)]), max_active_runs=3)
+    ids = [engine.trigger("hold").run_id for _ in range(9)]
+    deadline = time.monotonic() + 5
+    while len(started_order) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(engine.active_runs()) == 3
+    gate.set()
+    for run_id in ids:
+        assert engine.wait(run_id, timeout=10).state == "success"
+    assert max(peak) <= 3
+    assert started_order[:3] == ids[:3]
+
+
+def test_shutdown_requeues_unfinished_runs(store, make_engine, settings):
+    gate = threading.Event()
+    dag = DAG("two", [Task("first", lambda ctx: gate.wait(5) and "first"), Task("second", noop, deps=("first",))])
+    engine = make_engine(dag)
+    run_id = engine.trigger("two").run_id
+    time.sleep(0.3)
+    threading.Timer(0.2, gate.set).start()
+    engine.shutdown(grace_s=5)
+    run = store.get_run(run_id)
+    assert run.state == "queued"  # the running task finished inside the grace period; the rest waits
+    assert states(store, run_id) == {"first": "success", "second": "queued"}
+    engine2 = make_engine(dag)
+    assert engine2.wait(run_id, timeout=10).state == "success"
+
+
+def test_many_concurrent_runs_have_no_lock_errors(store, make_engine):
+    dag = DAG("many", [Task("a", noop), Task("b", noop, deps=("a",)), Task("c", noop, deps=("a",)),
+                       Task("d", noop, deps=("b", "c"))])
+    engine = make_engine(dag, max_active_runs=200)
+    ids = [engine.trigger("many", {"i": i}).run_id for i in range(300)]
+    runs = [engine.wait(i, timeout=60) for i in ids]
+    assert {r.state for r in runs} == {"success"}
+    assert store.count_runs_by_state("many") == {"success": 300}

@@ -1,0 +1,180 @@
+"""SqliteRunStore contract on real files: dedup, queries, recovery, purge, bad files."""
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreError, UnknownRunError
+from pipeline.sqlite_store import SCHEMA_VERSION, SqliteRunStore
+from pipeline.store import Transition
+
+
+def test_schema_is_versioned_and_migrations_are_named(store):
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
+    assert len(names) == SCHEMA_VERSION and all(names)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_duplicate_dedup_key_returns_existing_run(store):
+    first, created = store.create_run("wf", {"a": 1}, "key")
+    again, created_again = store.create_run("wf", {"a": 2}, "key")
+    assert created and not created_again
+    assert again.run_id == first.run_id and again.payload == {"a": 1}
+    other, created_other = store.create_run("other", {}, "key")  # keys are per workflow
+    assert created_other and other.run_id != first.run_id
+
+
+def test_concurrent_triggers_with_one_key_make_one_run(settings):
+    barrier = threading.Barrier(16)
+    results = []
+
+    def trigger():
+        st = SqliteRunStore(settings.store)  # one connection per thread: real cross-connection contention
+        barrier.wait()
+        results.append(st.create_run("wf", {}, "same-key"))
+        st.close()
+
+    threads = [threading.Thread(target=trigger) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({run.run_id for run, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+def test_list_runs_keyset_pagination_newest_first(store):
+    ids = [store.create_run("wf", {"i": i})[0].run_id for i in range(7)]
+    store.create_run("other", {})
+    page1 = store.list_runs("wf", limit=3)
+    page2 = store.list_runs("wf", limit=3, before_run_id=page1[-1].run_id)
+    page3 = store.list_runs("wf", limit=3, before_run_id=page2[-1].run_id)
+    assert [r.run_id for r in page1 + page2 + page3] == ids[::-1]
+
+
+def test_count_runs_by_state_all_and_per_workflow(store):
+    for i in range(3):
+        store.create_run("wf", {})
+    store.create_run("other", {})
+    run = store.claim_next_run("me")
+    store.finish_run(run.run_id, "failed", "boom")
+    assert store.count_runs_by_state() == {"queued": 3, "failed": 1}
+    assert store.count_runs_by_state("wf") == {"queued": 2, "failed": 1}
+
+
+def test_claim_is_fifo_and_stale_runs_are_found(store):
+    a = store.create_run("wf", {})[0]
+    b = store.create_run("wf", {})[0]
+    assert store.claim_next_run("me", now=100.0).run_id == a.run_id
+    assert store.claim_next_run("me", now=200.0).run_id == b.run_id
+    assert store.claim_next_run("me") is None
+    assert [r.run_id for r in store.stale_runs(heartbeat_before=150.0)] == [a.run_id]
+    store.heartbeat([a.run_id], now=300.0)
+    assert [r.run_id for r in store.stale_runs(heartbeat_before=250.0)] == [b.run_id]
+
+
+def test_requeue_resets_unfinished_tasks_only(store):
+    run = store.create_run("wf", {})[0]
+    store.claim_next_run("me")
+    store.create_tasks(run.run_id, ["done", "busy"])
+    store.record_transitions([Transition(run.run_id, "done", "running", 1, 1.0),
+                              Transition(run.run_id, "done", "success", 1, 2.0, output_json="42"),
+                              Transition(run.run_id, "busy", "running", 1, 3.0)])
+    assert store.recover_runs(lambda r: True) == [run.run_id]
+    assert store.get_run(run.run_id).state == "queued"
+    tasks = {t.task_id: t for t in store.get_tasks(run.run_id)}
+    assert tasks["done"].state == "success" and tasks["done"].output == 42
+    assert tasks["busy"].state == "queued" and tasks["busy"].try_number == 1
+
+
+def test_duration_percentiles_group_mapped_instances(store):
+    run = store.create_run("wf", {})[0]
+    ids = [f"ingest[{i}]" for i in range(20)]
+    store.create_tasks(run.run_id, ids + ["digest"])
+    transitions = []
+    for i, task_id in enumerate(ids):
+        transitions += [Transition(run.run_id, task_id, "running", 1, 1000.0),
+                        Transition(run.run_id, task_id, "success", 1, 1000.0 + i + 1)]
+    transitions += [Transition(run.run_id, "digest", "running", 1, 1000.0),
+                    Transition(run.run_id, "digest", "success", 1, 1000.5)]
+    store.record_transitions(transitions)
+    stats = store.task_duration_percentiles(since=900.0, until=2000.0)
+    assert stats["ingest"]["n"] == 20 and stats["ingest"]["p50"] == pytest.approx(10.5)
+    assert stats["ingest"]["p95"] == pytest.approx(19.05)
+    assert stats["digest"] == {"n": 1, "p50": 0.5, "p95": 0.5}
+    assert store.task_duration_percentiles(since=5000.0, until=6000.0) == {}
+
+
+def test_purge_deletes_old_finished_runs_in_batches(store):
+    old = [store.create_run("wf", {})[0].run_id for _ in range(5)]
+    for run_id in old:
+        store.claim_next_run("me")
+        store.create_tasks(run_id, ["t"])
+        store.finish_run(run_id, "success", now=10.0)
+    fresh = store.create_run("wf", {})[0].run_id
+    assert store.purge_runs(older_than=100.0, batch_size=2) == 5
+    assert [r.run_id for r in store.list_runs()] == [fresh]
+    with pytest.raises(UnknownRunError):
+        store.get_tasks(old[0]) or store.get_run(old[0])
+
+
+def test_canonical_queries_use_their_indexes(store):
+    plans = {
+        "list": "SELECT run_id FROM runs WHERE workflow = 'w' AND run_id < 9 ORDER BY run_id DESC LIMIT 5",
+        "count": "SELECT state, count(*) FROM runs GROUP BY state",
+        "count_wf": "SELECT state, count(*) FROM runs WHERE workflow = 'w' GROUP BY state",
+        "stale": "SELECT run_id FROM runs WHERE state = 'running' AND heartbeat_at < 5",
+        "claim": "SELECT run_id FROM runs WHERE state = 'queued' ORDER BY run_id LIMIT 1",
+    }
+    conn = sqlite3.connect(store.path)
+    for name, sql in plans.items():
+        steps = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+        assert all("INDEX" in step for step in steps), (name, steps)  # never a full table scan
+        assert not any("TEMP B-TREE" in step for step in steps), (name, steps)  # never a sort
+    conn.close()
+
+
+def test_file_that_is_not_a_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(NotADatabaseError, match="not a SQLite database"):
+        SqliteRunStore(path)
+    assert path.read_bytes() == b"this is not sqlite at all" * 100
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="newer than this pipeline supports"):
+        SqliteRunStore(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.close()
+    with pytest.raises(StoreError, match="other tables"):
+        SqliteRunStore(path)
+
+
+def test_missing_store_is_an_error_when_not_creating(tmp_path):
+    with pytest.raises(StoreError, match="no run store here"):
+        SqliteRunStore(tmp_path / "absent.sqlite3", create=False)
+
+
+def test_reopen_keeps_data(settings):
+    st = SqliteRunStore(settings.store)
+    run = st.create_run("wf", {"x": 1})[0]
+    st.close()
+    st = SqliteRunStore(settings.store)
+    assert st.get_run(run.run_id).payload == {"x": 1}
+    st.close()
+    assert time.time() >= run.queued_at
