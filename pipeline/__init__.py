@@ -13,7 +13,7 @@ from .config import (
     StoreConfig,
     load_settings,
 )
-from .dag import ALL_DONE, ALL_SUCCESS, DAG, Task, TaskContext
+from .dag import DAG, Task, TaskContext
 from .engine import WorkflowEngine
 from .errors import (
     ConfigurationError,
@@ -39,8 +39,6 @@ from .sqlite_store import SqliteRunStore
 from .store import DAGRunStore, Run, TaskRun, Transition
 
 __all__ = [
-    "ALL_DONE",
-    "ALL_SUCCESS",
     "DAG",
     "ConfigurationError",
     "CorruptPdfError",

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from . import store as s
 from .config import Settings, load_settings
-from .errors import PipelineError
+from .errors import ConfigurationError, PipelineError
+from .service import PipelineService, ingest_files
 from .sqlite_store import SqliteRunStore
 
 log = logging.getLogger("pipeline")
@@ -51,12 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     purge = sub.add_parser("purge", help="delete finished runs older than N days")
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="age in days")
+    serve = sub.add_parser("serve", help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="SMTP port (default 8025)")
+    serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
+    serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
+    serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
+
+    ingest = sub.add_parser("ingest", help="run the digest workflow now on .eml or .pdf files")
+    ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    ingest.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Build Settings from ``--config`` and ``--data-dir``."""
-    return load_settings(args.config, args.data_dir)
+    """Build Settings from ``--config``, ``--data-dir`` and the command's own flags."""
+    gateway: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        gateway["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        gateway["port"] = args.port
+    if getattr(args, "max_message_mb", None):
+        gateway["max_message_bytes"] = int(args.max_message_mb * 1024 * 1024)
+    if getattr(args, "no_drop_folder", False):
+        gateway["drop_folder"] = False
+    delivery = {"relay": args.deliver} if getattr(args, "deliver", None) else {}
+    return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery)
 
 
 def open_store(args: argparse.Namespace, create: bool = False) -> SqliteRunStore:
@@ -91,6 +113,27 @@ def cmd_purge(args: argparse.Namespace) -> int:
     count = store.purge_runs(time.time() - args.older_than * 86400)
     print(f"purged {count} run(s) that ended more than {args.older_than:g} day(s) ago")
     return 0
+
+
+@command
+def cmd_serve(args: argparse.Namespace) -> int:
+    PipelineService(settings_from(args)).serve_forever()
+    return 0
+
+
+@command
+def cmd_ingest(args: argparse.Namespace) -> int:
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise ConfigurationError(f"no such file: {', '.join(missing)}")
+    settings = settings_from(args)
+    run_ids = ingest_files(settings, args.files)
+    store = open_store(args)
+    for run_id in run_ids:
+        print(format_run(store, run_id, as_json=True))
+    failed = [r for r in run_ids if store.get_run(r).state != s.SUCCESS]
+    store.close()
+    return 1 if failed else 0
 
 
 def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:

@@ -99,7 +99,8 @@ class IngestConfig:
     max_decompressed_bytes: int = 75 * MB  # per stream, enforced by pypdf
     timeout_s: float = 60.0
     memory_limit_bytes: int = 1024 * MB  # address-space cap of the extraction worker
-    isolate: bool = True  # extract in a child process so time and memory caps can be enforced
+    isolate: bool = True  # extract in worker processes so time and memory caps can be enforced
+    workers: int = 2  # extraction worker processes (one per core is right for CPU-bound pypdf)
     summary_sentences: int = 3
 
     def validate(self) -> None:

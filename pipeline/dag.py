@@ -2,7 +2,10 @@
 
 A task may be *mapped* over the list an upstream task returns (fan-out): the
 runner then creates one instance per item, ``ingest_pdf[0]``, ``ingest_pdf[1]``...
-Dependents of a mapped task wait for all its instances.
+Dependents of a mapped task wait for all its instances. By default a task runs
+only if every upstream instance succeeded; deps named in ``allow_failed`` may
+have failed instances (their results are then ``None``, their errors in
+``ctx.errors``), which is how one bad attachment does not stop a digest.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ from typing import Any
 
 from .errors import DAGError
 
-ALL_SUCCESS = "all_success"  # run only if every upstream instance succeeded
-ALL_DONE = "all_done"  # run once every upstream instance finished, whatever its state
-TRIGGER_RULES = (ALL_SUCCESS, ALL_DONE)
 EXECUTORS = ("thread", "process")
 
 
@@ -56,7 +56,8 @@ class Task:
     timeout_s: float | None = None
     executor: str = "thread"
     map_over: str | None = None
-    trigger_rule: str = ALL_SUCCESS
+    map_items: Callable[[Any], Any] | None = None  # picks the list out of map_over's result (default: all of it)
+    allow_failed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,10 @@ def _check_task(workflow_id: str, task: Task, ids: set[str]) -> None:
         raise DAGError(f"{where}: map_over {task.map_over!r} must also be listed in deps", task.id)
     if task.executor not in EXECUTORS:
         raise DAGError(f"{where}: executor must be one of {EXECUTORS}, not {task.executor!r}", task.id)
-    if task.trigger_rule not in TRIGGER_RULES:
-        raise DAGError(f"{where}: trigger_rule must be one of {TRIGGER_RULES}", task.id)
+    if not set(task.allow_failed) <= set(task.deps):
+        raise DAGError(f"{where}: allow_failed names tasks that are not deps", task.id)
+    if task.map_items is not None and task.map_over is None:
+        raise DAGError(f"{where}: map_items needs map_over", task.id)
     if (task.retries is not None and task.retries < 0) or (task.timeout_s is not None and task.timeout_s <= 0):
         raise DAGError(f"{where}: retries must be >= 0 and timeout_s > 0", task.id)
 

@@ -68,7 +68,7 @@ class WorkflowEngine:
         run, created = self.store.create_run(workflow, payload or {}, dedup_key)
         if created:
             log.info("run %s (%s): queued%s", run.run_id, workflow, f" key={dedup_key}" if dedup_key else "")
-            self._notify()
+            self.wake()
         return run
 
     # -- lifecycle --------------------------------------------------------------
@@ -157,7 +157,8 @@ class WorkflowEngine:
 
     # -- threads ----------------------------------------------------------------
 
-    def _notify(self) -> None:
+    def wake(self) -> None:
+        """Look for queued runs now (after runs were queued behind the engine's back)."""
         with self._cond:
             self._wake = True
             self._cond.notify_all()

@@ -19,7 +19,8 @@
     TaskTimeoutError(StepError) a task ran past its timeout
 
 Every error carries a short machine-readable ``reason`` next to its message:
-the run store records it as the task's error type.
+the run store records it as the task's error type. ``retryable`` tells the
+runner whether another try could help (bad input never gets better).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""
 
     reason = "error"
+    retryable = True
 
 
 class ConfigurationError(PipelineError):
     """Settings are invalid or an optional dependency is missing."""
 
     reason = "configuration"
+    retryable = False
 
 
 class DAGError(PipelineError):
@@ -103,6 +106,7 @@ class IngestError(PipelineError):
     """One PDF cannot be turned into text."""
 
     reason = "ingest"
+    retryable = False
 
     def __init__(self, message: str, filename: str = "") -> None:
         super().__init__(message)
@@ -131,12 +135,17 @@ class ParseError(PipelineError):
     """An email is not usable MIME."""
 
     reason = "malformed_email"
+    retryable = False
 
 
 class DeliveryError(PipelineError):
     """The digest could not be handed to the relay or the outbox."""
 
     reason = "delivery"
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StepError(PipelineError):

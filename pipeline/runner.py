@@ -24,7 +24,7 @@ from typing import Any
 from . import store as s
 from . import tracing
 from .config import RunnerConfig
-from .dag import ALL_SUCCESS, DAG, Task, TaskContext
+from .dag import DAG, Task, TaskContext
 from .errors import StepError, TaskTimeoutError
 from .store import DAGRunStore, Run, Transition, encode_output
 from .timers import Timers
@@ -146,6 +146,11 @@ class DAGRunner:
         return [self._instances[i].output if self._instances[i].state == s.SUCCESS else None
                 for i in sorted(ids, key=lambda i: self._instances[i].index or 0)]
 
+    def _items(self, task: Task) -> Any:
+        assert task.map_over is not None
+        result = self._result_of(task.map_over)
+        return task.map_items(result) if task.map_items is not None else result
+
     # -- scheduling -------------------------------------------------------------
 
     def _advance(self, candidates: tuple[str, ...] | None = None) -> None:
@@ -158,7 +163,7 @@ class DAGRunner:
             if task_id in self._decided or not all(self._complete(d) for d in task.deps):
                 continue
             self._decided.add(task_id)
-            if task.trigger_rule == ALL_SUCCESS and not all(self._succeeded(d) for d in task.deps):
+            if not all(self._succeeded(d) for d in task.deps if d not in task.allow_failed):
                 self._mark_upstream_failed(task)
             else:
                 ready += [i for i in self._instantiate(task)
@@ -172,7 +177,7 @@ class DAGRunner:
     def _instantiate(self, task: Task) -> list[str]:
         if task.map_over is None:
             return self._by_task.setdefault(task.id, [task.id])
-        items = self._result_of(task.map_over)
+        items = self._items(task)
         if not isinstance(items, list):
             self._new_instances(task, [(task.id, None)])
             self._finish(task.id, s.FAILED, ("bad_map", f"{task.map_over!r} must return a list to map over, "
@@ -206,7 +211,7 @@ class DAGRunner:
         upstream = {d: self._result_of(d) for d in task.deps}
         errors = {i: {"type": self._instances[i].error[0], "message": self._instances[i].error[1]}  # type: ignore[index]
                   for d in task.deps for i in self._by_task[d] if self._instances[i].error}
-        item = upstream[task.map_over][inst.index] if task.map_over and inst.index is not None else None
+        item = self._items(task)[inst.index] if task.map_over and inst.index is not None else None
         return TaskContext(self.run.run_id, instance_id, self.run.payload, upstream, errors,
                            str(self.work_dir), inst.try_number, item, inst.index)
 

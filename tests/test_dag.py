@@ -38,7 +38,8 @@ def test_duplicate_task_id_is_named():
 @pytest.mark.parametrize("task, message", [
     (Task("m", noop, map_over="a"), "map_over 'a' must also be listed in deps"),
     (Task("m", noop, deps=("a",), executor="gpu"), "executor must be one of"),
-    (Task("m", noop, deps=("a",), trigger_rule="sometimes"), "trigger_rule must be one of"),
+    (Task("m", noop, deps=("a",), allow_failed=("b",)), "allow_failed names tasks that are not deps"),
+    (Task("m", noop, deps=("a",), map_items=list), "map_items needs map_over"),
     (Task("m", noop, deps=("a",), retries=-1), "retries must be >= 0"),
     (Task("m[1]", noop), "invalid task id"),
 ])

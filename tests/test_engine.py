@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipeline.dag import ALL_DONE, DAG, Task
+from pipeline.dag import DAG, Task
 from pipeline.errors import UnknownWorkflowError
 
 from helpers import noop, square_in_process
@@ -44,7 +44,7 @@ def test_fan_out_over_empty_list_succeeds(store, make_engine):
     assert states(store, run.run_id) == {"split": "success", "each": "success", "after": "success"}
 
 
-def test_failed_instance_fails_only_itself_with_all_done(store, make_engine):
+def test_failed_instance_fails_only_itself_with_allow_failed(store, make_engine):
     def each(ctx):
         if ctx.item == "bad":
             raise ValueError("cannot read bad")
@@ -54,7 +54,7 @@ def test_failed_instance_fails_only_itself_with_all_done(store, make_engine):
         Task("split", lambda ctx: ["a", "bad", "c"]),
         Task("each", each, deps=("split",), map_over="split"),
         Task("summary", lambda ctx: {"ok": ctx.upstream["each"], "errors": ctx.errors}, deps=("each",),
-             trigger_rule=ALL_DONE),
+             allow_failed=("each",)),
     ])
     engine = make_engine(dag)
     run = engine.wait(engine.trigger("partial").run_id, timeout=10)

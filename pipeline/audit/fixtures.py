@@ -1,0 +1,191 @@
+"""Deterministic synthetic PDFs and emails: same parameters, same bytes.
+
+Normal documents are written with fpdf2 (fixed creation date, seeded text);
+the two shapes fpdf2 does not write, per-glyph kerned text (TJ arrays) and a
+Flate decompression bomb, come from a minimal raw writer. ``build_fixtures``
+caches files under ``data/fixtures/`` by a hash of their parameters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from fpdf import FPDF
+from fpdf.enums import EncryptionMethod
+
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+LINES_PER_PAGE = 70
+WORDS_PER_LINE = 16
+_SYLLABLES = "ka lo mi ne ru ta si po de va ri mo le na tu be ga fi so ze".split()
+
+
+def vocabulary(seed: int = 7, size: int = 4000) -> list[str]:
+    """Pseudo-words from syllables: a vocabulary large enough to compress like real prose."""
+    rnd = random.Random(seed)
+    return ["".join(rnd.choice(_SYLLABLES) for _ in range(rnd.randint(1, 4))) for _ in range(size)]
+
+
+def sentences(rnd: random.Random, words: Sequence[str], count: int) -> list[str]:
+    """``count`` sentences of 6 to 24 words each."""
+    out = []
+    for _ in range(count):
+        body = " ".join(rnd.choice(words) for _ in range(rnd.randint(6, 24)))
+        out.append(body[0].upper() + body[1:] + rnd.choice(".!?"))
+    return out
+
+
+def _new_pdf() -> FPDF:
+    pdf = FPDF()
+    pdf.set_creation_date(EPOCH)
+    pdf.set_compression(True)
+    pdf.set_font("helvetica", size=8)
+    return pdf
+
+
+def _text_lines(rnd: random.Random, words: Sequence[str]) -> list[str]:
+    text = " ".join(sentences(rnd, words, 60)).split()
+    return [" ".join(text[i:i + WORDS_PER_LINE]) for i in range(0, LINES_PER_PAGE * WORDS_PER_LINE, WORDS_PER_LINE)]
+
+
+def text_pdf(pages: int, seed: int = 1, encrypt: str | None = None, user_password: str = "") -> bytes:
+    """A dense text PDF (about 2.2 KB and 1,100 words per page).
+
+    ``encrypt`` is None, "rc4" or "aes" (128-bit); with an empty ``user_password`` it opens without one.
+    """
+    rnd, words = random.Random(seed), vocabulary()
+    pdf = _new_pdf()
+    if encrypt:
+        method = {"rc4": EncryptionMethod.RC4, "aes": EncryptionMethod.AES_128}[encrypt]
+        pdf.set_encryption(owner_password="owner-secret", user_password=user_password, encryption_method=method)
+    for _ in range(pages):
+        pdf.add_page()
+        for line, text in enumerate(_text_lines(rnd, words)):
+            pdf.text(10, 10 + line * 4, text)
+    return bytes(pdf.output())
+
+
+def _noise_png(rnd: random.Random, width: int, height: int) -> io.BytesIO:
+    from PIL import Image  # fpdf2 depends on Pillow
+
+    image = Image.frombytes("L", (width, height), bytes(rnd.getrandbits(8) for _ in range(width * height)))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
+def image_pdf(pages: int, seed: int = 1, text_lines: int = 0, image_px: int = 360) -> bytes:
+    """Pages with one noise image each (scan-like), plus ``text_lines`` lines of text per page (mixed)."""
+    rnd, words = random.Random(seed), vocabulary()
+    pdf = _new_pdf()
+    images = [_noise_png(rnd, image_px, image_px) for _ in range(4)]  # reused: fpdf2 embeds each image once
+    for page in range(pages):
+        pdf.add_page()
+        pdf.image(images[page % len(images)], x=10, y=10, w=120)
+        for line, text in enumerate(_text_lines(rnd, words)[:text_lines]):
+            pdf.text(10, 140 + line * 4, text)
+    return bytes(pdf.output())
+
+
+def _raw_pdf(page_streams: list[bytes]) -> bytes:
+    """Assemble a minimal valid PDF whose pages draw the given (already Flate-compressed) content streams."""
+    n = len(page_streams)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(n)) + b"] /Count %d >>" % n,
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for i, stream in enumerate(page_streams):
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >>"
+                       b" /Contents %d 0 R >>" % (5 + 2 * i))
+        objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % o for o in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def kerned_pdf(pages: int, seed: int = 1) -> bytes:
+    """Text drawn glyph by glyph with kerning (TJ arrays), as typesetters write it."""
+    rnd, words = random.Random(seed), vocabulary()
+    streams = []
+    for _ in range(pages):
+        ops = [b"BT /F1 8 Tf 10 TL 40 800 Td"]
+        for line in _text_lines(rnd, words)[:LINES_PER_PAGE]:
+            glyphs = b" ".join(b"(%s) %d" % (c.encode("latin-1"), rnd.randint(-40, 40)) for c in line)
+            ops.append(b"[" + glyphs + b"] TJ T*")
+        ops.append(b"ET")
+        streams.append(zlib.compress(b"\n".join(ops), 6))
+    return _raw_pdf(streams)
+
+
+def bomb_pdf(decompressed_bytes: int) -> bytes:
+    """One page whose content stream inflates to ``decompressed_bytes`` of spaces."""
+    compressor = zlib.compressobj(9)
+    chunk = b" " * (1 << 20)
+    parts = [compressor.compress(chunk) for _ in range(decompressed_bytes >> 20)]
+    parts.append(compressor.compress(b" " * (decompressed_bytes & ((1 << 20) - 1))))
+    parts.append(compressor.flush())
+    return _raw_pdf([b"".join(parts)])
+
+
+def truncated(pdf: bytes, keep: float = 0.5) -> bytes:
+    """The first ``keep`` fraction of a PDF, as a broken download leaves it."""
+    return pdf[: int(len(pdf) * keep)]
+
+
+def random_bytes(size: int, seed: int = 1) -> bytes:
+    """``size`` random bytes (to be named .pdf)."""
+    return random.Random(seed).randbytes(size)
+
+
+def email_with(attachments: Sequence[tuple[str, bytes]], subject: str = "Quarterly reports",
+               sender: str = "alice@example.com", message_id: str | None = "<fixture-1@example.com>",
+               body: str = "Please find the documents attached.") -> bytes:
+    """A MIME message from ``sender`` with the given (file name, bytes) attachments."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "digest@pipeline.local"
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(EPOCH.timestamp())
+    if message_id:
+        msg["Message-ID"] = message_id
+    msg.set_content(body)
+    for name, data in attachments:
+        maintype, subtype = ("application", "pdf") if data[:5] == b"%PDF-" or name.endswith(".pdf") else \
+            ("application", "octet-stream")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def pages_for_mb(megabytes: float, bytes_per_page: int = 2230) -> int:
+    """Pages of ``text_pdf`` that make about ``megabytes`` MB."""
+    return max(1, int(megabytes * 1024 * 1024 / bytes_per_page))
+
+
+def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[], bytes]) -> Path:
+    """Return ``directory/<name>-<hash>.<ext>``, building it with ``make()`` only if absent."""
+    key = hashlib.sha256(json.dumps({"name": name, **params}, sort_keys=True).encode()).hexdigest()[:12]
+    stem, _, ext = name.rpartition(".")
+    path = Path(directory) / f"{stem}-{key}.{ext}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(make())
+        tmp.replace(path)
+    return path

@@ -1,0 +1,100 @@
+"""DropFolder: messages dropped into a Maildir (``tmp/ new/ cur/``) become runs.
+
+Writers put a file in ``tmp/`` and rename it into ``new/``; watchdog reports
+that through inotify (or by polling, if configured). Each file is accepted
+through the gateway, then moved to ``cur/``; a file over the size limit goes
+to ``rejected/`` with a log line. Files already in ``new/`` at start are taken too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from .config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+class DropFolder:
+    """Watch ``directory/new`` and hand each message's bytes to ``accept``."""
+
+    def __init__(self, directory: Path, accept: Callable[[bytes], Any], config: GatewayConfig | None = None) -> None:
+        self.directory = Path(directory)
+        self.accept = accept
+        self.config = config or GatewayConfig()
+        self._lock = threading.Lock()
+        self._observer: Any = None
+        for sub in ("tmp", "new", "cur", "rejected"):
+            (self.directory / sub).mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> "DropFolder":
+        """Take what is waiting in ``new/``, then watch it."""
+        if self.config.watch_mode == "poll":
+            self._observer = PollingObserver(timeout=self.config.poll_interval_s)
+        else:
+            self._observer = Observer()
+        self._observer.schedule(_Handler(self), str(self.directory / "new"), recursive=False)
+        self._observer.start()
+        self.scan()
+        log.info("watching drop folder %s (%s)", self.directory / "new", self.config.watch_mode)
+        return self
+
+    def stop(self) -> None:
+        """Stop watching."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+
+    def scan(self) -> int:
+        """Take every file now in ``new/``; return how many were taken."""
+        return sum(self.take(path) for path in sorted((self.directory / "new").iterdir()) if path.is_file())
+
+    def take(self, path: Path) -> bool:
+        """Accept one file from ``new/`` and move it out; False if someone else took it first."""
+        path = Path(path)
+        with self._lock:  # an event and a scan may both see the same file
+            if not path.exists() or path.parent != self.directory / "new" or path.name.startswith("."):
+                return False
+            size = path.stat().st_size
+            if size > self.config.max_message_bytes:
+                log.warning("drop folder: %s is %d bytes, over the %d-byte limit; moved to rejected/", path.name,
+                            size, self.config.max_message_bytes)
+                os.replace(path, self.directory / "rejected" / path.name)
+                return False
+            self.accept(path.read_bytes())
+            os.replace(path, self.directory / "cur" / f"{path.name.partition(':')[0]}:2,S")
+            return True
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, folder: DropFolder) -> None:
+        self.folder = folder
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        # inotify also reports the close after writing (on_closed); wait for it so a file is never read half-written
+        if not event.is_directory and self.folder.config.watch_mode == "poll":
+            self._take(str(event.src_path))
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._take(str(event.src_path))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._take(str(event.dest_path))
+
+    def _take(self, path: str) -> None:
+        try:
+            self.folder.take(Path(path))
+        except Exception:  # one bad file must not stop the watcher; it stays in new/ for the next scan
+            log.exception("drop folder: could not accept %s", path)

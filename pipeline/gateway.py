@@ -1,0 +1,109 @@
+"""EmailGateway: the SMTP front door. Accept = spool durably, queue a run, then answer 250.
+
+The aiosmtpd handler does no parsing: the fsync and the run-store commit run
+in a small thread pool, so a 5 MB message never stalls the event loop that
+serves every other sender. SIZE is advertised and enforced (552), and an
+optional allow-list of recipient domains answers 550 to the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from . import tracing
+from .config import GatewayConfig
+from .engine import WorkflowEngine
+from .spool import Spool
+from .store import Run
+from .workflows import EMAIL_DIGEST
+
+log = logging.getLogger(__name__)
+
+
+class EmailGateway:
+    """Turn incoming messages (SMTP, drop folder, CLI) into queued runs of a workflow."""
+
+    def __init__(self, engine: WorkflowEngine, spool: Spool, config: GatewayConfig | None = None,
+                 workflow: str = EMAIL_DIGEST) -> None:
+        self.engine, self.spool = engine, spool
+        self.config = config or GatewayConfig()
+        self.config.validate()
+        self.workflow = workflow
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
+        self._controller: Controller | None = None
+
+    def accept(self, raw: bytes, *, source: str = "smtp", mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
+               data_end_at: float | None = None, dedup: bool = True) -> Run:
+        """Store ``raw`` durably and queue its run; the same message twice returns the first run.
+
+        ``dedup=False`` always makes a new run (reprocessing a message on purpose).
+        """
+        data_end_at = time.time() if data_end_at is None else data_end_at
+        with tracing.span("gateway.accept", source=source, size=len(raw)):
+            spooled = self.spool.store(raw)
+            payload: dict[str, Any] = {"spool": str(spooled.path), "source": source, "size": spooled.size,
+                                       "mail_from": mail_from, "rcpt_tos": list(rcpt_tos), "data_end_at": data_end_at}
+            run = self.engine.trigger(self.workflow, payload, spooled.dedup_key if dedup else None)
+        tracing.send(tracing.MESSAGE_ACCEPTED, run_id=run.run_id, data_end_at=data_end_at,
+                     accepted_at=time.time(), size=spooled.size)
+        log.info("accepted %s message of %d bytes from %s as run %s", source, spooled.size, mail_from or "-",
+                 run.run_id)
+        return run
+
+    # -- SMTP ------------------------------------------------------------------
+
+    def start(self) -> "EmailGateway":
+        """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default)."""
+        self._controller = Controller(_SmtpHandler(self), hostname=self.config.host, port=self.config.port,
+                                      data_size_limit=self.config.max_message_bytes, ready_timeout=10)
+        self._controller.start()
+        log.info("SMTP gateway listening on %s:%d (max message %d bytes)", self.config.host, self.config.port,
+                 self.config.max_message_bytes)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening; messages already answered 250 are safe in the spool and the store."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+        self._pool.shutdown(wait=True)
+
+    def recipient_allowed(self, address: str) -> bool:
+        """True if no allow-list is set or the address's domain is on it."""
+        domains = self.config.allowed_recipient_domains
+        return not domains or address.rpartition("@")[2].lower() in {d.lower() for d in domains}
+
+
+class _SmtpHandler:
+    """aiosmtpd handler hooks; each does one thing."""
+
+    def __init__(self, gateway: EmailGateway) -> None:
+        self.gateway = gateway
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if not self.gateway.recipient_allowed(address):
+            return "550 5.7.1 Recipient domain not accepted here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data_end_at = time.time()
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        loop = asyncio.get_running_loop()
+        try:
+            run = await loop.run_in_executor(self.gateway._pool, lambda: self.gateway.accept(
+                raw, mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos), data_end_at=data_end_at))
+        except Exception:  # answer "try later" rather than drop: the sender keeps the message
+            log.exception("could not accept a message; answered 451")
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        return f"250 2.0.0 OK queued as run {run.run_id}"

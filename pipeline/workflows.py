@@ -1,0 +1,78 @@
+"""The email_digest workflow: parse_email -> ingest_pdf (one per PDF) -> build_digest -> deliver.
+
+Task callables are module-level functions bound to settings with
+``functools.partial``, so they stay picklable for process executors.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import tracing
+from .config import Settings
+from .dag import DAG, Task, TaskContext
+from .errors import PdfTooLargeError
+from .stages import deliver, digest, ingest, parse
+
+EMAIL_DIGEST = "email_digest"
+
+
+def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
+    """Read the spooled message and write its PDF attachments to the run's work dir."""
+    with tracing.span("stage.parse", run_id=ctx.run_id):
+        raw = Path(ctx.payload["spool"]).read_bytes()
+        return parse.summarize_message(raw, Path(ctx.work_dir), settings.ingest.max_attachment_bytes)
+
+
+def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The list ingest_pdf fans out over."""
+    return parsed["attachments"]
+
+
+def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
+    """Extract one attachment's text (a file) and report pages and words."""
+    item = ctx.item
+    if item.get("rejected"):
+        raise PdfTooLargeError(item["rejected"], item["name"])
+    text_path = Path(ctx.work_dir) / "text" / f"{ctx.index:03d}.txt"
+    with tracing.span("stage.ingest", run_id=ctx.run_id, size=item["size"]):
+        result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
+    return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
+            "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds}
+
+
+def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
+    """Summarise every document (failed ones listed with their reason) into digest.json."""
+    with tracing.span("stage.digest", run_id=ctx.run_id):
+        email = ctx.upstream["parse_email"]
+        documents = digest.describe_documents(email["attachments"], ctx.upstream["ingest_pdf"], dict(ctx.errors),
+                                              settings.ingest.summary_sentences)
+        rendered = digest.render_digest(email, documents)
+        path = Path(ctx.work_dir) / "digest.json"
+        path.write_text(json.dumps({"subject": rendered.subject, "text": rendered.text, "html": rendered.html}))
+    failed = sum("error" in d for d in documents)
+    return {"digest_path": str(path), "documents": len(documents), "failed_documents": failed}
+
+
+def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
+    """Send the digest to the sender (or the configured recipient)."""
+    with tracing.span("stage.deliver", run_id=ctx.run_id):
+        saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
+        msg = deliver.compose_reply(digest.Digest(**saved), ctx.upstream["parse_email"], settings.delivery)
+        where = deliver.send_message(msg, settings.delivery)
+    return {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
+
+
+def email_digest_dag(settings: Settings) -> DAG:
+    """Build the email_digest workflow bound to ``settings``."""
+    return DAG(EMAIL_DIGEST, [
+        Task("parse_email", partial(parse_email_task, settings=settings)),
+        Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
+             map_over="parse_email", map_items=pdf_items),
+        Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
+             allow_failed=("ingest_pdf",)),
+        Task("deliver", partial(deliver_task, settings=settings), deps=("build_digest",), retries=3),
+    ])
