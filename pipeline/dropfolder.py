@@ -1,7 +1,8 @@
 """DropFolder: messages dropped into a Maildir (``tmp/ new/ cur/``) become runs.
 
-Writers put a file in ``tmp/`` and rename it into ``new/``; watchdog reports
-that through inotify (or by polling, if configured). Each file is accepted
+Writers put a file in ``tmp/`` and rename it into ``new/`` (the Maildir rule:
+a file in ``new/`` is complete); watchdog reports that through inotify (or by
+polling, if configured). Each file is accepted
 through the gateway, then moved to ``cur/``; a file over the size limit goes
 to ``rejected/`` with a log line. Files already in ``new/`` at start are taken too.
 """
@@ -81,8 +82,9 @@ class _Handler(FileSystemEventHandler):
         self.folder = folder
 
     def on_created(self, event: FileSystemEvent) -> None:
-        # inotify also reports the close after writing (on_closed); wait for it so a file is never read half-written
-        if not event.is_directory and self.folder.config.watch_mode == "poll":
+        # A rename from tmp/ into new/ arrives as "created" (tmp/ is not watched). Maildir writers only ever
+        # rename complete files into new/; a writer that writes straight into new/ is also seen at close.
+        if not event.is_directory:
             self._take(str(event.src_path))
 
     def on_closed(self, event: FileSystemEvent) -> None:

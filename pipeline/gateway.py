@@ -43,14 +43,18 @@ class EmailGateway:
                data_end_at: float | None = None, dedup: bool = True) -> Run:
         """Store ``raw`` durably and queue its run; the same message twice returns the first run.
 
-        ``dedup=False`` always makes a new run (reprocessing a message on purpose).
+        ``dedup=False`` always makes a new run (reprocessing a message on purpose); the first run of a
+        message still carries its key, so spool reconciliation never mistakes it for a lost message.
         """
         data_end_at = time.time() if data_end_at is None else data_end_at
         with tracing.span("gateway.accept", source=source, size=len(raw)):
             spooled = self.spool.store(raw)
             payload: dict[str, Any] = {"spool": str(spooled.path), "source": source, "size": spooled.size,
                                        "mail_from": mail_from, "rcpt_tos": list(rcpt_tos), "data_end_at": data_end_at}
-            run = self.engine.trigger(self.workflow, payload, spooled.dedup_key if dedup else None)
+            started = time.time()
+            run = self.engine.trigger(self.workflow, payload, spooled.dedup_key)
+            if not dedup and run.queued_at < started:  # seen before: reprocess as a new, key-less run
+                run = self.engine.trigger(self.workflow, payload, None)
         tracing.send(tracing.MESSAGE_ACCEPTED, run_id=run.run_id, data_end_at=data_end_at,
                      accepted_at=time.time(), size=spooled.size)
         log.info("accepted %s message of %d bytes from %s as run %s", source, spooled.size, mail_from or "-",

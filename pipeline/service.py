@@ -38,8 +38,9 @@ class PipelineService:
         self.engine.register(email_digest_dag(settings))
         self.spool = Spool(Path(settings.data_dir) / "spool")
         self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)
-        self.drop_folder = DropFolder(Path(settings.data_dir) / "inbox", self.gateway.accept, settings.gateway) \
-            if listen and settings.gateway.drop_folder else None
+        self.drop_folder = DropFolder(Path(settings.data_dir) / "inbox",
+                                      lambda raw: self.gateway.accept(raw, source="dropfolder"),
+                                      settings.gateway) if listen and settings.gateway.drop_folder else None
         self._stop = threading.Event()
 
     def start(self) -> "PipelineService":

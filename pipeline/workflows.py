@@ -74,5 +74,5 @@ def email_digest_dag(settings: Settings) -> DAG:
              map_over="parse_email", map_items=pdf_items),
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",)),
-        Task("deliver", partial(deliver_task, settings=settings), deps=("build_digest",), retries=3),
+        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3),
     ])

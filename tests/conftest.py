@@ -59,3 +59,69 @@ def no_leaked_threads() -> Iterator[None]:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads outlived the test: {still}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SinkHandler:
+    """A real SMTP receiver (like aiosmtpd's ReceivingHandler) that keeps every message."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.arrived = threading.Condition()
+
+    async def handle_DATA(self, server, session, envelope):
+        import email
+        from email import policy
+
+        with self.arrived:
+            self.messages.append(email.message_from_bytes(envelope.original_content or envelope.content,
+                                                          policy=policy.default))
+            self.arrived.notify_all()
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.messages) >= count, timeout), \
+                f"sink got {len(self.messages)} of {count} messages"
+            return list(self.messages)
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[SinkHandler, str]]:
+    """A real aiosmtpd relay on loopback; yields (handler, 'smtp://127.0.0.1:PORT')."""
+    from aiosmtpd.controller import Controller
+
+    handler = SinkHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield handler, f"smtp://127.0.0.1:{port}"
+    controller.stop()
+
+
+@pytest.fixture
+def service_factory(settings: Settings, smtp_sink) -> Iterator:
+    """Start PipelineServices (gateway on a free port, digests relayed to the sink); all stopped after."""
+    from pipeline.config import DeliveryConfig, GatewayConfig
+    from pipeline.service import PipelineService
+
+    services = []
+
+    def make(**gateway_overrides):
+        gateway = GatewayConfig(port=free_port(), **gateway_overrides)
+        delivery = DeliveryConfig(relay=smtp_sink[1], outbox=settings.data_dir / "outbox")
+        service = PipelineService(replace(settings, gateway=gateway, delivery=delivery)).start()
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.stop(grace_s=10)

@@ -16,6 +16,7 @@ import random
 import zlib
 from collections.abc import Callable, Sequence
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def email_with(attachments: Sequence[tuple[str, bytes]], subject: str = "Quarter
         maintype, subtype = ("application", "pdf") if data[:5] == b"%PDF-" or name.endswith(".pdf") else \
             ("application", "octet-stream")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
-    return msg.as_bytes()
+    return msg.as_bytes(policy=SMTP)
 
 
 def pages_for_mb(megabytes: float, bytes_per_page: int = 2230) -> int:

@@ -11,6 +11,7 @@ import re
 import unicodedata
 from email import policy
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.parser import BytesParser
 from email.utils import parseaddr
 from pathlib import Path
@@ -111,4 +112,4 @@ def wrap_pdf(pdf: bytes, filename: str, sender: str = "ingest@localhost") -> byt
     msg["Subject"] = clean_header(filename)
     msg.set_content(f"{clean_header(filename)} submitted with `python -m pipeline ingest`.")
     msg.add_attachment(pdf, maintype="application", subtype="pdf", filename=display_name(filename, 0))
-    return msg.as_bytes()
+    return msg.as_bytes(policy=SMTP)

@@ -1,0 +1,139 @@
+"""`python -m pipeline serve` and `ingest` as real processes: SIGTERM, SIGKILL mid-burst, reprocessing."""
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.audit import fixtures as fx
+from pipeline.cli import main
+from pipeline.sqlite_store import SqliteRunStore
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_serve(data_dir: Path, port: int, relay: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--data-dir", str(data_dir), "serve", "--port",
+                             str(port), "--deliver", relay, "--no-drop-folder"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+                smtp.noop()
+            return proc
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+    raise AssertionError("serve did not start listening")
+
+
+def test_sigterm_stops_serve_gracefully(tmp_path, smtp_sink):
+    port = free_port()
+    proc = start_serve(tmp_path / "data", port, smtp_sink[1])
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail("alice@example.com", ["d@pipeline.local"], fx.email_with([("a.pdf", fx.text_pdf(1))]))
+    smtp_sink[0].wait_for(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"127.0.0.1:{port}" in err and "run 1" in err  # logs say where it listens and each run's id
+    store = SqliteRunStore(tmp_path / "data" / "runs.sqlite3")
+    assert store.count_runs_by_state() == {"success": 1}
+    store.close()
+
+
+def test_sigkill_during_burst_loses_no_accepted_message(tmp_path, smtp_sink):
+    data, port = tmp_path / "data", free_port()
+    proc = start_serve(data, port, smtp_sink[1])
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def sender(worker: int):
+        for i in range(40):
+            mid = f"<burst-{worker}-{i}@example.com>"
+            raw = fx.email_with([("a.pdf", PDF)], message_id=mid)
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.sendmail("alice@example.com", ["d@pipeline.local"], raw)
+                with lock:
+                    accepted.append(mid)
+            except (OSError, smtplib.SMTPException):
+                return  # the server died under us: an MTA would retry later
+
+    threads = [threading.Thread(target=sender, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    while len(accepted) < 20:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for t in threads:
+        t.join()
+    proc.stderr.close()
+    assert 20 <= len(accepted) < 160
+
+    proc = start_serve(data, port, smtp_sink[1])  # restart: recovery and spool reconciliation
+    try:
+        store = SqliteRunStore(data / "runs.sqlite3")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            counts = store.count_runs_by_state()
+            if not counts.get("queued") and not counts.get("running"):
+                break
+            time.sleep(0.1)
+        runs = store.list_runs(limit=1000)
+        keys = [r.dedup_key for r in runs]
+        for mid in accepted:
+            assert keys.count(mid) == 1, f"{mid} has {keys.count(mid)} runs"
+        assert {r.state for r in runs} == {"success"}
+        store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+PDF = fx.text_pdf(1)
+
+
+def test_ingest_command_runs_eml_and_pdf_files(tmp_path, capsys):
+    eml = tmp_path / "mail.eml"
+    eml.write_bytes(fx.email_with([("a.pdf", fx.text_pdf(2))], message_id="<cli@x>"))
+    pdf = tmp_path / "bare.pdf"
+    pdf.write_bytes(fx.text_pdf(1))
+    code = main(["--data-dir", str(tmp_path / "data"), "ingest", str(eml), str(pdf)])
+    out = capsys.readouterr().out
+    runs = [json.loads(chunk) for chunk in out.replace("}\n{", "}\n\x00{").split("\x00")]
+    assert code == 0 and [r["state"] for r in runs] == ["success", "success"]
+    assert any(t["task_id"] == "ingest_pdf[0]" for t in runs[1]["tasks"])
+    assert len(list((tmp_path / "data" / "outbox" / "new").iterdir())) == 2
+
+    again = main(["--data-dir", str(tmp_path / "data"), "ingest", str(eml)])  # reprocessing makes a new run
+    assert again == 0 and json.loads(capsys.readouterr().out)["run_id"] == 3
+
+
+def test_ingest_exit_code_is_nonzero_when_a_run_fails(tmp_path, capsys):
+    bad = tmp_path / "garbage.eml"
+    bad.write_bytes(b"no headers here at all\r\n")
+    assert main(["--data-dir", str(tmp_path / "data"), "ingest", str(bad)]) == 1
+    assert json.loads(capsys.readouterr().out)["reason"].startswith("parse_email: malformed_email")
+
+
+def test_ingest_missing_file_is_one_line_error(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path), "ingest", str(tmp_path / "nope.eml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such file: {tmp_path / 'nope.eml'}"
+
+
+@pytest.mark.parametrize("argv", [["serve", "--port", "99999"]])
+def test_bad_serve_settings_are_one_line_errors(tmp_path, capsys, argv):
+    assert main(["--data-dir", str(tmp_path), *argv]) == 2
+    assert "is not a TCP port" in capsys.readouterr().err

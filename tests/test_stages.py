@@ -1,0 +1,88 @@
+"""Stage functions on real inputs: file names, MIME parsing, summaries, digest rendering, the reply."""
+
+import pytest
+
+from pipeline.audit import fixtures as fx
+from pipeline.config import DeliveryConfig
+from pipeline.errors import DeliveryError, ParseError
+from pipeline.stages import deliver, digest, parse
+
+
+@pytest.mark.parametrize("name", ["../../x.pdf", "/etc/passwd.pdf", "a\x00b.pdf", "x" * 5000 + ".pdf",
+                                  "..\\..\\windows.pdf", "Résumé 📄.pdf", "\udcff\udcfe.pdf", "", None, ".hidden",
+                                  "CON.pdf", "name\r\nBcc: x.pdf"])
+def test_safe_filename_stays_in_its_directory(tmp_path, name):
+    safe = parse.safe_filename(name, 3)
+    target = (tmp_path / safe).resolve()
+    assert target.parent == tmp_path.resolve()
+    assert safe.startswith("003-") and len(safe) <= 80
+    assert "/" not in safe and "\\" not in safe and "\x00" not in safe and "\n" not in safe
+    target.write_bytes(b"ok")  # it is a valid file name on this system
+
+
+def test_display_name_is_one_printable_line():
+    assert parse.display_name("evil\r\nBcc: x.pdf", 0) == "evilBcc: x.pdf"
+    assert parse.display_name(None, 1) == "attachment-2"
+
+
+def test_parse_rejects_garbage_with_reason():
+    with pytest.raises(ParseError, match="no header block") as err:
+        parse.parse_message(fx.random_bytes(500))
+    assert err.value.reason == "malformed_email"
+    with pytest.raises(ParseError, match="no usable From"):
+        parse.parse_message(b"Subject: hi\r\n\r\nbody\r\n")
+
+
+def test_summarize_message_writes_only_pdfs(tmp_path):
+    raw = fx.email_with([("a.pdf", fx.text_pdf(1)), ("notes.txt", b"plain text"), ("big.pdf", fx.text_pdf(3))])
+    info = parse.summarize_message(raw, tmp_path, max_attachment_bytes=9000)
+    assert [a["name"] for a in info["attachments"]] == ["a.pdf", "big.pdf"]
+    assert info["skipped"] == ["notes.txt"]
+    assert info["attachments"][0]["path"].startswith(str(tmp_path / "attachments"))
+    assert info["attachments"][1]["path"] is None and "over the 9,000-byte limit" in info["attachments"][1]["rejected"]
+    assert info["from"] == "alice@example.com" and info["message_id"] == "<fixture-1@example.com>"
+
+
+def test_summary_is_deterministic_and_in_document_order():
+    text = ("Cats sleep. The pipeline ingests PDF documents and builds digests. "
+            "Digests summarise PDF documents for the pipeline users. Weather was fine today anyway. "
+            "The pipeline delivers digests of PDF documents by mail.")
+    first = digest.summarize(text, 2)
+    assert first == digest.summarize(text, 2)
+    assert len(first) == 2 and all(s in text for s in first)
+    assert text.index(first[0]) < text.index(first[1])
+    assert "Cats sleep." not in first  # too short to be a sentence worth quoting
+
+
+def test_digest_escapes_user_text_in_html():
+    email = {"subject": "<script>alert(1)</script>", "from": "a@example.com", "skipped": ["<b>x</b>.doc"]}
+    docs = [{"name": "<img src=x onerror=y>.pdf", "size": 1, "error": "corrupt", "message": "<bad> & worse"}]
+    rendered = digest.render_digest(email, docs)
+    assert "<script>" not in rendered.html and "&lt;script&gt;" in rendered.html
+    assert "<img" not in rendered.html and "&lt;bad&gt; &amp; worse" in rendered.html
+    assert "<script>alert(1)</script>" in rendered.text  # plain text stays as written
+
+
+def test_reply_cannot_be_given_extra_headers():
+    email = {"subject": "x", "from": "alice@example.com", "message_id": "<a@b>\r\nBcc: evil@example.com"}
+    rendered = digest.Digest("Digest: hi\r\nBcc: evil@example.com", "text", "<p>html</p>")
+    msg = deliver.compose_reply(rendered, email, DeliveryConfig())
+    raw = msg.as_bytes()
+    assert b"\nBcc:" not in raw and "In-Reply-To" not in msg
+    assert msg["Subject"] == "Digest: hi Bcc: evil@example.com"
+
+
+def test_reply_refuses_a_non_address():
+    rendered = digest.Digest("Digest", "t", "h")
+    with pytest.raises(DeliveryError, match="not a plain address") as err:
+        deliver.compose_reply(rendered, {"from": "a@b, c@d"}, DeliveryConfig())
+    assert err.value.retryable is False
+
+
+def test_outbox_delivery_writes_maildir(tmp_path):
+    rendered = digest.Digest("Digest: x", "text body", "<p>html</p>")
+    config = DeliveryConfig(outbox=tmp_path / "outbox")
+    msg = deliver.compose_reply(rendered, {"from": "alice@example.com", "message_id": "<m@x>"}, config)
+    where = deliver.send_message(msg, config)
+    saved = (tmp_path / "outbox" / "new").iterdir().__next__().read_bytes()
+    assert where.startswith(str(tmp_path / "outbox" / "new")) and b"In-Reply-To: <m@x>" in saved
