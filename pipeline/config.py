@@ -78,6 +78,7 @@ class GatewayConfig:
     max_message_bytes: int = 50 * MB
     allowed_recipient_domains: tuple[str, ...] = ()  # empty: accept any recipient
     drop_folder: bool = True
+    bulk_data: bool = True  # read DATA in chunks (BulkDataSMTP); False: aiosmtpd's line-by-line reader
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
     poll_interval_s: float = 1.0
 

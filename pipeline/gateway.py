@@ -14,10 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from . import tracing
+from .bulk_smtp import GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .spool import Spool
@@ -37,7 +37,7 @@ class EmailGateway:
         self.config.validate()
         self.workflow = workflow
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
-        self._controller: Controller | None = None
+        self._controller: GatewayController | None = None
 
     def accept(self, raw: bytes, *, source: str = "smtp", mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
                data_end_at: float | None = None, dedup: bool = True) -> Run:
@@ -65,8 +65,9 @@ class EmailGateway:
 
     def start(self) -> "EmailGateway":
         """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default)."""
-        self._controller = Controller(_SmtpHandler(self), hostname=self.config.host, port=self.config.port,
-                                      data_size_limit=self.config.max_message_bytes, ready_timeout=10)
+        self._controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data,
+                                             hostname=self.config.host, port=self.config.port,
+                                             data_size_limit=self.config.max_message_bytes, ready_timeout=10)
         self._controller.start()
         log.info("SMTP gateway listening on %s:%d (max message %d bytes)", self.config.host, self.config.port,
                  self.config.max_message_bytes)

@@ -43,9 +43,13 @@ class PipelineService:
                                       settings.gateway) if listen and settings.gateway.drop_folder else None
         self._stop = threading.Event()
 
-    def start(self) -> "PipelineService":
-        """Start the engine, reconcile the spool, then open the listeners."""
-        self.engine.start()
+    def start(self, run_workers: bool = True) -> "PipelineService":
+        """Start the engine, reconcile the spool, then open the listeners.
+
+        ``run_workers=False`` only accepts and queues (benchmarks of the gateway alone).
+        """
+        if run_workers:
+            self.engine.start()
         self.reconcile_spool()
         if self.listen:
             self.gateway.start()
@@ -76,6 +80,7 @@ class PipelineService:
             self.gateway.stop()
         self.engine.shutdown(grace_s)
         self.store.close()
+        self.spool.close()
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully."""

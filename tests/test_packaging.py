@@ -17,6 +17,7 @@ LAYERS = [
     {"sqlite_store", "stages", "spool"},
     {"runner"},
     {"engine", "workflows"},
+    {"bulk_smtp"},
     {"gateway", "dropfolder"},
     {"service"},
     {"cli", "__main__"},

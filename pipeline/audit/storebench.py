@@ -88,11 +88,11 @@ def time_call(fn: Callable[[], Any], repeat: int, warmup: int = 5) -> list[float
 
 def summarize(metric: str, samples: list[float], unit: str = "ms", scale: float = 1000.0,
               **tags: Any) -> dict[str, Any]:
-    """Return one tidy row with median, p95, min and max of ``samples`` (seconds, scaled to ``unit``)."""
+    """Return one tidy row with median, p95, p99, min and max of ``samples`` (seconds, scaled to ``unit``)."""
     values = sorted(v * scale for v in samples)
-    p95 = statistics.quantiles(values, n=20, method="inclusive")[18] if len(values) > 1 else values[0]
-    return {"metric": metric, "median": statistics.median(values), "p95": p95, "min": values[0],
-            "max": values[-1], "n": len(values), "unit": unit, **tags}
+    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return {"metric": metric, "median": statistics.median(values), "p95": cuts[94], "p99": cuts[98],
+            "min": values[0], "max": values[-1], "n": len(values), "unit": unit, **tags}
 
 
 def query_timings(store: SqliteRunStore, repeat: int = 200) -> Iterator[dict[str, Any]]:
