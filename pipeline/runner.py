@@ -310,12 +310,13 @@ class DAGRunner:
     def _maybe_finish(self) -> None:
         if self._finished or self._inflight or self._waiting_retry:
             return
-        if self._stopping:
+        complete = len(self._decided) == len(self.dag.tasks) and self._terminal == len(self._instances)
+        if not complete and self._stopping:  # stopped with work left: the next start resumes it
             self._finished = True
             self.store.requeue_run(self.run.run_id)
             self.on_finish(self.run.run_id, s.QUEUED)
             return
-        if len(self._decided) < len(self.dag.tasks) or self._terminal < len(self._instances):
+        if not complete:
             return
         self._finished = True
         state, reason = self._outcome()

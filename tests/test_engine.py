@@ -208,3 +208,19 @@ def test_many_concurrent_runs_have_no_lock_errors(store, make_engine):
     runs = [engine.wait(i, timeout=60) for i in ids]
     assert {r.state for r in runs} == {"success"}
     assert store.count_runs_by_state("many") == {"success": 300}
+
+
+def test_shutdown_while_last_task_finishes_completes_the_run(store, make_engine):
+    gate, started = threading.Event(), threading.Event()
+
+    def last(ctx):
+        started.set()
+        gate.wait(5)
+        return "done"
+
+    engine = make_engine(DAG("one", [Task("only", last)]))
+    run_id = engine.trigger("one").run_id
+    assert started.wait(5)
+    threading.Timer(0.2, gate.set).start()
+    engine.shutdown(grace_s=5)
+    assert store.get_run(run_id).state == "success"  # finished inside the grace period: not requeued

@@ -174,9 +174,10 @@ def email_with(attachments: Sequence[tuple[str, bytes]], subject: str = "Quarter
     return msg.as_bytes(policy=SMTP)
 
 
-def pages_for_mb(megabytes: float, bytes_per_page: int = 2230) -> int:
-    """Pages of ``text_pdf`` that make about ``megabytes`` MB."""
-    return max(1, int(megabytes * 1024 * 1024 / bytes_per_page))
+def text_pdf_of_size(megabytes: float, seed: int = 1) -> bytes:
+    """A ``text_pdf`` of about ``megabytes`` MB (pages estimated from a 40-page sample)."""
+    per_page = len(text_pdf(40, seed)) / 40
+    return text_pdf(max(1, round(megabytes * 1024 * 1024 / per_page)), seed)
 
 
 def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[], bytes]) -> Path:

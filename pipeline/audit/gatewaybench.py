@@ -90,7 +90,7 @@ def small_messages(data_dir: Path, messages: int = 2000, senders: int = 8) -> li
 def large_messages(data_dir: Path, size_mb: float = 5.0, concurrent: int = 4, rounds: int = 5,
                    small_senders: int = 2) -> list[dict[str, Any]]:
     """``concurrent`` large messages at once, ``rounds`` times, while small senders keep sending."""
-    pdf = fx.text_pdf(fx.pages_for_mb(size_mb * 0.74))  # base64 adds a third: the message is about size_mb
+    pdf = fx.text_pdf_of_size(size_mb * 0.74)  # base64 adds a third: the message is about size_mb
     large = [[fx.email_with([("big.pdf", pdf)], message_id=f"<large-{c}-{r}@bench>") for r in range(rounds)]
              for c in range(concurrent)]
     small = [[fx.email_with([], message_id=f"<during-{s}-{i}@bench>") for i in range(150)]
