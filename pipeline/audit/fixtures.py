@@ -78,24 +78,29 @@ def text_pdf(pages: int, seed: int = 1, encrypt: str | None = None, user_passwor
 def _noise_png(rnd: random.Random, width: int, height: int) -> io.BytesIO:
     from PIL import Image  # fpdf2 depends on Pillow
 
-    image = Image.frombytes("L", (width, height), bytes(rnd.getrandbits(8) for _ in range(width * height)))
+    image = Image.frombytes("L", (width, height), rnd.randbytes(width * height))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     buf.seek(0)
     return buf
 
 
-def image_pdf(pages: int, seed: int = 1, text_lines: int = 0, image_px: int = 360) -> bytes:
-    """Pages with one noise image each (scan-like), plus ``text_lines`` lines of text per page (mixed)."""
+def image_pdf(pages: int, seed: int = 1, text_lines: int = 0, image_px: int = 320) -> bytes:
+    """One distinct noise image per page (scan-like, about ``image_px``² bytes a page), plus
+    ``text_lines`` lines of text per page (a mixed document)."""
     rnd, words = random.Random(seed), vocabulary()
     pdf = _new_pdf()
-    images = [_noise_png(rnd, image_px, image_px) for _ in range(4)]  # reused: fpdf2 embeds each image once
-    for page in range(pages):
+    for _ in range(pages):
         pdf.add_page()
-        pdf.image(images[page % len(images)], x=10, y=10, w=120)
+        pdf.image(_noise_png(rnd, image_px, image_px), x=10, y=10, w=120)
         for line, text in enumerate(_text_lines(rnd, words)[:text_lines]):
             pdf.text(10, 140 + line * 4, text)
     return bytes(pdf.output())
+
+
+def image_pdf_of_size(megabytes: float, text_lines: int = 0, seed: int = 1, image_px: int = 320) -> bytes:
+    """An ``image_pdf`` of about ``megabytes`` MB."""
+    return image_pdf(max(1, round(megabytes * 1024 * 1024 / (image_px * image_px))), seed, text_lines, image_px)
 
 
 def _raw_pdf(page_streams: list[bytes]) -> bytes:
@@ -122,14 +127,18 @@ def _raw_pdf(page_streams: list[bytes]) -> bytes:
 
 
 def kerned_pdf(pages: int, seed: int = 1) -> bytes:
-    """Text drawn glyph by glyph with kerning (TJ arrays), as typesetters write it."""
+    """Text drawn in short kerned runs (TJ arrays of 1 to 6 glyphs between adjustments), as typesetters write it."""
     rnd, words = random.Random(seed), vocabulary()
     streams = []
     for _ in range(pages):
         ops = [b"BT /F1 8 Tf 10 TL 40 800 Td"]
         for line in _text_lines(rnd, words)[:LINES_PER_PAGE]:
-            glyphs = b" ".join(b"(%s) %d" % (c.encode("latin-1"), rnd.randint(-40, 40)) for c in line)
-            ops.append(b"[" + glyphs + b"] TJ T*")
+            runs, i = [], 0
+            while i < len(line):
+                n = rnd.randint(1, 6)
+                runs.append(b"(%s) %d" % (line[i:i + n].encode("latin-1"), rnd.randint(-40, 40)))
+                i += n
+            ops.append(b"[" + b" ".join(runs) + b"] TJ T*")
         ops.append(b"ET")
         streams.append(zlib.compress(b"\n".join(ops), 6))
     return _raw_pdf(streams)
@@ -171,6 +180,9 @@ def email_with(attachments: Sequence[tuple[str, bytes]], subject: str = "Quarter
         maintype, subtype = ("application", "pdf") if data[:5] == b"%PDF-" or name.endswith(".pdf") else \
             ("application", "octet-stream")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    if msg.is_multipart():  # a fixed boundary keeps the bytes deterministic (the default one is random)
+        seed = hashlib.sha256(f"{message_id}|{subject}|{len(attachments)}".encode()).hexdigest()[:20]
+        msg.set_boundary(f"==fixture-{seed}==")
     return msg.as_bytes(policy=SMTP)
 
 
@@ -178,6 +190,12 @@ def text_pdf_of_size(megabytes: float, seed: int = 1) -> bytes:
     """A ``text_pdf`` of about ``megabytes`` MB (pages estimated from a 40-page sample)."""
     per_page = len(text_pdf(40, seed)) / 40
     return text_pdf(max(1, round(megabytes * 1024 * 1024 / per_page)), seed)
+
+
+def kerned_pdf_of_size(megabytes: float, seed: int = 1) -> bytes:
+    """A ``kerned_pdf`` of about ``megabytes`` MB."""
+    per_page = len(kerned_pdf(20, seed)) / 20
+    return kerned_pdf(max(1, round(megabytes * 1024 * 1024 / per_page)), seed)
 
 
 def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[], bytes]) -> Path:
@@ -191,3 +209,47 @@ def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[]
         tmp.write_bytes(make())
         tmp.replace(path)
     return path
+
+
+# name -> (kind, MB, maker). Sizes per profile: quick for CI, standard for `make audit`, full for limits.
+PROFILES: dict[str, dict[str, tuple[str, float]]] = {
+    "quick": {"text-0.5mb.pdf": ("text", 0.5), "text-1mb.pdf": ("text", 1), "mixed-1mb.pdf": ("mixed", 1),
+              "scan-1mb.pdf": ("scan", 1), "kerned-0.3mb.pdf": ("kerned", 0.3)},
+    "standard": {"text-1mb.pdf": ("text", 1), "text-5mb.pdf": ("text", 5), "text-10mb.pdf": ("text", 10),
+                 "text-25mb.pdf": ("text", 25), "mixed-5mb.pdf": ("mixed", 5), "scan-5mb.pdf": ("scan", 5),
+                 "kerned-5mb.pdf": ("kerned", 5)},
+}
+PROFILES["full"] = {**PROFILES["standard"], "text-50mb.pdf": ("text", 50)}
+_MAKERS: dict[str, Callable[[float], bytes]] = {
+    "text": text_pdf_of_size,
+    "mixed": lambda mb: image_pdf_of_size(mb, text_lines=20),
+    "scan": image_pdf_of_size,
+    "kerned": kerned_pdf_of_size,
+}
+HOSTILE: dict[str, Callable[[], bytes]] = {
+    "encrypted-rc4-open.pdf": lambda: text_pdf(2, encrypt="rc4"),
+    "encrypted-aes-open.pdf": lambda: text_pdf(2, encrypt="aes"),
+    "encrypted-rc4-password.pdf": lambda: text_pdf(2, encrypt="rc4", user_password="secret"),
+    "encrypted-aes-password.pdf": lambda: text_pdf(2, encrypt="aes", user_password="secret"),
+    "truncated.pdf": lambda: truncated(text_pdf(20)),
+    "random-bytes.pdf": lambda: random_bytes(64 * 1024),
+    "flate-bomb-1gb.pdf": lambda: bomb_pdf(1024 * 1024 * 1024),
+}
+
+
+def build_fixtures(profile: str, directory: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Make (or reuse) every fixture of ``profile`` under ``directory``; return ``{"name", "kind", "mb", "path"}``."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    items = []
+    for name, (kind, mb) in PROFILES[profile].items():
+        if progress:
+            progress(name)
+        path = cached(directory, name, {"kind": kind, "mb": mb, "version": 1}, lambda k=kind, m=mb: _MAKERS[k](m))
+        items.append({"name": name, "kind": kind, "mb": mb, "path": str(path)})
+    for name, make in HOSTILE.items():
+        if progress:
+            progress(name)
+        items.append({"name": name, "kind": "hostile", "mb": None,
+                      "path": str(cached(directory, name, {"kind": "hostile", "version": 1}, make))})
+    return items

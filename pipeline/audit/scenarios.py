@@ -1,0 +1,220 @@
+"""The audit's measurement scenarios. Each runs the real pipeline, shows a progress bar,
+records into DuckDB (when given a recorder) and returns a tidy DataFrame.
+
+Rows: ``variant, metric, value, unit, rep, tags`` (tags also flattened into
+columns of the returned frame). Timings come from the run store (queued,
+started, ended per task) and from tracing spans; memory from RSS sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..config import IngestConfig
+from ..dag import DAG
+from ..stages.ingest import ingest_pdf
+from ..store import Run
+from . import fixtures as fx
+from . import storebench
+from .gatewaybench import send_all
+from .harness import frame, row, running_pipeline, task_durations, wait_all_done
+from .memory import RssSampler
+from .recorder import AuditRecorder, capture_spans
+
+MB = 1024 * 1024
+STAGES = ("Email", "Queue", "Ingestion", "Digest", "Delivery")
+
+
+def _save(recorder: AuditRecorder | None, scenario: str, rows: list[dict[str, Any]],
+          spans: list[dict[str, Any]] | None = None, variant: str = "baseline") -> pd.DataFrame:
+    if recorder is not None:
+        recorder.record(scenario, pd.DataFrame(rows))
+        if spans:
+            recorder.record_spans(scenario, variant, spans)
+    return frame(rows)
+
+
+def stage_times(service: Any, run: Run) -> dict[str, float]:
+    """Seconds spent in each of the seed's stages by one finished run."""
+    tasks = task_durations(service, run)
+    parse = tasks.get("parse_email")
+    ingest_end = tasks["ingest_pdf"][1] if "ingest_pdf" in tasks else (parse[1] if parse else run.started_at)
+    out = {"Email": run.queued_at - run.payload["data_end_at"], "Queue": (run.started_at or 0) - run.queued_at}
+    if parse:
+        out["Ingestion"] = ingest_end - parse[0]
+    for stage, task in (("Digest", "build_digest"), ("Delivery", "deliver")):
+        if task in tasks:
+            out[stage] = tasks[task][1] - tasks[task][0]
+    return out
+
+
+def pipeline_profile(pdfs: list[Path], emails: int = 20, senders: int = 4,
+                     recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Send ``emails`` mails over SMTP, each with one of ``pdfs`` in turn; per-stage time and peak RSS."""
+    attachments = [(Path(p).name, Path(p).read_bytes()) for p in pdfs]
+    raws = [fx.email_with([attachments[i % len(attachments)]], message_id=f"<profile-{i}@audit>")
+            for i in range(emails)]
+    rows: list[dict[str, Any]] = []
+    with running_pipeline() as (service, sink), RssSampler() as sampler, capture_spans() as spans:
+        port = service.settings.gateway.port
+        send_all(port, [[fx.email_with([], message_id="<profile-warmup@audit>")]])  # warm-up, not counted
+        wait_all_done(service, 1)
+        warm_digests = sink.count
+        started = time.time()
+        send_all(port, [raws[i::senders] for i in range(senders)])
+        runs = [r for r in wait_all_done(service, emails + 1) if r.queued_at >= started]
+        peaks: dict[str, int] = {}
+        for rep, run in enumerate(tqdm(runs, desc="pipeline_profile", unit="run")):
+            for stage, seconds in stage_times(service, run).items():
+                rows.append(row("baseline", "stage_seconds", seconds, "s", rep, stage=stage, run_state=run.state))
+            rows.append(row("baseline", "end_to_end_seconds", (run.ended_at or 0) - run.payload["data_end_at"], "s",
+                            rep))
+            for stage, (start, end) in task_durations(service, run).items():
+                peak = sampler.peak_between(start, end)
+                if peak:
+                    peaks[stage] = max(peaks.get(stage, 0), peak)
+        delivered = sink.count - warm_digests
+    for stage, peak in peaks.items():
+        rows.append(row("baseline", "peak_rss_mb", peak / MB, "MB", 0, stage=stage))
+    rows.append(row("baseline", "digests_delivered", delivered, "count", 0))
+    rows.append(row("baseline", "runs_failed", sum(r.state != "success" for r in runs), "count", 0))
+    return _save(recorder, "pipeline_profile", rows, spans.spans)
+
+
+def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecorder | None = None,
+                limits: IngestConfig | None = None, variant: str = "pypdf") -> pd.DataFrame:
+    """Ingest each PDF ``reps`` times, interleaved (A B C A B C ...), in the capped worker; time and peak RSS.
+
+    ``pdfs`` items: ``{"path", "kind", "mb"}``. Limits are raised so that size itself is what is measured.
+    """
+    limits = limits or IngestConfig(max_attachment_bytes=200 * MB, max_pages=100_000, timeout_s=900)
+    rows: list[dict[str, Any]] = []
+    work = Path(pdfs[0]["path"]).parent / "scaling-text"
+    ingest_pdf(Path(pdfs[0]["path"]), work / "warmup.txt", limits)  # warm-up: starts the worker
+    with tqdm(total=reps * len(pdfs), desc="pdf_scaling", unit="pdf") as bar:
+        for rep in range(reps):
+            for item in pdfs:
+                tags = {"kind": item["kind"], "file_mb": round(Path(item["path"]).stat().st_size / MB, 2)}
+                with RssSampler(interval_s=0.01) as sampler:
+                    t0 = time.perf_counter()
+                    try:
+                        result = ingest_pdf(Path(item["path"]), work / f"{item['kind']}.txt", limits)
+                        error = None
+                    except Exception as exc:  # a limit breach is a result of this scenario, recorded below
+                        result, error = None, f"{type(exc).__name__}: {exc}"
+                    seconds = time.perf_counter() - t0
+                rows.append(row(variant, "ingest_seconds", seconds, "s", rep, **tags, error=error))
+                rows.append(row(variant, "peak_rss_mb", sampler.peak / MB, "MB", rep, **tags))
+                if result:
+                    rows.append(row(variant, "pages", result.pages, "count", rep, **tags))
+                    rows.append(row(variant, "pages_per_second", result.pages / seconds, "1/s", rep, **tags))
+                bar.update()
+    return _save(recorder, "pdf_scaling", rows)
+
+
+def concurrency(levels: list[int], pdf: Path, recorder: AuditRecorder | None = None,
+                stop_on_failure: bool = False, time_budget_s: float = 600.0) -> pd.DataFrame:
+    """For each level, that many workflows at once (max_active_runs = level): throughput, p50/p95, failures."""
+    rows: list[dict[str, Any]] = []
+    raw_pdf = Path(pdf).read_bytes()
+    started = time.monotonic()
+    for level in tqdm(levels, desc="concurrency", unit="level"):
+        if time.monotonic() - started > time_budget_s:
+            rows.append(row("baseline", "skipped_level", level, "runs", 0, reason="time budget"))
+            continue
+        with running_pipeline(max_active_runs=level, thread_workers=min(level, 64)) as (service, sink):
+            messages = [fx.email_with([("doc.pdf", raw_pdf)], message_id=f"<c{level}-{i}@audit>") for i in range(level)]
+            t0 = time.time()
+            for raw in messages:
+                service.gateway.accept(raw, source="audit")
+            peak_active = 0
+            while len(service.engine.active_runs()) < level and time.time() - t0 < 5:
+                peak_active = max(peak_active, len(service.engine.active_runs()))
+                time.sleep(0.005)
+            peak_active = max(peak_active, len(service.engine.active_runs()))
+            runs = wait_all_done(service, level)
+            wall = max(r.ended_at or 0 for r in runs) - t0
+        failed = [r for r in runs if r.state != "success"]
+        latencies = pd.Series([(r.ended_at or 0) - r.queued_at for r in runs])
+        tags = {"level": level}
+        rows += [row("baseline", "throughput_runs_per_s", level / wall, "1/s", 0, **tags),
+                 row("baseline", "latency_p50_s", latencies.median(), "s", 0, **tags),
+                 row("baseline", "latency_p95_s", latencies.quantile(0.95), "s", 0, **tags),
+                 row("baseline", "peak_active_runs", peak_active, "runs", 0, **tags),
+                 row("baseline", "failed_runs", len(failed), "runs", 0, **tags,
+                     reasons=sorted({str(r.reason)[:120] for r in failed})[:5])]
+        if failed and stop_on_failure:
+            break
+    return _save(recorder, "concurrency", rows)
+
+
+def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, senders: int = 4,
+                recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Sustained rates, then a sudden burst, over SMTP: trigger latency, backlog, drain time, messages lost."""
+    from .burst import paced_send
+
+    rows: list[dict[str, Any]] = []
+    plans = [("rate", rate, int(rate * duration_s)) for rate in rates] + [("burst", float("inf"), burst)]
+    for kind, rate, count in tqdm(plans, desc="email_burst", unit="round"):
+        with running_pipeline() as (service, _sink):
+            label = f"{kind}-{rate:g}" if kind == "rate" else f"burst-{count}"
+            accepted, backlog, last_sent = paced_send(service, count, rate, senders, prefix=label)
+            runs = wait_all_done(service, len(accepted))
+            drained = max(r.ended_at or 0 for r in runs)
+        keys = {r.dedup_key for r in runs}
+        tags = {"mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
+        for rep, r in enumerate(runs):
+            rows.append(row(label, "trigger_latency_ms", (r.queued_at - r.payload["data_end_at"]) * 1000, "ms", rep,
+                            **tags))
+        rows += [row(label, "accepted", len(accepted), "messages", 0, **tags),
+                 row(label, "lost", sum(mid not in keys for mid in accepted), "messages", 0, **tags),
+                 row(label, "drain_seconds", drained - last_sent, "s", 0, **tags),
+                 row(label, "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
+        rows += [row(label, "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
+    return _save(recorder, "email_burst", rows)
+
+
+def store_queries(sizes: list[int], directory: Path, repeat: int = 100,
+                  recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Grow one store through ``sizes`` runs (5 task instances each); time the canonical queries at each."""
+    from ..sqlite_store import SqliteRunStore
+
+    rows: list[dict[str, Any]] = []
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "store-queries.sqlite3"
+    path.unlink(missing_ok=True)
+    store = SqliteRunStore(path)
+    try:
+        have = 0
+        for size in tqdm(sizes, desc="store_queries", unit="size"):
+            storebench.fill_store(store, size - have)
+            have = size
+            for result in list(storebench.query_timings(store, repeat)) + list(storebench.write_throughput(store)):
+                for stat in ("median", "p95"):
+                    if result.get(stat) is not None:
+                        rows.append(row("baseline", result["metric"], result[stat], result["unit"], 0,
+                                        runs=size, stat=stat, kind=result.get("kind")))
+    finally:
+        store.close()
+    return _save(recorder, "store_queries", rows)
+
+
+def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None = None,
+         recorder: AuditRecorder | None = None, variant: str = "email_digest") -> pd.DataFrame:
+    """Thousands of runs with memory sampled after gc; the leak slope per run after warm-up."""
+    from .soak import run_soak
+
+    points, verdict = run_soak(runs, warmup, every, dag)
+    rows = [row(variant, "traced_bytes", p["traced_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
+    rows += [row(variant, "rss_bytes", p["rss_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
+    rows += [row(variant, "leak_traced_bytes_per_run", verdict.traced_bytes_per_run, "bytes/run", 0),
+             row(variant, "leak_rss_bytes_per_run", verdict.rss_bytes_per_run, "bytes/run", 0),
+             row(variant, "leaking", float(verdict.leaking), "bool", 0, threshold=verdict.threshold)]
+    rows += [row(variant, "top_growth_bytes", g["size_diff"], "bytes", i, site=g["site"], count_diff=g["count_diff"])
+             for i, g in enumerate(verdict.top_growth)]
+    return _save(recorder, "soak", rows)

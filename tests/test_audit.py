@@ -1,0 +1,133 @@
+"""The audit harness at tiny sizes: fixtures, recorder, every scenario, the leak detector, line profiles."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from pipeline.audit import fixtures as fx
+from pipeline.audit import scenarios
+from pipeline.audit.lineprof import profile_lines
+from pipeline.audit.recorder import AuditRecorder
+from pipeline.dag import DAG, Task
+
+_LEAK: list[bytes] = []
+
+
+def _leaky(ctx):
+    _LEAK.append(b"x" * 64 * 1024)  # 64 KiB kept forever per run
+    return None
+
+
+def _clean(ctx):
+    return len(b"x" * 64 * 1024)
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    rec = AuditRecorder(tmp_path / "audit.duckdb")
+    rec.start_session("test", {"why": "unit test"})
+    return rec
+
+
+@pytest.fixture(scope="module")
+def small_pdfs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pdfs")
+    paths = {"text": d / "text.pdf", "mixed": d / "mixed.pdf"}
+    paths["text"].write_bytes(fx.text_pdf(2))
+    paths["mixed"].write_bytes(fx.image_pdf(2, text_lines=5, image_px=64))
+    return paths
+
+
+@pytest.mark.parametrize("make", [lambda: fx.text_pdf(3), lambda: fx.kerned_pdf(2), lambda: fx.image_pdf(2),
+                                  lambda: fx.bomb_pdf(2_000_000), lambda: fx.text_pdf(1, encrypt="rc4"),
+                                  lambda: fx.email_with([("a.pdf", b"%PDF-1.4 x")])],
+                         ids=["text", "kerned", "image", "bomb", "rc4", "email"])
+def test_fixtures_are_deterministic(make):
+    assert hashlib.sha256(make()).hexdigest() == hashlib.sha256(make()).hexdigest()
+
+
+def test_fixture_cache_reuses_by_parameter_hash(tmp_path):
+    calls = []
+    make = lambda: calls.append(1) or b"%PDF-data"  # noqa: E731
+    first = fx.cached(tmp_path, "x.pdf", {"mb": 1}, make)
+    again = fx.cached(tmp_path, "x.pdf", {"mb": 1}, make)
+    other = fx.cached(tmp_path, "x.pdf", {"mb": 2}, make)
+    assert first == again != other and len(calls) == 2
+
+
+def test_sessions_are_kept_with_machine_facts(tmp_path):
+    rec = AuditRecorder(tmp_path / "a.duckdb")
+    first = rec.start_session("quick", {"n": 1})
+    second = rec.start_session("quick", {"n": 2})
+    sessions = rec.query("SELECT * FROM session ORDER BY started_at")
+    assert list(sessions["session_id"]) == [first, second]
+    row = sessions.iloc[0]
+    assert row["cpus"] == os.cpu_count() and row["python"] and row["host"] and len(row["git_sha"]) >= 7
+    assert json.loads(row["packages"])["pypdf"]
+
+
+def test_pipeline_profile_records_every_stage(recorder, small_pdfs):
+    df = scenarios.pipeline_profile([small_pdfs["text"], small_pdfs["mixed"]], emails=4, senders=2, recorder=recorder)
+    stages = df[df.metric == "stage_seconds"]
+    assert set(stages["stage"]) == set(scenarios.STAGES)
+    assert len(stages) == 4 * len(scenarios.STAGES) and (stages.value >= 0).all()
+    assert df[df.metric == "digests_delivered"].value.item() == 4
+    assert df[df.metric == "runs_failed"].value.item() == 0
+    assert set(df[df.metric == "peak_rss_mb"]["stage"]) >= {"parse_email", "ingest_pdf", "deliver"}
+    stored = recorder.measurements("pipeline_profile")
+    assert len(stored) == len(df)
+    spans = recorder.query("SELECT DISTINCT name FROM span WHERE session_id = ?", [recorder.session_id])
+    assert {"gateway.accept", "stage.parse", "stage.ingest", "stage.digest", "stage.deliver"} <= set(spans["name"])
+
+
+def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
+    items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
+             {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
+    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder)
+    timings = df[df.metric == "ingest_seconds"]
+    assert list(zip(timings.rep, timings.kind)) == [(0, "text"), (0, "mixed"), (1, "text"), (1, "mixed")]
+    assert (df[df.metric == "pages"].value == 2).all() and (df[df.metric == "peak_rss_mb"].value > 0).all()
+
+
+def test_concurrency_sweep_reports_each_level(recorder, small_pdfs):
+    df = scenarios.concurrency([3, 6], small_pdfs["text"], recorder=recorder)
+    assert sorted(df[df.metric == "throughput_runs_per_s"]["level"]) == [3, 6]
+    assert (df[df.metric == "failed_runs"].value == 0).all()
+    assert (df[df.metric == "latency_p95_s"].value.values >= df[df.metric == "latency_p50_s"].value.values).all()
+
+
+def test_email_burst_loses_nothing(recorder):
+    df = scenarios.email_burst([20], duration_s=0.5, burst=12, senders=2, recorder=recorder)
+    assert list(df[df.metric == "accepted"].value) == [10, 12]
+    assert list(df[df.metric == "lost"].value) == [0, 0]
+    assert len(df[df.metric == "trigger_latency_ms"]) == 22
+
+
+def test_store_queries_at_each_size(recorder, tmp_path):
+    df = scenarios.store_queries([500, 1500], tmp_path / "store", repeat=5, recorder=recorder)
+    assert set(df["runs"]) == {500, 1500}
+    assert {"list_latest_50_of_workflow", "count_by_state_all", "task_transitions_per_s_batched_100"} <= set(df.metric)
+
+
+def test_leak_detector_flags_a_leaking_workflow_only(recorder):
+    leaky = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("leaky", [Task("leak", _leaky)]),
+                           recorder=recorder, variant="leaky")
+    clean = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
+                           recorder=recorder, variant="clean")
+    slope = leaky[leaky.metric == "leak_traced_bytes_per_run"].value.item()
+    assert leaky[leaky.metric == "leaking"].value.item() == 1.0 and 60_000 < slope < 80_000
+    assert clean[clean.metric == "leaking"].value.item() == 0.0
+    assert any("test_audit.py" in site for site in leaky["site"].dropna())  # the leaking line is named
+
+
+def test_real_pipeline_is_not_flagged_as_leaking(recorder):
+    df = scenarios.soak(runs=120, warmup=40, every=20, recorder=recorder)
+    assert df[df.metric == "leaking"].value.item() == 0.0, df[df.metric.str.startswith("leak")]
+
+
+def test_line_profile_names_hot_lines_per_stage(small_pdfs):
+    df = profile_lines(small_pdfs["text"], top=3)
+    assert {"Email", "Ingestion", "Digest", "Delivery", "Store"} <= set(df.tags.map(lambda t: t["stage"]))
+    assert (df.value >= 0).all() and all(t["code"] for t in df.tags)
