@@ -45,7 +45,7 @@ def main() -> int:
             storebench.fill_store(store, missing, progress=bar.update)
         print(f"filled {missing:,} runs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    rows = list(tqdm(storebench.query_timings(store, args.repeat), desc="queries", total=8, file=sys.stderr))
+    rows = list(tqdm(storebench.query_timings(store, args.repeat), desc="queries", total=9, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         scratch = SqliteRunStore(Path(tmp) / "writes.sqlite3")
         rows += list(storebench.write_throughput(scratch))

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Run the audit. Until the notebook batch lands, this runs a demo workload through the engine.
+"""Run the performance audit: fixtures, every scenario notebook (papermill), the report (nbconvert),
+outbox.json and TASK_CARDS.md.
 
     python scripts/run_audit.py --profile quick|standard|full
+
+quick: a few minutes (CI); standard: `make audit`; full: hunts breaking points.
 """
 
 from __future__ import annotations
@@ -12,19 +15,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit.demo import run_demo  # noqa: E402
-
-RUNS = {"quick": 50, "standard": 500, "full": 5000}
+from pipeline.audit.batch import PROFILES, AuditBatchError, BatchPaths, run_batch, summary_line  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(RUNS), default="standard")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="standard")
+    parser.add_argument("--data-dir", type=Path, help="fixtures, DuckDB and executed notebooks (default data/)")
+    parser.add_argument("--report-dir", type=Path, help="where the markdown report goes (default docs/performance/)")
+    parser.add_argument("--outbox", type=Path, help="completion report path (default outbox.json)")
+    parser.add_argument("--task-cards", type=Path, help="task card file to update (default TASK_CARDS.md)")
+    parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds one notebook cell may take")
     args = parser.parse_args()
-    summary = run_demo(args.data_dir, RUNS[args.profile])
-    for line in summary:
-        print(line)
+    paths = BatchPaths()
+    for name in ("data_dir", "report_dir", "outbox", "task_cards"):
+        if getattr(args, name):
+            setattr(paths, name, getattr(args, name).resolve())
+    try:
+        outbox = run_batch(args.profile, paths, args.cell_timeout)
+    except AuditBatchError as exc:
+        print(f"audit failed: {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(outbox))
     return 0
 
 

@@ -213,9 +213,9 @@ def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[]
 
 # name -> (kind, MB, maker). Sizes per profile: quick for CI, standard for `make audit`, full for limits.
 PROFILES: dict[str, dict[str, tuple[str, float]]] = {
-    "quick": {"text-0.5mb.pdf": ("text", 0.5), "text-1mb.pdf": ("text", 1), "mixed-1mb.pdf": ("mixed", 1),
+    "quick": {"text-tiny.pdf": ("text", 0.01), "text-0.5mb.pdf": ("text", 0.5), "text-1mb.pdf": ("text", 1), "mixed-1mb.pdf": ("mixed", 1),
               "scan-1mb.pdf": ("scan", 1), "kerned-0.3mb.pdf": ("kerned", 0.3)},
-    "standard": {"text-1mb.pdf": ("text", 1), "text-5mb.pdf": ("text", 5), "text-10mb.pdf": ("text", 10),
+    "standard": {"text-tiny.pdf": ("text", 0.01), "text-1mb.pdf": ("text", 1), "text-5mb.pdf": ("text", 5), "text-10mb.pdf": ("text", 10),
                  "text-25mb.pdf": ("text", 25), "mixed-5mb.pdf": ("mixed", 5), "scan-5mb.pdf": ("scan", 5),
                  "kerned-5mb.pdf": ("kerned", 5)},
 }

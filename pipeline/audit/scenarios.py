@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..config import IngestConfig
 from ..dag import DAG
@@ -99,7 +99,8 @@ def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecord
     with tqdm(total=reps * len(pdfs), desc="pdf_scaling", unit="pdf") as bar:
         for rep in range(reps):
             for item in pdfs:
-                tags = {"kind": item["kind"], "file_mb": round(Path(item["path"]).stat().st_size / MB, 2)}
+                tags = {"kind": item["kind"], "nominal_mb": item["mb"],
+                        "file_mb": round(Path(item["path"]).stat().st_size / MB, 2)}
                 with RssSampler(interval_s=0.01) as sampler:
                     t0 = time.perf_counter()
                     try:
@@ -167,15 +168,15 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
             runs = wait_all_done(service, len(accepted))
             drained = max(r.ended_at or 0 for r in runs)
         keys = {r.dedup_key for r in runs}
-        tags = {"mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
+        tags = {"round": label, "mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
         for rep, r in enumerate(runs):
-            rows.append(row(label, "trigger_latency_ms", (r.queued_at - r.payload["data_end_at"]) * 1000, "ms", rep,
-                            **tags))
-        rows += [row(label, "accepted", len(accepted), "messages", 0, **tags),
-                 row(label, "lost", sum(mid not in keys for mid in accepted), "messages", 0, **tags),
-                 row(label, "drain_seconds", drained - last_sent, "s", 0, **tags),
-                 row(label, "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
-        rows += [row(label, "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
+            rows.append(row("baseline", "trigger_latency_ms", (r.queued_at - r.payload["data_end_at"]) * 1000, "ms",
+                            rep, **tags))
+        rows += [row("baseline", "accepted", len(accepted), "messages", 0, **tags),
+                 row("baseline", "lost", sum(mid not in keys for mid in accepted), "messages", 0, **tags),
+                 row("baseline", "drain_seconds", drained - last_sent, "s", 0, **tags),
+                 row("baseline", "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
+        rows += [row("baseline", "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
     return _save(recorder, "email_burst", rows)
 
 
@@ -218,3 +219,22 @@ def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None =
     rows += [row(variant, "top_growth_bytes", g["size_diff"], "bytes", i, site=g["site"], count_diff=g["count_diff"])
              for i, g in enumerate(verdict.top_growth)]
     return _save(recorder, "soak", rows)
+
+
+def hostile_inputs(items: list[dict[str, Any]], recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Ingest each hostile fixture with the default limits: what happens, how fast, at what memory."""
+    rows: list[dict[str, Any]] = []
+    work = Path(items[0]["path"]).parent / "hostile-text"
+    for item in tqdm(items, desc="hostile_inputs", unit="pdf"):
+        with RssSampler(interval_s=0.01) as sampler:
+            t0 = time.perf_counter()
+            try:
+                result = ingest_pdf(Path(item["path"]), work / "out.txt", IngestConfig())
+                outcome, message = "ok", f"{result.pages} pages, {result.words} words"
+            except Exception as exc:  # the outcome is the measurement
+                outcome, message = getattr(exc, "reason", type(exc).__name__), str(exc)[:200]
+            seconds = time.perf_counter() - t0
+        tags = {"name": item["name"], "outcome": outcome, "message": message}
+        rows += [row("baseline", "seconds", seconds, "s", 0, **tags),
+                 row("baseline", "peak_rss_mb", sampler.peak / MB, "MB", 0, **tags)]
+    return _save(recorder, "hostile_inputs", rows)

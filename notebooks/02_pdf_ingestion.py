@@ -1,0 +1,42 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% [markdown]
+# # PDF ingestion: time and memory against size, pages and kind
+#
+# Each fixture is ingested `reps` times, interleaved (A B C A B C), in the capped extraction worker
+# after a warm-up. Peak RSS is the pipeline process plus its workers, sampled every 10 ms.
+# Then every hostile fixture (encrypted, truncated, random bytes, a 1 GB decompression bomb) is fed
+# with the default limits.
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+reps = 2
+
+# %%
+from pipeline.audit import scenarios, views
+from pipeline.audit.notebook import fixture_items, open_recorder
+
+recorder = open_recorder(db_path, session_id, profile)
+
+# %%
+scaling = scenarios.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder)
+table = views.pdf_scaling_table(recorder.measurements())
+table
+
+# %%
+views.fig_pdf_scaling(table);
+
+# %%
+scenarios.hostile_inputs(fixture_items(fixtures_dir, profile, hostile=True), recorder=recorder)
+views.hostile_table(recorder.measurements())

@@ -1,0 +1,33 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% [markdown]
+# # DAGRunStore queries at size
+#
+# One SQLite store grows through the sizes (5 task instances per run, 30 days of history); at each
+# size every canonical query is timed (median and p95 after a warm-up) with the write throughput.
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+sizes = [10_000, 50_000]
+repeat = 50
+
+# %%
+from pipeline.audit import scenarios, views
+from pipeline.audit.notebook import open_recorder, resolve
+
+recorder = open_recorder(db_path, session_id, profile)
+
+# %%
+scenarios.store_queries(sizes, resolve("data/bench"), repeat=repeat, recorder=recorder)
+views.store_table(recorder.measurements())

@@ -1,0 +1,159 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+
+# %%
+from IPython.display import Markdown, display
+
+from pipeline.audit import report, views
+from pipeline.audit.notebook import resolve
+from pipeline.audit.recorder import AuditRecorder
+
+recorder = AuditRecorder(resolve(db_path))
+info = report.session_info(recorder, session_id)
+session_id = info["session_id"]
+m = recorder.measurements(session_id=session_id)
+slas = report.evaluate_slas(recorder, session_id)
+previous = report.previous_session(recorder, session_id)
+md = lambda text: display(Markdown(text))  # noqa: E731
+
+# %%
+md(f"""# Performance audit, sprint 4 (TASK-163P)
+
+Session `{session_id}`, profile **{info['profile']}**, commit `{info['git_sha'][:12]}`{' (with uncommitted changes)' if info['git_dirty'] else ''},
+started {info['started_at']:%Y-%m-%d %H:%M} UTC on `{info['host']}`: {info['cpu']}, {info['cpus']} cores, Python {info['python']}.
+Every figure below is read from `data/audit.duckdb` for this session; rerun with `make audit`.""")
+
+# %%
+md("## 1. Summary: SLAs\n\n" + views.markdown(report.sla_table(
+    slas, report.sla_results(recorder, previous) if previous else None)) +
+   (f"\n\n`previous` is session `{previous}` of the same profile." if previous else ""))
+
+# %%
+stages = views.stage_breakdown(m)
+bottleneck = stages.sort_values("median_s").iloc[-1] if len(stages) else None
+md("## 2. Pipeline profile\n\nMedian and p95 time per mail in each stage (Email is DATA end → run queued; "
+   "Queue is waiting for a worker slot):\n\n" + views.markdown(stages) +
+   (f"\n\n**Bottleneck: {bottleneck.stage}**, {bottleneck.median_s * 1000:.1f} ms median per mail "
+    f"({bottleneck.share} of the total)." if bottleneck is not None else ""))
+
+# %%
+if len(stages):
+    views.fig_stage_breakdown(stages);
+
+# %%
+md("Hottest lines per stage (line_profiler, one mail):\n\n" + views.markdown(views.hot_lines(m, 3)))
+
+# %%
+soak_rows = views.rows(m, "soak")
+leak = soak_rows[(soak_rows.metric.str.startswith("leak_")) & (soak_rows.variant == "email_digest")]
+slopes = {"traced": leak[leak.metric == "leak_traced_bytes_per_run"].value.max(),
+          "rss": leak[leak.metric == "leak_rss_bytes_per_run"].value.max()}
+md("## 3. Memory usage patterns\n\nPeak RSS (pipeline process plus extraction workers) while each task ran:\n\n"
+   + views.markdown(views.peak_rss_by_stage(m)) +
+   f"\n\nSoak: traced memory grows {slopes['traced'] / 1024:+.2f} KiB per run and RSS {slopes['rss'] / 1024:+.2f} "
+   "KiB per run after warm-up (least-squares fit, samples after `gc.collect()`).")
+
+# %%
+series = views.soak_series(m)
+if len(series):
+    views.fig_soak(series, slopes);
+
+# %%
+md("Allocation sites that grew most over the soak (tracemalloc):\n\n" + views.markdown(views.top_allocations(m)))
+
+# %%
+md("## 4. Stress\n\n### Concurrency\n\n" + views.markdown(views.concurrency_table(m)))
+
+# %%
+table = views.concurrency_table(m)
+if len(table):
+    views.fig_concurrency(table);
+
+# %%
+scaling = views.pdf_scaling_table(m)
+md("### PDF scaling\n\n" + views.markdown(scaling))
+
+# %%
+if len(scaling):
+    views.fig_pdf_scaling(scaling);
+
+# %%
+md("### Email bursts\n\n" + views.markdown(views.burst_table(m)))
+
+# %%
+if len(views.rows(m, "email_burst")):
+    views.fig_burst(m);
+
+# %%
+concurrency = views.concurrency_table(m)
+failing = concurrency[concurrency.failed > 0] if len(concurrency) else concurrency
+limit_lines = []
+if len(concurrency):
+    ok = concurrency[concurrency.failed == 0].level
+    limit_lines.append(f"- Concurrency: no failure up to {int(ok.max()) if len(ok) else 0} workflows at once"
+                       + (f"; failures from {int(failing.level.min())} on." if len(failing) else
+                          " (the largest level measured; the full profile raises it until something breaks)."))
+if len(scaling) and "error" in scaling:
+    for r in scaling.dropna(subset=["error"]).itertuples():
+        limit_lines.append(f"- {r.kind} {r.nominal_mb} MB: {r.error}")
+if len(scaling):
+    slowest = scaling.sort_values("pages/s").iloc[0]
+    limit_lines.append(f"- Slowest extraction: {slowest.kind} at {slowest['pages/s']:.0f} pages/s; time follows pages, "
+                       "so a document's cost is bounded by the page cap and the per-document timeout.")
+md("## 5. Limits and breaking points\n\n" + "\n".join(limit_lines) +
+   "\n\nHostile inputs with the default limits:\n\n" + views.markdown(views.hostile_table(m)))
+
+# %%
+md("## 6. DAGRunStore\n\nMedian milliseconds (rows: query; columns: runs in the store):\n\n"
+   + views.markdown(views.store_table(m).reset_index()))
+
+# %%
+optim = views.optimization_table(m[m.scenario != "batch"])
+md("## 7. Optimizations, before and after\n\n" + (views.markdown(optim) if len(optim) else
+   "No scenario of this session measured more than one variant, so there is no before/after figure here yet."))
+
+# %%
+quality = views.rows(m, "code_quality")
+md("## 8. Code quality audit\n\n" + (views.markdown(quality) if len(quality) else
+   "No code-quality measurements were recorded in this session."))
+
+# %%
+md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "
+   "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + """
+
+What to watch on a running `serve`, with thresholds tied to the SLAs above:
+
+| metric | how to collect it | alert when |
+| --- | --- | --- |
+| email → trigger latency | `queued_at - payload.data_end_at` of recent runs (`python -m pipeline runs --json`) | p99 over 20 ms for 5 min (SLA: 2 s) |
+| runs queued or running | `SqliteRunStore.count_runs_by_state()` (a counter table: O(1)) | growing for 5 min: workers saturated |
+| failed runs by reason | `python -m pipeline runs --state failed --json`, group by `reason` | any `timeout`/`too_large` burst; any `delivery` |
+| stage time p50/p95 | `SqliteRunStore.task_duration_percentiles(now - 3600)` | ingest_pdf p95 over 5 s |
+| RSS of serve + workers | `ps`/psutil on the serve pid and its children | growing after the first hour (leak SLA) |
+| stale running runs | `SqliteRunStore.stale_runs(now - 30)` | any: a worker died; restart requeues them |""")
+
+# %%
+md(f"""## 10. How to reproduce
+
+```
+make audit            # standard profile: fixtures, every notebook, this report, outbox.json, TASK_CARDS.md
+python scripts/run_audit.py --profile quick|standard|full
+```
+
+Executed notebooks of this session: `data/audit-runs/{session_id}/`. Notebook run times (papermill):
+
+""" + views.markdown(views.rows(m, "batch", "notebook_seconds")[["notebook", "value"]].rename(
+    columns={"value": "seconds"}) if len(views.rows(m, "batch")) else views.rows(m, "batch")))

@@ -1,0 +1,175 @@
+"""The audit batch: fixtures, every scenario notebook through papermill, the report, outbox and task card.
+
+Notebooks live in ``notebooks/`` as jupytext ``py:percent`` files; each run
+converts them to ``.ipynb`` under ``data/audit-runs/<session>/`` and keeps the
+executed copies there. The report notebook reads only DuckDB, and nbconvert
+exports it to markdown with the code hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jupytext
+import nbformat
+import pandas as pd
+import papermill
+from nbconvert import MarkdownExporter
+from tqdm import tqdm
+
+from . import fixtures as fx
+from .recorder import AuditRecorder
+from .report import ROOT, update_task_card, write_outbox
+
+KERNEL = "pipeline-audit"
+REPORT_NOTEBOOK = "99_audit_report"
+REPORT_NAME = "PERFORMANCE_AUDIT_SPRINT4"
+_QUICK_PDFS = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
+_STANDARD_PDFS = ["text-1mb.pdf", "mixed-5mb.pdf", "scan-5mb.pdf"]
+
+# Per profile, the parameters of each scenario notebook. quick: CI (under 3 minutes); standard: `make audit`
+# (under 15 minutes on 2 cores); full: hunts breaking points.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "01_pipeline_profile": {"emails": 6, "senders": 2, "pdfs": _QUICK_PDFS, "line_profile_pdf": "text-0.5mb.pdf"},
+        "02_pdf_ingestion": {"reps": 2},
+        "03_concurrency_stress": {"levels": [10, 50], "pdf": "text-tiny.pdf", "stop_on_failure": False},
+        "04_email_bursts": {"rates": [50], "duration_s": 2.0, "burst": 100, "senders": 2},
+        "05_memory_soak": {"runs": 200, "warmup": 50, "every": 25},
+        "06_store_queries": {"sizes": [10_000, 50_000], "repeat": 50},
+    },
+    "standard": {
+        "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
+        "02_pdf_ingestion": {"reps": 2},
+        "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500], "pdf": "text-tiny.pdf",
+                                  "stop_on_failure": False},
+        "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 5.0, "burst": 500, "senders": 4},
+        "05_memory_soak": {"runs": 2000, "warmup": 200, "every": 100},
+        "06_store_queries": {"sizes": [10_000, 100_000, 1_000_000], "repeat": 100},
+    },
+}
+PROFILES["full"] = {
+    **PROFILES["standard"],
+    "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
+                              "stop_on_failure": True},
+    "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8},
+    "05_memory_soak": {"runs": 5000, "warmup": 300, "every": 250},
+}
+
+
+class AuditBatchError(RuntimeError):
+    """A notebook of the batch failed; the message names the notebook, the cell and the partial copy."""
+
+
+@dataclass
+class BatchPaths:
+    """Where the batch reads and writes."""
+
+    data_dir: Path = ROOT / "data"
+    report_dir: Path = ROOT / "docs" / "performance"
+    notebooks_dir: Path = ROOT / "notebooks"
+    outbox: Path = ROOT / "outbox.json"
+    task_cards: Path = ROOT / "TASK_CARDS.md"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def install_kernel() -> None:
+    """Register this interpreter as the ``pipeline-audit`` kernel inside its own environment."""
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL,
+                    "--display-name", "Pipeline audit (project .venv)"], check=True, capture_output=True)
+
+
+def run_batch(profile: str, paths: BatchPaths | None = None, cell_timeout_s: int = 1800) -> dict[str, Any]:
+    """Run the whole audit for ``profile``; return the outbox dict. Raises AuditBatchError on a failing notebook."""
+    paths = paths or BatchPaths()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    install_kernel()
+    fixtures_dir = paths.data_dir / "fixtures"
+    with tqdm(total=len(fx.PROFILES[profile]) + len(fx.HOSTILE), desc="fixtures", unit="file") as bar:
+        fx.build_fixtures(profile, fixtures_dir, progress=lambda name: bar.update())
+    recorder = AuditRecorder(paths.data_dir / "audit.duckdb")
+    session = recorder.start_session(profile, PROFILES[profile])
+    run_dir = paths.data_dir / "audit-runs" / session
+    common = {"session_id": session, "db_path": str(recorder.path), "fixtures_dir": str(fixtures_dir),
+              "profile": profile}
+    executed = []
+    for name, params in tqdm(list(PROFILES[profile].items()) + [(REPORT_NOTEBOOK, {})], desc="notebooks",
+                             unit="notebook"):
+        executed.append(_execute(paths.notebooks_dir / f"{name}.py", run_dir, {**common, **params},
+                                 cell_timeout_s, recorder))
+    report_path = export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
+    outbox = write_outbox(paths.outbox, recorder, session, _relative(report_path), executed)
+    measured = recorder.measurements(session_id=session)
+    has_variants = bool((measured.groupby(["scenario", "metric"]).variant.nunique() > 1).any())
+    has_quality = bool((measured.scenario == "code_quality").any())
+    update_task_card(paths.task_cards, outbox, has_variants, has_quality)
+    return outbox
+
+
+def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
+             recorder: AuditRecorder) -> dict[str, Any]:
+    """Run one jupytext notebook with papermill; record its per-cell durations."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source_nb = run_dir / f"{source.stem}.source.ipynb"
+    output = run_dir / f"{source.stem}.ipynb"
+    nbformat.write(jupytext.read(source), source_nb)
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(source_nb), str(output), parameters=params, kernel_name=KERNEL, language="python",
+                                   execution_timeout=timeout, progress_bar=True, cwd=str(ROOT))
+    except papermill.PapermillExecutionError as exc:
+        raise AuditBatchError(f"notebook {source.name} failed at cell {exc.exec_count or exc.cell_index}: "
+                              f"{exc.ename}: {exc.evalue}; partial executed notebook: {output}") from exc
+    finally:
+        source_nb.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    cells = [c for c in nbformat.read(output, as_version=4).cells if c.cell_type == "code"]
+    rows = [{"variant": "batch", "metric": "cell_seconds", "value": c.metadata.get("papermill", {}).get("duration") or 0.0,
+             "unit": "s", "rep": i, "tags": {"notebook": source.stem, "cell": i}} for i, c in enumerate(cells)]
+    rows.append({"variant": "batch", "metric": "notebook_seconds", "value": seconds, "unit": "s", "rep": 0,
+                 "tags": {"notebook": source.stem}})
+    recorder.record("batch", pd.DataFrame(rows))
+    return {"notebook": source.stem, "seconds": round(seconds, 2), "executed": _relative(output)}
+
+
+def export_report(executed: Path, report_dir: Path) -> Path:
+    """Export the executed report notebook to markdown (code hidden), charts as PNG in ``<name>_files/``."""
+    exporter = MarkdownExporter()
+    exporter.exclude_input = True
+    exporter.exclude_input_prompt = True
+    exporter.exclude_output_prompt = True
+    files_dir = f"{REPORT_NAME}_files"
+    body, resources = exporter.from_notebook_node(nbformat.read(executed, as_version=4),
+                                                  resources={"output_files_dir": files_dir})
+    report_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(report_dir / files_dir, ignore_errors=True)  # stale charts of an earlier run
+    for name, data in resources.get("outputs", {}).items():
+        target = report_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    path = report_dir / f"{REPORT_NAME}.md"
+    path.write_text(body)
+    return path
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def summary_line(outbox: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    s = outbox["sla_summary"]
+    return (f"audit session {outbox['session_id']} ({outbox['profile']}): SLAs {s['passed']} passed, "
+            f"{s['failed']} failed, {s['not_measured']} not measured; report {outbox['report_path']}; "
+            f"outbox {json.dumps(outbox['headline_metrics'])[:200]}")

@@ -1,0 +1,245 @@
+"""Tables and charts for the report, computed from one session's measurement rows.
+
+Each function takes the measurement frame (``AuditRecorder.measurements``) and
+returns a DataFrame or a matplotlib Figure, so the report notebook only
+arranges them. Empty inputs give empty tables, never invented figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .scenarios import STAGES
+
+
+def rows(m: pd.DataFrame, scenario: str, metric: str | None = None) -> pd.DataFrame:
+    """Rows of one scenario (and metric), with their tags as columns."""
+    picked = m[(m.scenario == scenario) & ((m.metric == metric) if metric else True)].reset_index(drop=True)
+    tags = pd.json_normalize(picked.tags.tolist()) if len(picked) else pd.DataFrame()
+    return pd.concat([picked.drop(columns=["tags"]), tags], axis=1)
+
+
+def _q(series: pd.Series, q: float) -> float:
+    return float(series.quantile(q)) if len(series) else float("nan")
+
+
+def stage_breakdown(m: pd.DataFrame) -> pd.DataFrame:
+    """Median and p95 seconds per seed stage, and each stage's share of the median total."""
+    r = rows(m, "pipeline_profile", "stage_seconds")
+    if r.empty:
+        return pd.DataFrame(columns=["stage", "median_s", "p95_s", "share"])
+    table = r.groupby("stage").value.agg(median_s="median", p95_s=lambda s: _q(s, 0.95)).reindex(
+        [s for s in STAGES if s in set(r.stage)]).reset_index()
+    table["share"] = (table.median_s / table.median_s.sum()).map("{:.0%}".format)
+    return table
+
+
+def fig_stage_breakdown(table: pd.DataFrame) -> Figure:
+    """Horizontal bars of median and p95 per stage."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.barh(table.stage, table.p95_s * 1000, color="#c8d7ea", label="p95")
+    ax.barh(table.stage, table.median_s * 1000, color="#2f6db5", label="median")
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per mail")
+    ax.set_title("Where a mail's time goes: Email → Ingestion → Digest → Delivery")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def hot_lines(m: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """The ``top`` most expensive lines per stage from the line profile."""
+    r = rows(m, "line_profile", "line_seconds")
+    if r.empty:
+        return r
+    r = r.sort_values("value", ascending=False).groupby("stage").head(top)
+    return r[["stage", "function", "line", "hits", "value", "code"]].rename(columns={"value": "seconds"})
+
+
+def peak_rss_by_stage(m: pd.DataFrame) -> pd.DataFrame:
+    """Peak RSS (pipeline process plus extraction workers) while each task kind ran."""
+    r = rows(m, "pipeline_profile", "peak_rss_mb")
+    return r[["stage", "value"]].rename(columns={"stage": "task", "value": "peak_rss_mb"}) if len(r) else r
+
+
+def soak_series(m: pd.DataFrame, variant: str = "email_digest") -> pd.DataFrame:
+    """Traced and RSS megabytes against runs completed, for one soak variant."""
+    traced = rows(m, "soak", "traced_bytes")
+    rss = rows(m, "soak", "rss_bytes")
+    if traced.empty:
+        return pd.DataFrame(columns=["runs", "traced_mb", "rss_mb"])
+    traced, rss = traced[traced.variant == variant], rss[rss.variant == variant]
+    return pd.DataFrame({"runs": traced.runs.values, "traced_mb": traced.value.values / 2**20,
+                         "rss_mb": rss.value.values / 2**20})
+
+
+def fig_soak(series: pd.DataFrame, slopes: dict[str, float]) -> Figure:
+    """RSS and traced memory over the soak, with the fitted slopes in the legend."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(series.runs, series.rss_mb, label=f"RSS ({slopes.get('rss', 0) / 1024:+.2f} KiB/run)")
+    ax.plot(series.runs, series.traced_mb, label=f"traced ({slopes.get('traced', 0) / 1024:+.2f} KiB/run)")
+    ax.set_xlabel("runs after warm-up")
+    ax.set_ylabel("MB")
+    ax.set_title("Memory over the soak (sampled after gc)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def top_allocations(m: pd.DataFrame, variant: str = "email_digest") -> pd.DataFrame:
+    """The allocation sites that grew most during the soak."""
+    r = rows(m, "soak", "top_growth_bytes")
+    if r.empty:
+        return r
+    r = r[r.variant == variant]
+    return r[["site", "value", "count_diff"]].rename(columns={"value": "bytes_grown"})
+
+
+def concurrency_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Per concurrency level: throughput, p50/p95 end-to-end latency, peak active runs, failures."""
+    r = rows(m, "concurrency")
+    if r.empty or "level" not in r:
+        return pd.DataFrame()
+    r = r.dropna(subset=["level"])
+    table = r.pivot_table(index="level", columns="metric", values="value", aggfunc="first").reset_index()
+    return table.rename(columns={"throughput_runs_per_s": "runs/s", "latency_p50_s": "p50 s", "latency_p95_s": "p95 s",
+                                 "peak_active_runs": "peak active", "failed_runs": "failed"})
+
+
+def fig_concurrency(table: pd.DataFrame) -> Figure:
+    """Throughput and p95 latency against concurrency."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(table.level, table["runs/s"], marker="o", color="#2f6db5", label="throughput (runs/s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("workflows started at once (log)")
+    ax.set_ylabel("runs/s")
+    other = ax.twinx()
+    other.plot(table.level, table["p95 s"], marker="s", color="#c0392b", label="p95 latency (s)")
+    other.set_ylabel("p95 end-to-end s")
+    ax.set_title("Concurrency: throughput and p95 latency")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.88))
+    fig.tight_layout()
+    return fig
+
+
+def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Per document kind and size: median and p95 seconds, pages, pages/s, peak RSS, errors."""
+    r = rows(m, "pdf_scaling")
+    if r.empty:
+        return r
+    keys = ["variant", "kind", "nominal_mb", "file_mb"]
+    timing = r[r.metric == "ingest_seconds"].groupby(keys).value.agg(median_s="median", p95_s=lambda s: _q(s, 0.95),
+                                                                        reps="count")
+    pages = r[r.metric == "pages"].groupby(keys).value.max().rename("pages")
+    rss = r[r.metric == "peak_rss_mb"].groupby(keys).value.max().rename("peak_rss_mb")
+    table = pd.concat([timing, pages, rss], axis=1).reset_index()
+    table["pages/s"] = table.pages / table.median_s
+    if "error" in r:
+        errors = r[r.metric == "ingest_seconds"].groupby(keys).error.first().rename("error")
+        table = table.merge(errors.reset_index(), on=keys, how="left")
+    return table.sort_values(["variant", "kind", "nominal_mb"])
+
+
+def fig_pdf_scaling(table: pd.DataFrame) -> Figure:
+    """Ingest time and peak RSS against file size, one line per kind."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    for (variant, kind), group in table.groupby(["variant", "kind"]):
+        left.plot(group.file_mb, group.median_s, marker="o", label=f"{kind} ({variant})")
+        right.plot(group.file_mb, group.peak_rss_mb, marker="o", label=f"{kind} ({variant})")
+    left.set(xlabel="file MB", ylabel="median seconds", title="Ingestion time")
+    right.set(xlabel="file MB", ylabel="peak RSS MB (worker + pipeline)", title="Ingestion memory")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def burst_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Per burst round: trigger latency percentiles, accepted, lost, backlog peak, drain time."""
+    r = rows(m, "email_burst")
+    if r.empty:
+        return r
+    lat = r[r.metric == "trigger_latency_ms"].groupby("round").value.agg(
+        p50_ms="median", p95_ms=lambda s: _q(s, 0.95), p99_ms=lambda s: _q(s, 0.99))
+    single = r[r.metric.isin(["accepted", "lost", "backlog_peak", "drain_seconds"])].pivot_table(
+        index="round", columns="metric", values="value", aggfunc="first")
+    return pd.concat([lat, single], axis=1).reset_index()
+
+
+def fig_burst(m: pd.DataFrame) -> Figure:
+    """Trigger-latency CDF per round, and the backlog over time."""
+    r = rows(m, "email_burst")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    for label, group in r[r.metric == "trigger_latency_ms"].groupby("round"):
+        values = group.value.sort_values().reset_index(drop=True)
+        left.plot(values, (values.index + 1) / len(values), label=label)
+    for label, group in r[r.metric == "backlog"].groupby("round"):
+        right.plot(group.t, group.value, label=label)
+    left.set(xscale="log", xlabel="DATA end → run queued (ms, log)", ylabel="fraction of mails", title="Trigger latency")
+    right.set(xlabel="seconds since first send", ylabel="runs queued or running", title="Backlog and drain")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def store_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Median query times (and write throughput) at each store size."""
+    r = rows(m, "store_queries")
+    if r.empty:
+        return r
+    r = r[r.stat == "median"]
+    return r.pivot_table(index="metric", columns="runs", values="value", aggfunc="first")
+
+
+def optimization_table(m: pd.DataFrame) -> pd.DataFrame:
+    """For every scenario and metric measured under several variants: medians and ratio to the baseline."""
+    out = []
+    for (scenario, metric), group in m.groupby(["scenario", "metric"]):
+        variants = group.groupby("variant").value.median()
+        if len(variants) < 2:
+            continue
+        base = variants.iloc[0]
+        for variant, value in variants.items():
+            out.append({"scenario": scenario, "metric": metric, "variant": variant, "median": value,
+                        "ratio_to_first": value / base if base else float("nan")})
+    return pd.DataFrame(out)
+
+
+def hostile_table(m: pd.DataFrame) -> pd.DataFrame:
+    """What each hostile input did: outcome, seconds, peak RSS."""
+    r = rows(m, "hostile_inputs")
+    if r.empty:
+        return r
+    seconds = r[r.metric == "seconds"].set_index("name")
+    rss = r[r.metric == "peak_rss_mb"].set_index("name").value.rename("peak_rss_mb")
+    return pd.concat([seconds[["outcome", "value", "message"]].rename(columns={"value": "seconds"}), rss],
+                     axis=1).reset_index()
+
+
+def baselines_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Expected range per operation type: median, p95 and the interquartile spread."""
+    specs: list[tuple[str, pd.Series, str]] = []
+    profile = rows(m, "pipeline_profile", "stage_seconds")
+    if len(profile):
+        specs += [(f"stage: {stage}", group.value * 1000, "ms") for stage, group in profile.groupby("stage")]
+    burst = rows(m, "email_burst", "trigger_latency_ms")
+    if len(burst):
+        specs.append(("email → trigger", burst.value, "ms"))
+    scaling = rows(m, "pdf_scaling", "pages_per_second")
+    if len(scaling):
+        specs += [(f"ingest {kind}", group.value, "pages/s") for kind, group in scaling.groupby("kind")]
+    out: list[dict[str, Any]] = []
+    for name, values, unit in specs:
+        out.append({"operation": name, "unit": unit, "median": values.median(), "p95": _q(values, 0.95),
+                    "p25": _q(values, 0.25), "p75": _q(values, 0.75), "n": len(values)})
+    return pd.DataFrame(out)
+
+
+def markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    """A DataFrame as a GitHub markdown table ('(no rows)' when empty)."""
+    if frame is None or frame.empty:
+        return "_(no rows in this session)_"
+    return frame.to_markdown(index=False, floatfmt=floatfmt)
