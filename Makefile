@@ -20,6 +20,7 @@ test: $(STAMP)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[lab]"
+	$(PY) -m ipykernel install --sys-prefix --name pipeline-audit --display-name "Pipeline audit (project .venv)"
 	$(PY) -m jupyter lab notebooks/
 
 bench: $(STAMP)
