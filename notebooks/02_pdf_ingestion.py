@@ -11,8 +11,8 @@
 # %% [markdown]
 # # PDF ingestion: time and memory against size, pages and kind
 #
-# Each fixture is ingested `reps` times, interleaved (A B C A B C), in the capped extraction worker
-# after a warm-up. Peak RSS is the pipeline process plus its workers, sampled every 10 ms.
+# Each fixture is ingested `reps` times with each engine variant (pypdf or PDFium, one worker or the
+# pages split across two), interleaved (A B A B), in the capped extraction workers after a warm-up. Peak RSS is the pipeline process plus its workers, sampled every 10 ms.
 # Then every hostile fixture (encrypted, truncated, random bytes, a 1 GB decompression bomb) is fed
 # with the default limits.
 
@@ -22,6 +22,7 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 reps = 2
+variants = None  # None: every engine variant of scenarios.ENGINE_VARIANTS
 
 # %%
 from pipeline.audit import scenarios, views
@@ -30,7 +31,8 @@ from pipeline.audit.notebook import fixture_items, open_recorder
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scaling = scenarios.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder)
+scaling = scenarios.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder,
+                                variants=variants)
 table = views.pdf_scaling_table(recorder.measurements())
 table
 

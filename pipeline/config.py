@@ -102,6 +102,8 @@ class IngestConfig:
     memory_limit_bytes: int = 1024 * MB  # address-space cap of the extraction worker
     isolate: bool = True  # extract in worker processes so time and memory caps can be enforced
     workers: int = 2  # extraction worker processes (one per core is right for CPU-bound pypdf)
+    engine: str = "pdfium"  # "pdfium" (pypdfium2; bounded by the worker's memory cap) or "pypdf" (pure Python)
+    page_workers: int = 2  # >1: split one document's pages across that many workers at once
     summary_sentences: int = 3
 
     def validate(self) -> None:
@@ -109,6 +111,13 @@ class IngestConfig:
             raise ConfigurationError("ingest limits must be > 0")
         if self.timeout_s <= 0:
             raise ConfigurationError("ingest.timeout_s must be > 0")
+        if self.engine not in ("pypdf", "pdfium"):
+            raise ConfigurationError(f"ingest.engine must be 'pypdf' or 'pdfium', not {self.engine!r}")
+        if self.engine == "pdfium" and not self.isolate:
+            raise ConfigurationError("ingest.engine 'pdfium' needs isolate = true: PDFium has no decompression "
+                                     "limit, only the worker's memory cap bounds a bomb")
+        if not 1 <= self.page_workers <= self.workers:
+            raise ConfigurationError("ingest.page_workers must be between 1 and ingest.workers")
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,7 @@ class Settings:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
@@ -145,7 +154,7 @@ class Settings:
         return self
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path | str, **sections: Any) -> "Settings":
+    def for_data_dir(cls, data_dir: Path | str, **sections: Any) -> Settings:
         """Return settings whose store and outbox live under ``data_dir``."""
         data_dir = Path(data_dir)
         base = cls(

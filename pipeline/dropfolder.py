@@ -37,13 +37,15 @@ class DropFolder:
         for sub in ("tmp", "new", "cur", "rejected"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> "DropFolder":
+    def start(self) -> DropFolder:
         """Take what is waiting in ``new/``, then watch it."""
         if self.config.watch_mode == "poll":
             self._observer = PollingObserver(timeout=self.config.poll_interval_s)
         else:
             self._observer = Observer()
-        self._observer.schedule(_Handler(self), str(self.directory / "new"), recursive=False)
+        # Watch the whole Maildir, not just new/: moving a taken file new/ -> cur/ must be seen as one paired
+        # move, or watchdog holds the unpaired "moved from new/" for 0.5 s and every later event waits behind it.
+        self._observer.schedule(_Handler(self), str(self.directory), recursive=True)
         self._observer.start()
         self.scan()
         log.info("watching drop folder %s (%s)", self.directory / "new", self.config.watch_mode)

@@ -73,7 +73,7 @@ class WorkflowEngine:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def start(self) -> "WorkflowEngine":
+    def start(self) -> WorkflowEngine:
         """Recover runs of dead processes, then start dispatching; returns self."""
         if self._started:
             return self
@@ -131,7 +131,7 @@ class WorkflowEngine:
         self._executors.shutdown(wait=not leftovers)
         self._timers.close()
 
-    def __enter__(self) -> "WorkflowEngine":
+    def __enter__(self) -> WorkflowEngine:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

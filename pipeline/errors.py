@@ -44,6 +44,7 @@ class DAGError(PipelineError):
     """A workflow graph is invalid; ``culprit`` names the offending task(s)."""
 
     reason = "invalid_dag"
+    retryable = False
 
     def __init__(self, message: str, culprit: object = None) -> None:
         super().__init__(message)

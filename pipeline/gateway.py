@@ -63,7 +63,7 @@ class EmailGateway:
 
     # -- SMTP ------------------------------------------------------------------
 
-    def start(self) -> "EmailGateway":
+    def start(self) -> EmailGateway:
         """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default)."""
         self._controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data,
                                              hostname=self.config.host, port=self.config.port,

@@ -19,8 +19,8 @@ from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .gateway import EmailGateway
 from .spool import Spool
-from .stages.parse import wrap_pdf
 from .sqlite_store import SqliteRunStore
+from .stages.parse import wrap_pdf
 from .workflows import EMAIL_DIGEST, email_digest_dag
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class PipelineService:
                                       settings.gateway) if listen and settings.gateway.drop_folder else None
         self._stop = threading.Event()
 
-    def start(self, run_workers: bool = True) -> "PipelineService":
+    def start(self, run_workers: bool = True) -> PipelineService:
         """Start the engine, reconcile the spool, then open the listeners.
 
         ``run_workers=False`` only accepts and queues (benchmarks of the gateway alone).

@@ -49,11 +49,19 @@ def make_engine(store: SqliteRunStore, settings: Settings) -> Iterator:
         engine.shutdown(grace_s=5)
 
 
+def _listening() -> set:
+    import psutil
+
+    return {c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
 @pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves non-daemon threads behind."""
+def no_leaked_threads_or_sockets() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads or listening sockets behind."""
     before = set(threading.enumerate())
+    listening = _listening()
     yield
+    assert not (_listening() - listening), f"listening sockets outlived the test: {_listening() - listening}"
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     for t in leaked:
         t.join(timeout=5)

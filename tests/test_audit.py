@@ -85,9 +85,11 @@ def test_pipeline_profile_records_every_stage(recorder, small_pdfs):
 def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
-    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder)
+    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
     timings = df[df.metric == "ingest_seconds"]
-    assert list(zip(timings.rep, timings.kind)) == [(0, "text"), (0, "mixed"), (1, "text"), (1, "mixed")]
+    assert list(zip(timings.rep, timings.kind, timings.variant)) == [
+        (r, k, v) for r in (0, 1) for k in ("text", "mixed") for v in ("pypdf", "pdfium-2w")]  # A B A B
+    assert set(timings[timings["default"]].variant) == {"pdfium-2w"}
     assert (df[df.metric == "pages"].value == 2).all() and (df[df.metric == "peak_rss_mb"].value > 0).all()
 
 

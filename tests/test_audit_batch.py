@@ -15,6 +15,7 @@ from pipeline.audit.batch import PROFILES, REPORT_NOTEBOOK, AuditBatchError, _ex
 from pipeline.audit.recorder import AuditRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

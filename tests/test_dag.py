@@ -1,11 +1,10 @@
 """DAG validation: every invalid graph names its culprit."""
 
 import pytest
+from helpers import noop
 
 from pipeline.dag import DAG, Task
 from pipeline.errors import DAGError
-
-from helpers import noop
 
 
 def test_valid_dag_has_topological_order():

@@ -4,11 +4,10 @@ import threading
 import time
 
 import pytest
+from helpers import noop, square_in_process
 
 from pipeline.dag import DAG, Task
 from pipeline.errors import UnknownWorkflowError
-
-from helpers import noop, square_in_process
 
 
 def states(store, run_id):

@@ -147,10 +147,10 @@ def test_hostile_names_and_headers_stay_harmless(service_factory, smtp_sink):
 def test_relay_down_retries_then_fails_with_reason(service_factory, settings):
     from dataclasses import replace
 
+    from conftest import free_port
+
     from pipeline.config import DeliveryConfig, GatewayConfig
     from pipeline.service import PipelineService
-
-    from conftest import free_port
 
     dead = DeliveryConfig(relay=f"smtp://127.0.0.1:{free_port()}")
     service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), delivery=dead)).start()

@@ -6,10 +6,14 @@ import pytest
 
 from pipeline.audit import fixtures as fx
 from pipeline.config import IngestConfig
-from pipeline.errors import CorruptPdfError, EncryptedPdfError, PdfTooLargeError
+from pipeline.errors import ConfigurationError, CorruptPdfError, EncryptedPdfError, PdfTooLargeError
 from pipeline.stages.ingest import ingest_pdf
 
 LIMITS = IngestConfig()
+KERNED_300 = fx.kerned_pdf(300)
+ENGINES = [IngestConfig(engine="pypdf", page_workers=1), IngestConfig(engine="pypdf", page_workers=2),
+           IngestConfig(engine="pdfium", page_workers=1), IngestConfig()]
+engines = pytest.mark.parametrize("limits", ENGINES, ids=["pypdf", "pypdf-2w", "pdfium", "pdfium-2w(default)"])
 
 
 @pytest.fixture
@@ -21,65 +25,94 @@ def pdf(tmp_path):
     return write
 
 
-@pytest.mark.parametrize("isolate", [True, False])
-def test_text_is_streamed_to_a_file(pdf, tmp_path, isolate):
-    result = ingest_pdf(pdf(fx.text_pdf(4)), tmp_path / "out.txt", replace(LIMITS, isolate=isolate))
+@engines
+def test_text_is_streamed_to_a_file_in_page_order(pdf, tmp_path, limits):
+    result = ingest_pdf(pdf(fx.text_pdf(5)), tmp_path / "out.txt", limits)
     text = (tmp_path / "out.txt").read_text()
-    assert result.pages == 4 and text.count("\f") == 4
+    assert result.pages == 5 and text.count("\f") == 5
     assert result.words == len(text.split()) > 3000 and result.has_text
+    reference = tmp_path / "ref.txt"
+    ingest_pdf(pdf(fx.text_pdf(5), "ref.pdf"), reference, replace(limits, page_workers=1))
+    assert text.split() == reference.read_text().split()  # shards joined in page order
 
 
+def test_in_process_extraction_matches_the_worker(pdf, tmp_path):
+    inline = ingest_pdf(pdf(fx.text_pdf(2)), tmp_path / "a.txt", IngestConfig(engine="pypdf", isolate=False,
+                                                                                page_workers=1))
+    worker = ingest_pdf(pdf(fx.text_pdf(2), "b.pdf"), tmp_path / "b.txt", replace(ENGINES[0]))
+    assert (inline.pages, inline.words) == (worker.pages, worker.words)
+
+
+def test_pdfium_needs_isolation():
+    with pytest.raises(ConfigurationError, match="needs isolate"):
+        IngestConfig(engine="pdfium", isolate=False).validate()
+
+
+@engines
 @pytest.mark.parametrize("method", ["rc4", "aes"])
-def test_encrypted_with_empty_password_opens(pdf, tmp_path, method):
-    result = ingest_pdf(pdf(fx.text_pdf(2, encrypt=method)), tmp_path / "t.txt", LIMITS)
+def test_encrypted_with_empty_password_opens(pdf, tmp_path, method, limits):
+    result = ingest_pdf(pdf(fx.text_pdf(2, encrypt=method)), tmp_path / "t.txt", limits)
     assert result.pages == 2 and result.words > 1000
 
 
+@engines
 @pytest.mark.parametrize("method", ["rc4", "aes"])
-def test_encrypted_with_password_fails_as_encrypted(pdf, tmp_path, method):
+def test_encrypted_with_password_fails_as_encrypted(pdf, tmp_path, method, limits):
     with pytest.raises(EncryptedPdfError, match="password") as err:
-        ingest_pdf(pdf(fx.text_pdf(2, encrypt=method, user_password="s3cret")), tmp_path / "t.txt", LIMITS)
+        ingest_pdf(pdf(fx.text_pdf(2, encrypt=method, user_password="s3cret")), tmp_path / "t.txt", limits)
     assert err.value.reason == "encrypted"
 
 
 @pytest.mark.parametrize("data", [fx.truncated(fx.text_pdf(5)), fx.random_bytes(4000), b""],
                          ids=["truncated", "random", "empty"])
-def test_damaged_files_fail_as_corrupt_with_pypdf_message(pdf, tmp_path, data):
+@engines
+def test_damaged_files_fail_as_corrupt_with_the_engine_message(pdf, tmp_path, data, limits):
     with pytest.raises(CorruptPdfError) as err:
-        ingest_pdf(pdf(data), tmp_path / "t.txt", LIMITS)
+        ingest_pdf(pdf(data), tmp_path / "t.txt", limits)
     assert err.value.reason == "corrupt" and len(str(err.value)) > 10
 
 
-def test_scan_without_text_layer_succeeds_with_zero_words(pdf, tmp_path):
-    result = ingest_pdf(pdf(fx.image_pdf(2)), tmp_path / "t.txt", LIMITS)
+@engines
+def test_scan_without_text_layer_succeeds_with_zero_words(pdf, tmp_path, limits):
+    result = ingest_pdf(pdf(fx.image_pdf(2)), tmp_path / "t.txt", limits)
     assert (result.pages, result.words, result.has_text) == (2, 0, False)
 
 
-def test_kerned_text_is_extracted(pdf, tmp_path):
-    result = ingest_pdf(pdf(fx.kerned_pdf(2)), tmp_path / "t.txt", LIMITS)
+@engines
+def test_kerned_text_is_extracted(pdf, tmp_path, limits):
+    result = ingest_pdf(pdf(fx.kerned_pdf(2)), tmp_path / "t.txt", limits)
     assert result.pages == 2 and result.words > 500
 
 
-def test_decompression_bomb_is_stopped(pdf, tmp_path):
+def test_decompression_bomb_is_stopped_by_pypdf_limit(pdf, tmp_path):
     with pytest.raises(PdfTooLargeError, match="decompression limit"):
-        ingest_pdf(pdf(fx.bomb_pdf(100 * 1024 * 1024)), tmp_path / "t.txt", LIMITS)
+        ingest_pdf(pdf(fx.bomb_pdf(100 * 1024 * 1024)), tmp_path / "t.txt", ENGINES[0])
 
 
-def test_page_and_size_limits(pdf, tmp_path):
+def test_decompression_bomb_is_stopped_by_pdfium_memory_cap(pdf, tmp_path):
+    limits = replace(LIMITS, memory_limit_bytes=300 * 1024 * 1024)
+    with pytest.raises(PdfTooLargeError, match="memory cap"):
+        ingest_pdf(pdf(fx.bomb_pdf(600 * 1024 * 1024)), tmp_path / "t.txt", limits)
+    assert ingest_pdf(pdf(fx.text_pdf(1), "after.pdf"), tmp_path / "t.txt", limits).pages == 1  # workers replaced
+
+
+@engines
+def test_page_and_size_limits(pdf, tmp_path, limits):
     with pytest.raises(PdfTooLargeError, match="over the 3-page limit"):
-        ingest_pdf(pdf(fx.text_pdf(4)), tmp_path / "t.txt", replace(LIMITS, max_pages=3))
+        ingest_pdf(pdf(fx.text_pdf(4)), tmp_path / "t.txt", replace(limits, max_pages=3))
     with pytest.raises(PdfTooLargeError, match="over the 1,000-byte limit"):
-        ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "t.txt", replace(LIMITS, max_attachment_bytes=1000))
+        ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "t.txt", replace(limits, max_attachment_bytes=1000))
 
 
-def test_time_limit_stops_extraction(pdf, tmp_path):
+@engines
+def test_time_limit_stops_extraction(pdf, tmp_path, limits):
     with pytest.raises(PdfTooLargeError, match="longer than"):
-        ingest_pdf(pdf(fx.kerned_pdf(60)), tmp_path / "t.txt", replace(LIMITS, timeout_s=0.05))
+        ingest_pdf(pdf(KERNED_300), tmp_path / "t.txt", replace(limits, timeout_s=0.02))
 
 
 def test_memory_cap_stops_a_hungry_document(pdf, tmp_path):
     # pypdf's own decompression cap raised out of the way: only the worker's address-space cap stops this
-    limits = replace(LIMITS, max_decompressed_bytes=2**31, memory_limit_bytes=300 * 1024 * 1024)
+    limits = replace(ENGINES[0], max_decompressed_bytes=2**31, memory_limit_bytes=300 * 1024 * 1024)
     with pytest.raises(PdfTooLargeError, match="more than 314,572,800 bytes of memory"):
         ingest_pdf(pdf(fx.bomb_pdf(400 * 1024 * 1024)), tmp_path / "t.txt", limits)
     assert ingest_pdf(pdf(fx.text_pdf(1), "after.pdf"), tmp_path / "t.txt", limits).pages == 1  # pool recovered

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.engine import WorkflowEngine
-
 from helpers import recovery_dag
+
+from pipeline.engine import WorkflowEngine
 
 CHILD = """
 import sys, time

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from pipeline.audit import fixtures as fx
 from pipeline.cli import main
 from pipeline.sqlite_store import SqliteRunStore
-
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

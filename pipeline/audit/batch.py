@@ -44,6 +44,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04_email_bursts": {"rates": [50], "duration_s": 2.0, "burst": 100, "senders": 2},
         "05_memory_soak": {"runs": 200, "warmup": 50, "every": 25},
         "06_store_queries": {"sizes": [10_000, 50_000], "repeat": 50},
+        "07_code_quality": {"with_coverage": False},
+        "08_optimizations": {"store_runs": 20_000, "reps": 3, "gateway_reps": 1},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
@@ -53,6 +55,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 5.0, "burst": 500, "senders": 4},
         "05_memory_soak": {"runs": 2000, "warmup": 200, "every": 100},
         "06_store_queries": {"sizes": [10_000, 100_000, 1_000_000], "repeat": 100},
+        "07_code_quality": {"with_coverage": True},
+        "08_optimizations": {"store_runs": 200_000, "reps": 5, "gateway_reps": 2},
     },
 }
 PROFILES["full"] = {

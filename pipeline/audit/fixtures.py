@@ -24,7 +24,7 @@ from typing import Any
 from fpdf import FPDF
 from fpdf.enums import EncryptionMethod
 
-EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 LINES_PER_PAGE = 70
 WORDS_PER_LINE = 16
 _SYLLABLES = "ka lo mi ne ru ta si po de va ri mo le na tu be ga fi so ze".split()

@@ -15,8 +15,8 @@ import pandas as pd
 from line_profiler import LineProfiler
 
 from ..config import DeliveryConfig, IngestConfig
-from ..sqlite_store import SqliteRunStore
 from ..spool import Spool
+from ..sqlite_store import SqliteRunStore
 from ..stages import deliver, digest, ingest, parse
 from ..store import Transition
 from . import fixtures as fx

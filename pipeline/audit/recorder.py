@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,8 @@ class AuditRecorder:
 
     def start_session(self, profile: str, params: dict[str, Any] | None = None) -> str:
         """Record a new session with this machine's and commit's facts; return its id."""
-        self.session_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        row = {"session_id": self.session_id, "started_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        self.session_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        row = {"session_id": self.session_id, "started_at": datetime.now(UTC).replace(tzinfo=None),
                "profile": profile, **machine_facts(), "params": json.dumps(params or {}, default=str)}
         self._insert("session", pd.DataFrame([row]))
         return self.session_id

@@ -12,7 +12,7 @@ import operator
 import re
 import statistics
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,6 @@ def observe(rows: pd.DataFrame, stat: str) -> float | None:
     """The SLA's observed value, or None if no rows."""
     if rows.empty:
         return None
-    if stat == "min_variant_median":
-        return min(statistics.median(group.value.tolist()) for _, group in rows.groupby("variant"))
     return reduce(rows.value.tolist(), stat)
 
 
@@ -168,7 +166,7 @@ def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_pa
     outbox = {
         "task_id": TASK_ID,
         "status": "completed",
-        "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "report_path": report_path,
         "session_id": session_id,
         "profile": info["profile"],

@@ -195,17 +195,36 @@ def store_table(m: pd.DataFrame) -> pd.DataFrame:
 
 
 def optimization_table(m: pd.DataFrame) -> pd.DataFrame:
-    """For every scenario and metric measured under several variants: medians and ratio to the baseline."""
+    """Each switch: baseline and optimized median and spread (min–max over reps), and their ratio."""
+    r = rows(m, "optimizations")
+    if r.empty:
+        return r
     out = []
-    for (scenario, metric), group in m.groupby(["scenario", "metric"]):
-        variants = group.groupby("variant").value.median()
-        if len(variants) < 2:
+    for (switch, metric), group in r.groupby(["switch", "metric"], sort=False):
+        stats = group.groupby("variant").value.agg(["median", "min", "max", "count"])
+        base = stats[stats.index.str.startswith("baseline")]
+        best = stats[stats.index.str.startswith("optimized")]
+        if base.empty or best.empty:
             continue
-        base = variants.iloc[0]
-        for variant, value in variants.items():
-            out.append({"scenario": scenario, "metric": metric, "variant": variant, "median": value,
-                        "ratio_to_first": value / base if base else float("nan")})
+        b, o = base.iloc[0], best.iloc[0]
+        out.append({"switch": switch, "metric": metric, "before": base.index[0].split(": ", 1)[1],
+                    "before median": b["median"], "before spread": f"{b['min']:.3g}–{b['max']:.3g}",
+                    "after": best.index[0].split(": ", 1)[1], "after median": o["median"],
+                    "after spread": f"{o['min']:.3g}–{o['max']:.3g}",
+                    "after/before": o["median"] / b["median"] if b["median"] else float("nan"), "reps": int(b["count"])})
     return pd.DataFrame(out)
+
+
+def engine_table(m: pd.DataFrame) -> pd.DataFrame:
+    """PDF ingestion: median seconds per engine variant for each document, and the speed-up over pypdf."""
+    r = rows(m, "pdf_scaling", "ingest_seconds")
+    if r.empty or r.variant.nunique() < 2:
+        return pd.DataFrame()
+    table = r.pivot_table(index=["kind", "nominal_mb"], columns="variant", values="value", aggfunc="median")
+    if "pypdf" in table:
+        for variant in [c for c in table.columns if c != "pypdf"]:
+            table[f"pypdf/{variant}"] = table["pypdf"] / table[variant]
+    return table.reset_index()
 
 
 def hostile_table(m: pd.DataFrame) -> pd.DataFrame:
@@ -243,3 +262,15 @@ def markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
     if frame is None or frame.empty:
         return "_(no rows in this session)_"
     return frame.to_markdown(index=False, floatfmt=floatfmt)
+
+
+def code_quality_tables(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tool counts (ruff, mypy, coverage, log survey) and the error-handling table per module."""
+    r = rows(m, "code_quality")
+    if r.empty:
+        return r, r
+    counts = r[r.metric != "error_handling_entry"]
+    counts = counts.assign(detail=counts.get("rule", pd.Series(index=counts.index, dtype=object)).fillna(""))
+    table = counts[["tool", "metric", "detail", "value"]]
+    errors = r[r.metric == "error_handling_entry"][["module", "raises", "reasons", "retried", "user sees"]]
+    return table, errors

@@ -76,14 +76,15 @@ class ExtractionPool:
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
 
-    def extract(self, pdf_path: Path, text_path: Path, limits: IngestConfig) -> dict[str, Any]:
-        """Extract in a worker; return the PdfText fields or raise the worker's IngestError."""
+    def extract(self, pdf_path: Path, text_path: Path, limits: IngestConfig,
+                shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Extract (one shard of) a PDF in a worker; return the PdfText fields or raise the worker's IngestError."""
         name = Path(pdf_path).name
         with self._slots:
             worker = self._borrow()
             keep = False
             try:
-                reply = worker.request({"pdf": str(pdf_path), "text": str(text_path),
+                reply = worker.request({"pdf": str(pdf_path), "text": str(text_path), "shard": list(shard),
                                         "limits": _jsonable(limits)}, limits.timeout_s + 1.0)
                 keep = reply is not None and worker.documents < MAX_DOCS_PER_WORKER
             except TimeoutError:
@@ -91,8 +92,9 @@ class ExtractionPool:
                                        name) from None
             finally:
                 self._give_back(worker, keep)
-        if reply is None:
-            raise IngestError(f"extraction worker died (memory cap {self.memory_limit:,} bytes)", name)
+        if reply is None:  # the worker died mid-document: PDFium aborts when the memory cap refuses it
+            raise PdfTooLargeError(f"extraction worker died (exit code {worker.proc.returncode}); most likely the "
+                                   f"document needed more than the {self.memory_limit:,}-byte memory cap", name)
         if "ok" in reply:
             return reply["ok"]
         raise _ERRORS.get(reply["error"]["cls"], IngestError)(reply["error"]["message"], name)
@@ -164,7 +166,7 @@ def serve(memory_limit: int) -> None:
         request = json.loads(line)
         limits = IngestConfig(**request["limits"])
         try:
-            result = extract_text(Path(request["pdf"]), Path(request["text"]), limits)
+            result = extract_text(Path(request["pdf"]), Path(request["text"]), limits, tuple(request["shard"]))
             reply: dict[str, Any] = {"ok": dataclasses.asdict(result)}
         except IngestError as exc:
             reply = {"error": {"cls": type(exc).__name__, "message": str(exc)}}

@@ -11,8 +11,8 @@ import re
 import unicodedata
 from email import policy
 from email.message import EmailMessage
-from email.policy import SMTP
 from email.parser import BytesParser
+from email.policy import SMTP
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
