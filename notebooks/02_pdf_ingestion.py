@@ -12,7 +12,8 @@
 # # PDF ingestion: time and memory against size, pages and kind
 #
 # Each fixture is ingested `reps` times with each engine variant (pypdf or PDFium, one worker or the
-# pages split across two), interleaved (A B A B), in the capped extraction workers after a warm-up. Peak RSS is the pipeline process plus its workers, sampled every 10 ms.
+# pages split across two), interleaved (A B A B), in the capped extraction workers after a warm-up.
+# Peak RSS is the sum over the extraction workers (both, when pages are split), sampled every 10 ms.
 # Then every hostile fixture (encrypted, truncated, random bytes, a 1 GB decompression bomb) is fed
 # with the default limits.
 

@@ -23,10 +23,10 @@ import psutil
 LEAK_THRESHOLD_BYTES_PER_RUN = 16 * 1024
 
 
-def rss_bytes(include_children: bool = True) -> int:
-    """Resident set size of this process (and, by default, its live children)."""
+def rss_bytes(include_children: bool = True, include_self: bool = True) -> int:
+    """Resident set size of this process (unless ``include_self`` is off) and, by default, its live children."""
     me = psutil.Process()
-    total = me.memory_info().rss
+    total = me.memory_info().rss if include_self else 0
     if include_children:
         for child in me.children(recursive=True):
             try:
@@ -39,8 +39,8 @@ def rss_bytes(include_children: bool = True) -> int:
 class RssSampler:
     """Sample RSS every ``interval_s`` on a background thread; ``samples`` is [(time, bytes)]."""
 
-    def __init__(self, interval_s: float = 0.02, include_children: bool = True) -> None:
-        self.interval_s, self.include_children = interval_s, include_children
+    def __init__(self, interval_s: float = 0.02, include_children: bool = True, include_self: bool = True) -> None:
+        self.interval_s, self.include_children, self.include_self = interval_s, include_children, include_self
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -55,7 +55,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), rss_bytes(self.include_children)))
+            self.samples.append((time.time(), rss_bytes(self.include_children, self.include_self)))
             self._stop.wait(self.interval_s)
 
     def peak_between(self, start: float, end: float) -> int | None:

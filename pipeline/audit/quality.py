@@ -40,16 +40,21 @@ def tool_counts() -> list[dict[str, Any]]:
     rows = []
     ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "pipeline", "--output-format", "json", "--exit-zero"],
                           cwd=ROOT, capture_output=True, text=True)
-    findings = json.loads(ruff.stdout or "[]")
+    if ruff.returncode != 0:
+        raise RuntimeError(f"ruff did not run (exit {ruff.returncode}): {ruff.stderr[-500:]}")
+    findings = json.loads(ruff.stdout)
     rows.append(row("baseline", "ruff_findings", len(findings), "count", 0, tool="ruff"))
     by_rule: dict[str, int] = {}
     for f in findings:
         by_rule[f["code"]] = by_rule.get(f["code"], 0) + 1
     rows += [row("baseline", "ruff_findings_by_rule", n, "count", 0, tool="ruff", rule=rule)
              for rule, n in sorted(by_rule.items())]
-    mypy = subprocess.run([sys.executable, "-m", "mypy", "pipeline", "--no-error-summary"], cwd=ROOT,
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: a shared one can hide errors
+        mypy = subprocess.run([sys.executable, "-m", "mypy", "pipeline", "--no-error-summary", "--cache-dir", cache],
+                              cwd=ROOT, capture_output=True, text=True)
     errors_found = [line for line in mypy.stdout.splitlines() if ": error:" in line]
+    if mypy.returncode not in (0, 1) or (mypy.returncode == 1) != bool(errors_found):
+        raise RuntimeError(f"mypy did not run cleanly (exit {mypy.returncode}): {(mypy.stderr or mypy.stdout)[-500:]}")
     rows.append(row("baseline", "mypy_errors", len(errors_found), "count", 0, tool="mypy"))
     return rows
 

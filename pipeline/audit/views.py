@@ -151,7 +151,7 @@ def fig_pdf_scaling(table: pd.DataFrame) -> Figure:
         left.plot(group.file_mb, group.median_s, marker="o", label=f"{kind} ({variant})")
         right.plot(group.file_mb, group.peak_rss_mb, marker="o", label=f"{kind} ({variant})")
     left.set(xlabel="file MB", ylabel="median seconds", title="Ingestion time")
-    right.set(xlabel="file MB", ylabel="peak RSS MB (worker + pipeline)", title="Ingestion memory")
+    right.set(xlabel="file MB", ylabel="peak RSS MB (extraction workers)", title="Ingestion memory")
     left.legend(fontsize=7)
     fig.tight_layout()
     return fig
