@@ -31,3 +31,10 @@ recorder = open_recorder(db_path, session_id, profile)
 # %%
 scenarios.store_queries(sizes, resolve("data/bench"), repeat=repeat, recorder=recorder)
 views.store_table(recorder.measurements())
+
+# %% [markdown]
+# The runner's own cost: a 1000-task no-op DAG and a 200-task chain, per task (store writes included).
+
+# %%
+scenarios.runner_overhead(resolve("data/bench"), recorder=recorder)
+views.baselines_table(recorder.measurements())

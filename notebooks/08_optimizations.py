@@ -14,7 +14,9 @@
 # Each optimization is a switch whose baseline still works; both are run in this session, interleaved
 # (A B A B) after a warm-up. Store: journal and synchronous level, batched commits, BEGIN IMMEDIATE,
 # indexes, the counter table, selecting only needed columns. Gateway: chunked DATA reading, inotify
-# against polling. (PDF engines are compared in the PDF ingestion notebook.)
+# against polling. Ingestion: worker processes against threads for CPU-bound extraction, streaming pages
+# against holding the document's text. (PDF engines and page-parallel extraction are compared in the PDF
+# ingestion notebook; the runner's per-task overhead is in the store notebook.)
 
 # %% tags=["parameters"]
 session_id = None
@@ -24,14 +26,19 @@ profile = "quick"
 store_runs = 20_000
 reps = 3
 gateway_reps = 1
+dense_pdf = "text-1mb.pdf"  # streaming against holding: the text-densest fixture of the profile
+batch_pdf = "text-0.5mb.pdf"  # executor kinds: several copies ingested at once
+documents = 4
 
 # %%
 from pipeline.audit import switches, views
-from pipeline.audit.notebook import open_recorder
+from pipeline.audit.notebook import fixture, open_recorder
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
 switches.store_switches(runs=store_runs, reps=reps, recorder=recorder)
 switches.gateway_switches(reps=gateway_reps, recorder=recorder)
+switches.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
+                            documents=documents, reps=reps, recorder=recorder)
 views.optimization_table(recorder.measurements())

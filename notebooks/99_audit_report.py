@@ -123,7 +123,9 @@ md("## 6. DAGRunStore\n\nMedian milliseconds (rows: query; columns: runs in the 
 # %%
 optim, engines = views.optimization_table(m), views.engine_table(m)
 md("## 7. Optimizations, before and after\n\nEach switch measured both ways in this session, interleaved after a "
-   "warm-up (spread: min–max over the repetitions):\n\n" + views.markdown(optim) +
+   "warm-up (spread: min–max over the repetitions). The store and gateway switches are settings "
+   "(`StoreConfig`, `GatewayConfig`); the ingestion ones are `IngestConfig.isolate` (worker processes) and "
+   "`IngestConfig.stream_text`:\n\n" + views.markdown(optim) +
    "\n\nPDF ingestion engines (median seconds; `pypdf/x` is how many times faster x is than single-worker "
    "pypdf; the shipped default is PDFium with pages split across two workers):\n\n" + views.markdown(engines))
 
@@ -133,8 +135,9 @@ md("## 8. Code quality audit\n\n" + (
     "Tool counts on `pipeline/` (ruff, mypy, coverage of the fast tests, and an AST survey of logging calls):\n\n"
     + views.markdown(counts, floatfmt=".4g") + "\n\nError handling per component (typed errors raised in each "
     "module, found by reading the source; what a user sees at that edge):\n\n" + views.markdown(errors)
-    + "\n\nThe test suite turns `ResourceWarning` into an error and fails a test that leaves threads or "
-    "listening sockets behind." if len(counts) else "No code-quality measurements were recorded in this session."))
+    + "\n\nThe test suite turns `ResourceWarning` into an error and fails a test that leaves threads, "
+    "listening sockets or open file descriptors behind (`tests/leaks.py`; `tests/test_hygiene.py` shows the "
+    "check catching an open file)." if len(counts) else "No code-quality measurements were recorded in this session."))
 
 # %%
 md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, syntax
@@ -79,7 +80,7 @@ class BulkDataSMTP(SMTP):
 class GatewayController(Controller):
     """aiosmtpd Controller that builds BulkDataSMTP (or plain SMTP when ``bulk_data`` is off)."""
 
-    def __init__(self, handler: object, *, bulk_data: bool = True, **kwargs: object) -> None:
+    def __init__(self, handler: object, *, bulk_data: bool = True, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.bulk_data = bulk_data
 

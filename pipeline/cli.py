@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="run the digest workflow now on .eml or .pdf files")
     ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    ingest.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
+    ingest.add_argument("--deliver", metavar="smtp://HOST:PORT",
+                        help="relay for digests (default: data/outbox Maildir)")
     return parser
 
 

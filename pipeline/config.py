@@ -104,6 +104,7 @@ class IngestConfig:
     workers: int = 2  # extraction worker processes (one per core is right for CPU-bound pypdf)
     engine: str = "pdfium"  # "pdfium" (pypdfium2; bounded by the worker's memory cap) or "pypdf" (pure Python)
     page_workers: int = 2  # >1: split one document's pages across that many workers at once
+    stream_text: bool = True  # write each page's text as it comes; False holds the whole text first (baseline)
     summary_sentences: int = 3
 
     def validate(self) -> None:
@@ -196,5 +197,5 @@ def _replace_section(current: Any, values: dict[str, Any], section: str) -> Any:
         raise ConfigurationError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
     converted = {k: Path(v) if isinstance(getattr(current, k), Path) else v for k, v in values.items()}
     if "allowed_recipient_domains" in converted:
-        converted["allowed_recipient_domains"] = tuple(converted["allowed_recipient_domains"])
+        converted["allowed_recipient_domains"] = tuple(values["allowed_recipient_domains"])
     return replace(current, **converted)

@@ -136,7 +136,8 @@ def _topological_order(workflow_id: str, tasks: tuple[Task, ...]) -> tuple[str, 
                     continue
                 if state.get(node) == "visiting":
                     cycle = path[path.index(node):] + [node]
-                    raise DAGError(f"workflow {workflow_id!r}: dependency cycle {' -> '.join(cycle)} (each needs the next)", cycle)
+                    raise DAGError(f"workflow {workflow_id!r}: dependency cycle {' -> '.join(cycle)} "
+                                   "(each needs the next)", cycle)
                 state[node] = "visiting"
                 path.append(node)
             if i < len(deps[node]):

@@ -80,7 +80,8 @@ class SchemaTooNewError(StoreError):
 
     def __init__(self, path: object, found: int, supported: int) -> None:
         super().__init__(
-            f"{path}: run store schema version {found} is newer than this pipeline supports ({supported}); upgrade the pipeline"
+            f"{path}: run store schema version {found} is newer than this pipeline supports ({supported}); "
+            "upgrade the pipeline"
         )
         self.path, self.found, self.supported = path, found, supported
 

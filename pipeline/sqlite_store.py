@@ -95,7 +95,8 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-_RUN_COLUMNS = "run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, reason"
+_RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, "
+                "reason")
 _TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
 _MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
 
@@ -103,7 +104,9 @@ _MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
 class SqliteRunStore(DAGRunStore):
     """DAGRunStore in one SQLite file (WAL by default)."""
 
-    def __init__(self, config: StoreConfig | Path | str = StoreConfig(), *, create: bool = True) -> None:
+    def __init__(self, config: StoreConfig | Path | str | None = None, *, create: bool = True) -> None:
+        if config is None:
+            config = StoreConfig()
         self.config = config if isinstance(config, StoreConfig) else StoreConfig(path=Path(config))
         self.config.validate()
         self.path = Path(self.config.path)
@@ -362,7 +365,7 @@ def _run(row: tuple[Any, ...]) -> Run:
 
 def _task(row: tuple[Any, ...]) -> TaskRun:
     output = json.loads(row[9]) if row[9] is not None else None
-    return TaskRun(*row[:9], output=output)
+    return TaskRun(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], output)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

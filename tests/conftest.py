@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from leaks import fds_opened_since, listening_sockets, open_fds
 
 from pipeline.config import EngineConfig, RunnerConfig, Settings
 from pipeline.engine import WorkflowEngine
@@ -49,19 +50,32 @@ def make_engine(store: SqliteRunStore, settings: Settings) -> Iterator:
         engine.shutdown(grace_s=5)
 
 
-def _listening() -> set:
-    import psutil
+@pytest.fixture(scope="session", autouse=True)
+def process_wide_helpers() -> None:
+    """Start the process-wide helpers up front: multiprocessing's forkserver and resource tracker (the
+    runner's process executor and the audit's client processes use them) and jupyter_core's event loop
+    (papermill reuses it for every notebook). They live for the whole process by design, so their
+    descriptors are not a test's leak."""
+    from multiprocessing import forkserver, resource_tracker
 
-    return {c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    from jupyter_core.utils import ensure_event_loop
+
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()
+    ensure_event_loop()
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads_or_sockets() -> Iterator[None]:
-    """Fail a test that leaves non-daemon threads or listening sockets behind."""
+def no_leaked_threads_sockets_or_fds() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads, listening sockets or open file descriptors behind."""
     before = set(threading.enumerate())
-    listening = _listening()
+    listening = listening_sockets()
+    fds = open_fds()
     yield
-    assert not (_listening() - listening), f"listening sockets outlived the test: {_listening() - listening}"
+    sockets = listening_sockets() - listening
+    assert not sockets, f"listening sockets outlived the test: {sockets}"
+    leaked_fds = fds_opened_since(fds)
+    assert not leaked_fds, f"file descriptors outlived the test: {leaked_fds}"
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     for t in leaked:
         t.join(timeout=5)

@@ -87,7 +87,7 @@ def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
     df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
     timings = df[df.metric == "ingest_seconds"]
-    assert list(zip(timings.rep, timings.kind, timings.variant)) == [
+    assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
         (r, k, v) for r in (0, 1) for k in ("text", "mixed") for v in ("pypdf", "pdfium-2w")]  # A B A B
     assert set(timings[timings["default"]].variant) == {"pdfium-2w"}
     assert (df[df.metric == "pages"].value == 2).all() and (df[df.metric == "peak_rss_mb"].value > 0).all()

@@ -60,11 +60,11 @@ def test_report_sla_rows_match_duckdb(quick_audit):
     stored = AuditRecorder(out / "data" / "audit.duckdb").query(
         "SELECT sla, passed FROM sla_result WHERE session_id = ?", [outbox["session_id"]])
     assert len(stored) == len(shown) > 5
-    for sla, passed in zip(stored.sla, stored.passed):
+    for sla, passed in zip(stored.sla, stored.passed, strict=True):
         expected = "not measured" if pd.isna(passed) else ("PASS" if passed else "FAIL")
         assert shown[sla] == expected, sla
     assert {r["sla"]: r["passed"] for r in outbox["sla_results"]} == \
-        {s: (None if pd.isna(p) else bool(p)) for s, p in zip(stored.sla, stored.passed)}
+        {s: (None if pd.isna(p) else bool(p)) for s, p in zip(stored.sla, stored.passed, strict=True)}
 
 
 def test_outbox_validates_against_its_schema(quick_audit):

@@ -1,5 +1,6 @@
 """WorkflowEngine and DAGRunner on real SQLite: fan-out, retries, timeouts, failures, bounds."""
 
+import itertools
 import threading
 import time
 
@@ -95,7 +96,7 @@ def test_retries_with_backoff_record_every_try(store, make_engine):
                          (run.run_id,))
     assert events == [("queued", 0), ("running", 1), ("retrying", 1), ("running", 2), ("retrying", 2),
                       ("running", 3), ("success", 3)]
-    gaps = [b[1] - a[1] for a, b in zip(calls, calls[1:])]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.004 for g in gaps)  # base delay 0.01 s with jitter in [0.5, 1]
 
 

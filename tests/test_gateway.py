@@ -60,7 +60,8 @@ def test_timings_are_recorded_for_every_stage(service_factory):
 
 def test_bad_attachments_fail_only_their_own_task(service_factory, smtp_sink):
     service = service_factory()
-    raw = fx.email_with([("good.pdf", fx.text_pdf(1)), ("locked.pdf", fx.text_pdf(1, encrypt="aes", user_password="pw")),
+    raw = fx.email_with([("good.pdf", fx.text_pdf(1)),
+                         ("locked.pdf", fx.text_pdf(1, encrypt="aes", user_password="pw")),
                          ("open-aes.pdf", fx.text_pdf(1, encrypt="aes")), ("cut.pdf", fx.truncated(fx.text_pdf(3))),
                          ("noise.pdf", fx.random_bytes(3000))], message_id="<bad@example.com>")
     run = send_and_get_run(service, raw)

@@ -43,6 +43,15 @@ def test_in_process_extraction_matches_the_worker(pdf, tmp_path):
     assert (inline.pages, inline.words) == (worker.pages, worker.words)
 
 
+@pytest.mark.parametrize("engine", ["pypdf", "pdfium"])
+def test_holding_the_text_baseline_writes_the_same_file(pdf, tmp_path, engine):
+    path = pdf(fx.text_pdf(3))
+    streamed = ingest_pdf(path, tmp_path / "s.txt", IngestConfig(engine=engine, page_workers=1))
+    held = ingest_pdf(path, tmp_path / "h.txt", IngestConfig(engine=engine, page_workers=1, stream_text=False))
+    assert (tmp_path / "s.txt").read_text() == (tmp_path / "h.txt").read_text()
+    assert (held.pages, held.words, held.chars) == (streamed.pages, streamed.words, streamed.chars)
+
+
 def test_pdfium_needs_isolation():
     with pytest.raises(ConfigurationError, match="needs isolate"):
         IngestConfig(engine="pdfium", isolate=False).validate()

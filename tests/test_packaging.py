@@ -37,7 +37,8 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_all_lists_every_public_name():
-    public = {n for n in dir(pipeline) if not n.startswith("_") and not isinstance(getattr(pipeline, n), type(pipeline))}
+    module = type(pipeline)
+    public = {n for n in dir(pipeline) if not n.startswith("_") and not isinstance(getattr(pipeline, n), module)}
     assert set(pipeline.__all__) == public
 
 

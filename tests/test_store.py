@@ -63,7 +63,7 @@ def test_list_runs_keyset_pagination_newest_first(store):
 
 
 def test_count_runs_by_state_all_and_per_workflow(store):
-    for i in range(3):
+    for _ in range(3):
         store.create_run("wf", {})
     store.create_run("other", {})
     run = store.claim_next_run("me")

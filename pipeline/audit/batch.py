@@ -35,7 +35,7 @@ _QUICK_PDFS = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 _STANDARD_PDFS = ["text-1mb.pdf", "mixed-5mb.pdf", "scan-5mb.pdf"]
 
 # Per profile, the parameters of each scenario notebook. quick: CI (under 3 minutes); standard: `make audit`
-# (under 15 minutes on 2 cores); full: hunts breaking points.
+# (under 18 minutes on 2 cores); full: hunts breaking points.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "01_pipeline_profile": {"emails": 6, "senders": 2, "pdfs": _QUICK_PDFS, "line_profile_pdf": "text-0.5mb.pdf"},
@@ -45,7 +45,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_soak": {"runs": 200, "warmup": 50, "every": 25},
         "06_store_queries": {"sizes": [10_000, 50_000], "repeat": 50},
         "07_code_quality": {"with_coverage": False},
-        "08_optimizations": {"store_runs": 20_000, "reps": 3, "gateway_reps": 1},
+        "08_optimizations": {"store_runs": 20_000, "reps": 3, "gateway_reps": 1, "dense_pdf": "text-1mb.pdf",
+                             "batch_pdf": "text-0.5mb.pdf", "documents": 2},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
@@ -53,10 +54,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500], "pdf": "text-tiny.pdf",
                                   "stop_on_failure": False},
         "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 5.0, "burst": 500, "senders": 4},
-        "05_memory_soak": {"runs": 2000, "warmup": 200, "every": 100},
+        "05_memory_soak": {"runs": 5000, "warmup": 300, "every": 250},
         "06_store_queries": {"sizes": [10_000, 100_000, 1_000_000], "repeat": 100},
         "07_code_quality": {"with_coverage": True},
-        "08_optimizations": {"store_runs": 200_000, "reps": 5, "gateway_reps": 2},
+        "08_optimizations": {"store_runs": 200_000, "reps": 5, "gateway_reps": 2, "dense_pdf": "text-5mb.pdf",
+                             "batch_pdf": "text-1mb.pdf", "documents": 4},
     },
 }
 PROFILES["full"] = {
@@ -64,7 +66,6 @@ PROFILES["full"] = {
     "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
                               "stop_on_failure": True},
     "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8},
-    "05_memory_soak": {"runs": 5000, "warmup": 300, "every": 250},
 }
 
 
@@ -127,7 +128,8 @@ def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
     nbformat.write(jupytext.read(source), source_nb)
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(str(source_nb), str(output), parameters=params, kernel_name=KERNEL, language="python",
+        papermill.execute_notebook(str(source_nb), str(output), parameters=params, kernel_name=KERNEL,
+                                   language="python",
                                    execution_timeout=timeout, progress_bar=True, cwd=str(ROOT))
     except papermill.PapermillExecutionError as exc:
         raise AuditBatchError(f"notebook {source.name} failed at cell {exc.exec_count or exc.cell_index}: "
@@ -136,7 +138,8 @@ def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
         source_nb.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     cells = [c for c in nbformat.read(output, as_version=4).cells if c.cell_type == "code"]
-    rows = [{"variant": "batch", "metric": "cell_seconds", "value": c.metadata.get("papermill", {}).get("duration") or 0.0,
+    rows = [{"variant": "batch", "metric": "cell_seconds",
+             "value": c.metadata.get("papermill", {}).get("duration") or 0.0,
              "unit": "s", "rep": i, "tags": {"notebook": source.stem, "cell": i}} for i, c in enumerate(cells)]
     rows.append({"variant": "batch", "metric": "notebook_seconds", "value": seconds, "unit": "s", "rep": 0,
                  "tags": {"notebook": source.stem}})

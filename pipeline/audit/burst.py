@@ -16,7 +16,7 @@ def _paced_sender(port: int, ids: list[str], due: list[float]) -> tuple[list[str
     accepted: list[str] = []
     last = time.time()
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-        for message_id, at in zip(ids, due):
+        for message_id, at in zip(ids, due, strict=True):
             delay = at - time.time()
             if delay > 0:
                 time.sleep(delay)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,8 @@ def _raw_pdf(page_streams: list[bytes]) -> bytes:
     """Assemble a minimal valid PDF whose pages draw the given (already Flate-compressed) content streams."""
     n = len(page_streams)
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(n)) + b"] /Count %d >>" % n,
+               b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(n))
+               + b"] /Count %d >>" % n,
                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     for i, stream in enumerate(page_streams):
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >>"
@@ -213,9 +215,11 @@ def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[]
 
 # name -> (kind, MB, maker). Sizes per profile: quick for CI, standard for `make audit`, full for limits.
 PROFILES: dict[str, dict[str, tuple[str, float]]] = {
-    "quick": {"text-tiny.pdf": ("text", 0.01), "text-0.5mb.pdf": ("text", 0.5), "text-1mb.pdf": ("text", 1), "mixed-1mb.pdf": ("mixed", 1),
+    "quick": {"text-tiny.pdf": ("text", 0.01), "text-0.5mb.pdf": ("text", 0.5), "text-1mb.pdf": ("text", 1),
+              "mixed-1mb.pdf": ("mixed", 1),
               "scan-1mb.pdf": ("scan", 1), "kerned-0.3mb.pdf": ("kerned", 0.3)},
-    "standard": {"text-tiny.pdf": ("text", 0.01), "text-1mb.pdf": ("text", 1), "text-5mb.pdf": ("text", 5), "text-10mb.pdf": ("text", 10),
+    "standard": {"text-tiny.pdf": ("text", 0.01), "text-1mb.pdf": ("text", 1), "text-5mb.pdf": ("text", 5),
+                 "text-10mb.pdf": ("text", 10),
                  "text-25mb.pdf": ("text", 25), "mixed-5mb.pdf": ("mixed", 5), "scan-5mb.pdf": ("scan", 5),
                  "kerned-5mb.pdf": ("kerned", 5)},
 }
@@ -237,7 +241,8 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
 }
 
 
-def build_fixtures(profile: str, directory: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def build_fixtures(profile: str, directory: Path,
+                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Make (or reuse) every fixture of ``profile`` under ``directory``; return ``{"name", "kind", "mb", "path"}``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -245,7 +250,7 @@ def build_fixtures(profile: str, directory: Path, progress: Callable[[str], None
     for name, (kind, mb) in PROFILES[profile].items():
         if progress:
             progress(name)
-        path = cached(directory, name, {"kind": kind, "mb": mb, "version": 1}, lambda k=kind, m=mb: _MAKERS[k](m))
+        path = cached(directory, name, {"kind": kind, "mb": mb, "version": 1}, partial(_MAKERS[kind], mb))
         items.append({"name": name, "kind": kind, "mb": mb, "path": str(path)})
     for name, make in HOSTILE.items():
         if progress:

@@ -75,7 +75,7 @@ def small_messages(data_dir: Path, messages: int = 2000, senders: int = 8) -> li
         elapsed = time.perf_counter() - t0
         trigger = sorted(trigger_latencies(service))[:]
     counted = len(trigger) - warm
-    tags = {"senders": senders, "messages": len(client)}
+    tags: dict[str, Any] = {"senders": senders, "messages": len(client)}
     return [summarize("small_trigger_latency", trigger, **tags), summarize("small_client_latency", client, **tags),
             {"metric": "small_durable_messages_per_s", "median": counted / elapsed, "unit": "1/s", "n": counted,
              **tags}]
@@ -99,9 +99,10 @@ def large_messages(data_dir: Path, size_mb: float = 5.0, concurrent: int = 4, ro
         runs = service.store.list_runs(limit=10**9)
     by_kind = {"large": [], "small": []}  # type: dict[str, list[float]]
     for r in runs:
-        by_kind["large" if r.dedup_key.startswith("<large") else "small"].append(r.queued_at - r.payload["data_end_at"])
+        kind = "large" if (r.dedup_key or "").startswith("<large") else "small"
+        by_kind[kind].append(r.queued_at - r.payload["data_end_at"])
     size = len(large[0][0]) / 1024 / 1024
-    tags = {"message_mb": round(size, 2), "concurrent": concurrent}
+    tags: dict[str, Any] = {"message_mb": round(size, 2), "concurrent": concurrent}
     return [summarize("large_client_latency", result["large"], **tags),
             summarize("large_trigger_latency", by_kind["large"], **tags),
             summarize("small_client_latency_during_large", result["small"], **tags),

@@ -22,7 +22,7 @@ from ..store import Transition
 from . import fixtures as fx
 from .harness import row
 
-HOT_FUNCTIONS = {
+HOT_FUNCTIONS: dict[str, list[Any]] = {
     "Email": [Spool.store, parse.summarize_message, parse.extract_attachments],
     "Ingestion": [ingest.extract_text, ingest._stream_pages],
     "Digest": [digest.summarize, digest.render_digest],
@@ -40,11 +40,11 @@ def profile_lines(pdf: Path, top: int = 5) -> pd.DataFrame:
             profiler.add_function(fn)
             owner[(fn.__code__.co_filename, fn.__code__.co_firstlineno)] = (stage, fn.__qualname__)
     with tempfile.TemporaryDirectory(prefix="lineprof-") as tmp:
-        profiler.enable()
+        profiler.enable_by_count()
         try:
             _one_pass(Path(tmp), Path(pdf))
         finally:
-            profiler.disable()
+            profiler.disable_by_count()
     stats = profiler.get_stats()
     rows: list[dict[str, Any]] = []
     for (filename, first_line, name), timings in stats.timings.items():

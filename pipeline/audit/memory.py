@@ -120,7 +120,8 @@ def sample_point(runs: int) -> dict[str, float]:
 
 def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, limit: int = 10) -> list[dict[str, Any]]:
     """The allocation sites that grew most between two snapshots."""
-    filters = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__),
+               tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
     stats = after.filter_traces(filters).compare_to(before.filter_traces(filters), "lineno")
     return [{"site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}", "size_diff": s.size_diff,
              "count_diff": s.count_diff} for s in stats[:limit] if s.size_diff > 0]

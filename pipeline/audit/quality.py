@@ -50,7 +50,8 @@ def tool_counts() -> list[dict[str, Any]]:
     rows += [row("baseline", "ruff_findings_by_rule", n, "count", 0, tool="ruff", rule=rule)
              for rule, n in sorted(by_rule.items())]
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: a shared one can hide errors
-        mypy = subprocess.run([sys.executable, "-m", "mypy", "pipeline", "--no-error-summary", "--no-color-output", "--cache-dir", cache],
+        mypy = subprocess.run([sys.executable, "-m", "mypy", "pipeline", "--no-error-summary", "--no-color-output",
+                               "--cache-dir", cache],
                               cwd=ROOT, capture_output=True, text=True)
     errors_found = [line for line in mypy.stdout.splitlines() if ": error:" in line]
     if mypy.returncode not in (0, 1) or (mypy.returncode == 1) != bool(errors_found):

@@ -132,7 +132,7 @@ def machine_facts() -> dict[str, Any]:
     """Commit, host, CPU model and count, Python and key package versions."""
     sha = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in KEY_PACKAGES:
         try:
             packages[name] = metadata.version(name)

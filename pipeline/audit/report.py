@@ -12,6 +12,7 @@ import operator
 import re
 import statistics
 import tomllib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def reduce(values: list[float], stat: str) -> float:
         if len(values) == 1:
             return values[0]
         return statistics.quantiles(values, n=100, method="inclusive")[int(stat[1:]) - 1]
-    return {"median": statistics.median, "max": max, "min": min, "mean": statistics.fmean}[stat](values)
+    reducers: dict[str, Callable[[list[float]], float]] = {
+        "median": statistics.median, "max": max, "min": min, "mean": statistics.fmean}
+    return reducers[stat](values)
 
 
 def select_rows(measurements: pd.DataFrame, sla: dict[str, Any]) -> pd.DataFrame:
@@ -49,10 +52,10 @@ def select_rows(measurements: pd.DataFrame, sla: dict[str, Any]) -> pd.DataFrame
         if key == "variant":
             rows = rows[rows.variant == wanted]
         elif key == "largest":
-            sizes = rows.tags.map(lambda t: t.get(wanted))
+            sizes = rows.tags.map(lambda t, tag=wanted: t.get(tag))
             rows = rows[sizes == sizes.max()]
         else:
-            rows = rows[rows.tags.map(lambda t: t.get(key) == wanted)]
+            rows = rows[rows.tags.map(lambda t, k=key, w=wanted: t.get(k) == w)]
     return rows
 
 
@@ -89,14 +92,15 @@ def sla_table(frame: pd.DataFrame, previous: pd.DataFrame | None = None) -> pd.D
     """The report's SLA table: target, observed, margin and verdict (plus the previous session's value)."""
     table = pd.DataFrame({
         "SLA": frame.sla, "source": frame.source,
-        "target": [f"{c} {_fmt(t)} {u}" for c, t, u in zip(frame.comparison, frame.target, frame.unit)],
-        "observed": [("not measured" if pd.isna(o) else f"{_fmt(o)} {u}") for o, u in zip(frame.observed, frame.unit)],
-        "margin": [_margin(o, t, c) for o, t, c in zip(frame.observed, frame.target, frame.comparison)],
+        "target": [f"{c} {_fmt(t)} {u}" for c, t, u in zip(frame.comparison, frame.target, frame.unit, strict=True)],
+        "observed": [("not measured" if pd.isna(o) else f"{_fmt(o)} {u}")
+                     for o, u in zip(frame.observed, frame.unit, strict=True)],
+        "margin": [_margin(o, t, c) for o, t, c in zip(frame.observed, frame.target, frame.comparison, strict=True)],
         "result": [{True: "PASS", False: "FAIL"}.get(p, "not measured") if not pd.isna(p) else "not measured"
                    for p in frame.passed],
     })
     if previous is not None and not previous.empty:
-        before = dict(zip(previous.sla, previous.observed))
+        before = dict(zip(previous.sla, previous.observed, strict=True))
         table["previous"] = [("-" if pd.isna(before.get(s)) else _fmt(before[s])) for s in frame.sla]
     return table
 
@@ -202,6 +206,6 @@ def update_task_card(path: Path, outbox: dict[str, Any], has_optimizations: bool
               f"{summary['failed']} failed, {summary['not_measured']} not measured)\n<!-- status:end -->")
     text = re.sub(r"<!-- status:begin -->.*?<!-- status:end -->", status, text, flags=re.S)
     for key, done in checks.items():
-        text = re.sub(rf"- \[[ x]\] (.*)<!-- {key} -->", lambda m, d=done: f"- [{'x' if d else ' '}] {m.group(1)}<!-- {key} -->",
-                      text)
+        mark = "x" if done else " "
+        text = re.sub(rf"- \[[ x]\] (.*)<!-- {re.escape(key)} -->", rf"- [{mark}] \1<!-- {key} -->", text)
     Path(path).write_text(text)

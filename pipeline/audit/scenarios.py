@@ -8,6 +8,7 @@ started, ended per task) and from tracing spans; memory from RSS sampling.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from ..config import IngestConfig
+from ..config import MB, IngestConfig
 from ..dag import DAG
 from ..stages.ingest import ingest_pdf
 from ..store import Run
@@ -27,7 +28,6 @@ from .harness import frame, row, running_pipeline, task_durations, wait_all_done
 from .memory import RssSampler
 from .recorder import AuditRecorder, capture_spans
 
-MB = 1024 * 1024
 STAGES = ("Email", "Queue", "Ingestion", "Digest", "Delivery")
 
 
@@ -44,8 +44,9 @@ def stage_times(service: Any, run: Run) -> dict[str, float]:
     """Seconds spent in each of the seed's stages by one finished run."""
     tasks = task_durations(service, run)
     parse = tasks.get("parse_email")
-    ingest_end = tasks["ingest_pdf"][1] if "ingest_pdf" in tasks else (parse[1] if parse else run.started_at)
-    out = {"Email": run.queued_at - run.payload["data_end_at"], "Queue": (run.started_at or 0) - run.queued_at}
+    started = run.started_at or run.queued_at
+    ingest_end = tasks["ingest_pdf"][1] if "ingest_pdf" in tasks else (parse[1] if parse else started)
+    out = {"Email": run.queued_at - run.payload["data_end_at"], "Queue": started - run.queued_at}
     if parse:
         out["Ingestion"] = ingest_end - parse[0]
     for stage, task in (("Digest", "build_digest"), ("Delivery", "deliver")):
@@ -227,6 +228,17 @@ def store_queries(sizes: list[int], directory: Path, repeat: int = 100,
     finally:
         store.close()
     return _save(recorder, "store_queries", rows)
+
+
+def runner_overhead(directory: Path, tasks: int = 1000, repeat: int = 10,
+                    recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Milliseconds the runner and store spend per no-op task: a wide DAG and a long chain."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="runner-", dir=directory) as tmp:
+        samples = storebench.runner_overhead_samples(Path(tmp), tasks, repeat)
+    rows = [row("baseline", "ms_per_task", seconds * 1000, "ms", i, dag=name)
+            for name, values in samples.items() for i, seconds in enumerate(values)]
+    return _save(recorder, "runner_overhead", rows)
 
 
 def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None = None,

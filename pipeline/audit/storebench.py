@@ -116,32 +116,38 @@ def query_timings(store: SqliteRunStore, repeat: int = 200) -> Iterator[dict[str
         yield summarize(name, time_call(fn, reps), kind=kind)
 
 
+def transitions_per_s(store: SqliteRunStore, transitions: int, batch: int) -> float:
+    """Record ``transitions`` task transitions (running, success) of a new run, ``batch`` per commit."""
+    run = store.create_run("bench_writes", {})[0]
+    ids = [f"t{i}" for i in range(transitions // 2)]
+    store.create_tasks(run.run_id, ids)
+    # stamped long ago, so these rows never fall into the time windows the query timings look at
+    rows = [Transition(run.run_id, t, state, 1, 1.0) for t in ids for state in ("running", "success")]
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        store.record_transitions(rows[i:i + batch])
+    return len(rows) / (time.perf_counter() - t0)
+
+
 def write_throughput(store: SqliteRunStore, transitions: int = 20_000, batch: int = 100) -> Iterator[dict[str, Any]]:
     """Measure task transitions per second, one per transaction and ``batch`` per transaction."""
     for label, size in (("one_per_commit", 1), (f"batched_{batch}", batch)):
-        run = store.create_run("bench_writes", {})[0]
-        ids = [f"t{i}" for i in range(transitions // 2)]
-        store.create_tasks(run.run_id, ids)
-        # stamped long ago, so these rows never fall into the time windows the query timings look at
-        rows = [Transition(run.run_id, t, state, 1, 1.0) for t in ids for state in ("running", "success")]
-        t0 = time.perf_counter()
-        for i in range(0, len(rows), size):
-            store.record_transitions(rows[i:i + size])
-        elapsed = time.perf_counter() - t0
-        yield {"metric": f"task_transitions_per_s_{label}", "median": len(rows) / elapsed, "p95": None,
-               "n": len(rows), "unit": "1/s", "kind": "write"}
+        yield {"metric": f"task_transitions_per_s_{label}", "median": transitions_per_s(store, transitions, size),
+               "p95": None, "n": transitions, "unit": "1/s", "kind": "write"}
 
 
 def _noop(ctx: Any) -> None:
     return None
 
 
-def runner_overhead(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> Iterator[dict[str, Any]]:
-    """Time a ``tasks``-wide no-op DAG end to end on a fresh store; yield ms per task."""
+def runner_overhead_samples(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> dict[str, list[float]]:
+    """Seconds per task of a ``tasks``-wide no-op DAG and a 200-long chain, ``repeat`` runs each after a
+    warm-up run, on a fresh store: what the runner and store cost a task that does nothing."""
     settings = replace(Settings.for_data_dir(data_dir), runner=RunnerConfig(thread_workers=4))
     store = SqliteRunStore(settings.store)
     dag = DAG("noop_wide", [Task(f"t{i}", _noop) for i in range(tasks)])
     chain = DAG("noop_chain", [Task("t0", _noop)] + [Task(f"t{i}", _noop, deps=(f"t{i - 1}",)) for i in range(1, 200)])
+    out: dict[str, list[float]] = {}
     with WorkflowEngine(store, settings) as engine:
         engine.register(dag)
         engine.register(chain)
@@ -151,8 +157,16 @@ def runner_overhead(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> Itera
                 t0 = time.perf_counter()
                 engine.wait(engine.trigger(name).run_id, timeout=600)
                 samples.append((time.perf_counter() - t0) / size)
-            yield summarize(f"runner_overhead_per_task_{name}", samples[1:], kind="runner", tasks=size)
+            out[name] = samples[1:]
     store.close()
+    return out
+
+
+def runner_overhead(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> Iterator[dict[str, Any]]:
+    """The runner's per-task overhead as summary rows, ms per task."""
+    for name, samples in runner_overhead_samples(data_dir, tasks, repeat).items():
+        yield summarize(f"runner_overhead_per_task_{name}", samples, kind="runner",
+                        tasks=tasks if name == "noop_wide" else 200)
 
 
 def concurrent_runs(data_dir: Path, active: int = 200, runs: int = 600) -> dict[str, Any]:

@@ -3,7 +3,8 @@ still works. Variant names start with ``baseline:`` or ``optimized:`` so the rep
 
 Store: synchronous level, WAL, batched commits, BEGIN IMMEDIATE, the count table and indexes, selecting
 only needed columns. Gateway: chunked DATA reading, inotify against polling for the drop folder.
-(Engines for PDF ingestion are compared in ``scenarios.pdf_scaling``.)
+Ingestion: worker processes against threads, streaming pages against holding the text. (Extraction
+engines and page-parallel extraction are compared in ``scenarios.pdf_scaling``.)
 """
 
 from __future__ import annotations
@@ -13,22 +14,25 @@ import sqlite3
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
-from ..config import GatewayConfig, Settings, StoreConfig
+from ..config import MB, GatewayConfig, IngestConfig, Settings, StoreConfig
 from ..service import PipelineService
 from ..sqlite_store import SqliteRunStore
-from ..store import Transition
+from ..stages.ingest import extract_text, ingest_pdf
 from . import fixtures as fx
 from .harness import free_port, row
 from .recorder import AuditRecorder
-from .storebench import fill_store
+from .storebench import fill_store, transitions_per_s
 
 
 def _interleave(pairs: dict[str, Callable[[], float]], reps: int, metric: str, unit: str,
@@ -44,16 +48,10 @@ def _interleave(pairs: dict[str, Callable[[], float]], reps: int, metric: str, u
 
 def _transitions_per_s(config: StoreConfig, batch: int, n: int = 2000) -> float:
     store = SqliteRunStore(config)
-    run = store.create_run("w", {})[0]
-    ids = [f"t{i}-{time.monotonic_ns()}" for i in range(n // 2)]
-    store.create_tasks(run.run_id, ids)
-    rows = [Transition(run.run_id, t, s, 1, 1.0) for t in ids for s in ("running", "success")]
-    t0 = time.perf_counter()
-    for i in range(0, len(rows), batch):
-        store.record_transitions(rows[i:i + batch])
-    elapsed = time.perf_counter() - t0
-    store.close()
-    return len(rows) / elapsed
+    try:
+        return transitions_per_s(store, n, batch)
+    finally:
+        store.close()
 
 
 def _claim_errors(path: Path, immediate: bool, threads: int = 4, attempts: int = 200) -> float:
@@ -98,10 +96,11 @@ def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder |
     with tempfile.TemporaryDirectory(prefix="store-switches-") as tmp:
         tmp_path = Path(tmp)
         configs = {
-            "baseline: journal=DELETE synchronous=FULL": StoreConfig(path=tmp_path / "a.db", wal=False, synchronous="FULL"),
+            "baseline: journal=DELETE synchronous=FULL": StoreConfig(path=tmp_path / "a.db", wal=False,
+                                                                     synchronous="FULL"),
             "optimized: journal=WAL synchronous=NORMAL": StoreConfig(path=tmp_path / "b.db"),
         }
-        rows += _interleave({k: (lambda c=c: _transitions_per_s(c, 1)) for k, c in configs.items()}, reps,
+        rows += _interleave({k: partial(_transitions_per_s, c, 1) for k, c in configs.items()}, reps,
                             "transitions_per_s_one_per_commit", "1/s", {"switch": "journal and synchronous"})
         wal = StoreConfig(path=tmp_path / "c.db")
         rows += _interleave({"baseline: one transition per commit": lambda: _transitions_per_s(wal, 1),
@@ -187,3 +186,45 @@ def drop_folder_latency(mode: str, messages: int = 10) -> list[float]:
         finally:
             service.stop(grace_s=0)
     return latencies
+
+
+def _extract_peak_mb(pdf: Path, limits: IngestConfig) -> float:
+    """Peak Python heap (tracemalloc) while extracting ``pdf`` in this process, in MB."""
+    with tempfile.TemporaryDirectory(prefix="stream-") as tmp:
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            extract_text(pdf, Path(tmp) / "out.txt", limits)
+            return tracemalloc.get_traced_memory()[1] / MB
+        finally:
+            tracemalloc.stop()
+
+
+def _batch_seconds(pdf: Path, documents: int, limits: IngestConfig) -> float:
+    """Wall seconds to ingest ``documents`` copies of ``pdf`` at once, one thread each submitting work."""
+    with tempfile.TemporaryDirectory(prefix="executor-") as tmp, ThreadPoolExecutor(documents) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(lambda i: ingest_pdf(pdf, Path(tmp) / f"{i}.txt", limits), range(documents)))
+        return time.perf_counter() - t0
+
+
+def ingestion_switches(dense_pdf: Path, batch_pdf: Path, documents: int = 4, reps: int = 3,
+                       recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Executor kind for CPU-bound extraction (threads in the pipeline process, where the GIL serialises
+    pypdf, against the extraction worker processes) and streaming pages against holding the text."""
+    threads = IngestConfig(engine="pypdf", page_workers=1, isolate=False)
+    processes = replace(threads, isolate=True)
+    rows = _interleave({"baseline: threads in the pipeline process": lambda: _batch_seconds(
+                            batch_pdf, documents, threads),
+                        "optimized: extraction worker processes": lambda: _batch_seconds(
+                            batch_pdf, documents, processes)}, reps, "batch_seconds", "s",
+                       {"switch": f"executor for CPU-bound ingestion ({documents} PDFs at once, pypdf)"})
+    # in this process, so tracemalloc sees the text; PDFium's own buffers are C memory, the same in both
+    inline = IngestConfig(engine="pdfium", page_workers=1, isolate=False)
+    rows += _interleave({"baseline: hold the document's text, then write": lambda: _extract_peak_mb(
+                             dense_pdf, replace(inline, stream_text=False)),
+                         "optimized: stream pages to the file": lambda: _extract_peak_mb(dense_pdf, inline)},
+                        reps, "peak_python_heap_mb", "MB", {"switch": f"streaming pages ({dense_pdf.name})"})
+    if recorder is not None:
+        recorder.record("optimizations", pd.DataFrame(rows))
+    return pd.DataFrame(rows)

@@ -178,7 +178,8 @@ def fig_burst(m: pd.DataFrame) -> Figure:
         left.plot(values, (values.index + 1) / len(values), label=label)
     for label, group in r[r.metric == "backlog"].groupby("round"):
         right.plot(group.t, group.value, label=label)
-    left.set(xscale="log", xlabel="DATA end → run queued (ms, log)", ylabel="fraction of mails", title="Trigger latency")
+    left.set(xscale="log", xlabel="DATA end → run queued (ms, log)", ylabel="fraction of mails",
+             title="Trigger latency")
     right.set(xlabel="seconds since first send", ylabel="runs queued or running", title="Backlog and drain")
     left.legend(fontsize=7)
     fig.tight_layout()
@@ -211,7 +212,8 @@ def optimization_table(m: pd.DataFrame) -> pd.DataFrame:
                     "before median": b["median"], "before spread": f"{b['min']:.3g}–{b['max']:.3g}",
                     "after": best.index[0].split(": ", 1)[1], "after median": o["median"],
                     "after spread": f"{o['min']:.3g}–{o['max']:.3g}",
-                    "after/before": o["median"] / b["median"] if b["median"] else float("nan"), "reps": int(b["count"])})
+                    "after/before": o["median"] / b["median"] if b["median"] else float("nan"),
+                    "reps": int(b["count"])})
     return pd.DataFrame(out)
 
 
@@ -247,6 +249,9 @@ def baselines_table(m: pd.DataFrame) -> pd.DataFrame:
     burst = rows(m, "email_burst", "trigger_latency_ms")
     if len(burst):
         specs.append(("email → trigger", burst.value, "ms"))
+    runner = rows(m, "runner_overhead", "ms_per_task")
+    if len(runner):
+        specs += [(f"runner: per no-op task ({dag})", group.value, "ms") for dag, group in runner.groupby("dag")]
     scaling = rows(m, "pdf_scaling", "pages_per_second")
     if len(scaling):
         specs += [(f"ingest {kind}", group.value, "pages/s") for kind, group in scaling.groupby("kind")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def _clip(sentence: str) -> str:
     return sentence if len(sentence) <= MAX_SENTENCE_CHARS else sentence[: MAX_SENTENCE_CHARS - 1] + "…"
 
 
-def describe_documents(attachments: list[dict[str, Any]], results: list[Any], errors: dict[str, dict[str, str]],
+def describe_documents(attachments: list[dict[str, Any]], results: list[Any], errors: Mapping[str, Mapping[str, str]],
                        sentences: int) -> list[dict[str, Any]]:
     """Join each PDF attachment with its ingestion result or error into one document entry."""
     documents = []

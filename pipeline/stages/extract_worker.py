@@ -36,7 +36,8 @@ class _Worker:
     """One child process and its pipes."""
 
     def __init__(self, memory_limit: int) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+        path = os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.extract_worker", str(memory_limit)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
         self.documents = 0
@@ -116,6 +117,12 @@ class ExtractionPool:
         with self._lock:
             self._all.discard(worker)
 
+    def pipe_fds(self) -> set[int]:
+        """The file descriptors of the live workers' pipes: held on purpose between documents."""
+        with self._lock:
+            return {pipe.fileno() for w in self._all for pipe in (w.proc.stdin, w.proc.stdout)
+                    if pipe is not None and not pipe.closed}
+
     def close(self) -> None:
         """Stop every worker."""
         with self._lock:
@@ -135,6 +142,13 @@ def pool_for(limits: IngestConfig) -> ExtractionPool:
         if key not in _POOLS:
             _POOLS[key] = ExtractionPool(*key)
         return _POOLS[key]
+
+
+def pool_pipe_fds() -> set[int]:
+    """File descriptors held by every pool's idle or busy workers (tests tell them from leaks)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    return set().union(*(pool.pipe_fds() for pool in pools))
 
 
 @atexit.register

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
         index, count = shard
         block = -(-pages // count)
         numbers = range(index * block, min(pages, (index + 1) * block))
-        words, chars = _stream_pages(doc, numbers, text_path, started + limits.timeout_s, name)
+        write = _stream_pages if limits.stream_text else _hold_pages
+        words, chars = write(doc, numbers, text_path, started + limits.timeout_s, name)
     return PdfText(pages, words, chars, str(text_path), words > 0, time.monotonic() - started)
 
 
@@ -149,21 +151,35 @@ def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
     return reader
 
 
+def _pages(doc: Any, numbers: range, deadline: float, name: str) -> Iterator[str]:
+    """Each page's text in order, in spans of PAGES_PER_SPAN pages, under the time limit."""
+    for first in range(numbers.start, numbers.stop, PAGES_PER_SPAN):
+        with tracing.span("ingest.pages", first=first, document=name):
+            for number in range(first, min(first + PAGES_PER_SPAN, numbers.stop)):
+                yield doc.text(number)
+                if time.monotonic() > deadline:
+                    raise PdfTooLargeError(f"extraction took longer than the time limit (page {number + 1})", name)
+
+
 def _stream_pages(doc: Any, numbers: range, text_path: Path, deadline: float, name: str) -> tuple[int, int]:
+    """Write each page as it is extracted (one form feed after each): memory stays one page deep."""
     words = chars = 0
     Path(text_path).parent.mkdir(parents=True, exist_ok=True)
     with open(text_path, "w", encoding="utf-8") as out:
-        for first in range(numbers.start, numbers.stop, PAGES_PER_SPAN):
-            with tracing.span("ingest.pages", first=first, document=name):
-                for number in range(first, min(first + PAGES_PER_SPAN, numbers.stop)):
-                    text = doc.text(number)
-                    out.write(text)
-                    out.write("\f")
-                    words += len(text.split())
-                    chars += len(text)
-                    if time.monotonic() > deadline:
-                        raise PdfTooLargeError(f"extraction took longer than the time limit (page {number + 1})", name)
+        for text in _pages(doc, numbers, deadline, name):
+            out.write(text)
+            out.write("\f")
+            words += len(text.split())
+            chars += len(text)
     return words, chars
+
+
+def _hold_pages(doc: Any, numbers: range, text_path: Path, deadline: float, name: str) -> tuple[int, int]:
+    """The baseline ``stream_text`` replaced: the whole text in memory, then written at once."""
+    text = "".join(page + "\f" for page in _pages(doc, numbers, deadline, name))
+    Path(text_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(text_path).write_text(text, encoding="utf-8")
+    return len(text.split()), len(text) - len(numbers)
 
 
 def ingest_pdf(pdf_path: Path, text_path: Path, limits: IngestConfig) -> PdfText:

@@ -69,7 +69,9 @@ def extract_attachments(msg: EmailMessage, dest: Path, max_bytes: int) -> tuple[
     pdfs: list[dict[str, Any]] = []
     skipped: list[str] = []
     for part in msg.iter_attachments():
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            payload = b""
         raw_name = part.get_filename()
         if not is_pdf(part, payload):  # type: ignore[arg-type]
             skipped.append(display_name(raw_name, len(pdfs) + len(skipped)))
