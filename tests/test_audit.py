@@ -133,3 +133,14 @@ def test_line_profile_names_hot_lines_per_stage(small_pdfs):
     df = profile_lines(small_pdfs["text"], top=3)
     assert {"Email", "Ingestion", "Digest", "Delivery", "Store"} <= set(df.tags.map(lambda t: t["stage"]))
     assert (df.value >= 0).all() and all(t["code"] for t in df.tags)
+
+
+@pytest.mark.parametrize(("failed", "not_measured", "status"), [(0, 0, "done"), (1, 0, "in progress"),
+                                                                 (0, 2, "in progress")])
+def test_task_card_is_done_only_when_every_sla_is_measured_and_met(tmp_path, failed, not_measured, status):
+    from pipeline.audit.report import update_task_card
+
+    outbox = {"session_id": "s1", "profile": "standard", "commit": "abc", "completed_at": "now",
+              "sla_summary": {"passed": 3, "failed": failed, "not_measured": not_measured}}
+    update_task_card(tmp_path / "TASK_CARDS.md", outbox, has_optimizations=True, has_code_quality=True)
+    assert f"**Status:** {status} (last verified by audit session `s1`" in (tmp_path / "TASK_CARDS.md").read_text()

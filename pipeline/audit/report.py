@@ -200,7 +200,9 @@ def update_task_card(path: Path, outbox: dict[str, Any], has_optimizations: bool
         "report": True, "stress": True, "slas": True,
         "optimizations": has_optimizations, "code_quality": has_code_quality,
     }
-    status = (f"<!-- status:begin -->\n**Status:** {'done' if all(checks.values()) else 'in progress'} "
+    # done means proven: every deliverable measured and every SLA measured and met
+    done = all(checks.values()) and summary["failed"] == 0 and summary["not_measured"] == 0
+    status = (f"<!-- status:begin -->\n**Status:** {'done' if done else 'in progress'} "
               f"(last verified by audit session `{outbox['session_id']}`, profile `{outbox['profile']}`, "
               f"commit `{outbox['commit'][:12]}`, {outbox['completed_at']}; SLAs: {summary['passed']} passed, "
               f"{summary['failed']} failed, {summary['not_measured']} not measured)\n<!-- status:end -->")
