@@ -80,6 +80,7 @@ class GatewayConfig:
     drop_folder: bool = True
     bulk_data: bool = True  # read DATA in chunks (BulkDataSMTP); False: aiosmtpd's line-by-line reader
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
+    accept_off_loop: bool = True  # store and queue each message in a thread; False: on the SMTP event loop
     poll_interval_s: float = 1.0
 
     def validate(self) -> None:

@@ -32,8 +32,10 @@ def tasks(service, run_id):
     return {t.task_id: t for t in service.store.get_tasks(run_id)}
 
 
-def test_mail_with_pdfs_gets_a_digest_reply(service_factory, smtp_sink):
-    service = service_factory()
+@pytest.mark.parametrize("baseline", [{}, {"bulk_data": False}, {"accept_off_loop": False}],
+                         ids=["defaults", "line-reader-baseline", "accept-on-loop-baseline"])
+def test_mail_with_pdfs_gets_a_digest_reply(service_factory, smtp_sink, baseline):
+    service = service_factory(**baseline)
     raw = fx.email_with([("report.pdf", fx.text_pdf(3)), ("scan.pdf", fx.image_pdf(1))], subject="Q3 reports",
                         message_id="<q3@example.com>")
     run = send_and_get_run(service, raw)

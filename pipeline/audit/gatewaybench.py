@@ -28,10 +28,10 @@ from .storebench import summarize
 
 
 @contextmanager
-def accepting_gateway(data_dir: Path, bulk_data: bool = True) -> Iterator[PipelineService]:
-    """A gateway on a free loopback port whose runs are queued but not executed."""
+def accepting_gateway(data_dir: Path, **gateway: Any) -> Iterator[PipelineService]:
+    """A gateway on a free loopback port whose runs are queued but not executed (``gateway``: settings)."""
     settings = replace(Settings.for_data_dir(data_dir),
-                       gateway=GatewayConfig(port=free_port(), drop_folder=False, bulk_data=bulk_data))
+                       gateway=GatewayConfig(port=free_port(), drop_folder=False, **gateway))
     service = PipelineService(settings).start(run_workers=False)
     try:
         yield service
@@ -82,14 +82,15 @@ def small_messages(data_dir: Path, messages: int = 2000, senders: int = 8) -> li
 
 
 def large_messages(data_dir: Path, size_mb: float = 5.0, concurrent: int = 4, rounds: int = 5,
-                   small_senders: int = 2, bulk_data: bool = True) -> list[dict[str, Any]]:
-    """``concurrent`` large messages at once, ``rounds`` times, while small senders keep sending."""
+                   small_senders: int = 2, **gateway: Any) -> list[dict[str, Any]]:
+    """``concurrent`` large messages at once, ``rounds`` times, while small senders keep sending
+    (``gateway``: settings of the gateway under test, e.g. ``bulk_data=False``)."""
     pdf = fx.text_pdf_of_size(size_mb * 0.74)  # base64 adds a third: the message is about size_mb
     large = [[fx.email_with([("big.pdf", pdf)], message_id=f"<large-{c}-{r}@bench>") for r in range(rounds)]
              for c in range(concurrent)]
     small = [[fx.email_with([], message_id=f"<during-{s}-{i}@bench>") for i in range(150)]
              for s in range(small_senders)]
-    with accepting_gateway(data_dir, bulk_data) as service:
+    with accepting_gateway(data_dir, **gateway) as service:
         port = service.settings.gateway.port
         result: dict[str, list[float]] = {}
         background = threading.Thread(target=lambda: result.setdefault("small", send_all(port, small)))

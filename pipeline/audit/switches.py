@@ -148,18 +148,24 @@ def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: i
 
 
 def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Chunked DATA reading against aiosmtpd's line reader; inotify against polling for the drop folder."""
+    """Chunked DATA reading against aiosmtpd's line reader, accepting off the event loop against on it
+    (both with 5 MB messages arriving while small ones keep coming); inotify against polling."""
     from .gatewaybench import large_messages
 
     rows: list[dict[str, Any]] = []
-    variants = {"baseline: aiosmtpd line reader": False, "optimized: chunked DATA (BulkDataSMTP)": True}
+    switches = {
+        "chunked DATA": {"baseline: aiosmtpd line reader": {"bulk_data": False},
+                         "optimized: chunked DATA (BulkDataSMTP)": {}},
+        "accept off the event loop": {"baseline: spool fsync and commit on the event loop": {"accept_off_loop": False},
+                                      "optimized: in the gateway's thread pool": {}},
+    }
     for rep in tqdm(range(reps), desc="gateway switches", unit="rep"):
-        for variant, bulk in variants.items():
-            with tempfile.TemporaryDirectory(prefix="gw-") as tmp:
-                for r in large_messages(Path(tmp), rounds=3, bulk_data=bulk):
-                    if r["metric"] in ("large_client_latency", "small_client_latency_during_large"):
-                        rows.append(row(variant, f"{r['metric']}_p95_ms", r["p95"], "ms", rep,
-                                        switch="chunked DATA"))
+        for switch, variants in switches.items():
+            for variant, settings in variants.items():
+                with tempfile.TemporaryDirectory(prefix="gw-") as tmp:
+                    for r in large_messages(Path(tmp), rounds=3, **settings):
+                        if r["metric"] in ("large_client_latency", "small_client_latency_during_large"):
+                            rows.append(row(variant, f"{r['metric']}_p95_ms", r["p95"], "ms", rep, switch=switch))
     for rep in range(reps):
         for variant, mode in {"baseline: polling (1 s)": "poll", "optimized: inotify (watchdog)": "inotify"}.items():
             for seconds in drop_folder_latency(mode, messages=10):
