@@ -124,6 +124,18 @@ def test_leak_detector_flags_a_leaking_workflow_only(recorder):
     assert any("test_audit.py" in site for site in leaky["site"].dropna())  # the leaking line is named
 
 
+def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
+    from pipeline.audit.memory import judge_leak
+
+    def points(bytes_at):
+        return [{"runs": r, "traced_bytes": bytes_at(r), "rss_bytes": 0.0} for r in range(0, 5001, 250)]
+
+    step = judge_leak(points(lambda r: 4_000_000 if r >= 1000 else 700_000), [])  # a cache filled once
+    assert not step.leaking and step.traced_bytes_per_run == 0 and step.traced_bytes_per_run_all > 500
+    steady = judge_leak(points(lambda r: 20_000 * r), [])
+    assert steady.leaking and steady.traced_bytes_per_run == pytest.approx(20_000)
+
+
 def test_real_pipeline_is_not_flagged_as_leaking(recorder):
     df = scenarios.soak(runs=120, warmup=40, every=20, recorder=recorder)
     assert df[df.metric == "leaking"].value.item() == 0.0, df[df.metric.str.startswith("leak")]

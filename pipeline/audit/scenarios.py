@@ -251,6 +251,7 @@ def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None =
     rows += [row(variant, "rss_bytes", p["rss_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
     rows += [row(variant, "leak_traced_bytes_per_run", verdict.traced_bytes_per_run, "bytes/run", 0),
              row(variant, "leak_rss_bytes_per_run", verdict.rss_bytes_per_run, "bytes/run", 0),
+             row(variant, "traced_bytes_per_run_all_samples", verdict.traced_bytes_per_run_all, "bytes/run", 0),
              row(variant, "leaking", float(verdict.leaking), "bool", 0, threshold=verdict.threshold)]
     rows += [row(variant, "top_growth_bytes", g["size_diff"], "bytes", i, site=g["site"], count_diff=g["count_diff"])
              for i, g in enumerate(verdict.top_growth)]
