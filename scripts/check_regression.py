@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Fail when a candidate audit session is slower than a baseline session beyond the noise.
+"""Fail when a candidate is slower than a baseline beyond the noise.
 
     python scripts/check_regression.py --baseline SESSION [--candidate SESSION] [--db data/audit.duckdb]
+    python scripts/check_regression.py --base-commit REV [--candidate-commit REV] [--probe trigger] [--reps 5]
 
-The candidate defaults to the latest session. Every timing series both sessions share is compared
-by a bootstrap interval on the ratio of medians; exit code 1 if any regressed, 2 on bad input.
+Sessions: the candidate defaults to the latest session; every timing series both sessions share is
+compared by a bootstrap interval on the ratio of medians. Commits: one probe runs in both commits'
+trees alternately (A B A B), which separates the code from the machine's drift between sessions; the
+candidate defaults to the working tree. Exit code 1 if anything regressed, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.audit.abcommits import PROBES, ABError, compare_commits  # noqa: E402
 from pipeline.audit.recorder import AuditRecorder  # noqa: E402
 from pipeline.audit.regression import as_rows, compare_sessions, same_machine  # noqa: E402
 from pipeline.audit.report import session_info  # noqa: E402
@@ -23,13 +27,21 @@ from pipeline.audit.report import session_info  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True)
+    parser.add_argument("--baseline", help="baseline audit session")
     parser.add_argument("--candidate", help="default: the latest session")
+    parser.add_argument("--base-commit", help="compare commits instead: the base revision")
+    parser.add_argument("--candidate-commit", help="default: the working tree")
+    parser.add_argument("--probe", choices=PROBES, default="trigger", help="what to measure in both commits")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per commit")
     parser.add_argument("--db", type=Path, default=Path("data/audit.duckdb"))
     parser.add_argument("--min-effect", type=float, default=0.10, help="slowdowns smaller than this never fail")
     parser.add_argument("--allow-other-machine", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.base_commit:
+        return _commits(args)
+    if not args.baseline:
+        parser.error("give --baseline SESSION or --base-commit REV")
     if not args.db.exists():
         print(f"error: no audit database at {args.db}", file=sys.stderr)
         return 2
@@ -50,6 +62,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{flag:<9} x{v.ratio:5.2f} [{v.low:.2f}, {v.high:.2f}]  {v.key}")
         print(f"{len(regressed)} of {len(verdicts)} series regressed ({args.baseline} -> {candidate})")
     return 1 if regressed else 0
+
+
+def _commits(args: argparse.Namespace) -> int:
+    try:
+        v = compare_commits(args.base_commit, args.candidate_commit, args.probe, args.reps, args.min_effect)
+    except ABError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(as_rows([v])[0], indent=2))
+    else:
+        flag = "REGRESSED" if v.regressed else "ok"
+        print(f"{flag:<9} x{v.ratio:5.2f} [{v.low:.2f}, {v.high:.2f}]  {v.key}  "
+              f"(medians {v.baseline_median:.4g} -> {v.candidate_median:.4g})")
+    return 1 if v.regressed else 0
 
 
 if __name__ == "__main__":

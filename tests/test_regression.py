@@ -1,5 +1,6 @@
 """The regression gate on real measurements: a stage made 20 % slower is caught, a rerun passes."""
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.audit.abcommits import ABError, compare_commits
 from pipeline.audit.recorder import AuditRecorder
 from pipeline.dag import DAG, Task
 
@@ -55,3 +57,49 @@ def test_rerun_of_the_same_code_passes(sessions, capsys):
 def test_missing_database_is_an_error(tmp_path, capsys):
     assert gate(["--db", str(tmp_path / "none.duckdb"), "--baseline", "x"]) == 2
     assert "no audit database" in capsys.readouterr().err
+
+
+SLOWER_STORE = '''
+import time as _time
+
+_record = SqliteRunStore.record_transitions
+
+
+def _slower(self, transitions):  # about 25 % more than one write commit costs (~40 us)
+    until = _time.perf_counter_ns() + 10_000
+    while _time.perf_counter_ns() < until:
+        pass
+    return _record(self, transitions)
+
+
+SqliteRunStore.record_transitions = _slower
+'''
+
+
+@pytest.fixture(scope="module")
+def repo_with_slower_commit(tmp_path_factory):
+    """A clone of this repository whose newest commit makes every store write 10 us (~25 %) slower."""
+    root = Path(__file__).resolve().parent.parent
+    clone = tmp_path_factory.mktemp("ab") / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(root), str(clone)], check=True)
+    with open(clone / "pipeline" / "sqlite_store.py", "a") as source:
+        source.write(SLOWER_STORE)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "commit", "--quiet", "-am", "slower writes"], cwd=clone, check=True)
+    return clone
+
+
+@pytest.mark.slow
+def test_commit_ab_catches_a_slower_commit_and_passes_the_same_commit(repo_with_slower_commit):
+    slower = compare_commits("HEAD~1", "HEAD", "transitions", reps=5, progress=False, repo=repo_with_slower_commit)
+    assert slower.regressed, slower
+    same = compare_commits("HEAD~1", "HEAD~1", "transitions", reps=5, progress=False, repo=repo_with_slower_commit)
+    assert not same.regressed, same
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo_with_slower_commit, capture_output=True,
+                               text=True, check=True).stdout
+    assert len(worktrees.strip().splitlines()) == 1  # the temporary checkouts are gone
+
+
+def test_commit_ab_names_a_revision_that_does_not_exist(repo_with_slower_commit):
+    with pytest.raises(ABError, match="cannot check out 'no-such-rev'"):
+        compare_commits("no-such-rev", None, "transitions", reps=1, progress=False, repo=repo_with_slower_commit)
