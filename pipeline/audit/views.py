@@ -144,17 +144,33 @@ def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["variant", "kind", "nominal_mb"])
 
 
-def fig_pdf_scaling(table: pd.DataFrame) -> Figure:
-    """Ingest time and peak RSS against file size, one line per kind."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
-    for (variant, kind), group in table.groupby(["variant", "kind"]):
-        left.plot(group.file_mb, group.median_s, marker="o", label=f"{kind} ({variant})")
-        right.plot(group.file_mb, group.peak_rss_mb, marker="o", label=f"{kind} ({variant})")
-    left.set(xlabel="file MB", ylabel="median seconds", title="Ingestion time")
-    right.set(xlabel="file MB", ylabel="peak RSS MB (extraction workers)", title="Ingestion memory")
-    left.legend(fontsize=7)
+Line = tuple[Any, Any, str, dict[str, Any]]  # x, y, label, plot options
+
+
+def _side_by_side(left: list[Line], right: list[Line], left_axes: dict[str, Any],
+                  right_axes: dict[str, Any]) -> Figure:
+    """Two line charts next to each other; the legend on the left one serves both."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, lines, settings in ((axes[0], left, left_axes), (axes[1], right, right_axes)):
+        for x, y, label, options in lines:
+            ax.plot(x, y, label=label, **options)
+        ax.set(**settings)
+    axes[0].legend(fontsize=7, ncol=2 if len(left) > 8 else 1)
     fig.tight_layout()
     return fig
+
+
+def fig_pdf_scaling(table: pd.DataFrame) -> Figure:
+    """Ingest time and peak RSS against file size: colour is the document kind, line style the engine."""
+    kinds, variants = sorted(table.kind.unique()), sorted(table.variant.unique())
+    groups = [(f"{kind} ({variant})", g, {"marker": "o", "color": f"C{kinds.index(kind)}",  # colour: kind
+                                          "linestyle": ["-", "--", ":", "-."][variants.index(variant) % 4]})
+              for (variant, kind), g in table.groupby(["variant", "kind"])]
+    return _side_by_side(
+        [(g.file_mb, g.median_s, label, style) for label, g, style in groups],
+        [(g.file_mb, g.peak_rss_mb, label, style) for label, g, style in groups],
+        {"xlabel": "file MB", "ylabel": "median seconds", "title": "Ingestion time"},
+        {"xlabel": "file MB", "ylabel": "peak RSS MB (extraction workers)", "title": "Ingestion memory"})
 
 
 def burst_table(m: pd.DataFrame) -> pd.DataFrame:
@@ -172,18 +188,16 @@ def burst_table(m: pd.DataFrame) -> pd.DataFrame:
 def fig_burst(m: pd.DataFrame) -> Figure:
     """Trigger-latency CDF per round, and the backlog over time."""
     r = rows(m, "email_burst")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    cdfs: list[Line] = []
     for label, group in r[r.metric == "trigger_latency_ms"].groupby("round"):
         values = group.value.sort_values().reset_index(drop=True)
-        left.plot(values, (values.index + 1) / len(values), label=label)
-    for label, group in r[r.metric == "backlog"].groupby("round"):
-        right.plot(group.t, group.value, label=label)
-    left.set(xscale="log", xlabel="DATA end → run queued (ms, log)", ylabel="fraction of mails",
-             title="Trigger latency")
-    right.set(xlabel="seconds since first send", ylabel="runs queued or running", title="Backlog and drain")
-    left.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        cdfs.append((values, (values.index + 1) / len(values), str(label), {}))
+    backlog: list[Line] = [(g.t, g.value, str(label), {}) for label, g in r[r.metric == "backlog"].groupby("round")]
+    return _side_by_side(
+        cdfs, backlog,
+        {"xscale": "log", "xlabel": "DATA end → run queued (ms, log)", "ylabel": "fraction of mails",
+         "title": "Trigger latency"},
+        {"xlabel": "seconds since first send", "ylabel": "runs queued or running", "title": "Backlog and drain"})
 
 
 def store_table(m: pd.DataFrame) -> pd.DataFrame:
