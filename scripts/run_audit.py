@@ -15,7 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit.batch import PROFILES, AuditBatchError, BatchPaths, run_batch, summary_line  # noqa: E402
+from pipeline.audit.batch import (  # noqa: E402
+    PROFILES,
+    AuditBatchError,
+    BatchPaths,
+    render_report,
+    run_batch,
+    summary_line,
+)
 
 
 def main() -> int:
@@ -26,12 +33,17 @@ def main() -> int:
     parser.add_argument("--outbox", type=Path, help="completion report path (default outbox.json)")
     parser.add_argument("--task-cards", type=Path, help="task card file to update (default TASK_CARDS.md)")
     parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds one notebook cell may take")
+    parser.add_argument("--report-only", metavar="SESSION",
+                        help="measure nothing: redraw the report of SESSION from data/audit.duckdb")
     args = parser.parse_args()
     paths = BatchPaths()
     for name in ("data_dir", "report_dir", "outbox", "task_cards"):
         if getattr(args, name):
             setattr(paths, name, getattr(args, name).resolve())
     try:
+        if args.report_only:
+            print(f"report of session {args.report_only}: {render_report(args.report_only, paths)}")
+            return 0
         outbox = run_batch(args.profile, paths, args.cell_timeout)
     except AuditBatchError as exc:
         print(f"audit failed: {exc}", file=sys.stderr)

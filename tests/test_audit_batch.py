@@ -99,3 +99,19 @@ def test_notebooks_are_thin_with_a_parameters_cell(path):
     assert "parameters" in code[0].metadata.get("tags", [])
     assert all(len(c.source.splitlines()) <= 40 for c in code)  # logic belongs in pipeline.audit
     assert not any(c.get("outputs") for c in code)
+
+
+def test_report_only_redraws_the_same_session_without_measuring(quick_audit):
+    out, outbox = quick_audit
+    db = out / "data" / "audit.duckdb"
+    before = AuditRecorder(db).query("SELECT count(*) AS n FROM measurement").n.item()
+    cmd = [sys.executable, "scripts/run_audit.py", "--report-only", outbox["session_id"], "--data-dir",
+           str(out / "data"), "--report-dir", str(out / "redrawn")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    redrawn = (out / "redrawn" / "PERFORMANCE_AUDIT_SPRINT4.md").read_text()
+    assert f"Session `{outbox['session_id']}`" in redrawn
+    assert AuditRecorder(db).query("SELECT count(*) AS n FROM measurement").n.item() == before
+    missing = subprocess.run([*cmd[:3], "no-such-session", *cmd[4:]], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert missing.returncode == 1 and "no session 'no-such-session'" in missing.stderr

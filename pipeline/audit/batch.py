@@ -119,9 +119,25 @@ def run_batch(profile: str, paths: BatchPaths | None = None, cell_timeout_s: int
     return outbox
 
 
+def render_report(session_id: str, paths: BatchPaths | None = None, cell_timeout_s: int = 600) -> Path:
+    """Redraw the report of an earlier session from DuckDB alone (no measuring): for a change to the
+    report's tables or charts. The outbox and task card, which describe the session, stay as they are."""
+    paths = paths or BatchPaths()
+    recorder = AuditRecorder(paths.data_dir / "audit.duckdb")
+    found = recorder.query("SELECT profile FROM session WHERE session_id = ?", [session_id])
+    if found.empty:
+        raise AuditBatchError(f"no session {session_id!r} in {recorder.path}")
+    install_kernel()
+    run_dir = paths.data_dir / "audit-runs" / session_id
+    params = {"session_id": session_id, "db_path": str(recorder.path),
+              "fixtures_dir": str(paths.data_dir / "fixtures"), "profile": found.profile.iloc[0]}
+    _execute(paths.notebooks_dir / f"{REPORT_NOTEBOOK}.py", run_dir, params, cell_timeout_s, None)
+    return export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
+
+
 def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
-             recorder: AuditRecorder) -> dict[str, Any]:
-    """Run one jupytext notebook with papermill; record its per-cell durations."""
+             recorder: AuditRecorder | None) -> dict[str, Any]:
+    """Run one jupytext notebook with papermill; record its per-cell durations (unless ``recorder`` is None)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     source_nb = run_dir / f"{source.stem}.source.ipynb"
     output = run_dir / f"{source.stem}.ipynb"
@@ -143,7 +159,8 @@ def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
              "unit": "s", "rep": i, "tags": {"notebook": source.stem, "cell": i}} for i, c in enumerate(cells)]
     rows.append({"variant": "batch", "metric": "notebook_seconds", "value": seconds, "unit": "s", "rep": 0,
                  "tags": {"notebook": source.stem}})
-    recorder.record("batch", pd.DataFrame(rows))
+    if recorder is not None:
+        recorder.record("batch", pd.DataFrame(rows))
     return {"notebook": source.stem, "seconds": round(seconds, 2), "executed": _relative(output)}
 
 
