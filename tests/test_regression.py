@@ -65,8 +65,8 @@ import time as _time
 _record = SqliteRunStore.record_transitions
 
 
-def _slower(self, transitions):  # about 25 % more than one write commit costs (~40 us)
-    until = _time.perf_counter_ns() + 10_000
+def _slower(self, transitions):  # about half again what one write commit costs (~40-60 us)
+    until = _time.perf_counter_ns() + 25_000
     while _time.perf_counter_ns() < until:
         pass
     return _record(self, transitions)
@@ -78,7 +78,7 @@ SqliteRunStore.record_transitions = _slower
 
 @pytest.fixture(scope="module")
 def repo_with_slower_commit(tmp_path_factory):
-    """A clone of this repository whose newest commit makes every store write 10 us (~25 %) slower."""
+    """A clone of this repository whose newest commit makes every store write 25 us (about 50 %) slower."""
     root = Path(__file__).resolve().parent.parent
     clone = tmp_path_factory.mktemp("ab") / "repo"
     subprocess.run(["git", "clone", "--quiet", str(root), str(clone)], check=True)
