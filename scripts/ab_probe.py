@@ -44,7 +44,8 @@ def ingest() -> tuple[float, str]:
 
 
 def transitions() -> tuple[float, str]:
-    """Task transitions per second, one per commit, on a fresh store: the median of 5 passes of 1000."""
+    """Task transitions per second, one per commit, on a fresh store: the median of 5 passes of 1000.
+    (The loop of ``storebench.transitions_per_s``, written out: older commits do not have that function.)"""
     from pipeline.sqlite_store import SqliteRunStore
     from pipeline.store import Transition
 

@@ -31,6 +31,7 @@ from ..sqlite_store import SqliteRunStore
 from ..stages.ingest import extract_text, ingest_pdf
 from . import fixtures as fx
 from .harness import free_port, row
+from .memory import traced
 from .recorder import AuditRecorder
 from .storebench import fill_store, transitions_per_s
 
@@ -196,14 +197,10 @@ def drop_folder_latency(mode: str, messages: int = 10) -> list[float]:
 
 def _extract_peak_mb(pdf: Path, limits: IngestConfig) -> float:
     """Peak Python heap (tracemalloc) while extracting ``pdf`` in this process, in MB."""
-    with tempfile.TemporaryDirectory(prefix="stream-") as tmp:
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            extract_text(pdf, Path(tmp) / "out.txt", limits)
-            return tracemalloc.get_traced_memory()[1] / MB
-        finally:
-            tracemalloc.stop()
+    with tempfile.TemporaryDirectory(prefix="stream-") as tmp, traced():
+        tracemalloc.reset_peak()
+        extract_text(pdf, Path(tmp) / "out.txt", limits)
+        return tracemalloc.get_traced_memory()[1] / MB
 
 
 def _batch_seconds(pdf: Path, documents: int, limits: IngestConfig) -> float:
