@@ -4,15 +4,22 @@
     ├── ConfigurationError      bad settings, missing optional dependency
     ├── DAGError                invalid workflow graph (cycle, unknown dep, duplicate id)
     ├── UnknownWorkflowError    trigger() for a workflow nobody registered
+    ├── StartupError            a service cannot start (port in use, data dir not writable)
     ├── StoreError              the run store cannot be opened or used
     │   ├── NotADatabaseError   the file is not SQLite
     │   ├── SchemaTooNewError   written by a newer version of the pipeline
-    │   └── UnknownRunError     no run with that id
+    │   ├── UnknownRunError     no run with that id
+    │   ├── StoreBusyError      locked by another writer past the busy timeout (retryable)
+    │   ├── StoreCorruptError   pages of the database are damaged
+    │   └── StoreIOError        the disk under the store failed (full, read-only, I/O error)
+    ├── SpoolError              a message could not be stored durably (``disk_full`` set for ENOSPC)
+    ├── UnavailableError        the service cannot take work now (unhealthy engine): SMTP 451
     ├── RejectedMessageError    the gateway refuses a message (size, recipient)
     ├── IngestError             one PDF cannot be read; ``reason`` is what the store records
     │   ├── EncryptedPdfError   reason "encrypted"
     │   ├── CorruptPdfError     reason "corrupt"
-    │   └── PdfTooLargeError    reason "too_large" (pages, bytes, decompressed size, time)
+    │   ├── PdfTooLargeError    reason "too_large" (pages, bytes, decompressed size, time, memory cap)
+    │   └── WorkerCrashedError  reason "worker_crashed": the extraction worker died for another cause
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
     └── StepError               a task failed; carries run_id, task_id and reason
@@ -94,6 +101,48 @@ class UnknownRunError(StoreError):
         self.run_id = run_id
 
 
+class StoreBusyError(StoreError):
+    """Another process held the store's write lock past the busy timeout; trying later can work."""
+
+    reason = "store_busy"
+
+
+class StoreCorruptError(StoreError):
+    """SQLite reports damaged pages ("database disk image is malformed"); restore or rebuild the file."""
+
+    reason = "store_corrupt"
+    retryable = False
+
+
+class StoreIOError(StoreError):
+    """The disk under the store failed: full, read-only or an I/O error."""
+
+    reason = "store_io"
+
+
+class StartupError(PipelineError):
+    """A service cannot start: the port is taken, the data dir is not writable, ..."""
+
+    reason = "startup"
+    retryable = False
+
+
+class SpoolError(PipelineError):
+    """A message could not be written durably to the spool; ``disk_full`` is set when the disk is full."""
+
+    reason = "spool"
+
+    def __init__(self, message: str, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class UnavailableError(PipelineError):
+    """The service cannot take work now (its engine is unhealthy); senders should retry later."""
+
+    reason = "unavailable"
+
+
 class RejectedMessageError(PipelineError):
     """The gateway refuses a message; ``smtp_code`` is the reply it sends."""
 
@@ -131,6 +180,17 @@ class PdfTooLargeError(IngestError):
     """The PDF exceeds a page, size, decompression, memory or time limit."""
 
     reason = "too_large"
+
+
+class WorkerCrashedError(IngestError):
+    """The extraction worker died for a cause other than the memory cap; another try may work."""
+
+    reason = "worker_crashed"
+    retryable = True
+
+    def __init__(self, message: str, filename: str = "", exit_code: int | None = None) -> None:
+        super().__init__(message, filename)
+        self.exit_code = exit_code
 
 
 class ParseError(PipelineError):
