@@ -1,7 +1,9 @@
 """Command line: ``python -m pipeline COMMAND``; each command is a thin shell over the library.
 
 Errors the pipeline raises on purpose become one line on stderr and exit
-code 2; a failed run makes ``ingest`` exit 1.
+code 2; a failed run makes ``ingest`` exit 1. The read commands (``runs``,
+``show``) never create anything: on a data dir where nothing has run yet
+they see an empty store. Every command closes its store on every path.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import store as s
 from .config import Settings, load_settings
-from .errors import ConfigurationError, PipelineError
+from .errors import ConfigurationError, PipelineError, UnknownRunError
 from .service import PipelineService, ingest_files
 from .sqlite_store import SqliteRunStore
 
@@ -87,10 +90,21 @@ def open_store(args: argparse.Namespace, create: bool = False) -> SqliteRunStore
     return SqliteRunStore(settings_from(args).store, create=create)
 
 
+@contextmanager
+def existing_store(args: argparse.Namespace) -> Iterator[SqliteRunStore | None]:
+    """Yield the run store if it exists, else None (creating nothing); close it on leaving."""
+    config = settings_from(args).store
+    if not config.path.exists():  # nothing has run here yet: an empty store, not an error (issue 10)
+        yield None
+        return
+    with SqliteRunStore(config, create=False) as store:
+        yield store
+
+
 @command
 def cmd_runs(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    runs = store.list_runs(args.workflow, args.state, args.limit, args.before)
+    with existing_store(args) as store:
+        runs = store.list_runs(args.workflow, args.state, args.limit, args.before) if store else []
     if args.json:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
         return 0
@@ -103,15 +117,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 @command
 def cmd_show(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    print(format_run(store, args.run_id, as_json=args.json))
+    with existing_store(args) as store:
+        if store is None:
+            raise UnknownRunError(args.run_id)
+        print(format_run(store, args.run_id, as_json=args.json))
     return 0
 
 
 @command
 def cmd_purge(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    count = store.purge_runs(time.time() - args.older_than * 86400)
+    with open_store(args) as store:
+        count = store.purge_runs(time.time() - args.older_than * 86400)
     print(f"purged {count} run(s) that ended more than {args.older_than:g} day(s) ago")
     return 0
 
@@ -129,11 +145,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"no such file: {', '.join(missing)}")
     settings = settings_from(args)
     run_ids = ingest_files(settings, args.files)
-    store = open_store(args)
-    for run_id in run_ids:
-        print(format_run(store, run_id, as_json=True))
-    failed = [r for r in run_ids if store.get_run(r).state != s.SUCCESS]
-    store.close()
+    with open_store(args) as store:
+        for run_id in run_ids:
+            print(format_run(store, run_id, as_json=True))
+        failed = [r for r in run_ids if store.get_run(r).state != s.SUCCESS]
     return 1 if failed else 0
 
 
@@ -152,6 +167,10 @@ def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _utc(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -164,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # last resort: OS errors should have been translated where they happen
+        log.debug("untranslated OSError", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

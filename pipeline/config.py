@@ -9,10 +9,14 @@ optimized variants side by side.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
+import types
 from dataclasses import dataclass, field, fields, replace
+from email import errors as email_errors
+from email import policy
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigurationError
 
@@ -61,12 +65,20 @@ class EngineConfig:
     heartbeat_interval_s: float = 2.0
     stale_after_s: float = 30.0  # a running run with an older heartbeat belongs to a dead process
     shutdown_grace_s: float = 10.0
+    unhealthy_after: int = 3  # consecutive failures of a background loop before the engine reports unhealthy
+    backoff_base_s: float = 0.1  # a failing loop waits this long, doubling per failure, before it tries again
+    backoff_max_s: float = 5.0
+    max_internal_requeues: int = 3  # a run whose bookkeeping failed is requeued this often, then failed "internal"
 
     def validate(self) -> None:
         if self.max_active_runs < 1:
             raise ConfigurationError("engine.max_active_runs must be >= 1")
         if self.heartbeat_interval_s <= 0 or self.stale_after_s <= self.heartbeat_interval_s:
             raise ConfigurationError("engine.stale_after_s must exceed heartbeat_interval_s > 0")
+        if self.unhealthy_after < 1 or self.max_internal_requeues < 0:
+            raise ConfigurationError("engine.unhealthy_after must be >= 1 and engine.max_internal_requeues >= 0")
+        if not 0 < self.backoff_base_s <= self.backoff_max_s:
+            raise ConfigurationError("engine backoff must satisfy 0 < backoff_base_s <= backoff_max_s")
 
 
 @dataclass(frozen=True)
@@ -109,8 +121,9 @@ class IngestConfig:
     summary_sentences: int = 3
 
     def validate(self) -> None:
-        if min(self.max_attachment_bytes, self.max_pages, self.max_decompressed_bytes) <= 0:
-            raise ConfigurationError("ingest limits must be > 0")
+        for name in ("max_attachment_bytes", "max_pages", "max_decompressed_bytes", "memory_limit_bytes", "workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ConfigurationError("ingest.timeout_s must be > 0")
         if self.engine not in ("pypdf", "pdfium"):
@@ -134,6 +147,20 @@ class DeliveryConfig:
     def validate(self) -> None:
         if self.relay and not self.relay.startswith("smtp://"):
             raise ConfigurationError(f"delivery.relay must look like smtp://host:port, not {self.relay!r}")
+        for name in ("sender", "recipient"):
+            value = getattr(self, name)
+            if value is not None and not _is_one_mailbox(value):
+                raise ConfigurationError(f"delivery.{name} must be one mail address like digest@example.com, "
+                                         f"not {value!r}")
+
+
+def _is_one_mailbox(value: str) -> bool:
+    """True when ``value`` parses (RFC 5322, email.headerregistry) as exactly one mailbox with a domain."""
+    try:
+        mailboxes = [a for a in policy.default.header_factory("To", value).addresses if a.username and a.domain]
+    except (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError):
+        return False  # what the email package raises on odd input instead of recording a defect
+    return len(mailboxes) == 1 and value.isprintable()
 
 
 @dataclass(frozen=True)
@@ -170,33 +197,118 @@ class Settings:
 def load_settings(path: Path | None = None, data_dir: Path | str | None = None, **overrides: Any) -> Settings:
     """Build settings from an optional TOML file, then ``data_dir``, then per-section overrides.
 
-    The TOML file has one table per section (``[store]``, ``[gateway]`` ...)
-    whose keys are the dataclass fields. Unknown keys raise ConfigurationError.
+    The TOML file has an optional top-level ``data_dir`` and one table per section
+    (``[store]``, ``[gateway]`` ...) whose keys are the dataclass fields. Each value is
+    checked against its field's annotated type. Raises ConfigurationError, one line naming
+    the file, section and key, for an unknown section or key (with the nearest valid name),
+    a value of the wrong type, or a value the section's ``validate()`` refuses.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
-    root = Path(data_dir or raw.pop("data_dir", "data"))
-    settings = Settings.for_data_dir(root)
+    source = str(path) if path is not None else ""
+    raw = _read_toml(path) if path is not None else {}
+    file_dir = _checked(raw.pop("data_dir"), Path, f"{source}: data_dir") if "data_dir" in raw else None
+    settings = Settings.for_data_dir(data_dir or file_dir or "data")
     for section, values in raw.items():
-        current = getattr(settings, section, None)
-        if not dataclasses.is_dataclass(current) or not isinstance(values, dict):
-            raise ConfigurationError(f"{path}: unknown settings section [{section}]")
-        settings = replace(settings, **{section: _replace_section(current, values, section)})
+        settings = _with_section(settings, section, values, source)
     for section, values in overrides.items():
-        settings = replace(settings, **{section: _replace_section(getattr(settings, section), values, section)})
+        settings = _with_section(settings, section, values, "")
     return settings.validate()
 
 
-def _replace_section(current: Any, values: dict[str, Any], section: str) -> Any:
-    known = {f.name: f for f in fields(current)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise ConfigurationError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
-    converted = {k: Path(v) if isinstance(getattr(current, k), Path) else v for k, v in values.items()}
-    if "allowed_recipient_domains" in converted:
-        converted["allowed_recipient_domains"] = tuple(values["allowed_recipient_domains"])
-    return replace(current, **converted)
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
+
+
+def _with_section(settings: Settings, section: str, values: Any, source: str) -> Settings:
+    """Return ``settings`` with ``values`` applied to ``section``; ``source`` (the file) prefixes errors."""
+    prefix = f"{source}: " if source else ""
+    sections = [f.name for f in fields(settings) if dataclasses.is_dataclass(getattr(settings, f.name))]
+    if section not in sections:
+        what = f"settings section [{_shown(section)}]" if isinstance(values, dict) else f"setting {_shown(section)}"
+        raise ConfigurationError(f"{prefix}unknown {what} {_nearest(section, [*sections, 'data_dir'])}")
+    if not isinstance(values, dict):
+        raise ConfigurationError(f"{prefix}[{section}] must be a table of settings, not {_describe_value(values)}")
+    updated = _replace_section(getattr(settings, section), values, section, prefix)
+    try:
+        updated.validate()
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{prefix}{exc}") from exc
+    return replace(settings, **{section: updated})
+
+
+def _replace_section(current: Any, values: dict[str, Any], section: str, prefix: str = "") -> Any:
+    """Return ``current`` with ``values`` replaced, each checked against the field's annotated type."""
+    hints = get_type_hints(type(current))
+    known = [f.name for f in fields(current)]
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigurationError(f"{prefix}unknown setting [{section}] {_shown(key)} {_nearest(key, known)}")
+        checked[key] = _checked(value, hints[key], f"{prefix}[{section}] {key}")
+    return replace(current, **checked)
+
+
+def _nearest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"(did you mean {close[0]}?)" if close else f"(known: {', '.join(known)})"
+
+
+def _shown(name: str) -> str:
+    return name if name.isidentifier() else repr(name)[:60]
+
+
+_WRONG = object()  # _convert's answer for a value that does not fit the type
+_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+               str: ("a string", "strings"), Path: ("a path (a string)", "paths")}
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """Return ``value`` as field type ``hint`` holds it; ConfigurationError "<where> must be X, not Y" if it cannot."""
+    converted = _convert(value, hint)
+    if converted is _WRONG:
+        raise ConfigurationError(f"{where} must be {_describe_type(hint)}, not {_describe_value(value)}")
+    return converted
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """Fit a TOML value to a field type: ints are floats too, strings paths; bools are never numbers."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        fits = (_convert(value, arm) for arm in args if arm is not type(None))
+        return next((v for v in fits if v is not _WRONG), _WRONG)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _WRONG
+        item_types = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args)
+        items = [_convert(v, t) for v, t in zip(value, item_types, strict=False)]
+        return _WRONG if len(item_types) != len(value) or _WRONG in items else tuple(items)
+    if isinstance(value, bool) and hint is not bool:
+        return _WRONG
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if hint is Any:
+        return value
+    return value if isinstance(value, origin or hint) else _WRONG
+
+
+def _describe_type(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_TYPE_NAMES.get(args[0], ('', 'values'))[1]}"
+    return _TYPE_NAMES.get(hint, (getattr(hint, "__name__", str(hint)), ""))[0]
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kind = {int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(type(value))
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"the {kind} {shown}" if kind else f"a {type(value).__name__} ({shown})"

@@ -5,6 +5,11 @@ a file in ``new/`` is complete); watchdog reports that through inotify (or by
 polling, if configured). Each file is accepted
 through the gateway, then moved to ``cur/``; a file over the size limit goes
 to ``rejected/`` with a log line. Files already in ``new/`` at start are taken too.
+
+A file whose accept fails (service unavailable, spool or store failing) stays
+in ``new/``, untouched, and is tried again every ``retry_interval_s`` until
+it is taken; every callback is guarded, so one bad
+file or one failing disk never stops the watcher.
 """
 
 from __future__ import annotations
@@ -21,24 +26,31 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from .config import GatewayConfig
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
+RETRY_INTERVAL_S = 5.0  # how often files left in new/ by a failed accept are tried again
 
 
 class DropFolder:
     """Watch ``directory/new`` and hand each message's bytes to ``accept``."""
 
-    def __init__(self, directory: Path, accept: Callable[[bytes], Any], config: GatewayConfig | None = None) -> None:
+    def __init__(self, directory: Path, accept: Callable[[bytes], Any], config: GatewayConfig | None = None,
+                 retry_interval_s: float = RETRY_INTERVAL_S) -> None:
         self.directory = Path(directory)
         self.accept = accept
         self.config = config or GatewayConfig()
+        self.retry_interval_s = retry_interval_s
         self._lock = threading.Lock()
         self._observer: Any = None
+        self._stopping = threading.Event()
+        self._retry_thread: threading.Thread | None = None
+        self._failed: set[Path] = set()  # files a failed accept left in new/, tried again by the retry loop
         for sub in ("tmp", "new", "cur", "rejected"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
 
     def start(self) -> DropFolder:
-        """Take what is waiting in ``new/``, then watch it."""
+        """Take what is waiting in ``new/``, then watch it (and retry files a failed accept left there)."""
         if self.config.watch_mode == "poll":
             self._observer = PollingObserver(timeout=self.config.poll_interval_s)
         else:
@@ -47,23 +59,50 @@ class DropFolder:
         # move, or watchdog holds the unpaired "moved from new/" for 0.5 s and every later event waits behind it.
         self._observer.schedule(_Handler(self), str(self.directory), recursive=True)
         self._observer.start()
+        self._stopping.clear()
+        self._retry_thread = threading.Thread(target=self._retry_loop, name="dropfolder-retry", daemon=True)
+        self._retry_thread.start()
         self.scan()
         log.info("watching drop folder %s (%s)", self.directory / "new", self.config.watch_mode)
         return self
 
     def stop(self) -> None:
         """Stop watching."""
+        self._stopping.set()
+        if self._retry_thread is not None:
+            self._retry_thread.join()
+            self._retry_thread = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
             self._observer = None
 
     def scan(self) -> int:
-        """Take every file now in ``new/``; return how many were taken."""
-        return sum(self.take(path) for path in sorted((self.directory / "new").iterdir()) if path.is_file())
+        """Take every file now in ``new/``; return how many were taken (a file that fails stays for later)."""
+        try:
+            paths = sorted(p for p in (self.directory / "new").iterdir() if p.is_file())
+        except OSError as exc:
+            log.warning("drop folder: cannot list %s: %s", self.directory / "new", exc)
+            return 0
+        return sum(self.try_take(path) for path in paths)
+
+    def try_take(self, path: Path) -> bool:
+        """``take`` guarded: a failure is logged in one line (a traceback only if unexpected) and returns False."""
+        try:
+            return self.take(path)
+        except (PipelineError, OSError) as exc:  # expected faults: the file stays in new/ for the next rescan
+            log.warning("drop folder: %s stays in new/ (accept failed: %s: %s)", Path(path).name,
+                        type(exc).__name__, exc)
+        except Exception:  # one bad file must not stop the watcher
+            log.exception("drop folder: could not accept %s; it stays in new/", path)
+        self._failed.add(Path(path))
+        return False
 
     def take(self, path: Path) -> bool:
-        """Accept one file from ``new/`` and move it out; False if someone else took it first."""
+        """Accept one file from ``new/`` and move it out; False if someone else took it first.
+
+        If ``accept`` raises, the file is left in ``new/`` and the exception propagates.
+        """
         path = Path(path)
         with self._lock:  # an event and a scan may both see the same file
             if not path.exists() or path.parent != self.directory / "new" or path.name.startswith("."):
@@ -77,6 +116,14 @@ class DropFolder:
             self.accept(path.read_bytes())
             os.replace(path, self.directory / "cur" / f"{path.name.partition(':')[0]}:2,S")
             return True
+
+    def _retry_loop(self) -> None:
+        # inotify reports a file once: a file left in new/ by a failed accept is tried again from here.
+        # Only those files: a periodic scan of all of new/ could take a file a non-Maildir writer is still writing.
+        while not self._stopping.wait(self.retry_interval_s):
+            for path in sorted(self._failed):
+                self._failed.discard(path)
+                self.try_take(path)  # re-adds the path if it fails again
 
 
 class _Handler(FileSystemEventHandler):
@@ -98,7 +145,4 @@ class _Handler(FileSystemEventHandler):
             self._take(str(event.dest_path))
 
     def _take(self, path: str) -> None:
-        try:
-            self.folder.take(Path(path))
-        except Exception:  # one bad file must not stop the watcher; it stays in new/ for the next scan
-            log.exception("drop folder: could not accept %s", path)
+        self.folder.try_take(Path(path))

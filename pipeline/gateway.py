@@ -4,12 +4,24 @@ The aiosmtpd handler does no parsing: the fsync and the run-store commit run
 in a small thread pool, so a 5 MB message never stalls the event loop that
 serves every other sender. SIZE is advertised and enforced (552), and an
 optional allow-list of recipient domains answers 550 to the rest.
+
+Never ``250`` for work that will not run. Failures are translated here, at
+the edge, into SMTP replies a sender's MTA retries on:
+
+    UnavailableError (engine unhealthy)   451 4.3.0 <problem>, try again later
+    SpoolError with disk_full             452 4.3.1 Insufficient system storage
+    other SpoolError, any StoreError      451 4.3.0 (one log line each, no traceback)
+    anything unexpected                   451 4.3.0 (logged with its traceback)
+
+Health is checked before spooling, so an unhealthy service does not fill the spool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -21,6 +33,7 @@ from . import tracing
 from .bulk_smtp import GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
+from .errors import PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .spool import Spool
 from .store import Run
 from .workflows import EMAIL_DIGEST
@@ -46,8 +59,10 @@ class EmailGateway:
 
         ``dedup=False`` always makes a new run (reprocessing a message on purpose); the first run of a
         message still carries its key, so spool reconciliation never mistakes it for a lost message.
+        Raises ``UnavailableError`` (engine unhealthy; nothing is spooled), ``SpoolError`` or ``StoreError``.
         """
         data_end_at = time.time() if data_end_at is None else data_end_at
+        self.check_available()
         with tracing.span("gateway.accept", source=source, size=len(raw)):
             spooled = self.spool.store(raw)
             payload: dict[str, Any] = {"spool": str(spooled.path), "source": source, "size": spooled.size,
@@ -62,16 +77,32 @@ class EmailGateway:
                  run.run_id)
         return run
 
+    def check_available(self) -> None:
+        """Raise ``UnavailableError`` if the engine reports itself unhealthy (its loops keep failing)."""
+        if self.engine.healthy:
+            return
+        problem = self.engine.health_problem or "the workflow engine is unhealthy"
+        raise UnavailableError(" ".join(str(problem).split())[:200])  # one line: it goes into an SMTP reply
+
     # -- SMTP ------------------------------------------------------------------
 
     def start(self) -> EmailGateway:
-        """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default)."""
-        self._controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data,
-                                             hostname=self.config.host, port=self.config.port,
-                                             data_size_limit=self.config.max_message_bytes, ready_timeout=10)
-        self._controller.start()
-        log.info("SMTP gateway listening on %s:%d (max message %d bytes)", self.config.host, self.config.port,
-                 self.config.max_message_bytes)
+        """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default).
+
+        Raises ``StartupError`` (one line) if the address cannot be bound: port in use, no such address, ...
+        """
+        host, port = self.config.host, self.config.port
+        check_port_free(host, port)  # aiosmtpd would wait its whole ready timeout before reporting this
+        controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data, hostname=host,
+                                       port=port, data_size_limit=self.config.max_message_bytes, ready_timeout=10)
+        try:
+            controller.start()
+        except OSError as exc:  # lost a race for the port, or the loop did not come up (TimeoutError)
+            controller.stop(no_assert=True)
+            controller.loop.close()
+            raise StartupError(f"cannot listen for SMTP on {host}:{port}: {exc}") from exc
+        self._controller = controller
+        log.info("SMTP gateway listening on %s:%d (max message %d bytes)", host, port, self.config.max_message_bytes)
         return self
 
     def stop(self) -> None:
@@ -112,7 +143,50 @@ class _SmtpHandler:
                 run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
             else:  # the baseline the switch measures against
                 run = accept()
-        except Exception:  # answer "try later" rather than drop: the sender keeps the message
-            log.exception("could not accept a message; answered 451")
-            return "451 4.3.0 Temporary failure storing the message, try again later"
+        except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
+            return smtp_reply_for(exc)
         return f"250 2.0.0 OK queued as run {run.run_id}"
+
+
+def smtp_reply_for(exc: Exception) -> str:
+    """Return the temporary-failure reply for a message that could not be accepted, and log one line."""
+    if isinstance(exc, UnavailableError):
+        log.warning("answered 451: service unavailable: %s", exc)
+        return f"451 4.3.0 {exc}, try again later"
+    if isinstance(exc, SpoolError) and exc.disk_full:
+        log.warning("answered 452: %s", exc)
+        return "452 4.3.1 Insufficient system storage"
+    if isinstance(exc, (SpoolError, StoreError)):
+        log.warning("answered 451: %s: %s", type(exc).__name__, exc)
+    elif isinstance(exc, PipelineError):
+        log.error("answered 451: %s: %s", type(exc).__name__, exc)
+    else:  # not a fault we expected: keep the traceback
+        log.error("could not accept a message; answered 451", exc_info=exc)
+    return "451 4.3.0 Temporary failure storing the message, try again later"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``StartupError`` if ``host:port`` cannot be bound for listening now (port 0 is always free)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen for SMTP on {host}:{port}: {exc.strerror}") from exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise StartupError(_bind_problem(host, port, exc)) from exc
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use (another serve running? choose another with --port)"
+    if exc.errno == errno.EACCES:
+        return f"port {port} on {host}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: {host} is not an address of this machine"
+    return f"cannot listen for SMTP on {host}:{port}: {exc.strerror or exc}"

@@ -5,6 +5,15 @@ each finished future advances the run from its done-callback. That keeps
 hundreds of active runs cheap. Every transition goes to the store with its
 timestamp; results reach dependents through ``TaskContext.upstream`` and are
 persisted, so a resumed run reuses what already succeeded.
+
+Callbacks are guarded. concurrent.futures only logs an exception raised in a
+done-callback, so a store write failing there would leave the run running for
+good. Instead every callback body runs in ``_guarded``: if it raises, the run
+is abandoned (nothing more is written or submitted for it; late results of its
+live tries are dropped) and handed to ``on_broken``, which requeues or fails it
+(``WorkflowEngine`` decides, see its module docstring). A try whose future was
+cancelled, or whose process pool broke, while the run is stopping never ran to
+an end: the run goes back to the queue rather than failing.
 """
 
 from __future__ import annotations
@@ -13,10 +22,11 @@ import json
 import logging
 import random
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,20 +65,34 @@ class Executors:
         self._process: Executor | None = None
         self._lock = threading.Lock()
 
-    def for_task(self, task: Task) -> Executor:
-        """Return the executor a task asked for."""
-        if task.executor == "thread":
-            return self.thread
+    def submit_process(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Submit to the process pool, starting it on first use and again if a worker died abruptly."""
         with self._lock:
             if self._process is None:
                 self._process = self._process_factory()
-            return self._process
+            try:
+                return self._process.submit(fn, *args)
+            except BrokenExecutor:  # a worker was killed (OOM, kill -9): that pool takes nothing more
+                log.warning("process pool broken by a worker that died; starting a new one")
+                self._process.shutdown(wait=False)
+                self._process = self._process_factory()
+                return self._process.submit(fn, *args)
 
     def shutdown(self, wait: bool = True) -> None:
         """Shut both pools down; queued work is cancelled."""
         self.thread.shutdown(wait=wait, cancel_futures=True)
         if self._process is not None:
             self._process.shutdown(wait=wait, cancel_futures=True)
+
+
+def ignore_stop_signals() -> None:
+    """Initialize a process-pool worker to ignore SIGINT/SIGTERM; it exits when the pool shuts down.
+
+    Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group; a worker
+    killed by them would fail its task with a made-up reason while the service stops gracefully.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _call(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
@@ -81,11 +105,13 @@ class DAGRunner:
     """Drive one run to a terminal state, or back to the queue when stopped."""
 
     def __init__(self, store: DAGRunStore, dag: DAG, run: Run, *, executors: Executors, timers: Timers,
-                 work_dir: Path, on_finish: Callable[[int, str], None] = lambda run_id, state: None) -> None:
+                 work_dir: Path, on_finish: Callable[[int, str], None] = lambda run_id, state: None,
+                 on_broken: Callable[[int, Exception], None] | None = None) -> None:
         self.store, self.dag, self.run = store, dag, run
         self.executors, self.timers, self.config = executors, timers, executors.config
         self.work_dir = work_dir
         self.on_finish = on_finish
+        self.on_broken = on_broken
         self._lock = threading.RLock()
         self._instances: dict[str, _Instance] = {}
         self._by_task: dict[str, list[str]] = {}
@@ -95,6 +121,8 @@ class DAGRunner:
         self._terminal = 0  # instances in a terminal state
         self._stopping = False
         self._finished = False
+        self._reported = False  # on_finish was called: the run's outcome is in the store
+        self._abandoned = False
 
     # -- public -----------------------------------------------------------------
 
@@ -110,10 +138,38 @@ class DAGRunner:
 
     def stop(self) -> None:
         """Submit nothing more; once live tries end, the run goes back to the queue."""
+        self._guarded(self._stop)
+
+    def abandon(self) -> None:
+        """Write and submit nothing more for this run; results of its live tries are dropped."""
         with self._lock:
-            self._stopping = True
+            self._abandoned = self._finished = True
+            self._inflight.clear()
             self._waiting_retry.clear()
-            self._maybe_finish()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._waiting_retry.clear()
+        self._maybe_finish()
+
+    def _guarded(self, body: Callable[..., None], *args: Any) -> None:
+        """Run a callback body under the lock; if it raises, abandon the run and hand it to ``on_broken``."""
+        try:
+            with self._lock:
+                if not self._abandoned:
+                    body(*args)
+        except Exception as exc:
+            self._break(exc)
+
+    def _break(self, exc: Exception) -> None:
+        with self._lock:
+            if self._abandoned:
+                return
+            self.abandon()
+        if self._reported or self.on_broken is None:  # outcome stored already, or nobody to hand the run to
+            log.error("run %s: bookkeeping failed, run abandoned: %s: %s", self.run.run_id, type(exc).__name__, exc)
+        else:
+            self.on_broken(self.run.run_id, exc)
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -216,6 +272,8 @@ class DAGRunner:
                            str(self.work_dir), inst.try_number, item, inst.index)
 
     def _submit(self, instance_id: str) -> None:
+        if self._abandoned:  # a callback run inline by add_done_callback broke the run meanwhile
+            return
         inst = self._instances[instance_id]
         inst.try_number += 1
         inst.state = s.RUNNING
@@ -224,7 +282,7 @@ class DAGRunner:
         ctx = self._context(instance_id, inst)
         if inst.task.executor == "process":
             self._write(instance_id, s.RUNNING)
-            future = self.executors.for_task(inst.task).submit(_call, inst.task.fn, ctx)
+            future = self.executors.submit_process(_call, inst.task.fn, ctx)
         else:
             future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx)
         timeout = inst.task.timeout_s or self.config.default_timeout_s
@@ -233,38 +291,60 @@ class DAGRunner:
         future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
 
     def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext) -> Any:
-        self._write(instance_id, s.RUNNING, try_number=attempt)
+        try:
+            with self._lock:
+                # The timeout was scheduled at submit: if it fired while this try waited for a free
+                # thread, the task has failed already; neither write RUNNING over it nor run the callable.
+                if self._inflight.get(instance_id) != attempt:
+                    return None
+                self._write(instance_id, s.RUNNING, try_number=attempt)
+        except Exception as exc:
+            self._break(exc)
+            return None
         return _call(self._instances[instance_id].task.fn, ctx)
 
     # -- completion -------------------------------------------------------------
 
     def _on_done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
-        with self._lock:
-            if self._inflight.get(instance_id) != attempt:
-                return  # this try timed out already; its late result is ignored
-            del self._inflight[instance_id]
-            exc = future.exception()
-            output_json = None
-            if exc is None:
-                try:
-                    output_json = encode_output(future.result())
-                except ValueError as err:
-                    exc = StepError(str(err), self.run.run_id, instance_id, reason="bad_output")
-                    exc.retryable = False  # type: ignore[attr-defined]
-            if exc is None:
-                self._finish(instance_id, s.SUCCESS, output=json.loads(output_json or "null"), output_json=output_json)
-            else:
-                self._fail_or_retry(instance_id, exc)
-            self._advance(self.dag.dependents(self._instances[instance_id].task.id))
+        self._guarded(self._done, instance_id, attempt, future)
+
+    def _done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
+        if self._inflight.get(instance_id) != attempt:
+            return  # this try timed out already; its late result is ignored
+        del self._inflight[instance_id]
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or (self._stopping and isinstance(exc, BrokenExecutor)):
+            self._interrupted(instance_id)  # the executor shut down under this try: not the task's failure
+            return
+        output_json = None
+        if exc is None:
+            try:
+                output_json = encode_output(future.result())
+            except ValueError as err:
+                exc = StepError(str(err), self.run.run_id, instance_id, reason="bad_output")
+                exc.retryable = False  # type: ignore[attr-defined]
+        if exc is None:
+            self._finish(instance_id, s.SUCCESS, output=json.loads(output_json or "null"), output_json=output_json)
+        else:
+            self._fail_or_retry(instance_id, exc)
+        self._advance(self.dag.dependents(self._instances[instance_id].task.id))
+
+    def _interrupted(self, instance_id: str) -> None:
+        """Stop the run so it goes back to the queue; the store requeues the interrupted instance."""
+        log.info("run %s task %s: interrupted by shutdown, will run again", self.run.run_id, instance_id)
+        self._instances[instance_id].state = s.QUEUED
+        self._stop()
 
     def _on_timeout(self, instance_id: str, attempt: int, timeout: float) -> None:
-        with self._lock:
-            if self._inflight.get(instance_id) != attempt:
-                return
-            del self._inflight[instance_id]
-            self._fail_or_retry(instance_id, TaskTimeoutError(f"task ran longer than {timeout:g} s",
-                                                              self.run.run_id, instance_id))
-            self._advance(self.dag.dependents(self._instances[instance_id].task.id))
+        self._guarded(self._timed_out, instance_id, attempt, timeout)
+
+    def _timed_out(self, instance_id: str, attempt: int, timeout: float) -> None:
+        if self._inflight.get(instance_id) != attempt:
+            return
+        del self._inflight[instance_id]
+        self._fail_or_retry(instance_id, TaskTimeoutError(f"task ran longer than {timeout:g} s",
+                                                          self.run.run_id, instance_id))
+        self._advance(self.dag.dependents(self._instances[instance_id].task.id))
 
     def _fail_or_retry(self, instance_id: str, exc: BaseException) -> None:
         inst = self._instances[instance_id]
@@ -283,11 +363,13 @@ class DAGRunner:
             self._finish(instance_id, s.FAILED, error)
 
     def _retry(self, instance_id: str) -> None:
-        with self._lock:
-            if instance_id in self._waiting_retry:
-                self._waiting_retry.discard(instance_id)
-                self._submit(instance_id)
-            self._maybe_finish()
+        self._guarded(self._resubmit, instance_id)
+
+    def _resubmit(self, instance_id: str) -> None:
+        if instance_id in self._waiting_retry:
+            self._waiting_retry.discard(instance_id)
+            self._submit(instance_id)
+        self._maybe_finish()
 
     def _finish(self, instance_id: str, state: str, error: tuple[str, str] | None = None,
                 output: Any = None, output_json: str | None = None) -> None:
@@ -314,6 +396,7 @@ class DAGRunner:
         if not complete and self._stopping:  # stopped with work left: the next start resumes it
             self._finished = True
             self.store.requeue_run(self.run.run_id)
+            self._reported = True
             self.on_finish(self.run.run_id, s.QUEUED)
             return
         if not complete:
@@ -322,6 +405,7 @@ class DAGRunner:
         state, reason = self._outcome()
         self.store.finish_run(self.run.run_id, state, reason)
         log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state, f" ({reason})" if reason else "")
+        self._reported = True
         self.on_finish(self.run.run_id, state)
 
     def _outcome(self) -> tuple[str, str | None]:

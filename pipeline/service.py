@@ -4,6 +4,12 @@ This is what ``python -m pipeline serve`` runs and what ``ingest`` uses
 without the listeners. On start it also reconciles the spool with the run
 store: a message fsynced just before a crash, whose run was never committed,
 still gets its run (deduplicated, so never two).
+
+Start-up order matters: open the store and the spool, reconcile, bind the
+SMTP port, and only then start the engine, which claims queued runs. A port
+in use therefore fails start-up before any run was claimed. Every start-up
+failure is a ``PipelineError`` (``StartupError`` when nothing more specific
+applies), and whatever was already opened is closed again.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .config import Settings
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
+from .errors import StartupError
 from .gateway import EmailGateway
 from .spool import Spool
 from .sqlite_store import SqliteRunStore
@@ -31,30 +40,43 @@ class PipelineService:
     """Compose store, engine, gateway and drop folder from one Settings."""
 
     def __init__(self, settings: Settings, *, listen: bool = True) -> None:
+        """Open the store and the spool; raises a ``PipelineError`` (with nothing left open) if either fails."""
         self.settings = settings.validate()
         self.listen = listen
-        self.store = SqliteRunStore(settings.store)
-        self.engine = WorkflowEngine(self.store, settings)
-        self.engine.register(email_digest_dag(settings))
-        self.spool = Spool(Path(settings.data_dir) / "spool")
-        self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)
-        self.drop_folder = DropFolder(Path(settings.data_dir) / "inbox",
-                                      lambda raw: self.gateway.accept(raw, source="dropfolder"),
-                                      settings.gateway) if listen and settings.gateway.drop_folder else None
         self._stop = threading.Event()
+        data_dir = Path(settings.data_dir)
+        with ExitStack() as opened, _as_startup_error("cannot open the data dir"):
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.store = SqliteRunStore(settings.store)
+            opened.callback(self.store.close)
+            self.spool = Spool(data_dir / "spool")
+            opened.callback(self.spool.close)
+            self.engine = WorkflowEngine(self.store, settings)
+            self.engine.register(email_digest_dag(settings))
+            self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)
+            opened.callback(self.gateway.stop)  # its accept pool
+            self.drop_folder = DropFolder(data_dir / "inbox", lambda raw: self.gateway.accept(raw, source="dropfolder"),
+                                          settings.gateway) if listen and settings.gateway.drop_folder else None
+            opened.pop_all()  # all opened: stop() closes them from now on
 
     def start(self, run_workers: bool = True) -> PipelineService:
-        """Start the engine, reconcile the spool, then open the listeners.
+        """Reconcile the spool, bind the SMTP port, then start the engine and the drop folder.
 
-        ``run_workers=False`` only accepts and queues (benchmarks of the gateway alone).
+        ``run_workers=False`` only accepts and queues (benchmarks of the gateway alone). Raises a
+        ``PipelineError`` (``StartupError`` for a port in use) after closing everything this service opened.
         """
-        if run_workers:
-            self.engine.start()
-        self.reconcile_spool()
-        if self.listen:
-            self.gateway.start()
-            if self.drop_folder is not None:
-                self.drop_folder.start()
+        try:
+            with _as_startup_error("cannot start"):
+                self.reconcile_spool()
+                if self.listen:
+                    self.gateway.start()  # bind before the engine claims anything: a taken port changes nothing
+                if run_workers:
+                    self.engine.start()
+                if self.drop_folder is not None:
+                    self.drop_folder.start()
+        except BaseException:
+            self._close_after_failed_start()
+            raise
         return self
 
     def reconcile_spool(self) -> int:
@@ -62,9 +84,13 @@ class PipelineService:
         cutoff = time.time() - RECONCILE_WINDOW_S
         created = 0
         for path in self.spool.files():
-            if path.stat().st_mtime < cutoff:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    continue
+                spooled = self.spool.load(path)
+            except OSError as exc:  # one unreadable file must not keep the service down
+                log.warning("spool reconciliation: skipped %s: %s", path.name, exc)
                 continue
-            spooled = self.spool.load(path)
             payload = {"spool": str(path), "source": "spool", "size": spooled.size}
             created += self.store.create_run(EMAIL_DIGEST, payload, spooled.dedup_key)[1]
         if created:
@@ -73,25 +99,53 @@ class PipelineService:
         return created
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Close the listeners, let running tasks finish within the grace period, close the store."""
+        """Close the listeners, let running tasks finish within the grace period, close the store.
+
+        Every step runs even if an earlier one fails; the first failure is raised at the end. Safe to call twice.
+        """
+        steps: list[Callable[[], None]] = [self.gateway.stop, lambda: self.engine.shutdown(grace_s),
+                                           self.store.close, self.spool.close]
         if self.drop_folder is not None:
-            self.drop_folder.stop()
-        if self.listen:
-            self.gateway.stop()
-        self.engine.shutdown(grace_s)
-        self.store.close()
-        self.spool.close()
+            steps.insert(0, self.drop_folder.stop)
+        failures = []
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # close the rest all the same
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    def _close_after_failed_start(self) -> None:
+        try:
+            self.stop(grace_s=0)
+        except Exception as exc:  # the start-up error is the one to report
+            log.warning("while closing after a failed start: %s: %s", type(exc).__name__, exc)
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop gracefully."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._stop.set())
-        self.start()
-        log.info("pipeline serving; data in %s. Ctrl-C to stop.", self.settings.data_dir)
-        self._stop.wait()
-        log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",
-                 self.settings.engine.shutdown_grace_s)
-        self.stop()
+        """Run until SIGINT or SIGTERM, then stop gracefully (no traceback on a normal stop)."""
+        handlers = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            log.info("pipeline serving; data in %s. Ctrl-C to stop.", self.settings.data_dir)
+            self._stop.wait()
+            log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",
+                     self.settings.engine.shutdown_grace_s)
+            self.stop()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+@contextmanager
+def _as_startup_error(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` (a data dir that cannot be made, a watch that cannot be set) into a one-line
+    ``StartupError`` naming ``what``; ``PipelineError`` passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or exc)
+        raise StartupError(f"{what}: {detail}") from exc
 
 
 def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0) -> list[int]:
@@ -99,8 +153,9 @@ def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0
 
     Always makes new runs (no dedup), so this is also how a message is reprocessed.
     """
-    service = PipelineService(settings, listen=False).start()
+    service = PipelineService(settings, listen=False)
     try:
+        service.start()
         run_ids = []
         for path in paths:
             raw = Path(path).read_bytes()

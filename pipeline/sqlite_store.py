@@ -7,11 +7,18 @@ reading while ``serve`` writes) are handled by WAL and the busy timeout.
 Every read-then-write runs in ``BEGIN IMMEDIATE`` so it takes the write lock
 up front: a deferred transaction that upgrades can fail with
 SQLITE_BUSY_SNAPSHOT, which busy_timeout does not retry.
+
+Every ``sqlite3.Error`` is translated at this class's edge into the StoreError
+tree (``store_error``), so callers never see a raw driver exception. Terminal
+states are final: the UPDATEs that end or requeue runs and tasks carry the
+state they expect in their WHERE clause (compare-and-set), so a late write
+(a task's RUNNING after its timeout FAILED) changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import statistics
@@ -24,8 +31,18 @@ from typing import Any
 
 from . import store as s
 from .config import StoreConfig
-from .errors import NotADatabaseError, SchemaTooNewError, StoreError, UnknownRunError
+from .errors import (
+    NotADatabaseError,
+    SchemaTooNewError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+    StoreIOError,
+    UnknownRunError,
+)
 from .store import DAGRunStore, Run, TaskRun, Transition
+
+log = logging.getLogger(__name__)
 
 # Named migrations, applied in order; PRAGMA user_version counts those applied.
 MIGRATIONS: list[tuple[str, list[str]]] = [
@@ -99,6 +116,27 @@ _RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started
                 "reason")
 _TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
 _MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
+_FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
+# (error class, SQLite primary result codes, words of SQLite's message, hint): the first match wins.
+_TRANSLATIONS: list[tuple[type[StoreError], set[int], tuple[str, ...], str]] = [
+    (StoreBusyError, {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}, ("locked", "busy"),
+     " (another process held it past the busy timeout; try again)"),
+    (StoreCorruptError, {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}, ("malformed", "disk image", "not a database"),
+     " (the file is damaged; restore it from a backup)"),
+    (StoreIOError, {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN},
+     ("is full", "readonly", "disk i/o", "unable to open"), ""),
+]
+
+
+def store_error(path: object, exc: sqlite3.Error) -> StoreError:
+    """Return the StoreError subclass for a raw SQLite error: one line naming the store and SQLite's text."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None  # extended codes (SQLITE_IOERR_WRITE) keep the low byte
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for cls, codes, words, hint in _TRANSLATIONS:
+        if primary in codes or any(word in text.lower() for word in words):
+            return cls(f"{path}: {text}{hint}")
+    return StoreError(f"{path}: {text}")
 
 
 class SqliteRunStore(DAGRunStore):
@@ -118,9 +156,15 @@ class SqliteRunStore(DAGRunStore):
     # -- connection and transactions ---------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=self.config.busy_timeout_ms / 1000)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the data dir is a file, read-only, on a full disk ...
+            raise StoreIOError(f"{self.path}: cannot create the run store's directory: {exc}") from exc
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.config.busy_timeout_ms / 1000)
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
             self._refuse_foreign(conn)  # before any pragma that writes to the file
@@ -128,13 +172,13 @@ class SqliteRunStore(DAGRunStore):
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
             self._migrate(conn)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             conn.close()
-            if "not a database" in str(exc) or "malformed" in str(exc):
-                raise NotADatabaseError(self.path) from exc
-            raise StoreError(f"{self.path}: cannot open run store: {exc}") from exc
-        except StoreError:
-            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                # at open, "not a database" means a foreign file, not a damaged store: refuse it untouched
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                    raise NotADatabaseError(self.path) from exc
+                raise store_error(self.path, exc) from exc
             raise
         return conn
 
@@ -146,9 +190,12 @@ class SqliteRunStore(DAGRunStore):
         try:
             foreign = conn.execute("SELECT count(*) FROM sqlite_master WHERE name != 'schema_migrations'").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-        finally:
+        except BaseException:
             if not nested:
-                conn.execute("COMMIT")
+                _rollback(conn)
+            raise
+        if not nested:
+            conn.execute("COMMIT")
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(self.path, version, SCHEMA_VERSION)
         if version == 0 and foreign:
@@ -171,29 +218,43 @@ class SqliteRunStore(DAGRunStore):
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """Run a write transaction: BEGIN IMMEDIATE, then COMMIT or ROLLBACK."""
+        """Run a write transaction: BEGIN IMMEDIATE, then COMMIT or ROLLBACK; raise StoreError.
+
+        A failed COMMIT (disk full, deferred constraint) leaves the transaction
+        open, so it is rolled back too: the connection stays usable.
+        """
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(self._conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from exc
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one query and return its rows; raise StoreError."""
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from exc
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a second close does nothing)."""
         with self._lock:
-            self._conn.close()
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from exc
 
     # -- runs -----------------------------------------------------------------
 
@@ -271,9 +332,11 @@ class SqliteRunStore(DAGRunStore):
             raise ValueError(f"finish_run takes success or failed, not {state!r}")
         now = time.time() if now is None else now
         with self._tx() as conn:
-            conn.execute("UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ?",
-                         (state, reason, now, run_id))
-            conn.execute("INSERT INTO task_events VALUES (?, '', 0, ?, ?)", (run_id, state, now))
+            cur = conn.execute("UPDATE runs SET state = ?, reason = ?, ended_at = ? "
+                               "WHERE run_id = ? AND state NOT IN ('success', 'failed')",
+                               (state, reason, now, run_id))
+            if cur.rowcount:
+                conn.execute("INSERT INTO task_events VALUES (?, '', 0, ?, ?)", (run_id, state, now))
 
     def requeue_run(self, run_id: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -291,7 +354,10 @@ class SqliteRunStore(DAGRunStore):
 
     @staticmethod
     def _requeue(conn: sqlite3.Connection, run_id: int, now: float) -> None:
-        conn.execute("UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL WHERE run_id = ?", (run_id,))
+        cur = conn.execute("UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
+                           "WHERE run_id = ? AND state = 'running'", (run_id,))
+        if not cur.rowcount:  # finished (or already queued) meanwhile: a requeue must not resurrect it
+            return
         conn.execute("INSERT INTO task_events SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
                      "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
         conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
@@ -317,14 +383,15 @@ class SqliteRunStore(DAGRunStore):
             for t in transitions:
                 started = t.at if t.state == s.RUNNING else None
                 ended = t.at if t.state in s.TERMINAL_TASK_STATES else None
-                conn.execute(
+                cur = conn.execute(
                     "UPDATE task_runs SET state = ?, try_number = ?, started_at = coalesce(?, started_at), "
                     "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output) "
-                    "WHERE run_id = ? AND task_id = ?",
+                    f"WHERE run_id = ? AND task_id = ? AND {_FINAL_TASK}",
                     (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
                      t.run_id, t.task_id))
-                conn.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
-                             (t.run_id, t.task_id, t.try_number, t.state, t.at))
+                if cur.rowcount:  # skipped when already final: a late RUNNING must not undo a timeout
+                    conn.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
+                                 (t.run_id, t.task_id, t.try_number, t.state, t.at))
 
     def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
         until = time.time() if until is None else until
@@ -352,6 +419,16 @@ class SqliteRunStore(DAGRunStore):
                 conn.execute(f"DELETE FROM task_runs WHERE run_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", ids)
             total += len(ids)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction, if one is open, so the connection stays usable."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:  # the original error is the one worth raising
+        log.warning("rollback failed: %s", exc)
 
 
 def _filters(**columns: Any) -> tuple[list[str], list[Any]]:

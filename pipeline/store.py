@@ -3,6 +3,14 @@
 The SQLite implementation is ``pipeline.sqlite_store.SqliteRunStore``; a
 Postgres one would sit beside it and pass the same contract tests.
 Timestamps are Unix seconds (float); run ids are integers in trigger order.
+
+Errors: every method raises only ``StoreError`` subclasses (never a driver's
+exception): ``StoreBusyError`` when another process holds the store past the
+busy timeout (retryable), ``StoreCorruptError`` when its pages are damaged,
+``StoreIOError`` when the disk under it fails (full, read-only, I/O error),
+plain ``StoreError`` otherwise. A transaction that raises is rolled back.
+Terminal states are final: a run in success/failed and a task instance in
+success/failed/upstream_failed is never moved out of it by a later write.
 """
 
 from __future__ import annotations
@@ -10,7 +18,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 # Run states
 QUEUED, RUNNING, SUCCESS, FAILED = "queued", "running", "success", "failed"
@@ -128,8 +137,18 @@ class DAGRunStore:
     """Persistent record of runs, task instances and their transitions.
 
     Implementations must be safe to call from many threads of one process,
-    and safe against other processes using the same store.
+    and safe against other processes using the same store. Every method may
+    raise the StoreError subclasses listed in the module docstring; the
+    docstrings below name only the errors particular to a method. Used as a
+    context manager, the store is closed on leaving the block.
     """
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     def create_run(self, workflow: str, payload: Mapping[str, Any], dedup_key: str | None = None,
                    now: float | None = None) -> tuple[Run, bool]:
@@ -137,17 +156,17 @@ class DAGRunStore:
 
         If ``(workflow, dedup_key)`` exists, insert nothing and return
         ``(existing_run, False)``. Atomic: concurrent callers with one key
-        get one run between them.
+        get one run between them. Raises StoreBusyError, StoreIOError, StoreCorruptError.
         """
         raise NotImplementedError
 
     def create_runs(self, items: Iterable[tuple[str, Mapping[str, Any], str | None]],
                     now: float | None = None) -> list[tuple[Run, bool]]:
-        """Like ``create_run`` for many ``(workflow, payload, dedup_key)`` in one transaction."""
+        """Like ``create_run`` for many ``(workflow, payload, dedup_key)`` in one transaction (all or none)."""
         raise NotImplementedError
 
     def get_run(self, run_id: int) -> Run:
-        """Return the run; raise ``UnknownRunError`` if there is none."""
+        """Return the run; raise ``UnknownRunError`` if there is none, StoreCorruptError if its page is damaged."""
         raise NotImplementedError
 
     def get_tasks(self, run_id: int) -> list[TaskRun]:
@@ -178,19 +197,30 @@ class DAGRunStore:
         raise NotImplementedError
 
     def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
-        """Atomically move the oldest queued run to running for ``owner``; None if none is queued."""
+        """Atomically move the oldest queued run to running for ``owner``; None if none is queued.
+
+        Raises StoreBusyError (retryable) when another process holds the write lock too long.
+        """
         raise NotImplementedError
 
     def heartbeat(self, run_ids: Iterable[int], now: float | None = None) -> None:
-        """Refresh the heartbeat of these running runs in one transaction."""
+        """Refresh the heartbeat of these runs in one transaction; runs not running are left alone."""
         raise NotImplementedError
 
     def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None) -> None:
-        """Set a run's terminal state (success or failed) and end time."""
+        """Set a run's terminal state (success or failed), reason and end time.
+
+        Compare-and-set: a run already success or failed keeps its state,
+        reason and end time (the call does nothing). Raises ValueError for
+        another state.
+        """
         raise NotImplementedError
 
     def requeue_run(self, run_id: int, now: float | None = None) -> None:
-        """Put a run back in the queue, keeping its position; unfinished tasks become queued."""
+        """Put a running run back in the queue, keeping its position; unfinished tasks become queued.
+
+        Only a run in state running is requeued; for any other run the call does nothing.
+        """
         raise NotImplementedError
 
     def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
@@ -202,7 +232,12 @@ class DAGRunStore:
         raise NotImplementedError
 
     def record_transitions(self, transitions: Iterable[Transition]) -> None:
-        """Write task transitions, in order, in one transaction."""
+        """Write task transitions, in order, in one transaction (all or none).
+
+        A transition for a task instance already in success, failed or
+        upstream_failed is skipped (no state change and no event): a late
+        RUNNING cannot undo a timeout's FAILED.
+        """
         raise NotImplementedError
 
     def purge_runs(self, older_than: float, batch_size: int = 1000) -> int:
@@ -214,5 +249,5 @@ class DAGRunStore:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release connections; the store may not be used afterwards."""
+        """Release connections; the store may not be used afterwards (its methods then raise StoreError)."""
         raise NotImplementedError

@@ -1,10 +1,13 @@
 """The CLI on a real store: runs, show, purge, and one-line errors."""
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
+from test_store_faults import damage_table
 
 from pipeline.cli import build_parser, main
 from pipeline.store import Transition
@@ -63,10 +66,66 @@ def test_store_that_is_not_a_database_is_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "not a SQLite database" in err[0] and str(tmp_path) in err[0]
 
 
-def test_missing_store_is_an_error_not_a_new_file(tmp_path, capsys):
-    assert main(["--data-dir", str(tmp_path / "nothing"), "runs"]) == 2
+def test_runs_before_anything_ran_is_empty_and_creates_nothing(tmp_path, capsys):
+    data = tmp_path / "nothing"
+    assert main(["--data-dir", str(data), "runs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["--data-dir", str(data), "runs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].split()[:3] == ["RUN", "WORKFLOW", "STATE"]
+    assert not data.exists()
+
+
+def test_show_before_anything_ran_is_unknown_run_and_creates_nothing(tmp_path, capsys):
+    data = tmp_path / "nothing"
+    assert main(["--data-dir", str(data), "show", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: no run with id 5"]
+    assert not data.exists()
+
+
+def test_purge_without_a_store_is_an_error_not_a_new_file(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "nothing"), "purge", "--older-than", "1"]) == 2
     assert "no run store here" in capsys.readouterr().err
-    assert not (tmp_path / "nothing" / "runs.sqlite3").exists()
+    assert not (tmp_path / "nothing").exists()
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["runs"], ["runs", "--json"], ["show", "1"], ["show", "1", "--json"]])
+def test_store_with_damaged_pages_is_one_line_error(filled, settings, store, capsys, argv):
+    store.close()  # checkpoint the WAL into the file before damaging it
+    damage_table(settings.store.path, "runs")
+    assert run_cli(settings, *argv) == 2
+    line = one_error_line(capsys)
+    assert str(settings.store.path) in line and "malformed" in line
+
+
+def test_purge_on_a_store_locked_by_another_process_is_one_line_error(filled, settings, tmp_path, capsys):
+    config = tmp_path / "settings.toml"
+    config.write_text("[store]\nbusy_timeout_ms = 200\n")
+    with closing(sqlite3.connect(settings.store.path, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        assert run_cli(settings, "--config", str(config), "purge", "--older-than", "1") == 2
+        other.execute("ROLLBACK")
+    line = one_error_line(capsys)
+    assert str(settings.store.path) in line and "database is locked" in line
+    assert run_cli(settings, "--config", str(config), "purge", "--older-than", "1") == 0  # free again: it works
+
+
+def test_serve_where_the_data_dir_cannot_be_made_is_one_line_error(tmp_path, capsys):
+    # a regular file where the data dir should be: mkdir fails as on a read-only disk (tests run as root,
+    # and root ignores permission bits, so chmod 0o500 would not provoke it)
+    data = tmp_path / "data"
+    data.write_text("not a directory")
+    assert main(["--data-dir", str(data), "serve", "--port", "0", "--no-drop-folder"]) == 2
+    line = one_error_line(capsys)
+    assert str(data) in line  # StartupError from the service, or StoreIOError from the store: either is one line
 
 
 def test_purge_removes_old_runs(filled, settings, store, capsys):

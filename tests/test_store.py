@@ -184,3 +184,71 @@ def test_reopen_keeps_data(settings):
     assert st.get_run(run.run_id).payload == {"x": 1}
     st.close()
     assert time.time() >= run.queued_at
+
+
+def _events(store, run_id, task_id):
+    return [r[0] for r in store._read("SELECT state FROM task_events WHERE run_id = ? AND task_id = ? ORDER BY rowid",
+                                      (run_id, task_id))]
+
+
+def test_late_running_does_not_undo_a_timeout(store):
+    run = store.create_run("wf", {})[0]
+    store.claim_next_run("me")
+    store.create_tasks(run.run_id, ["slow"])
+    # the timeout fires while the task is still queued for a thread; the thread then writes RUNNING
+    store.record_transitions([Transition(run.run_id, "slow", "failed", 1, 5.0, "timeout", "ran past 1 s")])
+    store.record_transitions([Transition(run.run_id, "slow", "running", 1, 6.0)])
+    task = store.get_tasks(run.run_id)[0]
+    assert (task.state, task.error_type, task.ended_at, task.started_at) == ("failed", "timeout", 5.0, None)
+    assert _events(store, run.run_id, "slow") == ["queued", "failed"]  # the refused write leaves no event
+
+
+@pytest.mark.parametrize("final", ["success", "failed", "upstream_failed"])
+@pytest.mark.parametrize("late", ["queued", "running", "retrying", "success", "failed"])
+def test_terminal_task_states_are_final_within_one_batch(store, final, late):
+    run = store.create_run("wf", {})[0]
+    store.create_tasks(run.run_id, ["t", "other"])
+    store.record_transitions([Transition(run.run_id, "t", "running", 1, 1.0),
+                              Transition(run.run_id, "t", final, 1, 2.0, output_json="1"),
+                              Transition(run.run_id, "t", late, 2, 3.0, "late", "too late"),
+                              Transition(run.run_id, "other", "running", 1, 3.0)])
+    tasks = {t.task_id: t for t in store.get_tasks(run.run_id)}
+    assert (tasks["t"].state, tasks["t"].try_number, tasks["t"].ended_at) == (final, 1, 2.0)
+    assert tasks["other"].state == "running"  # the rest of the batch is written
+    assert _events(store, run.run_id, "t") == ["queued", "running", final]
+
+
+@pytest.mark.parametrize("final", ["success", "failed"])
+def test_finished_run_keeps_its_state_reason_and_end(store, final):
+    run = store.create_run("wf", {})[0]
+    store.claim_next_run("me")
+    store.finish_run(run.run_id, final, "first", now=10.0)
+    store.finish_run(run.run_id, "failed" if final == "success" else "success", "second", now=20.0)
+    store.requeue_run(run.run_id)
+    assert store.recover_runs(lambda r: True) == []
+    again = store.get_run(run.run_id)
+    assert (again.state, again.reason, again.ended_at) == (final, "first", 10.0)
+    assert store.claim_next_run("me") is None
+    assert store.count_runs_by_state() == {final: 1}
+    assert _events(store, run.run_id, "") == [final]
+
+
+def test_requeue_moves_only_running_runs(store):
+    queued = store.create_run("wf", {})[0]
+    store.requeue_run(queued.run_id)
+    assert _events(store, queued.run_id, "") == []  # nothing to requeue: no event, no change
+    running = store.claim_next_run("me", now=50.0)
+    store.requeue_run(running.run_id, now=60.0)
+    back = store.get_run(running.run_id)
+    assert (back.state, back.owner, back.heartbeat_at) == ("queued", None, None)
+    assert _events(store, running.run_id, "") == ["queued"]
+
+
+def test_heartbeat_touches_only_running_runs(store):
+    run = store.create_run("wf", {})[0]
+    store.heartbeat([run.run_id], now=5.0)
+    assert store.get_run(run.run_id).heartbeat_at is None
+    store.claim_next_run("me", now=1.0)
+    store.finish_run(run.run_id, "success", now=2.0)
+    store.heartbeat([run.run_id], now=9.0)
+    assert store.get_run(run.run_id).heartbeat_at == 1.0

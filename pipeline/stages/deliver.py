@@ -2,6 +2,9 @@
 
 Every header is built from cleaned one-line values, so nothing in the
 incoming mail (CR/LF in a subject, a name, a Message-ID) can add a header.
+The To: header is an ``email.headerregistry.Address`` built from the parsed
+addr-spec alone (no display name), so a quoted local part such as
+``"System Administrator"@example.com`` is written quoted, as RFC 5322 wants.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import mailbox
 import re
 import smtplib
+from email import errors as email_errors
+from email import policy
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -16,20 +22,42 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..config import DeliveryConfig
-from ..errors import DeliveryError
+from ..errors import DeliveryError, ParseError
 from .digest import Digest
-from .parse import clean_header
+from .parse import clean_header, parse_mailboxes
 
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
-_ADDRESS = re.compile(r"^[^@\s<>,;:\"]{1,64}@[^@\s<>,;:\"]{1,255}$")
+# Defects that still leave one well-defined mailbox: a UTF-8 local part (RFC 6532) and an obsolete route.
+_HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDefect)
+# RFC 6532: a UTF-8 address is written as UTF-8, never as an RFC 2047 encoded word (which policy.default
+# would silently put in the local part); a relay must then offer SMTPUTF8 (smtplib checks).
+_UTF8 = policy.default.clone(utf8=True)
+
+
+def reply_address(text: str) -> Address:
+    """Parse ``text`` as the one mailbox the reply goes to.
+
+    Raises DeliveryError(retryable=False) when it is not exactly one mailbox with a
+    local part and a domain: another try cannot make it an address.
+    """
+    shown = clean_header(text, 80)
+    try:
+        mailboxes, defects = parse_mailboxes("To", text)
+    except ParseError as exc:
+        raise DeliveryError(f"cannot deliver to {shown!r}: {exc}", retryable=False) from exc
+    broken = [d for d in defects if not isinstance(d, _HARMLESS)]
+    if len(mailboxes) != 1 or broken or not text.isprintable():
+        raise DeliveryError(f"cannot deliver to {shown!r}: not a single mailbox address", retryable=False)
+    return Address(username=mailboxes[0].username, domain=mailboxes[0].domain)
 
 
 def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig) -> EmailMessage:
-    """Build the reply mail: plain text and HTML alternatives, threaded under the original."""
-    recipient = config.recipient or email["from"]
-    if not _ADDRESS.match(recipient):
-        raise DeliveryError(f"cannot deliver to {clean_header(recipient, 80)!r}: not a plain address", retryable=False)
-    msg = EmailMessage()
+    """Build the reply mail: plain text and HTML alternatives, threaded under the original.
+
+    Raises DeliveryError(retryable=False) when the recipient is not one mailbox address.
+    """
+    recipient = reply_address(config.recipient or email["from"])
+    msg = EmailMessage(policy=policy.default if str(recipient).isascii() else _UTF8)
     msg["From"] = config.sender
     msg["To"] = recipient
     msg["Subject"] = clean_header(digest.subject, 250)
@@ -45,15 +73,23 @@ def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig)
 
 
 def send_message(msg: EmailMessage, config: DeliveryConfig) -> str:
-    """Hand the message to the relay, or add it to the outbox; return where it went."""
+    """Hand the message to the relay, or add it to the outbox; return where it went.
+
+    Raises DeliveryError: retryable for an unreachable relay or an unwritable outbox, not
+    retryable for a UTF-8 address and a relay that does not offer SMTPUTF8 (RFC 6531).
+    """
     if config.relay:
         url = urlparse(config.relay)
         try:
             with smtplib.SMTP(url.hostname or "127.0.0.1", url.port or 25, timeout=30) as smtp:
                 smtp.send_message(msg)
+        except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
+            raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
         except (OSError, smtplib.SMTPException) as exc:
             raise DeliveryError(f"relay {config.relay} refused or unreachable: {exc}") from exc
         return config.relay
-    box = mailbox.Maildir(Path(config.outbox), create=True)
-    key = box.add(msg)
+    try:
+        key = mailbox.Maildir(Path(config.outbox), create=True).add(msg)
+    except OSError as exc:  # full disk, read-only outbox: another try may work
+        raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
     return str(Path(config.outbox) / "new" / key)

@@ -3,17 +3,23 @@
 Attachments are written to files under the run's work directory, never
 under their own names: a name from the sender is display text only, and the
 file name is built from a sanitised copy of it (``safe_filename``).
+
+Addresses are parsed by ``email.headerregistry`` (RFC 5322: quoted local
+parts, display names with commas, encoded words, comments), never by regexes.
+Odd headers make the email package raise instead of recording a defect; every
+such exception becomes a ParseError that names the header.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from email import errors as email_errors
 from email import policy
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP
-from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +27,74 @@ from ..errors import ParseError
 
 MAX_NAME_CHARS = 100
 _UNSAFE = re.compile(r"[^\w.\- ]+")
+# What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
+# decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
+HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError)
 
 
 def parse_message(raw: bytes) -> EmailMessage:
     """Parse MIME leniently; raise ParseError when there is no usable header block or sender."""
-    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
+        msg = BytesParser(policy=policy.default).parsebytes(raw)
+    except HEADER_ERRORS as exc:
+        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
     if not list(msg.keys()):
         raise ParseError("not an email: no header block (is this raw MIME?)")
-    sender = parseaddr(str(msg.get("From", "")))[1]
-    if "@" not in sender:
-        raise ParseError(f"no usable From address ({str(msg.get('From', 'missing'))[:80]!r}): nobody to reply to")
+    sender_address(msg)
     return msg  # type: ignore[return-value]
+
+
+def raw_header(msg: EmailMessage, name: str) -> str:
+    """The unparsed value of header ``name`` as one printable line, for error messages."""
+    return clean_header(next((v for k, v in msg.raw_items() if k.lower() == name.lower()), ""), 80)
+
+
+def read_header(msg: EmailMessage, name: str) -> Any:
+    """Return header ``name`` parsed by the message's policy (None when absent); ParseError naming it if unparsable."""
+    try:
+        return msg[name]
+    except HEADER_ERRORS as exc:
+        raise ParseError(f"{name}: cannot parse {raw_header(msg, name)!r} ({exc})") from exc
+
+
+def parse_mailboxes(name: str, value: str) -> tuple[list[Address], tuple[Exception, ...]]:
+    """Parse ``value`` as the address header ``name``; return (its mailboxes, the parser's defects).
+
+    Groups are flattened; mailboxes without a local part or a domain are left out.
+    Raises ParseError naming the header when the email package cannot parse it.
+    """
+    try:
+        header = policy.default.header_factory(name, value)
+        addresses = list(header.addresses)
+    except HEADER_ERRORS as exc:
+        raise ParseError(f"{name}: cannot parse {clean_header(value, 80)!r} ({exc})") from exc
+    return usable_mailboxes(addresses), tuple(header.defects)
+
+
+def usable_mailboxes(addresses: Any) -> list[Address]:
+    """The mailboxes someone can be written to: both a local part and a domain ("<>" and "x" are not)."""
+    return [a for a in addresses if a.username and a.domain]
+
+
+def addr_spec(address: Address, name: str) -> str:
+    """The address as RFC 5322 writes it (local part quoted when needed), 8-bit bytes decoded as UTF-8.
+
+    A raw 8-bit header reaches the parser as surrogate escapes; RFC 6532 says they are UTF-8.
+    Raises ParseError naming header ``name`` when they are not.
+    """
+    try:
+        return address.addr_spec.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError as exc:
+        raise ParseError(f"{name}: address {clean_header(address.addr_spec, 80)!r} is not valid UTF-8") from exc
+
+
+def sender_address(msg: EmailMessage) -> str:
+    """Return the addr-spec of the first usable mailbox in From:; ParseError naming the header otherwise."""
+    header = read_header(msg, "From")
+    mailboxes = usable_mailboxes(header.addresses if header is not None else ())
+    if not mailboxes:
+        raise ParseError(f"From: no usable address in {raw_header(msg, 'From') or 'missing'!r}: nobody to reply to")
+    return addr_spec(mailboxes[0], "From")
 
 
 def display_name(name: str | None, index: int) -> str:
@@ -60,6 +123,22 @@ def is_pdf(part: EmailMessage, payload: bytes) -> bool:
     return part.get_content_type() == "application/pdf" or name.endswith(".pdf") or payload[:5] == b"%PDF-"
 
 
+def read_attachments(msg: EmailMessage) -> list[tuple[str | None, bytes, bool]]:
+    """Return (sender's file name, decoded payload, is it a PDF) for every attachment part.
+
+    Raises ParseError naming Content-Disposition when a part's headers cannot be parsed.
+    """
+    try:
+        parts = []
+        for part in msg.iter_attachments():
+            payload = part.get_payload(decode=True)
+            payload = payload if isinstance(payload, bytes) else b""
+            parts.append((part.get_filename(), payload, is_pdf(part, payload)))  # type: ignore[arg-type]
+    except HEADER_ERRORS as exc:
+        raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({exc})") from exc
+    return parts
+
+
 def extract_attachments(msg: EmailMessage, dest: Path, max_bytes: int) -> tuple[list[dict[str, Any]], list[str]]:
     """Write PDF attachments to ``dest``; return (pdf items, names of skipped non-PDF parts).
 
@@ -68,12 +147,8 @@ def extract_attachments(msg: EmailMessage, dest: Path, max_bytes: int) -> tuple[
     dest.mkdir(parents=True, exist_ok=True)
     pdfs: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for part in msg.iter_attachments():
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            payload = b""
-        raw_name = part.get_filename()
-        if not is_pdf(part, payload):  # type: ignore[arg-type]
+    for raw_name, payload, pdf in read_attachments(msg):
+        if not pdf:
             skipped.append(display_name(raw_name, len(pdfs) + len(skipped)))
             continue
         index = len(pdfs)
@@ -98,9 +173,9 @@ def summarize_message(raw: bytes, work_dir: Path, max_attachment_bytes: int) -> 
     msg = parse_message(raw)
     pdfs, skipped = extract_attachments(msg, work_dir / "attachments", max_attachment_bytes)
     return {
-        "subject": clean_header(msg.get("Subject", "")),
-        "from": parseaddr(str(msg.get("From")))[1],
-        "message_id": clean_header(msg.get("Message-ID", ""), 998) or None,
+        "subject": clean_header(read_header(msg, "Subject")),
+        "from": sender_address(msg),
+        "message_id": clean_header(read_header(msg, "Message-ID"), 998) or None,
         "attachments": pdfs,
         "skipped": skipped,
     }

@@ -1,0 +1,108 @@
+"""Settings files: every value checked against its field's type; every mistake is one line naming file, section, key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from pipeline.config import Settings, load_settings
+from pipeline.errors import ConfigurationError
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[gateway]\nport = "2525"', "[gateway] port must be an integer, not the string '2525'"),
+    ("[gateway]\nport = 2525.0", "[gateway] port must be an integer, not the number 2525.0"),
+    ("[gateway]\nport = true", "[gateway] port must be an integer, not the boolean true"),
+    ("[gateway]\ndrop_folder = 1", "[gateway] drop_folder must be true or false, not the integer 1"),
+    ('[gateway]\nbulk_data = "yes"', "[gateway] bulk_data must be true or false, not the string 'yes'"),
+    ('[gateway]\nallowed_recipient_domains = "example.com"',
+     "[gateway] allowed_recipient_domains must be a list of strings, not the string 'example.com'"),
+    ('[gateway]\nallowed_recipient_domains = ["example.com", 7]',
+     "[gateway] allowed_recipient_domains must be a list of strings, not the list ['example.com', 7]"),
+    ('[ingest]\ntimeout_s = "60"', "[ingest] timeout_s must be a number, not the string '60'"),
+    ("[store]\npath = 5", "[store] path must be a path (a string), not the integer 5"),
+    ("[delivery]\nrecipient = 5", "[delivery] recipient must be a string, not the integer 5"),
+    ("[delivery]\nrelay = []", "[delivery] relay must be a string, not the list []"),
+    ("data_dir = 3", "data_dir must be a path (a string), not the integer 3"),
+    ("[gateway]\nprot = 2525", "unknown setting [gateway] prot (did you mean port?)"),
+    ("[gatway]\nport = 2525", "unknown settings section [gatway] (did you mean gateway?)"),
+    ('data_dr = "x"', "unknown setting data_dr (did you mean data_dir?)"),
+    ("[gateway]\nzzz = 1", "unknown setting [gateway] zzz (known: host, port, "),
+    ("gateway = 5", "[gateway] must be a table of settings, not the integer 5"),
+    ("[gateway]\nport = 70000", "gateway.port 70000 is not a TCP port"),
+    ("[ingest]\nmax_pages = 0", "ingest.max_pages must be > 0, not 0"),
+    ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
+    ('[delivery]\nsender = "digest"', "delivery.sender must be one mail address"),
+    ("[gateway]\nport = \nhost = \"x\"", "cannot read settings: Invalid value (at line 2, column 8)"),
+])
+def test_bad_setting_is_one_line_naming_file_section_and_key(tmp_path, toml, message):
+    path = write_toml(tmp_path, toml)
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(path, tmp_path / "data")
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("toml", "section", "key", "expected"), [
+    ("[ingest]\ntimeout_s = 5", "ingest", "timeout_s", 5.0),  # a float field takes an integer
+    ("[runner]\ndefault_timeout_s = 3", "runner", "default_timeout_s", 3.0),  # float | None
+    ('[delivery]\nrecipient = "ops@example.com"', "delivery", "recipient", "ops@example.com"),  # str | None
+    ('[delivery]\nrecipient = "\\"System Administrator\\"@example.com"', "delivery", "recipient",
+     '"System Administrator"@example.com'),
+    ('[store]\npath = "elsewhere/runs.sqlite3"', "store", "path", Path("elsewhere/runs.sqlite3")),
+    ('[gateway]\nallowed_recipient_domains = ["example.com", "example.org"]', "gateway",
+     "allowed_recipient_domains", ("example.com", "example.org")),
+    ("[gateway]\nallowed_recipient_domains = []", "gateway", "allowed_recipient_domains", ()),
+    ("[gateway]\ndrop_folder = false", "gateway", "drop_folder", False),
+])
+def test_good_setting_is_stored_as_its_field_type(tmp_path, toml, section, key, expected):
+    settings = load_settings(write_toml(tmp_path, toml), tmp_path / "data")
+    value = getattr(getattr(settings, section), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_data_dir_from_the_file_places_store_and_outbox(tmp_path):
+    settings = load_settings(write_toml(tmp_path, f'data_dir = "{tmp_path / "d"}"\n[gateway]\nport = 2525'))
+    assert settings.store.path == tmp_path / "d" / "runs.sqlite3" and settings.gateway.port == 2525
+    assert settings.delivery.outbox == tmp_path / "d" / "outbox"
+
+
+def test_data_dir_argument_wins_over_the_file(tmp_path):
+    settings = load_settings(write_toml(tmp_path, f'data_dir = "{tmp_path / "d"}"'), tmp_path / "cli")
+    assert settings.data_dir == tmp_path / "cli"
+
+
+def test_every_field_of_every_section_is_type_checked(tmp_path):
+    """A field added later is covered too: the check comes from the annotations."""
+    import dataclasses
+
+    defaults = Settings()
+    for section in dataclasses.fields(defaults):
+        config = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(config):
+            continue
+        for f in dataclasses.fields(config):
+            path = write_toml(tmp_path, f"[{section.name}]\n{f.name} = {{ x = 1 }}")
+            with pytest.raises(ConfigurationError, match=rf"\[{section.name}\] {f.name} must be .*, not the table"):
+                load_settings(path, tmp_path / "data")
+
+
+def test_overrides_are_type_checked_too(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"^\[gateway\] port must be an integer, not the string '25'$"):
+        load_settings(None, tmp_path, gateway={"port": "25"})
+    with pytest.raises(ConfigurationError, match=r"^unknown setting \[gateway\] prot \(did you mean port\?\)$"):
+        load_settings(None, tmp_path, gateway={"prot": 25})
+
+
+def test_cli_reports_a_bad_setting_in_one_line_and_exits_2(tmp_path, capsys):
+    path = write_toml(tmp_path, '[gateway]\nport = "2525"\n')
+    code = cli.main(["--config", str(path), "--data-dir", str(tmp_path / "data"), "runs"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [f"error: {path}: [gateway] port must be an integer, not the string '2525'"]

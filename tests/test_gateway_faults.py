@@ -1,0 +1,264 @@
+"""The gateway never answers 250 for work that will not run: each fault's SMTP reply, over real SMTP."""
+
+from __future__ import annotations
+
+import errno
+import os
+import smtplib
+import socket
+import sqlite3
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from pipeline.audit import fixtures as fx
+from pipeline.config import GatewayConfig, StoreConfig
+from pipeline.dropfolder import DropFolder
+from pipeline.engine import WorkflowEngine
+from pipeline.errors import SpoolError, StartupError, StoreError
+from pipeline.gateway import EmailGateway
+from pipeline.service import PipelineService
+from pipeline.spool import Spool
+from pipeline.sqlite_store import SqliteRunStore
+from pipeline.workflows import EMAIL_DIGEST
+
+
+def smtp_data(port: int, raw: bytes) -> tuple[int, str]:
+    """Send one message over real SMTP; return the DATA reply (code, text)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        smtp.rcpt("digest@pipeline.local")
+        code, reply = smtp.data(raw)
+    return code, reply.decode()
+
+
+def spooled(spool_dir: Path) -> list[str]:
+    return sorted(p.name for p in spool_dir.iterdir())
+
+
+@contextmanager
+def started(settings, run_workers: bool = True, **gateway):
+    """A PipelineService on a free port, stopped on every path."""
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False, **gateway)))
+    service.start(run_workers=run_workers)
+    try:
+        yield service
+    finally:
+        service.stop(grace_s=5)
+
+
+@contextmanager
+def exclusive_lock(path: Path):
+    """Hold the store's write lock from a second, real SQLite connection."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        conn.close()  # ends the transaction
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class UnhealthyEngine(WorkflowEngine):
+    """A real engine that reports itself unhealthy, as it does after its loops failed repeatedly."""
+
+    healthy = False
+    health_problem = "claiming runs failed 3 times: StoreIOError: disk I/O error"
+
+
+def test_unhealthy_engine_answers_451_with_the_problem_and_spools_nothing(settings, tmp_path):
+    store = SqliteRunStore(settings.store)
+    engine = UnhealthyEngine(store, settings)
+    spool = Spool(tmp_path / "spool")
+    gateway = EmailGateway(engine, spool, GatewayConfig(port=free_port())).start()
+    try:
+        code, reply = smtp_data(gateway.config.port, fx.email_with([], message_id="<sick@x>"))
+    finally:
+        gateway.stop()
+        spool.close()
+        store.close()
+    assert code == 451 and reply.startswith("4.3.0 claiming runs failed 3 times"), reply
+    assert reply.endswith("try again later")
+    assert spooled(tmp_path / "spool") == []
+
+
+def test_store_locked_makes_the_engine_unhealthy_451_then_250_after(settings):
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
+    with started(settings) as service:
+        spool_dir = service.spool.directory
+        with exclusive_lock(settings.store.path):
+            assert wait_until(lambda: not service.engine.healthy), "engine never reported the locked store"
+            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<locked@x>"))
+            assert code == 451 and reply.startswith("4.3.0 "), reply
+            assert spooled(spool_dir) == []  # health is checked before spooling
+        assert wait_until(lambda: service.engine.healthy), "engine did not recover after the lock was released"
+        code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<locked@x>"))
+        assert code == 250, reply
+        run = service.engine.wait(int(reply.rsplit(" ", 1)[1]), timeout=60)
+        assert run.state == "success", run.reason
+
+
+def test_store_error_while_queueing_answers_451(settings):
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
+    with started(settings, run_workers=False) as service:  # no engine loops: the write of the run itself fails
+        with exclusive_lock(settings.store.path):
+            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<busy@x>"))
+        assert code == 451 and reply.startswith("4.3.0 Temporary failure"), reply
+        assert service.store.count_runs_by_state() == {}
+
+
+def test_spool_directory_gone_answers_451_and_creates_no_run(settings):
+    with started(settings) as service:
+        service.spool.directory.rmdir()  # empty: nothing was spooled yet
+        code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<gone@x>"))
+        assert code == 451 and reply.startswith("4.3.0 "), reply
+        assert service.store.count_runs_by_state() == {}
+
+
+@contextmanager
+def tmpfs(directory: Path, size: str = "1m"):
+    """Mount a small tmpfs on ``directory`` (skip the test where mounting is refused); unmounted after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the disk under ``directory`` is full; return it."""
+    filler = directory / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settings):
+    with tmpfs(settings.data_dir / "spool") as spool_dir:
+        service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)))
+        try:
+            service.start()
+            filler = fill(spool_dir)
+            raw = fx.email_with([("a.pdf", fx.text_pdf(2))], message_id="<full@x>")
+            code, reply = smtp_data(service.settings.gateway.port, raw)
+            assert (code, reply) == (452, "4.3.1 Insufficient system storage")
+            assert spooled(spool_dir) == ["filler"]  # no .incoming-*.tmp left behind
+            assert service.store.count_runs_by_state() == {}
+            filler.unlink()  # space returns: the same message is accepted on the sender's retry
+            code, reply = smtp_data(service.settings.gateway.port, raw)
+            assert code == 250, reply
+            assert service.engine.wait(int(reply.rsplit(" ", 1)[1]), timeout=60).state == "success"
+        finally:
+            service.stop(grace_s=5)  # releases the spool's directory handle before the unmount
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_spool_failure_leaves_no_temp_file(tmp_path, monkeypatch, failing):
+    spool = Spool(tmp_path / "spool")
+
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    # A disk that fails on write or fsync cannot be provoked on tmpfs; inject the OSError where the OS raises it.
+    monkeypatch.setattr(Spool, "_write", broken) if failing == "write" else monkeypatch.setattr(os, "fsync", broken)
+    try:
+        with pytest.raises(SpoolError) as err:
+            spool.store(b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        monkeypatch.undo()
+        spool.close()
+    assert not err.value.disk_full and "Input/output error" in str(err.value)
+    assert spooled(tmp_path / "spool") == []
+
+
+def test_port_in_use_is_a_startup_error_and_claims_nothing(settings):
+    store = SqliteRunStore(settings.store)
+    run, _ = store.create_run(EMAIL_DIGEST, {"spool": "none", "source": "test"}, "<waiting@x>")
+    store.close()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        service = PipelineService(replace(settings, gateway=GatewayConfig(port=port, drop_folder=False)))
+        with pytest.raises(StartupError, match=f"^port {port} on 127.0.0.1 is in use"):
+            service.start()
+    store = SqliteRunStore(settings.store)
+    assert store.get_run(run.run_id).state == "queued"
+    store.close()
+
+
+def test_engine_that_cannot_start_closes_the_bound_port_again(settings):
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
+    port = free_port()
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=port, drop_folder=False)))
+    with exclusive_lock(settings.store.path), pytest.raises(StoreError):
+        service.start()  # binds the port, then the engine's recovery meets the locked store
+    with socket.create_server(("127.0.0.1", port)):  # the port is free again (and no fd or thread is left)
+        pass
+    service.stop()  # a second stop after the failed start's cleanup does nothing
+
+
+def test_spool_directory_that_cannot_be_made_is_a_spool_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SpoolError, match="cannot open spool directory .*: Not a directory") as err:
+        Spool(tmp_path / "file" / "spool")
+    assert not err.value.disk_full
+
+
+def test_data_dir_that_cannot_be_created_is_a_startup_error(settings, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    bad = replace(settings, data_dir=tmp_path / "file" / "data",
+                  store=StoreConfig(path=tmp_path / "file" / "data" / "runs.sqlite3"))
+    with pytest.raises(StartupError, match="cannot open the data dir: Not a directory"):
+        PipelineService(bad)
+
+
+class FlakyAccept:
+    """Accept that fails (as an unavailable service does) the first ``failures`` times, then keeps the bytes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls, self.accepted = failures, 0, []
+
+    def __call__(self, raw: bytes) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise SpoolError("cannot spool: disk full", disk_full=True)
+        self.accepted.append(raw)
+
+
+@pytest.mark.parametrize("watch_mode", ["inotify", "poll"])
+def test_drop_folder_file_whose_accept_fails_stays_in_new_and_is_retried(tmp_path, watch_mode):
+    accept = FlakyAccept(failures=2)
+    folder = DropFolder(tmp_path / "inbox", accept, GatewayConfig(watch_mode=watch_mode, poll_interval_s=0.05),
+                        retry_interval_s=0.05)
+    (tmp_path / "inbox" / "new" / "early.eml").write_bytes(b"Subject: early\r\n\r\n")  # taken by the start scan
+    folder.start()
+    try:
+        assert wait_until(lambda: accept.calls >= 1)
+        assert (tmp_path / "inbox" / "new" / "early.eml").exists()  # failed: still there, not moved
+        assert wait_until(lambda: accept.accepted == [b"Subject: early\r\n\r\n"])
+        assert wait_until(lambda: not list((tmp_path / "inbox" / "new").iterdir()))
+    finally:
+        folder.stop()
+    assert [p.name for p in (tmp_path / "inbox" / "cur").iterdir()] == ["early.eml:2,S"]
