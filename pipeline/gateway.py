@@ -8,7 +8,7 @@ optional allow-list of recipient domains answers 550 to the rest.
 Never ``250`` for work that will not run. Failures are translated here, at
 the edge, into SMTP replies a sender's MTA retries on:
 
-    UnavailableError (engine unhealthy)   451 4.3.0 <problem>, try again later
+    UnavailableError (engine unhealthy)   451 4.3.0 Service temporarily unavailable (the problem is logged)
     SpoolError with disk_full             452 4.3.1 Insufficient system storage
     other SpoolError, any StoreError      451 4.3.0 (one log line each, no traceback)
     anything unexpected                   451 4.3.0 (logged with its traceback)
@@ -152,7 +152,7 @@ def smtp_reply_for(exc: Exception) -> str:
     """Return the temporary-failure reply for a message that could not be accepted, and log one line."""
     if isinstance(exc, UnavailableError):
         log.warning("answered 451: service unavailable: %s", exc)
-        return f"451 4.3.0 {exc}, try again later"
+        return "451 4.3.0 Service temporarily unavailable, try again later"  # the detail (paths) stays in the log
     if isinstance(exc, SpoolError) and exc.disk_full:
         log.warning("answered 452: %s", exc)
         return "452 4.3.1 Insufficient system storage"

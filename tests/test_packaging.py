@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "tracing", "timers"},
     {"config", "dag", "store"},
+    {"sqlite_schema"},
     {"sqlite_store", "stages", "spool"},
     {"runner"},
     {"engine", "workflows"},
