@@ -36,8 +36,8 @@ from .errors import (
     StoreError,
     StoreIOError,
     TaskTimeoutError,
-    UnknownRunError,
     UnavailableError,
+    UnknownRunError,
     UnknownWorkflowError,
     WorkerCrashedError,
 )
