@@ -41,7 +41,8 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     with tracing.span("stage.ingest", run_id=ctx.run_id, size=item["size"]):
         result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
     return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
-            "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds}
+            "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds,
+            "pages_failed": result.pages_failed}
 
 
 def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
@@ -70,8 +71,10 @@ def email_digest_dag(settings: Settings) -> DAG:
     """Build the email_digest workflow bound to ``settings``."""
     return DAG(EMAIL_DIGEST, [
         Task("parse_email", partial(parse_email_task, settings=settings)),
+        # one retry: only a retryable error gets it, i.e. WorkerCrashedError (a worker killed from outside);
+        # bad input (every other IngestError) fails at once
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
-             map_over="parse_email", map_items=pdf_items),
+             map_over="parse_email", map_items=pdf_items, retries=1),
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",)),
         Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3),

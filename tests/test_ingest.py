@@ -1,6 +1,8 @@
-"""Ingestion of real PDFs with pypdf, in the capped worker processes, including hostile files."""
+"""Ingestion of real PDFs with pypdf and PDFium, in the capped worker processes, including hostile files."""
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -100,7 +102,7 @@ def test_decompression_bomb_is_stopped_by_pypdf_limit(pdf, tmp_path):
 
 def test_decompression_bomb_is_stopped_by_pdfium_memory_cap(pdf, tmp_path):
     limits = replace(LIMITS, memory_limit_bytes=300 * 1024 * 1024)
-    with pytest.raises(PdfTooLargeError, match="memory cap"):
+    with pytest.raises(PdfTooLargeError, match="over the 314,572,800-byte memory cap"):
         ingest_pdf(pdf(fx.bomb_pdf(600 * 1024 * 1024)), tmp_path / "t.txt", limits)
     assert ingest_pdf(pdf(fx.text_pdf(1), "after.pdf"), tmp_path / "t.txt", limits).pages == 1  # workers replaced
 
@@ -125,3 +127,14 @@ def test_memory_cap_stops_a_hungry_document(pdf, tmp_path):
     with pytest.raises(PdfTooLargeError, match="more than 314,572,800 bytes of memory"):
         ingest_pdf(pdf(fx.bomb_pdf(400 * 1024 * 1024)), tmp_path / "t.txt", limits)
     assert ingest_pdf(pdf(fx.text_pdf(1), "after.pdf"), tmp_path / "t.txt", limits).pages == 1  # pool recovered
+
+
+def test_the_pdf_engines_sit_in_a_leaf_module_below_ingest_and_the_worker():
+    stages = Path(__file__).resolve().parent.parent / "pipeline" / "stages"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((stages / name).read_text())
+        return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not {"ingest", "extract_worker"} & imports("pdf_text.py")
+    assert "ingest" not in imports("extract_worker.py")  # the old ingest <-> extract_worker circle

@@ -156,6 +156,24 @@ def bomb_pdf(decompressed_bytes: int) -> bytes:
     return _raw_pdf([b"".join(parts)])
 
 
+def damaged_page_pdf(pages: int = 3, damaged: int = 1, damage: str = "object", seed: int = 1) -> bytes:
+    """A ``kerned_pdf``-like document whose page ``damaged`` (0-based) is broken; every other page is intact.
+
+    ``damage`` is "object": the page's object is replaced by a non-dictionary (PDFium raises "Failed to load
+    page." for that page only; pypdf leaves the page out of its page list), or "filter": the page's content
+    stream names a filter no reader implements (pypdf raises NotImplementedError for that page only; PDFium
+    reads it as an empty page). Found by trying each damage on both engines (pypdfium2 5.15, pypdf 7.1).
+    """
+    if damage not in ("object", "filter"):
+        raise ValueError(f"unknown damage {damage!r}; choose 'object' or 'filter'")
+    data = kerned_pdf(pages, seed)
+    number = 4 + 2 * damaged if damage == "object" else 5 + 2 * damaged  # _raw_pdf's page / stream numbering
+    start = data.index(b"\n%d 0 obj\n" % number) + len(b"\n%d 0 obj\n" % number)
+    end = data.index(b"\nendobj\n", start)
+    body = b"null" if damage == "object" else b"<< /Length 5 /Filter /NoSuchFilter >>\nstream\nhello\nendstream"
+    return data[:start] + body.ljust(end - start) + data[end:]  # padded to the same length: the xref stays right
+
+
 def truncated(pdf: bytes, keep: float = 0.5) -> bytes:
     """The first ``keep`` fraction of a PDF, as a broken download leaves it."""
     return pdf[: int(len(pdf) * keep)]
@@ -238,6 +256,7 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "truncated.pdf": lambda: truncated(text_pdf(20)),
     "random-bytes.pdf": lambda: random_bytes(64 * 1024),
     "flate-bomb-1gb.pdf": lambda: bomb_pdf(1024 * 1024 * 1024),
+    "damaged-page.pdf": lambda: damaged_page_pdf(20, damaged=7),  # 19 of 20 pages read with the default engine
 }
 
 

@@ -64,7 +64,7 @@ def describe_documents(attachments: list[dict[str, Any]], results: list[Any], er
         if result:
             text = Path(result["text_path"]).read_text(encoding="utf-8", errors="replace")[:MAX_SUMMARY_CHARS]
             entry.update(pages=result["pages"], words=result["words"], has_text=result["has_text"],
-                         summary=summarize(text, sentences))
+                         pages_failed=result.get("pages_failed", 0), summary=summarize(text, sentences))
         else:
             error = errors.get(f"ingest_pdf[{index}]", {"type": "not_ingested", "message": "no result"})
             entry.update(error=error["type"], message=error["message"])
@@ -91,10 +91,18 @@ def render_digest(email: dict[str, Any], documents: list[dict[str, Any]]) -> Dig
     return Digest(subject, "\n".join(lines) + "\n", "<html><body>" + "".join(parts) + "</body></html>")
 
 
+def _lost_pages(doc: dict[str, Any]) -> str:
+    """ "3 of 412 pages could not be read", or "" when every page was read."""
+    failed = doc.get("pages_failed", 0)
+    return f"{failed} of {doc['pages']} pages could not be read" if failed else ""
+
+
 def _text_block(doc: dict[str, Any]) -> list[str]:
     if "error" in doc:
         return [f"* {doc['name']}: could not be read ({doc['error']}: {doc['message']})", ""]
     head = f"* {doc['name']}: {doc['pages']} pages, {doc['words']} words"
+    if _lost_pages(doc):
+        head += f" ({_lost_pages(doc)})"
     if not doc["has_text"]:
         return [head + " (no text layer: scanned images?)", ""]
     return [head, *[f"    {s}" for s in doc["summary"]], ""]
@@ -104,7 +112,8 @@ def _html_block(doc: dict[str, Any]) -> str:
     name = html.escape(doc["name"])
     if "error" in doc:
         return f"<h2>{name}</h2><p>Could not be read: {html.escape(doc['error'])}: {html.escape(doc['message'])}</p>"
-    stats = f"<p>{doc['pages']} pages, {doc['words']} words</p>"
+    lost = f"; {_lost_pages(doc)}" if _lost_pages(doc) else ""
+    stats = f"<p>{doc['pages']} pages, {doc['words']} words{lost}</p>"
     if not doc["has_text"]:
         return f"<h2>{name}</h2>{stats}<p>No text layer (scanned images?).</p>"
     items = "".join(f"<li>{html.escape(s)}</li>" for s in doc["summary"])

@@ -3,44 +3,81 @@
 Why not a process per PDF: starting one costs 0.25 s or more (the interpreter,
 pypdf, and multiprocessing re-importing the parent's main module), more than
 extracting a typical document. Why not ProcessPoolExecutor: it cannot stop one
-runaway task. So each worker is ``python -m pipeline.stages.extract_worker``
+runaway task. So each worker runs this module as ``__main__`` in a fresh interpreter
 with RLIMIT_AS set at start, talking JSON lines over its pipes; a worker that
 overruns its time is killed and replaced, and each is recycled after
 ``MAX_DOCS_PER_WORKER`` documents so no slow growth can accumulate.
+
+Why not pebble's ProcessPool (per-task timeout, worker restart): it gives a dead
+worker's exit code but not its stderr, and its workers are multiprocessing
+children (forked from a threaded server, or re-importing its main module). Here
+each worker is a plain interpreter in its own session, ignoring SIGINT/SIGTERM,
+with RLIMIT_AS set before its first document and its stderr read by the pool:
+that stderr (faulthandler's stack of a PDFium abort) is the evidence that tells a
+worker killed by the memory cap (``too_large``) from any other death
+(``worker_crashed``, retryable). Workers exit when their stdin closes.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
+import faulthandler
 import gc
 import json
+import logging
 import os
 import queue
 import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
-from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError
+from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, WorkerCrashedError
+from .pdf_text import extract_text
 
+log = logging.getLogger(__name__)
 MAX_DOCS_PER_WORKER = 200
+STDERR_LINES = 40  # the last lines of a worker's stderr kept as evidence of how it died
+# Stop signals are ignored before the first import (importing the package takes a second on a loaded machine);
+# ``python -m`` would leave that window open to a KeyboardInterrupt traceback.
+_LAUNCH = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+           "; import runpy, sys; runpy.run_module(sys.argv[1], run_name='__main__')")  # argv: -c, module, memory cap
+# What a worker that hit its RLIMIT_AS cap leaves behind. Measured (pypdfium2 5.15, PDFium under a 300 MB cap
+# on a 600 MB Flate bomb): the process dies of SIGABRT with faulthandler's "Fatal Python error: Aborted" and a
+# stack inside pypdfium2; C++ code that lets std::bad_alloc escape aborts the same way.
+MEMORY_EVIDENCE = ("MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory")
 _ERRORS = {cls.__name__: cls for cls in (CorruptPdfError, EncryptedPdfError, PdfTooLargeError, IngestError)}
 
 
 class _Worker:
-    """One child process and its pipes."""
+    """One child process, its pipes, and the tail of its stderr (drained by a daemon thread so it never blocks)."""
 
     def __init__(self, memory_limit: int) -> None:
         path = os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.extract_worker", str(memory_limit)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        # its own session: the terminal's Ctrl-C and a process-group signal reach the parent only
+        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, __name__, str(memory_limit)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     text=True, errors="replace", bufsize=1, start_new_session=True)
         self.documents = 0
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self._drainer = threading.Thread(target=self._drain, name=f"extract-worker-{self.proc.pid}-stderr",
+                                         daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_tail.append(line.rstrip("\n"))
+            log.debug("extraction worker %d: %s", self.proc.pid, line.rstrip("\n"))
 
     def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         """Send one request; return the reply, or None if the worker died. TimeoutError past ``timeout_s``."""
@@ -58,13 +95,37 @@ class _Worker:
         return json.loads(line) if line else None
 
     def close(self) -> None:
-        """Stop the process and release its pipes."""
+        """Stop the process, wait for its stderr to be read to the end, and release its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        self._drainer.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def death_error(returncode: int | None, stderr: list[str], memory_limit: int, name: str) -> IngestError:
+    """The typed error for a worker that died mid-document, judged by its exit status and its last stderr lines.
+
+    SIGABRT or an out-of-memory message means the document needed more than the cap (PdfTooLargeError);
+    any other death (SIGKILL from outside, a segfault, an exit) is a WorkerCrashedError another try may cure.
+    """
+    code = returncode if returncode is not None else 0
+    how = f"exit code {code}" + (f", {_signal_name(-code)}" if code < 0 else "")
+    if code == -signal.SIGABRT or any(mark in line for line in stderr for mark in MEMORY_EVIDENCE):
+        return PdfTooLargeError(f"the document needed memory over the {memory_limit:,}-byte memory cap: the "
+                                f"extraction worker aborted ({how})", name)
+    last = next((line.strip() for line in reversed(stderr) if line.strip()), "")
+    return WorkerCrashedError(f"the extraction worker died ({how}) while reading the document"
+                              + (f"; its last words: {last[:200]}" if last else ""), name, exit_code=code)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class ExtractionPool:
@@ -93,21 +154,29 @@ class ExtractionPool:
                                        name) from None
             finally:
                 self._give_back(worker, keep)
-        if reply is None:  # the worker died mid-document: PDFium aborts when the memory cap refuses it
-            raise PdfTooLargeError(f"extraction worker died (exit code {worker.proc.returncode}); most likely the "
-                                   f"document needed more than the {self.memory_limit:,}-byte memory cap", name)
+        if reply is None:  # the worker died mid-document; close() has reaped it and read its stderr to the end
+            error = death_error(worker.proc.returncode, list(worker.stderr_tail), self.memory_limit, name)
+            log.warning("extraction worker %d died on %s (%s: %s); its last stderr lines:\n%s", worker.proc.pid,
+                        name, error.reason, error, "\n".join(worker.stderr_tail) or "(none)")
+            raise error
         if "ok" in reply:
             return reply["ok"]
         raise _ERRORS.get(reply["error"]["cls"], IngestError)(reply["error"]["message"], name)
 
     def _borrow(self) -> _Worker:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            worker = _Worker(self.memory_limit)
-            with self._lock:
-                self._all.add(worker)
-            return worker
+        """An idle worker that is still alive (one that died while idle is replaced), or a new one."""
+        while True:
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if worker.proc.poll() is None:
+                return worker
+            self._give_back(worker, keep=False)
+        worker = _Worker(self.memory_limit)
+        with self._lock:
+            self._all.add(worker)
+        return worker
 
     def _give_back(self, worker: _Worker, keep: bool) -> None:
         if keep:
@@ -120,7 +189,7 @@ class ExtractionPool:
     def pipe_fds(self) -> set[int]:
         """The file descriptors of the live workers' pipes: held on purpose between documents."""
         with self._lock:
-            return {pipe.fileno() for w in self._all for pipe in (w.proc.stdin, w.proc.stdout)
+            return {pipe.fileno() for w in self._all for pipe in (w.proc.stdin, w.proc.stdout, w.proc.stderr)
                     if pipe is not None and not pipe.closed}
 
     def close(self) -> None:
@@ -170,27 +239,47 @@ def _package_root() -> str:
 
 
 def serve(memory_limit: int) -> None:
-    """Worker main loop: one JSON request per line in, one JSON reply per line out."""
-    from .ingest import extract_text  # imported here: the worker pays pypdf's import once, at start
+    """Worker main loop: one JSON request per line in, one JSON reply per line out, until stdin closes.
 
+    SIGINT and SIGTERM are ignored (systemd signals the whole cgroup, and a document in flight should end
+    with its real outcome); the parent stops a worker by closing its stdin or killing it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.enable()  # a fatal signal (PDFium aborting under the cap) leaves its stack on stderr as evidence
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
     for line in sys.stdin:
-        request = json.loads(line)
-        limits = IngestConfig(**request["limits"])
+        reply = _answer(line, memory_limit)
         try:
-            result = extract_text(Path(request["pdf"]), Path(request["text"]), limits, tuple(request["shard"]))
-            reply: dict[str, Any] = {"ok": dataclasses.asdict(result)}
-        except IngestError as exc:
-            reply = {"error": {"cls": type(exc).__name__, "message": str(exc)}}
-        except MemoryError:
-            reply = {"error": {"cls": "PdfTooLargeError",
-                               "message": f"extraction needed more than {memory_limit:,} bytes of memory"}}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        except BrokenPipeError:  # the parent is gone; point stdout at /dev/null so exiting cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            return
         gc.collect()
 
 
+def _answer(line: str, memory_limit: int) -> dict[str, Any]:
+    """Extract one request's document; every exception becomes a typed error reply, none ends the worker."""
+    try:
+        request = json.loads(line)
+        limits = IngestConfig(**request["limits"])
+        result = extract_text(Path(request["pdf"]), Path(request["text"]), limits, tuple(request["shard"]))
+        return {"ok": dataclasses.asdict(result)}
+    except IngestError as exc:
+        return _error_reply(type(exc).__name__, str(exc))
+    except MemoryError:
+        return _error_reply("PdfTooLargeError", f"extraction needed more than {memory_limit:,} bytes of memory")
+    except Exception as exc:  # engine errors are CorruptPdfError already; this is a bug or the disk (the text file)
+        traceback.print_exc()
+        return _error_reply("IngestError", f"extraction failed: {type(exc).__name__}: {exc}"[:500])
+
+
+def _error_reply(cls: str, message: str) -> dict[str, Any]:
+    return {"error": {"cls": cls, "message": message}}
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[-1]))
