@@ -121,6 +121,21 @@ md("## 5. Limits and breaking points\n\n" + "\n".join(limit_lines) +
    "\n\nHostile inputs with the default limits:\n\n" + views.markdown(views.hostile_table(m)))
 
 # %%
+fault_table, fault_cases = views.fault_table(m), views.fault_cases(m)
+md("### Faults survived\n\nEach fault injected into a real `python -m pipeline serve` driven over SMTP by sender "
+   "processes that retry after a 4xx or a dropped connection, like an MTA (notebook `09_faults`). *lost*: acked "
+   "(250) but no run, or a run that never ended; *duplicated*: more than one run or digest for one Message-ID; "
+   "*untyped*: a failed run or task whose reason is not one of `pipeline.errors`' reasons; *recover s*: fault "
+   "removed → first 250 (for `kill_serve`: kill → first 250 from the restarted serve); *drain s*: fault removed → "
+   "last acked run ended.\n\n" + views.markdown(fault_table) +
+   "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"
+   + views.markdown(fault_cases))
+
+# %%
+if len(views.rows(m, "faults", "replies")):
+    views.fig_fault_replies(m);
+
+# %%
 md("## 6. DAGRunStore\n\nMedian milliseconds (rows: query; columns: runs in the store):\n\n"
    + views.markdown(views.store_table(m).reset_index()))
 

@@ -50,3 +50,29 @@ def test_empty_sessions_give_empty_tables_not_invented_figures(tmp_path):
     rec.start_session("test")
     m = rec.measurements()
     assert views.optimization_table(m).empty and views.engine_table(m).empty and views.baselines_table(m).empty
+
+
+def test_fault_table_shows_each_fault_with_its_figures_replies_and_skip_reason(tmp_path):
+    rec = AuditRecorder(tmp_path / "audit.duckdb")
+    rec.start_session("test")
+    kill = [row("kill_serve", metric, value, "messages") for metric, value in
+            (("sent", 100), ("acked", 97), ("lost", 0), ("duplicated", 1), ("untyped", 0))]
+    kill += [row("kill_serve", "recover_s", s, "s", i) for i, s in enumerate([2.0, 3.5])]
+    kill += [row("kill_serve", "replies", n, "replies", reply=code) for code, n in (("250", 97), ("refused", 12))]
+    cases = [row("bad_input", "case_typed", 1, "bool", 0, case="quoted", state="failed", reason="deliver: delivery"),
+             row("bad_input", "case_typed", 0, "bool", 1, case="crlf", state="failed", reason="x: ValueError: y")]
+    rec.record("faults", pd.DataFrame(kill + cases + [row("disk_full", "skipped", 1, "fault", reason="no mount")]))
+    m = rec.measurements()
+    table = views.fault_table(m).set_index("fault")
+    assert table.loc["kill_serve", "acked (250)"] == 97 and table.loc["kill_serve", "duplicated"] == 1
+    assert table.loc["kill_serve", "recover s"] == pytest.approx(3.5)  # the worst of the kill points
+    assert table.loc["kill_serve", "senders saw"] == "250 ×97, refused ×12"
+    assert table.loc["disk_full", "note"] == "skipped: no mount" and pd.isna(table.loc["disk_full", "lost"])
+    outcomes = views.fault_cases(m).set_index("case")
+    assert outcomes.loc["quoted", "typed"] == "yes" and outcomes.loc["crlf", "typed"] == "NO"
+
+
+def test_fault_tables_are_empty_without_fault_rows(tmp_path):
+    rec = AuditRecorder(tmp_path / "audit.duckdb")
+    rec.start_session("test")
+    assert views.fault_table(rec.measurements()).empty and views.fault_cases(rec.measurements()).empty

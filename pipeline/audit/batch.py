@@ -47,6 +47,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_code_quality": {"with_coverage": False},
         "08_optimizations": {"store_runs": 20_000, "reps": 3, "gateway_reps": 1, "dense_pdf": "text-1mb.pdf",
                              "batch_pdf": "text-0.5mb.pdf", "documents": 2},
+        "09_faults": {"kill_serve": {"messages": 40, "senders": 2, "kill_points": [0.5]},
+                      "kill_worker_pdf": "text-1mb.pdf",
+                      "store_locked": {"messages": 20, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000},
+                      "disk_full": {"messages": 10, "senders": 2, "full_s": 2.0, "size_mb": 32}},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
@@ -59,6 +63,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_code_quality": {"with_coverage": True},
         "08_optimizations": {"store_runs": 200_000, "reps": 5, "gateway_reps": 2, "dense_pdf": "text-5mb.pdf",
                              "batch_pdf": "text-1mb.pdf", "documents": 4},
+        "09_faults": {"kill_serve": {"messages": 1000, "senders": 8, "kill_points": [0.25, 0.5, 0.75]},
+                      "kill_worker_pdf": "text-5mb.pdf",
+                      "store_locked": {"messages": 200, "senders": 4, "lock_s": 10.0, "busy_timeout_ms": 1000},
+                      "disk_full": {"messages": 40, "senders": 4, "full_s": 5.0, "size_mb": 48}},
     },
 }
 PROFILES["full"] = {

@@ -142,7 +142,7 @@ def sla_results(recorder: AuditRecorder, session_id: str) -> pd.DataFrame:
 
 
 def headline_metrics(recorder: AuditRecorder, session_id: str) -> dict[str, float]:
-    """A few numbers for outbox.json: median stage times, 5 MB ingest, concurrency, leak slope."""
+    """A few numbers for outbox.json: median stage times, 5 MB ingest, concurrency, leak slope, fault totals."""
     m = recorder.measurements(session_id=session_id)
     out: dict[str, float] = {}
     stages = m[(m.scenario == "pipeline_profile") & (m.metric == "stage_seconds")]
@@ -158,6 +158,12 @@ def headline_metrics(recorder: AuditRecorder, session_id: str) -> dict[str, floa
     leak = m[(m.scenario == "soak") & (m.metric == "leak_traced_bytes_per_run") & (m.variant == "email_digest")]
     if not leak.empty:
         out["leak_traced_bytes_per_run"] = round(float(leak.value.max()), 1)
+    faults = m[m.scenario == "faults"]
+    for metric, name in (("lost", "faults_lost_messages"), ("duplicated", "faults_duplicated_messages"),
+                         ("untyped", "faults_untyped_runs")):
+        picked = faults[faults.metric == metric]
+        if not picked.empty:
+            out[name] = float(picked.value.sum())
     return out
 
 

@@ -293,3 +293,58 @@ def code_quality_tables(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = counts[["tool", "metric", "detail", "value"]]
     errors = r[r.metric == "error_handling_entry"][["module", "raises", "reasons", "retried", "user sees"]]
     return table, errors
+
+
+_FAULT_FIGURES = {"sent": "sent", "acked": "acked (250)", "lost": "lost", "duplicated": "duplicated",
+                  "untyped": "untyped", "recover_s": "recover s", "drain_s": "drain s"}
+
+
+def fault_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Per fault: sent, acked, lost, duplicated, untyped, time to recover and drain, what senders saw, and a note
+    (why a fault was skipped, or why its harness failed)."""
+    r = rows(m, "faults")
+    if r.empty:
+        return pd.DataFrame()
+    out = []
+    for fault, group in r.groupby("variant", sort=False):
+        figures: dict[str, Any] = {"fault": fault}
+        for metric, column in _FAULT_FIGURES.items():
+            picked = group[group.metric == metric].value
+            figures[column] = picked.max() if len(picked) else float("nan")
+        replies = group[group.metric == "replies"]
+        figures["senders saw"] = ", ".join(f"{reply} ×{int(count)}" for reply, count in
+                                           zip(replies.get("reply", []), replies.value, strict=True))
+        notes = group[group.metric.isin(["skipped", "error"])]
+        figures["note"] = "; ".join(f"{m_}: {reason}" for m_, reason in
+                                    zip(notes.metric, notes.get("reason", [""] * len(notes)), strict=True))
+        out.append(figures)
+    return pd.DataFrame(out)
+
+
+def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
+    """Per judged case (bad inputs, the killed worker's run, the mail after it): state, typed or not, reason."""
+    r = rows(m, "faults")
+    if r.empty:
+        return pd.DataFrame()
+    r = r[r.metric.isin(["case_typed", "victim_run_typed"])]
+    if r.empty:
+        return pd.DataFrame()
+    table = r.assign(typed=r.value.map({1.0: "yes", 0.0: "NO"}))
+    columns = [c for c in ("variant", "case", "state", "typed", "typed_reason", "reason", "task_errors",
+                           "pages_failed", "digests") if c in table]
+    return table[columns].rename(columns={"variant": "fault"}).reset_index(drop=True)
+
+
+def fig_fault_replies(m: pd.DataFrame) -> Figure:
+    """What senders saw under each fault: reply counts stacked per fault (log scale: 250s outnumber the rest)."""
+    r = rows(m, "faults", "replies")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    if len(r):
+        table = r.pivot_table(index="variant", columns="reply", values="value", aggfunc="sum").fillna(0)
+        table.plot.barh(ax=ax, stacked=False, logx=True)
+        ax.invert_yaxis()
+    ax.set_xlabel("replies (log)")
+    ax.set_ylabel("")
+    ax.set_title("What senders saw under each fault")
+    fig.tight_layout()
+    return fig

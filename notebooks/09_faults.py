@@ -1,0 +1,52 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% [markdown]
+# # Faults
+#
+# Each fault is injected into a real `python -m pipeline serve` process (its own data dir and port), driven
+# over SMTP by sender processes that retry after a 4xx or a connection error, like an MTA. Judged from the
+# run store and the Maildir outbox: an acked (250) message is lost if it has no run or its run never ends,
+# duplicated if it has more than one run or digest; a failed run is untyped if its reason is not one of the
+# reasons in `pipeline.errors`. Faults: `kill -9` of serve mid-burst (restarted at once), `kill -9` of a busy
+# extraction worker, the run store locked by another process, the data dir's disk full (a tmpfs; skipped
+# with the reason where it cannot be mounted), and bad input (a damaged page, a From: decoding to CR/LF, a
+# quoted local part).
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+only = ["kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input"]
+kill_serve = {"messages": 40, "senders": 2, "kill_points": [0.5]}
+kill_worker_pdf = "text-1mb.pdf"
+store_locked = {"messages": 20, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000}
+disk_full = {"messages": 10, "senders": 2, "full_s": 2.0, "size_mb": 32}
+
+# %%
+from pipeline.audit import faults, views
+from pipeline.audit.notebook import fixture, open_recorder, resolve
+
+recorder = open_recorder(db_path, session_id, profile)
+work = resolve("data/faults-work")
+work.mkdir(parents=True, exist_ok=True)
+
+# %%
+params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir, profile, kill_worker_pdf)},
+          "store_locked": store_locked, "disk_full": disk_full}
+faults.fault_figures(work, params, only=tuple(only), recorder=recorder)
+views.fault_table(recorder.measurements())
+
+# %%
+views.fault_cases(recorder.measurements())
+
+# %%
+views.fig_fault_replies(recorder.measurements());

@@ -1,0 +1,69 @@
+"""The fault harness at tiny sizes, against a real `python -m pipeline serve`: kill -9 mid-burst and bad input.
+
+Every serve process (and what it started) is killed and reaped by the harness on every path; these tests
+check the figures it reports and that nothing it started is left running.
+"""
+
+import psutil
+import pytest
+
+from pipeline.audit import faults
+from pipeline.audit.faultcheck import known_reasons, typed_reason
+from pipeline.audit.serveproc import ServeProcess
+
+
+def _figures(rows, fault):
+    return {r["metric"]: r["value"] for r in rows if r["variant"] == fault and r["metric"] != "replies"}
+
+
+def _no_children_left():
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "forkserver" not in " ".join(p.cmdline())
+            and "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_kill_9_mid_burst_loses_and_duplicates_no_acked_message(tmp_path):
+    rows = faults.kill_serve(tmp_path, messages=20, senders=2, kill_points=(0.5,), timeout_s=240)
+    figures = _figures(rows, "kill_serve")
+    assert figures["acked"] == 20 and figures["sent"] == 20  # senders retry until the restarted serve answers
+    assert figures["lost"] == 0 and figures["duplicated"] == 0 and figures["untyped"] == 0
+    assert figures["missing_digests"] == 0  # every acked message got exactly one terminal run and one digest
+    replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
+    assert replies["250"] == 20
+    assert not _no_children_left()
+
+
+def test_bad_inputs_end_with_typed_outcomes(tmp_path):
+    rows = faults.bad_input(tmp_path, timeout_s=240)
+    figures = _figures(rows, "bad_input")
+    assert figures["acked"] == 3 and figures["lost"] == 0 and figures["untyped"] == 0
+    cases = {r["tags"]["case"]: r for r in rows if r["metric"] == "case_typed"}
+    assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part"}
+    assert all(r["value"] == 1.0 for r in cases.values()), cases
+    assert cases["crlf_encoded_from"]["tags"]["typed_reason"] == "malformed_email"
+    assert not _no_children_left()
+
+
+def test_a_failing_scenario_still_kills_and_reaps_serve(tmp_path):
+    serve = ServeProcess(tmp_path / "data", tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        try:
+            serve.start()
+            pid = serve.proc.pid
+            raise RuntimeError("boom")
+        finally:
+            serve.kill()
+    assert serve.proc.returncode is not None and not psutil.pid_exists(pid)
+
+
+@pytest.mark.parametrize("reason, typed", [
+    ("ingest_pdf[0]: corrupt: page 3 is damaged", "corrupt"), ("malformed_email", "malformed_email"),
+    ("internal: bookkeeping failed", "internal"), ("parse_email: ValueError: bad", None),
+    ("a final task did not succeed", None), (None, None)])
+def test_typed_reason_reads_the_stored_reason(reason, typed):
+    assert typed_reason(reason) == typed
+
+
+def test_known_reasons_come_from_the_error_classes():
+    assert {"encrypted", "corrupt", "too_large", "worker_crashed", "malformed_email", "timeout",
+            "delivery"} <= known_reasons()
