@@ -190,3 +190,32 @@ def test_the_ingest_task_reports_failed_pages_and_is_retried_once(pdf, tmp_path)
     out = partial(ingest_pdf_task, settings=settings)(ctx)
     assert (out["pages"], out["pages_failed"]) == (3, 1)
     assert email_digest_dag(settings).task("ingest_pdf").retries == 1
+
+
+class _GarblingWorker(_Worker):
+    """A real worker process that answers one request with a reply cut short, as a worker dying mid-write does."""
+
+    def __init__(self, memory_limit: int) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); print('{\"ok\": {\"pa')"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.documents, self.garbled = 0, None
+        self.stderr_tail = __import__("collections").deque(maxlen=5)
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+
+
+def test_an_unreadable_reply_is_worker_crashed_not_an_untyped_error(pdf, tmp_path, monkeypatch):
+    from pipeline.stages import extract_worker
+
+    pool = extract_worker.ExtractionPool(1, 512 * MB)
+    monkeypatch.setattr(extract_worker, "_Worker", _GarblingWorker)  # the fault: a reply cut short mid-line
+    try:
+        with pytest.raises(WorkerCrashedError, match="unreadable reply") as err:
+            pool.extract(pdf(fx.text_pdf(1)), tmp_path / "t.txt", IngestConfig(workers=1, page_workers=1))
+        assert err.value.retryable and err.value.reason == "worker_crashed"
+    finally:
+        pool.close()

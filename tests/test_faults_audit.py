@@ -16,13 +16,18 @@ def _figures(rows, fault):
     return {r["metric"]: r["value"] for r in rows if r["variant"] == fault and r["metric"] != "replies"}
 
 
-def _no_children_left():
-    return [p for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "forkserver" not in " ".join(p.cmdline())
-            and "resource_tracker" not in " ".join(p.cmdline())]
+def _live_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _no_children_left(before: set[int]):
+    """Processes started during the test (serve, its workers, senders) still alive; earlier tests' pools excluded."""
+    return sorted(_live_children() - before)
 
 
 def test_kill_9_mid_burst_loses_and_duplicates_no_acked_message(tmp_path):
+    before = _live_children()
     rows = faults.kill_serve(tmp_path, messages=20, senders=2, kill_points=(0.5,), timeout_s=240)
     figures = _figures(rows, "kill_serve")
     assert figures["acked"] == 20 and figures["sent"] == 20  # senders retry until the restarted serve answers
@@ -30,10 +35,11 @@ def test_kill_9_mid_burst_loses_and_duplicates_no_acked_message(tmp_path):
     assert figures["missing_digests"] == 0  # every acked message got exactly one terminal run and one digest
     replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
     assert replies["250"] == 20
-    assert not _no_children_left()
+    assert not _no_children_left(before)
 
 
 def test_bad_inputs_end_with_typed_outcomes(tmp_path):
+    before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
     figures = _figures(rows, "bad_input")
     assert figures["acked"] == 3 and figures["lost"] == 0 and figures["untyped"] == 0
@@ -41,7 +47,7 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part"}
     assert all(r["value"] == 1.0 for r in cases.values()), cases
     assert cases["crlf_encoded_from"]["tags"]["typed_reason"] == "malformed_email"
-    assert not _no_children_left()
+    assert not _no_children_left(before)
 
 
 def test_a_failing_scenario_still_kills_and_reaps_serve(tmp_path):

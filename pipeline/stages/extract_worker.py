@@ -68,6 +68,7 @@ class _Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      text=True, errors="replace", bufsize=1, start_new_session=True)
         self.documents = 0
+        self.garbled: str | None = None  # the start of an unreadable reply, if one came
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._drainer = threading.Thread(target=self._drain, name=f"extract-worker-{self.proc.pid}-stderr",
                                          daemon=True)
@@ -85,14 +86,19 @@ class _Worker:
         try:
             self.proc.stdin.write(json.dumps(message) + "\n")
             self.proc.stdin.flush()
-        except BrokenPipeError:
+        except OSError:  # a broken pipe: the worker is gone
             return None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         if not ready:
             raise TimeoutError
         line = self.proc.stdout.readline()
         self.documents += 1
-        return json.loads(line) if line else None
+        try:
+            reply = json.loads(line) if line else None
+        except ValueError:  # a reply cut short (the worker died mid-write) or corrupted: treat it as a death
+            self.garbled = line[:200]
+            return None
+        return reply if isinstance(reply, dict) else None
 
     def close(self) -> None:
         """Stop the process, wait for its stderr to be read to the end, and release its pipes."""
@@ -154,6 +160,8 @@ class ExtractionPool:
                                        name) from None
             finally:
                 self._give_back(worker, keep)
+        if reply is None and worker.garbled is not None:
+            raise WorkerCrashedError(f"the extraction worker sent an unreadable reply: {worker.garbled!r}", name)
         if reply is None:  # the worker died mid-document; close() has reaped it and read its stderr to the end
             error = death_error(worker.proc.returncode, list(worker.stderr_tail), self.memory_limit, name)
             log.warning("extraction worker %d died on %s (%s: %s); its last stderr lines:\n%s", worker.proc.pid,
@@ -161,7 +169,8 @@ class ExtractionPool:
             raise error
         if "ok" in reply:
             return reply["ok"]
-        raise _ERRORS.get(reply["error"]["cls"], IngestError)(reply["error"]["message"], name)
+        failure: dict[str, Any] = reply["error"] if isinstance(reply.get("error"), dict) else {}
+        raise _ERRORS.get(str(failure.get("cls")), IngestError)(str(failure.get("message", "no message")), name)
 
     def _borrow(self) -> _Worker:
         """An idle worker that is still alive (one that died while idle is replaced), or a new one."""
@@ -173,7 +182,10 @@ class ExtractionPool:
             if worker.proc.poll() is None:
                 return worker
             self._give_back(worker, keep=False)
-        worker = _Worker(self.memory_limit)
+        try:
+            worker = _Worker(self.memory_limit)
+        except OSError as exc:  # out of processes, memory or file descriptors: the next try may find them
+            raise WorkerCrashedError(f"cannot start an extraction worker: {exc}") from exc
         with self._lock:
             self._all.add(worker)
         return worker
