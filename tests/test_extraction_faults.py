@@ -199,7 +199,8 @@ class _GarblingWorker(_Worker):
         import subprocess
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); print('{\"ok\": {\"pa')"],
+        script = "import sys; sys.stdin.readline(); print('{\"ok\": {\"pa')"
+        self.proc = subprocess.Popen([sys.executable, "-c", script],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
         self.documents, self.garbled = 0, None
