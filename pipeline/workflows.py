@@ -6,7 +6,9 @@ Task callables are module-level functions bound to settings with
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from .dag import DAG, Task, TaskContext
 from .errors import PdfTooLargeError
 from .stages import deliver, digest, ingest, parse
 
+log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
 
 
@@ -59,12 +62,33 @@ def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
 
 
 def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
-    """Send the digest to the sender (or the configured recipient)."""
+    """Send the digest to the sender (or the configured recipient), once per run.
+
+    A run requeued after a crash that came after delivery must not send a second digest: the digest's
+    Message-ID and outbox file name derive from the run, and a marker in the work dir records a relay send.
+    """
+    marker = Path(ctx.work_dir) / "delivered.json"
+    earlier = deliver.delivered_before(marker)
+    if earlier is not None:
+        return earlier
+    key = delivery_key(ctx)
     with tracing.span("stage.deliver", run_id=ctx.run_id):
         saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
-        msg = deliver.compose_reply(digest.Digest(**saved), ctx.upstream["parse_email"], settings.delivery)
-        where = deliver.send_message(msg, settings.delivery)
-    return {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
+        msg = deliver.compose_reply(digest.Digest(**saved), ctx.upstream["parse_email"], settings.delivery,
+                                    message_id=deliver.digest_message_id(key, settings.delivery))
+        where = deliver.send_message(msg, settings.delivery, key=key)
+    result = {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
+    try:
+        deliver.mark_delivered(marker, result)
+    except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice
+        log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
+    return result
+
+
+def delivery_key(ctx: TaskContext) -> str:
+    """A name for this run's digest, stable across tries and distinct across runs (and purged, reused ids)."""
+    spool = str(ctx.payload.get("spool", ""))
+    return f"digest-{ctx.run_id}-{hashlib.sha256(f'{ctx.run_id}:{spool}'.encode()).hexdigest()[:16]}"
 
 
 def email_digest_dag(settings: Settings) -> DAG:

@@ -9,7 +9,9 @@ addr-spec alone (no display name), so a quoted local part such as
 
 from __future__ import annotations
 
+import json
 import mailbox
+import os
 import re
 import smtplib
 from email import errors as email_errors
@@ -51,7 +53,8 @@ def reply_address(text: str) -> Address:
     return Address(username=mailboxes[0].username, domain=mailboxes[0].domain)
 
 
-def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig) -> EmailMessage:
+def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig,
+                  message_id: str | None = None) -> EmailMessage:
     """Build the reply mail: plain text and HTML alternatives, threaded under the original.
 
     Raises DeliveryError(retryable=False) when the recipient is not one mailbox address.
@@ -62,7 +65,7 @@ def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig)
     msg["To"] = recipient
     msg["Subject"] = clean_header(digest.subject, 250)
     msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(domain=config.sender.partition("@")[2] or "localhost")
+    msg["Message-ID"] = message_id or make_msgid(domain=_domain(config))
     original = email.get("message_id") or ""
     if _MSG_ID.match(original):
         msg["In-Reply-To"] = original
@@ -72,24 +75,74 @@ def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig)
     return msg
 
 
-def send_message(msg: EmailMessage, config: DeliveryConfig) -> str:
+def digest_message_id(key: str, config: DeliveryConfig) -> str:
+    """The digest's Message-ID for a delivery ``key``: the same on every try, so a resend can be recognised."""
+    return f"<{key}@{_domain(config)}>"
+
+
+def _domain(config: DeliveryConfig) -> str:
+    return config.sender.partition("@")[2] or "localhost"
+
+
+def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None) -> str:
     """Hand the message to the relay, or add it to the outbox; return where it went.
 
-    Raises DeliveryError: retryable for an unreachable relay or an unwritable outbox, not
-    retryable for a UTF-8 address and a relay that does not offer SMTPUTF8 (RFC 6531).
+    With a ``key`` the outbox copy is ``new/<key>``, written once: a run retried after a crash that
+    came after delivery finds it there and does not deliver twice. Raises DeliveryError: retryable
+    for an unreachable relay or an unwritable outbox, not retryable for a UTF-8 address and a relay
+    that does not offer SMTPUTF8 (RFC 6531).
     """
     if config.relay:
-        url = urlparse(config.relay)
-        try:
-            with smtplib.SMTP(url.hostname or "127.0.0.1", url.port or 25, timeout=30) as smtp:
-                smtp.send_message(msg)
-        except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
-            raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
-        except (OSError, smtplib.SMTPException) as exc:
-            raise DeliveryError(f"relay {config.relay} refused or unreachable: {exc}") from exc
-        return config.relay
+        return _relay(msg, config)
     try:
-        key = mailbox.Maildir(Path(config.outbox), create=True).add(msg)
+        if key is None:
+            return str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
+        return _add_once(msg, Path(config.outbox), key)
     except OSError as exc:  # full disk, read-only outbox: another try may work
         raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
-    return str(Path(config.outbox) / "new" / key)
+
+
+def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
+    url = urlparse(config.relay or "")
+    try:
+        with smtplib.SMTP(url.hostname or "127.0.0.1", url.port or 25, timeout=30) as smtp:
+            smtp.send_message(msg)
+    except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
+        raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
+    except (OSError, smtplib.SMTPException) as exc:
+        raise DeliveryError(f"relay {config.relay} refused or unreachable: {exc}") from exc
+    return str(config.relay)
+
+
+def _add_once(msg: EmailMessage, outbox: Path, key: str) -> str:
+    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already."""
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True, exist_ok=True)
+    done = [p for p in (outbox / "new" / key, *(outbox / "cur").glob(f"{key}:*"), outbox / "cur" / key) if p.exists()]
+    if done:
+        return str(done[0])
+    tmp = outbox / "tmp" / f"{key}.{os.getpid()}"
+    with open(tmp, "wb") as out:  # Maildir: write in tmp/, fsync, then rename into new/
+        out.write(msg.as_bytes())
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, outbox / "new" / key)
+    return str(outbox / "new" / key)
+
+
+def delivered_before(marker: Path) -> dict[str, Any] | None:
+    """What an earlier try of this run delivered (its marker file), or None."""
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_delivered(marker: Path, result: dict[str, Any]) -> None:
+    """Record, durably, that this run's digest went out (a relay cannot be asked afterwards)."""
+    tmp = marker.with_suffix(".tmp")
+    with open(tmp, "w") as out:
+        json.dump(result, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, marker)

@@ -1,0 +1,59 @@
+"""A digest goes out once per run, even when the run is retried after a crash that came after delivery."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+from dataclasses import replace
+
+from pipeline.config import DeliveryConfig
+from pipeline.dag import TaskContext
+from pipeline.workflows import deliver_task, delivery_key
+
+
+def _ctx(tmp_path, run_id=7, spool="data/spool/abc.eml"):
+    work = tmp_path / f"work-{run_id}"
+    work.mkdir(parents=True)
+    digest_path = work / "digest.json"
+    digest_path.write_text(json.dumps({"subject": "Digest: hi", "text": "body", "html": "<p>body</p>"}))
+    upstream = {"build_digest": {"digest_path": str(digest_path)},
+                "parse_email": {"from": "alice@example.com", "message_id": "<m1@example.com>"}}
+    return TaskContext(run_id, "deliver", {"spool": spool}, upstream, {}, str(work), 1, None, None)
+
+
+def test_a_retry_after_a_crash_past_delivery_adds_no_second_digest_to_the_outbox(tmp_path, settings):
+    ctx = _ctx(tmp_path)
+    first = deliver_task(ctx, settings)
+    (tmp_path / "work-7" / "delivered.json").unlink()  # the crash came before the marker was written
+    second = deliver_task(replace(ctx, try_number=2), settings)
+    box = mailbox.Maildir(settings.delivery.outbox, create=False)
+    assert len(box) == 1 and first == second
+    assert [m["Message-ID"] for m in box] == [first["message_id"]]
+
+
+def test_a_digest_read_by_a_mail_client_is_not_sent_again(tmp_path, settings):
+    ctx = _ctx(tmp_path)
+    first = deliver_task(ctx, settings)
+    outbox = settings.delivery.outbox
+    moved = outbox / "cur" / (first["where"].rsplit("/", 1)[1] + ":2,S")  # a client marked it seen
+    (outbox / "new" / moved.name.split(":")[0]).rename(moved)
+    (tmp_path / "work-7" / "delivered.json").unlink()
+    deliver_task(ctx, settings)
+    assert len(mailbox.Maildir(outbox, create=False)) == 1
+
+
+def test_a_relayed_digest_is_not_relayed_again_once_marked(tmp_path, settings, smtp_sink):
+    handler, url = smtp_sink
+    relayed = replace(settings, delivery=DeliveryConfig(relay=url, outbox=settings.delivery.outbox))
+    ctx = _ctx(tmp_path)
+    first = deliver_task(ctx, relayed)
+    second = deliver_task(replace(ctx, try_number=2), relayed)
+    assert first == second
+    assert [m["Message-ID"] for m in handler.wait_for(1)] == [first["message_id"]]
+    assert len(handler.messages) == 1
+
+
+def test_each_run_has_its_own_digest_id_even_when_ids_are_reused(tmp_path):
+    keys = {delivery_key(_ctx(tmp_path / "a", 1, "s/x.eml")), delivery_key(_ctx(tmp_path / "b", 2, "s/x.eml")),
+            delivery_key(_ctx(tmp_path / "c", 1, "s/y.eml"))}
+    assert len(keys) == 3
