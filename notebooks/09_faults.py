@@ -48,5 +48,16 @@ views.fault_table(recorder.measurements())
 # %%
 views.fault_cases(recorder.measurements())
 
+# %% [markdown]
+# The killed worker: the one caught mid-way through the victim document (its ingest_pdf task running, its CPU
+# time growing, the run's file open in it), whether serve's log says that pid died on the victim's document,
+# and the victim task's tries and events in the store. By design the kill costs one retry (`retrying@1
+# running@2`, reason `worker_crashed`); the store keeps only the latest try's error, so a retry that
+# succeeded is named from serve's log.
+
+# %%
+detail = views.rows(recorder.measurements(), "faults")
+detail[(detail.variant == "kill_worker") & detail.metric.str.startswith(("victim", "killed"))].dropna(axis=1, how="all")
+
 # %%
 views.fig_fault_replies(recorder.measurements());

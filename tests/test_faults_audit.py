@@ -8,7 +8,8 @@ import psutil
 import pytest
 
 from pipeline.audit import faults
-from pipeline.audit.faultcheck import known_reasons, typed_reason
+from pipeline.audit import fixtures as fx
+from pipeline.audit.faultcheck import known_reasons, retries_logged, typed_reason, worker_deaths
 from pipeline.audit.serveproc import ServeProcess
 
 
@@ -48,6 +49,34 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert all(r["value"] == 1.0 for r in cases.values()), cases
     assert cases["crlf_encoded_from"]["tags"]["typed_reason"] == "malformed_email"
     assert not _no_children_left(before)
+
+
+def test_a_worker_killed_mid_document_costs_one_retry_and_the_run_still_succeeds(tmp_path):
+    before = _live_children()
+    pdf = tmp_path / "victim.pdf"
+    pdf.write_bytes(fx.text_pdf(300, seed=3))  # about 1 MB: extraction lasts long enough to be caught
+    rows = faults.kill_worker(tmp_path, pdf, timeout_s=240)
+    figures = {r["metric"]: r for r in rows if r["variant"] == "kill_worker"}
+    assert "skipped" not in figures, figures["skipped"]["tags"]
+    assert figures["victim_worker_mid_document"]["tags"]["file_open"]  # the run's file was open in the victim
+    assert figures["killed_worker_served_victim"]["value"] == 1.0, figures["killed_worker_served_victim"]["tags"]
+    tries = figures["victim_task_try_number"]
+    assert tries["value"] == 2 and "retrying@1 running@2" in tries["tags"]["events"], tries["tags"]
+    assert tries["tags"]["retries_logged"] == "ingest_pdf[0] try 1: worker_crashed"
+    victim = figures["victim_run_typed"]["tags"]
+    assert victim["state"] == "success" and victim["task_errors"] == "ingest_pdf[0] try 1: worker_crashed (retried)"
+    assert figures["next_pdf_succeeded"]["value"] == 1.0 and figures["lost"]["value"] == 0
+    assert not _no_children_left(before)
+
+
+def test_serve_log_lines_name_the_dead_worker_and_the_retry():
+    log = ("2026-11-27 23:23:55,615 WARNING pipeline.stages.extract_worker: extraction worker 22561 died on "
+           "000-a.pdf (worker_crashed: the extraction worker died (exit code -9, SIGKILL) while reading)\n"
+           "2026-11-27 23:23:56,694 INFO pipeline.runner: run 1 task ingest_pdf[0]: try 1 failed (worker_crashed), "
+           "retrying\n"
+           "2026-11-27 23:23:57,000 INFO pipeline.runner: run 2 task deliver: try 1 failed (delivery), retrying\n")
+    assert worker_deaths(log) == {22561: ("000-a.pdf", "worker_crashed")}
+    assert retries_logged(log, 1) == ["ingest_pdf[0] try 1: worker_crashed"]
 
 
 def test_a_failing_scenario_still_kills_and_reaps_serve(tmp_path):

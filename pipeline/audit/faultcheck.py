@@ -8,6 +8,7 @@ the run store opened read-only-ish, and the Maildir outbox.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -133,6 +134,48 @@ def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: f
 def skipped(fault: str, reason: str) -> Rows:
     """The row of a fault that could not be injected here, with the reason."""
     return [row(fault, "skipped", 1, "fault", 0, reason=reason[:300])]
+
+
+def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | None, list[dict[str, Any]]]:
+    """The latest run of ``message_id`` and its task instances named ``prefix...``: state, try_number, error_type
+    and their events (``running@1 retrying@1 running@2 success@2``), read from serve's store opened read-only.
+
+    ``(None, [])`` while there is no such run or the store cannot be read right now.
+    """
+    try:
+        db = sqlite3.connect(f"file:{Path(data_dir) / 'runs.sqlite3'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None, []
+    try:
+        run_id = db.execute("SELECT max(run_id) FROM runs WHERE dedup_key = ?", (message_id,)).fetchone()[0]
+        if run_id is None:
+            return None, []
+        which = (run_id, f"{prefix}*")
+        tasks = db.execute("SELECT task_id, state, try_number, error_type FROM task_runs "
+                           "WHERE run_id = ? AND task_id GLOB ? ORDER BY task_id", which).fetchall()
+        events = db.execute("SELECT task_id, state, try_number FROM task_events "
+                            "WHERE run_id = ? AND task_id GLOB ? ORDER BY at, rowid", which).fetchall()
+    except sqlite3.Error:
+        return None, []
+    finally:
+        db.close()
+    return run_id, [{"task_id": t, "state": state, "try_number": tries, "error_type": error,
+                     "events": " ".join(f"{e}@{n}" for i, e, n in events if i == t)}
+                    for t, state, tries, error in tasks]
+
+
+_WORKER_DIED = re.compile(r"extraction worker (\d+) died on (\S+) \((\w+):")
+_RETRYING = re.compile(r"run (\d+) task (\S+): try (\d+) failed \((\w+)\), retrying")
+
+
+def worker_deaths(log_text: str) -> dict[int, tuple[str, str]]:
+    """pid -> (document, reason) of every extraction worker serve's log says died mid-document."""
+    return {int(m[1]): (m[2], m[3]) for m in _WORKER_DIED.finditer(log_text)}
+
+
+def retries_logged(log_text: str, run_id: int) -> list[str]:
+    """``task try N: reason`` of every retry serve's log records for ``run_id``."""
+    return [f"{m[2]} try {m[3]}: {m[4]}" for m in _RETRYING.finditer(log_text) if int(m[1]) == run_id]
 
 
 # -- messages ----------------------------------------------------------------------------------------------------

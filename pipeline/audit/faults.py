@@ -33,7 +33,10 @@ from .faultcheck import (
     case_outcomes,
     figures,
     judge,
+    retries_logged,
     skipped,
+    task_instances,
+    worker_deaths,
 )
 from .harness import frame, row
 from .recorder import AuditRecorder
@@ -70,53 +73,124 @@ def kill_serve(work: Path, messages: int = 1000, senders: int = 8, kill_points: 
     return rows + figures("kill_serve", verdict, replies, None, kills=len(kill_points), senders=senders)
 
 
+VICTIM_ID = "<worker-victim@faults.audit>"
+
+
 def kill_worker(work: Path, pdf: Path, timeout_s: float = 300.0) -> Rows:
-    """``kill -9`` a busy extraction worker mid-document; the run must still end typed, and a later PDF succeed."""
-    big = fx.email_with([(Path(pdf).name, Path(pdf).read_bytes())], message_id="<worker-victim@faults.audit>")
+    """``kill -9`` an extraction worker provably mid-way through the victim document (its ingest_pdf task running,
+    the worker's CPU time growing, the run's text file open in it). By design the pool answers that with
+    WorkerCrashedError and the runner tries ingest_pdf again (try 2); the figures say whether it did, what the
+    store and serve's log recorded, whether the run ended typed, and whether a later PDF still succeeds."""
+    big = fx.email_with([(Path(pdf).name, Path(pdf).read_bytes())], message_id=VICTIM_ID)
     small = burst_messages("after-worker-kill", 1, pdf_every=1)
     with serving(work / "data", work) as serve:
-        with Senders(serve.port, [("<worker-victim@faults.audit>", big)], work, 1) as sending:
+        with Senders(serve.port, [(VICTIM_ID, big)], work, 1) as sending:
             replies = sending.wait(timeout_s)
-        victim = _busy_worker(serve, timeout_s=60.0)
-        if victim is None:
-            return skipped("kill_worker", "no busy extraction worker found: the document was extracted before "
-                                          "one could be killed (use a larger PDF)")
+        found = _worker_on_run(serve, VICTIM_ID, timeout_s=60.0)
+        if found is None:
+            return skipped("kill_worker", "no extraction worker was caught mid-way through the victim document: "
+                                          "it was extracted before one could be killed (use a larger PDF)")
+        victim, run_id, evidence = found
         victim.kill()
         killed_at = time.time()
-        judge(serve.data_dir, replies, 1, timeout_s)  # the victim's run ends before the next mail is sent
+        seen_errors = _errors_while_retrying(serve.data_dir, timeout_s)
+        ended = judge(serve.data_dir, replies, 1, timeout_s)["last_ended_at"]  # before the next mail is sent
+        _, tasks = task_instances(serve.data_dir, VICTIM_ID, "ingest_pdf")
         with Senders(serve.port, small, work, 1) as sending:
             replies = Replies(replies.events + sending.wait(timeout_s).events)
         verdict = judge(serve.data_dir, replies, 2, timeout_s)
         workers = {p.pid for p in serve.extract_workers()}
-        victim_case, follow = case_outcomes(serve.data_dir, [("victim", "<worker-victim@faults.audit>"),
-                                                             ("next_pdf", small[0][0])])
-    rows = figures("kill_worker", verdict, replies, killed_at)
+        victim_case, follow = case_outcomes(serve.data_dir, [("victim", VICTIM_ID), ("next_pdf", small[0][0])])
+        log_text = serve.log_path.read_text(errors="replace")
+    retries = retries_logged(log_text, run_id)
+    # a retry that succeeded leaves no error on the task in the store: name it from serve's log
+    victim_case["task_errors"] = ", ".join(filter(None, [victim_case["task_errors"], *(f"{r} (retried)"
+                                                                                      for r in retries)]))
+    rows = figures("kill_worker", verdict, replies, None)
+    if ended:
+        rows.append(row("kill_worker", "victim_ended_s", ended - killed_at, "s", 0, to="the victim's run ended"))
+    rows.append(row("kill_worker", "victim_worker_mid_document", 1.0, "bool", 0, pid=victim.pid, run_id=run_id,
+                    **evidence))
+    rows += _victim_rows(serve.data_dir / "work" / str(run_id), victim.pid, tasks, seen_errors, log_text, retries)
     rows.append(row("kill_worker", "victim_run_typed", float(victim_case.pop("typed")), "bool", 0, **victim_case))
     rows.append(row("kill_worker", "next_pdf_succeeded", float(follow["state"] == s.SUCCESS), "bool", 0,
                     workers_after=len(workers), victim_replaced=victim.pid not in workers and bool(workers)))
     return rows
 
 
-def _last(runs: dict[str, list[s.Run]], message_id: str) -> s.Run | None:
-    found = runs.get(message_id)
-    return found[-1] if found else None
+def _victim_rows(run_dir: Path, pid: int, tasks: list[dict[str, Any]], seen_errors: set[str], log_text: str,
+                 retries: list[str]) -> Rows:
+    """Whether serve's log says the killed pid died on this run's document, and each ingest_pdf instance's tries
+    and events as the store has them."""
+    died = worker_deaths(log_text).get(pid)
+    served = died is not None and (run_dir / "attachments" / died[0]).exists()
+    rows = [row("kill_worker", "killed_worker_served_victim", float(served), "bool", 0, pid=pid,
+                logged=f"died on {died[0]} ({died[1]})" if died else "no death logged for this pid")]
+    return rows + [row("kill_worker", "victim_task_try_number", t["try_number"], "tries", i, task=t["task_id"],
+                       state=t["state"], events=t["events"], error_while_retrying=", ".join(sorted(seen_errors)),
+                       retries_logged="; ".join(retries))
+                   for i, t in enumerate(tasks)]
 
 
-def _busy_worker(serve: ServeProcess, timeout_s: float) -> psutil.Process | None:
-    """The extraction worker using the most CPU right now (polled until one is busy, or ``timeout_s``)."""
+def _worker_on_run(serve: ServeProcess, message_id: str, timeout_s: float
+                   ) -> tuple[psutil.Process, int, dict[str, Any]] | None:
+    """An extraction worker provably working on ``message_id``'s document right now: its ingest_pdf task is
+    running (try 1), the worker's CPU time grows, and it has that run's text file open. Polled until
+    ``timeout_s`` or the task is no longer on its first try."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        workers = serve.extract_workers()
+        run_id, tasks = task_instances(serve.data_dir, message_id, "ingest_pdf")
+        if tasks and not any(t["state"] in (s.QUEUED, s.RUNNING) and t["try_number"] <= 1 for t in tasks):
+            return None  # extracted (or failed) before a worker could be caught on it
+        running = [t for t in tasks if t["state"] == s.RUNNING and t["try_number"] == 1]
+        if run_id is None or not running:
+            time.sleep(0.02)
+            continue
+        busy = _busy_workers(serve.extract_workers(), window_s=0.1)
+        run_dir = str(serve.data_dir / "work" / str(run_id)) + "/"
+        for cpu_s, worker in busy:
+            try:
+                held = [f.path for f in worker.open_files() if f.path.startswith(run_dir)]
+            except psutil.Error:
+                continue
+            if held:
+                return worker, run_id, {"task": running[0]["task_id"], "cpu_growth_s": round(cpu_s, 3),
+                                        "file_open": Path(held[0]).name}
+    return None
+
+
+def _busy_workers(workers: list[psutil.Process], window_s: float) -> list[tuple[float, psutil.Process]]:
+    """``(CPU seconds used during window_s, worker)`` of the workers whose CPU time grew, busiest first."""
+    before: dict[int, float] = {}
+    for w in workers:
         try:
-            before = {w.pid: sum(w.cpu_times()[:2]) for w in workers}
-            time.sleep(0.05)
-            busy = [(sum(w.cpu_times()[:2]) - before[w.pid], w) for w in workers]
+            before[w.pid] = sum(w.cpu_times()[:2])
         except psutil.Error:
             continue
-        busy = [(delta, w) for delta, w in busy if delta > 0.01]
-        if busy:
-            return max(busy, key=lambda pair: pair[0])[1]
-    return None
+    time.sleep(window_s)
+    grown = []
+    for w in workers:
+        try:
+            delta = sum(w.cpu_times()[:2]) - before[w.pid]
+        except (psutil.Error, KeyError):
+            continue
+        if delta > 0.01:
+            grown.append((delta, w))
+    return sorted(grown, key=lambda pair: -pair[0])
+
+
+def _errors_while_retrying(data_dir: Path, timeout_s: float) -> set[str]:
+    """The error types the store shows on the victim's ingest_pdf instances while they wait to retry, followed
+    until every instance is past its first try or has ended (the store keeps only the latest try's error)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, tasks = task_instances(data_dir, VICTIM_ID, "ingest_pdf")
+        seen |= {t["error_type"] for t in tasks if t["state"] == s.RETRYING and t["error_type"]}
+        if tasks and all(t["try_number"] > 1 or t["state"] in s.TERMINAL_TASK_STATES for t in tasks):
+            return seen
+        time.sleep(0.02)
+    return seen
 
 
 _LOCK_HOLDER = """import sqlite3, sys, time
