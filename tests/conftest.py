@@ -7,8 +7,19 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
-from leaks import fds_opened_since, listening_sockets, open_fds
+from leaks import (
+    become_subreaper,
+    descendants,
+    describe,
+    fds_opened_since,
+    kill_and_wait,
+    listening_sockets,
+    open_fds,
+    process_wide_pids,
+    reap_zombies,
+)
 
 from pipeline.config import EngineConfig, RunnerConfig, Settings
 from pipeline.engine import WorkflowEngine
@@ -51,18 +62,45 @@ def make_engine(store: SqliteRunStore, settings: Settings) -> Iterator:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def process_wide_helpers() -> None:
+def process_wide_helpers() -> Iterator[None]:
     """Start the process-wide helpers up front: multiprocessing's forkserver and resource tracker (the
     runner's process executor and the audit's client processes use them) and jupyter_core's event loop
     (papermill reuses it for every notebook). They live for the whole process by design, so their
-    descriptors are not a test's leak."""
+    descriptors are not a test's leak. At the end, stop them and kill whatever process is still below us:
+    nothing a test started may outlive the session (a timed-out test once left forkserver workers running
+    under pid 1)."""
     from multiprocessing import forkserver, resource_tracker
 
     from jupyter_core.utils import ensure_event_loop
 
+    become_subreaper()
     resource_tracker.ensure_running()
     forkserver.ensure_running()
     ensure_event_loop()
+    yield
+    from pipeline.stages.extract_worker import close_pools
+
+    close_pools()
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
+    kill_and_wait(descendants())
+    reap_zombies()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves a process running (its own child, or an orphan re-parented to us), after
+    killing and reaping it; processes that exit within a few seconds (workers that see their parent's
+    pipe close) are not leaks."""
+    before = {p.pid for p in descendants()}
+    yield
+    wide = process_wide_pids()
+    new = [p for p in descendants() if p.pid not in before and p.pid not in wide]
+    _, alive = psutil.wait_procs(new, timeout=10) if new else ([], [])
+    names = describe(alive)
+    kill_and_wait(alive)
+    reap_zombies()
+    assert not names, f"processes outlived the test (killed now): {names}"
 
 
 @pytest.fixture(autouse=True)
