@@ -66,9 +66,9 @@ class EngineConfig:
     stale_after_s: float = 30.0  # a running run with an older heartbeat belongs to a dead process
     shutdown_grace_s: float = 10.0
     unhealthy_after: int = 3  # consecutive failures of a background loop before the engine reports unhealthy
-    backoff_base_s: float = 0.1  # a failing loop waits this long, doubling per failure, before it tries again
+    backoff_base_s: float = 0.1  # a failing loop (or a run broken by the environment) waits this long, doubling
     backoff_max_s: float = 5.0
-    max_internal_requeues: int = 3  # a run whose bookkeeping failed is requeued this often, then failed "internal"
+    max_internal_requeues: int = 3  # a run broken by a non-environmental error: requeued this often, then "internal"
 
     def validate(self) -> None:
         if self.max_active_runs < 1:

@@ -3,54 +3,54 @@
 ``trigger`` records a queued run (deduplicated by key) and returns at once; a
 dispatcher thread claims queued runs in FIFO order while fewer than
 ``max_active_runs`` are active, and hands each to a DAGRunner. A heartbeat
-thread keeps the engine's runs marked alive; on start, runs that a dead
-process left running are requeued and their interrupted tasks tried again.
+thread keeps the engine's runs marked alive and, every ``stale_after_s``,
+requeues runs whose owner is gone (a dead pid on this host, an owner of this
+very pid that is not a live engine, as after a container restart as PID 1, or
+a stale heartbeat), so their interrupted tasks are tried again.
 
-Both threads are guarded like huey's consumer loop: an iteration that raises
-is logged (with a traceback for the first failure of a streak, one line for
-each further one), the loop backs off (``backoff_base_s`` doubling up to
-``backoff_max_s``) and goes on. After ``unhealthy_after`` failures in a row
-the engine reports itself unhealthy (``healthy``, ``health_problem``: the
-gateway then answers 451 so senders retry); the next iteration that succeeds
-makes it healthy again.
+Both threads are guarded like huey's consumer loop (``health.LoopHealth``):
+an iteration that raises is logged, the loop backs off and goes on; after
+``unhealthy_after`` failures in a row the engine reports itself unhealthy
+(``healthy``, ``health_problem``: the gateway then answers 451 so senders
+retry). Once a run failed to start, only a run that starts again makes the
+engine healthy: an empty queue proves nothing.
 
 A run whose bookkeeping failed (its work dir cannot be made, a store write
-raised in a runner callback, anything unexpected) is never left running. Rule:
-it is requeued, since its finished tasks are kept and the fault (a locked or
-full store, a read-only dir) may pass, unless the error says retrying cannot
-help (``retryable`` false, e.g. StoreCorruptError) or this process already
-requeued it ``max_internal_requeues`` times; then it fails with reason
+raised in a runner callback, anything unexpected) is never left running.
+Once its live tries have ended (they cannot be stopped), it is requeued, its
+finished tasks kept. An environmental error (an OSError, or a retryable
+PipelineError such as StoreBusyError or StoreIOError) never fails a run: it
+is requeued and not claimed again before a backoff (``backoff_base_s``
+doubling per break up to ``backoff_max_s``), so nothing acked is lost while a
+disk is full or a store locked. Any other error (a bug, StoreCorruptError)
+counts: after ``max_internal_requeues`` requeues the run fails with reason
 ``internal: <ExcType>: <message>``. If the store refuses that write too, the
-dispatcher retries it from its guarded loop until the store accepts it;
-meanwhile the run holds no slot and is not heartbeated, so another process's
-recovery may take it over.
+dispatcher retries it from its guarded loop. Every write for a claimed run
+carries this engine's owner: a run another process took over is left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import liveness, tracing
 from . import store as s
-from . import tracing
-from .config import EngineConfig, Settings
+from .config import Settings
 from .dag import DAG
-from .errors import UnknownWorkflowError
-from .runner import DAGRunner, Executors, ignore_stop_signals
-from .store import DAGRunStore, Run
+from .errors import PipelineError, StoreError, UnknownWorkflowError
+from .executors import Executors, ignore_stop_signals
+from .health import LoopHealth, backoff_s, one_line
+from .runner import DAGRunner
+from .store import DAGRunStore, Run, RunTakenOver
 from .timers import Timers
 
 log = logging.getLogger(__name__)
-_HOST = socket.gethostname()
 
 
 class WorkflowEngine:
@@ -59,7 +59,7 @@ class WorkflowEngine:
     def __init__(self, store: DAGRunStore, settings: Settings | None = None) -> None:
         self.store = store
         self.settings = (settings or Settings()).validate()
-        self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = liveness.new_owner()
         self._workflows: dict[str, DAG] = {}
         self._active: dict[int, DAGRunner] = {}
         self._cond = threading.Condition()
@@ -69,10 +69,12 @@ class WorkflowEngine:
         self._threads: list[threading.Thread] = []
         self._timers: Timers | None = None
         self._executors: Executors | None = None
-        self._dispatch_health = _LoopHealth("claiming runs", self.settings.engine)
-        self._heartbeat_health = _LoopHealth("heartbeat", self.settings.engine)
+        self._dispatch_health = LoopHealth("claiming runs", self.settings.engine)
+        self._heartbeat_health = LoopHealth("heartbeat", self.settings.engine)
         self._unsettled: dict[int, str | None] = {}  # broken run -> reason to fail it with (None: requeue)
-        self._internal_requeues: dict[int, int] = {}  # run -> times requeued for a bookkeeping failure
+        self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
+        self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
+        self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
 
     # -- health -------------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class WorkflowEngine:
             return self
         recovered = self.recover()  # may raise StoreError: then nothing was started
         self._started = True
+        liveness.LIVE_OWNERS.add(self.owner)
         if recovered:
             log.info("requeued %d run(s) left running by a dead process: %s", len(recovered), recovered)
         cfg = self.settings.runner
@@ -132,16 +135,7 @@ class WorkflowEngine:
     def recover(self) -> list[int]:
         """Requeue running runs whose owner is gone (dead pid on this host, or a stale heartbeat)."""
         stale_before = time.time() - self.settings.engine.stale_after_s
-        return self.store.recover_runs(lambda run: self._is_dead(run, stale_before))
-
-    def _is_dead(self, run: Run, stale_before: float) -> bool:
-        if run.owner == self.owner:
-            return False
-        if run.owner is None or run.heartbeat_at is None or run.heartbeat_at < stale_before:
-            return True
-        host, _, rest = run.owner.partition(":")
-        pid = rest.partition(":")[0]
-        return host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
+        return self.store.recover_runs(lambda run: liveness.is_dead(run, self.owner, stale_before))
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop claiming runs, let live tasks finish within the grace period, requeue the rest."""
@@ -163,7 +157,8 @@ class WorkflowEngine:
         for thread in self._threads:
             thread.join()
         for run_id, runner in leftovers.items():  # tasks still running past the grace period: retried next start
-            runner.abandon()  # their late results and cancelled futures must not write over the requeue
+            if runner.abandon():  # it had broken and waited for its tries: handed over (decided) just now
+                continue
             log.warning("run %s: still running after %.1f s grace, requeued", run_id, grace)
             self._unsettled.setdefault(run_id, None)
         for run_id in list(self._unsettled):
@@ -174,6 +169,7 @@ class WorkflowEngine:
         assert self._executors is not None and self._timers is not None
         self._executors.shutdown(wait=not leftovers)
         self._timers.close()
+        liveness.LIVE_OWNERS.discard(self.owner)
 
     def __enter__(self) -> WorkflowEngine:
         return self.start()
@@ -221,82 +217,139 @@ class WorkflowEngine:
             delay = self._dispatch_once()
 
     def _dispatch_once(self) -> float:
-        """Settle broken runs, then claim and start runs; return the backoff before the next try (0: none)."""
+        """Settle broken runs, then claim and start runs; return how long to wait before the next try (0: none)."""
         try:
             with self._cond:
                 unsettled = list(self._unsettled)
             for run_id in unsettled:
                 self._settle(run_id)
-            broken = self._claim_runs()
+            started, broken = self._claim_runs()
         except Exception as exc:  # the store refused a claim or a settlement; so might the next try
             return self._dispatch_health.failed(exc)
         if broken is not None:
-            return self._dispatch_health.failed(broken[1], [broken[0]])
-        self._dispatch_health.succeeded()
-        return 0.0
+            return max(self._dispatch_health.failed(broken[1], [broken[0]]), self._hold_s())
+        with self._cond:
+            waiting = bool(self._not_before)  # a broken run waits to be tried again: no evidence the fault passed
+        if started or not waiting:
+            self._dispatch_health.succeeded()
+        return self._hold_s()
 
-    def _claim_runs(self) -> tuple[int, Exception] | None:
-        """Start queued runs while slots are free; return (run id, error) of a run that could not start."""
+    def _hold_s(self) -> float:
+        """Seconds until the latest-due requeued broken run may be claimed again (0: claim now)."""
+        with self._cond:
+            return max([0.0, *(t - time.monotonic() for t in self._not_before.values())])
+
+    def _claim_runs(self) -> tuple[bool, tuple[int, Exception] | None]:
+        """Start queued runs while slots are free; return (whether one started, (run id, error) of one that broke).
+
+        Claims nothing while a run requeued for a broken start backs off: the queue is FIFO,
+        so it would be claimed again at once, and the fault is the environment's.
+        """
+        started = False
         while True:
             with self._cond:
-                if self._stopping or len(self._active) >= self.settings.engine.max_active_runs:
-                    return None
+                if self._stopping or len(self._active) >= self.settings.engine.max_active_runs or self._hold_s():
+                    return started, None
             run = self.store.claim_next_run(self.owner)
             if run is None:
-                return None
+                with self._cond:
+                    self._not_before.clear()  # all were due, and none is queued here any more
+                return started, None
             try:
-                self._start_run(run)
+                started |= self._start_run(run)
             except Exception as exc:  # work dir, store, a bug: the run is requeued or failed, never left running
-                self._run_broken(run.run_id, exc)
-                return run.run_id, exc
+                runner = self._active.get(run.run_id)
+                if runner is not None:
+                    runner.fail(exc)  # hands the run to _run_broken once its live tries have ended
+                else:
+                    self._run_broken(run.run_id, exc)
+                return started, (run.run_id, exc)
 
-    def _start_run(self, run: Run) -> None:
+    def _start_run(self, run: Run) -> bool:
+        """Start a claimed run; return False if it was not started (unknown workflow, or stopping)."""
         dag = self._workflows.get(run.workflow)
         if dag is None:
-            self.store.finish_run(run.run_id, s.FAILED, f"unknown_workflow: {run.workflow!r} is not registered")
-            return
+            self.store.finish_run(run.run_id, s.FAILED, f"unknown_workflow: {run.workflow!r} is not registered",
+                                  owner=self.owner)
+            return False
         assert self._executors is not None and self._timers is not None
         runner = DAGRunner(self.store, dag, run, executors=self._executors, timers=self._timers,
                            work_dir=Path(self.settings.data_dir) / "work" / str(run.run_id),
-                           on_finish=self._on_run_finished, on_broken=self._run_broken)
+                           on_finish=self._on_run_finished, on_broken=self._run_broken,
+                           abandon_grace_s=self.settings.engine.shutdown_grace_s)
         with self._cond:
-            self._active[run.run_id] = runner
+            stopping = self._stopping
+            if not stopping:
+                self._active[run.run_id] = runner
+        if stopping:  # shutdown began during the claim and will not wait for this run: do not start it
+            self.store.requeue_run(run.run_id, owner=self.owner)
+            return False
         log.info("run %s (%s): running", run.run_id, run.workflow)
         tracing.send(tracing.RUN_STARTED, run=run)
         runner.start()
+        with self._cond:
+            self._not_before.pop(run.run_id, None)
+        return True
 
     def _on_run_finished(self, run_id: int, state: str) -> None:
         with self._cond:
             self._active.pop(run_id, None)
             if state != s.QUEUED:
-                self._internal_requeues.pop(run_id, None)
+                self._forget(run_id)
             self._wake = True
             self._cond.notify_all()
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=state)
 
     # -- runs whose bookkeeping failed ------------------------------------------------
 
+    def _forget(self, run_id: int) -> None:
+        """Drop what the engine remembers of a run's breaks (call under ``_cond``)."""
+        for memory in (self._internal_requeues, self._env_breaks, self._not_before):
+            memory.pop(run_id, None)
+
     def _run_broken(self, run_id: int, exc: Exception) -> None:
         """Free the run's slot, decide requeue or fail (module docstring), and try to store that."""
-        cfg = self.settings.engine
-        what = _one_line(exc)
-        with self._cond:
-            runner = self._active.pop(run_id, None)
-            count = self._internal_requeues.get(run_id, 0)
-            requeue = getattr(exc, "retryable", True) and count < cfg.max_internal_requeues
-            reason = None if requeue else f"internal: {what}"[:500]
-            self._internal_requeues[run_id] = count + 1
-            self._unsettled[run_id] = reason  # the dispatcher settles it if the store refuses now
-            self._wake = True
-            self._cond.notify_all()
-        if runner is not None:
-            runner.abandon()
-        outcome = f"requeued ({count + 1} of {cfg.max_internal_requeues})" if requeue else "failed (internal)"
-        log.error("run %s: bookkeeping failed: %s; %s", run_id, what, outcome)
+        if isinstance(exc, RunTakenOver):  # another process runs it now: nothing of ours to store
+            with self._cond:
+                self._active.pop(run_id, None)
+                self._forget(run_id)
+                self._cond.notify_all()
+            return
+        decided = self._decide(run_id, exc)
+        if decided is None:
+            return  # decided already: this is a second report of the same break
+        outcome, first = decided
+        traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
+        log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
+                  exc_info=exc if traceback else None)
         try:
             self._settle(run_id)
         except Exception as err:  # the dispatcher's guarded loop tries again, backing off
-            log.error("run %s: cannot store that yet (%s); will retry", run_id, _one_line(err))
+            log.error("run %s: cannot store that yet (%s); will retry", run_id, one_line(err))
+
+    def _decide(self, run_id: int, exc: Exception) -> tuple[str, bool] | None:
+        """Record requeue or fail for a broken run; return (outcome for the log, first break), None if decided."""
+        cfg = self.settings.engine
+        environmental = isinstance(exc, OSError) or (isinstance(exc, PipelineError) and exc.retryable)
+        with self._cond:
+            if run_id in self._unsettled:
+                return None
+            self._active.pop(run_id, None)
+            count, breaks = self._internal_requeues.get(run_id, 0), self._env_breaks.get(run_id, 0)
+            if environmental:  # never counted: the run waits out the fault, backing off
+                self._env_breaks[run_id] = breaks + 1
+                delay = backoff_s(cfg, breaks + 1)
+                self._not_before[run_id] = time.monotonic() + delay
+                outcome = f"requeued, tried again in {delay:g} s or later (environmental, not counted)"
+            elif count < cfg.max_internal_requeues:
+                self._internal_requeues[run_id] = count + 1
+                outcome = f"requeued ({count + 1} of {cfg.max_internal_requeues})"
+            else:
+                outcome = "failed (internal)"
+            self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else None
+            self._wake = True
+            self._cond.notify_all()
+        return outcome, count == 0 and breaks == 0
 
     def _settle(self, run_id: int) -> None:
         """Store the decision for a broken run: requeue, or fail with its reason; raise if the store refuses.
@@ -310,23 +363,26 @@ class WorkflowEngine:
             reason = self._unsettled.pop(run_id)
         try:
             if reason is None:
-                self.store.requeue_run(run_id)
+                changed = self.store.requeue_run(run_id, owner=self.owner)
             else:
-                self.store.finish_run(run_id, s.FAILED, reason)
+                changed = self.store.finish_run(run_id, s.FAILED, reason, owner=self.owner)
         except Exception:
             with self._cond:
                 self._unsettled.setdefault(run_id, reason)
             raise
         with self._cond:
-            if reason is not None:
-                self._internal_requeues.pop(run_id, None)
+            if reason is not None or not changed:
+                self._forget(run_id)
             self._wake = True
             self._cond.notify_all()
+        if not changed:  # its heartbeat lapsed while the store refused us, and another process recovered it
+            log.warning("run %s: taken over by another process", run_id)
+            return
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=s.QUEUED if reason is None else s.FAILED)
 
     def _heartbeat_loop(self) -> None:
-        interval = self.settings.engine.heartbeat_interval_s
-        delay = interval
+        cfg = self.settings.engine
+        delay, next_recovery = cfg.heartbeat_interval_s, time.monotonic() + cfg.stale_after_s
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping, timeout=delay)
@@ -334,55 +390,29 @@ class WorkflowEngine:
                     return
                 ids = list(self._active)
             try:
-                if ids:
-                    self.store.heartbeat(ids)
+                self._beat(ids)
+                if time.monotonic() >= next_recovery:  # a dead process's runs, even one that died after our start
+                    self._recover_now()
+                    next_recovery = time.monotonic() + cfg.stale_after_s
             except Exception as exc:  # retried sooner than the interval, so a short outage costs no stale runs
-                delay = min(interval, self._heartbeat_health.failed(exc, ids))
+                delay = min(cfg.heartbeat_interval_s, self._heartbeat_health.failed(exc, ids))
             else:
                 self._heartbeat_health.succeeded()
-                delay = interval
+                delay = cfg.heartbeat_interval_s
 
+    def _beat(self, ids: list[int]) -> None:
+        """Refresh our runs' heartbeats; a run no longer running under our owner was taken over: let it go."""
+        if not ids or self.store.heartbeat(ids, owner=self.owner) == len(ids):
+            return
+        for run_id in ids:
+            run = self.store.get_run(run_id)
+            with self._cond:
+                runner = self._active.get(run_id)
+            if runner is not None and (run.state != s.RUNNING or run.owner != self.owner):
+                runner.taken_over()  # does nothing if the runner wrote the run's outcome itself meanwhile
 
-class _LoopHealth:
-    """One background loop's streak of failures: its backoff, its log lines and its health verdict."""
-
-    def __init__(self, activity: str, config: EngineConfig) -> None:
-        self.activity, self.config = activity, config
-        self.failures = 0
-        self.problem: str | None = None  # set once the streak reaches config.unhealthy_after
-
-    def failed(self, exc: Exception, run_ids: Iterable[int] = ()) -> float:
-        """Count and log a failed iteration; return how long the loop should wait before the next (s)."""
-        self.failures += 1
-        ids = list(run_ids)
-        where = f" (run {', '.join(map(str, ids[:20]))}{' ...' if len(ids) > 20 else ''})" if ids else ""
-        what = _one_line(exc)
-        if self.failures == 1:  # one traceback per streak, then one line per failure
-            log.error("%s failed%s: %s", self.activity, where, what, exc_info=exc)
-        else:
-            log.error("%s failed again (%d in a row)%s: %s", self.activity, self.failures, where, what)
-        if self.failures >= self.config.unhealthy_after:
-            if self.problem is None:
-                log.error("engine unhealthy: %s failed %d times in a row", self.activity, self.failures)
-            self.problem = f"{self.activity} failed {self.failures} times: {what}"
-        return min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** min(self.failures - 1, 30))
-
-    def succeeded(self) -> None:
-        """End the streak; if the loop had failed, say it recovered."""
-        if self.failures:
-            log.warning("%s recovered after %d failure(s)", self.activity, self.failures)
-        self.failures, self.problem = 0, None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def _recover_now(self) -> None:
+        recovered = self.recover()
+        if recovered:
+            log.warning("requeued %d run(s) left running by a dead process: %s", len(recovered), recovered)
+            self.wake()

@@ -9,11 +9,16 @@ persisted, so a resumed run reuses what already succeeded.
 Callbacks are guarded. concurrent.futures only logs an exception raised in a
 done-callback, so a store write failing there would leave the run running for
 good. Instead every callback body runs in ``_guarded``: if it raises, the run
-is abandoned (nothing more is written or submitted for it; late results of its
-live tries are dropped) and handed to ``on_broken``, which requeues or fails it
-(``WorkflowEngine`` decides, see its module docstring). A try whose future was
-cancelled, or whose process pool broke, while the run is stopping never ran to
-an end: the run goes back to the queue rather than failing.
+is abandoned (nothing more is written or submitted for it; late results of
+its live tries are dropped). Its tries cannot be stopped, so the runner keeps
+its slot until the last one ends (at most ``abandon_grace_s`` or the longest
+task timeout), and only then hands the run to ``on_broken``, which requeues or
+fails it (``WorkflowEngine`` decides): a requeued copy never runs beside them.
+Every write carries the run's owner; one the store refuses because another
+process took the run over abandons the run quietly (``RunTakenOver``).
+A try interrupted by a stop (its future cancelled, its process pool broken, or
+a retryable failure within the grace period) is not the task's failure: the
+instance and the run go back to the queue.
 """
 
 from __future__ import annotations
@@ -22,21 +27,21 @@ import json
 import logging
 import random
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import store as s
 from . import tracing
-from .config import RunnerConfig
 from .dag import DAG, Task, TaskContext
-from .errors import StepError, TaskTimeoutError
-from .store import DAGRunStore, Run, Transition, encode_output
+from .errors import StepError, StoreError, TaskTimeoutError
+from .executors import Executors, call_task
+from .handover import Handover
+from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
 
 log = logging.getLogger(__name__)
@@ -55,58 +60,12 @@ class _Instance:
     error: tuple[str, str] | None = None
 
 
-class Executors:
-    """The thread pool every run shares, and a process pool created on first use."""
-
-    def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor]) -> None:
-        self.config = config
-        self.thread = thread_pool
-        self._process_factory = process_factory
-        self._process: Executor | None = None
-        self._lock = threading.Lock()
-
-    def submit_process(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Submit to the process pool, starting it on first use and again if a worker died abruptly."""
-        with self._lock:
-            if self._process is None:
-                self._process = self._process_factory()
-            try:
-                return self._process.submit(fn, *args)
-            except BrokenExecutor:  # a worker was killed (OOM, kill -9): that pool takes nothing more
-                log.warning("process pool broken by a worker that died; starting a new one")
-                self._process.shutdown(wait=False)
-                self._process = self._process_factory()
-                return self._process.submit(fn, *args)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Shut both pools down; queued work is cancelled."""
-        self.thread.shutdown(wait=wait, cancel_futures=True)
-        if self._process is not None:
-            self._process.shutdown(wait=wait, cancel_futures=True)
-
-
-def ignore_stop_signals() -> None:
-    """Initialize a process-pool worker to ignore SIGINT/SIGTERM; it exits when the pool shuts down.
-
-    Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group; a worker
-    killed by them would fail its task with a made-up reason while the service stops gracefully.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _call(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
-    """Run a task callable inside a span (module-level so process pools can pickle it)."""
-    with tracing.span("task", task_id=ctx.task_id, run_id=ctx.run_id):
-        return fn(ctx)
-
-
 class DAGRunner:
     """Drive one run to a terminal state, or back to the queue when stopped."""
 
     def __init__(self, store: DAGRunStore, dag: DAG, run: Run, *, executors: Executors, timers: Timers,
                  work_dir: Path, on_finish: Callable[[int, str], None] = lambda run_id, state: None,
-                 on_broken: Callable[[int, Exception], None] | None = None) -> None:
+                 on_broken: Callable[[int, Exception], None] | None = None, abandon_grace_s: float = 10.0) -> None:
         self.store, self.dag, self.run = store, dag, run
         self.executors, self.timers, self.config = executors, timers, executors.config
         self.work_dir = work_dir
@@ -123,6 +82,8 @@ class DAGRunner:
         self._finished = False
         self._reported = False  # on_finish was called: the run's outcome is in the store
         self._abandoned = False
+        cap = max([abandon_grace_s, *(t.timeout_s or self.config.default_timeout_s or 0.0 for t in dag.tasks)])
+        self._handover = Handover(run.run_id, on_broken or (lambda run_id, exc: None), timers, cap)
 
     # -- public -----------------------------------------------------------------
 
@@ -140,12 +101,23 @@ class DAGRunner:
         """Submit nothing more; once live tries end, the run goes back to the queue."""
         self._guarded(self._stop)
 
-    def abandon(self) -> None:
-        """Write and submit nothing more for this run; results of its live tries are dropped."""
+    def abandon(self) -> bool:
+        """Write and submit nothing more; a broken run waiting for its tries is handed over now (True)."""
         with self._lock:
             self._abandoned = self._finished = True
-            self._inflight.clear()
             self._waiting_retry.clear()
+        return self._handover.now(forced=True)
+
+    def fail(self, exc: Exception) -> None:
+        """Abandon the run for ``exc`` (``start`` raised); it is handed to ``on_broken`` once its tries end."""
+        self._break(exc)
+
+    def taken_over(self) -> None:
+        """Abandon the run quietly, unless its outcome is written already: another process owns it now."""
+        with self._lock:
+            finished = self._finished
+        if not finished:
+            self._break(RunTakenOver(f"run {self.run.run_id} is no longer ours"))
 
     def _stop(self) -> None:
         self._stopping = True
@@ -153,7 +125,7 @@ class DAGRunner:
         self._maybe_finish()
 
     def _guarded(self, body: Callable[..., None], *args: Any) -> None:
-        """Run a callback body under the lock; if it raises, abandon the run and hand it to ``on_broken``."""
+        """Run a callback body under the lock; if it raises, abandon the run (``_break``)."""
         try:
             with self._lock:
                 if not self._abandoned:
@@ -165,11 +137,15 @@ class DAGRunner:
         with self._lock:
             if self._abandoned:
                 return
-            self.abandon()
-        if self._reported or self.on_broken is None:  # outcome stored already, or nobody to hand the run to
-            log.error("run %s: bookkeeping failed, run abandoned: %s: %s", self.run.run_id, type(exc).__name__, exc)
-        else:
-            self.on_broken(self.run.run_id, exc)
+            self._abandoned = self._finished = True
+            self._waiting_retry.clear()
+        if isinstance(exc, RunTakenOver):
+            log.warning("run %s: taken over by another process", self.run.run_id)
+        elif self._reported or self.on_broken is None:  # outcome stored already, or nobody to hand the run to
+            log.error("run %s: bookkeeping failed, run abandoned: %s: %s", self.run.run_id, type(exc).__name__, exc,
+                      exc_info=None if isinstance(exc, (StoreError, OSError)) else exc)
+            return
+        self._handover.broke(exc)
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -213,7 +189,7 @@ class DAGRunner:
         """Decide each candidate task whose dependencies are complete; then finish if all is done."""
         work = list(self.dag.order if candidates is None else candidates)
         ready: list[str] = []
-        while work and not self._stopping:
+        while work and not self._stopping and not self._abandoned:  # abandoned by a callback run inline
             task_id = work.pop()
             task = self.dag.task(task_id)
             if task_id in self._decided or not all(self._complete(d) for d in task.deps):
@@ -227,7 +203,7 @@ class DAGRunner:
             if self._complete(task_id):
                 work += self.dag.dependents(task_id)
         for instance_id in ready:
-            self._submit(instance_id)
+            self._submit(instance_id)  # submits nothing once the run is abandoned
         self._maybe_finish()
 
     def _instantiate(self, task: Task) -> list[str]:
@@ -282,9 +258,10 @@ class DAGRunner:
         ctx = self._context(instance_id, inst)
         if inst.task.executor == "process":
             self._write(instance_id, s.RUNNING)
-            future = self.executors.submit_process(_call, inst.task.fn, ctx)
+            future = self.executors.submit_process(call_task, inst.task.fn, ctx)
         else:
             future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx)
+        self._handover.try_started()
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:
             self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
@@ -301,12 +278,13 @@ class DAGRunner:
         except Exception as exc:
             self._break(exc)
             return None
-        return _call(self._instances[instance_id].task.fn, ctx)
+        return call_task(self._instances[instance_id].task.fn, ctx)
 
     # -- completion -------------------------------------------------------------
 
     def _on_done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
         self._guarded(self._done, instance_id, attempt, future)
+        self._handover.try_ended()  # if the run broke, this may have been its last live try
 
     def _done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
         if self._inflight.get(instance_id) != attempt:
@@ -351,7 +329,12 @@ class DAGRunner:
         reason = getattr(exc, "reason", None) or type(exc).__name__
         error = (reason, str(exc) or type(exc).__name__)
         retries = inst.task.retries if inst.task.retries is not None else self.config.default_retries
-        if inst.try_number <= retries and getattr(exc, "retryable", True) and not self._stopping:
+        if inst.try_number <= retries and getattr(exc, "retryable", True) and self._stopping:
+            inst.state, inst.error = s.QUEUED, error  # not the task's last word: the next start tries again
+            self._write(instance_id, s.QUEUED, error=error)
+            log.info("run %s task %s: try %d failed (%s) while stopping; queued again", self.run.run_id,
+                     instance_id, inst.try_number, reason)
+        elif inst.try_number <= retries and getattr(exc, "retryable", True):
             inst.state, inst.error = s.RETRYING, error
             self._write(instance_id, s.RETRYING, error=error)
             delay = min(self.config.retry_max_delay_s, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
@@ -378,16 +361,26 @@ class DAGRunner:
         inst.state, inst.error, inst.output = state, error, output
         if output_json is None and output is not None:
             output_json = encode_output(output)
-        self._write(instance_id, state, error=error, output_json=output_json)
+        if not self._write(instance_id, state, error=error, output_json=output_json):
+            return  # the store had it final already: nothing happened worth a trace
         tracing.send(tracing.TASK_FINISHED, run_id=self.run.run_id, task_id=instance_id, state=state)
         log.info("run %s task %s: %s%s", self.run.run_id, instance_id, state, f" ({error[0]})" if error else "")
 
     def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
-               error: tuple[str, str] | None = None, output_json: str | None = None) -> None:
+               error: tuple[str, str] | None = None, output_json: str | None = None) -> bool:
+        """Write one transition; return False if the store skipped it; raise RunTakenOver if the run is not ours."""
         attempt = self._instances[instance_id].try_number if try_number is None else try_number
-        self.store.record_transitions([Transition(
+        applied = self.store.record_transitions([Transition(
             self.run.run_id, instance_id, state, attempt, time.time(),
-            error[0] if error else None, error[1] if error else None, output_json)])
+            error[0] if error else None, error[1] if error else None, output_json)], owner=self.run.owner)
+        if not applied and self.run.owner is not None:
+            run = self.store.get_run(self.run.run_id)
+            self._owned(run.state == s.RUNNING and run.owner == self.run.owner)
+        return bool(applied)
+
+    def _owned(self, still: bool) -> None:
+        if not still and self.run.owner is not None:
+            raise RunTakenOver(f"run {self.run.run_id} is no longer owned by {self.run.owner}")
 
     def _maybe_finish(self) -> None:
         if self._finished or self._inflight or self._waiting_retry:
@@ -395,7 +388,7 @@ class DAGRunner:
         complete = len(self._decided) == len(self.dag.tasks) and self._terminal == len(self._instances)
         if not complete and self._stopping:  # stopped with work left: the next start resumes it
             self._finished = True
-            self.store.requeue_run(self.run.run_id)
+            self._owned(bool(self.store.requeue_run(self.run.run_id, owner=self.run.owner)))
             self._reported = True
             self.on_finish(self.run.run_id, s.QUEUED)
             return
@@ -403,7 +396,7 @@ class DAGRunner:
             return
         self._finished = True
         state, reason = self._outcome()
-        self.store.finish_run(self.run.run_id, state, reason)
+        self._owned(bool(self.store.finish_run(self.run.run_id, state, reason, owner=self.run.owner)))
         log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state, f" ({reason})" if reason else "")
         self._reported = True
         self.on_finish(self.run.run_id, state)

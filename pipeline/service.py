@@ -148,22 +148,46 @@ def _as_startup_error(what: str) -> Iterator[None]:
         raise StartupError(f"{what}: {detail}") from exc
 
 
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, as Ctrl-C is, so ``finally`` blocks stop the service.
+
+    Without this a ``kill`` ends the process on the spot: claimed runs stay running until another
+    process finds them stale. Only the main thread can set handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0) -> list[int]:
     """Run the workflow synchronously on .eml files (and bare .pdf files); return the run ids in order.
 
-    Always makes new runs (no dedup), so this is also how a message is reprocessed.
+    Always makes new runs (no dedup), so this is also how a message is reprocessed. SIGTERM and
+    SIGHUP raise KeyboardInterrupt (like Ctrl-C) after stopping the service: its runs are requeued.
     """
-    service = PipelineService(settings, listen=False)
-    try:
-        service.start()
-        run_ids = []
-        for path in paths:
-            raw = Path(path).read_bytes()
-            if Path(path).suffix.lower() == ".pdf" or raw[:5] == b"%PDF-":
-                raw = wrap_pdf(raw, Path(path).name)
-            run_ids.append(service.gateway.accept(raw, source="cli", dedup=False).run_id)
-        for run_id in run_ids:
-            service.engine.wait(run_id, timeout=timeout_s)
-        return run_ids
-    finally:
-        service.stop()
+    with _stop_signals_interrupt():
+        service = PipelineService(settings, listen=False)
+        try:
+            service.start()
+            run_ids = []
+            for path in paths:
+                raw = Path(path).read_bytes()
+                if Path(path).suffix.lower() == ".pdf" or raw[:5] == b"%PDF-":
+                    raw = wrap_pdf(raw, Path(path).name)
+                run_ids.append(service.gateway.accept(raw, source="cli", dedup=False).run_id)
+            for run_id in run_ids:
+                service.engine.wait(run_id, timeout=timeout_s)
+            return run_ids
+        finally:
+            service.stop()

@@ -12,7 +12,8 @@ Every ``sqlite3.Error`` is translated at this class's edge into the StoreError
 tree (``store_error``), so callers never see a raw driver exception. Terminal
 states are final: the UPDATEs that end or requeue runs and tasks carry the
 state they expect in their WHERE clause (compare-and-set), so a late write
-(a task's RUNNING after its timeout FAILED) changes nothing.
+(a task's RUNNING after its timeout FAILED) changes nothing. Given an owner,
+they also carry ``owner = ?``: a process whose run was taken over changes nothing.
 """
 
 from __future__ import annotations
@@ -254,27 +255,31 @@ class SqliteRunStore(DAGRunStore):
                          "WHERE run_id = ?", (started, now, owner, run.run_id))
         return Run(**{**run.__dict__, "state": s.RUNNING, "started_at": started, "heartbeat_at": now, "owner": owner})
 
-    def heartbeat(self, run_ids: Iterable[int], now: float | None = None) -> None:
+    def heartbeat(self, run_ids: Iterable[int], now: float | None = None, owner: str | None = None) -> int:
         now = time.time() if now is None else now
+        where, extra = _owned(owner)
         with self._tx() as conn:
-            conn.executemany("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND state = 'running'",
-                             [(now, r) for r in run_ids])
+            cur = conn.executemany(f"UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND {where}",
+                                   [(now, r, *extra) for r in run_ids])
+            return max(cur.rowcount, 0)
 
-    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None) -> None:
+    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None,
+                   owner: str | None = None) -> int:
         if state not in (s.SUCCESS, s.FAILED):
             raise ValueError(f"finish_run takes success or failed, not {state!r}")
         now = time.time() if now is None else now
+        where, extra = _owned(owner) if owner is not None else ("state NOT IN ('success', 'failed')", ())
         with self._tx() as conn:
-            cur = conn.execute("UPDATE runs SET state = ?, reason = ?, ended_at = ? "
-                               "WHERE run_id = ? AND state NOT IN ('success', 'failed')",
-                               (state, reason, now, run_id))
+            cur = conn.execute(f"UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ? AND {where}",
+                               (state, reason, now, run_id, *extra))
             if cur.rowcount:
                 conn.execute("INSERT INTO task_events VALUES (?, '', 0, ?, ?)", (run_id, state, now))
+            return cur.rowcount
 
-    def requeue_run(self, run_id: int, now: float | None = None) -> None:
+    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            self._requeue(conn, run_id, now)
+            return self._requeue(conn, run_id, now, owner)
 
     def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
@@ -286,16 +291,18 @@ class SqliteRunStore(DAGRunStore):
         return dead
 
     @staticmethod
-    def _requeue(conn: sqlite3.Connection, run_id: int, now: float) -> None:
-        cur = conn.execute("UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
-                           "WHERE run_id = ? AND state = 'running'", (run_id,))
-        if not cur.rowcount:  # finished (or already queued) meanwhile: a requeue must not resurrect it
-            return
+    def _requeue(conn: sqlite3.Connection, run_id: int, now: float, owner: str | None = None) -> int:
+        where, extra = _owned(owner)
+        cur = conn.execute(f"UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
+                           f"WHERE run_id = ? AND {where}", (run_id, *extra))
+        if not cur.rowcount:  # finished, queued or taken over meanwhile: a requeue must not resurrect it
+            return 0
         conn.execute("INSERT INTO task_events SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
                      "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
         conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
                      (run_id,))
         conn.execute("INSERT INTO task_events VALUES (?, '', 0, 'queued', ?)", (run_id, now))
+        return 1
 
     # -- tasks ----------------------------------------------------------------
 
@@ -311,7 +318,10 @@ class SqliteRunStore(DAGRunStore):
                              "ON CONFLICT (run_id, task_id) DO NOTHING", [(run_id, t, now) for t in ids])
             conn.executemany("INSERT INTO task_events VALUES (?, ?, 0, 'queued', ?)", [(run_id, t, now) for t in ids])
 
-    def record_transitions(self, transitions: Iterable[Transition]) -> None:
+    def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
+        owned = "" if owner is None else \
+            " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)"
+        applied = 0
         with self._tx() as conn:
             for t in transitions:
                 started = t.at if t.state == s.RUNNING else None
@@ -319,12 +329,14 @@ class SqliteRunStore(DAGRunStore):
                 cur = conn.execute(
                     "UPDATE task_runs SET state = ?, try_number = ?, started_at = coalesce(?, started_at), "
                     "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output) "
-                    f"WHERE run_id = ? AND task_id = ? AND {_FINAL_TASK}",
+                    f"WHERE run_id = ? AND task_id = ? AND {_FINAL_TASK}{owned}",
                     (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
-                     t.run_id, t.task_id))
+                     t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner))))
                 if cur.rowcount:  # skipped when already final: a late RUNNING must not undo a timeout
                     conn.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
                                  (t.run_id, t.task_id, t.try_number, t.state, t.at))
+                    applied += 1
+        return applied
 
     def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
         until = time.time() if until is None else until
@@ -362,6 +374,11 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
     except sqlite3.Error as exc:  # the original error is the one worth raising
         log.warning("rollback failed: %s", exc)
+
+
+def _owned(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """WHERE condition (and its parameters) for a run that is running, under ``owner`` when given."""
+    return ("state = 'running'", ()) if owner is None else ("state = 'running' AND owner = ?", (owner,))
 
 
 def _filters(**columns: Any) -> tuple[list[str], list[Any]]:

@@ -11,6 +11,10 @@ busy timeout (retryable), ``StoreCorruptError`` when its pages are damaged,
 plain ``StoreError`` otherwise. A transaction that raises is rolled back.
 Terminal states are final: a run in success/failed and a task instance in
 success/failed/upstream_failed is never moved out of it by a later write.
+Ownership is compare-and-set too: the writes an engine makes for a run it
+claimed (``heartbeat``, ``finish_run``, ``requeue_run``, ``record_transitions``)
+take its ``owner`` and change nothing once another process has taken the run
+over; they return how many rows they changed, so the caller can tell.
 """
 
 from __future__ import annotations
@@ -118,6 +122,10 @@ class Transition:
     output_json: str | None = None  # the task's result, already encoded (see encode_output)
 
 
+class RunTakenOver(Exception):  # noqa: N818 (a control signal, not an error: STYLE.md section 3)
+    """Raised inside a runner when the store refused a write because another process owns the run now."""
+
+
 MAX_INLINE_OUTPUT = 64 * 1024  # bytes of JSON; larger results belong in a file, its path inline
 
 
@@ -203,23 +211,31 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
-    def heartbeat(self, run_ids: Iterable[int], now: float | None = None) -> None:
-        """Refresh the heartbeat of these runs in one transaction; runs not running are left alone."""
-        raise NotImplementedError
+    def heartbeat(self, run_ids: Iterable[int], now: float | None = None, owner: str | None = None) -> int:
+        """Refresh the heartbeat of these runs in one transaction; return how many were refreshed.
 
-    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None) -> None:
-        """Set a run's terminal state (success or failed), reason and end time.
-
-        Compare-and-set: a run already success or failed keeps its state,
-        reason and end time (the call does nothing). Raises ValueError for
-        another state.
+        Runs not running are left alone; with ``owner``, so are runs another process owns now
+        (a count below ``len(run_ids)`` tells the caller it lost some).
         """
         raise NotImplementedError
 
-    def requeue_run(self, run_id: int, now: float | None = None) -> None:
+    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None,
+                   owner: str | None = None) -> int:
+        """Set a run's terminal state (success or failed), reason and end time; return 1 if set, else 0.
+
+        Compare-and-set: a run already success or failed keeps its state,
+        reason and end time (the call does nothing and returns 0). With
+        ``owner``, only a running run owned by ``owner`` is finished: a process
+        whose run was taken over by another must not end it. Raises ValueError
+        for another state.
+        """
+        raise NotImplementedError
+
+    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
         """Put a running run back in the queue, keeping its position; unfinished tasks become queued.
 
-        Only a run in state running is requeued; for any other run the call does nothing.
+        Only a run in state running (and, with ``owner``, owned by ``owner``) is
+        requeued; return 1 if it was, 0 if the call did nothing.
         """
         raise NotImplementedError
 
@@ -231,12 +247,14 @@ class DAGRunStore:
         """Insert queued task instances; ids that exist already are left untouched."""
         raise NotImplementedError
 
-    def record_transitions(self, transitions: Iterable[Transition]) -> None:
-        """Write task transitions, in order, in one transaction (all or none).
+    def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
+        """Write task transitions, in order, in one transaction (all or none); return how many were applied.
 
         A transition for a task instance already in success, failed or
         upstream_failed is skipped (no state change and no event): a late
-        RUNNING cannot undo a timeout's FAILED.
+        RUNNING cannot undo a timeout's FAILED. With ``owner``, a transition
+        of a run that is not running under ``owner`` is skipped too: a process
+        that lost its run writes nothing into it.
         """
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from helpers import noop
@@ -16,7 +17,7 @@ from helpers import noop
 from pipeline.config import RunnerConfig, StoreConfig
 from pipeline.dag import DAG, Task
 from pipeline.engine import WorkflowEngine
-from pipeline.errors import StoreIOError
+from pipeline.errors import StoreCorruptError, StoreIOError
 from pipeline.sqlite_store import SqliteRunStore
 
 FAST_BACKOFF = {"backoff_base_s": 0.01, "backoff_max_s": 0.1}
@@ -73,18 +74,25 @@ def test_timeout_that_fires_before_a_thread_is_free_is_final(store, settings, st
     assert ran == []  # the timed-out callable never ran
 
 
-def test_unmakeable_work_dir_fails_runs_internal_and_engine_recovers(store, settings, start_engine, caplog):
+def breaks_of(caplog, run_id: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(f"run {run_id}: bookkeeping failed")]
+
+
+def test_unmakeable_work_dir_keeps_runs_queued_and_engine_unhealthy_until_fixed(store, settings, start_engine,
+                                                                                caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     (settings.data_dir / "work").write_text("a file where the work dir should be")
-    engine = start_engine(store, settings, DAG("d", [Task("a", noop)]), max_internal_requeues=2)
-    runs = [engine.wait(engine.trigger("d", {"i": i}).run_id, timeout=30) for i in range(2)]
-    for run in runs:
-        assert run.state == "failed" and run.reason.startswith("internal: NotADirectoryError"), run.reason
-    assert any("engine unhealthy: claiming runs failed" in r.getMessage() for r in caplog.records)
+    engine = start_engine(store, settings, DAG("d", [Task("a", noop)]), max_internal_requeues=1)
+    ids = [engine.trigger("d", {"i": i}).run_id for i in range(2)]
+    wait_until(lambda: len(breaks_of(caplog, ids[0])) >= 6, what="the first run to break six times")
+    assert {store.get_run(i).state for i in ids} <= {"queued", "running"}  # an environmental fault fails nothing
+    assert "claiming runs failed" in (engine.health_problem or "")  # the queue being empty between tries proves nothing
+    delays = [r.getMessage().split("tried again in ")[1].split(" s")[0] for r in breaks_of(caplog, ids[0])[:5]]
+    assert delays == ["0.01", "0.02", "0.04", "0.08", "0.1"]  # backoff doubling to backoff_max_s, never counted
     assert all(t.is_alive() for t in engine._threads)  # the dispatcher survived
 
     (settings.data_dir / "work").unlink()
-    assert engine.wait(engine.trigger("d", {"i": "fixed"}).run_id, timeout=30).state == "success"
+    assert [engine.wait(i, timeout=30).state for i in ids] == ["success", "success"]
     wait_until(lambda: engine.healthy, what="healthy again")
     assert engine.health_problem is None
     assert any("recovered" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -118,20 +126,21 @@ def test_store_locked_by_another_process_makes_engine_unhealthy_until_released(s
 
 
 class FlakyStore(SqliteRunStore):
-    """A real store whose task writes fail on the listed calls (every call from ``always_from`` on)."""
+    """A real store whose task writes raise ``error`` while ``failing(call number, transitions)`` is true."""
 
-    def __init__(self, config, fail_on=(), always_from=None) -> None:
+    def __init__(self, config, failing=lambda call, transitions: False, error=StoreIOError) -> None:
         super().__init__(config)
-        self.calls, self.fail_on, self.always_from = 0, set(fail_on), always_from
+        self.calls, self.failing, self.error = 0, failing, error
         self.lock = threading.Lock()
 
-    def record_transitions(self, transitions) -> None:
+    def record_transitions(self, transitions, owner=None) -> int:
+        transitions = list(transitions)
         with self.lock:
             self.calls += 1
             call = self.calls
-        if call in self.fail_on or (self.always_from is not None and call >= self.always_from):
-            raise StoreIOError(f"injected: write {call} failed")
-        super().record_transitions(transitions)
+        if self.failing(call, transitions):
+            raise self.error(f"injected: write {call} failed")
+        return super().record_transitions(transitions, owner)
 
 
 CHAIN = DAG("chain", [Task("a", lambda ctx: "a"), Task("b", lambda ctx: ctx.upstream["a"] + "b", deps=("a",))])
@@ -139,7 +148,7 @@ CHAIN = DAG("chain", [Task("a", lambda ctx: "a"), Task("b", lambda ctx: ctx.upst
 
 @pytest.mark.parametrize("failing_write", [1, 2, 3, 4], ids=["a-running", "a-success", "b-running", "b-success"])
 def test_task_write_failing_in_a_callback_requeues_the_run_which_completes(settings, start_engine, failing_write):
-    with FlakyStore(settings.store, fail_on=[failing_write]) as store:
+    with FlakyStore(settings.store, lambda call, _: call == failing_write) as store:
         engine = start_engine(store, settings, CHAIN)
         run = engine.wait(engine.trigger("chain").run_id, timeout=30)
         assert (run.state, run.reason) == ("success", None)
@@ -147,13 +156,73 @@ def test_task_write_failing_in_a_callback_requeues_the_run_which_completes(setti
         assert engine.active_runs() == [] and engine.healthy
 
 
-def test_task_writes_that_keep_failing_fail_the_run_internal(settings, start_engine):
-    with FlakyStore(settings.store, always_from=1) as store:
+def test_task_writes_failing_for_the_environment_never_fail_the_run(settings, start_engine, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    failing = threading.Event()
+    failing.set()
+    with FlakyStore(settings.store, lambda call, _: failing.is_set()) as store:
+        engine = start_engine(store, settings, CHAIN, max_internal_requeues=1)
+        run_id = engine.trigger("chain").run_id
+        wait_until(lambda: len(breaks_of(caplog, run_id)) >= 4, what="four breaks")
+        assert store.get_run(run_id).state in ("queued", "running")  # over the budget of 1, and not failed
+        failing.clear()
+        assert engine.wait(run_id, timeout=30).state == "success"
+    tracebacks = [r for r in breaks_of(caplog, run_id) if r.exc_info]
+    assert len(tracebacks) == 1  # a store error's traceback once per run, then one line per break
+
+
+def test_a_bug_in_bookkeeping_fails_the_run_internal_after_the_budget_with_tracebacks(settings, start_engine, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with FlakyStore(settings.store, lambda call, _: True, error=RuntimeError) as store:
         engine = start_engine(store, settings, CHAIN, max_internal_requeues=2)
         run = engine.wait(engine.trigger("chain").run_id, timeout=30)
         assert run.state == "failed"
-        assert run.reason == "internal: StoreIOError: injected: write 3 failed"  # requeued twice, then failed
+        assert run.reason == "internal: RuntimeError: injected: write 3 failed"  # requeued twice, then failed
         assert engine.active_runs() == []
+    assert [bool(r.exc_info) for r in breaks_of(caplog, run.run_id)] == [True] * 3
+
+
+def test_corrupt_store_error_counts_toward_the_budget(settings, start_engine):
+    with FlakyStore(settings.store, lambda call, _: True, error=StoreCorruptError) as store:
+        engine = start_engine(store, settings, CHAIN, max_internal_requeues=1)
+        run = engine.wait(engine.trigger("chain").run_id, timeout=30)
+        assert (run.state, run.reason) == ("failed", "internal: StoreCorruptError: injected: write 2 failed")
+
+
+def test_broken_run_is_not_requeued_while_its_live_try_still_runs(settings, start_engine):
+    gate, started, lock = threading.Event(), threading.Event(), threading.Lock()
+    copies = {"now": 0, "max": 0, "runs": 0}
+
+    def slow(ctx):
+        with lock:
+            copies["now"] += 1
+            copies["max"], copies["runs"] = max(copies["max"], copies["now"]), copies["runs"] + 1
+        started.set()
+        gate.wait(30)
+        with lock:
+            copies["now"] -= 1
+        return "slow"
+
+    dag = DAG("pair", [Task("slow", slow), Task("quick", lambda ctx: "quick")])
+    quick_success = [False]
+
+    def failing(call, transitions):  # the first "quick: success" write fails: the run breaks while "slow" runs
+        if not quick_success[0] and any(t.task_id == "quick" and t.state == "success" for t in transitions):
+            quick_success[0] = True
+            return True
+        return False
+
+    with FlakyStore(settings.store, failing) as store:
+        engine = start_engine(store, settings, dag)
+        run_id = engine.trigger("pair").run_id
+        assert started.wait(10)
+        wait_until(lambda: quick_success[0], what="the failing write")
+        time.sleep(0.5)  # time enough for a requeue and a second claim, were they to happen
+        assert engine.active_runs() == [run_id]  # the broken run keeps its slot (and its heartbeat)
+        assert store.get_run(run_id).state == "running" and copies["runs"] == 1
+        gate.set()
+        assert engine.wait(run_id, timeout=30).state == "success"
+    assert copies["max"] == 1 and copies["runs"] == 2  # tried again only after the first copy ended
 
 
 def test_process_workers_ignore_ctrl_c_and_sigterm(store, settings, start_engine):
@@ -178,3 +247,81 @@ def test_stop_past_grace_requeues_running_and_cancelled_tries_without_tracebacks
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], "tracebacks on a stop"
     engine2 = start_engine(store, settings, dag)
     assert [engine2.wait(i, timeout=30).state for i in ids] == ["success", "success"]
+
+
+def test_run_taken_over_by_another_process_is_left_alone_quietly(store, settings, start_engine, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    gate, started = threading.Event(), threading.Event()
+    engine = start_engine(store, settings, DAG("hold", [Task("h", lambda ctx: started.set() or gate.wait(30))]))
+    run_id = engine.trigger("hold").run_id
+    assert started.wait(10)
+    store.requeue_run(run_id)  # what another process's recovery does when our heartbeat looked stale
+    assert store.claim_next_run("otherhost:1:other").run_id == run_id
+    gate.set()
+    wait_until(lambda: engine.active_runs() == [], what="the runner to let the run go")
+    run = store.get_run(run_id)
+    assert (run.state, run.owner) == ("running", "otherhost:1:other")
+    assert store.get_tasks(run_id)[0].state == "queued"  # our late success was refused
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"run {run_id}: taken over by another process" in messages
+    assert not [m for m in messages if "success" in m or "bookkeeping failed" in m or "requeued" in m]
+    assert engine.healthy
+
+
+class SlowClaimStore(SqliteRunStore):
+    """A real store whose claims hold on, after claiming, until ``release`` is set (a lock wait, say)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.claimed, self.release = threading.Event(), threading.Event()
+
+    def claim_next_run(self, owner, now=None):
+        run = super().claim_next_run(owner, now)
+        if run is not None:
+            self.claimed.set()
+            self.release.wait(30)
+        return run
+
+
+def test_run_claimed_while_shutting_down_is_requeued_not_started(settings, start_engine):
+    ran = []
+    with SlowClaimStore(settings.store) as store:
+        engine = start_engine(store, settings, DAG("d", [Task("a", lambda ctx: ran.append(1))]))
+        run_id = engine.trigger("d").run_id
+        assert store.claimed.wait(10)
+        stopper = threading.Thread(target=engine.shutdown, kwargs={"grace_s": 0.1})
+        stopper.start()
+        wait_until(lambda: engine._stopping, what="shutdown to begin")
+        store.release.set()
+        stopper.join(30)
+        assert not stopper.is_alive()
+        run = store.get_run(run_id)
+        assert (run.state, run.owner, ran) == ("queued", None, [])
+
+
+def fail_first_try(ctx) -> str:
+    if ctx.try_number == 1:
+        Path(ctx.payload["started"]).touch()
+        while not Path(ctx.payload["go"]).exists():
+            time.sleep(0.01)
+        raise RuntimeError("flaky")
+    return "second"
+
+
+def test_retryable_failure_while_stopping_requeues_instead_of_failing(store, settings, start_engine, tmp_path):
+    started, go = tmp_path / "started", tmp_path / "go"
+    dag = DAG("flaky", [Task("f", fail_first_try, retries=2)])
+    engine = start_engine(store, settings, dag)
+    run_id = engine.trigger("flaky", {"started": str(started), "go": str(go)}).run_id
+    wait_until(started.exists, what="the first try")
+    stopper = threading.Thread(target=engine.shutdown, kwargs={"grace_s": 10})
+    stopper.start()
+    wait_until(lambda: engine._stopping, what="shutdown to begin")
+    go.touch()  # the try fails inside the grace period: a retry is due, but we are stopping
+    stopper.join(30)
+    task = store.get_tasks(run_id)[0]
+    assert store.get_run(run_id).state == "queued"
+    assert (task.state, task.try_number, task.error_message) == ("queued", 1, "flaky")
+    engine2 = start_engine(store, settings, dag)
+    assert engine2.wait(run_id, timeout=30).state == "success"
+    assert store.get_tasks(run_id)[0].output == "second"

@@ -16,6 +16,7 @@ LAYERS = [
     {"config", "dag", "store"},
     {"sqlite_schema"},
     {"sqlite_store", "stages", "spool"},
+    {"executors", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
     {"bulk_smtp"},

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,3 +65,90 @@ def test_sigkilled_run_is_recovered_and_finished(tmp_path, store, settings):
     tries = {t.task_id: t.try_number for t in store.get_tasks(run.run_id)}
     assert tries == {"a": 1, "b[0]": 2, "b[1]": 2, "c": 1}
     assert store.count_runs_by_state("recover") == {"success": 1}
+
+
+def test_run_of_an_earlier_process_with_our_pid_is_recovered_even_after_start(store, settings, make_engine):
+    """A container restarted as PID 1 gets the dead process's pid back; its runs must still be recovered."""
+    from helpers import noop
+
+    from pipeline.dag import DAG, Task
+    from pipeline.liveness import HOST
+
+    dag = DAG("w", [Task("a", noop)])
+    early = store.create_run("w", {}, "early")[0]
+    store.claim_next_run(f"{HOST}:{os.getpid()}:deadbeef")  # heartbeat fresh: only the owner tells
+    engine = make_engine(dag)
+    assert engine.wait(early.run_id, timeout=30).state == "success"  # recovered at start
+
+    # an owner with our pid that died after this engine started: the periodic recovery takes it
+    engine.shutdown()
+    gate, started = threading.Event(), threading.Event()
+    hold = DAG("hold", [Task("h", lambda ctx: started.set() or gate.wait(30))])
+    engine = make_engine(dag, hold, max_active_runs=1)
+    holding = engine.trigger("hold").run_id
+    assert started.wait(10)  # the one slot is taken: the dispatcher claims nothing more for now
+    late = store.create_run("w", {}, "late")[0]
+    assert store.claim_next_run(f"{HOST}:{os.getpid()}:cafe0001").run_id == late.run_id
+    gate.set()
+    assert engine.wait(holding, timeout=30).state == "success"
+    assert engine.wait(late.run_id, timeout=30).state == "success"
+
+
+def test_a_live_engine_of_this_process_is_not_taken_for_dead(store, settings, make_engine):
+    from pipeline.dag import DAG, Task
+
+    gate, started = threading.Event(), threading.Event()
+    first = make_engine(DAG("hold", [Task("h", lambda ctx: started.set() or gate.wait(30))]))
+    run_id = first.trigger("hold").run_id
+    assert started.wait(10)
+    second = make_engine(DAG("hold", [Task("h", lambda ctx: None)]))
+    assert second.recover() == []
+    assert store.get_run(run_id).owner == first.owner
+    gate.set()
+    assert first.wait(run_id, timeout=30).state == "success"
+
+
+INGEST_CHILD = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from pipeline.config import Settings
+from pipeline.service import ingest_files
+fifo = Path({fifo!r})
+os.mkfifo(fifo)
+try:
+    ingest_files(Settings.for_data_dir({data!r}), [fifo])  # blocks reading the fifo, the engine started
+except KeyboardInterrupt as exc:
+    print("stopped:", exc, flush=True)
+    sys.exit(130)
+"""
+
+
+def open_writer_when_read(fifo: Path, child: subprocess.Popen) -> int:
+    """Open the fifo's write end once the child opened it for reading (ENXIO until then)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert child.poll() is None and time.monotonic() < deadline, "child never read the fifo"
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except (FileNotFoundError, OSError):
+            time.sleep(0.05)
+
+
+def test_ingest_stops_the_service_on_sigterm(tmp_path, settings):
+    fifo = tmp_path / "message.eml"
+    code = INGEST_CHILD.format(tests=str(Path(__file__).parent), fifo=str(fifo), data=str(settings.data_dir))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        writer = open_writer_when_read(fifo, child)  # the child is inside ingest_files, the engine started
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err
+    assert "stopped: signal SIGTERM" in out and "Traceback" not in err

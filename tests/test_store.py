@@ -252,3 +252,42 @@ def test_heartbeat_touches_only_running_runs(store):
     store.finish_run(run.run_id, "success", now=2.0)
     store.heartbeat([run.run_id], now=9.0)
     assert store.get_run(run.run_id).heartbeat_at == 1.0
+
+
+def test_writes_with_an_owner_change_nothing_once_another_process_took_the_run_over(store):
+    run = store.create_run("wf", {})[0]
+    store.claim_next_run("hostA:1:aaaa", now=1.0)
+    store.create_tasks(run.run_id, ["t"])
+    assert store.recover_runs(lambda r: r.owner.startswith("hostA"), now=50.0) == [run.run_id]  # A went stale
+    store.claim_next_run("hostB:2:bbbb", now=60.0)
+    running = Transition(run.run_id, "t", "running", 1, 61.0)
+    # A comes back and writes as if the run were still its own: every write is refused and says so
+    assert store.record_transitions([running], owner="hostA:1:aaaa") == 0
+    assert store.heartbeat([run.run_id], now=62.0, owner="hostA:1:aaaa") == 0
+    assert store.requeue_run(run.run_id, owner="hostA:1:aaaa") == 0
+    assert store.finish_run(run.run_id, "failed", "internal: A's view", owner="hostA:1:aaaa") == 0
+    now = store.get_run(run.run_id)
+    assert (now.state, now.owner, now.heartbeat_at, now.reason) == ("running", "hostB:2:bbbb", 60.0, None)
+    assert store.get_tasks(run.run_id)[0].state == "queued"
+    # B, the owner, is obeyed
+    assert store.record_transitions([running], owner="hostB:2:bbbb") == 1
+    assert store.heartbeat([run.run_id], now=63.0, owner="hostB:2:bbbb") == 1
+    assert store.finish_run(run.run_id, "success", owner="hostB:2:bbbb", now=64.0) == 1
+    assert store.finish_run(run.run_id, "failed", "late", owner="hostB:2:bbbb") == 0  # terminal is final
+
+
+def test_finish_with_an_owner_only_ends_a_running_run(store):
+    run = store.create_run("wf", {})[0]
+    assert store.finish_run(run.run_id, "failed", "x", owner="me") == 0  # queued: not ours to end
+    assert store.finish_run(run.run_id, "failed", "unknown_workflow") == 1  # without an owner it may
+    other = store.create_run("wf", {})[0]
+    store.claim_next_run("me")
+    assert store.requeue_run(other.run_id, owner="me") == 1 and store.requeue_run(other.run_id, owner="me") == 0
+
+
+def test_transition_counts_skip_final_tasks(store):
+    run = store.create_run("wf", {})[0]
+    store.create_tasks(run.run_id, ["a", "b"])
+    assert store.record_transitions([Transition(run.run_id, "a", "failed", 1, 1.0, "timeout", "late")]) == 1
+    assert store.record_transitions([Transition(run.run_id, "a", "running", 1, 2.0),
+                                     Transition(run.run_id, "b", "running", 1, 2.0)]) == 1

@@ -1,0 +1,66 @@
+"""Executors: the pools every run's tries go to (a thread pool, and a process pool made on first use).
+
+A process pool whose worker died abruptly (OOM killer, kill -9) is broken for
+good; ``submit_process`` replaces it so one dead worker costs one try, not the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Executor, Future
+from typing import Any
+
+from . import tracing
+from .config import RunnerConfig
+from .dag import TaskContext
+
+log = logging.getLogger(__name__)
+
+
+class Executors:
+    """The thread pool every run shares, and a process pool created on first use."""
+
+    def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor]) -> None:
+        self.config = config
+        self.thread = thread_pool
+        self._process_factory = process_factory
+        self._process: Executor | None = None
+        self._lock = threading.Lock()
+
+    def submit_process(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Submit to the process pool, starting it on first use and again if a worker died abruptly."""
+        with self._lock:
+            if self._process is None:
+                self._process = self._process_factory()
+            try:
+                return self._process.submit(fn, *args)
+            except BrokenExecutor:  # a worker was killed (OOM, kill -9): that pool takes nothing more
+                log.warning("process pool broken by a worker that died; starting a new one")
+                self._process.shutdown(wait=False)
+                self._process = self._process_factory()
+                return self._process.submit(fn, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Shut both pools down; queued work is cancelled."""
+        self.thread.shutdown(wait=wait, cancel_futures=True)
+        if self._process is not None:
+            self._process.shutdown(wait=wait, cancel_futures=True)
+
+
+def ignore_stop_signals() -> None:
+    """Initialize a process-pool worker to ignore SIGINT/SIGTERM; it exits when the pool shuts down.
+
+    Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group; a worker
+    killed by them would fail its task with a made-up reason while the service stops gracefully.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def call_task(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
+    """Run a task callable inside a span (module-level so process pools can pickle it)."""
+    with tracing.span("task", task_id=ctx.task_id, run_id=ctx.run_id):
+        return fn(ctx)
