@@ -124,11 +124,14 @@ class PipelineService:
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully (no traceback on a normal stop)."""
-        handlers = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signalled: list[int] = []  # a handler must not take a lock: Event.set() there can deadlock with wait()
+        handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
             log.info("pipeline serving; data in %s. Ctrl-C to stop.", self.settings.data_dir)
-            self._stop.wait()
+            while not signalled and not self._stop.is_set():
+                time.sleep(0.2)  # a signal interrupts the sleep; its handler runs, then the loop ends
             log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",
                      self.settings.engine.shutdown_grace_s)
             self.stop()
