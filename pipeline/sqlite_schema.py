@@ -71,5 +71,9 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         """CREATE TRIGGER runs_count_delete AFTER DELETE ON runs BEGIN
             UPDATE run_counts SET n = n - 1 WHERE workflow = OLD.workflow AND state = OLD.state; END""",
     ]),
+    ("task events keep why a try failed", [
+        # a retried task that then succeeds overwrites its task_runs error; the event history keeps it
+        "ALTER TABLE task_events ADD COLUMN error_type TEXT",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

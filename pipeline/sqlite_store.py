@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 _RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, "
                 "reason")
 _TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
+# named columns: task_events grew error_type in a later migration
+_EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
 _MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
 _FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
 # (error class, SQLite primary result codes, words of SQLite's message, hint): the first match wins.
@@ -273,7 +275,7 @@ class SqliteRunStore(DAGRunStore):
             cur = conn.execute(f"UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ? AND {where}",
                                (state, reason, now, run_id, *extra))
             if cur.rowcount:
-                conn.execute("INSERT INTO task_events VALUES (?, '', 0, ?, ?)", (run_id, state, now))
+                conn.execute(_EVENT + ") VALUES (?, '', 0, ?, ?)", (run_id, state, now))
             return cur.rowcount
 
     def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
@@ -297,11 +299,11 @@ class SqliteRunStore(DAGRunStore):
                            f"WHERE run_id = ? AND {where}", (run_id, *extra))
         if not cur.rowcount:  # finished, queued or taken over meanwhile: a requeue must not resurrect it
             return 0
-        conn.execute("INSERT INTO task_events SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
+        conn.execute(_EVENT + ") SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
                      "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
         conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
                      (run_id,))
-        conn.execute("INSERT INTO task_events VALUES (?, '', 0, 'queued', ?)", (run_id, now))
+        conn.execute(_EVENT + ") VALUES (?, '', 0, 'queued', ?)", (run_id, now))
         return 1
 
     # -- tasks ----------------------------------------------------------------
@@ -316,7 +318,8 @@ class SqliteRunStore(DAGRunStore):
         with self._tx() as conn:
             conn.executemany("INSERT INTO task_runs (run_id, task_id, state, queued_at) VALUES (?, ?, 'queued', ?) "
                              "ON CONFLICT (run_id, task_id) DO NOTHING", [(run_id, t, now) for t in ids])
-            conn.executemany("INSERT INTO task_events VALUES (?, ?, 0, 'queued', ?)", [(run_id, t, now) for t in ids])
+            conn.executemany(_EVENT + ") VALUES (?, ?, 0, 'queued', ?)",
+                             [(run_id, t, now) for t in ids])
 
     def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
         owned = "" if owner is None else \
@@ -333,8 +336,8 @@ class SqliteRunStore(DAGRunStore):
                     (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
                      t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner))))
                 if cur.rowcount:  # skipped when already final: a late RUNNING must not undo a timeout
-                    conn.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
-                                 (t.run_id, t.task_id, t.try_number, t.state, t.at))
+                    conn.execute(_EVENT + ", error_type) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (t.run_id, t.task_id, t.try_number, t.state, t.at, t.error_type))
                     applied += 1
         return applied
 

@@ -61,7 +61,7 @@ def test_a_worker_killed_mid_document_costs_one_retry_and_the_run_still_succeeds
     assert figures["victim_worker_mid_document"]["tags"]["file_open"]  # the run's file was open in the victim
     assert figures["killed_worker_served_victim"]["value"] == 1.0, figures["killed_worker_served_victim"]["tags"]
     tries = figures["victim_task_try_number"]
-    assert tries["value"] == 2 and "retrying@1 running@2" in tries["tags"]["events"], tries["tags"]
+    assert tries["value"] == 2 and "retrying(worker_crashed)@1 running@2" in tries["tags"]["events"], tries["tags"]
     assert tries["tags"]["retries_logged"] == "ingest_pdf[0] try 1: worker_crashed"
     victim = figures["victim_run_typed"]["tags"]
     assert victim["state"] == "success" and victim["task_errors"] == "ingest_pdf[0] try 1: worker_crashed (retried)"

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pipeline import store as s
 from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreError, UnknownRunError
 from pipeline.sqlite_store import SCHEMA_VERSION, SqliteRunStore
 from pipeline.store import Transition
@@ -291,3 +292,15 @@ def test_transition_counts_skip_final_tasks(store):
     assert store.record_transitions([Transition(run.run_id, "a", "failed", 1, 1.0, "timeout", "late")]) == 1
     assert store.record_transitions([Transition(run.run_id, "a", "running", 1, 2.0),
                                      Transition(run.run_id, "b", "running", 1, 2.0)]) == 1
+
+
+def test_the_event_history_keeps_why_a_retried_try_failed(store):
+    run, _ = store.create_run("wf", {})
+    store.create_tasks(run.run_id, ["t"])
+    store.record_transitions([Transition(run.run_id, "t", s.RUNNING, 1, 1.0),
+                              Transition(run.run_id, "t", s.RETRYING, 1, 2.0, "worker_crashed", "killed"),
+                              Transition(run.run_id, "t", s.RUNNING, 2, 3.0),
+                              Transition(run.run_id, "t", s.SUCCESS, 2, 4.0)])
+    assert store.get_tasks(run.run_id)[0].error_type is None  # the task's row shows the last try
+    events = store._read("SELECT state, try_number, error_type FROM task_events WHERE task_id = 't' ORDER BY rowid")
+    assert events[-3:] == [("retrying", 1, "worker_crashed"), ("running", 2, None), ("success", 2, None)]

@@ -138,7 +138,8 @@ def skipped(fault: str, reason: str) -> Rows:
 
 def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | None, list[dict[str, Any]]]:
     """The latest run of ``message_id`` and its task instances named ``prefix...``: state, try_number, error_type
-    and their events (``running@1 retrying@1 running@2 success@2``), read from serve's store opened read-only.
+    and their events (``running@1 retrying(worker_crashed)@1 running@2 success@2``), read from serve's
+    store opened read-only.
 
     ``(None, [])`` while there is no such run or the store cannot be read right now.
     """
@@ -153,8 +154,8 @@ def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | 
         which = (run_id, f"{prefix}*")
         tasks = db.execute("SELECT task_id, state, try_number, error_type FROM task_runs "
                            "WHERE run_id = ? AND task_id GLOB ? ORDER BY task_id", which).fetchall()
-        events = db.execute("SELECT task_id, state, try_number FROM task_events "
-                            "WHERE run_id = ? AND task_id GLOB ? ORDER BY at, rowid", which).fetchall()
+        events = db.execute("SELECT task_id, state || coalesce('(' || error_type || ')', ''), try_number "
+                            "FROM task_events WHERE run_id = ? AND task_id GLOB ? ORDER BY at, rowid", which).fetchall()
     except sqlite3.Error:
         return None, []
     finally:
