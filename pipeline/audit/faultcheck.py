@@ -7,6 +7,7 @@ the run store opened read-only-ish, and the Maildir outbox.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import time
@@ -21,6 +22,8 @@ from ..sqlite_store import SqliteRunStore
 from . import fixtures as fx
 from .harness import row
 from .serveproc import Replies, digests_by_original
+
+log = logging.getLogger(__name__)
 
 Rows = list[dict[str, Any]]
 # Run-level reasons the engine and runner write themselves, not raised as an error class.
@@ -65,14 +68,18 @@ def runs_by_message(data_dir: Path) -> dict[str, list[s.Run]]:
 def wait_terminal(data_dir: Path, message_ids: list[str], timeout_s: float) -> dict[str, list[s.Run]]:
     """Wait until each message's runs have all ended (or ``timeout_s``); return the runs by Message-ID."""
     deadline = time.monotonic() + timeout_s
+    problem: Exception | None = None
     while True:
         try:
             runs = runs_by_message(data_dir)
-        except errors.StoreError:  # busy or unreadable for now: the fault may still be there
-            runs = {}
+        except errors.StoreError as exc:  # busy or unreadable for now: the fault may still be there
+            runs, problem = {}, exc
         pending = [m for m in message_ids if not runs.get(m) or
                    any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
         if not pending or time.monotonic() > deadline:
+            if pending:
+                log.warning("%d message(s) without a finished run after %.0f s (last store error: %s)",
+                            len(pending), timeout_s, problem)
             return runs
         time.sleep(0.1)
 
