@@ -262,3 +262,21 @@ def test_drop_folder_file_whose_accept_fails_stays_in_new_and_is_retried(tmp_pat
     finally:
         folder.stop()
     assert [p.name for p in (tmp_path / "inbox" / "cur").iterdir()] == ["early.eml:2,S"]
+
+
+def test_damaged_task_events_pages_make_serve_answer_451_not_250(settings):
+    """The store's event table is corrupt: runs cannot start, so the engine reports itself unhealthy and the
+    gateway stops answering 250 for work that will not run (it used to accept and process nothing)."""
+    from test_store_faults import damage_table
+
+    SqliteRunStore(settings.store).close()  # a real store, then its event table's root page overwritten
+    damage_table(settings.store.path, "task_events")
+    with started(settings) as service:
+        port = service.settings.gateway.port
+        code, reply = smtp_data(port, fx.email_with([], message_id="<first@x>"))  # the engine finds out now
+        assert code in (250, 451), reply
+        assert wait_until(lambda: not service.engine.healthy, timeout_s=60), "engine never reported the damage"
+        code, reply = smtp_data(port, fx.email_with([], message_id="<second@x>"))
+        assert code == 451 and reply.startswith("4.3.0 "), reply
+        assert "corrupt" in (service.engine.health_problem or "").lower() or \
+            "malformed" in (service.engine.health_problem or "").lower(), service.engine.health_problem

@@ -318,7 +318,10 @@ def fault_table(m: pd.DataFrame) -> pd.DataFrame:
         figures["note"] = "; ".join(f"{m_}: {reason}" for m_, reason in
                                     zip(notes.metric, notes.get("reason", [""] * len(notes)), strict=True))
         out.append(figures)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    counts = ["sent", "acked (250)", "lost", "duplicated", "untyped"]
+    table[counts] = table[counts].round().astype("Int64")  # message counts print as 1000, not 1e+03
+    return table
 
 
 def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
