@@ -38,36 +38,48 @@ def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every command."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Email-triggered PDF digest pipeline.")
-    parser.add_argument("--data-dir", type=Path, help="where the run store, spool and outbox live (default: data)")
-    parser.add_argument("--config", type=Path, help="TOML settings file (sections: store, gateway, ingest, ...)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    _global_options(parser)
+    parser.set_defaults(data_dir=None, config=None, verbose=False)
+    common = argparse.ArgumentParser(add_help=False)  # the same options after the command name, too
+    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    runs = sub.add_parser("runs", help="list runs, newest first")
+    runs = sub.add_parser("runs", parents=[common], help="list runs, newest first")
     runs.add_argument("--workflow", help="only runs of this workflow")
     runs.add_argument("--state", choices=s.RUN_STATES, help="only runs in this state")
     runs.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
     runs.add_argument("--before", type=int, metavar="RUN_ID", help="only runs older than this id (next page)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    show = sub.add_parser("show", help="one run with its task instances")
+    show = sub.add_parser("show", parents=[common], help="one run with its task instances")
     show.add_argument("run_id", type=int, metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    purge = sub.add_parser("purge", help="delete finished runs older than N days")
+    purge = sub.add_parser("purge", parents=[common], help="delete finished runs older than N days")
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="age in days")
-    serve = sub.add_parser("serve", help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="SMTP port (default 8025)")
     serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
     serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
     serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
 
-    ingest = sub.add_parser("ingest", help="run the digest workflow now on .eml or .pdf files")
+    ingest = sub.add_parser("ingest", parents=[common], help="run the digest workflow now on .eml or .pdf files")
     ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
     ingest.add_argument("--deliver", metavar="smtp://HOST:PORT",
                         help="relay for digests (default: data/outbox Maildir)")
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """Add --data-dir, --config and -v; a SUPPRESS default lets them follow the command without hiding them."""
+    parser.add_argument("--data-dir", type=Path, default=default,
+                        help="where the run store, spool and outbox live (default: data)")
+    parser.add_argument("--config", type=Path, default=default,
+                        help="TOML settings file (sections: store, gateway, ingest, ...)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log at DEBUG level (and the SMTP library's per-connection lines)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -180,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # aiosmtpd logs every connection and command at INFO: most of serve's log, unless asked for with -v
+    logging.getLogger("mail.log").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except PipelineError as exc:

@@ -144,3 +144,28 @@ def test_python_dash_m_entry_point(filled, settings):
     out = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(settings.data_dir), "runs", "--json"],
                          capture_output=True, text=True, check=True)
     assert len(json.loads(out.stdout)) == 2
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_options_work_on_either_side_of_the_command(filled, settings, tmp_path, capsys, where):
+    config = tmp_path / "c.toml"
+    config.write_text("[store]\nbusy_timeout_ms = 500\n")
+    options = ["--data-dir", str(settings.data_dir), "--config", str(config)]
+    argv = [*options, "runs", "--json"] if where == "before" else ["runs", "--json", *options]
+    assert main(argv) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == [filled[1].run_id, filled[0].run_id]
+
+
+def test_a_global_option_after_the_command_wins_over_one_before(filled, settings, tmp_path, capsys):
+    argv = ["--data-dir", str(tmp_path / "elsewhere"), "runs", "--json", "--data-dir", str(settings.data_dir)]
+    assert main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_smtp_library_chatter_stays_out_of_the_log_unless_verbose(tmp_path, capsys):
+    import logging
+
+    main(["runs", "--data-dir", str(tmp_path / "none")])
+    assert logging.getLogger("mail.log").getEffectiveLevel() == logging.WARNING
+    main(["runs", "-v", "--data-dir", str(tmp_path / "none")])
+    assert logging.getLogger("mail.log").level == logging.NOTSET  # the root's level again: DEBUG with -v
