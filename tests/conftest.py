@@ -36,6 +36,16 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def pdf(tmp_path: Path):
+    """Write PDF bytes under tmp_path and return the path: ``pdf(data, name="doc.pdf")``."""
+    def write(data: bytes, name: str = "doc.pdf") -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+    return write
+
+
+@pytest.fixture
 def store(settings: Settings) -> Iterator[SqliteRunStore]:
     """A real SQLite run store under tmp_path."""
     st = SqliteRunStore(settings.store)

@@ -9,6 +9,16 @@ from pathlib import Path
 from pipeline.dag import TaskContext
 
 
+def wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` every 20 ms; True once it holds, False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def noop(ctx: TaskContext) -> None:
     return None
 

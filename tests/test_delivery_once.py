@@ -6,8 +6,11 @@ import json
 import mailbox
 from dataclasses import replace
 
+import pytest
+
 from pipeline.config import DeliveryConfig
 from pipeline.dag import TaskContext
+from pipeline.errors import DeliveryError
 from pipeline.workflows import deliver_task, delivery_key
 
 
@@ -57,3 +60,12 @@ def test_each_run_has_its_own_digest_id_even_when_ids_are_reused(tmp_path):
     keys = {delivery_key(_ctx(tmp_path / "a", 1, "s/x.eml")), delivery_key(_ctx(tmp_path / "b", 2, "s/x.eml")),
             delivery_key(_ctx(tmp_path / "c", 1, "s/y.eml"))}
     assert len(keys) == 3
+
+
+def test_an_outbox_that_cannot_be_written_is_a_retryable_delivery_error(tmp_path, settings):
+    settings.delivery.outbox.parent.mkdir(parents=True, exist_ok=True)
+    settings.delivery.outbox.write_text("a file where the Maildir should be")  # the fault: mkdir fails
+    with pytest.raises(DeliveryError, match="cannot store the digest") as err:
+        deliver_task(_ctx(tmp_path), settings)
+    assert err.value.retryable
+    assert not (tmp_path / "work-7" / "delivered.json").exists()  # not marked delivered

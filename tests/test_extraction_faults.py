@@ -28,15 +28,6 @@ DAMAGES = [("pdfium", "object", 1), ("pdfium", "object", 2), ("pypdf", "filter",
 
 
 @pytest.fixture
-def pdf(tmp_path):
-    def write(data: bytes, name: str = "doc.pdf"):
-        path = tmp_path / name
-        path.write_bytes(data)
-        return path
-    return write
-
-
-@pytest.fixture
 def own_pool():
     """Limits with a worker pool of their own (pools are keyed by workers and memory cap), closed afterwards."""
     made: list[IngestConfig] = []

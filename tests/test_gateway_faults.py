@@ -8,13 +8,13 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import free_port
+from helpers import wait_until
 
 from pipeline.audit import fixtures as fx
 from pipeline.config import GatewayConfig, StoreConfig
@@ -62,15 +62,6 @@ def exclusive_lock(path: Path):
         yield
     finally:
         conn.close()  # ends the transaction
-
-
-def wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class UnhealthyEngine(WorkflowEngine):

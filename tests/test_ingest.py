@@ -18,15 +18,6 @@ ENGINES = [IngestConfig(engine="pypdf", page_workers=1), IngestConfig(engine="py
 engines = pytest.mark.parametrize("limits", ENGINES, ids=["pypdf", "pypdf-2w", "pdfium", "pdfium-2w(default)"])
 
 
-@pytest.fixture
-def pdf(tmp_path):
-    def write(data: bytes, name: str = "doc.pdf"):
-        path = tmp_path / name
-        path.write_bytes(data)
-        return path
-    return write
-
-
 @engines
 def test_text_is_streamed_to_a_file_in_page_order(pdf, tmp_path, limits):
     result = ingest_pdf(pdf(fx.text_pdf(5)), tmp_path / "out.txt", limits)

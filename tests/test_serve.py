@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from helpers import wait_until
 
 from pipeline.audit import fixtures as fx
 from pipeline.cli import main
@@ -140,15 +141,6 @@ def test_bad_serve_settings_are_one_line_errors(tmp_path, capsys, argv):
     assert "is not a TCP port" in capsys.readouterr().err
 
 
-def wait_for(predicate, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def ingest_running(store_path: Path) -> bool:
     if not store_path.exists():
         return False
@@ -169,7 +161,7 @@ def test_ctrl_c_to_the_process_group_stops_serve_cleanly_mid_extraction(tmp_path
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             smtp.sendmail("alice@example.com", ["d@pipeline.local"],
                           fx.email_with([("big.pdf", fx.text_pdf(400))], message_id="<ctrl-c@x>"))
-        assert wait_for(lambda: ingest_running(data / "runs.sqlite3")), "extraction never started"
+        assert wait_until(lambda: ingest_running(data / "runs.sqlite3"), timeout_s=60), "extraction never started"
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:

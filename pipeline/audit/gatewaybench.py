@@ -23,7 +23,7 @@ from typing import Any
 from ..config import GatewayConfig, Settings
 from ..service import PipelineService
 from . import fixtures as fx
-from .harness import free_port
+from .serveproc import free_port
 from .storebench import summarize
 
 

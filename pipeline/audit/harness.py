@@ -7,7 +7,6 @@ this process.
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import threading
 import time
@@ -23,13 +22,7 @@ from aiosmtpd.controller import Controller
 from ..config import DeliveryConfig, EngineConfig, GatewayConfig, IngestConfig, RunnerConfig, Settings
 from ..service import PipelineService
 from ..store import Run
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .serveproc import free_port
 
 
 class CountingSink:

@@ -30,9 +30,10 @@ from ..service import PipelineService
 from ..sqlite_store import SqliteRunStore
 from ..stages.ingest import extract_text, ingest_pdf
 from . import fixtures as fx
-from .harness import free_port, row
+from .harness import row
 from .memory import traced
 from .recorder import AuditRecorder
+from .serveproc import free_port
 from .storebench import fill_store, transitions_per_s
 
 
