@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="age in days")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --allow-remote)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback --host (also needs [gateway] allowed_sender_domains)")
     serve.add_argument("--port", type=int, help="SMTP port (default 8025)")
     serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
     serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
@@ -93,6 +95,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gateway["max_message_bytes"] = int(args.max_message_mb * 1024 * 1024)
     if getattr(args, "no_drop_folder", False):
         gateway["drop_folder"] = False
+    if getattr(args, "allow_remote", False):
+        gateway["allow_remote"] = True
     delivery = {"relay": args.deliver} if getattr(args, "deliver", None) else {}
     return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import tomllib
 import types
 from dataclasses import dataclass, field, fields, replace
@@ -94,6 +95,15 @@ class GatewayConfig:
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
     accept_off_loop: bool = True  # store and queue each message in a thread; False: on the SMTP event loop
     poll_interval_s: float = 1.0
+    # Limits on what senders can hold (issue 11). None: a quarter of the process's open-file limit, at most 500.
+    max_sessions: int | None = None  # concurrent SMTP sessions; one more is answered 421 4.3.2 and closed
+    command_timeout_s: float = 60.0  # a session idle this long between commands is closed (421)
+    session_timeout_s: float = 900.0  # no session lasts longer than this, whatever it sends
+    max_inflight_bytes: int = 256 * MB  # DATA bytes being received across all sessions; beyond: 452 4.3.1
+    stream_data: bool = True  # write DATA to the spool as it arrives; False: hold it whole first (baseline)
+    # Who may trigger a digest (issue 11). Empty: anyone who can connect, so only loopback is allowed.
+    allowed_sender_domains: tuple[str, ...] = ()  # envelope sender (MAIL FROM) domains; others get 550 5.7.1
+    allow_remote: bool = False  # listen on a non-loopback host; needs allowed_sender_domains too
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -102,6 +112,36 @@ class GatewayConfig:
             raise ConfigurationError("gateway.max_message_bytes must be > 0")
         if self.watch_mode not in {"inotify", "poll"}:
             raise ConfigurationError("gateway.watch_mode must be 'inotify' or 'poll'")
+        if self.max_sessions is not None and self.max_sessions < 1:
+            raise ConfigurationError("gateway.max_sessions must be >= 1 (or left out for the automatic limit)")
+        if self.command_timeout_s <= 0 or self.session_timeout_s < self.command_timeout_s:
+            raise ConfigurationError("gateway timeouts must satisfy 0 < command_timeout_s <= session_timeout_s")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            raise ConfigurationError("gateway.max_inflight_bytes must be >= gateway.max_message_bytes")
+        self._check_exposure()
+
+    def _check_exposure(self) -> None:
+        """Refuse to listen beyond this machine unless asked to and told whom to accept mail from."""
+        if is_loopback(self.host):
+            return
+        if not self.allow_remote:
+            raise ConfigurationError(
+                f"refusing to listen on {self.host}: anyone who can connect could have digests of PDF text mailed "
+                "to any address; set gateway.allow_remote = true (or --allow-remote) and "
+                "gateway.allowed_sender_domains")
+        if not self.allowed_sender_domains:
+            raise ConfigurationError(f"listening on {self.host} needs gateway.allowed_sender_domains "
+                                     "(the envelope sender domains that may trigger a digest)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host name or address that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 @dataclass(frozen=True)
@@ -119,9 +159,13 @@ class IngestConfig:
     page_workers: int = 2  # >1: split one document's pages across that many workers at once
     stream_text: bool = True  # write each page's text as it comes; False holds the whole text first (baseline)
     summary_sentences: int = 3
+    max_mime_depth: int = 32  # multipart nesting deeper than this fails the run as malformed_email
+    parse_isolate: bool = True  # parse MIME in a capped worker process; False: in the pipeline process (baseline)
+    fair_extraction: bool = True  # documents share the workers page chunk by page chunk; False: whole shards
 
     def validate(self) -> None:
-        for name in ("max_attachment_bytes", "max_pages", "max_decompressed_bytes", "memory_limit_bytes", "workers"):
+        for name in ("max_attachment_bytes", "max_pages", "max_decompressed_bytes", "memory_limit_bytes", "workers",
+                     "max_mime_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
         if self.timeout_s <= 0:
