@@ -18,10 +18,13 @@ audit: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Extra arguments for JupyterLab, e.g. `make lab LAB_ARGS=--allow-root` in a container running as root.
+LAB_ARGS ?=
+
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[lab]"
 	$(PY) -m ipykernel install --sys-prefix --name pipeline-audit --display-name "Pipeline audit (project .venv)"
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m jupyter lab notebooks/ $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_store.py
