@@ -12,13 +12,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import housekeeping
 from . import store as s
 from .config import Settings, load_settings
 from .errors import ConfigurationError, PipelineError, UnknownRunError
@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", type=int, metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    purge = sub.add_parser("purge", parents=[common], help="delete finished runs older than N days")
-    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="age in days")
+    purge = sub.add_parser("purge", parents=[common],
+                           help="delete finished runs older than N days with their spool and work files")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS",
+                       help="age in days (0: every finished run); digests in the outbox are kept")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --allow-remote)")
@@ -142,9 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 @command
 def cmd_purge(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        count = store.purge_runs(time.time() - args.older_than * 86400)
-    print(f"purged {count} run(s) that ended more than {args.older_than:g} day(s) ago")
+    print(housekeeping.purge(settings_from(args), args.older_than).summary())
     return 0
 
 

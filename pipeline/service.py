@@ -3,7 +3,9 @@
 This is what ``python -m pipeline serve`` runs and what ``ingest`` uses
 without the listeners. On start it also reconciles the spool with the run
 store: a message fsynced just before a crash, whose run was never committed,
-still gets its run (deduplicated, so never two).
+still gets its run (deduplicated, so never two). A spool file that some run
+names, or that purge dropped (it deletes the file and, until the file is
+gone, keeps a tombstone), is never queued again, however old.
 
 Start-up order matters: open the store and the spool, reconcile, bind the
 SMTP port, and only then start the engine, which claims queued runs. A port
@@ -27,13 +29,13 @@ from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .errors import StartupError
 from .gateway import EmailGateway
-from .spool import Spool
+from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
+from .spool import Spool, SpooledMessage
 from .sqlite_store import SqliteRunStore
 from .stages.parse import wrap_pdf
-from .workflows import EMAIL_DIGEST, email_digest_dag
+from .workflows import email_digest_dag
 
 log = logging.getLogger(__name__)
-RECONCILE_WINDOW_S = 86400.0  # spool files younger than this are checked against the store at start
 
 
 class PipelineService:
@@ -80,23 +82,38 @@ class PipelineService:
         return self
 
     def reconcile_spool(self) -> int:
-        """Make sure every recent spool file has its run; return how many runs this created."""
-        cutoff = time.time() - RECONCILE_WINDOW_S
-        created = 0
-        for path in self.spool.files():
+        """Queue every spool file that no run names and no purge dropped; return how many runs this created.
+
+        Such a file is a message fsynced just before a crash whose run was never committed. Files are
+        matched to runs by name, a few hundred per query, before any is read: a spool of thousands of
+        processed messages costs one directory listing and a few index lookups. A file older than the
+        store's tombstones (less ``LEGACY_GRACE_S``) is left alone: an earlier version's purge deleted
+        runs but not their files (the next ``purge`` deletes it). A file that cannot be read is logged
+        and skipped.
+        """
+        legacy_before = self.store.spool_tracked_since() - LEGACY_GRACE_S
+        created = legacy = 0
+        for mtime, path in unknown_spool_files(self.store, self.spool.directory):
+            if mtime < legacy_before:
+                legacy += 1
+                continue
             try:
-                if path.stat().st_mtime < cutoff:
-                    continue
                 spooled = self.spool.load(path)
             except OSError as exc:  # one unreadable file must not keep the service down
                 log.warning("spool reconciliation: skipped %s: %s", path.name, exc)
                 continue
-            payload = {"spool": str(path), "source": "spool", "size": spooled.size}
-            created += self.store.create_run(EMAIL_DIGEST, payload, spooled.dedup_key)[1]
+            created += self._queue_spooled(spooled)
+        if legacy:
+            log.info("spool reconciliation: left alone %d spool file(s) from before this store tracked purges", legacy)
         if created:
             log.warning("spool reconciliation queued %d message(s) whose run was missing", created)
             self.engine.wake()
         return created
+
+    def _queue_spooled(self, spooled: SpooledMessage) -> int:
+        """Queue a spool file found without a run by the gateway's rule; 1 if that made a new run, else 0."""
+        started = time.time()
+        return int(self.gateway.queue(spooled, source="spool").queued_at >= started)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Close the listeners, let running tasks finish within the grace period, close the store.

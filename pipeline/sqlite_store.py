@@ -34,14 +34,14 @@ from . import store as s
 from .config import StoreConfig
 from .errors import (
     NotADatabaseError,
-    SchemaTooNewError,
     StoreBusyError,
     StoreCorruptError,
     StoreError,
     StoreIOError,
     UnknownRunError,
 )
-from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from .sqlite_schema import SPOOL_TOMBSTONES_VERSION, migrate, refuse_foreign
+from .sqlite_schema import rollback as _rollback
 from .store import DAGRunStore, Run, TaskRun, Transition
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,11 @@ class SqliteRunStore(DAGRunStore):
             raise store_error(self.path, exc) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
-            self._refuse_foreign(conn)  # before any pragma that writes to the file
+            refuse_foreign(conn, self.path)  # before any pragma that writes to the file
             if self.config.wal:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
-            self._migrate(conn)
+            migrate(conn, self.path)
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.Error):
@@ -117,45 +117,6 @@ class SqliteRunStore(DAGRunStore):
                 raise store_error(self.path, exc) from exc
             raise
         return conn
-
-    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
-        """Raise unless the file is empty or one of our stores (one snapshot: both reads agree)."""
-        nested = conn.in_transaction
-        if not nested:
-            conn.execute("BEGIN")
-        try:
-            foreign = conn.execute("SELECT count(*) FROM sqlite_master WHERE name != 'schema_migrations'").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-        except BaseException:
-            if not nested:
-                _rollback(conn)
-            raise
-        if not nested:
-            conn.execute("COMMIT")
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNewError(self.path, version, SCHEMA_VERSION)
-        if version == 0 and foreign:
-            raise StoreError(f"{self.path}: a SQLite file with other tables, not a run store; refusing to touch it")
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Apply missing migrations under the write lock, so concurrent openers migrate once."""
-        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._refuse_foreign(conn)  # again under the lock: another process may have migrated meanwhile
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-            for number, (name, statements) in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, time.time()))
-                conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -204,16 +165,15 @@ class SqliteRunStore(DAGRunStore):
         results = []
         with self._tx() as conn:
             for workflow, payload, dedup_key in items:
-                cur = conn.execute(
-                    "INSERT INTO runs (workflow, state, dedup_key, payload, queued_at) VALUES (?, 'queued', ?, ?, ?) "
-                    "ON CONFLICT (workflow, dedup_key) DO NOTHING",
-                    (workflow, dedup_key, json.dumps(payload), now))
-                if cur.rowcount:
-                    results.append((Run(cur.lastrowid or 0, workflow, s.QUEUED, dedup_key, dict(payload), now), True))
-                else:
-                    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
-                                       (workflow, dedup_key)).fetchone()
+                # look first: with AUTOINCREMENT an INSERT that hits the key still burns an id (a gap per duplicate)
+                row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
+                                   (workflow, dedup_key)).fetchone() if dedup_key is not None else None
+                if row is not None:
                     results.append((_run(row), False))
+                    continue
+                cur = conn.execute("INSERT INTO runs (workflow, state, dedup_key, payload, queued_at) "
+                                   "VALUES (?, 'queued', ?, ?, ?)", (workflow, dedup_key, json.dumps(payload), now))
+                results.append((Run(cur.lastrowid or 0, workflow, s.QUEUED, dedup_key, dict(payload), now), True))
         return results
 
     def get_run(self, run_id: int) -> Run:
@@ -353,30 +313,65 @@ class SqliteRunStore(DAGRunStore):
             groups.setdefault(_MAPPED_SUFFIX.sub("", task_id), []).extend(durations)
         return {task: _percentiles(values) for task, values in sorted(groups.items())}
 
-    def purge_runs(self, older_than: float, batch_size: int = 1000) -> int:
-        total = 0
+    # -- purge and the spool files of runs ---------------------------------------
+
+    def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[s.PurgedBatch]:
         while True:
             with self._tx() as conn:
                 ids = [r[0] for r in conn.execute(
                     "SELECT run_id FROM runs WHERE ended_at < ? AND state IN ('success', 'failed') LIMIT ?",
                     (older_than, batch_size))]
                 if not ids:
-                    return total
+                    return
                 marks = ",".join("?" * len(ids))
+                names = {r[0] for r in conn.execute(
+                    f"SELECT DISTINCT spool_name FROM runs WHERE run_id IN ({marks}) AND spool_name IS NOT NULL", ids)}
                 conn.execute(f"DELETE FROM task_events WHERE run_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM task_runs WHERE run_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", ids)
-            total += len(ids)
+                dropped = sorted(names - _in_use(conn, names))
+                conn.executemany("INSERT INTO spool_tombstones VALUES (?, ?) "
+                                 "ON CONFLICT (name) DO UPDATE SET dropped_at = excluded.dropped_at",
+                                 [(name, time.time()) for name in dropped])
+            yield s.PurgedBatch(tuple(ids), tuple(dropped))  # after the commit: the caller deletes files now
+
+    def spool_names_in_use(self, names: Iterable[str]) -> set[str]:
+        with self._lock:
+            try:
+                return _in_use(self._conn, set(names))
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from exc
+
+    def spool_names_known(self, names: Iterable[str]) -> set[str]:
+        wanted = set(names)
+        if not wanted:
+            return set()
+        marks = ",".join("?" * len(wanted))
+        rows = self._read(f"SELECT spool_name FROM runs WHERE spool_name IN ({marks}) "
+                          f"UNION SELECT name FROM spool_tombstones WHERE name IN ({marks})", [*wanted, *wanted])
+        return {r[0] for r in rows}
+
+    def list_spool_tombstones(self, after: str = "", limit: int = 1000) -> list[str]:
+        return [r[0] for r in self._read("SELECT name FROM spool_tombstones WHERE name > ? ORDER BY name LIMIT ?",
+                                         (after, limit))]
+
+    def drop_spool_tombstones(self, names: Iterable[str]) -> int:
+        with self._tx() as conn:
+            cur = conn.executemany("DELETE FROM spool_tombstones WHERE name = ?", [(n,) for n in set(names)])
+            return max(cur.rowcount, 0)
+
+    def spool_tracked_since(self) -> float:
+        rows = self._read("SELECT applied_at FROM schema_migrations WHERE version = ?", (SPOOL_TOMBSTONES_VERSION,))
+        return float(rows[0][0])
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    """End a failed transaction, if one is open, so the connection stays usable."""
-    if not conn.in_transaction:
-        return
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error as exc:  # the original error is the one worth raising
-        log.warning("rollback failed: %s", exc)
+def _in_use(conn: sqlite3.Connection, names: set[str]) -> set[str]:
+    """Those of ``names`` some run names (the caller holds the lock, or a transaction)."""
+    if not names:
+        return set()
+    marks = ",".join("?" * len(names))
+    return {r[0] for r in conn.execute(f"SELECT DISTINCT spool_name FROM runs WHERE spool_name IN ({marks})",
+                                       list(names))}
 
 
 def _owned(owner: str | None) -> tuple[str, tuple[str, ...]]:

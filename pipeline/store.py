@@ -2,7 +2,18 @@
 
 The SQLite implementation is ``pipeline.sqlite_store.SqliteRunStore``; a
 Postgres one would sit beside it and pass the same contract tests.
-Timestamps are Unix seconds (float); run ids are integers in trigger order.
+Timestamps are Unix seconds (float); run ids are integers in trigger order,
+never handed out twice (not even after the newest runs were purged: a digest
+or a log line naming run 7 must never be mistaken for another mail's).
+
+Spool files: a run whose payload has a "spool" path refers to the spool file
+named by that path's last component (``<sha256>.eml``; the path may be
+relative or absolute, only the name counts). Several runs may share one
+file. When purge deletes the last run naming a file it leaves a tombstone
+for the name in the same transaction; the caller deletes the file after the
+commit and then drops the tombstone. A spool file no run names and no
+tombstone covers is a message whose run was never committed (see
+``spool_names_known``).
 
 Errors: every method raises only ``StoreError`` subclasses (never a driver's
 exception): ``StoreBusyError`` when another process holds the store past the
@@ -20,7 +31,7 @@ over; they return how many rows they changed, so the caller can tell.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -122,6 +133,14 @@ class Transition:
     output_json: str | None = None  # the task's result, already encoded (see encode_output)
 
 
+@dataclass(frozen=True)
+class PurgedBatch:
+    """Runs one purge transaction deleted, and the spool files no remaining run names any more."""
+
+    run_ids: tuple[int, ...]
+    spool_names: tuple[str, ...]  # tombstoned in the same transaction; the caller deletes the files
+
+
 class RunTakenOver(Exception):  # noqa: N818 (a control signal, not an error: STYLE.md section 3)
     """Raised inside a runner when the store refused a write because another process owns the run now."""
 
@@ -162,8 +181,9 @@ class DAGRunStore:
                    now: float | None = None) -> tuple[Run, bool]:
         """Insert a queued run and return ``(run, True)``.
 
-        If ``(workflow, dedup_key)`` exists, insert nothing and return
-        ``(existing_run, False)``. Atomic: concurrent callers with one key
+        If ``(workflow, dedup_key)`` exists, insert nothing (using up no run
+        id) and return ``(existing_run, False)``. A new run's id is greater than
+        every id handed out before, purged runs' included. Atomic: concurrent callers with one key
         get one run between them. Raises StoreBusyError, StoreIOError, StoreCorruptError.
         """
         raise NotImplementedError
@@ -262,7 +282,61 @@ class DAGRunStore:
         """Delete finished runs that ended before ``older_than`` with their tasks; return the count.
 
         Deletes in batches of ``batch_size`` runs, one short transaction each,
-        so that other writers never wait long.
+        so that other writers never wait long. Same effect as draining ``purge_batches``
+        (tombstones included): the caller that wants the files deleted uses that.
+        """
+        return sum(len(batch.run_ids) for batch in self.purge_batches(older_than, batch_size))
+
+    def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[PurgedBatch]:
+        """Delete finished runs that ended before ``older_than``, one batch per step; yield each batch.
+
+        Each step is one transaction (all or none) that deletes up to ``batch_size``
+        runs in state success or failed with their task instances and events,
+        and upserts a tombstone (name, now) for every spool name those runs had
+        that no remaining run (in any state) names; it yields the committed
+        batch. Nothing is held open while the caller handles a batch, so the
+        caller deletes files between steps. Queued and running runs are never
+        deleted. Stops when no run is left to purge; ids of purged runs are not reused.
+        """
+        raise NotImplementedError
+
+    def spool_names_in_use(self, names: Iterable[str]) -> set[str]:
+        """Return those of ``names`` (spool file names, not paths) that at least one run names, in any state.
+
+        One indexed lookup per name; callers pass a few hundred names at a time.
+        """
+        raise NotImplementedError
+
+    def spool_names_known(self, names: Iterable[str]) -> set[str]:
+        """Return those of ``names`` that a run names or a tombstone covers (one consistent read).
+
+        A spool file whose name is not returned has neither: its message was
+        spooled but its run never committed (a crash in between), so it is
+        to be queued now, unless it predates ``spool_tracked_since()`` (see there).
+        """
+        raise NotImplementedError
+
+    def list_spool_tombstones(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Return up to ``limit`` tombstoned spool names greater than ``after``, in name order (keyset pages).
+
+        Tombstones outlive a purge only for files that could not be deleted (or
+        a purge that died between commit and delete): the next purge retries them.
+        """
+        raise NotImplementedError
+
+    def drop_spool_tombstones(self, names: Iterable[str]) -> int:
+        """Delete the tombstones of ``names`` in one transaction; return how many existed.
+
+        Call it once a file is gone, or when a run names it again (it is live then).
+        """
+        raise NotImplementedError
+
+    def spool_tracked_since(self) -> float:
+        """Return the time from which this store tombstones every spool file purge drops.
+
+        That is when the store was created or upgraded to do so. An unnamed,
+        untombstoned spool file older than this may be the leftover of an older
+        purge that deleted runs but no files, not a lost message.
         """
         raise NotImplementedError
 

@@ -11,20 +11,25 @@ from email.parser import BytesParser
 
 import pytest
 
-from pipeline.config import DeliveryConfig
+from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.errors import DeliveryError, ParseError
 from pipeline.stages import deliver, digest, parse
 
 DIGEST = digest.Digest("Digest: hello", "text body", "<p>html body</p>")
+LIMITS = IngestConfig(max_attachment_bytes=1000)
 
 
 def raw_mail(from_header: bytes, headers: bytes = b"Message-ID: <m1@example.com>\r\n") -> bytes:
     return b"From: " + from_header + b"\r\nTo: digest@localhost\r\nSubject: hello\r\n" + headers + b"\r\nbody\r\n"
 
 
+def reply_to(address: str, config: DeliveryConfig, email: dict | None = None):
+    return deliver.compose_reply(DIGEST, email or {}, config, to=deliver.reply_address(address))
+
+
 def deliver_to_maildir(tmp_path, email: dict) -> bytes:
     config = DeliveryConfig(outbox=tmp_path / "outbox")
-    where = deliver.send_message(deliver.compose_reply(DIGEST, email, config), config)
+    where = deliver.send_message(reply_to(email["from"], config, email), config)
     with open(where, "rb") as fh:
         return fh.read()
 
@@ -49,7 +54,7 @@ def to_header_of(saved: bytes) -> list[str]:
     (b"j\xc3\xb6rg@example.com", "jörg@example.com"),  # RFC 6532: raw UTF-8
 ], ids=lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else None)
 def test_every_address_form_gets_its_reply(tmp_path, from_header, expected):
-    info = parse.summarize_message(raw_mail(from_header), tmp_path / "work", max_attachment_bytes=1000)
+    info = parse.summarize_message(raw_mail(from_header), tmp_path / "work", LIMITS)
     assert info["from"] == expected
     saved = deliver_to_maildir(tmp_path, info)
     assert to_header_of(saved) == [expected]
@@ -77,7 +82,7 @@ def test_utf8_local_part_is_written_as_utf8(tmp_path):
 ])
 def test_unusable_header_is_malformed_email_naming_it(tmp_path, header, from_header, headers):
     with pytest.raises(ParseError) as err:
-        parse.summarize_message(raw_mail(from_header, headers), tmp_path, max_attachment_bytes=1000)
+        parse.summarize_message(raw_mail(from_header, headers), tmp_path, LIMITS)
     assert str(err.value).startswith(f"{header}:") and err.value.reason == "malformed_email"
     assert "\n" not in str(err.value) and "\r" not in str(err.value)
 
@@ -87,7 +92,7 @@ def test_unparsable_attachment_header_is_malformed_email(tmp_path):
            b"--XX\r\nContent-Type: text/plain\r\n\r\nhi\r\n--XX\r\n"
            b"Content-Disposition: attachment; filename*=\t\x80;i*\r\n\r\n%PDF-1.4 x\r\n--XX--\r\n")
     with pytest.raises(ParseError, match="^Content-Disposition:"):
-        parse.summarize_message(raw, tmp_path, max_attachment_bytes=1000)
+        parse.summarize_message(raw, tmp_path, LIMITS)
 
 
 def test_random_header_junk_raises_only_parse_error(tmp_path):
@@ -98,17 +103,17 @@ def test_random_header_junk_raises_only_parse_error(tmp_path):
         junk = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
         raw = b"From: a@example.com\r\nMIME-Version: 1.0\r\n" + name + b": " + junk + b"\r\n\r\nbody\r\n"
         try:
-            info = parse.summarize_message(raw, tmp_path / str(i), max_attachment_bytes=1000)
+            info = parse.summarize_message(raw, tmp_path / str(i), LIMITS)
         except ParseError:
             continue
-        deliver.compose_reply(DIGEST, info, DeliveryConfig())  # what parsing accepts, delivery can address
+        reply_to(info["from"], DeliveryConfig(), info)  # what parsing accepts, delivery can address
 
 
 @pytest.mark.parametrize("recipient", ["a@b, c@d", "", "x", "<>", "a@", "a@b\r\nBcc: x@y", "a@b\x00",
                                        "Team: a@example.com, b@example.com;", "\udcff@example.com"])
 def test_reply_refuses_what_is_not_one_mailbox(recipient):
     with pytest.raises(DeliveryError, match="cannot deliver to") as err:
-        deliver.compose_reply(DIGEST, {"from": recipient}, DeliveryConfig())
+        deliver.reply_address(recipient)
     assert err.value.retryable is False
     assert "\n" not in str(err.value)
 
@@ -116,7 +121,7 @@ def test_reply_refuses_what_is_not_one_mailbox(recipient):
 def test_quoted_local_part_reaches_a_real_relay(smtp_sink):
     sink, relay = smtp_sink
     config = DeliveryConfig(relay=relay)
-    deliver.send_message(deliver.compose_reply(DIGEST, {"from": '"System Administrator"@example.com'}, config), config)
+    deliver.send_message(reply_to('"System Administrator"@example.com', config), config)
     (received,) = sink.wait_for(1)
     assert [a.addr_spec for a in received["To"].addresses] == ['"System Administrator"@example.com']
 
@@ -124,7 +129,7 @@ def test_quoted_local_part_reaches_a_real_relay(smtp_sink):
 def test_utf8_address_reaches_a_relay_with_smtputf8(smtp_sink):
     sink, relay = smtp_sink  # aiosmtpd's Controller offers SMTPUTF8 by default
     config = DeliveryConfig(relay=relay)
-    deliver.send_message(deliver.compose_reply(DIGEST, {"from": "jörg@example.com"}, config), config)
+    deliver.send_message(reply_to("jörg@example.com", config), config)
     (received,) = sink.wait_for(1)
     assert [parse.addr_spec(a, "To") for a in received["To"].addresses] == ["jörg@example.com"]
 
@@ -138,7 +143,7 @@ def test_utf8_address_and_a_relay_without_smtputf8_is_a_permanent_failure():
     controller.start()
     try:
         config = DeliveryConfig(relay=f"smtp://127.0.0.1:{port}")
-        msg = deliver.compose_reply(DIGEST, {"from": "jörg@example.com"}, config)
+        msg = reply_to("jörg@example.com", config)
         with pytest.raises(DeliveryError, match="SMTPUTF8") as err:
             deliver.send_message(msg, config)
     finally:
@@ -150,5 +155,5 @@ def test_unwritable_outbox_is_a_retryable_delivery_error(tmp_path):
     (tmp_path / "outbox").write_text("a file where the Maildir should be")
     config = DeliveryConfig(outbox=tmp_path / "outbox")
     with pytest.raises(DeliveryError, match="outbox") as err:
-        deliver.send_message(deliver.compose_reply(DIGEST, {"from": "a@example.com"}, config), config)
+        deliver.send_message(reply_to("a@example.com", config), config)
     assert err.value.retryable is True

@@ -21,7 +21,8 @@ def _ctx(tmp_path, run_id=7, spool="data/spool/abc.eml"):
     digest_path.write_text(json.dumps({"subject": "Digest: hi", "text": "body", "html": "<p>body</p>"}))
     upstream = {"build_digest": {"digest_path": str(digest_path)},
                 "parse_email": {"from": "alice@example.com", "message_id": "<m1@example.com>"}}
-    return TaskContext(run_id, "deliver", {"spool": spool}, upstream, {}, str(work), 1, None, None)
+    payload = {"spool": spool, "source": "smtp", "mail_from": "alice@example.com"}
+    return TaskContext(run_id, "deliver", payload, upstream, {}, str(work), 1, None, None)
 
 
 def test_a_retry_after_a_crash_past_delivery_adds_no_second_digest_to_the_outbox(tmp_path, settings):

@@ -19,8 +19,8 @@ LAYERS = [
     {"executors", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
-    {"bulk_smtp"},
-    {"gateway", "dropfolder"},
+    {"smtp_limits", "bulk_smtp"},
+    {"gateway", "dropfolder", "housekeeping"},
     {"service"},
     {"cli", "__main__"},
 ]

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.audit import fixtures as fx
-from pipeline.config import DeliveryConfig
+from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.errors import DeliveryError, ParseError
 from pipeline.stages import deliver, digest, parse
 
@@ -35,9 +35,9 @@ def test_parse_rejects_garbage_with_reason():
 
 def test_summarize_message_writes_only_pdfs(tmp_path):
     raw = fx.email_with([("a.pdf", fx.text_pdf(1)), ("notes.txt", b"plain text"), ("big.pdf", fx.text_pdf(3))])
-    info = parse.summarize_message(raw, tmp_path, max_attachment_bytes=9000)
+    info = parse.summarize_message(raw, tmp_path, IngestConfig(max_attachment_bytes=9000))
     assert [a["name"] for a in info["attachments"]] == ["a.pdf", "big.pdf"]
-    assert info["skipped"] == ["notes.txt"]
+    assert info["skipped"] == [{"name": "notes.txt", "reason": "not a PDF (application/octet-stream)"}]
     assert info["attachments"][0]["path"].startswith(str(tmp_path / "attachments"))
     assert info["attachments"][1]["path"] is None and "over the 9,000-byte limit" in info["attachments"][1]["rejected"]
     assert info["from"] == "alice@example.com" and info["message_id"] == "<fixture-1@example.com>"
@@ -66,23 +66,23 @@ def test_digest_escapes_user_text_in_html():
 def test_reply_cannot_be_given_extra_headers():
     email = {"subject": "x", "from": "alice@example.com", "message_id": "<a@b>\r\nBcc: evil@example.com"}
     rendered = digest.Digest("Digest: hi\r\nBcc: evil@example.com", "text", "<p>html</p>")
-    msg = deliver.compose_reply(rendered, email, DeliveryConfig())
+    msg = deliver.compose_reply(rendered, email, DeliveryConfig(), to=deliver.reply_address(email["from"]))
     raw = msg.as_bytes()
     assert b"\nBcc:" not in raw and "In-Reply-To" not in msg
     assert msg["Subject"] == "Digest: hi Bcc: evil@example.com"
 
 
 def test_reply_refuses_a_non_address():
-    rendered = digest.Digest("Digest", "t", "h")
     with pytest.raises(DeliveryError, match="not a single mailbox address") as err:
-        deliver.compose_reply(rendered, {"from": "a@b, c@d"}, DeliveryConfig())
+        deliver.reply_address("a@b, c@d")
     assert err.value.retryable is False
 
 
 def test_outbox_delivery_writes_maildir(tmp_path):
     rendered = digest.Digest("Digest: x", "text body", "<p>html</p>")
     config = DeliveryConfig(outbox=tmp_path / "outbox")
-    msg = deliver.compose_reply(rendered, {"from": "alice@example.com", "message_id": "<m@x>"}, config)
+    to = deliver.reply_address("alice@example.com")
+    msg = deliver.compose_reply(rendered, {"message_id": "<m@x>"}, config, to=to)
     where = deliver.send_message(msg, config)
     saved = (tmp_path / "outbox" / "new").iterdir().__next__().read_bytes()
     assert where.startswith(str(tmp_path / "outbox" / "new")) and b"In-Reply-To: <m@x>" in saved

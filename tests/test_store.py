@@ -8,7 +8,8 @@ import pytest
 
 from pipeline import store as s
 from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreError, UnknownRunError
-from pipeline.sqlite_store import SCHEMA_VERSION, SqliteRunStore
+from pipeline.sqlite_schema import SCHEMA_VERSION
+from pipeline.sqlite_store import SqliteRunStore
 from pipeline.store import Transition
 
 

@@ -1,10 +1,30 @@
-"""Delivery: the digest as a reply to the sender, by SMTP relay or into a Maildir outbox.
+"""Delivery: the digest as a reply to the envelope sender, by SMTP relay or into a Maildir outbox.
+
+Whom the digest goes to (issue 11: a digest must not go to a third party named in a header):
+
+1. ``delivery.recipient`` when it is configured, always.
+2. The envelope sender: the run payload's ``mail_from`` (SMTP ``MAIL FROM``).
+3. An SMTP message whose ``MAIL FROM`` was the null reverse-path (``<>``) gets no digest: RFC 3834
+   (and RFC 5321 6.1) forbid answering bounces and auto-replies automatically.
+4. Without ``mail_from`` in the payload (a run recreated from the spool file alone), the message's
+   first ``Return-Path`` header: the gateway writes it above everything the sender wrote. ``<>``
+   there is the null sender again: no digest.
+5. Messages from local sources, with no envelope at all (``source`` "dropfolder", "cli" or "audit",
+   no Return-Path), go to the ``From:`` address: whoever put them there can write to the data dir.
+6. Anything else (an SMTP message with neither) gets no digest.
+
+The From, Reply-To and Sender headers of an SMTP message are never used as the address. The To
+header carries the From header's display name when From names the same address (a sender
+addressing its own mailbox). A skipped digest is not an error: the deliver task succeeds with
+``{"skipped": reason}``.
 
 Every header is built from cleaned one-line values, so nothing in the
 incoming mail (CR/LF in a subject, a name, a Message-ID) can add a header.
 The To: header is an ``email.headerregistry.Address`` built from the parsed
-addr-spec alone (no display name), so a quoted local part such as
-``"System Administrator"@example.com`` is written quoted, as RFC 5322 wants.
+addr-spec, so a quoted local part such as ``"System Administrator"@example.com``
+is written quoted, as RFC 5322 wants. A UTF-8 address is written as UTF-8
+(RFC 6532), never as an encoded word; a relay without SMTPUTF8 makes that a
+non-retryable DeliveryError naming the address.
 """
 
 from __future__ import annotations
@@ -14,6 +34,7 @@ import mailbox
 import os
 import re
 import smtplib
+from collections.abc import Mapping
 from email import errors as email_errors
 from email import policy
 from email.headerregistry import Address
@@ -36,8 +57,13 @@ _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDe
 _UTF8 = policy.default.clone(utf8=True)
 
 
-def reply_address(text: str) -> Address:
-    """Parse ``text`` as the one mailbox the reply goes to.
+LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers with write access to the data dir
+NULL_SENDER = "null sender"
+NO_ENVELOPE = "no envelope sender"
+
+
+def reply_address(text: str, name: str = "") -> Address:
+    """Parse ``text`` as the one mailbox the reply goes to, shown with display ``name``.
 
     Raises DeliveryError(retryable=False) when it is not exactly one mailbox with a
     local part and a domain: another try cannot make it an address.
@@ -50,19 +76,57 @@ def reply_address(text: str) -> Address:
     broken = [d for d in defects if not isinstance(d, _HARMLESS)]
     if len(mailboxes) != 1 or broken or not text.isprintable():
         raise DeliveryError(f"cannot deliver to {shown!r}: not a single mailbox address", retryable=False)
-    return Address(username=mailboxes[0].username, domain=mailboxes[0].domain)
+    return Address(display_name=clean_header(name, 100), username=mailboxes[0].username, domain=mailboxes[0].domain)
 
 
-def compose_reply(digest: Digest, email: dict[str, Any], config: DeliveryConfig,
-                  message_id: str | None = None) -> EmailMessage:
-    """Build the reply mail: plain text and HTML alternatives, threaded under the original.
+def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tuple[str, str]:
+    """Return (address to reply to, where it came from), or ("", why there is none): rules 2 to 6 above."""
+    mail_from = str(payload.get("mail_from") or "")
+    if mail_from and mail_from != "<>":
+        return mail_from, "MAIL FROM"
+    if payload.get("source") == "smtp":
+        return "", NULL_SENDER
+    path = email.get("return_path")
+    if path is not None:
+        return (str(path), "Return-Path") if path else ("", NULL_SENDER)
+    if payload.get("source") in LOCAL_SOURCES:
+        return str(email["from"]), "From"
+    return "", NO_ENVELOPE
 
-    Raises DeliveryError(retryable=False) when the recipient is not one mailbox address.
+
+def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
+                    config: DeliveryConfig) -> tuple[Address | None, str]:
+    """Return (the mailbox the digest goes to, why), or (None, why no digest is sent).
+
+    Raises DeliveryError(retryable=False) when the chosen address is not one mailbox.
     """
-    recipient = reply_address(config.recipient or email["from"])
-    msg = EmailMessage(policy=policy.default if str(recipient).isascii() else _UTF8)
+    if config.recipient:
+        return reply_address(config.recipient), "delivery.recipient"
+    address, origin = envelope_sender(payload, email)
+    if not address:
+        return None, origin
+    mailbox = reply_address(address)
+    if _same_mailbox(mailbox, email.get("from")):
+        mailbox = reply_address(address, str(email.get("from_name") or ""))
+    return mailbox, origin
+
+
+def _same_mailbox(mailbox: Address, header_address: object) -> bool:
+    """True when the From header names ``mailbox`` (domains compare case-insensitively, RFC 5321 2.4)."""
+    try:
+        named = reply_address(str(header_address or ""))
+    except DeliveryError:
+        return False
+    return named.username == mailbox.username and named.domain.lower() == mailbox.domain.lower()
+
+
+def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConfig, *, to: Address,
+                  message_id: str | None = None) -> EmailMessage:
+    """Build the reply to ``to`` (see ``reply_recipient``): text and HTML alternatives, threaded under the original."""
+    utf8 = not to.addr_spec.isascii()  # RFC 6532: a UTF-8 address is written raw (needs SMTPUTF8 at the relay)
+    msg = EmailMessage(policy=_UTF8 if utf8 else policy.default)
     msg["From"] = config.sender
-    msg["To"] = recipient
+    msg["To"] = to
     msg["Subject"] = clean_header(digest.subject, 250)
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = message_id or make_msgid(domain=_domain(config))

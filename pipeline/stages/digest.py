@@ -3,7 +3,9 @@
 The summary picks the most informative sentences by word frequency
 (stop words ignored), ties broken by position, so the same text always gives
 the same summary. The digest has a plain-text and an HTML body; every piece
-of user text in the HTML is escaped.
+of user text in the HTML is escaped. Parts of the mail that were not digested
+(not a PDF, a multipart without boundary and no PDF in it) are listed with the
+reason, so nothing the sender attached disappears without a word.
 """
 
 from __future__ import annotations
@@ -84,11 +86,17 @@ def render_digest(email: dict[str, Any], documents: list[dict[str, Any]]) -> Dig
     for doc in documents:
         lines += _text_block(doc)
         parts.append(_html_block(doc))
-    if email.get("skipped"):
-        note = "Not PDFs, skipped: " + ", ".join(email["skipped"])
-        lines.append(note)
-        parts.append(f"<p>{html.escape(note)}</p>")
+    skipped = skipped_parts(email.get("skipped") or [])
+    if skipped:
+        lines += ["Parts not digested:", *[f"* {name}: {reason}" for name, reason in skipped]]
+        items = "".join(f"<li>{html.escape(name)}: {html.escape(reason)}</li>" for name, reason in skipped)
+        parts.append(f"<p>Parts not digested:</p><ul>{items}</ul>")
     return Digest(subject, "\n".join(lines) + "\n", "<html><body>" + "".join(parts) + "</body></html>")
+
+
+def skipped_parts(skipped: list[Any]) -> list[tuple[str, str]]:
+    """(name, why) of each part the parse step left out; a bare name (runs parsed before issue 11) was a non-PDF."""
+    return [(str(s), "not a PDF") if isinstance(s, str) else (str(s["name"]), str(s["reason"])) for s in skipped]
 
 
 def _lost_pages(doc: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Parse a raw email: who sent it, what it is about, and which attachments are PDFs.
+"""Parse a raw email: who sent it, what it is about, and which of its parts are PDFs.
 
 Attachments are written to files under the run's work directory, never
 under their own names: a name from the sender is display text only, and the
@@ -8,36 +8,68 @@ Addresses are parsed by ``email.headerregistry`` (RFC 5322: quoted local
 parts, display names with commas, encoded words, comments), never by regexes.
 Odd headers make the email package raise instead of recording a defect; every
 such exception becomes a ParseError that names the header.
+
+Which parts count (issue 11). Every part anywhere in the MIME tree is looked at,
+without recursion: nested multipart/mixed, alternative and related, and forwarded
+mails (message/rfc822): a PDF in an attached .eml is what a user forwards, so it
+is digested like a direct attachment. Text parts without a file name are the
+message body; every other part that is not a PDF is listed in ``skipped`` with
+its reason, so the digest can say what it left out. A multipart without a
+boundary parameter is what Python's email package makes of it (a
+NoBoundaryInMultipartDefect and the body as one payload, as common clients show
+it): its body is taken when it is a PDF, raw or base64, and skipped otherwise.
+
+Bounds, each a ParseError (reason ``malformed_email``) rather than minutes of
+work or an untyped RecursionError: parts nested more than
+``IngestConfig.max_mime_depth`` levels below the message; more than
+``MAX_PARTS`` parts (counted on the raw bytes before parsing, from the declared
+boundaries' delimiter lines, and again on the tree); nesting so deep that the
+email package's parser (which recurses once per level) runs out of stack.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import unicodedata
+from collections.abc import Iterator
 from email import errors as email_errors
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from ..config import IngestConfig
 from ..errors import ParseError
 
 MAX_NAME_CHARS = 100
+MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 _UNSAFE = re.compile(r"[^\w.\- ]+")
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
 # decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
 HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError)
+_BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
 
 
-def parse_message(raw: bytes) -> EmailMessage:
-    """Parse MIME leniently; raise ParseError when there is no usable header block or sender."""
+def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> EmailMessage:
+    """Parse MIME leniently; raise ParseError when there is no usable header block or sender.
+
+    Also ParseError for more than MAX_PARTS parts (checked on the raw bytes first, so a mail of
+    100,000 empty parts costs a scan, not minutes of parsing) and for nesting too deep to parse.
+    """
+    check_part_count(raw)
     try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
         msg = BytesParser(policy=policy.default).parsebytes(raw)
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
+    except RecursionError:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
+        raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
     if not list(msg.keys()):
         raise ParseError("not an email: no header block (is this raw MIME?)")
     sender_address(msg)
@@ -88,13 +120,41 @@ def addr_spec(address: Address, name: str) -> str:
         raise ParseError(f"{name}: address {clean_header(address.addr_spec, 80)!r} is not valid UTF-8") from exc
 
 
-def sender_address(msg: EmailMessage) -> str:
-    """Return the addr-spec of the first usable mailbox in From:; ParseError naming the header otherwise."""
+def sender_mailbox(msg: EmailMessage) -> Address:
+    """Return the first usable mailbox in From:; ParseError naming the header otherwise."""
     header = read_header(msg, "From")
     mailboxes = usable_mailboxes(header.addresses if header is not None else ())
     if not mailboxes:
         raise ParseError(f"From: no usable address in {raw_header(msg, 'From') or 'missing'!r}: nobody to reply to")
-    return addr_spec(mailboxes[0], "From")
+    return mailboxes[0]
+
+
+def sender_address(msg: EmailMessage) -> str:
+    """Return the addr-spec of the first usable mailbox in From:; ParseError naming the header otherwise."""
+    return addr_spec(sender_mailbox(msg), "From")
+
+
+def sender_name(mailbox: Address) -> str:
+    """The mailbox's display name as one printable line (raw 8-bit bytes read as UTF-8, RFC 6532)."""
+    name = mailbox.display_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return clean_header(name, MAX_NAME_CHARS)
+
+
+def return_path(msg: EmailMessage) -> str | None:
+    """The address of the first Return-Path header, "" for the null reverse-path, None when there is none.
+
+    The gateway writes this trace header above everything the sender wrote (RFC 5321 4.4), so the
+    first one is the envelope sender. One that is not a single usable address counts as null: a digest
+    must not go to a guess.
+    """
+    value = next((str(v) for k, v in msg.raw_items() if k.lower() == "return-path"), None)
+    if value is None:
+        return None
+    try:
+        mailboxes = usable_mailboxes(policy.default.header_factory("To", value.strip()).addresses)
+        return addr_spec(mailboxes[0], "Return-Path") if len(mailboxes) == 1 else ""
+    except (ParseError, *HEADER_ERRORS):
+        return ""
 
 
 def display_name(name: str | None, index: int) -> str:
@@ -123,44 +183,109 @@ def is_pdf(part: EmailMessage, payload: bytes) -> bool:
     return part.get_content_type() == "application/pdf" or name.endswith(".pdf") or payload[:5] == b"%PDF-"
 
 
-def read_attachments(msg: EmailMessage) -> list[tuple[str | None, bytes, bool]]:
-    """Return (sender's file name, decoded payload, is it a PDF) for every attachment part.
+def check_part_count(raw: bytes) -> None:
+    """Raise ParseError when ``raw`` has more than MAX_PARTS delimiter lines of its declared boundaries.
 
-    Raises ParseError naming Content-Disposition when a part's headers cannot be parsed.
+    Every part of a multipart begins at such a line, so their number bounds the parts the parser would
+    build; two regex scans in C, whatever the size.
+    """
+    boundaries = {quoted or bare for quoted, bare in _BOUNDARY_PARAM.findall(raw)}
+    if not boundaries:
+        return
+    count = len(boundaries)
+    if count <= MAX_PARTS:
+        alternatives = b"|".join(re.escape(b) for b in sorted(boundaries, key=len, reverse=True))
+        delimiter = re.compile(rb"^--(?:" + alternatives + rb")[ \t]*\r?$", re.MULTILINE)
+        count = sum(1 for _ in islice(delimiter.finditer(raw), MAX_PARTS + 1))
+    if count > MAX_PARTS:
+        raise ParseError(f"MIME: more than {MAX_PARTS:,} parts")
+
+
+def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
+    """Yield every part of ``msg`` in document order, depth first, with an explicit stack (no recursion).
+
+    Raises ParseError for a part nested more than ``max_depth`` levels below the message, or more
+    than MAX_PARTS parts in all.
+    """
+    stack: list[tuple[EmailMessage, int]] = [(msg, 0)]
+    seen = 0
+    while stack:
+        part, depth = stack.pop()
+        seen += 1
+        if depth > max_depth:
+            raise ParseError(f"MIME: a part is nested {depth} levels deep, over the limit of {max_depth}")
+        if seen > MAX_PARTS:
+            raise ParseError(f"MIME: more than {MAX_PARTS:,} parts")
+        yield part
+        if part.is_multipart():  # multipart/* with a boundary, and message/rfc822 (one child: the message)
+            children: list[EmailMessage] = part.get_payload()  # type: ignore[assignment]
+            stack.extend((child, depth + 1) for child in reversed(children))
+
+
+def pdf_in_body(payload: bytes) -> bytes | None:
+    """The PDF a boundary-less multipart carries as its whole body: raw, or base64 without a header saying so."""
+    if payload.lstrip()[:5] == b"%PDF-":
+        return payload.lstrip()
+    try:
+        decoded = base64.b64decode(b"".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if decoded[:5] == b"%PDF-" else None
+
+
+def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
+    """Return (sender's file name, PDF bytes or None, why it is not a PDF) for one leaf part.
+
+    The reason is "" for a PDF and for the message body (text without a file name): nothing to list.
+    Raises ParseError naming Content-Disposition when the part's headers cannot be parsed.
     """
     try:
-        parts = []
-        for part in msg.iter_attachments():
-            payload = part.get_payload(decode=True)
-            payload = payload if isinstance(payload, bytes) else b""
-            parts.append((part.get_filename(), payload, is_pdf(part, payload)))  # type: ignore[arg-type]
+        name = part.get_filename()
+        payload = part.get_payload(decode=True)
+        payload = payload if isinstance(payload, bytes) else b""
+        if part.get_content_maintype() == "multipart":  # is_multipart() is False: no boundary parameter
+            pdf = pdf_in_body(payload)
+            return name, pdf, "" if pdf is not None else NO_PDF_WITHOUT_BOUNDARY
+        if is_pdf(part, payload):
+            return name, payload, ""
+        body = name is None and part.get_content_maintype() == "text" and \
+            part.get_content_disposition() != "attachment"
+        return name, None, "" if body else f"not a PDF ({part.get_content_type()})"
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({exc})") from exc
-    return parts
 
 
-def extract_attachments(msg: EmailMessage, dest: Path, max_bytes: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """Write PDF attachments to ``dest``; return (pdf items, names of skipped non-PDF parts).
+def extract_attachments(msg: EmailMessage, dest: Path,
+                        limits: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Write every PDF part to ``dest``; return (pdf items, skipped parts as {"name", "reason"}).
 
-    A PDF over ``max_bytes`` is listed with ``rejected`` set and not written.
+    A PDF over ``limits.max_attachment_bytes`` is listed with ``rejected`` set and not written.
+    Raises ParseError (see ``walk_parts`` and ``read_leaf``).
     """
     dest.mkdir(parents=True, exist_ok=True)
     pdfs: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    for raw_name, payload, pdf in read_attachments(msg):
-        if not pdf:
-            skipped.append(display_name(raw_name, len(pdfs) + len(skipped)))
+    skipped: list[dict[str, str]] = []
+    for part in walk_parts(msg, limits.max_mime_depth):
+        if part.is_multipart():
             continue
-        index = len(pdfs)
-        item: dict[str, Any] = {"name": display_name(raw_name, index), "size": len(payload), "path": None}
-        if len(payload) > max_bytes:
-            item["rejected"] = f"attachment is {len(payload):,} bytes, over the {max_bytes:,}-byte limit"
-        else:
-            path = dest / safe_filename(raw_name, index)
-            path.write_bytes(payload)
-            item["path"] = str(path)
-        pdfs.append(item)
+        raw_name, payload, reason = read_leaf(part)
+        if payload is None:
+            if reason:
+                skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
+            continue
+        pdfs.append(_store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes))
     return pdfs, skipped
+
+
+def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max_bytes: int) -> dict[str, Any]:
+    item: dict[str, Any] = {"name": display_name(raw_name, index), "size": len(payload), "path": None}
+    if len(payload) > max_bytes:
+        item["rejected"] = f"attachment is {len(payload):,} bytes, over the {max_bytes:,}-byte limit"
+    else:
+        path = dest / safe_filename(raw_name, index)
+        path.write_bytes(payload)
+        item["path"] = str(path)
+    return item
 
 
 def clean_header(value: object, limit: int = 200) -> str:
@@ -168,13 +293,21 @@ def clean_header(value: object, limit: int = 200) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in str(value or "")).split())[:limit]
 
 
-def summarize_message(raw: bytes, work_dir: Path, max_attachment_bytes: int) -> dict[str, Any]:
-    """Parse ``raw`` and return the facts later steps need (small JSON), attachments written to files."""
-    msg = parse_message(raw)
-    pdfs, skipped = extract_attachments(msg, work_dir / "attachments", max_attachment_bytes)
+def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[str, Any]:
+    """Parse ``raw`` and return the facts later steps need (small JSON), PDF parts written to files.
+
+    ``limits`` gives max_attachment_bytes and max_mime_depth. ``return_path`` is the envelope sender the
+    gateway recorded (see ``return_path``); ``from``/``from_name`` are the header's, for display.
+    Raises ParseError (reason malformed_email).
+    """
+    msg = parse_message(raw, limits.max_mime_depth)
+    pdfs, skipped = extract_attachments(msg, work_dir / "attachments", limits)
+    sender = sender_mailbox(msg)
     return {
         "subject": clean_header(read_header(msg, "Subject")),
-        "from": sender_address(msg),
+        "from": addr_spec(sender, "From"),
+        "from_name": sender_name(sender),
+        "return_path": return_path(msg),
         "message_id": clean_header(read_header(msg, "Message-ID"), 998) or None,
         "attachments": pdfs,
         "skipped": skipped,
