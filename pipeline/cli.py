@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from .config import Settings, load_settings
 from .errors import ConfigurationError, PipelineError, UnknownRunError
 from .service import PipelineService, ingest_files
 from .sqlite_store import SqliteRunStore
+from .workflows import EMAIL_DIGEST, email_digest_dag
 
 log = logging.getLogger("pipeline")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", parents=[common], help="list runs, newest first")
     runs.add_argument("--workflow", help="only runs of this workflow")
     runs.add_argument("--state", choices=s.RUN_STATES, help="only runs in this state")
-    runs.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
+    runs.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default 20)")
     runs.add_argument("--before", type=int, metavar="RUN_ID", help="only runs older than this id (next page)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -171,7 +173,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
     """Render one run with its tasks as JSON (the README's shape) or text."""
     run = store.get_run(run_id)
-    tasks = store.get_tasks(run_id)
+    tasks = in_dag_order(store.get_tasks(run_id), workflow_order(run.workflow))
     if as_json:
         return json.dumps({**run.as_dict(), "tasks": [t.as_dict() for t in tasks]}, indent=2)
     lines = [f"run {run.run_id}  {run.workflow}  {run.state}" + (f"  ({run.reason})" if run.reason else ""),
@@ -181,6 +183,34 @@ def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
         err = f"  {t.error_type}: {t.error_message}" if t.error_type else ""
         lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took}{err}")
     return "\n".join(lines)
+
+
+def workflow_order(workflow: str) -> tuple[str, ...]:
+    """The topological task order of a workflow this package defines (empty for others)."""
+    return email_digest_dag(Settings()).order if workflow == EMAIL_DIGEST else ()
+
+
+def in_dag_order(tasks: list[s.TaskRun], order: Sequence[str]) -> list[s.TaskRun]:
+    """Tasks in the DAG's order, mapped instances (``ingest_pdf[3]``) by start time, then index; unknown last."""
+    rank = {task_id: i for i, task_id in enumerate(order)}
+
+    def key(task: s.TaskRun) -> tuple[int, float, int, str]:
+        base, _, index = task.task_id.partition("[")
+        number = int(index[:-1]) if index[:-1].isdigit() else 0
+        started = task.started_at if task.started_at is not None else math.inf
+        return rank.get(base, len(rank)), started, number, task.task_id
+    return sorted(tasks, key=key)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit -5`` is a mistake, not "no limit")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _one_line(exc: BaseException) -> str:

@@ -169,3 +169,23 @@ def test_smtp_library_chatter_stays_out_of_the_log_unless_verbose(tmp_path, caps
     assert logging.getLogger("mail.log").getEffectiveLevel() == logging.WARNING
     main(["runs", "-v", "--data-dir", str(tmp_path / "none")])
     assert logging.getLogger("mail.log").level == logging.NOTSET  # the root's level again: DEBUG with -v
+
+
+def test_show_lists_tasks_in_dag_order_then_by_start(settings, capsys):
+    from pipeline.sqlite_store import SqliteRunStore
+    with SqliteRunStore(settings.store) as store:
+        run, _ = store.create_run("email_digest", {})
+        # created in an order unlike the DAG's, as a requeued run's tasks can be
+        store.create_tasks(run.run_id, ["deliver", "ingest_pdf[1]", "build_digest", "ingest_pdf[0]", "parse_email"])
+        store.record_transitions([Transition(run.run_id, "ingest_pdf[1]", "running", 1, 10.0),
+                                  Transition(run.run_id, "ingest_pdf[0]", "running", 1, 20.0)])
+    assert main(["--data-dir", str(settings.data_dir), "show", str(run.run_id), "--json"]) == 0
+    shown = [t["task_id"] for t in json.loads(capsys.readouterr().out)["tasks"]]
+    assert shown == ["parse_email", "ingest_pdf[1]", "ingest_pdf[0]", "build_digest", "deliver"]
+
+
+@pytest.mark.parametrize("argv", [["runs", "--limit", "-5"], ["runs", "--limit", "0"], ["runs", "--limit", "x"]])
+def test_nonsense_limits_are_refused(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--data-dir", str(tmp_path)])
+    assert stop.value.code == 2 and "--limit" in capsys.readouterr().err
