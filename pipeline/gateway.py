@@ -5,6 +5,23 @@ in a small thread pool, so a 5 MB message never stalls the event loop that
 serves every other sender. SIZE is advertised and enforced (552), and an
 optional allow-list of recipient domains answers 550 to the rest.
 
+Issue 11 (what a hostile or careless sender can hold): sessions, idle time,
+session time and DATA bytes in flight are bounded (``smtp_limits``); with
+``stream_data`` the data goes to a spool writer as it arrives (the file
+writes are buffered page-cache writes of 64 KB or more, done on the loop;
+the fsyncs, the rename and the commit go to the thread pool), so the serve
+process never holds a whole message. ``allowed_sender_domains`` decides who
+may trigger a digest at all (550 5.7.1 at MAIL; the null sender is refused
+when it is set), and every SMTP message is spooled with a ``Return-Path``
+trace header naming the envelope sender (RFC 5321 4.4), so the digest's
+addressee survives a crash between the spool's fsync and the run's commit.
+
+Which run a message gets (``queue``):
+    same Message-ID (or no Message-ID and same bytes), same spool file   the first run (a duplicate)
+    same Message-ID, different spool file (other content or sender)     a new run keyed
+                                                                        "<message-id> sha256:<hash>", WARNING logged
+So a message answered 250 is never dropped as a duplicate of a different one.
+
 Never ``250`` for work that will not run. Failures are translated here, at
 the edge, into SMTP replies a sender's MTA retries on:
 
@@ -13,7 +30,9 @@ the edge, into SMTP replies a sender's MTA retries on:
     other SpoolError, any StoreError      451 4.3.0 (one log line each, no traceback)
     anything unexpected                   451 4.3.0 (logged with its traceback)
 
-Health is checked before spooling, so an unhealthy service does not fill the spool.
+Health is checked before spooling (streamed data: before the spool file is
+made durable; the partial file is removed), so an unhealthy service does not
+fill the spool.
 """
 
 from __future__ import annotations
@@ -25,16 +44,18 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from . import tracing
-from .bulk_smtp import GatewayController
+from .bulk_smtp import DataEnvelope, GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .errors import PipelineError, SpoolError, StartupError, StoreError, UnavailableError
-from .spool import Spool
+from .smtp_limits import SessionLimits
+from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
 from .store import Run
 from .workflows import EMAIL_DIGEST
 
@@ -50,32 +71,75 @@ class EmailGateway:
         self.config = config or GatewayConfig()
         self.config.validate()
         self.workflow = workflow
+        self.limits = SessionLimits.from_config(self.config)  # the automatic session limit is read here
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
         self._controller: GatewayController | None = None
 
     def accept(self, raw: bytes, *, source: str = "smtp", mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
-               data_end_at: float | None = None, dedup: bool = True) -> Run:
-        """Store ``raw`` durably and queue its run; the same message twice returns the first run.
+               data_end_at: float | None = None, dedup: bool = True, head: bytes = b"") -> Run:
+        """Store ``head + raw`` durably and queue its run (see ``queue`` for which run).
 
-        ``dedup=False`` always makes a new run (reprocessing a message on purpose); the first run of a
-        message still carries its key, so spool reconciliation never mistakes it for a lost message.
-        Raises ``UnavailableError`` (engine unhealthy; nothing is spooled), ``SpoolError`` or ``StoreError``.
+        ``head`` is written before ``raw`` (the SMTP path's Return-Path trace header). Raises
+        ``UnavailableError`` (engine unhealthy; nothing is spooled), ``SpoolError`` or ``StoreError``.
         """
         data_end_at = time.time() if data_end_at is None else data_end_at
         self.check_available()
-        with tracing.span("gateway.accept", source=source, size=len(raw)):
-            spooled = self.spool.store(raw)
-            payload: dict[str, Any] = {"spool": str(spooled.path), "source": source, "size": spooled.size,
-                                       "mail_from": mail_from, "rcpt_tos": list(rcpt_tos), "data_end_at": data_end_at}
-            started = time.time()
-            run = self.engine.trigger(self.workflow, payload, spooled.dedup_key)
-            if not dedup and run.queued_at < started:  # seen before: reprocess as a new, key-less run
-                run = self.engine.trigger(self.workflow, payload, None)
+        with tracing.span("gateway.accept", source=source, size=len(head) + len(raw)):
+            spooled = self.spool.store(raw, head=head)
+            run = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
+                             data_end_at=data_end_at, dedup=dedup)
+        self._accepted(run, spooled, source, mail_from, data_end_at)
+        return run
+
+    def accept_spooled(self, writer: SpoolWriter, *, source: str = "smtp", mail_from: str = "",
+                       rcpt_tos: tuple[str, ...] = (), data_end_at: float | None = None) -> Run:
+        """Make a message streamed into ``writer`` durable and queue its run; the writer is finished or aborted.
+
+        Raises like ``accept``; when the engine is unhealthy the partial file is removed, nothing is spooled.
+        """
+        data_end_at = time.time() if data_end_at is None else data_end_at
+        try:
+            self.check_available()
+        except UnavailableError:
+            writer.abort()
+            raise
+        with tracing.span("gateway.accept", source=source, size=writer.size):
+            spooled = writer.finish()
+            run = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
+                             data_end_at=data_end_at)
+        self._accepted(run, spooled, source, mail_from, data_end_at)
+        return run
+
+    def queue(self, spooled: SpooledMessage, *, source: str, mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
+              data_end_at: float | None = None, dedup: bool = True) -> Run:
+        """Queue the run of a message already in the spool, or return the run it already has.
+
+        The same key with the same spool file is a duplicate: its first run is returned. A Message-ID
+        already used by another spool file (other content, or another envelope sender) gets a new run keyed
+        ``"<message-id> sha256:<hash>"`` and a WARNING; that message sent again returns that run.
+        ``dedup=False`` always makes a new run (reprocessing on purpose); the first run of a message still
+        carries its key, so spool reconciliation never mistakes it for a lost message. No health check here
+        (``accept`` does it before spooling). Raises ``StoreError``.
+        """
+        payload: dict[str, Any] = {
+            "spool": str(spooled.path), "source": source, "size": spooled.size, "mail_from": mail_from,
+            "rcpt_tos": list(rcpt_tos), "data_end_at": time.time() if data_end_at is None else data_end_at}
+        started = time.time()
+        run = self.engine.trigger(self.workflow, payload, spooled.dedup_key)
+        if spooled.message_id and Path(str(run.payload.get("spool", ""))).name != spooled.path.name:
+            key = f"{spooled.message_id} sha256:{spooled.sha256}"
+            log.warning("Message-ID %s of run %s reused by a different message (%s): queued under key %r",
+                        spooled.message_id, run.run_id, spooled.path.name, key)
+            run = self.engine.trigger(self.workflow, payload, key)
+        if not dedup and run.queued_at < started:  # seen before: reprocess as a new, key-less run
+            run = self.engine.trigger(self.workflow, payload, None)
+        return run
+
+    def _accepted(self, run: Run, spooled: SpooledMessage, source: str, mail_from: str, data_end_at: float) -> None:
         tracing.send(tracing.MESSAGE_ACCEPTED, run_id=run.run_id, data_end_at=data_end_at,
                      accepted_at=time.time(), size=spooled.size)
         log.info("accepted %s message of %d bytes from %s as run %s", source, spooled.size, mail_from or "-",
                  run.run_id)
-        return run
 
     def check_available(self) -> None:
         """Raise ``UnavailableError`` if the engine reports itself unhealthy (its loops keep failing)."""
@@ -93,8 +157,10 @@ class EmailGateway:
         """
         host, port = self.config.host, self.config.port
         check_port_free(host, port)  # aiosmtpd would wait its whole ready timeout before reporting this
-        controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data, hostname=host,
-                                       port=port, data_size_limit=self.config.max_message_bytes, ready_timeout=10)
+        controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data, limits=self.limits,
+                                       hostname=host, port=port, data_size_limit=self.config.max_message_bytes,
+                                       server_hostname=socket.getfqdn(),  # once: aiosmtpd asks DNS per session
+                                       ready_timeout=10)
         try:
             controller.start()
         except OSError as exc:  # lost a race for the port, or the loop did not come up (TimeoutError)
@@ -102,7 +168,9 @@ class EmailGateway:
             controller.loop.close()
             raise StartupError(f"cannot listen for SMTP on {host}:{port}: {exc}") from exc
         self._controller = controller
-        log.info("SMTP gateway listening on %s:%d (max message %d bytes)", host, port, self.config.max_message_bytes)
+        log.info("SMTP gateway listening on %s:%d (max message %d bytes, at most %d sessions%s)", host, port,
+                 self.config.max_message_bytes, self.limits.max_sessions,
+                 "" if self.config.max_sessions else ", a quarter of the open-file limit")
         return self
 
     def stop(self) -> None:
@@ -110,12 +178,32 @@ class EmailGateway:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+            self.limits.log.flush()
         self._pool.shutdown(wait=True)
 
     def recipient_allowed(self, address: str) -> bool:
         """True if no allow-list is set or the address's domain is on it."""
-        domains = self.config.allowed_recipient_domains
-        return not domains or address.rpartition("@")[2].lower() in {d.lower() for d in domains}
+        return domain_allowed(address, self.config.allowed_recipient_domains)
+
+    def sender_allowed(self, address: str) -> bool:
+        """True if no sender allow-list is set, or the envelope sender's domain is on it (never for ``<>``)."""
+        domains = self.config.allowed_sender_domains
+        return not domains or (address not in ("", "<>") and domain_allowed(address, domains))
+
+
+def domain_allowed(address: str, domains: tuple[str, ...]) -> bool:
+    """True if ``domains`` is empty or holds the domain of ``address`` (case-insensitive)."""
+    domain = address.rpartition("@")[2].strip("<>").rstrip(".").casefold()
+    return not domains or domain in {d.strip().lstrip("@").rstrip(".").casefold() for d in domains}
+
+
+def declared_size(mail_options: list[str]) -> int | None:
+    """The ``SIZE=`` a MAIL command declared (RFC 1870), or None."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 class _SmtpHandler:
@@ -124,6 +212,20 @@ class _SmtpHandler:
     def __init__(self, gateway: EmailGateway) -> None:
         self.gateway = gateway
 
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if not self.gateway.sender_allowed(address):
+            return "550 5.7.1 Sender domain not accepted here"
+        size = declared_size(mail_options)
+        if size is not None and size > self.gateway.limits.inflight.remaining:
+            self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "
+                                           "%d bytes left of gateway.max_inflight_bytes", size,
+                                           self.gateway.limits.inflight.remaining)
+            return "452 4.3.1 Insufficient system storage"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if not self.gateway.recipient_allowed(address):
@@ -131,21 +233,44 @@ class _SmtpHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    async def handle_DATA_START(self, server: SMTP, session: Session, envelope: Envelope) -> SpoolWriter | None:
+        """A spool writer for the data, starting with the Return-Path trace header; None: receive it whole."""
+        if not self.gateway.config.stream_data:
+            return None
+        writer = self.gateway.spool.open_writer()  # a failure to create it is raised by finish(): 452/451
+        writer.write(return_path_header(envelope.mail_from or ""))
+        return writer
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data_end_at = time.time()
-        raw = envelope.original_content or envelope.content or b""
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", "surrogateescape")
-        accept = partial(self.gateway.accept, raw, mail_from=envelope.mail_from or "",
-                         rcpt_tos=tuple(envelope.rcpt_tos), data_end_at=data_end_at)
+        mail_from, rcpt_tos = envelope.mail_from or "", tuple(envelope.rcpt_tos)
+        writer = envelope.writer if isinstance(envelope, DataEnvelope) else None
+        if isinstance(writer, SpoolWriter):  # streamed (the one kind of writer handle_DATA_START makes)
+            accept = partial(self.gateway.accept_spooled, writer, mail_from=mail_from, rcpt_tos=rcpt_tos,
+                             data_end_at=data_end_at)
+        else:
+            raw = envelope.original_content or envelope.content or b""
+            if isinstance(raw, str):
+                raw = raw.encode("utf-8", "surrogateescape")
+            accept = partial(self.gateway.accept, raw, mail_from=mail_from, rcpt_tos=rcpt_tos,
+                             data_end_at=data_end_at, head=return_path_header(mail_from))
         try:
             if self.gateway.config.accept_off_loop:  # the fsyncs and the commit must not stall other sessions
                 run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
             else:  # the baseline the switch measures against
                 run = accept()
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
+            if isinstance(writer, SpoolWriter):
+                writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
             return smtp_reply_for(exc)
         return f"250 2.0.0 OK queued as run {run.run_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""
+        trace = None if isinstance(error, OSError) else error
+        self.gateway.limits.log.report(f"session error: {type(error).__name__}", "SMTP session error: %s: %s",
+                                       type(error).__name__, error, exc_info=trace)
+        return "451 4.3.0 Temporary failure, try again later"
 
 
 def smtp_reply_for(exc: Exception) -> str:

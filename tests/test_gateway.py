@@ -1,9 +1,11 @@
 """End to end over real SMTP: the gateway, the email_digest workflow, delivery to a real relay."""
 
+import logging
 import smtplib
 import time
 from email.message import EmailMessage
 from email.policy import SMTP
+from pathlib import Path
 
 import pytest
 
@@ -78,14 +80,25 @@ def test_bad_attachments_fail_only_their_own_task(service_factory, smtp_sink):
     assert "locked.pdf: could not be read (encrypted" in text and "cut.pdf: could not be read (corrupt" in text
 
 
-def test_same_message_id_twice_makes_one_run(service_factory):
+def test_same_message_twice_makes_one_run_and_a_reused_message_id_makes_a_second(service_factory, smtp_sink,
+                                                                                 caplog):
+    """Issue 11 item 7: the same Message-ID with other content is a new run (never dropped after a 250)."""
     service = service_factory()
-    first = send_and_get_run(service, fx.email_with([], message_id="<dup@example.com>"))
-    second = send_and_get_run(service, fx.email_with([], message_id="<dup@example.com>", body="changed"))
-    assert first.run_id == second.run_id
+    original = fx.email_with([], message_id="<dup@example.com>")
+    changed = fx.email_with([], message_id="<dup@example.com>", body="changed")
+    first = send_and_get_run(service, original)
+    assert send_and_get_run(service, original).run_id == first.run_id  # the same mail again: a duplicate
+    with caplog.at_level(logging.WARNING, logger="pipeline.gateway"):
+        second = send_and_get_run(service, changed)
+    assert second.run_id != first.run_id and second.state == "success", second.reason
+    assert second.dedup_key == f"<dup@example.com> sha256:{Path(second.payload['spool']).stem}"
+    assert "<dup@example.com> of run 1 reused by a different message" in caplog.text
+    assert send_and_get_run(service, changed).run_id == second.run_id  # the second mail again: its own run
+    assert send_and_get_run(service, original).run_id == first.run_id
     no_id = fx.email_with([], message_id=None)
     assert send_and_get_run(service, no_id).run_id == send_and_get_run(service, no_id).run_id
-    assert sum(service.store.count_runs_by_state().values()) == 2
+    assert sum(service.store.count_runs_by_state().values()) == 3
+    assert len(smtp_sink[0].wait_for(3)) == 3  # a digest for each different mail
 
 
 def test_oversized_message_is_refused_with_552(service_factory):

@@ -2,8 +2,10 @@
 
 smtplib dot-stuffs and rewrites line endings itself, so these tests speak the
 protocol on a raw socket and dot-stuff the body as RFC 5321 4.5.2 asks of a
-client. Every test runs on BulkDataSMTP (``bulk_data=True``) and on aiosmtpd's
-own line reader (``bulk_data=False``): the two must agree byte for byte.
+client. Every test runs on BulkDataSMTP streaming to the spool (the default),
+on BulkDataSMTP holding the data whole (``stream_data=False``) and on aiosmtpd's
+own line reader (``bulk_data=False``): all must agree byte for byte. The spool
+file is the data after the ``Return-Path`` trace header the gateway prepends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ HEAD = b"From: alice@example.com\r\nTo: digest@pipeline.local\r\nSubject: bytes\
 # Line endings that are not <CRLF>.<CRLF>: none of them may end (or split) the data (SMTP smuggling)
 SMUGGLING = [b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\n"]
 
-both_readers = pytest.mark.parametrize("bulk_data", [True, False], ids=["bulk", "aiosmtpd"])
+both_readers = pytest.mark.parametrize("reader", [{}, {"stream_data": False}, {"bulk_data": False}],
+                                       ids=["bulk-streamed", "bulk-whole", "aiosmtpd"])
+TRACE = b"Return-Path: <alice@example.com>\r\n"
 
 
 def stuff(body: bytes) -> bytes:
@@ -94,7 +98,9 @@ def spooled(service, reply: tuple[int, str]) -> bytes:
     match = re.search(r"run (\d+)", text)
     assert match, text
     run = service.store.get_run(int(match[1]))
-    return (service.spool.directory / Path(run.payload["spool"]).name).read_bytes()
+    stored = (service.spool.directory / Path(run.payload["spool"]).name).read_bytes()
+    assert stored.startswith(TRACE), stored[:80]
+    return stored[len(TRACE):]
 
 
 def run_count(service) -> int:
@@ -127,8 +133,8 @@ EXACT_BODIES = {
 
 
 @both_readers
-def test_spooled_bytes_equal_sent_bytes(service_factory, bulk_data):
-    service = service_factory(bulk_data=bulk_data)
+def test_spooled_bytes_equal_sent_bytes(service_factory, reader):
+    service = service_factory(**reader)
     with session(service) as smtp:
         for name, body in EXACT_BODIES.items():
             assert spooled(service, smtp.send(stuff(body) + b".\r\n")) == body, name
@@ -137,9 +143,9 @@ def test_spooled_bytes_equal_sent_bytes(service_factory, bulk_data):
 
 @both_readers
 @pytest.mark.parametrize("before", range(6))
-def test_terminator_across_a_64k_boundary(service_factory, bulk_data, before):
+def test_terminator_across_a_64k_boundary(service_factory, reader, before):
     """The final <CRLF>.<CRLF> starts ``before`` bytes ahead of byte 65,536 of the data (0: right on it)."""
-    service = service_factory(bulk_data=bulk_data)
+    service = service_factory(**reader)
     prefix = HEAD + b"".join(b".%05d " % i + b"x" * 72 + b"\r\n" for i in range(795))
     last = b"y" * (65536 - before - len(stuff(prefix)))  # then the body's last CRLF starts the terminator
     body = prefix + last + b"\r\n"
@@ -150,8 +156,8 @@ def test_terminator_across_a_64k_boundary(service_factory, bulk_data, before):
 
 
 @both_readers
-def test_pipelined_commands_after_data_are_answered(service_factory, bulk_data):
-    service = service_factory(bulk_data=bulk_data)
+def test_pipelined_commands_after_data_are_answered(service_factory, reader):
+    service = service_factory(**reader)
     body = HEAD + b"pipelined\r\n.dot\r\n"
     with session(service) as smtp:
         smtp.start_data()
@@ -164,8 +170,8 @@ def test_pipelined_commands_after_data_are_answered(service_factory, bulk_data):
 
 
 @both_readers
-def test_smuggling_sequences_stay_in_one_message(service_factory, bulk_data):
-    service = service_factory(bulk_data=bulk_data)
+def test_smuggling_sequences_stay_in_one_message(service_factory, reader):
+    service = service_factory(**reader)
     smuggled = b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<digest@pipeline.local>\r\nDATA\r\nSubject: evil\r\n\r\nx\r\n"
     body = HEAD + b"".join(b"before" + seq + smuggled + b".\r\n" for seq in SMUGGLING)
     with session(service) as smtp:
@@ -175,25 +181,25 @@ def test_smuggling_sequences_stay_in_one_message(service_factory, bulk_data):
 
 
 @both_readers
-def test_unstuffed_dot_after_crlf_is_removed(service_factory, bulk_data):
+def test_unstuffed_dot_after_crlf_is_removed(service_factory, reader):
     """A client that does not stuff ``<CRLF>.<LF>`` loses that dot: the line begins with "." (RFC 5321 4.5.2)."""
-    service = service_factory(bulk_data=bulk_data)
+    service = service_factory(**reader)
     with session(service) as smtp:
         reply = smtp.send(HEAD + b"one\r\n.\ntwo\r\n.three\r\n.\r\n")
     assert spooled(service, reply) == HEAD + b"one\r\n\ntwo\r\nthree\r\n"
 
 
 @both_readers
-def test_empty_message_is_accepted(service_factory, bulk_data):
-    service = service_factory(bulk_data=bulk_data)
+def test_empty_message_is_accepted(service_factory, reader):
+    service = service_factory(**reader)
     with session(service) as smtp:
         assert spooled(service, smtp.send(b".\r\n")) == b""
         assert smtp.command(b"QUIT")[0] == 221
 
 
 @both_readers
-def test_over_the_size_limit_is_552_and_the_session_goes_on(service_factory, bulk_data):
-    service = service_factory(bulk_data=bulk_data, max_message_bytes=4096)
+def test_over_the_size_limit_is_552_and_the_session_goes_on(service_factory, reader):
+    service = service_factory(max_message_bytes=4096, **reader)
     line = b"z" * 78 + b"\r\n"
     exactly = HEAD + line * ((4096 - len(HEAD)) // 80 - 1) + b".dot\r\n"
     exactly += b"v" * (4096 - len(stuff(exactly)) - 2) + b"\r\n"
@@ -208,8 +214,8 @@ def test_over_the_size_limit_is_552_and_the_session_goes_on(service_factory, bul
 
 @both_readers
 @pytest.mark.parametrize("how", ["eof", "close"])
-def test_connection_lost_mid_data_makes_no_run(service_factory, bulk_data, how):
-    service = service_factory(bulk_data=bulk_data)
+def test_connection_lost_mid_data_makes_no_run(service_factory, reader, how):
+    service = service_factory(**reader)
     with session(service) as smtp:
         smtp.start_data()
         smtp.sock.sendall(HEAD + b"half a message\r\n" * 5000 + b"no end")

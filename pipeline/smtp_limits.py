@@ -1,0 +1,234 @@
+"""Limits on what SMTP senders can hold: sessions, time, bytes in flight, and log volume.
+
+Without them about 1,100 idle connections exhausted the common 1,024 open-file
+limit: accept() failed with EMFILE in a loop, every new client waited, and
+asyncio logged a traceback per failure (issue 11). So:
+
+- ``SessionLimits.max_sessions`` (default: a quarter of the soft RLIMIT_NOFILE,
+  at most 500, read when the gateway is built) bounds concurrent sessions. One
+  more connection gets ``421 4.3.2`` from a ``RefusedConnection`` and is closed
+  at once: no greeting, no SMTP handler, its descriptor freed immediately.
+- ``LimitedSMTP`` closes a session idle for ``command_timeout_s`` and any
+  session older than ``session_timeout_s`` with ``421 4.4.2`` (aiosmtpd's own
+  idle timeout closes silently).
+- ``InflightBudget`` counts DATA bytes received and not yet accepted or refused,
+  across all sessions (``BulkDataSMTP`` charges it; the gateway checks a
+  declared ``SIZE=`` against it at MAIL).
+- ``RateLimitedLog`` writes at most one line per cause per interval, with the
+  number suppressed since; it also serves as the event loop's exception
+  handler, where asyncio reports accept() errors and unretrieved task errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from .config import GatewayConfig
+
+log = logging.getLogger(__name__)
+MAX_DEFAULT_SESSIONS = 500
+LOG_INTERVAL_S = 10.0
+TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
+IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+SESSION_TIMEOUT = "421 4.4.2 Session timeout, closing connection"
+
+
+def default_max_sessions() -> int:
+    """A quarter of this process's soft open-file limit, at most 500: each session may hold a socket and a
+    spool file, and the store, the workers and the drop folder need descriptors too."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEFAULT_SESSIONS
+    return max(1, min(MAX_DEFAULT_SESSIONS, soft // 4))
+
+
+class RateLimitedLog:
+    """Log at most one line per cause per ``interval_s``; the next one says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()  # every occurrence per cause, logged or not
+        self._lock = threading.Lock()  # causes come from the event loop and from the accept threads
+
+    def report(self, cause: str, message: str, *args: object, level: int = logging.WARNING,
+               exc_info: BaseException | None = None) -> bool:
+        """Log ``message % args`` unless ``cause`` was logged less than an interval ago; True if logged."""
+        now = time.monotonic()
+        with self._lock:
+            self.counts[cause] += 1
+            last = self._last.get(cause)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+                return False
+            self._last[cause] = now
+            suppressed = self._suppressed.pop(cause, 0)
+        if suppressed:
+            message += " (and %d more like it in the last %.0f s)"
+            args += (suppressed, now - (last or now))
+        self.logger.log(level, message, *args, exc_info=exc_info)
+        return True
+
+    def flush(self) -> None:
+        """Log the count of every cause still suppressed (at shutdown)."""
+        with self._lock:
+            pending, self._suppressed = self._suppressed, {}
+        for cause, count in pending.items():
+            self.logger.warning("%s: %d more not logged", cause, count)
+
+    def loop_exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Event loop exception handler: one line per cause (message and exception type) per interval.
+
+        A traceback is kept only for what is not an OSError (a bug, not a hostile or broken peer).
+        """
+        exc = context.get("exception")
+        message = str(context.get("message") or "unhandled exception in the event loop")
+        cause = f"{message}: {type(exc).__name__}" if exc is not None else message
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        trace = exc if isinstance(exc, BaseException) and not isinstance(exc, OSError) else None
+        self.report(cause, "SMTP event loop: %s%s", message, detail, exc_info=trace)
+
+
+class InflightBudget:
+    """DATA bytes received and not yet accepted or refused, across all sessions (event loop only)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.used = cap, 0
+
+    @property
+    def remaining(self) -> int:
+        """Bytes that may still arrive before new data is refused with 452."""
+        return max(0, self.cap - self.used)
+
+    def take(self, size: int) -> bool:
+        """Charge ``size`` bytes; False (and nothing charged) if that would pass the cap."""
+        if self.used + size > self.cap:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        """Return bytes charged earlier."""
+        self.used = max(0, self.used - size)
+
+
+class InflightClaim:
+    """The bytes one DATA command holds against the budget; ``release`` returns them all (safe twice)."""
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self.budget, self.held = budget, 0
+
+    def take(self, size: int) -> bool:
+        """Charge ``size`` more bytes to this claim; False if the budget has no room for them."""
+        if not self.budget.take(size):
+            return False
+        self.held += size
+        return True
+
+    def release(self) -> None:
+        """Give every byte of this claim back."""
+        self.budget.give_back(self.held)
+        self.held = 0
+
+
+class SessionLimits:
+    """What all sessions of one listener share: the session count, the timeouts, the budget, one log."""
+
+    def __init__(self, *, max_sessions: int | None = None, command_timeout_s: float = 60.0,
+                 session_timeout_s: float = 900.0, max_inflight_bytes: int = 256 * 1024 * 1024,
+                 log_interval_s: float = LOG_INTERVAL_S) -> None:
+        self.max_sessions = max_sessions or default_max_sessions()
+        self.command_timeout_s, self.session_timeout_s = command_timeout_s, session_timeout_s
+        self.inflight = InflightBudget(max_inflight_bytes)
+        self.log = RateLimitedLog(log, log_interval_s)
+        self.sessions = 0  # changed on the event loop only
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> SessionLimits:
+        """The limits a GatewayConfig asks for (the automatic session limit is read now)."""
+        return cls(max_sessions=config.max_sessions, command_timeout_s=config.command_timeout_s,
+                   session_timeout_s=config.session_timeout_s, max_inflight_bytes=config.max_inflight_bytes)
+
+    def open_session(self) -> bool:
+        """Count one more session; False (nothing counted) if the limit is reached."""
+        if self.sessions >= self.max_sessions:
+            self.log.report("session limit", "refused a connection with 421: %d sessions open "
+                            "(gateway.max_sessions)", self.sessions)
+            return False
+        self.sessions += 1
+        return True
+
+    def close_session(self) -> None:
+        """Count one session less."""
+        self.sessions = max(0, self.sessions - 1)
+
+
+class RefusedConnection(asyncio.Protocol):
+    """What a connection beyond the session limit gets: ``421 4.3.2`` and an immediate close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(TOO_MANY)
+        close_soon(transport)
+
+
+def close_soon(transport: asyncio.WriteTransport) -> None:
+    """Close after the reply is sent, or at once if the peer does not read (a full buffer would wait forever)."""
+    if transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+
+
+class LimitedSMTP(SMTP):
+    """aiosmtpd's SMTP that counts itself against ``limits`` and closes idle or long sessions with 421."""
+
+    def __init__(self, handler: Any, *, limits: SessionLimits, **kwargs: Any) -> None:
+        kwargs.setdefault("timeout", limits.command_timeout_s)  # aiosmtpd's idle timer, reset by every command
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self._counted = True  # the controller counted this session before building it
+        self._session_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._session_timer is None  # STARTTLS calls this again for the same session
+        super().connection_made(transport)
+        if first:
+            self._session_timer = self.loop.call_later(self.limits.session_timeout_s, self._close_with,
+                                                       SESSION_TIMEOUT, "session timeout")
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        if self._counted:
+            self._counted = False
+            self.limits.close_session()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer fired: say why before closing."""
+        self._close_with(IDLE_TIMEOUT, "idle timeout")
+
+    def _close_with(self, reply: str, cause: str) -> None:
+        """Answer ``reply`` and close; a DATA in progress is abandoned (its handler is cancelled)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.limits.log.report(cause, "closed an SMTP session from %s: %s", getattr(self.session, "peer", "?"),
+                               cause, level=logging.INFO)
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(reply.encode("ascii") + b"\r\n")
+        close_soon(transport)
+
+    def reset_idle_timer(self) -> None:
+        """Restart the idle timer: data is arriving, so the session is not idle."""
+        self._reset_timeout()
