@@ -17,7 +17,7 @@ profile = "quick"
 # %%
 from IPython.display import Markdown, display
 
-from pipeline.audit import report, views
+from pipeline.audit import hostileviews, report, views
 from pipeline.audit.notebook import resolve
 from pipeline.audit.recorder import AuditRecorder
 
@@ -134,6 +134,31 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
 # %%
 if len(views.rows(m, "faults", "replies")):
     views.fig_fault_replies(m);
+
+# %%
+fmt = lambda table: views.markdown(table, floatfmt=".4g")  # noqa: E731
+md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` driven by client processes "
+   "(notebook `10_hostile_senders`); *before*/*after*: the setting that switches the behaviour, off and on.\n\n"
+   "**Sessions** (`gateway.max_sessions` set for the run): per number of idle sessions held open, what those "
+   "connections got first (220: a session; 421: refused by the limit) and how many serve held, what a normal "
+   "client got and its connect → 250 latency; *after_release*: some idle sessions closed; *churn*: connections "
+   "made one after another while every slot is full, with serve's log bytes and tracebacks for them.\n\n"
+   + fmt(hostileviews.sessions_table(m)) +
+   "\n\n**Memory**: peak RSS of serve alone and of its worker processes while large mails arrive at once; "
+   "before: `gateway.stream_data` and `ingest.parse_isolate` off, no in-flight cap; after: both on with the "
+   "default cap (a sender over it gets 452 and tries again, as an MTA does).\n\n"
+   + fmt(hostileviews.comparison_table(m, "memory")) +
+   "\n\n**Head of line**: a hostile slow PDF, then 1 s later a normal one; latency is DATA end → run ended; "
+   "`ingest.fair_extraction` off (before) and on (after); text left by a failed hostile run is partial text."
+   "\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line")) +
+   "\n\n**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "
+   "--older-than 0`, the bytes purge reports, then a restart with a killed accept's temp file planted: the runs "
+   "and digests it re-creates, run ids reused, temp files left.\n\n"
+   + fmt(hostileviews.comparison_table(m, "spool")) + "\n\n" + hostileviews.notes(m))
+
+# %%
+if len(views.rows(m, "hostile")):
+    hostileviews.fig_hostile_senders(m);
 
 # %%
 md("## 6. DAGRunStore\n\nMedian milliseconds (rows: query; columns: runs in the store):\n\n"

@@ -17,17 +17,24 @@ from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
 from .errors import PdfTooLargeError
-from .stages import deliver, digest, ingest, parse
+from .stages import deliver, digest, extract_worker, ingest, parse
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
 
 
 def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
-    """Read the spooled message and write its PDF attachments to the run's work dir."""
+    """Parse the spooled message and write its PDF attachments to the run's work dir.
+
+    With ``ingest.parse_isolate`` a capped worker process reads and parses the spool file, so a big or
+    hostile message costs the worker's memory, never this process's (issue 11); otherwise it is parsed here.
+    """
     with tracing.span("stage.parse", run_id=ctx.run_id):
+        if settings.ingest.parse_isolate:
+            pool = extract_worker.pool_for(settings.ingest)
+            return pool.parse(Path(ctx.payload["spool"]), Path(ctx.work_dir), settings.ingest)
         raw = Path(ctx.payload["spool"]).read_bytes()
-        return parse.summarize_message(raw, Path(ctx.work_dir), settings.ingest.max_attachment_bytes)
+        return parse.summarize_message(raw, Path(ctx.work_dir), settings.ingest)
 
 
 def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,19 +69,26 @@ def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
 
 
 def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
-    """Send the digest to the sender (or the configured recipient), once per run.
+    """Send the digest to the envelope sender (or the configured recipient), once per run.
 
-    A run requeued after a crash that came after delivery must not send a second digest: the digest's
-    Message-ID and outbox file name derive from the run, and a marker in the work dir records a relay send.
+    Whom it goes to, and when no digest is sent (null sender), is ``deliver.reply_recipient``'s rule;
+    a skipped digest returns ``{"skipped": why}``. A run requeued after a crash that came after delivery
+    must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
+    and a marker in the work dir records a relay send.
     """
     marker = Path(ctx.work_dir) / "delivered.json"
     earlier = deliver.delivered_before(marker)
     if earlier is not None:
         return earlier
+    email = ctx.upstream["parse_email"]
+    to, origin = deliver.reply_recipient(ctx.payload, email, settings.delivery)
+    if to is None:  # RFC 3834: never answer the null reverse-path; never guess an address
+        log.info("run %s: no digest sent: %s", ctx.run_id, origin)
+        return {"skipped": origin}
     key = delivery_key(ctx)
     with tracing.span("stage.deliver", run_id=ctx.run_id):
         saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
-        msg = deliver.compose_reply(digest.Digest(**saved), ctx.upstream["parse_email"], settings.delivery,
+        msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,
                                     message_id=deliver.digest_message_id(key, settings.delivery))
         where = deliver.send_message(msg, settings.delivery, key=key)
     result = {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
@@ -94,7 +108,8 @@ def delivery_key(ctx: TaskContext) -> str:
 def email_digest_dag(settings: Settings) -> DAG:
     """Build the email_digest workflow bound to ``settings``."""
     return DAG(EMAIL_DIGEST, [
-        Task("parse_email", partial(parse_email_task, settings=settings)),
+        # one retry, for a parse worker killed from outside (WorkerCrashedError); a malformed mail fails at once
+        Task("parse_email", partial(parse_email_task, settings=settings), retries=1),
         # one retry: only a retryable error gets it, i.e. WorkerCrashedError (a worker killed from outside);
         # bad input (every other IngestError) fails at once
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),

@@ -85,7 +85,8 @@ def test_a_worker_killed_mid_document_is_worker_crashed_and_replaced(pdf, tmp_pa
 
     def kill_once_started() -> None:
         deadline = time.monotonic() + 120
-        while not text.exists() and time.monotonic() < deadline:  # the worker creates it before the first page
+        # the worker creates its text file (fair extraction: a part file next to it) before the first page
+        while not list(tmp_path.glob("t.txt*")) and time.monotonic() < deadline:
             time.sleep(0.005)
         for worker in _workers(limits):
             killed.append(worker.pid)
@@ -124,9 +125,9 @@ def test_a_dead_worker_is_judged_by_its_exit_and_its_stderr(code, stderr, error)
 
 def test_an_unexpected_error_in_the_worker_is_replied_typed_and_the_worker_survives(pdf, tmp_path, own_pool):
     limits = own_pool(902, engine="pypdf")
-    (tmp_path / "dir.txt").mkdir()  # the text file cannot be written: IsADirectoryError inside the worker
-    with pytest.raises(IngestError, match="IsADirectoryError") as err:
-        ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "dir.txt", limits)
+    (tmp_path / "plain").write_text("")  # the text file's directory cannot be made: FileExistsError in the worker
+    with pytest.raises(IngestError, match="FileExistsError") as err:
+        ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "plain" / "t.txt", limits)
     assert type(err.value) is IngestError
     before = [w.pid for w in _workers(limits)]
     assert ingest_pdf(pdf(fx.text_pdf(1), "b.pdf"), tmp_path / "b.txt", limits).pages == 1

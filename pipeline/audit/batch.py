@@ -51,6 +51,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "kill_worker_pdf": "text-1mb.pdf",
                       "store_locked": {"messages": 20, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000},
                       "disk_full": {"messages": 10, "senders": 2, "full_s": 2.0, "size_mb": 32}},
+        "10_hostile_senders": {"sessions": {"limit": 20, "extra": 20, "sends": 5, "release": 5, "churn": 100},
+                               "memory": {"mails": 3, "mail_mb": 8, "reps": 1},
+                               "head_of_line": {"timeout_s": 4.0, "slow_pages": 40, "reps": 1},
+                               "spool": {"mails": 40, "senders": 2}},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
@@ -67,6 +71,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "kill_worker_pdf": "text-5mb.pdf",
                       "store_locked": {"messages": 200, "senders": 4, "lock_s": 10.0, "busy_timeout_ms": 1000},
                       "disk_full": {"messages": 40, "senders": 4, "full_s": 5.0, "size_mb": 48}},
+        "10_hostile_senders": {"sessions": {"limit": 100, "extra": 100, "sends": 20, "release": 10, "churn": 1000},
+                               "memory": {"mails": 10, "mail_mb": 44, "reps": 1},
+                               "head_of_line": {"timeout_s": 10.0, "slow_pages": 200, "reps": 2},
+                               "spool": {"mails": 1000, "senders": 4}},
     },
 }
 PROFILES["full"] = {
@@ -74,6 +82,11 @@ PROFILES["full"] = {
     "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
                               "stop_on_failure": True},
     "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8},
+    # the 1,100 idle connections: the audit process holds them, so it needs ~1,200 open files
+    "10_hostile_senders": {"sessions": {"limit": 500, "extra": 600, "sends": 20, "release": 10, "churn": 5000},
+                           "memory": {"mails": 10, "mail_mb": 44, "reps": 2},
+                           "head_of_line": {"timeout_s": 10.0, "slow_pages": 200, "reps": 3},
+                           "spool": {"mails": 5000, "senders": 8}},
 }
 
 

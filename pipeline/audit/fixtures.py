@@ -277,3 +277,40 @@ def build_fixtures(profile: str, directory: Path,
         items.append({"name": name, "kind": "hostile", "mb": None,
                       "path": str(cached(directory, name, {"kind": "hostile", "version": 1}, make))})
     return items
+
+
+def slow_pdf(pages: int, draws: int = 8000) -> bytes:
+    """A small hostile PDF (a few KB) whose every page is slow to extract and yields much text (issue 11).
+
+    Each page draws one form XObject (a line of text) ``draws`` times, and all pages share one content
+    stream, so the file stays tiny whatever ``pages`` is. Measured (pypdfium2 5.15, idle core): with
+    8,000 draws a page takes PDFium about 0.35 s and yields about 400,000 characters.
+    """
+    form = zlib.compress(b"BT /F1 6 Tf 0 0 Td (The quick brown fox jumps over the lazy dog again) Tj ET")
+    content = zlib.compress(b"".join(b"q 1 0 0 1 %d %d cm /Fm1 Do Q\n" % (i % 50, i * 7 % 800)
+                                     for i in range(draws)), 9)
+    page = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >>"
+            b" /XObject << /Fm1 4 0 R >> >> /Contents 5 0 R >>")
+    return _pdf_of_objects([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (6 + i) for i in range(pages)) + b"] /Count %d >>" % pages,
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Type /XObject /Subtype /Form /BBox [0 0 400 20] /Resources << /Font << /F1 3 0 R >> >> /Length %d"
+        b" /Filter /FlateDecode >>\nstream\n" % len(form) + form + b"\nendstream",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+        *[page] * pages])
+
+
+def _pdf_of_objects(objects: list[bytes]) -> bytes:
+    """A PDF file of these object bodies (numbered from 1, the first the catalog) with a correct xref table."""
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % o for o in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()

@@ -164,6 +164,21 @@ def headline_metrics(recorder: AuditRecorder, session_id: str) -> dict[str, floa
         picked = faults[faults.metric == metric]
         if not picked.empty:
             out[name] = float(picked.value.sum())
+    return out | _hostile_headlines(m[m.scenario == "hostile"])
+
+
+def _hostile_headlines(hostile: pd.DataFrame) -> dict[str, float]:
+    """Hostile senders with the switches on: serve's peak RSS under large mails, a normal PDF's latency beside a
+    hostile one (both the worst), and the spool and work bytes per 1,000 mails before and after purge."""
+    out: dict[str, float] = {}
+    after = hostile[hostile.tags.map(lambda t: t.get("mode") in (None, "after"))] if len(hostile) else hostile
+    for metric, name in (("serve_peak_rss_mb", "hostile_serve_peak_rss_mb"),
+                         ("normal_latency_s", "hostile_normal_pdf_latency_s"),
+                         ("bytes_before_purge_per_1000", "spool_bytes_per_1000_mails"),
+                         ("bytes_after_purge_per_1000", "spool_bytes_per_1000_mails_after_purge")):
+        picked = after[after.metric == metric] if len(after) else after
+        if not picked.empty:
+            out[name] = round(float(picked.value.max()), 3)
     return out
 
 

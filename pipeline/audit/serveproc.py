@@ -116,6 +116,12 @@ class ServeProcess:
                 continue
         return workers
 
+    def cli(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m pipeline <args>`` on this serve's data dir and settings (e.g. ``purge``), as a user would."""
+        return subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(self.data_dir), "--config",
+                               str(self.config_path), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+
     def kill(self) -> None:
         """``kill -9`` serve, reap it, then SIGKILL whatever it left running (as a crash of the whole unit)."""
         if self.proc is None:
@@ -206,6 +212,29 @@ def _sender(port: int, messages: list[tuple[str, bytes]], log_path: str, stop_pa
             if gap_s:
                 time.sleep(gap_s)
     _close(smtp)
+
+
+SENDER, RECIPIENT = "faults@example.com", "digest@pipeline.local"
+
+
+def reply_of(exc: BaseException) -> str:
+    """What a client saw when ``exc`` ended its transaction (the SMTP code, ``refused`` or ``disconnected``)."""
+    return _reply_of(exc)
+
+
+def timed_sends(port: int, messages: list[bytes], timeout_s: float = 120.0) -> list[tuple[str, float]]:
+    """Send each message on a new connection, as a normal client does; return ``(reply, seconds)`` per message,
+    the seconds from connect to the final reply of DATA (or to the refusal). Runs in a client process."""
+    out = []
+    for raw in messages:
+        started = time.perf_counter()
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=timeout_s) as smtp:
+                smtp.sendmail(SENDER, [RECIPIENT], raw)
+                out.append(("250", time.perf_counter() - started))
+        except (OSError, smtplib.SMTPException) as exc:
+            out.append((reply_of(exc), time.perf_counter() - started))
+    return out
 
 
 def _close(smtp: smtplib.SMTP | None) -> None:

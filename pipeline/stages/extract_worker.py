@@ -1,4 +1,4 @@
-"""Extraction workers: long-lived child processes that run ``extract_text`` under a memory cap.
+"""Extraction workers: long-lived child processes that run ``extract_text`` (and the MIME parse) under a memory cap.
 
 Why not a process per PDF: starting one costs 0.25 s or more (the interpreter,
 pypdf, and multiprocessing re-importing the parent's main module), more than
@@ -6,7 +6,7 @@ extracting a typical document. Why not ProcessPoolExecutor: it cannot stop one
 runaway task. So each worker runs this module as ``__main__`` in a fresh interpreter
 with RLIMIT_AS set at start, talking JSON lines over its pipes; a worker that
 overruns its time is killed and replaced, and each is recycled after
-``MAX_DOCS_PER_WORKER`` documents so no slow growth can accumulate.
+``MAX_REQUESTS_PER_WORKER`` requests so no slow growth can accumulate.
 
 Why not pebble's ProcessPool (per-task timeout, worker restart): it gives a dead
 worker's exit code but not its stderr, and its workers are multiprocessing
@@ -16,6 +16,11 @@ with RLIMIT_AS set before its first document and its stderr read by the pool:
 that stderr (faulthandler's stack of a PDFium abort) is the evidence that tells a
 worker killed by the memory cap (``too_large``) from any other death
 (``worker_crashed``, retryable). Workers exit when their stdin closes.
+
+Which document a free worker serves next is decided by ``worker_pool``
+(fair sharing, time budgets); a request is one page chunk, one whole shard,
+or one email to parse (``op`` "parse": the worker reads the spool file itself,
+so a big message never sits in the serve process's memory).
 """
 
 from __future__ import annotations
@@ -35,26 +40,27 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
-from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, WorkerCrashedError
-from .pdf_text import extract_text
+from ..errors import IngestError, ParseError, PdfTooLargeError, PipelineError, WorkerCrashedError
+from .parse import summarize_message
+from .pdf_text import OpenDocuments, extract_text
+from .worker_errors import MEMORY_EVIDENCE as MEMORY_EVIDENCE
+from .worker_errors import death_error, typed_error
+from .worker_pool import PRIORITY_EXTRACT, PRIORITY_PARSE, FairQueue, Job
 
 log = logging.getLogger(__name__)
-MAX_DOCS_PER_WORKER = 200
+MAX_REQUESTS_PER_WORKER = 200  # then the worker is replaced, so no slow growth can accumulate
+GRACE_S = 1.0  # past its budget a worker may finish its page and stop itself; after this it is killed
 STDERR_LINES = 40  # the last lines of a worker's stderr kept as evidence of how it died
 # Stop signals are ignored before the first import (importing the package takes a second on a loaded machine);
 # ``python -m`` would leave that window open to a KeyboardInterrupt traceback.
 _LAUNCH = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
            "; import runpy, sys; runpy.run_module(sys.argv[1], run_name='__main__')")  # argv: -c, module, memory cap
-# What a worker that hit its RLIMIT_AS cap leaves behind. Measured (pypdfium2 5.15, PDFium under a 300 MB cap
-# on a 600 MB Flate bomb): the process dies of SIGABRT with faulthandler's "Fatal Python error: Aborted" and a
-# stack inside pypdfium2; C++ code that lets std::bad_alloc escape aborts the same way.
-MEMORY_EVIDENCE = ("MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory")
-_ERRORS = {cls.__name__: cls for cls in (CorruptPdfError, EncryptedPdfError, PdfTooLargeError, IngestError)}
 
 
 class _Worker:
@@ -67,7 +73,7 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, __name__, str(memory_limit)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      text=True, errors="replace", bufsize=1, start_new_session=True)
-        self.documents = 0
+        self.documents = 0  # requests answered (documents, shards or page chunks)
         self.garbled: str | None = None  # the start of an unreadable reply, if one came
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._drainer = threading.Thread(target=self._drain, name=f"extract-worker-{self.proc.pid}-stderr",
@@ -111,66 +117,98 @@ class _Worker:
                 pipe.close()
 
 
-def death_error(returncode: int | None, stderr: list[str], memory_limit: int, name: str) -> IngestError:
-    """The typed error for a worker that died mid-document, judged by its exit status and its last stderr lines.
-
-    SIGABRT or an out-of-memory message means the document needed more than the cap (PdfTooLargeError);
-    any other death (SIGKILL from outside, a segfault, an exit) is a WorkerCrashedError another try may cure.
-    """
-    code = returncode if returncode is not None else 0
-    how = f"exit code {code}" + (f", {_signal_name(-code)}" if code < 0 else "")
-    if code == -signal.SIGABRT or any(mark in line for line in stderr for mark in MEMORY_EVIDENCE):
-        return PdfTooLargeError(f"the document needed memory over the {memory_limit:,}-byte memory cap: the "
-                                f"extraction worker aborted ({how})", name)
-    last = next((line.strip() for line in reversed(stderr) if line.strip()), "")
-    return WorkerCrashedError(f"the extraction worker died ({how}) while reading the document"
-                              + (f"; its last words: {last[:200]}" if last else ""), name, exit_code=code)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
 class ExtractionPool:
-    """At most ``size`` workers; each call borrows one."""
+    """``size`` lanes, each running one chunk at a time in a worker process; jobs share the lanes fairly.
+
+    Lanes are daemon threads started on first use; each borrows a live worker for a chunk and gives it
+    back (or replaces it) after. ``close`` stops lanes and workers; the pool starts them again when used.
+    """
 
     def __init__(self, size: int, memory_limit: int) -> None:
         self.size, self.memory_limit = size, memory_limit
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
-        self._slots = threading.Semaphore(size)
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._queue = FairQueue()
+        self._lanes: list[threading.Thread] = []
+
+    def run(self, job: Job) -> None:
+        """Run every chunk of ``job`` on the lanes; return once it is done or raise its typed error."""
+        self._start_lanes()
+        self._queue.submit(job)
+        self._queue.wait(job)
 
     def extract(self, pdf_path: Path, text_path: Path, limits: IngestConfig,
                 shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-        """Extract (one shard of) a PDF in a worker; return the PdfText fields or raise the worker's IngestError."""
+        """Extract (one shard of) a PDF in one request, holding a lane to the end (the baseline fair
+        extraction replaced); return the PdfText fields or raise the worker's IngestError."""
         name = Path(pdf_path).name
-        with self._slots:
-            worker = self._borrow()
-            keep = False
+        job = _OneRequest(name, {"op": "extract", "pdf": str(pdf_path), "text": str(text_path),
+                                 "shard": list(shard), "limits": jsonable(limits)}, limits.timeout_s,
+                          PdfTooLargeError(f"extraction took longer than {limits.timeout_s:g} s and was stopped",
+                                           name))
+        self.run(job)
+        return job.result
+
+    def parse(self, spool_path: Path, work_dir: Path, limits: IngestConfig) -> dict[str, Any]:
+        """Parse the spooled email in a worker (which reads the file): ``parse.summarize_message``'s result.
+
+        Raises ParseError as the worker raised it, PdfTooLargeError when the worker hit its memory cap,
+        WorkerCrashedError (retryable) when it died otherwise. A parse goes before extraction chunks.
+        """
+        job = _OneRequest(Path(spool_path).name, {"op": "parse", "spool": str(spool_path),
+                                                  "work_dir": str(work_dir), "limits": jsonable(limits)},
+                          limits.timeout_s, ParseError(f"parsing took longer than {limits.timeout_s:g} s"),
+                          PRIORITY_PARSE)
+        job.what = "email"
+        self.run(job)
+        return job.result
+
+    def _start_lanes(self) -> None:
+        with self._lock:
+            self._lanes = [lane for lane in self._lanes if lane.is_alive()]
+            while len(self._lanes) < self.size:
+                lane = threading.Thread(target=self._lane, name=f"extract-lane-{len(self._lanes)}", daemon=True)
+                lane.start()
+                self._lanes.append(lane)
+
+    def _lane(self) -> None:
+        """Run chunks until the queue closes; any error ends that chunk's job, never the lane."""
+        while (picked := self._queue.take()) is not None:
+            job, chunk, remaining_s = picked
+            started = time.monotonic()
             try:
-                reply = worker.request({"pdf": str(pdf_path), "text": str(text_path), "shard": list(shard),
-                                        "limits": _jsonable(limits)}, limits.timeout_s + 1.0)
-                keep = reply is not None and worker.documents < MAX_DOCS_PER_WORKER
-            except TimeoutError:
-                raise PdfTooLargeError(f"extraction took longer than {limits.timeout_s:g} s and was stopped",
-                                       name) from None
-            finally:
-                self._give_back(worker, keep)
+                reply = self._request(job, job.request(chunk, remaining_s), remaining_s)
+            except Exception as exc:  # a typed error is the job's outcome; anything else is a bug, logged
+                if not isinstance(exc, PipelineError):
+                    log.exception("extraction lane: unexpected error on %s", job.name)
+                self._queue.finish(job, chunk, time.monotonic() - started, error=exc)
+            else:
+                self._queue.finish(job, chunk, time.monotonic() - started, reply=reply)
+
+    def _request(self, job: Job, message: dict[str, Any], remaining_s: float) -> dict[str, Any]:
+        """One request in a borrowed worker: its "ok" reply, or the typed error of its failure or death."""
+        worker = self._borrow()
+        keep = False
+        try:
+            reply = worker.request(message, remaining_s + GRACE_S)
+            keep = reply is not None and worker.documents < MAX_REQUESTS_PER_WORKER
+        except TimeoutError:
+            raise job.timeout_error() from None
+        finally:
+            self._give_back(worker, keep)
         if reply is None and worker.garbled is not None:
-            raise WorkerCrashedError(f"the extraction worker sent an unreadable reply: {worker.garbled!r}", name)
-        if reply is None:  # the worker died mid-document; close() has reaped it and read its stderr to the end
-            error = death_error(worker.proc.returncode, list(worker.stderr_tail), self.memory_limit, name)
+            raise WorkerCrashedError(f"the extraction worker sent an unreadable reply: {worker.garbled!r}", job.name)
+        if reply is None:  # the worker died mid-request; close() has reaped it and read its stderr to the end
+            error = death_error(worker.proc.returncode, list(worker.stderr_tail), self.memory_limit, job.name,
+                                job.what)
             log.warning("extraction worker %d died on %s (%s: %s); its last stderr lines:\n%s", worker.proc.pid,
-                        name, error.reason, error, "\n".join(worker.stderr_tail) or "(none)")
+                        job.name, error.reason, error, "\n".join(worker.stderr_tail) or "(none)")
             raise error
         if "ok" in reply:
-            return reply["ok"]
+            return dict(reply["ok"])
         failure: dict[str, Any] = reply["error"] if isinstance(reply.get("error"), dict) else {}
-        raise _ERRORS.get(str(failure.get("cls")), IngestError)(str(failure.get("message", "no message")), name)
+        raise typed_error(str(failure.get("cls")), str(failure.get("message", "no message")), job.name)
 
     def _borrow(self) -> _Worker:
         """An idle worker that is still alive (one that died while idle is replaced), or a new one."""
@@ -205,11 +243,41 @@ class ExtractionPool:
                     if pipe is not None and not pipe.closed}
 
     def close(self) -> None:
-        """Stop every worker."""
+        """Stop every lane and worker; jobs still waiting fail with WorkerCrashedError (retryable)."""
+        self._queue.close(WorkerCrashedError("the extraction pool was closed"))
+        self._close_workers()  # a lane in the middle of a request sees its worker die
+        with self._lock:
+            lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            lane.join(timeout=30)
+        self._close_workers()  # one a lane started meanwhile
+        self._queue.reopen()
+
+    def _close_workers(self) -> None:
         with self._lock:
             workers, self._all = list(self._all), set()
         for worker in workers:
             worker.close()
+
+
+class _OneRequest(Job):
+    """A job of one request: a whole shard of a PDF (the baseline fair extraction replaced) or a MIME parse."""
+
+    def __init__(self, name: str, message: dict[str, Any], budget_s: float, timeout: PipelineError,
+                 priority: int = PRIORITY_EXTRACT) -> None:
+        super().__init__(name, budget_s, [None], priority=priority)
+        self.message, self._timeout = message, timeout
+        self.result: dict[str, Any] = {}
+
+    def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
+        return self.message
+
+    def absorb(self, chunk: Any, reply: dict[str, Any]) -> list[Any]:
+        self.result = reply
+        return []
+
+    def timeout_error(self) -> PipelineError:
+        return self._timeout
 
 
 _POOLS: dict[tuple[int, int], ExtractionPool] = {}
@@ -242,7 +310,8 @@ def close_pools() -> None:
         pool.close()
 
 
-def _jsonable(limits: IngestConfig) -> dict[str, Any]:
+def jsonable(limits: IngestConfig) -> dict[str, Any]:
+    """The limits as a request carries them (a worker rebuilds the IngestConfig)."""
     return dataclasses.asdict(limits)
 
 
@@ -262,8 +331,9 @@ def serve(memory_limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
+    documents = OpenDocuments()  # a document's next chunk usually comes back to the same worker
     for line in sys.stdin:
-        reply = _answer(line, memory_limit)
+        reply = _answer(line, memory_limit, documents)
         try:
             out.write(json.dumps(reply) + "\n")
             out.flush()
@@ -273,20 +343,29 @@ def serve(memory_limit: int) -> None:
         gc.collect()
 
 
-def _answer(line: str, memory_limit: int) -> dict[str, Any]:
-    """Extract one request's document; every exception becomes a typed error reply, none ends the worker."""
+def _answer(line: str, memory_limit: int, documents: OpenDocuments) -> dict[str, Any]:
+    """Run one request (extract pages, or parse an email); every exception becomes a typed error reply."""
+    doing = "extraction"
     try:
         request = json.loads(line)
         limits = IngestConfig(**request["limits"])
-        result = extract_text(Path(request["pdf"]), Path(request["text"]), limits, tuple(request["shard"]))
+        if request.get("op") == "parse":
+            doing = "parsing"
+            raw = Path(request["spool"]).read_bytes()  # read here: the serve process never holds the message
+            return {"ok": summarize_message(raw, Path(request["work_dir"]), limits)}
+        chunk = request.get("chunk")
+        result = extract_text(Path(request["pdf"]), Path(request["text"]), limits, tuple(request.get("shard", (0, 1))),
+                              tuple(chunk) if chunk else None, float(request.get("slice_s", 0.0)), documents)
         return {"ok": dataclasses.asdict(result)}
-    except IngestError as exc:
+    except (IngestError, ParseError) as exc:
         return _error_reply(type(exc).__name__, str(exc))
     except MemoryError:
-        return _error_reply("PdfTooLargeError", f"extraction needed more than {memory_limit:,} bytes of memory")
+        return _error_reply("PdfTooLargeError", f"{doing} needed more than {memory_limit:,} bytes of memory")
     except Exception as exc:  # engine errors are CorruptPdfError already; this is a bug or the disk (the text file)
         traceback.print_exc()
-        return _error_reply("IngestError", f"extraction failed: {type(exc).__name__}: {exc}"[:500])
+        # an unexpected error of the parse stays untyped (retryable), as it was in the pipeline process
+        cls = "IngestError" if doing == "extraction" else "PipelineError"
+        return _error_reply(cls, f"{doing} failed: {type(exc).__name__}: {exc}"[:500])
 
 
 def _error_reply(cls: str, message: str) -> dict[str, Any]:

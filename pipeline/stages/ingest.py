@@ -8,6 +8,22 @@ themselves live in ``pdf_text``. Text is streamed to a file page by page (one
 form feed per page), never held whole in memory, and its path is what later
 steps receive. A damaged page costs that page (``PdfText.pages_failed``); the
 document fails as corrupt only when none of its pages can be read.
+
+Fair extraction (``limits.fair_extraction``, issue 11): a document is a job of
+page chunks on the shared workers (``worker_pool``). Its first chunk tells the
+page count, the rest are planned from it (``CHUNK_PAGES`` pages each), and each
+request reads for about a time slice (``SLICE_S``, or an eighth of the timeout
+if that is shorter; longer only when opening the document took long, see
+``pdf_text``), so a slow hostile document gives a worker back within about a
+slice and a newcomer is served next; the rest of a chunk cut short is queued
+again (workers keep a document open between its requests). ``timeout_s`` is the
+document's budget of worker time over all its chunks; past it the document
+fails with PdfTooLargeError. Each chunk writes its own part file
+(``<text>.p<first page>``); they are joined in page order when all are in.
+Partial text rule: when a document fails (timeout, a limit, a worker death) its
+part files and its text file are deleted, so a hostile document leaves no
+text on disk. With ``fair_extraction`` off, the baseline: ``page_workers``
+contiguous shards, each holding a worker to its end, partial text left as is.
 """
 
 from __future__ import annotations
@@ -15,29 +31,39 @@ from __future__ import annotations
 import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..config import IngestConfig
-from .extract_worker import pool_for
+from ..errors import PdfTooLargeError
+from .extract_worker import GRACE_S, jsonable, pool_for
 from .pdf_text import PdfText, extract_text, require_a_readable_page
 from .pdf_text import _stream_pages as _stream_pages  # the audit's line profiler names it here
+from .worker_pool import Job
 
 __all__ = ["PdfText", "extract_text", "ingest_pdf"]
 
 log = logging.getLogger(__name__)
+CHUNK_PAGES = 50  # pages per chunk: how finely a document's pages spread over idle workers
+SLICE_S = 1.0  # a chunk request stops reading after this long (a newcomer's longest wait for a worker)
 
 
 def ingest_pdf(pdf_path: Path, text_path: Path, limits: IngestConfig) -> PdfText:
     """Extract text under every limit: in capped worker processes unless ``limits.isolate`` is off.
 
-    With ``limits.page_workers`` > 1 the pages are split into that many contiguous shards extracted by
-    different workers at once, and their text files are joined in order. Raises an IngestError subclass:
+    With ``limits.fair_extraction`` the document shares the workers chunk by chunk with the others (at most
+    ``page_workers`` at once; see the module docstring); without it, with ``limits.page_workers`` > 1 the
+    pages are split into that many contiguous shards extracted by different workers at once, and their text
+    files are joined in order. Raises an IngestError subclass:
     CorruptPdfError when no page could be read, WorkerCrashedError (retryable) when a worker died for a
     cause other than its memory cap.
     """
     name = Path(pdf_path).name
     if not limits.isolate:
         result = extract_text(pdf_path, text_path, limits)
+    elif limits.fair_extraction:
+        result = _extract_fairly(pdf_path, text_path, limits)
     elif max(1, limits.page_workers) == 1:
         result = PdfText(**pool_for(limits).extract(pdf_path, text_path, limits))
     else:
@@ -64,3 +90,75 @@ def _extract_shards(pdf_path: Path, text_path: Path, limits: IngestConfig) -> Pd
     page_error = next((r.page_error for r in results if r.page_error), "")
     return PdfText(results[0].pages, words, sum(r.chars for r in results), str(text_path), words > 0,
                    max(r.seconds for r in results), sum(r.pages_failed for r in results), page_error)
+
+
+def _extract_fairly(pdf_path: Path, text_path: Path, limits: IngestConfig) -> PdfText:
+    """Extract the document as a job of page chunks on the shared workers; on failure leave no text behind."""
+    job = _PageChunks(Path(pdf_path), Path(text_path), limits)
+    try:
+        pool_for(limits).run(job)
+        return job.join()
+    except Exception:
+        _remove([*job.parts, Path(text_path)])
+        raise
+
+
+def _remove(paths: list[Path]) -> None:
+    """Delete what exists of these files (a failed document's partial text); a path that cannot be is logged."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove partial text %s: %s", path, exc)
+
+
+class _PageChunks(Job):
+    """One document as chunks of pages (first page, stop page), each written to a part file of its own."""
+
+    def __init__(self, pdf_path: Path, text_path: Path, limits: IngestConfig) -> None:
+        super().__init__(pdf_path.name, limits.timeout_s, [(0, CHUNK_PAGES)], max_workers=limits.page_workers)
+        self.pdf_path, self.text_path, self.limits = pdf_path, text_path, limits
+        self.parts: list[Path] = []  # every part file a request was given, so a failure can remove them
+        self.results: dict[int, PdfText] = {}  # first page -> that chunk's result
+        self.pages: int | None = None
+
+    def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
+        first, stop = chunk
+        part = Path(f"{self.text_path}.p{first:06d}")
+        self.parts.append(part)
+        # the slice ends by the end of the budget, after which the queue fails the document (a page that does
+        # not end is killed GRACE_S later); the worker's own time limit lies past both, so the timeout is typed
+        # in one place and always reads the same
+        return {"op": "extract", "pdf": str(self.pdf_path), "text": str(part), "chunk": [first, stop],
+                "slice_s": min(SLICE_S, self.limits.timeout_s / 8, remaining_s),
+                "limits": jsonable(replace(self.limits, timeout_s=remaining_s + 2 * GRACE_S))}
+
+    def absorb(self, chunk: Any, reply: dict[str, Any]) -> list[Any]:
+        """Keep the chunk's result; return the rest of a chunk cut short by its slice, and (after the first
+        chunk) the chunks of the remaining pages."""
+        result = PdfText(**reply)
+        first, stop = chunk
+        self.results[first] = result
+        stop = min(stop, result.pages)
+        follow = [(result.end_page, stop)] if result.end_page < stop else []
+        if self.pages is None:
+            self.pages = result.pages
+            follow += [(p, min(p + CHUNK_PAGES, result.pages)) for p in range(CHUNK_PAGES, result.pages, CHUNK_PAGES)]
+        return follow
+
+    def timeout_error(self) -> PdfTooLargeError:
+        return PdfTooLargeError(f"extraction took longer than {self.limits.timeout_s:g} s and was stopped", self.name)
+
+    def join(self) -> PdfText:
+        """Concatenate the part files in page order into the text file and sum the chunks' counts."""
+        results = [self.results[first] for first in sorted(self.results)]
+        with open(self.text_path, "wb") as out:
+            for first in sorted(self.results):
+                part = Path(self.results[first].text_path)
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out)
+                part.unlink()
+        words = sum(r.words for r in results)
+        page_error = next((r.page_error for r in results if r.page_error), "")
+        return PdfText(results[0].pages, words, sum(r.chars for r in results), str(self.text_path), words > 0,
+                       self.spent_s, sum(r.pages_failed for r in results), page_error, results[-1].end_page)

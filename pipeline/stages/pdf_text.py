@@ -8,12 +8,22 @@ written as an empty page, counted in ``PdfText.pages_failed``, and the first
 such error is kept for the message. Whether a document with *no* readable page
 is corrupt is decided by the caller once all shards are in (``require_a_readable_page``).
 Limits (pages, decompression, time) and a full address space still stop the whole document.
+
+A caller that shares workers between documents asks for a page range and a time
+slice instead of a shard: extraction then stops after the first page that ends
+past the slice, and ``PdfText.end_page`` says where the next request should start.
+Such a caller comes back to the same document many times, so a worker keeps the
+documents it used last open (``OpenDocuments``): reopening costs pypdf ~0.75 s
+for 6,000 pages, and a 1 s slice that began with it would be mostly overhead.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,7 @@ from ..config import IngestConfig
 from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError
 
 PAGES_PER_SPAN = 50
+OPEN_COST_FACTOR = 4  # a slice lasts at least this many times what opening the document took in it
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,14 @@ class PdfText:
     seconds: float
     pages_failed: int = 0  # pages whose text the engine could not read (written as empty pages)
     page_error: str = ""  # the first of those errors, e.g. "page 2: PDFium: Failed to load page."
+    end_page: int = 0  # one past the last page this result covers (0-based)
 
 
 @dataclass
-class _PageFailures:
-    """A running count of unreadable pages and the first one's error."""
+class _Progress:
+    """Where extraction has got to: one past the last page done, unreadable pages and the first one's error."""
 
+    end: int = 0
     count: int = 0
     first: str = ""
 
@@ -54,30 +67,39 @@ class _PageFailures:
         self.first = self.first or f"page {number + 1}: {exc}"
 
 
-def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: tuple[int, int] = (0, 1)) -> PdfText:
+def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: tuple[int, int] = (0, 1),
+                 chunk: tuple[int, int] | None = None, slice_s: float = 0.0,
+                 documents: OpenDocuments | None = None) -> PdfText:
     """Extract the text of shard ``i`` of ``n`` (a contiguous block of pages) in this process.
 
-    ``pages`` in the result is the document's page count; words, chars and pages_failed are the shard's.
-    Raises an IngestError subclass on bad input; unreadable pages are counted, not raised.
+    With ``chunk`` (first, stop) the pages from ``first`` up to ``stop`` (clamped to the document) are read
+    instead; with ``slice_s`` > 0 reading stops after the first page that ends ``slice_s`` seconds after the
+    start (``end_page`` in the result tells where), or later when opening the document took long. With
+    ``documents`` the document is taken from and left in that cache. ``pages`` in the result is the
+    document's page count; words, chars and pages_failed are the pages read. Raises an IngestError
+    subclass on bad input; unreadable pages are counted, not raised.
     """
     name = Path(pdf_path).name
     size = Path(pdf_path).stat().st_size
     if size > limits.max_attachment_bytes:
         raise PdfTooLargeError(f"{size:,} bytes, over the {limits.max_attachment_bytes:,}-byte limit", name)
     started = time.monotonic()
-    opener = _PdfiumPages if limits.engine == "pdfium" else _PypdfPages
-    failures = _PageFailures()
-    with opener(Path(pdf_path), name, limits) as doc:
+    with (documents or OpenDocuments(0)).open(Path(pdf_path), name, limits) as doc:
         pages = len(doc)
         if pages > limits.max_pages:
             raise PdfTooLargeError(f"{pages:,} pages, over the {limits.max_pages:,}-page limit", name)
         index, count = shard
         block = -(-pages // count)
-        numbers = range(index * block, min(pages, (index + 1) * block))
+        numbers = range(index * block, min(pages, (index + 1) * block)) if chunk is None else \
+            range(chunk[0], min(pages, chunk[1]))
+        progress = _Progress(end=numbers.start)
+        opening_s = time.monotonic() - started
+        until = started + max(slice_s, OPEN_COST_FACTOR * opening_s) if slice_s > 0 else float("inf")
         write = _stream_pages if limits.stream_text else _hold_pages
-        words, chars = write(_pages(doc, numbers, started + limits.timeout_s, name, failures), text_path)
+        words, chars = write(_pages(doc, numbers, (started + limits.timeout_s, until), name, progress), text_path)
+        doc.finished = progress.end >= pages  # this worker is unlikely to see the document again
     return PdfText(pages, words, chars, str(text_path), words > 0, time.monotonic() - started,
-                   failures.count, failures.first)
+                   progress.count, progress.first, max(progress.end, numbers.start))
 
 
 def require_a_readable_page(result: PdfText, name: str) -> PdfText:
@@ -87,24 +109,62 @@ def require_a_readable_page(result: PdfText, name: str) -> PdfText:
     return result
 
 
+class OpenDocuments:
+    """The documents a worker used last, kept open between requests (``size`` at most; 0 keeps none).
+
+    A document is closed when it fails, when a request has read its last page, or when it is the least
+    recently used one over ``size``. The key includes the file's inode, size and mtime, so a file
+    rewritten under the same name is opened afresh.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._docs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    @contextmanager
+    def open(self, path: Path, name: str, limits: IngestConfig) -> Iterator[Any]:
+        """The document entered for one request (its limits applied while the block runs)."""
+        st = os.stat(path)
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, limits.engine, limits.max_decompressed_bytes)
+        doc = self._docs.pop(key, None)
+        if doc is None:
+            doc = (_PdfiumPages if limits.engine == "pdfium" else _PypdfPages)(path, name, limits)
+        try:
+            with doc:
+                yield doc
+        except BaseException:
+            doc.close()
+            raise
+        if doc.finished or not self.size:
+            doc.close()
+            return
+        self._docs[key] = doc
+        while len(self._docs) > self.size:
+            self._docs.popitem(last=False)[1].close()
+
+
 class _PypdfPages:
-    """A document read with pypdf, its limits applied, its errors typed."""
+    """A document read with pypdf, its limits applied while entered, its errors typed; reusable until closed."""
 
     def __init__(self, path: Path, name: str, limits: IngestConfig) -> None:
-        self.name = name
-        self._config = pypdf.apply_configuration(
-            zlib_maximum_output_length=limits.max_decompressed_bytes,
-            lzw_maximum_output_length=limits.max_decompressed_bytes,
-            maximum_declared_stream_length=limits.max_decompressed_bytes)
-        self.path = path
+        self.name, self.path, self.finished = name, path, False
+        self.max_bytes = limits.max_decompressed_bytes
+        self.reader: Any = None  # a pypdf.PdfReader once entered
 
     def __enter__(self) -> _PypdfPages:
+        self._config = pypdf.apply_configuration(zlib_maximum_output_length=self.max_bytes,
+                                                 lzw_maximum_output_length=self.max_bytes,
+                                                 maximum_declared_stream_length=self.max_bytes)
         self._config.__enter__()
-        self.reader = self._guard(lambda: _open(self.path, self.name))
+        if self.reader is None:
+            self.reader = self._guard(lambda: _open(self.path, self.name))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._config.__exit__(None, None, None)
+
+    def close(self) -> None:
+        self.reader = None  # pypdf read the whole file into memory: dropping the reader frees it
 
     def __len__(self) -> int:
         return self._guard(lambda: len(self.reader.pages))
@@ -130,11 +190,14 @@ class _PdfiumPages:
     address-space cap is what bounds a bomb, so use it only with ``isolate`` on."""
 
     def __init__(self, path: Path, name: str, limits: IngestConfig) -> None:
-        self.path, self.name = path, name
+        self.path, self.name, self.finished = path, name, False
+        self.doc: Any = None
 
     def __enter__(self) -> _PdfiumPages:
         import pypdfium2 as pdfium
 
+        if self.doc is not None:
+            return self
         try:
             self.doc = pdfium.PdfDocument(str(self.path))
         except pdfium.PdfiumError as exc:
@@ -145,7 +208,12 @@ class _PdfiumPages:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.doc.close()
+        pass  # the document stays open until close(): a worker may keep it for the next request
+
+    def close(self) -> None:
+        if self.doc is not None:
+            self.doc.close()
+            self.doc = None
 
     def __len__(self) -> int:
         return len(self.doc)
@@ -185,22 +253,29 @@ def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
     return reader
 
 
-def _pages(doc: Any, numbers: range, deadline: float, name: str, failures: _PageFailures) -> Iterator[str]:
+def _pages(doc: Any, numbers: range, stops: tuple[float, float], name: str, progress: _Progress) -> Iterator[str]:
     """Each page's text in order (an unreadable page as ""), in spans of PAGES_PER_SPAN pages, under the time limit.
 
-    Only CorruptPdfError is a page's own fault; a limit (PdfTooLargeError) or MemoryError stops the document.
+    ``stops`` is (deadline, until): past the deadline the document fails, past ``until`` reading ends quietly
+    (a time slice). Only CorruptPdfError is a page's own fault; a limit (PdfTooLargeError) or MemoryError
+    stops the document.
     """
+    deadline, until = stops
     for first in range(numbers.start, numbers.stop, PAGES_PER_SPAN):
         with tracing.span("ingest.pages", first=first, document=name):
             for number in range(first, min(first + PAGES_PER_SPAN, numbers.stop)):
                 try:
                     text = doc.text(number)
                 except CorruptPdfError as exc:
-                    failures.add(number, exc)
+                    progress.add(number, exc)
                     text = ""
                 yield text
-                if time.monotonic() > deadline:
+                progress.end = number + 1
+                now = time.monotonic()
+                if now > deadline:
                     raise PdfTooLargeError(f"extraction took longer than the time limit (page {number + 1})", name)
+                if now > until:
+                    return
 
 
 def _stream_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:

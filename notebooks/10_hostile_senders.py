@@ -1,0 +1,60 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% [markdown]
+# # Hostile senders
+#
+# Issue 11 measured against a real `python -m pipeline serve` (its own data dir and port), driven over SMTP by
+# client processes. **Sessions**: a normal client's connect → 250 latency while N idle sessions are held open
+# (`gateway.max_sessions` set for the run), what the idle connections got (220 or 421), whether the client gets
+# in once slots are freed, and serve's log bytes per 1,000 refused connections. **Memory**: serve's peak RSS
+# while large mails arrive at once, before (`gateway.stream_data` and `ingest.parse_isolate` off, no in-flight
+# cap) and after (both on). **Head of line**: a hostile slow PDF, then 1 s later a normal one; the normal one's
+# DATA end → run ended, with `ingest.fair_extraction` off and on. **Spool**: spool and work bytes per 1,000
+# mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates.
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+only = ["sessions", "memory", "head_of_line", "spool"]
+sessions = {"limit": 20, "extra": 20, "sends": 5, "release": 5, "churn": 100}
+memory = {"mails": 3, "mail_mb": 8, "reps": 1}
+head_of_line = {"timeout_s": 4.0, "slow_pages": 40, "reps": 1}
+spool = {"mails": 40, "senders": 2}
+
+# %%
+from pipeline.audit import hostile, hostileviews
+from pipeline.audit.notebook import open_recorder, resolve
+
+recorder = open_recorder(db_path, session_id, profile)
+work = resolve("data/hostile-work")
+work.mkdir(parents=True, exist_ok=True)
+
+# %%
+params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
+          "head_of_line": head_of_line, "spool": spool}
+hostile.hostile_figures(work, params, only=tuple(only), recorder=recorder)
+m = recorder.measurements()
+print(hostileviews.notes(m))
+hostileviews.sessions_table(m)
+
+# %%
+hostileviews.comparison_table(m, "memory")
+
+# %%
+hostileviews.comparison_table(m, "head_of_line")
+
+# %%
+hostileviews.comparison_table(m, "spool")
+
+# %%
+hostileviews.fig_hostile_senders(m);

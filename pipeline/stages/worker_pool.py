@@ -1,0 +1,140 @@
+"""Fair sharing of the worker processes between documents (issue 11, item 5).
+
+Before, a document took its workers for as long as it needed them: one slow
+hostile PDF split across both workers held them for its whole timeout, and a
+2 KB PDF that came a second later waited a minute. Here every piece of work is
+a ``Job`` cut into chunks (a few pages, or one MIME parse), and a free worker
+slot (a lane) always takes the next chunk of the job that holds the fewest
+lanes right now; ties go to a parse (it unblocks a whole run), then to the
+oldest job. A job holds at most ``max_workers`` lanes, and a second one only
+when no job with fewer lanes has a chunk waiting. A chunk runs for a short time
+slice, so a newcomer waits at most about one slice for a lane.
+
+Time is a budget per job, not a wall clock: ``budget_s`` is the worker time a
+job may use in total (the sum of its chunks' durations, parallel chunks
+counted each), so waiting for a lane under load costs a document nothing. A
+chunk's request timeout is what is left of the budget (plus the pool's
+``GRACE_S``; a worker still busy then is killed and replaced); once the budget
+is spent with chunks left, the job fails with ``timeout_error()`` and its
+queued chunks are dropped. The first error of any chunk fails the job the
+same way; chunks already running end their slice and their results are
+thrown away.
+
+This module knows nothing of processes or PDFs: the pool in ``extract_worker``
+runs the lanes, and the job subclasses say what a chunk's request is and what
+its reply means.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from typing import Any
+
+PRIORITY_PARSE, PRIORITY_EXTRACT = 0, 1
+
+
+class Job:
+    """One unit of work shared fairly: its queued chunks, its lanes in use, its spent budget and its outcome."""
+
+    what = "document"  # what the job reads, for messages ("the document needed memory over ...")
+
+    def __init__(self, name: str, budget_s: float, chunks: list[Any], max_workers: int = 1,
+                 priority: int = PRIORITY_EXTRACT) -> None:
+        self.name, self.budget_s, self.max_workers, self.priority = name, budget_s, max(1, max_workers), priority
+        self.chunks: deque[Any] = deque(chunks)
+        self.running = 0
+        self.spent_s = 0.0
+        self.error: BaseException | None = None
+        self.seq = 0  # submission order, set by the queue
+
+    def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
+        """The JSON request that runs ``chunk`` in a worker, given the budget left."""
+        raise NotImplementedError
+
+    def absorb(self, chunk: Any, reply: dict[str, Any]) -> list[Any]:
+        """Take in a chunk's successful reply; return follow-up chunks to run before the queued ones."""
+        raise NotImplementedError
+
+    def timeout_error(self) -> BaseException:
+        """The error for a job whose budget is spent (or whose chunk ran past it)."""
+        raise NotImplementedError
+
+    def settled(self) -> bool:
+        """True when nothing of the job runs and nothing more will: it succeeded or failed."""
+        return self.running == 0 and (self.error is not None or not self.chunks)
+
+
+class FairQueue:
+    """The jobs waiting for lanes, and the rule that picks which chunk a free lane runs next."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: list[Job] = []
+        self._seq = itertools.count()
+        self._closed: BaseException | None = None  # the error jobs get while closed
+
+    def submit(self, job: Job) -> None:
+        """Queue a job's chunks for the lanes."""
+        with self._cond:
+            job.seq = next(self._seq)
+            self._jobs.append(job)
+            if self._closed is not None:
+                self._fail(job, self._closed)
+            self._cond.notify_all()
+
+    def take(self) -> tuple[Job, Any, float] | None:
+        """Block until a chunk may run; return (job, chunk, budget left), or None once the queue is closed."""
+        with self._cond:
+            while self._closed is None:
+                ready = [j for j in self._jobs if j.chunks and j.error is None and j.running < j.max_workers]
+                if ready:
+                    job = min(ready, key=lambda j: (j.running, j.priority, j.seq))
+                    job.running += 1
+                    return job, job.chunks.popleft(), job.budget_s - job.spent_s
+                self._cond.wait()
+            return None
+
+    def finish(self, job: Job, chunk: Any, elapsed_s: float, reply: dict[str, Any] | None = None,
+               error: BaseException | None = None) -> None:
+        """Record how a chunk ended: its reply (absorbed unless the job failed meanwhile) or its error."""
+        with self._cond:
+            job.running -= 1
+            job.spent_s += elapsed_s
+            if error is None and job.error is None and reply is not None:
+                try:
+                    job.chunks.extendleft(reversed(job.absorb(chunk, reply)))
+                except Exception as exc:  # a reply that does not fit the job is its failure, not the lane's
+                    error = exc
+            if error is not None:
+                self._fail(job, error)
+            elif job.chunks and job.spent_s >= job.budget_s:
+                self._fail(job, job.timeout_error())
+            self._cond.notify_all()
+
+    def wait(self, job: Job) -> None:
+        """Block until ``job`` is settled and forget it; raise its error if it failed."""
+        with self._cond:
+            self._cond.wait_for(job.settled)
+            self._jobs.remove(job)
+        if job.error is not None:
+            raise job.error
+
+    def close(self, error: BaseException) -> None:
+        """Fail every job with ``error`` and let the lanes' ``take`` return None."""
+        with self._cond:
+            self._closed = error
+            for job in self._jobs:
+                self._fail(job, error)
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        """Accept work again after ``close`` (a pool is reusable after it stopped its workers)."""
+        with self._cond:
+            self._closed = None
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if job.error is None:
+            job.error = error
+        job.chunks.clear()

@@ -1,0 +1,204 @@
+"""Fair extraction (issue 11, item 5): documents share the workers chunk by chunk, under a time budget each."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+from pipeline.audit import fixtures as fx
+from pipeline.config import IngestConfig, Settings
+from pipeline.errors import PdfTooLargeError
+from pipeline.stages import ingest
+from pipeline.stages.extract_worker import pool_for
+from pipeline.stages.ingest import ingest_pdf
+from pipeline.stages.worker_pool import PRIORITY_PARSE, FairQueue, Job
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The services of this module extract with a short budget, so a slow PDF ends within seconds."""
+    return replace(settings, ingest=replace(settings.ingest, timeout_s=15.0))
+
+
+@pytest.fixture
+def own_pool():
+    """Limits with a worker pool of their own (pools are keyed by workers and memory cap), closed afterwards."""
+    made: list[IngestConfig] = []
+
+    def make(memory_mb: int, **fields) -> IngestConfig:
+        limits = IngestConfig(memory_limit_bytes=memory_mb * MB, **fields)
+        made.append(limits)
+        return limits
+    yield make
+    for limits in made:
+        pool_for(limits).close()
+
+
+class _Background:
+    """``ingest_pdf`` in a thread of its own; ``error`` is what it raised, ``done`` when it ended."""
+
+    def __init__(self, *args: Any) -> None:
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=args)
+        self.thread.start()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            ingest_pdf(*args)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def test_a_normal_pdf_finishes_while_a_slow_one_holds_both_workers(pdf, tmp_path, own_pool):
+    limits = own_pool(905, workers=2, page_workers=2, timeout_s=20.0)
+    slow = _Background(pdf(fx.slow_pdf(300, draws=2000), "slow.pdf"), tmp_path / "slow.txt", limits)
+    try:
+        # a chunk planned from the page count is running: the slow document holds both workers now
+        assert wait_until(lambda: (tmp_path / "slow.txt.p000050").exists() or slow.done.is_set(), 120)
+        assert not slow.done.is_set(), f"the slow PDF ended before the test could start: {slow.error!r}"
+        result = ingest_pdf(pdf(fx.text_pdf(1), "normal.pdf"), tmp_path / "normal.txt", limits)
+        normal_first = not slow.done.is_set()
+    finally:
+        slow.thread.join(timeout=120)
+    assert result.pages == 1 and result.words > 0 and (tmp_path / "normal.txt").exists()
+    assert normal_first, "the normal PDF waited until the slow one ended"
+    assert isinstance(slow.error, PdfTooLargeError) and slow.error.reason == "too_large"
+    assert "longer than 20 s" in str(slow.error)
+    assert not list(tmp_path.glob("slow.txt*")), "a timed-out document left partial text behind"
+
+
+@pytest.mark.parametrize("engine", ["pdfium", "pypdf"])
+def test_pages_cut_into_many_slices_are_joined_in_page_order(pdf, tmp_path, monkeypatch, engine):
+    monkeypatch.setattr(ingest, "SLICE_S", 0.002)  # a few pages per request: many chunk remainders
+    path = pdf(fx.kerned_pdf(120))
+    fair = ingest_pdf(path, tmp_path / "fair.txt", IngestConfig(engine=engine))
+    whole = ingest_pdf(path, tmp_path / "whole.txt", IngestConfig(engine=engine, page_workers=1,
+                                                                   fair_extraction=False))
+    assert (tmp_path / "fair.txt").read_text() == (tmp_path / "whole.txt").read_text()
+    assert (fair.pages, fair.words, fair.chars, fair.pages_failed) == (120, whole.words, whole.chars, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.pdf", "fair.txt", "whole.txt"]  # parts joined
+
+
+def test_a_document_over_its_page_limit_fails_from_its_first_chunk(pdf, tmp_path):
+    with pytest.raises(PdfTooLargeError, match="over the 3-page limit"):
+        ingest_pdf(pdf(fx.text_pdf(4)), tmp_path / "t.txt", IngestConfig(max_pages=3))
+    assert not list(tmp_path.glob("t.txt*"))
+
+
+class _Pages(Job):
+    """A job of named chunks that records what it was given (the queue's rule, without worker processes)."""
+
+    def __init__(self, name: str, chunks: int, budget_s: float = 60.0, **kw: Any) -> None:
+        super().__init__(name, budget_s, [f"{name}{i}" for i in range(chunks)], **kw)
+        self.replies: list[Any] = []
+
+    def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
+        return {}
+
+    def absorb(self, chunk: Any, reply: dict[str, Any]) -> list[Any]:
+        self.replies.append(chunk)
+        return []
+
+    def timeout_error(self) -> BaseException:
+        return PdfTooLargeError(f"{self.name} took too long", self.name)
+
+
+def _take(queue: FairQueue) -> tuple[Job, Any]:
+    picked = queue.take()
+    assert picked is not None
+    return picked[0], picked[1]
+
+
+def test_a_free_worker_serves_the_document_holding_the_fewest_workers():
+    queue = FairQueue()
+    big = _Pages("big", 10, max_workers=2)
+    queue.submit(big)
+    assert _take(queue) == (big, "big0")
+    assert _take(queue) == (big, "big1")  # nobody else waits: the second worker goes to the same document
+    small, parse = _Pages("small", 1), _Pages("parse", 1, priority=PRIORITY_PARSE)
+    queue.submit(small)
+    queue.submit(parse)
+    queue.finish(big, "big0", 0.1, reply={})
+    assert _take(queue) == (parse, "parse0")  # neither holds a worker: a parse goes first
+    queue.finish(parse, "parse0", 0.1, reply={})
+    assert _take(queue) == (small, "small0")  # big still holds one worker, small none
+    queue.finish(big, "big1", 0.1, reply={})
+    queue.submit(later := _Pages("later", 1))
+    assert _take(queue) == (big, "big2")  # both hold none: the older document
+    assert _take(queue) == (later, "later0")  # big holds one now
+
+
+def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():
+    queue = FairQueue()
+    job = _Pages("slow", 5, budget_s=1.0)
+    queue.submit(job)
+    job_, chunk = _take(queue)
+    queue.finish(job, chunk, 1.5, reply={})
+    assert not job.chunks and job.settled()
+    with pytest.raises(PdfTooLargeError, match="slow took too long"):
+        queue.wait(job)
+    assert job.replies == ["slow0"]
+
+
+def test_an_error_of_one_chunk_fails_the_job_once_its_running_chunks_end():
+    queue = FairQueue()
+    job = _Pages("doc", 4, max_workers=2)
+    queue.submit(job)
+    first, second = _take(queue)[1], _take(queue)[1]
+    queue.finish(job, first, 0.1, error=PdfTooLargeError("a limit", "doc"))
+    assert not job.chunks and not job.settled()  # its other chunk still runs
+    queue.finish(job, second, 0.1, reply={})
+    assert job.settled() and job.replies == []  # a late reply of a failed job is not taken in
+    with pytest.raises(PdfTooLargeError, match="a limit"):
+        queue.wait(job)
+
+
+def test_closing_fails_waiting_jobs_and_stops_the_lanes():
+    queue = FairQueue()
+    job = _Pages("doc", 2)
+    queue.submit(job)
+    queue.close(PdfTooLargeError("closed", "doc"))
+    assert queue.take() is None
+    with pytest.raises(PdfTooLargeError, match="closed"):
+        queue.wait(job)
+    queue.reopen()
+    again = _Pages("again", 1)
+    queue.submit(again)
+    assert _take(queue) == (again, "again0")
+
+
+def test_the_baseline_still_splits_whole_shards(pdf, tmp_path):
+    limits = IngestConfig(fair_extraction=False)
+    result = ingest_pdf(pdf(fx.text_pdf(4)), tmp_path / "t.txt", limits)
+    reference = ingest_pdf(pdf(fx.text_pdf(4), "r.pdf"), tmp_path / "r.txt", replace(limits, page_workers=1))
+    assert (result.pages, result.words) == (reference.pages, reference.words)
+    assert (tmp_path / "t.txt").read_text() == (tmp_path / "r.txt").read_text()
+
+
+def _send(service: Any, raw: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=60) as smtp:
+        assert not smtp.sendmail("alice@example.com", ["digest@pipeline.local"], raw)
+
+
+def test_over_smtp_a_normal_mail_is_answered_while_a_slow_pdf_is_still_extracted(service_factory, smtp_sink):
+    service = service_factory()
+    work = service.settings.data_dir / "work"
+    _send(service, fx.email_with([("slow.pdf", fx.slow_pdf(300, draws=2000))], subject="slow one",
+                                 message_id="<slow@example.com>"))
+    assert wait_until(lambda: bool(list(work.glob("*/text/*.p*"))), 120)  # its extraction has begun
+    _send(service, fx.email_with([("a.pdf", fx.text_pdf(1))], subject="normal one", message_id="<n@example.com>"))
+    first, second = smtp_sink[0].wait_for(2, timeout=180)
+    assert first["Subject"] == "Digest: normal one", "the normal mail's digest waited for the slow PDF"
+    assert second["Subject"] == "Digest: slow one" and "longer than 15 s" in second.get_body(("plain",)).get_content()
+    [slow_run] = [d for d in work.iterdir() if list(d.glob("attachments/*slow.pdf"))]
+    assert not list(slow_run.glob("text/*")), "the timed-out document left partial text behind"

@@ -1,0 +1,144 @@
+"""The hostile-sender audit (notebook 10) at tiny sizes, against a real `python -m pipeline serve`.
+
+These tests check the measuring machinery and the shape of its records, on whatever the server does today:
+the figures themselves (421 beyond the limit, RSS, fair extraction, purge) are judged by the SLAs when the
+audit runs. Only what holds before and after issue 11 is asserted about the server.
+"""
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from pipeline.audit import hostile, hostileviews
+from pipeline.audit.harness import row
+from pipeline.audit.recorder import AuditRecorder
+
+
+def _by_metric(rows, variant):
+    found: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["variant"] == variant:
+            found.setdefault(r["metric"], []).append(r)
+    return found
+
+
+def test_sessions_measures_each_level_the_normal_client_and_the_refusal_log(tmp_path):
+    limit, extra, sends = 6, 4, 3
+    rows = hostile.sessions(tmp_path, limit=limit, extra=extra, sends=sends, release=2, churn=20)
+    assert "error" not in _by_metric(rows, "sessions")
+    idle = Counter()
+    for r in rows:
+        if r["metric"] == "idle_replies":
+            idle[r["tags"]["level"]] += r["value"]
+    assert dict(idle) == {limit // 2: limit // 2, limit: limit, limit + extra: limit + extra}  # level 0 opens none
+    normal = Counter()
+    for r in rows:
+        if r["metric"] == "normal_replies":
+            normal[(r["tags"]["level"], r["tags"]["phase"])] += r["value"]
+    assert set(normal) == {(0, "held"), (3, "held"), (limit, "held"), (limit + extra, "held"),
+                           (limit, "after_release"), (limit + extra, "after_release")}
+    assert all(n == sends for n in normal.values())
+    metrics = _by_metric(rows, "sessions")
+    assert {r["tags"]["level"] for r in metrics["over_limit_accepted"]} == {0, 3, limit, limit + extra}
+    assert all(r["value"] == 0 for r in metrics["under_limit_refused"])  # a slot within the limit is never refused
+    assert [r["value"] for r in metrics["normal_through_after_release"]] == [1.0, 1.0]
+    below = [r for r in metrics["normal_latency_ms"] if r["tags"]["level"] < limit]
+    assert len(below) == 2 * sends and all(r["value"] > 0 for r in below)  # below the limit every send got 250
+    assert sum(r["value"] for r in metrics["churn_replies"]) == 20
+    assert metrics["log_bytes"][0]["value"] >= 0 and metrics["tracebacks_logged"][0]["tags"]["phase"] == "churn"
+
+
+def test_memory_samples_serve_and_workers_in_both_modes(tmp_path):
+    rows = hostile.memory(tmp_path, mails=2, mail_mb=1.5, reps=1, timeout_s=240)
+    metrics = _by_metric(rows, "memory")
+    assert "error" not in metrics
+    peaks = {r["tags"]["mode"]: r["value"] for r in metrics["serve_peak_rss_mb"]}
+    idle = {r["tags"]["mode"]: r["value"] for r in metrics["serve_idle_rss_mb"]}
+    assert set(peaks) == {"before", "after"} and all(peaks[m] >= idle[m] > 10 for m in peaks)
+    assert all(r["value"] > 0 for r in metrics["workers_peak_rss_mb"])  # extraction workers were sampled too
+    assert [r["value"] for r in metrics["accepted"]] == [2, 2]
+    assert [r["value"] for r in metrics["runs_not_succeeded"]] == [0, 0]
+    assert all(r["tags"]["nominal_mb"] == 1.5 and r["tags"]["mail_mb"] > 1 for r in metrics["accepted"])
+
+
+def test_head_of_line_times_the_normal_pdf_beside_the_hostile_one_in_both_modes(tmp_path):
+    rows = hostile.head_of_line(tmp_path, timeout_s=3.0, slow_pages=2, gap_s=0.5, reps=1, wait_s=240)
+    metrics = _by_metric(rows, "head_of_line")
+    assert "error" not in metrics
+    assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
+    assert {r["tags"]["mode"] for r in metrics["normal_latency_s"]} == {"before", "after"}
+    assert all(r["value"] > 0 for r in metrics["normal_latency_s"])
+    for r in metrics["hostile_run_succeeded"]:  # the hostile run ended, either way, with its outcome named
+        assert r["tags"]["state"] in ("success", "failed") and r["tags"]["replies"] == "hostile 250, normal 250"
+    assert len(metrics["hostile_text_left_bytes"]) == 2
+    assert {r["tags"]["mode"] for r in metrics["hostile_pdf_failed"]} == {"before", "after"}
+
+
+def test_spool_lifecycle_runs_the_real_purge_and_restart(tmp_path):
+    rows = hostile.spool_lifecycle(tmp_path, mails=6, senders=2, timeout_s=240)
+    metrics = _by_metric(rows, "spool")
+    assert "error" not in metrics
+    assert metrics["purge_exit_code"][0]["value"] == 0, metrics["purge_exit_code"][0]["tags"]["output"]
+    assert metrics["runs_purged"][0]["value"] == 6
+    assert metrics["bytes_before_purge_per_1000"][0]["value"] > 0
+    for name in ("bytes_after_purge", "freed_measured", "runs_recreated_after_restart",
+                 "digests_resent_after_restart", "run_ids_reused", "stale_temp_files_left"):
+        assert len(metrics[name]) == 1 and metrics[name][0]["tags"]["acked"] == 6, name
+
+
+def test_purge_output_is_read_for_runs_and_bytes_freed():
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = "purged 1,000 run(s) that ended more than 0 day(s) ago; freed 2.5 MiB (spool 2 MiB, work 0.5 MiB)\n"
+
+    found = {r["metric"]: r["value"] for r in hostile._purge_rows(Done(), {})}
+    assert found == {"purge_exit_code": 0, "runs_purged": 1000, "freed_reported": 2.5 * 2**20}
+
+
+def test_a_broken_part_is_an_error_row_and_the_others_still_run(tmp_path):
+    recorder = AuditRecorder(tmp_path / "a.duckdb")
+    recorder.start_session("test")
+    frame = hostile.hostile_figures(tmp_path, {"sessions": {"no_such_parameter": 1}, "spool": {"mails": -1}},
+                                    only=("sessions",), recorder=recorder)
+    assert frame.metric.tolist() == ["error"] and "no_such_parameter" in frame.reason[0]
+    assert recorder.measurements("hostile").metric.tolist() == ["error"]
+
+
+def test_hostile_tables_show_levels_and_before_after_and_are_empty_without_rows(tmp_path):
+    rec = AuditRecorder(tmp_path / "a.duckdb")
+    rec.start_session("test")
+    held, released = {"level": 4, "limit": 4, "phase": "held"}, {"level": 4, "limit": 4, "phase": "after_release"}
+    rows = [row("sessions", "idle_replies", 4, "connections", 0, reply="220", **held),
+            row("sessions", "normal_replies", 2, "sends", 0, reply="421", **held),
+            row("sessions", "normal_replies", 2, "sends", 0, reply="250", **released),
+            row("sessions", "normal_latency_ms", 10.0, "ms", 0, **released),
+            row("sessions", "normal_latency_ms", 30.0, "ms", 1, **released),
+            row("memory", "serve_peak_rss_mb", 900.0, "MB", 0, mode="before", mails=10),
+            row("memory", "serve_peak_rss_mb", 120.0, "MB", 0, mode="after", mails=10),
+            row("memory", "first_replies", 4, "mails", 0, reply="452", mode="after", mails=10),
+            row("spool", "error", 1, "part", 0, reason="RuntimeError: boom")]
+    assert hostileviews.sessions_table(rec.measurements()).empty
+    assert hostileviews.comparison_table(rec.measurements(), "memory").empty
+    rec.record("hostile", pd.DataFrame(rows))
+    m = rec.measurements()
+    sessions = hostileviews.sessions_table(m)
+    assert sessions.phase.tolist() == ["held", "after_release"]
+    assert sessions.loc[0, "connections got"] == "220 ×4" and sessions.loc[0, "normal client got"] == "421 ×2"
+    assert sessions.loc[1, "median ms"] == 20.0 and sessions.loc[1, "normal client got"] == "250 ×2"
+    memory = hostileviews.comparison_table(m, "memory").set_index("figure")
+    assert memory.columns.tolist() == ["before", "after"]
+    assert memory.loc["serve_peak_rss_mb"].tolist() == [900.0, 120.0] and memory.loc["first_replies 452", "after"] == 4
+    assert hostileviews.comparison_table(m, "spool").empty
+    assert hostileviews.notes(m) == "Parts whose harness failed: spool: RuntimeError: boom"
+
+
+@pytest.mark.parametrize("part", sorted(hostile.PARTS))
+def test_every_part_has_quick_and_standard_parameters_it_accepts(part):
+    import inspect
+
+    from pipeline.audit.batch import PROFILES
+
+    accepted = set(inspect.signature(hostile.PARTS[part]).parameters)
+    for profile in ("quick", "standard", "full"):
+        assert set(PROFILES[profile]["10_hostile_senders"][part]) <= accepted, profile
