@@ -117,7 +117,9 @@ class GatewayConfig:
         if self.command_timeout_s <= 0 or self.session_timeout_s < self.command_timeout_s:
             raise ConfigurationError("gateway timeouts must satisfy 0 < command_timeout_s <= session_timeout_s")
         if self.max_inflight_bytes < self.max_message_bytes:
-            raise ConfigurationError("gateway.max_inflight_bytes must be >= gateway.max_message_bytes")
+            raise ConfigurationError(f"gateway.max_inflight_bytes ({self.max_inflight_bytes:,}) must be >= "
+                                     f"gateway.max_message_bytes ({self.max_message_bytes:,}): raise both "
+                                     "([gateway] in the --config file)")
         self._check_exposure()
 
     def _check_exposure(self) -> None:

@@ -101,13 +101,18 @@ class WorkflowEngine:
 
     def trigger(self, workflow: str, payload: dict[str, Any] | None = None, dedup_key: str | None = None) -> Run:
         """Queue a run of ``workflow``; with a ``dedup_key`` seen before, return that run instead."""
+        return self.submit(workflow, payload, dedup_key)[0]
+
+    def submit(self, workflow: str, payload: dict[str, Any] | None = None,
+               dedup_key: str | None = None) -> tuple[Run, bool]:
+        """Like ``trigger``, and say whether the run is new (False: ``dedup_key`` was seen before)."""
         if workflow not in self._workflows:
             raise UnknownWorkflowError(workflow, list(self._workflows))
         run, created = self.store.create_run(workflow, payload or {}, dedup_key)
         if created:
             log.info("run %s (%s): queued%s", run.run_id, workflow, f" key={dedup_key}" if dedup_key else "")
             self.wake()
-        return run
+        return run, created
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class EmailGateway:
         self.check_available()
         with tracing.span("gateway.accept", source=source, size=len(head) + len(raw)):
             spooled = self.spool.store(raw, head=head)
-            run = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
+            run, _ = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
                              data_end_at=data_end_at, dedup=dedup)
         self._accepted(run, spooled, source, mail_from, data_end_at)
         return run
@@ -105,14 +105,14 @@ class EmailGateway:
             raise
         with tracing.span("gateway.accept", source=source, size=writer.size):
             spooled = writer.finish()
-            run = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
+            run, _ = self.queue(spooled, source=source, mail_from=mail_from, rcpt_tos=rcpt_tos,
                              data_end_at=data_end_at)
         self._accepted(run, spooled, source, mail_from, data_end_at)
         return run
 
     def queue(self, spooled: SpooledMessage, *, source: str, mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
-              data_end_at: float | None = None, dedup: bool = True) -> Run:
-        """Queue the run of a message already in the spool, or return the run it already has.
+              data_end_at: float | None = None, dedup: bool = True) -> tuple[Run, bool]:
+        """Queue the run of a message already in the spool, or find the run it has; return (run, created).
 
         The same key with the same spool file is a duplicate: its first run is returned. A Message-ID
         already used by another spool file (other content, or another envelope sender) gets a new run keyed
@@ -124,16 +124,20 @@ class EmailGateway:
         payload: dict[str, Any] = {
             "spool": str(spooled.path), "source": source, "size": spooled.size, "mail_from": mail_from,
             "rcpt_tos": list(rcpt_tos), "data_end_at": time.time() if data_end_at is None else data_end_at}
-        started = time.time()
-        run = self.engine.trigger(self.workflow, payload, spooled.dedup_key)
-        if spooled.message_id and Path(str(run.payload.get("spool", ""))).name != spooled.path.name:
-            key = f"{spooled.message_id} sha256:{spooled.sha256}"
-            log.warning("Message-ID %s of run %s reused by a different message (%s): queued under key %r",
-                        spooled.message_id, run.run_id, spooled.path.name, key)
-            run = self.engine.trigger(self.workflow, payload, key)
-        if not dedup and run.queued_at < started:  # seen before: reprocess as a new, key-less run
-            run = self.engine.trigger(self.workflow, payload, None)
-        return run
+        reused_key = f"{spooled.message_id} sha256:{spooled.sha256}" if spooled.message_id else None
+        # the second key first: once the first message's run is purged, its Message-ID alone must not
+        # give the second message (sent again) another run
+        run = self.engine.store.find_run(self.workflow, reused_key) if reused_key else None
+        created = False
+        if run is None:
+            run, created = self.engine.submit(self.workflow, payload, spooled.dedup_key)
+            if reused_key and not created and Path(str(run.payload.get("spool", ""))).name != spooled.path.name:
+                log.warning("Message-ID %s of run %s reused by a different message (%s): queued under key %r",
+                            spooled.message_id, run.run_id, spooled.path.name, reused_key)
+                run, created = self.engine.submit(self.workflow, payload, reused_key)
+        if not dedup and not created:  # seen before: reprocess as a new, key-less run
+            run, created = self.engine.submit(self.workflow, payload, None)
+        return run, created
 
     def _accepted(self, run: Run, spooled: SpooledMessage, source: str, mail_from: str, data_end_at: float) -> None:
         tracing.send(tracing.MESSAGE_ACCEPTED, run_id=run.run_id, data_end_at=data_end_at,

@@ -103,7 +103,10 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
         runs += len(batch.run_ids)
         for run_id in batch.run_ids:
             files.remove_work_dir(run_id)
-        store.drop_spool_tombstones([name for name in batch.spool_names if files.remove_spool_file(name)])
+        # look again just before deleting: the same bytes may have arrived (and been named) since the commit
+        live = store.spool_names_in_use(batch.spool_names)
+        gone = [name for name in batch.spool_names if name not in live and files.remove_spool_file(name)]
+        store.drop_spool_tombstones([*live, *gone])
     legacy_before = store.spool_tracked_since() - LEGACY_GRACE_S
     for mtime, path in unknown_spool_files(store, data_dir / "spool"):
         if mtime < legacy_before:

@@ -112,8 +112,7 @@ class PipelineService:
 
     def _queue_spooled(self, spooled: SpooledMessage) -> int:
         """Queue a spool file found without a run by the gateway's rule; 1 if that made a new run, else 0."""
-        started = time.time()
-        return int(self.gateway.queue(spooled, source="spool").queued_at >= started)
+        return int(self.gateway.queue(spooled, source="spool")[1])
 
     def stop(self, grace_s: float | None = None) -> None:
         """Close the listeners, let running tasks finish within the grace period, close the store.

@@ -97,7 +97,7 @@ class Spool:
         path = self.directory / f"{digest.hexdigest()}.eml"
         size = len(head) + len(raw)
         try:
-            if not path.exists():
+            if not _reuse(path):
                 fd, tmp = self._new_temp()
                 self._finish_temp(fd, tmp, path, [head, raw])
         except OSError as exc:
@@ -168,7 +168,7 @@ class Spool:
             for piece in pieces:
                 self._write(fd, piece)
             os.fsync(fd)  # an fsync can be where a full disk (or a failing one) is first reported
-            if path.exists():  # the same bytes arrived before: keep that file
+            if _reuse(path):  # the same bytes arrived before: keep that file
                 tmp.unlink()
             else:
                 os.replace(tmp, path)
@@ -284,6 +284,15 @@ def remove_if_unlocked(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _reuse(path: Path) -> bool:
+    """True if a spool file of these bytes exists; touch it so purge's sweep of unnamed old files spares it."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def spool_error(what: str, exc: OSError) -> SpoolError:

@@ -182,6 +182,11 @@ class SqliteRunStore(DAGRunStore):
             raise UnknownRunError(run_id)
         return _run(rows[0])
 
+    def find_run(self, workflow: str, dedup_key: str) -> Run | None:
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
+                          (workflow, dedup_key))
+        return _run(rows[0]) if rows else None
+
     def list_runs(self, workflow: str | None = None, state: str | None = None, limit: int = 50,
                   before_run_id: int | None = None) -> list[Run]:
         where, params = _filters(workflow=workflow, state=state)

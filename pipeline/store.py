@@ -197,6 +197,10 @@ class DAGRunStore:
         """Return the run; raise ``UnknownRunError`` if there is none, StoreCorruptError if its page is damaged."""
         raise NotImplementedError
 
+    def find_run(self, workflow: str, dedup_key: str) -> Run | None:
+        """Return the run of ``workflow`` that carries ``dedup_key``, or None; creates nothing."""
+        raise NotImplementedError
+
     def get_tasks(self, run_id: int) -> list[TaskRun]:
         """Return the run's task instances in creation order (empty if none)."""
         raise NotImplementedError

@@ -76,16 +76,17 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
     and a marker in the work dir records a relay send.
     """
+    key = delivery_key(ctx)
     marker = Path(ctx.work_dir) / "delivered.json"
     earlier = deliver.delivered_before(marker)
-    if earlier is not None:
+    # only this run's own marker counts: a work dir left by an older version's purge can hold another run's
+    if earlier is not None and earlier.get("message_id") == deliver.digest_message_id(key, settings.delivery):
         return earlier
     email = ctx.upstream["parse_email"]
     to, origin = deliver.reply_recipient(ctx.payload, email, settings.delivery)
     if to is None:  # RFC 3834: never answer the null reverse-path; never guess an address
         log.info("run %s: no digest sent: %s", ctx.run_id, origin)
         return {"skipped": origin}
-    key = delivery_key(ctx)
     with tracing.span("stage.deliver", run_id=ctx.run_id):
         saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,

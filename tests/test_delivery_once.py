@@ -70,3 +70,15 @@ def test_an_outbox_that_cannot_be_written_is_a_retryable_delivery_error(tmp_path
         deliver_task(_ctx(tmp_path), settings)
     assert err.value.retryable
     assert not (tmp_path / "work-7" / "delivered.json").exists()  # not marked delivered
+
+
+def test_a_marker_left_by_another_run_in_a_reused_work_dir_is_ignored(tmp_path, settings, smtp_sink):
+    handler, url = smtp_sink
+    relayed = replace(settings, delivery=DeliveryConfig(relay=url, outbox=settings.delivery.outbox))
+    ctx = _ctx(tmp_path, spool="data/spool/new.eml")
+    # an older version's purge left run 7's work dir, with its delivery marker, and the id was reused
+    (tmp_path / "work-7" / "delivered.json").write_text(json.dumps(
+        {"to": "old@example.com", "where": url, "message_id": "<digest-7-0123456789abcdef@localhost>"}))
+    result = deliver_task(ctx, relayed)
+    assert result["message_id"] != "<digest-7-0123456789abcdef@localhost>"
+    assert [m["Message-ID"] for m in handler.wait_for(1)] == [result["message_id"]]

@@ -275,3 +275,19 @@ def test_migration_to_autoincrement_keeps_runs_counts_tasks_and_indexes(tmp_path
         assert all("USING INDEX" in step for step in plan), plan  # the purge's query: no full scan
     finally:
         conn.close()
+
+
+def test_a_message_that_reused_a_message_id_keeps_its_run_after_the_first_is_purged(settings):
+    service = PipelineService(settings, listen=False)  # the engine is not started: runs stay queued
+    try:
+        first = service.gateway.accept(fx.email_with([], subject="A", message_id="<reused@example.com>"))
+        second_mail = fx.email_with([], subject="B", message_id="<reused@example.com>")
+        second = service.gateway.accept(second_mail)
+        assert second.run_id != first.run_id and second.dedup_key.startswith("<reused@example.com> sha256:")
+        service.store.finish_run(first.run_id, "success", now=1.0)
+        housekeeping.purge_store(service.store, settings.data_dir, 0)
+        again = service.gateway.accept(second_mail)  # B again (a retry after a lost 250): still one run
+        assert again.run_id == second.run_id
+        assert [r.run_id for r in service.store.list_runs()] == [second.run_id]
+    finally:
+        service.stop(grace_s=0)

@@ -174,11 +174,12 @@ EMAIL = {"from": "victim@elsewhere.example", "from_name": "Victim"}
     ({"source": "smtp", "mail_from": ""}, {}, (None, "null sender")),
     ({"source": "spool"}, {"return_path": "bob@example.org"}, ("bob@example.org", "Return-Path")),
     ({"source": "spool", "mail_from": ""}, {"return_path": ""}, (None, "null sender")),
-    ({"source": "spool"}, {"return_path": None}, (None, "no envelope sender")),
+    ({"source": "spool"}, {"return_path": None}, ("Victim <victim@elsewhere.example>", "From")),  # a local file
+    ({"source": "elsewhere"}, {"return_path": None}, (None, "no envelope sender")),
     ({"source": "dropfolder", "mail_from": ""}, {}, ("Victim <victim@elsewhere.example>", "From")),
     ({"source": "cli"}, {"return_path": "bob@example.org"}, ("bob@example.org", "Return-Path")),
-], ids=["mail-from", "null-mail-from", "empty-mail-from", "return-path", "null-return-path", "nothing",
-        "dropfolder-from", "cli-return-path"])
+], ids=["mail-from", "null-mail-from", "empty-mail-from", "return-path", "null-return-path",
+        "spool-without-return-path", "nothing", "dropfolder-from", "cli-return-path"])
 def test_the_reply_rule(payload, email_extra, expected):
     to, why = deliver.reply_recipient(payload, {**EMAIL, **email_extra}, DeliveryConfig())
     assert (str(to) if to else None, why) == expected

@@ -11,6 +11,8 @@ Whom the digest goes to (issue 11: a digest must not go to a third party named i
    there is the null sender again: no digest.
 5. Messages from local sources, with no envelope at all (``source`` "dropfolder", "cli" or "audit",
    no Return-Path), go to the ``From:`` address: whoever put them there can write to the data dir.
+   So does a run rebuilt from the spool (``source`` "spool") from a file without Return-Path: the
+   gateway writes one on every SMTP message, so such a file came from a local source.
 6. Anything else (an SMTP message with neither) gets no digest.
 
 The From, Reply-To and Sender headers of an SMTP message are never used as the address. The To
@@ -89,7 +91,9 @@ def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tup
     path = email.get("return_path")
     if path is not None:
         return (str(path), "Return-Path") if path else ("", NULL_SENDER)
-    if payload.get("source") in LOCAL_SOURCES:
+    if payload.get("source") in LOCAL_SOURCES or payload.get("source") == "spool":
+        # "spool": a run rebuilt after a crash from a file without Return-Path, which this version writes
+        # on every SMTP message: so the file came from the drop folder or `ingest`
         return str(email["from"]), "From"
     return "", NO_ENVELOPE
 

@@ -20,7 +20,14 @@ worker killed by the memory cap (``too_large``) from any other death
 Which document a free worker serves next is decided by ``worker_pool``
 (fair sharing, time budgets); a request is one page chunk, one whole shard,
 or one email to parse (``op`` "parse": the worker reads the spool file itself,
-so a big message never sits in the serve process's memory).
+so a big message never sits in the serve process's memory). A parse cannot be
+sliced, so with more than one worker parses hold at most ``workers - 1`` of
+them at once: one always stays for PDF chunks, however long hostile mails take
+to parse (with one worker, parses and chunks simply take turns, parses first).
+
+A job is queued and its lanes are started as one step under the pool's lock,
+and ``close`` (which stops the lanes) makes that step wait until it is done:
+a queued job always has live lanes, or ``close`` fails it (WorkerCrashedError).
 """
 
 from __future__ import annotations
@@ -129,14 +136,26 @@ class ExtractionPool:
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
-        self._queue = FairQueue()
+        self._closed_done = threading.Condition(self._lock)  # notified when a close() ends
+        self._closing = 0  # close() calls under way: no job is queued and no lane started meanwhile
+        self._queue = FairQueue(size)
         self._lanes: list[threading.Thread] = []
 
     def run(self, job: Job) -> None:
         """Run every chunk of ``job`` on the lanes; return once it is done or raise its typed error."""
-        self._start_lanes()
-        self._queue.submit(job)
+        self._submit(job)
         self._queue.wait(job)
+
+    def _submit(self, job: Job) -> None:
+        """Queue ``job`` and make sure the lanes run, as one step (after any close() under way).
+
+        Apart, a close() between the two steps could stop the lanes just started and leave the job queued
+        with none to run it, its caller waiting for ever.
+        """
+        with self._closed_done:
+            self._closed_done.wait_for(lambda: not self._closing)
+            self._queue.submit(job)
+            self._start_lanes()
 
     def extract(self, pdf_path: Path, text_path: Path, limits: IngestConfig,
                 shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
@@ -165,12 +184,12 @@ class ExtractionPool:
         return job.result
 
     def _start_lanes(self) -> None:
-        with self._lock:
-            self._lanes = [lane for lane in self._lanes if lane.is_alive()]
-            while len(self._lanes) < self.size:
-                lane = threading.Thread(target=self._lane, name=f"extract-lane-{len(self._lanes)}", daemon=True)
-                lane.start()
-                self._lanes.append(lane)
+        """Start lanes up to ``size`` (the pool's lock held): a lane alive now ends only after a close()."""
+        self._lanes = [lane for lane in self._lanes if lane.is_alive()]
+        while len(self._lanes) < self.size:
+            lane = threading.Thread(target=self._lane, name=f"extract-lane-{len(self._lanes)}", daemon=True)
+            lane.start()
+            self._lanes.append(lane)
 
     def _lane(self) -> None:
         """Run chunks until the queue closes; any error ends that chunk's job, never the lane."""
@@ -243,15 +262,25 @@ class ExtractionPool:
                     if pipe is not None and not pipe.closed}
 
     def close(self) -> None:
-        """Stop every lane and worker; jobs still waiting fail with WorkerCrashedError (retryable)."""
-        self._queue.close(WorkerCrashedError("the extraction pool was closed"))
-        self._close_workers()  # a lane in the middle of a request sees its worker die
+        """Stop every lane and worker; jobs still waiting fail with WorkerCrashedError (retryable).
+
+        A ``run`` called meanwhile waits for the close to end, then starts new lanes.
+        """
         with self._lock:
+            self._closing += 1
             lanes, self._lanes = self._lanes, []
-        for lane in lanes:
-            lane.join(timeout=30)
-        self._close_workers()  # one a lane started meanwhile
-        self._queue.reopen()
+        try:
+            self._queue.close(WorkerCrashedError("the extraction pool was closed"))
+            self._close_workers()  # a lane in the middle of a request sees its worker die
+            for lane in lanes:
+                lane.join(timeout=30)
+            self._close_workers()  # one a lane started meanwhile
+        finally:
+            with self._closed_done:
+                self._closing -= 1
+                if not self._closing:
+                    self._queue.reopen()
+                self._closed_done.notify_all()
 
     def _close_workers(self) -> None:
         with self._lock:

@@ -10,6 +10,11 @@ oldest job. A job holds at most ``max_workers`` lanes, and a second one only
 when no job with fewer lanes has a chunk waiting. A chunk runs for a short time
 slice, so a newcomer waits at most about one slice for a lane.
 
+A parse is one request that cannot be cut into slices, so parses together hold
+at most all lanes but one (``lanes - 1``; with a single lane, that lane): two
+hostile mails parsed for their whole timeout leave a lane for PDF chunks, and
+the other parses wait. Below that cap a parse keeps its priority.
+
 Time is a budget per job, not a wall clock: ``budget_s`` is the worker time a
 job may use in total (the sum of its chunks' durations, parallel chunks
 counted each), so waiting for a lane under load costs a document nothing. A
@@ -69,7 +74,9 @@ class Job:
 class FairQueue:
     """The jobs waiting for lanes, and the rule that picks which chunk a free lane runs next."""
 
-    def __init__(self) -> None:
+    def __init__(self, lanes: int = 1) -> None:
+        """``lanes``: how many lanes take from this queue; parses may hold all of them but one."""
+        self._parse_cap = max(1, lanes - 1)
         self._cond = threading.Condition()
         self._jobs: list[Job] = []
         self._seq = itertools.count()
@@ -88,7 +95,9 @@ class FairQueue:
         """Block until a chunk may run; return (job, chunk, budget left), or None once the queue is closed."""
         with self._cond:
             while self._closed is None:
-                ready = [j for j in self._jobs if j.chunks and j.error is None and j.running < j.max_workers]
+                parsing = sum(j.running for j in self._jobs if j.priority == PRIORITY_PARSE)
+                ready = [j for j in self._jobs if j.chunks and j.error is None and j.running < j.max_workers
+                         and (j.priority != PRIORITY_PARSE or parsing < self._parse_cap)]
                 if ready:
                     job = min(ready, key=lambda j: (j.running, j.priority, j.seq))
                     job.running += 1
