@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import smtplib
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 import pytest
 from helpers import wait_until
 
 from pipeline.audit import fixtures as fx
 from pipeline.config import IngestConfig, Settings
-from pipeline.errors import PdfTooLargeError
+from pipeline.errors import PdfTooLargeError, WorkerCrashedError
 from pipeline.stages import ingest
 from pipeline.stages.extract_worker import pool_for
 from pipeline.stages.ingest import ingest_pdf
@@ -175,6 +177,55 @@ def test_closing_fails_waiting_jobs_and_stops_the_lanes():
     again = _Pages("again", 1)
     queue.submit(again)
     assert _take(queue) == (again, "again0")
+
+
+def test_parses_leave_one_lane_for_documents():
+    queue = FairQueue(lanes=2)
+    mail_a, mail_b = _Pages("a", 1, priority=PRIORITY_PARSE), _Pages("b", 1, priority=PRIORITY_PARSE)
+    doc = _Pages("doc", 2)
+    for job in (mail_a, mail_b, doc):
+        queue.submit(job)
+    assert _take(queue) == (mail_a, "a0")
+    assert _take(queue) == (doc, "doc0")  # mail b would take the last lane: it waits
+    queue.finish(doc, "doc0", 0.1, reply={})
+    assert _take(queue) == (doc, "doc1")  # still, while mail a holds a lane
+    queue.finish(mail_a, "a0", 0.1, reply={})
+    assert _take(queue) == (mail_b, "b0")
+    single = FairQueue(lanes=1)  # one lane: a parse goes first, as before
+    single.submit(doc := _Pages("doc", 1))
+    single.submit(mail := _Pages("mail", 1, priority=PRIORITY_PARSE))
+    assert _take(single) == (mail, "mail0")
+
+
+def test_a_close_between_queueing_a_job_and_starting_lanes_never_strands_it(pdf, tmp_path, own_pool):
+    limits = own_pool(912, workers=1, page_workers=1)
+    pool = pool_for(limits)
+    closers: list[threading.Thread] = []
+
+    def then_close(step: Callable[..., Any]) -> Callable[..., Any]:
+        """After the first of run()'s two steps (queue the job, start the lanes), close the pool from another
+        thread (the fault: the test's only mock)."""
+        def wrapper(*args: Any) -> Any:
+            result = step(*args)
+            if not closers:
+                closers.append(threading.Thread(target=pool.close))
+                closers[0].start()
+                closers[0].join(timeout=2)  # a close not held off by run() ends here, between the steps
+            return result
+        return wrapper
+
+    with mock.patch.object(pool._queue, "submit", then_close(pool._queue.submit)), \
+            mock.patch.object(pool, "_start_lanes", then_close(pool._start_lanes)):
+        job = _Background(pdf(fx.text_pdf(1)), tmp_path / "t.txt", limits)
+        job.done.wait(timeout=120)
+    stranded = not job.done.is_set()
+    if stranded:
+        pool.close()  # fails the stranded job, so its thread ends
+    job.thread.join(timeout=120)
+    closers[0].join(timeout=120)
+    assert not stranded, "the job was queued with no lane to run it"
+    assert job.error is None or isinstance(job.error, WorkerCrashedError), job.error
+    assert ingest_pdf(pdf(fx.text_pdf(1), "again.pdf"), tmp_path / "again.txt", limits).pages == 1
 
 
 def test_the_baseline_still_splits_whole_shards(pdf, tmp_path):

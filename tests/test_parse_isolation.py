@@ -34,7 +34,7 @@ def parse_settings(tmp_path):
     made: list[IngestConfig] = []
 
     def make(memory_mb: int, **fields) -> Settings:
-        limits = IngestConfig(workers=1, page_workers=1, memory_limit_bytes=memory_mb * MB, **fields)
+        limits = IngestConfig(**{"workers": 1, "page_workers": 1, **fields}, memory_limit_bytes=memory_mb * MB)
         made.append(limits)
         return replace(Settings.for_data_dir(tmp_path / "data"), ingest=limits)
     yield make
@@ -179,3 +179,63 @@ def test_a_parse_is_not_queued_behind_a_slow_pdf(pdf, tmp_path, parse_settings):
         thread.join(timeout=120)
     assert len(info["attachments"]) == 1 and parsed_first, "the parse waited for the slow PDF's whole budget"
     assert [type(e) for e in failed] == [PdfTooLargeError]
+
+
+def _open_writers(fifos: list[Path], writers: dict[Path, int]) -> int:
+    """Open the write end of each FIFO a worker is reading (that works without blocking once a reader has it)."""
+    for fifo in fifos:
+        if fifo not in writers:
+            try:
+                writers[fifo] = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                pass
+    return len(writers)
+
+
+class _SlowParse:
+    """A parse of ``spool`` in a thread of its own; ``outcome`` is its result or what it raised."""
+
+    def __init__(self, spool: Path, work: Path, limits: IngestConfig) -> None:
+        self.outcome: object = None
+        self.thread = threading.Thread(target=self._run, args=(spool, work, limits))
+        self.thread.start()
+
+    def _run(self, spool: Path, work: Path, limits: IngestConfig) -> None:
+        try:
+            self.outcome = pool_for(limits).parse(spool, work, limits)
+        except BaseException as exc:
+            self.outcome = exc
+
+
+def test_two_slow_parses_leave_a_worker_for_a_pdf(pdf, tmp_path, parse_settings):
+    limits = parse_settings(911, workers=2, page_workers=2, timeout_s=120.0).ingest
+    fifos = [tmp_path / "slow1.eml", tmp_path / "slow2.eml"]
+    for fifo in fifos:
+        os.mkfifo(fifo)  # a worker parsing it blocks reading until the test writes the mail
+    parses = [_SlowParse(fifo, tmp_path / fifo.stem, limits) for fifo in fifos]
+    writers: dict[Path, int] = {}
+    try:
+        assert wait_until(lambda: _open_writers(fifos, writers) > 0, 120)  # one parse holds a worker
+        result = ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "n.txt", limits)
+        assert [p.thread.is_alive() for p in parses] == [True, True], "the PDF waited for the parses to end"
+        assert _open_writers(fifos, writers) == 1, "the two parses held both workers"  # nobody reads the other
+        mail = fx.email_with([("a.pdf", fx.text_pdf(1))])
+        while fifos:  # the queued parse starts once the first has its mail
+            assert wait_until(lambda: _open_writers(fifos, writers) > 0, 120)
+            fifo, fd = writers.popitem()
+            try:
+                os.write(fd, mail)  # a few KB: the pipe takes it whole
+            finally:
+                os.close(fd)
+            fifos.remove(fifo)
+        for p in parses:
+            p.thread.join(timeout=120)
+    finally:
+        for fd in writers.values():
+            os.close(fd)
+        pool_for(limits).close()  # after a failure: a parse still blocked on its FIFO ends
+        for p in parses:
+            p.thread.join(timeout=120)
+    assert result.pages == 1
+    for p in parses:
+        assert isinstance(p.outcome, dict) and len(p.outcome["attachments"]) == 1, p.outcome
