@@ -65,8 +65,9 @@ def test_a_normal_pdf_finishes_while_a_slow_one_holds_both_workers(pdf, tmp_path
     limits = own_pool(905, workers=2, page_workers=2, timeout_s=20.0)
     slow = _Background(pdf(fx.slow_pdf(300, draws=2000), "slow.pdf"), tmp_path / "slow.txt", limits)
     try:
-        # a chunk planned from the page count is running: the slow document holds both workers now
-        assert wait_until(lambda: (tmp_path / "slow.txt.p000050").exists() or slow.done.is_set(), 120)
+        # both of its shards are being read: the slow document holds both workers now
+        both = [tmp_path / "slow.txt.s000", tmp_path / "slow.txt.s001"]
+        assert wait_until(lambda: all(p.exists() for p in both) or slow.done.is_set(), 120)
         assert not slow.done.is_set(), f"the slow PDF ended before the test could start: {slow.error!r}"
         result = ingest_pdf(pdf(fx.text_pdf(1), "normal.pdf"), tmp_path / "normal.txt", limits)
         normal_first = not slow.done.is_set()

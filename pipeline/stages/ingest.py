@@ -10,8 +10,10 @@ steps receive. A damaged page costs that page (``PdfText.pages_failed``); the
 document fails as corrupt only when none of its pages can be read.
 
 Fair extraction (``limits.fair_extraction``, issue 11): a document is a job of
-page chunks on the shared workers (``worker_pool``). Its first chunk tells the
-page count, the rest are planned from it (``CHUNK_PAGES`` pages each), and each
+page chunks on the shared workers (``worker_pool``). Its first requests are its
+``page_workers`` shards (the worker resolves them from the page count, so an
+idle pool starts the document on every lane at once, as the baseline did); what
+a slice leaves of a shard is queued again in chunks of ``CHUNK_PAGES``, and each
 request reads for about a time slice (``SLICE_S``, or an eighth of the timeout
 if that is shorter; longer only when opening the document took long, see
 ``pdf_text``), so a slow hostile document gives a worker back within about a
@@ -116,35 +118,43 @@ class _PageChunks(Job):
     """One document as chunks of pages (first page, stop page), each written to a part file of its own."""
 
     def __init__(self, pdf_path: Path, text_path: Path, limits: IngestConfig) -> None:
-        super().__init__(pdf_path.name, limits.timeout_s, [(0, CHUNK_PAGES)], max_workers=limits.page_workers)
+        # the first requests are the page_workers shards (the worker resolves them from the page count), so an
+        # idle pool starts a document on all its lanes at once; what a slice leaves is queued again by page
+        shards = max(1, limits.page_workers)
+        super().__init__(pdf_path.name, limits.timeout_s, [("shard", i, shards) for i in range(shards)],
+                         max_workers=limits.page_workers)
         self.pdf_path, self.text_path, self.limits = pdf_path, text_path, limits
         self.parts: list[Path] = []  # every part file a request was given, so a failure can remove them
-        self.results: dict[int, PdfText] = {}  # first page -> that chunk's result
+        self.results: dict[tuple[int, int], PdfText] = {}  # (first page, arrival) -> that chunk's result
         self.pages: int | None = None
 
     def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
-        first, stop = chunk
-        part = Path(f"{self.text_path}.p{first:06d}")
+        where: dict[str, Any]
+        if chunk[0] == "shard":
+            part = Path(f"{self.text_path}.s{chunk[1]:03d}")
+            where = {"shard": [chunk[1], chunk[2]]}
+        else:
+            part = Path(f"{self.text_path}.p{chunk[0]:06d}")
+            where = {"chunk": list(chunk)}
         self.parts.append(part)
         # the slice ends by the end of the budget, after which the queue fails the document (a page that does
         # not end is killed GRACE_S later); the worker's own time limit lies past both, so the timeout is typed
         # in one place and always reads the same
-        return {"op": "extract", "pdf": str(self.pdf_path), "text": str(part), "chunk": [first, stop],
+        return {"op": "extract", "pdf": str(self.pdf_path), "text": str(part), **where,
                 "slice_s": min(SLICE_S, self.limits.timeout_s / 8, remaining_s),
                 "limits": jsonable(replace(self.limits, timeout_s=remaining_s + 2 * GRACE_S))}
 
     def absorb(self, chunk: Any, reply: dict[str, Any]) -> list[Any]:
-        """Keep the chunk's result; return the rest of a chunk cut short by its slice, and (after the first
-        chunk) the chunks of the remaining pages."""
+        """Keep the chunk's result; return the rest of a chunk cut short by its slice, in chunks of pages."""
         result = PdfText(**reply)
-        first, stop = chunk
-        self.results[first] = result
-        stop = min(stop, result.pages)
-        follow = [(result.end_page, stop)] if result.end_page < stop else []
-        if self.pages is None:
-            self.pages = result.pages
-            follow += [(p, min(p + CHUNK_PAGES, result.pages)) for p in range(CHUNK_PAGES, result.pages, CHUNK_PAGES)]
-        return follow
+        self.pages = result.pages
+        if chunk[0] == "shard":  # the same block arithmetic as pdf_text.extract_text
+            block = -(-result.pages // chunk[2])
+            first, stop = chunk[1] * block, min(result.pages, (chunk[1] + 1) * block)
+        else:
+            first, stop = chunk[0], min(chunk[1], result.pages)
+        self.results[(first, len(self.results))] = result  # empty shards of a tiny document share a first page
+        return [(p, min(p + CHUNK_PAGES, stop)) for p in range(max(first, result.end_page), stop, CHUNK_PAGES)]
 
     def timeout_error(self) -> PdfTooLargeError:
         return PdfTooLargeError(f"extraction took longer than {self.limits.timeout_s:g} s and was stopped", self.name)
