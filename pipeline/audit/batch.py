@@ -34,8 +34,8 @@ REPORT_NAME = "PERFORMANCE_AUDIT_SPRINT4"
 _QUICK_PDFS = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 _STANDARD_PDFS = ["text-1mb.pdf", "mixed-5mb.pdf", "scan-5mb.pdf"]
 
-# Per profile, the parameters of each scenario notebook. quick: CI (under 3 minutes); standard: `make audit`
-# (under 18 minutes on 2 cores); full: hunts breaking points.
+# Per profile, the parameters of each scenario notebook. quick: CI (a few minutes); standard: `make audit`
+# (about 40 minutes on a 2-core VM); full: hunts breaking points.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "01_pipeline_profile": {"emails": 6, "senders": 2, "pdfs": _QUICK_PDFS, "line_profile_pdf": "text-0.5mb.pdf"},
