@@ -189,7 +189,7 @@ def _memory_once(work: Path, config: dict[str, dict[str, Any]], template: Path, 
     return rows + [row("memory", "accepted", len(acked), "mails", rep, **tags),
                    row("memory", "tries", sum(t for _, _, _, t in sent), "transactions", rep, **tags),
                    row("memory", "all_accepted_s", accepted_s, "s", rep, **tags),
-                   row("memory", "runs_not_succeeded", failed, "runs", rep, samples=sampler.samples, **tags)]
+                   row("memory", "runs_not_succeeded", failed, "runs", rep, samples=sampler.taken, **tags)]
 
 
 # -- head-of-line blocking ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import resource
 import selectors
 import smtplib
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from . import memory
 from .serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 
 T = TypeVar("T")
@@ -215,28 +215,14 @@ def wait_connections_at_most(serve: ServeProcess, count: int, timeout_s: float =
     return held
 
 
-class RssSampler:
-    """Sample serve's RSS (serve alone) and its workers' (every descendant, summed) every ``every_s`` seconds in
-    a thread; the peaks are the figures. Started and joined by ``with``."""
+class RssSampler(memory.RssSampler):
+    """``memory.RssSampler`` of another process: serve's RSS (serve alone) and its workers' (every descendant,
+    summed) every ``every_s`` seconds; the peaks are the figures, ``taken`` the number of samples."""
 
     def __init__(self, serve: ServeProcess, every_s: float = 0.05) -> None:
-        self.serve, self.every_s = serve, every_s
-        self.peak_serve = self.peak_workers = self.peak_total = self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler")
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.every_s)
+        super().__init__(interval_s=every_s)
+        self.serve = serve
+        self.peak_serve = self.peak_workers = self.peak_total = self.taken = 0
 
     def sample(self) -> None:
         """Take one sample now (a process that exits between listing and reading counts as 0)."""
@@ -247,7 +233,7 @@ class RssSampler:
         self.peak_serve = max(self.peak_serve, serve)
         self.peak_workers = max(self.peak_workers, workers)
         self.peak_total = max(self.peak_total, serve + workers)
-        self.samples += 1
+        self.taken += 1
 
 
 def _rss(proc: psutil.Process) -> int:

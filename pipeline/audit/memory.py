@@ -55,8 +55,12 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), rss_bytes(self.include_children, self.include_self)))
+            self.sample()
             self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        """Take one sample now (the thread calls this every ``interval_s``)."""
+        self.samples.append((time.time(), rss_bytes(self.include_children, self.include_self)))
 
     def peak_between(self, start: float, end: float) -> int | None:
         """Largest sample taken in [start, end]; for a span shorter than the interval, the nearest sample."""
