@@ -1,12 +1,24 @@
-"""Task callables for tests; module-level so process pools can import them."""
+"""Task callables for tests (module-level so process pools can import them), and small shared helpers."""
 
 from __future__ import annotations
 
 import os
+import smtplib
 import time
 from pathlib import Path
 
 from pipeline.dag import TaskContext
+
+
+def send_for_run_id(service, raw: bytes, sender: str = "alice@example.com") -> int:
+    """Send one message to ``service``'s gateway over SMTP; return the run id its 250 names."""
+    with smtplib.SMTP(service.settings.gateway.host, service.settings.gateway.port, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail(sender)
+        smtp.rcpt("digest@pipeline.local")
+        code, reply = smtp.data(raw)
+    assert code == 250, reply
+    return int(reply.decode().rsplit(" ", 1)[1])
 
 
 def wait_until(predicate, timeout_s: float = 30.0) -> bool:

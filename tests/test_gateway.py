@@ -8,6 +8,7 @@ from email.policy import SMTP
 from pathlib import Path
 
 import pytest
+from helpers import send_for_run_id
 
 from pipeline.audit import fixtures as fx
 
@@ -20,14 +21,7 @@ def send(service, raw: bytes, sender="alice@example.com", rcpt=("digest@pipeline
 
 
 def send_and_get_run(service, raw: bytes, **kw):
-    with smtplib.SMTP(service.settings.gateway.host, service.settings.gateway.port, timeout=30) as smtp:
-        smtp.ehlo()
-        smtp.mail("alice@example.com")
-        smtp.rcpt("digest@pipeline.local")
-        code, reply = smtp.data(raw)
-    assert code == 250, reply
-    run_id = int(reply.decode().rsplit(" ", 1)[1])
-    return service.engine.wait(run_id, timeout=60)
+    return service.engine.wait(send_for_run_id(service, raw), timeout=60)
 
 
 def tasks(service, run_id):

@@ -5,13 +5,13 @@ over real SMTP to a real service whose digest reaches a real relay.
 """
 
 import base64
-import smtplib
 import threading
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
 import pytest
+from helpers import send_for_run_id as send
 
 from pipeline.audit import fixtures as fx
 from pipeline.config import IngestConfig
@@ -171,14 +171,6 @@ def test_skipped_parts_and_their_reasons_are_in_the_digest():
     assert "&lt;b&gt;x&lt;/b&gt;: multipart without boundary" in rendered.html and "<b>x" not in rendered.html
 
 
-def send(service, raw: bytes) -> int:
-    with smtplib.SMTP(service.settings.gateway.host, service.settings.gateway.port, timeout=30) as smtp:
-        smtp.ehlo()
-        smtp.mail("alice@example.com")
-        smtp.rcpt("digest@pipeline.local")
-        code, reply = smtp.data(raw)
-    assert code == 250, reply
-    return int(reply.decode().rsplit(" ", 1)[1])
 
 
 def test_nested_forwarded_and_skipped_parts_reach_the_digest_over_smtp(service_factory, smtp_sink):

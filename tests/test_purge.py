@@ -3,12 +3,12 @@ run ids are never reused, and the AUTOINCREMENT migration keeps an older store's
 
 import logging
 import os
-import smtplib
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from helpers import send_for_run_id as send
 
 from pipeline import housekeeping
 from pipeline.audit import fixtures as fx
@@ -18,17 +18,6 @@ from pipeline.service import PipelineService
 from pipeline.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from pipeline.sqlite_store import SqliteRunStore
 from pipeline.workflows import EMAIL_DIGEST
-
-
-def send(service, raw: bytes) -> int:
-    """Send one message over SMTP; return the run id its 250 names."""
-    with smtplib.SMTP(service.settings.gateway.host, service.settings.gateway.port, timeout=30) as smtp:
-        smtp.ehlo()
-        smtp.mail("alice@example.com")
-        smtp.rcpt("digest@pipeline.local")
-        code, reply = smtp.data(raw)
-    assert code == 250, reply
-    return int(reply.decode().rsplit(" ", 1)[1])
 
 
 def spool_files(settings) -> list[str]:
