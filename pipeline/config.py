@@ -29,6 +29,9 @@ class StoreConfig:
     """Where the run store lives and how SQLite is tuned."""
 
     path: Path = Path("data/runs.sqlite3")
+    # "postgresql://user@host:5432/db" picks PostgresRunStore (extra [postgres]); empty: the SQLite file at path
+    url: str = ""
+    pool_size: int = 8  # PostgreSQL connections a process keeps open (psycopg_pool); ignored for SQLite
     wal: bool = True  # journal_mode=WAL: readers never block the writer
     synchronous: str = "NORMAL"  # with WAL, NORMAL is crash-safe for the process; FULL also for power loss
     busy_timeout_ms: int = 10_000
@@ -38,6 +41,16 @@ class StoreConfig:
             raise ConfigurationError(f"store.synchronous must be OFF, NORMAL, FULL or EXTRA, not {self.synchronous!r}")
         if self.busy_timeout_ms < 0:
             raise ConfigurationError("store.busy_timeout_ms must be >= 0")
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigurationError(f"store.url must start with postgresql:// (or be empty for SQLite), "
+                                     f"not {self.url.split(':', 1)[0]!r}")
+        if self.pool_size < 1:
+            raise ConfigurationError("store.pool_size must be >= 1")
+
+    @property
+    def is_postgres(self) -> bool:
+        """True when runs live in PostgreSQL rather than the SQLite file."""
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,26 @@ class RunnerConfig:
             raise ConfigurationError("runner worker counts must be >= 1")
         if self.retry_base_delay_s < 0 or self.retry_max_delay_s < self.retry_base_delay_s:
             raise ConfigurationError("runner retry delays must satisfy 0 <= base <= max")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where CPU-heavy tasks run: local worker processes (default) or a Dask distributed cluster (extra [dask])."""
+
+    kind: str = "local"  # "local" | "dask"
+    scheduler: str = ""  # "tcp://host:8786" with kind = "dask"; empty: a LocalCluster in this process (tests, trials)
+    local_workers: int = 2  # workers of that LocalCluster
+    worker_memory_mb: int = 1024  # memory limit of each LocalCluster worker (the nanny restarts one over it)
+    pages_per_task: int = 400  # with dask, a document over this many pages is split into page-range futures
+
+    def validate(self) -> None:
+        if self.kind not in ("local", "dask"):
+            raise ConfigurationError(f"executor.kind must be 'local' or 'dask', not {self.kind!r}")
+        if self.scheduler and not self.scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise ConfigurationError(f"executor.scheduler must be an address like tcp://host:8786, "
+                                     f"not {self.scheduler!r}")
+        if self.local_workers < 1 or self.worker_memory_mb < 64 or self.pages_per_task < 1:
+            raise ConfigurationError("executor: local_workers >= 1, worker_memory_mb >= 64, pages_per_task >= 1")
 
 
 @dataclass(frozen=True)
@@ -216,6 +249,7 @@ class Settings:
     data_dir: Path = Path("data")
     store: StoreConfig = field(default_factory=StoreConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
