@@ -17,7 +17,7 @@ profile = "quick"
 # %%
 from IPython.display import Markdown, display
 
-from pipeline.audit import hostileviews, report, views
+from pipeline.audit import hostileviews, report, scaleoutviews, views
 from pipeline.audit.notebook import resolve
 from pipeline.audit.recorder import AuditRecorder
 
@@ -163,6 +163,27 @@ if len(views.rows(m, "hostile")):
 # %%
 md("## 6. DAGRunStore\n\nMedian milliseconds (rows: query; columns: runs in the store):\n\n"
    + views.markdown(views.store_table(m).reset_index()))
+
+# %%
+md("### Scale-out: PostgreSQL, Dask and several gateways\n\nIssue 12 on real engines (notebook `11_scale_out`): "
+   "one durable throwaway PostgreSQL server, a fresh database per variant; Dask LocalClusters of worker processes; "
+   "real `python -m pipeline serve` children driven over SMTP. " + scaleoutviews.machine_statement(m, int(info["cpus"]))
+   + "\n\n**The email_digest** (a ~1 MB text PDF per mail, all of a round's mails sent at once up to the "
+   "concurrency), variants interleaved round by round, each round's serve(s) warmed up by one mail first; runs/s "
+   "is acked mails over first send → last run ended, e2e is DATA end → run ended (from the run store), over "
+   "every run of every round; pg_2_gateways is two serve processes on one store and data dir:\n\n" + fmt(scaleoutviews.pipeline_table(m)) +
+   "\n\n**Store queries and transitions** (median ms; transitions per second), SQLite and PostgreSQL at each size "
+   "(the query set of notebook 06):\n\n" + fmt(scaleoutviews.store_table(m).reset_index()) +
+   "\n\n**CPU-bound ingestion on Dask** (dense PDFs straight to the cluster; a task round trip is a no-op task's "
+   "submit → result, what Dask adds to every task):\n\n" + fmt(scaleoutviews.ingestion_table(m)) +
+   "\n\n**Three gateways on one PostgreSQL store** (a third of the Message-IDs sent to two gateways at once; "
+   "counted from the store):\n\n" + fmt(scaleoutviews.gateways_table(m)) +
+   "\n\n**Capacity model.** " + scaleoutviews.capacity_statement(m) + "\n\n" + fmt(scaleoutviews.capacity_table(m))
+   + ("\n\n" + scaleoutviews.notes(m) if scaleoutviews.notes(m) else ""))
+
+# %%
+if len(views.rows(m, "scale_out")):
+    scaleoutviews.fig_scale_out(m);
 
 # %%
 optim, engines = views.optimization_table(m), views.engine_table(m)

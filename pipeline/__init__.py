@@ -6,6 +6,7 @@ The public names are re-exported here; ``__all__`` lists them.
 from .config import (
     DeliveryConfig,
     EngineConfig,
+    ExecutorConfig,
     GatewayConfig,
     IngestConfig,
     RunnerConfig,
@@ -16,6 +17,7 @@ from .config import (
 from .dag import DAG, Task, TaskContext
 from .engine import WorkflowEngine
 from .errors import (
+    ClusterUnavailableError,
     ConfigurationError,
     CorruptPdfError,
     DAGError,
@@ -35,6 +37,7 @@ from .errors import (
     StoreCorruptError,
     StoreError,
     StoreIOError,
+    StoreUnavailableError,
     TaskTimeoutError,
     UnavailableError,
     UnknownRunError,
@@ -43,10 +46,11 @@ from .errors import (
 )
 from .runner import DAGRunner
 from .sqlite_store import SqliteRunStore
-from .store import DAGRunStore, Run, TaskRun, Transition
+from .store import DAGRunStore, Run, TaskRun, Transition, open_store
 
 __all__ = [
     "DAG",
+    "ClusterUnavailableError",
     "ConfigurationError",
     "CorruptPdfError",
     "DAGError",
@@ -56,6 +60,7 @@ __all__ = [
     "DeliveryError",
     "EncryptedPdfError",
     "EngineConfig",
+    "ExecutorConfig",
     "GatewayConfig",
     "IngestConfig",
     "IngestError",
@@ -77,6 +82,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoreIOError",
+    "StoreUnavailableError",
     "Task",
     "TaskContext",
     "TaskRun",
@@ -88,4 +94,5 @@ __all__ = [
     "WorkerCrashedError",
     "WorkflowEngine",
     "load_settings",
+    "open_store",
 ]

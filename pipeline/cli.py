@@ -19,12 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import housekeeping
+from . import housekeeping, service
 from . import store as s
 from .config import Settings, load_settings
 from .errors import ConfigurationError, PipelineError, UnknownRunError
 from .service import PipelineService, ingest_files
-from .sqlite_store import SqliteRunStore
 from .workflows import EMAIL_DIGEST, email_digest_dag
 
 log = logging.getLogger("pipeline")
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every command."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Email-triggered PDF digest pipeline.")
     _global_options(parser)
-    parser.set_defaults(data_dir=None, config=None, verbose=False)
+    parser.set_defaults(data_dir=None, config=None, verbose=False, store_url=None)
     common = argparse.ArgumentParser(add_help=False)  # the same options after the command name, too
     _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
     serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
     serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
+    roles = serve.add_mutually_exclusive_group()
+    roles.add_argument("--gateway-only", action="store_true",
+                       help="accept and queue only (SMTP, drop folder, spool reconciliation); --workers-only "
+                            "processes sharing the store and the data dir run the work (a SQLite store: same "
+                            "host only; several hosts: a PostgreSQL --store-url and a shared data dir)")
+    roles.add_argument("--workers-only", action="store_true",
+                       help="claim and run queued runs only: no SMTP, no drop folder")
+    serve.add_argument("--executor", choices=("local", "dask"),
+                       help="where PDF extraction runs: local worker processes (default) or a Dask cluster")
+    serve.add_argument("--scheduler", metavar="tcp://HOST:8786",
+                       help="the Dask scheduler to submit to (implies --executor dask; default with dask: "
+                            "a local cluster in this process)")
 
     ingest = sub.add_parser("ingest", parents=[common], help="run the digest workflow now on .eml or .pdf files")
     ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
@@ -83,7 +94,10 @@ def _global_options(parser: argparse.ArgumentParser, default: Any = None) -> Non
     parser.add_argument("--data-dir", type=Path, default=default,
                         help="where the run store, spool and outbox live (default: data)")
     parser.add_argument("--config", type=Path, default=default,
-                        help="TOML settings file (sections: store, gateway, ingest, ...)")
+                        help="TOML settings file (sections: store, gateway, ingest, executor, ...)")
+    parser.add_argument("--store-url", default=default, metavar="postgresql://USER@HOST/DB",
+                        help="keep runs in this PostgreSQL database (extra [postgres]) instead of the "
+                             "data dir's SQLite file; the same as [store] url")
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
                         help="log at DEBUG level (and the SMTP library's per-connection lines)")
 
@@ -102,22 +116,58 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "allow_remote", False):
         gateway["allow_remote"] = True
     delivery = {"relay": args.deliver} if getattr(args, "deliver", None) else {}
-    return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery)
+    store = {"url": args.store_url} if getattr(args, "store_url", None) else {}
+    return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery, store=store,
+                         executor=executor_options(args))
 
 
-def open_store(args: argparse.Namespace, create: bool = False) -> SqliteRunStore:
+def executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The [executor] overrides of ``--executor`` and ``--scheduler`` (a scheduler means Dask)."""
+    kind, scheduler = getattr(args, "executor", None), getattr(args, "scheduler", None)
+    if scheduler and kind == "local":
+        raise ConfigurationError("--scheduler names a Dask cluster: it needs --executor dask, not local")
+    options: dict[str, Any] = {"kind": "dask"} if scheduler else {}
+    if kind:
+        options["kind"] = kind
+    if scheduler:
+        options["scheduler"] = scheduler
+    return options
+
+
+def serve_role(args: argparse.Namespace) -> str:
+    """The serve role the flags ask for; ConfigurationError for a flag that role does not use."""
+    if args.workers_only:
+        unused = [flag for flag, value in (("--host", args.host), ("--port", args.port),
+                                           ("--allow-remote", args.allow_remote),
+                                           ("--max-message-mb", args.max_message_mb),
+                                           ("--no-drop-folder", args.no_drop_folder)) if value]
+        if unused:
+            raise ConfigurationError(f"--workers-only does not listen: drop {', '.join(unused)}")
+        return service.WORKERS
+    if args.gateway_only:
+        unused = [flag for flag, value in (("--executor", args.executor), ("--scheduler", args.scheduler),
+                                           ("--deliver", args.deliver)) if value]
+        if unused:
+            raise ConfigurationError(f"--gateway-only runs no tasks: give {', '.join(unused)} to the "
+                                     "--workers-only processes")
+        return service.GATEWAY
+    return service.ALL
+
+
+def open_store(args: argparse.Namespace, create: bool = False) -> s.DAGRunStore:
     """Open the run store named by the settings (it must exist unless ``create``)."""
-    return SqliteRunStore(settings_from(args).store, create=create)
+    return s.open_store(settings_from(args).store, create=create)
 
 
 @contextmanager
-def existing_store(args: argparse.Namespace) -> Iterator[SqliteRunStore | None]:
+def existing_store(args: argparse.Namespace) -> Iterator[s.DAGRunStore | None]:
     """Yield the run store if it exists, else None (creating nothing); close it on leaving."""
     config = settings_from(args).store
-    if not config.path.exists():  # nothing has run here yet: an empty store, not an error (issue 10)
+    # nothing has run here yet: an empty store, not an error (issue 10)
+    if not config.is_postgres and not config.path.exists():
         yield None
         return
-    with SqliteRunStore(config, create=False) as store:
+    with s.open_store(config, create=False) as store:
         yield store
 
 
@@ -152,7 +202,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 @command
 def cmd_serve(args: argparse.Namespace) -> int:
-    PipelineService(settings_from(args)).serve_forever()
+    role = serve_role(args)
+    PipelineService(settings_from(args), role=role).serve_forever()
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import DAGError
 
-EXECUTORS = ("thread", "process")
+EXECUTORS = ("thread", "process", "dask")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Task:
 
     ``fn(ctx: TaskContext)`` returns a small JSON-serialisable value (large data:
     write a file under ``ctx.work_dir`` and return its path). ``executor`` picks
-    threads (I/O-bound) or processes (CPU-bound; ``fn`` must be importable).
+    threads (I/O-bound), processes (CPU-bound; ``fn`` must be importable) or the
+    Dask cluster of ``[executor]`` (``fn`` importable on the workers, files on shared storage).
     """
 
     id: str

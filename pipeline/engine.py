@@ -64,6 +64,8 @@ class WorkflowEngine:
         self._active: dict[int, DAGRunner] = {}
         self._cond = threading.Condition()
         self._wake = False
+        self._unwatch = lambda: None  # stops the store's queue watcher (see start)
+        self.queue_notices = 0  # wake-ups by the store's watcher: another process queued runs
         self._stopping = False
         self._started = False
         self._threads: list[threading.Thread] = []
@@ -123,6 +125,7 @@ class WorkflowEngine:
         recovered = self.recover()  # may raise StoreError: then nothing was started
         self._started = True
         liveness.LIVE_OWNERS.add(self.owner)
+        self._unwatch = self.store.watch_queue(self._queue_noticed)
         if recovered:
             log.info("requeued %d run(s) left running by a dead process: %s", len(recovered), recovered)
         cfg = self.settings.runner
@@ -130,7 +133,8 @@ class WorkflowEngine:
         self._executors = Executors(
             cfg, ThreadPoolExecutor(cfg.thread_workers, thread_name_prefix="pipeline-task"),
             lambda: ProcessPoolExecutor(cfg.process_workers, mp_context=multiprocessing.get_context("forkserver"),
-                                        initializer=ignore_stop_signals))
+                                        initializer=ignore_stop_signals),
+            cluster=self.settings.executor)
         for name, target in (("dispatcher", self._dispatch_loop), ("heartbeat", self._heartbeat_loop)):
             thread = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
             thread.start()
@@ -174,6 +178,7 @@ class WorkflowEngine:
         assert self._executors is not None and self._timers is not None
         self._executors.shutdown(wait=not leftovers)
         self._timers.close()
+        self._unwatch()
         liveness.LIVE_OWNERS.discard(self.owner)
 
     def __enter__(self) -> WorkflowEngine:
@@ -208,14 +213,22 @@ class WorkflowEngine:
             self._wake = True
             self._cond.notify_all()
 
+    def _queue_noticed(self) -> None:
+        """Wake the dispatcher: the store's watcher saw runs queued (by any process) committed."""
+        self.queue_notices += 1
+        self.wake()
+
     def _dispatch_loop(self) -> None:
+        # also poll: another process may queue runs in a shared store; a store that notifies
+        # (PostgreSQL LISTEN) wakes us at its commit, so its poll is only a fallback
+        poll_s = 5.0 if self.store.queue_notifications else 1.0
         delay = 0.0
         while True:
             with self._cond:
                 if delay:  # backing off after a failure: only a stop cuts the wait short
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
                 elif not self._stopping and not self._wake:
-                    self._cond.wait(1.0)  # also poll: another process may queue runs in a shared store
+                    self._cond.wait(poll_s)
                 if self._stopping:
                     return
                 self._wake = False

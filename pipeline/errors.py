@@ -10,6 +10,7 @@
     │   ├── SchemaTooNewError   written by a newer version of the pipeline
     │   ├── UnknownRunError     no run with that id
     │   ├── StoreBusyError      locked by another writer past the busy timeout (retryable)
+    │   │   └── StoreUnavailableError  the database server cannot be reached (retryable)
     │   ├── StoreCorruptError   pages of the database are damaged
     │   └── StoreIOError        the disk under the store failed (full, read-only, I/O error)
     ├── SpoolError              a message could not be stored durably (``disk_full`` set for ENOSPC)
@@ -22,6 +23,7 @@
     │   └── WorkerCrashedError  reason "worker_crashed": the extraction worker died for another cause
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
+    ├── ClusterUnavailableError the Dask scheduler cannot be reached, or lost a task (retryable)
     └── StepError               a task failed; carries run_id, task_id and reason
     TaskTimeoutError(StepError) a task ran past its timeout
 
@@ -105,6 +107,17 @@ class StoreBusyError(StoreError):
     """Another process held the store's write lock past the busy timeout; trying later can work."""
 
     reason = "store_busy"
+
+
+class StoreUnavailableError(StoreBusyError):
+    """The database server cannot be reached: refused, gone, shutting down, or no pooled connection in time.
+
+    A StoreBusyError because the caller's answer is the same: try later (the
+    gateway answers 451, the engine requeues and backs off); the store object
+    reconnects by itself once the server is back.
+    """
+
+    reason = "store_unavailable"
 
 
 class StoreCorruptError(StoreError):
@@ -191,6 +204,12 @@ class WorkerCrashedError(IngestError):
     def __init__(self, message: str, filename: str = "", exit_code: int | None = None) -> None:
         super().__init__(message, filename)
         self.exit_code = exit_code
+
+
+class ClusterUnavailableError(PipelineError):
+    """The Dask scheduler cannot be reached, or lost a task's result; trying later can work."""
+
+    reason = "cluster_unavailable"
 
 
 class ParseError(PipelineError):

@@ -1,7 +1,9 @@
-"""Executors: the pools every run's tries go to (a thread pool, and a process pool made on first use).
+"""Executors: where every run's tries go (a thread pool; a process pool and a Dask cluster made on first use).
 
 A process pool whose worker died abruptly (OOM killer, kill -9) is broken for
 good; ``submit_process`` replaces it so one dead worker costs one try, not the service.
+Tasks with ``executor="dask"`` go to the cluster of ``[executor]`` (``dask_executor``,
+imported only then, so the ``[dask]`` extra stays optional).
 """
 
 from __future__ import annotations
@@ -11,24 +13,42 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import tracing
-from .config import RunnerConfig
+from .config import ExecutorConfig, RunnerConfig
 from .dag import TaskContext
+
+if TYPE_CHECKING:
+    from .dask_executor import DaskExecutor
 
 log = logging.getLogger(__name__)
 
 
 class Executors:
-    """The thread pool every run shares, and a process pool created on first use."""
+    """The thread pool every run shares, and a process pool and a Dask client created on first use."""
 
-    def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor]) -> None:
+    def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor],
+                 cluster: ExecutorConfig | None = None) -> None:
         self.config = config
         self.thread = thread_pool
         self._process_factory = process_factory
         self._process: Executor | None = None
+        self._cluster_config = cluster or ExecutorConfig()
+        self._cluster: DaskExecutor | None = None
         self._lock = threading.Lock()
+
+    def submit_to(self, kind: str, fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Future[Any]:
+        """Submit a task try to the process pool (``kind`` "process") or the Dask cluster ("dask")."""
+        if kind != "dask":
+            return self.submit_process(call_task, fn, ctx)
+        from .dask_executor import DaskExecutor, task_key
+
+        with self._lock:
+            if self._cluster is None:
+                self._cluster = DaskExecutor(self._cluster_config)
+            cluster = self._cluster
+        return cluster.submit(call_task, fn, ctx, key=task_key(ctx))
 
     def submit_process(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Submit to the process pool, starting it on first use and again if a worker died abruptly."""
@@ -44,10 +64,12 @@ class Executors:
                 return self._process.submit(fn, *args)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Shut both pools down; queued work is cancelled."""
+        """Shut the pools down and close the Dask client; queued work is cancelled."""
         self.thread.shutdown(wait=wait, cancel_futures=True)
         if self._process is not None:
             self._process.shutdown(wait=wait, cancel_futures=True)
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 def ignore_stop_signals() -> None:

@@ -39,8 +39,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import ConfigurationError
-from .sqlite_store import SqliteRunStore
-from .store import DAGRunStore
+from .store import DAGRunStore, open_store
 
 log = logging.getLogger(__name__)
 DAY_S = 86400.0
@@ -88,7 +87,7 @@ def purge(settings: Settings, older_than_days: float, *, batch_size: int = 1000)
     if not math.isfinite(older_than_days) or older_than_days < 0:
         raise ConfigurationError(f"cannot purge runs older than {older_than_days:g} day(s): "
                                  "the age must be a number of days, 0 or more")
-    with SqliteRunStore(settings.store, create=False) as store:
+    with open_store(settings.store, create=False) as store:
         return purge_store(store, Path(settings.data_dir), older_than_days, batch_size=batch_size)
 
 

@@ -256,9 +256,9 @@ class DAGRunner:
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
-        if inst.task.executor == "process":
+        if inst.task.executor != "thread":  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
-            future = self.executors.submit_process(call_task, inst.task.fn, ctx)
+            future = self.executors.submit_to(inst.task.executor, inst.task.fn, ctx)
         else:
             future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx)
         self._handover.try_started()

@@ -1,7 +1,14 @@
 """PipelineService: one process with the engine, the SMTP gateway and the drop folder.
 
 This is what ``python -m pipeline serve`` runs and what ``ingest`` uses
-without the listeners. On start it also reconciles the spool with the run
+without the listeners. A ``role`` splits it for several machines (issue 12):
+``"gateway"`` accepts and queues (SMTP, drop folder, spool reconciliation)
+and never claims a run; ``"workers"`` claims and runs queued runs and never
+listens. Every role of one installation shares the run store and the data dir
+(spool, work dirs, outbox): runs name their files by path, so the data dir is
+made absolute here and must be mounted at the same path on every host.
+
+On start a gateway (and a full serve) also reconciles the spool with the run
 store: a message fsynced just before a crash, whose run was never committed,
 still gets its run (deduplicated, so never two). A spool file that some run
 names, or that purge dropped (it deletes the file and, until the file is
@@ -22,34 +29,47 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from .config import Settings
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
-from .errors import StartupError
+from .errors import ConfigurationError, StartupError
 from .gateway import EmailGateway
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from .spool import Spool, SpooledMessage
-from .sqlite_store import SqliteRunStore
 from .stages.parse import wrap_pdf
+from .store import open_store
 from .workflows import email_digest_dag
 
 log = logging.getLogger(__name__)
+ALL, GATEWAY, WORKERS = "all", "gateway", "workers"  # the roles of a serve process
+ROLES = (ALL, GATEWAY, WORKERS)
+_ROLE_NAMES = {ALL: "gateway and workers", GATEWAY: "gateway only", WORKERS: "workers only"}
 
 
 class PipelineService:
     """Compose store, engine, gateway and drop folder from one Settings."""
 
-    def __init__(self, settings: Settings, *, listen: bool = True) -> None:
-        """Open the store and the spool; raises a ``PipelineError`` (with nothing left open) if either fails."""
-        self.settings = settings.validate()
-        self.listen = listen
+    def __init__(self, settings: Settings, *, listen: bool = True, role: str = ALL) -> None:
+        """Open the store and the spool; raises a ``PipelineError`` (with nothing left open) if either fails.
+
+        ``role`` is ``"all"``, ``"gateway"`` (no engine loops) or ``"workers"`` (no SMTP, no drop folder).
+        """
+        if role not in ROLES:
+            raise ConfigurationError(f"serve role must be one of {', '.join(ROLES)}, not {role!r}")
+        # runs record their spool file and task outputs as paths: absolute, so any process can follow them
+        settings = replace(settings.validate(), data_dir=Path(settings.data_dir).absolute())
+        self.settings = settings
+        self.role = role
+        self.listen = listen and role != WORKERS
         self._stop = threading.Event()
         data_dir = Path(settings.data_dir)
         with ExitStack() as opened, _as_startup_error("cannot open the data dir"):
             data_dir.mkdir(parents=True, exist_ok=True)
-            self.store = SqliteRunStore(settings.store)
+            self.store = open_store(settings.store)
             opened.callback(self.store.close)
             self.spool = Spool(data_dir / "spool")
             opened.callback(self.spool.close)
@@ -58,18 +78,21 @@ class PipelineService:
             self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)
             opened.callback(self.gateway.stop)  # its accept pool
             self.drop_folder = DropFolder(data_dir / "inbox", lambda raw: self.gateway.accept(raw, source="dropfolder"),
-                                          settings.gateway) if listen and settings.gateway.drop_folder else None
+                                          settings.gateway) if self.listen and settings.gateway.drop_folder else None
             opened.pop_all()  # all opened: stop() closes them from now on
 
     def start(self, run_workers: bool = True) -> PipelineService:
         """Reconcile the spool, bind the SMTP port, then start the engine and the drop folder.
 
-        ``run_workers=False`` only accepts and queues (benchmarks of the gateway alone). Raises a
-        ``PipelineError`` (``StartupError`` for a port in use) after closing everything this service opened.
+        ``run_workers=False`` (or the gateway role) only accepts and queues; the workers role neither
+        reconciles nor listens. Raises a ``PipelineError`` (``StartupError`` for a port in use) after
+        closing everything this service opened.
         """
+        run_workers = run_workers and self.role != GATEWAY
         try:
             with _as_startup_error("cannot start"):
-                self.reconcile_spool()
+                if self.role != WORKERS:  # the spool is the gateways' side: they make its lost messages runs
+                    self.reconcile_spool()
                 if self.listen:
                     self.gateway.start()  # bind before the engine claims anything: a taken port changes nothing
                 if run_workers:
@@ -145,7 +168,8 @@ class PipelineService:
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            log.info("pipeline serving; data in %s. Ctrl-C to stop.", self.settings.data_dir)
+            log.info("pipeline serving (%s); data in %s; runs in %s. Ctrl-C to stop.", _ROLE_NAMES[self.role],
+                     self.settings.data_dir, store_location(self.settings))
             while not signalled and not self._stop.is_set():
                 time.sleep(0.2)  # a signal interrupts the sleep; its handler runs, then the loop ends
             log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",
@@ -154,6 +178,18 @@ class PipelineService:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+
+def store_location(settings: Settings) -> str:
+    """Where the runs live, for a log line: the PostgreSQL URL without its password, or the SQLite file."""
+    if not settings.store.is_postgres:
+        return str(settings.store.path)
+    parts = urlsplit(settings.store.url)
+    if parts.password is None:
+        return settings.store.url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @contextmanager

@@ -1,7 +1,9 @@
 """DAGRunStore: the contract every run-store backend keeps, and its value types.
 
-The SQLite implementation is ``pipeline.sqlite_store.SqliteRunStore``; a
-Postgres one would sit beside it and pass the same contract tests.
+Implementations: ``pipeline.sqlite_store.SqliteRunStore`` (the embedded
+default) and ``pipeline.postgres_store.PostgresRunStore`` (several processes on
+several hosts), both on the shared SQL of ``pipeline.sql_store`` and passing
+the same contract tests; ``open_store`` picks one from a StoreConfig.
 Timestamps are Unix seconds (float); run ids are integers in trigger order,
 never handed out twice (not even after the newest runs were purged: a digest
 or a log line naming run 7 must never be mistaken for another mail's).
@@ -19,6 +21,7 @@ Errors: every method raises only ``StoreError`` subclasses (never a driver's
 exception): ``StoreBusyError`` when another process holds the store past the
 busy timeout (retryable), ``StoreCorruptError`` when its pages are damaged,
 ``StoreIOError`` when the disk under it fails (full, read-only, I/O error),
+``StoreUnavailableError`` (a StoreBusyError) when its server cannot be reached,
 plain ``StoreError`` otherwise. A transaction that raises is rolled back.
 Terminal states are final: a run in success/failed and a task instance in
 success/failed/upstream_failed is never moved out of it by a later write.
@@ -30,11 +33,14 @@ over; they return how many rows they changed, so the caller can tell.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+
+from .config import StoreConfig
 
 # Run states
 QUEUED, RUNNING, SUCCESS, FAILED = "queued", "running", "success", "failed"
@@ -344,6 +350,43 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
+    # True when watch_queue really calls back (PostgreSQL LISTEN/NOTIFY); the engine then polls rarely
+    queue_notifications = False
+
+    def watch_queue(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake`` when runs may have been queued by another process; return a function that stops watching.
+
+        ``wake`` runs on a background thread and must be quick. The base
+        store cannot watch (``queue_notifications`` is False): it returns a
+        no-op and the caller keeps polling. A watcher that loses its
+        connection calls ``wake`` again once it listens anew.
+        """
+        return _no_op
+
     def close(self) -> None:
         """Release connections; the store may not be used afterwards (its methods then raise StoreError)."""
         raise NotImplementedError
+
+
+def _no_op() -> None:
+    """Stop watching nothing."""
+
+
+# The run-store backends, by URL scheme: a plug-in point (STYLE.md section 1), imported on first use so
+# that ``import pipeline`` never loads a database driver and this contract module imports no backend.
+BACKENDS = {"sqlite": "pipeline.sqlite_store:SqliteRunStore",
+            "postgresql": "pipeline.postgres_store:PostgresRunStore"}
+
+
+def open_store(config: StoreConfig, *, create: bool = True) -> DAGRunStore:
+    """Open the run store ``config`` names: PostgreSQL for ``url``, else the SQLite file at ``path``.
+
+    With ``create`` false a store that does not exist yet raises StoreError
+    instead of being made. Raises ConfigurationError when the backend's driver
+    is missing (naming the pip extra), StoreError subclasses as the store does.
+    """
+    config.validate()
+    module, _, name = BACKENDS["postgresql" if config.is_postgres else "sqlite"].partition(":")
+    backend: type[Any] = getattr(importlib.import_module(module), name)
+    store: DAGRunStore = backend(config, create=create)
+    return store

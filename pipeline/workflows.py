@@ -17,7 +17,7 @@ from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
 from .errors import PdfTooLargeError
-from .stages import deliver, digest, extract_worker, ingest, parse
+from .stages import cluster_ingest, deliver, digest, extract_worker, ingest, parse
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
@@ -49,7 +49,11 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         raise PdfTooLargeError(item["rejected"], item["name"])
     text_path = Path(ctx.work_dir) / "text" / f"{ctx.index:03d}.txt"
     with tracing.span("stage.ingest", run_id=ctx.run_id, size=item["size"]):
-        result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
+        if settings.executor.kind == "dask":  # on a Dask worker: its memory limit is the cap, no local pool
+            result = cluster_ingest.ingest_on_worker(Path(item["path"]), text_path, settings.ingest,
+                                                     settings.executor.pages_per_task)
+        else:
+            result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
     return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
             "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds,
             "pages_failed": result.pages_failed}
@@ -113,8 +117,10 @@ def email_digest_dag(settings: Settings) -> DAG:
         Task("parse_email", partial(parse_email_task, settings=settings), retries=1),
         # one retry: only a retryable error gets it, i.e. WorkerCrashedError (a worker killed from outside);
         # bad input (every other IngestError) fails at once
+        # with executor.kind "dask" each instance is a future on the cluster (``dask_executor``)
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
-             map_over="parse_email", map_items=pdf_items, retries=1),
+             map_over="parse_email", map_items=pdf_items, retries=1,
+             executor="dask" if settings.executor.kind == "dask" else "thread"),
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",)),
         Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3),

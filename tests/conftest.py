@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -101,11 +103,11 @@ def process_wide_helpers() -> Iterator[None]:
 def no_leaked_processes() -> Iterator[None]:
     """Fail a test that leaves a process running (its own child, or an orphan re-parented to us), after
     killing and reaping it; processes that exit within a few seconds (workers that see their parent's
-    pipe close) are not leaks."""
+    pipe close) are not leaks. The session's PostgreSQL server and its backends are not a test's."""
     before = {p.pid for p in descendants()}
     yield
     wide = process_wide_pids()
-    new = [p for p in descendants() if p.pid not in before and p.pid not in wide]
+    new = [p for p in descendants() if p.pid not in before and p.pid not in wide and not _in_pg_server(p)]
     _, alive = psutil.wait_procs(new, timeout=10) if new else ([], [])
     names = describe(alive)
     kill_and_wait(alive)
@@ -195,3 +197,54 @@ def service_factory(settings: Settings, smtp_sink) -> Iterator:
     yield make
     for service in services:
         service.stop(grace_s=10)
+
+
+# -- a real PostgreSQL server for the session -------------------------------------------------------
+
+_PG_SERVERS: list = []  # TemporaryPostgres instances of this session (their processes are not leaks)
+_PG_DB_NUMBERS = itertools.count(1)
+
+
+def _in_pg_server(proc: psutil.Process) -> bool:
+    """True when ``proc`` is the session's postmaster or one of its backends (pg_ctl adopts them to us)."""
+    roots = {server.pid for server in _PG_SERVERS} - {None}
+    if not roots:
+        return False
+    try:
+        return proc.pid in roots or any(parent.pid in roots for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator:
+    """One real PostgreSQL server (fsync off) for the whole session, stopped at its end.
+
+    Skips when PostgreSQL is not installed, but fails under CI (env var CI set): there the tests must run.
+    """
+    from pipeline.audit.pgserver import PostgresUnavailableError, TemporaryPostgres
+
+    try:
+        server = TemporaryPostgres(durable=False)
+    except PostgresUnavailableError:
+        reason = "PostgreSQL not installed (Debian: apt-get install postgresql; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run", pytrace=False)
+        pytest.skip(reason)
+    _PG_SERVERS.append(server)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        _PG_SERVERS.remove(server)
+
+
+@pytest.fixture
+def pg_url(pg_server) -> Iterator[str]:
+    """A fresh, empty database on the session's server (its URL), dropped after the test."""
+    if pg_server.pid is None:  # a fault-injection test stopped it and failed before starting it again
+        pg_server.pg_ctl("start")
+    name = f"t{os.getpid()}_{next(_PG_DB_NUMBERS)}"
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)

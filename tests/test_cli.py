@@ -189,3 +189,61 @@ def test_nonsense_limits_are_refused(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--data-dir", str(tmp_path)])
     assert stop.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+# -- issue 12: --store-url, serve roles, the executor ---------------------------------------------------------------
+
+
+def test_store_url_and_executor_flags_reach_the_settings(tmp_path):
+    from pipeline.cli import settings_from
+
+    args = build_parser().parse_args(["--data-dir", str(tmp_path), "serve", "--workers-only",
+                                      "--store-url", "postgresql://u:secret@db.example/runs",
+                                      "--scheduler", "tcp://sched.example:8786"])
+    settings = settings_from(args)
+    assert settings.store.url == "postgresql://u:secret@db.example/runs" and settings.store.is_postgres
+    assert (settings.executor.kind, settings.executor.scheduler) == ("dask", "tcp://sched.example:8786")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--workers-only", "--port", "2525"], "--workers-only does not listen: drop --port"),
+    (["serve", "--gateway-only", "--executor", "dask"], "--gateway-only runs no tasks: give --executor"),
+    (["serve", "--executor", "local", "--scheduler", "tcp://h:8786"], "--scheduler names a Dask cluster"),
+    (["--store-url", "mysql://h/db", "runs"], "store.url must start with postgresql://"),
+])
+def test_serve_role_and_store_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert main(["--data-dir", str(tmp_path / "data"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_gateway_only_and_workers_only_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data-dir", str(tmp_path), "serve", "--gateway-only", "--workers-only"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_store_url_is_logged_without_its_password():
+    from pipeline.config import Settings, StoreConfig
+    from pipeline.service import store_location
+
+    def shown(url: str) -> str:
+        return store_location(Settings(store=StoreConfig(url=url)))
+
+    assert shown("postgresql://digest:s3cret@db.example:5432/runs") == "postgresql://digest:***@db.example:5432/runs"
+    assert shown("postgresql://digest@db.example/runs") == "postgresql://digest@db.example/runs"
+    assert "s3cret" not in shown("postgresql://:s3cret@db.example/runs")
+
+
+def test_runs_and_show_read_a_postgresql_store_named_by_store_url(pg_url, tmp_path, capsys):
+    from pipeline.config import StoreConfig
+    from pipeline.store import open_store
+
+    with open_store(StoreConfig(url=pg_url)) as pg:
+        run = pg.create_run("email_digest", {"spool": "/x/spool/a.eml"}, "<pg@example.com>")[0]
+    assert main(["--data-dir", str(tmp_path / "data"), "--store-url", pg_url, "runs", "--json"]) == 0
+    assert [r["dedup_key"] for r in json.loads(capsys.readouterr().out)] == ["<pg@example.com>"]
+    assert main(["show", str(run.run_id), "--store-url", pg_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_id"] == run.run_id
+    assert not (tmp_path / "data").exists()  # no SQLite file made beside the PostgreSQL store

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "tracing", "timers"},
     {"config", "dag", "store"},
-    {"sqlite_schema"},
-    {"sqlite_store", "stages", "spool"},
-    {"executors", "handover", "health", "liveness"},
+    {"sqlite_schema", "postgres_schema", "sql_store"},
+    {"sqlite_store", "postgres_store", "stages", "spool"},
+    {"executors", "dask_executor", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
     {"smtp_limits", "bulk_smtp"},

@@ -198,18 +198,6 @@ def test_purge_refuses_a_negative_or_non_finite_age_in_one_line(store, settings,
     assert len(err) == 1 and err[0].startswith("error: cannot purge runs older than") and "0 or more" in err[0]
 
 
-def test_run_ids_are_never_reused_after_purging_the_newest(store, settings):
-    ids = [finished_run(store, settings, None) for _ in range(3)]
-    assert store.purge_runs(time.time()) == 3
-    assert store.create_run("wf", {})[0].run_id == max(ids) + 1
-    store.close()
-    reopened = SqliteRunStore(settings.store)  # the sequence is in the file, not in the process
-    try:
-        assert reopened.create_run("wf", {})[0].run_id == max(ids) + 2
-    finally:
-        reopened.close()
-
-
 def _store_at_version(path: Path, version: int) -> sqlite3.Connection:
     """Create a store file as a pipeline with only the first ``version`` migrations made it."""
     conn = sqlite3.connect(path, isolation_level=None)

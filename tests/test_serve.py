@@ -198,3 +198,29 @@ def test_serve_with_a_data_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path, 
     code = main(["--data-dir", str(tmp_path / "file" / "data"), "serve", "--port", str(free_port())])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "Not a directory" in err, err
+
+
+def test_gateway_only_queues_and_workers_only_runs_on_one_sqlite_store(settings, tmp_path):
+    """The roles of issue 12 on one host: a SQLite store and a data dir shared by two processes' worth of service."""
+    from dataclasses import replace
+
+    from helpers import send_for_run_id
+
+    from pipeline.config import GatewayConfig
+    from pipeline.service import GATEWAY, WORKERS, PipelineService
+
+    shared = replace(settings, gateway=GatewayConfig(port=free_port()))
+    gateway = PipelineService(shared, role=GATEWAY).start()
+    try:
+        run_id = send_for_run_id(gateway, fx.email_with([("a.pdf", PDF)], message_id="<roles@example.com>"))
+        assert gateway.store.get_run(run_id).state == "queued"  # a gateway never claims
+        workers = PipelineService(replace(shared, gateway=GatewayConfig(port=free_port())), role=WORKERS).start()
+        try:
+            assert workers.engine.wait(run_id, timeout=120).state == "success"
+            assert workers.drop_folder is None
+            with pytest.raises(OSError):  # workers listen on nothing
+                socket.create_connection(("127.0.0.1", workers.settings.gateway.port), timeout=5).close()
+        finally:
+            workers.stop(grace_s=5)
+    finally:
+        gateway.stop(grace_s=5)

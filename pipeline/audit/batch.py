@@ -55,6 +55,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "memory": {"mails": 3, "mail_mb": 8, "reps": 1},
                                "head_of_line": {"timeout_s": 4.0, "slow_pages": 40, "reps": 1},
                                "spool": {"mails": 40, "senders": 2}},
+        # CI runs the quick audit: a few mails and rows per part, enough to prove every part runs end to end
+        "11_scale_out": {"mail_pdf_mb": 0.5, "dense_pdf_mb": 0.5,
+                         "store": {"sizes": [2_000], "repeat": 20, "transitions": 1_000},
+                         "pipeline": {"variants": ["pg_local", "pg_dask_1"], "mails": 2, "concurrency": 2,
+                                      "reps": 1, "warmup_mails": 0},
+                         "ingestion": {"documents": 2, "reps": 1, "roundtrips": 10},
+                         "gateways": {"mails": 3, "concurrency": 2}},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf"},
@@ -75,6 +82,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "memory": {"mails": 10, "mail_mb": 44, "reps": 1},
                                "head_of_line": {"timeout_s": 10.0, "slow_pages": 200, "reps": 2},
                                "spool": {"mails": 1000, "senders": 4}},
+        "11_scale_out": {"mail_pdf_mb": 1.0, "dense_pdf_mb": 1.0,
+                         # SQLite at these sizes: notebook 06 in the same session (the report shows both)
+                         "store": {"sizes": [100_000, 1_000_000], "repeat": 20, "transitions": 2_000,
+                                   "backends": ["postgres"]},
+                         # every round warms its serve(s) up with a mail first: no separate warm-up round;
+                         # 50 mails x 2 rounds x 5 variants took 12 min at load 5-15 (the notebook 18 min)
+                         "pipeline": {"variants": ["sqlite_local", "pg_local", "pg_dask_1", "pg_dask_2",
+                                                   "pg_2_gateways"],
+                                      "mails": 30, "concurrency": 50, "reps": 2, "warmup_mails": 0},
+                         "ingestion": {"documents": 4, "reps": 2, "roundtrips": 50},
+                         "gateways": {"mails": 20, "concurrency": 4}},
     },
 }
 PROFILES["full"] = {

@@ -164,7 +164,7 @@ def headline_metrics(recorder: AuditRecorder, session_id: str) -> dict[str, floa
         picked = faults[faults.metric == metric]
         if not picked.empty:
             out[name] = float(picked.value.sum())
-    return out | _hostile_headlines(m[m.scenario == "hostile"])
+    return out | _hostile_headlines(m[m.scenario == "hostile"]) | _scale_out_headlines(m[m.scenario == "scale_out"])
 
 
 def _hostile_headlines(hostile: pd.DataFrame) -> dict[str, float]:
@@ -179,6 +179,27 @@ def _hostile_headlines(hostile: pd.DataFrame) -> dict[str, float]:
         picked = after[after.metric == metric] if len(after) else after
         if not picked.empty:
             out[name] = round(float(picked.value.max()), 3)
+    return out
+
+
+def _scale_out_headlines(scale: pd.DataFrame) -> dict[str, float]:
+    """Scale-out: PostgreSQL's list query and one-per-commit transitions at its largest size, and the CPU-bound
+    ingestion speedup of 2 Dask workers over 1."""
+    out: dict[str, float] = {}
+    if scale.empty:
+        return out
+    tags = scale.tags
+    pg = scale[tags.map(lambda t: t.get("backend") == "postgres" and t.get("stat") == "median")]
+    if len(pg):
+        largest = pg[pg.tags.map(lambda t: t.get("runs")) == max(t.get("runs", 0) for t in pg.tags)]
+        for metric, name in (("list_latest_50_of_workflow", "pg_list_query_median_ms"),
+                             ("task_transitions_per_s_one_per_commit", "pg_transitions_per_s_one_per_commit")):
+            picked = largest[largest.metric == metric]
+            if len(picked):
+                out[name] = round(float(picked.value.median()), 3)
+    speedup = scale[scale.metric == "speedup_2_vs_1_workers"]
+    if len(speedup):
+        out["dask_speedup_2_vs_1_workers"] = round(float(speedup.value.median()), 3)
     return out
 
 

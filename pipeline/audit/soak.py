@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..config import RunnerConfig, Settings
 from ..dag import DAG
 from ..engine import WorkflowEngine
-from ..sqlite_store import SqliteRunStore
+from ..store import open_store
 from . import fixtures as fx
 from .harness import running_pipeline
 from .memory import LeakVerdict, judge_leak, sample_point, top_growth, traced
@@ -39,7 +39,7 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None) -> tupl
             return _measure(batch, runs, warmup, every)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         settings = replace(Settings.for_data_dir(Path(tmp)), runner=RunnerConfig(thread_workers=4))
-        store = SqliteRunStore(settings.store)
+        store = open_store(settings.store)
         with WorkflowEngine(store, settings) as engine:
             engine.register(dag)
 

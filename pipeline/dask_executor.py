@@ -1,0 +1,258 @@
+"""DaskExecutor: task tries on a Dask distributed cluster (``[executor] kind = "dask"``, extra ``[dask]``).
+
+Why Dask: when one machine's cores cannot parse the mail, the CPU-heavy tries (ingestion, and the page
+ranges of a big document) go to a trusted cluster instead of a home-made one. The runner stays
+callback-driven: ``submit`` returns a ``concurrent.futures.Future`` completed from the distributed
+future's done-callback, so no thread waits per task.
+
+Files travel as paths, not bytes: the task receives the path of the PDF in the run's work dir and writes
+its text file beside it (``stages/cluster_ingest``). A 25 MB PDF and its text never pass through the
+scheduler or this process's memory; the price is that the data dir must be shared storage (NFS, CephFS)
+mounted at the same path on the engine's host and on every worker.
+
+Worker deaths. A nanny that kills its worker for memory logs the event ``worker-restart-memory`` (naming
+the worker's address) before it sends SIGTERM; each task announces on which worker it started
+(``cluster_ingest.run_announced``); this client subscribes to both topics. The scheduler reports a try
+whose worker died as ``KilledWorker`` naming the task and the last worker, so that try ends ``too_large``
+(PdfTooLargeError, final) when a memory event names that worker and the task had started there, and
+WorkerCrashedError (retryable: the runner retries it, try_number increments) otherwise, e.g. a task only
+queued behind the bomb. The memory event comes by another connection than the worker's death, so it may
+arrive later: a death waits up to ``MEMORY_EVIDENCE_WAIT_S`` for it. With several threads per worker every
+task running beside a bomb is blamed with it: run workers with ``--nthreads 1`` (as the LocalCluster here).
+The scheduler must not re-run a try on another worker behind our back (a bomb would kill them all, and a
+retry the runner does not count could run twice): ``distributed.scheduler.allowed-failures`` is 0 on the
+LocalCluster started here; an external scheduler needs ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
+in its environment (a warning is logged on connect if it has another value), and the ``pipeline`` package
+installed like the workers (it unpickles the tasks). Worker saturation 1.0
+(``DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0``): under load a worker holds only the tasks it runs, so
+a death costs no queued task a try (with few tasks the scheduler still sends them all at once).
+A try past the runner's task timeout is not stopped on the cluster; its late result is ignored.
+
+Every distributed exception is translated here, at the edge: an unreachable scheduler or a lost result is
+ClusterUnavailableError (retryable; raised by ``submit`` it breaks the run, which the engine requeues with
+a backoff, uncounted), a dead worker as above. A try cancelled by ``close`` is a cancelled future (the
+runner puts the run back in the queue). An exception the task itself raised reaches the runner unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+from .config import ExecutorConfig
+from .dag import TaskContext
+from .errors import ClusterUnavailableError, ConfigurationError, PdfTooLargeError, PipelineError, WorkerCrashedError
+from .stages import cluster_ingest
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler fails the submission after this long
+MEMORY_EVIDENCE_WAIT_S = 3.0  # how long a worker's death waits for the nanny's memory event
+MEMORY_TOPIC = "worker-restart-memory"  # distributed's nanny (worker_memory.NannyMemoryManager) logs this
+STARTED_REMEMBERED = 10_000  # task starts kept to judge deaths by (a death is judged within seconds)
+
+
+def import_distributed() -> Any:
+    """Import ``distributed``, or raise a one-line ConfigurationError naming the extra."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigurationError("executor.kind = 'dask' needs Dask: pip install 'pipeline[dask]'") from exc
+    return distributed
+
+
+def task_key(ctx: TaskContext) -> str:
+    """A key unique to this try: a new try is a new task, never a cached result.
+
+    All instances of a task share its name as the key's prefix (one task group), so under load the scheduler
+    queues them and hands a worker only what it can run (worker saturation), instead of many a death would cost.
+    """
+    item = "" if ctx.index is None else f"-item{ctx.index}"
+    return f"{ctx.task_id.split('[')[0]}-run{ctx.run_id}{item}-try{ctx.try_number}-{uuid.uuid4().hex[:12]}"
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    """Run on the scheduler: how often it re-runs a task whose worker died."""
+    return int(dask_scheduler.allowed_failures)
+
+
+class DaskExecutor:
+    """A distributed Client made on first use (to ``config.scheduler`` or a LocalCluster of its own)."""
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._cluster: Any = None
+        self._closed = False
+        self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
+        self._deaths = threading.Condition()
+        self._memory_kills: set[str] = set()  # worker addresses the nanny restarted for memory
+        self._started: OrderedDict[str, str] = OrderedDict()  # task key -> worker it started on (recent ones)
+        self._judged: dict[str, bool] = {}  # worker address -> died for memory (decided once)
+
+    @property
+    def client(self) -> Any:
+        """The distributed Client, connecting first if needed; ClusterUnavailableError if that fails."""
+        with self._lock:
+            if self._closed:
+                raise ClusterUnavailableError("the Dask executor is shut down")
+            if self._client is None or self._client.status in ("closing", "closed"):
+                self._client = self._connect()
+            return self._client
+
+    def submit(self, fn: Any, *args: Any, key: str) -> Future[Any]:
+        """Run ``fn(*args)`` on the cluster as task ``key``; the returned future completes from a callback."""
+        client = self.client
+        ours: Future[Any] = Future()
+        try:
+            theirs = client.submit(cluster_ingest.run_announced, fn, *args, key=key, pure=False)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterUnavailableError(f"cannot submit to the Dask scheduler: {exc}") from exc
+        with self._lock:
+            self._live[key] = (theirs, ours)  # holding the distributed future keeps the task wanted
+        theirs.add_done_callback(lambda f: self._done(key, f, ours))
+        return ours
+
+    def close(self) -> None:
+        """Cancel the tries still on the cluster, close the client and the LocalCluster started here."""
+        with self._lock:
+            self._closed = True
+            client, cluster, live = self._client, self._cluster, list(self._live.values())
+            self._client = self._cluster = None
+            self._live.clear()
+        for _, ours in live:
+            ours.cancel()
+        for closable in (client, cluster):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception as exc:  # a cluster already gone; nothing left to release
+                    log.warning("closing the Dask %s: %s: %s", type(closable).__name__, type(exc).__name__, exc)
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        distributed = import_distributed()
+        import dask
+
+        target = self.config.scheduler or "a LocalCluster"
+        # a Client whose start fails is "closed" already and its close() does nothing, yet its event loop thread
+        # and descriptors live on: make it in two steps, so a failure can stop that loop (once per try to connect)
+        client = distributed.Client.__new__(distributed.Client)
+        try:
+            if not self.config.scheduler and self._cluster is None:
+                # worker-saturation 1.0: a worker holds only the task it runs, so a death costs no queued task
+                with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                                      "distributed.scheduler.worker-saturation": 1.0}):
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=self.config.local_workers, threads_per_worker=1, processes=True,
+                        memory_limit=f"{self.config.worker_memory_mb}MiB", host="127.0.0.1",
+                        dashboard_address=None)
+            client.__init__(self.config.scheduler or self._cluster, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            runner = getattr(client, "_loop_runner", None)
+            if runner is not None:
+                runner.stop()
+            raise ClusterUnavailableError(f"cannot reach the Dask scheduler at {target}: {exc}") from exc
+        client.subscribe_topic(MEMORY_TOPIC, self._on_memory_event)
+        client.subscribe_topic(cluster_ingest.STARTED_TOPIC, self._on_started_event)
+        self._check_allowed_failures(client)
+        log.info("Dask executor connected to %s", client.scheduler.address)
+        return client
+
+    def _check_allowed_failures(self, client: Any) -> None:
+        try:
+            allowed = client.run_on_scheduler(_allowed_failures)
+        except Exception as exc:  # a scheduler that refuses run_on_scheduler still works; we just cannot check
+            log.warning("cannot read the scheduler's allowed-failures: %s: %s", type(exc).__name__, exc)
+            return
+        if allowed:
+            log.warning("the Dask scheduler re-runs a task whose worker died %d time(s): a memory bomb kills "
+                        "that many more workers; start it with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0",
+                        allowed)
+
+    def _on_memory_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """Called on the client's event loop for each worker a nanny restarts for memory."""
+        address = event[1].get("worker") if isinstance(event[1], dict) else None
+        if address:
+            log.warning("Dask worker %s was restarted for exceeding its memory limit", address)
+            with self._deaths:
+                self._memory_kills.add(address)
+                self._deaths.notify_all()
+
+    def _on_started_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """Called on the client's event loop for each task that starts on a worker."""
+        if isinstance(event[1], dict):
+            with self._deaths:
+                self._started[str(event[1].get("key"))] = str(event[1].get("worker"))
+                while len(self._started) > STARTED_REMEMBERED:
+                    self._started.popitem(last=False)
+
+    # -- completion -------------------------------------------------------------------
+
+    def _done(self, key: str, theirs: Any, ours: Future[Any]) -> None:
+        """Complete our future from the distributed one (on distributed's callback thread)."""
+        with self._lock:
+            closed = self._closed
+            self._live.pop(key, None)
+        try:
+            if theirs.status == "finished":
+                _settle(ours, result=theirs.result())
+            elif theirs.status == "cancelled":
+                if closed:
+                    ours.cancel()
+                else:
+                    _settle(ours, error=ClusterUnavailableError(f"task {key} was cancelled by the cluster"))
+            else:
+                _settle(ours, error=self.translate(theirs.exception()))
+        except Exception as exc:  # the result was lost (its worker died) or the scheduler went away
+            _settle(ours, error=self.translate(exc))
+
+    def translate(self, exc: BaseException) -> BaseException:
+        """Our error for a failed try: the task's own exception as is, a distributed one typed (module docstring)."""
+        if isinstance(exc, PipelineError):
+            return exc
+        distributed = import_distributed()
+        if isinstance(exc, distributed.KilledWorker):
+            return self._death_error(str(exc.task), exc.last_worker.address)
+        from distributed.comm.core import CommClosedError
+
+        if isinstance(exc, (CommClosedError, OSError, TimeoutError, distributed.client.FutureCancelledError)):
+            return ClusterUnavailableError(f"the Dask cluster lost the task: {type(exc).__name__}: {exc}")
+        return exc
+
+    def _death_error(self, key: str, address: str) -> PipelineError:
+        """PdfTooLargeError if the nanny restarted ``address`` for memory while task ``key`` ran there,
+        else WorkerCrashedError."""
+        with self._deaths:
+            if address not in self._judged:
+                self._deaths.wait_for(lambda: address in self._memory_kills, timeout=MEMORY_EVIDENCE_WAIT_S)
+                self._judged[address] = address in self._memory_kills
+            memory = self._judged[address] and self._started.get(key) == address
+        if memory:
+            return PdfTooLargeError(f"the task needed memory over the Dask worker's memory limit: the nanny "
+                                    f"restarted worker {address}")
+        return WorkerCrashedError(f"Dask worker {address} died while running the task (not for memory)")
+
+
+def _settle(ours: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Complete ``ours`` unless it is done already (cancelled by ``close`` meanwhile)."""
+    try:
+        if error is not None:
+            ours.set_exception(error)
+        else:
+            ours.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def wait_for_workers(executor: DaskExecutor, count: int, timeout_s: float = 60.0) -> None:
+    """Block until the cluster has ``count`` workers (ClusterUnavailableError after ``timeout_s``)."""
+    try:
+        executor.client.wait_for_workers(count, timeout=timeout_s)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterUnavailableError(f"the Dask cluster has fewer than {count} workers: {exc}") from exc

@@ -1,0 +1,302 @@
+"""PostgresRunStore: the run store in PostgreSQL, shared by several gateways and engines.
+
+psycopg 3 with a ``psycopg_pool.ConnectionPool`` (at most ``StoreConfig.pool_size``
+connections), imported only when a store is opened (extra ``[postgres]``).
+The queries are the shared ones of ``pipeline.sql_store``; what is particular:
+
+- concurrency is PostgreSQL's: READ COMMITTED transactions, a claim takes its
+  row with ``FOR UPDATE SKIP LOCKED`` (two engines never claim one run, never
+  wait for each other), a run insert is ``ON CONFLICT DO NOTHING RETURNING``
+  after a look-up (two gateways receiving one Message-ID make one run);
+- creating and requeueing runs sends ``NOTIFY`` in the same transaction, and
+  ``watch_queue`` listens on a dedicated connection, so an idle engine is woken
+  at commit instead of polling;
+- every driver error is translated here into the StoreError tree (``store_error``).
+  A server that cannot be reached, went away or shut down, or a pool with no free
+  connection in time, is ``StoreUnavailableError`` (a retryable StoreBusyError:
+  the gateway answers 451, the engine requeues and backs off); the pool then
+  drops its dead connections, so the same store object works again once the
+  server is back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .config import StoreConfig
+from .errors import (
+    ConfigurationError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+    StoreIOError,
+    StoreUnavailableError,
+)
+from .postgres_schema import SPOOL_TOMBSTONES_VERSION, migrate
+from .sql_store import EVENT, FINAL_TASK, Connection, SqlRunStore, TransientStoreError, retried
+from .store import RUNNING, TERMINAL_TASK_STATES, Transition
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "pipeline_runs_queued"
+WATCH_POLL_S = 0.5  # how often the listening thread looks up from its socket to see whether it must stop
+
+# (error class, SQLSTATEs or their two-character classes, hint): the first match wins.
+_TRANSLATIONS: list[tuple[type[StoreError], tuple[str, ...], str]] = [
+    (TransientStoreError, ("40001", "40P01"), " (lost a race with another writer; try again)"),
+    (StoreUnavailableError, ("08", "57P01", "57P02", "57P03", "53300"), " (the server is unreachable; try again)"),
+    (StoreBusyError, ("55P03", "57014"), " (waited too long for a lock; try again)"),
+    (StoreIOError, ("53100", "58030", "25006", "53200"), ""),
+    (StoreCorruptError, ("XX001", "XX002"), " (the database is damaged; restore it from a backup)"),
+]
+
+
+def _driver() -> tuple[Any, Any]:
+    """Import psycopg and psycopg_pool, or raise ConfigurationError naming the extra."""
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError as exc:
+        raise ConfigurationError(f"a postgresql:// store needs psycopg ({exc.name} is missing): "
+                                 "pip install 'email-digest-pipeline[postgres]'") from exc
+    return psycopg, psycopg_pool
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def store_error(label: str, exc: BaseException) -> StoreError:
+    """Return the StoreError subclass for a psycopg (or pool) error: one line naming the store."""
+    psycopg, psycopg_pool = _driver()
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg_pool.PoolClosed):
+        return StoreError(f"{label}: the store is closed")
+    state = getattr(exc, "sqlstate", None) or ""
+    for cls, codes, hint in _TRANSLATIONS:
+        if state in codes or state[:2] in codes:
+            return cls(f"{label}: {text}{hint}")
+    if isinstance(exc, psycopg.OperationalError):  # refused, reset, pool timeout: no SQLSTATE, no server
+        return StoreUnavailableError(f"{label}: {text} (the server is unreachable; try again)")
+    return StoreError(f"{label}: {text}")
+
+
+class _Cursor:
+    """A psycopg connection speaking the shared code's ``?`` placeholders."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Any = None, /) -> Any:
+        return self.conn.execute(sql if params is None else _placeholders(sql), params)
+
+    def executemany(self, sql: str, params: Any, /) -> Any:
+        cur = self.conn.cursor()
+        cur.executemany(_placeholders(sql), params)
+        return cur
+
+
+@functools.lru_cache(maxsize=1024)
+def _placeholders(sql: str) -> str:
+    """``?`` to ``%s`` (the shared SQL has no literal ``?``; a literal ``%`` is doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresRunStore(SqlRunStore):
+    """DAGRunStore in a PostgreSQL database, for several processes on several hosts."""
+
+    CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+    # Task transitions and heartbeats commit without waiting for the WAL flush (one statement, one round
+    # trip: psycopg sends both in one simple query). Losing the last ~0.6 s of them in a server crash is
+    # safe: the run stays running under a dead owner, recovery requeues it, and the task runs again from
+    # its last durable state (tasks are retried from scratch anyway; delivery is idempotent per run). Runs
+    # are created and finished synchronously, and such a commit flushes every earlier lazy one too.
+    BEGIN_LAZY = "BEGIN; SET LOCAL synchronous_commit TO off"
+    TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
+    queue_notifications = True
+
+    def __init__(self, config: StoreConfig | str, *, create: bool = True) -> None:
+        super().__init__()
+        self.config = config if isinstance(config, StoreConfig) else StoreConfig(url=config)
+        self.config.validate()
+        if not self.config.url:
+            raise ConfigurationError("PostgresRunStore needs store.url = 'postgresql://...'")
+        self._psycopg, pool_module = _driver()
+        self.DRIVER_ERRORS = (self._psycopg.Error,)
+        self.url, self.label = self.config.url, redact(self.config.url)
+        self._watchers: list[_QueueWatcher] = []
+        # how long a call waits for a pooled connection (or a reconnect) before StoreUnavailableError
+        timeout_s = max(self.config.busy_timeout_ms / 1000, 0.1)
+        self._pool = pool_module.ConnectionPool(
+            self.url, min_size=1, max_size=self.config.pool_size, open=False, timeout=timeout_s,
+            kwargs={"autocommit": True}, name="pipeline-store")
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+            with self._pool.connection() as conn:
+                migrate(conn, self.label, create)
+        except self._psycopg.Error as exc:
+            self._pool.close()
+            raise self._store_error(exc) from exc
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- connection and transactions ---------------------------------------
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """Lend a pooled connection; one the server dropped is discarded by the pool on return."""
+        with self._pool.connection() as conn:
+            yield _Cursor(conn)
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        error = store_error(self.label, exc)
+        if isinstance(error, StoreUnavailableError):
+            try:  # drop the idle connections the server lost too, so that the next call reconnects
+                self._pool.check()
+            except self._psycopg.Error as exc:
+                log.debug("%s: pool check failed: %s", self.label, exc)
+        return error
+
+    def _rollback(self, conn: Connection) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except self._psycopg.Error as exc:  # the original error is the one worth raising
+            log.debug("rollback failed: %s", exc)
+
+    def _insert_run(self, conn: Connection, workflow: str, dedup_key: str | None, payload: str,
+                    now: float) -> int | None:
+        row = conn.execute("INSERT INTO runs (workflow, state, dedup_key, payload, queued_at) "
+                           "VALUES (?, 'queued', ?, ?, ?) ON CONFLICT (workflow, dedup_key) DO NOTHING "
+                           "RETURNING run_id", (workflow, dedup_key, payload, now)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _queued(self, conn: Connection) -> None:
+        conn.execute(f"NOTIFY {CHANNEL}")  # delivered at COMMIT, not at all on ROLLBACK
+
+    @retried
+    def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
+        """Send BEGIN, one statement per transition and COMMIT in one psycopg pipeline: one round trip a call.
+
+        The engine writes one transition per commit, many per run: at 3 round trips a
+        commit the client, not the server, was the limit (see BEGIN_LAZY for durability).
+        """
+        statements = [_transition_sql(t, owner) for t in transitions]
+        if not statements:
+            return 0
+        try:
+            with self._pool.connection() as conn:
+                try:
+                    with conn.pipeline():
+                        conn.execute("BEGIN")
+                        conn.execute("SET LOCAL synchronous_commit TO off")
+                        cursors = [conn.execute(_placeholders(sql), params) for sql, params in statements]
+                        conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(_Cursor(conn))
+                    raise
+        except self._psycopg.Error as exc:
+            raise self._store_error(exc) from exc
+        return sum(max(cur.rowcount, 0) for cur in cursors)
+
+    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
+        """Computed by the server (percentile_cont): no rows travel, whatever the window holds."""
+        until = time.time() if until is None else until
+        rows = self._read(
+            "SELECT regexp_replace(task_id, '\\[\\d+\\]$', '') AS task, count(*), "
+            "percentile_cont(0.5) WITHIN GROUP (ORDER BY ended_at - started_at), "
+            "percentile_cont(0.95) WITHIN GROUP (ORDER BY ended_at - started_at) "
+            "FROM task_runs WHERE state = 'success' AND ended_at >= ? AND ended_at < ? GROUP BY 1 ORDER BY 1",
+            (since, until))
+        return {task: {"n": int(n), "p50": float(p50), "p95": float(p95)} for task, n, p50, p95 in rows}
+
+    # -- wake-ups ----------------------------------------------------------------
+
+    def watch_queue(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake`` whenever another process commits queued runs (LISTEN on a dedicated connection)."""
+        watcher = _QueueWatcher(self._psycopg, self.url, self.label, wake)
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def stop() -> None:
+            watcher.stop()
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+        return stop
+
+    def close(self) -> None:
+        """Stop the watchers and close the pool (a second close does nothing)."""
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            watcher.stop()
+        self._pool.close()
+
+
+class _QueueWatcher:
+    """One daemon thread LISTENing on CHANNEL; reconnects with back-off and never dies silently."""
+
+    def __init__(self, psycopg: Any, url: str, label: str, wake: Callable[[], None]) -> None:
+        self._psycopg, self._url, self._label, self._wake = psycopg, url, label, wake
+        self._stopping = threading.Event()
+        self.notices = 0
+        self._thread = threading.Thread(target=self._loop, name="pipeline-queue-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and wait for the thread (it looks up every WATCH_POLL_S)."""
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+                failures = 0
+            except Exception as exc:  # guarded: log the first of a streak, back off, reconnect, go on
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "%s: queue notifications lost (%s: %s); polling until reconnected",
+                        self._label, type(exc).__name__, " ".join(str(exc).split()))
+                self._stopping.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+
+    def _listen(self) -> None:
+        with self._psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._call_wake()  # runs queued while nobody listened (start, reconnect) are found now
+            while not self._stopping.is_set():
+                for _ in conn.notifies(timeout=WATCH_POLL_S):
+                    self.notices += 1
+                    self._call_wake()
+
+    def _call_wake(self) -> None:
+        try:
+            self._wake()
+        except Exception:  # a broken callback must not end the listening
+            log.exception("%s: queue wake-up callback failed", self._label)
+
+
+def _transition_sql(t: Transition, owner: str | None) -> tuple[str, tuple[Any, ...]]:
+    """One statement per transition: the event is inserted from the UPDATE's RETURNING (nothing if skipped)."""
+    owned_run = "" if owner is None else \
+        " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)"
+    started = t.at if t.state == RUNNING else None
+    ended = t.at if t.state in TERMINAL_TASK_STATES else None
+    return ("WITH changed AS (UPDATE task_runs SET state = ?, try_number = ?, "
+            "started_at = coalesce(?::float8, started_at), ended_at = ?, error_type = ?, error_message = ?, "
+            f"output = coalesce(?::text, output) WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run} "
+            "RETURNING run_id, task_id, try_number, state, error_type) "
+            f"{EVENT}, error_type) SELECT run_id, task_id, try_number, state, ?, error_type FROM changed",
+            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
+             t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner)), t.at))

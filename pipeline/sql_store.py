@@ -1,0 +1,427 @@
+"""SqlRunStore: the SQL both run-store backends share (huey's ``BaseSqlStorage``).
+
+The DAGRunStore contract (``pipeline.store``) is written here once, in SQL
+with ``?`` placeholders; ``SqliteRunStore`` and ``PostgresRunStore`` add only
+what differs: how a connection is had (one behind a lock, or a pool), how a
+transaction begins, how a run is inserted (its new id), the row lock a claim
+takes, how driver errors map onto the StoreError tree, and the queries one
+engine answers better its own way (counts, percentiles).
+
+Terminal states are final: the UPDATEs that end or requeue runs and tasks
+carry the state they expect in their WHERE clause (compare-and-set), so a late
+write (a task's RUNNING after its timeout FAILED) changes nothing. Given an
+owner, they also carry ``owner = ?``: a process whose run was taken over
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from . import store as s
+from .errors import StoreBusyError, StoreError, UnknownRunError
+from .store import DAGRunStore, Run, TaskRun, Transition
+
+RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, "
+               "reason")
+TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
+# named columns: task_events grew error_type in a later (SQLite) migration
+EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
+MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
+FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
+RETRIES = 2  # extra tries of a write that lost a deadlock or a serialisation race
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Connection(Protocol):
+    """What the shared code uses of a connection: ``?`` placeholders; a DB-API cursor back, rows as tuples."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, params: Any, /) -> Any: ...
+
+
+class TransientStoreError(StoreBusyError):
+    """A write lost a deadlock or a serialisation race; it is retried, then surfaces as StoreBusyError."""
+
+
+def retried(method: Callable[P, T]) -> Callable[P, T]:
+    """Run a store write again (at most RETRIES more times) when it raised TransientStoreError."""
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        for _ in range(RETRIES):
+            try:
+                return method(*args, **kwargs)
+            except TransientStoreError:
+                time.sleep(0.01)
+        return method(*args, **kwargs)
+    return wrapper
+
+
+class SqlRunStore(DAGRunStore):
+    """The DAGRunStore contract in shared SQL; backends supply connections and the differing pieces."""
+
+    BEGIN = "BEGIN"
+    BEGIN_LAZY: str | None = None  # begins a transaction whose commit need not wait for the disk (None: BEGIN)
+    CLAIM_LOCK = ""  # row lock a claim and a purge take on what they select (PostgreSQL: FOR UPDATE SKIP LOCKED)
+    TOMBSTONES_VERSION = 1  # the migration from which purge tombstones every spool file it drops
+    DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # -- what a backend supplies ---------------------------------------------------
+
+    def _connection(self) -> AbstractContextManager[Connection]:
+        """Lend a connection for one transaction or query (raising driver errors is fine here)."""
+        raise NotImplementedError
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        """Translate a driver error into the StoreError tree."""
+        raise NotImplementedError
+
+    def _rollback(self, conn: Connection) -> None:
+        """End a failed transaction, if one is open, so the connection stays usable."""
+        raise NotImplementedError
+
+    def _insert_run(self, conn: Connection, workflow: str, dedup_key: str | None, payload: str,
+                    now: float) -> int | None:
+        """Insert a queued run; return its id, or None if ``(workflow, dedup_key)`` exists (inserted meanwhile)."""
+        raise NotImplementedError
+
+    def _queued(self, conn: Connection) -> None:
+        """Tell other processes, at commit, that runs were queued (see ``watch_queue``); default: nothing."""
+
+    # -- transactions ------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, lazy: bool = False) -> Iterator[Connection]:
+        """Run a write transaction: begin, then commit or roll back; raise StoreError.
+
+        A failed COMMIT (disk full, deferred constraint) leaves the transaction
+        open, so it is rolled back too: the connection stays usable. ``lazy``
+        marks writes that may be lost in a server crash (see BEGIN_LAZY).
+        """
+        try:
+            with self._connection() as conn:
+                conn.execute((self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except self.DRIVER_ERRORS as exc:
+            raise self._store_error(exc) from exc
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one query and return its rows; raise StoreError."""
+        try:
+            with self._connection() as conn:
+                return list(conn.execute(sql, tuple(params)).fetchall())
+        except self.DRIVER_ERRORS as exc:
+            raise self._store_error(exc) from exc
+
+    # -- runs -----------------------------------------------------------------
+
+    def create_run(self, workflow: str, payload: Mapping[str, Any], dedup_key: str | None = None,
+                   now: float | None = None) -> tuple[Run, bool]:
+        return self.create_runs([(workflow, payload, dedup_key)], now)[0]
+
+    @retried
+    def create_runs(self, items: Iterable[tuple[str, Mapping[str, Any], str | None]],
+                    now: float | None = None) -> list[tuple[Run, bool]]:
+        now = time.time() if now is None else now
+        items = list(items)
+        results = []
+        with self._tx() as conn:
+            for workflow, payload, dedup_key in items:
+                # look first: an INSERT that hits the key can still use up an id (a gap per duplicate)
+                existing = self._find(conn, workflow, dedup_key)
+                run_id = None if existing else self._insert_run(conn, workflow, dedup_key, json.dumps(payload), now)
+                if run_id is None:  # known, or inserted by a racing process since the look
+                    found = existing or self._find(conn, workflow, dedup_key)
+                    if found is None:
+                        raise StoreError(f"run of {workflow!r} with key {dedup_key!r} vanished while creating it")
+                    results.append((found, False))
+                    continue
+                results.append((Run(run_id, workflow, s.QUEUED, dedup_key, dict(payload), now), True))
+            if any(created for _, created in results):
+                self._queued(conn)
+        return results
+
+    @staticmethod
+    def _find(conn: Connection, workflow: str, dedup_key: str | None) -> Run | None:
+        if dedup_key is None:
+            return None
+        row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
+                           (workflow, dedup_key)).fetchone()
+        return None if row is None else run_from_row(row)
+
+    def get_run(self, run_id: int) -> Run:
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            raise UnknownRunError(run_id)
+        return run_from_row(rows[0])
+
+    def find_run(self, workflow: str, dedup_key: str) -> Run | None:
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE workflow = ? AND dedup_key = ?",
+                          (workflow, dedup_key))
+        return run_from_row(rows[0]) if rows else None
+
+    def list_runs(self, workflow: str | None = None, state: str | None = None, limit: int = 50,
+                  before_run_id: int | None = None) -> list[Run]:
+        where, params = filters(workflow=workflow, state=state)
+        if before_run_id is not None:
+            where.append("run_id < ?")
+            params.append(before_run_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs {clause} ORDER BY run_id DESC LIMIT ?",
+                          [*params, limit])
+        return [run_from_row(r) for r in rows]
+
+    def count_runs_by_state(self, workflow: str | None = None) -> dict[str, int]:
+        where, params = filters(workflow=workflow)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return {state: int(n) for state, n in self._read(
+            f"SELECT state, sum(n) FROM run_counts {clause} GROUP BY state HAVING sum(n) > 0", params)}
+
+    def stale_runs(self, heartbeat_before: float) -> list[Run]:
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'running' "
+                          "AND (heartbeat_at < ? OR heartbeat_at IS NULL) ORDER BY run_id", (heartbeat_before,))
+        return [run_from_row(r) for r in rows]
+
+    @retried
+    def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' "
+                               f"ORDER BY run_id LIMIT 1{self.CLAIM_LOCK}").fetchone()
+            if row is None:
+                return None
+            run = run_from_row(row)
+            started = run.started_at if run.started_at is not None else now  # keep first start across requeues
+            conn.execute("UPDATE runs SET state = 'running', started_at = ?, heartbeat_at = ?, owner = ? "
+                         "WHERE run_id = ?", (started, now, owner, run.run_id))
+        return Run(**{**run.__dict__, "state": s.RUNNING, "started_at": started, "heartbeat_at": now, "owner": owner})
+
+    @retried
+    def heartbeat(self, run_ids: Iterable[int], now: float | None = None, owner: str | None = None) -> int:
+        now = time.time() if now is None else now
+        where, extra = owned(owner)
+        rows = [(now, r, *extra) for r in run_ids]
+        with self._tx(lazy=True) as conn:
+            if not rows:
+                return 0
+            cur = conn.executemany(f"UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND {where}", rows)
+            return max(cur.rowcount, 0)
+
+    @retried
+    def finish_run(self, run_id: int, state: str, reason: str | None = None, now: float | None = None,
+                   owner: str | None = None) -> int:
+        if state not in (s.SUCCESS, s.FAILED):
+            raise ValueError(f"finish_run takes success or failed, not {state!r}")
+        now = time.time() if now is None else now
+        where, extra = owned(owner) if owner is not None else ("state NOT IN ('success', 'failed')", ())
+        with self._tx() as conn:
+            cur = conn.execute(f"UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ? AND {where}",
+                               (state, reason, now, run_id, *extra))
+            if cur.rowcount:
+                conn.execute(EVENT + ") VALUES (?, '', 0, ?, ?)", (run_id, state, now))
+            return int(cur.rowcount)
+
+    @retried
+    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            changed = self._requeue(conn, run_id, now, owner)
+            if changed:
+                self._queued(conn)
+            return changed
+
+    @retried
+    def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'running'").fetchall()
+            # a run another recoverer requeued first is not ours to report (its CAS changes nothing here)
+            dead = [r.run_id for r in map(run_from_row, rows) if is_dead(r) and self._requeue(conn, r.run_id, now)]
+            if dead:
+                self._queued(conn)
+        return dead
+
+    @staticmethod
+    def _requeue(conn: Connection, run_id: int, now: float, owner: str | None = None) -> int:
+        where, extra = owned(owner)
+        cur = conn.execute(f"UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
+                           f"WHERE run_id = ? AND {where}", (run_id, *extra))
+        if not cur.rowcount:  # finished, queued or taken over meanwhile: a requeue must not resurrect it
+            return 0
+        conn.execute(EVENT + ") SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
+                     "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
+        conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
+                     (run_id,))
+        conn.execute(EVENT + ") VALUES (?, '', 0, 'queued', ?)", (run_id, now))
+        return 1
+
+    # -- tasks ----------------------------------------------------------------
+
+    def get_tasks(self, run_id: int) -> list[TaskRun]:
+        rows = self._read(f"SELECT {TASK_COLUMNS} FROM task_runs WHERE run_id = ? ORDER BY id", (run_id,))
+        return [task_from_row(r) for r in rows]
+
+    @retried
+    def create_tasks(self, run_id: int, task_ids: Iterable[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        rows = [(run_id, t, now) for t in task_ids]
+        if not rows:
+            return
+        with self._tx() as conn:
+            conn.executemany("INSERT INTO task_runs (run_id, task_id, state, queued_at) VALUES (?, ?, 'queued', ?) "
+                             "ON CONFLICT (run_id, task_id) DO NOTHING", rows)
+            conn.executemany(EVENT + ") VALUES (?, ?, 0, 'queued', ?)", rows)
+
+    @retried
+    def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
+        transitions = list(transitions)
+        with self._tx(lazy=True) as conn:
+            return sum(self._transition(conn, t, owner) for t in transitions)
+
+    def _transition(self, conn: Connection, t: Transition, owner: str | None) -> int:
+        """Apply one transition unless its task is final (or, with ``owner``, its run not ours); return 1 if applied."""
+        owned_run = "" if owner is None else \
+            " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)"
+        started = t.at if t.state == s.RUNNING else None
+        ended = t.at if t.state in s.TERMINAL_TASK_STATES else None
+        cur = conn.execute(
+            "UPDATE task_runs SET state = ?, try_number = ?, started_at = coalesce(?, started_at), "
+            "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output) "
+            f"WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run}",
+            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
+             t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner))))
+        if not cur.rowcount:  # skipped when already final: a late RUNNING must not undo a timeout
+            return 0
+        conn.execute(EVENT + ", error_type) VALUES (?, ?, ?, ?, ?, ?)",
+                     (t.run_id, t.task_id, t.try_number, t.state, t.at, t.error_type))
+        return 1
+
+    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
+        until = time.time() if until is None else until
+        rows = self._read(self._durations_sql(), (since, until))
+        by_instance: dict[str, list[float]] = {}
+        for task_id, duration in rows:
+            by_instance.setdefault(task_id, []).append(duration)
+        groups: dict[str, list[float]] = {}
+        for task_id, durations in by_instance.items():  # strip "[n]" once per instance id, not per row
+            groups.setdefault(MAPPED_SUFFIX.sub("", task_id), []).extend(durations)
+        return {task: percentiles(values) for task, values in sorted(groups.items())}
+
+    def _durations_sql(self) -> str:
+        return ("SELECT task_id, ended_at - started_at FROM task_runs "
+                "WHERE state = 'success' AND ended_at >= ? AND ended_at < ?")
+
+    # -- purge and the spool files of runs ---------------------------------------
+
+    def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[s.PurgedBatch]:
+        while True:
+            with self._tx() as conn:
+                ids = [r[0] for r in conn.execute(
+                    "SELECT run_id FROM runs WHERE ended_at < ? AND state IN ('success', 'failed') "
+                    f"LIMIT ?{self.CLAIM_LOCK}", (older_than, batch_size)).fetchall()]
+                if not ids:
+                    return
+                marks = ",".join("?" * len(ids))
+                names = {r[0] for r in conn.execute(
+                    f"SELECT DISTINCT spool_name FROM runs WHERE run_id IN ({marks}) AND spool_name IS NOT NULL",
+                    ids).fetchall()}
+                conn.execute(f"DELETE FROM task_events WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM task_runs WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", ids)
+                dropped = sorted(names - names_in_use(conn, names))
+                if dropped:
+                    conn.executemany("INSERT INTO spool_tombstones VALUES (?, ?) "
+                                     "ON CONFLICT (name) DO UPDATE SET dropped_at = excluded.dropped_at",
+                                     [(name, time.time()) for name in dropped])
+            yield s.PurgedBatch(tuple(ids), tuple(dropped))  # after the commit: the caller deletes files now
+
+    def spool_names_in_use(self, names: Iterable[str]) -> set[str]:
+        try:
+            with self._connection() as conn:
+                return names_in_use(conn, set(names))
+        except self.DRIVER_ERRORS as exc:
+            raise self._store_error(exc) from exc
+
+    def spool_names_known(self, names: Iterable[str]) -> set[str]:
+        wanted = set(names)
+        if not wanted:
+            return set()
+        marks = ",".join("?" * len(wanted))
+        rows = self._read(f"SELECT spool_name FROM runs WHERE spool_name IN ({marks}) "
+                          f"UNION SELECT name FROM spool_tombstones WHERE name IN ({marks})", [*wanted, *wanted])
+        return {r[0] for r in rows}
+
+    def list_spool_tombstones(self, after: str = "", limit: int = 1000) -> list[str]:
+        return [r[0] for r in self._read("SELECT name FROM spool_tombstones WHERE name > ? ORDER BY name LIMIT ?",
+                                         (after, limit))]
+
+    @retried
+    def drop_spool_tombstones(self, names: Iterable[str]) -> int:
+        rows = [(n,) for n in set(names)]
+        if not rows:
+            return 0
+        with self._tx() as conn:
+            cur = conn.executemany("DELETE FROM spool_tombstones WHERE name = ?", rows)
+            return max(cur.rowcount, 0)
+
+    def spool_tracked_since(self) -> float:
+        rows = self._read("SELECT applied_at FROM schema_migrations WHERE version = ?", (self.TOMBSTONES_VERSION,))
+        return float(rows[0][0])
+
+
+def names_in_use(conn: Connection, names: set[str]) -> set[str]:
+    """Those of ``names`` some run names (one indexed lookup each; inside the caller's connection)."""
+    if not names:
+        return set()
+    marks = ",".join("?" * len(names))
+    return {r[0] for r in conn.execute(f"SELECT DISTINCT spool_name FROM runs WHERE spool_name IN ({marks})",
+                                       list(names)).fetchall()}
+
+
+def owned(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """WHERE condition (and its parameters) for a run that is running, under ``owner`` when given."""
+    return ("state = 'running'", ()) if owner is None else ("state = 'running' AND owner = ?", (owner,))
+
+
+def filters(**columns: Any) -> tuple[list[str], list[Any]]:
+    """WHERE conditions (and parameters) for the columns given a value."""
+    present = {k: v for k, v in columns.items() if v is not None}
+    return [f"{k} = ?" for k in present], list(present.values())
+
+
+def run_from_row(row: tuple[Any, ...]) -> Run:
+    """Map a row of RUN_COLUMNS to a Run (the payload is JSON text in both backends)."""
+    return Run(row[0], row[1], row[2], row[3], json.loads(row[4]), *row[5:])
+
+
+def task_from_row(row: tuple[Any, ...]) -> TaskRun:
+    """Map a row of TASK_COLUMNS to a TaskRun."""
+    output = json.loads(row[9]) if row[9] is not None else None
+    return TaskRun(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], output)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Return n, median and 95th percentile (linear interpolation, like percentile_cont)."""
+    if len(values) == 1:
+        return {"n": 1, "p50": values[0], "p95": values[0]}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"n": len(values), "p50": statistics.median(values), "p95": cuts[18]}

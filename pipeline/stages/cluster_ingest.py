@@ -1,0 +1,132 @@
+"""Ingestion on a Dask worker: one document's text, extracted in the worker process itself.
+
+The Dask worker's memory limit is the cap here (its nanny restarts a worker over it, and the engine's
+``DaskExecutor`` turns that into ``too_large``), so the local extraction pool of ``extract_worker`` is not
+used: a worker is already a capped process, and one more process per document would only cost a start.
+A worker without a memory limit bounds nothing, so it is refused.
+
+Paths, not bytes: the worker reads the PDF from the run's work dir and writes the text file beside it
+(shared storage; see ``dask_executor``). A document over ``pages_per_task`` pages is split: this task
+extracts the first range itself, submits the others as futures of their own (``get_client``), leaves its
+worker thread while they run (``secede``/``rejoin``, so even a one-thread worker can run them), and joins
+the part files in page order. As in ``ingest``, a failed document leaves no text: its part files and text
+file are deleted once every range has ended. Each range runs under ``limits.timeout_s``; the whole task
+under the runner's task timeout.
+
+Every task the pipeline sends to a worker runs in ``run_announced``, which first tells the scheduler
+(event topic ``STARTED_TOPIC``) that it started on this worker: when the nanny kills a worker for memory,
+only the tasks that had started there were using that memory (``too_large``); a task merely queued behind
+them died innocent and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..config import IngestConfig
+from ..errors import ConfigurationError
+from .pdf_text import PdfText, extract_text, require_a_readable_page
+
+log = logging.getLogger(__name__)
+STARTED_TOPIC = "pipeline-task-started"  # {"key", "worker"}, logged by run_announced
+
+
+def run_announced(fn: Callable[..., Any], *args: Any) -> Any:
+    """On a Dask worker: announce that this task starts here (``STARTED_TOPIC``), then return ``fn(*args)``."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    # the worker's batched stream is ordered: the scheduler has this before it can see the worker die
+    worker.log_event(STARTED_TOPIC, {"key": worker.get_current_task(), "worker": worker.address})
+    return fn(*args)
+
+
+def ingest_on_worker(pdf_path: Path, text_path: Path, limits: IngestConfig, pages_per_task: int) -> PdfText:
+    """Extract a document's text on this Dask worker, over ``pages_per_task`` pages as page-range futures.
+
+    Raises an IngestError subclass like ``ingest.ingest_pdf``; ConfigurationError when the PDF is not on this
+    host's storage or the worker has no memory limit.
+    """
+    _require_capped_worker(pdf_path)
+    parts = [Path(f"{text_path}.p{0:06d}")]
+    results: list[PdfText] = []
+    try:
+        results.append(extract_range(pdf_path, parts[0], limits, (0, pages_per_task)))
+        ranges = [(p, min(p + pages_per_task, results[0].pages)) for p in range(pages_per_task, results[0].pages,
+                                                                                  pages_per_task)]
+        parts += [Path(f"{text_path}.p{first:06d}") for first, _ in ranges]
+        if ranges:
+            results += _extract_ranges(pdf_path, parts[1:], limits, ranges)
+        joined = _join(parts, results, Path(text_path))
+    except BaseException:
+        _remove([*parts, Path(text_path)])
+        raise
+    if joined.pages_failed:
+        log.warning("%s: %d of %d pages could not be read (first: %s)", Path(pdf_path).name, joined.pages_failed,
+                    joined.pages, joined.page_error)
+    return require_a_readable_page(joined, Path(pdf_path).name)
+
+
+def extract_range(pdf_path: Path, part: Path, limits: IngestConfig, pages: tuple[int, int]) -> PdfText:
+    """Extract the pages from ``pages[0]`` up to ``pages[1]`` into the part file (a task of its own)."""
+    return extract_text(Path(pdf_path), Path(part), limits, chunk=pages)
+
+
+def _extract_ranges(pdf_path: Path, parts: list[Path], limits: IngestConfig,
+                    ranges: list[tuple[int, int]]) -> list[PdfText]:
+    """Run the ranges as futures on the cluster; wait for all (none writes after a failure cleans up)."""
+    from distributed import get_client, rejoin, secede, wait
+
+    client = get_client()
+    name = Path(pdf_path).name
+    futures = [client.submit(run_announced, extract_range, pdf_path, part, limits, pages, pure=False,
+                             key=f"pages-{pages[0]}-{pages[1]}-{name}-{uuid.uuid4().hex[:12]}")
+               for part, pages in zip(parts, ranges, strict=True)]
+    secede()
+    try:
+        wait(futures)
+    finally:
+        rejoin()
+    return [future.result() for future in futures]  # the first failed range's error, in page order
+
+
+def _join(parts: list[Path], results: list[PdfText], text_path: Path) -> PdfText:
+    """Concatenate the part files in page order into ``text_path`` and sum the ranges' counts."""
+    with open(text_path, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out)
+            part.unlink()
+    words = sum(r.words for r in results)
+    page_error = next((r.page_error for r in results if r.page_error), "")
+    return replace(results[0], words=words, chars=sum(r.chars for r in results), text_path=str(text_path),
+                   has_text=words > 0, seconds=sum(r.seconds for r in results),
+                   pages_failed=sum(r.pages_failed for r in results), page_error=page_error,
+                   end_page=results[-1].end_page)
+
+
+def _require_capped_worker(pdf_path: Path) -> None:
+    from distributed import get_worker
+
+    worker = get_worker()
+    if not Path(pdf_path).exists():
+        raise ConfigurationError(f"{pdf_path} is not on Dask worker {worker.address}'s storage: the data dir "
+                                 "must be shared storage mounted at the same path on every host")
+    if not worker.memory_manager.memory_limit:
+        raise ConfigurationError(f"Dask worker {worker.address} has no memory limit, so nothing bounds a PDF "
+                                 "bomb: start it with --memory-limit")
+
+
+def _remove(paths: list[Path]) -> None:
+    """Delete what exists of a failed document's text files; one that cannot be removed is logged."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove partial text %s: %s", path, exc)

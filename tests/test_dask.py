@@ -1,0 +1,228 @@
+"""Dask distributed execution (issue 12): real clusters on loopback, real PDFs, the real runner path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from helpers import send_for_run_id, wait_until
+
+from pipeline import dask_executor
+from pipeline.audit import fixtures as fx
+from pipeline.config import DeliveryConfig, ExecutorConfig, GatewayConfig, IngestConfig, Settings
+from pipeline.dag import DAG, Task, TaskContext
+from pipeline.dask_executor import DaskExecutor
+from pipeline.engine import WorkflowEngine
+from pipeline.errors import ClusterUnavailableError, ConfigurationError
+from pipeline.service import PipelineService
+from pipeline.stages import cluster_ingest
+from pipeline.stages.pdf_text import extract_text
+
+distributed = pytest.importorskip("distributed", reason="the [dask] extra is not installed")
+TESTS = Path(__file__).resolve().parent
+DASK = Path(sys.executable).parent / "dask"
+
+
+# A LocalCluster hosted in a helper process: its scheduler's threads and sockets are not this process's (the
+# leak checks would see them), its worker processes are still below us. It prints its address, runs until
+# its stdin closes.
+_HOST_CLUSTER = """
+import sys, dask, distributed
+with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}):
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
+                                       host="127.0.0.1", dashboard_address=None)
+print(cluster.scheduler_address, flush=True)
+sys.stdin.read()
+cluster.close()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[str]:
+    """A LocalCluster(processes=True) of two one-thread workers for the module; yields its address.
+
+    Also starts distributed's process-wide threads (the client's callback and offload threads live as long
+    as the process), so the leak check does not blame the first test that uses them.
+    """
+    host = subprocess.Popen([sys.executable, "-c", _HOST_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(TESTS)})
+    assert host.stdout is not None and host.stdin is not None
+    address = host.stdout.readline().strip()
+    try:
+        with distributed.Client(address, set_as_default=False) as client:
+            future = client.submit(os.getpid, pure=False)
+            future.add_done_callback(lambda f: None)
+            future.result()
+        yield address
+    finally:
+        host.stdin.close()
+        host.wait(timeout=60)
+        host.stdout.close()
+
+
+def dask_settings(settings: Settings, **executor) -> Settings:
+    return replace(settings, executor=ExecutorConfig(kind="dask", **executor))
+
+
+def start_service(settings: Settings, relay: str) -> PipelineService:
+    gateway, delivery = GatewayConfig(port=free_port()), DeliveryConfig(relay=relay, outbox=settings.data_dir / "o")
+    return PipelineService(replace(settings, gateway=gateway, delivery=delivery)).start()
+
+
+def test_email_digest_on_dask_matches_local_and_splits_big_documents(settings, smtp_sink, cluster, tmp_path):
+    raw = fx.email_with([("report.pdf", fx.text_pdf(9)), ("scan.pdf", fx.image_pdf(1))], subject="Q3",
+                        message_id="<q3@example.com>")
+    digests, texts = [], []
+    local = replace(Settings.for_data_dir(tmp_path / "local"), runner=settings.runner, engine=settings.engine)
+    for cfg in (dask_settings(settings, scheduler=cluster, pages_per_task=4), local):
+        service = start_service(cfg, smtp_sink[1])
+        try:
+            run = service.engine.wait(send_for_run_id(service, raw), timeout=120)
+            assert run.state == "success", run.reason
+            tasks = {t.task_id: t for t in service.store.get_tasks(run.run_id)}
+            assert tasks["ingest_pdf[0]"].output["pages"] == 9 and tasks["ingest_pdf[0]"].try_number == 1
+            texts.append(Path(tasks["ingest_pdf[0]"].output["text_path"]).read_bytes())
+            digests.append(smtp_sink[0].wait_for(len(digests) + 1)[-1].get_body(("plain",)).get_content())
+        finally:
+            service.stop(grace_s=10)
+    assert digests[0] == digests[1] and texts[0] == texts[1] and texts[0].count(b"\f") == 9
+    with distributed.Client(cluster, set_as_default=False) as client:  # pages 4-8 and 8-9 ran as tasks of their own
+        assert "pages" in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+
+
+def test_page_ranges_join_in_page_order_and_failed_documents_leave_no_text(cluster, tmp_path):
+    executor = DaskExecutor(ExecutorConfig(kind="dask", scheduler=cluster))
+    limits = IngestConfig(engine="pypdf", isolate=False, parse_isolate=False)
+    pdf = tmp_path / "long.pdf"
+    pdf.write_bytes(fx.text_pdf(7, seed=3))
+    try:
+        result = executor.submit(cluster_ingest.ingest_on_worker, pdf, tmp_path / "long.txt", limits, 2,
+                                 key="long").result(timeout=120)
+        local = extract_text(pdf, tmp_path / "local.txt", limits)
+        assert (tmp_path / "long.txt").read_bytes() == (tmp_path / "local.txt").read_bytes()
+        assert (result.pages, result.words, result.chars) == (local.pages, local.words, local.chars)
+        corrupt = tmp_path / "cut.pdf"
+        corrupt.write_bytes(fx.truncated(fx.text_pdf(7, seed=4), 0.3))
+        failed = executor.submit(cluster_ingest.ingest_on_worker, corrupt, tmp_path / "cut.txt", limits, 2,
+                                 key="cut").exception(timeout=120)
+        assert getattr(failed, "reason", None) in ("corrupt", "too_large"), failed
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pdf", "local.txt", "long.pdf", "long.txt"]
+    finally:
+        executor.close()
+
+
+# The in-process scheduler's tornado TCPClient leaves the socket of a refused connect to the killed worker to the
+# garbage collector (tornado/tcpclient.py _create_stream): a ResourceWarning that is not ours.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_memory_bomb_kills_only_its_worker_and_ends_too_large(settings, smtp_sink):
+    """The engine starts its own LocalCluster (one worker, 450 MiB); PDFium inflating 600 MB goes over it.
+
+    The other document, queued on the same worker, died innocent: retried, it succeeds."""
+    cfg = dask_settings(settings, local_workers=1, worker_memory_mb=450)
+    service = start_service(cfg, smtp_sink[1])
+    try:
+        raw = fx.email_with([("bomb.pdf", fx.bomb_pdf(600 << 20)), ("a.pdf", fx.text_pdf(2))], subject="bomb")
+        run = service.engine.wait(send_for_run_id(service, raw), timeout=180)
+        tasks = {t.task_id: t for t in service.store.get_tasks(run.run_id)}
+    finally:
+        service.stop(grace_s=10)
+    assert run.state == "success", run.reason  # the digest lists the failed document
+    assert tasks["ingest_pdf[0]"].state == "failed" and tasks["ingest_pdf[0]"].error_type == "too_large"
+    assert "memory" in tasks["ingest_pdf[0]"].error_message and tasks["ingest_pdf[0]"].try_number == 1
+    assert tasks["ingest_pdf[1]"].state == "success"
+
+
+def held_task(ctx: TaskContext) -> str:
+    """Log start (with this worker's pid) and end; wait while the payload's gate file exists (60 s at most)."""
+    log = Path(ctx.payload["log"])
+    with log.open("a") as fh:
+        fh.write(f"start {ctx.try_number} {os.getpid()}\n")
+    deadline = time.monotonic() + 60
+    while Path(ctx.payload["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with log.open("a") as fh:
+        fh.write(f"done {ctx.try_number}\n")
+    return "ok"
+
+
+def _spawn(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(DASK), *args], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.fixture
+def separate_cluster() -> Iterator[str]:
+    """``dask scheduler`` and ``dask worker`` as separate processes on 127.0.0.1; both stopped after."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    path = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}  # the scheduler unpickles tasks too
+    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+                       env={**path, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+                            "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"})
+    worker = _spawn("worker", address, "--nworkers", "1", "--nthreads", "1", "--memory-limit", "500MiB",
+                    "--no-dashboard", "--host", "127.0.0.1", env=path)
+    try:
+        yield address
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_worker_killed_mid_task_is_retried_and_nothing_runs_twice_to_success(store, settings, separate_cluster,
+                                                                               tmp_path):
+    with distributed.Client(separate_cluster, timeout=60, set_as_default=False) as client:
+        client.wait_for_workers(1, timeout=60)
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=separate_cluster))
+    engine.register(DAG("held", [Task("work", held_task, executor="dask", retries=1)]))
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    gate.touch()
+    engine.start()
+    try:
+        run = engine.trigger("held", {"log": str(log), "gate": str(gate)})
+        assert wait_until(lambda: log.exists() and "start 1" in log.read_text(), 60)
+        os.kill(int(log.read_text().split()[2]), signal.SIGKILL)  # the worker process, not its nanny
+        assert wait_until(lambda: "start 2" in log.read_text(), 90)
+        gate.unlink()
+        run = engine.wait(run.run_id, timeout=60)
+    finally:
+        engine.shutdown(grace_s=10)
+    task = store.get_tasks(run.run_id)[0]
+    assert run.state == "success" and task.try_number == 2
+    assert log.read_text().count("done") == 1 and "done 2" in log.read_text()
+
+
+def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settings, monkeypatch):
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterUnavailableError) as info:
+        DaskExecutor(ExecutorConfig(kind="dask", scheduler=address)).submit(os.getpid, key="k")
+    assert info.value.retryable and address in str(info.value)
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=address))
+    engine.register(DAG("held", [Task("work", held_task, executor="dask")]))
+    engine.start()
+    try:
+        run = engine.trigger("held", {"log": "-", "gate": "-"})
+        assert wait_until(lambda: engine.health_problem is not None, 60)
+        assert "cannot reach the Dask scheduler" in engine.health_problem
+    finally:
+        engine.shutdown(grace_s=5)
+    assert store.get_run(run.run_id).state == "queued"  # not lost: the next engine with a cluster runs it
+
+
+def test_missing_dask_is_a_one_line_configuration_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'pipeline\[dask\]'"):
+        DaskExecutor(ExecutorConfig(kind="dask")).submit(os.getpid, key="k")

@@ -1,0 +1,224 @@
+"""PostgresRunStore on a real PostgreSQL server: what the cross-backend contract suite cannot say.
+
+Migrations under an advisory lock, refusing foreign or newer databases, the
+generated spool_name column, sharded run counters, typed errors when the server
+goes away (and recovery when it comes back), and LISTEN/NOTIFY wake-ups.
+"""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from helpers import noop, wait_until
+
+from pipeline.config import StoreConfig
+from pipeline.dag import DAG, Task
+from pipeline.engine import WorkflowEngine
+from pipeline.errors import (
+    ConfigurationError,
+    SchemaTooNewError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+    StoreIOError,
+    StoreUnavailableError,
+)
+from pipeline.postgres_schema import SCHEMA_VERSION
+from pipeline.postgres_store import PostgresRunStore, store_error
+from pipeline.sql_store import TransientStoreError
+from pipeline.store import open_store
+
+psycopg = pytest.importorskip("psycopg", reason="the [postgres] extra is not installed")
+
+
+def test_open_store_picks_postgres_by_url(pg_url):
+    with open_store(StoreConfig(url=pg_url)) as store:
+        assert isinstance(store, PostgresRunStore) and store.queue_notifications
+
+
+def test_a_missing_driver_is_a_one_line_configuration_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg_pool", None)  # an uninstalled extra: import raises ImportError
+    with pytest.raises(ConfigurationError) as info:
+        open_store(StoreConfig(url="postgresql://nobody@127.0.0.1:1/none"))
+    assert "pip install 'email-digest-pipeline[postgres]'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_concurrent_openers_of_a_new_database_migrate_it_once(pg_url):
+    barrier, errors, stores = threading.Barrier(6, timeout=30), [], []
+
+    def open_one():
+        try:
+            barrier.wait()
+            stores.append(PostgresRunStore(pg_url))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in stores:
+        store.close()
+    assert not errors
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    assert [v for v, _ in rows] == list(range(1, SCHEMA_VERSION + 1)) and all(name for _, name in rows)
+
+
+def test_a_newer_schema_is_refused(pg_url):
+    PostgresRunStore(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, 'from the future', 0)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaTooNewError):
+        PostgresRunStore(pg_url)
+
+
+def test_a_database_with_other_tables_is_refused_untouched(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    with pytest.raises(StoreError, match="other tables"):
+        PostgresRunStore(pg_url)
+    with pytest.raises(StoreError, match="no run store here"):
+        PostgresRunStore(pg_url, create=False)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('runs')").fetchone()[0] is None
+
+
+def test_spool_name_is_the_last_path_component_kept_by_postgres(pg_url):
+    with PostgresRunStore(pg_url) as store:
+        store.create_run("wf", {"spool": "spool/ab.eml"})
+        store.create_run("wf", {"spool": "/var/data/spool/cd.eml"})
+        store.create_run("wf", {"spool": "ef.eml"})
+        store.create_run("wf", {})
+        assert store.spool_names_in_use(["ab.eml", "cd.eml", "ef.eml", "spool", "zz.eml"]) == {
+            "ab.eml", "cd.eml", "ef.eml"}
+
+
+def test_counts_stay_exact_when_many_connections_write_at_once(pg_url):
+    with PostgresRunStore(StoreConfig(url=pg_url, pool_size=8)) as store:
+        def work(i):
+            for n in range(15):
+                run = store.create_run("wf" if n % 3 else "other", {})[0]
+                if n % 2:
+                    claimed = store.claim_next_run(f"w{i}")
+                    store.finish_run(claimed.run_id, "success" if n % 4 == 1 else "failed", owner=f"w{i}")
+                del run
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        store.purge_runs(time.time() + 10, batch_size=7)
+        with psycopg.connect(pg_url) as conn:
+            for workflow in (None, "wf"):
+                where = "" if workflow is None else f"WHERE workflow = '{workflow}'"
+                truth = dict(conn.execute(f"SELECT state, count(*) FROM runs {where} GROUP BY state").fetchall())
+                assert store.count_runs_by_state(workflow) == truth
+
+
+@pytest.mark.parametrize(("error", "typed"), [
+    (psycopg.errors.DiskFull, StoreIOError),
+    (psycopg.errors.ReadOnlySqlTransaction, StoreIOError),
+    (psycopg.errors.DataCorrupted, StoreCorruptError),
+    (psycopg.errors.IndexCorrupted, StoreCorruptError),
+    (psycopg.errors.SerializationFailure, TransientStoreError),
+    (psycopg.errors.DeadlockDetected, TransientStoreError),
+    (psycopg.errors.AdminShutdown, StoreUnavailableError),
+    (psycopg.errors.ConnectionFailure, StoreUnavailableError),
+    (psycopg.errors.LockNotAvailable, StoreBusyError),
+    (psycopg.OperationalError, StoreUnavailableError),  # refused or reset: no SQLSTATE
+    (psycopg.errors.DivisionByZero, StoreError),
+])
+def test_driver_errors_map_onto_the_store_error_tree(error, typed):
+    translated = store_error("postgresql://u:***@h/db", error("boom"))
+    assert type(translated) is typed and "boom" in str(translated)
+
+
+def test_a_deadlock_is_retried_inside_the_store_not_raised(pg_url):
+    """A heartbeat and another transaction lock two runs in opposite orders: whichever PostgreSQL aborts, the
+    store's call ends normally (retried if it was the victim)."""
+    with PostgresRunStore(pg_url) as store:
+        for _ in range(2):
+            store.create_run("wf", {})
+        a, b = (store.claim_next_run("me").run_id for _ in range(2))
+        results, errors = [], []
+
+        def heartbeat_both():
+            try:
+                results.append(store.heartbeat([a, b], owner="me"))  # locks a, then waits for b
+            except Exception as exc:
+                errors.append(exc)
+
+        with psycopg.connect(pg_url) as holder, psycopg.connect(pg_url, autocommit=True) as watcher:
+            holder.execute("UPDATE runs SET reason = 'x' WHERE run_id = %s", (b,))
+            thread = threading.Thread(target=heartbeat_both)
+            thread.start()
+            assert wait_until(lambda: watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] >= 1)
+            try:
+                holder.execute("UPDATE runs SET reason = 'y' WHERE run_id = %s", (a,))
+            except psycopg.errors.DeadlockDetected:
+                pass
+            holder.rollback()
+            thread.join()
+        assert not errors and results == [2]
+
+
+def test_a_stopped_server_raises_typed_errors_and_the_same_store_recovers(pg_server, pg_url):
+    wakes = []
+    with PostgresRunStore(StoreConfig(url=pg_url, busy_timeout_ms=1000)) as store:
+        run = store.create_run("wf", {})[0]
+        stop_watching = store.watch_queue(lambda: wakes.append(1))
+        assert wait_until(lambda: wakes)  # listening
+        pg_server.pg_ctl("stop", "-m", "immediate")
+        try:
+            for call in (lambda: store.get_run(run.run_id), lambda: store.create_run("wf", {}),
+                         lambda: store.claim_next_run("me"), lambda: store.list_runs(),
+                         lambda: store.count_runs_by_state(), lambda: list(store.purge_batches(0))):
+                with pytest.raises(StoreUnavailableError):
+                    call()
+        finally:
+            pg_server.pg_ctl("start")
+        seen = len(wakes)
+        assert wait_until(lambda: _answers(store), timeout_s=60)
+        assert store.get_run(run.run_id).state == "queued"
+        assert store.create_run("wf", {})[1]
+        assert wait_until(lambda: len(wakes) > seen, timeout_s=60)  # the watcher reconnected and listens again
+        stop_watching()
+
+
+def _answers(store):
+    try:
+        store.list_runs(limit=1)
+        return True
+    except StoreUnavailableError:
+        return False
+
+
+CREATE_RUN = """
+import sys
+from pipeline.postgres_store import PostgresRunStore
+with PostgresRunStore(sys.argv[1]) as store:
+    print(store.create_run("wf", {}, "from-another-process")[0].run_id)
+"""
+
+
+def test_an_idle_engine_claims_a_run_another_process_queued_when_notified(pg_url, settings):
+    with PostgresRunStore(pg_url) as store:
+        engine = WorkflowEngine(store, settings)
+        engine.register(DAG("wf", [Task("t", noop)]))
+        engine.start()
+        try:
+            assert wait_until(lambda: engine.queue_notices >= 1)  # listening: its first wake-up is the catch-up
+            before = engine.queue_notices
+            done = subprocess.run([sys.executable, "-c", CREATE_RUN, pg_url], capture_output=True, text=True,
+                                  timeout=120, check=True)
+            run_id = int(done.stdout)
+            assert engine.wait(run_id, timeout=60).state == "success"
+            assert engine.queue_notices > before  # woken by the other process's NOTIFY, not by the 5 s poll
+        finally:
+            engine.shutdown()
