@@ -60,7 +60,8 @@ def import_distributed() -> Any:
     try:
         import distributed
     except ImportError as exc:
-        raise ConfigurationError("executor.kind = 'dask' needs Dask: pip install 'pipeline[dask]'") from exc
+        raise ConfigurationError("executor.kind = 'dask' needs Dask: "
+                                 "pip install 'email-digest-pipeline[dask]'") from exc
     return distributed
 
 

@@ -41,6 +41,14 @@ _DELETE_TRIGGER = """CREATE FUNCTION run_counts_delete() RETURNS trigger LANGUAG
     PERFORM run_counts_bump(ARRAY(SELECT (workflow, state, -1)::run_count_delta FROM gone));
     RETURN NULL; END $$"""
 
+# A multi-row INSERT counted a row at a time updated one counter row once per inserted row, in one
+# transaction: each update must step over all the versions before it, so 20k rows took 6.5 s. Counted
+# once per statement from the transition table, like the delete side: 0.76 s; one-run inserts (the
+# gateway's) measured the same either way.
+_INSERT_TRIGGER = """CREATE FUNCTION run_counts_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    PERFORM run_counts_bump(ARRAY(SELECT (workflow, state, 1)::run_count_delta FROM born));
+    RETURN NULL; END $$"""
+
 # Named migrations, applied in order; schema_migrations has one row per migration applied.
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("create runs, task_runs, task_events, run_counts and spool_tombstones", [
@@ -104,6 +112,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION run_counts_row()",
         "CREATE TRIGGER runs_count_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS gone "
         "FOR EACH STATEMENT EXECUTE FUNCTION run_counts_delete()",
+    ]),
+    ("count inserted runs once per statement", [
+        _INSERT_TRIGGER,
+        "DROP TRIGGER runs_count_insert ON runs",
+        "CREATE TRIGGER runs_count_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS born "
+        "FOR EACH STATEMENT EXECUTE FUNCTION run_counts_insert()",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

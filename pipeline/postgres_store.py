@@ -115,10 +115,11 @@ class PostgresRunStore(SqlRunStore):
 
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
     # Task transitions and heartbeats commit without waiting for the WAL flush (one statement, one round
-    # trip: psycopg sends both in one simple query). Losing the last ~0.6 s of them in a server crash is
-    # safe: the run stays running under a dead owner, recovery requeues it, and the task runs again from
-    # its last durable state (tasks are retried from scratch anyway; delivery is idempotent per run). Runs
-    # are created and finished synchronously, and such a commit flushes every earlier lazy one too.
+    # trip: psycopg sends both in one simple query; a transition sets it itself, see _transition_text).
+    # Losing the last ~0.6 s of them in a server crash is safe: the run stays running under a dead owner,
+    # recovery requeues it, and the task runs again from its last durable state (tasks are retried from
+    # scratch anyway; delivery is idempotent per run). Runs are created and finished synchronously, and
+    # such a commit flushes every earlier lazy one too.
     BEGIN_LAZY = "BEGIN; SET LOCAL synchronous_commit TO off"
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     queue_notifications = True
@@ -184,37 +185,54 @@ class PostgresRunStore(SqlRunStore):
 
     @retried
     def record_transitions(self, transitions: Iterable[Transition], owner: str | None = None) -> int:
-        """Send BEGIN, one statement per transition and COMMIT in one psycopg pipeline: one round trip a call.
+        """Apply one transition as one autocommitted statement, several in one pipelined transaction.
 
-        The engine writes one transition per commit, many per run: at 3 round trips a
-        commit the client, not the server, was the limit (see BEGIN_LAZY for durability).
+        The engine writes one transition per commit, many per run, and a round trip
+        between two processes on a loaded host costs more than the server's work: one
+        statement (no BEGIN, no COMMIT) doubled the rate of one client over a pipeline
+        of four, and the statement itself turns the commit lazy (see BEGIN_LAZY).
+        Several transitions (perhaps of one task: running, then success) keep their
+        order and all-or-none in a transaction, sent in one round trip.
         """
         statements = [_transition_sql(t, owner) for t in transitions]
         if not statements:
             return 0
         try:
             with self._pool.connection() as conn:
-                try:
-                    with conn.pipeline():
-                        conn.execute("BEGIN")
-                        conn.execute("SET LOCAL synchronous_commit TO off")
-                        cursors = [conn.execute(_placeholders(sql), params) for sql, params in statements]
-                        conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback(_Cursor(conn))
-                    raise
+                if len(statements) == 1:
+                    return max(conn.execute(*statements[0]).rowcount, 0)
+                return self._pipelined(conn, statements)
         except self._psycopg.Error as exc:
             raise self._store_error(exc) from exc
+
+    def _pipelined(self, conn: Any, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Run ``statements`` in one transaction sent as one pipeline; return the rows they changed."""
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                cursors = [conn.execute(sql, params) for sql, params in statements]
+                conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(_Cursor(conn))
+            raise
         return sum(max(cur.rowcount, 0) for cur in cursors)
 
     def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
-        """Computed by the server (percentile_cont): no rows travel, whatever the window holds."""
+        """Computed by the server (percentile_cont): no rows travel, whatever the window holds.
+
+        The window's rows come from the covering index task_runs_success_window and are
+        hashed by task id into one array each; the ``[n]`` of mapped instances is then
+        stripped from those few ids, not from every row, and the per-task groups arrive
+        sorted, so the rows are never sorted by name (295 -> 93 ms for 165k rows).
+        """
         until = time.time() if until is None else until
         rows = self._read(
-            "SELECT regexp_replace(task_id, '\\[\\d+\\]$', '') AS task, count(*), "
-            "percentile_cont(0.5) WITHIN GROUP (ORDER BY ended_at - started_at), "
-            "percentile_cont(0.95) WITHIN GROUP (ORDER BY ended_at - started_at) "
-            "FROM task_runs WHERE state = 'success' AND ended_at >= ? AND ended_at < ? GROUP BY 1 ORDER BY 1",
+            "SELECT task, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
+            "percentile_cont(0.95) WITHIN GROUP (ORDER BY d) "
+            "FROM (SELECT regexp_replace(task_id, '\\[\\d+\\]$', '') AS task, durations FROM "
+            "(SELECT task_id, array_agg(ended_at - started_at) AS durations FROM task_runs "
+            "WHERE state = 'success' AND ended_at >= ? AND ended_at < ? GROUP BY task_id) AS instances "
+            "ORDER BY 1) AS tasks, unnest(durations) AS d GROUP BY task ORDER BY task",
             (since, until))
         return {task: {"n": int(n), "p50": float(p50), "p95": float(p95)} for task, n, p50, p95 in rows}
 
@@ -288,15 +306,27 @@ class _QueueWatcher:
 
 
 def _transition_sql(t: Transition, owner: str | None) -> tuple[str, tuple[Any, ...]]:
-    """One statement per transition: the event is inserted from the UPDATE's RETURNING (nothing if skipped)."""
-    owned_run = "" if owner is None else \
-        " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)"
+    """One statement per transition, in psycopg's placeholders; the event is inserted from the UPDATE's
+    RETURNING (nothing if skipped), and ``lazy`` makes the transaction's commit asynchronous."""
     started = t.at if t.state == RUNNING else None
     ended = t.at if t.state in TERMINAL_TASK_STATES else None
-    return ("WITH changed AS (UPDATE task_runs SET state = ?, try_number = ?, "
-            "started_at = coalesce(?::float8, started_at), ended_at = ?, error_type = ?, error_message = ?, "
-            f"output = coalesce(?::text, output) WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run} "
-            "RETURNING run_id, task_id, try_number, state, error_type) "
-            f"{EVENT}, error_type) SELECT run_id, task_id, try_number, state, ?, error_type FROM changed",
+    return (_TRANSITION if owner is None else _OWNED_TRANSITION,
             (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
              t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner)), t.at))
+
+
+def _transition_text(owned_run: str) -> str:
+    # set_config(..., true) is SET LOCAL: it lasts until this statement's (implicit) transaction commits
+    return _placeholders(
+        "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true)), "
+        "changed AS (UPDATE task_runs SET state = ?, try_number = ?, "
+        "started_at = coalesce(?::float8, started_at), ended_at = ?, error_type = ?, error_message = ?, "
+        f"output = coalesce(?::text, output) FROM lazy WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run} "
+        "RETURNING run_id, task_id, try_number, state, error_type) "
+        f"{EVENT}, error_type) SELECT run_id, task_id, try_number, state, ?, error_type FROM changed")
+
+
+# constant texts: psycopg prepares a statement on the server once it has run it prepare_threshold times
+_TRANSITION = _transition_text("")
+_OWNED_TRANSITION = _transition_text(
+    " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)")

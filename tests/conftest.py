@@ -12,10 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 from leaks import (
+    SESSION_SERVERS,
     become_subreaper,
     descendants,
     describe,
     fds_opened_since,
+    in_session_server,
     kill_and_wait,
     listening_sockets,
     open_fds,
@@ -107,7 +109,7 @@ def no_leaked_processes() -> Iterator[None]:
     before = {p.pid for p in descendants()}
     yield
     wide = process_wide_pids()
-    new = [p for p in descendants() if p.pid not in before and p.pid not in wide and not _in_pg_server(p)]
+    new = [p for p in descendants() if p.pid not in before and p.pid not in wide and not in_session_server(p)]
     _, alive = psutil.wait_procs(new, timeout=10) if new else ([], [])
     names = describe(alive)
     kill_and_wait(alive)
@@ -201,19 +203,7 @@ def service_factory(settings: Settings, smtp_sink) -> Iterator:
 
 # -- a real PostgreSQL server for the session -------------------------------------------------------
 
-_PG_SERVERS: list = []  # TemporaryPostgres instances of this session (their processes are not leaks)
 _PG_DB_NUMBERS = itertools.count(1)
-
-
-def _in_pg_server(proc: psutil.Process) -> bool:
-    """True when ``proc`` is the session's postmaster or one of its backends (pg_ctl adopts them to us)."""
-    roots = {server.pid for server in _PG_SERVERS} - {None}
-    if not roots:
-        return False
-    try:
-        return proc.pid in roots or any(parent.pid in roots for parent in proc.parents())
-    except psutil.Error:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -231,12 +221,12 @@ def pg_server() -> Iterator:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run", pytrace=False)
         pytest.skip(reason)
-    _PG_SERVERS.append(server)
+    SESSION_SERVERS.append(server)
     try:
         yield server.start()
     finally:
         server.stop()
-        _PG_SERVERS.remove(server)
+        SESSION_SERVERS.remove(server)
 
 
 @pytest.fixture

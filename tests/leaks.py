@@ -48,6 +48,20 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+SESSION_SERVERS: list = []  # TemporaryPostgres instances of this session (their processes are not leaks)
+
+
+def in_session_server(proc: psutil.Process) -> bool:
+    """True when ``proc`` is a session server's postmaster or one of its backends (pg_ctl adopts them to us)."""
+    roots = {server.pid for server in SESSION_SERVERS} - {None}
+    if not roots:
+        return False
+    try:
+        return proc.pid in roots or any(parent.pid in roots for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
 def process_wide_pids() -> set[int]:
     """Processes that live for the whole test process by design: multiprocessing's forkserver and resource
     tracker, and the extraction pool's workers (``pool_for`` keeps them between documents)."""
@@ -57,6 +71,8 @@ def process_wide_pids() -> set[int]:
     for child in descendants():
         try:
             if child.ppid() == os.getpid() and "pipeline.stages.extract_worker" in child.cmdline():
+                pids.add(child.pid)
+            elif in_session_server(child):  # the session's PostgreSQL server and its backends
                 pids.add(child.pid)
         except psutil.Error:
             continue

@@ -224,5 +224,5 @@ def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settin
 
 def test_missing_dask_is_a_one_line_configuration_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(ConfigurationError, match=r"pip install 'pipeline\[dask\]'"):
+    with pytest.raises(ConfigurationError, match=r"pip install 'email-digest-pipeline\[dask\]'"):
         DaskExecutor(ExecutorConfig(kind="dask")).submit(os.getpid, key="k")

@@ -25,10 +25,10 @@ from pipeline.errors import (
     StoreIOError,
     StoreUnavailableError,
 )
-from pipeline.postgres_schema import SCHEMA_VERSION
+from pipeline.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from pipeline.postgres_store import PostgresRunStore, store_error
 from pipeline.sql_store import TransientStoreError
-from pipeline.store import open_store
+from pipeline.store import Transition, open_store
 
 psycopg = pytest.importorskip("psycopg", reason="the [postgres] extra is not installed")
 
@@ -118,6 +118,57 @@ def test_counts_stay_exact_when_many_connections_write_at_once(pg_url):
                 where = "" if workflow is None else f"WHERE workflow = '{workflow}'"
                 truth = dict(conn.execute(f"SELECT state, count(*) FROM runs {where} GROUP BY state").fetchall())
                 assert store.count_runs_by_state(workflow) == truth
+
+
+def _counts_are_exact(store, pg_url):
+    with psycopg.connect(pg_url) as conn:
+        truth = dict(conn.execute("SELECT state, count(*) FROM runs GROUP BY state").fetchall())
+    assert store.count_runs_by_state() == truth
+
+
+def test_a_multi_row_insert_is_counted_once_per_statement(pg_url):
+    with PostgresRunStore(pg_url) as store:
+        store.create_run("wf", {})
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO runs (workflow, state, payload, queued_at) "
+                          "SELECT 'wf', CASE WHEN i % 3 = 0 THEN 'failed' ELSE 'success' END, '{}', 1.0 "
+                          "FROM generate_series(1, 300) AS i")
+            conn.execute("INSERT INTO runs (workflow, state, payload, queued_at) "
+                          "SELECT 'wf', 'queued', '{}', 1.0 WHERE false")  # no rows: counts nothing
+        _counts_are_exact(store, pg_url)
+        assert store.count_runs_by_state() == {"queued": 1, "failed": 100, "success": 200}
+
+
+def test_a_database_of_the_first_schema_is_migrated_and_keeps_counting(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # a store as the first release left it
+        conn.execute("CREATE TABLE schema_migrations "
+                     "(version integer PRIMARY KEY, name text NOT NULL, applied_at double precision NOT NULL)")
+        for statement in MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (MIGRATIONS[0][0],))
+        conn.execute("INSERT INTO runs (workflow, state, payload, queued_at) VALUES ('wf', 'queued', '{}', 1.0)")
+    with PostgresRunStore(pg_url) as store:
+        store.create_runs([("wf", {}, f"k{i}") for i in range(3)])
+        run = store.claim_next_run("me")
+        store.finish_run(run.run_id, "success", owner="me")
+        _counts_are_exact(store, pg_url)
+        assert store.count_runs_by_state() == {"queued": 3, "success": 1}
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_one_transition_a_call_is_a_statement_the_server_keeps_prepared(pg_url):
+    with PostgresRunStore(StoreConfig(url=pg_url, pool_size=1)) as store:
+        run = store.create_run("wf", {})[0]
+        store.claim_next_run("me")
+        store.create_tasks(run.run_id, [f"t{i}" for i in range(10)])
+        for i in range(10):  # psycopg prepares a statement on its prepare_threshold-th (5th) run
+            assert store.record_transitions([Transition(run.run_id, f"t{i}", "running", 1, 1.0)], owner="me") == 1
+        with store._pool.connection() as conn:  # pool_size 1: the connection the transitions used
+            prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements "
+                                    "WHERE statement LIKE '%UPDATE task_runs%'").fetchone()[0]
+        assert prepared == 1
+        assert [t.state for t in store.get_tasks(run.run_id)] == ["running"] * 10
 
 
 @pytest.mark.parametrize(("error", "typed"), [

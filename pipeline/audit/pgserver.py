@@ -89,7 +89,8 @@ def _psycopg() -> Any:
     try:
         import psycopg
     except ImportError as exc:
-        raise ConfigurationError("PostgreSQL support needs psycopg: pip install 'pipeline[postgres]'") from exc
+        raise ConfigurationError("PostgreSQL support needs psycopg: "
+                                 "pip install 'email-digest-pipeline[postgres]'") from exc
     return psycopg
 
 
