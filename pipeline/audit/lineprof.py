@@ -27,7 +27,8 @@ HOT_FUNCTIONS: dict[str, list[Any]] = {
     "Ingestion": [ingest.extract_text, ingest._stream_pages],
     "Digest": [digest.summarize, digest.render_digest],
     "Delivery": [deliver.compose_reply],
-    "Store": [SqliteRunStore.record_transitions, SqliteRunStore.create_runs],
+    # the bodies, not sql_store's retry wrapper around them
+    "Store": [inspect.unwrap(SqliteRunStore.record_transitions), inspect.unwrap(SqliteRunStore.create_runs)],
 }
 
 

@@ -22,15 +22,14 @@ them died innocent and is retried.
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
 from ..errors import ConfigurationError
+from .ingest import join_parts, remove_files
 from .pdf_text import PdfText, extract_text, require_a_readable_page
 
 log = logging.getLogger(__name__)
@@ -63,9 +62,9 @@ def ingest_on_worker(pdf_path: Path, text_path: Path, limits: IngestConfig, page
         parts += [Path(f"{text_path}.p{first:06d}") for first, _ in ranges]
         if ranges:
             results += _extract_ranges(pdf_path, parts[1:], limits, ranges)
-        joined = _join(parts, results, Path(text_path))
+        joined = join_parts(parts, results, Path(text_path), seconds=sum(r.seconds for r in results))
     except BaseException:
-        _remove([*parts, Path(text_path)])
+        remove_files([*parts, Path(text_path)])
         raise
     if joined.pages_failed:
         log.warning("%s: %d of %d pages could not be read (first: %s)", Path(pdf_path).name, joined.pages_failed,
@@ -96,21 +95,6 @@ def _extract_ranges(pdf_path: Path, parts: list[Path], limits: IngestConfig,
     return [future.result() for future in futures]  # the first failed range's error, in page order
 
 
-def _join(parts: list[Path], results: list[PdfText], text_path: Path) -> PdfText:
-    """Concatenate the part files in page order into ``text_path`` and sum the ranges' counts."""
-    with open(text_path, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                shutil.copyfileobj(src, out)
-            part.unlink()
-    words = sum(r.words for r in results)
-    page_error = next((r.page_error for r in results if r.page_error), "")
-    return replace(results[0], words=words, chars=sum(r.chars for r in results), text_path=str(text_path),
-                   has_text=words > 0, seconds=sum(r.seconds for r in results),
-                   pages_failed=sum(r.pages_failed for r in results), page_error=page_error,
-                   end_page=results[-1].end_page)
-
-
 def _require_capped_worker(pdf_path: Path) -> None:
     from distributed import get_worker
 
@@ -121,12 +105,3 @@ def _require_capped_worker(pdf_path: Path) -> None:
     if not worker.memory_manager.memory_limit:
         raise ConfigurationError(f"Dask worker {worker.address} has no memory limit, so nothing bounds a PDF "
                                  "bomb: start it with --memory-limit")
-
-
-def _remove(paths: list[Path]) -> None:
-    """Delete what exists of a failed document's text files; one that cannot be removed is logged."""
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove partial text %s: %s", path, exc)

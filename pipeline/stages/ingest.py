@@ -83,6 +83,15 @@ def _extract_shards(pdf_path: Path, text_path: Path, limits: IngestConfig) -> Pd
     with ThreadPoolExecutor(shards) as threads:
         futures = [threads.submit(pool.extract, pdf_path, part, limits, (i, shards)) for i, part in enumerate(parts)]
         results = [PdfText(**f.result()) for f in futures]  # the first failing shard's error is raised, in order
+    return join_parts(parts, results, text_path, seconds=max(r.seconds for r in results))
+
+
+def join_parts(parts: list[Path], results: list[PdfText], text_path: Path, seconds: float) -> PdfText:
+    """Concatenate the part files (in page order) into ``text_path``, delete them, and sum their counts.
+
+    ``results[i]`` is the extraction of ``parts[i]``; ``seconds`` is the document's time as the caller counts it
+    (the slowest shard, the worker time spent, or the ranges' sum).
+    """
     with open(text_path, "wb") as out:
         for part in parts:
             with open(part, "rb") as src:
@@ -90,8 +99,8 @@ def _extract_shards(pdf_path: Path, text_path: Path, limits: IngestConfig) -> Pd
             part.unlink()
     words = sum(r.words for r in results)
     page_error = next((r.page_error for r in results if r.page_error), "")
-    return PdfText(results[0].pages, words, sum(r.chars for r in results), str(text_path), words > 0,
-                   max(r.seconds for r in results), sum(r.pages_failed for r in results), page_error)
+    return PdfText(results[0].pages, words, sum(r.chars for r in results), str(text_path), words > 0, seconds,
+                   sum(r.pages_failed for r in results), page_error, results[-1].end_page)
 
 
 def _extract_fairly(pdf_path: Path, text_path: Path, limits: IngestConfig) -> PdfText:
@@ -101,11 +110,11 @@ def _extract_fairly(pdf_path: Path, text_path: Path, limits: IngestConfig) -> Pd
         pool_for(limits).run(job)
         return job.join()
     except Exception:
-        _remove([*job.parts, Path(text_path)])
+        remove_files([*job.parts, Path(text_path)])
         raise
 
 
-def _remove(paths: list[Path]) -> None:
+def remove_files(paths: list[Path]) -> None:
     """Delete what exists of these files (a failed document's partial text); a path that cannot be is logged."""
     for path in paths:
         try:
@@ -162,13 +171,4 @@ class _PageChunks(Job):
     def join(self) -> PdfText:
         """Concatenate the part files in page order into the text file and sum the chunks' counts."""
         results = [self.results[first] for first in sorted(self.results)]
-        with open(self.text_path, "wb") as out:
-            for first in sorted(self.results):
-                part = Path(self.results[first].text_path)
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out)
-                part.unlink()
-        words = sum(r.words for r in results)
-        page_error = next((r.page_error for r in results if r.page_error), "")
-        return PdfText(results[0].pages, words, sum(r.chars for r in results), str(self.text_path), words > 0,
-                       self.spent_s, sum(r.pages_failed for r in results), page_error, results[-1].end_page)
+        return join_parts([Path(r.text_path) for r in results], results, self.text_path, seconds=self.spent_s)
