@@ -277,8 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # aiosmtpd logs every connection and command at INFO: most of serve's log, unless asked for with -v
-    logging.getLogger("mail.log").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
+    # library chatter (aiosmtpd's per-connection lines; psycopg_pool's three lines per store call) only with -v
+    for chatty in ("mail.log", "psycopg.pool", "distributed", "tornado"):
+        logging.getLogger(chatty).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except PipelineError as exc:

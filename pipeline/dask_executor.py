@@ -26,7 +26,8 @@ in its environment (a warning is logged on connect if it has another value), and
 installed like the workers (it unpickles the tasks). Worker saturation 1.0
 (``DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0``): under load a worker holds only the tasks it runs, so
 a death costs no queued task a try (with few tasks the scheduler still sends them all at once).
-A try past the runner's task timeout is not stopped on the cluster; its late result is ignored.
+A try past its task timeout (``workflows.cluster_try_timeout_s``) is failed by the runner but not stopped on the
+cluster; its late result is ignored.
 
 Every distributed exception is translated here, at the edge: an unreachable scheduler or a lost result is
 ClusterUnavailableError (retryable; raised by ``submit`` it breaks the run, which the engine requeues with
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler fails the submission after this long
 MEMORY_EVIDENCE_WAIT_S = 3.0  # how long a worker's death waits for the nanny's memory event
 MEMORY_TOPIC = "worker-restart-memory"  # distributed's nanny (worker_memory.NannyMemoryManager) logs this
+RESULT_TIMEOUT_S = 30.0  # fetching a finished try's (small) result; past it the try is lost (retryable)
 STARTED_REMEMBERED = 10_000  # task starts kept to judge deaths by (a death is judged within seconds)
 
 
@@ -111,9 +113,13 @@ class DaskExecutor:
         ours: Future[Any] = Future()
         try:
             theirs = client.submit(cluster_ingest.run_announced, fn, *args, key=key, pure=False)
-        except (OSError, TimeoutError) as exc:
-            raise ClusterUnavailableError(f"cannot submit to the Dask scheduler: {exc}") from exc
+        except Exception as exc:  # OSError, TimeoutError, a client closed meanwhile (ClosedClientError) ...
+            raise ClusterUnavailableError(f"cannot submit to the Dask scheduler: {type(exc).__name__}: "
+                                          f"{exc}") from exc
         with self._lock:
+            if self._closed:  # close() ran meanwhile and cancelled what it saw: this try is cancelled too
+                ours.cancel()
+                return ours
             self._live[key] = (theirs, ours)  # holding the distributed future keeps the task wanted
         theirs.add_done_callback(lambda f: self._done(key, f, ours))
         return ours
@@ -201,8 +207,8 @@ class DaskExecutor:
             closed = self._closed
             self._live.pop(key, None)
         try:
-            if theirs.status == "finished":
-                _settle(ours, result=theirs.result())
+            if theirs.status == "finished":  # bounded: a result whose worker died meanwhile must not stall us
+                _settle(ours, result=theirs.result(timeout=RESULT_TIMEOUT_S))
             elif theirs.status == "cancelled":
                 if closed:
                     ours.cancel()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,8 +69,28 @@ def _driver() -> tuple[Any, Any]:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """The URL without its password, for messages and logs (an '@' in the password, no user name: still hidden)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{tail}"
+
+
+def connection_options(busy_timeout_ms: int) -> dict[str, Any]:
+    """psycopg connect options that bound every wait on the server or the network.
+
+    Without them a database host gone from the network blocks a query for minutes (TCP retransmission), and
+    a peer that died inside a transaction holds its row locks until the server notices (hours of keepalive):
+    a lock wait or an idle transaction past its limit ends in an error the store translates (StoreBusyError,
+    retryable), and a dead connection is noticed within about 30 s.
+    """
+    wait_ms = max(int(busy_timeout_ms), 100)
+    return {"autocommit": True, "connect_timeout": max(2, -(-wait_ms // 1000)), "keepalives": 1,
+            "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000,
+            "options": f"-c lock_timeout={wait_ms} -c idle_in_transaction_session_timeout=60000 "
+                       f"-c statement_timeout={max(wait_ms, 60_000)}"}
 
 
 def store_error(label: str, exc: BaseException) -> StoreError:
@@ -114,6 +133,7 @@ class PostgresRunStore(SqlRunStore):
     """DAGRunStore in a PostgreSQL database, for several processes on several hosts."""
 
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+    OWNER_LOCK = " FOR SHARE"
     # Task transitions and heartbeats commit without waiting for the WAL flush (one statement, one round
     # trip: psycopg sends both in one simple query; a transition sets it itself, see _transition_text).
     # Losing the last ~0.6 s of them in a server crash is safe: the run stays running under a dead owner,
@@ -138,7 +158,7 @@ class PostgresRunStore(SqlRunStore):
         timeout_s = max(self.config.busy_timeout_ms / 1000, 0.1)
         self._pool = pool_module.ConnectionPool(
             self.url, min_size=1, max_size=self.config.pool_size, open=False, timeout=timeout_s,
-            kwargs={"autocommit": True}, name="pipeline-store")
+            kwargs=connection_options(self.config.busy_timeout_ms), name="pipeline-store")
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn:
@@ -240,8 +260,10 @@ class PostgresRunStore(SqlRunStore):
 
     def watch_queue(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake`` whenever another process commits queued runs (LISTEN on a dedicated connection)."""
-        watcher = _QueueWatcher(self._psycopg, self.url, self.label, wake)
         with self._lock:
+            if self._pool.closed:  # a watcher of a closed store would reconnect for ever
+                raise StoreError(f"{self.label}: the run store is closed")
+            watcher = _QueueWatcher(self._psycopg, self.url, self.label, wake)
             self._watchers.append(watcher)
 
         def stop() -> None:
@@ -277,21 +299,23 @@ class _QueueWatcher:
             self._thread.join()
 
     def _loop(self) -> None:
-        failures = 0
+        self._failures = 0  # of this streak; LISTEN succeeding ends it, so the next outage is logged again
         while not self._stopping.is_set():
             try:
                 self._listen()
-                failures = 0
+                self._failures = 0
             except Exception as exc:  # guarded: log the first of a streak, back off, reconnect, go on
-                failures += 1
+                self._failures += 1
+                failures = self._failures
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "%s: queue notifications lost (%s: %s); polling until reconnected",
                         self._label, type(exc).__name__, " ".join(str(exc).split()))
                 self._stopping.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
 
     def _listen(self) -> None:
-        with self._psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+        with self._psycopg.connect(self._url, **connection_options(10_000)) as conn:  # keepalives: a dead server
             conn.execute(f"LISTEN {CHANNEL}")
+            self._failures = 0
             self._call_wake()  # runs queued while nobody listened (start, reconnect) are found now
             while not self._stopping.is_set():
                 for _ in conn.notifies(timeout=WATCH_POLL_S):
@@ -328,5 +352,5 @@ def _transition_text(owned_run: str) -> str:
 
 # constant texts: psycopg prepares a statement on the server once it has run it prepare_threshold times
 _TRANSITION = _transition_text("")
-_OWNED_TRANSITION = _transition_text(
-    " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)")
+_OWNED_TRANSITION = _transition_text(  # FOR SHARE: see SqlRunStore.OWNER_LOCK
+    " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ? FOR SHARE)")

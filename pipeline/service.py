@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from .config import Settings
 from .dropfolder import DropFolder
@@ -184,12 +183,9 @@ def store_location(settings: Settings) -> str:
     """Where the runs live, for a log line: the PostgreSQL URL without its password, or the SQLite file."""
     if not settings.store.is_postgres:
         return str(settings.store.path)
-    parts = urlsplit(settings.store.url)
-    if parts.password is None:
-        return settings.store.url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    from .postgres_store import redact  # imports no driver
+
+    return redact(settings.store.url)
 
 
 @contextmanager

@@ -74,6 +74,9 @@ class SqlRunStore(DAGRunStore):
     BEGIN = "BEGIN"
     BEGIN_LAZY: str | None = None  # begins a transaction whose commit need not wait for the disk (None: BEGIN)
     CLAIM_LOCK = ""  # row lock a claim and a purge take on what they select (PostgreSQL: FOR UPDATE SKIP LOCKED)
+    # row lock a transition's owner check takes on its run (PostgreSQL: FOR SHARE), so a requeue committed while
+    # the transition waited is seen, not the statement's older snapshot (SQLite: one writer, nothing to lock)
+    OWNER_LOCK = ""
     TOMBSTONES_VERSION = 1  # the migration from which purge tombstones every spool file it drops
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -253,7 +256,8 @@ class SqlRunStore(DAGRunStore):
     def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'running'").fetchall()
+            # locked as read (PostgreSQL): a run another engine claims meanwhile is neither read stale nor requeued
+            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'running'{self.CLAIM_LOCK}").fetchall()
             # a run another recoverer requeued first is not ours to report (its CAS changes nothing here)
             dead = [r.run_id for r in map(run_from_row, rows) if is_dead(r) and self._requeue(conn, r.run_id, now)]
             if dead:
@@ -299,8 +303,9 @@ class SqlRunStore(DAGRunStore):
 
     def _transition(self, conn: Connection, t: Transition, owner: str | None) -> int:
         """Apply one transition unless its task is final (or, with ``owner``, its run not ours); return 1 if applied."""
-        owned_run = "" if owner is None else \
-            " AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?)"
+        owned_run = "" if owner is None else (
+            f" AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = ? AND state = 'running' AND runs.owner = ?"
+            f"{self.OWNER_LOCK})")
         started = t.at if t.state == s.RUNNING else None
         ended = t.at if t.state in s.TERMINAL_TASK_STATES else None
         cur = conn.execute(

@@ -104,6 +104,19 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     return result
 
 
+def cluster_try_timeout_s(settings: Settings) -> float | None:
+    """How long an ingestion try may take on the Dask cluster before the runner fails it (None: local).
+
+    Locally the extraction pool enforces ``ingest.timeout_s`` by killing the worker. On a Dask worker the
+    budget is checked only between pages, and a try can wait in the scheduler's queue (no worker free, or
+    all paused for memory): without this bound a run could stay running for ever. A timed-out try is
+    retried once (its worker is not stopped; its late result is ignored), then the document fails.
+    """
+    if settings.executor.kind != "dask":
+        return None
+    return 4 * settings.ingest.timeout_s + 60
+
+
 def delivery_key(ctx: TaskContext) -> str:
     """A name for this run's digest, stable across tries and distinct across runs (and purged, reused ids)."""
     spool = str(ctx.payload.get("spool", ""))
@@ -120,7 +133,8 @@ def email_digest_dag(settings: Settings) -> DAG:
         # with executor.kind "dask" each instance is a future on the cluster (``dask_executor``)
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
              map_over="parse_email", map_items=pdf_items, retries=1,
-             executor="dask" if settings.executor.kind == "dask" else "thread"),
+             executor="dask" if settings.executor.kind == "dask" else "thread",
+             timeout_s=cluster_try_timeout_s(settings)),
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",)),
         Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3),

@@ -162,13 +162,14 @@ def test_a_global_option_after_the_command_wins_over_one_before(filled, settings
     assert len(json.loads(capsys.readouterr().out)) == 2
 
 
-def test_smtp_library_chatter_stays_out_of_the_log_unless_verbose(tmp_path, capsys):
+@pytest.mark.parametrize("chatty", ["mail.log", "psycopg.pool"])
+def test_library_chatter_stays_out_of_the_log_unless_verbose(tmp_path, capsys, chatty):
     import logging
 
     main(["runs", "--data-dir", str(tmp_path / "none")])
-    assert logging.getLogger("mail.log").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger(chatty).getEffectiveLevel() == logging.WARNING
     main(["runs", "-v", "--data-dir", str(tmp_path / "none")])
-    assert logging.getLogger("mail.log").level == logging.NOTSET  # the root's level again: DEBUG with -v
+    assert logging.getLogger(chatty).level == logging.NOTSET  # the root's level again: DEBUG with -v
 
 
 def test_show_lists_tasks_in_dag_order_then_by_start(settings, capsys):

@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import noop, wait_until
 
-from pipeline.config import StoreConfig
+from pipeline.config import Settings, StoreConfig
 from pipeline.dag import DAG, Task
 from pipeline.engine import WorkflowEngine
 from pipeline.errors import (
@@ -273,3 +273,17 @@ def test_an_idle_engine_claims_a_run_another_process_queued_when_notified(pg_url
             assert engine.queue_notices > before  # woken by the other process's NOTIFY, not by the 5 s poll
         finally:
             engine.shutdown()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://digest:s3cret@db:5432/digest", "postgresql://digest:***@db:5432/digest"),
+    ("postgresql://:s3cret@db/digest", "postgresql://:***@db/digest"),  # a password without a user name
+    ("postgresql://digest:p@ss@db/digest", "postgresql://digest:***@db/digest"),  # an '@' in the password
+    ("postgresql://digest@db/digest", "postgresql://digest@db/digest"),  # nothing to hide
+])
+def test_the_password_never_reaches_a_message_or_a_log_line(url, shown):
+    from pipeline.postgres_store import redact
+    from pipeline.service import store_location
+
+    assert redact(url) == shown
+    assert store_location(Settings(store=StoreConfig(url=url))) == shown
