@@ -188,7 +188,8 @@ class DAGRunStore:
         """Insert a queued run and return ``(run, True)``.
 
         If ``(workflow, dedup_key)`` exists, insert nothing (using up no run
-        id) and return ``(existing_run, False)``. A new run's id is greater than
+        id; on PostgreSQL, two inserts of one new key racing each other may skip one) and return
+        ``(existing_run, False)``. A new run's id is greater than
         every id handed out before, purged runs' included. Atomic: concurrent callers with one key
         get one run between them. Raises StoreBusyError, StoreIOError, StoreCorruptError.
         """
