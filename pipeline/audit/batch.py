@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_soak": {"runs": 200, "warmup": 50, "every": 25},
         "06_store_queries": {"sizes": [10_000, 50_000], "repeat": 50},
         "07_code_quality": {"with_coverage": False},
-        "08_optimizations": {"store_runs": 20_000, "reps": 3, "gateway_reps": 1, "dense_pdf": "text-1mb.pdf",
+        "08_optimizations": {"store_runs": 20_000, "reps": 2, "gateway_reps": 1, "dense_pdf": "text-1mb.pdf",
                              "batch_pdf": "text-0.5mb.pdf", "documents": 2},
         "09_faults": {"kill_serve": {"messages": 40, "senders": 2, "kill_points": [0.5]},
                       "kill_worker_pdf": "text-1mb.pdf",
