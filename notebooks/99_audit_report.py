@@ -171,7 +171,7 @@ md("### Scale-out: PostgreSQL, Dask and several gateways\n\nIssue 12 on real eng
    + "\n\n**The email_digest** (a ~1 MB text PDF per mail, all of a round's mails sent at once up to the "
    "concurrency), variants interleaved round by round, each round's serve(s) warmed up by one mail first; runs/s "
    "is acked mails over first send → last run ended, e2e is DATA end → run ended (from the run store), over "
-   "every run of every round; pg_2_gateways is two serve processes on one store and data dir:\n\n" + fmt(scaleoutviews.pipeline_table(m)) +
+   "every run of every round; pg_2_gateways is a serve and a `serve --gateway-only` on one store and data dir (two gateways, one engine):\n\n" + fmt(scaleoutviews.pipeline_table(m)) +
    "\n\n**Store queries and transitions** (median ms; transitions per second), SQLite and PostgreSQL at each size "
    "(the query set of notebook 06):\n\n" + fmt(scaleoutviews.store_table(m).reset_index()) +
    "\n\n**CPU-bound ingestion on Dask** (dense PDFs straight to the cluster; a task round trip is a no-op task's "
