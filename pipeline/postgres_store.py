@@ -243,7 +243,7 @@ class PostgresRunStore(SqlRunStore):
         The window's rows come from the covering index task_runs_success_window and are
         hashed by task id into one array each; the ``[n]`` of mapped instances is then
         stripped from those few ids, not from every row, and the per-task groups arrive
-        sorted, so the rows are never sorted by name (295 -> 93 ms for 165k rows).
+        sorted, so the rows are never sorted by name (the audit times it: task_p50_p95_last_day in notebooks 06 and 11).
         """
         until = time.time() if until is None else until
         rows = self._read(
