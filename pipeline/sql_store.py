@@ -144,10 +144,10 @@ class SqlRunStore(DAGRunStore):
     @retried
     def create_runs(self, items: Iterable[tuple[str, Mapping[str, Any], str | None]],
                     now: float | None = None) -> list[tuple[Run, bool]]:
-        now = time.time() if now is None else now
         items = list(items)
         results = []
         with self._tx() as conn:
+            now = time.time() if now is None else now  # taken under the write lock: ordered with claims
             for workflow, payload, dedup_key in items:
                 # look first: an INSERT that hits the key can still use up an id (a gap per duplicate)
                 existing = self._find(conn, workflow, dedup_key)
@@ -206,14 +206,15 @@ class SqlRunStore(DAGRunStore):
 
     @retried
     def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
-        now = time.time() if now is None else now
         with self._tx() as conn:
+            now = time.time() if now is None else now
             row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' "
                                f"ORDER BY run_id LIMIT 1{self.CLAIM_LOCK}").fetchone()
             if row is None:
                 return None
             run = run_from_row(row)
-            started = run.started_at if run.started_at is not None else now  # keep first start across requeues
+            # keep the first start across requeues; never before the queue time (another host's clock may lag)
+            started = run.started_at if run.started_at is not None else max(now, run.queued_at)
             conn.execute("UPDATE runs SET state = 'running', started_at = ?, heartbeat_at = ?, owner = ? "
                          "WHERE run_id = ?", (started, now, owner, run.run_id))
         return Run(**{**run.__dict__, "state": s.RUNNING, "started_at": started, "heartbeat_at": now, "owner": owner})

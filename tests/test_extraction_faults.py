@@ -212,3 +212,14 @@ def test_an_unreadable_reply_is_worker_crashed_not_an_untyped_error(pdf, tmp_pat
         assert err.value.retryable and err.value.reason == "worker_crashed"
     finally:
         pool.close()
+
+
+def test_closing_a_dead_worker_with_unflushed_input_does_not_raise():
+    """close() flushes stdin: a worker that died first makes that a broken pipe, which must not escape."""
+    worker = _Worker(256 * 1024 * 1024)
+    worker.proc.kill()
+    worker.proc.wait()
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write("x" * 100)  # buffered, not flushed: close() is what writes it
+    worker.close()
+    assert worker.proc.stdin.closed and worker.proc.stdout is not None and worker.proc.stdout.closed

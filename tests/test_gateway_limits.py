@@ -215,6 +215,13 @@ def test_accept_errors_of_a_full_descriptor_table_are_logged_once_per_interval(c
                 pass
             assert wait_until(lambda: limits.log.counts[cause] >= 3), limits.log.counts  # asyncio retries each 1 s
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for client in clients:
+                client.close()
+            # accept() is FIFO: a greeting for a new connection means every earlier one was accepted; once
+            # their sessions have seen EOF and closed, stopping the loop leaves no accepted socket behind
+            with socket.create_connection(("127.0.0.1", controller.port), timeout=30) as probe:
+                assert probe.recv(512).startswith(b"220")
+            assert wait_until(lambda: limits.sessions == 0), limits.sessions
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for client in clients:

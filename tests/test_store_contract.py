@@ -155,8 +155,8 @@ def test_count_runs_by_state_all_and_per_workflow(contract_store):
 
 
 def test_claim_is_fifo_and_stale_runs_are_found(contract_store):
-    a = contract_store.create_run("wf", {})[0]
-    b = contract_store.create_run("wf", {})[0]
+    a = contract_store.create_run("wf", {}, now=50.0)[0]
+    b = contract_store.create_run("wf", {}, now=50.0)[0]
     claimed = contract_store.claim_next_run("me", now=100.0)
     assert (claimed.run_id, claimed.state, claimed.owner, claimed.started_at) == (a.run_id, "running", "me", 100.0)
     assert contract_store.claim_next_run("me", now=200.0).run_id == b.run_id
@@ -164,6 +164,13 @@ def test_claim_is_fifo_and_stale_runs_are_found(contract_store):
     assert [r.run_id for r in contract_store.stale_runs(heartbeat_before=150.0)] == [a.run_id]
     contract_store.heartbeat([a.run_id], now=300.0)
     assert [r.run_id for r in contract_store.stale_runs(heartbeat_before=250.0)] == [b.run_id]
+
+
+def test_a_run_never_starts_before_it_was_queued(contract_store):
+    """A claimer whose clock lags the gateway's (or read it before the lock) must not give a negative queue wait."""
+    run = contract_store.create_run("wf", {}, now=500.0)[0]
+    assert contract_store.claim_next_run("me", now=400.0).started_at == 500.0
+    assert contract_store.get_run(run.run_id).started_at == 500.0
 
 
 def test_duration_percentiles_group_mapped_instances(contract_store):

@@ -121,7 +121,10 @@ class _Worker:
         self._drainer.join(timeout=5)
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
-                pipe.close()
+                try:
+                    pipe.close()
+                except OSError:  # stdin flushing what a dead worker never read: the fd is released all the same
+                    pass
 
 
 class ExtractionPool:
