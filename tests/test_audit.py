@@ -147,12 +147,19 @@ def test_line_profile_names_hot_lines_per_stage(small_pdfs):
     assert (df.value >= 0).all() and all(t["code"] for t in df.tags)
 
 
-@pytest.mark.parametrize(("failed", "not_measured", "status"), [(0, 0, "done"), (1, 0, "in progress"),
-                                                                 (0, 2, "in progress")])
-def test_task_card_is_done_only_when_every_sla_is_measured_and_met(tmp_path, failed, not_measured, status):
-    from pipeline.audit.report import update_task_card
+@pytest.mark.parametrize(("failed", "not_measured", "quality", "status", "card"), [
+    (0, 0, True, "completed", "done"), (1, 0, True, "in_progress", "in progress"),
+    (0, 2, True, "in_progress", "in progress"), (0, 0, False, "in_progress", "in progress")])
+def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, quality, status, card):
+    from pipeline.audit.report import task_status, update_task_card
 
+    summary = {"passed": 3, "failed": failed, "not_measured": not_measured}
+    proven = {"report": True, "stress": True, "slas": True, "optimizations": True, "code_quality": quality}
     outbox = {"session_id": "s1", "profile": "standard", "commit": "abc", "completed_at": "now",
-              "sla_summary": {"passed": 3, "failed": failed, "not_measured": not_measured}}
-    update_task_card(tmp_path / "TASK_CARDS.md", outbox, has_optimizations=True, has_code_quality=True)
-    assert f"**Status:** {status} (last verified by audit session `s1`" in (tmp_path / "TASK_CARDS.md").read_text()
+              "sla_summary": summary, "deliverables": proven, "status": task_status(summary, proven)}
+    assert outbox["status"] == status
+    update_task_card(tmp_path / "TASK_CARDS.md", outbox)
+    text = (tmp_path / "TASK_CARDS.md").read_text()
+    assert f"**Status:** {card} (last verified by audit session `s1`" in text
+    assert f"outbox.json status `{status}`" in text
+    assert ("- [x] Code-quality audit" in text) == quality

@@ -151,10 +151,7 @@ def run_batch(profile: str, paths: BatchPaths | None = None, cell_timeout_s: int
                                  cell_timeout_s, recorder))
     report_path = export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
     outbox = write_outbox(paths.outbox, recorder, session, _relative(report_path), executed)
-    measured = recorder.measurements(session_id=session)
-    has_variants = bool((measured.groupby(["scenario", "metric"]).variant.nunique() > 1).any())
-    has_quality = bool((measured.scenario == "code_quality").any())
-    update_task_card(paths.task_cards, outbox, has_variants, has_quality)
+    update_task_card(paths.task_cards, outbox)
     return outbox
 
 

@@ -203,15 +203,34 @@ def _scale_out_headlines(scale: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def deliverables(measured: pd.DataFrame) -> dict[str, bool]:
+    """Which of the task card's deliverables this session's rows prove (the card ticks exactly these)."""
+    has_variants = bool(len(measured) and (measured.groupby(["scenario", "metric"]).variant.nunique() > 1).any())
+    return {"report": True, "stress": True, "slas": True, "optimizations": has_variants,
+            "code_quality": bool((measured.scenario == "code_quality").any()) if len(measured) else False}
+
+
+def task_status(sla_summary: dict[str, int], proven: dict[str, bool]) -> str:
+    """``completed`` only when every deliverable is proven and every SLA measured and met; else ``in_progress``.
+
+    The outbox and the task card both show this one verdict, so they cannot disagree.
+    """
+    done = all(proven.values()) and sla_summary["failed"] == 0 and sla_summary["not_measured"] == 0
+    return "completed" if done else "in_progress"
+
+
 def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_path: str,
                  notebooks: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the machine-readable completion report for the session; return it."""
     info = session_info(recorder, session_id)
     slas = sla_results(recorder, session_id)
     measured = slas[slas.passed.notna()]
+    summary = {"passed": int(measured.passed.sum()), "failed": int((~measured.passed.astype(bool)).sum()),
+               "not_measured": int(slas.passed.isna().sum())}
+    proven = deliverables(recorder.measurements(session_id=session_id))
     outbox = {
         "task_id": TASK_ID,
-        "status": "completed",
+        "status": task_status(summary, proven),
         "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "report_path": report_path,
         "session_id": session_id,
@@ -219,8 +238,8 @@ def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_pa
         "commit": info["git_sha"],
         "commit_dirty": bool(info["git_dirty"]),
         "machine": {"host": info["host"], "cpu": info["cpu"], "cpus": int(info["cpus"]), "python": info["python"]},
-        "sla_summary": {"passed": int(measured.passed.sum()), "failed": int((~measured.passed.astype(bool)).sum()),
-                        "not_measured": int(slas.passed.isna().sum())},
+        "sla_summary": summary,
+        "deliverables": proven,
         "sla_results": [{"sla": r.sla, "source": r.source, "target": r.target, "comparison": r.comparison,
                          "observed": None if pd.isna(r.observed) else float(r.observed), "unit": r.unit,
                          "passed": None if pd.isna(r.passed) else bool(r.passed)} for r in slas.itertuples()],
@@ -231,25 +250,20 @@ def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_pa
     return outbox
 
 
-def update_task_card(path: Path, outbox: dict[str, Any], has_optimizations: bool, has_code_quality: bool) -> None:
-    """Rewrite the status block of TASK-163P in TASK_CARDS.md from this session's outbox.
+def update_task_card(path: Path, outbox: dict[str, Any]) -> None:
+    """Rewrite the status block of TASK-163P in TASK_CARDS.md from this session's outbox (nothing else).
 
     A missing file starts from the repository's TASK_CARDS.md.
     """
     text = Path(path).read_text() if Path(path).exists() else (ROOT / "TASK_CARDS.md").read_text()
     summary = outbox["sla_summary"]
-    checks = {
-        "report": True, "stress": True, "slas": True,
-        "optimizations": has_optimizations, "code_quality": has_code_quality,
-    }
-    # done means proven: every deliverable measured and every SLA measured and met
-    done = all(checks.values()) and summary["failed"] == 0 and summary["not_measured"] == 0
-    status = (f"<!-- status:begin -->\n**Status:** {'done' if done else 'in progress'} "
+    status = (f"<!-- status:begin -->\n**Status:** {'done' if outbox['status'] == 'completed' else 'in progress'} "
               f"(last verified by audit session `{outbox['session_id']}`, profile `{outbox['profile']}`, "
               f"commit `{outbox['commit'][:12]}`, {outbox['completed_at']}; SLAs: {summary['passed']} passed, "
-              f"{summary['failed']} failed, {summary['not_measured']} not measured)\n<!-- status:end -->")
+              f"{summary['failed']} failed, {summary['not_measured']} not measured; outbox.json status "
+              f"`{outbox['status']}`)\n<!-- status:end -->")
     text = re.sub(r"<!-- status:begin -->.*?<!-- status:end -->", status, text, flags=re.S)
-    for key, done in checks.items():
+    for key, done in outbox["deliverables"].items():
         mark = "x" if done else " "
         text = re.sub(rf"- \[[ x]\] (.*)<!-- {re.escape(key)} -->", rf"- [{mark}] \1<!-- {key} -->", text)
     Path(path).write_text(text)
