@@ -291,8 +291,9 @@ def slow_pdf(pages: int, draws: int = 8000) -> bytes:
         *[page] * pages])
 
 
-def _pdf_of_objects(objects: list[bytes]) -> bytes:
-    """A PDF file of these object bodies (numbered from 1, the first the catalog) with a correct xref table."""
+def _pdf_of_objects(objects: list[bytes], info: int | None = None) -> bytes:
+    """A PDF file of these object bodies (numbered from 1, the first the catalog) with a correct xref table;
+    ``info`` is the number of the document information dictionary, if there is one."""
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
@@ -302,5 +303,25 @@ def _pdf_of_objects(objects: list[bytes]) -> bytes:
     xref = out.tell()
     out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
     out.write(b"".join(b"%010d 00000 n \n" % o for o in offsets))
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    trailer = b"/Size %d /Root 1 0 R" % (len(objects) + 1) + (b" /Info %d 0 R" % info if info else b"")
+    out.write(b"trailer\n<< " + trailer + b" >>\nstartxref\n%d\n%%%%EOF\n" % xref)
     return out.getvalue()
+
+
+def typeset_pdf(lines: list[bytes], title: bytes | None = None) -> bytes:
+    """One page of ``lines`` as a typesetter writes them: ligature glyphs (codes 1-3 are /fi /fl /ffi),
+    soft hyphens (0xAD), words hyphenated across line ends; ``title`` goes in the information dictionary."""
+    content = b"BT /F1 11 Tf 14 TL 40 800 Td\n" + b"\n".join(
+        b"(" + line.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)") + b") Tj T*"
+        for line in lines) + b"\nET"
+    stream = zlib.compress(content, 6)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [4 0 R] /Count 1 >>",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding << /Type /Encoding "
+               b"/BaseEncoding /WinAnsiEncoding /Differences [1 /fi /fl /ffi] >> >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >>"
+               b" /Contents 5 0 R >>",
+               b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream"]
+    if title is None:
+        return _pdf_of_objects(objects)
+    escaped = title.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
+    return _pdf_of_objects([*objects, b"<< /Title (" + escaped + b") /Producer (audit fixtures) >>"], info=6)

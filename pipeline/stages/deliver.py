@@ -132,7 +132,7 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
     msg["From"] = config.sender
     msg["To"] = to
     msg["Subject"] = clean_header(digest.subject, 250)
-    msg["Date"] = formatdate(localtime=False)
+    msg["Date"] = formatdate(localtime=True)  # the real offset ("+0000" on a UTC host), never "-0000"
     msg["Message-ID"] = message_id or make_msgid(domain=_domain(config))
     original = email.get("message_id") or ""
     if _MSG_ID.match(original):

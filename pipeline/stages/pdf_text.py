@@ -34,6 +34,7 @@ from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedErr
 from .. import tracing
 from ..config import IngestConfig
 from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError
+from .text_normal import normalize_page, pick_title
 
 PAGES_PER_SPAN = 50
 OPEN_COST_FACTOR = 4  # a slice lasts at least this many times what opening the document took in it
@@ -52,6 +53,7 @@ class PdfText:
     pages_failed: int = 0  # pages whose text the engine could not read (written as empty pages)
     page_error: str = ""  # the first of those errors, e.g. "page 2: PDFium: Failed to load page."
     end_page: int = 0  # one past the last page this result covers (0-based)
+    title: str = ""  # the document's title (metadata, else the first page's heading); set by the part with page 1
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Progress:
     end: int = 0
     count: int = 0
     first: str = ""
+    first_page_text: str = ""  # the text of the document's first page, when this request read it
 
     def add(self, number: int, exc: Exception) -> None:
         self.count += 1
@@ -98,8 +101,9 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
         write = _stream_pages if limits.stream_text else _hold_pages
         words, chars = write(_pages(doc, numbers, (started + limits.timeout_s, until), name, progress), text_path)
         doc.finished = progress.end >= pages  # this worker is unlikely to see the document again
+        title = pick_title(doc.metadata_title(), progress.first_page_text) if numbers.start == 0 < pages else ""
     return PdfText(pages, words, chars, str(text_path), words > 0, time.monotonic() - started,
-                   progress.count, progress.first, max(progress.end, numbers.start))
+                   progress.count, progress.first, max(progress.end, numbers.start), title)
 
 
 def require_a_readable_page(result: PdfText, name: str) -> PdfText:
@@ -172,6 +176,13 @@ class _PypdfPages:
     def text(self, number: int) -> str:
         return self._guard(lambda: self.reader.pages[number].extract_text() or "")
 
+    def metadata_title(self) -> str:
+        """The document information dictionary's Title, or "" (a damaged dictionary costs only the title)."""
+        try:
+            return str(self.reader.metadata.title or "") if self.reader.metadata else ""
+        except Exception:  # noqa: BLE001 - any damage in the Info dictionary: no title, the text stands
+            return ""
+
     def _guard(self, fn: Any) -> Any:
         try:
             return fn()
@@ -217,6 +228,13 @@ class _PdfiumPages:
 
     def __len__(self) -> int:
         return len(self.doc)
+
+    def metadata_title(self) -> str:
+        """The document information dictionary's Title, or "" (a damaged dictionary costs only the title)."""
+        try:
+            return str(self.doc.get_metadata_dict().get("Title") or "")
+        except Exception:  # noqa: BLE001 - any damage in the Info dictionary: no title, the text stands
+            return ""
 
     def text(self, number: int) -> str:
         try:
@@ -265,10 +283,12 @@ def _pages(doc: Any, numbers: range, stops: tuple[float, float], name: str, prog
         with tracing.span("ingest.pages", first=first, document=name):
             for number in range(first, min(first + PAGES_PER_SPAN, numbers.stop)):
                 try:
-                    text = doc.text(number)
+                    text = normalize_page(doc.text(number))
                 except CorruptPdfError as exc:
                     progress.add(number, exc)
                     text = ""
+                if number == 0:
+                    progress.first_page_text = text
                 yield text
                 progress.end = number + 1
                 now = time.monotonic()

@@ -1,0 +1,106 @@
+"""What a PDF's text layer needs before a person reads it: one normalisation for both engines.
+
+Engines hand back typesetting artefacts rather than words: PDFium marks a soft
+hyphen with U+FFFE (or U+0002), pypdf keeps U+00AD; ligature glyphs come out as
+one code point (``ﬁ``); words split at a line end keep their hyphen; URLs wrap
+across lines; control characters leak from broken encodings. Every page goes
+through ``normalize_page`` in the extraction worker, so the stored text, its
+word count and the digest all see the same words whichever engine read them.
+
+``split_sentences`` ends a sentence at ``.``/``!``/``?`` only when what follows
+starts a new one, and never after an abbreviation or an initial, and never
+inside a URL (a decimal point has no space after it), which is what extractive summaries otherwise cut in half.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+# soft hyphens: PDFium's U+FFFE and U+0002 markers, and the real U+00AD
+_SOFT = "\ufffe\u0002\u00ad"
+_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
+                            "\ufb05": "st", "\ufb06": "st"})
+# C0/C1 controls except tab and newline (a form feed is our page separator: a page must not contain one)
+_CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\ufeff\uffff]")
+_SOFT_AT_LINE_END = re.compile(rf"[{_SOFT}][ \t]*\n[ \t]*")
+# a soft-hyphen mark inside a URL was the URL's own hyphen at a line end ("https://CRAN.R<FFFE>project.org")
+_SOFT_IN_URL = re.compile(r"((?:https?:|www\.)[^\s\ufffe]*)\ufffe")
+# "exam-\nple": a hyphen between two lowercase letters across a line end is typesetting, not spelling
+_HYPHEN_AT_LINE_END = re.compile(r"(?<=[a-z\u00df-\u00ff])-[ \t]*\n[ \t]*(?=[a-z\u00df-\u00ff])")
+# a URL that wraps: its line ends inside it (after / . - _ = ? & # or ://) and the next line goes on without a space
+_URL_WRAP = re.compile(r"((?:https?:|www\.)[^\s]*[/.\-_=?&#:])[ \t]*\n[ \t]*(?=[A-Za-z0-9/%~_-])")
+
+
+def normalize_page(text: str) -> str:
+    """The page's text with soft hyphens, ligatures, hyphenated line ends, wrapped URLs and controls repaired."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n")
+    text = _SOFT_AT_LINE_END.sub("", text)
+    text = _SOFT_IN_URL.sub(r"\1-", text)  # PDFium takes any hyphen that ends a line for a soft one
+    text = text.translate(_LIGATURES)
+    text = _URL_WRAP.sub(r"\1", text)  # before hyphens: a hyphen that ends a URL's line is the URL's own
+    text = _HYPHEN_AT_LINE_END.sub("", text)
+    for mark in _SOFT:
+        text = text.replace(mark, "")
+    return _CONTROLS.sub("", text)
+
+
+# abbreviations after which a period does not end a sentence (lowercase, without the period)
+ABBREVIATIONS = frozenset("""
+e.g i.e etc cf vs viz al approx ca fig figs eq eqs no nos vol vols pp p ch sec secs ref refs ed eds
+mr mrs ms dr prof sr jr st mt inc ltd co corp dept univ jan feb mar apr jun jul aug sep sept oct nov dec
+""".split())
+# a candidate end: . ! or ? (with closing quotes/brackets) followed by space and what may start a sentence
+_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9\u00c0-\u00de])")
+
+
+def _ends_sentence(before: str) -> bool:
+    """False when the period closing ``before`` belongs to an abbreviation, an initial or a URL."""
+    tokens = before.rsplit(None, 1)
+    if not tokens:
+        return True
+    token = tokens[-1]
+    if not token.endswith("."):
+        return True  # ! or ?
+    if token[:-1].endswith((")", "]", "\"", "'", "\u201d", "\u2019")):  # "(see https://x.org)." ends one
+        return True
+    word = token.rstrip(".").lstrip("\"'([\u201c\u2018").lower()
+    if word in ABBREVIATIONS:
+        return False
+    if re.fullmatch(r"([a-z]\.)*[a-z]", word):  # an initial or an acronym: "J. Smith", "U.S. Army"
+        return False
+    if "://" in word or word.startswith("www."):  # a URL's own dots and a trailing one are part of it
+        return False
+    return True  # a word or a number ("in 2019. Then"): "No. 5" is caught as an abbreviation
+
+
+def split_sentences(text: str) -> Iterator[str]:
+    """Sentences of ``text`` with their whitespace collapsed, in order."""
+    start = 0
+    for match in _END.finditer(text):
+        end = match.start() + 1
+        if _ends_sentence(text[start:end]):
+            sentence = " ".join(text[start:match.end()].split())
+            if sentence:
+                yield sentence
+            start = match.end()
+    tail = " ".join(text[start:].split())
+    if tail:
+        yield tail
+
+
+_JUNK_TITLE = re.compile(r"^(untitled|title|document|microsoft word - .*|.*\.(docx?|pdf|tex|dvi|odt|rtf|indd|qxd))$",
+                         re.I)
+
+
+def pick_title(metadata_title: str | None, first_page: str) -> str:
+    """The document's title: its metadata title unless empty or junk, else its first heading-like line."""
+    title = " ".join((metadata_title or "").split())
+    if title and not _JUNK_TITLE.match(title) and sum(c.isalpha() for c in title) >= 3:
+        return title[:200]
+    for line in first_page.splitlines()[:15]:
+        line = " ".join(line.split())
+        letters = sum(c.isalpha() for c in line)
+        if letters >= 4 and len(line) <= 120 and letters >= len(line) / 2 and not line.endswith((".", ",", ";")):
+            return line
+    return ""
