@@ -147,19 +147,19 @@ def test_line_profile_names_hot_lines_per_stage(small_pdfs):
     assert (df.value >= 0).all() and all(t["code"] for t in df.tags)
 
 
-@pytest.mark.parametrize(("failed", "not_measured", "quality", "status", "card"), [
-    (0, 0, True, "completed", "done"), (1, 0, True, "in_progress", "in progress"),
-    (0, 2, True, "in_progress", "in progress"), (0, 0, False, "in_progress", "in progress")])
-def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, quality, status, card):
+@pytest.mark.parametrize(("failed", "not_measured", "quality", "status"), [
+    (0, 0, True, "done"), (1, 0, True, "sla_failed"), (1, 2, True, "incomplete"), (0, 0, False, "incomplete")])
+def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, quality, status):
     from pipeline.audit.report import task_status, update_task_card
 
     summary = {"passed": 3, "failed": failed, "not_measured": not_measured}
     proven = {"report": True, "stress": True, "slas": True, "optimizations": True, "code_quality": quality}
     outbox = {"session_id": "s1", "profile": "standard", "commit": "abc", "completed_at": "now",
-              "sla_summary": summary, "deliverables": proven, "status": task_status(summary, proven)}
+              "sla_summary": summary, "deliverables": proven, "status": task_status(summary, proven),
+              "failed_slas": ["Trigger p99"] * failed}
     assert outbox["status"] == status
     update_task_card(tmp_path / "TASK_CARDS.md", outbox)
     text = (tmp_path / "TASK_CARDS.md").read_text()
-    assert f"**Status:** {card} (last verified by audit session `s1`" in text
-    assert f"outbox.json status `{status}`" in text
+    assert f"**Status:** `{status}` (last verified by audit session `s1`" in text
+    assert ("- SLA failed: Trigger p99" in text) == bool(failed)
     assert ("- [x] Code-quality audit" in text) == quality

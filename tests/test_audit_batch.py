@@ -124,8 +124,8 @@ def test_task_card_names_the_session(quick_audit):
     card = (out / "TASK_CARDS.md").read_text()
     assert f"audit session `{outbox['session_id']}`" in card
     assert "- [x] Performance audit report" in card
-    assert f"outbox.json status `{outbox['status']}`" in card  # one verdict in both places
-    assert ("**Status:** done" in card) == (outbox["status"] == "completed")
+    assert f"**Status:** `{outbox['status']}`" in card  # one verdict in both places
+    assert all(f"- SLA failed: {name}" in card for name in outbox["failed_slas"])
 
 
 def test_failing_notebook_names_notebook_and_cell(tmp_path):

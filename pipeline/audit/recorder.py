@@ -39,7 +39,8 @@ SCHEMA = [
         unit VARCHAR, comparison VARCHAR, passed BOOLEAN, source VARCHAR)""",
 ]
 MEASUREMENT_COLUMNS = ["variant", "metric", "value", "unit", "rep", "tags"]
-KEY_PACKAGES = ["pypdf", "aiosmtpd", "duckdb", "pandas", "matplotlib", "papermill", "nbconvert", "watchdog"]
+KEY_PACKAGES = ["pypdfium2", "pypdf", "aiosmtpd", "psycopg", "distributed", "prometheus-client", "duckdb", "pandas",
+                "matplotlib", "papermill", "nbconvert", "watchdog"]
 
 
 class AuditRecorder:

@@ -210,13 +210,18 @@ def deliverables(measured: pd.DataFrame) -> dict[str, bool]:
             "code_quality": bool((measured.scenario == "code_quality").any()) if len(measured) else False}
 
 
+STATUSES = ("done", "sla_failed", "incomplete")
+
+
 def task_status(sla_summary: dict[str, int], proven: dict[str, bool]) -> str:
-    """``completed`` only when every deliverable is proven and every SLA measured and met; else ``in_progress``.
+    """``done`` (every deliverable proven, every SLA measured and met), ``incomplete`` (a deliverable not
+    proven or an SLA not measured) or ``sla_failed`` (all measured, some SLA missed).
 
     The outbox and the task card both show this one verdict, so they cannot disagree.
     """
-    done = all(proven.values()) and sla_summary["failed"] == 0 and sla_summary["not_measured"] == 0
-    return "completed" if done else "in_progress"
+    if not all(proven.values()) or sla_summary["not_measured"]:
+        return "incomplete"
+    return "sla_failed" if sla_summary["failed"] else "done"
 
 
 def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_path: str,
@@ -240,6 +245,7 @@ def write_outbox(path: Path, recorder: AuditRecorder, session_id: str, report_pa
         "machine": {"host": info["host"], "cpu": info["cpu"], "cpus": int(info["cpus"]), "python": info["python"]},
         "sla_summary": summary,
         "deliverables": proven,
+        "failed_slas": [r.sla for r in measured.itertuples() if not bool(r.passed)],
         "sla_results": [{"sla": r.sla, "source": r.source, "target": r.target, "comparison": r.comparison,
                          "observed": None if pd.isna(r.observed) else float(r.observed), "unit": r.unit,
                          "passed": None if pd.isna(r.passed) else bool(r.passed)} for r in slas.itertuples()],
@@ -257,11 +263,12 @@ def update_task_card(path: Path, outbox: dict[str, Any]) -> None:
     """
     text = Path(path).read_text() if Path(path).exists() else (ROOT / "TASK_CARDS.md").read_text()
     summary = outbox["sla_summary"]
-    status = (f"<!-- status:begin -->\n**Status:** {'done' if outbox['status'] == 'completed' else 'in progress'} "
+    failed = "".join(f"\n- SLA failed: {name}" for name in outbox.get("failed_slas", []))
+    status = (f"<!-- status:begin -->\n**Status:** `{outbox['status']}` "
               f"(last verified by audit session `{outbox['session_id']}`, profile `{outbox['profile']}`, "
               f"commit `{outbox['commit'][:12]}`, {outbox['completed_at']}; SLAs: {summary['passed']} passed, "
-              f"{summary['failed']} failed, {summary['not_measured']} not measured; outbox.json status "
-              f"`{outbox['status']}`)\n<!-- status:end -->")
+              f"{summary['failed']} failed, {summary['not_measured']} not measured; the same status as outbox.json)"
+              f"{failed}\n<!-- status:end -->")
     text = re.sub(r"<!-- status:begin -->.*?<!-- status:end -->", status, text, flags=re.S)
     for key, done in outbox["deliverables"].items():
         mark = "x" if done else " "
