@@ -21,10 +21,11 @@ test: $(STAMP)
 # Extra arguments for JupyterLab, e.g. `make lab LAB_ARGS=--allow-root` in a container running as root.
 LAB_ARGS ?=
 
+# Rooted at the repository, so the report (docs/performance/) and its charts open too; starts in notebooks/.
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[lab]"
 	$(PY) -m ipykernel install --sys-prefix --name pipeline-audit --display-name "Pipeline audit (project .venv)"
-	$(PY) -m jupyter lab notebooks/ $(LAB_ARGS)
+	$(PY) -m jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=notebooks $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_store.py

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, syntax
 
+from . import metrics
 from .smtp_limits import InflightClaim, LimitedSMTP, RefusedConnection, SessionLimits
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class BulkDataSMTP(LimitedSMTP):
             raise
         if refusal:
             sink.abort()
-            return refusal
+            return metrics.smtp_reply("DATA", refusal)
         envelope = self.envelope
         assert isinstance(envelope, DataEnvelope)
         if isinstance(sink, StreamSink):

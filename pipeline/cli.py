@@ -1,7 +1,8 @@
 """Command line: ``python -m pipeline COMMAND``; each command is a thin shell over the library.
 
 Errors the pipeline raises on purpose become one line on stderr and exit
-code 2; a failed run makes ``ingest`` exit 1. The read commands (``runs``,
+code 2; a failed run makes ``ingest`` exit 1, a partial one (some attachments
+unreadable, the rest digested) exit 3. The read commands (``runs``,
 ``show``) never create anything: on a data dir where nothing has run yet
 they see an empty store. Every command closes its store on every path.
 """
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
     serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
     serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off)")
     roles = serve.add_mutually_exclusive_group()
     roles.add_argument("--gateway-only", action="store_true",
                        help="accept and queue only (SMTP, drop folder, spool reconciliation); --workers-only "
@@ -117,8 +120,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gateway["allow_remote"] = True
     delivery = {"relay": args.deliver} if getattr(args, "deliver", None) else {}
     store = {"url": args.store_url} if getattr(args, "store_url", None) else {}
+    metrics = {"port": args.metrics_port} if getattr(args, "metrics_port", None) is not None else {}
+    if getattr(args, "allow_remote", False):
+        metrics["allow_remote"] = True
     return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery, store=store,
-                         executor=executor_options(args))
+                         executor=executor_options(args), metrics=metrics)
 
 
 def executor_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,8 +223,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         for run_id in run_ids:
             print(format_run(store, run_id, as_json=True))
-        failed = [r for r in run_ids if store.get_run(r).state != s.SUCCESS]
-    return 1 if failed else 0
+        runs = [store.get_run(r) for r in run_ids]
+    if any(run.state != s.SUCCESS for run in runs):
+        return 1
+    return 3 if any(run.partial for run in runs) else 0  # 3: digested, but some attachments could not be read
 
 
 def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:

@@ -189,7 +189,7 @@ class IngestConfig:
     timeout_s: float = 60.0
     memory_limit_bytes: int = 1024 * MB  # address-space cap of the extraction worker
     isolate: bool = True  # extract in worker processes so time and memory caps can be enforced
-    workers: int = 2  # extraction worker processes (one per core is right for CPU-bound pypdf)
+    workers: int = 2  # extraction worker processes (one per core: extraction is CPU-bound with either engine)
     engine: str = "pdfium"  # "pdfium" (pypdfium2; bounded by the worker's memory cap) or "pypdf" (pure Python)
     page_workers: int = 2  # >1: split one document's pages across that many workers at once
     stream_text: bool = True  # write each page's text as it comes; False holds the whole text first (baseline)
@@ -243,6 +243,22 @@ def _is_one_mailbox(value: str) -> bool:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus ``/metrics`` endpoint of serve (``pipeline.metrics``); port 0: off."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    allow_remote: bool = False  # listen on a non-loopback host (``--allow-remote`` sets it, as for SMTP)
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigurationError(f"metrics.port {self.port} is not a TCP port (0: no metrics endpoint)")
+        if not is_loopback(self.host) and not self.allow_remote:
+            raise ConfigurationError(f"refusing to serve metrics on {self.host}: set metrics.allow_remote = true "
+                                     "(or --allow-remote) to expose them beyond this machine")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one pipeline process."""
 
@@ -254,6 +270,7 @@ class Settings:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> Settings:
         for f in fields(self):

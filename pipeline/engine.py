@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import liveness, tracing
+from . import liveness, metrics, tracing
 from . import store as s
 from .config import Settings
 from .dag import DAG
@@ -396,6 +396,8 @@ class WorkflowEngine:
         if not changed:  # its heartbeat lapsed while the store refused us, and another process recovered it
             log.warning("run %s: taken over by another process", run_id)
             return
+        if reason is not None:
+            metrics.run_finished(s.FAILED, reason)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=s.QUEUED if reason is None else s.FAILED)
 
     def _heartbeat_loop(self) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from . import tracing
+from . import metrics, tracing
 from .bulk_smtp import DataEnvelope, GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
@@ -140,6 +140,7 @@ class EmailGateway:
         return run, created
 
     def _accepted(self, run: Run, spooled: SpooledMessage, source: str, mail_from: str, data_end_at: float) -> None:
+        metrics.message_accepted(spooled.size, time.time() - data_end_at)
         tracing.send(tracing.MESSAGE_ACCEPTED, run_id=run.run_id, data_end_at=data_end_at,
                      accepted_at=time.time(), size=spooled.size)
         log.info("accepted %s message of %d bytes from %s as run %s", source, spooled.size, mail_from or "-",
@@ -219,23 +220,23 @@ class _SmtpHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if not self.gateway.sender_allowed(address):
-            return "550 5.7.1 Sender domain not accepted here"
+            return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
         size = declared_size(mail_options)
         if size is not None and size > self.gateway.limits.inflight.remaining:
             self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "
                                            "%d bytes left of gateway.max_inflight_bytes", size,
                                            self.gateway.limits.inflight.remaining)
-            return "452 4.3.1 Insufficient system storage"
+            return metrics.smtp_reply("MAIL", "452 4.3.1 Insufficient system storage")
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 OK"
+        return metrics.smtp_reply("MAIL", "250 OK")
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if not self.gateway.recipient_allowed(address):
-            return "550 5.7.1 Recipient domain not accepted here"
+            return metrics.smtp_reply("RCPT", "550 5.7.1 Recipient domain not accepted here")
         envelope.rcpt_tos.append(address)
-        return "250 OK"
+        return metrics.smtp_reply("RCPT", "250 OK")
 
     async def handle_DATA_START(self, server: SMTP, session: Session, envelope: Envelope) -> SpoolWriter | None:
         """A spool writer for the data, starting with the Return-Path trace header; None: receive it whole."""
@@ -259,15 +260,16 @@ class _SmtpHandler:
             accept = partial(self.gateway.accept, raw, mail_from=mail_from, rcpt_tos=rcpt_tos,
                              data_end_at=data_end_at, head=return_path_header(mail_from))
         try:
-            if self.gateway.config.accept_off_loop:  # the fsyncs and the commit must not stall other sessions
-                run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
-            else:  # the baseline the switch measures against
-                run = accept()
+            with metrics.ACCEPTS_IN_PROGRESS.track_inprogress():
+                if self.gateway.config.accept_off_loop:  # the fsyncs and the commit must not stall other sessions
+                    run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
+                else:  # the baseline the switch measures against
+                    run = accept()
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
-            return smtp_reply_for(exc)
-        return f"250 2.0.0 OK queued as run {run.run_id}"
+            return metrics.smtp_reply("DATA", smtp_reply_for(exc))
+        return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
 
     async def handle_exception(self, error: Exception) -> str:
         """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import metrics, tracing
 from . import store as s
-from . import tracing
 from .dag import DAG, Task, TaskContext
 from .errors import StepError, StoreError, TaskTimeoutError
 from .executors import Executors, call_task
@@ -58,6 +58,7 @@ class _Instance:
     try_number: int = 0
     output: Any = None
     error: tuple[str, str] | None = None
+    started: float = 0.0  # monotonic start of the latest try (0: never tried), for the task duration metric
 
 
 class DAGRunner:
@@ -252,7 +253,7 @@ class DAGRunner:
             return
         inst = self._instances[instance_id]
         inst.try_number += 1
-        inst.state = s.RUNNING
+        inst.state, inst.started = s.RUNNING, time.monotonic()
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
@@ -339,6 +340,7 @@ class DAGRunner:
             self._write(instance_id, s.RETRYING, error=error)
             delay = min(self.config.retry_max_delay_s, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
             self._waiting_retry.add(instance_id)
+            metrics.task_retried(instance_id)
             self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)
             log.info("run %s task %s: try %d failed (%s), retrying", self.run.run_id, instance_id,
                      inst.try_number, reason)
@@ -364,6 +366,8 @@ class DAGRunner:
         if not self._write(instance_id, state, error=error, output_json=output_json):
             return  # the store had it final already: nothing happened worth a trace
         tracing.send(tracing.TASK_FINISHED, run_id=self.run.run_id, task_id=instance_id, state=state)
+        if inst.started:  # an upstream_failed instance never ran
+            metrics.task_finished(instance_id, time.monotonic() - inst.started)
         log.info("run %s task %s: %s%s", self.run.run_id, instance_id, state, f" ({error[0]})" if error else "")
 
     def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
@@ -397,6 +401,7 @@ class DAGRunner:
         self._finished = True
         state, reason = self._outcome()
         self._owned(bool(self.store.finish_run(self.run.run_id, state, reason, owner=self.run.owner)))
+        metrics.run_finished(state, reason)
         log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state, f" ({reason})" if reason else "")
         self._reported = True
         self.on_finish(self.run.run_id, state)
@@ -405,10 +410,21 @@ class DAGRunner:
         """A run fails when a leaf task did not succeed; the reason names the first real failure."""
         leaves = [t.id for t in self.dag.tasks if not self.dag.dependents(t.id)]
         if all(self._succeeded(leaf) for leaf in leaves):
-            return s.SUCCESS, None
+            return s.SUCCESS, self._partial()
         for task_id in self.dag.order:
             for instance_id in self._by_task.get(task_id, []):
                 inst = self._instances[instance_id]
                 if inst.state == s.FAILED and inst.error:
                     return s.FAILED, f"{instance_id}: {inst.error[0]}: {inst.error[1]}"[:500]
         return s.FAILED, "a final task did not succeed"
+
+    def _partial(self) -> str | None:
+        """For a run that succeeded around failed tasks, its reason: ``partial: 1 of 2 ingest_pdf failed (corrupt)``."""
+        notes = []
+        for task_id in self.dag.order:
+            instances = [self._instances[i] for i in self._by_task.get(task_id, [])]
+            failed = [inst for inst in instances if inst.state == s.FAILED]
+            if failed:
+                reasons = sorted({inst.error[0] for inst in failed if inst.error} or {"failed"})
+                notes.append(f"{len(failed)} of {len(instances)} {task_id} failed ({', '.join(reasons)})")
+        return (s.PARTIAL_PREFIX + "; ".join(notes))[:500] if notes else None

@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from . import metrics
 from .config import Settings
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
@@ -40,7 +41,7 @@ from .gateway import EmailGateway
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from .spool import Spool, SpooledMessage
 from .stages.parse import wrap_pdf
-from .store import open_store
+from .store import RUN_STATES, open_store
 from .workflows import email_digest_dag
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class PipelineService:
         self.role = role
         self.listen = listen and role != WORKERS
         self._stop = threading.Event()
+        self.metrics_server: metrics.MetricsServer | None = None  # serve's /metrics, when [metrics] port is set
         data_dir = Path(settings.data_dir)
         with ExitStack() as opened, _as_startup_error("cannot open the data dir"):
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,8 @@ class PipelineService:
                     self.reconcile_spool()
                 if self.listen:
                     self.gateway.start()  # bind before the engine claims anything: a taken port changes nothing
+                if self.settings.metrics.port and (self.listen or self.role == WORKERS):  # serve, not `ingest`
+                    self.metrics_server = self._start_metrics()
                 if run_workers:
                     self.engine.start()
                 if self.drop_folder is not None:
@@ -102,6 +106,18 @@ class PipelineService:
             self._close_after_failed_start()
             raise
         return self
+
+    def _start_metrics(self) -> metrics.MetricsServer:
+        """Serve ``/metrics`` (runs by state from the store; active runs if this role runs any); log its URL."""
+        host, port = self.settings.metrics.host, self.settings.metrics.port
+        active = None if self.role == GATEWAY else (lambda: len(self.engine.active_runs()))
+        try:
+            server = metrics.start_metrics_server(port, host, runs_by_state=self.store.count_runs_by_state,
+                                                  active_runs=active, states=RUN_STATES)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", host, server.port)
+        return server
 
     def reconcile_spool(self) -> int:
         """Queue every spool file that no run names and no purge dropped; return how many runs this created.
@@ -145,6 +161,8 @@ class PipelineService:
                                            self.store.close, self.spool.close]
         if self.drop_folder is not None:
             steps.insert(0, self.drop_folder.stop)
+        if self.metrics_server is not None:
+            steps.insert(0, self.metrics_server.close)
         failures = []
         for step in steps:
             try:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from . import metrics
 from . import store as s
 from .errors import StoreBusyError, StoreError, UnknownRunError
 from .store import DAGRunStore, Run, TaskRun, Transition
@@ -116,7 +117,7 @@ class SqlRunStore(DAGRunStore):
         marks writes that may be lost in a server crash (see BEGIN_LAZY).
         """
         try:
-            with self._connection() as conn:
+            with self._connection() as conn, metrics.STORE_TX[lazy].time():
                 conn.execute((self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
                 try:
                     yield conn

@@ -47,6 +47,8 @@ QUEUED, RUNNING, SUCCESS, FAILED = "queued", "running", "success", "failed"
 # Extra task states
 RETRYING, UPSTREAM_FAILED = "retrying", "upstream_failed"
 RUN_STATES = (QUEUED, RUNNING, SUCCESS, FAILED)
+# a successful run whose tolerated tasks (e.g. one attachment of two) failed: its reason starts with this
+PARTIAL_PREFIX = "partial: "
 TASK_STATES = (QUEUED, RUNNING, RETRYING, SUCCESS, FAILED, UPSTREAM_FAILED)
 TERMINAL_TASK_STATES = frozenset({SUCCESS, FAILED, UPSTREAM_FAILED})
 
@@ -68,6 +70,11 @@ class Run:
     reason: str | None = None
 
     @property
+    def partial(self) -> bool:
+        """Succeeded, but some of its tasks failed (the reason says which): e.g. 1 of 2 attachments unreadable."""
+        return self.state == SUCCESS and (self.reason or "").startswith(PARTIAL_PREFIX)
+
+    @property
     def duration_s(self) -> float | None:
         """Seconds from start to end, once ended."""
         if self.started_at is None or self.ended_at is None:
@@ -86,6 +93,7 @@ class Run:
             "ended_at": self.ended_at,
             "duration_s": self.duration_s,
             "reason": self.reason,
+            "partial": self.partial,
             "payload": dict(self.payload),
         }
 

@@ -34,12 +34,21 @@ def open_fds() -> dict[int, str]:
     return {fd: target for fd, target in fds.items() if fd not in held}
 
 
+# files a library keeps open for the life of the process by design: libuuid's clock (uuid.uuid1(), which Dask
+# uses for client ids, opens it once when Debian's uuid-runtime is installed, and never closes it)
+PROCESS_LIFETIME_FILES = frozenset({"/var/lib/libuuid/clock.txt"})
+
+
 def fds_opened_since(before: dict[int, str]) -> dict[int, str]:
     """Descriptors open now that were not open (to the same thing) at ``before``."""
-    opened = {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
+    def opened_now() -> dict[int, str]:
+        return {fd: target for fd, target in open_fds().items()
+                if before.get(fd) != target and target not in PROCESS_LIFETIME_FILES}
+
+    opened = opened_now()
     if opened:  # an unreachable object's descriptor is closed by its finalizer, not leaked: collect, look again
         gc.collect()  # only then: a full collection costs ~0.1 s once the audit's libraries are imported
-        opened = {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
+        opened = opened_now()
     return opened
 
 

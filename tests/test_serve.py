@@ -130,6 +130,18 @@ def test_ingest_exit_code_is_nonzero_when_a_run_fails(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["reason"].startswith("parse_email: malformed_email")
 
 
+def test_a_mail_with_one_unreadable_attachment_is_a_partial_success_and_ingest_exits_3(tmp_path, capsys):
+    eml = tmp_path / "mixed.eml"
+    eml.write_bytes(fx.email_with([("good.pdf", fx.text_pdf(1)), ("bad.pdf", b"%PDF-1.4 not really a pdf")],
+                                  message_id="<partial@x>"))
+    assert main(["--data-dir", str(tmp_path / "data"), "ingest", str(eml)]) == 3
+    run = json.loads(capsys.readouterr().out)
+    assert run["state"] == "success" and run["partial"] is True
+    assert run["reason"] == "partial: 1 of 2 ingest_pdf failed (corrupt)"
+    assert main(["--data-dir", str(tmp_path / "data"), "runs"]) == 0
+    assert "partial: 1 of 2 ingest_pdf failed (corrupt)" in capsys.readouterr().out
+
+
 def test_ingest_missing_file_is_one_line_error(tmp_path, capsys):
     assert main(["--data-dir", str(tmp_path), "ingest", str(tmp_path / "nope.eml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no such file: {tmp_path / 'nope.eml'}"

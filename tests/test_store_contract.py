@@ -268,7 +268,7 @@ def test_finished_run_keeps_its_state_reason_and_end(contract_store, store_confi
 
 
 def test_requeue_moves_only_running_runs_and_keeps_their_place(contract_store, store_config):
-    queued = contract_store.create_run("wf", {})[0]
+    queued = contract_store.create_run("wf", {}, now=40.0)[0]
     assert contract_store.requeue_run(queued.run_id) == 0
     assert events(store_config, queued.run_id, "") == []  # nothing to requeue: no event, no change
     running = contract_store.claim_next_run("me", now=50.0)

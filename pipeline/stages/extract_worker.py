@@ -216,6 +216,7 @@ class ExtractionPool:
             reply = worker.request(message, remaining_s + GRACE_S)
             keep = reply is not None and worker.documents < MAX_REQUESTS_PER_WORKER
         except TimeoutError:
+            _count_restart("timeout")
             raise job.timeout_error() from None
         finally:
             self._give_back(worker, keep)
@@ -226,6 +227,7 @@ class ExtractionPool:
                                 job.what)
             log.warning("extraction worker %d died on %s (%s: %s); its last stderr lines:\n%s", worker.proc.pid,
                         job.name, error.reason, error, "\n".join(worker.stderr_tail) or "(none)")
+            _count_restart(error.reason)
             raise error
         if "ok" in reply:
             return dict(reply["ok"])
@@ -314,6 +316,13 @@ class _OneRequest(Job):
 
 _POOLS: dict[tuple[int, int], ExtractionPool] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def _count_restart(cause: str) -> None:
+    """Count a worker lost mid-request; imported here so worker processes never load prometheus_client."""
+    from .. import metrics
+
+    metrics.worker_restarted(cause)
 
 
 def pool_for(limits: IngestConfig) -> ExtractionPool:

@@ -1,0 +1,236 @@
+"""Prometheus metrics of a serve process, and the ``/metrics`` HTTP endpoint that exposes them.
+
+The core counts as it goes (``SMTP_REPLIES``, ``TASK_SECONDS`` ...): module-level
+metrics on a registry of our own (``REGISTRY``, not prometheus_client's global
+one, so nothing a library registers there leaks into our endpoint). Counting
+is always on and costs a dict lookup and a locked add; ``serve --metrics-port``
+only decides whether an HTTP server exposes the figures. Label children are
+bound once and cached in plain dicts, so the hot path never builds label tuples.
+
+Figures that live elsewhere are read when Prometheus scrapes (``ScrapeCollector``):
+runs by state from the store's counter table, the engine's active runs, and the
+resident memory of this process and its extraction workers. A store that fails
+then does not fail the scrape: the run figures are left out and
+``pipeline_scrape_errors_total{source="store"}`` counts it.
+
+Labels are bounded sets: SMTP command and reply code, task name with mapped
+instances collapsed (``ingest_pdf[3]`` is ``ingest_pdf``), run state, and the
+typed reason codes of ``errors`` (anything else is ``other``). Never run ids,
+message ids or addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from . import errors
+
+log = logging.getLogger(__name__)
+REGISTRY = CollectorRegistry(auto_describe=True)
+EXTRACT_WORKER = "pipeline.stages.extract_worker"  # in the command line of every extraction worker process
+
+_MS_TO_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+SMTP_REPLIES = Counter("pipeline_smtp_replies", "SMTP replies to MAIL, RCPT and DATA by reply code",
+                       ["command", "code"], registry=REGISTRY)
+ACCEPTED_BYTES = Counter("pipeline_accepted_bytes", "Bytes of messages spooled and queued as runs",
+                         registry=REGISTRY)
+TRIGGER_SECONDS = Histogram("pipeline_trigger_seconds", "From the end of a message's DATA to its run being queued",
+                            buckets=_MS_TO_S, registry=REGISTRY)
+ACCEPTS_IN_PROGRESS = Gauge("pipeline_gateway_accepts_in_progress", "Messages received whose spooling and queueing "
+                            "has not finished (the spool backlog of the gateway)", registry=REGISTRY)
+RUN_OUTCOMES = Counter("pipeline_run_outcomes", "Runs that ended, by state and typed reason", ["state", "reason"],
+                       registry=REGISTRY)
+TASK_SECONDS = Histogram("pipeline_task_duration_seconds", "Duration of a task instance's last try, by task name",
+                         ["task"], buckets=_TASK_BUCKETS, registry=REGISTRY)
+TASK_RETRIES = Counter("pipeline_task_retries", "Task tries that failed and are tried again", ["task"],
+                       registry=REGISTRY)
+WORKER_RESTARTS = Counter("pipeline_extract_worker_restarts", "Extraction worker processes that died or were "
+                          "killed mid-request, by cause", ["cause"], registry=REGISTRY)
+STORE_TX_SECONDS = Histogram("pipeline_store_transaction_seconds", "Run store write transactions, BEGIN to COMMIT",
+                             ["kind"], buckets=_MS_TO_S, registry=REGISTRY)
+STORE_TX = {False: STORE_TX_SECONDS.labels("write"), True: STORE_TX_SECONDS.labels("lazy")}
+
+_RUN_FAMILIES = ("pipeline_runs", "pipeline_queue_depth")
+_children: dict[tuple[Any, ...], Any] = {}  # label children bound once; a plain dict: reads take no lock
+
+
+def reason_codes() -> frozenset[str]:
+    """The typed reason codes of the error tree, plus the runner's and engine's own."""
+    found, todo = set(), [errors.PipelineError]
+    while todo:
+        cls = todo.pop()
+        found.add(str(cls.reason))
+        todo.extend(cls.__subclasses__())
+    return frozenset(found | {"internal", "bad_output", "upstream_failed"})
+
+
+REASONS = reason_codes()
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def smtp_reply(command: str, reply: str) -> str:
+    """Count ``reply`` (its three-digit code) as the answer to ``command``; return it unchanged."""
+    _child(SMTP_REPLIES, command, reply[:3]).inc()
+    return reply
+
+
+def message_accepted(size: int, trigger_s: float) -> None:
+    """Count one message spooled and queued: its bytes and its DATA-end to queued latency."""
+    ACCEPTED_BYTES.inc(size)
+    TRIGGER_SECONDS.observe(max(trigger_s, 0.0))
+
+
+def task_name(instance_id: str) -> str:
+    """The task of a task instance: ``ingest_pdf[3]`` is ``ingest_pdf``."""
+    return instance_id.partition("[")[0]
+
+
+def task_finished(instance_id: str, duration_s: float) -> None:
+    """Observe the duration of a task instance's last try."""
+    _child(TASK_SECONDS, task_name(instance_id)).observe(duration_s)
+
+
+def task_retried(instance_id: str) -> None:
+    """Count a failed try that will be tried again."""
+    _child(TASK_RETRIES, task_name(instance_id)).inc()
+
+
+def reason_code(reason: str | None) -> str:
+    """The bounded reason label of a run's stored reason (``"ingest_pdf[0]: encrypted: ..."`` is ``encrypted``)."""
+    if not reason:
+        return "none"
+    parts = reason.split(": ", 2)
+    if parts[0] in ("internal", "partial"):  # the engine's "internal: ...", a success's "partial: 1 of 2 ..."
+        return parts[0]
+    return parts[1] if len(parts) > 1 and parts[1] in REASONS else "other"
+
+
+def run_finished(state: str, reason: str | None) -> None:
+    """Count a run that ended in ``state`` (success or failed) with its stored reason."""
+    _child(RUN_OUTCOMES, state, reason_code(reason)).inc()
+
+
+def worker_restarted(cause: str) -> None:
+    """Count an extraction worker lost mid-request (``timeout``, ``too_large``, ``worker_crashed``)."""
+    _child(WORKER_RESTARTS, cause if cause in REASONS else "other").inc()
+
+
+class ScrapeCollector(Collector):
+    """Figures read at scrape time: runs by state, active runs, this process tree's resident memory."""
+
+    def __init__(self, runs_by_state: Callable[[], dict[str, int]] | None = None,
+                 active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = ()) -> None:
+        self.runs_by_state, self.active_runs = runs_by_state, active_runs
+        self.states = states  # shown as 0 when the store has no run in them, so every series always exists
+        self._store_errors = 0
+        self._lock = threading.Lock()  # two scrapes at once must not lose a count
+
+    def collect(self) -> Iterator[Any]:
+        yield from REGISTRY.collect()
+        yield from self._runs()
+        if self.active_runs is not None:
+            yield GaugeMetricFamily("pipeline_active_runs", "Runs this process is running now",
+                                    value=self.active_runs())
+        yield from memory_families()
+        errors_family = CounterMetricFamily("pipeline_scrape_errors", "Scrapes that could not read a source",
+                                            labels=["source"])
+        errors_family.add_metric(["store"], self._store_errors)
+        yield errors_family
+
+    def _runs(self) -> Iterator[Any]:
+        if self.runs_by_state is None:
+            return
+        try:
+            counts = self.runs_by_state()
+        except Exception as exc:  # a broken store must not fail the scrape: count it, leave the figures out
+            with self._lock:
+                self._store_errors += 1
+            log.warning("metrics: cannot read runs by state: %s: %s", type(exc).__name__, exc)
+            return
+        runs = GaugeMetricFamily("pipeline_runs", "Runs in the store by state (all processes)", labels=["state"])
+        for state, n in sorted({**dict.fromkeys(self.states, 0), **counts}.items()):
+            runs.add_metric([state], n)
+        yield runs
+        yield GaugeMetricFamily("pipeline_queue_depth", "Queued runs waiting for a worker",
+                                value=counts.get("queued", 0))
+
+
+def memory_families() -> Iterator[Any]:
+    """Resident memory of this process (role ``serve``) and its extraction workers (sum and max, no pids)."""
+    import psutil  # imported here: the hooks in the core never pay for it
+
+    rss: dict[str, list[int]] = {"serve": [], "extract_worker": []}
+    try:
+        me = psutil.Process(os.getpid())
+        rss["serve"].append(me.memory_info().rss)
+        for child in me.children(recursive=True):
+            try:
+                if any(EXTRACT_WORKER in part for part in child.cmdline()):
+                    rss["extract_worker"].append(child.memory_info().rss)
+            except psutil.Error:  # it ended meanwhile
+                continue
+    except psutil.Error as exc:
+        log.debug("metrics: cannot read memory: %s", exc)
+    family = GaugeMetricFamily("pipeline_process_resident_memory_bytes", "Resident memory by process role",
+                               labels=["role", "stat"])
+    count = GaugeMetricFamily("pipeline_processes", "Live processes by role", labels=["role"])
+    for role, values in rss.items():
+        family.add_metric([role, "sum"], sum(values))
+        family.add_metric([role, "max"], max(values, default=0))
+        count.add_metric([role], len(values))
+    yield family
+    yield count
+
+
+class MetricsServer:
+    """The ``/metrics`` HTTP server on its own thread; ``close()`` stops it and frees its port."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server, self._thread = server, thread
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on (useful with port 0)."""
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop serving, wait for the thread, close the socket; safe to call twice."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+        self._server.server_close()
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1", *,
+                         runs_by_state: Callable[[], dict[str, int]] | None = None,
+                         active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = ()) -> MetricsServer:
+    """Serve ``/metrics`` on ``host:port`` from a thread; return the server (close it on stop).
+
+    ``runs_by_state`` and ``active_runs`` are read at each scrape (a role without a store or engine
+    passes None); ``states`` are the run states shown even at 0. Raises ``OSError`` if the address cannot be bound.
+    """
+    from prometheus_client import disable_created_metrics
+    from prometheus_client.exposition import start_http_server
+
+    disable_created_metrics()  # the *_created series double every family and no alert needs them
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScrapeCollector(runs_by_state, active_runs, states))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
