@@ -9,11 +9,15 @@
 # ---
 
 # %% [markdown]
-# # Pipeline profile: Email → Ingestion → Digest → Delivery
+# # Pipeline profile of `python -m pipeline serve`: Email → Ingestion → Digest → Delivery
 #
-# Mails with PDF attachments go through the whole pipeline: sent over real SMTP to the gateway,
-# ingested with pypdf in the capped workers, summarised, and delivered over SMTP to a local sink.
-# Stage times come from the run store (task start and end), the Email stage is DATA end → run queued.
+# A real `python -m pipeline serve` child (its own temp data dir, digests into its Maildir outbox) gets one
+# warm-up mail, then `emails` mails with PDF attachments from `senders` SMTP sender processes. Stage times
+# come from serve's run store (task start and end; the Email stage is DATA end → run queued). Memory and
+# CPU come from serve's process tree, each process named by its role: RSS sampled with `memory_profiler`
+# per process, per stage the peak and the largest rise over the RSS just before a task started. py-spy
+# samples serve and its extraction workers during the first `pyspy_s` seconds of the load (flame graph and
+# top functions by self time); it pauses a process for each sample, so stage times carry that small cost.
 
 # %% tags=["parameters"]
 session_id = None
@@ -24,25 +28,58 @@ emails = 6
 senders = 2
 pdfs = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 line_profile_pdf = "text-0.5mb.pdf"
+pyspy_s = 2.0
+pyspy_rate = 100
+memory_interval_s = 0.02
 
 # %%
-from pipeline.audit import scenarios, views
+import tempfile
+from pathlib import Path
+
+from IPython.display import SVG, Markdown, display
+
+from pipeline.audit import profileviews, serveprofile, views
 from pipeline.audit.lineprof import profile_lines
 from pipeline.audit.notebook import fixture, open_recorder
 
 recorder = open_recorder(db_path, session_id, profile)
 pdf_paths = [fixture(fixtures_dir, profile, name) for name in pdfs]
+artefacts = profileviews.artefact_dir(db_path, recorder.session_id)
 
 # %%
-profile_rows = scenarios.pipeline_profile(pdf_paths, emails=emails, senders=senders, recorder=recorder)
-stages = views.stage_breakdown(recorder.measurements())
+with tempfile.TemporaryDirectory(prefix="serve-profile-") as work:
+    serveprofile.profile_serve(pdf_paths, Path(work), emails=emails, senders=senders, recorder=recorder,
+                               artefacts=artefacts, pyspy_s=pyspy_s, pyspy_rate=pyspy_rate,
+                               memory_interval_s=memory_interval_s)
+m = recorder.measurements(session_id=recorder.session_id)
+stages = views.stage_breakdown(m)
 stages
 
 # %%
 views.fig_stage_breakdown(stages);
 
 # %% [markdown]
-# Line-level profile of each stage's hot functions (one mail, extraction in-process so the profiler sees it):
+# Memory per stage (MB): *peak* is the process's RSS while at least one such task ran, *+MB* the largest
+# rise of one task over the RSS sampled just before it started; the extraction workers are summed.
+
+# %%
+profileviews.stage_memory_table(m)
+
+# %%
+profileviews.process_table(m)
+
+# %%
+display(Markdown(profileviews.pyspy_note(m)))
+flamegraph = profileviews.flamegraph_file(m, artefacts)
+if flamegraph is not None:
+    display(SVG(filename=str(flamegraph)))
+
+# %% [markdown]
+# Top functions by self time (py-spy, serve under load) next to line_profiler's hottest lines below
+# (one mail, in-process in this kernel, extraction in-process so the profiler sees it):
+
+# %%
+profileviews.top_self_time(m, top=10)
 
 # %%
 recorder.record("line_profile", profile_lines(fixture(fixtures_dir, profile, line_profile_pdf)))

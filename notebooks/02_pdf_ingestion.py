@@ -13,9 +13,11 @@
 #
 # Each fixture is ingested `reps` times with each engine variant (pypdf or PDFium, one worker or the
 # pages split across two), interleaved (A B A B), in the capped extraction workers after a warm-up.
-# Peak RSS is the sum over the extraction workers (both, when pages are split), sampled every 10 ms.
+# Memory is the extraction workers' own (this kernel's RSS, with DuckDB and pandas, is not ingestion's):
+# `workers_peak_rss_mb` is their RSS summed, peak of samples every 10 ms, and `workers_rss_before_mb` what
+# they already held before the document (a warm worker keeps part of an earlier one's memory).
 # Then every hostile fixture (encrypted, truncated, random bytes, a 1 GB decompression bomb) is fed
-# with the default limits.
+# with the default limits, measured the same way. The chart has one column per document kind.
 
 # %% tags=["parameters"]
 session_id = None

@@ -11,9 +11,11 @@
 # %% [markdown]
 # # Email bursts
 #
-# Client processes send small mails over SMTP at sustained rates, then all at once. Trigger latency
-# is DATA end → run queued from the run store; the backlog is runs queued or running; a message is
-# lost if it got a 250 and has no run.
+# Measured on `python -m pipeline serve`: each round starts a fresh serve child process (its own data dir)
+# and client processes send it small mails over SMTP at a sustained rate, or all at once (the burst).
+# Trigger latency is DATA end → run queued from serve's run store; the backlog is serve's runs queued or
+# running; a message is lost if it got a 250 and has no run. Peak RSS and CPU seconds over each round are
+# read with psutil per process role: *serve* (the main process) and *workers* (its extraction workers, summed).
 
 # %% tags=["parameters"]
 session_id = None
@@ -26,7 +28,7 @@ burst = 100
 senders = 2
 
 # %%
-from pipeline.audit import scenarios, views
+from pipeline.audit import scenarios, soakviews, views
 from pipeline.audit.notebook import open_recorder
 
 recorder = open_recorder(db_path, session_id, profile)
@@ -37,3 +39,6 @@ views.burst_table(recorder.measurements())
 
 # %%
 views.fig_burst(recorder.measurements());
+
+# %%
+soakviews.burst_resources(recorder.measurements())

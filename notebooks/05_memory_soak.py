@@ -11,24 +11,47 @@
 # %% [markdown]
 # # Memory soak
 #
-# Thousands of real runs (a one-page PDF each, through the gateway, digest delivered over SMTP).
-# After a warm-up, memory is sampled after `gc.collect()` every `every` runs; the leak slope is a
-# least-squares fit of bytes against runs. tracemalloc's traced size decides (RSS is shown beside it).
+# **On `python -m pipeline serve`** (the leak verdict): a real serve child process with its own data dir gets
+# `serve_runs` mails with a one-page PDF over SMTP from sender processes, in batches of `serve_every` after
+# `serve_warmup`; once a batch's runs have ended, RSS and USS are read (psutil) for each process of serve's tree
+# by role: *serve* (the main process) and *workers* (the extraction workers: the sum over the live ones and the
+# largest one; they are replaced after a fixed number of documents, so they are a role, not pids). The leak slope
+# per role is a least-squares fit of bytes against runs over the second half of the samples.
+#
+# **In this notebook's kernel** (the diagnostic): the same pipeline under tracemalloc, `runs` runs after `warmup`,
+# sampled after `gc.collect()` every `every` runs. Its figures are this kernel's, not serve's; it is what names
+# *which* allocation site grows.
 
 # %% tags=["parameters"]
 session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-runs = 200
-warmup = 50
-every = 25
+serve_runs = 60
+serve_warmup = 20
+serve_every = 15
+serve_senders = 2
+runs = 60
+warmup = 20
+every = 10
 
 # %%
-from pipeline.audit import scenarios, views
+from pipeline.audit import scenarios, soakviews, views
 from pipeline.audit.notebook import open_recorder
 
 recorder = open_recorder(db_path, session_id, profile)
+
+# %%
+scenarios.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
+                     recorder=recorder)
+serve_slopes = soakviews.serve_slopes(recorder.measurements())
+serve_slopes
+
+# %%
+soakviews.fig_serve_soak(soakviews.serve_soak_series(recorder.measurements()), serve_slopes);
+
+# %% [markdown]
+# In-kernel tracemalloc soak (this kernel's memory, not serve's):
 
 # %%
 soak = scenarios.soak(runs=runs, warmup=warmup, every=every, recorder=recorder)

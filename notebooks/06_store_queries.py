@@ -24,17 +24,17 @@ repeat = 50
 
 # %%
 from pipeline.audit import scenarios, views
-from pipeline.audit.notebook import open_recorder, resolve
+from pipeline.audit.notebook import open_recorder, scratch_dir
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.store_queries(sizes, resolve("data/bench"), repeat=repeat, recorder=recorder)
+scenarios.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder)
 views.store_table(recorder.measurements())
 
 # %% [markdown]
 # The runner's own cost: a 1000-task no-op DAG and a 200-task chain, per task (store writes included).
 
 # %%
-scenarios.runner_overhead(resolve("data/bench"), recorder=recorder)
+scenarios.runner_overhead(scratch_dir(db_path, "bench"), recorder=recorder)
 views.baselines_table(recorder.measurements())

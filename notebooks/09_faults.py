@@ -33,10 +33,10 @@ disk_full = {"messages": 10, "senders": 2, "full_s": 2.0, "size_mb": 32}
 
 # %%
 from pipeline.audit import faults, views
-from pipeline.audit.notebook import fixture, open_recorder, resolve
+from pipeline.audit.notebook import fixture, open_recorder, scratch_dir
 
 recorder = open_recorder(db_path, session_id, profile)
-work = resolve("data/faults-work")
+work = scratch_dir(db_path, "faults-work")
 work.mkdir(parents=True, exist_ok=True)
 
 # %%

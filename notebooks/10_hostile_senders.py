@@ -33,10 +33,10 @@ spool = {"mails": 40, "senders": 2}
 
 # %%
 from pipeline.audit import hostile, hostileviews
-from pipeline.audit.notebook import open_recorder, resolve
+from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
 
 recorder = open_recorder(db_path, session_id, profile)
-work = resolve("data/hostile-work")
+work = scratch_dir(db_path, "hostile-work")
 work.mkdir(parents=True, exist_ok=True)
 
 # %%

@@ -38,10 +38,10 @@ import os
 
 from pipeline.audit import fixtures as fx
 from pipeline.audit import scaleout, scaleoutviews
-from pipeline.audit.notebook import open_recorder, resolve
+from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
 
 recorder = open_recorder(db_path, session_id, profile)
-work = resolve("data/scaleout-work")
+work = scratch_dir(db_path, "scaleout-work")
 cache = resolve(fixtures_dir)
 mail_pdf = fx.cached(cache, f"text-{mail_pdf_mb:g}mb.pdf", {"mb": mail_pdf_mb},
                      lambda: fx.text_pdf_of_size(mail_pdf_mb))

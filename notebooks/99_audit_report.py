@@ -15,9 +15,9 @@ fixtures_dir = "data/fixtures"
 profile = "quick"
 
 # %%
-from IPython.display import Markdown, display
+from IPython.display import SVG, Markdown, display
 
-from pipeline.audit import hostileviews, report, scaleoutviews, views
+from pipeline.audit import hostileviews, profileviews, report, scaleoutviews, soakviews, views
 from pipeline.audit.notebook import resolve
 from pipeline.audit.recorder import AuditRecorder
 
@@ -44,8 +44,9 @@ md("## 1. Summary: SLAs\n\n" + views.markdown(report.sla_table(
 # %%
 stages = views.stage_breakdown(m)
 bottleneck = stages.sort_values("median_s").iloc[-1] if len(stages) else None
-md("## 2. Pipeline profile\n\nMedian and p95 time per mail in each stage (Email is DATA end → run queued; "
-   "Queue is waiting for a worker slot):\n\n" + views.markdown(stages) +
+md("## 2. Pipeline profile\n\nMeasured on a real `python -m pipeline serve` (its own data dir, driven over SMTP "
+   "by sender processes after a warm-up mail; stage times from its run store). Median and p95 time per mail in "
+   "each stage (Email is DATA end → run queued; Queue is waiting for a worker slot):\n\n" + views.markdown(stages) +
    (f"\n\n**Bottleneck: {bottleneck.stage}**, {bottleneck.median_s * 1000:.1f} ms median per mail "
     f"({bottleneck.share} of the total)." if bottleneck is not None else ""))
 
@@ -54,7 +55,17 @@ if len(stages):
     views.fig_stage_breakdown(stages);
 
 # %%
-md("Hottest lines per stage (line_profiler, one mail):\n\n" + views.markdown(views.hot_lines(m, 3)))
+md("Sampling profile of serve under that load. " + profileviews.pyspy_note(m) + " Top 5 functions by self time "
+   "(serve and its extraction workers; *self share* is of that process's samples, *total s* includes the functions "
+   "it calls):\n\n"
+   + views.markdown(profileviews.top_self_time(m, top=5)))
+flamegraph = profileviews.flamegraph_file(m, profileviews.artefact_dir(db_path, session_id))
+if flamegraph is not None:
+    display(SVG(filename=str(flamegraph)))
+
+# %%
+md("Hottest lines per stage (line_profiler, one mail, in-process in the notebook kernel):\n\n"
+   + views.markdown(views.hot_lines(m, 3)))
 
 # %%
 soak_rows = views.rows(m, "soak")
@@ -62,13 +73,24 @@ leak = soak_rows[(soak_rows.metric.str.startswith("leak_")) & (soak_rows.variant
 slopes = {"traced": leak[leak.metric == "leak_traced_bytes_per_run"].value.max(),
           "rss": leak[leak.metric == "leak_rss_bytes_per_run"].value.max()}
 whole = soak_rows[(soak_rows.metric == "traced_bytes_per_run_all_samples") & (soak_rows.variant == "email_digest")]
-md("## 3. Memory usage patterns\n\nPeak RSS (pipeline process plus extraction workers) while each task ran:\n\n"
-   + views.markdown(views.peak_rss_by_stage(m)) +
-   f"\n\nSoak: traced memory grows {slopes['traced'] / 1024:+.2f} KiB per run and RSS {slopes['rss'] / 1024:+.2f} "
-   "KiB per run over the second half of the soak (least-squares fit, samples after `gc.collect()`): a leak keeps "
+md("## 3. Memory usage patterns\n\nMemory per stage of `python -m pipeline serve` under the pipeline-profile load "
+   "(RSS of each process sampled with `memory_profiler`): *peak MB* is the process's RSS while at least one such "
+   "task ran, *+MB* the largest rise of one task over the RSS sampled just before it started; the extraction "
+   "workers are summed:\n\n" + views.markdown(profileviews.stage_memory_table(m)) +
+   "\n\nPeak RSS and CPU seconds of each process over that load:\n\n" + views.markdown(profileviews.process_table(m)) +
+   "\n\n" + soakviews.serve_soak_text(m) + "\n\n" + views.markdown(soakviews.serve_slopes(m)) +
+   "\n\nIn-kernel tracemalloc soak (the pipeline inside the audit's notebook kernel, not serve: it names the "
+   f"lines that grow): traced memory grows {slopes['traced'] / 1024:+.2f} KiB per run and the kernel's RSS "
+   f"{slopes['rss'] / 1024:+.2f} KiB per run over the second half of the soak (least-squares fit, samples after "
+   "`gc.collect()`): a leak keeps "
    "growing to the end, while a bounded cache filling up is a step early on"
    + (f"; fitted over every sample the traced slope is {whole.value.max() / 1024:+.2f} KiB per run, which such "
       "steps inflate (the chart shows where they are)." if len(whole) else "."))
+
+# %%
+serve_series = soakviews.serve_soak_series(m)
+if len(serve_series):
+    soakviews.fig_serve_soak(serve_series, soakviews.serve_slopes(m));
 
 # %%
 series = views.soak_series(m)
@@ -76,7 +98,8 @@ if len(series):
     views.fig_soak(series, slopes);
 
 # %%
-md("Allocation sites that grew most over the soak (tracemalloc):\n\n" + views.markdown(views.top_allocations(m)))
+md("Allocation sites that grew most over the in-kernel soak (tracemalloc in the notebook kernel):\n\n"
+   + views.markdown(views.top_allocations(m)))
 
 # %%
 md("## 4. Stress\n\n### Concurrency\n\n" + views.markdown(views.concurrency_table(m)))
@@ -95,7 +118,12 @@ if len(scaling):
     views.fig_pdf_scaling(scaling);
 
 # %%
-md("### Email bursts\n\n" + views.markdown(views.burst_table(m)))
+md("### Email bursts\n\nEach round on a fresh `python -m pipeline serve` driven over SMTP by client processes "
+   "(trigger latency is DATA end → run queued from serve's run store):\n\n" + views.markdown(views.burst_table(m))
+   + "\n\nPeak RSS (MB) and CPU seconds over each round, per process role (*workers*: the extraction workers, "
+   "summed):\n\n" + views.markdown(soakviews.burst_resources(m)) + "\n\nServe's RSS slope per process over the "
+   f"soak: serve {soakviews.kib_per_run(soakviews.serve_slope(m, 'serve'))}, extraction workers "
+   f"{soakviews.kib_per_run(soakviews.serve_slope(m, 'workers'))} (section 3).")
 
 # %%
 if len(views.rows(m, "email_burst")):
@@ -205,19 +233,11 @@ md("## 8. Code quality audit\n\n" + (
     "check catching an open file)." if len(counts) else "No code-quality measurements were recorded in this session."))
 
 # %%
+from pipeline.audit import metricsbench  # noqa: E402  (this section's own view)
+
 md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "
-   "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + """
-
-What to watch on a running `serve`, with thresholds tied to the SLAs above:
-
-| metric | how to collect it | alert when |
-| --- | --- | --- |
-| email → trigger latency | `queued_at - payload.data_end_at` of recent runs (`python -m pipeline runs --json`) | p99 over 20 ms for 5 min (SLA: 2 s) |
-| runs queued or running | `SqliteRunStore.count_runs_by_state()` (a counter table: O(1)) | growing for 5 min: workers saturated |
-| failed runs by reason | `python -m pipeline runs --state failed --json`, group by `reason` | any `timeout`/`too_large` burst; any `delivery` |
-| stage time p50/p95 | `SqliteRunStore.task_duration_percentiles(now - 3600)` | ingest_pdf p95 over 5 s |
-| RSS of serve + workers | `ps`/psutil on the serve pid and its children | growing after the first hour (leak SLA) |
-| stale running runs | `SqliteRunStore.stale_runs(now - 30)` | any: a worker died; restart requeues them |""")
+   "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + "\n\n### Monitoring a running serve\n\n"
+   + metricsbench.monitoring_markdown(m))
 
 # %%
 md(f"""## 10. How to reproduce

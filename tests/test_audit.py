@@ -3,14 +3,21 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 from pipeline.audit import fixtures as fx
-from pipeline.audit import scenarios
+from pipeline.audit import scenarios, serveprofile, views
 from pipeline.audit.lineprof import profile_lines
 from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.serveproc import EXTRACT_WORKER
+from pipeline.audit.workerrss import WorkerRssSampler
+from pipeline.config import MB, IngestConfig
 from pipeline.dag import DAG, Task
+from pipeline.stages.ingest import ingest_pdf
 
 _LEAK: list[bytes] = []
 
@@ -68,18 +75,19 @@ def test_sessions_are_kept_with_machine_facts(tmp_path):
     assert json.loads(row["packages"])["pypdf"]
 
 
-def test_pipeline_profile_records_every_stage(recorder, small_pdfs):
-    df = scenarios.pipeline_profile([small_pdfs["text"], small_pdfs["mixed"]], emails=4, senders=2, recorder=recorder)
+def test_pipeline_profile_records_every_stage(recorder, small_pdfs, tmp_path):
+    # measured on a real `python -m pipeline serve` (py-spy off here; tests/test_serve_profile.py covers it)
+    df = serveprofile.profile_serve([small_pdfs["text"], small_pdfs["mixed"]], tmp_path, emails=4, senders=2,
+                                    recorder=recorder, pyspy_s=0, timeout_s=300)
     stages = df[df.metric == "stage_seconds"]
     assert set(stages["stage"]) == set(scenarios.STAGES)
     assert len(stages) == 4 * len(scenarios.STAGES) and (stages.value >= 0).all()
     assert df[df.metric == "digests_delivered"].value.item() == 4
     assert df[df.metric == "runs_failed"].value.item() == 0
-    assert set(df[df.metric == "peak_rss_mb"]["stage"]) >= {"parse_email", "ingest_pdf", "deliver"}
+    assert set(df[df.metric == "stage_memory_mb"]["task"]) >= {"parse_email", "ingest_pdf", "deliver"}
+    assert df[df.metric == "pyspy_recorded"].reason.item() == "switched off (duration 0)"
     stored = recorder.measurements("pipeline_profile")
     assert len(stored) == len(df)
-    spans = recorder.query("SELECT DISTINCT name FROM span WHERE session_id = ?", [recorder.session_id])
-    assert {"gateway.accept", "stage.parse", "stage.ingest", "stage.digest", "stage.deliver"} <= set(spans["name"])
 
 
 def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
@@ -90,7 +98,38 @@ def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
         (r, k, v) for r in (0, 1) for k in ("text", "mixed") for v in ("pypdf", "pdfium-2w")]  # A B A B
     assert set(timings[timings["default"]].variant) == {"pdfium-2w"}
-    assert (df[df.metric == "pages"].value == 2).all() and (df[df.metric == "peak_rss_mb"].value > 0).all()
+    memory = df[df.metric == "workers_peak_rss_mb"]  # the extraction workers', one row per ingest
+    assert (df[df.metric == "pages"].value == 2).all() and len(memory) == len(timings) and (memory.value > 0).all()
+    assert (memory.workers >= 1).all() and "peak_rss_mb" not in set(df.metric)
+
+
+def test_worker_rss_sampler_measures_the_extraction_workers_and_no_other_process(small_pdfs, tmp_path):
+    decoy = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with WorkerRssSampler() as sampler:
+            ingest_pdf(small_pdfs["text"], tmp_path / "out.txt", IngestConfig())
+            commands = {pid: " ".join(psutil.Process(pid).cmdline()) for pid in sampler.pids if psutil.pid_exists(pid)}
+    finally:
+        decoy.communicate(timeout=60)  # its stdin closes: it exits
+    assert sampler.pids and {os.getpid(), decoy.pid}.isdisjoint(sampler.pids)
+    assert commands and all(EXTRACT_WORKER in command for command in commands.values())
+    assert sampler.peak > 0 and sampler.samples[0][1] == sampler.before
+
+
+def test_hostile_inputs_measure_the_extraction_workers_not_this_process(recorder, tmp_path):
+    items = []
+    for name, data in (("encrypted-password.pdf", fx.text_pdf(2, encrypt="rc4", user_password="secret")),
+                       ("random-bytes.pdf", fx.random_bytes(8 * 1024))):
+        (tmp_path / name).write_bytes(data)
+        items.append({"name": name, "path": str(tmp_path / name)})
+    df = scenarios.hostile_inputs(items, recorder=recorder)
+    assert df.metric.tolist() == ["seconds", "workers_peak_rss_mb", "workers_rss_before_mb"] * 2
+    assert "ok" not in set(df.outcome)  # neither file has readable text
+    memory = df[df.metric == "workers_peak_rss_mb"]
+    own_mb = psutil.Process().memory_info().rss / MB  # pytest with pandas and DuckDB: what used to be recorded
+    assert (memory.workers >= 1).all() and (memory.value > 0).all()
+    assert (memory.value / memory.workers < own_mb).all()  # per worker, an 8 KB file costs far less than that
+    assert "workers_peak_rss_mb" in views.hostile_table(recorder.measurements())
 
 
 def test_concurrency_sweep_reports_each_level(recorder, small_pdfs):
@@ -121,7 +160,9 @@ def test_leak_detector_flags_a_leaking_workflow_only(recorder):
     slope = leaky[leaky.metric == "leak_traced_bytes_per_run"].value.item()
     assert leaky[leaky.metric == "leaking"].value.item() == 1.0 and 60_000 < slope < 80_000
     assert clean[clean.metric == "leaking"].value.item() == 0.0
-    assert any("test_audit.py" in site for site in leaky["site"].dropna())  # the leaking line is named
+    sites = list(leaky["site"].dropna())
+    assert any(site.startswith("tests/test_audit.py:") for site in sites)  # the leaking line is named
+    assert not any(site.startswith("/") for site in sites)  # without this machine's paths
 
 
 def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():

@@ -71,6 +71,8 @@ def test_every_notebook_executed(quick_audit):
     assert names == [*PROFILES["quick"], REPORT_NOTEBOOK]
     for entry in outbox["notebooks"]:
         assert (out / "data" / "audit-runs" / outbox["session_id"] / f"{entry['notebook']}.ipynb").exists()
+    # scratch work went to the batch's data dir, not the repository's data/
+    assert all((out / "data" / name).is_dir() for name in ("bench", "faults-work", "hostile-work"))
 
 
 @pytest.mark.slow

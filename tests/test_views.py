@@ -1,11 +1,15 @@
 """The report's tables are arithmetic on recorded rows: check that arithmetic on rows with known values."""
 
+import re
+
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from pipeline.audit import views
+from pipeline.audit import hostileviews, scaleoutviews, views
 from pipeline.audit.harness import row
 from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.scenarios import STAGES
 
 
 @pytest.fixture
@@ -76,3 +80,118 @@ def test_fault_tables_are_empty_without_fault_rows(tmp_path):
     rec = AuditRecorder(tmp_path / "audit.duckdb")
     rec.start_session("test")
     assert views.fault_table(rec.measurements()).empty and views.fault_cases(rec.measurements()).empty
+
+
+# Charts a reader can use (issue 13): every axis says its unit, PDF scaling as one column of panels per document
+# kind, legends outside the data. The figures are drawn from recorded rows of every charted scenario.
+
+KINDS = ("kerned", "mixed", "text")
+UNIT = re.compile(r"\([^)]*\)|\b(s|ms|MB|KiB|%|count|runs/s)\b")
+
+
+@pytest.fixture(scope="module")
+def recorded_for_charts(tmp_path_factory):
+    """A DuckDB session with a few rows of every scenario the views chart; returns its measurement frame.
+
+    Every chart is drawn once here: matplotlib keeps the font files it loads open for the process's life (a
+    cache), and the leak check would count the first test to draw as their opener.
+    """
+    rec = AuditRecorder(tmp_path_factory.mktemp("charts") / "audit.duckdb")
+    rec.start_session("test")
+    for scenario, rows in _chart_rows().items():
+        rec.record(scenario, pd.DataFrame(rows))
+    m = rec.measurements()
+    for fig in _figures(m).values():
+        fig.canvas.draw()
+    plt.close("all")
+    return m
+
+
+@pytest.fixture
+def charted(recorded_for_charts):
+    yield recorded_for_charts
+    plt.close("all")
+
+
+def _chart_rows():
+    scaling = [row(v, metric, value * (1 + i), unit, rep, kind=kind, nominal_mb=mb, file_mb=mb, default=v == "pdfium")
+               for i, kind in enumerate(KINDS) for mb in (0.5, 5) for rep in (0, 1) for v in ("pypdf", "pdfium")
+               for metric, value, unit in (("ingest_seconds", mb / 2, "s"), ("pages", 10 * mb, "count"),
+                                           ("workers_peak_rss_mb", 90 + mb, "MB"),
+                                           ("workers_rss_before_mb", 90, "MB"))]
+    burst = [row("baseline", "trigger_latency_ms", ms, "ms", i, round="rate-10") for i, ms in enumerate([3, 5, 9])]
+    burst += [row("baseline", "backlog", b, "runs", i, round="rate-10", t=i * 0.5) for i, b in enumerate([0, 4, 1])]
+    level = [row("baseline", metric, v * n, unit, 0, level=n) for n in (10, 50)
+             for metric, v, unit in (("throughput_runs_per_s", 2.0, "1/s"), ("latency_p95_s", 0.1, "s"))]
+    soak = [row("email_digest", metric, 2**20 * (100 + k), "bytes", k, runs=k * 10) for k in range(3)
+            for metric in ("traced_bytes", "rss_bytes")]
+    faults = [row("kill_serve", "replies", n, "replies", reply=code) for code, n in (("250", 97), ("421", 3))]
+    hostile = [row("sessions", "normal_latency_ms", 10.0 * n, "ms", 0, level=n, limit=20, phase="held")
+               for n in (0, 20)]
+    hostile += [row("memory", metric, mb, "MB", 0, mode=mode, mails=10)
+                for mode, mb in (("before", 900.0), ("after", 120.0))
+                for metric in ("serve_peak_rss_mb", "workers_peak_rss_mb")]
+    scale = [row(v, "throughput_runs_per_s", 3.0, "1/s", 0, concurrency=8) for v in ("sqlite_local", "pg_local")]
+    scale += [row("store", q, 0.5, "ms", 0, backend=b, stat="median", runs=1000)
+              for q in ("list_latest_50_of_workflow", "get_run_with_tasks") for b in ("sqlite", "postgres")]
+    stages = [row("baseline", "stage_seconds", 0.01 * k, "s", k, stage=st) for k in (1, 2) for st in STAGES]
+    return {"pdf_scaling": scaling, "email_burst": burst, "concurrency": level, "soak": soak, "faults": faults,
+            "hostile": hostile, "scale_out": scale, "pipeline_profile": stages}
+
+
+def _figures(m):
+    return {"pdf_scaling": views.fig_pdf_scaling(views.pdf_scaling_table(m)),
+            "stage_breakdown": views.fig_stage_breakdown(views.stage_breakdown(m)),
+            "soak": views.fig_soak(views.soak_series(m), {"rss": 1024.0, "traced": 512.0}),
+            "concurrency": views.fig_concurrency(views.concurrency_table(m)),
+            "burst": views.fig_burst(m), "fault_replies": views.fig_fault_replies(m),
+            "hostile_senders": hostileviews.fig_hostile_senders(m), "scale_out": scaleoutviews.fig_scale_out(m)}
+
+
+def _categorical(axis):
+    """An axis of names (stages, faults, variants) rather than of values: it has no unit to state."""
+    labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+    return bool(labels) and all(re.search(r"[A-Za-z_]{2}", t) and "$" not in t for t in labels)
+
+
+def test_pdf_scaling_has_a_time_and_a_memory_panel_per_document_kind_with_a_line_per_engine(charted):
+    fig = views.fig_pdf_scaling(views.pdf_scaling_table(charted))
+    assert len(fig.axes) == 2 * len(KINDS)
+    top = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in top] == list(KINDS)  # one column per kind
+    for ax in fig.axes:
+        assert len(ax.get_lines()) == 2 and all(line.get_marker() == "o" for line in ax.get_lines())
+    memory = [ax for ax in fig.axes if not ax.get_title()]
+    assert all("RSS" in ax.get_ylabel() for ax in memory)
+    assert memory[0].get_lines()[0].get_ydata().tolist() == [90.5, 95.0]  # the workers' peak, per file size
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pdfium", "pypdf"]
+
+
+def test_every_axis_of_every_chart_states_its_unit(charted):
+    for name, fig in _figures(charted).items():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+                if not axis.get_visible():
+                    continue  # a twin's shared x axis: the axes it twins labels it
+                assert label, f"{name}: an axis without a label"
+                assert _categorical(axis) or UNIT.search(label), f"{name}: {label!r} has no unit"
+
+
+def test_legends_lie_outside_the_data_area(charted):
+    for name, fig in _figures(charted).items():
+        renderer = fig.canvas.get_renderer()
+        fig.canvas.draw()
+        legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert legends, f"{name}: no legend"
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            for ax in fig.axes:
+                assert not box.overlaps(ax.get_window_extent(renderer)), f"{name}: a legend covers the data"
+
+
+def test_pdf_tables_name_the_extraction_workers_memory(charted):
+    table = views.pdf_scaling_table(charted).set_index(["variant", "kind", "nominal_mb"])
+    assert table.loc[("pypdf", "text", 5), "workers_peak_rss_mb"] == pytest.approx(95 * 3)
+    assert table.loc[("pypdf", "text", 5), "workers_rss_before_mb"] == pytest.approx(90 * 3)
+    assert "peak_rss_mb" not in table

@@ -82,7 +82,7 @@ def notes(m: pd.DataFrame) -> str:
 
 def fig_hostile_senders(m: pd.DataFrame) -> Figure:
     """A normal client's latency against idle sessions held open, and serve's peak RSS before and after."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3), layout="constrained")
     r = _part(m, "sessions")
     latency = r[(r.metric == "normal_latency_ms") & (r.phase == "held")] if len(r) else r
     if len(latency):
@@ -90,14 +90,13 @@ def fig_hostile_senders(m: pd.DataFrame) -> Figure:
         left.plot(by_level.median().index, by_level.median().values, "o-", label="median")
         left.plot(by_level.quantile(0.95).index, by_level.quantile(0.95).values, "s--", label="p95")
         left.axvline(float(latency.limit.max()), color="grey", linestyle=":", label="session limit")
-        left.legend(fontsize=8)
-    left.set(xlabel="idle sessions held open", ylabel="connect → 250 (ms)", title="A normal client")
+        left.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    left.set(xlabel="idle sessions held open (count)", ylabel="connect → 250 (ms)", title="A normal client")
     memory = comparison_table(m, "memory")
     if len(memory):
         picked = memory.set_index("figure").reindex(["serve_peak_rss_mb", "workers_peak_rss_mb"]).dropna(how="all")
         picked = picked.rename(index={"serve_peak_rss_mb": "serve", "workers_peak_rss_mb": "its workers"})
         picked.T.reindex([c for c in ("before", "after") if c in picked]).plot.bar(ax=right, rot=0)
-        right.legend(fontsize=8, loc="upper right")
-    right.set(xlabel="", ylabel="peak RSS (MB)", title="Large mails at once")
-    fig.tight_layout()
+        right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    right.set(xlabel="mode (switches off: before, on: after)", ylabel="peak RSS (MB)", title="Large mails at once")
     return fig

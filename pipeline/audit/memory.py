@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from .paths import short_site
+
 LEAK_THRESHOLD_BYTES_PER_RUN = 16 * 1024
 
 
@@ -129,9 +131,10 @@ def sample_point(runs: int) -> dict[str, float]:
 
 
 def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, limit: int = 10) -> list[dict[str, Any]]:
-    """The allocation sites that grew most between two snapshots."""
+    """The allocation sites that grew most between two snapshots, named without this machine's paths
+    (``stdlib:re/_compiler.py:761``, ``site-packages:…``, ``pipeline/…``)."""
     filters = [tracemalloc.Filter(False, tracemalloc.__file__),
                tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
     stats = after.filter_traces(filters).compare_to(before.filter_traces(filters), "lineno")
-    return [{"site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}", "size_diff": s.size_diff,
+    return [{"site": short_site(s.traceback[0].filename, s.traceback[0].lineno), "size_diff": s.size_diff,
              "count_diff": s.count_diff} for s in stats[:limit] if s.size_diff > 0]

@@ -16,6 +16,12 @@ def resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else ROOT / path
 
 
+def scratch_dir(db_path: str, name: str) -> Path:
+    """A notebook's working directory beside the session's DuckDB file: ``data/<name>`` for ``make audit``,
+    the batch's own data dir when the tests run the quick audit (never the repository's ``data/`` then)."""
+    return resolve(db_path).parent / name
+
+
 def open_recorder(db_path: str, session_id: str | None, profile: str, params: dict[str, Any] | None = None
                   ) -> AuditRecorder:
     """The batch's session, or, run interactively (``session_id`` None), a new session of its own."""

@@ -184,20 +184,21 @@ def machine_statement(m: pd.DataFrame, cpus: int) -> str:
 
 def fig_scale_out(m: pd.DataFrame) -> Figure:
     """Runs/s per pipeline variant, and median query ms on SQLite and PostgreSQL at the largest size."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
     pipe = pipeline_table(m)
     if len(pipe):
         left.bar(pipe.variant, pipe["runs/s"], color="tab:blue")
         left.tick_params(axis="x", rotation=30, labelsize=8)
-    left.set(ylabel="runs/s (median of rounds)", title="email_digest at concurrency")
+    left.set(xlabel="variant", ylabel="throughput (runs/s, median of rounds)", title="email_digest at concurrency")
     store = store_rows(m)
     if len(store):
         store = store[(store.stat == "median") & store.metric.isin(POINT_QUERIES)]
         largest = store[store.runs == store.runs.max()]
         table = largest.pivot_table(index="metric", columns="backend", values="value", aggfunc="first")
         table.plot.barh(ax=right, logx=True)
-        right.set(xlabel=f"median ms at {int(largest.runs.max()):,} runs (log)", ylabel="")
-        right.legend(fontsize=8)
-    right.set(title="Store queries")
-    fig.tight_layout()
+        right.set(xlabel=f"median query time at {int(largest.runs.max()):,} runs (ms, log)")
+        right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, title="store")
+    else:
+        right.set(xlabel="median query time (ms)")
+    right.set(ylabel="query", title="Store queries")
     return fig

@@ -20,13 +20,12 @@ from tqdm import tqdm
 from ..config import MB, IngestConfig
 from ..dag import DAG
 from ..stages.ingest import ingest_pdf
-from ..store import Run
+from ..store import DAGRunStore, Run
 from . import fixtures as fx
 from . import storebench
-from .gatewaybench import send_all
-from .harness import frame, row, running_pipeline, task_durations, wait_all_done
-from .memory import RssSampler
-from .recorder import AuditRecorder, capture_spans
+from .harness import frame, row, running_pipeline, wait_all_done
+from .recorder import AuditRecorder
+from .workerrss import WorkerRssSampler
 
 STAGES = ("Email", "Queue", "Ingestion", "Digest", "Delivery")
 
@@ -40,9 +39,25 @@ def _save(recorder: AuditRecorder | None, scenario: str, rows: list[dict[str, An
     return frame(rows)
 
 
-def stage_times(service: Any, run: Run) -> dict[str, float]:
-    """Seconds spent in each of the seed's stages by one finished run."""
-    tasks = task_durations(service, run)
+def task_windows(store: DAGRunStore, run: Run) -> dict[str, list[tuple[float, float]]]:
+    """Per task kind (``ingest_pdf[2]`` counts as ``ingest_pdf``), the (start, end) wall times of each
+    finished task instance of ``run``."""
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for task in store.get_tasks(run.run_id):
+        if task.started_at is not None and task.ended_at is not None:
+            windows.setdefault(task.task_id.split("[")[0], []).append((task.started_at, task.ended_at))
+    return windows
+
+
+def stage_times(source: Any, run: Run) -> dict[str, float]:
+    """Seconds spent in each of the seed's stages by one finished run.
+
+    ``source`` is the run store the run is in, or a service holding it (``.store``): the audit reads a
+    ``python -m pipeline serve``'s store from outside, and an in-process PipelineService's directly.
+    """
+    store = getattr(source, "store", source)
+    tasks = {kind: (min(s for s, _ in spans), max(e for _, e in spans))
+             for kind, spans in task_windows(store, run).items()}
     parse = tasks.get("parse_email")
     started = run.started_at or run.queued_at
     ingest_end = tasks["ingest_pdf"][1] if "ingest_pdf" in tasks else (parse[1] if parse else started)
@@ -53,39 +68,6 @@ def stage_times(service: Any, run: Run) -> dict[str, float]:
         if task in tasks:
             out[stage] = tasks[task][1] - tasks[task][0]
     return out
-
-
-def pipeline_profile(pdfs: list[Path], emails: int = 20, senders: int = 4,
-                     recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Send ``emails`` mails over SMTP, each with one of ``pdfs`` in turn; per-stage time and peak RSS."""
-    attachments = [(Path(p).name, Path(p).read_bytes()) for p in pdfs]
-    raws = [fx.email_with([attachments[i % len(attachments)]], message_id=f"<profile-{i}@audit>")
-            for i in range(emails)]
-    rows: list[dict[str, Any]] = []
-    with running_pipeline() as (service, sink), RssSampler() as sampler, capture_spans() as spans:
-        port = service.settings.gateway.port
-        send_all(port, [[fx.email_with([], message_id="<profile-warmup@audit>")]])  # warm-up, not counted
-        wait_all_done(service, 1)
-        warm_digests = sink.count
-        started = time.time()
-        send_all(port, [raws[i::senders] for i in range(senders)])
-        runs = [r for r in wait_all_done(service, emails + 1) if r.queued_at >= started]
-        peaks: dict[str, int] = {}
-        for rep, run in enumerate(tqdm(runs, desc="pipeline_profile", unit="run")):
-            for stage, seconds in stage_times(service, run).items():
-                rows.append(row("baseline", "stage_seconds", seconds, "s", rep, stage=stage, run_state=run.state))
-            rows.append(row("baseline", "end_to_end_seconds", (run.ended_at or 0) - run.payload["data_end_at"], "s",
-                            rep))
-            for stage, (start, end) in task_durations(service, run).items():
-                peak = sampler.peak_between(start, end)
-                if peak:
-                    peaks[stage] = max(peaks.get(stage, 0), peak)
-        delivered = sink.count - warm_digests
-    for stage, peak in peaks.items():
-        rows.append(row("baseline", "peak_rss_mb", peak / MB, "MB", 0, stage=stage))
-    rows.append(row("baseline", "digests_delivered", delivered, "count", 0))
-    rows.append(row("baseline", "runs_failed", sum(r.state != "success" for r in runs), "count", 0))
-    return _save(recorder, "pipeline_profile", rows, spans.spans)
 
 
 # Ingestion variants measured side by side; the one equal to IngestConfig()'s defaults is tagged default.
@@ -102,7 +84,8 @@ def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecord
     """Ingest each PDF with each engine variant ``reps`` times, interleaved (A B A B), in the capped workers.
 
     ``pdfs`` items: ``{"path", "kind", "mb"}``. Size limits are raised so that size itself is what is
-    measured; time and memory caps stay. Peak RSS is the sum over the extraction workers, sampled every 10 ms.
+    measured; time and memory caps stay. Memory is the extraction workers' alone (``workers_peak_rss_mb``: their
+    RSS summed, peak of samples every 10 ms; ``workers_rss_before_mb``: what they held before the document).
     """
     base = IngestConfig(max_attachment_bytes=200 * MB, max_pages=100_000, timeout_s=900)
     defaults = IngestConfig()
@@ -127,7 +110,7 @@ def _ingest_once(item: dict[str, Any], variant: str, limits: IngestConfig, work:
     tags = {"kind": item["kind"], "nominal_mb": item["mb"], "file_mb": round(Path(item["path"]).stat().st_size / MB, 2),
             "default": default}
     # the extraction workers' memory only: the notebook kernel's own RSS says nothing about ingestion
-    with RssSampler(interval_s=0.01, include_self=limits.isolate is False) as sampler:
+    with WorkerRssSampler(interval_s=0.01) as sampler:
         t0 = time.perf_counter()
         try:
             result = ingest_pdf(Path(item["path"]), work / f"{item['kind']}.txt", limits)
@@ -135,12 +118,22 @@ def _ingest_once(item: dict[str, Any], variant: str, limits: IngestConfig, work:
         except Exception as exc:  # a limit breach is a result of this scenario, recorded as such
             result, error = None, f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
-    rows = [row(variant, "ingest_seconds", seconds, "s", rep, **tags, error=error),
-            row(variant, "peak_rss_mb", sampler.peak / MB, "MB", rep, **tags)]
+    rows = [row(variant, "ingest_seconds", seconds, "s", rep, **tags, error=error)]
+    if limits.isolate:  # without workers the extraction ran in this process: no worker figure to give
+        rows += _worker_memory_rows(sampler, variant, rep, tags)
     if result:
         rows += [row(variant, "pages", result.pages, "count", rep, **tags),
                  row(variant, "pages_per_second", result.pages / seconds, "1/s", rep, **tags)]
     return rows
+
+
+def _worker_memory_rows(sampler: WorkerRssSampler, variant: str, rep: int,
+                        tags: dict[str, Any]) -> list[dict[str, Any]]:
+    """The extraction workers' peak RSS during one document, and what they held before it (MB), tagged with how
+    many worker processes were summed."""
+    tags = {**tags, "workers": len(sampler.pids)}
+    return [row(variant, "workers_peak_rss_mb", sampler.peak / MB, "MB", rep, **tags),
+            row(variant, "workers_rss_before_mb", sampler.before / MB, "MB", rep, **tags)]
 
 
 def concurrency(levels: list[int], pdf: Path, recorder: AuditRecorder | None = None,
@@ -181,27 +174,33 @@ def concurrency(levels: list[int], pdf: Path, recorder: AuditRecorder | None = N
 
 def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, senders: int = 4,
                 recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Sustained rates, then a sudden burst, over SMTP: trigger latency, backlog, drain time, messages lost."""
-    from .burst import paced_send
+    """Sustained rates, then a sudden burst, over SMTP to a fresh ``python -m pipeline serve`` per round:
+    trigger latency, backlog, drain time, messages lost, and serve's and its workers' peak RSS and CPU."""
+    from .burst import serve_round
 
     rows: list[dict[str, Any]] = []
     plans = [("rate", rate, int(rate * duration_s)) for rate in rates] + [("burst", float("inf"), burst)]
     for kind, rate, count in tqdm(plans, desc="email_burst", unit="round"):
-        with running_pipeline() as (service, _sink):
-            label = f"{kind}-{rate:g}" if kind == "rate" else f"burst-{count}"
-            accepted, backlog, last_sent = paced_send(service, count, rate, senders, prefix=label)
-            runs = wait_all_done(service, len(accepted))
-            drained = max(r.ended_at or 0 for r in runs)
+        label = f"{kind}-{rate:g}" if kind == "rate" else f"burst-{count}"
+        with tempfile.TemporaryDirectory(prefix="burst-") as tmp:
+            done = serve_round(Path(tmp), count, rate, senders, prefix=label)
+        runs, backlog = done.runs, done.backlog
+        drained = max((r.ended_at or 0 for r in runs), default=done.last_sent)
         keys = {r.dedup_key for r in runs}
         tags = {"round": label, "mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
         for rep, r in enumerate(runs):
             rows.append(row("baseline", "trigger_latency_ms", (r.queued_at - r.payload["data_end_at"]) * 1000, "ms",
                             rep, **tags))
-        rows += [row("baseline", "accepted", len(accepted), "messages", 0, **tags),
-                 row("baseline", "lost", sum(mid not in keys for mid in accepted), "messages", 0, **tags),
-                 row("baseline", "drain_seconds", drained - last_sent, "s", 0, **tags),
+        rows += [row("baseline", "accepted", len(done.accepted), "messages", 0, **tags),
+                 row("baseline", "lost", sum(mid not in keys for mid in done.accepted), "messages", 0, **tags),
+                 row("baseline", "drain_seconds", drained - done.last_sent, "s", 0, **tags),
                  row("baseline", "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
         rows += [row("baseline", "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
+        rows += [row("baseline", "peak_rss_bytes", done.peak_rss[p], "bytes", 0, process=p, **tags)
+                 for p in ("serve", "workers")]
+        rows += [row("baseline", "cpu_seconds", done.cpu_seconds[p], "s", 0, process=p, **tags)
+                 for p in ("serve", "workers")]
+        rows.append(row("baseline", "worker_restarts", done.worker_restarts, "workers", 0, process="workers", **tags))
     return _save(recorder, "email_burst", rows)
 
 
@@ -258,12 +257,40 @@ def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None =
     return _save(recorder, "soak", rows)
 
 
+def serve_soak(runs: int = 1000, warmup: int = 100, every: int = 100, senders: int = 2,
+               recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Mail one-page PDFs to a real ``python -m pipeline serve`` in batches; after each batch's runs ended,
+    RSS and USS of serve and of its extraction workers (by role); the leak slope per role and series, tagged
+    ``settled`` when the soak ran at least ``SETTLED_RUNS`` runs (the leak SLAs judge only those)."""
+    from .soak import SERVE_SERIES, SETTLED_RUNS, run_serve_soak
+
+    with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
+        points, verdicts = run_serve_soak(Path(tmp), runs, warmup, every, senders)
+    rows: list[dict[str, Any]] = []
+    for key, process, metric in SERVE_SERIES:
+        series = metric.removeprefix("leak_").removesuffix("_per_run")  # rss_bytes, uss_bytes, max_worker_rss_bytes
+        rows += [row("serve", series, p[key], "bytes", i, runs=p["runs"], process=process)
+                 for i, p in enumerate(points)]
+        rows.append(row("serve", metric, verdicts[key].traced_bytes_per_run, "bytes/run", 0, process=process,
+                        runs=runs, every=every, warmup=warmup, settled=runs >= SETTLED_RUNS))
+    rows += [row("serve", "live_workers", p["live_workers"], "workers", i, runs=p["runs"], process="workers")
+             for i, p in enumerate(points)]
+    rows += [row("serve", "worker_restarts", points[-1]["worker_restarts"], "workers", 0, process="workers"),
+             row("serve", "runs_failed", points[-1]["failed"], "runs", 0, process="serve")]
+    return _save(recorder, "soak", rows, variant="serve")
+
+
 def hostile_inputs(items: list[dict[str, Any]], recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Ingest each hostile fixture with the default limits: what happens, how fast, at what memory."""
+    """Ingest each hostile fixture with the default limits: what happens, how fast, at what memory (the
+    extraction workers' peak RSS and what they held before the file: this process's own RSS is not the file's)."""
     rows: list[dict[str, Any]] = []
     work = Path(items[0]["path"]).parent / "hostile-text"
+    work.mkdir(parents=True, exist_ok=True)
+    warmup = work / "warmup.pdf"
+    warmup.write_bytes(fx.text_pdf(2))
+    ingest_pdf(warmup, work / "warmup.txt", IngestConfig())  # starts the workers: the first file's figures are its own
     for item in tqdm(items, desc="hostile_inputs", unit="pdf"):
-        with RssSampler(interval_s=0.01) as sampler:
+        with WorkerRssSampler(interval_s=0.01) as sampler:
             t0 = time.perf_counter()
             try:
                 result = ingest_pdf(Path(item["path"]), work / "out.txt", IngestConfig())
@@ -273,5 +300,5 @@ def hostile_inputs(items: list[dict[str, Any]], recorder: AuditRecorder | None =
             seconds = time.perf_counter() - t0
         tags = {"name": item["name"], "outcome": outcome, "message": message}
         rows += [row("baseline", "seconds", seconds, "s", 0, **tags),
-                 row("baseline", "peak_rss_mb", sampler.peak / MB, "MB", 0, **tags)]
+                 *_worker_memory_rows(sampler, "baseline", 0, tags)]
     return _save(recorder, "hostile_inputs", rows)

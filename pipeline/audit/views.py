@@ -11,7 +11,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
 
 from .scenarios import STAGES
 
@@ -40,15 +43,20 @@ def stage_breakdown(m: pd.DataFrame) -> pd.DataFrame:
 
 def fig_stage_breakdown(table: pd.DataFrame) -> Figure:
     """Horizontal bars of median and p95 per stage."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
     ax.barh(table.stage, table.p95_s * 1000, color="#c8d7ea", label="p95")
     ax.barh(table.stage, table.median_s * 1000, color="#2f6db5", label="median")
     ax.invert_yaxis()
-    ax.set_xlabel("milliseconds per mail")
+    ax.set_xlabel("time per mail (ms)")
+    ax.set_ylabel("stage")
     ax.set_title("Where a mail's time goes: Email → Ingestion → Digest → Delivery")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    _legend_right(ax)
     return fig
+
+
+def _legend_right(ax: Axes, **options: Any) -> None:
+    """The axes' legend to the right of its data area, so that it never covers a bar or a line."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, **options)
 
 
 def hot_lines(m: pd.DataFrame, top: int = 3) -> pd.DataFrame:
@@ -79,14 +87,13 @@ def soak_series(m: pd.DataFrame, variant: str = "email_digest") -> pd.DataFrame:
 
 def fig_soak(series: pd.DataFrame, slopes: dict[str, float]) -> Figure:
     """RSS and traced memory over the soak, with the fitted slopes in the legend."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
     ax.plot(series.runs, series.rss_mb, label=f"RSS ({slopes.get('rss', 0) / 1024:+.2f} KiB/run)")
     ax.plot(series.runs, series.traced_mb, label=f"traced ({slopes.get('traced', 0) / 1024:+.2f} KiB/run)")
-    ax.set_xlabel("runs after warm-up")
-    ax.set_ylabel("MB")
+    ax.set_xlabel("runs after warm-up (count)")
+    ax.set_ylabel("memory (MB)")
     ax.set_title("Memory over the soak (sampled after gc)")
-    ax.legend()
-    fig.tight_layout()
+    _legend_right(ax)
     return fig
 
 
@@ -112,22 +119,22 @@ def concurrency_table(m: pd.DataFrame) -> pd.DataFrame:
 
 def fig_concurrency(table: pd.DataFrame) -> Figure:
     """Throughput and p95 latency against concurrency."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
     ax.plot(table.level, table["runs/s"], marker="o", color="#2f6db5", label="throughput (runs/s)")
     ax.set_xscale("log")
-    ax.set_xlabel("workflows started at once (log)")
-    ax.set_ylabel("runs/s")
+    ax.set_xlabel("workflows started at once (count, log scale)")
+    ax.set_ylabel("throughput (runs/s)")
     other = ax.twinx()
     other.plot(table.level, table["p95 s"], marker="s", color="#c0392b", label="p95 latency (s)")
-    other.set_ylabel("p95 end-to-end s")
+    other.set_ylabel("p95 end-to-end latency (s)")
     ax.set_title("Concurrency: throughput and p95 latency")
-    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.88))
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     return fig
 
 
 def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
-    """Per document kind and size: median and p95 seconds, pages, pages/s, peak RSS, errors."""
+    """Per document kind and size: median and p95 seconds, pages, pages/s, the extraction workers' peak RSS
+    (``workers_peak_rss_mb``, summed over the workers) and what they held before the document, errors."""
     r = rows(m, "pdf_scaling")
     if r.empty:
         return r
@@ -135,8 +142,9 @@ def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
     timing = r[r.metric == "ingest_seconds"].groupby(keys).value.agg(median_s="median", p95_s=lambda s: _q(s, 0.95),
                                                                         reps="count")
     pages = r[r.metric == "pages"].groupby(keys).value.max().rename("pages")
-    rss = r[r.metric == "peak_rss_mb"].groupby(keys).value.max().rename("peak_rss_mb")
-    table = pd.concat([timing, pages, rss], axis=1).reset_index()
+    rss = [r[r.metric == metric].groupby(keys).value.max().rename(metric)
+           for metric in ("workers_peak_rss_mb", "workers_rss_before_mb")]
+    table = pd.concat([timing, pages, *rss], axis=1).reset_index()
     table["pages/s"] = table.pages / table.median_s
     if "error" in r:
         errors = r[r.metric == "ingest_seconds"].groupby(keys).error.first().rename("error")
@@ -149,28 +157,54 @@ Line = tuple[Any, Any, str, dict[str, Any]]  # x, y, label, plot options
 
 def _side_by_side(left: list[Line], right: list[Line], left_axes: dict[str, Any],
                   right_axes: dict[str, Any]) -> Figure:
-    """Two line charts next to each other; the legend on the left one serves both."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    """Two line charts next to each other; one legend below both (the left chart's lines) serves both."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     for ax, lines, settings in ((axes[0], left, left_axes), (axes[1], right, right_axes)):
         for x, y, label, options in lines:
             ax.plot(x, y, label=label, **options)
         ax.set(**settings)
-    axes[0].legend(fontsize=7, ncol=2 if len(left) > 8 else 1)
-    fig.tight_layout()
+    if left:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7,
+                   ncol=min(len(left), 6))
     return fig
 
 
+class _PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (0.2, 30, not 2×10⁻¹, 3×10¹); which ticks get one is LogFormatter's
+    choice (minor ticks too when the axis spans about a decade or less)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+PDF_MEMORY = "workers_peak_rss_mb"  # the extraction workers' RSS, summed; the kernel's own is not ingestion's
+
+
 def fig_pdf_scaling(table: pd.DataFrame) -> Figure:
-    """Ingest time and peak RSS against file size: colour is the document kind, line style the engine."""
+    """Small multiples, one column per document kind: median ingest time (top row) and the extraction workers'
+    peak RSS (bottom row) against file size, one line per engine variant, one legend below the panels."""
     kinds, variants = sorted(table.kind.unique()), sorted(table.variant.unique())
-    groups = [(f"{kind} ({variant})", g, {"marker": "o", "color": f"C{kinds.index(kind)}",  # colour: kind
-                                          "linestyle": ["-", "--", ":", "-."][variants.index(variant) % 4]})
-              for (variant, kind), g in table.groupby(["variant", "kind"])]
-    return _side_by_side(
-        [(g.file_mb, g.median_s, label, style) for label, g, style in groups],
-        [(g.file_mb, g.peak_rss_mb, label, style) for label, g, style in groups],
-        {"xlabel": "file MB", "ylabel": "median seconds", "title": "Ingestion time"},
-        {"xlabel": "file MB", "ylabel": "peak RSS MB (extraction workers)", "title": "Ingestion memory"})
+    colours = {variant: f"C{i}" for i, variant in enumerate(variants)}
+    fig, axes = plt.subplots(2, len(kinds), figsize=(max(5.0, 2.6 * len(kinds)), 5.6), squeeze=False,
+                             layout="constrained")
+    for column, kind in enumerate(kinds):
+        time_ax, memory_ax = axes[0, column], axes[1, column]
+        for variant, g in table[table.kind == kind].sort_values("file_mb").groupby("variant"):
+            time_ax.plot(g.file_mb, g.median_s, marker="o", color=colours[variant])
+            if PDF_MEMORY in g:
+                memory_ax.plot(g.file_mb, g[PDF_MEMORY], marker="o", color=colours[variant])
+        time_ax.set(title=kind, xscale="log", yscale="log", xlabel="file size (MB, log)",
+                    ylabel="median time (s, log)")
+        memory_ax.set(xscale="log", xlabel="file size (MB, log)", ylabel="workers' peak RSS (MB)")
+        memory_ax.set_ylim(0, memory_ax.get_ylim()[1] * 1.1)  # from zero, with room above the highest point
+        for axis, thresholds in ((time_ax.xaxis, (1, 0.4)), (memory_ax.xaxis, (1, 0.4)), (time_ax.yaxis, (2, 0.8))):
+            axis.set_major_formatter(_PlainLogFormatter())  # times: some labels between decades (tall panels)
+            axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=thresholds))
+    handles = [Line2D([], [], marker="o", color=colours[v], label=v) for v in variants]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(variants), fontsize=8,
+               title="engine variant", title_fontsize=8)
+    fig.suptitle("PDF ingestion per document kind: time, and the extraction workers' memory (RSS summed)")
+    return fig
 
 
 def burst_table(m: pd.DataFrame) -> pd.DataFrame:
@@ -191,13 +225,14 @@ def fig_burst(m: pd.DataFrame) -> Figure:
     cdfs: list[Line] = []
     for label, group in r[r.metric == "trigger_latency_ms"].groupby("round"):
         values = group.value.sort_values().reset_index(drop=True)
-        cdfs.append((values, (values.index + 1) / len(values), str(label), {}))
+        cdfs.append((values, 100 * (values.index + 1) / len(values), str(label), {}))
     backlog: list[Line] = [(g.t, g.value, str(label), {}) for label, g in r[r.metric == "backlog"].groupby("round")]
     return _side_by_side(
         cdfs, backlog,
-        {"xscale": "log", "xlabel": "DATA end → run queued (ms, log)", "ylabel": "fraction of mails",
+        {"xscale": "log", "xlabel": "DATA end → run queued (ms, log)", "ylabel": "mails triggered within (%)",
          "title": "Trigger latency"},
-        {"xlabel": "seconds since first send", "ylabel": "runs queued or running", "title": "Backlog and drain"})
+        {"xlabel": "time since first send (s)", "ylabel": "runs queued or running (count)",
+         "title": "Backlog and drain"})
 
 
 def store_table(m: pd.DataFrame) -> pd.DataFrame:
@@ -244,13 +279,15 @@ def engine_table(m: pd.DataFrame) -> pd.DataFrame:
 
 
 def hostile_table(m: pd.DataFrame) -> pd.DataFrame:
-    """What each hostile input did: outcome, seconds, peak RSS."""
+    """What each hostile input did: outcome, seconds, and the extraction workers' peak RSS (summed over the
+    workers) with what they held before the file."""
     r = rows(m, "hostile_inputs")
     if r.empty:
         return r
     seconds = r[r.metric == "seconds"].set_index("name")
-    rss = r[r.metric == "peak_rss_mb"].set_index("name").value.rename("peak_rss_mb")
-    return pd.concat([seconds[["outcome", "value", "message"]].rename(columns={"value": "seconds"}), rss],
+    memory = [r[r.metric == metric].set_index("name").value.rename(metric)
+              for metric in ("workers_peak_rss_mb", "workers_rss_before_mb")]
+    return pd.concat([seconds[["outcome", "value", "message"]].rename(columns={"value": "seconds"}), *memory],
                      axis=1).reset_index()
 
 
@@ -339,15 +376,16 @@ def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_fault_replies(m: pd.DataFrame) -> Figure:
-    """What senders saw under each fault: reply counts stacked per fault (log scale: 250s outnumber the rest)."""
+    """What senders saw under each fault: reply counts per fault, side by side (log scale: 250s outnumber the
+    rest)."""
     r = rows(m, "faults", "replies")
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
     if len(r):
         table = r.pivot_table(index="variant", columns="reply", values="value", aggfunc="sum").fillna(0)
         table.plot.barh(ax=ax, stacked=False, logx=True)
         ax.invert_yaxis()
-    ax.set_xlabel("replies (log)")
-    ax.set_ylabel("")
+        _legend_right(ax, title="reply")
+    ax.set_xlabel("replies (count, log)")
+    ax.set_ylabel("fault")
     ax.set_title("What senders saw under each fault")
-    fig.tight_layout()
     return fig

@@ -1,0 +1,49 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Pipeline audit (project .venv)
+#     language: python
+#     name: pipeline-audit
+# ---
+
+# %% [markdown]
+# # Monitoring: serve's /metrics and what it costs
+#
+# Issue 13. Two real `python -m pipeline serve` processes side by side, one with `--metrics-port` (scraped every
+# 5 s while loaded) and one without; after a warm-up they take turns (A B, B A, ...) receiving `mails` small
+# mails from sender processes. Trigger latency per run (DATA end → run queued) comes from each serve's run store;
+# the on/off ratio of the p99s is the overhead of metrics (SLA: at most 1.05). A scrape after the load records
+# which metric families serve exposes, for the report's monitoring section.
+
+# %% tags=["parameters"]
+session_id = None
+db_path = "data/audit.duckdb"
+fixtures_dir = "data/fixtures"
+profile = "quick"
+mails = 10
+senders = 2
+reps = 2
+warmup_mails = 2
+
+# %%
+from IPython.display import Markdown, display
+
+from pipeline.audit import metricsbench, views
+from pipeline.audit.notebook import open_recorder, scratch_dir
+
+recorder = open_recorder(db_path, session_id, profile)
+result = metricsbench.metrics_ab(scratch_dir(db_path, "monitoring-work"), mails=mails, senders=senders, reps=reps,
+                                 warmup_mails=warmup_mails, recorder=recorder)
+display(Markdown(metricsbench.monitoring_markdown(recorder.measurements(metricsbench.SCENARIO))))
+
+# %%
+trigger = result[result.metric == "trigger_seconds"].assign(ms=lambda d: d.value * 1000)
+ax = trigger.boxplot(column="ms", by="variant", showfliers=True)
+ax.set_ylabel("trigger latency (ms): DATA end → run queued")
+ax.set_xlabel("variant")
+ax.figure.suptitle("")
+ax.set_title("Metrics on/off: trigger latency per run");
+spread = trigger.groupby("variant").ms.describe(percentiles=[0.5, 0.95, 0.99]).reset_index()
+display(Markdown(views.markdown(spread)))

@@ -1,0 +1,123 @@
+"""Tables and charts of the soak and the email bursts measured on a real ``python -m pipeline serve``.
+
+Processes are named by role: *serve* (the main process) and *workers* (its
+extraction workers: the sum over the live ones, or the largest live one).
+Empty inputs give empty tables, never invented figures.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..config import MB
+from .soak import SETTLED_RUNS
+from .views import rows
+
+KIB = 1024
+# (metric, process) of a serve soak series -> its label in tables and charts
+SERIES = {("rss_bytes", "serve"): "serve RSS", ("uss_bytes", "serve"): "serve USS",
+          ("rss_bytes", "workers"): "workers RSS (sum)", ("uss_bytes", "workers"): "workers USS (sum)",
+          ("max_worker_rss_bytes", "workers"): "largest worker RSS"}
+
+
+def serve_soak_series(m: pd.DataFrame) -> pd.DataFrame:
+    """MB of each serve-soak series (columns as in ``SERIES``) against runs completed."""
+    soak = rows(m, "soak")
+    if soak.empty or "serve" not in set(soak.variant):
+        return pd.DataFrame(columns=["runs"])
+    soak = soak[soak.variant == "serve"]
+    out = {}
+    for (metric, process), label in SERIES.items():
+        picked = soak[(soak.metric == metric) & (soak.process == process)].sort_values("rep")
+        if len(picked):
+            out[label] = pd.Series(picked.value.to_numpy() / MB, index=picked.runs.to_numpy())
+    return pd.DataFrame(out).rename_axis("runs").reset_index() if out else pd.DataFrame(columns=["runs"])
+
+
+def serve_slopes(m: pd.DataFrame) -> pd.DataFrame:
+    """Leak slope (KiB per run, second half of the serve soak) per series and role, and workers replaced."""
+    soak = rows(m, "soak")
+    if soak.empty or "serve" not in set(soak.variant):
+        return pd.DataFrame(columns=["process", "series", "KiB_per_run"])
+    soak = soak[soak.variant == "serve"]
+    leak = soak[soak.metric.str.startswith("leak_")]
+    table = pd.DataFrame({
+        "process": leak.process,
+        "series": [SERIES.get((metric.removeprefix("leak_").removesuffix("_per_run"), process), metric)
+                   for metric, process in zip(leak.metric, leak.process, strict=True)],
+        "KiB_per_run": leak.value / KIB})
+    return table.reset_index(drop=True)
+
+
+def serve_slope(m: pd.DataFrame, process: str, metric: str = "leak_rss_bytes_per_run") -> float | None:
+    """One role's fitted slope in bytes per run (None when the session has no serve soak)."""
+    soak = rows(m, "soak", metric)
+    if soak.empty or "process" not in soak:
+        return None
+    picked = soak[(soak.variant == "serve") & (soak.process == process)]
+    return float(picked.value.max()) if len(picked) else None
+
+
+def serve_soak_fact(m: pd.DataFrame, name: str) -> float | None:
+    """A single serve-soak figure such as ``worker_restarts`` or ``runs_failed`` (None if not measured)."""
+    soak = rows(m, "soak", name)
+    picked = soak[soak.variant == "serve"] if len(soak) else soak
+    return float(picked.value.max()) if len(picked) else None
+
+
+def fig_serve_soak(series: pd.DataFrame, slopes: pd.DataFrame) -> Figure:
+    """RSS of serve and of its workers (sum and largest) over the serve soak, slopes in the legend."""
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    per = dict(zip(slopes.series, slopes.KiB_per_run, strict=True)) if len(slopes) else {}
+    for label in ("serve RSS", "workers RSS (sum)", "largest worker RSS", "serve USS"):
+        if label in series:
+            ax.plot(series.runs, series[label], marker=".", label=f"{label} ({per.get(label, 0):+.2f} KiB/run)")
+    ax.set_xlabel("runs completed (after warm-up)")
+    ax.set_ylabel("MB (sampled after each batch)")
+    ax.set_title("python -m pipeline serve over the soak, by process")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def burst_resources(m: pd.DataFrame) -> pd.DataFrame:
+    """Per burst round: peak RSS (MB) and CPU seconds of serve and of its workers, and workers replaced."""
+    r = rows(m, "email_burst")
+    if r.empty or "process" not in r:
+        return pd.DataFrame(columns=["round"])
+    r = r[r.metric.isin(["peak_rss_bytes", "cpu_seconds", "worker_restarts"])].copy()
+    r["column"] = r.metric.map({"peak_rss_bytes": "peak RSS MB", "cpu_seconds": "CPU s",
+                                "worker_restarts": "replaced"}) + " " + r.process
+    r["shown"] = r.value.where(r.metric != "peak_rss_bytes", r.value / MB)
+    order = [c for c in ("peak RSS MB serve", "peak RSS MB workers", "CPU s serve", "CPU s workers",
+                         "replaced workers") if c in set(r.column)]
+    return r.pivot_table(index="round", columns="column", values="shown", aggfunc="first")[order].reset_index()
+
+
+def kib_per_run(value: float | None) -> str:
+    """``+0.73 KiB per run`` for a slope in bytes per run; ``not measured`` for None."""
+    return "not measured" if value is None else f"{value / KIB:+.2f} KiB per run"
+
+
+_UNSETTLED = (f" With fewer than {SETTLED_RUNS:,} runs serve's caches and allocator are still settling, so these "
+              "slopes overstate steady growth and the leak SLAs do not judge them.")
+
+
+def serve_soak_text(m: pd.DataFrame) -> str:
+    """The serve soak in a sentence: RSS slope per process role, and how many workers were replaced."""
+    serve, workers = serve_slope(m, "serve"), serve_slope(m, "workers")
+    if serve is None and workers is None:
+        return "Soak on `python -m pipeline serve`: not measured in this session."
+    runs = rows(m, "soak", "leak_rss_bytes_per_run")
+    runs = runs[runs.variant == "serve"]
+    total = int(runs.runs.max()) if "runs" in runs and len(runs) else 0
+    largest = serve_slope(m, "workers", "leak_max_worker_rss_bytes_per_run")
+    restarts, failed = serve_soak_fact(m, "worker_restarts"), serve_soak_fact(m, "runs_failed")
+    return (f"Soak on `python -m pipeline serve` ({total:,} mails with a one-page PDF over SMTP after a warm-up, "
+            "RSS read with psutil once each batch's runs ended; slopes fitted over the second half): "
+            f"**serve** (the main process) {kib_per_run(serve)}, **extraction workers** (summed over the live ones) "
+            f"{kib_per_run(workers)}, the largest single worker {kib_per_run(largest)}; "
+            f"extraction workers replaced on schedule during the soak: {int(restarts or 0)}; runs failed: "
+            f"{int(failed or 0)}." + (_UNSETTLED if total < SETTLED_RUNS else ""))

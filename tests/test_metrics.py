@@ -1,0 +1,266 @@
+"""serve's /metrics (pipeline.metrics): scraped during and after a real SMTP burst, checked against the run store."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port
+from helpers import wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import metrics
+from pipeline import store as s
+from pipeline.audit import fixtures as fx
+from pipeline.audit import metricsbench
+from pipeline.audit.serveproc import ROOT, ServeProcess
+from pipeline.config import StoreConfig
+from pipeline.errors import StoreUnavailableError
+from pipeline.sqlite_store import SqliteRunStore
+
+MAILS, PDF_EVERY, SENDERS = 30, 10, 3
+LIMIT = 200_000  # the serve's max message size: the oversized mail is over it
+
+
+def _scrape(port: int) -> dict[str, list]:
+    """``{sample name: [(labels, value), ...]}`` of one scrape."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _value(samples: dict[str, list], name: str, **labels: str) -> float:
+    return sum(v for found, v in samples.get(name, []) if all(found.get(k) == w for k, w in labels.items()))
+
+
+def _send(port: int, raw: bytes) -> int:
+    """One message on its own connection; the SMTP code of the DATA reply (or of the refusal)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            smtp.sendmail("alice@example.com", ["digest@pipeline.local"], raw)
+        return 250
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code
+    except smtplib.SMTPRecipientsRefused as exc:
+        return next(iter(exc.recipients.values()))[0]
+
+
+def _send_undeclared(port: int, raw: bytes) -> int:
+    """Send without SIZE= at MAIL (aiosmtpd refuses a declared oversize itself): the DATA reply's code."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        smtp.rcpt("digest@pipeline.local")
+        code, _ = smtp.data(raw)
+    return code
+
+
+def _mails() -> list[bytes]:
+    pdf = fx.text_pdf(1)
+    return [fx.email_with([("r.pdf", pdf)] if i % PDF_EVERY == 0 else [], subject=f"burst {i}",
+                          message_id=f"<burst-{i}@example.com>") for i in range(MAILS)]
+
+
+def _store(serve: ServeProcess) -> s.DAGRunStore:
+    return s.open_store(StoreConfig(path=serve.data_dir / "runs.sqlite3"), create=False)
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    port = free_port()
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"gateway": {"max_message_bytes": LIMIT}},
+                         args=("--metrics-port", str(port)))
+    serve.metrics_port = port  # type: ignore[attr-defined]
+    try:
+        yield serve.start()
+    finally:
+        serve.stop()
+
+
+def test_metrics_match_the_run_store_after_an_smtp_burst(serve):
+    port = serve.metrics_port
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in serve.log_tail(5000)
+    with ThreadPoolExecutor(SENDERS) as pool:
+        sent = [pool.submit(_send, serve.port, raw) for raw in _mails()]
+        during = _scrape(port)  # while the burst arrives: a valid exposition
+        oversized = _send_undeclared(serve.port, fx.email_with([("big.bin", fx.random_bytes(2 * LIMIT))],
+                                                               message_id="<big@example.com>"))
+        codes = Counter(f.result() for f in sent)
+    assert "pipeline_queue_depth" in during and _value(during, "pipeline_scrape_errors_total") == 0
+    assert codes == {250: MAILS} and oversized == 552
+    with _store(serve) as store:
+        assert wait_until(lambda: sum(store.count_runs_by_state().get(x, 0) for x in (s.SUCCESS, s.FAILED)) == MAILS,
+                          timeout_s=300), store.count_runs_by_state()
+        by_state = store.count_runs_by_state()
+        runs = store.list_runs(limit=1000)
+        tasks = [t for r in runs for t in store.get_tasks(r.run_id)]
+    after = _scrape(port)
+
+    gauge = {labels["state"]: v for labels, v in after["pipeline_runs"]}
+    assert gauge == {**dict.fromkeys(s.RUN_STATES, 0), **by_state}
+    assert _value(after, "pipeline_queue_depth") == 0
+    assert _value(after, "pipeline_smtp_replies_total", command="DATA", code="250") == len(runs) == MAILS
+    assert _value(after, "pipeline_smtp_replies_total", command="DATA", code="552") == 1
+    assert _value(after, "pipeline_accepted_bytes_total") == sum(r.payload["size"] for r in runs)
+    assert _value(after, "pipeline_trigger_seconds_count") == MAILS
+    ran = Counter(metrics.task_name(t.task_id) for t in tasks  # an empty map never starts
+              if t.state in (s.SUCCESS, s.FAILED) and t.started_at is not None)
+    observed = {labels["task"]: v for labels, v in after["pipeline_task_duration_seconds_count"]}
+    assert observed == dict(ran)
+    outcomes = Counter((r.state, metrics.reason_code(r.reason)) for r in runs)
+    assert {(labels["state"], labels["reason"]): v for labels, v in after["pipeline_run_outcomes_total"]} == outcomes
+    assert _value(after, "pipeline_processes", role="extract_worker") >= 1  # a PDF was extracted
+    assert _value(after, "pipeline_process_resident_memory_bytes", role="serve", stat="sum") > 10 * 2**20
+    _assert_bounded_labels(after)
+
+
+def _assert_bounded_labels(samples: dict[str, list]) -> None:
+    """No label value is a run id, a message id, an address or a task instance."""
+    for name, found in samples.items():
+        for labels, _ in found:
+            for key, value in labels.items():
+                if key == "le":
+                    continue
+                assert not re.search(r"[@<>\[]|^\d{3,}$", value) or (key == "code" and re.fullmatch(r"\d{3}", value)), \
+                    f"{name}{{{key}={value!r}}}"
+
+
+def test_metrics_off_opens_no_port_but_smtp(tmp_path):
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve").start()
+    try:
+        listening = {c.laddr.port for c in psutil.Process(serve.proc.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {serve.port}
+        assert "metrics on" not in serve.log_tail(5000)
+    finally:
+        serve.stop()
+
+
+def test_workers_only_exposes_runs_and_active_runs_without_smtp_counts(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "workers.log"
+    with open(log_path, "wb") as log:  # workers-only listens for no SMTP: ServeProcess.start's NOOP cannot wait
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--data-dir", str(tmp_path / "data"), "serve",
+                                 "--workers-only", "--metrics-port", str(port)], cwd=ROOT, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            try:
+                return "pipeline_active_runs" in _scrape(port)
+            except OSError:
+                return False
+        assert wait_until(up, timeout_s=120), log_path.read_text()
+        samples = _scrape(port)
+        assert _value(samples, "pipeline_active_runs") == 0 and "pipeline_runs" in samples
+        assert "pipeline_smtp_replies_total" not in samples  # no SMTP here: no series
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_a_store_error_during_a_scrape_is_counted_not_a_500(tmp_path):
+    store = SqliteRunStore(tmp_path / "runs.sqlite3")
+    calls = []
+
+    def failing_then_real() -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:  # the store's own error type, as a locked or vanished database raises it
+            raise StoreUnavailableError("database is locked")
+        return store.count_runs_by_state()
+
+    server = metrics.start_metrics_server(0, runs_by_state=failing_then_real, active_runs=lambda: 0,
+                                          states=s.RUN_STATES)
+    try:
+        first = _scrape(server.port)
+        assert "pipeline_runs" not in first
+        assert _value(first, "pipeline_scrape_errors_total", source="store") == 1
+        second = _scrape(server.port)
+        assert _value(second, "pipeline_queue_depth") == 0 and "pipeline_runs" in second
+        assert _value(second, "pipeline_scrape_errors_total", source="store") == 1
+    finally:
+        server.close()
+        store.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+
+
+def test_reason_codes_are_bounded():
+    assert metrics.reason_code(None) == "none"
+    assert metrics.reason_code("ingest_pdf[0]: encrypted: the PDF needs a password") == "encrypted"
+    assert metrics.reason_code("internal: database disk image is malformed") == "internal"
+    assert metrics.reason_code("deliver: SomeRandomError: x") == "other"
+    assert metrics.reason_code("partial: 1 of 2 ingest_pdf failed (corrupt)") == "partial"
+    assert metrics.task_name("ingest_pdf[12]") == "ingest_pdf"
+
+
+def test_metrics_ab_records_trigger_rows_ratio_and_families(tmp_path):
+    result = metricsbench.metrics_ab(tmp_path, mails=4, senders=2, reps=2, warmup_mails=1, scrape_every_s=0.2,
+                                     timeout_s=240)
+    trigger = result[result.metric == "trigger_seconds"]
+    assert Counter(trigger.variant) == {"metrics_on": 8, "metrics_off": 8}
+    assert (trigger.value >= 0).all()
+    ratio = result[result.metric == "trigger_p99_ratio"].value
+    assert len(ratio) == 1 and ratio.iloc[0] > 0
+    names = set(result[result.metric == "metric_family"].name)
+    assert {"pipeline_trigger_seconds", "pipeline_runs", "pipeline_smtp_replies"} <= names
+    summary = metricsbench.summary(result.assign(scenario=metricsbench.SCENARIO))
+    assert summary["runs"] == 16 and summary["ratio"] == pytest.approx(ratio.iloc[0])
+
+
+@pytest.mark.parametrize("profile", ["quick", "standard", "full"])
+def test_every_profile_gives_notebook_12_parameters_metrics_ab_accepts(profile):
+    import inspect
+
+    from pipeline.audit.batch import PROFILES
+
+    params = PROFILES[profile]["12_monitoring"]
+    source = (ROOT / "notebooks" / "12_monitoring.py").read_text()
+    cell = source.split('tags=["parameters"]')[1].split("# %%")[0]
+    assert set(params) <= set(re.findall(r"^(\w+) =", cell, re.M))
+    assert set(params) <= set(inspect.signature(metricsbench.metrics_ab).parameters)
+
+
+def test_in_process_service_serves_metrics_and_a_taken_port_fails_start_up(settings):
+    from dataclasses import replace
+
+    from pipeline.config import GatewayConfig, MetricsConfig
+    from pipeline.errors import StartupError
+    from pipeline.service import PipelineService
+
+    first = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()),
+                                    metrics=MetricsConfig(port=free_port()))).start()
+    try:
+        assert first.metrics_server is not None
+        taken = first.metrics_server.port
+        assert "pipeline_queue_depth" in _scrape(taken)
+        second = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()),
+                                         metrics=MetricsConfig(port=taken)))
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{taken}"):
+            second.start()
+    finally:
+        first.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{taken}/metrics", timeout=5)
+
+
+def test_metrics_refuse_a_remote_host_unless_allowed():
+    from pipeline.config import MetricsConfig
+    from pipeline.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="refusing to serve metrics on 0.0.0.0"):
+        MetricsConfig(port=9108, host="0.0.0.0").validate()
+    MetricsConfig(port=9108, host="0.0.0.0", allow_remote=True).validate()

@@ -1,0 +1,111 @@
+"""The pipeline profile on a real ``python -m pipeline serve``: stage rows per run, per-process and per-stage
+memory named by role, and py-spy's profile parsed with machine-independent sites."""
+
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from pipeline.audit import fixtures as fx
+from pipeline.audit import profileviews, scenarios, serveprofile
+from pipeline.audit.recorder import AuditRecorder
+
+MAILS = 3
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """One tiny profile of serve (3 mails, small text PDFs, 1 s of py-spy), recorded into a DuckDB file."""
+    tmp = tmp_path_factory.mktemp("serve-profile")
+    pdfs = []
+    for i, pages in enumerate((2, 4)):
+        path = tmp / f"doc-{i}.pdf"
+        path.write_bytes(fx.text_pdf(pages, seed=i + 1))
+        pdfs.append(path)
+    recorder = AuditRecorder(tmp / "audit.duckdb")
+    session = recorder.start_session("test", {})
+    artefacts = profileviews.artefact_dir(tmp / "audit.duckdb", session)
+    df = serveprofile.profile_serve(pdfs, tmp / "work", emails=MAILS, senders=2, recorder=recorder,
+                                    artefacts=artefacts, pyspy_s=1.0, timeout_s=300)
+    return df, recorder, artefacts
+
+
+def test_every_run_has_every_stage_and_the_digest_arrived(profiled):
+    df, recorder, _ = profiled
+    stages = df[df.metric == "stage_seconds"]
+    assert set(stages.stage) == set(scenarios.STAGES)
+    assert stages.groupby("rep").stage.nunique().tolist() == [len(scenarios.STAGES)] * MAILS
+    assert (stages.value >= 0).all() and (df[df.metric == "end_to_end_seconds"].value > 0).all()
+    assert df[df.metric == "digests_delivered"].value.item() == MAILS
+    assert df[df.metric == "runs_failed"].value.item() == 0
+    assert len(recorder.measurements("pipeline_profile")) == len(df)
+
+
+def test_memory_rows_name_their_process(profiled):
+    df, recorder, _ = profiled
+    memory = df[df.metric == "stage_memory_mb"]
+    assert {"parse_email", "ingest_pdf", "build_digest", "deliver"} <= set(memory.task)
+    assert set(memory.process) == {"serve", "extract workers"} and set(memory.stat) == {"peak", "increment"}
+    assert (memory[memory.stat == "peak"].value > 0).all()
+    processes = df[df.metric == "process_peak_rss_mb"]
+    assert "serve" in set(processes.process) and "extract worker" in set(processes.process)
+    assert (processes.value > 0).all() and (df[df.metric == "process_cpu_seconds"].value >= 0).all()
+    table = profileviews.stage_memory_table(recorder.measurements())
+    assert "serve peak MB" in table and any("extract workers" in c for c in table.columns)
+    assert set(profileviews.process_table(recorder.measurements()).process) >= {"serve", "extract worker 1"}
+    assert "Memory increment per task: parse_email serve" in profileviews.closing_note(recorder.measurements())
+
+
+def test_pyspy_profile_is_recorded_or_its_absence_explained(profiled):
+    df, recorder, artefacts = profiled
+    status = df[df.metric == "pyspy_recorded"].iloc[0]
+    if not status.value:  # only a missing permission to attach (ptrace) is an accepted reason
+        assert "ermission" in status.reason or "ptrace" in status.reason, status.reason
+        assert "could not record" in profileviews.pyspy_note(recorder.measurements())
+        pytest.skip(f"py-spy could not record serve here: {status.reason}")
+    top = profileviews.top_self_time(recorder.measurements(), top=5)
+    assert len(top) and set(top.process) <= {"serve", "extract worker", "other child"}
+    assert not any(site.startswith("/") for site in df[df.metric == "self_seconds"].site)
+    svg = profileviews.flamegraph_file(recorder.measurements(), artefacts)
+    assert svg is not None
+    text = svg.read_text()
+    assert "<svg" in text and str(artefacts.parent.parent) not in text and "--data-dir" not in text
+
+
+def test_speedscope_parser_on_a_real_recording(tmp_path):
+    exe = serveprofile.pyspy_path()
+    if exe is None:
+        pytest.skip("py-spy is not installed")
+    code = ("import json, time\nend = time.time() + 30\n"
+            "while time.time() < end:\n    json.dumps([{'k': list(range(50))}] * 200)\n")
+    with subprocess.Popen([sys.executable, "-c", code]) as busy:
+        try:
+            time.sleep(0.3)
+            out = tmp_path / "busy.json"
+            done = subprocess.run([exe, "record", "--pid", str(busy.pid), "--duration", "1", "--rate", "100",
+                                   "--format", "speedscope", "--function", "--output", str(out)],
+                                  capture_output=True, text=True, timeout=120)
+        finally:
+            busy.kill()
+    if done.returncode != 0:
+        pytest.skip(f"py-spy could not attach: {done.stderr.strip()[-300:]}")
+    table = serveprofile.parse_speedscope(out, {busy.pid: "busy"}, busy.pid)
+    assert set(table.process) == {"busy"} and table.self_s.sum() > 0
+    assert (table.total_s >= table.self_s).all() and table.self_share.sum() == pytest.approx(1.0)
+    stdlib = table[table.site.str.startswith("stdlib:json/")]
+    assert len(stdlib) and not any(site.startswith("/") for site in table.site)
+
+
+def test_stage_memory_takes_peak_and_rise_over_the_sample_before_the_task():
+    samples = pd.DataFrame(
+        [(r, 100.0 + r, pid, role, mb) for r, values in enumerate([(50, 10, 10), (52, 30, 10), (51, 12, 40)])
+         for pid, role, mb in zip((1, 2, 3), ("serve", "extract worker", "extract worker"), values, strict=True)],
+        columns=["round", "time", "pid", "role", "rss_mb"])
+    rows = serveprofile.stage_memory_rows(samples, {"ingest_pdf": [(100.5, 101.0)]}, interval_s=1.0)
+    got = {(r["tags"]["process"], r["tags"]["stat"]): r["value"] for r in rows}
+    # window 100.5-102 (stretched by one interval) holds rounds 1 and 2; the sample before it is round 0
+    assert got == {("serve", "peak"): 52, ("serve", "increment"): 2,
+                   ("extract workers", "peak"): 52, ("extract workers", "increment"): 32}
+    assert {r["tags"]["processes"] for r in rows if r["tags"]["process"] == "extract workers"} == {2}

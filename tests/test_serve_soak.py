@@ -1,0 +1,78 @@
+"""The soak and the email bursts measured on a real `python -m pipeline serve` (notebooks 04 and 05), tiny sizes.
+
+These check what is recorded (roles, series, slopes, the burst's resource rows), not how fast serve is.
+"""
+
+import matplotlib.pyplot as plt
+import pytest
+
+from pipeline.audit import report, scenarios, soakviews, views
+from pipeline.audit.recorder import AuditRecorder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fonts_loaded():
+    """Draw once before the leak check's snapshot: matplotlib keeps the font files it loads open for good."""
+    fig = plt.figure()
+    fig.text(0, 0, "serve RSS (+0.00 KiB/run) DATA end → run queued (ms, log) – ≤")
+    fig.canvas.draw()
+    plt.close(fig)
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    rec = AuditRecorder(tmp_path / "audit.duckdb")
+    rec.start_session("test", {"why": "serve soak test"})
+    return rec
+
+
+def test_serve_soak_records_a_series_and_a_slope_per_process_role(recorder):
+    df = scenarios.serve_soak(runs=20, warmup=5, every=5, senders=2, recorder=recorder)
+    assert set(df.variant) == {"serve"} and set(df.process) == {"serve", "workers"}
+    assert not any("pid" in key for tags in df.tags for key in tags)  # roles, never pids
+    rss = df[df.metric == "rss_bytes"]
+    for process in ("serve", "workers"):
+        points = rss[rss.process == process].sort_values("rep")
+        assert list(points.runs) == [0, 5, 10, 15, 20] and (points.value > 0).all()
+    slopes = df[df.metric.str.startswith("leak_")]
+    assert {(m, p) for m, p in zip(slopes.metric, slopes.process, strict=True)} == {
+        ("leak_rss_bytes_per_run", "serve"), ("leak_uss_bytes_per_run", "serve"),
+        ("leak_rss_bytes_per_run", "workers"), ("leak_uss_bytes_per_run", "workers"),
+        ("leak_max_worker_rss_bytes_per_run", "workers")}
+    assert not any(slopes.settled)  # 20 runs are still warm-up: the leak SLAs do not judge them
+    serve_slas = [s for s in report.load_slas() if s["scenario"] == "soak" and s["where"].get("variant") == "serve"]
+    assert {s["where"]["process"] for s in serve_slas} == {"serve", "workers"}
+    assert all(report.select_rows(recorder.measurements(), s).empty for s in serve_slas)
+    assert df[df.metric == "runs_failed"].value.item() == 0
+    assert df[df.metric == "worker_restarts"].value.item() >= 0
+    assert (df[df.metric == "live_workers"].value >= 1).all()  # every mail is parsed by a worker
+
+    m = recorder.measurements()
+    assert len(m[m.scenario == "soak"]) == len(df)
+    series = soakviews.serve_soak_series(m)
+    assert list(series.runs) == [0, 5, 10, 15, 20] and {"serve RSS", "workers RSS (sum)"} <= set(series.columns)
+    table = soakviews.serve_slopes(m)
+    assert set(table.process) == {"serve", "workers"} and len(table) == 5
+    assert soakviews.serve_slope(m, "serve") == pytest.approx(
+        slopes[(slopes.metric == "leak_rss_bytes_per_run") & (slopes.process == "serve")].value.item())
+    plt.close(soakviews.fig_serve_soak(series, table))
+    assert views.soak_series(m).empty  # the in-kernel soak's chart does not pick up serve's rows
+
+
+def test_email_burst_on_serve_loses_nothing_and_records_resources_by_role(recorder):
+    df = scenarios.email_burst([], burst=20, senders=2, recorder=recorder)
+    assert list(df[df.metric == "accepted"].value) == [20] and list(df[df.metric == "lost"].value) == [0]
+    latency = df[df.metric == "trigger_latency_ms"]
+    assert len(latency) == 20 and (latency.value >= 0).all()
+    for metric in ("peak_rss_bytes", "cpu_seconds"):
+        picked = df[df.metric == metric]
+        assert sorted(picked.process) == ["serve", "workers"] and (picked.value >= 0).all()
+    assert (df[df.metric == "peak_rss_bytes"].value > 0).all()
+    assert len(df[df.metric == "backlog"]) > 0
+
+    m = recorder.measurements()
+    table = views.burst_table(m)
+    assert list(table["round"]) == ["burst-20"] and table.lost.item() == 0
+    resources = soakviews.burst_resources(m)
+    assert list(resources["round"]) == ["burst-20"]
+    assert {"peak RSS MB serve", "peak RSS MB workers", "CPU s serve", "CPU s workers"} <= set(resources.columns)
