@@ -1,10 +1,13 @@
 """Regression gate: is a candidate session slower than a baseline session beyond the noise?
 
 For every timing series present in both sessions (same scenario, metric, variant and identifying
-tags, at least ``min_samples`` each), bootstrap the ratio of medians candidate/baseline. A series
-regresses when the whole confidence interval lies above ``1 + min_effect``: the slowdown is both
-real (not resampling noise) and large enough to matter. Throughputs (``1/s`` units) are inverted
-so that "higher ratio" always means "slower".
+tags, at least ``min_samples`` each), bootstrap the ratio of medians candidate/baseline. Throughputs
+(``1/s`` units) are inverted so that "higher ratio" always means "slower". Three verdicts, never two:
+
+- **regressed**: the whole confidence interval lies above ``1 + min_effect`` (real and large enough);
+- **unchanged**: the whole interval lies at or below ``1 + min_effect`` (no slowdown that matters);
+- **inconclusive**: the interval straddles the threshold: the measurements cannot tell at this noise,
+  which a gate must say instead of passing (wall time on a loaded 2-core VM often cannot).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import pandas as pd
 
 from .recorder import AuditRecorder
 
-TIME_UNITS = {"s": 1, "ms": 1, "1/s": -1}  # +1: lower is better; -1: higher is better
+TIME_UNITS = {"s": 1, "ms": 1, "1/s": -1, "instructions": 1}  # +1: lower is better; -1: higher is better
+VERDICTS = ("unchanged", "regressed", "inconclusive")
+EXIT_CODES = {"unchanged": 0, "regressed": 1, "inconclusive": 3}  # 2 is bad input
 IDENTIFYING_TAGS = ("stage", "kind", "nominal_mb", "level", "round", "runs", "stat", "mode", "notebook")
 
 
@@ -33,7 +38,25 @@ class SeriesVerdict:
     ratio: float  # candidate/baseline "slowness" (inverted for throughputs)
     low: float
     high: float
-    regressed: bool
+    verdict: str  # one of VERDICTS
+    measure: str = "wall"  # what the values are: wall time, CPU time or instruction counts
+
+    @property
+    def regressed(self) -> bool:
+        return self.verdict == "regressed"
+
+
+def judge(low: float, high: float, min_effect: float) -> str:
+    """The verdict of a slowness-ratio interval at the threshold ``1 + min_effect``."""
+    if low > 1 + min_effect:
+        return "regressed"
+    return "unchanged" if high <= 1 + min_effect else "inconclusive"
+
+
+def overall(verdicts: list[SeriesVerdict]) -> str:
+    """One verdict for many series: regressed if any is, else inconclusive if any is, else unchanged."""
+    found = {v.verdict for v in verdicts}
+    return next((name for name in ("regressed", "inconclusive") if name in found), "unchanged")
 
 
 def series(frame: pd.DataFrame, min_samples: int) -> dict[str, tuple[int, list[float]]]:
@@ -74,7 +97,7 @@ def compare_sessions(recorder: AuditRecorder, baseline: str, candidate: str, min
         c = cand[key][1]
         point, low, high = bootstrap_ratio(b, c, direction)
         verdicts.append(SeriesVerdict(key, statistics.median(b), statistics.median(c), point, low, high,
-                                      low > 1 + min_effect))
+                                      judge(low, high, min_effect)))
     return verdicts
 
 
@@ -91,4 +114,4 @@ def same_machine(recorder: AuditRecorder, baseline: str, candidate: str) -> tupl
 
 def as_rows(verdicts: list[SeriesVerdict]) -> list[dict[str, Any]]:
     """Verdicts as plain dicts (for JSON output)."""
-    return [v.__dict__ for v in verdicts]
+    return [{**v.__dict__, "regressed": v.regressed} for v in verdicts]
