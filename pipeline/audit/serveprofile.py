@@ -152,7 +152,8 @@ def stage_memory_rows(samples: pd.DataFrame, windows: dict[str, list[tuple[float
     """Per task kind and process (serve; extraction workers summed): ``peak`` RSS while any such task ran, and
     ``increment``, the largest rise of one task instance over the RSS sampled just before it started.
 
-    A window is stretched by one sampling interval so a task shorter than it still gets its next sample.
+    A task that no sample fell into (shorter than the gap between samples, which grows when the machine is
+    busy) gets the first sample taken after it started.
     Tasks overlap under load, so a window's figure is the process's memory while at least one such task ran.
     """
     totals = role_totals(samples)
@@ -164,7 +165,9 @@ def stage_memory_rows(samples: pd.DataFrame, windows: dict[str, list[tuple[float
             series = totals[["time", role]].dropna()
             peak, increment = float("nan"), float("nan")
             for start, end in spans:
-                inside = series[(series.time >= start) & (series.time <= end + interval_s)][role]
+                inside = series[(series.time >= start) & (series.time <= end)][role]
+                if inside.empty:
+                    inside = series[series.time >= start][role].iloc[:1]
                 before = series[series.time <= start][role]
                 if inside.empty:
                     continue
