@@ -23,8 +23,8 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 rates = [50]
-duration_s = 2.0
-burst = 100
+duration_s = 1.0
+burst = 50
 senders = 2
 
 # %%

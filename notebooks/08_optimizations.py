@@ -24,11 +24,11 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 store_runs = 20_000
-reps = 3
+reps = 2
 gateway_reps = 1
 dense_pdf = "text-1mb.pdf"  # streaming against holding: the text-densest fixture of the profile
 batch_pdf = "text-0.5mb.pdf"  # executor kinds: several copies ingested at once
-documents = 4
+documents = 2
 
 # %%
 from pipeline.audit import switches, views

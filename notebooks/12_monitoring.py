@@ -24,8 +24,8 @@ fixtures_dir = "data/fixtures"
 profile = "quick"
 mails = 10
 senders = 2
-reps = 2
-warmup_mails = 2
+reps = 1
+warmup_mails = 1
 
 # %%
 from IPython.display import Markdown, display

@@ -1,5 +1,6 @@
 """`scripts/run_audit.py --profile quick` end to end in a temp dir: notebooks, report, SLAs, outbox, card."""
 
+import ast
 import json
 import re
 import sys
@@ -166,3 +167,14 @@ def test_report_only_redraws_the_same_session_without_measuring(quick_audit):
     assert AuditRecorder(db).query("SELECT count(*) AS n FROM measurement").n.item() == before
     missing = run_reaped([*cmd[:3], "no-such-session", *cmd[4:]], REDRAW_BUDGET_S, cwd=ROOT)
     assert missing.returncode == 1 and "no session 'no-such-session'" in missing.stderr
+
+
+def test_notebook_parameter_defaults_are_the_quick_profile():
+    """One place for profiles: run interactively, a notebook does what the quick batch does."""
+    for name, params in PROFILES["quick"].items():
+        source = (ROOT / "notebooks" / f"{name}.py").read_text()
+        cell = re.search(r'# %% tags=\["parameters"\]\n(.*?)\n# %%', source, re.S)
+        assert cell, f"{name}: no parameters cell"
+        defaults = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.group(1)).body
+                    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+        assert {k: defaults.get(k) for k in params} == params, name
