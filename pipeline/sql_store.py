@@ -136,6 +136,19 @@ class SqlRunStore(DAGRunStore):
         except self.DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
 
+    # -- observation points for tools and the audit --------------------------
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only SQL statement, on the store's own connection (what a benchmark or a
+        diagnosis needs beyond the API: plain-SQL baselines, row counts); raises StoreError."""
+        return self._read(sql, params)
+
+    def write_in_one_transaction(self, statements: Iterable[tuple[str, Mapping[str, Any] | Iterable[Any]]]) -> None:
+        """Run ``(sql, params)`` statements in one write transaction (bulk generation of test data)."""
+        with self._tx() as conn:
+            for sql, params in statements:
+                conn.execute(sql, params if isinstance(params, Mapping) else tuple(params))
+
     # -- runs -----------------------------------------------------------------
 
     def create_run(self, workflow: str, payload: Mapping[str, Any], dedup_key: str | None = None,

@@ -622,3 +622,12 @@ def test_the_test_server_runs_unprivileged_and_keeps_data_over_a_restart(pg_serv
     assert pg_server.pid != postmaster.pid
     with open_store(StoreConfig(url=pg_url, pool_size=1)) as st:
         assert st.find_run("wf", "k") == run
+
+
+def test_query_is_a_read_only_view_for_tools(contract_store):
+    """The audit's plain-SQL baselines use this, never the store's private connection."""
+    contract_store.create_run("wf", {})
+    contract_store.create_run("wf", {})
+    assert contract_store.query("SELECT count(*) FROM runs") == [(2,)]
+    contract_store.write_in_one_transaction([("DELETE FROM task_runs", ())])
+    assert contract_store.query("SELECT count(*) FROM task_runs") == [(0,)]

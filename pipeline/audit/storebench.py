@@ -40,15 +40,14 @@ def fill_store(store: DAGRunStore, runs: int, chunk: int = 100_000,
     if not isinstance(store, SqliteRunStore):
         fill_postgres(store, runs, chunk, progress)
         return
-    conn = store._conn
-    start_id = (conn.execute("SELECT coalesce(max(run_id), 0) FROM runs").fetchone()[0]) + 1
+    start_id = store.query("SELECT coalesce(max(run_id), 0) FROM runs")[0][0] + 1
     end = time.time()
     for lo in range(start_id, start_id + runs, chunk):
         hi = min(lo + chunk, start_id + runs)
-        with store._tx() as tx:
-            tx.execute(_FILL_RUNS, {"lo": lo, "hi": hi, "last": start_id + runs - 1, "end": end,
-                                    "span": SPAN_S, "total": runs, "wfs": WORKFLOWS})
-            tx.execute(_FILL_TASKS, {"lo": lo, "hi": hi})
+        store.write_in_one_transaction([
+            (_FILL_RUNS, {"lo": lo, "hi": hi, "last": start_id + runs - 1, "end": end, "span": SPAN_S,
+                          "total": runs, "wfs": WORKFLOWS}),
+            (_FILL_TASKS, {"lo": lo, "hi": hi})])
         if progress:
             progress(hi - lo)
 

@@ -123,7 +123,7 @@ def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder |
 
 def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: int, runs: int) -> list[dict[str, Any]]:
     bare = tmp_path / "no-indexes.db"
-    store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.checkpoint()
     shutil.copy(filled, bare)
     plain = sqlite3.connect(bare)
     for (name,) in plain.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall():
@@ -135,14 +135,14 @@ def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: i
         "optimized: index on workflow": lambda: _timed(lambda: store.list_runs("wf1", limit=50)),
     }, reps, "list_latest_50_ms", "ms", {**tags, "switch": "indexes"})
     out += _interleave({
-        "baseline: GROUP BY over an index": lambda: _timed(lambda: store._read(
+        "baseline: GROUP BY over an index": lambda: _timed(lambda: store.query(
             "SELECT state, count(*) FROM runs GROUP BY state"), 5),
         "optimized: counter table kept by triggers": lambda: _timed(lambda: store.count_runs_by_state()),
     }, reps, "count_by_state_ms", "ms", {**tags, "switch": "run_counts table"})
     out += _interleave({
-        "baseline: SELECT * (payload too)": lambda: _timed(lambda: store._read(
+        "baseline: SELECT * (payload too)": lambda: _timed(lambda: store.query(
             "SELECT * FROM runs WHERE state = 'success' ORDER BY run_id DESC LIMIT 2000")),
-        "optimized: only the columns needed": lambda: _timed(lambda: store._read(
+        "optimized: only the columns needed": lambda: _timed(lambda: store.query(
             "SELECT run_id, state, ended_at FROM runs WHERE state = 'success' ORDER BY run_id DESC LIMIT 2000")),
     }, reps, "select_2000_runs_ms", "ms", {**tags, "switch": "select only needed columns"})
     plain.close()
