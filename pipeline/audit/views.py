@@ -134,7 +134,8 @@ def fig_concurrency(table: pd.DataFrame) -> Figure:
 
 def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
     """Per document kind and size: median and p95 seconds, pages, pages/s, the extraction workers' peak RSS
-    (``workers_peak_rss_mb``, summed over the workers) and what they held before the document, errors."""
+    (``workers_peak_rss_mb``, summed over the workers) and what they held before the document, whether the
+    variant is the shipped default, errors."""
     r = rows(m, "pdf_scaling")
     if r.empty:
         return r
@@ -146,9 +147,12 @@ def pdf_scaling_table(m: pd.DataFrame) -> pd.DataFrame:
            for metric in ("workers_peak_rss_mb", "workers_rss_before_mb")]
     table = pd.concat([timing, pages, *rss], axis=1).reset_index()
     table["pages/s"] = table.pages / table.median_s
-    if "error" in r:
-        errors = r[r.metric == "ingest_seconds"].groupby(keys).error.first().rename("error")
-        table = table.merge(errors.reset_index(), on=keys, how="left")
+    for column in ("default", "error"):  # default: the shipped engine setting (sessions since issue 13)
+        if column in r:
+            first = r[r.metric == "ingest_seconds"].groupby(keys)[column].first().rename(column)
+            table = table.merge(first.reset_index(), on=keys, how="left")
+    if "default" in table:
+        table["default"] = table["default"].fillna(False).astype(bool)
     return table.sort_values(["variant", "kind", "nominal_mb"])
 
 
