@@ -5,6 +5,10 @@ outbox.json and TASK_CARDS.md.
     python scripts/run_audit.py --profile quick|standard|full
 
 quick: a few minutes (CI); standard: `make audit`; full: hunts breaking points.
+
+Exit code: 0 when every SLA was measured and met (status ``done``), 4 when the audit ran but an SLA
+failed or was not measured (``sla_failed``/``incomplete``: the report and outbox are written all the
+same), 1 when the audit itself failed (a notebook raised), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.audit.batch import (  # noqa: E402
+    EXIT_CODES,
     PROFILES,
     AuditBatchError,
     BatchPaths,
@@ -49,7 +54,7 @@ def main() -> int:
         print(f"audit failed: {exc}", file=sys.stderr)
         return 1
     print(summary_line(outbox))
-    return 0
+    return EXIT_CODES[outbox["status"]]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ exports it to markdown with the code hidden.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -238,9 +237,14 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+EXIT_CODES = {"done": 0, "sla_failed": 4, "incomplete": 4}  # 1: the audit itself failed; 2: bad arguments
+
+
 def summary_line(outbox: dict[str, Any]) -> str:
-    """One line for the terminal."""
+    """What the terminal shows at the end: the verdict, the SLA counts, what failed, where the report is."""
     s = outbox["sla_summary"]
-    return (f"audit session {outbox['session_id']} ({outbox['profile']}): SLAs {s['passed']} passed, "
-            f"{s['failed']} failed, {s['not_measured']} not measured; report {outbox['report_path']}; "
-            f"outbox {json.dumps(outbox['headline_metrics'])[:200]}")
+    lines = [f"audit session {outbox['session_id']} ({outbox['profile']}, commit {outbox['commit'][:12]}): "
+             f"{outbox['status']}; SLAs {s['passed']} passed, {s['failed']} failed, {s['not_measured']} not measured",
+             *[f"  failed: {name}" for name in outbox.get("failed_slas", [])],
+             f"report: {outbox['report_path']}"]
+    return "\n".join(lines)
