@@ -195,3 +195,15 @@ def test_pdf_tables_name_the_extraction_workers_memory(charted):
     assert table.loc[("pypdf", "text", 5), "workers_peak_rss_mb"] == pytest.approx(95 * 3)
     assert table.loc[("pypdf", "text", 5), "workers_rss_before_mb"] == pytest.approx(90 * 3)
     assert "peak_rss_mb" not in table
+
+
+def test_markdown_tables_are_for_people():
+    """No scientific notation, no all-empty columns, markdown-special text escaped, code spans kept."""
+    frame = pd.DataFrame({"site": ["stdlib:re/__init__.py:12", "<frozen importlib._bootstrap>", "`a_b`", "<= 20 ms"],
+                          "pages": [1560.0, 1000.0, 3.0, 2.5], "ms": [0.000123, 12.3456, float("nan"), 1.0],
+                          "empty": [float("nan")] * 4, "default": [True, False, True, False]})
+    table = views.markdown(frame)
+    assert "e+0" not in table and "e-0" not in table and "empty" not in table
+    assert "1,560" in table and "0.000123" in table and "12.3" in table and "| yes" in table
+    assert r"re/\_\_init\_\_.py" in table and "&lt;frozen importlib.\\_bootstrap>" in table
+    assert "`a_b`" in table and "<= 20 ms" in table

@@ -7,9 +7,11 @@ arranges them. Empty inputs give empty tables, never invented figures.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -317,11 +319,50 @@ def baselines_table(m: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+_MARKDOWN_SPECIAL = str.maketrans({"|": "\\|", "*": "\\*", "_": "\\_"})
+_TAG_LIKE = re.compile(r"<(?=[A-Za-z/!])")  # "<frozen ...>" would vanish as an HTML tag; "<= 20 ms" stays
+
+
+def _escape(text: str) -> str:
+    return _TAG_LIKE.sub("&lt;", text.translate(_MARKDOWN_SPECIAL))
+
+
+def human_number(value: float, digits: int = 3) -> str:
+    """``1,560`` not ``1.56e+03``; ``0.000123`` not ``1.23e-04``; ``3`` not ``3.0``; below 1,000 ``digits``
+    significant digits."""
+    if value != value:
+        return ""
+    if value == int(value) and abs(value) < 1e15:
+        return f"{int(value):,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+
+
+def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return human_number(float(value), digits)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    text = str(value)
+    return text if "`" in text else _escape(text)  # a code span shows its text as is
+
+
 def markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    """A DataFrame as a GitHub markdown table ('(no rows)' when empty)."""
+    """A DataFrame as a GitHub markdown table for people: no scientific notation, no all-empty columns,
+    markdown-special characters in text escaped (``re/__init__.py`` is not bold); '(no rows)' when empty."""
     if frame is None or frame.empty:
         return "_(no rows in this session)_"
-    return frame.to_markdown(index=False, floatfmt=floatfmt)
+    frame = frame.dropna(axis=1, how="all")
+    digits = int(floatfmt.strip(".g") or 3)
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+               for c in frame.columns]
+    cells = frame.apply(lambda column: column.map(lambda v: _cell(v, digits)))
+    cells.columns = [_escape(str(c)) for c in frame.columns]
+    return cells.to_markdown(index=False, disable_numparse=True,  # tabulate would reformat "1,560" as 1560
+                             colalign=["right" if n else "left" for n in numeric])
 
 
 def code_quality_tables(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
