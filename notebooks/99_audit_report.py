@@ -157,6 +157,7 @@ if len(scaling):
                        f"{slowest['pages/s']:.0f} pages/s (slowest of any variant: {overall.kind} with "
                        f"{overall.variant} at {overall['pages/s']:.0f} pages/s); time follows pages, so a document's "
                        "cost is bounded by the page cap and the per-document timeout.")
+limit_lines += views.capacity_lines(m)
 md("## 5. Limits and breaking points\n\n" + "\n".join(limit_lines) +
    "\n\nHostile inputs with the default limits:\n\n" + views.markdown(views.hostile_table(m)))
 

@@ -207,3 +207,19 @@ def test_markdown_tables_are_for_people():
     assert "1,560" in table and "0.000123" in table and "12.3" in table and "| yes" in table
     assert r"re/\_\_init\_\_.py" in table and "&lt;frozen importlib.\\_bootstrap>" in table
     assert "`a_b`" in table and "<= 20 ms" in table
+
+
+def test_capacity_lines_name_the_peak_and_the_burst_processing_rate():
+    def r(scenario, metric, value, **tags):
+        return {"scenario": scenario, "metric": metric, "value": value, "variant": "baseline", "unit": "",
+                "tags": tags}
+
+    m = pd.DataFrame([r("concurrency", "throughput_runs_per_s", v, level=lv) for lv, v in ((10, 20.0), (100, 43.0),
+                                                                                          (500, 30.0))]
+                     + [r("email_burst", "accepted", 500, mode="burst"),
+                        r("email_burst", "backlog_peak", 400, mode="burst"),
+                        r("email_burst", "drain_seconds", 20.0, mode="burst")])
+    lines = views.capacity_lines(m)
+    assert "peaks at 43 runs/s with 100 workflows" in lines[0] and "154,800 mails an hour" in lines[0]
+    assert "falls to 30 runs/s by 500" in lines[0]
+    assert "backlog of 400 runs in 20 s" in lines[1] and "about 20 runs/s (72,000 an hour)" in lines[1]

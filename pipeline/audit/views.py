@@ -119,6 +119,35 @@ def concurrency_table(m: pd.DataFrame) -> pd.DataFrame:
                                  "peak_active_runs": "peak active", "failed_runs": "failed"})
 
 
+def capacity_lines(m: pd.DataFrame) -> list[str]:
+    """Figures a reader can plan with: where concurrency throughput peaks, and how many small mails a
+    serve processed per second (and per hour) while a burst drained, with the conditions of each."""
+    lines = []
+    table = concurrency_table(m)
+    if len(table) and "runs/s" in table:
+        peak = table.loc[table["runs/s"].idxmax()]
+        after = table[table.level > peak.level]
+        lines.append(f"- Throughput peaks at {human_number(peak['runs/s'])} runs/s with {int(peak.level)} workflows at "
+                     f"once (one-page PDF each, in-kernel pipeline, `max_active_runs` raised to the level): about "
+                     f"{human_number(round(peak['runs/s'] * 3600, -2))} mails an hour"
+                     + (f"; beyond it, throughput falls to {human_number(after['runs/s'].min())} runs/s by "
+                        f"{int(after.level.max())} at once (threads and workers contend for 2 cores)."
+                        if len(after) else "."))
+    burst = rows(m, "email_burst")
+    if len(burst) and "mode" in burst:
+        single = burst[(burst["mode"] == "burst") & burst.metric.isin(["accepted", "backlog_peak", "drain_seconds"])]
+        values = single.groupby("metric").value.first()
+        if {"accepted", "backlog_peak", "drain_seconds"} <= set(values.index) and values["drain_seconds"] > 0:
+            rate = values["backlog_peak"] / values["drain_seconds"]
+            lines.append(f"- A `python -m pipeline serve` with the shipped defaults, sent {int(values['accepted']):,} "
+                         f"small mails (no attachment) at once, worked off its backlog of "
+                         f"{int(values['backlog_peak']):,} runs in {human_number(values['drain_seconds'])} s after the "
+                         f"last was accepted: about {human_number(rate)} runs/s "
+                         f"({human_number(round(rate * 3600, -2))} an hour). Acceptance is faster than processing, "
+                         "so a longer burst grows the backlog (issue 16 is about raising this).")
+    return lines
+
+
 def fig_concurrency(table: pd.DataFrame) -> Figure:
     """Throughput and p95 latency against concurrency."""
     fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
