@@ -23,6 +23,7 @@ from typing import Any
 from . import housekeeping, service
 from . import store as s
 from .config import Settings, load_settings
+from .dag import parse_instance
 from .errors import ConfigurationError, PipelineError, UnknownRunError
 from .service import PipelineService, ingest_files
 from .workflows import EMAIL_DIGEST, email_digest_dag
@@ -254,8 +255,11 @@ def in_dag_order(tasks: list[s.TaskRun], order: Sequence[str]) -> list[s.TaskRun
     rank = {task_id: i for i, task_id in enumerate(order)}
 
     def key(task: s.TaskRun) -> tuple[int, float, int, str]:
-        base, _, index = task.task_id.partition("[")
-        number = int(index[:-1]) if index[:-1].isdigit() else 0
+        try:
+            base, number = parse_instance(task.task_id)
+        except ValueError:
+            base, number = task.task_id, None
+        number = number or 0
         started = task.started_at if task.started_at is not None else math.inf
         return rank.get(base, len(rank)), started, number, task.task_id
     return sorted(tasks, key=key)

@@ -10,6 +10,7 @@ have failed instances (their results are then ``None``, their errors in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,34 @@ class DAG:
     def dependents(self, task_id: str) -> tuple[str, ...]:
         """Ids of the tasks that depend directly on ``task_id``."""
         return self._dependents[task_id]
+
+    def has_task(self, task_id: str) -> bool:
+        """Whether the DAG has a task with this id."""
+        return task_id in self._index
+
+
+_INSTANCE = re.compile(r"^(?P<task>[^\[]+)(\[(?P<index>\d+)\])?$")
+
+
+def instance_id(task_id: str, index: int | None = None) -> str:
+    """The id of a task instance: ``ingest_pdf[3]`` for the fourth of a mapped task, else the task's id."""
+    return task_id if index is None else f"{task_id}[{index}]"
+
+
+def parse_instance(instance: str) -> tuple[str, int | None]:
+    """``ingest_pdf[3]`` -> ("ingest_pdf", 3); ``deliver`` -> ("deliver", None); ValueError for anything else."""
+    match = _INSTANCE.match(instance)
+    if match is None:
+        raise ValueError(f"not a task instance id: {instance!r}")
+    return match["task"], int(match["index"]) if match["index"] is not None else None
+
+
+def task_of(instance: str) -> str:
+    """The task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``), or the id itself when it is not one."""
+    try:
+        return parse_instance(instance)[0]
+    except ValueError:
+        return instance
 
 
 def validate_dag(workflow_id: str, tasks: tuple[Task, ...]) -> tuple[str, ...]:

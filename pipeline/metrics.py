@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import errors
+from .dag import task_of
 
 log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -99,7 +100,7 @@ def message_accepted(size: int, trigger_s: float) -> None:
 
 def task_name(instance_id: str) -> str:
     """The task of a task instance: ``ingest_pdf[3]`` is ``ingest_pdf``."""
-    return instance_id.partition("[")[0]
+    return task_of(instance_id)
 
 
 def task_finished(instance_id: str, duration_s: float) -> None:

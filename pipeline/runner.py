@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import dag as dags
 from . import metrics, tracing
 from . import store as s
-from .dag import DAG, Task, TaskContext
+from .dag import DAG, Task, TaskContext, parse_instance
 from .errors import StepError, StoreError, TaskTimeoutError
 from .executors import Executors, call_task
 from .handover import Handover
@@ -45,7 +45,6 @@ from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
 
 log = logging.getLogger(__name__)
-_INSTANCE = re.compile(r"^(?P<task>[^\[]+)(\[(?P<index>\d+)\])?$")
 
 
 @dataclass
@@ -151,15 +150,17 @@ class DAGRunner:
     # -- bookkeeping ----------------------------------------------------------
 
     def _load(self, row: s.TaskRun) -> None:
-        match = _INSTANCE.match(row.task_id)
-        if match is None or match["task"] not in self.dag._index:
+        try:
+            task_id, index = parse_instance(row.task_id)
+        except ValueError:
+            task_id, index = "", None
+        if not self.dag.has_task(task_id):
             log.warning("run %s: ignoring unknown task instance %r", self.run.run_id, row.task_id)
             return
-        index = int(match["index"]) if match["index"] is not None else None
         error = (row.error_type or "", row.error_message or "") if row.error_type else None
-        self._instances[row.task_id] = _Instance(self.dag.task(match["task"]), index, row.state,
+        self._instances[row.task_id] = _Instance(self.dag.task(task_id), index, row.state,
                                                  row.try_number, row.output, error)
-        self._by_task.setdefault(match["task"], []).append(row.task_id)
+        self._by_task.setdefault(task_id, []).append(row.task_id)
         self._terminal += row.state in s.TERMINAL_TASK_STATES
 
     def _complete(self, task_id: str) -> bool:
@@ -220,7 +221,7 @@ class DAGRunner:
             self._new_instances(task, [(task.id, None)])
             self._finish(task.id, s.SUCCESS, output=[])
             return []
-        self._new_instances(task, [(f"{task.id}[{n}]", n) for n in range(len(items))])
+        self._new_instances(task, [(dags.instance_id(task.id, n), n) for n in range(len(items))])
         return self._by_task[task.id]
 
     def _new_instances(self, task: Task, ids: list[tuple[str, int | None]]) -> None:

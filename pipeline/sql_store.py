@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import statistics
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import metrics
 from . import store as s
+from .dag import task_of
 from .errors import StoreBusyError, StoreError, UnknownRunError
 from .store import DAGRunStore, Run, TaskRun, Transition
 
@@ -36,7 +36,6 @@ RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_
 TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
 # named columns: task_events grew error_type in a later (SQLite) migration
 EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
-MAPPED_SUFFIX = re.compile(r"\[\d+\]$")
 FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
 RETRIES = 2  # extra tries of a write that lost a deadlock or a serialisation race
 
@@ -343,7 +342,7 @@ class SqlRunStore(DAGRunStore):
             by_instance.setdefault(task_id, []).append(duration)
         groups: dict[str, list[float]] = {}
         for task_id, durations in by_instance.items():  # strip "[n]" once per instance id, not per row
-            groups.setdefault(MAPPED_SUFFIX.sub("", task_id), []).extend(durations)
+            groups.setdefault(task_of(task_id), []).extend(durations)
         return {task: percentiles(values) for task, values in sorted(groups.items())}
 
     def _durations_sql(self) -> str:

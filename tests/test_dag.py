@@ -52,3 +52,13 @@ def test_bad_workflow_id_and_empty_dag():
         DAG("no spaces", [Task("a", noop)])
     with pytest.raises(DAGError, match="has no tasks"):
         DAG("wf", [])
+
+
+def test_one_parser_and_builder_of_task_instance_ids():
+    from pipeline.dag import instance_id, parse_instance, task_of
+
+    assert instance_id("ingest_pdf", 3) == "ingest_pdf[3]" and instance_id("deliver") == "deliver"
+    assert parse_instance("ingest_pdf[3]") == ("ingest_pdf", 3) and parse_instance("deliver") == ("deliver", None)
+    assert task_of("ingest_pdf[12]") == "ingest_pdf" and task_of("odd[x]") == "odd[x]"
+    with pytest.raises(ValueError, match="not a task instance id"):
+        parse_instance("odd[x]")

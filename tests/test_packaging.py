@@ -12,8 +12,8 @@ import pipeline
 ROOT = Path(__file__).resolve().parent.parent
 # Lower layers may not import higher ones (STYLE.md section 1).
 LAYERS = [
-    {"errors", "tracing", "timers", "metrics"},
-    {"config", "dag", "store"},
+    {"errors", "tracing", "timers"},
+    {"config", "dag", "store", "metrics"},
     {"sqlite_schema", "postgres_schema", "sql_store"},
     {"sqlite_store", "postgres_store", "stages", "spool"},
     {"executors", "dask_executor", "handover", "health", "liveness"},

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..config import MB, IngestConfig
-from ..dag import DAG
+from ..dag import DAG, task_of
 from ..stages.ingest import ingest_pdf
 from ..store import DAGRunStore, Run
 from . import fixtures as fx
@@ -45,7 +45,7 @@ def task_windows(store: DAGRunStore, run: Run) -> dict[str, list[tuple[float, fl
     windows: dict[str, list[tuple[float, float]]] = {}
     for task in store.get_tasks(run.run_id):
         if task.started_at is not None and task.ended_at is not None:
-            windows.setdefault(task.task_id.split("[")[0], []).append((task.started_at, task.ended_at))
+            windows.setdefault(task_of(task.task_id), []).append((task.started_at, task.ended_at))
     return windows
 
 
