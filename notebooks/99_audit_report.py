@@ -102,15 +102,15 @@ md("Allocation sites that grew most over the in-kernel soak (tracemalloc in the 
    + views.markdown(views.top_allocations(m)))
 
 # %%
+concurrency = views.concurrency_table(m)
 md("## 4. Stress\n\n### Concurrency\n\nConditions: at each level that many mails with one PDF each (the "
    "`text-tiny.pdf` fixture, one page) handed to the gateway at once, in a pipeline inside the notebook kernel with "
    "`[engine] max_active_runs` raised to the level (**the shipped default is 32**) and up to 64 runner threads; "
-   "everything else at its default (PDFium, two page workers).\n\n" + views.markdown(views.concurrency_table(m)))
+   "everything else at its default (PDFium, two page workers).\n\n" + views.markdown(concurrency))
 
 # %%
-table = views.concurrency_table(m)
-if len(table):
-    views.fig_concurrency(table);
+if len(concurrency):
+    views.fig_concurrency(concurrency);
 
 # %%
 scaling = views.pdf_scaling_table(m)
@@ -138,7 +138,6 @@ if len(views.rows(m, "email_burst")):
     views.fig_burst(m);
 
 # %%
-concurrency = views.concurrency_table(m)
 failing = concurrency[concurrency.failed > 0] if len(concurrency) else concurrency
 limit_lines = []
 if len(concurrency):

@@ -221,5 +221,5 @@ def test_capacity_lines_name_the_peak_and_the_burst_processing_rate():
                         r("email_burst", "drain_seconds", 20.0, mode="burst")])
     lines = views.capacity_lines(m)
     assert "peaks at 43 runs/s with 100 workflows" in lines[0] and "154,800 mails an hour" in lines[0]
-    assert "falls to 30 runs/s by 500" in lines[0]
+    assert "up to 500) it is 30–30 runs/s" in lines[0]
     assert "backlog of 400 runs in 20 s" in lines[1] and "about 20 runs/s (72,000 an hour)" in lines[1]

@@ -130,9 +130,9 @@ def capacity_lines(m: pd.DataFrame) -> list[str]:
         lines.append(f"- Throughput peaks at {human_number(peak['runs/s'])} runs/s with {int(peak.level)} workflows at "
                      f"once (one-page PDF each, in-kernel pipeline, `max_active_runs` raised to the level): about "
                      f"{human_number(round(peak['runs/s'] * 3600, -2))} mails an hour"
-                     + (f"; beyond it, throughput falls to {human_number(after['runs/s'].min())} runs/s by "
-                        f"{int(after.level.max())} at once (threads and workers contend for 2 cores)."
-                        if len(after) else "."))
+                     + (f"; with more at once (up to {int(after.level.max())}) it is "
+                        f"{human_number(after['runs/s'].min())}–{human_number(after['runs/s'].max())} runs/s: more "
+                        "concurrency only adds contention for the cores." if len(after) else "."))
     burst = rows(m, "email_burst")
     if len(burst) and "mode" in burst:
         single = burst[(burst["mode"] == "burst") & burst.metric.isin(["accepted", "backlog_peak", "drain_seconds"])]
