@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from pipeline.audit import fixtures as fx
-from pipeline.audit import scenarios, serveprofile, views
+from pipeline.audit import scenarios, views
 from pipeline.audit.lineprof import profile_lines
 from pipeline.audit.recorder import AuditRecorder
 from pipeline.audit.serveproc import EXTRACT_WORKER
@@ -75,21 +75,6 @@ def test_sessions_are_kept_with_machine_facts(tmp_path):
     assert json.loads(row["packages"])["pypdf"]
 
 
-def test_pipeline_profile_records_every_stage(recorder, small_pdfs, tmp_path):
-    # measured on a real `python -m pipeline serve` (py-spy off here; tests/test_serve_profile.py covers it)
-    df = serveprofile.profile_serve([small_pdfs["text"], small_pdfs["mixed"]], tmp_path, emails=4, senders=2,
-                                    recorder=recorder, pyspy_s=0, timeout_s=300)
-    stages = df[df.metric == "stage_seconds"]
-    assert set(stages["stage"]) == set(scenarios.STAGES)
-    assert len(stages) == 4 * len(scenarios.STAGES) and (stages.value >= 0).all()
-    assert df[df.metric == "digests_delivered"].value.item() == 4
-    assert df[df.metric == "runs_failed"].value.item() == 0
-    assert set(df[df.metric == "stage_memory_mb"]["task"]) >= {"parse_email", "ingest_pdf", "deliver"}
-    assert df[df.metric == "pyspy_recorded"].reason.item() == "switched off (duration 0)"
-    stored = recorder.measurements("pipeline_profile")
-    assert len(stored) == len(df)
-
-
 def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
@@ -137,13 +122,6 @@ def test_concurrency_sweep_reports_each_level(recorder, small_pdfs):
     assert sorted(df[df.metric == "throughput_runs_per_s"]["level"]) == [3, 6]
     assert (df[df.metric == "failed_runs"].value == 0).all()
     assert (df[df.metric == "latency_p95_s"].value.values >= df[df.metric == "latency_p50_s"].value.values).all()
-
-
-def test_email_burst_loses_nothing(recorder):
-    df = scenarios.email_burst([20], duration_s=0.5, burst=12, senders=2, recorder=recorder)
-    assert list(df[df.metric == "accepted"].value) == [10, 12]
-    assert list(df[df.metric == "lost"].value) == [0, 0]
-    assert len(df[df.metric == "trigger_latency_ms"]) == 22
 
 
 def test_store_queries_at_each_size(recorder, tmp_path):
