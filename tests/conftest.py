@@ -25,6 +25,7 @@ from leaks import (
     reap_zombies,
 )
 
+from pipeline.audit.serveproc import free_port  # noqa: F401  (one free_port, shared with the audit)
 from pipeline.config import EngineConfig, RunnerConfig, Settings
 from pipeline.engine import WorkflowEngine
 from pipeline.sqlite_store import SqliteRunStore
@@ -135,13 +136,6 @@ def no_leaked_threads_sockets_or_fds() -> Iterator[None]:
     assert not still, f"threads outlived the test: {still}"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SinkHandler:
