@@ -21,6 +21,7 @@ from collections.abc import Iterator
 _SOFT = "\ufffe\u0002\u00ad"
 _LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
                             "\ufb05": "st", "\ufb06": "st"})
+_HAS_LIGATURE = re.compile("[\ufb00-\ufb06]")
 # C0/C1 controls except tab and newline (a form feed is our page separator: a page must not contain one)
 _CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\ufeff\uffff]")
 _SOFT_AT_LINE_END = re.compile(rf"[{_SOFT}][ \t]*\n[ \t]*")
@@ -33,16 +34,29 @@ _URL_WRAP = re.compile(r"((?:https?:|www\.)[^\s]*[/.\-_=?&#:])[ \t]*\n[ \t]*(?=[
 
 
 def normalize_page(text: str) -> str:
-    """The page's text with soft hyphens, ligatures, hyphenated line ends, wrapped URLs and controls repaired."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n")
-    text = _SOFT_AT_LINE_END.sub("", text)
-    text = _SOFT_IN_URL.sub(r"\1-", text)  # PDFium takes any hyphen that ends a line for a soft one
-    text = text.translate(_LIGATURES)
-    text = _URL_WRAP.sub(r"\1", text)  # before hyphens: a hyphen that ends a URL's line is the URL's own
-    text = _HYPHEN_AT_LINE_END.sub("", text)
-    for mark in _SOFT:
+    """The page's text with soft hyphens, ligatures, hyphenated line ends, wrapped URLs and controls repaired.
+
+    Each repair runs only when its marker is on the page (a substring test is a fast C scan): most pages
+    need one or two of them, and this runs on every page of every document.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\f" in text:
+        text = text.replace("\f", "\n")
+    soft = [mark for mark in _SOFT if mark in text]
+    if soft:
+        text = _SOFT_AT_LINE_END.sub("", text)
+        if "\ufffe" in text:
+            text = _SOFT_IN_URL.sub(r"\1-", text)  # PDFium takes any hyphen that ends a line for a soft one
+    if _HAS_LIGATURE.search(text):
+        text = text.translate(_LIGATURES)
+    if "http" in text or "www." in text:
+        text = _URL_WRAP.sub(r"\1", text)  # before hyphens: a hyphen that ends a URL's line is the URL's own
+    if "-" in text:
+        text = _HYPHEN_AT_LINE_END.sub("", text)
+    for mark in soft:
         text = text.replace(mark, "")
-    return _CONTROLS.sub("", text)
+    return _CONTROLS.sub("", text) if _CONTROLS.search(text) else text
 
 
 # abbreviations after which a period does not end a sentence (lowercase, without the period)
