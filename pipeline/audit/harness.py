@@ -20,7 +20,6 @@ import pandas as pd
 from aiosmtpd.controller import Controller
 
 from ..config import DeliveryConfig, EngineConfig, GatewayConfig, IngestConfig, RunnerConfig, Settings
-from ..dag import task_of
 from ..service import PipelineService
 from ..store import Run
 from .serveproc import free_port
@@ -90,15 +89,3 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in tags.columns:
         df[column] = tags[column].values
     return df
-
-
-def task_durations(service: PipelineService, run: Run) -> dict[str, tuple[float, float]]:
-    """Per stage (mapped instances merged), the (start, end) wall times of its tasks in a run."""
-    spans: dict[str, tuple[float, float]] = {}
-    for task in service.store.get_tasks(run.run_id):
-        if task.started_at is None or task.ended_at is None:
-            continue
-        stage = task_of(task.task_id)
-        start, end = spans.get(stage, (task.started_at, task.ended_at))
-        spans[stage] = (min(start, task.started_at), max(end, task.ended_at))
-    return spans

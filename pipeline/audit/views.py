@@ -70,12 +70,6 @@ def hot_lines(m: pd.DataFrame, top: int = 3) -> pd.DataFrame:
     return r[["stage", "function", "line", "hits", "value", "code"]].rename(columns={"value": "seconds"})
 
 
-def peak_rss_by_stage(m: pd.DataFrame) -> pd.DataFrame:
-    """Peak RSS (pipeline process plus extraction workers) while each task kind ran."""
-    r = rows(m, "pipeline_profile", "peak_rss_mb")
-    return r[["stage", "value"]].rename(columns={"stage": "task", "value": "peak_rss_mb"}) if len(r) else r
-
-
 def soak_series(m: pd.DataFrame, variant: str = "email_digest") -> pd.DataFrame:
     """Traced and RSS megabytes against runs completed, for one soak variant."""
     traced = rows(m, "soak", "traced_bytes")
