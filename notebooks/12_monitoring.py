@@ -30,7 +30,7 @@ warmup_mails = 1
 # %%
 from IPython.display import Markdown, display
 
-from pipeline.audit import metricsbench, views
+from pipeline.audit import alertbaselines, metricsbench, views
 from pipeline.audit.notebook import open_recorder, scratch_dir
 
 recorder = open_recorder(db_path, session_id, profile)
@@ -47,3 +47,10 @@ ax.figure.suptitle("")
 ax.set_title("Metrics on/off: trigger latency per run");
 spread = trigger.groupby("variant").ms.describe(percentiles=[0.5, 0.95, 0.99]).reset_index()
 display(Markdown(views.markdown(spread)))
+
+# %% [markdown]
+# Each alert threshold next to what the audit measured on the same traffic earlier in this session (notebooks
+# 01-11): a rule whose threshold is below its baseline would fire on ordinary mail.
+
+# %%
+display(Markdown(views.markdown(alertbaselines.record(recorder))))

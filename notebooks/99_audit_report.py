@@ -245,11 +245,13 @@ md("## 8. Code quality audit\n\n" + (
     "check catching an open file)." if len(counts) else "No code-quality measurements were recorded in this session."))
 
 # %%
-from pipeline.audit import metricsbench  # noqa: E402  (this section's own view)
+from pipeline.audit import alertbaselines, metricsbench  # noqa: E402  (this section's own views)
 
 md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "
    "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + "\n\n### Monitoring a running serve\n\n"
-   + metricsbench.monitoring_markdown(m))
+   + metricsbench.monitoring_markdown(m) + "\n\n**Alert thresholds against the measured baseline of the same "
+   "traffic** (headroom = threshold / baseline, in the metric's base unit: seconds, bytes, runs; a rule below "
+   "its baseline would fire on ordinary mail):\n\n" + views.markdown(alertbaselines.baseline_table(m)))
 
 # %%
 md(f"""## 10. How to reproduce
