@@ -79,6 +79,7 @@ md("## 3. Memory usage patterns\n\nMemory per stage of `python -m pipeline serve
    "workers are summed:\n\n" + views.markdown(profileviews.stage_memory_table(m)) +
    "\n\nPeak RSS and CPU seconds of each process over that load:\n\n" + views.markdown(profileviews.process_table(m)) +
    "\n\n" + soakviews.serve_soak_text(m) + "\n\n" + views.markdown(soakviews.serve_slopes(m)) +
+   "\n\n" + soakviews.slope_discussion(m) +
    "\n\nIn-kernel tracemalloc soak (the pipeline inside the audit's notebook kernel, not serve: it names the "
    f"lines that grow): traced memory grows {slopes['traced'] / 1024:+.2f} KiB per run and the kernel's RSS "
    f"{slopes['rss'] / 1024:+.2f} KiB per run over the second half of the soak (least-squares fit, samples after "

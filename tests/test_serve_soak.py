@@ -4,6 +4,7 @@ These check what is recorded (roles, series, slopes, the burst's resource rows),
 """
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
 from pipeline.audit import report, scenarios, soakviews, views
@@ -76,3 +77,21 @@ def test_email_burst_on_serve_loses_nothing_and_records_resources_by_role(record
     resources = soakviews.burst_resources(m)
     assert list(resources["round"]) == ["burst-20"]
     assert {"peak RSS MB serve", "peak RSS MB workers", "CPU s serve", "CPU s workers"} <= set(resources.columns)
+
+
+def _soak_rows(rss_by_runs):
+    """Serve-soak measurement rows as the scenario records them (serve process RSS against runs)."""
+    return pd.DataFrame([{"scenario": "soak", "variant": "serve", "metric": "rss_bytes", "value": float(rss),
+                          "unit": "bytes", "rep": i, "tags": {"runs": runs, "process": "serve"}}
+                         for i, (runs, rss) in enumerate(rss_by_runs)])
+
+
+def test_slope_discussion_tells_a_filling_cache_from_a_steady_leak():
+    runs = list(range(0, 2001, 200))
+    filling = _soak_rows([(r, 60e6 + 6e6 * (1 - 0.998 ** r)) for r in runs])  # approaches a bound
+    leaking = _soak_rows([(r, 60e6 + 2048 * r) for r in runs])  # 2 KiB per run, to the end
+    assert [round(p) for p in soakviews.slope_segments(soakviews.serve_soak_series(leaking))] == [2048] * 3
+    assert "falls from part to part" in soakviews.slope_discussion(filling)
+    text = soakviews.slope_discussion(leaking)
+    assert "does not fall steadily" in text and "1,953 MB" in text  # 2 KiB x 1M runs
+    assert "Too few" in soakviews.slope_discussion(leaking.head(3))

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import MB
+from .memory import slope
 from .soak import SETTLED_RUNS
 from .views import rows
 
@@ -121,3 +122,34 @@ def serve_soak_text(m: pd.DataFrame) -> str:
             f"{kib_per_run(workers)}, the largest single worker {kib_per_run(largest)}; "
             f"extraction workers replaced on schedule during the soak: {int(restarts or 0)}; runs failed: "
             f"{int(failed or 0)}." + (_UNSETTLED if total < SETTLED_RUNS else ""))
+
+
+def slope_segments(series: pd.DataFrame, label: str = "serve RSS", segments: int = 3) -> list[float]:
+    """The series' least-squares slope in bytes per run over ``segments`` consecutive parts of the settled samples
+    (after the first sample, the warm-up): a leak keeps its slope, a cache that fills makes it fall towards 0."""
+    if label not in series or len(series) < 2 * segments + 1:
+        return []
+    points = series[["runs", label]].dropna().iloc[1:]
+    size = len(points) // segments
+    parts = [points.iloc[i * size:(i + 1) * size + 1] for i in range(segments)]  # each shares its edge sample
+    return [slope(list(p.runs), list(p[label] * MB)) for p in parts]
+
+
+def slope_discussion(m: pd.DataFrame, project_runs: int = 1_000_000) -> str:
+    """What serve's remaining RSS slope means: its slope per part of the soak (falling or not), and the growth
+    over ``project_runs`` runs if the last part's slope held, which bounds what a month of mail would add."""
+    parts = slope_segments(serve_soak_series(m))
+    if not parts:
+        return "Too few serve-soak samples in this session to say how serve's RSS slope changes over the soak."
+    shown = ", ".join(kib_per_run(p) for p in parts)
+    last = parts[-1]
+    falling = all(later < earlier for earlier, later in zip(parts, parts[1:], strict=False))
+    projected = max(last, 0.0) * project_runs / MB
+    trend = ("falls from part to part, the shape of caches filling towards a bound (SQLite's page cache, "
+             "allocator arenas, imported code paths warming up), not of a leak, which keeps its slope"
+             if falling else
+             "does not fall steadily from part to part: a leak cannot be ruled out from this soak alone; a longer "
+             "soak (profile full) or the tracemalloc soak's top growing lines below say more")
+    return (f"Serve's RSS slope over consecutive thirds of the soak after its warm-up: {shown}. The slope {trend}. "
+            f"Even if the last third's slope held, {project_runs:,} more runs would add {projected:,.0f} MB to "
+            "serve; the alert `PipelineServeRssGrowth` watches the same slope in production.")
