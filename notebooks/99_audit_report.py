@@ -43,12 +43,10 @@ md("## 1. Summary: SLAs\n\n" + views.markdown(report.sla_table(
 
 # %%
 stages = views.stage_breakdown(m)
-bottleneck = stages.sort_values("median_s").iloc[-1] if len(stages) else None
 md("## 2. Pipeline profile\n\nMeasured on a real `python -m pipeline serve` (its own data dir, driven over SMTP "
    "by sender processes after a warm-up mail; stage times from its run store). Median and p95 time per mail in "
    "each stage (Email is DATA end → run queued; Queue is waiting for a worker slot):\n\n" + views.markdown(stages) +
-   (f"\n\n**Bottleneck: {bottleneck.stage}**, {bottleneck.median_s * 1000:.1f} ms median per mail "
-    f"({bottleneck.share} of the total)." if bottleneck is not None else ""))
+   "\n\n" + views.bottleneck_line(stages))
 
 # %%
 if len(stages):
@@ -68,11 +66,6 @@ md("Hottest lines per stage (line_profiler, one mail, in-process in the notebook
    + views.markdown(views.hot_lines(m, 3)))
 
 # %%
-soak_rows = views.rows(m, "soak")
-leak = soak_rows[(soak_rows.metric.str.startswith("leak_")) & (soak_rows.variant == "email_digest")]
-slopes = {"traced": leak[leak.metric == "leak_traced_bytes_per_run"].value.max(),
-          "rss": leak[leak.metric == "leak_rss_bytes_per_run"].value.max()}
-whole = soak_rows[(soak_rows.metric == "traced_bytes_per_run_all_samples") & (soak_rows.variant == "email_digest")]
 md("## 3. Memory usage patterns\n\nMemory per stage of `python -m pipeline serve` under the pipeline-profile load "
    "(RSS of each process sampled with `memory_profiler`): *peak MB* is the process's RSS while at least one such "
    "task ran, *+MB* the largest rise of one task over the RSS sampled just before it started; the extraction "
@@ -80,13 +73,7 @@ md("## 3. Memory usage patterns\n\nMemory per stage of `python -m pipeline serve
    "\n\nPeak RSS and CPU seconds of each process over that load:\n\n" + views.markdown(profileviews.process_table(m)) +
    "\n\n" + soakviews.serve_soak_text(m) + "\n\n" + views.markdown(soakviews.serve_slopes(m)) +
    "\n\n" + soakviews.slope_discussion(m) +
-   "\n\nIn-kernel tracemalloc soak (the pipeline inside the audit's notebook kernel, not serve: it names the "
-   f"lines that grow): traced memory grows {slopes['traced'] / 1024:+.2f} KiB per run and the kernel's RSS "
-   f"{slopes['rss'] / 1024:+.2f} KiB per run over the second half of the soak (least-squares fit, samples after "
-   "`gc.collect()`): a leak keeps "
-   "growing to the end, while a bounded cache filling up is a step early on"
-   + (f"; fitted over every sample the traced slope is {whole.value.max() / 1024:+.2f} KiB per run, which such "
-      "steps inflate (the chart shows where they are)." if len(whole) else "."))
+   "\n\n" + soakviews.kernel_soak_text(m))
 
 # %%
 serve_series = soakviews.serve_soak_series(m)
@@ -96,7 +83,7 @@ if len(serve_series):
 # %%
 series = views.soak_series(m)
 if len(series):
-    views.fig_soak(series, slopes);
+    views.fig_soak(series, soakviews.kernel_soak_slopes(m));
 
 # %%
 md("Allocation sites that grew most over the in-kernel soak (tracemalloc in the notebook kernel):\n\n"
@@ -139,26 +126,7 @@ if len(views.rows(m, "email_burst")):
     views.fig_burst(m);
 
 # %%
-failing = concurrency[concurrency.failed > 0] if len(concurrency) else concurrency
-limit_lines = []
-if len(concurrency):
-    ok = concurrency[concurrency.failed == 0].level
-    limit_lines.append(f"- Concurrency: no failure up to {int(ok.max()) if len(ok) else 0} workflows at once"
-                       + (f"; failures from {int(failing.level.min())} on." if len(failing) else
-                          " (the largest level measured; the full profile raises it until something breaks)."))
-if len(scaling) and "error" in scaling:
-    for r in scaling.dropna(subset=["error"]).itertuples():
-        limit_lines.append(f"- {r.kind} {r.nominal_mb} MB: {r.error}")
-if len(scaling):
-    shipped = scaling[scaling["default"]] if "default" in scaling and scaling["default"].any() else scaling
-    slowest = shipped.sort_values("pages/s").iloc[0]
-    overall = scaling.sort_values("pages/s").iloc[0]
-    limit_lines.append(f"- Slowest extraction with the shipped default ({slowest.variant}): {slowest.kind} at "
-                       f"{slowest['pages/s']:.0f} pages/s (slowest of any variant: {overall.kind} with "
-                       f"{overall.variant} at {overall['pages/s']:.0f} pages/s); time follows pages, so a document's "
-                       "cost is bounded by the page cap and the per-document timeout.")
-limit_lines += views.capacity_lines(m)
-md("## 5. Limits and breaking points\n\n" + "\n".join(limit_lines) +
+md("## 5. Limits and breaking points\n\n" + "\n".join(views.limit_lines(m)) +
    "\n\nHostile inputs with the default limits:\n\n" + views.markdown(views.hostile_table(m)))
 
 # %%

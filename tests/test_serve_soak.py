@@ -95,3 +95,17 @@ def test_slope_discussion_tells_a_filling_cache_from_a_steady_leak():
     text = soakviews.slope_discussion(leaking)
     assert "does not fall steadily" in text and "1,953 MB" in text  # 2 KiB x 1M runs
     assert "Too few" in soakviews.slope_discussion(leaking.head(3))
+
+
+def test_kernel_soak_text_reads_the_recorded_slopes_and_says_when_there_are_none():
+    def r(metric, value):
+        return {"scenario": "soak", "variant": "email_digest", "metric": metric, "value": value, "unit": "bytes/run",
+                "rep": 0, "tags": {}}
+
+    m = pd.DataFrame([r("leak_traced_bytes_per_run", 512.0), r("leak_rss_bytes_per_run", 2048.0),
+                      r("traced_bytes_per_run_all_samples", 4096.0)])
+    assert soakviews.kernel_soak_slopes(m) == {"traced": 512.0, "rss": 2048.0, "traced_all": 4096.0}
+    text = soakviews.kernel_soak_text(m)
+    assert "traced memory grows +0.50 KiB per run" in text and "RSS +2.00 KiB per run" in text
+    assert "every sample the traced slope is +4.00 KiB per run" in text
+    assert soakviews.kernel_soak_text(m.head(0)) == "In-kernel tracemalloc soak: not measured in this session."

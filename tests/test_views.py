@@ -223,3 +223,28 @@ def test_capacity_lines_name_the_peak_and_the_burst_processing_rate():
     assert "peaks at 43 runs/s with 100 workflows" in lines[0] and "154,800 mails an hour" in lines[0]
     assert "up to 500) it is 30–30 runs/s" in lines[0]
     assert "backlog of 400 runs in 20 s" in lines[1] and "about 20 runs/s (72,000 an hour)" in lines[1]
+
+
+def test_bottleneck_line_names_the_slowest_stage_and_nothing_without_stages(recorded, tmp_path):
+    assert views.bottleneck_line(views.stage_breakdown(recorded)) == \
+        "**Bottleneck: Ingestion**, 120.0 ms median per mail (60% of the total)."
+    assert views.bottleneck_line(views.stage_breakdown(recorded.head(0))) == ""
+
+
+def test_limit_lines_give_the_failure_level_the_limits_hit_and_the_slowest_shipped_extraction():
+    def r(scenario, metric, value, variant="baseline", **tags):
+        return {"scenario": scenario, "metric": metric, "value": value, "variant": variant, "unit": "", "rep": 0,
+                "tags": tags}
+
+    m = pd.DataFrame([r("concurrency", "throughput_runs_per_s", 10.0, level=lv) for lv in (10, 50)]
+                     + [r("concurrency", "failed_runs", f, level=lv) for lv, f in ((10, 0), (50, 2))]
+                     + [r("pdf_scaling", metric, value, variant, kind="text", nominal_mb=5, file_mb=5,
+                          default=variant == "pdfium-2w")
+                        for variant, seconds in (("pypdf", 10.0), ("pdfium-2w", 1.0))
+                        for metric, value in (("ingest_seconds", seconds), ("pages", 100))]
+                     + [r("pdf_scaling", "ingest_seconds", 0.1, "pdfium-2w", kind="text", nominal_mb=50,
+                          file_mb=50, default=True, error="TooLarge: over max_attachment_bytes")])
+    lines = views.limit_lines(m)
+    assert lines[0] == "- Concurrency: no failure up to 10 workflows at once; failures from 50 on."
+    assert "- text 50" in lines[1] and "TooLarge: over max_attachment_bytes" in lines[1]
+    assert "shipped default (pdfium-2w): text at 100 pages/s" in lines[2] and "pypdf at 10 pages/s" in lines[2]

@@ -153,3 +153,30 @@ def slope_discussion(m: pd.DataFrame, project_runs: int = 1_000_000) -> str:
     return (f"Serve's RSS slope over consecutive thirds of the soak after its warm-up: {shown}. The slope {trend}. "
             f"Even if the last third's slope held, {project_runs:,} more runs would add {projected:,.0f} MB to "
             "serve; the alert `PipelineServeRssGrowth` watches the same slope in production.")
+
+
+def kernel_soak_slopes(m: pd.DataFrame, variant: str = "email_digest") -> dict[str, float]:
+    """The in-kernel tracemalloc soak's fitted slopes in bytes per run: ``traced`` and ``rss`` (second half of the
+    soak) and ``traced_all`` (every sample); a slope the session did not record is left out."""
+    soak = rows(m, "soak")
+    if soak.empty:
+        return {}
+    soak = soak[soak.variant == variant]
+    names = {"traced": "leak_traced_bytes_per_run", "rss": "leak_rss_bytes_per_run",
+             "traced_all": "traced_bytes_per_run_all_samples"}
+    found = {key: soak[soak.metric == metric].value for key, metric in names.items()}
+    return {key: float(values.max()) for key, values in found.items() if len(values)}
+
+
+def kernel_soak_text(m: pd.DataFrame) -> str:
+    """The in-kernel soak in a sentence: traced and RSS slopes, and the all-samples slope that early steps inflate."""
+    slopes = kernel_soak_slopes(m)
+    if "traced" not in slopes:
+        return "In-kernel tracemalloc soak: not measured in this session."
+    whole = slopes.get("traced_all")
+    return ("In-kernel tracemalloc soak (the pipeline inside the audit's notebook kernel, not serve: it names the "
+            f"lines that grow): traced memory grows {kib_per_run(slopes['traced'])} and the kernel's RSS "
+            f"{kib_per_run(slopes.get('rss'))} over the second half of the soak (least-squares fit, samples after "
+            "`gc.collect()`): a leak keeps growing to the end, while a bounded cache filling up is a step early on"
+            + (f"; fitted over every sample the traced slope is {kib_per_run(whole)}, which such steps inflate "
+               "(the chart shows where they are)." if whole is not None else "."))

@@ -457,3 +457,35 @@ def fig_fault_replies(m: pd.DataFrame) -> Figure:
     ax.set_ylabel("fault")
     ax.set_title("What senders saw under each fault")
     return fig
+
+
+def bottleneck_line(stages: pd.DataFrame) -> str:
+    """The stage with the largest median time per mail, as a sentence ('' without stages)."""
+    if stages.empty:
+        return ""
+    worst = stages.sort_values("median_s").iloc[-1]
+    return (f"**Bottleneck: {worst.stage}**, {worst.median_s * 1000:.1f} ms median per mail "
+            f"({worst.share} of the total).")
+
+
+def limit_lines(m: pd.DataFrame) -> list[str]:
+    """Section 5's bullets: the largest concurrency without failure, each size limit a document hit, the slowest
+    extraction (shipped default first), then the capacity figures."""
+    lines = []
+    concurrency = concurrency_table(m)
+    if len(concurrency):
+        ok, failing = concurrency[concurrency.failed == 0].level, concurrency[concurrency.failed > 0]
+        lines.append(f"- Concurrency: no failure up to {int(ok.max()) if len(ok) else 0} workflows at once"
+                     + (f"; failures from {int(failing.level.min())} on." if len(failing) else
+                        " (the largest level measured; the full profile raises it until something breaks)."))
+    scaling = pdf_scaling_table(m)
+    if len(scaling) and "error" in scaling:
+        lines += [f"- {r.kind} {r.nominal_mb} MB: {r.error}" for r in scaling.dropna(subset=["error"]).itertuples()]
+    if len(scaling):
+        shipped = scaling[scaling["default"]] if "default" in scaling and scaling["default"].any() else scaling
+        slowest, overall = shipped.sort_values("pages/s").iloc[0], scaling.sort_values("pages/s").iloc[0]
+        lines.append(f"- Slowest extraction with the shipped default ({slowest.variant}): {slowest.kind} at "
+                     f"{slowest['pages/s']:.0f} pages/s (slowest of any variant: {overall.kind} with "
+                     f"{overall.variant} at {overall['pages/s']:.0f} pages/s); time follows pages, so a document's "
+                     "cost is bounded by the page cap and the per-document timeout.")
+    return lines + capacity_lines(m)
