@@ -214,13 +214,18 @@ md("## 8. Code quality audit\n\n" + (
     "check catching an open file)." if len(counts) else "No code-quality measurements were recorded in this session."))
 
 # %%
-from pipeline.audit import alertbaselines, metricsbench  # noqa: E402  (this section's own views)
+from pipeline.audit import alertbaselines, gatecheck, metricsbench  # noqa: E402  (this section's own views)
 
 md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "
    "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + "\n\n### Monitoring a running serve\n\n"
    + metricsbench.monitoring_markdown(m) + "\n\n**Alert thresholds against the measured baseline of the same "
    "traffic** (headroom = threshold / baseline, in the metric's base unit: seconds, bytes, runs; a rule below "
-   "its baseline would fire on ordinary mail):\n\n" + views.markdown(alertbaselines.baseline_table(m)))
+   "its baseline would fire on ordinary mail):\n\n" + views.markdown(alertbaselines.baseline_table(m)) +
+   "\n\n### The regression gate, checked\n\nA throwaway commit adds a fixed amount of work to every store write; "
+   "the commit A/B compares it with its parent, and the parent with itself, while CPU-bound processes run beside "
+   "it (notebook `13_regression_gate`). *ratio*: candidate/base slowness, median of the repetitions, with its "
+   "bootstrap interval; the verdict is *regressed* only when the whole interval is above 1.10:\n\n"
+   + views.markdown(gatecheck.gate_table(m)))
 
 # %%
 md(f"""## 10. How to reproduce
