@@ -13,6 +13,7 @@ from functools import partial
 import psutil
 import pytest
 
+from pipeline import metrics
 from pipeline.audit import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.dag import TaskContext
@@ -92,12 +93,18 @@ def test_a_worker_killed_mid_document_is_worker_crashed_and_replaced(pdf, tmp_pa
             killed.append(worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
 
+    def restarts() -> float:  # serve's /metrics counter of workers lost mid-request, by cause
+        return metrics.REGISTRY.get_sample_value("pipeline_extract_worker_restarts_total",
+                                                 {"cause": "worker_crashed"}) or 0.0
+
+    counted = restarts()
     killer = threading.Thread(target=kill_once_started, daemon=True)
     killer.start()
     with pytest.raises(WorkerCrashedError, match=r"exit code -9, SIGKILL") as err:
         ingest_pdf(path, text, limits)
     killer.join()
     assert killed and err.value.reason == "worker_crashed" and err.value.retryable and err.value.exit_code == -9
+    assert counted + 1 <= restarts() <= counted + len(killed)  # each killed mid-request, once
     assert ingest_pdf(pdf(fx.text_pdf(1), "after.pdf"), tmp_path / "a.txt", limits).pages == 1  # a new worker
     assert [w.pid for w in _workers(limits)] != killed
 

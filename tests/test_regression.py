@@ -5,6 +5,7 @@ the variants are measured interleaved, so the machine's drift hits all of them a
 slowdowns are large; how small a slowdown the gate can see is the audit's question, not the suite's.
 """
 
+import shutil
 import subprocess
 import sys
 import time
@@ -132,3 +133,17 @@ def test_commit_ab_never_calls_the_slower_commit_faster_nor_the_same_commit_regr
 def test_commit_ab_names_a_revision_that_does_not_exist(repo_with_slower_commit):
     with pytest.raises(ABError, match="cannot check out 'no-such-rev'"):
         compare_commits("no-such-rev", None, "transitions", reps=1, progress=False, repo=repo_with_slower_commit)
+
+
+def test_counting_instructions_without_valgrind_is_a_clear_error(repo_with_slower_commit, monkeypatch, tmp_path):
+    """A machine without valgrind: the A/B says what to install instead of failing inside a subprocess."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "git").symlink_to(shutil.which("git"))  # git stays; valgrind is not on this PATH
+    monkeypatch.setenv("PATH", str(bare))
+    with pytest.raises(ABError, match=r"needs valgrind \(Debian: apt-get install valgrind\)"):
+        compare_commits("HEAD~1", "HEAD", "transitions", reps=1, progress=False, repo=repo_with_slower_commit,
+                        measure="instructions")
+    with pytest.raises(ABError, match="cannot be counted in instructions"):
+        compare_commits("HEAD~1", "HEAD", "trigger", reps=1, progress=False, repo=repo_with_slower_commit,
+                        measure="instructions")
