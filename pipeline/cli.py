@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import housekeeping, service
+# Only light modules here: --help, runs and show must start at once (issue 16). A command that needs the
+# service, the workflows or housekeeping imports it itself; a test checks what the read commands import.
 from . import store as s
 from .config import Settings, load_settings
 from .dag import parse_instance
 from .errors import ConfigurationError, PipelineError, UnknownRunError
-from .service import PipelineService, ingest_files
-from .workflows import EMAIL_DIGEST, email_digest_dag
 
 log = logging.getLogger("pipeline")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -143,6 +142,8 @@ def executor_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve_role(args: argparse.Namespace) -> str:
     """The serve role the flags ask for; ConfigurationError for a flag that role does not use."""
+    from . import service
+
     if args.workers_only:
         unused = [flag for flag, value in (("--host", args.host), ("--port", args.port),
                                            ("--allow-remote", args.allow_remote),
@@ -203,12 +204,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 @command
 def cmd_purge(args: argparse.Namespace) -> int:
+    from . import housekeeping
+
     print(housekeeping.purge(settings_from(args), args.older_than).summary())
     return 0
 
 
 @command
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import PipelineService
+
     role = serve_role(args)
     PipelineService(settings_from(args), role=role).serve_forever()
     return 0
@@ -219,7 +224,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise ConfigurationError(f"no such file: {', '.join(missing)}")
+    from .workflows import start_extraction_workers
+
     settings = settings_from(args)
+    start_extraction_workers(settings)  # first: the workers start while this process imports the service
+    from .service import ingest_files
+
     run_ids = ingest_files(settings, args.files)
     with open_store(args) as store:
         for run_id in run_ids:
@@ -240,13 +250,16 @@ def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
              f"  dedup key: {run.dedup_key}", f"  queued: {_utc(run.queued_at)}"]
     for t in tasks:
         took = f"{t.duration_s:.3f}s" if t.duration_s is not None else "-"
+        waited = f"wait {t.wait_s:.3f}s" if t.duration_s is not None else ""  # of the duration, for a free worker
         err = f"  {t.error_type}: {t.error_message}" if t.error_type else ""
-        lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took}{err}")
+        lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took:>9} {waited:<12}{err}".rstrip())
     return "\n".join(lines)
 
 
 def workflow_order(workflow: str) -> tuple[str, ...]:
     """The topological task order of a workflow this package defines (empty for others)."""
+    from .workflows import EMAIL_DIGEST, email_digest_dag
+
     return email_digest_dag(Settings()).order if workflow == EMAIL_DIGEST else ()
 
 

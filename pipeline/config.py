@@ -9,13 +9,10 @@ optimized variants side by side.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
-import tomllib
+import re
 import types
 from dataclasses import dataclass, field, fields, replace
-from email import errors as email_errors
-from email import policy
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -103,10 +100,15 @@ class EngineConfig:
     backoff_base_s: float = 0.1  # a failing loop (or a run broken by the environment) waits this long, doubling
     backoff_max_s: float = 5.0
     max_internal_requeues: int = 3  # a run broken by a non-environmental error: requeued this often, then "internal"
+    # an idle dispatcher looks for queued runs this often; a store that wakes it when another process queues a
+    # run (PostgreSQL NOTIFY, SQLite pipeline.wakeup) makes this a fallback; other stores are polled every 1 s
+    queue_poll_s: float = 5.0
 
     def validate(self) -> None:
         if self.max_active_runs < 1:
             raise ConfigurationError("engine.max_active_runs must be >= 1")
+        if self.queue_poll_s <= 0:
+            raise ConfigurationError("engine.queue_poll_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.stale_after_s <= self.heartbeat_interval_s:
             raise ConfigurationError("engine.stale_after_s must exceed heartbeat_interval_s > 0")
         if self.unhealthy_after < 1 or self.max_internal_requeues < 0:
@@ -233,13 +235,35 @@ class DeliveryConfig:
                                          f"not {value!r}")
 
 
+# local@domain, both dot-atoms (RFC 5322 3.4.1): the usual shape, which the email package reads as one mailbox
+_PLAIN_MAILBOX = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*",
+                            re.ASCII)
+
+
 def _is_one_mailbox(value: str) -> bool:
     """True when ``value`` parses (RFC 5322, email.headerregistry) as exactly one mailbox with a domain."""
+    if _PLAIN_MAILBOX.fullmatch(value):  # spares every CLI start the email package's import (issue 16)
+        return True
+    from email import errors as email_errors
+    from email import policy
+
     try:
         mailboxes = [a for a in policy.default.header_factory("To", value).addresses if a.username and a.domain]
     except (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError):
         return False  # what the email package raises on odd input instead of recording a defect
     return len(mailboxes) == 1 and value.isprintable()
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How ``serve`` lays out its processes (issue 17)."""
+
+    # accept SMTP (spool fsync, run commit, reply) in a child process of its own, so the pipeline's threads
+    # never hold the GIL the event loop needs; False: the gateway runs in serve's own process (the baseline)
+    gateway_process: bool = True
+
+    def validate(self) -> None:
+        """Nothing to check: one boolean."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +295,7 @@ class Settings:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> Settings:
         for f in fields(self):
@@ -312,6 +337,8 @@ def load_settings(path: Path | None = None, data_dir: Path | str | None = None, 
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # only with --config: a start without a settings file does not pay for it
+
     try:
         return tomllib.loads(Path(path).read_text())
     except (OSError, UnicodeError, tomllib.TOMLDecodeError) as exc:
@@ -348,6 +375,8 @@ def _replace_section(current: Any, values: dict[str, Any], section: str, prefix:
 
 
 def _nearest(name: str, known: list[str]) -> str:
+    import difflib  # only for an error message
+
     close = difflib.get_close_matches(name, known, n=1)
     return f"(did you mean {close[0]}?)" if close else f"(known: {', '.join(known)})"
 

@@ -65,7 +65,7 @@ class WorkflowEngine:
         self._cond = threading.Condition()
         self._wake = False
         self._unwatch = lambda: None  # stops the store's queue watcher (see start)
-        self.queue_notices = 0  # wake-ups by the store's watcher: another process queued runs
+        self.queue_notices = 0  # wake-ups by the store's watcher: some process (SQLite: this one too) queued runs
         self._stopping = False
         self._started = False
         self._threads: list[threading.Thread] = []
@@ -219,9 +219,9 @@ class WorkflowEngine:
         self.wake()
 
     def _dispatch_loop(self) -> None:
-        # also poll: another process may queue runs in a shared store; a store that notifies
-        # (PostgreSQL LISTEN) wakes us at its commit, so its poll is only a fallback
-        poll_s = 5.0 if self.store.queue_notifications else 1.0
+        # also poll: another process may queue runs in a shared store; a store that notifies (PostgreSQL
+        # LISTEN, SQLite's datagrams on this host) wakes us at its commit, so its poll is only a fallback
+        poll_s = self.settings.engine.queue_poll_s if self.store.queue_notifications else 1.0
         delay = 0.0
         while True:
             with self._cond:

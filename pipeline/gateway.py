@@ -42,6 +42,7 @@ import errno
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -74,6 +75,8 @@ class EmailGateway:
         self.limits = SessionLimits.from_config(self.config)  # the automatic session limit is read here
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
         self._controller: GatewayController | None = None
+        # whether the workers can take runs (None: yes); serve's gateway process hears it from its parent
+        self.health: Callable[[], str | None] = lambda: engine.health_problem
 
     def accept(self, raw: bytes, *, source: str = "smtp", mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
                data_end_at: float | None = None, dedup: bool = True, head: bytes = b"") -> Run:
@@ -148,29 +151,32 @@ class EmailGateway:
 
     def check_available(self) -> None:
         """Raise ``UnavailableError`` if the engine reports itself unhealthy (its loops keep failing)."""
-        if self.engine.healthy:
+        problem = self.health()
+        if problem is None:
             return
-        problem = self.engine.health_problem or "the workflow engine is unhealthy"
         raise UnavailableError(" ".join(str(problem).split())[:200])  # one line: it goes into an SMTP reply
 
     # -- SMTP ------------------------------------------------------------------
 
-    def start(self) -> EmailGateway:
-        """Listen for SMTP on the configured host and port (127.0.0.1:8025 by default).
+    def start(self, sockets: list[socket.socket] | None = None) -> EmailGateway:
+        """Listen for SMTP on ``sockets`` (bound by the serve that started this process), or else on the
+        configured host and port (127.0.0.1:8025 by default).
 
         Raises ``StartupError`` (one line) if the address cannot be bound: port in use, no such address, ...
         """
-        host, port = self.config.host, self.config.port
-        check_port_free(host, port)  # aiosmtpd would wait its whole ready timeout before reporting this
-        controller = GatewayController(_SmtpHandler(self), bulk_data=self.config.bulk_data, limits=self.limits,
-                                       hostname=host, port=port, data_size_limit=self.config.max_message_bytes,
+        sockets = sockets or listen_sockets(self.config.host, self.config.port)
+        host, port = sockets[0].getsockname()[:2]
+        controller = _SocketController(_SmtpHandler(self), sockets, bulk_data=self.config.bulk_data,
+                                       limits=self.limits, data_size_limit=self.config.max_message_bytes,
                                        server_hostname=socket.getfqdn(),  # once: aiosmtpd asks DNS per session
                                        ready_timeout=10)
         try:
             controller.start()
-        except OSError as exc:  # lost a race for the port, or the loop did not come up (TimeoutError)
+        except OSError as exc:  # the loop did not come up (TimeoutError)
             controller.stop(no_assert=True)
             controller.loop.close()
+            for sock in sockets:
+                sock.close()
             raise StartupError(f"cannot listen for SMTP on {host}:{port}: {exc}") from exc
         self._controller = controller
         log.info("SMTP gateway listening on %s:%d (max message %d bytes, at most %d sessions%s)", host, port,
@@ -296,21 +302,62 @@ def smtp_reply_for(exc: Exception) -> str:
     return "451 4.3.0 Temporary failure storing the message, try again later"
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ``StartupError`` if ``host:port`` cannot be bound for listening now (port 0 is always free)."""
-    if port == 0:
-        return
+def listen_sockets(host: str, port: int, backlog: int = 100) -> list[socket.socket]:
+    """Bind and listen on every address of ``host`` as asyncio's ``create_server`` would; return the sockets.
+
+    Binding here, not in aiosmtpd, reports a taken port at once (aiosmtpd waits its whole ready timeout),
+    and lets serve hand the sockets to its gateway process, keeping them across that process's restarts.
+    Raises ``StartupError`` (one line) if an address cannot be bound.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartupError(f"cannot listen for SMTP on {host}:{port}: {exc.strerror}") from exc
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise StartupError(_bind_problem(host, port, exc)) from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: the IPv4 address gets its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(_bind_problem(host, port, exc)) from exc
+    return sockets
+
+
+class _SocketController(GatewayController):
+    """A GatewayController serving on sockets bound beforehand (``listen_sockets``)."""
+
+    def __init__(self, handler: object, sockets: list[socket.socket], **kwargs: Any) -> None:
+        host, port = sockets[0].getsockname()[:2]
+        super().__init__(handler, hostname=host, port=port, **kwargs)  # where aiosmtpd's start-up probe connects
+        self.sockets = sockets
+
+    def _create_server(self) -> Awaitable[Any]:
+        return self._serve_all()
+
+    async def _serve_all(self) -> _Servers:
+        return _Servers([await self.loop.create_server(self._factory_invoker, sock=sock) for sock in self.sockets])
+
+
+class _Servers:
+    """The asyncio servers of a host name with several addresses, closed together (what aiosmtpd asks of one)."""
+
+    def __init__(self, servers: list[asyncio.AbstractServer]) -> None:
+        self.servers = servers
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
 
 
 def _bind_problem(host: str, port: int, exc: OSError) -> str:

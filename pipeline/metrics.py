@@ -9,9 +9,16 @@ bound once and cached in plain dicts, so the hot path never builds label tuples.
 
 Figures that live elsewhere are read when Prometheus scrapes (``ScrapeCollector``):
 runs by state from the store's counter table, the engine's active runs, and the
-resident memory of this process and its extraction workers. A store that fails
-then does not fail the scrape: the run figures are left out and
+resident memory of this process, its gateway process and its extraction workers.
+A store that fails then does not fail the scrape: the run figures are left out and
 ``pipeline_scrape_errors_total{source="store"}`` counts it.
+
+Serve's gateway process (issue 17) counts its SMTP replies in its own registry
+and serves it on a loopback port of its own; serve's endpoint, the one target
+Prometheus scrapes, adds those samples to its own families at each scrape
+(``merged``). While that process restarts its figures are left out and
+``source="gateway"`` is counted; a restarted one counts from zero again, which
+Prometheus's ``rate()`` reads as a counter reset.
 
 Labels are bounded sets: SMTP command and reply code, task name with mapped
 instances collapsed (``ingest_pdf[3]`` is ``ingest_pdf``), run state, and the
@@ -24,11 +31,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from . import errors
@@ -37,6 +45,7 @@ from .dag import task_of
 log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 EXTRACT_WORKER = "pipeline.stages.extract_worker"  # in the command line of every extraction worker process
+GATEWAY_PROCESS = "pipeline.gatewaychild"  # in the command line of serve's gateway process
 
 _MS_TO_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -134,17 +143,19 @@ def worker_restarted(cause: str) -> None:
 
 
 class ScrapeCollector(Collector):
-    """Figures read at scrape time: runs by state, active runs, this process tree's resident memory."""
+    """Figures read at scrape time: runs by state, active runs, this process tree's resident memory, and the
+    counts of serve's gateway process (``gateway``: its exposition text; raises ``OSError`` while it is down)."""
 
     def __init__(self, runs_by_state: Callable[[], dict[str, int]] | None = None,
-                 active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = ()) -> None:
-        self.runs_by_state, self.active_runs = runs_by_state, active_runs
+                 active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
+                 gateway: Callable[[], str] | None = None) -> None:
+        self.runs_by_state, self.active_runs, self.gateway = runs_by_state, active_runs, gateway
         self.states = states  # shown as 0 when the store has no run in them, so every series always exists
-        self._store_errors = 0
+        self._errors = {"store": 0, **({"gateway": 0} if gateway is not None else {})}
         self._lock = threading.Lock()  # two scrapes at once must not lose a count
 
     def collect(self) -> Iterator[Any]:
-        yield from REGISTRY.collect()
+        yield from self._own_and_gateway()
         yield from self._runs()
         if self.active_runs is not None:
             yield GaugeMetricFamily("pipeline_active_runs", "Runs this process is running now",
@@ -152,8 +163,25 @@ class ScrapeCollector(Collector):
         yield from memory_families()
         errors_family = CounterMetricFamily("pipeline_scrape_errors", "Scrapes that could not read a source",
                                             labels=["source"])
-        errors_family.add_metric(["store"], self._store_errors)
+        for source, count in self._errors.items():
+            errors_family.add_metric([source], count)
         yield errors_family
+
+    def _own_and_gateway(self) -> Iterator[Any]:
+        if self.gateway is None:
+            yield from REGISTRY.collect()
+            return
+        try:
+            text = self.gateway()
+        except (OSError, ValueError) as exc:  # restarting: leave its figures out, count it
+            self._count_error("gateway", exc)
+            text = ""
+        yield from merged(REGISTRY.collect(), text)
+
+    def _count_error(self, source: str, exc: Exception) -> None:
+        with self._lock:
+            self._errors[source] += 1
+        log.warning("metrics: cannot read the %s: %s: %s", source, type(exc).__name__, exc)
 
     def _runs(self) -> Iterator[Any]:
         if self.runs_by_state is None:
@@ -161,9 +189,7 @@ class ScrapeCollector(Collector):
         try:
             counts = self.runs_by_state()
         except Exception as exc:  # a broken store must not fail the scrape: count it, leave the figures out
-            with self._lock:
-                self._store_errors += 1
-            log.warning("metrics: cannot read runs by state: %s: %s", type(exc).__name__, exc)
+            self._count_error("store", exc)
             return
         runs = GaugeMetricFamily("pipeline_runs", "Runs in the store by state (all processes)", labels=["state"])
         for state, n in sorted({**dict.fromkeys(self.states, 0), **counts}.items()):
@@ -173,18 +199,41 @@ class ScrapeCollector(Collector):
                                 value=counts.get("queued", 0))
 
 
+def merged(local: Iterable[Metric], text: str) -> Iterator[Metric]:
+    """``local`` families with the samples of the same families in ``text`` (another process's exposition)
+    added, sample by sample: counters, gauges and histogram buckets of two processes summed."""
+    other = {family.name: family for family in text_string_to_metric_families(text)}
+    for family in local:
+        extra = other.get(family.name)
+        if extra is None:
+            yield family
+            continue
+        sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for sample in [*family.samples, *extra.samples]:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            sums[key] = sums.get(key, 0.0) + sample.value
+        both = Metric(family.name, family.documentation, family.type, family.unit)
+        for (name, labels), value in sums.items():
+            both.add_sample(name, dict(labels), value)
+        yield both
+
+
 def memory_families() -> Iterator[Any]:
-    """Resident memory of this process (role ``serve``) and its extraction workers (sum and max, no pids)."""
+    """Resident memory of this process (role ``serve``), its gateway process and its extraction workers
+    (sum and max, no pids)."""
     import psutil  # imported here: the hooks in the core never pay for it
 
-    rss: dict[str, list[int]] = {"serve": [], "extract_worker": []}
+    rss: dict[str, list[int]] = {"serve": [], "gateway": [], "extract_worker": []}
     try:
         me = psutil.Process(os.getpid())
         rss["serve"].append(me.memory_info().rss)
         for child in me.children(recursive=True):
             try:
-                if any(EXTRACT_WORKER in part for part in child.cmdline()):
-                    rss["extract_worker"].append(child.memory_info().rss)
+                command = child.cmdline()
+                role = next((r for r, m in (("extract_worker", EXTRACT_WORKER), ("gateway", GATEWAY_PROCESS))
+                             if any(m in part for part in command)), None)
+                if role is not None:
+                    rss[role].append(child.memory_info().rss)
             except psutil.Error:  # it ended meanwhile
                 continue
     except psutil.Error as exc:
@@ -221,17 +270,19 @@ class MetricsServer:
 
 def start_metrics_server(port: int, host: str = "127.0.0.1", *,
                          runs_by_state: Callable[[], dict[str, int]] | None = None,
-                         active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = ()) -> MetricsServer:
+                         active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
+                         gateway: Callable[[], str] | None = None) -> MetricsServer:
     """Serve ``/metrics`` on ``host:port`` from a thread; return the server (close it on stop).
 
-    ``runs_by_state`` and ``active_runs`` are read at each scrape (a role without a store or engine
-    passes None); ``states`` are the run states shown even at 0. Raises ``OSError`` if the address cannot be bound.
+    ``runs_by_state``, ``active_runs`` and ``gateway`` (the gateway process's exposition) are read at each
+    scrape (a role without a store, engine or gateway process passes None); ``states`` are the run states
+    shown even at 0. Raises ``OSError`` if the address cannot be bound.
     """
     from prometheus_client import disable_created_metrics
     from prometheus_client.exposition import start_http_server
 
     disable_created_metrics()  # the *_created series double every family and no alert needs them
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScrapeCollector(runs_by_state, active_runs, states))
+    registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .duration_bins import bin_sql, binned_measures, hour_sql
 from .errors import SchemaTooNewError, StoreError
 
 MIGRATION_LOCK = 0x7069_7065_6C69_6E65 & 0x7FFF_FFFF_FFFF_FFFF  # "pipeline": one advisory lock key per database
@@ -47,6 +48,62 @@ _DELETE_TRIGGER = """CREATE FUNCTION run_counts_delete() RETURNS trigger LANGUAG
 # gateway's) measured the same either way.
 _INSERT_TRIGGER = """CREATE FUNCTION run_counts_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
     PERFORM run_counts_bump(ARRAY(SELECT (workflow, state, 1)::run_count_delta FROM born));
+    RETURN NULL; END $$"""
+
+
+def task_name_sql(task_id: str) -> str:
+    """SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``; DAG task ids hold no '[')."""
+    return f"split_part({task_id}, '[', 1)"
+
+
+def _measures(row: str = "") -> str:
+    """FROM item ``m (measure, v)``: the histogram rows one try of ``row`` counts in (``binned_measures``)."""
+    (duration_measure, duration, _), (run_measure, run_time, _) = binned_measures(row)
+    return f"(VALUES ({duration_measure}, {duration}), ({run_measure}, {run_time})) AS m (measure, v)"
+
+
+def _counted(row: str = "") -> str:
+    """Condition on ``m``: the run-time row only for a try that waited."""
+    return f"(m.measure < 2 OR {binned_measures(row)[1][2]})"
+
+
+def _binned_tries(table: str) -> str:
+    """SELECT of the duration-histogram rows (measure, hour, task, bin, n, lo, hi) the successful tries in
+    ``table`` make."""
+    return (f"SELECT m.measure, {hour_sql('ended_at')} AS hour, {task_name_sql('task_id')} AS task, "
+            f"{bin_sql('m.v')} AS bin, count(*) AS n, min(m.v) AS lo, max(m.v) AS hi FROM {table}, "
+            f"LATERAL {_measures()} WHERE state = 'success' AND started_at IS NOT NULL AND ended_at IS NOT NULL "
+            f"AND {_counted()} GROUP BY 1, 2, 3, 4")
+
+
+# rebuilt from task_runs: by the migration, and after a bulk load that ran with triggers off (the audit's fill)
+REBUILD_DURATION_BINS = ["TRUNCATE task_duration_bins", "INSERT INTO task_duration_bins " + _binned_tries("task_runs")]
+
+# One try in or out of its bins, in plpgsql (its statements' plans are cached; a SQL function's are not):
+# an emptied bin goes.
+_ROW_BINS = f"""CREATE FUNCTION task_duration_bins_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.state = 'success' AND OLD.started_at IS NOT NULL AND OLD.ended_at IS NOT NULL THEN
+        UPDATE task_duration_bins b SET n = b.n - 1 FROM {_measures('OLD')} WHERE {_counted('OLD')}
+        AND (b.measure, b.hour, b.task, b.bin) =
+            (m.measure, {hour_sql('OLD.ended_at')}, {task_name_sql('OLD.task_id')}, {bin_sql('m.v')});
+        DELETE FROM task_duration_bins WHERE n <= 0 AND measure IN (0, 1, 2)
+        AND hour = {hour_sql('OLD.ended_at')} AND task = {task_name_sql('OLD.task_id')};
+    END IF;
+    IF NEW.state = 'success' AND NEW.started_at IS NOT NULL AND NEW.ended_at IS NOT NULL THEN
+        INSERT INTO task_duration_bins AS b
+        SELECT m.measure, {hour_sql('NEW.ended_at')}, {task_name_sql('NEW.task_id')}, {bin_sql('m.v')}, 1, m.v, m.v
+        FROM {_measures('NEW')} WHERE {_counted('NEW')}
+        ON CONFLICT (measure, hour, task, bin) DO UPDATE SET n = b.n + 1,
+            lo = least(b.lo, excluded.lo), hi = greatest(b.hi, excluded.hi);
+    END IF;
+    RETURN NULL; END $$"""
+
+# purge deletes thousands of tries a statement: one grouped update per statement
+_DELETE_BINS = f"""CREATE FUNCTION task_duration_bins_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    UPDATE task_duration_bins b SET n = b.n - g.n FROM ({_binned_tries("gone")}) AS g
+    WHERE (b.measure, b.hour, b.task, b.bin) = (g.measure, g.hour, g.task, g.bin);
+    DELETE FROM task_duration_bins b USING ({_binned_tries("gone")}) AS g
+    WHERE (b.measure, b.hour, b.task, b.bin) = (g.measure, g.hour, g.task, g.bin) AND b.n <= 0;
     RETURN NULL; END $$"""
 
 # Named migrations, applied in order; schema_migrations has one row per migration applied.
@@ -118,6 +175,27 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "DROP TRIGGER runs_count_insert ON runs",
         "CREATE TRIGGER runs_count_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS born "
         "FOR EACH STATEMENT EXECUTE FUNCTION run_counts_insert()",
+    ]),
+    ("task instances record their wait for a worker; duration histograms per task and hour", [
+        # issue 14: of a try's duration, the seconds it waited for a shared extraction worker
+        "ALTER TABLE task_runs ADD COLUMN wait_s double precision NOT NULL DEFAULT 0",
+        # issue 16: the partial hours at a window's edges are read from this index, run times too
+        "DROP INDEX task_runs_success_window",
+        "CREATE INDEX task_runs_success_window ON task_runs (ended_at) INCLUDE (task_id, started_at, wait_s) "
+        "WHERE state = 'success'",
+        # measure 0: tries that did not wait; 1 and 2: durations and run times of those that did
+        """CREATE TABLE task_duration_bins (measure smallint NOT NULL, hour bigint NOT NULL, task text NOT NULL,
+            bin integer NOT NULL, n bigint NOT NULL, lo double precision NOT NULL, hi double precision NOT NULL,
+            PRIMARY KEY (measure, hour, task, bin))""",
+        *REBUILD_DURATION_BINS,
+        _ROW_BINS, _DELETE_BINS,
+        # a transition that neither makes nor unmakes a success (most of them) does not call the function
+        "CREATE TRIGGER task_bins_insert AFTER INSERT ON task_runs FOR EACH ROW WHEN (NEW.state = 'success') "
+        "EXECUTE FUNCTION task_duration_bins_row()",
+        "CREATE TRIGGER task_bins_update AFTER UPDATE OF state, task_id, started_at, ended_at, wait_s ON task_runs "
+        "FOR EACH ROW WHEN (OLD.state = 'success' OR NEW.state = 'success') EXECUTE FUNCTION task_duration_bins_row()",
+        "CREATE TRIGGER task_bins_delete AFTER DELETE ON task_runs REFERENCING OLD TABLE AS gone "
+        "FOR EACH STATEMENT EXECUTE FUNCTION task_duration_bins_delete()",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

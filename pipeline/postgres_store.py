@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +37,7 @@ from .errors import (
     StoreIOError,
     StoreUnavailableError,
 )
-from .postgres_schema import SPOOL_TOMBSTONES_VERSION, migrate
+from .postgres_schema import SPOOL_TOMBSTONES_VERSION, migrate, task_name_sql
 from .sql_store import EVENT, FINAL_TASK, Connection, SqlRunStore, TransientStoreError, retried
 from .store import RUNNING, TERMINAL_TASK_STATES, Transition
 
@@ -142,6 +141,7 @@ class PostgresRunStore(SqlRunStore):
     # such a commit flushes every earlier lazy one too.
     BEGIN_LAZY = "BEGIN; SET LOCAL synchronous_commit TO off"
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
+    TASK_NAME_SQL = task_name_sql("task_id")
     queue_notifications = True
 
     def __init__(self, config: StoreConfig | str, *, create: bool = True) -> None:
@@ -237,25 +237,6 @@ class PostgresRunStore(SqlRunStore):
             raise
         return sum(max(cur.rowcount, 0) for cur in cursors)
 
-    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
-        """Computed by the server (percentile_cont): no rows travel, whatever the window holds.
-
-        The window's rows come from the covering index task_runs_success_window and are
-        hashed by task id into one array each; the ``[n]`` of mapped instances is then
-        stripped from those few ids, not from every row, and the per-task groups arrive
-        sorted, so the rows are never sorted by name (the audit times it: task_p50_p95_last_day in notebooks 06 and 11).
-        """
-        until = time.time() if until is None else until
-        rows = self._read(
-            "SELECT task, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
-            "percentile_cont(0.95) WITHIN GROUP (ORDER BY d) "
-            "FROM (SELECT regexp_replace(task_id, '\\[\\d+\\]$', '') AS task, durations FROM "
-            "(SELECT task_id, array_agg(ended_at - started_at) AS durations FROM task_runs "
-            "WHERE state = 'success' AND ended_at >= ? AND ended_at < ? GROUP BY task_id) AS instances "
-            "ORDER BY 1) AS tasks, unnest(durations) AS d GROUP BY task ORDER BY task",
-            (since, until))
-        return {task: {"n": int(n), "p50": float(p50), "p95": float(p95)} for task, n, p50, p95 in rows}
-
     # -- wake-ups ----------------------------------------------------------------
 
     def watch_queue(self, wake: Callable[[], None]) -> Callable[[], None]:
@@ -335,7 +316,7 @@ def _transition_sql(t: Transition, owner: str | None) -> tuple[str, tuple[Any, .
     started = t.at if t.state == RUNNING else None
     ended = t.at if t.state in TERMINAL_TASK_STATES else None
     return (_TRANSITION if owner is None else _OWNED_TRANSITION,
-            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
+            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json, t.wait_s,
              t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner)), t.at))
 
 
@@ -345,7 +326,8 @@ def _transition_text(owned_run: str) -> str:
         "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true)), "
         "changed AS (UPDATE task_runs SET state = ?, try_number = ?, "
         "started_at = coalesce(?::float8, started_at), ended_at = ?, error_type = ?, error_message = ?, "
-        f"output = coalesce(?::text, output) FROM lazy WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run} "
+        "output = coalesce(?::text, output), wait_s = ? "
+        f"FROM lazy WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run} "
         "RETURNING run_id, task_id, try_number, state, error_type) "
         f"{EVENT}, error_type) SELECT run_id, task_id, try_number, state, ?, error_type FROM changed")
 

@@ -19,6 +19,10 @@ process took the run over abandons the run quietly (``RunTakenOver``).
 A try interrupted by a stop (its future cancelled, its process pool broken, or
 a retryable failure within the grace period) is not the task's failure: the
 instance and the run go back to the queue.
+A thread try runs with a ``WaitClock`` on which the extraction pool counts its
+waits for a free worker; the transition that ends the try carries that figure
+(``wait_s``), so a try's run time is told from its queue wait (issue 14). Tries in
+a process pool or on Dask record no wait.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from .dag import DAG, Task, TaskContext, parse_instance
 from .errors import StepError, StoreError, TaskTimeoutError
 from .executors import Executors, call_task
 from .handover import Handover
+from .stages.worker_pool import WaitClock, timing_waits
 from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
 
@@ -58,6 +63,7 @@ class _Instance:
     output: Any = None
     error: tuple[str, str] | None = None
     started: float = 0.0  # monotonic start of the latest try (0: never tried), for the task duration metric
+    clock: WaitClock | None = None  # the latest try's waits for a shared worker (thread tries only)
 
 
 class DAGRunner:
@@ -258,18 +264,19 @@ class DAGRunner:
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
-        if inst.task.executor != "thread":  # a process pool or the Dask cluster
+        inst.clock = None if inst.task.executor != "thread" else WaitClock()
+        if inst.clock is None:  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
             future = self.executors.submit_to(inst.task.executor, inst.task.fn, ctx)
         else:
-            future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx)
+            future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx, inst.clock)
         self._handover.try_started()
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:
             self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
         future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
 
-    def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext) -> Any:
+    def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext, clock: WaitClock) -> Any:
         try:
             with self._lock:
                 # The timeout was scheduled at submit: if it fired while this try waited for a free
@@ -280,7 +287,8 @@ class DAGRunner:
         except Exception as exc:
             self._break(exc)
             return None
-        return call_task(self._instances[instance_id].task.fn, ctx)
+        with timing_waits(clock):
+            return call_task(self._instances[instance_id].task.fn, ctx)
 
     # -- completion -------------------------------------------------------------
 
@@ -373,11 +381,16 @@ class DAGRunner:
 
     def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
                error: tuple[str, str] | None = None, output_json: str | None = None) -> bool:
-        """Write one transition; return False if the store skipped it; raise RunTakenOver if the run is not ours."""
-        attempt = self._instances[instance_id].try_number if try_number is None else try_number
+        """Write one transition; return False if the store skipped it; raise RunTakenOver if the run is not ours.
+
+        Every transition carries the latest try's wait so far: 0 when it starts, its whole wait when it ends.
+        """
+        inst = self._instances[instance_id]
+        attempt = inst.try_number if try_number is None else try_number
+        wait_s = inst.clock.seconds() if inst.clock is not None and state != s.RUNNING else 0.0
         applied = self.store.record_transitions([Transition(
             self.run.run_id, instance_id, state, attempt, time.time(),
-            error[0] if error else None, error[1] if error else None, output_json)], owner=self.run.owner)
+            error[0] if error else None, error[1] if error else None, output_json, wait_s)], owner=self.run.owner)
         if not applied and self.run.owner is not None:
             run = self.store.get_run(self.run.run_id)
             self._owned(run.state == s.RUNNING and run.owner == self.run.owner)

@@ -19,12 +19,21 @@ SMTP port, and only then start the engine, which claims queued runs. A port
 in use therefore fails start-up before any run was claimed. Every start-up
 failure is a ``PipelineError`` (``StartupError`` when nothing more specific
 applies), and whatever was already opened is closed again.
+
+``serve_forever`` (what ``serve`` runs) puts the gateway in a child process
+of its own by default (``[serve] gateway_process``, issue 17: see
+``pipeline.gatewayprocess``): this process binds the port and starts the
+engine, then the child reconciles the spool, listens and watches the drop
+folder (once it answers SMTP, serve is all up). ``start()`` alone keeps
+everything in one process, as the tests and the audit's in-process harnesses
+want.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +47,7 @@ from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .errors import ConfigurationError, StartupError
 from .gateway import EmailGateway
+from .gatewayprocess import GatewayProcess
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from .spool import Spool, SpooledMessage
 from .stages.parse import wrap_pdf
@@ -53,10 +63,13 @@ _ROLE_NAMES = {ALL: "gateway and workers", GATEWAY: "gateway only", WORKERS: "wo
 class PipelineService:
     """Compose store, engine, gateway and drop folder from one Settings."""
 
-    def __init__(self, settings: Settings, *, listen: bool = True, role: str = ALL) -> None:
+    def __init__(self, settings: Settings, *, listen: bool = True, role: str = ALL,
+                 sockets: list[socket.socket] | None = None) -> None:
         """Open the store and the spool; raises a ``PipelineError`` (with nothing left open) if either fails.
 
         ``role`` is ``"all"``, ``"gateway"`` (no engine loops) or ``"workers"`` (no SMTP, no drop folder).
+        ``sockets``: SMTP sockets already bound (by the serve that started this gateway process); None:
+        bind the configured host and port at start.
         """
         if role not in ROLES:
             raise ConfigurationError(f"serve role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -66,7 +79,9 @@ class PipelineService:
         self.role = role
         self.listen = listen and role != WORKERS
         self._stop = threading.Event()
+        self.sockets = sockets
         self.metrics_server: metrics.MetricsServer | None = None  # serve's /metrics, when [metrics] port is set
+        self.gateway_process: GatewayProcess | None = None  # the gateway's own process, when start() made one
         data_dir = Path(settings.data_dir)
         with ExitStack() as opened, _as_startup_error("cannot open the data dir"):
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,25 +97,31 @@ class PipelineService:
                                           settings.gateway) if self.listen and settings.gateway.drop_folder else None
             opened.pop_all()  # all opened: stop() closes them from now on
 
-    def start(self, run_workers: bool = True) -> PipelineService:
+    def start(self, run_workers: bool = True, gateway_process: bool = False) -> PipelineService:
         """Reconcile the spool, bind the SMTP port, then start the engine and the drop folder.
 
         ``run_workers=False`` (or the gateway role) only accepts and queues; the workers role neither
-        reconciles nor listens. Raises a ``PipelineError`` (``StartupError`` for a port in use) after
-        closing everything this service opened.
+        reconciles nor listens. ``gateway_process`` (the full role only) binds the port here and starts
+        the gateway, which reconciles and watches the drop folder too, in a child process. Raises a
+        ``PipelineError`` (``StartupError`` for a port in use) after closing everything this service opened.
         """
         run_workers = run_workers and self.role != GATEWAY
+        in_child = gateway_process and self.listen and self.role == ALL
         try:
             with _as_startup_error("cannot start"):
-                if self.role != WORKERS:  # the spool is the gateways' side: they make its lost messages runs
+                if in_child:  # bound here, before the engine claims anything: a taken port changes nothing
+                    self.gateway_process = GatewayProcess(self.settings, lambda: self.engine.health_problem).bind()
+                elif self.role != WORKERS:  # the spool is the gateways' side: they make its lost messages runs
                     self.reconcile_spool()
-                if self.listen:
-                    self.gateway.start()  # bind before the engine claims anything: a taken port changes nothing
+                if self.listen and not in_child:
+                    self.gateway.start(self.sockets)  # bind before the engine claims anything (as above)
                 if self.settings.metrics.port and (self.listen or self.role == WORKERS):  # serve, not `ingest`
                     self.metrics_server = self._start_metrics()
                 if run_workers:
                     self.engine.start()
-                if self.drop_folder is not None:
+                if self.gateway_process is not None:  # last: once it answers SMTP, serve is all up
+                    self.gateway_process.start()
+                elif self.drop_folder is not None:
                     self.drop_folder.start()
         except BaseException:
             self._close_after_failed_start()
@@ -111,9 +132,10 @@ class PipelineService:
         """Serve ``/metrics`` (runs by state from the store; active runs if this role runs any); log its URL."""
         host, port = self.settings.metrics.host, self.settings.metrics.port
         active = None if self.role == GATEWAY else (lambda: len(self.engine.active_runs()))
+        child = self.gateway_process.exposition if self.gateway_process is not None else None
         try:
             server = metrics.start_metrics_server(port, host, runs_by_state=self.store.count_runs_by_state,
-                                                  active_runs=active, states=RUN_STATES)
+                                                  active_runs=active, states=RUN_STATES, gateway=child)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         log.info("metrics on http://%s:%d/metrics", host, server.port)
@@ -159,6 +181,8 @@ class PipelineService:
         """
         steps: list[Callable[[], None]] = [self.gateway.stop, lambda: self.engine.shutdown(grace_s),
                                            self.store.close, self.spool.close]
+        if self.gateway_process is not None:  # first: no new messages, and those accepted are committed
+            steps.insert(0, self.gateway_process.stop)
         if self.drop_folder is not None:
             steps.insert(0, self.drop_folder.stop)
         if self.metrics_server is not None:
@@ -178,15 +202,26 @@ class PipelineService:
         except Exception as exc:  # the start-up error is the one to report
             log.warning("while closing after a failed start: %s: %s", type(exc).__name__, exc)
 
+    @property
+    def health_problem(self) -> str | None:
+        """Why this service cannot do its whole job now (its gateway process is down, an engine loop keeps
+        failing); None when healthy."""
+        child = self.gateway_process.problem if self.gateway_process is not None else None
+        return child or self.engine.health_problem
+
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop gracefully (no traceback on a normal stop)."""
+        """Run until SIGINT or SIGTERM, then stop gracefully (no traceback on a normal stop).
+
+        The gateway runs in a child process of its own unless ``[serve] gateway_process`` is false.
+        """
         signalled: list[int] = []  # a handler must not take a lock: Event.set() there can deadlock with wait()
         handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start()
-            log.info("pipeline serving (%s); data in %s; runs in %s. Ctrl-C to stop.", _ROLE_NAMES[self.role],
-                     self.settings.data_dir, store_location(self.settings))
+            self.start(gateway_process=self.settings.serve.gateway_process)
+            where = f", the gateway in process {self.gateway_process.pid}" if self.gateway_process else ""
+            log.info("pipeline serving (%s%s); data in %s; runs in %s. Ctrl-C to stop.", _ROLE_NAMES[self.role],
+                     where, self.settings.data_dir, store_location(self.settings))
             while not signalled and not self._stop.is_set():
                 time.sleep(0.2)  # a signal interrupts the sleep; its handler runs, then the loop ends
             log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",

@@ -4,8 +4,9 @@ The DAGRunStore contract (``pipeline.store``) is written here once, in SQL
 with ``?`` placeholders; ``SqliteRunStore`` and ``PostgresRunStore`` add only
 what differs: how a connection is had (one behind a lock, or a pool), how a
 transaction begins, how a run is inserted (its new id), the row lock a claim
-takes, how driver errors map onto the StoreError tree, and the queries one
-engine answers better its own way (counts, percentiles).
+takes, how driver errors map onto the StoreError tree, the queries one
+engine answers better its own way (counts), and the dialect of the percentile
+query (the task of an instance id, an index hint).
 
 Terminal states are final: the UPDATEs that end or requeue runs and tasks
 carry the state they expect in their WHERE clause (compare-and-set), so a late
@@ -18,22 +19,21 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from . import metrics
 from . import store as s
-from .dag import task_of
+from .duration_bins import percentiles_by_task, window_params, window_sql
 from .errors import StoreBusyError, StoreError, UnknownRunError
 from .store import DAGRunStore, Run, TaskRun, Transition
 
 RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, "
                "reason")
-TASK_COLUMNS = "run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, output"
+TASK_COLUMNS = ("run_id, task_id, state, try_number, queued_at, started_at, ended_at, error_type, error_message, "
+                "output, wait_s")
 # named columns: task_events grew error_type in a later (SQLite) migration
 EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
 FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
@@ -78,6 +78,8 @@ class SqlRunStore(DAGRunStore):
     # the transition waited is seen, not the statement's older snapshot (SQLite: one writer, nothing to lock)
     OWNER_LOCK = ""
     TOMBSTONES_VERSION = 1  # the migration from which purge tombstones every spool file it drops
+    TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
+    WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
@@ -115,6 +117,8 @@ class SqlRunStore(DAGRunStore):
         open, so it is rolled back too: the connection stays usable. ``lazy``
         marks writes that may be lost in a server crash (see BEGIN_LAZY).
         """
+        from . import metrics  # here, not at the top: reading a store (`runs`, `show`) never loads prometheus_client
+
         try:
             with self._connection() as conn, metrics.STORE_TX[lazy].time():
                 conn.execute((self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
@@ -324,9 +328,9 @@ class SqlRunStore(DAGRunStore):
         ended = t.at if t.state in s.TERMINAL_TASK_STATES else None
         cur = conn.execute(
             "UPDATE task_runs SET state = ?, try_number = ?, started_at = coalesce(?, started_at), "
-            "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output) "
+            "ended_at = ?, error_type = ?, error_message = ?, output = coalesce(?, output), wait_s = ? "
             f"WHERE run_id = ? AND task_id = ? AND {FINAL_TASK}{owned_run}",
-            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json,
+            (t.state, t.try_number, started, ended, t.error_type, t.error_message, t.output_json, t.wait_s,
              t.run_id, t.task_id, *(() if owner is None else (t.run_id, owner))))
         if not cur.rowcount:  # skipped when already final: a late RUNNING must not undo a timeout
             return 0
@@ -334,20 +338,13 @@ class SqlRunStore(DAGRunStore):
                      (t.run_id, t.task_id, t.try_number, t.state, t.at, t.error_type))
         return 1
 
-    def task_duration_percentiles(self, since: float, until: float | None = None) -> dict[str, dict[str, float]]:
+    def task_duration_percentiles(self, since: float, until: float | None = None,
+                                  run_time: bool = False) -> dict[str, dict[str, float]]:
+        """Read from the duration histograms (``pipeline.duration_bins``): whole hours from their bins, the
+        two partial hours from the covering index; rows a day of 1M runs holds are never read one by one."""
         until = time.time() if until is None else until
-        rows = self._read(self._durations_sql(), (since, until))
-        by_instance: dict[str, list[float]] = {}
-        for task_id, duration in rows:
-            by_instance.setdefault(task_id, []).append(duration)
-        groups: dict[str, list[float]] = {}
-        for task_id, durations in by_instance.items():  # strip "[n]" once per instance id, not per row
-            groups.setdefault(task_of(task_id), []).extend(durations)
-        return {task: percentiles(values) for task, values in sorted(groups.items())}
-
-    def _durations_sql(self) -> str:
-        return ("SELECT task_id, ended_at - started_at FROM task_runs "
-                "WHERE state = 'success' AND ended_at >= ? AND ended_at < ?")
+        sql = window_sql(self.TASK_NAME_SQL, self.WINDOW_INDEX_HINT, run_time)
+        return percentiles_by_task(self._read(sql, window_params(since, until, run_time)))
 
     # -- purge and the spool files of runs ---------------------------------------
 
@@ -435,12 +432,4 @@ def run_from_row(row: tuple[Any, ...]) -> Run:
 def task_from_row(row: tuple[Any, ...]) -> TaskRun:
     """Map a row of TASK_COLUMNS to a TaskRun."""
     output = json.loads(row[9]) if row[9] is not None else None
-    return TaskRun(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], output)
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """Return n, median and 95th percentile (linear interpolation, like percentile_cont)."""
-    if len(values) == 1:
-        return {"n": 1, "p50": values[0], "p95": values[0]}
-    cuts = statistics.quantiles(values, n=20, method="inclusive")
-    return {"n": len(values), "p50": statistics.median(values), "p95": cuts[18]}
+    return TaskRun(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], output, row[10])

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .duration_bins import bin_sql, binned_measures, hour_sql, value_sql
 from .errors import SchemaTooNewError, StoreError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,40 @@ def _basename(path_sql: str) -> str:
     substr() then takes what follows it. A path without '/' is its own name; NULL stays NULL.
     """
     return f"substr({path_sql}, length(rtrim({path_sql}, replace({path_sql}, '/', ''))) + 1)"
+
+
+def task_name_sql(task_id: str) -> str:
+    """SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``; DAG task ids hold no '[')."""
+    cut = f"instr({task_id}, '[')"
+    return f"CASE WHEN {cut} > 0 THEN substr({task_id}, 1, {cut} - 1) ELSE {task_id} END"
+
+
+def _binned(row: str) -> str:
+    """Trigger condition: the task instance ``row`` (NEW or OLD) is a successful try with a duration."""
+    return f"{row}.state = 'success' AND {row}.started_at IS NOT NULL AND {row}.ended_at IS NOT NULL"
+
+
+def _key(row: str, measure: str, value: str) -> str:
+    """measure, hour, task and bin of ``row``'s try, as the key columns of task_duration_bins."""
+    return f"{measure}, {hour_sql(f'{row}.ended_at')}, {task_name_sql(f'{row}.task_id')}, {bin_sql(value)}"
+
+
+def _count_new() -> str:
+    """Trigger statements counting NEW's try in its bins (``duration_bins.binned_measures``)."""
+    return " ".join(
+        f"INSERT INTO task_duration_bins SELECT {_key('NEW', measure, value)}, 1, {value}, {value} WHERE {when} "
+        "ON CONFLICT (measure, hour, task, bin) DO UPDATE SET n = n + 1, lo = min(lo, excluded.lo), "
+        "hi = max(hi, excluded.hi);" for measure, value, when in binned_measures("NEW"))
+
+
+def _uncount_old() -> str:
+    """Trigger statements uncounting OLD's try; an emptied bin goes (the extremes of one a purge thinned
+    stay as they were: inside the bin, so the error bound holds)."""
+    return " ".join(
+        f"UPDATE task_duration_bins SET n = n - 1 WHERE {when} AND (measure, hour, task, bin) = "
+        f"({_key('OLD', measure, value)}); DELETE FROM task_duration_bins WHERE {when} AND "
+        f"(measure, hour, task, bin) = ({_key('OLD', measure, value)}) AND n <= 0;"
+        for measure, value, when in binned_measures("OLD"))
 
 
 # Named migrations, applied in order; PRAGMA user_version counts those applied.
@@ -143,6 +178,36 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         # spool files purge dropped (committed before the file is deleted), so that reconciliation never
         # takes a purged message for a lost one; a row goes once its file is gone
         "CREATE TABLE spool_tombstones (name TEXT PRIMARY KEY, dropped_at REAL NOT NULL) WITHOUT ROWID",
+    ]),
+    ("task instances record their wait for a worker; duration histograms per task and hour", [
+        # issue 14: of a try's duration, the seconds it waited for a shared extraction worker
+        "ALTER TABLE task_runs ADD COLUMN wait_s REAL NOT NULL DEFAULT 0",
+        # issue 16: the partial hours at a window's edges are read from this index, run times too
+        "DROP INDEX task_runs_success_window",
+        "CREATE INDEX task_runs_success_window ON task_runs (ended_at, task_id, started_at, wait_s) "
+        "WHERE state = 'success'",
+        # the whole hours from these rows (see pipeline.duration_bins)
+        """CREATE TABLE task_duration_bins (
+            measure INTEGER NOT NULL,  -- 0: tries that did not wait; 1, 2: durations, run times of those that did
+            hour INTEGER NOT NULL,  -- of the try's end, counted from the epoch
+            task TEXT NOT NULL,  -- instances of a mapped task count as their task
+            bin INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            lo REAL NOT NULL,  -- the smallest and largest value counted here
+            hi REAL NOT NULL,
+            PRIMARY KEY (measure, hour, task, bin)) WITHOUT ROWID""",
+        # every wait_s is 0 yet (its column is new): all tries are in measure 0
+        f"""INSERT INTO task_duration_bins SELECT 0, {hour_sql('ended_at')}, {task_name_sql('task_id')},
+            {bin_sql(value_sql(False))}, count(*), min({value_sql(False)}), max({value_sql(False)}) FROM task_runs
+            WHERE state = 'success' AND started_at IS NOT NULL AND ended_at IS NOT NULL GROUP BY 2, 3, 4""",
+        f"CREATE TRIGGER task_bins_insert AFTER INSERT ON task_runs WHEN {_binned('NEW')} BEGIN {_count_new()} END",
+        # an update that makes a try successful counts it (the usual way in); one that changes a counted try
+        # (none does today: success is final) uncounts it first
+        f"CREATE TRIGGER task_bins_update_old AFTER UPDATE OF state, task_id, started_at, ended_at, wait_s "
+        f"ON task_runs WHEN {_binned('OLD')} BEGIN {_uncount_old()} END",
+        f"CREATE TRIGGER task_bins_update_new AFTER UPDATE OF state, task_id, started_at, ended_at, wait_s "
+        f"ON task_runs WHEN {_binned('NEW')} BEGIN {_count_new()} END",
+        f"CREATE TRIGGER task_bins_delete AFTER DELETE ON task_runs WHEN {_binned('OLD')} BEGIN {_uncount_old()} END",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -16,16 +16,19 @@ queries themselves, shared with PostgreSQL, are in ``pipeline.sql_store``.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .config import StoreConfig
 from .errors import NotADatabaseError, StoreBusyError, StoreCorruptError, StoreError, StoreIOError
 from .sql_store import SqlRunStore
-from .sqlite_schema import SPOOL_TOMBSTONES_VERSION, migrate, refuse_foreign
+from .sqlite_schema import SPOOL_TOMBSTONES_VERSION, migrate, refuse_foreign, task_name_sql
 from .sqlite_schema import rollback as _rollback
+from .wakeup import SUPPORTED as _BELL_SUPPORTED
+from .wakeup import QueueBell
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,25 @@ def store_error(path: object, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"{path}: {text}")
 
 
+def provide_math_functions(conn: sqlite3.Connection) -> None:
+    """Register ln() and floor() where SQLite was built without its math functions: the triggers that keep
+    the duration histograms call them (``duration_bins``)."""
+    try:
+        conn.execute("SELECT ln(2.0), floor(2.5)")
+    except sqlite3.OperationalError:
+        conn.create_function("ln", 1, math.log, deterministic=True)
+        conn.create_function("floor", 1, math.floor, deterministic=True)
+
+
 class SqliteRunStore(SqlRunStore):
     """DAGRunStore in one SQLite file (WAL by default)."""
 
     BEGIN = "BEGIN IMMEDIATE"
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
+    TASK_NAME_SQL = task_name_sql("task_id")
+    WINDOW_INDEX_HINT = " INDEXED BY task_runs_success_window"
     DRIVER_ERRORS = (sqlite3.Error,)
+    queue_notifications = _BELL_SUPPORTED  # processes on this host ring each other (``pipeline.wakeup``)
 
     def __init__(self, config: StoreConfig | Path | str | None = None, *, create: bool = True) -> None:
         super().__init__()
@@ -68,6 +84,8 @@ class SqliteRunStore(SqlRunStore):
         if not create and not self.path.exists():
             raise StoreError(f"{self.path}: no run store here (nothing has run yet?)")
         self._conn = self._connect()
+        self._bell = QueueBell(Path(f"{self.path}-wake"))  # the registry of this store's queue watchers
+        self._ring_after_commit = False
 
     # -- connection and transactions ---------------------------------------
 
@@ -87,6 +105,7 @@ class SqliteRunStore(SqlRunStore):
             if self.config.wal:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
+            provide_math_functions(conn)
             migrate(conn, self.path)
         except BaseException as exc:
             conn.close()
@@ -100,9 +119,26 @@ class SqliteRunStore(SqlRunStore):
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """Lend the one connection, serialised: our own threads never see "database is locked"."""
+        """Lend the one connection, serialised: our own threads never see "database is locked".
+
+        Rings the queue's watchers once a transaction that queued runs has committed (not before: a
+        woken engine must find the run), outside the lock.
+        """
         with self._lock:
-            yield self._conn
+            try:
+                yield self._conn
+                ring = self._ring_after_commit
+            finally:
+                self._ring_after_commit = False
+        if ring:
+            self._bell.ring()
+
+    def _queued(self, conn: sqlite3.Connection) -> None:  # type: ignore[override]
+        self._ring_after_commit = True  # under the lock, inside the transaction: rung by _connection
+
+    def watch_queue(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake`` when any process on this host commits queued runs to this file (``pipeline.wakeup``)."""
+        return self._bell.watch(wake)
 
     def _store_error(self, exc: BaseException) -> StoreError:
         assert isinstance(exc, sqlite3.Error)
@@ -118,16 +154,13 @@ class SqliteRunStore(SqlRunStore):
                            "VALUES (?, 'queued', ?, ?, ?)", (workflow, dedup_key, payload, now))
         return cur.lastrowid or 0
 
-    def _durations_sql(self) -> str:
-        return ("SELECT task_id, ended_at - started_at FROM task_runs INDEXED BY task_runs_success_window "
-                "WHERE state = 'success' AND ended_at >= ? AND ended_at < ?")
-
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and truncate it: the file alone then holds every row."""
         self.query("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        """Close the connection (a second close does nothing)."""
+        """Close the connection and stop the queue watchers (a second close does nothing)."""
+        self._bell.close()
         with self._lock:
             try:
                 self._conn.close()

@@ -1,7 +1,9 @@
 """The email_digest workflow: parse_email -> ingest_pdf (one per PDF) -> build_digest -> deliver.
 
 Task callables are module-level functions bound to settings with
-``functools.partial``, so they stay picklable for process executors.
+``functools.partial``, so they stay picklable for process executors. Each
+imports the stages it runs, so building the DAG (``show`` orders a run's
+tasks by it) loads no PDF, MIME or SMTP code (issue 16).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
 from .errors import PdfTooLargeError
-from .stages import cluster_ingest, deliver, digest, extract_worker, ingest, parse
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
@@ -29,6 +30,8 @@ def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     With ``ingest.parse_isolate`` a capped worker process reads and parses the spool file, so a big or
     hostile message costs the worker's memory, never this process's (issue 11); otherwise it is parsed here.
     """
+    from .stages import extract_worker, parse
+
     with tracing.span("stage.parse", run_id=ctx.run_id):
         if settings.ingest.parse_isolate:
             pool = extract_worker.pool_for(settings.ingest)
@@ -44,6 +47,8 @@ def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     """Extract one attachment's text (a file) and report pages and words."""
+    from .stages import cluster_ingest, ingest
+
     item = ctx.item
     if item.get("rejected"):
         raise PdfTooLargeError(item["rejected"], item["name"])
@@ -61,6 +66,8 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
 
 def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     """Summarise every document (failed ones listed with their reason) into digest.json."""
+    from .stages import digest
+
     with tracing.span("stage.digest", run_id=ctx.run_id):
         email = ctx.upstream["parse_email"]
         documents = digest.describe_documents(email["attachments"], ctx.upstream["ingest_pdf"], dict(ctx.errors),
@@ -80,6 +87,8 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
     and a marker in the work dir records a relay send.
     """
+    from .stages import deliver, digest
+
     key = delivery_key(ctx)
     marker = Path(ctx.work_dir) / "delivered.json"
     earlier = deliver.delivered_before(marker)
@@ -102,6 +111,20 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice
         log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
     return result
+
+
+def start_extraction_workers(settings: Settings) -> None:
+    """Start the worker processes this workflow's tasks will use, without waiting for them (none on Dask).
+
+    A caller about to run the workflow calls it first, so the workers' start-up overlaps its own (the
+    CLI's ``ingest`` imports the service meanwhile; issue 16). Raises WorkerCrashedError when no process
+    can be started.
+    """
+    from .stages import extract_worker
+
+    ingest_here = settings.ingest.isolate and settings.executor.kind != "dask"
+    if settings.ingest.parse_isolate or ingest_here:
+        extract_worker.pool_for(settings.ingest).start_workers()
 
 
 def cluster_try_timeout_s(settings: Settings) -> float | None:

@@ -2,12 +2,20 @@
 """Benchmark the EmailGateway over real SMTP on loopback.
 
     python scripts/bench_gateway.py [--messages 2000] [--senders 8] [--json]
+                                    [--serve-senders 1 8] [--serve-mails 50] [--serve-reps 2] [--no-serve]
 
 Clients are separate processes on the same machine, so on 2 cores they
 compete with the server: the small-message round runs with 8 and with 4
 senders. Prints median, p95 and p99 of trigger latency (DATA end -> run queued, from the
 run store) and client latency (send -> 250), durable small messages per second,
 and 5 MB messages arriving 4 at a time while small senders keep going.
+
+Then what a sender of a real, busy ``python -m pipeline serve`` waits (issue 17,
+``pipeline.audit.clientlatency``): closed-loop sender processes, a new connection
+per mail, timed from the client (connect -> final 250, MAIL -> 250) next to the
+store's DATA end -> run queued, while serve processes the runs; with
+``[serve] gateway_process`` true and false, interleaved after a warm-up, plus a
+round with a 5 MB mail beside the small ones.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit import gatewaybench  # noqa: E402
+from pipeline.audit import clientlatency, gatewaybench  # noqa: E402
 
 
 def main() -> int:
@@ -31,6 +39,11 @@ def main() -> int:
     parser.add_argument("--senders", type=int, nargs="+", default=[8, 4],
                         help="concurrent client processes; one small-message round per value (default 8 4)")
     parser.add_argument("--large-mb", type=float, default=5.0)
+    parser.add_argument("--serve-senders", type=int, nargs="+", default=[1, 8],
+                        help="closed-loop senders against a real serve; one round per value (default 1 8)")
+    parser.add_argument("--serve-mails", type=int, default=50, help="mails per sender and round (default 50)")
+    parser.add_argument("--serve-reps", type=int, default=2, help="turns per serve layout (default 2)")
+    parser.add_argument("--no-serve", action="store_true", help="skip the client-side rounds against serve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,17 +51,28 @@ def main() -> int:
         for senders in args.senders:
             rows += gatewaybench.small_messages(Path(tmp) / f"small-{senders}", args.messages, senders)
         rows += gatewaybench.large_messages(Path(tmp) / "large", args.large_mb)
+        serve = [] if args.no_serve else clientlatency.summary(clientlatency.client_latency(
+            Path(tmp) / "serve", tuple(args.serve_senders), args.serve_mails, args.serve_reps,
+            args.large_mb)).to_dict("records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"host": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
             "commit": commit}
     if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(json.dumps({"meta": meta, "rows": rows, "serve_rows": serve}, indent=2, default=str))
         return 0
     print(f"gateway benchmark; {meta}")
     for r in rows:
         extra = f" p95 {r['p95']:9.2f} p99 {r['p99']:9.2f}" if "p99" in r else ""
         where = f"senders={r['senders']}" if "senders" in r else f"{r['concurrent']} x {r['message_mb']} MB"
         print(f"  {r['metric']:<36} {where:<16} median {r['median']:8.2f}{extra} {r['unit']}  (n={r['n']})")
+    if serve:
+        print("serve, busy, as its senders see it (client: connect or MAIL -> 250; server: DATA end -> queued)")
+    for r in serve:
+        beside = f" +{args.large_mb:g} MB" if r["large"] else ""
+        where = f"{r['variant']} senders={r['senders']}{beside} {r['kind']}"
+        unit = "msg/s" if r["metric"] == "accepted_per_s" else "ms"
+        p99 = "" if r["metric"] == "accepted_per_s" else f" p99 {r['p99']:9.2f}"
+        print(f"  {r['metric']:<20} {where:<40} median {r['median']:8.2f}{p99} {unit}  (n={r['n']})")
     return 0
 
 

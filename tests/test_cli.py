@@ -49,7 +49,7 @@ def test_show_json_has_tasks_with_errors(filled, settings, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["dedup_key"] == "k1" and shown["state"] == "failed"
     assert shown["tasks"] == [{"task_id": "t", "state": "failed", "try_number": 1, "started_at": 10.0,
-                               "ended_at": 12.5, "duration_s": 2.5,
+                               "ended_at": 12.5, "duration_s": 2.5, "wait_s": 0.0,
                                "error": {"type": "corrupt", "message": "bad xref"}}]
 
 

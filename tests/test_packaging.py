@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "tracing", "timers"},
     {"config", "dag", "store", "metrics"},
-    {"sqlite_schema", "postgres_schema", "sql_store"},
+    {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool"},
     {"executors", "dask_executor", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
     {"smtp_limits", "bulk_smtp"},
-    {"gateway", "dropfolder", "housekeeping"},
+    {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
     {"service"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "gatewaychild"},
 ]
 
 

@@ -139,6 +139,7 @@ class ExtractionPool:
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._spawning = threading.Lock()  # held while starting workers, so lanes and start_workers() start no extra
         self._closed_done = threading.Condition(self._lock)  # notified when a close() ends
         self._closing = 0  # close() calls under way: no job is queued and no lane started meanwhile
         self._queue = FairQueue(size)
@@ -155,10 +156,25 @@ class ExtractionPool:
         Apart, a close() between the two steps could stop the lanes just started and leave the job queued
         with none to run it, its caller waiting for ever.
         """
+        self.start_workers()  # every missing worker at once, not one by one as lanes find none idle (issue 16)
         with self._closed_done:
             self._closed_done.wait_for(lambda: not self._closing)
             self._queue.submit(job)
             self._start_lanes()
+
+    def start_workers(self) -> None:
+        """Start worker processes up to ``size`` now, without waiting for them to be ready.
+
+        A worker's interpreter takes a few hundred milliseconds to start; started together (and early, by a
+        caller that knows documents are coming), they start while the caller works, and a document's second
+        shard does not wait for a second worker to start after the first one answered (issue 16).
+        Raises WorkerCrashedError when no process can be started.
+        """
+        with self._spawning:
+            with self._lock:
+                missing = self.size - len(self._all)
+            for _ in range(missing):
+                self._idle.put(self._start_worker())
 
     def extract(self, pdf_path: Path, text_path: Path, limits: IngestConfig,
                 shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
@@ -240,10 +256,15 @@ class ExtractionPool:
             try:
                 worker = self._idle.get_nowait()
             except queue.Empty:
-                break
+                with self._spawning:  # a start_workers() under way may have just made one idle: look again
+                    if self._idle.empty():
+                        return self._start_worker()
+                continue
             if worker.proc.poll() is None:
                 return worker
             self._give_back(worker, keep=False)
+
+    def _start_worker(self) -> _Worker:
         try:
             worker = _Worker(self.memory_limit)
         except OSError as exc:  # out of processes, memory or file descriptors: the next try may find them
@@ -373,7 +394,14 @@ def serve(memory_limit: int) -> None:
     out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
     documents = OpenDocuments()  # a document's next chunk usually comes back to the same worker
-    for line in sys.stdin:
+    preloaded = False
+    while True:
+        if not preloaded and not select.select([sys.stdin], [], [], 0)[0]:  # idle: no request waits
+            _preload_engine()
+            preloaded = True
+        line = sys.stdin.readline()
+        if not line:
+            return
         reply = _answer(line, memory_limit, documents)
         try:
             out.write(json.dumps(reply) + "\n")
@@ -382,6 +410,18 @@ def serve(memory_limit: int) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
             return
         gc.collect()
+
+
+def _preload_engine() -> None:
+    """Import PDFium (the default engine) while idle, so the first document does not wait for it.
+
+    A worker started ahead of its first request (``ExtractionPool.start_workers``) would otherwise spend its
+    idle time waiting and the document's time importing (issue 16). A failure here is left to that document.
+    """
+    try:
+        import pypdfium2  # noqa: F401
+    except (ImportError, MemoryError, OSError) as exc:  # the request that needs it reports it, typed
+        print(f"could not preload pypdfium2: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _answer(line: str, memory_limit: int, documents: OpenDocuments) -> dict[str, Any]:

@@ -26,15 +26,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pypdf
-from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError
+from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..config import IngestConfig
 from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError
 from .text_normal import normalize_page, pick_title
+
+if TYPE_CHECKING:  # imported where used: a process that extracts with PDFium never loads pypdf (issue 16)
+    import pypdf
 
 PAGES_PER_SPAN = 50
 OPEN_COST_FACTOR = 4  # a slice lasts at least this many times what opening the document took in it
@@ -156,6 +156,8 @@ class _PypdfPages:
         self.reader: Any = None  # a pypdf.PdfReader once entered
 
     def __enter__(self) -> _PypdfPages:
+        import pypdf
+
         self._config = pypdf.apply_configuration(zlib_maximum_output_length=self.max_bytes,
                                                  lzw_maximum_output_length=self.max_bytes,
                                                  maximum_declared_stream_length=self.max_bytes)
@@ -184,6 +186,8 @@ class _PypdfPages:
             return ""
 
     def _guard(self, fn: Any) -> Any:
+        from pypdf.errors import LimitReachedError
+
         try:
             return fn()
         except LimitReachedError as exc:
@@ -258,6 +262,9 @@ class _PdfiumPages:
 
 
 def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
+    import pypdf
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
     reader = pypdf.PdfReader(pdf_path)
     if reader.is_encrypted:
         try:

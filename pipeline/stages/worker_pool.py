@@ -25,6 +25,12 @@ queued chunks are dropped. The first error of any chunk fails the job the
 same way; chunks already running end their slice and their results are
 thrown away.
 
+Queue wait (issue 14): a try's duration included its time waiting for a lane
+(a 200 KB PDF "took" 18.8 s behind two slow ones). A task try that runs inside
+``timing_waits(clock)`` has the wait of each job it submits counted on its
+``WaitClock``, from the submission until a lane first takes a chunk of the job;
+the runner reads the clock when the try ends and stores it as ``wait_s``.
+
 This module knows nothing of processes or PDFs: the pool in ``extract_worker``
 runs the lanes, and the job subclasses say what a chunk's request is and what
 its reply means.
@@ -34,10 +40,54 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PRIORITY_PARSE, PRIORITY_EXTRACT = 0, 1
+
+
+class WaitClock:
+    """Seconds one task try waited for a lane; read at any time, it includes a wait still under way."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waited = 0.0
+        self._since: float | None = None  # monotonic start of the wait under way
+
+    def start(self) -> None:
+        """A job of the try was queued: its wait begins (if none is under way)."""
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+
+    def stop(self) -> None:
+        """A lane took the job's first chunk, or the job ended unstarted: add the wait under way."""
+        with self._lock:
+            if self._since is not None:
+                self._waited += time.monotonic() - self._since
+                self._since = None
+
+    def seconds(self) -> float:
+        """The waits so far, one still under way included (a try that timed out in the queue waited all along)."""
+        with self._lock:
+            return self._waited + (0.0 if self._since is None else time.monotonic() - self._since)
+
+
+_this_thread = threading.local()  # .clock: the WaitClock of the task try running on this thread, if any
+
+
+@contextmanager
+def timing_waits(clock: WaitClock) -> Iterator[WaitClock]:
+    """Count the lane waits of the jobs this thread submits inside the block on ``clock``."""
+    outer = getattr(_this_thread, "clock", None)
+    _this_thread.clock = clock
+    try:
+        yield clock
+    finally:
+        _this_thread.clock = outer
 
 
 class Job:
@@ -53,6 +103,8 @@ class Job:
         self.spent_s = 0.0
         self.error: BaseException | None = None
         self.seq = 0  # submission order, set by the queue
+        self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
+        self.waiting = False  # queued, and no lane has taken a chunk of it yet
 
     def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
         """The JSON request that runs ``chunk`` in a worker, given the budget left."""
@@ -86,6 +138,9 @@ class FairQueue:
         """Queue a job's chunks for the lanes."""
         with self._cond:
             job.seq = next(self._seq)
+            job.clock, job.waiting = getattr(_this_thread, "clock", None), True
+            if job.clock is not None:
+                job.clock.start()
             self._jobs.append(job)
             if self._closed is not None:
                 self._fail(job, self._closed)
@@ -101,6 +156,7 @@ class FairQueue:
                 if ready:
                     job = min(ready, key=lambda j: (j.running, j.priority, j.seq))
                     job.running += 1
+                    self._started(job)
                     return job, job.chunks.popleft(), job.budget_s - job.spent_s
                 self._cond.wait()
             return None
@@ -127,6 +183,7 @@ class FairQueue:
         with self._cond:
             self._cond.wait_for(job.settled)
             self._jobs.remove(job)
+            self._started(job)  # a job failed before any lane took it waited until now
         if job.error is not None:
             raise job.error
 
@@ -142,6 +199,14 @@ class FairQueue:
         """Accept work again after ``close`` (a pool is reusable after it stopped its workers)."""
         with self._cond:
             self._closed = None
+
+    @staticmethod
+    def _started(job: Job) -> None:
+        """End the job's wait for a lane (once): from now on its try is working, not waiting."""
+        if job.waiting:
+            job.waiting = False
+            if job.clock is not None:
+                job.clock.stop()
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.error is None:

@@ -1,0 +1,73 @@
+"""The program of serve's gateway process: ``python -m pipeline.gatewaychild``, started by ``GatewayProcess``.
+
+It reads its orders from stdin (``GatewayOrders``: settings, the listening
+sockets serve bound, log levels), runs the gateway role of ``PipelineService``
+on those sockets (spool reconciliation, SMTP, the drop folder), says
+``ready <metrics port>`` (or ``error <message>``) on stdout, then follows
+stdin: ``health <problem>`` lines are the engine's health, which it answers
+451 by; the end of stdin (serve stopped, or died) stops it gracefully. SIGINT
+and SIGTERM are ignored: serve decides when its gateway stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import socket
+import sys
+
+from . import metrics
+from .errors import PipelineError
+from .gatewayprocess import GatewayOrders
+from .service import GATEWAY, PipelineService
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's: both write to serve's stderr
+
+
+class EngineHealth:
+    """The engine's problem as serve last told it (None: healthy); the gateway's health check reads it."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+
+    def follow(self, line: bytes) -> None:
+        """Take one ``health [problem]`` line."""
+        word, _, problem = line.decode("utf-8", "replace").strip().partition(" ")
+        if word == "health":
+            self.problem = problem or None
+
+
+def main() -> int:
+    """Serve SMTP for the serve process that started us until our stdin ends; return the exit code."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    orders: GatewayOrders = pickle.load(stdin)
+    logging.basicConfig(level=orders.log_levels.get("", logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+    for name, level in orders.log_levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    engine = EngineHealth()
+    try:
+        service = PipelineService(orders.settings, role=GATEWAY,
+                                  sockets=[socket.socket(fileno=fd) for fd in orders.fds])
+        service.gateway.health = lambda: engine.problem
+        service.start()
+    except PipelineError as exc:  # serve fails with this one line
+        print("error " + " ".join(str(exc).split()), flush=True)
+        return 2
+    registry = None
+    try:
+        registry = metrics.start_metrics_server(0) if orders.metrics else None
+        print(f"ready {registry.port if registry else 0}", flush=True)
+        for line in stdin:  # until serve closes the pipe or dies
+            engine.follow(line)
+    finally:
+        if registry is not None:
+            registry.close()
+        service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""GatewayProcess: serve's SMTP gateway in a child process of its own (issue 17).
+
+In one process, the pipeline's threads (parsing, digesting, delivering) hold
+the GIL while the gateway's event loop waits its turn for every SMTP round
+trip of every sender. So by default ``serve`` binds the SMTP port itself and
+starts ``python -m pipeline.gatewaychild`` on those sockets: the child
+accepts (spool fsync, run commit, reply), reconciles the spool and watches
+the drop folder; serve's own process runs the engine, which hears of each
+queued run at once through the store's wake-up (``pipeline.wakeup``).
+
+The child's lifetime is tied to serve's:
+
+- its stdin is a pipe from serve: first the orders (``GatewayOrders``,
+  pickled), then a line whenever the engine's health changes, so the child
+  answers 451 while the engine is unhealthy, as one process does. The
+  pipe's end (serve stops, or dies however) makes the child stop
+  gracefully. The child ignores SIGINT and SIGTERM: Ctrl-C to the process
+  group reaches serve, which stops the child before its engine.
+- its first stdout line says it listens (``ready <metrics port>``) or why
+  it cannot (``error <message>``): a start-up error fails serve with that
+  one line before any run is claimed.
+- if it dies, a supervising thread logs it, reports serve unhealthy
+  (``problem``) and starts another after a backoff (``[engine]
+  backoff_base_s`` doubling to ``backoff_max_s``). Serve keeps the
+  listening sockets open meanwhile, so a sender's connection waits in the
+  backlog for the new child instead of being refused.
+
+Metrics: with ``--metrics-port`` the child serves its own registry on a
+loopback port it names in its ready line, and serve's endpoint adds those
+samples to its own (``metrics.merged``): Prometheus still scrapes one target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
+
+from .config import MetricsConfig, Settings
+from .errors import StartupError
+from .gateway import listen_sockets
+from .health import backoff_s, one_line
+from .metrics import GATEWAY_PROCESS
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 60.0  # a child that does not listen by then is killed: start-up fails (or is retried)
+STABLE_S = 30.0  # a child that lived this long before it died starts the backoff afresh
+SUPERVISE_EVERY_S = 0.2  # how often the supervisor looks at the child and the engine's health
+QUIET_LOGGERS = ("mail.log", "psycopg.pool")  # libraries whose chatter serve's CLI silences: the child follows
+
+
+@dataclass(frozen=True)
+class GatewayOrders:
+    """What serve tells the gateway process it starts (pickled onto the child's stdin)."""
+
+    settings: Settings
+    fds: tuple[int, ...]  # the listening sockets, inherited
+    log_levels: dict[str, int]  # logger name ("" for the root) -> level, as serve has them
+    metrics: bool  # serve its registry on a loopback port for serve's endpoint to read
+
+
+class GatewayProcess:
+    """Start, supervise, restart and stop serve's gateway process."""
+
+    def __init__(self, settings: Settings, health: Callable[[], str | None]) -> None:
+        """``health``: the engine's problem (None when healthy), passed on to the child as it changes."""
+        self.settings, self.health = settings, health
+        self.sockets: list[socket.socket] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0  # the child's registry endpoint, 0 when it serves none
+        self.problem: str | None = None  # why serve answers no SMTP now; None while the child listens
+        self.restarts = 0
+        self._started_at = 0.0
+        self._told: str | None = None  # the health the child was last told
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before start)."""
+        return self.proc.pid if self.proc is not None else None
+
+    def bind(self) -> GatewayProcess:
+        """Bind the SMTP port (connections wait in its backlog until a child listens); ``StartupError`` if taken."""
+        if not self.sockets:
+            self.sockets = listen_sockets(self.settings.gateway.host, self.settings.gateway.port)
+        return self
+
+    def start(self) -> GatewayProcess:
+        """Bind the SMTP port if not yet bound, start the child, return once it listens; ``StartupError``
+        (one line) if it cannot."""
+        self.bind()
+        try:
+            self._spawn()
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._thread = threading.Thread(target=self._supervise, name="pipeline-gateway-process", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop supervising, close the child's stdin so it stops (finishing what it accepted), close the sockets.
+
+        A child still running after ``timeout_s`` is killed. Safe to call twice.
+        """
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _close(proc.stdin)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("gateway process %d still running %.0f s after stop: killed", proc.pid, timeout_s)
+                proc.kill()
+                proc.wait()
+        self._close_sockets()
+
+    def exposition(self) -> str:
+        """The child's metrics as Prometheus text; raises ``OSError`` while it is down or serves none."""
+        import urllib.request  # here: only a scrape needs it
+
+        port, proc = self.metrics_port, self.proc
+        if not port or proc is None or proc.poll() is not None:
+            raise ConnectionError("the gateway process is not running")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode("utf-8"))
+
+    # -- the child ----------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        """Start a child on the sockets and wait for its first line; ``StartupError`` (child killed) if not ready."""
+        package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this very package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                        os.environ.get("PYTHONPATH")]))}
+        fds = tuple(sock.fileno() for sock in self.sockets)
+        proc = subprocess.Popen([sys.executable, "-m", GATEWAY_PROCESS], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, pass_fds=fds, env=env)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("", *QUIET_LOGGERS)}
+            settings = replace(self.settings, metrics=MetricsConfig())  # serve's port is serve's
+            pickle.dump(GatewayOrders(settings, fds, levels, bool(self.settings.metrics.port)), proc.stdin)
+            proc.stdin.flush()
+            self.metrics_port = self._await_ready(proc, proc.stdout)
+        except BaseException as exc:
+            proc.kill()
+            proc.wait()
+            _close(proc.stdin)
+            if isinstance(exc, (OSError, ValueError)):  # a broken pipe: it died while starting
+                raise StartupError(f"the gateway process could not start: {one_line(exc)}") from exc
+            raise
+        finally:
+            _close(proc.stdout)  # the child says nothing after its first line
+        self.proc, self._started_at, self._told = proc, time.monotonic(), None
+        log.info("gateway process %d accepts SMTP for serve", proc.pid)
+
+    def _await_ready(self, proc: subprocess.Popen[bytes], out: IO[bytes]) -> int:
+        """Read the child's first line: its metrics port when ready; ``StartupError`` with its reason if not."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not select.select([out], [], [], SUPERVISE_EVERY_S)[0]:
+            if self._stopping.is_set() or time.monotonic() > deadline:
+                raise StartupError(f"the gateway process did not listen within {READY_TIMEOUT_S:.0f} s"
+                                   if not self._stopping.is_set() else "serve is stopping")
+        word, _, rest = out.readline().decode("utf-8", "replace").strip().partition(" ")
+        if word == "ready":
+            return int(rest or 0)
+        if word == "error":
+            raise StartupError(rest)
+        code = proc.wait()
+        raise StartupError(f"the gateway process exited with code {code} before it listened (see its log above)")
+
+    # -- supervision ------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Pass the engine's health on; when the child dies, log it, back off and start another."""
+        failures = 0
+        while not self._stopping.is_set():
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                self._tell_health(proc)
+                self._stopping.wait(SUPERVISE_EVERY_S)
+                continue
+            if proc is not None:
+                failures = self._died(proc, failures)
+            if self._stopping.wait(backoff_s(self.settings.engine, failures)):
+                return
+            try:
+                self._spawn()
+            except Exception as exc:  # StartupError, or the OS refused the process: try again, backing off
+                self.proc = None
+                if self._stopping.is_set():
+                    return
+                failures += 1
+                log.error("gateway process could not start again: %s; next try in %.1f s", one_line(exc),
+                          backoff_s(self.settings.engine, failures))
+                continue
+            log.warning("gateway process %d listening again (restart %d): serve accepts SMTP again",
+                        self.pid, self.restarts)
+            self.problem = None
+
+    def _died(self, proc: subprocess.Popen[bytes], failures: int) -> int:
+        """Log the child's death and report serve unhealthy; return the failure count its backoff follows."""
+        code = proc.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        failures = 1 if time.monotonic() - self._started_at >= STABLE_S else failures + 1
+        self.restarts += 1
+        self.problem = f"the gateway process {how}; serve answers no SMTP until it is restarted"
+        log.error("gateway process %d %s: senders wait in the backlog; restarting it in %.1f s", proc.pid, how,
+                  backoff_s(self.settings.engine, failures))
+        _close(proc.stdin)
+        return failures
+
+    def _tell_health(self, proc: subprocess.Popen[bytes]) -> None:
+        """Write the engine's health to the child when it changed (``health`` alone: healthy)."""
+        problem = self.health()
+        if problem == self._told or proc.stdin is None:
+            return
+        line = "health" if problem is None else "health " + " ".join(problem.split())
+        try:
+            proc.stdin.write(line.encode("utf-8", "replace") + b"\n")
+            proc.stdin.flush()
+        except OSError:  # it died just now: the next look sees it
+            return
+        self._told = problem
+
+    def _close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+def _close(stream: IO[bytes] | None) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except OSError:  # a pipe whose reader is gone: flushing the rest failed, nothing more to do
+        pass

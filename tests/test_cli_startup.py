@@ -1,0 +1,126 @@
+"""The CLI starts at once (issue 16): read commands load no PDF, SMTP or engine code; ingest still extracts.
+
+What a command imports is checked in a fresh interpreter (``sys.modules`` at its end), which no
+load on the machine can change; how long it takes is the benchmark's job (``pipeline.audit.clistart``),
+never a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from pipeline.audit import clistart
+from pipeline.audit import fixtures as fx
+from pipeline.config import IngestConfig, Settings
+from pipeline.sqlite_store import SqliteRunStore
+from pipeline.stages.extract_worker import ExtractionPool
+from pipeline.stages.ingest import ingest_pdf
+
+# modules that cost a read command a large part of its start-up and that it has no use for
+HEAVY = ("pypdf", "pypdfium2", "aiosmtpd", "prometheus_client", "pipeline.gateway", "pipeline.service",
+         "pipeline.engine")
+# runs the CLI's main in this interpreter, then prints its exit code and every module it loaded
+PROBE = """
+import json, sys
+from pipeline.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:  # --help
+    code = stop.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+LINES = [b"The lighthouse keeper counts seven boats.", b"Quarterly tide tables are attached below."]
+
+
+def modules_loaded_by(argv: list[str], cwd: Path) -> tuple[int, set[str]]:
+    """Run ``main(argv)`` in a fresh interpreter; return its exit code and the modules it had loaded at the end."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    return report["code"], set(report["modules"])
+
+
+@pytest.fixture
+def one_run(settings: Settings) -> Settings:
+    """A data dir whose store holds run 1, with its tasks."""
+    with SqliteRunStore(settings.store) as store:
+        run, _ = store.create_run("email_digest", {"spool": "x.eml"})
+        store.create_tasks(run.run_id, ["parse_email", "ingest_pdf[0]", "build_digest", "deliver"])
+    return settings
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["runs"], ["show", "1"], ["runs", "--json"], ["show", "1", "--json"]])
+def test_read_commands_load_no_pdf_smtp_or_engine_code(argv, one_run, tmp_path):
+    code, modules = modules_loaded_by(["--data-dir", str(one_run.data_dir), *argv], tmp_path)
+    assert code == 0
+    assert not modules & set(HEAVY), f"`{' '.join(argv)}` loaded {sorted(modules & set(HEAVY))}"
+
+
+def test_importing_the_package_loads_none_of_its_modules(tmp_path):
+    probe = "import json, sys, pipeline; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert [m for m in json.loads(done.stdout) if m.startswith("pipeline.")] == []
+
+
+def test_every_public_name_has_a_home_module():
+    homed = {name for names in pipeline._HOMES.values() for name in names}
+    assert homed == set(pipeline.__all__)
+
+
+def test_ingest_of_a_one_page_pdf_extracts_its_text(pdf, tmp_path):
+    path = pdf(fx.typeset_pdf(LINES), "one-page.pdf")
+    data = tmp_path / "data"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(data), "ingest", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["state"] == "success"
+    text = (data / "work" / str(run["run_id"]) / "text" / "000.txt").read_text()
+    assert "lighthouse keeper counts seven boats" in text and "tide tables" in text
+    assert len(list((data / "outbox" / "new").iterdir())) == 1  # and its digest was delivered
+
+
+def test_workers_started_ahead_serve_the_first_document(pdf, tmp_path):
+    limits = IngestConfig(workers=2, page_workers=2, memory_limit_bytes=907 * 1024 * 1024)
+    pool = ExtractionPool(limits.workers, limits.memory_limit_bytes)
+    try:
+        pool.start_workers()
+        assert len(pool.pipe_fds()) == 2 * 3  # both started at once, before any document: three pipes each
+        pool.start_workers()
+        assert len(pool.pipe_fds()) == 2 * 3  # never more than the pool's size
+        text = tmp_path / "t.txt"
+        result = pool.extract(pdf(fx.typeset_pdf(LINES)), text, limits)
+        assert result["pages"] == 1 and "tide tables" in text.read_text()
+    finally:
+        pool.close()
+
+
+def test_a_document_still_works_after_the_pool_was_closed(pdf, tmp_path):
+    limits = IngestConfig(workers=2, page_workers=2, memory_limit_bytes=908 * 1024 * 1024)
+    from pipeline.stages.extract_worker import pool_for
+
+    try:
+        pool_for(limits).start_workers()
+        pool_for(limits).close()
+        result = ingest_pdf(pdf(fx.typeset_pdf(LINES)), tmp_path / "t.txt", limits)
+        assert result.pages == 1 and result.has_text
+    finally:
+        pool_for(limits).close()
+
+
+def test_cli_start_benchmark_times_every_command(pdf):
+    rows = clistart.measure_cli_start(reps=2, pdf=pdf(fx.typeset_pdf(LINES), "one-page.pdf"))
+    assert sorted((r["command"], r["rep"]) for r in rows) == sorted(
+        (command, rep) for command in clistart.COMMANDS for rep in (1, 2))
+    assert all(r["returncode"] == 0 for r in rows), rows
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+    summary = clistart.summarize(rows)
+    assert [s["command"] for s in summary] == list(clistart.COMMANDS)
+    assert all(s["n"] == 2 and s["failures"] == 0 and 0 < s["wall_median_s"] <= s["wall_p95_s"] for s in summary)

@@ -1,0 +1,187 @@
+"""serve's gateway in a process of its own (issue 17): real serve processes, real SMTP, real SQLite wake-ups.
+
+Behaviour only: which process answers, what survives a kill, what a signal stops. The one bound on time
+(a run claimed before a 30 s poll would have found it) leaves 10 s for a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port
+from helpers import wait_until
+
+from pipeline.audit import fixtures as fx
+from pipeline.audit.serveproc import ServeProcess
+from pipeline.config import GatewayConfig
+from pipeline.gatewayprocess import GatewayProcess
+from pipeline.metrics import GATEWAY_PROCESS
+from pipeline.sqlite_store import SqliteRunStore
+from pipeline.store import FAILED, SUCCESS
+
+
+def gateway_children(serve: ServeProcess) -> list[psutil.Process]:
+    """Serve's live gateway processes (by command line)."""
+    found = []
+    for proc in serve.descendants():
+        try:
+            if any(GATEWAY_PROCESS in part for part in proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def data_reply(port: int, message_id: str) -> tuple[int, str]:
+    """One small mail on its own connection; the DATA reply (raises what smtplib raises)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        smtp.rcpt("digest@pipeline.local")
+        code, reply = smtp.data(fx.email_with([], message_id=message_id))
+    return code, reply.decode()
+
+
+def send(port: int, message_id: str) -> str:
+    """One small mail that must be answered 250; the reply's text."""
+    code, reply = data_reply(port, message_id)
+    assert code == 250, reply
+    return reply
+
+
+def runs_by_key(data_dir: Path) -> dict[str, list]:
+    with SqliteRunStore(data_dir / "runs.sqlite3", create=False) as store:
+        runs = store.list_runs(limit=10_000)
+    found: dict[str, list] = {}
+    for run in runs:
+        found.setdefault(run.dedup_key, []).append(run)
+    return found
+
+
+def all_finished(data_dir: Path, keys: list[str]) -> bool:
+    runs = runs_by_key(data_dir)
+    return all(runs.get(k) and all(r.state in (SUCCESS, FAILED) for r in runs[k]) for k in keys)
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve")
+    try:
+        yield serve.start()
+    finally:
+        serve.stop()
+
+
+def test_a_default_serve_accepts_in_a_child_process_and_finishes_the_runs(serve):
+    children = gateway_children(serve)
+    assert len(children) == 1 and children[0].pid != serve.proc.pid
+    keys = [f"<child-{i}@example.com>" for i in range(3)]
+    for key in keys:
+        assert "queued as run" in send(serve.port, key)
+    assert wait_until(lambda: all_finished(serve.data_dir, keys), timeout_s=120), serve.log_tail()
+    assert {r.state for k in keys for r in runs_by_key(serve.data_dir)[k]} == {SUCCESS}
+    assert f"the gateway in process {children[0].pid}" in serve.log_tail(20_000)
+
+
+def test_a_killed_gateway_process_is_restarted_and_no_accepted_mail_is_lost(serve):
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def sender() -> None:  # an MTA: retries what was not answered 250
+        i = 0
+        while not stop.is_set():
+            key = f"<kill-{i}@example.com>"
+            try:
+                send(serve.port, key)
+                acked.append(key)
+                i += 1
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)
+
+    first = gateway_children(serve)[0]
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        assert wait_until(lambda: len(acked) >= 5, timeout_s=60)
+        first.kill()
+        assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [first.pid]),
+                          timeout_s=60), serve.log_tail()
+        after = len(acked)
+        assert wait_until(lambda: len(acked) >= after + 5, timeout_s=60), serve.log_tail()  # the new one answers
+    finally:
+        stop.set()
+        thread.join()
+    log = serve.log_tail(50_000)
+    assert "was killed by SIGKILL" in log and "listening again" in log
+    assert wait_until(lambda: all_finished(serve.data_dir, acked), timeout_s=180), serve.log_tail()
+    runs = runs_by_key(serve.data_dir)
+    assert all(len(runs[key]) == 1 and runs[key][0].state == SUCCESS for key in acked)
+
+
+def test_ctrl_c_to_the_process_group_stops_serve_and_its_gateway_process(serve):
+    child = gateway_children(serve)[0]
+    send(serve.port, "<ctrl-c@example.com>")
+    os.killpg(serve.proc.pid, signal.SIGINT)
+    assert serve.proc.wait(60) == 0, serve.log_tail()
+    assert wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=30)
+    log = serve.log_tail(20_000)
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+
+
+def test_a_gateway_process_whose_serve_died_stops_by_itself(serve):
+    child = gateway_children(serve)[0]
+    serve.proc.send_signal(signal.SIGKILL)  # serve only, not its process group
+    serve.proc.wait()
+    assert wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=30)
+
+
+def test_a_run_the_gateway_process_queues_is_claimed_at_once_not_at_the_next_poll(tmp_path):
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"engine": {"queue_poll_s": 30.0}}).start()
+    try:
+        time.sleep(1)  # the engine is idle, waiting out its 30 s poll
+        key = "<wake@example.com>"
+        send(serve.port, key)
+        assert wait_until(lambda: runs_by_key(serve.data_dir)[key][0].started_at is not None, timeout_s=10)
+    finally:
+        serve.stop()
+
+
+def test_one_process_serve_keeps_the_gateway_in_serve(tmp_path):
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_process": False}}).start()
+    try:
+        assert gateway_children(serve) == []
+        send(serve.port, "<one@example.com>")
+        assert wait_until(lambda: all_finished(serve.data_dir, ["<one@example.com>"]), timeout_s=120)
+    finally:
+        serve.stop()
+
+
+def test_the_gateway_process_answers_451_while_the_engine_is_unhealthy(settings):
+    problem: list[str | None] = [None]
+    gateway = GatewayProcess(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)),
+                             health=lambda: problem[0])
+    gateway.start()
+    codes: list[int] = []
+
+    def reply_code() -> int:
+        codes.append(data_reply(gateway.settings.gateway.port, f"<mail-{len(codes)}@example.com>")[0])
+        return codes[-1]
+    try:
+        assert reply_code() == 250
+        problem[0] = "claiming runs failed 3 times: StoreBusyError: database is locked"
+        assert wait_until(lambda: reply_code() == 451, timeout_s=30)  # the child hears of it within moments
+        problem[0] = None
+        assert wait_until(lambda: reply_code() == 250, timeout_s=30)
+    finally:
+        gateway.stop()
+    with SqliteRunStore(settings.store) as store:  # a mail answered 451 was neither spooled nor queued
+        assert store.count_runs_by_state() == {"queued": codes.count(250)}
+    assert set(codes) == {250, 451}

@@ -1,0 +1,54 @@
+"""SQLite queue wake-ups (``pipeline.wakeup``): a run queued through one store object wakes the watchers of
+every other store object on the same file, once it is committed; a dead watcher's registration is dropped."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pipeline import wakeup
+from pipeline.sqlite_store import SqliteRunStore
+
+pytestmark = pytest.mark.skipif(not wakeup.SUPPORTED, reason="abstract Unix sockets are Linux's")
+
+
+def test_a_run_queued_by_another_store_object_wakes_the_watcher_after_its_commit(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    with SqliteRunStore(path) as engine_side, SqliteRunStore(path) as gateway_side:
+        assert engine_side.queue_notifications
+        seen: list[int] = []
+        woken = threading.Event()
+
+        def wake() -> None:  # what the woken engine does: look in the store
+            seen.append(engine_side.count_runs_by_state().get("queued", 0))
+            woken.set()
+        stop = engine_side.watch_queue(wake)
+        try:
+            gateway_side.create_run("email_digest", {"spool": "a.eml"}, "<a@x>")
+            assert woken.wait(30)
+            assert seen[0] == 1  # woken after the commit: the run is there to claim
+            woken.clear()
+            gateway_side.create_run("email_digest", {"spool": "a.eml"}, "<a@x>")  # a duplicate queues nothing
+            assert not woken.wait(0.5)
+        finally:
+            stop()
+        assert list((tmp_path / "runs.sqlite3-wake").iterdir()) == []  # stopping deregisters
+
+
+def test_a_registration_nobody_listens_on_is_removed_at_the_next_ring(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    with SqliteRunStore(path) as store:
+        registry = tmp_path / "runs.sqlite3-wake"
+        registry.mkdir()
+        (registry / "4242-deadbeef0000").touch()  # a watcher whose process was killed
+        store.create_run("email_digest", {"spool": "a.eml"}, "<b@x>")
+        assert list(registry.iterdir()) == []
+
+
+def test_closing_the_store_stops_its_watchers(tmp_path):
+    store = SqliteRunStore(tmp_path / "runs.sqlite3")
+    store.watch_queue(lambda: None)
+    assert len(list((tmp_path / "runs.sqlite3-wake").iterdir())) == 1
+    store.close()
+    assert list((tmp_path / "runs.sqlite3-wake").iterdir()) == []
