@@ -185,3 +185,16 @@ def test_the_gateway_process_answers_451_while_the_engine_is_unhealthy(settings)
     with SqliteRunStore(settings.store) as store:  # a mail answered 451 was neither spooled nor queued
         assert store.count_runs_by_state() == {"queued": codes.count(250)}
     assert set(codes) == {250, 451}
+
+
+def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):
+    """Memory and CPU figures of "serve" cover the process that accepts the mail (pipeline/audit/servemem.py)."""
+    from pipeline.audit.servemem import sample_tree
+
+    [child] = gateway_children(serve)
+    assert {p.pid for p in serve.serve_processes()} == {serve.proc.pid, child.pid}
+    assert child.pid not in {p.pid for p in serve.extract_workers()}
+    sample = sample_tree(serve)
+    main_rss = psutil.Process(serve.proc.pid).memory_info().rss
+    assert sample.serve_rss > main_rss  # the child's RSS is in it
+    assert child.pid not in sample.worker_pids

@@ -43,6 +43,8 @@ def test_sessions_measures_each_level_the_normal_client_and_the_refusal_log(tmp_
     assert {r["tags"]["level"] for r in metrics["over_limit_accepted"]} == {0, 3, limit, limit + extra}
     assert all(r["value"] == 0 for r in metrics["under_limit_refused"])  # a slot within the limit is never refused
     assert [r["value"] for r in metrics["normal_through_after_release"]] == [1.0, 1.0]
+    held = {r["tags"]["level"]: r["value"] for r in metrics["serve_connections"]}
+    assert held[limit] >= limit and held[limit + extra] >= limit  # found in serve's gateway process too
     below = [r for r in metrics["normal_latency_ms"] if r["tags"]["level"] < limit]
     assert len(below) == 2 * sends and all(r["value"] > 0 for r in below)  # below the limit every send got 250
     assert sum(r["value"] for r in metrics["churn_replies"]) == 20

@@ -195,14 +195,25 @@ def _ends_with_crlf(path: str) -> bool:
 
 def serve_connections(serve: ServeProcess) -> int:
     """TCP connections serve holds open on its SMTP port right now (what it counts against the limit): every
-    socket it still has, CLOSE_WAIT included (a client's close reaches the kernel before serve frees the slot)."""
+    socket it still has, CLOSE_WAIT included (a client's close reaches the kernel before serve frees the slot).
+    Serve's gateway process (the default, issue 17) holds the accepted sockets: serve and its children are
+    searched, and a socket two processes share is counted once."""
     if serve.proc is None or serve.proc.poll() is not None:
         return 0
+    held = set()
     try:
-        conns = psutil.Process(serve.proc.pid).net_connections(kind="tcp")
+        tree = [psutil.Process(serve.proc.pid)]
+        tree += tree[0].children(recursive=True)
     except psutil.Error:
         return 0
-    return sum(1 for c in conns if c.laddr and c.laddr.port == serve.port and c.status != psutil.CONN_LISTEN)
+    for proc in tree:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:  # a worker that exited between the listing and the read
+            continue
+        held |= {(c.laddr, c.raddr) for c in conns
+                 if c.laddr and c.laddr.port == serve.port and c.status != psutil.CONN_LISTEN}
+    return len(held)
 
 
 def wait_connections_at_most(serve: ServeProcess, count: int, timeout_s: float = 60.0) -> int:
@@ -216,8 +227,9 @@ def wait_connections_at_most(serve: ServeProcess, count: int, timeout_s: float =
 
 
 class RssSampler(memory.RssSampler):
-    """``memory.RssSampler`` of another process: serve's RSS (serve alone) and its workers' (every descendant,
-    summed) every ``every_s`` seconds; the peaks are the figures, ``taken`` the number of samples."""
+    """``memory.RssSampler`` of another process: serve's RSS (its main and gateway processes) and its workers'
+    (every other descendant, summed) every ``every_s`` seconds; the peaks are the figures, ``taken`` the number
+    of samples."""
 
     def __init__(self, serve: ServeProcess, every_s: float = 0.05) -> None:
         super().__init__(interval_s=every_s)
@@ -228,8 +240,10 @@ class RssSampler(memory.RssSampler):
         """Take one sample now (a process that exits between listing and reading counts as 0)."""
         if self.serve.proc is None:
             return
-        serve = _rss(psutil.Process(self.serve.proc.pid)) if self.serve.proc.poll() is None else 0
-        workers = sum(_rss(p) for p in self.serve.descendants())
+        own = self.serve.serve_processes()
+        serve = sum(_rss(p) for p in own)
+        mine = {p.pid for p in own}
+        workers = sum(_rss(p) for p in self.serve.descendants() if p.pid not in mine)
         self.peak_serve = max(self.peak_serve, serve)
         self.peak_workers = max(self.peak_workers, workers)
         self.peak_total = max(self.peak_total, serve + workers)

@@ -43,9 +43,10 @@ def _memory(proc: psutil.Process, uss: bool) -> tuple[int, int]:
 
 
 def sample_tree(serve: ServeProcess, uss: bool = False) -> TreeSample:
-    """RSS (and USS if ``uss``) of serve alone and of each live extraction worker, by role."""
-    main = psutil.Process(serve.proc.pid) if serve.proc is not None and serve.proc.poll() is None else None
-    serve_rss, serve_uss = _memory(main, uss) if main is not None else (0, 0)
+    """RSS (and USS if ``uss``) of serve (its main and gateway processes, summed) and of each live extraction
+    worker, by role."""
+    own = [_memory(p, uss) for p in serve.serve_processes()]
+    serve_rss, serve_uss = sum(r for r, _ in own), sum(u for _, u in own)
     workers = serve.extract_workers()
     sizes = [_memory(p, uss) for p in workers]
     alive = [(p, size) for p, size in zip(workers, sizes, strict=True) if size[0] > 0]
@@ -70,6 +71,7 @@ class TreeWatch:
         self.peak_serve_rss = self.peak_workers_rss = self.taken = 0
         self.worker_pids: set[int] = set()
         self.most_live_workers = 0
+        self._serve_pids: set[int] = set()  # serve's main and gateway processes (a restarted gateway adds one)
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -92,10 +94,9 @@ class TreeWatch:
             self._stop.wait(self.every_s)
 
     def _cpu_now(self) -> dict[int, float]:
-        """CPU seconds so far of serve and each live worker, by pid (serve's excludes its children's)."""
-        procs = self.serve.extract_workers()
-        if self.serve.proc is not None and self.serve.proc.poll() is None:
-            procs.append(psutil.Process(self.serve.proc.pid))
+        """CPU seconds so far of serve's processes and each live worker, by pid (none includes its children's)."""
+        self._serve_pids |= {p.pid for p in self.serve.serve_processes()}
+        procs = self.serve.extract_workers() + self.serve.serve_processes()
         found = {p.pid: _cpu_seconds(p) for p in procs}
         return {pid: seconds for pid, seconds in found.items() if seconds is not None}
 
@@ -116,6 +117,6 @@ class TreeWatch:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds per role spent while watched (a worker that exited counts up to its last sample)."""
-        main = self.serve.proc.pid if self.serve.proc is not None else -1
         spent = {pid: last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items()}
-        return {"serve": spent.get(main, 0.0), "workers": sum(v for pid, v in spent.items() if pid != main)}
+        return {"serve": sum(v for pid, v in spent.items() if pid in self._serve_pids),
+                "workers": sum(v for pid, v in spent.items() if pid not in self._serve_pids)}

@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 
 EXTRACT_WORKER = "pipeline.stages.extract_worker"
+GATEWAY_PROCESS = "pipeline.gatewaychild"  # serve's SMTP gateway child (issue 17), part of the "serve" role
 ROOT = Path(__file__).resolve().parent.parent.parent  # serve runs from the repository root, as `make` does
 
 
@@ -106,6 +107,20 @@ class ServeProcess:
             return list(psutil.Process(self.proc.pid).children(recursive=True))
         except psutil.Error:
             return []
+
+    def serve_processes(self) -> list[psutil.Process]:
+        """What the audit calls *serve*: the main process and its gateway process (the default since issue 17:
+        it accepts the mail), everything of serve except the extraction workers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        found = [psutil.Process(self.proc.pid)]
+        for proc in self.descendants():
+            try:
+                if any(GATEWAY_PROCESS in part for part in proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
 
     def extract_workers(self) -> list[psutil.Process]:
         """Serve's PDF extraction worker processes."""

@@ -38,7 +38,7 @@ from .harness import frame, row
 from .paths import short_site
 from .recorder import AuditRecorder
 from .scenarios import stage_times, task_windows
-from .serveproc import EXTRACT_WORKER, Senders, ServeProcess, digests_by_original, serving
+from .serveproc import EXTRACT_WORKER, GATEWAY_PROCESS, Senders, ServeProcess, digests_by_original, serving
 
 SCENARIO = "pipeline_profile"
 SERVE, EXTRACT = "serve", "extract worker"
@@ -51,11 +51,15 @@ Rows = list[dict[str, Any]]
 
 
 def role_of(proc: psutil.Process, serve_pid: int) -> str:
-    """``serve``, ``extract worker`` or ``other child``: what a process of serve's tree is, never its pid."""
+    """``serve``, ``gateway``, ``extract worker`` or ``other child``: what a process of serve's tree is, never its
+    pid (the gateway process accepts the mail since issue 17; the profile shows it apart from serve's engine)."""
     if proc.pid == serve_pid:
         return SERVE
     try:
-        return EXTRACT if any(EXTRACT_WORKER in part for part in proc.cmdline()) else "other child"
+        command = proc.cmdline()
+        if any(GATEWAY_PROCESS in part for part in command):
+            return "gateway"
+        return EXTRACT if any(EXTRACT_WORKER in part for part in command) else "other child"
     except psutil.Error:
         return "other child"
 
