@@ -17,7 +17,7 @@ profile = "quick"
 # %%
 from IPython.display import SVG, Markdown, display
 
-from pipeline.audit import hostileviews, profileviews, report, scaleoutviews, soakviews, views
+from pipeline.audit import clientlatency, hostileviews, profileviews, report, scaleoutviews, soakviews, views
 from pipeline.audit.notebook import resolve
 from pipeline.audit.recorder import AuditRecorder
 
@@ -124,6 +124,15 @@ md("### Email bursts\n\nConditions: small mails **without attachments** (a few h
 # %%
 if len(views.rows(m, "email_burst")):
     views.fig_burst(m);
+
+# %%
+md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "
+   "connection, in a closed loop, against a real `python -m pipeline serve` that processes the runs at the same "
+   "time; *client_txn_ms* is connect → the final 250 (what a sender waits), *client_mail_ms* MAIL → that 250, "
+   "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
+   "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
+   "of its own), *one_process* the gateway in serve's process; variants interleaved after a warm-up:\n\n"
+   + views.markdown(clientlatency.summary(views.rows(m, clientlatency.SCENARIO))))
 
 # %%
 md("## 5. Limits and breaking points\n\n" + "\n".join(views.limit_lines(m)) +

@@ -41,9 +41,11 @@ import pandas as pd
 from . import fixtures as fx
 from .faultcheck import runs_by_message, wait_terminal
 from .harness import frame, row
+from .recorder import AuditRecorder
 from .serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 
 Rows = list[dict[str, Any]]
+SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
 VARIANTS: dict[str, Variant] = {"gateway_process": ({"serve": {"gateway_process": True}}, ()),
                                 "one_process": ({"serve": {"gateway_process": False}}, ())}
@@ -120,13 +122,15 @@ def _round(pool: ProcessPoolExecutor, serve: ServeProcess, variant: str, rep: in
 
 def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: int = 50, reps: int = 2,
                    large_mb: float | None = 5.0, warmup_mails: int = 20, timeout_s: float = 600.0,
-                   variants: dict[str, Variant] | None = None) -> pd.DataFrame:
+                   variants: dict[str, Variant] | None = None, recorder: AuditRecorder | None = None
+                   ) -> pd.DataFrame:
     """Time SMTP transactions from client processes against real serves, one per variant (module docstring).
 
     Each rep runs, per variant in turn (A B, then B A), one round per entry of ``senders``
     (``per_sender`` mails each), and with ``large_mb`` one more round of the largest sender count
     with a mail of that size beside the small ones. A variant whose flags include ``--gateway-only``
-    processes nothing: its runs are read as queued. Returns the rows as a DataFrame (``harness.frame``).
+    processes nothing: its runs are read as queued. Returns the rows as a DataFrame (``harness.frame``),
+    recorded as scenario ``client_latency`` when a ``recorder`` is given.
     """
     variants = variants or VARIANTS
     work.mkdir(parents=True, exist_ok=True)
@@ -150,12 +154,17 @@ def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: in
             for name in order:
                 for count, big in rounds:
                     rows += _round(pool, serves[name], name, rep, count, per_sender, big, settle[name], timeout_s)
-    return frame(rows)
+    result = frame(rows)
+    if recorder is not None:
+        recorder.record(SCENARIO, result)
+    return result
 
 
 def summary(measurements: pd.DataFrame) -> pd.DataFrame:
     """Median and p99 of each per-mail metric, and the median accepted msg/s, by variant, senders, large, kind."""
     m = measurements
+    if m.empty or "senders" not in m:
+        return pd.DataFrame()
     per_mail = m[m.metric.isin(["client_txn_ms", "client_mail_ms", "server_trigger_ms"])]
     out = []
     for (variant, senders, large, kind, metric), group in per_mail.groupby(
