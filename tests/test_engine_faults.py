@@ -255,8 +255,12 @@ def test_run_taken_over_by_another_process_is_left_alone_quietly(store, settings
     engine = start_engine(store, settings, DAG("hold", [Task("h", lambda ctx: started.set() or gate.wait(30))]))
     run_id = engine.trigger("hold").run_id
     assert started.wait(10)
-    store.requeue_run(run_id)  # what another process's recovery does when our heartbeat looked stale
-    assert store.claim_next_run("otherhost:1:other").run_id == run_id
+    # what another process's recovery and claim do when our heartbeat looked stale; done back to back under the
+    # store's lock, as that process would between its own commits: the requeue wakes our engine at once
+    # (pipeline.wakeup), and it must not win the run back before the other process claims it
+    with store._lock:
+        store.requeue_run(run_id)
+        assert store.claim_next_run("otherhost:1:other").run_id == run_id
     gate.set()
     wait_until(lambda: engine.active_runs() == [], what="the runner to let the run go")
     run = store.get_run(run_id)
