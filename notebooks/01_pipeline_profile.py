@@ -24,11 +24,11 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-emails = 6
+emails = 4
 senders = 2
 pdfs = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 line_profile_pdf = "text-0.5mb.pdf"
-pyspy_s = 2.0
+pyspy_s = 1.0
 pyspy_rate = 100
 memory_interval_s = 0.02
 

@@ -24,8 +24,9 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-reps = 2
+reps = 1
 variants = None  # None: every engine variant of scenarios.ENGINE_VARIANTS
+once_above_mb = None  # documents over this size: every rep with the default engine, one with the others
 
 # %%
 from pipeline.audit import scenarios, views
@@ -35,7 +36,7 @@ recorder = open_recorder(db_path, session_id, profile)
 
 # %%
 scaling = scenarios.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder,
-                                variants=variants)
+                                variants=variants, once_above_mb=once_above_mb)
 table = views.pdf_scaling_table(recorder.measurements())
 table
 

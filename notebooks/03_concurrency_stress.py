@@ -20,7 +20,7 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-levels = [10, 50]
+levels = [10, 20]
 pdf = "text-tiny.pdf"
 stop_on_failure = False
 

@@ -23,8 +23,8 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 rates = [50]
-duration_s = 1.0
-burst = 50
+duration_s = 0.5
+burst = 25
 senders = 2
 
 # %%

@@ -27,13 +27,15 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-serve_runs = 60
-serve_warmup = 20
-serve_every = 15
+serve_runs = 30
+serve_warmup = 10
+serve_every = 10
 serve_senders = 2
+serve_min_runs = None  # from here the soak may stop once its judged slopes are precise (None: never)
 runs = 60
 warmup = 20
 every = 10
+min_runs = None
 
 # %%
 from pipeline.audit import scenarios, soakviews, views
@@ -43,7 +45,7 @@ recorder = open_recorder(db_path, session_id, profile)
 
 # %%
 scenarios.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
-                     recorder=recorder)
+                     recorder=recorder, min_runs=serve_min_runs)
 serve_slopes = soakviews.serve_slopes(recorder.measurements())
 serve_slopes
 
@@ -54,7 +56,7 @@ soakviews.fig_serve_soak(soakviews.serve_soak_series(recorder.measurements()), s
 # In-kernel tracemalloc soak (this kernel's memory, not serve's):
 
 # %%
-soak = scenarios.soak(runs=runs, warmup=warmup, every=every, recorder=recorder)
+soak = scenarios.soak(runs=runs, warmup=warmup, every=every, recorder=recorder, min_runs=min_runs)
 slopes = {"traced": soak[soak.metric == "leak_traced_bytes_per_run"].value.item(),
           "rss": soak[soak.metric == "leak_rss_bytes_per_run"].value.item()}
 slopes

@@ -19,8 +19,11 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-sizes = [10_000, 50_000]
-repeat = 50
+sizes = [5_000, 20_000]
+repeat = 20
+transitions = 2_000
+runner_tasks = 200
+runner_repeat = 3
 
 # %%
 from pipeline.audit import scenarios, views
@@ -29,12 +32,14 @@ from pipeline.audit.notebook import open_recorder, scratch_dir
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder)
+scenarios.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder,
+                        transitions=transitions)
 views.store_table(recorder.measurements())
 
 # %% [markdown]
-# The runner's own cost: a 1000-task no-op DAG and a 200-task chain, per task (store writes included).
+# The runner's own cost: a `runner_tasks`-wide no-op DAG and a 200-task chain, per task (store writes included).
 
 # %%
-scenarios.runner_overhead(scratch_dir(db_path, "bench"), recorder=recorder)
+scenarios.runner_overhead(scratch_dir(db_path, "bench"), tasks=runner_tasks, repeat=runner_repeat,
+                          recorder=recorder)
 views.baselines_table(recorder.measurements())

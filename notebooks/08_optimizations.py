@@ -24,21 +24,25 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 store_runs = 5_000
-reps = 2
+reps = 1
+transitions = 500  # per commit-switch measurement
 gateway_reps = 1
-dense_pdf = "text-1mb.pdf"  # streaming against holding: the text-densest fixture of the profile
-batch_pdf = "text-0.5mb.pdf"  # executor kinds: several copies ingested at once
+gateway = {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20, "drop_messages": 3}
+dense_pdf = "text-0.5mb.pdf"  # streaming against holding: the text-densest fixture of the profile
+batch_pdf = "text-tiny.pdf"  # executor kinds: several copies ingested at once
 documents = 2
+ingestion_reps = 1
+memory_reps = 1  # tracemalloc's peak does not vary with load: one rep after a warm-up
 
 # %%
 from pipeline.audit import switches, views
-from pipeline.audit.notebook import fixture, open_recorder
+from pipeline.audit.notebook import fixture, open_recorder, resolve
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-switches.store_switches(runs=store_runs, reps=reps, recorder=recorder)
-switches.gateway_switches(reps=gateway_reps, recorder=recorder)
+switches.store_switches(runs=store_runs, reps=reps, recorder=recorder, transitions=transitions)
+switches.gateway_switches(reps=gateway_reps, recorder=recorder, cache_dir=resolve(fixtures_dir), **gateway)
 switches.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
-                            documents=documents, reps=reps, recorder=recorder)
+                            documents=documents, reps=ingestion_reps, recorder=recorder, memory_reps=memory_reps)
 views.optimization_table(recorder.measurements())

@@ -26,10 +26,10 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 only = ["kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input"]
-kill_serve = {"messages": 24, "senders": 2, "kill_points": [0.5]}
+kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
-store_locked = {"messages": 20, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000}
-disk_full = {"messages": 10, "senders": 2, "full_s": 2.0, "size_mb": 32}
+store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
+disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32}
 
 # %%
 from pipeline.audit import faults, views

@@ -26,10 +26,10 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 only = ["sessions", "memory", "head_of_line", "spool"]
-sessions = {"limit": 20, "extra": 20, "sends": 5, "release": 5, "churn": 50}
-memory = {"mails": 3, "mail_mb": 8, "reps": 1}
-head_of_line = {"timeout_s": 4.0, "slow_pages": 40, "reps": 1}
-spool = {"mails": 20, "senders": 2}
+sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
+memory = {"mails": 2, "mail_mb": 2, "reps": 1}
+head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
+spool = {"mails": 10, "senders": 2}
 
 # %%
 from pipeline.audit import hostile, hostileviews

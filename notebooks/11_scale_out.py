@@ -28,10 +28,10 @@ profile = "quick"
 only = ["store", "pipeline", "ingestion", "gateways"]
 mail_pdf_mb = 0.5
 dense_pdf_mb = 0.5
-store = {"sizes": [2_000], "repeat": 20, "transitions": 1_000}
+store = {"sizes": [2_000], "repeat": 10, "transitions": 1_000}
 pipeline = {"variants": ["pg_local", "pg_dask_1"], "mails": 2, "concurrency": 2, "reps": 1, "warmup_mails": 0}
 ingestion = {"documents": 2, "reps": 1, "roundtrips": 10}
-gateways = {"mails": 3, "concurrency": 2}
+gateways = {"mails": 2, "concurrency": 2, "pdf_pages": 1}
 
 # %%
 import os

@@ -64,6 +64,19 @@ def test_fixture_cache_reuses_by_parameter_hash(tmp_path):
     assert first == again != other and len(calls) == 2
 
 
+def test_sender_processes_import_only_light_modules():
+    """A sender process imports the module of the function it runs: those live in smtpclients, which must not pull
+    in pandas, fpdf or the service (they made each sender take 3-6 s to start on a loaded 2-core machine)."""
+    from pipeline.audit import burst, gatewaybench, scaleout
+
+    senders = {burst.paced_sender, gatewaybench.send_batch, scaleout.send_concurrently}
+    assert {fn.__module__ for fn in senders} == {"pipeline.audit.smtpclients"}
+    heavy = ("pandas", "numpy", "duckdb", "fpdf", "PIL", "aiosmtpd", "pipeline.service", "pipeline.audit.harness")
+    code = f"import sys, pipeline.audit.smtpclients; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_sessions_are_kept_with_machine_facts(tmp_path):
     rec = AuditRecorder(tmp_path / "a.duckdb")
     first = rec.start_session("quick", {"n": 1})
@@ -86,6 +99,16 @@ def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     memory = df[df.metric == "workers_peak_rss_mb"]  # the extraction workers', one row per ingest
     assert (df[df.metric == "pages"].value == 2).all() and len(memory) == len(timings) and (memory.value > 0).all()
     assert (memory.workers >= 1).all() and "peak_rss_mb" not in set(df.metric)
+
+
+def test_pdf_scaling_runs_other_engines_once_above_the_size_and_the_default_every_rep(recorder, small_pdfs):
+    items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
+             {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 10}]
+    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"], once_above_mb=5)
+    timings = df[df.metric == "ingest_seconds"]
+    assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
+        (0, "text", "pypdf"), (0, "text", "pdfium-2w"), (0, "mixed", "pypdf"), (0, "mixed", "pdfium-2w"),
+        (1, "text", "pypdf"), (1, "text", "pdfium-2w"), (1, "mixed", "pdfium-2w")]  # still interleaved
 
 
 def test_worker_rss_sampler_measures_the_extraction_workers_and_no_other_process(small_pdfs, tmp_path):
@@ -153,6 +176,28 @@ def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
     assert not step.leaking and step.traced_bytes_per_run == 0 and step.traced_bytes_per_run_all > 500
     steady = judge_leak(points(lambda r: 20_000 * r), [])
     assert steady.leaking and steady.traced_bytes_per_run == pytest.approx(20_000)
+
+
+def test_a_soak_with_min_runs_stops_once_its_slope_is_precise_and_says_when(recorder):
+    df = scenarios.soak(runs=2000, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
+                        recorder=recorder, variant="clean", min_runs=60)
+    slope = df[df.metric == "leak_traced_bytes_per_run"].iloc[0]
+    assert 60 <= slope.runs < 2000 and slope.planned_runs == 2000 and slope.runs == df.runs.max()
+    assert slope.ci95_bytes_per_run <= 4096 and df[df.metric == "leaking"].value.item() == 0.0
+
+
+@pytest.mark.parametrize(("bytes_at", "stops"), [
+    (lambda r, i: 300.0 * r + (-1) ** i * 4_000, True),  # healthy: about 0.3 KiB/run, tight
+    (lambda r, i: 40_000.0 * r + (-1) ** i * 4_000, True),  # a clear leak is as settled a verdict
+    (lambda r, i: 300.0 * r + (-1) ** i * 800_000, False),  # too noisy to say yet
+    (lambda r, i: 16_000.0 * r + (-1) ** i * 100_000, False),  # the interval straddles the 16 KiB/run target
+], ids=["healthy", "leaking", "noisy", "at-the-target"])
+def test_a_soak_stops_early_only_when_the_interval_is_narrow_and_on_one_side_of_the_target(bytes_at, stops):
+    from pipeline.audit.soak import precise_enough, slope_ci
+
+    points = [{"runs": r, "rss": bytes_at(r, i)} for i, r in enumerate(range(0, 1001, 100))]
+    assert precise_enough(points, ("rss",)) is stops
+    assert slope_ci(points[:2], "rss")[1] == float("inf")  # two points: no interval
 
 
 def test_real_pipeline_is_not_flagged_as_leaking(recorder):

@@ -102,3 +102,14 @@ def test_typed_reason_reads_the_stored_reason(reason, typed):
 def test_known_reasons_come_from_the_error_classes():
     assert {"encrypted", "corrupt", "too_large", "worker_crashed", "malformed_email", "timeout",
             "delivery"} <= known_reasons()
+
+
+@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "disk_full"])
+def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
+    import inspect
+
+    from pipeline.audit.batch import PROFILES
+
+    accepted = set(inspect.signature(getattr(faults, fault)).parameters)
+    for profile in ("quick", "standard", "full"):
+        assert set(PROFILES[profile]["09_faults"][fault]) <= accepted, profile

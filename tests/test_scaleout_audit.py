@@ -110,6 +110,14 @@ def test_pipeline_round_on_sqlite_reads_latency_and_throughput_from_the_store(tm
     assert rows[0]["tags"]["pages"] == 4
 
 
+def test_gateways_on_one_store_count_duplicates_and_losses_with_a_one_page_attachment(tmp_path, pg_maker, small_pdf):
+    rows = scaleout.gateway_dedup(tmp_path, pg_maker, small_pdf, mails=2, gateways=2, concurrency=2, pdf_pages=1,
+                                  timeout_s=120)
+    got = {r["metric"]: r["value"] for r in rows}
+    assert (got["acked"], got["duplicated"], got["lost"]) == (4, 0, 0)  # 4 Message-IDs, 2 of them sent twice
+    assert rows[0]["tags"]["pdf_kb"] < small_pdf.stat().st_size / 1024  # the one-page PDF, not the given one
+
+
 def test_postgres_variant_without_a_server_is_a_skipped_row(tmp_path, small_pdf):
     rows = scaleout.pipeline_once(tmp_path, "pg_local", None, small_pdf, mails=1, concurrency=1, rep=0)
     assert [r["metric"] for r in rows] == ["skipped"]

@@ -58,3 +58,13 @@ def test_ingestion_switches_stream_in_constant_memory(tmp_path, recorder):
 def test_both_drop_folder_watch_modes_queue_every_file(mode):
     latencies = switches.drop_folder_latency(mode, messages=2)
     assert len(latencies) == 2 and all(0 <= s < 30 for s in latencies)
+
+
+def test_gateway_switches_measure_both_ways_with_one_generated_attachment(recorder, tmp_path):
+    df = switches.gateway_switches(reps=1, recorder=recorder, message_mb=0.3, rounds=1, concurrent=1, small_mails=2,
+                                   drop_messages=1, cache_dir=tmp_path)
+    assert _variants_by_switch(df) == {s: {"baseline", "optimized"} for s in (
+        "chunked DATA", "accept off the event loop", "drop folder watch")}
+    assert set(df.metric) == {"large_client_latency_p95_ms", "small_client_latency_during_large_p95_ms",
+                              "drop_to_queued_ms"} and (df.value > 0).all()
+    assert len(list(tmp_path.glob("gateway-large-*.pdf"))) == 1  # generated once, reused by every variant

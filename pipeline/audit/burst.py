@@ -4,7 +4,6 @@ processes, the backlog read from serve's run store, serve's and its workers' mem
 from __future__ import annotations
 
 import multiprocessing
-import smtplib
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -12,28 +11,10 @@ from pathlib import Path
 
 from ..sqlite_store import SqliteRunStore
 from ..store import Run
-from . import fixtures as fx
 from .faultcheck import wait_terminal
 from .servemem import TreeWatch
 from .serveproc import serving
-
-
-def _paced_sender(port: int, ids: list[str], due: list[float]) -> tuple[list[str], float]:
-    """Send one small message per id at its due wall time; return the ids answered 250 and the last send time."""
-    accepted: list[str] = []
-    last = time.time()
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-        for message_id, at in zip(ids, due, strict=True):
-            delay = at - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            try:
-                smtp.sendmail("burst@example.com", ["digest@pipeline.local"], fx.email_with([], message_id=message_id))
-                accepted.append(message_id)
-            except smtplib.SMTPException:
-                pass  # not accepted: not owed a run
-            last = time.time()
-    return accepted, last
+from .smtpclients import paced_sender
 
 
 def paced_send(port: int, store: SqliteRunStore, count: int, rate: float, senders: int, prefix: str
@@ -49,7 +30,7 @@ def paced_send(port: int, store: SqliteRunStore, count: int, rate: float, sender
     backlog: list[tuple[float, int]] = []
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=senders, mp_context=context) as pool:
-        futures = [pool.submit(_paced_sender, port, ids[i::senders], due[i::senders])
+        futures = [pool.submit(paced_sender, port, ids[i::senders], due[i::senders])
                    for i in range(senders)]
         while True:
             counts = store.count_runs_by_state()

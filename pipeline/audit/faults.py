@@ -222,9 +222,10 @@ def hold_store_lock(db_path: Path, seconds: float) -> tuple[float, float]:
 
 
 def store_locked(work: Path, messages: int = 200, senders: int = 4, lock_s: float = 10.0,
-                 busy_timeout_ms: int = 1000, timeout_s: float = 300.0) -> Rows:
-    """Lock the run store from another process for ``lock_s`` while senders keep sending at a steady pace."""
-    gap = (lock_s + 4.0) * senders / messages  # sending spans the lock with a margin either side
+                 busy_timeout_ms: int = 1000, timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """Lock the run store from another process for ``lock_s`` while senders keep sending at a steady pace, from
+    about ``margin_s`` before the lock to ``margin_s`` after it."""
+    gap = (lock_s + 2 * margin_s) * senders / messages  # sending spans the lock with a margin either side
     with serving(work / "data", work, {"store": {"busy_timeout_ms": busy_timeout_ms}}) as serve:
         with Senders(serve.port, burst_messages("locked", messages), work, senders, gap_s=gap) as sending:
             sending.wait_acked(max(1, messages // 10), timeout_s)

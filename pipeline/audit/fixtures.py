@@ -20,10 +20,10 @@ from email.policy import SMTP
 from email.utils import formatdate
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fpdf import FPDF
-from fpdf.enums import EncryptionMethod
+if TYPE_CHECKING:
+    from fpdf import FPDF
 
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 LINES_PER_PAGE = 70
@@ -47,6 +47,8 @@ def sentences(rnd: random.Random, words: Sequence[str], count: int) -> list[str]
 
 
 def _new_pdf() -> FPDF:
+    from fpdf import FPDF  # imported here: SMTP sender processes import this module for email_with alone
+
     pdf = FPDF()
     pdf.set_creation_date(EPOCH)
     pdf.set_compression(True)
@@ -67,6 +69,8 @@ def text_pdf(pages: int, seed: int = 1, encrypt: str | None = None, user_passwor
     rnd, words = random.Random(seed), vocabulary()
     pdf = _new_pdf()
     if encrypt:
+        from fpdf.enums import EncryptionMethod
+
         method = {"rc4": EncryptionMethod.RC4, "aes": EncryptionMethod.AES_128}[encrypt]
         pdf.set_encryption(owner_password="owner-secret", user_password=user_password, encryption_method=method)
     for _ in range(pages):

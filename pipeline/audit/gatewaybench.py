@@ -10,7 +10,6 @@ measured (end-to-end runs are the pipeline_profile scenario's job).
 from __future__ import annotations
 
 import multiprocessing
-import smtplib
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from ..config import GatewayConfig, Settings
 from ..service import PipelineService
 from . import fixtures as fx
 from .serveproc import free_port
+from .smtpclients import send_batch
 from .storebench import summarize
 
 
@@ -39,22 +39,11 @@ def accepting_gateway(data_dir: Path, **gateway: Any) -> Iterator[PipelineServic
         service.stop(grace_s=0)
 
 
-def _send_batch(port: int, batch: list[bytes]) -> list[float]:
-    """Send a batch over one SMTP connection; return each message's seconds-to-250."""
-    latencies = []
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-        for raw in batch:
-            t0 = time.perf_counter()
-            smtp.sendmail("bench@example.com", ["digest@pipeline.local"], raw)
-            latencies.append(time.perf_counter() - t0)
-    return latencies
-
-
 def send_all(port: int, batches: list[list[bytes]]) -> list[float]:
     """Send each batch from its own client process (so clients do not share the server's GIL)."""
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=len(batches), mp_context=context) as pool:
-        futures = [pool.submit(_send_batch, port, batch) for batch in batches]
+        futures = [pool.submit(send_batch, port, batch) for batch in batches]
         return [latency for future in futures for latency in future.result()]
 
 
@@ -81,14 +70,26 @@ def small_messages(data_dir: Path, messages: int = 2000, senders: int = 8) -> li
              **tags}]
 
 
+def large_pdf(size_mb: float, cache_dir: Path | None = None) -> bytes:
+    """The attachment that makes a message of about ``size_mb`` MB (base64 adds a third), cached in
+    ``cache_dir`` when given: generating 3.7 MB of text PDF takes seconds."""
+    pdf_mb = round(size_mb * 0.74, 3)
+    if cache_dir is None:
+        return fx.text_pdf_of_size(pdf_mb)
+    return fx.cached(cache_dir, f"gateway-large-{pdf_mb:g}mb.pdf", {"mb": pdf_mb},
+                     lambda: fx.text_pdf_of_size(pdf_mb)).read_bytes()
+
+
 def large_messages(data_dir: Path, size_mb: float = 5.0, concurrent: int = 4, rounds: int = 5,
-                   small_senders: int = 2, **gateway: Any) -> list[dict[str, Any]]:
-    """``concurrent`` large messages at once, ``rounds`` times, while small senders keep sending
-    (``gateway``: settings of the gateway under test, e.g. ``bulk_data=False``)."""
-    pdf = fx.text_pdf_of_size(size_mb * 0.74)  # base64 adds a third: the message is about size_mb
+                   small_senders: int = 2, small_mails: int = 150, pdf: bytes | None = None,
+                   **gateway: Any) -> list[dict[str, Any]]:
+    """``concurrent`` large messages at once, ``rounds`` times, while ``small_senders`` send ``small_mails`` each
+    (``pdf``: the large messages' attachment, default ``large_pdf(size_mb)``; ``gateway``: settings of the
+    gateway under test, e.g. ``bulk_data=False``)."""
+    pdf = large_pdf(size_mb) if pdf is None else pdf
     large = [[fx.email_with([("big.pdf", pdf)], message_id=f"<large-{c}-{r}@bench>") for r in range(rounds)]
              for c in range(concurrent)]
-    small = [[fx.email_with([], message_id=f"<during-{s}-{i}@bench>") for i in range(150)]
+    small = [[fx.email_with([], message_id=f"<during-{s}-{i}@bench>") for i in range(small_mails)]
              for s in range(small_senders)]
     with accepting_gateway(data_dir, **gateway) as service:
         port = service.settings.gateway.port

@@ -80,12 +80,14 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecorder | None = None,
-                variants: list[str] | None = None) -> pd.DataFrame:
+                variants: list[str] | None = None, once_above_mb: float | None = None) -> pd.DataFrame:
     """Ingest each PDF with each engine variant ``reps`` times, interleaved (A B A B), in the capped workers.
 
     ``pdfs`` items: ``{"path", "kind", "mb"}``. Size limits are raised so that size itself is what is
     measured; time and memory caps stay. Memory is the extraction workers' alone (``workers_peak_rss_mb``: their
     RSS summed, peak of samples every 10 ms; ``workers_rss_before_mb``: what they held before the document).
+    Documents over ``once_above_mb`` MB get every rep with the default engine and one (the first, still
+    interleaved) with the other engines: single-worker pypdf took 85 s a rep on 25 MB at load 5.
     """
     base = IngestConfig(max_attachment_bytes=200 * MB, max_pages=100_000, timeout_s=900)
     defaults = IngestConfig()
@@ -93,16 +95,16 @@ def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecord
     work = Path(pdfs[0]["path"]).parent / "scaling-text"
     for limits in chosen.values():  # warm-up: starts the workers, loads each engine
         ingest_pdf(Path(pdfs[0]["path"]), work / "warmup.txt", limits)
+    plan = [(rep, item, name, limits) for rep in range(reps) for item in pdfs for name, limits in chosen.items()
+            if rep == 0 or once_above_mb is None or item["mb"] <= once_above_mb or _is_default(limits, defaults)]
     rows: list[dict[str, Any]] = []
-    with tqdm(total=reps * len(pdfs) * len(chosen), desc="pdf_scaling", unit="pdf") as bar:
-        for rep in range(reps):
-            for item in pdfs:
-                for name, limits in chosen.items():
-                    rows += _ingest_once(item, name, limits, work, rep,
-                                         default=(limits.engine, limits.page_workers) ==
-                                         (defaults.engine, defaults.page_workers))
-                    bar.update()
+    for rep, item, name, limits in tqdm(plan, desc="pdf_scaling", unit="pdf"):
+        rows += _ingest_once(item, name, limits, work, rep, default=_is_default(limits, defaults))
     return _save(recorder, "pdf_scaling", rows)
+
+
+def _is_default(limits: IngestConfig, defaults: IngestConfig) -> bool:
+    return (limits.engine, limits.page_workers) == (defaults.engine, defaults.page_workers)
 
 
 def _ingest_once(item: dict[str, Any], variant: str, limits: IngestConfig, work: Path, rep: int,
@@ -205,8 +207,9 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
 
 
 def store_queries(sizes: list[int], directory: Path, repeat: int = 100,
-                  recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Grow one store through ``sizes`` runs (5 task instances each); time the canonical queries at each."""
+                  recorder: AuditRecorder | None = None, transitions: int = 20_000) -> pd.DataFrame:
+    """Grow one store through ``sizes`` runs (5 task instances each); time the canonical queries and
+    ``transitions`` task transitions (one per commit, then batched) at each."""
     from ..sqlite_store import SqliteRunStore
 
     rows: list[dict[str, Any]] = []
@@ -219,7 +222,7 @@ def store_queries(sizes: list[int], directory: Path, repeat: int = 100,
         for size in tqdm(sizes, desc="store_queries", unit="size"):
             storebench.fill_store(store, size - have)
             have = size
-            for result in list(storebench.query_timings(store, repeat)) + list(storebench.write_throughput(store)):
+            for result in [*storebench.query_timings(store, repeat), *storebench.write_throughput(store, transitions)]:
                 for stat in ("median", "p95"):
                     if result.get(stat) is not None:
                         rows.append(row("baseline", result["metric"], result[stat], result["unit"], 0,
@@ -241,14 +244,18 @@ def runner_overhead(directory: Path, tasks: int = 1000, repeat: int = 10,
 
 
 def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None = None,
-         recorder: AuditRecorder | None = None, variant: str = "email_digest") -> pd.DataFrame:
-    """Thousands of runs with memory sampled after gc; the leak slope per run after warm-up."""
-    from .soak import run_soak
+         recorder: AuditRecorder | None = None, variant: str = "email_digest", min_runs: int | None = None
+         ) -> pd.DataFrame:
+    """Up to ``runs`` runs with memory sampled after gc; the leak slope per run after warm-up. With ``min_runs``
+    the soak may stop from there once the traced slope is precise (``soak.precise_enough``); the slope rows
+    say how many runs it took (``runs``) and the traced slope's 95 % interval (``ci95_bytes_per_run``)."""
+    from .soak import ci95, run_soak
 
-    points, verdict = run_soak(runs, warmup, every, dag)
+    points, verdict = run_soak(runs, warmup, every, dag, min_runs)
+    done = {"runs": points[-1]["runs"], "planned_runs": runs, "ci95_bytes_per_run": ci95(points, "traced_bytes")}
     rows = [row(variant, "traced_bytes", p["traced_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
     rows += [row(variant, "rss_bytes", p["rss_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
-    rows += [row(variant, "leak_traced_bytes_per_run", verdict.traced_bytes_per_run, "bytes/run", 0),
+    rows += [row(variant, "leak_traced_bytes_per_run", verdict.traced_bytes_per_run, "bytes/run", 0, **done),
              row(variant, "leak_rss_bytes_per_run", verdict.rss_bytes_per_run, "bytes/run", 0),
              row(variant, "traced_bytes_per_run_all_samples", verdict.traced_bytes_per_run_all, "bytes/run", 0),
              row(variant, "leaking", float(verdict.leaking), "bool", 0, threshold=verdict.threshold)]
@@ -258,21 +265,25 @@ def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None =
 
 
 def serve_soak(runs: int = 1000, warmup: int = 100, every: int = 100, senders: int = 2,
-               recorder: AuditRecorder | None = None) -> pd.DataFrame:
+               recorder: AuditRecorder | None = None, min_runs: int | None = None) -> pd.DataFrame:
     """Mail one-page PDFs to a real ``python -m pipeline serve`` in batches; after each batch's runs ended,
     RSS and USS of serve and of its extraction workers (by role); the leak slope per role and series, tagged
-    ``settled`` when the soak ran at least ``SETTLED_RUNS`` runs (the leak SLAs judge only those)."""
-    from .soak import SERVE_SERIES, SETTLED_RUNS, run_serve_soak
+    ``settled`` when the soak ran at least ``SETTLED_RUNS`` runs (the leak SLAs judge only those). With
+    ``min_runs`` the soak may stop from there, before ``runs``, once the judged slopes are precise
+    (``soak.precise_enough``); the slope rows say how many runs it took and each slope's 95 % interval."""
+    from .soak import SERVE_SERIES, SETTLED_RUNS, ci95, run_serve_soak
 
     with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
-        points, verdicts = run_serve_soak(Path(tmp), runs, warmup, every, senders)
+        points, verdicts = run_serve_soak(Path(tmp), runs, warmup, every, senders, min_runs=min_runs)
+    done = points[-1]["runs"]
     rows: list[dict[str, Any]] = []
     for key, process, metric in SERVE_SERIES:
         series = metric.removeprefix("leak_").removesuffix("_per_run")  # rss_bytes, uss_bytes, max_worker_rss_bytes
         rows += [row("serve", series, p[key], "bytes", i, runs=p["runs"], process=process)
                  for i, p in enumerate(points)]
         rows.append(row("serve", metric, verdicts[key].traced_bytes_per_run, "bytes/run", 0, process=process,
-                        runs=runs, every=every, warmup=warmup, settled=runs >= SETTLED_RUNS))
+                        runs=done, planned_runs=runs, every=every, warmup=warmup, settled=done >= SETTLED_RUNS,
+                        ci95_bytes_per_run=ci95(points, key)))
     rows += [row("serve", "live_workers", p["live_workers"], "workers", i, runs=p["runs"], process="workers")
              for i, p in enumerate(points)]
     rows += [row("serve", "worker_restarts", points[-1]["worker_restarts"], "workers", 0, process="workers"),

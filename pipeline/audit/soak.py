@@ -8,6 +8,8 @@ this process under tracemalloc, which names *which* line grows (the diagnostic).
 
 from __future__ import annotations
 
+import math
+import statistics
 import tempfile
 import time
 import tracemalloc
@@ -24,7 +26,7 @@ from ..sqlite_store import SqliteRunStore
 from ..store import open_store
 from . import fixtures as fx
 from .harness import running_pipeline
-from .memory import LeakVerdict, judge_leak, sample_point, top_growth, traced
+from .memory import LEAK_THRESHOLD_BYTES_PER_RUN, LeakVerdict, judge_leak, sample_point, slope, top_growth, traced
 from .servemem import TreeWatch, sample_tree
 from .serveproc import Senders, ServeProcess, serving
 
@@ -36,13 +38,55 @@ SERVE_SERIES = (("serve_rss", "serve", "leak_rss_bytes_per_run"), ("serve_uss", 
                 ("workers_rss", "workers", "leak_rss_bytes_per_run"),
                 ("workers_uss", "workers", "leak_uss_bytes_per_run"),
                 ("workers_rss_max", "workers", "leak_max_worker_rss_bytes_per_run"))
+# The series the leak SLAs judge; an early stop (below) waits for all of them.
+SERVE_JUDGED = ("serve_rss", "workers_rss")
+# Early stop (issue 16): past ``min_runs`` runs a soak ends as soon as every judged slope's 95 % confidence interval
+# is at most ± STOP_CI_BYTES_PER_RUN wide and lies wholly on one side of the leak target: more runs would narrow
+# the interval, not change a verdict. A healthy serve soak (batches of 100) measured ±0.4 KiB/run (serve) and
+# ±3.9 KiB/run (workers) at 1,000 runs; the in-kernel traced slope ±0.3 KiB/run at 400 runs.
+STOP_CI_BYTES_PER_RUN = 4 * 1024
+# Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (2.04 beyond, slightly conservative).
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+        2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)
 
 
-def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None) -> tuple[list[dict[str, float]], LeakVerdict]:
-    """Run ``warmup`` then ``runs`` runs in batches of ``every``; sample memory after each batch.
+def slope_ci(points: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """The least-squares slope of ``key`` against runs over judge_leak's window (the second half of the points
+    from six on) and the half-width of its 95 % confidence interval, both in bytes per run (inf: too few points)."""
+    late = points[len(points) // 2:] if len(points) >= 6 else points
+    xs, ys = [p["runs"] for p in late], [p[key] for p in late]
+    if len(xs) < 3 or len(set(xs)) < 2:
+        return slope(xs, ys), math.inf
+    fit = statistics.linear_regression(xs, ys)
+    mean = statistics.fmean(xs)
+    residual = sum((y - fit.slope * x - fit.intercept) ** 2 for x, y in zip(xs, ys, strict=True)) / (len(xs) - 2)
+    spread = math.sqrt(residual / sum((x - mean) ** 2 for x in xs))
+    return fit.slope, _T95[min(len(xs) - 2, len(_T95)) - 1] * spread
+
+
+def ci95(points: list[dict[str, float]], key: str) -> float | None:
+    """The half-width of ``key``'s slope interval (``slope_ci``) in bytes per run; None with too few points."""
+    half = slope_ci(points, key)[1]
+    return half if math.isfinite(half) else None
+
+
+def precise_enough(points: list[dict[str, float]], keys: tuple[str, ...],
+                   threshold: float = LEAK_THRESHOLD_BYTES_PER_RUN) -> bool:
+    """True when every ``keys`` slope's 95 % interval is within ± STOP_CI_BYTES_PER_RUN and excludes ``threshold``."""
+    for key in keys:
+        fitted, half = slope_ci(points, key)
+        if half > STOP_CI_BYTES_PER_RUN or fitted - half <= threshold <= fitted + half:
+            return False
+    return True
+
+
+def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None, min_runs: int | None = None
+             ) -> tuple[list[dict[str, float]], LeakVerdict]:
+    """Run ``warmup`` then up to ``runs`` runs in batches of ``every``; sample memory after each batch.
 
     With ``dag=None`` the real email_digest pipeline runs (a one-page PDF per mail, accepted through
-    the gateway, digest delivered over SMTP); otherwise ``dag`` runs on a bare engine.
+    the gateway, digest delivered over SMTP); otherwise ``dag`` runs on a bare engine. With ``min_runs``, stop
+    after at least that many once the traced slope is ``precise_enough`` (the last point's ``runs`` says when).
     """
     if dag is None:
         with running_pipeline() as (service, _sink):
@@ -55,7 +99,7 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None) -> tupl
                 for run_id in ids:
                     service.engine.wait(run_id, timeout=120)
 
-            return _measure(batch, runs, warmup, every)
+            return _measure(batch, runs, warmup, every, min_runs)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         settings = replace(Settings.for_data_dir(Path(tmp)), runner=RunnerConfig(thread_workers=4))
         store = open_store(settings.store)
@@ -67,12 +111,13 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None) -> tupl
                 for run_id in ids:
                     engine.wait(run_id, timeout=120)
 
-            result = _measure(batch, runs, warmup, every)
+            result = _measure(batch, runs, warmup, every, min_runs)
         store.close()
         return result
 
 
-def _measure(batch: Any, runs: int, warmup: int, every: int) -> tuple[list[dict[str, float]], LeakVerdict]:
+def _measure(batch: Any, runs: int, warmup: int, every: int, min_runs: int | None = None
+             ) -> tuple[list[dict[str, float]], LeakVerdict]:
     batch(warmup)
     points = []
     with traced():
@@ -80,7 +125,7 @@ def _measure(batch: Any, runs: int, warmup: int, every: int) -> tuple[list[dict[
         done = 0
         points.append(sample_point(done))
         with tqdm(total=runs, desc="soak", unit="run") as bar:
-            while done < runs:
+            while done < runs and not _may_stop(points, ("traced_bytes",), min_runs):
                 n = min(every, runs - done)
                 batch(n)
                 done += n
@@ -90,10 +135,15 @@ def _measure(batch: Any, runs: int, warmup: int, every: int) -> tuple[list[dict[
     return points, judge_leak(points, top_growth(before, after))
 
 
-def run_serve_soak(work: Path, runs: int, warmup: int, every: int, senders: int = 2, timeout_s: float = 600.0
-                   ) -> tuple[list[dict[str, float]], dict[str, LeakVerdict]]:
-    """Mail ``warmup`` then ``runs`` one-page PDFs to a real serve in batches of ``every``; after each batch's
-    runs ended, sample serve's tree by role.
+def _may_stop(points: list[dict[str, float]], keys: tuple[str, ...], min_runs: int | None) -> bool:
+    return min_runs is not None and points[-1]["runs"] >= min_runs and precise_enough(points, keys)
+
+
+def run_serve_soak(work: Path, runs: int, warmup: int, every: int, senders: int = 2, timeout_s: float = 600.0,
+                   min_runs: int | None = None) -> tuple[list[dict[str, float]], dict[str, LeakVerdict]]:
+    """Mail ``warmup`` then up to ``runs`` one-page PDFs to a real serve in batches of ``every``; after each batch's
+    runs ended, sample serve's tree by role. With ``min_runs``, stop after at least that many once the
+    ``SERVE_JUDGED`` slopes are ``precise_enough`` (the last point's ``runs`` says when).
 
     Returns the points (``runs``, ``serve_rss``, ``serve_uss``, ``workers_rss`` (sum over live workers),
     ``workers_uss``, ``workers_rss_max``, ``live_workers``, ``worker_restarts``, ``failed``) and the leak
@@ -118,7 +168,7 @@ def run_serve_soak(work: Path, runs: int, warmup: int, every: int, senders: int 
         with TreeWatch(serve, every_s=0.25) as watch, tqdm(total=runs, desc="serve soak", unit="run") as bar:
             points.append(_serve_point(serve, 0, watch, failed))
             done = 0
-            while done < runs:
+            while done < runs and not _may_stop(points, SERVE_JUDGED, min_runs):
                 n = min(every, runs - done)
                 total += batch(serve, n)
                 failed = _wait_ended(serve, total, timeout_s)

@@ -38,8 +38,8 @@ from .storebench import fill_store, transitions_per_s
 
 
 def _interleave(pairs: dict[str, Callable[[], float]], reps: int, metric: str, unit: str,
-                scenario_tags: dict[str, Any]) -> list[dict[str, Any]]:
-    for fn in pairs.values():  # warm-up
+                scenario_tags: dict[str, Any], warm_up: bool = True) -> list[dict[str, Any]]:
+    for fn in pairs.values() if warm_up else ():
         fn()
     rows = []
     for rep in range(reps):
@@ -92,8 +92,11 @@ def _timed(fn: Callable[[], Any], repeat: int = 20) -> float:
     return sorted(samples)[len(samples) // 2] * 1000
 
 
-def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder | None = None) -> pd.DataFrame:
-    """Every store switch, baseline and optimized, interleaved; returns tidy rows."""
+def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder | None = None,
+                   transitions: int = 2000) -> pd.DataFrame:
+    """Every store switch, baseline and optimized, interleaved; returns tidy rows. ``runs``: the store the index
+    and query switches read; ``transitions``: per measurement of the commit switches (one fsync each with
+    journal=DELETE synchronous=FULL: 2,000 took 4 s there)."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="store-switches-") as tmp:
         tmp_path = Path(tmp)
@@ -102,11 +105,11 @@ def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder |
                                                                      synchronous="FULL"),
             "optimized: journal=WAL synchronous=NORMAL": StoreConfig(path=tmp_path / "b.db"),
         }
-        rows += _interleave({k: partial(_transitions_per_s, c, 1) for k, c in configs.items()}, reps,
+        rows += _interleave({k: partial(_transitions_per_s, c, 1, transitions) for k, c in configs.items()}, reps,
                             "transitions_per_s_one_per_commit", "1/s", {"switch": "journal and synchronous"})
         wal = StoreConfig(path=tmp_path / "c.db")
-        rows += _interleave({"baseline: one transition per commit": lambda: _transitions_per_s(wal, 1),
-                             "optimized: 100 transitions per commit": lambda: _transitions_per_s(wal, 100)}, reps,
+        batched = {"baseline: one transition per commit": 1, "optimized: 100 transitions per commit": 100}
+        rows += _interleave({k: partial(_transitions_per_s, wal, b, transitions) for k, b in batched.items()}, reps,
                             "transitions_per_s", "1/s", {"switch": "batched commits"})
         filled = tmp_path / "filled.db"
         store = SqliteRunStore(filled)
@@ -149,11 +152,16 @@ def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: i
     return out
 
 
-def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None) -> pd.DataFrame:
+def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None, message_mb: float = 5.0,
+                     rounds: int = 3, concurrent: int = 4, small_mails: int = 150, drop_messages: int = 10,
+                     cache_dir: Path | None = None) -> pd.DataFrame:
     """Chunked DATA reading against aiosmtpd's line reader, accepting off the event loop against on it
-    (both with 5 MB messages arriving while small ones keep coming); inotify against polling."""
-    from .gatewaybench import large_messages
+    (both with ``concurrent`` messages of ``message_mb`` MB arriving at once, ``rounds`` times, while two senders
+    send ``small_mails`` small ones each); inotify against polling (``drop_messages`` files per variant and rep).
+    The large messages' PDF is generated once (cached in ``cache_dir`` when given)."""
+    from .gatewaybench import large_messages, large_pdf
 
+    pdf = large_pdf(message_mb, cache_dir)
     rows: list[dict[str, Any]] = []
     switches = {
         "chunked DATA": {"baseline: aiosmtpd line reader": {"bulk_data": False},
@@ -165,12 +173,13 @@ def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None) -> pd
         for switch, variants in switches.items():
             for variant, settings in variants.items():
                 with tempfile.TemporaryDirectory(prefix="gw-") as tmp:
-                    for r in large_messages(Path(tmp), rounds=3, **settings):
+                    for r in large_messages(Path(tmp), message_mb, concurrent, rounds, small_mails=small_mails,
+                                            pdf=pdf, **settings):
                         if r["metric"] in ("large_client_latency", "small_client_latency_during_large"):
                             rows.append(row(variant, f"{r['metric']}_p95_ms", r["p95"], "ms", rep, switch=switch))
     for rep in range(reps):
         for variant, mode in {"baseline: polling (1 s)": "poll", "optimized: inotify (watchdog)": "inotify"}.items():
-            for seconds in drop_folder_latency(mode, messages=10):
+            for seconds in drop_folder_latency(mode, messages=drop_messages):
                 rows.append(row(variant, "drop_to_queued_ms", seconds * 1000, "ms", rep, switch="drop folder watch"))
     if recorder is not None:
         recorder.record("optimizations", pd.DataFrame(rows))
@@ -213,9 +222,13 @@ def _batch_seconds(pdf: Path, documents: int, limits: IngestConfig) -> float:
 
 
 def ingestion_switches(dense_pdf: Path, batch_pdf: Path, documents: int = 4, reps: int = 3,
-                       recorder: AuditRecorder | None = None) -> pd.DataFrame:
+                       recorder: AuditRecorder | None = None, memory_reps: int | None = None) -> pd.DataFrame:
     """Executor kind for CPU-bound extraction (threads in the pipeline process, where the GIL serialises
-    pypdf, against the extraction worker processes) and streaming pages against holding the text."""
+    pypdf, against the extraction worker processes) and streaming pages against holding the text.
+
+    The streaming switch's figure, tracemalloc's peak, does not vary with machine load, while tracing makes each
+    extraction slow (15-20 s for the 5 MB text fixture on a loaded 2-core machine): it runs ``memory_reps`` times
+    (default ``reps``) after a warm-up on ``batch_pdf``, which loads the same code as the dense document would."""
     threads = IngestConfig(engine="pypdf", page_workers=1, isolate=False)
     processes = replace(threads, isolate=True)
     rows = _interleave({"baseline: threads in the pipeline process": lambda: _batch_seconds(
@@ -225,10 +238,13 @@ def ingestion_switches(dense_pdf: Path, batch_pdf: Path, documents: int = 4, rep
                        {"switch": f"executor for CPU-bound ingestion ({documents} PDFs at once, pypdf)"})
     # in this process, so tracemalloc sees the text; PDFium's own buffers are C memory, the same in both
     inline = IngestConfig(engine="pdfium", page_workers=1, isolate=False)
-    rows += _interleave({"baseline: hold the document's text, then write": lambda: _extract_peak_mb(
-                             dense_pdf, replace(inline, stream_text=False)),
+    hold = replace(inline, stream_text=False)
+    for limits in (hold, inline):  # the warm-up: engine loaded, first-call allocations made
+        _extract_peak_mb(batch_pdf, limits)
+    rows += _interleave({"baseline: hold the document's text, then write": lambda: _extract_peak_mb(dense_pdf, hold),
                          "optimized: stream pages to the file": lambda: _extract_peak_mb(dense_pdf, inline)},
-                        reps, "peak_python_heap_mb", "MB", {"switch": f"streaming pages ({dense_pdf.name})"})
+                        reps if memory_reps is None else memory_reps, "peak_python_heap_mb", "MB",
+                        {"switch": f"streaming pages ({dense_pdf.name})"}, warm_up=False)
     if recorder is not None:
         recorder.record("optimizations", pd.DataFrame(rows))
     return pd.DataFrame(rows)
