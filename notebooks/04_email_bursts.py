@@ -26,9 +26,11 @@ rates = [50]
 duration_s = 0.5
 burst = 25
 senders = 2
+client = {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5, "warmup_mails": 4}
 
 # %%
-from pipeline.audit import scenarios, soakviews, views
+from pipeline.audit import clientlatency, scenarios, soakviews, views
+from pipeline.audit.notebook import scratch_dir
 from pipeline.audit.notebook import open_recorder
 
 recorder = open_recorder(db_path, session_id, profile)
@@ -42,3 +44,12 @@ views.fig_burst(recorder.measurements());
 
 # %%
 soakviews.burst_resources(recorder.measurements())
+
+# %% [markdown]
+# The sender's wait (issue 17): whole SMTP transactions timed by client processes against a real serve that
+# processes the runs, with the gateway in its own process (the default) and in serve's process, interleaved.
+
+# %%
+latency = clientlatency.client_latency(scratch_dir(db_path, "client-latency-work"), recorder=recorder,
+                                       **{**client, "senders": tuple(client["senders"])})
+clientlatency.summary(latency)

@@ -23,7 +23,7 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 measures = {"cpu": 2}  # measure -> repetitions
-load = 2
+load = 0
 work = 50
 
 # %%

@@ -43,7 +43,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                 "pyspy_s": 1.0},
         "02_pdf_ingestion": {"reps": 1, "once_above_mb": None},
         "03_concurrency_stress": {"levels": [10, 20], "pdf": "text-tiny.pdf", "stop_on_failure": False},
-        "04_email_bursts": {"rates": [50], "duration_s": 0.5, "burst": 25, "senders": 2},
+        "04_email_bursts": {"rates": [50], "duration_s": 0.5, "burst": 25, "senders": 2,
+                            "client": {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5,
+                                       "warmup_mails": 4}},
         "05_memory_soak": {"serve_runs": 30, "serve_warmup": 10, "serve_every": 10, "serve_min_runs": None,
                            "runs": 60, "warmup": 20, "every": 10, "min_runs": None},
         "06_store_queries": {"sizes": [5_000, 20_000], "repeat": 20, "transitions": 2_000, "runner_tasks": 200,
@@ -71,6 +73,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          "ingestion": {"documents": 2, "reps": 1, "roundtrips": 10},
                          "gateways": {"mails": 2, "concurrency": 2, "pdf_pages": 1}},
         "12_monitoring": {"mails": 10, "senders": 2, "reps": 1, "warmup_mails": 1},
+        # the commit A/B on a planted slowdown, CPU seconds only: proves the path (the judged check is standard's)
+        "13_regression_gate": {"measures": {"cpu": 2}, "load": 0, "work": 50},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf",
@@ -82,7 +86,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                   "stop_on_failure": False},
         # on a fresh serve per round, whose runs drain at ~10-20 small mails/s on 2 cores: 2 s per rate keeps the
         # notebook near its in-kernel 100 s (5 s per rate took ~7 min on serve at load 7)
-        "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 2.0, "burst": 500, "senders": 4},
+        "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 2.0, "burst": 500, "senders": 4,
+                            # the sender's wait: 8 closed-loop senders (and one 5 MB mail beside), both serve layouts
+                            "client": {"senders": [1, 8], "per_sender": 50, "reps": 2, "large_mb": 5.0,
+                                       "warmup_mails": 20}},
         # the serve soak carries the leak verdict: at least 1,000 runs (settled), then it stops once the judged
         # slopes' 95 % intervals are within ±4 KiB/run (soak.precise_enough; 1,000-1,200 runs when healthy); the
         # in-kernel tracemalloc soak names growing lines, its traced slope tight (±0.3 KiB/run) by 400 runs
@@ -123,13 +130,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          "gateways": {"mails": 20, "concurrency": 4, "pdf_pages": 1}},
         # metrics on/off A/B: 4 turns of 150 small mails per variant, interleaved (about 2 min)
         "12_monitoring": {"mails": 150, "senders": 4, "reps": 4, "warmup_mails": 10},
+        # a planted ~14 % store slowdown (instructions) against its parent, two busy neighbours (about 5 min)
+        "13_regression_gate": {"measures": {"instructions": 2, "cpu": 3}, "load": 2, "work": 50},
     },
 }
 PROFILES["full"] = {
     **PROFILES["standard"],
     "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
                               "stop_on_failure": True},
-    "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8},
+    "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8,
+                        "client": PROFILES["standard"]["04_email_bursts"]["client"]},
     "07_code_quality": {"with_coverage": True},
     # the issue's 1,100 idle connections: the audit process holds them, so it needs ~1,200 open files
     "10_hostile_senders": {"sessions": {"limit": 500, "extra": 600, "sends": 20, "release": 10, "churn": 5000},
