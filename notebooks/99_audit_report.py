@@ -45,7 +45,9 @@ md("## 1. Summary: SLAs\n\n" + views.markdown(report.sla_table(
 stages = views.stage_breakdown(m)
 md("## 2. Pipeline profile\n\nMeasured on a real `python -m pipeline serve` (its own data dir, driven over SMTP "
    "by sender processes after a warm-up mail; stage times from its run store). Median and p95 time per mail in "
-   "each stage (Email is DATA end → run queued; Queue is waiting for a worker slot):\n\n" + views.markdown(stages) +
+   "each stage (Email is DATA end → run queued; Queue is waiting for a run slot; Lane wait is the part of "
+   "ingestion spent waiting for a free extraction worker, from the tasks' recorded waits, so Ingestion is the "
+   "work itself):\n\n" + views.markdown(stages) +
    "\n\n" + views.bottleneck_line(stages))
 
 # %%

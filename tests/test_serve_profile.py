@@ -110,3 +110,21 @@ def test_stage_memory_takes_peak_and_rise_over_the_sample_before_the_task():
         assert got == {("serve", "peak"): 52, ("serve", "increment"): 2,
                        ("extract workers", "peak"): 40, ("extract workers", "increment"): 20}, window
         assert {r["tags"]["processes"] for r in rows if r["tags"]["process"] == "extract workers"} == {2}
+
+
+def test_stage_times_split_ingestion_into_the_wait_for_a_lane_and_the_work(tmp_path):
+    from pipeline.sqlite_store import SqliteRunStore
+    from pipeline.store import Transition
+
+    with SqliteRunStore(tmp_path / "runs.sqlite3") as store:
+        run = store.create_run("email_digest", {"data_end_at": 99.0}, now=100.0)[0]
+        store.create_tasks(run.run_id, ["parse_email", "ingest_pdf[0]", "ingest_pdf[1]"])
+        # parse 101-103 (waited 1.5 s); two ingestions side by side: [0] 103-110 waited 6 s, [1] 103-108 waited 1 s
+        for task, start, end, waited in (("parse_email", 101, 103, 1.5), ("ingest_pdf[0]", 103, 110, 6.0),
+                                         ("ingest_pdf[1]", 103, 108, 1.0)):
+            store.record_transitions([Transition(run.run_id, task, "running", 1, start)])
+            store.record_transitions([Transition(run.run_id, task, "success", 1, end, wait_s=waited)])
+        times = scenarios.stage_times(store, store.get_run(run.run_id))
+    assert times["Lane wait"] == pytest.approx(1.5 + 6.0)  # the parse's and the last-ending instance's
+    assert times["Ingestion"] == pytest.approx(110 - 101 - 7.5)
+    assert times["Email"] == pytest.approx(1.0)
