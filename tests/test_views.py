@@ -1,5 +1,6 @@
 """The report's tables are arithmetic on recorded rows: check that arithmetic on rows with known values."""
 
+import math
 import re
 
 import matplotlib.pyplot as plt
@@ -248,3 +249,21 @@ def test_limit_lines_give_the_failure_level_the_limits_hit_and_the_slowest_shipp
     assert lines[0] == "- Concurrency: no failure up to 10 workflows at once; failures from 50 on."
     assert "- text 50" in lines[1] and "TooLarge: over max_attachment_bytes" in lines[1]
     assert "shipped default (pdfium-2w): text at 100 pages/s" in lines[2] and "pypdf at 10 pages/s" in lines[2]
+
+
+def test_one_percentile_for_the_whole_audit_agrees_with_numpy_and_statistics():
+    import random
+    import statistics
+
+    import numpy as np
+
+    from pipeline.audit.harness import percentile
+
+    rng = random.Random(7)
+    for n in (2, 3, 10, 101, 1000):
+        values = [rng.expovariate(1.0) for _ in range(n)]
+        cuts = statistics.quantiles(values, n=100, method="inclusive")
+        for q in (50, 95, 99):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+            assert percentile(values, q) == pytest.approx(cuts[q - 1])
+    assert percentile([4.0], 99) == 4.0 and math.isnan(percentile([], 50))

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from .harness import row
+from .harness import percentile, row
 from .recorder import AuditRecorder
 from .report import ROOT
 
@@ -98,7 +98,7 @@ def measured(measurements: pd.DataFrame, baseline: Baseline) -> float:
     if values.empty:
         return math.nan
     if baseline.stat == "p99":
-        value = float(values.quantile(0.99))
+        value = percentile(values, 99)
     elif baseline.stat == "max":
         value = float(values.max())
     else:

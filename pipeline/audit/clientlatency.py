@@ -40,7 +40,7 @@ import pandas as pd
 
 from . import fixtures as fx
 from .faultcheck import runs_by_message, wait_terminal
-from .harness import frame, row
+from .harness import frame, percentile, row
 from .recorder import AuditRecorder
 from .serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 
@@ -171,7 +171,7 @@ def summary(measurements: pd.DataFrame) -> pd.DataFrame:
             ["variant", "senders", "large", "kind", "metric"]):
         out.append({"variant": variant, "senders": senders, "large": large, "kind": kind, "metric": metric,
                     "n": len(group), "median": float(np.median(group.value)),
-                    "p99": float(np.percentile(group.value, 99))})
+                    "p99": percentile(group.value, 99)})
     rates = m[m.metric == "accepted_per_s"]
     for (variant, senders, large), group in rates.groupby(["variant", "senders", "large"]):
         out.append({"variant": variant, "senders": senders, "large": large, "kind": "small", "metric": "accepted_per_s",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fixtures
+from .harness import percentile
 
 COMMANDS = ("--help", "runs", "show", "ingest")
 
@@ -98,7 +99,5 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _p95(values: list[float]) -> float:
-    """The 95th percentile (inclusive interpolation; a single sample is its own p95)."""
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[94]
+    """The 95th percentile (``harness.percentile``)."""
+    return percentile(values, 95)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +80,19 @@ def wait_all_done(service: PipelineService, expected: int, timeout_s: float = 60
 def row(variant: str, metric: str, value: float, unit: str, rep: int = 0, **tags: Any) -> dict[str, Any]:
     """One tidy measurement row."""
     return {"variant": variant, "metric": metric, "value": float(value), "unit": unit, "rep": rep, "tags": tags}
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between order statistics, as numpy, pandas,
+    ``statistics.quantiles(method="inclusive")`` and PostgreSQL's percentile_cont compute it: the audit's one
+    definition. NaN for no values; a single value is every percentile of itself."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .harness import percentile
 from .views import rows
 
 _PHASES = {"held": 0, "after_release": 1, "churn": 2}
@@ -49,7 +50,7 @@ def sessions_table(m: pd.DataFrame) -> pd.DataFrame:
                     "serve holds": _count(figure, "serve_connections"),
                     "normal client got": _replies(g[g.metric == "normal_replies"]),
                     "median ms": round(latency.median(), 1) if len(latency) else "",
-                    "p95 ms": round(latency.quantile(0.95), 1) if len(latency) else "",
+                    "p95 ms": round(percentile(latency, 95), 1) if len(latency) else "",
                     "log bytes": _count(figure, "log_bytes"), "tracebacks": _count(figure, "tracebacks_logged")})
     table = pd.DataFrame(out)
     return table.sort_values(["idle sessions", "phase"], key=lambda c: c.map(_PHASES) if c.name == "phase" else c,

@@ -26,13 +26,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import fixtures as fx
 from .faultcheck import wait_terminal
-from .harness import frame, row
+from .harness import frame, percentile, row
 from .recorder import AuditRecorder
 from .serveproc import Senders, ServeProcess, free_port
 from .views import markdown
@@ -109,7 +108,7 @@ def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int,
 
 def p99(values: list[float]) -> float:
     """The 99th percentile (linear interpolation), NaN for no values."""
-    return float(np.percentile(values, 99)) if values else float("nan")
+    return percentile(values, 99)
 
 
 def metrics_ab(work: Path, mails: int = 20, senders: int = 2, reps: int = 2, warmup_mails: int = 3,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from .harness import percentile
 from .recorder import AuditRecorder
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -35,9 +36,7 @@ def load_slas(path: Path = SLA_FILE) -> list[dict[str, Any]]:
 def reduce(values: list[float], stat: str) -> float:
     """Reduce values with median, p95, p99, max, min or mean."""
     if stat in ("p95", "p99"):
-        if len(values) == 1:
-            return values[0]
-        return statistics.quantiles(values, n=100, method="inclusive")[int(stat[1:]) - 1]
+        return percentile(values, int(stat[1:]))
     reducers: dict[str, Callable[[list[float]], float]] = {
         "median": statistics.median, "max": max, "min": min, "mean": statistics.fmean}
     return reducers[stat](values)

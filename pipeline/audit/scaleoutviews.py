@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .harness import percentile
 from .scaleout import VARIANTS, capacity_model, store_ceiling
 from .views import rows
 
@@ -60,7 +61,7 @@ def pipeline_table(m: pd.DataFrame) -> pd.DataFrame:
                     "mails at once": _tag_max(g, "concurrency"),
                     "runs/s": _median(g, "throughput_runs_per_s"),
                     "e2e median s": float(latency.median()) if len(latency) else math.nan,
-                    "e2e p95 s": float(latency.quantile(0.95)) if len(latency) else math.nan,
+                    "e2e p95 s": percentile(latency, 95),
                     "accepts/s": _median(g, "accepts_per_s"), "acked": int(g[g.metric == "acked"].value.sum()),
                     "succeeded": int(g[g.metric == "runs_succeeded"].value.sum()),
                     "not ended": int(g[g.metric == "runs_not_ended"].value.sum())})
@@ -101,7 +102,7 @@ def ingestion_table(m: pd.DataFrame) -> pd.DataFrame:
                     "pages/s range": f"{rates.min():.0f}–{rates.max():.0f}" if len(rates) else "",
                     "batch s median": _median(g, "batch_seconds"),
                     "speedup": _median(g, f"speedup_{int(n)}_vs_1_workers"),
-                    "task round trip ms median": trips.median(), "p95": trips.quantile(0.95)})
+                    "task round trip ms median": trips.median(), "p95": percentile(trips, 95)})
     return pd.DataFrame(out)
 
 

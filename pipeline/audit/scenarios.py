@@ -23,7 +23,7 @@ from ..stages.ingest import ingest_pdf
 from ..store import DAGRunStore, Run
 from . import fixtures as fx
 from . import storebench
-from .harness import frame, row, running_pipeline, wait_all_done
+from .harness import frame, percentile, row, running_pipeline, wait_all_done
 from .recorder import AuditRecorder
 from .workerrss import WorkerRssSampler
 
@@ -176,7 +176,7 @@ def concurrency(levels: list[int], pdf: Path, recorder: AuditRecorder | None = N
         tags = {"level": level}
         rows += [row("baseline", "throughput_runs_per_s", level / wall, "1/s", 0, **tags),
                  row("baseline", "latency_p50_s", latencies.median(), "s", 0, **tags),
-                 row("baseline", "latency_p95_s", latencies.quantile(0.95), "s", 0, **tags),
+                 row("baseline", "latency_p95_s", percentile(latencies, 95), "s", 0, **tags),
                  row("baseline", "peak_active_runs", peak_active, "runs", 0, **tags),
                  row("baseline", "failed_runs", len(failed), "runs", 0, **tags,
                      reasons=sorted({str(r.reason)[:120] for r in failed})[:5])]

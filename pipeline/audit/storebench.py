@@ -24,6 +24,7 @@ from ..errors import ConfigurationError
 from ..postgres_schema import REBUILD_DURATION_BINS
 from ..sqlite_store import SqliteRunStore
 from ..store import DAGRunStore, Transition
+from .harness import percentile
 
 TASKS_PER_RUN = ("parse_email", "ingest_pdf[0]", "ingest_pdf[1]", "build_digest", "deliver")
 WORKFLOWS = 5
@@ -183,8 +184,8 @@ def summarize(metric: str, samples: list[float], unit: str = "ms", scale: float 
               **tags: Any) -> dict[str, Any]:
     """Return one tidy row with median, p95, p99, min and max of ``samples`` (seconds, scaled to ``unit``)."""
     values = sorted(v * scale for v in samples)
-    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
-    return {"metric": metric, "median": statistics.median(values), "p95": cuts[94], "p99": cuts[98],
+    return {"metric": metric, "median": statistics.median(values), "p95": percentile(values, 95),
+            "p99": percentile(values, 99),
             "min": values[0], "max": values[-1], "n": len(values), "unit": unit, **tags}
 
 

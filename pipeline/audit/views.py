@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
+from .harness import percentile
 from .scenarios import STAGES
 
 
@@ -29,7 +30,7 @@ def rows(m: pd.DataFrame, scenario: str, metric: str | None = None) -> pd.DataFr
 
 
 def _q(series: pd.Series, q: float) -> float:
-    return float(series.quantile(q)) if len(series) else float("nan")
+    return percentile(series, q * 100)
 
 
 def stage_breakdown(m: pd.DataFrame) -> pd.DataFrame:
