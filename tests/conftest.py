@@ -26,7 +26,7 @@ from leaks import (
 )
 
 from pipeline.audit.serveproc import free_port  # noqa: F401  (one free_port, shared with the audit)
-from pipeline.config import EngineConfig, RunnerConfig, Settings
+from pipeline.config import EngineConfig, RunnerConfig, Settings, StoreConfig
 from pipeline.engine import WorkflowEngine
 from pipeline.sqlite_store import SqliteRunStore
 
@@ -232,3 +232,10 @@ def pg_url(pg_server) -> Iterator[str]:
     url = pg_server.create_database(name)
     yield url
     pg_server.drop_database(name)
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_config(request, tmp_path) -> StoreConfig:
+    """A StoreConfig for a fresh, empty store of each backend (the PostgreSQL one needs ``pg_url``)."""
+    if request.param == "sqlite":
+        return StoreConfig(path=tmp_path / "runs.sqlite3")
+    return StoreConfig(url=request.getfixturevalue("pg_url"), pool_size=4)

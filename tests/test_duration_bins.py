@@ -19,13 +19,6 @@ HOUR = 3600.0
 T0 = 1000 * HOUR  # an hour boundary
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_config(request, tmp_path) -> StoreConfig:
-    if request.param == "sqlite":
-        return StoreConfig(path=tmp_path / "runs.sqlite3")
-    return StoreConfig(url=request.getfixturevalue("pg_url"), pool_size=4)
-
-
 @pytest.fixture
 def any_store(store_config):
     st = open_store(store_config)

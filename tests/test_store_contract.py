@@ -26,14 +26,6 @@ from pipeline.errors import StoreError, UnknownRunError
 from pipeline.store import DAGRunStore, Transition, open_store
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_config(request, tmp_path) -> StoreConfig:
-    """A StoreConfig for a fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        return StoreConfig(path=tmp_path / "runs.sqlite3")
-    return StoreConfig(url=request.getfixturevalue("pg_url"), pool_size=4)
-
-
 @pytest.fixture
 def contract_store(store_config):
     st = open_store(store_config)

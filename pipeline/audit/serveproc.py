@@ -113,25 +113,22 @@ class ServeProcess:
         it accepts the mail), everything of serve except the extraction workers."""
         if self.proc is None or self.proc.poll() is not None:
             return []
-        found = [psutil.Process(self.proc.pid)]
+        return [psutil.Process(self.proc.pid), *self._descendants_running(GATEWAY_PROCESS)]
+
+    def extract_workers(self) -> list[psutil.Process]:
+        """Serve's PDF extraction worker processes."""
+        return self._descendants_running(EXTRACT_WORKER)
+
+    def _descendants_running(self, module: str) -> list[psutil.Process]:
+        """Serve's live descendants whose command line names ``module`` (one that exits meanwhile is skipped)."""
+        found = []
         for proc in self.descendants():
             try:
-                if any(GATEWAY_PROCESS in part for part in proc.cmdline()):
+                if any(module in part for part in proc.cmdline()):
                     found.append(proc)
             except psutil.Error:
                 continue
         return found
-
-    def extract_workers(self) -> list[psutil.Process]:
-        """Serve's PDF extraction worker processes."""
-        workers = []
-        for proc in self.descendants():
-            try:
-                if any(EXTRACT_WORKER in part for part in proc.cmdline()):
-                    workers.append(proc)
-            except psutil.Error:
-                continue
-        return workers
 
     def cli(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
         """Run ``python -m pipeline <args>`` on this serve's data dir and settings (e.g. ``purge``), as a user would."""
