@@ -28,8 +28,9 @@ reps = 2
 variants = None  # None: every engine variant of scenarios.ENGINE_VARIANTS
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import fixture_items, open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 recorder = open_recorder(db_path, session_id, profile)
 

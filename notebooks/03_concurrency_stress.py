@@ -25,8 +25,9 @@ pdf = "text-tiny.pdf"
 stop_on_failure = False
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import fixture, open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 recorder = open_recorder(db_path, session_id, profile)
 

@@ -28,8 +28,9 @@ burst = 50
 senders = 2
 
 # %%
-from pipeline.audit import scenarios, soakviews, views
 from pipeline.audit.notebook import open_recorder
+from pipeline.audit.reporting import soakviews, views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 recorder = open_recorder(db_path, session_id, profile)
 

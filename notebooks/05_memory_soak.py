@@ -36,8 +36,9 @@ warmup = 20
 every = 10
 
 # %%
-from pipeline.audit import scenarios, soakviews, views
 from pipeline.audit.notebook import open_recorder
+from pipeline.audit.reporting import soakviews, views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 recorder = open_recorder(db_path, session_id, profile)
 

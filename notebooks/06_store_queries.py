@@ -23,8 +23,9 @@ sizes = [10_000, 50_000]
 repeat = 50
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import open_recorder, scratch_dir
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 recorder = open_recorder(db_path, session_id, profile)
 

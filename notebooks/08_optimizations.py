@@ -31,14 +31,15 @@ batch_pdf = "text-0.5mb.pdf"  # executor kinds: several copies ingested at once
 documents = 2
 
 # %%
-from pipeline.audit import switches, views
 from pipeline.audit.notebook import fixture, open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import optimizations
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-switches.store_switches(runs=store_runs, reps=reps, recorder=recorder)
-switches.gateway_switches(reps=gateway_reps, recorder=recorder)
-switches.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
+optimizations.store_switches(runs=store_runs, reps=reps, recorder=recorder)
+optimizations.gateway_switches(reps=gateway_reps, recorder=recorder)
+optimizations.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
                             documents=documents, reps=reps, recorder=recorder)
 views.optimization_table(recorder.measurements())

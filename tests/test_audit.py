@@ -9,12 +9,13 @@ import sys
 import psutil
 import pytest
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import scenarios, views
-from pipeline.audit.lineprof import profile_lines
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.serveproc import EXTRACT_WORKER
-from pipeline.audit.workerrss import WorkerRssSampler
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.base.serveproc import EXTRACT_WORKER
+from pipeline.audit.base.workerrss import WorkerRssSampler
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
+from pipeline.audit.scenarios.line_profile import profile_lines
 from pipeline.config import MB, IngestConfig
 from pipeline.dag import DAG, Task
 from pipeline.stages.ingest import ingest_pdf
@@ -144,7 +145,7 @@ def test_leak_detector_flags_a_leaking_workflow_only(recorder):
 
 
 def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
-    from pipeline.audit.memory import judge_leak
+    from pipeline.audit.base.memory import judge_leak
 
     def points(bytes_at):
         return [{"runs": r, "traced_bytes": bytes_at(r), "rss_bytes": 0.0} for r in range(0, 5001, 250)]
@@ -169,7 +170,7 @@ def test_line_profile_names_hot_lines_per_stage(small_pdfs):
 @pytest.mark.parametrize(("failed", "not_measured", "quality", "status"), [
     (0, 0, True, "done"), (1, 0, True, "sla_failed"), (1, 2, True, "incomplete"), (0, 0, False, "incomplete")])
 def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, quality, status):
-    from pipeline.audit.report import task_status, update_task_card
+    from pipeline.audit.reporting.report import task_status, update_task_card
 
     summary = {"passed": 3, "failed": failed, "not_measured": not_measured}
     proven = {"report": True, "stress": True, "slas": True, "optimizations": True, "code_quality": quality}

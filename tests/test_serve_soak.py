@@ -7,8 +7,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from pipeline.audit import report, scenarios, soakviews, views
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import report, soakviews, views
+from pipeline.audit.scenarios import pdf_ingestion as scenarios
 
 
 @pytest.fixture(scope="module", autouse=True)

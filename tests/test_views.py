@@ -6,10 +6,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from pipeline.audit import hostileviews, scaleoutviews, views
-from pipeline.audit.harness import row
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.scenarios import STAGES
+from pipeline.audit.base.harness import row
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import hostileviews, scaleoutviews, views
+from pipeline.audit.scenarios.pdf_ingestion import STAGES
 
 
 @pytest.fixture

@@ -1,0 +1,161 @@
+"""The soak scenario's loops: many runs, memory sampled after each batch, the leak slope per run.
+
+Two soaks: ``run_serve_soak`` drives a real ``python -m pipeline serve`` child over
+SMTP and samples RSS and USS of serve and of its extraction workers by role (this is
+the leak verdict for what production runs); ``run_soak`` runs the pipeline inside
+this process under tracemalloc, which names *which* line grows (the diagnostic).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ...config import RunnerConfig, Settings
+from ...dag import DAG
+from ...engine import WorkflowEngine
+from ...sqlite_store import SqliteRunStore
+from ...store import open_store
+from ..base import fixtures as fx
+from ..base.harness import running_pipeline
+from ..base.memory import LeakVerdict, judge_leak, sample_point, top_growth, traced
+from ..base.servemem import TreeWatch, sample_tree
+from ..base.serveproc import Senders, ServeProcess, serving
+
+# A serve soak measured RSS still rising ~1 MB per 100 runs over its first ~500 runs after a 200-run warm-up,
+# then ~0.1 MB per 100: a shorter soak's slope is mostly warm-up, so its rows say it was not settled.
+SETTLED_RUNS = 1000
+# What the serve soak fits, per role: (series key, process role, metric of its slope).
+SERVE_SERIES = (("serve_rss", "serve", "leak_rss_bytes_per_run"), ("serve_uss", "serve", "leak_uss_bytes_per_run"),
+                ("workers_rss", "workers", "leak_rss_bytes_per_run"),
+                ("workers_uss", "workers", "leak_uss_bytes_per_run"),
+                ("workers_rss_max", "workers", "leak_max_worker_rss_bytes_per_run"))
+
+
+def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None) -> tuple[list[dict[str, float]], LeakVerdict]:
+    """Run ``warmup`` then ``runs`` runs in batches of ``every``; sample memory after each batch.
+
+    With ``dag=None`` the real email_digest pipeline runs (a one-page PDF per mail, accepted through
+    the gateway, digest delivered over SMTP); otherwise ``dag`` runs on a bare engine.
+    """
+    if dag is None:
+        with running_pipeline() as (service, _sink):
+            pdf = fx.text_pdf(1)
+            counter = iter(range(10**9))
+
+            def batch(n: int) -> None:
+                ids = [service.gateway.accept(fx.email_with([("a.pdf", pdf)], message_id=f"<soak-{next(counter)}@a>"),
+                                              source="audit").run_id for _ in range(n)]
+                for run_id in ids:
+                    service.engine.wait(run_id, timeout=120)
+
+            return _measure(batch, runs, warmup, every)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        settings = replace(Settings.for_data_dir(Path(tmp)), runner=RunnerConfig(thread_workers=4))
+        store = open_store(settings.store)
+        with WorkflowEngine(store, settings) as engine:
+            engine.register(dag)
+
+            def batch(n: int) -> None:
+                ids = [engine.trigger(dag.workflow_id).run_id for _ in range(n)]
+                for run_id in ids:
+                    engine.wait(run_id, timeout=120)
+
+            result = _measure(batch, runs, warmup, every)
+        store.close()
+        return result
+
+
+def _measure(batch: Any, runs: int, warmup: int, every: int) -> tuple[list[dict[str, float]], LeakVerdict]:
+    batch(warmup)
+    points = []
+    with traced():
+        before = tracemalloc.take_snapshot()
+        done = 0
+        points.append(sample_point(done))
+        with tqdm(total=runs, desc="soak", unit="run") as bar:
+            while done < runs:
+                n = min(every, runs - done)
+                batch(n)
+                done += n
+                points.append(sample_point(done))
+                bar.update(n)
+        after = tracemalloc.take_snapshot()
+    return points, judge_leak(points, top_growth(before, after))
+
+
+def run_serve_soak(work: Path, runs: int, warmup: int, every: int, senders: int = 2, timeout_s: float = 600.0
+                   ) -> tuple[list[dict[str, float]], dict[str, LeakVerdict]]:
+    """Mail ``warmup`` then ``runs`` one-page PDFs to a real serve in batches of ``every``; after each batch's
+    runs ended, sample serve's tree by role.
+
+    Returns the points (``runs``, ``serve_rss``, ``serve_uss``, ``workers_rss`` (sum over live workers),
+    ``workers_uss``, ``workers_rss_max``, ``live_workers``, ``worker_restarts``, ``failed``) and the leak
+    verdict of each series in ``SERVE_SERIES`` (judge_leak's second-half slope, in bytes per run).
+    """
+    pdf = fx.text_pdf(1)
+    sent = 0
+    (work / "senders").mkdir(parents=True, exist_ok=True)
+
+    def batch(serve: ServeProcess, n: int) -> int:
+        nonlocal sent
+        ids = [f"<soak-{i}@serve.audit>" for i in range(sent, sent + n)]
+        mails = [(mid, fx.email_with([("a.pdf", pdf)], message_id=mid)) for mid in ids]
+        sent += n
+        with Senders(serve.port, mails, work / "senders", max(1, min(senders, n))) as sending:
+            return len(sending.wait(timeout_s).acked)
+
+    with serving(work / "data", work) as serve:
+        total = batch(serve, warmup) if warmup else 0
+        failed = _wait_ended(serve, total, timeout_s)
+        points = []
+        with TreeWatch(serve, every_s=0.25) as watch, tqdm(total=runs, desc="serve soak", unit="run") as bar:
+            points.append(_serve_point(serve, 0, watch, failed))
+            done = 0
+            while done < runs:
+                n = min(every, runs - done)
+                total += batch(serve, n)
+                failed = _wait_ended(serve, total, timeout_s)
+                done += n
+                points.append(_serve_point(serve, done, watch, failed))
+                bar.update(n)
+    return points, {key: _late_slope(points, key) for key, _, _ in SERVE_SERIES}
+
+
+def _serve_point(serve: ServeProcess, runs: int, watch: TreeWatch, failed: int) -> dict[str, float]:
+    watch.sample()  # so the pids of this moment count towards the restarts
+    now = sample_tree(serve, uss=True)
+    return {"runs": runs, "serve_rss": now.serve_rss, "serve_uss": now.serve_uss, "workers_rss": now.workers_rss_sum,
+            "workers_uss": now.workers_uss_sum, "workers_rss_max": now.workers_rss_max,
+            "live_workers": len(now.worker_pids), "worker_restarts": watch.worker_restarts, "failed": failed}
+
+
+def _late_slope(points: list[dict[str, float]], key: str) -> LeakVerdict:
+    """judge_leak on one series: its ``traced_bytes_per_run`` is that series' slope over the second half."""
+    return judge_leak([{"runs": p["runs"], "traced_bytes": p[key], "rss_bytes": p[key]} for p in points], [])
+
+
+def _wait_ended(serve: ServeProcess, total: int, timeout_s: float) -> int:
+    """Wait until serve's store holds ``total`` runs, all ended (read-only); return how many failed."""
+    deadline = time.monotonic() + timeout_s
+    path = serve.data_dir / "runs.sqlite3"
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    store = SqliteRunStore(path, create=False)
+    try:
+        while True:
+            counts = store.count_runs_by_state()
+            ended = counts.get("success", 0) + counts.get("failed", 0)
+            if ended >= total and not counts.get("queued") and not counts.get("running"):
+                return counts.get("failed", 0)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serve soak: {ended} of {total} runs ended after {timeout_s} s: {counts}")
+            time.sleep(0.05)
+    finally:
+        store.close()
