@@ -30,12 +30,12 @@ senders = 2
 # %%
 from pipeline.audit.notebook import open_recorder
 from pipeline.audit.reporting import soakviews, views
-from pipeline.audit.scenarios import pdf_ingestion as scenarios
+from pipeline.audit.scenarios import email_bursts
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.email_burst(rates, duration_s=duration_s, burst=burst, senders=senders, recorder=recorder)
+email_bursts.email_burst(rates, duration_s=duration_s, burst=burst, senders=senders, recorder=recorder)
 views.burst_table(recorder.measurements())
 
 # %%

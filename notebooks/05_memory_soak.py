@@ -38,12 +38,12 @@ every = 10
 # %%
 from pipeline.audit.notebook import open_recorder
 from pipeline.audit.reporting import soakviews, views
-from pipeline.audit.scenarios import pdf_ingestion as scenarios
+from pipeline.audit.scenarios import memory_soak
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
+memory_soak.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
                      recorder=recorder)
 serve_slopes = soakviews.serve_slopes(recorder.measurements())
 serve_slopes
@@ -55,7 +55,7 @@ soakviews.fig_serve_soak(soakviews.serve_soak_series(recorder.measurements()), s
 # In-kernel tracemalloc soak (this kernel's memory, not serve's):
 
 # %%
-soak = scenarios.soak(runs=runs, warmup=warmup, every=every, recorder=recorder)
+soak = memory_soak.soak(runs=runs, warmup=warmup, every=every, recorder=recorder)
 slopes = {"traced": soak[soak.metric == "leak_traced_bytes_per_run"].value.item(),
           "rss": soak[soak.metric == "leak_rss_bytes_per_run"].value.item()}
 slopes

@@ -25,17 +25,17 @@ repeat = 50
 # %%
 from pipeline.audit.notebook import open_recorder, scratch_dir
 from pipeline.audit.reporting import views
-from pipeline.audit.scenarios import pdf_ingestion as scenarios
+from pipeline.audit.scenarios import store_queries
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder)
+store_queries.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder)
 views.store_table(recorder.measurements())
 
 # %% [markdown]
 # The runner's own cost: a 1000-task no-op DAG and a 200-task chain, per task (store writes included).
 
 # %%
-scenarios.runner_overhead(scratch_dir(db_path, "bench"), recorder=recorder)
+store_queries.runner_overhead(scratch_dir(db_path, "bench"), recorder=recorder)
 views.baselines_table(recorder.measurements())

@@ -40,7 +40,7 @@ def cpu_s() -> float:
 def trigger(small: int) -> tuple[float, str, float]:
     """Median email-to-queued latency of 600 small mails sent at 200/s over SMTP."""
     try:
-        from pipeline.audit.scenarios.pdf_ingestion import email_burst
+        from pipeline.audit.scenarios.email_bursts import email_burst
     except ImportError:  # a commit from before the audit was grouped by notebook (issue 14)
         from pipeline.audit.scenarios import email_burst
 

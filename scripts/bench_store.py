@@ -50,7 +50,7 @@ def main() -> int:
         scratch = SqliteRunStore(Path(tmp) / "writes.sqlite3")
         rows += list(store_queries.write_throughput(scratch))
         scratch.close()
-        rows += list(store_queries.runner_overhead(Path(tmp) / "runner"))
+        rows += list(store_queries.runner_overhead_rows(Path(tmp) / "runner"))
         rows.append(store_queries.concurrent_runs(Path(tmp) / "concurrency"))
     store.close()
     meta = {"runs": args.runs, "host": platform.node(), "cpu": platform.processor() or platform.machine(),

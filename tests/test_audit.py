@@ -14,7 +14,7 @@ from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.base.serveproc import EXTRACT_WORKER
 from pipeline.audit.base.workerrss import WorkerRssSampler
 from pipeline.audit.reporting import views
-from pipeline.audit.scenarios import pdf_ingestion as scenarios
+from pipeline.audit.scenarios import concurrency, memory_soak, pdf_ingestion, store_queries
 from pipeline.audit.scenarios.line_profile import profile_lines
 from pipeline.config import MB, IngestConfig
 from pipeline.dag import DAG, Task
@@ -79,7 +79,7 @@ def test_sessions_are_kept_with_machine_facts(tmp_path):
 def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
-    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
+    df = pdf_ingestion.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
     timings = df[df.metric == "ingest_seconds"]
     assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
         (r, k, v) for r in (0, 1) for k in ("text", "mixed") for v in ("pypdf", "pdfium-2w")]  # A B A B
@@ -108,7 +108,7 @@ def test_hostile_inputs_measure_the_extraction_workers_not_this_process(recorder
                        ("random-bytes.pdf", fx.random_bytes(8 * 1024))):
         (tmp_path / name).write_bytes(data)
         items.append({"name": name, "path": str(tmp_path / name)})
-    df = scenarios.hostile_inputs(items, recorder=recorder)
+    df = pdf_ingestion.hostile_inputs(items, recorder=recorder)
     assert df.metric.tolist() == ["seconds", "workers_peak_rss_mb", "workers_rss_before_mb"] * 2
     assert "ok" not in set(df.outcome)  # neither file has readable text
     memory = df[df.metric == "workers_peak_rss_mb"]
@@ -119,22 +119,22 @@ def test_hostile_inputs_measure_the_extraction_workers_not_this_process(recorder
 
 
 def test_concurrency_sweep_reports_each_level(recorder, small_pdfs):
-    df = scenarios.concurrency([3, 6], small_pdfs["text"], recorder=recorder)
+    df = concurrency.concurrency([3, 6], small_pdfs["text"], recorder=recorder)
     assert sorted(df[df.metric == "throughput_runs_per_s"]["level"]) == [3, 6]
     assert (df[df.metric == "failed_runs"].value == 0).all()
     assert (df[df.metric == "latency_p95_s"].value.values >= df[df.metric == "latency_p50_s"].value.values).all()
 
 
 def test_store_queries_at_each_size(recorder, tmp_path):
-    df = scenarios.store_queries([500, 1500], tmp_path / "store", repeat=5, recorder=recorder)
+    df = store_queries.store_queries([500, 1500], tmp_path / "store", repeat=5, recorder=recorder)
     assert set(df["runs"]) == {500, 1500}
     assert {"list_latest_50_of_workflow", "count_by_state_all", "task_transitions_per_s_batched_100"} <= set(df.metric)
 
 
 def test_leak_detector_flags_a_leaking_workflow_only(recorder):
-    leaky = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("leaky", [Task("leak", _leaky)]),
+    leaky = memory_soak.soak(runs=60, warmup=10, every=10, dag=DAG("leaky", [Task("leak", _leaky)]),
                            recorder=recorder, variant="leaky")
-    clean = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
+    clean = memory_soak.soak(runs=60, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
                            recorder=recorder, variant="clean")
     slope = leaky[leaky.metric == "leak_traced_bytes_per_run"].value.item()
     assert leaky[leaky.metric == "leaking"].value.item() == 1.0 and 60_000 < slope < 80_000
@@ -157,7 +157,7 @@ def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
 
 
 def test_real_pipeline_is_not_flagged_as_leaking(recorder):
-    df = scenarios.soak(runs=120, warmup=40, every=20, recorder=recorder)
+    df = memory_soak.soak(runs=120, warmup=40, every=20, recorder=recorder)
     assert df[df.metric == "leaking"].value.item() == 0.0, df[df.metric.str.startswith("leak")]
 
 

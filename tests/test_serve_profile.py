@@ -11,8 +11,7 @@ import pytest
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import profileviews
-from pipeline.audit.scenarios import pdf_ingestion as scenarios
-from pipeline.audit.scenarios import pipeline_profile
+from pipeline.audit.scenarios import concurrency, pipeline_profile
 
 MAILS = 3
 
@@ -37,8 +36,8 @@ def profiled(tmp_path_factory):
 def test_every_run_has_every_stage_and_the_digest_arrived(profiled):
     df, recorder, _ = profiled
     stages = df[df.metric == "stage_seconds"]
-    assert set(stages.stage) == set(scenarios.STAGES)
-    assert stages.groupby("rep").stage.nunique().tolist() == [len(scenarios.STAGES)] * MAILS
+    assert set(stages.stage) == set(concurrency.STAGES)
+    assert stages.groupby("rep").stage.nunique().tolist() == [len(concurrency.STAGES)] * MAILS
     assert (stages.value >= 0).all() and (df[df.metric == "end_to_end_seconds"].value > 0).all()
     assert df[df.metric == "digests_delivered"].value.item() == MAILS
     assert df[df.metric == "runs_failed"].value.item() == 0

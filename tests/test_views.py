@@ -9,7 +9,7 @@ import pytest
 from pipeline.audit.base.harness import row
 from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import hostileviews, scaleoutviews, views
-from pipeline.audit.scenarios.pdf_ingestion import STAGES
+from pipeline.audit.scenarios.concurrency import STAGES
 
 
 @pytest.fixture

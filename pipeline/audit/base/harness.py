@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from aiosmtpd.controller import Controller
@@ -23,6 +23,9 @@ from ...config import DeliveryConfig, EngineConfig, GatewayConfig, IngestConfig,
 from ...service import PipelineService
 from ...store import Run
 from .serveproc import free_port
+
+if TYPE_CHECKING:  # duckdb stays out of the processes that only send mail (they import this module)
+    from .recorder import AuditRecorder
 
 
 class CountingSink:
@@ -89,3 +92,13 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in tags.columns:
         df[column] = tags[column].values
     return df
+
+
+def save(recorder: AuditRecorder | None, scenario: str, rows: list[dict[str, Any]],
+          spans: list[dict[str, Any]] | None = None, variant: str = "baseline") -> pd.DataFrame:
+    """Record a scenario's rows (and spans) when given a recorder; return them as a frame either way."""
+    if recorder is not None:
+        recorder.record(scenario, pd.DataFrame(rows))
+        if spans:
+            recorder.record_spans(scenario, variant, spans)
+    return frame(rows)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
-from ..scenarios.pdf_ingestion import STAGES
+from ..scenarios.concurrency import STAGES
 
 
 def rows(m: pd.DataFrame, scenario: str, metric: str | None = None) -> pd.DataFrame:

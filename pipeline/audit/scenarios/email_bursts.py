@@ -1,21 +1,30 @@
-"""The email_burst scenario's rounds on a real ``python -m pipeline serve``: paced SMTP senders in their own
-processes, the backlog read from serve's run store, serve's and its workers' memory and CPU by role."""
+"""Notebook 04's measurements: ``email_burst`` rounds on a real ``python -m pipeline serve``, paced SMTP senders in
+their own processes, the backlog read from serve's run store, serve's and its workers' memory and CPU by role."""
 
 from __future__ import annotations
 
 import multiprocessing
 import smtplib
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from tqdm import tqdm
 
 from ...sqlite_store import SqliteRunStore
 from ...store import Run
 from ..base import fixtures as fx
 from ..base.faultcheck import wait_terminal
+from ..base.harness import row, save
 from ..base.servemem import TreeWatch
 from ..base.serveproc import serving
+
+if TYPE_CHECKING:  # duckdb stays out of the sender processes, which import this module
+    from ..base.recorder import AuditRecorder
 
 
 def _paced_sender(port: int, ids: list[str], due: list[float]) -> tuple[list[str], float]:
@@ -94,3 +103,33 @@ def serve_round(work: Path, count: int, rate: float, senders: int, prefix: str, 
     return BurstRound(accepted, runs, backlog, last_sent,
                       {"serve": watch.peak_serve_rss, "workers": watch.peak_workers_rss},
                       watch.cpu_seconds(), watch.worker_restarts)
+
+
+def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, senders: int = 4,
+                recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Sustained rates, then a sudden burst, over SMTP to a fresh ``python -m pipeline serve`` per round:
+    trigger latency, backlog, drain time, messages lost, and serve's and its workers' peak RSS and CPU."""
+    rows: list[dict[str, Any]] = []
+    plans = [("rate", rate, int(rate * duration_s)) for rate in rates] + [("burst", float("inf"), burst)]
+    for kind, rate, count in tqdm(plans, desc="email_burst", unit="round"):
+        label = f"{kind}-{rate:g}" if kind == "rate" else f"burst-{count}"
+        with tempfile.TemporaryDirectory(prefix="burst-") as tmp:
+            done = serve_round(Path(tmp), count, rate, senders, prefix=label)
+        runs, backlog = done.runs, done.backlog
+        drained = max((r.ended_at or 0 for r in runs), default=done.last_sent)
+        keys = {r.dedup_key for r in runs}
+        tags = {"round": label, "mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
+        for rep, r in enumerate(runs):
+            rows.append(row("baseline", "trigger_latency_ms", (r.queued_at - r.payload["data_end_at"]) * 1000, "ms",
+                            rep, **tags))
+        rows += [row("baseline", "accepted", len(done.accepted), "messages", 0, **tags),
+                 row("baseline", "lost", sum(mid not in keys for mid in done.accepted), "messages", 0, **tags),
+                 row("baseline", "drain_seconds", drained - done.last_sent, "s", 0, **tags),
+                 row("baseline", "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
+        rows += [row("baseline", "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
+        rows += [row("baseline", "peak_rss_bytes", done.peak_rss[p], "bytes", 0, process=p, **tags)
+                 for p in ("serve", "workers")]
+        rows += [row("baseline", "cpu_seconds", done.cpu_seconds[p], "s", 0, process=p, **tags)
+                 for p in ("serve", "workers")]
+        rows.append(row("baseline", "worker_restarts", done.worker_restarts, "workers", 0, process="workers", **tags))
+    return save(recorder, "email_burst", rows)

@@ -1,9 +1,10 @@
-"""The soak scenario's loops: many runs, memory sampled after each batch, the leak slope per run.
+"""Notebook 05's measurements: many runs, memory sampled after each batch, the leak slope per run.
 
 Two soaks: ``run_serve_soak`` drives a real ``python -m pipeline serve`` child over
 SMTP and samples RSS and USS of serve and of its extraction workers by role (this is
 the leak verdict for what production runs); ``run_soak`` runs the pipeline inside
 this process under tracemalloc, which names *which* line grows (the diagnostic).
+``serve_soak`` and ``soak`` record each one's points and verdicts as the notebook's rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from tqdm import tqdm
 
 from ...config import RunnerConfig, Settings
@@ -23,8 +25,9 @@ from ...engine import WorkflowEngine
 from ...sqlite_store import SqliteRunStore
 from ...store import open_store
 from ..base import fixtures as fx
-from ..base.harness import running_pipeline
+from ..base.harness import row, running_pipeline, save
 from ..base.memory import LeakVerdict, judge_leak, sample_point, top_growth, traced
+from ..base.recorder import AuditRecorder
 from ..base.servemem import TreeWatch, sample_tree
 from ..base.serveproc import Senders, ServeProcess, serving
 
@@ -159,3 +162,39 @@ def _wait_ended(serve: ServeProcess, total: int, timeout_s: float) -> int:
             time.sleep(0.05)
     finally:
         store.close()
+
+
+def soak(runs: int = 1000, warmup: int = 100, every: int = 50, dag: DAG | None = None,
+         recorder: AuditRecorder | None = None, variant: str = "email_digest") -> pd.DataFrame:
+    """Thousands of runs with memory sampled after gc; the leak slope per run after warm-up."""
+    points, verdict = run_soak(runs, warmup, every, dag)
+    rows = [row(variant, "traced_bytes", p["traced_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
+    rows += [row(variant, "rss_bytes", p["rss_bytes"], "bytes", i, runs=p["runs"]) for i, p in enumerate(points)]
+    rows += [row(variant, "leak_traced_bytes_per_run", verdict.traced_bytes_per_run, "bytes/run", 0),
+             row(variant, "leak_rss_bytes_per_run", verdict.rss_bytes_per_run, "bytes/run", 0),
+             row(variant, "traced_bytes_per_run_all_samples", verdict.traced_bytes_per_run_all, "bytes/run", 0),
+             row(variant, "leaking", float(verdict.leaking), "bool", 0, threshold=verdict.threshold)]
+    rows += [row(variant, "top_growth_bytes", g["size_diff"], "bytes", i, site=g["site"], count_diff=g["count_diff"])
+             for i, g in enumerate(verdict.top_growth)]
+    return save(recorder, "soak", rows)
+
+
+def serve_soak(runs: int = 1000, warmup: int = 100, every: int = 100, senders: int = 2,
+               recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Mail one-page PDFs to a real ``python -m pipeline serve`` in batches; after each batch's runs ended,
+    RSS and USS of serve and of its extraction workers (by role); the leak slope per role and series, tagged
+    ``settled`` when the soak ran at least ``SETTLED_RUNS`` runs (the leak SLAs judge only those)."""
+    with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
+        points, verdicts = run_serve_soak(Path(tmp), runs, warmup, every, senders)
+    rows: list[dict[str, Any]] = []
+    for key, process, metric in SERVE_SERIES:
+        series = metric.removeprefix("leak_").removesuffix("_per_run")  # rss_bytes, uss_bytes, max_worker_rss_bytes
+        rows += [row("serve", series, p[key], "bytes", i, runs=p["runs"], process=process)
+                 for i, p in enumerate(points)]
+        rows.append(row("serve", metric, verdicts[key].traced_bytes_per_run, "bytes/run", 0, process=process,
+                        runs=runs, every=every, warmup=warmup, settled=runs >= SETTLED_RUNS))
+    rows += [row("serve", "live_workers", p["live_workers"], "workers", i, runs=p["runs"], process="workers")
+             for i, p in enumerate(points)]
+    rows += [row("serve", "worker_restarts", points[-1]["worker_restarts"], "workers", 0, process="workers"),
+             row("serve", "runs_failed", points[-1]["failed"], "runs", 0, process="serve")]
+    return save(recorder, "soak", rows, variant="serve")

@@ -2,7 +2,7 @@
 
 Serve runs as a child process with its own data dir (``serveproc.ServeProcess``),
 driven over SMTP by sender processes. Stage times come from its run store (read
-from outside, as ``pdf_ingestion.stage_times`` computes them); resource figures from
+from outside, as ``concurrency.stage_times`` computes them); resource figures from
 its process tree, each process named by its role (``serve``, ``extract worker``),
 never by pid: per process peak RSS and CPU seconds, and per stage (task windows
 from the store) the peak and increment of serve's RSS and of the extraction
@@ -38,7 +38,7 @@ from ..base.harness import frame, row
 from ..base.paths import short_site
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import EXTRACT_WORKER, GATEWAY_PROCESS, Senders, ServeProcess, digests_by_original, serving
-from .pdf_ingestion import stage_times, task_windows
+from .concurrency import stage_times, task_windows
 
 SCENARIO = "pipeline_profile"
 SERVE, EXTRACT = "serve", "extract worker"

@@ -1,6 +1,7 @@
-"""DAGRunStore benchmark: fill a store to a size, time the canonical queries, writes and runner overhead.
+"""Notebook 06's measurements: fill a store to a size, time the canonical queries, writes and runner overhead.
 
-Used by ``scripts/bench_store.py``, the audit's store_queries scenario and the scale-out notebook, which
+The notebook's scenarios are ``store_queries`` and ``runner_overhead`` (at the end). The helpers are also
+used by ``scripts/bench_store.py`` (``runner_overhead_rows``), notebook 08's switches and the scale-out notebook, which
 times the same queries on PostgreSQL: every function takes any DAGRunStore; only the bulk fill is written
 per backend (SQL that generates the rows inside the database).
 Every timing is repeated after a warm-up; results are tidy rows
@@ -10,6 +11,7 @@ Every timing is repeated after a warm-up; results are tidy rows
 from __future__ import annotations
 
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +19,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from tqdm import tqdm
+
 from ...config import EngineConfig, RunnerConfig, Settings
 from ...dag import DAG, Task
 from ...engine import WorkflowEngine
 from ...errors import ConfigurationError
 from ...sqlite_store import SqliteRunStore
 from ...store import DAGRunStore, Transition
+from ..base.harness import row, save
+from ..base.recorder import AuditRecorder
 
 TASKS_PER_RUN = ("parse_email", "ingest_pdf[0]", "ingest_pdf[1]", "build_digest", "deliver")
 WORKFLOWS = 5
@@ -250,7 +257,7 @@ def runner_overhead_samples(data_dir: Path, tasks: int = 1000, repeat: int = 5) 
     return out
 
 
-def runner_overhead(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> Iterator[dict[str, Any]]:
+def runner_overhead_rows(data_dir: Path, tasks: int = 1000, repeat: int = 5) -> Iterator[dict[str, Any]]:
     """The runner's per-task overhead as summary rows, ms per task."""
     for name, samples in runner_overhead_samples(data_dir, tasks, repeat).items():
         yield summarize(f"runner_overhead_per_task_{name}", samples, kind="runner",
@@ -298,3 +305,37 @@ def concurrent_runs(data_dir: Path, active: int = 200, runs: int = 600) -> dict[
     return {"metric": "concurrent_runs", "active_limit": active, "peak_active": peak, "runs": runs,
             "failed": sum(r.state != "success" for r in final), "locked_errors": len(locked),
             "reader_errors": len(reader_errors), "runs_per_s": runs / elapsed, "kind": "concurrency"}
+
+
+def store_queries(sizes: list[int], directory: Path, repeat: int = 100,
+                  recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Grow one store through ``sizes`` runs (5 task instances each); time the canonical queries at each."""
+    rows: list[dict[str, Any]] = []
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "store-queries.sqlite3"
+    path.unlink(missing_ok=True)
+    store = SqliteRunStore(path)
+    try:
+        have = 0
+        for size in tqdm(sizes, desc="store_queries", unit="size"):
+            fill_store(store, size - have)
+            have = size
+            for result in list(query_timings(store, repeat)) + list(write_throughput(store)):
+                for stat in ("median", "p95"):
+                    if result.get(stat) is not None:
+                        rows.append(row("baseline", result["metric"], result[stat], result["unit"], 0,
+                                        runs=size, stat=stat, kind=result.get("kind")))
+    finally:
+        store.close()
+    return save(recorder, "store_queries", rows)
+
+
+def runner_overhead(directory: Path, tasks: int = 1000, repeat: int = 10,
+                    recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Milliseconds the runner and store spend per no-op task: a wide DAG and a long chain."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="runner-", dir=directory) as tmp:
+        samples = runner_overhead_samples(Path(tmp), tasks, repeat)
+    rows = [row("baseline", "ms_per_task", seconds * 1000, "ms", i, dag=name)
+            for name, values in samples.items() for i, seconds in enumerate(values)]
+    return save(recorder, "runner_overhead", rows)
