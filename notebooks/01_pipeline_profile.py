@@ -38,9 +38,10 @@ from pathlib import Path
 
 from IPython.display import SVG, Markdown, display
 
-from pipeline.audit import profileviews, serveprofile, views
-from pipeline.audit.lineprof import profile_lines
 from pipeline.audit.notebook import fixture, open_recorder
+from pipeline.audit.reporting import profileviews, views
+from pipeline.audit.scenarios import pipeline_profile
+from pipeline.audit.scenarios.line_profile import profile_lines
 
 recorder = open_recorder(db_path, session_id, profile)
 pdf_paths = [fixture(fixtures_dir, profile, name) for name in pdfs]
@@ -48,7 +49,7 @@ artefacts = profileviews.artefact_dir(db_path, recorder.session_id)
 
 # %%
 with tempfile.TemporaryDirectory(prefix="serve-profile-") as work:
-    serveprofile.profile_serve(pdf_paths, Path(work), emails=emails, senders=senders, recorder=recorder,
+    pipeline_profile.profile_serve(pdf_paths, Path(work), emails=emails, senders=senders, recorder=recorder,
                                artefacts=artefacts, pyspy_s=pyspy_s, pyspy_rate=pyspy_rate,
                                memory_interval_s=memory_interval_s)
 m = recorder.measurements(session_id=recorder.session_id)

@@ -25,18 +25,19 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 reps = 1
-variants = None  # None: every engine variant of scenarios.ENGINE_VARIANTS
+variants = None  # None: every engine variant of pdf_ingestion.ENGINE_VARIANTS
 once_above_mb = None  # documents over this size: every rep with the default engine, one with the others
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import fixture_items, open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import pdf_ingestion
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scaling = scenarios.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder,
-                                variants=variants, once_above_mb=once_above_mb)
+scaling = pdf_ingestion.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder,
+                                    variants=variants, once_above_mb=once_above_mb)
 table = views.pdf_scaling_table(recorder.measurements())
 table
 
@@ -44,5 +45,5 @@ table
 views.fig_pdf_scaling(table);
 
 # %%
-scenarios.hostile_inputs(fixture_items(fixtures_dir, profile, hostile=True), recorder=recorder)
+pdf_ingestion.hostile_inputs(fixture_items(fixtures_dir, profile, hostile=True), recorder=recorder)
 views.hostile_table(recorder.measurements())

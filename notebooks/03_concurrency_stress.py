@@ -25,13 +25,14 @@ pdf = "text-tiny.pdf"
 stop_on_failure = False
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import fixture, open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import concurrency
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.concurrency(levels, fixture(fixtures_dir, profile, pdf), recorder=recorder, stop_on_failure=stop_on_failure)
+concurrency.concurrency(levels, fixture(fixtures_dir, profile, pdf), recorder=recorder, stop_on_failure=stop_on_failure)
 table = views.concurrency_table(recorder.measurements())
 table
 

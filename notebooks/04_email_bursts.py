@@ -29,14 +29,14 @@ senders = 2
 client = {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5, "warmup_mails": 4}
 
 # %%
-from pipeline.audit import clientlatency, scenarios, soakviews, views
-from pipeline.audit.notebook import scratch_dir
-from pipeline.audit.notebook import open_recorder
+from pipeline.audit.notebook import open_recorder, scratch_dir
+from pipeline.audit.reporting import soakviews, views
+from pipeline.audit.scenarios import client_latency, email_bursts
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.email_burst(rates, duration_s=duration_s, burst=burst, senders=senders, recorder=recorder)
+email_bursts.email_burst(rates, duration_s=duration_s, burst=burst, senders=senders, recorder=recorder)
 views.burst_table(recorder.measurements())
 
 # %%
@@ -50,6 +50,6 @@ soakviews.burst_resources(recorder.measurements())
 # processes the runs, with the gateway in its own process (the default) and in serve's process, interleaved.
 
 # %%
-latency = clientlatency.client_latency(scratch_dir(db_path, "client-latency-work"), recorder=recorder,
-                                       **{**client, "senders": tuple(client["senders"])})
-clientlatency.summary(latency)
+latency = client_latency.client_latency(scratch_dir(db_path, "client-latency-work"), recorder=recorder,
+                                        **{**client, "senders": tuple(client["senders"])})
+client_latency.summary(latency)

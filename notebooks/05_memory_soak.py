@@ -38,14 +38,15 @@ every = 10
 min_runs = None
 
 # %%
-from pipeline.audit import scenarios, soakviews, views
 from pipeline.audit.notebook import open_recorder
+from pipeline.audit.reporting import soakviews, views
+from pipeline.audit.scenarios import memory_soak
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
-                     recorder=recorder, min_runs=serve_min_runs)
+memory_soak.serve_soak(runs=serve_runs, warmup=serve_warmup, every=serve_every, senders=serve_senders,
+                       recorder=recorder, min_runs=serve_min_runs)
 serve_slopes = soakviews.serve_slopes(recorder.measurements())
 serve_slopes
 
@@ -56,7 +57,7 @@ soakviews.fig_serve_soak(soakviews.serve_soak_series(recorder.measurements()), s
 # In-kernel tracemalloc soak (this kernel's memory, not serve's):
 
 # %%
-soak = scenarios.soak(runs=runs, warmup=warmup, every=every, recorder=recorder, min_runs=min_runs)
+soak = memory_soak.soak(runs=runs, warmup=warmup, every=every, recorder=recorder, min_runs=min_runs)
 slopes = {"traced": soak[soak.metric == "leak_traced_bytes_per_run"].value.item(),
           "rss": soak[soak.metric == "leak_rss_bytes_per_run"].value.item()}
 slopes

@@ -26,20 +26,21 @@ runner_tasks = 200
 runner_repeat = 3
 
 # %%
-from pipeline.audit import scenarios, views
 from pipeline.audit.notebook import open_recorder, scratch_dir
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import store_queries
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-scenarios.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder,
-                        transitions=transitions)
+store_queries.store_queries(sizes, scratch_dir(db_path, "bench"), repeat=repeat, recorder=recorder,
+                            transitions=transitions)
 views.store_table(recorder.measurements())
 
 # %% [markdown]
 # The runner's own cost: a `runner_tasks`-wide no-op DAG and a 200-task chain, per task (store writes included).
 
 # %%
-scenarios.runner_overhead(scratch_dir(db_path, "bench"), tasks=runner_tasks, repeat=runner_repeat,
-                          recorder=recorder)
+store_queries.runner_overhead(scratch_dir(db_path, "bench"), tasks=runner_tasks, repeat=runner_repeat,
+                              recorder=recorder)
 views.baselines_table(recorder.measurements())

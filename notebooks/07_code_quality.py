@@ -23,13 +23,14 @@ profile = "quick"
 with_coverage = False
 
 # %%
-from pipeline.audit import quality, views
 from pipeline.audit.notebook import open_recorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import code_quality
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-recorder.record("code_quality", quality.audit_code_quality(with_coverage=with_coverage))
+recorder.record("code_quality", code_quality.audit_code_quality(with_coverage=with_coverage))
 counts, errors = views.code_quality_tables(recorder.measurements())
 counts
 
@@ -37,4 +38,4 @@ counts
 errors
 
 # %%
-quality.logging_survey()
+code_quality.logging_survey()

@@ -35,14 +35,16 @@ ingestion_reps = 1
 memory_reps = 1  # tracemalloc's peak does not vary with load: one rep after a warm-up
 
 # %%
-from pipeline.audit import switches, views
 from pipeline.audit.notebook import fixture, open_recorder, resolve
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import optimizations
 
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-switches.store_switches(runs=store_runs, reps=reps, recorder=recorder, transitions=transitions)
-switches.gateway_switches(reps=gateway_reps, recorder=recorder, cache_dir=resolve(fixtures_dir), **gateway)
-switches.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
-                            documents=documents, reps=ingestion_reps, recorder=recorder, memory_reps=memory_reps)
+optimizations.store_switches(runs=store_runs, reps=reps, recorder=recorder, transitions=transitions)
+optimizations.gateway_switches(reps=gateway_reps, recorder=recorder, cache_dir=resolve(fixtures_dir), **gateway)
+optimizations.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
+                                 documents=documents, reps=ingestion_reps, recorder=recorder,
+                                 memory_reps=memory_reps)
 views.optimization_table(recorder.measurements())

@@ -32,8 +32,9 @@ store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 
 disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32}
 
 # %%
-from pipeline.audit import faults, views
 from pipeline.audit.notebook import fixture, open_recorder, scratch_dir
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import faults
 
 recorder = open_recorder(db_path, session_id, profile)
 work = scratch_dir(db_path, "faults-work")

@@ -32,8 +32,9 @@ head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
 
 # %%
-from pipeline.audit import hostile, hostileviews
 from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
+from pipeline.audit.reporting import hostileviews
+from pipeline.audit.scenarios import hostile_senders
 
 recorder = open_recorder(db_path, session_id, profile)
 work = scratch_dir(db_path, "hostile-work")
@@ -42,7 +43,7 @@ work.mkdir(parents=True, exist_ok=True)
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
           "head_of_line": head_of_line, "spool": spool}
-hostile.hostile_figures(work, params, only=tuple(only), recorder=recorder)
+hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
 print(hostileviews.notes(m))
 hostileviews.sessions_table(m)

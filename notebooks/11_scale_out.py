@@ -36,9 +36,10 @@ gateways = {"mails": 2, "concurrency": 2, "pdf_pages": 1}
 # %%
 import os
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import scaleout, scaleoutviews
+from pipeline.audit.base import fixtures as fx
 from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
+from pipeline.audit.reporting import scaleoutviews
+from pipeline.audit.scenarios import scale_out
 
 recorder = open_recorder(db_path, session_id, profile)
 work = scratch_dir(db_path, "scaleout-work")
@@ -50,7 +51,7 @@ dense_pdf = fx.cached(cache, f"text-{dense_pdf_mb:g}mb.pdf", {"mb": dense_pdf_mb
 
 # %%
 params = {"store": store, "pipeline": pipeline, "ingestion": ingestion, "gateways": gateways}
-scaleout.scale_out_figures(work, params, mail_pdf, dense_pdf, only=tuple(only), recorder=recorder)
+scale_out.scale_out_figures(work, params, mail_pdf, dense_pdf, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
 print(scaleoutviews.notes(m))
 scaleoutviews.pipeline_table(m)

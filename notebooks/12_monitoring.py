@@ -30,13 +30,14 @@ warmup_mails = 1
 # %%
 from IPython.display import Markdown, display
 
-from pipeline.audit import alertbaselines, metricsbench, views
 from pipeline.audit.notebook import open_recorder, scratch_dir
+from pipeline.audit.reporting import alertbaselines, views
+from pipeline.audit.scenarios import monitoring
 
 recorder = open_recorder(db_path, session_id, profile)
-result = metricsbench.metrics_ab(scratch_dir(db_path, "monitoring-work"), mails=mails, senders=senders, reps=reps,
+result = monitoring.metrics_ab(scratch_dir(db_path, "monitoring-work"), mails=mails, senders=senders, reps=reps,
                                  warmup_mails=warmup_mails, recorder=recorder)
-display(Markdown(metricsbench.monitoring_markdown(recorder.measurements(metricsbench.SCENARIO))))
+display(Markdown(monitoring.monitoring_markdown(recorder.measurements(monitoring.SCENARIO))))
 
 # %%
 trigger = result[result.metric == "trigger_seconds"].assign(ms=lambda d: d.value * 1000)

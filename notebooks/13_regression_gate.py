@@ -29,10 +29,11 @@ work = 50
 # %%
 from IPython.display import Markdown, display
 
-from pipeline.audit import gatecheck, views
 from pipeline.audit.notebook import open_recorder, scratch_dir
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import regression_gate
 
 recorder = open_recorder(db_path, session_id, profile)
-gatecheck.gate_check(scratch_dir(db_path, "gate-work"), measures=measures, load=load, work=work,
+regression_gate.gate_check(scratch_dir(db_path, "gate-work"), measures=measures, load=load, work=work,
                      recorder=recorder)
-display(Markdown(views.markdown(gatecheck.gate_table(recorder.measurements(gatecheck.SCENARIO)))))
+display(Markdown(views.markdown(regression_gate.gate_table(recorder.measurements(regression_gate.SCENARIO)))))

@@ -17,9 +17,10 @@ profile = "quick"
 # %%
 from IPython.display import SVG, Markdown, display
 
-from pipeline.audit import clientlatency, hostileviews, profileviews, report, scaleoutviews, soakviews, views
+from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.notebook import resolve
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.reporting import hostileviews, profileviews, report, scaleoutviews, soakviews, views
+from pipeline.audit.scenarios import client_latency
 
 recorder = AuditRecorder(resolve(db_path))
 info = report.session_info(recorder, session_id)
@@ -134,7 +135,7 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
    "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
    "of its own), *one_process* the gateway in serve's process; variants interleaved after a warm-up:\n\n"
-   + views.markdown(clientlatency.summary(views.rows(m, clientlatency.SCENARIO))))
+   + views.markdown(client_latency.summary(views.rows(m, client_latency.SCENARIO))))
 
 # %%
 md("## 5. Limits and breaking points\n\n" + "\n".join(views.limit_lines(m)) +
@@ -225,18 +226,19 @@ md("## 8. Code quality audit\n\n" + (
     "check catching an open file)." if len(counts) else "No code-quality measurements were recorded in this session."))
 
 # %%
-from pipeline.audit import alertbaselines, gatecheck, metricsbench  # noqa: E402  (this section's own views)
+from pipeline.audit.reporting import alertbaselines  # noqa: E402  (this section's own views)
+from pipeline.audit.scenarios import monitoring, regression_gate
 
 md("## 9. Baselines, monitoring and SLAs\n\nExpected range per operation type on this machine (median, p95, "
    "interquartile p25–p75):\n\n" + views.markdown(views.baselines_table(m)) + "\n\n### Monitoring a running serve\n\n"
-   + metricsbench.monitoring_markdown(m) + "\n\n**Alert thresholds against the measured baseline of the same "
+   + monitoring.monitoring_markdown(m) + "\n\n**Alert thresholds against the measured baseline of the same "
    "traffic** (headroom = threshold / baseline, in the metric's base unit: seconds, bytes, runs; a rule below "
    "its baseline would fire on ordinary mail):\n\n" + views.markdown(alertbaselines.baseline_table(m)) +
    "\n\n### The regression gate, checked\n\nA throwaway commit adds a fixed amount of work to every store write; "
    "the commit A/B compares it with its parent, and the parent with itself, while CPU-bound processes run beside "
    "it (notebook `13_regression_gate`). *ratio*: candidate/base slowness, median of the repetitions, with its "
    "bootstrap interval; the verdict is *regressed* only when the whole interval is above 1.10:\n\n"
-   + views.markdown(gatecheck.gate_table(m)))
+   + views.markdown(regression_gate.gate_table(m)))
 
 # %%
 md(f"""## 10. How to reproduce

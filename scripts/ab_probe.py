@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One probe of an interleaved commit A/B (run by ``pipeline.audit.abcommits``, not by hand).
+"""One probe of an interleaved commit A/B (run by ``pipeline.audit.reporting.abcommits``, not by hand).
 
     PYTHONPATH=<tree> python scripts/ab_probe.py trigger|ingest|transitions [--small PASSES]
 
@@ -39,10 +39,13 @@ def cpu_s() -> float:
 
 def trigger(small: int) -> tuple[float, str, float]:
     """Median email-to-queued latency of 600 small mails sent at 200/s over SMTP."""
-    from pipeline.audit import scenarios
+    try:
+        from pipeline.audit.scenarios.email_bursts import email_burst
+    except ImportError:  # a commit from before the audit was grouped by notebook (issue 14)
+        from pipeline.audit.scenarios import email_burst
 
     before = cpu_s()
-    df = scenarios.email_burst([200], duration_s=1.0 if small else 3.0, burst=20, senders=2)
+    df = email_burst([200], duration_s=1.0 if small else 3.0, burst=20, senders=2)
     spent = cpu_s() - before
     rows = df[(df.metric == "trigger_latency_ms") & (df.tags.map(lambda t: t.get("mode")) == "rate")]
     return statistics.median(rows.value), "ms", spent
@@ -50,7 +53,10 @@ def trigger(small: int) -> tuple[float, str, float]:
 
 def ingest(small: int) -> tuple[float, str, float]:
     """Median seconds to ingest a 1 MB text PDF with the default settings (3 times after a warm-up)."""
-    from pipeline.audit import fixtures as fx
+    try:
+        from pipeline.audit.base import fixtures as fx
+    except ImportError:  # a commit from before the audit was grouped by notebook (issue 14)
+        from pipeline.audit import fixtures as fx
     from pipeline.config import IngestConfig
     from pipeline.stages.ingest import ingest_pdf
 
@@ -68,7 +74,7 @@ def ingest(small: int) -> tuple[float, str, float]:
 
 def transitions(small: int) -> tuple[float, str, float]:
     """Task transitions per second, one per commit, on a fresh store: the median of 5 passes of 1000.
-    (The loop of ``storebench.transitions_per_s``, written out: older commits do not have that function.)"""
+    (The loop of ``store_queries.transitions_per_s``, written out: older commits do not have that function.)"""
     from pipeline.sqlite_store import SqliteRunStore
     from pipeline.store import Transition
 

@@ -11,7 +11,7 @@ run store) and client latency (send -> 250), durable small messages per second,
 and 5 MB messages arriving 4 at a time while small senders keep going.
 
 Then what a sender of a real, busy ``python -m pipeline serve`` waits (issue 17,
-``pipeline.audit.clientlatency``): closed-loop sender processes, a new connection
+``pipeline.audit.scenarios.client_latency``): closed-loop sender processes, a new connection
 per mail, timed from the client (connect -> final 250, MAIL -> 250) next to the
 store's DATA end -> run queued, while serve processes the runs; with
 ``[serve] gateway_process`` true and false, interleaved after a warm-up, plus a
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit import clientlatency, gatewaybench  # noqa: E402
+from pipeline.audit.scenarios import client_latency, gateway_bench  # noqa: E402
 
 
 def main() -> int:
@@ -49,9 +49,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for senders in args.senders:
-            rows += gatewaybench.small_messages(Path(tmp) / f"small-{senders}", args.messages, senders)
-        rows += gatewaybench.large_messages(Path(tmp) / "large", args.large_mb)
-        serve = [] if args.no_serve else clientlatency.summary(clientlatency.client_latency(
+            rows += gateway_bench.small_messages(Path(tmp) / f"small-{senders}", args.messages, senders)
+        rows += gateway_bench.large_messages(Path(tmp) / "large", args.large_mb)
+        serve = [] if args.no_serve else client_latency.summary(client_latency.client_latency(
             Path(tmp) / "serve", tuple(args.serve_senders), args.serve_mails, args.serve_reps,
             args.large_mb)).to_dict("records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

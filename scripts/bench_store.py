@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit import storebench  # noqa: E402
+from pipeline.audit.scenarios import store_queries  # noqa: E402
 from pipeline.sqlite_store import SqliteRunStore  # noqa: E402
 
 TARGETS = {"point_list": ("median", "<=", 1.0), "aggregate": ("median", "<=", 50.0)}
@@ -42,16 +42,16 @@ def main() -> int:
     if missing > 0:
         with tqdm(total=missing, desc="filling store", unit="run", file=sys.stderr) as bar:
             t0 = time.perf_counter()
-            storebench.fill_store(store, missing, progress=bar.update)
+            store_queries.fill_store(store, missing, progress=bar.update)
         print(f"filled {missing:,} runs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    rows = list(tqdm(storebench.query_timings(store, args.repeat), desc="queries", total=9, file=sys.stderr))
+    rows = list(tqdm(store_queries.query_timings(store, args.repeat), desc="queries", total=9, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         scratch = SqliteRunStore(Path(tmp) / "writes.sqlite3")
-        rows += list(storebench.write_throughput(scratch))
+        rows += list(store_queries.write_throughput(scratch))
         scratch.close()
-        rows += list(storebench.runner_overhead(Path(tmp) / "runner"))
-        rows.append(storebench.concurrent_runs(Path(tmp) / "concurrency"))
+        rows += list(store_queries.runner_overhead_rows(Path(tmp) / "runner"))
+        rows.append(store_queries.concurrent_runs(Path(tmp) / "concurrency"))
     store.close()
     meta = {"runs": args.runs, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(), "sqlite": __import__("sqlite3").sqlite_version}

@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit.abcommits import MEASURES, PROBES, ABError, compare_commits  # noqa: E402
-from pipeline.audit.recorder import AuditRecorder  # noqa: E402
-from pipeline.audit.regression import EXIT_CODES, as_rows, compare_sessions, overall, same_machine  # noqa: E402
-from pipeline.audit.report import session_info  # noqa: E402
+from pipeline.audit.base.recorder import AuditRecorder  # noqa: E402
+from pipeline.audit.reporting.abcommits import MEASURES, PROBES, ABError, compare_commits  # noqa: E402
+from pipeline.audit.reporting.regression import EXIT_CODES, as_rows, compare_sessions, overall, same_machine  # noqa: E402
+from pipeline.audit.reporting.report import session_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit.fixtures import HOSTILE, PROFILES, build_fixtures  # noqa: E402
+from pipeline.audit.base.fixtures import HOSTILE, PROFILES, build_fixtures  # noqa: E402
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ from leaks import (
     reap_zombies,
 )
 
-from pipeline.audit.serveproc import free_port  # noqa: F401  (one free_port, shared with the audit)
+from pipeline.audit.base.serveproc import free_port  # noqa: F401  (one free_port, shared with the audit)
 from pipeline.config import EngineConfig, RunnerConfig, Settings, StoreConfig
 from pipeline.engine import WorkflowEngine
 from pipeline.sqlite_store import SqliteRunStore
@@ -206,7 +206,7 @@ def pg_server() -> Iterator:
 
     Skips when PostgreSQL is not installed, but fails under CI (env var CI set): there the tests must run.
     """
-    from pipeline.audit.pgserver import PostgresUnavailableError, TemporaryPostgres
+    from pipeline.audit.base.pgserver import PostgresUnavailableError, TemporaryPostgres
 
     try:
         server = TemporaryPostgres(durable=False)

@@ -1,4 +1,4 @@
-"""Alert thresholds judged against the audit's measured baselines (pipeline/audit/alertbaselines.py)."""
+"""Alert thresholds judged against the audit's measured baselines (pipeline/audit/reporting/alertbaselines.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.audit import alertbaselines as ab
-from pipeline.audit.harness import row
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.report import evaluate_slas, load_slas
+from pipeline.audit.base.harness import row
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import alertbaselines as ab
+from pipeline.audit.reporting.report import evaluate_slas, load_slas
 
 RULES = """
 groups:

@@ -9,12 +9,13 @@ import sys
 import psutil
 import pytest
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import scenarios, views
-from pipeline.audit.lineprof import profile_lines
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.serveproc import EXTRACT_WORKER
-from pipeline.audit.workerrss import WorkerRssSampler
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.base.serveproc import EXTRACT_WORKER
+from pipeline.audit.base.workerrss import WorkerRssSampler
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import concurrency, memory_soak, pdf_ingestion, store_queries
+from pipeline.audit.scenarios.line_profile import profile_lines
 from pipeline.config import MB, IngestConfig
 from pipeline.dag import DAG, Task
 from pipeline.stages.ingest import ingest_pdf
@@ -67,12 +68,12 @@ def test_fixture_cache_reuses_by_parameter_hash(tmp_path):
 def test_sender_processes_import_only_light_modules():
     """A sender process imports the module of the function it runs: those live in smtpclients, which must not pull
     in pandas, fpdf or the service (they made each sender take 3-6 s to start on a loaded 2-core machine)."""
-    from pipeline.audit import burst, gatewaybench, scaleout
+    from pipeline.audit.scenarios import email_bursts, gateway_bench, scale_out
 
-    senders = {burst.paced_sender, gatewaybench.send_batch, scaleout.send_concurrently}
-    assert {fn.__module__ for fn in senders} == {"pipeline.audit.smtpclients"}
-    heavy = ("pandas", "numpy", "duckdb", "fpdf", "PIL", "aiosmtpd", "pipeline.service", "pipeline.audit.harness")
-    code = f"import sys, pipeline.audit.smtpclients; print([m for m in {heavy!r} if m in sys.modules])"
+    senders = {email_bursts.paced_sender, gateway_bench.send_batch, scale_out.send_concurrently}
+    assert {fn.__module__ for fn in senders} == {"pipeline.audit.base.smtpclients"}
+    heavy = ("pandas", "numpy", "duckdb", "fpdf", "PIL", "aiosmtpd", "pipeline.service", "pipeline.audit.base.harness")
+    code = f"import sys, pipeline.audit.base.smtpclients; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -91,7 +92,7 @@ def test_sessions_are_kept_with_machine_facts(tmp_path):
 def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
     items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 0.01}]
-    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
+    df = pdf_ingestion.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"])
     timings = df[df.metric == "ingest_seconds"]
     assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
         (r, k, v) for r in (0, 1) for k in ("text", "mixed") for v in ("pypdf", "pdfium-2w")]  # A B A B
@@ -104,7 +105,7 @@ def test_pdf_scaling_interleaves_reps(recorder, small_pdfs):
 def test_pdf_scaling_runs_other_engines_once_above_the_size_and_the_default_every_rep(recorder, small_pdfs):
     items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
              {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 10}]
-    df = scenarios.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"], once_above_mb=5)
+    df = pdf_ingestion.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"], once_above_mb=5)
     timings = df[df.metric == "ingest_seconds"]
     assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
         (0, "text", "pypdf"), (0, "text", "pdfium-2w"), (0, "mixed", "pypdf"), (0, "mixed", "pdfium-2w"),
@@ -130,7 +131,7 @@ def test_hostile_inputs_measure_the_extraction_workers_not_this_process(recorder
                        ("random-bytes.pdf", fx.random_bytes(8 * 1024))):
         (tmp_path / name).write_bytes(data)
         items.append({"name": name, "path": str(tmp_path / name)})
-    df = scenarios.hostile_inputs(items, recorder=recorder)
+    df = pdf_ingestion.hostile_inputs(items, recorder=recorder)
     assert df.metric.tolist() == ["seconds", "workers_peak_rss_mb", "workers_rss_before_mb"] * 2
     assert "ok" not in set(df.outcome)  # neither file has readable text
     memory = df[df.metric == "workers_peak_rss_mb"]
@@ -141,22 +142,22 @@ def test_hostile_inputs_measure_the_extraction_workers_not_this_process(recorder
 
 
 def test_concurrency_sweep_reports_each_level(recorder, small_pdfs):
-    df = scenarios.concurrency([3, 6], small_pdfs["text"], recorder=recorder)
+    df = concurrency.concurrency([3, 6], small_pdfs["text"], recorder=recorder)
     assert sorted(df[df.metric == "throughput_runs_per_s"]["level"]) == [3, 6]
     assert (df[df.metric == "failed_runs"].value == 0).all()
     assert (df[df.metric == "latency_p95_s"].value.values >= df[df.metric == "latency_p50_s"].value.values).all()
 
 
 def test_store_queries_at_each_size(recorder, tmp_path):
-    df = scenarios.store_queries([500, 1500], tmp_path / "store", repeat=5, recorder=recorder)
+    df = store_queries.store_queries([500, 1500], tmp_path / "store", repeat=5, recorder=recorder)
     assert set(df["runs"]) == {500, 1500}
     assert {"list_latest_50_of_workflow", "count_by_state_all", "task_transitions_per_s_batched_100"} <= set(df.metric)
 
 
 def test_leak_detector_flags_a_leaking_workflow_only(recorder):
-    leaky = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("leaky", [Task("leak", _leaky)]),
+    leaky = memory_soak.soak(runs=60, warmup=10, every=10, dag=DAG("leaky", [Task("leak", _leaky)]),
                            recorder=recorder, variant="leaky")
-    clean = scenarios.soak(runs=60, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
+    clean = memory_soak.soak(runs=60, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
                            recorder=recorder, variant="clean")
     slope = leaky[leaky.metric == "leak_traced_bytes_per_run"].value.item()
     assert leaky[leaky.metric == "leaking"].value.item() == 1.0 and 60_000 < slope < 80_000
@@ -167,7 +168,7 @@ def test_leak_detector_flags_a_leaking_workflow_only(recorder):
 
 
 def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
-    from pipeline.audit.memory import judge_leak
+    from pipeline.audit.base.memory import judge_leak
 
     def points(bytes_at):
         return [{"runs": r, "traced_bytes": bytes_at(r), "rss_bytes": 0.0} for r in range(0, 5001, 250)]
@@ -179,8 +180,8 @@ def test_a_one_off_step_is_not_a_leak_but_steady_growth_is():
 
 
 def test_a_soak_with_min_runs_stops_once_its_slope_is_precise_and_says_when(recorder):
-    df = scenarios.soak(runs=2000, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
-                        recorder=recorder, variant="clean", min_runs=60)
+    df = memory_soak.soak(runs=2000, warmup=10, every=10, dag=DAG("clean", [Task("work", _clean)]),
+                          recorder=recorder, variant="clean", min_runs=60)
     slope = df[df.metric == "leak_traced_bytes_per_run"].iloc[0]
     assert 60 <= slope.runs < 2000 and slope.planned_runs == 2000 and slope.runs == df.runs.max()
     assert slope.ci95_bytes_per_run <= 4096 and df[df.metric == "leaking"].value.item() == 0.0
@@ -193,7 +194,7 @@ def test_a_soak_with_min_runs_stops_once_its_slope_is_precise_and_says_when(reco
     (lambda r, i: 16_000.0 * r + (-1) ** i * 100_000, False),  # the interval straddles the 16 KiB/run target
 ], ids=["healthy", "leaking", "noisy", "at-the-target"])
 def test_a_soak_stops_early_only_when_the_interval_is_narrow_and_on_one_side_of_the_target(bytes_at, stops):
-    from pipeline.audit.soak import precise_enough, slope_ci
+    from pipeline.audit.scenarios.memory_soak import precise_enough, slope_ci
 
     points = [{"runs": r, "rss": bytes_at(r, i)} for i, r in enumerate(range(0, 1001, 100))]
     assert precise_enough(points, ("rss",)) is stops
@@ -201,7 +202,7 @@ def test_a_soak_stops_early_only_when_the_interval_is_narrow_and_on_one_side_of_
 
 
 def test_real_pipeline_is_not_flagged_as_leaking(recorder):
-    df = scenarios.soak(runs=120, warmup=40, every=20, recorder=recorder)
+    df = memory_soak.soak(runs=120, warmup=40, every=20, recorder=recorder)
     assert df[df.metric == "leaking"].value.item() == 0.0, df[df.metric.str.startswith("leak")]
 
 
@@ -214,7 +215,7 @@ def test_line_profile_names_hot_lines_per_stage(small_pdfs):
 @pytest.mark.parametrize(("failed", "not_measured", "quality", "status"), [
     (0, 0, True, "done"), (1, 0, True, "sla_failed"), (1, 2, True, "incomplete"), (0, 0, False, "incomplete")])
 def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, quality, status):
-    from pipeline.audit.report import task_status, update_task_card
+    from pipeline.audit.reporting.report import task_status, update_task_card
 
     summary = {"passed": 3, "failed": failed, "not_measured": not_measured}
     proven = {"report": True, "stress": True, "slas": True, "optimizations": True, "code_quality": quality}

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from leaks import ReapedTimeout, run_reaped
 
+from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.batch import PROFILES, REPORT_NOTEBOOK, AuditBatchError, _execute, install_kernel
-from pipeline.audit.recorder import AuditRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 # The quick audit takes 2-4 min on an idle 2-core machine and took 12 min (728 s) at load 9-11 (two busy

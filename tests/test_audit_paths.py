@@ -7,7 +7,7 @@ import re
 import pypdf
 
 import pipeline.gateway
-from pipeline.audit.paths import short_path, short_site
+from pipeline.audit.base.paths import short_path, short_site
 
 
 def test_stdlib_site_packages_and_our_package_are_named_by_their_root():

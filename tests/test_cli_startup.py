@@ -1,7 +1,7 @@
 """The CLI starts at once (issue 16): read commands load no PDF, SMTP or engine code; ingest still extracts.
 
 What a command imports is checked in a fresh interpreter (``sys.modules`` at its end), which no
-load on the machine can change; how long it takes is the benchmark's job (``pipeline.audit.clistart``),
+load on the machine can change; how long it takes is the benchmark's job (``pipeline.audit.scenarios.cli_start``),
 never a test's.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from pipeline.audit import clistart
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.scenarios import cli_start
 from pipeline.config import IngestConfig, Settings
 from pipeline.sqlite_store import SqliteRunStore
 from pipeline.stages.extract_worker import ExtractionPool
@@ -116,11 +116,11 @@ def test_a_document_still_works_after_the_pool_was_closed(pdf, tmp_path):
 
 
 def test_cli_start_benchmark_times_every_command(pdf):
-    rows = clistart.measure_cli_start(reps=2, pdf=pdf(fx.typeset_pdf(LINES), "one-page.pdf"))
+    rows = cli_start.measure_cli_start(reps=2, pdf=pdf(fx.typeset_pdf(LINES), "one-page.pdf"))
     assert sorted((r["command"], r["rep"]) for r in rows) == sorted(
-        (command, rep) for command in clistart.COMMANDS for rep in (1, 2))
+        (command, rep) for command in cli_start.COMMANDS for rep in (1, 2))
     assert all(r["returncode"] == 0 for r in rows), rows
     assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
-    summary = clistart.summarize(rows)
-    assert [s["command"] for s in summary] == list(clistart.COMMANDS)
+    summary = cli_start.summarize(rows)
+    assert [s["command"] for s in summary] == list(cli_start.COMMANDS)
     assert all(s["n"] == 2 and s["failures"] == 0 and 0 < s["wall_median_s"] <= s["wall_p95_s"] for s in summary)

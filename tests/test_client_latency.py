@@ -1,30 +1,30 @@
-"""The sender's wait (pipeline.audit.clientlatency): a small run of the client-side A/B against real serves."""
+"""The sender's wait (pipeline.audit.scenarios.client_latency): a small client-side A/B against real serves."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.audit import clientlatency
+from pipeline.audit.scenarios import client_latency
 
 
 def test_client_latency_times_every_mail_from_the_client_and_the_store_for_both_layouts(tmp_path):
-    result = clientlatency.client_latency(tmp_path, senders=(1, 2), per_sender=3, reps=1, large_mb=0.3,
+    result = client_latency.client_latency(tmp_path, senders=(1, 2), per_sender=3, reps=1, large_mb=0.3,
                                           warmup_mails=2, timeout_s=300)
     per_mail = result[result.metric.isin(["client_txn_ms", "client_mail_ms", "server_trigger_ms"])]
     small = per_mail[per_mail.kind == "small"]
     # every small mail of every round: 1x3 + 2x3 + 2x3 (beside the large one), per variant and metric
-    assert Counter(zip(small.variant, small.metric, strict=True)) == {(v, m): 15 for v in clientlatency.VARIANTS
+    assert Counter(zip(small.variant, small.metric, strict=True)) == {(v, m): 15 for v in client_latency.VARIANTS
                                                          for m in ("client_txn_ms", "client_mail_ms",
                                                                    "server_trigger_ms")}
-    assert set(per_mail[per_mail.kind == "large"].variant) == set(clientlatency.VARIANTS)
+    assert set(per_mail[per_mail.kind == "large"].variant) == set(client_latency.VARIANTS)
     assert (per_mail.value >= 0).all()
-    for variant in clientlatency.VARIANTS:  # connect -> 250 includes MAIL -> 250
+    for variant in client_latency.VARIANTS:  # connect -> 250 includes MAIL -> 250
         mine = small[small.variant == variant]
         assert mine[mine.metric == "client_txn_ms"].value.sum() >= mine[mine.metric == "client_mail_ms"].value.sum()
     assert (result[result.metric == "refused"].value == 0).all()
     assert (result[result.metric == "accepted_per_s"].value > 0).all()
 
-    table = clientlatency.summary(result)
+    table = client_latency.summary(result)
     assert {"variant", "senders", "large", "kind", "metric", "n", "median", "p99"} <= set(table.columns)
     row = table[(table.variant == "gateway_process") & (table.senders == 2) & ~table.large.astype(bool)
                 & (table.metric == "client_txn_ms")]

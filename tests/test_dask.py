@@ -16,7 +16,7 @@ from conftest import free_port
 from helpers import send_for_run_id, wait_until
 
 from pipeline import dask_executor
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, ExecutorConfig, GatewayConfig, IngestConfig, Settings
 from pipeline.dag import DAG, Task, TaskContext
 from pipeline.dask_executor import DaskExecutor

@@ -168,7 +168,7 @@ def test_an_order_statistic_is_read_as_its_bins_value(bins, want):
 
 def test_a_benchmark_fill_leaves_histograms_that_answer_like_the_rows(any_store):
     """The audit's bulk fill switches PostgreSQL's triggers off for speed: it must build the histograms itself."""
-    from pipeline.audit.storebench import fill_store
+    from pipeline.audit.scenarios.store_queries import fill_store
 
     fill_store(any_store, 3_000)
     now = time.time()

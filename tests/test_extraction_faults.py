@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from pipeline import metrics
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.dag import TaskContext
 from pipeline.errors import CorruptPdfError, IngestError, PdfTooLargeError, WorkerCrashedError

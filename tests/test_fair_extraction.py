@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 from helpers import wait_until
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.errors import PdfTooLargeError, WorkerCrashedError
 from pipeline.stages import ingest

@@ -7,10 +7,10 @@ check the figures it reports and that nothing it started is left running.
 import psutil
 import pytest
 
-from pipeline.audit import faults
-from pipeline.audit import fixtures as fx
-from pipeline.audit.faultcheck import known_reasons, retries_logged, typed_reason, worker_deaths
-from pipeline.audit.serveproc import ServeProcess
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.faultcheck import known_reasons, retries_logged, typed_reason, worker_deaths
+from pipeline.audit.base.serveproc import ServeProcess
+from pipeline.audit.scenarios import faults
 
 
 def _figures(rows, fault):

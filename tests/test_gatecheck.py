@@ -1,4 +1,4 @@
-"""The audit's check of its own regression gate (pipeline/audit/gatecheck.py), on a real clone and real probes."""
+"""The audit checks its regression gate (pipeline/audit/scenarios/regression_gate.py) on a real clone, real probes."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import subprocess
 
 import pytest
 
-from pipeline.audit import gatecheck
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.scenarios import regression_gate
 
 
 def test_the_planted_commit_slows_exactly_the_store_write(tmp_path):
-    repo = gatecheck.planted_repo(tmp_path, work=7)
+    repo = regression_gate.planted_repo(tmp_path, work=7)
     changed = subprocess.run(["git", "diff", "--stat", "HEAD~1", "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True).stdout
     assert "pipeline/sqlite_store.py" in changed and "1 file changed" in changed
@@ -26,11 +26,11 @@ def test_a_large_planted_slowdown_is_regressed_beside_a_cpu_bound_neighbour(tmp_
     the audit's figure (notebook 13), not a test's."""
     recorder = AuditRecorder(tmp_path / "audit.duckdb")
     recorder.start_session("test")
-    rows = gatecheck.gate_check(tmp_path / "work", measures={"cpu": 2}, load=1, work=3000,
+    rows = regression_gate.gate_check(tmp_path / "work", measures={"cpu": 2}, load=1, work=3000,
                                 recorder=recorder, progress=False)
     caught = rows[rows.metric == "planted_caught"]
     assert caught.value.tolist() == [1], rows.to_string()
-    table = gatecheck.gate_table(recorder.measurements())
+    table = regression_gate.gate_table(recorder.measurements())
     assert list(table.pair) == ["planted", "identical"] and set(table.measure) == {"cpu"}
     assert table.set_index("pair").loc["planted", "verdict"] == "regressed"
     assert not list((tmp_path / "work").iterdir())  # the clone and its worktrees are gone

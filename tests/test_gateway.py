@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import send_for_run_id
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 
 
 def send(service, raw: bytes, sender="alice@example.com", rcpt=("digest@pipeline.local",)):

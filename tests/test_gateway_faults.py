@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port
 from helpers import wait_until
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import GatewayConfig, StoreConfig
 from pipeline.dropfolder import DropFolder
 from pipeline.engine import WorkflowEngine

@@ -18,7 +18,7 @@ from conftest import free_port
 from helpers import wait_until
 from test_smtp_data import HEAD, RawSession, random_wire, stuff
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.bulk_smtp import GatewayController, Unstuffer, unstuff
 from pipeline.config import GatewayConfig
 from pipeline.service import PipelineService

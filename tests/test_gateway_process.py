@@ -19,8 +19,8 @@ import pytest
 from conftest import free_port
 from helpers import wait_until
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit.serveproc import ServeProcess
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.serveproc import ServeProcess
 from pipeline.config import GatewayConfig
 from pipeline.gatewayprocess import GatewayProcess
 from pipeline.metrics import GATEWAY_PROCESS
@@ -188,8 +188,8 @@ def test_the_gateway_process_answers_451_while_the_engine_is_unhealthy(settings)
 
 
 def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):
-    """Memory and CPU figures of "serve" cover the process that accepts the mail (pipeline/audit/servemem.py)."""
-    from pipeline.audit.servemem import sample_tree
+    """Memory and CPU figures of "serve" cover the process that accepts the mail (pipeline/audit/base/servemem.py)."""
+    from pipeline.audit.base.servemem import sample_tree
 
     [child] = gateway_children(serve)
     assert {p.pid for p in serve.serve_processes()} == {serve.proc.pid, child.pid}

@@ -10,9 +10,10 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from pipeline.audit import hostile, hostileviews
-from pipeline.audit.harness import row
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base.harness import row
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import hostileviews
+from pipeline.audit.scenarios import hostile_senders
 
 
 def _by_metric(rows, variant):
@@ -25,7 +26,7 @@ def _by_metric(rows, variant):
 
 def test_sessions_measures_each_level_the_normal_client_and_the_refusal_log(tmp_path):
     limit, extra, sends = 6, 4, 3
-    rows = hostile.sessions(tmp_path, limit=limit, extra=extra, sends=sends, release=2, churn=20)
+    rows = hostile_senders.sessions(tmp_path, limit=limit, extra=extra, sends=sends, release=2, churn=20)
     assert "error" not in _by_metric(rows, "sessions")
     idle = Counter()
     for r in rows:
@@ -54,7 +55,7 @@ def test_sessions_measures_each_level_the_normal_client_and_the_refusal_log(tmp_
 
 
 def test_memory_samples_serve_and_workers_in_both_modes(tmp_path):
-    rows = hostile.memory(tmp_path, mails=2, mail_mb=1.5, reps=1, timeout_s=240)
+    rows = hostile_senders.memory(tmp_path, mails=2, mail_mb=1.5, reps=1, timeout_s=240)
     metrics = _by_metric(rows, "memory")
     assert "error" not in metrics
     peaks = {r["tags"]["mode"]: r["value"] for r in metrics["serve_peak_rss_mb"]}
@@ -67,7 +68,7 @@ def test_memory_samples_serve_and_workers_in_both_modes(tmp_path):
 
 
 def test_head_of_line_times_the_normal_pdf_beside_the_hostile_one_in_both_modes(tmp_path):
-    rows = hostile.head_of_line(tmp_path, timeout_s=3.0, slow_pages=2, gap_s=0.5, reps=1, wait_s=240)
+    rows = hostile_senders.head_of_line(tmp_path, timeout_s=3.0, slow_pages=2, gap_s=0.5, reps=1, wait_s=240)
     metrics = _by_metric(rows, "head_of_line")
     assert "error" not in metrics
     assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
@@ -84,7 +85,7 @@ def test_head_of_line_times_the_normal_pdf_beside_the_hostile_one_in_both_modes(
 
 
 def test_spool_lifecycle_runs_the_real_purge_and_restart(tmp_path):
-    rows = hostile.spool_lifecycle(tmp_path, mails=6, senders=2, timeout_s=240)
+    rows = hostile_senders.spool_lifecycle(tmp_path, mails=6, senders=2, timeout_s=240)
     metrics = _by_metric(rows, "spool")
     assert "error" not in metrics
     assert metrics["purge_exit_code"][0]["value"] == 0, metrics["purge_exit_code"][0]["tags"]["output"]
@@ -104,14 +105,14 @@ def test_purge_output_is_read_for_runs_and_bytes_freed():
         returncode, stderr = 0, ""
         stdout = "purged 1,000 run(s) that ended more than 0 day(s) ago; freed 2.5 MiB (spool 2 MiB, work 0.5 MiB)\n"
 
-    found = {r["metric"]: r["value"] for r in hostile._purge_rows(Done(), {})}
+    found = {r["metric"]: r["value"] for r in hostile_senders._purge_rows(Done(), {})}
     assert found == {"purge_exit_code": 0, "runs_purged": 1000, "freed_reported": 2.5 * 2**20}
 
 
 def test_a_broken_part_is_an_error_row_and_the_others_still_run(tmp_path):
     recorder = AuditRecorder(tmp_path / "a.duckdb")
     recorder.start_session("test")
-    frame = hostile.hostile_figures(tmp_path, {"sessions": {"no_such_parameter": 1}, "spool": {"mails": -1}},
+    frame = hostile_senders.hostile_figures(tmp_path, {"sessions": {"no_such_parameter": 1}, "spool": {"mails": -1}},
                                     only=("sessions",), recorder=recorder)
     assert frame.metric.tolist() == ["error"] and "no_such_parameter" in frame.reason[0]
     assert recorder.measurements("hostile").metric.tolist() == ["error"]
@@ -145,12 +146,12 @@ def test_hostile_tables_show_levels_and_before_after_and_are_empty_without_rows(
     assert hostileviews.notes(m) == "Parts whose harness failed: spool: RuntimeError: boom"
 
 
-@pytest.mark.parametrize("part", sorted(hostile.PARTS))
+@pytest.mark.parametrize("part", sorted(hostile_senders.PARTS))
 def test_every_part_has_quick_and_standard_parameters_it_accepts(part):
     import inspect
 
     from pipeline.audit.batch import PROFILES
 
-    accepted = set(inspect.signature(hostile.PARTS[part]).parameters)
+    accepted = set(inspect.signature(hostile_senders.PARTS[part]).parameters)
     for profile in ("quick", "standard", "full"):
         assert set(PROFILES[profile]["10_hostile_senders"][part]) <= accepted, profile

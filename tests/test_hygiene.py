@@ -18,7 +18,7 @@ def test_an_open_file_is_seen_and_a_closed_one_is_not(tmp_path):
 
 
 def test_the_extraction_workers_pipes_are_not_counted_as_leaks(tmp_path):
-    from pipeline.audit import fixtures as fx
+    from pipeline.audit.base import fixtures as fx
     from pipeline.stages.ingest import ingest_pdf
 
     limits = IngestConfig(workers=1, page_workers=1, memory_limit_bytes=900 * 1024 * 1024)  # a pool of its own

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.errors import ConfigurationError, CorruptPdfError, EncryptedPdfError, PdfTooLargeError
 from pipeline.stages.ingest import ingest_pdf

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import metrics
 from pipeline import store as s
-from pipeline.audit import fixtures as fx
-from pipeline.audit import metricsbench
-from pipeline.audit.serveproc import ROOT, ServeProcess
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.serveproc import ROOT, ServeProcess
+from pipeline.audit.scenarios import monitoring
 from pipeline.config import StoreConfig
 from pipeline.errors import StoreUnavailableError
 from pipeline.sqlite_store import SqliteRunStore
@@ -208,7 +208,7 @@ def test_reason_codes_are_bounded():
 
 
 def test_metrics_ab_records_trigger_rows_ratio_and_families(tmp_path):
-    result = metricsbench.metrics_ab(tmp_path, mails=4, senders=2, reps=2, warmup_mails=1, scrape_every_s=0.2,
+    result = monitoring.metrics_ab(tmp_path, mails=4, senders=2, reps=2, warmup_mails=1, scrape_every_s=0.2,
                                      timeout_s=240)
     trigger = result[result.metric == "trigger_seconds"]
     assert Counter(trigger.variant) == {"metrics_on": 8, "metrics_off": 8}
@@ -217,7 +217,7 @@ def test_metrics_ab_records_trigger_rows_ratio_and_families(tmp_path):
     assert len(ratio) == 1 and ratio.iloc[0] > 0
     names = set(result[result.metric == "metric_family"].name)
     assert {"pipeline_trigger_seconds", "pipeline_runs", "pipeline_smtp_replies"} <= names
-    summary = metricsbench.summary(result.assign(scenario=metricsbench.SCENARIO))
+    summary = monitoring.summary(result.assign(scenario=monitoring.SCENARIO))
     assert summary["runs"] == 16 and summary["ratio"] == pytest.approx(ratio.iloc[0])
 
 
@@ -231,7 +231,7 @@ def test_every_profile_gives_notebook_12_parameters_metrics_ab_accepts(profile):
     source = (ROOT / "notebooks" / "12_monitoring.py").read_text()
     cell = source.split('tags=["parameters"]')[1].split("# %%")[0]
     assert set(params) <= set(re.findall(r"^(\w+) =", cell, re.M))
-    assert set(params) <= set(inspect.signature(metricsbench.metrics_ab).parameters)
+    assert set(params) <= set(inspect.signature(monitoring.metrics_ab).parameters)
 
 
 def test_in_process_service_serves_metrics_and_a_taken_port_fails_start_up(settings):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import send_for_run_id as send
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.errors import ParseError
 from pipeline.stages import digest, parse

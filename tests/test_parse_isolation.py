@@ -16,7 +16,7 @@ import psutil
 import pytest
 from helpers import wait_until
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.dag import TaskContext
 from pipeline.errors import ParseError, PdfTooLargeError, WorkerCrashedError

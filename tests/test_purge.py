@@ -11,7 +11,7 @@ import pytest
 from helpers import send_for_run_id as send
 
 from pipeline import housekeeping
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.cli import main
 from pipeline.housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from pipeline.service import PipelineService

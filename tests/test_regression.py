@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.audit.abcommits import ABError, compare_commits
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.regression import EXIT_CODES, SeriesVerdict, judge, overall
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting.abcommits import ABError, compare_commits
+from pipeline.audit.reporting.regression import EXIT_CODES, SeriesVerdict, judge, overall
 from pipeline.dag import DAG, Task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

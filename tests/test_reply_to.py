@@ -14,7 +14,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from conftest import free_port
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, GatewayConfig
 from pipeline.service import PipelineService
 from pipeline.stages import deliver, parse

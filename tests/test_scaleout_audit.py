@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import scaleout, scaleoutviews, storebench
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.reporting import scaleoutviews
+from pipeline.audit.scenarios import scale_out, store_queries
 from pipeline.config import StoreConfig
 from pipeline.store import open_store
 
@@ -41,7 +42,7 @@ def small_pdf(tmp_path_factory) -> Path:
 
 
 def test_capacity_model_gives_workers_gateways_and_store_load():
-    table = scaleout.capacity_model(FIGURES, [1.0, 10.0, 50.0]).set_index("mails_per_s")
+    table = scale_out.capacity_model(FIGURES, [1.0, 10.0, 50.0]).set_index("mails_per_s")
     # one mail = 300 pages = 1 worker-second; 20 accepts/s per gateway; 8 transitions per mail
     assert table.workers.tolist() == [1, 10, 50]
     assert table.gateways.tolist() == [1, 1, 3]
@@ -52,8 +53,8 @@ def test_capacity_model_gives_workers_gateways_and_store_load():
 
 
 def test_capacity_model_names_postgres_the_bottleneck_past_its_transitions():
-    assert scaleout.store_ceiling(FIGURES) == {"pg_mails_per_s": 500.0, "sqlite_mails_per_s": 1000.0}
-    table = scaleout.capacity_model(FIGURES, [499.0, 501.0, 1001.0]).set_index("mails_per_s")
+    assert scale_out.store_ceiling(FIGURES) == {"pg_mails_per_s": 500.0, "sqlite_mails_per_s": 1000.0}
+    table = scale_out.capacity_model(FIGURES, [499.0, 501.0, 1001.0]).set_index("mails_per_s")
     assert table.bottleneck.tolist() == ["none", "PostgreSQL", "PostgreSQL"]
     assert table.loc[1001.0, "sqlite_load"] > 1
 
@@ -64,7 +65,7 @@ def test_fill_store_on_postgres_makes_the_rows_sqlite_gets(tmp_path, pg_url):
     for backend, config in backends:
         store = open_store(config)
         try:
-            storebench.fill_store(store, 300, chunk=128)
+            store_queries.fill_store(store, 300, chunk=128)
             counts[backend] = store.count_runs_by_state()
             newest = store.list_runs(limit=1)[0]
             assert (newest.run_id, len(store.get_tasks(newest.run_id))) == (300, 5)
@@ -75,7 +76,7 @@ def test_fill_store_on_postgres_makes_the_rows_sqlite_gets(tmp_path, pg_url):
 
 
 def test_store_backends_time_the_same_queries_on_both(tmp_path, pg_maker):
-    frame = pd.DataFrame(scaleout.store_backends(tmp_path, pg_maker, [400], repeat=3, transitions=100))
+    frame = pd.DataFrame(scale_out.store_backends(tmp_path, pg_maker, [400], repeat=3, transitions=100))
     tags = pd.json_normalize(frame.tags.tolist())
     assert set(tags.backend) == {"sqlite", "postgres"} and set(tags.runs) == {400}
     by_backend = {b: set(frame.metric[tags.backend == b]) for b in ("sqlite", "postgres")}
@@ -86,7 +87,7 @@ def test_store_backends_time_the_same_queries_on_both(tmp_path, pg_maker):
 
 
 def test_dask_ingestion_measures_pages_and_task_round_trips(tmp_path, small_pdf):
-    rows = pd.DataFrame(scaleout.dask_ingestion(tmp_path, small_pdf, documents=2, workers=(1,), reps=1,
+    rows = pd.DataFrame(scale_out.dask_ingestion(tmp_path, small_pdf, documents=2, workers=(1,), reps=1,
                                                 roundtrips=3))
     rate = rows[rows.metric == "pages_per_s"]
     assert len(rate) == 1 and rate.value.iloc[0] > 0 and rate.tags.iloc[0]["pages"] == 8  # two 4-page documents
@@ -96,12 +97,12 @@ def test_dask_ingestion_measures_pages_and_task_round_trips(tmp_path, small_pdf)
 def test_speedup_is_the_ratio_of_median_pages_per_s():
     rows = [{"metric": "pages_per_s", "value": v, "tags": {"workers": n}}
             for n, v in ((1, 100.0), (2, 150.0), (1, 120.0), (2, 210.0), (1, 500.0), (2, 190.0))]
-    [speedup] = scaleout._speedups(rows, (1, 2))
+    [speedup] = scale_out._speedups(rows, (1, 2))
     assert speedup["metric"] == "speedup_2_vs_1_workers" and speedup["value"] == pytest.approx(190 / 120)
 
 
 def test_pipeline_round_on_sqlite_reads_latency_and_throughput_from_the_store(tmp_path, small_pdf):
-    rows = scaleout.pipeline_once(tmp_path, "sqlite_local", None, small_pdf, mails=2, concurrency=2, rep=0,
+    rows = scale_out.pipeline_once(tmp_path, "sqlite_local", None, small_pdf, mails=2, concurrency=2, rep=0,
                                   timeout_s=120)
     got = {r["metric"]: r["value"] for r in rows}
     assert (got["acked"], got["runs_succeeded"], got["runs_not_ended"]) == (2, 2, 0)
@@ -111,7 +112,7 @@ def test_pipeline_round_on_sqlite_reads_latency_and_throughput_from_the_store(tm
 
 
 def test_gateways_on_one_store_count_duplicates_and_losses_with_a_one_page_attachment(tmp_path, pg_maker, small_pdf):
-    rows = scaleout.gateway_dedup(tmp_path, pg_maker, small_pdf, mails=2, gateways=2, concurrency=2, pdf_pages=1,
+    rows = scale_out.gateway_dedup(tmp_path, pg_maker, small_pdf, mails=2, gateways=2, concurrency=2, pdf_pages=1,
                                   timeout_s=120)
     got = {r["metric"]: r["value"] for r in rows}
     assert (got["acked"], got["duplicated"], got["lost"]) == (4, 0, 0)  # 4 Message-IDs, 2 of them sent twice
@@ -119,7 +120,7 @@ def test_gateways_on_one_store_count_duplicates_and_losses_with_a_one_page_attac
 
 
 def test_postgres_variant_without_a_server_is_a_skipped_row(tmp_path, small_pdf):
-    rows = scaleout.pipeline_once(tmp_path, "pg_local", None, small_pdf, mails=1, concurrency=1, rep=0)
+    rows = scale_out.pipeline_once(tmp_path, "pg_local", None, small_pdf, mails=1, concurrency=1, rep=0)
     assert [r["metric"] for r in rows] == ["skipped"]
 
 
@@ -173,7 +174,7 @@ def test_every_profile_gives_the_notebook_parameters_its_functions_accept(profil
     source = (Path(__file__).parent.parent / "notebooks" / "11_scale_out.py").read_text()
     cell = source.split('tags=["parameters"]')[1].split("# %%")[0]
     assert set(params) <= set(re.findall(r"^(\w+) =", cell, re.M))
-    for part, fn in (("store", scaleout.store_backends), ("pipeline", scaleout.pipeline_variants),
-                     ("ingestion", scaleout.dask_ingestion), ("gateways", scaleout.gateway_dedup)):
+    for part, fn in (("store", scale_out.store_backends), ("pipeline", scale_out.pipeline_variants),
+                     ("ingestion", scale_out.dask_ingestion), ("gateways", scale_out.gateway_dedup)):
         assert set(params[part]) <= set(inspect.signature(fn).parameters), part
-    assert set(params["pipeline"]["variants"]) <= set(scaleout.VARIANTS)
+    assert set(params["pipeline"]["variants"]) <= set(scale_out.VARIANTS)

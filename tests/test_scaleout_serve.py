@@ -28,8 +28,8 @@ from conftest import free_port
 from helpers import send_for_run_id, wait_until
 
 from pipeline import store as s
-from pipeline.audit import fixtures as fx
-from pipeline.audit.serveproc import ServeProcess, digests_by_original, toml_text
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.serveproc import ServeProcess, digests_by_original, toml_text
 from pipeline.config import GatewayConfig, Settings, StoreConfig
 from pipeline.service import GATEWAY, PipelineService
 from pipeline.store import DAGRunStore, Run, open_store

@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port
 from helpers import wait_until
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.cli import main
 from pipeline.sqlite_store import SqliteRunStore
 

@@ -8,9 +8,10 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import profileviews, scenarios, serveprofile
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import profileviews
+from pipeline.audit.scenarios import concurrency, pipeline_profile
 
 MAILS = 3
 
@@ -27,7 +28,7 @@ def profiled(tmp_path_factory):
     recorder = AuditRecorder(tmp / "audit.duckdb")
     session = recorder.start_session("test", {})
     artefacts = profileviews.artefact_dir(tmp / "audit.duckdb", session)
-    df = serveprofile.profile_serve(pdfs, tmp / "work", emails=MAILS, senders=2, recorder=recorder,
+    df = pipeline_profile.profile_serve(pdfs, tmp / "work", emails=MAILS, senders=2, recorder=recorder,
                                     artefacts=artefacts, pyspy_s=1.0, timeout_s=300)
     return df, recorder, artefacts
 
@@ -35,8 +36,8 @@ def profiled(tmp_path_factory):
 def test_every_run_has_every_stage_and_the_digest_arrived(profiled):
     df, recorder, _ = profiled
     stages = df[df.metric == "stage_seconds"]
-    assert set(stages.stage) == set(scenarios.STAGES)
-    assert stages.groupby("rep").stage.nunique().tolist() == [len(scenarios.STAGES)] * MAILS
+    assert set(stages.stage) == set(concurrency.STAGES)
+    assert stages.groupby("rep").stage.nunique().tolist() == [len(concurrency.STAGES)] * MAILS
     assert (stages.value >= 0).all() and (df[df.metric == "end_to_end_seconds"].value > 0).all()
     assert df[df.metric == "digests_delivered"].value.item() == MAILS
     assert df[df.metric == "runs_failed"].value.item() == 0
@@ -75,7 +76,7 @@ def test_pyspy_profile_is_recorded_or_its_absence_explained(profiled):
 
 
 def test_speedscope_parser_on_a_real_recording(tmp_path):
-    exe = serveprofile.pyspy_path()
+    exe = pipeline_profile.pyspy_path()
     if exe is None:
         pytest.skip("py-spy is not installed")
     code = ("import json, time\nend = time.time() + 30\n"
@@ -91,7 +92,7 @@ def test_speedscope_parser_on_a_real_recording(tmp_path):
             busy.kill()
     if done.returncode != 0:
         pytest.skip(f"py-spy could not attach: {done.stderr.strip()[-300:]}")
-    table = serveprofile.parse_speedscope(out, {busy.pid: "busy"}, busy.pid)
+    table = pipeline_profile.parse_speedscope(out, {busy.pid: "busy"}, busy.pid)
     assert set(table.process) == {"busy"} and table.self_s.sum() > 0
     assert (table.total_s >= table.self_s).all() and table.self_share.sum() == pytest.approx(1.0)
     stdlib = table[table.site.str.startswith("stdlib:json/")]
@@ -104,7 +105,7 @@ def test_stage_memory_takes_peak_and_rise_over_the_sample_before_the_task():
          for pid, role, mb in zip((1, 2, 3), ("serve", "extract worker", "extract worker"), values, strict=True)],
         columns=["round", "time", "pid", "role", "rss_mb"])
     for window in ((100.5, 101.0), (100.2, 100.4)):  # round 1 inside; none inside, so the next one (round 1)
-        rows = serveprofile.stage_memory_rows(samples, {"ingest_pdf": [window]}, interval_s=1.0)
+        rows = pipeline_profile.stage_memory_rows(samples, {"ingest_pdf": [window]}, interval_s=1.0)
         got = {(r["tags"]["process"], r["tags"]["stat"]): r["value"] for r in rows}
         # the sample before the task is round 0: serve 50, workers 10 + 10
         assert got == {("serve", "peak"): 52, ("serve", "increment"): 2,
@@ -124,7 +125,7 @@ def test_stage_times_split_ingestion_into_the_wait_for_a_lane_and_the_work(tmp_p
                                          ("ingest_pdf[1]", 103, 108, 1.0)):
             store.record_transitions([Transition(run.run_id, task, "running", 1, start)])
             store.record_transitions([Transition(run.run_id, task, "success", 1, end, wait_s=waited)])
-        times = scenarios.stage_times(store, store.get_run(run.run_id))
+        times = concurrency.stage_times(store, store.get_run(run.run_id))
     assert times["Lane wait"] == pytest.approx(1.5 + 6.0)  # the parse's and the last-ending instance's
     assert times["Ingestion"] == pytest.approx(110 - 101 - 7.5)
     assert times["Email"] == pytest.approx(1.0)

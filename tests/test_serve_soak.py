@@ -7,8 +7,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from pipeline.audit import report, scenarios, soakviews, views
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import report, soakviews, views
+from pipeline.audit.scenarios import email_bursts, memory_soak
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,7 +29,7 @@ def recorder(tmp_path):
 
 
 def test_serve_soak_records_a_series_and_a_slope_per_process_role(recorder):
-    df = scenarios.serve_soak(runs=20, warmup=5, every=5, senders=2, recorder=recorder)
+    df = memory_soak.serve_soak(runs=20, warmup=5, every=5, senders=2, recorder=recorder)
     assert set(df.variant) == {"serve"} and set(df.process) == {"serve", "workers"}
     assert not any("pid" in key for tags in df.tags for key in tags)  # roles, never pids
     rss = df[df.metric == "rss_bytes"]
@@ -61,7 +62,7 @@ def test_serve_soak_records_a_series_and_a_slope_per_process_role(recorder):
 
 
 def test_email_burst_on_serve_loses_nothing_and_records_resources_by_role(recorder):
-    df = scenarios.email_burst([], burst=20, senders=2, recorder=recorder)
+    df = email_bursts.email_burst([], burst=20, senders=2, recorder=recorder)
     assert list(df[df.metric == "accepted"].value) == [20] and list(df[df.metric == "lost"].value) == [0]
     latency = df[df.metric == "trigger_latency_ms"]
     assert len(latency) == 20 and (latency.value >= 0).all()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.errors import DeliveryError, ParseError
 from pipeline.stages import deliver, digest, parse

@@ -4,9 +4,10 @@ of them is computed from what was recorded."""
 import pandas as pd
 import pytest
 
-from pipeline.audit import fixtures as fx
-from pipeline.audit import switches, views
-from pipeline.audit.recorder import AuditRecorder
+from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import views
+from pipeline.audit.scenarios import optimizations
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def _variants_by_switch(frame: pd.DataFrame) -> dict[str, set[str]]:
 
 
 def test_store_switches_measure_baseline_and_optimized_and_the_table_takes_their_ratio(recorder):
-    df = switches.store_switches(runs=2000, reps=2, recorder=recorder)
+    df = optimizations.store_switches(runs=2000, reps=2, recorder=recorder)
     assert _variants_by_switch(df) == {s: {"baseline", "optimized"} for s in (
         "journal and synchronous", "batched commits", "BEGIN IMMEDIATE", "indexes", "run_counts table",
         "select only needed columns")}
@@ -44,7 +45,7 @@ def test_ingestion_switches_stream_in_constant_memory(tmp_path, recorder):
     dense, small = tmp_path / "dense.pdf", tmp_path / "small.pdf"
     dense.write_bytes(fx.text_pdf(40))
     small.write_bytes(fx.text_pdf(2))
-    df = switches.ingestion_switches(dense, small, documents=2, reps=1, recorder=recorder)
+    df = optimizations.ingestion_switches(dense, small, documents=2, reps=1, recorder=recorder)
     assert _variants_by_switch(df) == {
         "executor for CPU-bound ingestion (2 PDFs at once, pypdf)": {"baseline", "optimized"},
         "streaming pages (dense.pdf)": {"baseline", "optimized"}}
@@ -56,13 +57,13 @@ def test_ingestion_switches_stream_in_constant_memory(tmp_path, recorder):
 
 @pytest.mark.parametrize("mode", ["inotify", "poll"])
 def test_both_drop_folder_watch_modes_queue_every_file(mode):
-    latencies = switches.drop_folder_latency(mode, messages=2)
+    latencies = optimizations.drop_folder_latency(mode, messages=2)
     assert len(latencies) == 2 and all(0 <= s < 30 for s in latencies)
 
 
 def test_gateway_switches_measure_both_ways_with_one_generated_attachment(recorder, tmp_path):
-    df = switches.gateway_switches(reps=1, recorder=recorder, message_mb=0.3, rounds=1, concurrent=1, small_mails=2,
-                                   drop_messages=1, cache_dir=tmp_path)
+    df = optimizations.gateway_switches(reps=1, recorder=recorder, message_mb=0.3, rounds=1, concurrent=1,
+                                        small_mails=2, drop_messages=1, cache_dir=tmp_path)
     assert _variants_by_switch(df) == {s: {"baseline", "optimized"} for s in (
         "chunked DATA", "accept off the event loop", "drop folder watch")}
     assert set(df.metric) == {"large_client_latency_p95_ms", "small_client_latency_during_large_p95_ms",

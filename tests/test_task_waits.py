@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from helpers import send_for_run_id, wait_until
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.stages.worker_pool import FairQueue, Job, WaitClock, timing_waits

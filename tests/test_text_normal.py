@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.audit import fixtures as fx
+from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.stages import deliver, digest
 from pipeline.stages.pdf_text import extract_text

@@ -7,10 +7,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from pipeline.audit import hostileviews, scaleoutviews, views
-from pipeline.audit.harness import row
-from pipeline.audit.recorder import AuditRecorder
-from pipeline.audit.scenarios import STAGES
+from pipeline.audit.base.harness import row
+from pipeline.audit.base.recorder import AuditRecorder
+from pipeline.audit.reporting import hostileviews, scaleoutviews, views
+from pipeline.audit.scenarios.concurrency import STAGES
 
 
 @pytest.fixture
@@ -257,7 +257,7 @@ def test_one_percentile_for_the_whole_audit_agrees_with_numpy_and_statistics():
 
     import numpy as np
 
-    from pipeline.audit.harness import percentile
+    from pipeline.audit.base.harness import percentile
 
     rng = random.Random(7)
     for n in (2, 3, 10, 101, 1000):

@@ -23,9 +23,9 @@ import papermill
 from nbconvert import MarkdownExporter
 from tqdm import tqdm
 
-from . import fixtures as fx
-from .recorder import AuditRecorder
-from .report import ROOT, update_task_card, write_outbox
+from .base import fixtures as fx
+from .base.recorder import AuditRecorder
+from .reporting.report import ROOT, update_task_card, write_outbox
 
 KERNEL = "pipeline-audit"
 REPORT_NOTEBOOK = "99_audit_report"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import fixtures as fx
-from .recorder import AuditRecorder
-from .report import ROOT
+from .base import fixtures as fx
+from .base.recorder import AuditRecorder
+from .reporting.report import ROOT
 
 
 def resolve(path: str | Path) -> Path:

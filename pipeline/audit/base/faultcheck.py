@@ -1,0 +1,272 @@
+"""How the fault scenarios judge a serve process: typed reasons, runs and digests per Message-ID, and the
+messages they send (a burst, and the bad inputs real mail carries).
+
+Judged from the outside only: the senders' reply logs (``serveproc.Replies``),
+the run store opened read-only-ish, and the Maildir outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ... import errors
+from ... import store as s
+from ...sqlite_store import SqliteRunStore
+from . import fixtures as fx
+from .harness import row
+from .serveproc import Replies, digests_by_original
+
+log = logging.getLogger(__name__)
+
+Rows = list[dict[str, Any]]
+# Run-level reasons the engine and runner write themselves, not raised as an error class.
+ENGINE_REASONS = frozenset({"internal", "upstream_failed", "bad_output"})
+TERMINAL_RUN_STATES = (s.SUCCESS, s.FAILED)
+
+
+def known_reasons() -> frozenset[str]:
+    """Every typed reason: the ``reason`` of each error class in ``pipeline.errors``, plus ENGINE_REASONS."""
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PipelineError)]
+    return frozenset(c.reason for c in classes) | ENGINE_REASONS
+
+
+def typed_reason(reason: str | None) -> str | None:
+    """The known reason a stored reason starts with (``corrupt`` or ``ingest_pdf[0]: corrupt: ...``), else None."""
+    known = known_reasons()
+    for token in (reason or "").split(": ")[:2]:
+        if token.strip() in known:
+            return token.strip()
+    return None
+
+
+# -- judging ---------------------------------------------------------------------------------------------------
+
+
+def runs_by_message(data_dir: Path) -> dict[str, list[s.Run]]:
+    """Every run in serve's store by dedup key (the Message-ID); empty when there is no store yet."""
+    path = Path(data_dir) / "runs.sqlite3"
+    if not path.exists():
+        return {}
+    store = SqliteRunStore(path, create=False)
+    try:
+        runs = store.list_runs(limit=10**9)
+    finally:
+        store.close()
+    found: dict[str, list[s.Run]] = defaultdict(list)
+    for run in runs:
+        found[run.dedup_key or ""].append(run)
+    return found
+
+
+def wait_terminal(data_dir: Path, message_ids: list[str], timeout_s: float) -> dict[str, list[s.Run]]:
+    """Wait until each message's runs have all ended (or ``timeout_s``); return the runs by Message-ID."""
+    deadline = time.monotonic() + timeout_s
+    problem: Exception | None = None
+    while True:
+        try:
+            runs = runs_by_message(data_dir)
+        except errors.StoreError as exc:  # busy or unreadable for now: the fault may still be there
+            runs, problem = {}, exc
+        pending = [m for m in message_ids if not runs.get(m) or
+                   any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
+        if not pending or time.monotonic() > deadline:
+            if pending:
+                log.warning("%d message(s) without a finished run after %.0f s (last store error: %s)",
+                            len(pending), timeout_s, problem)
+            return runs
+        time.sleep(0.1)
+
+
+def untyped_runs(data_dir: Path, runs: list[s.Run]) -> list[s.Run]:
+    """Runs that failed without a typed reason, or with a task instance whose error type is not typed."""
+    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+    try:
+        out = []
+        for run in runs:
+            task_errors = [t.error_type for t in store.get_tasks(run.run_id) if t.state == s.FAILED]
+            if (run.state == s.FAILED and typed_reason(run.reason) is None) or \
+                    any(typed_reason(e) is None for e in task_errors):
+                out.append(run)
+        return out
+    finally:
+        store.close()
+
+
+def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0) -> dict[str, Any]:
+    """The figures of one fault: sent, acked, lost, duplicated, untyped, and when the last acked run ended."""
+    acked = list(replies.acked)
+    runs = wait_terminal(data_dir, acked, timeout_s)
+    digests = digests_by_original(Path(data_dir) / "outbox")
+    lost = [m for m in acked if not runs.get(m) or any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
+    mine = [r for m in acked for r in runs.get(m, [])]
+    succeeded = {m for m in acked if any(r.state == s.SUCCESS for r in runs.get(m, []))}
+    return {
+        "sent": sent, "acked": len(acked), "lost": len(lost),
+        "duplicated_runs": sum(len(runs.get(m, [])) > 1 for m in acked),
+        "duplicated_digests": sum(digests.get(m, 0) > 1 for m in acked),
+        "missing_digests": sum(digests.get(m, 0) == 0 for m in succeeded),
+        "untyped": len(untyped_runs(data_dir, mine)) if mine else 0,
+        "failed_runs": sum(r.state == s.FAILED for r in mine),
+        "last_ended_at": max((r.ended_at or 0.0 for r in mine), default=None),
+        "lost_ids": lost[:10],
+    }
+
+
+def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: float | None,
+            **tags: Any) -> Rows:
+    """Tidy rows of one fault's verdict, the replies senders saw, and the time to recover."""
+    rows = [row(fault, metric, verdict[metric], "messages", 0, **tags)
+            for metric in ("sent", "acked", "lost", "failed_runs", "untyped", "missing_digests")]
+    rows.append(row(fault, "duplicated", verdict["duplicated_runs"] + verdict["duplicated_digests"], "messages", 0,
+                    runs=verdict["duplicated_runs"], digests=verdict["duplicated_digests"], **tags))
+    rows += [row(fault, "replies", count, "replies", 0, reply=reply, **tags)
+             for reply, count in sorted(replies.counts().items())]
+    if removed_at is not None:
+        first = replies.first_ack_after(removed_at)
+        if first is not None:
+            rows.append(row(fault, "recover_s", first - removed_at, "s", 0, to="first 250", **tags))
+        if verdict["last_ended_at"]:
+            rows.append(row(fault, "drain_s", max(0.0, verdict["last_ended_at"] - removed_at), "s", 0,
+                            to="backlog drained", **tags))
+    return rows
+
+
+def skipped(fault: str, reason: str) -> Rows:
+    """The row of a fault that could not be injected here, with the reason."""
+    return [row(fault, "skipped", 1, "fault", 0, reason=reason[:300])]
+
+
+def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | None, list[dict[str, Any]]]:
+    """The latest run of ``message_id`` and its task instances named ``prefix...``: state, try_number, error_type
+    and their events (``running@1 retrying(worker_crashed)@1 running@2 success@2``), read from serve's
+    store opened read-only.
+
+    ``(None, [])`` while there is no such run or the store cannot be read right now.
+    """
+    try:
+        db = sqlite3.connect(f"file:{Path(data_dir) / 'runs.sqlite3'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None, []
+    try:
+        run_id = db.execute("SELECT max(run_id) FROM runs WHERE dedup_key = ?", (message_id,)).fetchone()[0]
+        if run_id is None:
+            return None, []
+        which = (run_id, f"{prefix}*")
+        tasks = db.execute("SELECT task_id, state, try_number, error_type FROM task_runs "
+                           "WHERE run_id = ? AND task_id GLOB ? ORDER BY task_id", which).fetchall()
+        events = db.execute("SELECT task_id, state || coalesce('(' || error_type || ')', ''), try_number "
+                            "FROM task_events WHERE run_id = ? AND task_id GLOB ? ORDER BY at, rowid", which).fetchall()
+    except sqlite3.Error:
+        return None, []
+    finally:
+        db.close()
+    return run_id, [{"task_id": t, "state": state, "try_number": tries, "error_type": error,
+                     "events": " ".join(f"{e}@{n}" for i, e, n in events if i == t)}
+                    for t, state, tries, error in tasks]
+
+
+_WORKER_DIED = re.compile(r"extraction worker (\d+) died on (\S+) \((\w+):")
+_RETRYING = re.compile(r"run (\d+) task (\S+): try (\d+) failed \((\w+)\), retrying")
+
+
+def worker_deaths(log_text: str) -> dict[int, tuple[str, str]]:
+    """pid -> (document, reason) of every extraction worker serve's log says died mid-document."""
+    return {int(m[1]): (m[2], m[3]) for m in _WORKER_DIED.finditer(log_text)}
+
+
+def retries_logged(log_text: str, run_id: int) -> list[str]:
+    """``task try N: reason`` of every retry serve's log records for ``run_id``."""
+    return [f"{m[2]} try {m[3]}: {m[4]}" for m in _RETRYING.finditer(log_text) if int(m[1]) == run_id]
+
+
+# -- messages ----------------------------------------------------------------------------------------------------
+
+
+def burst_messages(prefix: str, count: int, pdf_every: int = 10) -> list[tuple[str, bytes]]:
+    """``count`` messages with unique Message-IDs, every ``pdf_every``-th with a one-page PDF."""
+    pdf = fx.text_pdf(1, seed=5)
+    out = []
+    for i in range(count):
+        mid = f"<{prefix}-{i}@faults.audit>"
+        attachments = [("page.pdf", pdf)] if pdf_every and i % pdf_every == 0 else []
+        out.append((mid, fx.email_with(attachments, message_id=mid)))
+    return out
+
+
+def damaged_page_pdf(pages: int = 12, bad_page: int = 5) -> bytes:
+    """A text PDF whose ``bad_page``-th content stream is overwritten with garbage of the same length (so the
+    cross-reference offsets stay right and only that page is damaged, as a bad sector or a broken tool does)."""
+    data = bytearray(fx.text_pdf(pages, seed=11))
+    streams = [m.span(1) for m in re.finditer(rb"stream\n(.*?)\nendstream", data, flags=re.S)]
+    start, end = streams[min(bad_page, len(streams) - 1)]
+    middle = start + (end - start) // 4
+    data[middle:end - 8] = (b"\x00\xffdamaged" * (end - middle))[:end - 8 - middle]
+    return bytes(data)
+
+
+def _damaged_pdf() -> bytes:
+    """The fixtures' real-world-like damaged document when the fixtures offer one, else ours."""
+    maker: Callable[[], bytes] | None = getattr(fx, "damaged_page_pdf", None)
+    if maker is not None:
+        try:
+            return maker()
+        except Exception:  # noqa: BLE001 -- a broken generator must not hide the fault; ours still damages a page
+            pass
+    return damaged_page_pdf()
+
+
+def bad_input_messages() -> list[tuple[str, str, bytes]]:
+    """``(case, Message-ID, raw)``: a damaged page, a From: that decodes to CR/LF, a quoted local part."""
+    damaged_id, header_id, quoted_id = "<damaged-page@faults.audit>", "<crlf-from@faults.audit>", \
+        "<quoted-local@faults.audit>"
+    damaged = fx.email_with([("report.pdf", _damaged_pdf())], message_id=damaged_id)
+    header = (b"From: =?utf-8?q?Eve=0D=0ABcc=3A_victim=40example.com?= <eve@example.com>\r\n"
+              b"To: digest@pipeline.local\r\nSubject: header with an encoded CR/LF\r\n"
+              b"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\nMessage-ID: " + header_id.encode() +
+              b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello.\r\n")
+    quoted = fx.email_with([("page.pdf", fx.text_pdf(1, seed=5))], message_id=quoted_id).replace(
+        b"From: alice@example.com", b'From: "System Administrator"@example.com', 1)
+    return [("damaged_page_pdf", damaged_id, damaged), ("crlf_encoded_from", header_id, header),
+            ("quoted_local_part", quoted_id, quoted)]
+
+
+
+
+def case_outcomes(data_dir: Path, cases: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per ``(case, Message-ID)``: run state, reason, its typed reason, failed tasks, pages failed, digests.
+
+    ``typed`` is True when the run succeeded or failed with a known reason, and every failed task is typed too.
+    """
+    runs = runs_by_message(data_dir)
+    digests = digests_by_original(Path(data_dir) / "outbox")
+    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+    out = []
+    try:
+        for case, mid in cases:
+            found = runs.get(mid)
+            run = found[-1] if found else None
+            if run is None:
+                out.append({"case": case, "state": "no run", "reason": None, "typed_reason": None, "typed": False,
+                            "task_errors": "", "pages_failed": None, "digests": digests.get(mid, 0)})
+                continue
+            tasks = store.get_tasks(run.run_id)
+            task_errors = [t.error_type for t in tasks if t.state == s.FAILED]
+            pages = [t.output.get("pages_failed") for t in tasks if isinstance(t.output, dict)]
+            typed = typed_reason(run.reason)
+            out.append({"case": case, "state": run.state, "reason": (run.reason or "")[:200], "typed_reason": typed,
+                        "typed": (run.state == s.SUCCESS or typed is not None)
+                        and all(typed_reason(e) for e in task_errors),
+                        "task_errors": ", ".join(f"{t.task_id}: {t.error_type}" for t in tasks if t.error_type),
+                        "pages_failed": sum(p for p in pages if isinstance(p, int)) if any(
+                            isinstance(p, int) for p in pages) else None,
+                        "digests": digests.get(mid, 0)})
+    finally:
+        store.close()
+    return out

@@ -1,0 +1,378 @@
+"""A real ``python -m pipeline serve`` child process, and SMTP sender processes that drive it like MTAs.
+
+The fault scenarios (``faults.py``) kill, lock and starve this process, so it
+runs in its own session (a ``kill -9`` of it can be followed by sweeping the
+workers it leaves behind) and logs to a file next to its data dir. Senders run
+in their own processes so the audit's GIL never limits serve; each writes one
+line per SMTP reply to its own log, which is both the record of what senders
+saw and how the scenario follows progress while the sender runs.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import multiprocessing
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+EXTRACT_WORKER = "pipeline.stages.extract_worker"
+GATEWAY_PROCESS = "pipeline.gatewaychild"  # serve's SMTP gateway child (issue 17), part of the "serve" role
+ROOT = Path(__file__).resolve().parents[3]  # serve runs from the repository root, as `make` does
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (this module stays light: sender processes import it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    """Render ``{section: {key: value}}`` (ints, floats, bools, strings) as a TOML settings file."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items()) + "\n"
+                   for name, keys in sections.items())
+
+
+class ServeProcess:
+    """``python -m pipeline serve`` on a free loopback port with its own data dir; restartable, killable."""
+
+    def __init__(self, data_dir: Path, work_dir: Path, config: dict[str, dict[str, Any]] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.data_dir, self.work_dir = Path(data_dir), Path(work_dir)
+        self.args = tuple(args)  # extra serve flags, e.g. ("--gateway-only",)
+        self.port = free_port()
+        self.config_path = self.work_dir / "serve.toml"  # outside the data dir: a full disk must not hide it
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(toml_text(config or {}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        """The stderr log of the latest start."""
+        return self.work_dir / f"serve-{self.starts}.log"
+
+    def start(self, timeout_s: float = 120.0) -> ServeProcess:
+        """Start serve and return once it answers SMTP NOOP; RuntimeError (with its log) if it exits first."""
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "--data-dir", str(self.data_dir), "--config", str(self.config_path),
+                 "serve", "--port", str(self.port), "--no-drop-folder", *self.args],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=5) as smtp:
+                    smtp.noop()
+                return self
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"serve did not answer on port {self.port} within {timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 1500) -> str:
+        """The end of the latest serve log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process serve started (extraction workers run in sessions of their own, so by parentage)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            return list(psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.Error:
+            return []
+
+    def serve_processes(self) -> list[psutil.Process]:
+        """What the audit calls *serve*: the main process and its gateway process (the default since issue 17:
+        it accepts the mail), everything of serve except the extraction workers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [psutil.Process(self.proc.pid), *self._descendants_running(GATEWAY_PROCESS)]
+
+    def extract_workers(self) -> list[psutil.Process]:
+        """Serve's PDF extraction worker processes."""
+        return self._descendants_running(EXTRACT_WORKER)
+
+    def _descendants_running(self, module: str) -> list[psutil.Process]:
+        """Serve's live descendants whose command line names ``module`` (one that exits meanwhile is skipped)."""
+        found = []
+        for proc in self.descendants():
+            try:
+                if any(module in part for part in proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def cli(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m pipeline <args>`` on this serve's data dir and settings (e.g. ``purge``), as a user would."""
+        return subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(self.data_dir), "--config",
+                               str(self.config_path), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """``kill -9`` serve, reap it, then SIGKILL whatever it left running (as a crash of the whole unit)."""
+        if self.proc is None:
+            return
+        left = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._sweep(left)
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM and wait for a graceful stop (SIGKILL after ``timeout_s``); return the exit code."""
+        if self.proc is None:
+            return None
+        left = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._sweep(left)
+        return self.proc.returncode
+
+    def _sweep(self, left: list[psutil.Process]) -> None:
+        """SIGKILL what serve left behind: its session and the workers it started (orphans now)."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5)
+
+
+@contextmanager
+def serving(data_dir: Path, work_dir: Path, config: dict[str, dict[str, Any]] | None = None
+            ) -> Iterator[ServeProcess]:
+    """A started ServeProcess that is killed and reaped on every path out of the block."""
+    serve = ServeProcess(data_dir, work_dir, config)
+    try:
+        yield serve.start()
+    finally:
+        serve.kill()
+
+
+# -- senders ---------------------------------------------------------------------------------------------------
+
+
+def _reply_of(exc: BaseException) -> str:
+    """What a sender saw, as a short label: the SMTP code, ``refused`` or ``disconnected``."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return str(next(iter(exc.recipients.values()))[0])
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return str(exc.smtp_code)
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return "disconnected"
+
+
+def _sender(port: int, messages: list[tuple[str, bytes]], log_path: str, stop_path: str, pause_s: float,
+            max_tries: int, gap_s: float) -> None:
+    """Send each message like an MTA: retry after a 4xx or a connection error (new connection, short pause),
+    give up after a 5xx or ``max_tries``. Each reply is a line ``message-id TAB reply TAB wall time``."""
+    smtp: smtplib.SMTP | None = None
+    with open(log_path, "a", buffering=1) as log:
+        for message_id, raw in messages:
+            for _ in range(max_tries):
+                if os.path.exists(stop_path):
+                    return
+                try:
+                    smtp = smtp or smtplib.SMTP("127.0.0.1", port, timeout=60)
+                    smtp.sendmail("faults@example.com", ["digest@pipeline.local"], raw)
+                    reply = "250"
+                except (OSError, smtplib.SMTPException) as exc:
+                    reply = _reply_of(exc)
+                    _close(smtp)
+                    smtp = None
+                log.write(f"{message_id}\t{reply}\t{time.time():.6f}\n")
+                if reply == "250" or reply.startswith("5"):
+                    break
+                time.sleep(pause_s)
+            if gap_s:
+                time.sleep(gap_s)
+    _close(smtp)
+
+
+SENDER, RECIPIENT = "faults@example.com", "digest@pipeline.local"
+
+
+def reply_of(exc: BaseException) -> str:
+    """What a client saw when ``exc`` ended its transaction (the SMTP code, ``refused`` or ``disconnected``)."""
+    return _reply_of(exc)
+
+
+def timed_sends(port: int, messages: list[bytes], timeout_s: float = 120.0) -> list[tuple[str, float]]:
+    """Send each message on a new connection, as a normal client does; return ``(reply, seconds)`` per message,
+    the seconds from connect to the final reply of DATA (or to the refusal). Runs in a client process."""
+    out = []
+    for raw in messages:
+        started = time.perf_counter()
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=timeout_s) as smtp:
+                smtp.sendmail(SENDER, [RECIPIENT], raw)
+                out.append(("250", time.perf_counter() - started))
+        except (OSError, smtplib.SMTPException) as exc:
+            out.append((reply_of(exc), time.perf_counter() - started))
+    return out
+
+
+def _close(smtp: smtplib.SMTP | None) -> None:
+    if smtp is None:
+        return
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
+
+
+@dataclass
+class Replies:
+    """Every reply senders logged: ``(message_id, reply, wall time)``, in time order."""
+
+    events: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def acked(self) -> dict[str, float]:
+        """Message-ID -> wall time of its first 250."""
+        out: dict[str, float] = {}
+        for mid, reply, at in self.events:
+            if reply == "250":
+                out.setdefault(mid, at)
+        return out
+
+    def counts(self) -> Counter[str]:
+        """How often each reply was seen."""
+        return Counter(reply for _, reply, _ in self.events)
+
+    def first_ack_after(self, when: float) -> float | None:
+        """Wall time of the first 250 at or after ``when``."""
+        return next((at for _, reply, at in self.events if reply == "250" and at >= when), None)
+
+
+class Senders:
+    """``count`` sender processes sharing a list of messages round-robin; follow them through their logs."""
+
+    def __init__(self, port: int, messages: list[tuple[str, bytes]], work_dir: Path, count: int,
+                 pause_s: float = 0.2, max_tries: int = 300, gap_s: float = 0.0) -> None:
+        self.work_dir = Path(work_dir)
+        self.logs = [self.work_dir / f"sender-{i}.log" for i in range(count)]
+        self.stop_path = self.work_dir / "senders.stop"
+        self.stop_path.unlink(missing_ok=True)
+        for log in self.logs:
+            log.unlink(missing_ok=True)
+        self._jobs = [(port, messages[i::count], str(log), str(self.stop_path), pause_s, max_tries, gap_s)
+                      for i, log in enumerate(self.logs)]
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+
+    def __enter__(self) -> Senders:
+        self._pool = ProcessPoolExecutor(max_workers=len(self._jobs),
+                                         mp_context=multiprocessing.get_context("forkserver"))
+        self._futures = [self._pool.submit(_sender, *job) for job in self._jobs]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self.stop_path.touch()  # a failing scenario must not wait out every sender's retries
+        assert self._pool is not None
+        self._pool.shutdown(wait=True)
+        self.stop_path.unlink(missing_ok=True)
+
+    def done(self) -> bool:
+        """True once every sender has finished (an error in a sender is raised here)."""
+        finished = all(f.done() for f in self._futures)
+        for f in self._futures:
+            if f.done():
+                f.result()
+        return finished
+
+    def wait(self, timeout_s: float = 600.0) -> Replies:
+        """Wait for every sender to finish; return what they saw."""
+        deadline = time.monotonic() + timeout_s
+        while not self.done():
+            if time.monotonic() > deadline:
+                self.stop_path.touch()
+                raise TimeoutError(f"senders still sending after {timeout_s} s")
+            time.sleep(0.05)
+        return self.replies()
+
+    def replies(self) -> Replies:
+        """What the senders have logged so far."""
+        events = []
+        for log in self.logs:
+            if log.exists():
+                for line in log.read_text().splitlines():
+                    parts = line.split("\t")
+                    if len(parts) == 3:  # a line being written right now is skipped until complete
+                        events.append((parts[0], parts[1], float(parts[2])))
+        return Replies(sorted(events, key=lambda e: e[2]))
+
+    def wait_acked(self, count: int, timeout_s: float = 600.0) -> int:
+        """Wait until ``count`` messages got their 250 (or every sender finished); return the acked count."""
+        return self._wait_for(lambda replies: len(replies.acked), count, timeout_s)
+
+    def wait_replies(self, count: int, timeout_s: float = 600.0) -> int:
+        """Wait until senders logged ``count`` replies of any kind (or finished); return how many they logged."""
+        return self._wait_for(lambda replies: len(replies.events), count, timeout_s)
+
+    def _wait_for(self, measure: Callable[[Replies], int], count: int, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            seen = measure(self.replies())
+            if seen >= count or self.done():
+                return seen
+            time.sleep(0.02)
+        raise TimeoutError(f"senders reached {measure(self.replies())} of {count} after {timeout_s} s")
+
+
+def digests_by_original(outbox: Path) -> Counter[str]:
+    """How many delivered digests (Maildir ``new/`` and ``cur/``) reply to each original Message-ID."""
+    found: Counter[str] = Counter()
+    if not (Path(outbox) / "new").is_dir():
+        return found
+    box = mailbox.Maildir(Path(outbox), create=False)
+    try:
+        for key in box.iterkeys():
+            with box.get_file(key) as fh:
+                headers = mailbox.Message(fh.read().split(b"\n\n", 1)[0])
+            original = headers.get("In-Reply-To")
+            if original:
+                found[original.strip()] += 1
+    finally:
+        box.close()
+    return found

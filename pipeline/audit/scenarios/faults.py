@@ -1,0 +1,317 @@
+"""The audit's fault scenarios: each fault injected into a real ``python -m pipeline serve`` driven over SMTP.
+
+Every fault is judged the same way (``faultcheck``), from the senders' reply
+logs, the run store and the Maildir outbox: messages sent, acked (250), lost
+(acked but no run, or a run that never reached a terminal state), duplicated
+(more than one run or digest for a Message-ID), ended without a typed reason,
+time to recover, and the replies senders saw. The server's behaviour is
+measured, not assumed: a fault it does not survive shows up as figures, not as
+an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psutil
+from tqdm import tqdm
+
+from ... import store as s
+from ..base import fixtures as fx
+from ..base.faultcheck import (
+    Rows,
+    bad_input_messages,
+    burst_messages,
+    case_outcomes,
+    figures,
+    judge,
+    retries_logged,
+    skipped,
+    task_instances,
+    worker_deaths,
+)
+from ..base.harness import frame, row
+from ..base.recorder import AuditRecorder
+from ..base.serveproc import Replies, Senders, ServeProcess, serving
+
+# -- the faults --------------------------------------------------------------------------------------------------
+
+
+def kill_serve(work: Path, messages: int = 1000, senders: int = 8, kill_points: tuple[float, ...] = (0.25, 0.5, 0.75),
+               timeout_s: float = 600.0) -> Rows:
+    """``kill -9`` serve when each fraction of ``messages`` is acked, restart it at once; judge every acked one."""
+    serve = ServeProcess(work / "data", work)
+    rows: Rows = []
+    kills: list[float] = []
+    try:
+        serve.start()
+        with Senders(serve.port, burst_messages("kill", messages), work, senders) as sending:
+            for i, point in enumerate(kill_points):
+                acked = sending.wait_acked(math.ceil(point * messages), timeout_s)
+                serve.kill()
+                kills.append(time.time())
+                serve.start()
+                rows.append(row("kill_serve", "acked_at_kill", acked, "messages", i, kill_point=point,
+                                restart_s=time.time() - kills[-1]))
+            replies = sending.wait(timeout_s)
+        verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    finally:
+        serve.kill()
+    for i, (point, killed_at) in enumerate(zip(kill_points, kills, strict=True)):
+        first = replies.first_ack_after(killed_at)
+        if first is not None:
+            rows.append(row("kill_serve", "recover_s", first - killed_at, "s", i, kill_point=point,
+                            to="first 250 after the kill"))
+    return rows + figures("kill_serve", verdict, replies, None, kills=len(kill_points), senders=senders)
+
+
+VICTIM_ID = "<worker-victim@faults.audit>"
+
+
+def kill_worker(work: Path, pdf: Path, timeout_s: float = 300.0) -> Rows:
+    """``kill -9`` an extraction worker provably mid-way through the victim document (its ingest_pdf task running,
+    the worker's CPU time growing, the run's text file open in it). By design the pool answers that with
+    WorkerCrashedError and the runner tries ingest_pdf again (try 2); the figures say whether it did, what the
+    store and serve's log recorded, whether the run ended typed, and whether a later PDF still succeeds."""
+    big = fx.email_with([(Path(pdf).name, Path(pdf).read_bytes())], message_id=VICTIM_ID)
+    small = burst_messages("after-worker-kill", 1, pdf_every=1)
+    with serving(work / "data", work) as serve:
+        with Senders(serve.port, [(VICTIM_ID, big)], work, 1) as sending:
+            replies = sending.wait(timeout_s)
+        found = _worker_on_run(serve, VICTIM_ID, timeout_s=60.0)
+        if found is None:
+            return skipped("kill_worker", "no extraction worker was caught mid-way through the victim document: "
+                                          "it was extracted before one could be killed (use a larger PDF)")
+        victim, run_id, evidence = found
+        victim.kill()
+        killed_at = time.time()
+        seen_errors = _errors_while_retrying(serve.data_dir, timeout_s)
+        ended = judge(serve.data_dir, replies, 1, timeout_s)["last_ended_at"]  # before the next mail is sent
+        _, tasks = task_instances(serve.data_dir, VICTIM_ID, "ingest_pdf")
+        with Senders(serve.port, small, work, 1) as sending:
+            replies = Replies(replies.events + sending.wait(timeout_s).events)
+        verdict = judge(serve.data_dir, replies, 2, timeout_s)
+        workers = {p.pid for p in serve.extract_workers()}
+        victim_case, follow = case_outcomes(serve.data_dir, [("victim", VICTIM_ID), ("next_pdf", small[0][0])])
+        log_text = serve.log_path.read_text(errors="replace")
+    retries = retries_logged(log_text, run_id)
+    # a retry that succeeded leaves no error on the task in the store: name it from serve's log
+    victim_case["task_errors"] = ", ".join(filter(None, [victim_case["task_errors"], *(f"{r} (retried)"
+                                                                                      for r in retries)]))
+    rows = figures("kill_worker", verdict, replies, None)
+    if ended:
+        rows.append(row("kill_worker", "victim_ended_s", ended - killed_at, "s", 0, to="the victim's run ended"))
+    rows.append(row("kill_worker", "victim_worker_mid_document", 1.0, "bool", 0, pid=victim.pid, run_id=run_id,
+                    **evidence))
+    rows += _victim_rows(serve.data_dir / "work" / str(run_id), victim.pid, tasks, seen_errors, log_text, retries)
+    rows.append(row("kill_worker", "victim_run_typed", float(victim_case.pop("typed")), "bool", 0, **victim_case))
+    rows.append(row("kill_worker", "next_pdf_succeeded", float(follow["state"] == s.SUCCESS), "bool", 0,
+                    workers_after=len(workers), victim_replaced=victim.pid not in workers and bool(workers)))
+    return rows
+
+
+def _victim_rows(run_dir: Path, pid: int, tasks: list[dict[str, Any]], seen_errors: set[str], log_text: str,
+                 retries: list[str]) -> Rows:
+    """Whether serve's log says the killed pid died on this run's document, and each ingest_pdf instance's tries
+    and events as the store has them."""
+    died = worker_deaths(log_text).get(pid)
+    served = died is not None and (run_dir / "attachments" / died[0]).exists()
+    rows = [row("kill_worker", "killed_worker_served_victim", float(served), "bool", 0, pid=pid,
+                logged=f"died on {died[0]} ({died[1]})" if died else "no death logged for this pid")]
+    return rows + [row("kill_worker", "victim_task_try_number", t["try_number"], "tries", i, task=t["task_id"],
+                       state=t["state"], events=t["events"], error_while_retrying=", ".join(sorted(seen_errors)),
+                       retries_logged="; ".join(retries))
+                   for i, t in enumerate(tasks)]
+
+
+def _worker_on_run(serve: ServeProcess, message_id: str, timeout_s: float
+                   ) -> tuple[psutil.Process, int, dict[str, Any]] | None:
+    """An extraction worker provably working on ``message_id``'s document right now: its ingest_pdf task is
+    running (try 1), the worker's CPU time grows, and it has that run's text file open. Polled until
+    ``timeout_s`` or the task is no longer on its first try."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run_id, tasks = task_instances(serve.data_dir, message_id, "ingest_pdf")
+        if tasks and not any(t["state"] in (s.QUEUED, s.RUNNING) and t["try_number"] <= 1 for t in tasks):
+            return None  # extracted (or failed) before a worker could be caught on it
+        running = [t for t in tasks if t["state"] == s.RUNNING and t["try_number"] == 1]
+        if run_id is None or not running:
+            time.sleep(0.02)
+            continue
+        busy = _busy_workers(serve.extract_workers(), window_s=0.1)
+        run_dir = str(serve.data_dir / "work" / str(run_id)) + "/"
+        for cpu_s, worker in busy:
+            try:
+                held = [f.path for f in worker.open_files() if f.path.startswith(run_dir)]
+            except psutil.Error:
+                continue
+            if held:
+                return worker, run_id, {"task": running[0]["task_id"], "cpu_growth_s": round(cpu_s, 3),
+                                        "file_open": Path(held[0]).name}
+    return None
+
+
+def _busy_workers(workers: list[psutil.Process], window_s: float) -> list[tuple[float, psutil.Process]]:
+    """``(CPU seconds used during window_s, worker)`` of the workers whose CPU time grew, busiest first."""
+    before: dict[int, float] = {}
+    for w in workers:
+        try:
+            before[w.pid] = sum(w.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    time.sleep(window_s)
+    grown = []
+    for w in workers:
+        try:
+            delta = sum(w.cpu_times()[:2]) - before[w.pid]
+        except (psutil.Error, KeyError):
+            continue
+        if delta > 0.01:
+            grown.append((delta, w))
+    return sorted(grown, key=lambda pair: -pair[0])
+
+
+def _errors_while_retrying(data_dir: Path, timeout_s: float) -> set[str]:
+    """The error types the store shows on the victim's ingest_pdf instances while they wait to retry, followed
+    until every instance is past its first try or has ended (the store keeps only the latest try's error)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, tasks = task_instances(data_dir, VICTIM_ID, "ingest_pdf")
+        seen |= {t["error_type"] for t in tasks if t["state"] == s.RETRYING and t["error_type"]}
+        if tasks and all(t["try_number"] > 1 or t["state"] in s.TERMINAL_TASK_STATES for t in tasks):
+            return seen
+        time.sleep(0.02)
+    return seen
+
+
+_LOCK_HOLDER = """import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def hold_store_lock(db_path: Path, seconds: float) -> tuple[float, float]:
+    """Hold ``BEGIN EXCLUSIVE`` on the store from another process for ``seconds``; return (locked, released)."""
+    proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(db_path), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "locked":
+            raise RuntimeError("the lock holder could not lock the store")
+        locked = time.time()
+        proc.wait(seconds + 120)
+        return locked, time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def store_locked(work: Path, messages: int = 200, senders: int = 4, lock_s: float = 10.0,
+                 busy_timeout_ms: int = 1000, timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """Lock the run store from another process for ``lock_s`` while senders keep sending at a steady pace, from
+    about ``margin_s`` before the lock to ``margin_s`` after it."""
+    gap = (lock_s + 2 * margin_s) * senders / messages  # sending spans the lock with a margin either side
+    with serving(work / "data", work, {"store": {"busy_timeout_ms": busy_timeout_ms}}) as serve:
+        with Senders(serve.port, burst_messages("locked", messages), work, senders, gap_s=gap) as sending:
+            sending.wait_acked(max(1, messages // 10), timeout_s)
+            locked, released = hold_store_lock(serve.data_dir / "runs.sqlite3", lock_s)
+            replies = sending.wait(timeout_s)
+        verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    during = [r for _, r, at in replies.events if locked <= at <= released]
+    return figures("store_locked", verdict, replies, released, lock_s=lock_s, busy_timeout_ms=busy_timeout_ms) + [
+        row("store_locked", "replies_during_lock", during.count("250"), "replies", 0, reply="250"),
+        row("store_locked", "replies_during_lock", len(during) - during.count("250"), "replies", 0, reply="other")]
+
+
+def _fill(path: Path) -> int:
+    """Write zeros to ``path`` until the disk is full; return the bytes written."""
+    written = 0
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb", buffering=0) as fh:
+        while True:
+            try:
+                written += fh.write(chunk)
+            except OSError:
+                if len(chunk) <= 4096:
+                    return written
+                chunk = chunk[: len(chunk) // 16]  # top up the last megabyte in smaller pieces
+
+
+def disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 5.0, size_mb: int = 48,
+              timeout_s: float = 300.0) -> Rows:
+    """Serve on a small tmpfs filled with ballast while senders send; remove the ballast after ``full_s``."""
+    mount = work / "disk"
+    mount.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        return skipped("disk_full", f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        with serving(mount / "data", work) as serve:
+            ballast = mount / "ballast"
+            _fill(ballast)
+            with Senders(serve.port, burst_messages("full", messages), work, senders) as sending:
+                sending.wait_replies(1, timeout_s)  # the fault lasts full_s from the first reply senders see
+                time.sleep(full_s)
+                ballast.unlink()
+                removed = time.time()
+                replies = sending.wait(timeout_s)
+            leftovers = len(list((serve.data_dir / "spool").glob(".incoming-*.tmp")))
+            verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    return figures("disk_full", verdict, replies, removed, size_mb=size_mb, full_s=full_s) + [
+        row("disk_full", "partial_spool_files", leftovers, "files", 0)]
+
+
+def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
+    """Send a damaged-page PDF, a From: decoding to CR/LF and a quoted local part; record each typed outcome."""
+    cases = bad_input_messages()
+    with serving(work / "data", work) as serve:
+        with Senders(serve.port, [(mid, raw) for _, mid, raw in cases], work, 1) as sending:
+            replies = sending.wait(timeout_s)
+        verdict = judge(serve.data_dir, replies, len(cases), timeout_s)
+        outcomes = case_outcomes(serve.data_dir, [(case, mid) for case, mid, _ in cases])
+    return figures("bad_input", verdict, replies, None) + [
+        row("bad_input", "case_typed", float(o.pop("typed")), "bool", i, **o) for i, o in enumerate(outcomes)]
+
+
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input")
+
+
+def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
+                  recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Run each fault in ``only`` with its ``params`` (keyword arguments) in its own directory under ``work``.
+
+    A fault whose harness fails is recorded as an ``error`` row with the message, and the others still run.
+    """
+    runners: dict[str, Callable[..., Rows]] = {
+        "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "disk_full": disk_full,
+        "bad_input": bad_input}
+    rows: Rows = []
+    for name in tqdm(only, desc="faults", unit="fault"):
+        with tempfile.TemporaryDirectory(prefix=f"fault-{name}-", dir=work) as tmp:
+            try:
+                found = runners[name](Path(tmp), **params.get(name, {}))
+            except Exception as exc:  # the harness broke, not the server: say so in the report
+                found = [row(name, "error", 1, "fault", 0, reason=f"{type(exc).__name__}: {exc}"[:300])]
+        rows += found
+    if recorder is not None:
+        recorder.record("faults", pd.DataFrame(rows))
+    return frame(rows)

@@ -1,0 +1,203 @@
+"""Metrics on/off A/B: does serving ``/metrics`` slow the trigger? And which metric families does serve expose?
+
+Two real ``python -m pipeline serve`` processes run side by side, one with
+``--metrics-port`` (scraped every ``scrape_every_s`` while it is loaded: 5 s,
+three times as often as a common 15 s Prometheus interval) and one without. After a warm-up mail each, the
+variants take turns (A B, then B A, ...): each turn sends ``mails`` small mails
+from sender processes and waits until their runs ended, so the other variant's
+work never overlaps. The trigger latency of each run is what the store says:
+``queued_at`` minus the ``data_end_at`` the gateway stamped when DATA ended.
+The counters in the core are always on (a dict lookup and an add); the A/B
+measures what the endpoint adds on top: its HTTP thread and the scrapes.
+
+Rows (scenario ``monitoring``): ``trigger_seconds`` per run and variant,
+``trigger_p99_ratio`` (p99 on / p99 off over every turn, variant ``ratio``),
+and one ``metric_family`` row per family a scrape after the load returned
+(tags ``name``, ``type``, ``help``), which the report lists.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..base import fixtures as fx
+from ..base.faultcheck import wait_terminal
+from ..base.harness import frame, percentile, row
+from ..base.recorder import AuditRecorder
+from ..base.serveproc import Senders, ServeProcess, free_port
+from ..reporting.views import markdown
+
+SCENARIO = "monitoring"
+ALERTS = Path(__file__).resolve().parents[3] / "docs" / "performance" / "alerts.yml"
+VARIANTS = ("metrics_off", "metrics_on")
+Rows = list[dict[str, Any]]
+
+
+def scrape(port: int, timeout_s: float = 30.0) -> str:
+    """The text of ``http://127.0.0.1:PORT/metrics``; raises ``OSError`` (urllib's errors) if it fails."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:
+        return str(response.read().decode("utf-8"))
+
+
+def families(text: str) -> dict[str, tuple[str, str]]:
+    """``{family name: (type, help)}`` of a scrape, our own (``pipeline_``) families only."""
+    return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text)
+            if f.name.startswith("pipeline_") and not f.name.endswith("_created")}
+
+
+def small_mails(tag: str, count: int) -> list[tuple[str, bytes]]:
+    """``count`` small mails (no attachment) with Message-IDs unique to ``tag``."""
+    out = []
+    for i in range(count):
+        message_id = f"<mab-{tag}-{i}@audit.example>"
+        out.append((message_id, fx.email_with([], subject=f"A/B {tag} {i}", message_id=message_id)))
+    return out
+
+
+@contextmanager
+def _scraping(port: int | None, every_s: float) -> Iterator[list[int]]:
+    """Scrape ``port`` every ``every_s`` from a thread while the block runs; yield the [ok, failed] counts."""
+    counts = [0, 0]
+    if port is None:
+        yield counts
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                scrape(port)
+                counts[0] += 1
+            except OSError:
+                counts[1] += 1
+
+    thread = threading.Thread(target=loop, name="metrics-ab-scraper", daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int, metrics_port: int | None,
+          scrape_every_s: float, work: Path, timeout_s: float) -> Rows:
+    """Send one turn's mails to ``serve``, wait for their runs, return a trigger row per run."""
+    messages = small_mails(f"{variant}-{rep}", mails)
+    (work / f"senders-{variant}-{rep}").mkdir(parents=True, exist_ok=True)
+    with _scraping(metrics_port, scrape_every_s) as scrapes, \
+            Senders(serve.port, messages, work / f"senders-{variant}-{rep}", count=senders, pause_s=0.05) as sending:
+        sending.wait(timeout_s)
+    ids = [m for m, _ in messages]
+    runs = wait_terminal(serve.data_dir, ids, timeout_s)  # every message's runs: keep this turn's
+    out = [row(variant, "trigger_seconds", r.queued_at - float(r.payload["data_end_at"]), "s", rep)
+           for m in ids for r in runs.get(m, [])[:1] if "data_end_at" in r.payload]
+    if metrics_port is not None:
+        out.append(row(variant, "scrapes", scrapes[0], "scrapes", rep, failed=scrapes[1]))
+    return out
+
+
+def p99(values: list[float]) -> float:
+    """The 99th percentile (linear interpolation), NaN for no values."""
+    return percentile(values, 99)
+
+
+def metrics_ab(work: Path, mails: int = 20, senders: int = 2, reps: int = 2, warmup_mails: int = 3,
+               scrape_every_s: float = 5.0, timeout_s: float = 300.0,
+               recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Run the A/B (module docstring); record the rows under scenario ``monitoring`` and return them."""
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="metrics-ab-", dir=work) as tmp:  # fresh stores: no old Message-IDs
+        rows = _ab_rows(Path(tmp), mails, senders, reps, warmup_mails, scrape_every_s, timeout_s)
+    trigger = {v: [r["value"] for r in rows if r["variant"] == v and r["metric"] == "trigger_seconds"]
+               for v in VARIANTS}
+    rows.append(row("ratio", "trigger_p99_ratio", p99(trigger["metrics_on"]) / p99(trigger["metrics_off"]), "x", 0,
+                    runs_on=len(trigger["metrics_on"]), runs_off=len(trigger["metrics_off"]),
+                    scrape_every_s=scrape_every_s))
+    rows += [row(v, "trigger_p99_ms", p99(trigger[v]) * 1000, "ms", 0) for v in VARIANTS]
+    result = frame(rows)
+    if recorder is not None:
+        recorder.record(SCENARIO, pd.DataFrame(rows))
+    return result
+
+
+def _ab_rows(work: Path, mails: int, senders: int, reps: int, warmup_mails: int, scrape_every_s: float,
+             timeout_s: float) -> Rows:
+    """Both serves started in ``work``, warmed up, then the interleaved turns and the final scrape."""
+    port = free_port()
+    serves = {"metrics_off": ServeProcess(work / "off" / "data", work / "off"),
+              "metrics_on": ServeProcess(work / "on" / "data", work / "on", args=("--metrics-port", str(port)))}
+    ports = {"metrics_off": None, "metrics_on": port}
+    rows: Rows = []
+    with ExitStack() as stack:
+        for serve in serves.values():
+            stack.callback(serve.stop)
+            serve.start()
+        for variant, serve in serves.items():  # warm-up: workers spawned, code paths hot; not recorded
+            _turn(serve, variant, -1, warmup_mails, 1, ports[variant], scrape_every_s, work, timeout_s)
+        for rep in range(reps):
+            for variant in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):
+                rows += _turn(serves[variant], variant, rep, mails, senders, ports[variant], scrape_every_s, work,
+                              timeout_s)
+        rows += [row("metrics_on", "metric_family", 1, "family", 0, name=name, type=kind, help=text)
+                 for name, (kind, text) in sorted(families(scrape(port)).items())]
+    return rows
+
+
+def summary(measurements: pd.DataFrame) -> dict[str, Any]:
+    """What the report says: p99 per variant (ms), the on/off ratio, the runs behind it, the family names."""
+    m = measurements[measurements.scenario == SCENARIO] if "scenario" in measurements else measurements
+    ratio_tags = m[m.metric == "trigger_p99_ratio"].tags
+
+    def one(variant: str, metric: str) -> float | None:
+        values = m[(m.variant == variant) & (m.metric == metric)].value
+        return float(values.iloc[-1]) if len(values) else None
+    names = m[m.metric == "metric_family"]
+    tags = [t if isinstance(t, dict) else {} for t in names.tags] if "tags" in names else []
+    return {"p99_on_ms": one("metrics_on", "trigger_p99_ms"), "p99_off_ms": one("metrics_off", "trigger_p99_ms"),
+            "ratio": one("ratio", "trigger_p99_ratio"),
+            "scrape_every_s": ratio_tags.iloc[-1].get("scrape_every_s") if len(ratio_tags) else None,
+            "runs": int(((m.variant.isin(VARIANTS)) & (m.metric == "trigger_seconds")).sum()),
+            "families": [(t.get("name", ""), t.get("type", ""), t.get("help", "")) for t in tags]}
+
+
+def exposed_name(name: str, kind: str) -> str:
+    """The series name a family shows in the exposition (``_total`` for counters; histograms add ``_bucket``...)."""
+    return f"{name}_total" if kind == "counter" else name
+
+
+def alert_rules(path: Path = ALERTS) -> pd.DataFrame:
+    """The alerting rules of ``alerts.yml``: name, severity, ``for``, the SLA each is tied to."""
+    import yaml  # the dev extra's pyyaml: only the report reads the rules file
+
+    groups = yaml.safe_load(path.read_text())["groups"]
+    return pd.DataFrame([{"alert": r["alert"], "severity": r["labels"]["severity"], "for": r["for"],
+                          "SLA": r["annotations"]["sla"]} for g in groups for r in g["rules"]])
+
+
+def monitoring_markdown(measurements: pd.DataFrame, alerts_path: Path = ALERTS) -> str:
+    """Section 9's monitoring text: the families a scrape of serve returned, the alert rules, the A/B overhead."""
+    found = summary(measurements)
+    if not found["families"]:
+        return "No monitoring measurements (notebook 12_monitoring) were recorded in this session."
+    names = pd.DataFrame([{"metric": f"`{exposed_name(n, k)}`", "type": k, "meaning": h}
+                          for n, k, h in found["families"]])
+    rules = alert_rules(alerts_path)
+    every = f" every {found['scrape_every_s']:g} s" if found["scrape_every_s"] else ""
+    overhead = (f"p99 trigger latency {found['p99_on_ms']:.2f} ms with `/metrics` scraped{every} against "
+                f"{found['p99_off_ms']:.2f} ms without it, a ratio of **{found['ratio']:.3f}** over "
+                f"{found['runs']} runs (SLA: at most 1.05)") if found["ratio"] is not None else "not measured"
+    return ("`python -m pipeline serve --metrics-port 9108` serves Prometheus metrics on "
+            "`http://127.0.0.1:9108/metrics`. The metric families a scrape of serve returned after the A/B load "
+            f"(notebook `12_monitoring`):\n\n{markdown(names)}\n\nAlerting rules: `docs/performance/alerts.yml` "
+            "(checked by `promtool check rules` in the tests; each threshold tied to an SLA equals its target in "
+            f"`slas.toml`):\n\n{markdown(rules)}\n\n**Overhead of metrics (A/B, interleaved):** {overhead}.")
