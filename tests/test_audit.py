@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -228,3 +229,23 @@ def test_outbox_and_task_card_give_one_verdict(tmp_path, failed, not_measured, q
     assert f"**Status:** `{status}` (last verified by audit session `s1`" in text
     assert ("- SLA failed: Trigger p99" in text) == bool(failed)
     assert ("- [x] Code-quality audit" in text) == quality
+
+
+def test_wait_dead_counts_a_zombie_as_gone_and_returns_the_living_at_its_timeout():
+    """Serve's orphaned workers stay zombies where nothing reaps them: waiting for them to vanish cost the audit
+    up to 5 s per serve stopped."""
+    from pipeline.audit.base.serveproc import wait_dead
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watched = psutil.Process(zombie.pid)
+        while watched.status() != psutil.STATUS_ZOMBIE:  # exited, not reaped: we do not wait() for it yet
+            time.sleep(0.01)
+        assert wait_dead([watched], timeout_s=30.0) == []
+        assert watched.status() == psutil.STATUS_ZOMBIE  # judged gone without reaping (only a parent can)
+        assert [p.pid for p in wait_dead([psutil.Process(living.pid)], timeout_s=0.2)] == [living.pid]
+    finally:
+        living.kill()
+        living.wait()
+        zombie.wait()

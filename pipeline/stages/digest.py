@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dag import instance_id
 from .text_normal import split_sentences
 
 SUMMARY_BUDGET_S = 4.0  # per document, both passes: ~8 MB of text (a 2,400-page manual) on a slow core
@@ -151,7 +152,7 @@ def describe_documents(attachments: list[dict[str, Any]], results: list[Any], er
                          title=result.get("title", ""), pages_summarised=summary.pages_covered,
                          pages_in_text=summary.pages_total)
         else:
-            error = errors.get(f"ingest_pdf[{index}]", {"type": "not_ingested", "message": "no result"})
+            error = errors.get(instance_id("ingest_pdf", index), {"type": "not_ingested", "message": "no result"})
             entry.update(error=error["type"], message=error["message"])
         documents.append(entry)
     return documents
