@@ -261,9 +261,13 @@ class ServeConfig:
     # accept SMTP (spool fsync, run commit, reply) in a child process of its own, so the pipeline's threads
     # never hold the GIL the event loop needs; False: the gateway runs in serve's own process (the baseline)
     gateway_process: bool = True
+    # with the gateway in its own process: how much lower than the gateway's the engine's and its extraction
+    # workers' CPU priority is (nice steps, 0-19), so a busy machine answers senders first; 0: the same
+    engine_nice: int = 0
 
     def validate(self) -> None:
-        """Nothing to check: one boolean."""
+        if not 0 <= self.engine_nice <= 19:
+            raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
 
 
 @dataclass(frozen=True)

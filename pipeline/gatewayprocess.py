@@ -110,6 +110,11 @@ class GatewayProcess:
         self._thread.start()
         return self
 
+    @property
+    def supervisor_thread(self) -> int | None:
+        """Native id of the thread that restarts the child (its priority is the child's), once started."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop supervising, close the child's stdin so it stops (finishing what it accepted), close the sockets.
 

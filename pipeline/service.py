@@ -121,12 +121,26 @@ class PipelineService:
                     self.engine.start()
                 if self.gateway_process is not None:  # last: once it answers SMTP, serve is all up
                     self.gateway_process.start()
+                    self._lower_engine_priority()
                 elif self.drop_folder is not None:
                     self.drop_folder.start()
         except BaseException:
             self._close_after_failed_start()
             raise
         return self
+
+    def _lower_engine_priority(self) -> None:
+        """``[serve] engine_nice``: the engine and its workers yield the CPU to the gateway process."""
+        nice, child = self.settings.serve.engine_nice, self.gateway_process
+        if not nice or child is None:
+            return
+        from .priority import lower_priority  # serve only
+
+        keep_threads = [child.supervisor_thread] if child.supervisor_thread is not None else []
+        keep_pids = [child.pid] if child.pid is not None else []
+        changed = lower_priority(nice, keep_threads=keep_threads, keep_pids=keep_pids)
+        log.info("engine and extraction workers at nice +%d (%d threads); the gateway process unchanged",
+                 nice, changed)
 
     def _start_metrics(self) -> metrics.MetricsServer:
         """Serve ``/metrics`` (runs by state from the store; active runs if this role runs any); log its URL."""

@@ -198,3 +198,28 @@ def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):
     main_rss = psutil.Process(serve.proc.pid).memory_info().rss
     assert sample.serve_rss > main_rss  # the child's RSS is in it
     assert child.pid not in sample.worker_pids
+
+
+def thread_nices(proc: psutil.Process) -> set[int]:
+    """The nice values of ``proc``'s threads (Linux keeps one per thread)."""
+    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()}
+
+
+def test_engine_nice_lowers_the_engine_and_its_workers_and_keeps_the_gateway_first(tmp_path):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"engine_nice": 5}}).start()
+    try:
+        send(serve.port, "<nice-1@example.com>")  # the extraction workers are up once a run went through
+        assert wait_until(lambda: all_finished(serve.data_dir, ["<nice-1@example.com>"]), timeout_s=120)
+        child = gateway_children(serve)[0]
+        assert thread_nices(child) == {base}
+        serve_threads = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(serve.proc.pid).threads()}
+        assert sorted(serve_threads.values()).count(base) == 1  # the thread that restarts the gateway process
+        assert set(serve_threads.values()) == {base, min(19, base + 5)}
+        workers = [p for p in serve.descendants() if p.pid != child.pid and p.ppid() != child.pid]
+        assert workers and all(thread_nices(p) == {min(19, base + 5)} for p in workers)
+        child.kill()  # a restarted gateway process starts at serve's own priority again
+        assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [child.pid]), timeout_s=60)
+        assert thread_nices(gateway_children(serve)[0]) == {base}
+    finally:
+        serve.stop()

@@ -49,6 +49,9 @@ SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
 VARIANTS: dict[str, Variant] = {"gateway_process": ({"serve": {"gateway_process": True}}, ()),
                                 "one_process": ({"serve": {"gateway_process": False}}, ())}
+# the engine below the gateway process in CPU priority ([serve] engine_nice), beside the two layouts
+PRIORITY_VARIANTS: dict[str, Variant] = {**VARIANTS, "engine_nice_5": ({"serve": {"gateway_process": True,
+                                                                                  "engine_nice": 5}}, ())}
 START_DELAY_S = 0.5  # senders start together this long after being handed their mails (process start-up)
 
 
