@@ -31,6 +31,7 @@ line_profile_pdf = "text-0.5mb.pdf"
 pyspy_s = 1.0
 pyspy_rate = 100
 memory_interval_s = 0.02
+e2e = {"pdf": "text-0.5mb.pdf", "senders": [2], "per_sender": 2, "rounds": 1}
 
 # %%
 import tempfile
@@ -40,7 +41,7 @@ from IPython.display import SVG, Markdown, display
 
 from pipeline.audit.notebook import fixture, open_recorder
 from pipeline.audit.reporting import profileviews, views
-from pipeline.audit.scenarios import pipeline_profile
+from pipeline.audit.scenarios import end_to_end, pipeline_profile
 from pipeline.audit.scenarios.line_profile import profile_lines
 
 recorder = open_recorder(db_path, session_id, profile)
@@ -81,6 +82,17 @@ if flamegraph is not None:
 
 # %%
 profileviews.top_self_time(m, top=10)
+
+# %% [markdown]
+# A mail's digest as its sender waits for it: for each count in `e2e["senders"]`, that many senders each send a
+# mail with one PDF, wait for its digest, then send the next (at most that many runs in the pipeline at once). End to end is DATA end →
+# digest delivered, next to the stages it is made of (medians and p95 over all mails).
+
+# %%
+with tempfile.TemporaryDirectory(prefix="serve-e2e-") as work:
+    end_to_end.end_to_end(fixture(fixtures_dir, profile, e2e["pdf"]), Path(work), senders=tuple(e2e["senders"]),
+                          per_sender=e2e["per_sender"], rounds=e2e["rounds"], recorder=recorder, name=e2e["pdf"])
+profileviews.end_to_end_table(recorder.measurements())
 
 # %%
 recorder.record("line_profile", profile_lines(fixture(fixtures_dir, profile, line_profile_pdf)))

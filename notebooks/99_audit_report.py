@@ -56,6 +56,14 @@ if len(stages):
     views.fig_stage_breakdown(stages);
 
 # %%
+e2e = profileviews.end_to_end_table(m)
+if len(e2e):
+    md("A mail's digest as its sender waits for it: each sender sends a mail with the PDF below, waits until its "
+       "digest is delivered (its run ended), then sends the next, so at most *senders* runs are in the pipeline "
+       "at once (default settings, after a warm-up mail). End to end is DATA end → digest delivered; the stages "
+       "are those above, per mail:\n\n" + views.markdown(e2e))
+
+# %%
 md("Sampling profile of serve under that load. " + profileviews.pyspy_note(m) + " Top 5 functions by self time "
    "(serve and its extraction workers; *self share* is of that process's samples, *total s* includes the functions "
    "it calls):\n\n"

@@ -217,8 +217,25 @@ def test_metrics_ab_records_trigger_rows_ratio_and_families(tmp_path):
     assert len(ratio) == 1 and ratio.iloc[0] > 0
     names = set(result[result.metric == "metric_family"].name)
     assert {"pipeline_trigger_seconds", "pipeline_runs", "pipeline_smtp_replies"} <= names
+    cpu = result[result.metric == "cpu_ms_per_mail"]
+    assert Counter(cpu.variant) == {"metrics_on": 2, "metrics_off": 2} and (cpu.value > 0).all()
+    judged = result[result.metric == "cpu_per_mail_ratio"].iloc[0]
+    assert judged.low <= judged.value <= judged.high and judged.verdict in ("unchanged", "regressed", "inconclusive")
     summary = monitoring.summary(result.assign(scenario=monitoring.SCENARIO))
     assert summary["runs"] == 16 and summary["ratio"] == pytest.approx(ratio.iloc[0])
+    assert summary["cpu_verdict"] == judged.verdict
+
+
+@pytest.mark.parametrize(("on", "verdict"), [
+    ([10.0, 10.1, 9.9, 10.0], "unchanged"),  # the same CPU per mail
+    ([13.0, 13.2, 12.9, 13.1], "regressed"),  # 30 % more, every turn
+    ([8.0, 13.0, 9.0, 14.0], "inconclusive"),  # too spread to say at 5 %
+])
+def test_the_metrics_overhead_is_judged_on_cpu_per_mail_with_its_interval(on, verdict):
+    rows = {r["metric"]: r for r in monitoring.overhead_rows({"metrics_off": [10.0, 10.05, 9.95, 10.0],
+                                                              "metrics_on": on})}
+    assert rows["cpu_per_mail_ratio"]["tags"]["verdict"] == verdict
+    assert rows["overhead_regressed"]["value"] == float(verdict == "regressed")
 
 
 @pytest.mark.parametrize("profile", ["quick", "standard", "full"])

@@ -129,3 +129,26 @@ def test_stage_times_split_ingestion_into_the_wait_for_a_lane_and_the_work(tmp_p
     assert times["Lane wait"] == pytest.approx(1.5 + 6.0)  # the parse's and the last-ending instance's
     assert times["Ingestion"] == pytest.approx(110 - 101 - 7.5)
     assert times["Email"] == pytest.approx(1.0)
+
+
+def test_closed_loop_senders_each_wait_for_their_digest_and_the_table_says_where_the_time_went(tmp_path):
+    from pipeline.audit.scenarios import end_to_end
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(fx.text_pdf(2))
+    recorder = AuditRecorder(tmp_path / "audit.duckdb")
+    recorder.start_session("test", {})
+    df = end_to_end.end_to_end(pdf, tmp_path / "work", senders=(2,), per_sender=2, recorder=recorder)
+    e2e = df[df.metric == "end_to_end_seconds"]
+    assert len(e2e) == 4 and (e2e.value > 0).all() and set(e2e.run_state) == {"success"}
+    assert df[df.metric == "runs_failed"].value.tolist() == [0]
+    # closed loop: never more mails in the pipeline than senders
+    events = sorted([(t, 1) for t in e2e.arrived] + [(t, -1) for t in e2e.ended], key=lambda e: (e[0], e[1]))
+    in_flight = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
+    assert max(in_flight) <= 2
+    stages = df[df.metric == "stage_seconds"]
+    per_mail = stages.groupby("rep").value.sum()
+    assert (per_mail <= e2e.set_index("rep").value + 1e-6).all()  # the stages are parts of the whole
+    table = profileviews.end_to_end_table(recorder.measurements())
+    assert table.what.tolist()[0] == "end to end" and set(table.what) == {"end to end", *concurrency.STAGES}
+    assert set(table.n) == {4} and (table.pdf == "doc.pdf").all() and (table.senders == 2).all()

@@ -110,3 +110,25 @@ def closing_note(m: pd.DataFrame, top: int = 5) -> str:
             f"{r.task} " + ", ".join(f"{c.removesuffix(' +MB')} {r[c]:+.1f} MB" for c in rises if pd.notna(r[c]))
             for _, r in memory.iterrows()) + ".")
     return " ".join(parts)
+
+
+def end_to_end_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Median and p95 seconds of a closed-loop mail (scenario ``end_to_end``) end to end and in each stage, per
+    variant, with the conditions (PDF, its MB, senders) beside them; empty when not measured."""
+    from ..base.harness import percentile
+    from ..scenarios.concurrency import STAGES
+    from .views import rows
+
+    r = rows(m, "end_to_end")
+    r = r[r.metric.isin(["end_to_end_seconds", "stage_seconds"])] if not r.empty else r
+    if r.empty:
+        return pd.DataFrame(columns=["variant", "what", "pdf", "pdf_mb", "senders", "n", "median_s", "p95_s"])
+    what = r.stage.where(r.metric == "stage_seconds", "end to end")
+    order = {name: i for i, name in enumerate(["end to end", *STAGES])}
+    out = [{"variant": variant, "what": name, "pdf": pdf, "pdf_mb": mb, "senders": int(senders), "n": len(group),
+            "median_s": float(group.value.median()), "p95_s": percentile(group.value, 95)}
+           for (variant, name, pdf, mb, senders), group in r.assign(what=what).groupby(
+               ["variant", "what", "pdf", "pdf_mb", "senders"])]
+    table = pd.DataFrame(out)
+    return table.sort_values(["variant", "senders", "what"],
+                             key=lambda s: s.map(order) if s.name == "what" else s, ignore_index=True)

