@@ -142,7 +142,9 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "time; *client_txn_ms* is connect → the final 250 (what a sender waits), *client_mail_ms* MAIL → that 250, "
    "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
    "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
-   "of its own), *one_process* the gateway in serve's process; variants interleaved after a warm-up:\n\n"
+   "of its own, the engine and its workers 5 nice steps below it), *same_priority* that layout without the "
+   "priority step (`[serve] engine_nice = 0`), *one_process* the gateway in serve's process; variants "
+   "interleaved after a warm-up:\n\n"
    + views.markdown(client_latency.summary(views.rows(m, client_latency.SCENARIO))))
 
 # %%

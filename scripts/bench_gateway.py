@@ -44,8 +44,6 @@ def main() -> int:
     parser.add_argument("--serve-mails", type=int, default=50, help="mails per sender and round (default 50)")
     parser.add_argument("--serve-reps", type=int, default=2, help="turns per serve layout (default 2)")
     parser.add_argument("--no-serve", action="store_true", help="skip the client-side rounds against serve")
-    parser.add_argument("--priority", action="store_true",
-                        help="add a serve whose engine runs 5 nice steps below its gateway process")
     parser.add_argument("--serve-only", action="store_true", help="only the client-side rounds against serve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -55,10 +53,9 @@ def main() -> int:
             rows += gateway_bench.small_messages(Path(tmp) / f"small-{senders}", args.messages, senders)
         if not args.serve_only:
             rows += gateway_bench.large_messages(Path(tmp) / "large", args.large_mb)
-        variants = client_latency.PRIORITY_VARIANTS if args.priority else client_latency.VARIANTS
         serve = [] if args.no_serve else client_latency.summary(client_latency.client_latency(
             Path(tmp) / "serve", tuple(args.serve_senders), args.serve_mails, args.serve_reps,
-            args.large_mb, variants=variants)).to_dict("records")
+            args.large_mb)).to_dict("records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"host": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
             "commit": commit}

@@ -13,7 +13,8 @@ the final ``250`` of DATA (``client_txn_ms``), and ``MAIL`` to that ``250``
 senders are under way.
 
 Variants are serve configurations run side by side, one serve each: by
-default ``[serve] gateway_process`` true and false. After a warm-up round
+default the shipped settings, ``[serve] engine_nice = 0`` and ``[serve]
+gateway_process = false``. After a warm-up round
 each, they take turns (A B, then B A): every round waits until its runs
 ended, so one variant's work never overlaps another's measurement.
 
@@ -47,11 +48,11 @@ from ..base.serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 Rows = list[dict[str, Any]]
 SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
-VARIANTS: dict[str, Variant] = {"gateway_process": ({"serve": {"gateway_process": True}}, ()),
+# the shipped default (gateway process, engine 5 nice steps below it), the same layout without the priority
+# step ([serve] engine_nice = 0), and the gateway in serve's own process
+VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),
+                                "same_priority": ({"serve": {"gateway_process": True, "engine_nice": 0}}, ()),
                                 "one_process": ({"serve": {"gateway_process": False}}, ())}
-# the engine below the gateway process in CPU priority ([serve] engine_nice), beside the two layouts
-PRIORITY_VARIANTS: dict[str, Variant] = {**VARIANTS, "engine_nice_5": ({"serve": {"gateway_process": True,
-                                                                                  "engine_nice": 5}}, ())}
 START_DELAY_S = 0.5  # senders start together this long after being handed their mails (process start-up)
 
 
@@ -153,7 +154,7 @@ def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: in
             _round(pool, serve, name, -1, min(max(senders), 4), max(1, warmup_mails // 4), None, settle[name],
                    timeout_s)
         for rep in range(reps):
-            order = list(serves) if rep % 2 == 0 else list(serves)[::-1]
+            order = list(serves) if rep % 2 == 0 else list(serves)[::-1]  # A B C, then C B A
             for name in order:
                 for count, big in rounds:
                     rows += _round(pool, serves[name], name, rep, count, per_sender, big, settle[name], timeout_s)

@@ -7,8 +7,9 @@ senders each send one mail with the same PDF, wait until its run has ended
 are in the pipeline at any time, as with that many users each waiting for a
 reply. Per mail: end to end (DATA end → run ended, from serve's store) and the
 stage times (``concurrency.stage_times``: Email, Queue, Lane wait, Ingestion,
-Digest, Delivery), so a slow end to end says where its time went. After a warm-up mail; several variants (serve configurations)
-take turns, one serve each, round by round.
+Digest, Delivery), so a slow end to end says where its time went. After a
+warm-up mail; several variants (serve configurations) take turns, one serve
+each, round by round.
 
 Rows (harness ``row``, scenario ``end_to_end``): ``end_to_end_seconds`` (tags
 ``arrived``, ``ended``: the epoch seconds it spans) and ``stage_seconds`` (tag
