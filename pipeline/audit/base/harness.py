@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +105,24 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in tags.columns:
         df[column] = tags[column].values
     return df
+
+
+def run_parts(parts: dict[str, Callable[..., list[dict[str, Any]]]], only: Iterable[str],
+              params: dict[str, dict[str, Any]], work: Path, unit: str, desc: str) -> list[dict[str, Any]]:
+    """Run each of ``only`` (``parts[name](directory, **params[name])``) in a temp directory of its own under
+    ``work``, with a progress bar; a part whose harness raises becomes one ``error`` row (variant: its name,
+    ``reason``: the exception) and the others still run. Notebooks 09 and 10 inject faults and hostile senders
+    this way."""
+    from tqdm import tqdm
+
+    rows: list[dict[str, Any]] = []
+    for name in tqdm(list(only), desc=desc, unit=unit):
+        with tempfile.TemporaryDirectory(prefix=f"{unit}-{name}-", dir=work) as tmp:
+            try:
+                rows += parts[name](Path(tmp), **params.get(name, {}))
+            except Exception as exc:  # the harness broke, not the server: say so in the report
+                rows.append(row(name, "error", 1, unit, 0, reason=f"{type(exc).__name__}: {exc}"[:300]))
+    return rows
 
 
 def save(recorder: AuditRecorder | None, scenario: str, rows: list[dict[str, Any]],

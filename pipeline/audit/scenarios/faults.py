@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import psutil
-from tqdm import tqdm
 
 from ... import store as s
 from ..base import fixtures as fx
@@ -38,7 +36,7 @@ from ..base.faultcheck import (
     task_instances,
     worker_deaths,
 )
-from ..base.harness import frame, row
+from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import Replies, Senders, ServeProcess, serving
 
@@ -304,14 +302,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "disk_full": disk_full,
         "bad_input": bad_input}
-    rows: Rows = []
-    for name in tqdm(only, desc="faults", unit="fault"):
-        with tempfile.TemporaryDirectory(prefix=f"fault-{name}-", dir=work) as tmp:
-            try:
-                found = runners[name](Path(tmp), **params.get(name, {}))
-            except Exception as exc:  # the harness broke, not the server: say so in the report
-                found = [row(name, "error", 1, "fault", 0, reason=f"{type(exc).__name__}: {exc}"[:300])]
-        rows += found
+    rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
     return frame(rows)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from ... import store as s
 from ..base import fixtures as fx
 from ..base.faultcheck import Rows, burst_messages, runs_by_message, task_instances, wait_terminal
-from ..base.harness import frame, row
+from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import Senders, ServeProcess, digests_by_original, serving, timed_sends
 from .hostile_checks import (
@@ -342,14 +340,7 @@ def hostile_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[s
     """Run each part in ``only`` with its ``params`` (keyword arguments) in its own directory under ``work``;
     record the rows under scenario ``hostile``. A part whose harness fails is an ``error`` row with the message,
     and the others still run."""
-    rows: Rows = []
-    for name in tqdm(only, desc="hostile senders", unit="part"):
-        with tempfile.TemporaryDirectory(prefix=f"hostile-{name}-", dir=work) as tmp:
-            try:
-                found = PARTS[name](Path(tmp), **params.get(name, {}))
-            except Exception as exc:  # the harness broke, not the server: say so in the report
-                found = [row(name, "error", 1, "part", 0, reason=f"{type(exc).__name__}: {exc}"[:300])]
-        rows += found
+    rows = run_parts(PARTS, only, params, work, "part", "hostile senders")
     if recorder is not None:
         recorder.record(SCENARIO, pd.DataFrame(rows))
     return frame(rows)
