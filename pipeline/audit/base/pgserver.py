@@ -22,7 +22,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from pipeline.errors import ConfigurationError, StartupError
+
+from .serveproc import free_port
 
 INSTALL_HINT = "Debian: apt-get install postgresql (.ci/run installs it)"
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -77,12 +78,6 @@ def _version(postgres: Path) -> str:
     out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=30)
     found = re.search(r"\d+(\.\d+)+", out.stdout) if out.returncode == 0 else None
     return found.group(0) if found else "unknown"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _psycopg() -> Any:
@@ -230,7 +225,7 @@ class TemporaryPostgres:
 
     def _start_on_free_port(self) -> None:
         for attempt in range(_START_ATTEMPTS):
-            self.port = _free_port()
+            self.port = free_port()
             done = self.pg_ctl("start", check=False)
             if done.returncode == 0:
                 return
