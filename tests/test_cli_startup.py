@@ -7,7 +7,10 @@ never a test's.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +127,31 @@ def test_cli_start_benchmark_times_every_command(pdf):
     summary = cli_start.summarize(rows)
     assert [s["command"] for s in summary] == list(cli_start.COMMANDS)
     assert all(s["n"] == 2 and s["failures"] == 0 and 0 < s["wall_median_s"] <= s["wall_p95_s"] for s in summary)
+
+
+@pytest.fixture(scope="session")
+def r_manual(tmp_path_factory):
+    """The R reference manual from Debian's r-doc-pdf (a real 2,415-page typeset PDF), fetched once per session;
+    a machine that cannot fetch it skips with the reason, but under CI (env var CI set) it must run."""
+    from pipeline.audit.base import realpdfs
+
+    try:
+        return realpdfs.fetch(cache=tmp_path_factory.mktemp("real-pdfs"))
+    except realpdfs.NotAvailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"real-world PDF not available: {exc}; CI is set, so this test must run", pytrace=False)
+        pytest.skip(f"real-world PDF not available here: {exc}")
+
+
+def test_ingest_of_a_real_2400_page_manual_extracts_every_page_and_delivers_its_digest(r_manual, tmp_path):
+    data = tmp_path / "data"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(data), "ingest", str(r_manual)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["state"] == "success" and not run["partial"]
+    text = (data / "work" / str(run["run_id"]) / "text" / "000.txt").read_text()
+    assert text.count("\f") >= 2414  # a form feed between pages: all 2,415 of them
+    assert "Package" in text and "Description" in text and "\ufffe" not in text  # PDFium's soft hyphens are gone
+    mail = email.message_from_bytes(next((data / "outbox" / "new").iterdir()).read_bytes(), policy=email.policy.default)
+    assert ": 2415 pages," in mail.get_body(("plain",)).get_content()
