@@ -261,13 +261,15 @@ class ServeConfig:
     # accept SMTP (spool fsync, run commit, reply) in a child process of its own, so the pipeline's threads
     # never hold the GIL the event loop needs; False: the gateway runs in serve's own process (the baseline)
     gateway_process: bool = True
-    # with the gateway in its own process: how much lower than the gateway's the engine's and its extraction
-    # workers' CPU priority is (nice steps, 0-19), so a busy machine answers senders first; 0: the same.
+    # with the gateway in its own process: how many nice steps (0-19, added to serve's own nice value) the
+    # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
+    # Linux only (per-thread nice values).
     # Measured with 8 senders, interleaved (README, Benchmarks): 139 against 108 msg/s accepted, p99 125 ms
     # against 140 ms, and beside a 5 MB mail 125 against 185 ms
     engine_nice: int = 5
 
     def validate(self) -> None:
+        """Reject an engine_nice outside 0-19."""
         if not 0 <= self.engine_nice <= 19:
             raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
 

@@ -3,69 +3,95 @@
 A sender waits for the gateway's reply to each SMTP command; the engine's
 work (parse, extract, digest, deliver) can wait a few milliseconds without
 anyone noticing. With the gateway in its own process, the scheduler can tell
-them apart: ``lower_priority`` raises the nice value of serve's engine
-(every thread of this process but the ones kept, which spawn and supervise the
+them apart: ``lower_priority`` adds to the nice value of serve's engine
+(every thread of this process but the ones kept, which start and supervise the
 gateway process) and of its extraction workers (every thread of each), so on a
 busy machine the gateway runs first and the engine takes the CPU it leaves.
 
 Linux keeps a nice value per thread; threads and processes started later
 inherit their creator's, so the engine's new threads and restarted workers
 stay lower too, and a gateway process restarted by the (kept) supervising
-thread starts at serve's original priority. Raising a nice value needs no
-privilege; only lowering it again would, so this is one-way. On a system
-without per-thread priorities (not Linux) the whole process is reniced,
-which the gateway process then inherits when it restarts.
+thread starts at serve's own priority. Nice values rank threads within one
+scheduling autogroup (one per session where the kernel enables them), which
+is why the extraction workers stay in serve's session. Raising a nice value
+needs no privilege; lowering it again would, so this is one-way. Elsewhere
+than Linux a nice value is per process and the gateway process would inherit
+the engine's when restarted, so there the setting does nothing (and says so).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 
 import psutil
 
 log = logging.getLogger(__name__)
+MAX_NICE = 19
+PASSES = 5  # threads and workers started while we renice are caught by the next pass
 
 
 def lower_priority(nice: int, keep_threads: Iterable[int] = (), keep_pids: Iterable[int] = ()) -> int:
-    """Add ``nice`` to the nice value of this process's threads and of its descendants (but those kept);
-    return how many threads were changed. ``keep_threads`` are native thread ids of this process,
-    ``keep_pids`` processes left as they are (the gateway process).
+    """Put this process's threads and its descendants' threads, but those kept, ``nice`` steps below the
+    calling thread's priority; return how many threads were looked at (0 where this cannot be done per
+    thread). A thread already that low (one started by a changed thread) is left as it is.
 
-    A thread or process that is gone by the time it is reached is skipped; one the OS refuses is logged.
+    ``keep_threads`` are native thread ids of this process, ``keep_pids`` processes left as they are with
+    their descendants (the gateway process). Passes repeat until one finds nothing new, so a thread or
+    worker started meanwhile (at the old priority, by a thread not yet changed) is changed too. A thread
+    that ends meanwhile is skipped; one the OS refuses is logged and left.
     """
     if nice <= 0:
         return 0
-    keep = set(keep_threads)
-    tids = _threads(os.getpid())
-    if tids is None:  # no per-thread priorities here: the process as a whole
-        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
-        return 1
-    changed = _renice(tids - keep, nice)
-    kept = set(keep_pids)
-    for child in psutil.Process().children(recursive=True):
-        if child.pid not in kept and child.ppid() not in kept:
-            changed += _renice(_threads(child.pid) or {child.pid}, nice)
-    return changed
+    if not sys.platform.startswith("linux"):
+        log.warning("[serve] engine_nice works on Linux only (per-thread nice values): left as it is")
+        return 0
+    target = min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, 0) + nice)  # this thread: not changed yet
+    kept_threads, kept_pids = set(keep_threads), set(keep_pids)
+    done: set[int] = set()
+    for _ in range(PASSES):
+        todo = _threads(os.getpid()) - kept_threads - done
+        for child in _descendants(kept_pids):
+            todo |= _threads(child) - done
+        if not todo:
+            break
+        for tid in todo:
+            _renice(tid, target)
+        done |= todo
+    return len(done)
 
 
-def _threads(pid: int) -> set[int] | None:
-    """Native ids of ``pid``'s threads (empty once it is gone); None where the OS does not list them."""
+def _descendants(kept: set[int]) -> list[int]:
+    """Pids of this process's descendants outside the kept processes' subtrees (gone ones skipped)."""
+    found = []
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            if child.pid not in kept and not kept & {p.pid for p in child.parents()}:
+                found.append(child.pid)
+        except psutil.Error:  # ended meanwhile
+            continue
+    return found
+
+
+def _threads(pid: int) -> set[int]:
+    """Native ids of ``pid``'s threads (empty once it is gone)."""
     try:
         return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
-    except FileNotFoundError:
-        return set() if os.path.isdir("/proc/self/task") else None
+    except OSError:
+        return set()
 
 
-def _renice(tids: Iterable[int], nice: int) -> int:
-    changed = 0
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-            changed += 1
-        except ProcessLookupError:  # ended meanwhile
-            continue
-        except OSError as exc:
-            log.warning("could not lower the CPU priority of thread %d: %s", tid, exc)
-    return changed
+def _renice(tid: int, target: int) -> None:
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+    except ProcessLookupError:  # ended meanwhile
+        return
+    except OSError as exc:
+        log.warning("could not lower the CPU priority of thread %d: %s", tid, exc)

@@ -138,9 +138,15 @@ class PipelineService:
 
         keep_threads = [child.supervisor_thread] if child.supervisor_thread is not None else []
         keep_pids = [child.pid] if child.pid is not None else []
-        changed = lower_priority(nice, keep_threads=keep_threads, keep_pids=keep_pids)
-        log.info("engine and extraction workers at nice +%d (%d threads); the gateway process unchanged",
-                 nice, changed)
+        try:
+            changed = lower_priority(nice, keep_threads=keep_threads, keep_pids=keep_pids)
+        except Exception as exc:  # a priority is a preference: serve runs without it rather than not at all
+            log.warning("could not lower the engine's CPU priority ([serve] engine_nice): %s: %s",
+                        type(exc).__name__, exc)
+            return
+        if changed:
+            log.info("engine and extraction workers %d nice steps below the gateway process (%d threads)",
+                     nice, changed)
 
     def _start_metrics(self) -> metrics.MetricsServer:
         """Serve ``/metrics`` (runs by state from the store; active runs if this role runs any); log its URL."""

@@ -13,9 +13,9 @@ and 5 MB messages arriving 4 at a time while small senders keep going.
 Then what a sender of a real, busy ``python -m pipeline serve`` waits (issue 17,
 ``pipeline.audit.scenarios.client_latency``): closed-loop sender processes, a new connection
 per mail, timed from the client (connect -> final 250, MAIL -> 250) next to the
-store's DATA end -> run queued, while serve processes the runs; with
-``[serve] gateway_process`` true and false, interleaved after a warm-up, plus a
-round with a 5 MB mail beside the small ones.
+store's DATA end -> run queued, while serve processes the runs; the shipped
+settings, ``[serve] engine_nice = 0`` and ``[serve] gateway_process = false``,
+interleaved after a warm-up, plus a round with a 5 MB mail beside the small ones.
 """
 
 from __future__ import annotations

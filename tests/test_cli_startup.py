@@ -144,14 +144,21 @@ def r_manual(tmp_path_factory):
 
 
 def test_ingest_of_a_real_2400_page_manual_extracts_every_page_and_delivers_its_digest(r_manual, tmp_path):
+    """Debian's R reference manual, a real typeset PDF, through the CLI: every page, and a digest that counts them."""
     data = tmp_path / "data"
     done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(data), "ingest", str(r_manual)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
     assert run["state"] == "success" and not run["partial"]
+    import pypdfium2
+
+    document = pypdfium2.PdfDocument(str(r_manual))
+    pages = len(document)  # 2,415 in Debian 12's edition
+    document.close()
+    assert pages > 1000
     text = (data / "work" / str(run["run_id"]) / "text" / "000.txt").read_text()
-    assert text.count("\f") >= 2414  # a form feed between pages: all 2,415 of them
+    assert text.count("\f") >= pages - 1  # a form feed between pages: every page is there
     assert "Package" in text and "Description" in text and "\ufffe" not in text  # PDFium's soft hyphens are gone
     mail = email.message_from_bytes(next((data / "outbox" / "new").iterdir()).read_bytes(), policy=email.policy.default)
-    assert ": 2415 pages," in mail.get_body(("plain",)).get_content()
+    assert f": {pages} pages," in mail.get_body(("plain",)).get_content()

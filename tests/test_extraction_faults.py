@@ -141,11 +141,12 @@ def test_an_unexpected_error_in_the_worker_is_replied_typed_and_the_worker_survi
     assert [w.pid for w in _workers(limits)] == before  # the same worker answered
 
 
-def test_workers_ignore_stop_signals_in_their_own_session(pdf, tmp_path, own_pool):
+def test_workers_ignore_stop_signals_in_their_own_process_group(pdf, tmp_path, own_pool):
     limits = own_pool(903, engine="pypdf")
     ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "a.txt", limits)
     [worker] = _workers(limits)
-    assert os.getsid(worker.pid) != os.getsid(0)  # the terminal's Ctrl-C goes to our session's foreground group
+    assert os.getpgid(worker.pid) != os.getpgid(0)  # the terminal's Ctrl-C goes to our (foreground) group
+    assert os.getsid(worker.pid) == os.getsid(0)  # one session: one scheduling autogroup with its parent
     worker.send_signal(signal.SIGINT)
     worker.send_signal(signal.SIGTERM)  # systemd signals the whole cgroup
     assert ingest_pdf(pdf(fx.text_pdf(1), "b.pdf"), tmp_path / "b.txt", limits).pages == 1

@@ -11,7 +11,7 @@ overruns its time is killed and replaced, and each is recycled after
 Why not pebble's ProcessPool (per-task timeout, worker restart): it gives a dead
 worker's exit code but not its stderr, and its workers are multiprocessing
 children (forked from a threaded server, or re-importing its main module). Here
-each worker is a plain interpreter in its own session, ignoring SIGINT/SIGTERM,
+each worker is a plain interpreter in its own process group, ignoring SIGINT/SIGTERM,
 with RLIMIT_AS set before its first document and its stderr read by the pool:
 that stderr (faulthandler's stack of a PDFium abort) is the evidence that tells a
 worker killed by the memory cap (``too_large``) from any other death
@@ -76,10 +76,13 @@ class _Worker:
     def __init__(self, memory_limit: int) -> None:
         path = os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
-        # its own session: the terminal's Ctrl-C and a process-group signal reach the parent only
+        # its own process group: the terminal's Ctrl-C and a process-group signal reach the parent only. Not its
+        # own session: with the kernel's session autogroups each session is scheduled as one group, and nice
+        # values rank threads only within a group, so [serve] engine_nice could not put a worker below the
+        # gateway process (issue 17)
         self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, __name__, str(memory_limit)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     text=True, errors="replace", bufsize=1, start_new_session=True)
+                                     text=True, errors="replace", bufsize=1, process_group=0)
         self.documents = 0  # requests answered (documents, shards or page chunks)
         self.garbled: str | None = None  # the start of an unreadable reply, if one came
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)

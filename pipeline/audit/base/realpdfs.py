@@ -8,7 +8,8 @@ and keeps the PDFs under a cache directory (``data/real-pdfs/`` by default,
 ignored by git), so a second call reads them from disk.
 
 ``R_MANUAL`` is the R reference manual from ``r-doc-pdf``: 2,415 dense pages,
-6.5 MB (R 4.2.2, Debian 12), the size of manual the issue names.
+6.5 MB in R 4.2.2 (Debian 12), the size of manual the issue names; another
+release ships another edition.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class RealPdf:
 
 
 R_MANUAL = RealPdf("r-doc-pdf", "usr/share/R/doc/manual/fullrefman.pdf")
-DEFAULT_CACHE = Path("data") / "real-pdfs"
+DEFAULT_CACHE = Path(__file__).resolve().parents[3] / "data" / "real-pdfs"  # the checkout's data/, git-ignored
 
 
 class NotAvailable(ConfigurationError):
@@ -47,15 +48,18 @@ def fetch(pdf: RealPdf = R_MANUAL, cache: Path = DEFAULT_CACHE, timeout_s: float
         if shutil.which(tool) is None:
             raise NotAvailable(f"fetching {pdf.package} needs {tool} (Debian or Ubuntu)")
     with tempfile.TemporaryDirectory(prefix="real-pdf-") as tmp:
-        got = subprocess.run(["apt-get", "download", pdf.package], cwd=tmp, capture_output=True, text=True,
-                             timeout=timeout_s, check=False)
-        debs = sorted(Path(tmp).glob(f"{pdf.package}_*.deb"))
-        if got.returncode != 0 or not debs:
-            last = (got.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
-            raise NotAvailable(f"apt-get download {pdf.package} failed: {last}")
-        unpacked = Path(tmp) / "unpacked"
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True, timeout=timeout_s,
-                       capture_output=True)
+        try:
+            got = subprocess.run(["apt-get", "download", pdf.package], cwd=tmp, capture_output=True, text=True,
+                                 timeout=timeout_s, check=False)
+            debs = sorted(Path(tmp).glob(f"{pdf.package}_*.deb"))
+            if got.returncode != 0 or not debs:
+                last = (got.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
+                raise NotAvailable(f"apt-get download {pdf.package} failed: {last}")
+            unpacked = Path(tmp) / "unpacked"
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True, timeout=timeout_s,
+                           capture_output=True)
+        except (subprocess.SubprocessError, OSError) as exc:  # a timeout, dpkg-deb failing, a full disk
+            raise NotAvailable(f"fetching {pdf.package} failed: {type(exc).__name__}: {exc}") from exc
         source = unpacked / pdf.member
         if not source.is_file():
             raise NotAvailable(f"{pdf.package} has no {pdf.member}")

@@ -100,7 +100,7 @@ class ServeProcess:
             return ""
 
     def descendants(self) -> list[psutil.Process]:
-        """Every live process serve started (extraction workers run in sessions of their own, so by parentage)."""
+        """Every live process serve started (extraction workers run in process groups of their own, so by parentage)."""
         if self.proc is None or self.proc.poll() is not None:
             return []
         try:

@@ -48,8 +48,9 @@ from ..base.serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 Rows = list[dict[str, Any]]
 SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
-# the shipped default (gateway process, engine 5 nice steps below it), the same layout without the priority
-# step ([serve] engine_nice = 0), and the gateway in serve's own process
+# the shipped default (gateway process, engine 5 nice steps below it; still named "gateway_process", which the
+# SLA rows select), the same layout without the priority step ([serve] engine_nice = 0), and the gateway in
+# serve's own process
 VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),
                                 "same_priority": ({"serve": {"gateway_process": True, "engine_nice": 0}}, ()),
                                 "one_process": ({"serve": {"gateway_process": False}}, ())}

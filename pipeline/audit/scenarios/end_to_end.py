@@ -3,7 +3,8 @@
 The pipeline profile sends its mails all at once, so its stage times are mostly
 queueing behind one another. Here, for each count N in ``senders``, N
 senders each send one mail with the same PDF, wait until its run has ended
-(its digest is in serve's Maildir outbox), then send the next: at most N runs
+(for a successful run: its digest is in serve's Maildir outbox), then send the
+next: at most N runs
 are in the pipeline at any time, as with that many users each waiting for a
 reply. Per mail: end to end (DATA end → run ended, from serve's store) and the
 stage times (``concurrency.stage_times``: Email, Queue, Lane wait, Ingestion,
@@ -121,8 +122,8 @@ def _rows(data_dir: Path, message_ids: list[str], variant: str, turn: int, tags:
     rows: Rows = []
     try:
         runs = [store.find_run(EMAIL_DIGEST, mid) for mid in message_ids]
-        for rep, run in enumerate(r for r in runs if r is not None):
-            arrived, ended = run.payload["data_end_at"], run.ended_at or 0.0
+        for rep, run in enumerate(r for r in runs if r is not None and r.ended_at is not None):
+            arrived, ended = run.payload["data_end_at"], run.ended_at
             rows.append(row(variant, "end_to_end_seconds", ended - arrived, "s", rep, turn=turn, run_state=run.state,
                             arrived=arrived, ended=ended, **tags))
             rows += [row(variant, "stage_seconds", seconds, "s", rep, turn=turn, stage=stage, **tags)

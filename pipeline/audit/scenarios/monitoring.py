@@ -77,7 +77,8 @@ def small_mails(tag: str, count: int) -> list[tuple[str, bytes]]:
 
 @contextmanager
 def _scraping(port: int | None, every_s: float) -> Iterator[list[int]]:
-    """Scrape ``port`` every ``every_s`` from a thread while the block runs; yield the [ok, failed] counts."""
+    """Scrape ``port`` at once and then every ``every_s`` from a thread while the block runs (a turn shorter than
+    ``every_s`` is still scraped); yield the [ok, failed] counts."""
     counts = [0, 0]
     if port is None:
         yield counts
@@ -85,12 +86,14 @@ def _scraping(port: int | None, every_s: float) -> Iterator[list[int]]:
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(every_s):
+        while True:
             try:
                 scrape(port)
                 counts[0] += 1
             except OSError:
                 counts[1] += 1
+            if stop.wait(every_s):
+                return
 
     thread = threading.Thread(target=loop, name="metrics-ab-scraper", daemon=True)
     thread.start()
