@@ -264,8 +264,8 @@ class ServeConfig:
     # with the gateway in its own process: how many nice steps (0-19, added to serve's own nice value) the
     # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
     # Linux only (per-thread nice values).
-    # Measured with 8 senders, interleaved (README, Benchmarks): 139 against 108 msg/s accepted, p99 125 ms
-    # against 140 ms, and beside a 5 MB mail 125 against 185 ms
+    # Measured with 8 senders, interleaved (README, Benchmarks): a lower median and more mails accepted in
+    # three runs out of three, a lower p99 in one out of three
     engine_nice: int = 5
 
     def validate(self) -> None:
