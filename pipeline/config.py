@@ -264,8 +264,8 @@ class ServeConfig:
     # with the gateway in its own process: how many nice steps (0-19, added to serve's own nice value) the
     # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
     # Linux only (per-thread nice values).
-    # Measured with 8 senders, interleaved (README, Benchmarks): a lower median and more mails accepted in
-    # three runs out of three, a lower p99 in one out of three
+    # Measured with 8 senders, interleaved (README, Benchmarks): a lower median in three runs out of three,
+    # more mails accepted in two, a lower p99 in one
     engine_nice: int = 5
 
     def validate(self) -> None:
