@@ -11,6 +11,7 @@ import email
 import email.policy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,16 @@ def test_ingest_of_a_real_2400_page_manual_extracts_every_page_and_delivers_its_
     assert "Package" in text and "Description" in text and "\ufffe" not in text  # PDFium's soft hyphens are gone
     mail = email.message_from_bytes(next((data / "outbox" / "new").iterdir()).read_bytes(), policy=email.policy.default)
     assert f": {pages} pages," in mail.get_body(("plain",)).get_content()
+
+
+def test_a_real_pdf_that_cannot_be_fetched_is_one_not_available_error(tmp_path, monkeypatch):
+    from pipeline.audit.base import realpdfs
+
+    missing = realpdfs.RealPdf("no-such-package-for-pipeline-tests", "usr/share/doc/x.pdf")
+    if shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        with pytest.raises(realpdfs.NotAvailable, match="no-such-package-for-pipeline-tests"):
+            realpdfs.fetch(missing, cache=tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no apt-get here
+    with pytest.raises(realpdfs.NotAvailable, match="needs apt-get"):
+        realpdfs.fetch(missing, cache=tmp_path)
+    assert not any(tmp_path.rglob("*.pdf"))  # nothing half-made is taken for the PDF

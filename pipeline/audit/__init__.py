@@ -7,7 +7,7 @@ rows live in ``reporting/``; ``base/`` holds what several scenarios share. ``bat
 =======================  ==============================================  ===================================
 notebook                 scenario module (``scenarios/``)                report views (``reporting/``)
 =======================  ==============================================  ===================================
-01_pipeline_profile      pipeline_profile, line_profile                  profileviews, views
+01_pipeline_profile      pipeline_profile, line_profile, end_to_end      profileviews, views
 02_pdf_ingestion         pdf_ingestion                                   views
 03_concurrency_stress    concurrency                                     views
 04_email_bursts          email_bursts, client_latency                    soakviews, views

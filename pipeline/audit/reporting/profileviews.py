@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..base.harness import percentile
 from ..notebook import resolve
+from ..scenarios.concurrency import STAGES
 from ..scenarios.pipeline_profile import FLAMEGRAPH, SCENARIO, TASK_STAGES
+from .views import rows
 
 
 def _rows(m: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -115,10 +118,6 @@ def closing_note(m: pd.DataFrame, top: int = 5) -> str:
 def end_to_end_table(m: pd.DataFrame) -> pd.DataFrame:
     """Median and p95 seconds of a closed-loop mail (scenario ``end_to_end``) end to end and in each stage, per
     variant, with the conditions (PDF, its MB, senders) beside them; empty when not measured."""
-    from ..base.harness import percentile
-    from ..scenarios.concurrency import STAGES
-    from .views import rows
-
     r = rows(m, "end_to_end")
     r = r[r.metric.isin(["end_to_end_seconds", "stage_seconds"])] if not r.empty else r
     if r.empty:
