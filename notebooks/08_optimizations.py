@@ -13,9 +13,9 @@
 #
 # Each optimization is a switch whose baseline still works; both are run in this session, interleaved
 # (A B A B) after a warm-up. Store: journal and synchronous level, batched commits, BEGIN IMMEDIATE,
-# indexes, the counter table, selecting only needed columns. Gateway: chunked DATA reading, inotify
-# against polling. Ingestion: worker processes against threads for CPU-bound extraction, streaming pages
-# against holding the document's text. (PDF engines and page-parallel extraction are compared in the PDF
+# indexes, the counter table, selecting only needed columns, waiting for the write lock by polling. Gateway:
+# chunked DATA reading, inotify against polling. Ingestion: worker processes against threads for CPU-bound
+# extraction, streaming pages against holding the document's text. (PDF engines and page-parallel extraction are compared in the PDF
 # ingestion notebook; the runner's per-task overhead is in the store notebook.)
 
 # %% tags=["parameters"]
@@ -26,6 +26,7 @@ profile = "quick"
 store_runs = 5_000
 reps = 1
 transitions = 500  # per commit-switch measurement
+lock_inserts = 50  # run inserts per turn beside a busy writer process (lock polling off and on)
 gateway_reps = 1
 gateway = {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20, "drop_messages": 3}
 dense_pdf = "text-0.5mb.pdf"  # streaming against holding: the text-densest fixture of the profile
@@ -42,7 +43,8 @@ from pipeline.audit.scenarios import optimizations
 recorder = open_recorder(db_path, session_id, profile)
 
 # %%
-optimizations.store_switches(runs=store_runs, reps=reps, recorder=recorder, transitions=transitions)
+optimizations.store_switches(runs=store_runs, reps=reps, recorder=recorder, transitions=transitions,
+                             lock_inserts=lock_inserts)
 optimizations.gateway_switches(reps=gateway_reps, recorder=recorder, cache_dir=resolve(fixtures_dir), **gateway)
 optimizations.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
                                  documents=documents, reps=ingestion_reps, recorder=recorder,

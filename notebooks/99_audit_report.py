@@ -143,8 +143,11 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
    "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
    "of its own, the engine and its workers 5 nice steps below it), *same_priority* that layout without the "
-   "priority step (`[serve] engine_nice = 0`), *one_process* the gateway in serve's process; variants "
-   "interleaved after a warm-up:\n\n"
+   "priority step (`[serve] engine_nice = 0`), *one_process* the gateway in serve's process, *gateway_only* "
+   "`serve --gateway-only` (the same gateway, its runs left queued: nothing processed beside it), and *bare_sink* no "
+   "serve at all but the floor under all of them (`pipeline.audit.base.baresink`: aiosmtpd that fsyncs the mail, "
+   "commits a row and answers 250, with no pipeline behind it: what these clients and this machine cost by "
+   "themselves); variants interleaved after a warm-up:\n\n"
    + views.markdown(client_latency.summary(views.rows(m, client_latency.SCENARIO))))
 
 # %%
@@ -205,8 +208,15 @@ md("### Scale-out: PostgreSQL, Dask and several gateways\n\nIssue 12 on real eng
    "every run of every round; pg_2_gateways is a serve and a `serve --gateway-only` on one store and data dir (two gateways, one engine):\n\n" + fmt(scaleoutviews.pipeline_table(m)) +
    "\n\n**Store queries and transitions** (median ms; transitions per second), SQLite and PostgreSQL at each size "
    "(the query set of notebook 06):\n\n" + fmt(scaleoutviews.store_table(m).reset_index()) +
+   "\n\n**Writers at once** (transitions/s one per commit from 1, 2 and 4 writer processes, each on its own "
+   "connection as several serves would be, rounds interleaved; *peak* marks the best median per backend, the store's "
+   "capacity that the capacity model and the SLA use; one client alone waits a round trip per commit, and its bare "
+   "`SELECT 1` round trips/s are its ceiling):\n\n" + fmt(scaleoutviews.writers_table(m)) +
    "\n\n**CPU-bound ingestion on Dask** (dense PDFs straight to the cluster; a task round trip is a no-op task's "
-   "submit → result, what Dask adds to every task):\n\n" + fmt(scaleoutviews.ingestion_table(m)) +
+   "submit → result through the package's executor, what the Dask path adds to every task; the bare round trip is "
+   "the same task by `client.submit` alone, alternated with it: Dask's own floor here, where distributed's client "
+   "batches its messages to the scheduler at most every 10 ms and the scheduler its messages to a worker every "
+   "5 ms, intervals fixed in its source):\n\n" + fmt(scaleoutviews.ingestion_table(m)) +
    "\n\n**Three gateways on one PostgreSQL store** (a third of the Message-IDs sent to two gateways at once; "
    "counted from the store):\n\n" + fmt(scaleoutviews.gateways_table(m)) +
    "\n\n**Capacity model.** " + scaleoutviews.capacity_statement(m) + "\n\n" + fmt(scaleoutviews.capacity_table(m))

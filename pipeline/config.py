@@ -32,6 +32,9 @@ class StoreConfig:
     wal: bool = True  # journal_mode=WAL: readers never block the writer
     synchronous: str = "NORMAL"  # with WAL, NORMAL is crash-safe for the process; FULL also for power loss
     busy_timeout_ms: int = 10_000
+    # SQLite: wait for the write lock by trying every 0.1-1 ms (true), or by SQLite's busy handler, which sleeps
+    # 1, 2, 5 ... 100 ms between tries (false); see SqliteRunStore._begin and scripts/bench_lock.py
+    lock_polling: bool = True
 
     def validate(self) -> None:
         if self.synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:

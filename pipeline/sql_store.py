@@ -121,7 +121,7 @@ class SqlRunStore(DAGRunStore):
 
         try:
             with self._connection() as conn, metrics.STORE_TX[lazy].time():
-                conn.execute((self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
+                self._begin(conn, (self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -130,6 +130,10 @@ class SqlRunStore(DAGRunStore):
                     raise
         except self.DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
+
+    def _begin(self, conn: Connection, sql: str) -> None:
+        """Begin a write transaction (SQLite overrides it: how it waits for the write lock)."""
+        conn.execute(sql)
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """Run one query and return its rows; raise StoreError."""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import smtplib
+import sqlite3
 from collections import Counter
 
+import pytest
+
+from pipeline.audit.base.baresink import BareSink
 from pipeline.audit.scenarios import client_latency
 
 
@@ -13,9 +19,10 @@ def test_client_latency_times_every_mail_from_the_client_and_the_store_for_both_
     per_mail = result[result.metric.isin(["client_txn_ms", "client_mail_ms", "server_trigger_ms"])]
     small = per_mail[per_mail.kind == "small"]
     # every small mail of every round: 1x3 + 2x3 + 2x3 (beside the large one), per variant and metric
-    assert Counter(zip(small.variant, small.metric, strict=True)) == {(v, m): 15 for v in client_latency.VARIANTS
-                                                         for m in ("client_txn_ms", "client_mail_ms",
-                                                                   "server_trigger_ms")}
+    # the bare sink has no run store: no server-side figure
+    assert Counter(zip(small.variant, small.metric, strict=True)) == {
+        (v, m): 15 for v in client_latency.VARIANTS for m in ("client_txn_ms", "client_mail_ms", "server_trigger_ms")
+        if (v, m) != (client_latency.BARE, "server_trigger_ms")}
     assert set(per_mail[per_mail.kind == "large"].variant) == set(client_latency.VARIANTS)
     assert (per_mail.value >= 0).all()
     for variant in client_latency.VARIANTS:  # connect -> 250 includes MAIL -> 250
@@ -29,3 +36,23 @@ def test_client_latency_times_every_mail_from_the_client_and_the_store_for_both_
     row = table[(table.variant == "gateway_process") & (table.senders == 2) & ~table.large.astype(bool)
                 & (table.metric == "client_txn_ms")]
     assert row.n.tolist() == [6]
+
+
+def test_the_bare_sink_stores_each_mail_durably_before_250_and_answers_451_when_it_cannot(tmp_path):
+    sink = BareSink(tmp_path / "data", tmp_path / "work").start()
+    try:
+        for i in range(3):
+            with smtplib.SMTP("127.0.0.1", sink.port, timeout=30) as smtp:
+                smtp.sendmail("a@example.com", ["b@example.com"], f"Subject: {i}\r\n\r\nbody {i}\r\n")
+        stored = sorted(p.read_bytes() for p in (tmp_path / "data").glob("*.eml"))
+        assert len(stored) == 3 and all(b"body" in raw for raw in stored)
+        with sqlite3.connect(tmp_path / "data" / "sink.sqlite3") as db:
+            assert db.execute("SELECT count(*) FROM mails").fetchone() == (3,)
+        shutil.rmtree(tmp_path / "data")  # the disk under it gone: no 250 for a mail it could not keep
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=30) as smtp, \
+                pytest.raises(smtplib.SMTPDataError) as refused:
+            smtp.sendmail("a@example.com", ["b@example.com"], "Subject: x\r\n\r\nlost?\r\n")
+        assert refused.value.smtp_code == 451
+    finally:
+        sink.stop()
+    assert sink.proc is None

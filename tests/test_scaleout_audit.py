@@ -27,7 +27,8 @@ def pg_maker(pg_server):
 
     def make(name: str) -> str:
         made.append(f"t{os.getpid()}_{name}")
-        return pg_server.create_database(made[-1])
+        make.last = pg_server.create_database(made[-1])  # type: ignore[attr-defined]
+        return make.last  # type: ignore[attr-defined]
 
     yield make
     for name in made:
@@ -92,6 +93,51 @@ def test_dask_ingestion_measures_pages_and_task_round_trips(tmp_path, small_pdf)
     rate = rows[rows.metric == "pages_per_s"]
     assert len(rate) == 1 and rate.value.iloc[0] > 0 and rate.tags.iloc[0]["pages"] == 8  # two 4-page documents
     assert (rows.metric == "dask_task_overhead_ms").sum() == 3
+    assert (rows.metric == "dask_bare_round_trip_ms").sum() == 3  # Dask's own floor, alternated with ours
+
+
+def test_writers_commit_every_transition_from_each_process_on_both_backends(tmp_path, pg_maker):
+    rows = scale_out.store_writers(tmp_path, pg_maker, writers=(1, 3), transitions=120, reps=1, round_trips=20)
+    frame = pd.DataFrame(rows)
+    tags = pd.json_normalize(frame.tags.tolist())
+    rates = frame[frame.metric == "task_transitions_per_s_one_per_commit"]
+    assert sorted(zip(tags.backend[rates.index], tags.writers[rates.index], strict=True)) == [
+        ("postgres", 1), ("postgres", 3), ("sqlite", 1), ("sqlite", 3)]
+    assert (frame.value > 0).all()
+    for backend in ("sqlite", "postgres"):  # every transition of every writer landed, one per commit
+        store = open_store(StoreConfig(path=tmp_path / "writers.sqlite3") if backend == "sqlite"
+                           else StoreConfig(url=pg_maker.last))
+        try:
+            runs = store.list_runs(workflow="bench_writers", limit=10)
+            assert len(runs) == 2
+            assert {t.state for r in runs for t in store.get_tasks(r.run_id)} == {"success"}
+        finally:
+            store.close()
+    peaks = frame[frame.metric == "task_transitions_per_s_peak"]
+    assert len(peaks) == 2
+
+
+def test_a_writer_process_that_failed_fails_the_measurement_with_its_reason():
+    import queue
+
+    results = queue.Queue()
+    for message in ("ready", "StoreUnavailableError: connection refused"):
+        results.put(message)
+    with pytest.raises(RuntimeError, match="a writer process failed: StoreUnavailableError: connection refused"):
+        store_queries._expect(results, 2, "ready")
+
+
+def test_peak_is_the_best_writer_counts_median_and_feeds_the_capacity_model():
+    rates = {1: [2000.0, 2200.0], 2: [5000.0, 5600.0], 4: [4400.0, 4600.0]}
+    rows = [scale_out.row("writers", "task_transitions_per_s_one_per_commit", v, "1/s", rep, backend="postgres",
+                          writers=n) for n, vs in rates.items() for rep, v in enumerate(vs)]
+    [peak] = scale_out._peaks(rows)
+    assert (peak["value"], peak["tags"]["writers"]) == (5300.0, 2)
+    m = pd.DataFrame([{**r, "scenario": "scale_out"} for r in [*rows, peak]])
+    assert scaleoutviews.measured_figures(m)["pg_transitions_per_s"] == 5300.0
+    table = scaleoutviews.writers_table(m).set_index("writers")
+    assert table.loc[2, "peak"] == "yes" and table.loc[1, "peak"] == ""
+    assert table.loc[4, "transitions/s median"] == 4500.0
 
 
 def test_speedup_is_the_ratio_of_median_pages_per_s():

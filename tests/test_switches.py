@@ -25,15 +25,16 @@ def _variants_by_switch(frame: pd.DataFrame) -> dict[str, set[str]]:
 
 
 def test_store_switches_measure_baseline_and_optimized_and_the_table_takes_their_ratio(recorder):
-    df = optimizations.store_switches(runs=2000, reps=2, recorder=recorder)
+    df = optimizations.store_switches(runs=2000, reps=2, recorder=recorder, lock_inserts=20)
     assert _variants_by_switch(df) == {s: {"baseline", "optimized"} for s in (
         "journal and synchronous", "batched commits", "BEGIN IMMEDIATE", "indexes", "run_counts table",
-        "select only needed columns")}
+        "select only needed columns", "lock polling")}
     immediate = df[df.variant == "optimized: BEGIN IMMEDIATE"]
     assert len(immediate) == 2 and (immediate.value == 0).all()  # writers wait their turn instead of failing
 
     table = views.optimization_table(recorder.measurements()).set_index("switch")
-    assert len(table) == 6 and (table.reps == 2).all()
+    assert len(table) == 8 and (table.reps == 2).all()  # lock polling: the insert's p99 and the writer's rate
+    assert set(table.loc["lock polling"].metric) == {"insert_p99_ms_beside_writer", "writer_commits_per_s"}
     row = table.loc["indexes"]
     measured = df[df.tags.map(lambda t: t["switch"]) == "indexes"].groupby("variant").value.median()
     assert row["before median"] == pytest.approx(measured["baseline: no index (scan and sort)"])

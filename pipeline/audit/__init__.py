@@ -14,7 +14,7 @@ notebook                 scenario module (``scenarios/``)                report 
 05_memory_soak           memory_soak                                     soakviews, views
 06_store_queries         store_queries                                   views
 07_code_quality          code_quality                                    views
-08_optimizations         optimizations, gateway_bench                    views
+08_optimizations         optimizations, gateway_bench, lock_wait         views
 09_faults                faults                                          views
 10_hostile_senders       hostile_senders, hostile_checks                 hostileviews
 11_scale_out             scale_out                                       scaleoutviews
@@ -28,7 +28,8 @@ its import budget and the module times the commands when run by hand).
 
 ``base/``: recorder (DuckDB), fixtures (PDFs and mails), harness (in-process pipeline, rows, ``save``),
 memory, paths, serveproc (a real ``python -m pipeline serve``), smtpclients (the sender processes' light
-module), servemem, workerrss, faultcheck, pgserver.
+module), servemem, workerrss, faultcheck, pgserver, realpdfs, baresink (the bare SMTP sink under the
+sender's wait).
 A module in ``base/`` never imports ``scenarios/`` or ``reporting/``; ``reporting/`` reads what the
 scenarios recorded and measures nothing.
 """

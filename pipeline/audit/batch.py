@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "06_store_queries": {"sizes": [5_000, 20_000], "repeat": 20, "transitions": 2_000, "runner_tasks": 200,
                              "runner_repeat": 3},
         "07_code_quality": {"with_coverage": False},
-        "08_optimizations": {"store_runs": 5_000, "reps": 1, "transitions": 500, "gateway_reps": 1,
+        "08_optimizations": {"store_runs": 5_000, "reps": 1, "transitions": 500, "lock_inserts": 50, "gateway_reps": 1,
                              "gateway": {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20,
                                          "drop_messages": 3},
                              "dense_pdf": "text-0.5mb.pdf", "batch_pdf": "text-tiny.pdf", "documents": 2,
@@ -69,6 +69,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # CI runs the quick audit: a few mails and rows per part, enough to prove every part runs end to end
         "11_scale_out": {"mail_pdf_mb": 0.5, "dense_pdf_mb": 0.5,
                          "store": {"sizes": [2_000], "repeat": 10, "transitions": 1_000},
+                         "writers": {"writers": [1, 2], "transitions": 400, "reps": 1, "round_trips": 200},
                          "pipeline": {"variants": ["pg_local", "pg_dask_1"], "mails": 2, "concurrency": 2,
                                       "reps": 1, "warmup_mails": 0},
                          "ingestion": {"documents": 2, "reps": 1, "roundtrips": 10},
@@ -103,7 +104,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_code_quality": {"with_coverage": False},
         # streaming's heap peak (tracemalloc, 15-20 s per 5 MB extraction) does not vary with load: one rep;
         # the executor switch (4 documents of 1 MB with pypdf, 12-27 s a rep at load 5): two
-        "08_optimizations": {"store_runs": 200_000, "reps": 5, "transitions": 500, "gateway_reps": 2,
+        # lock polling: 6 turns per mode of 300 inserts 5 ms apart beside a writer process, about 40 s
+        "08_optimizations": {"store_runs": 200_000, "reps": 5, "transitions": 500, "lock_inserts": 300,
+                             "gateway_reps": 2,
                              "gateway": {"message_mb": 5.0, "rounds": 3, "concurrent": 4, "small_mails": 150,
                                          "drop_messages": 5},
                              "dense_pdf": "text-5mb.pdf", "batch_pdf": "text-1mb.pdf", "documents": 4,
@@ -122,6 +125,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          # SQLite at these sizes: notebook 06 in the same session (the report shows both)
                          "store": {"sizes": [100_000, 1_000_000], "repeat": 20, "transitions": 2_000,
                                    "backends": ["postgres"]},
+                         # 2 backends x 3 writer counts x 3 rounds of 6,000 transitions: about a minute
+                         "writers": {"writers": [1, 2, 4], "transitions": 6_000, "reps": 3, "round_trips": 2_000},
                          # every round warms its serve(s) up with a mail first: no separate warm-up round;
                          # 50 mails x 2 rounds x 5 variants took 12 min at load 5-15 (the notebook 18 min)
                          # a round's 1 MB mails take ~1 s each on 2 cores (30 a round: 27-53 s, 338 s in all)

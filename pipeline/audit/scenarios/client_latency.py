@@ -13,8 +13,11 @@ the final ``250`` of DATA (``client_txn_ms``), and ``MAIL`` to that ``250``
 senders are under way.
 
 Variants are serve configurations run side by side, one serve each: by
-default the shipped settings, ``[serve] engine_nice = 0`` and ``[serve]
-gateway_process = false``. After a warm-up round
+default the shipped settings, ``[serve] engine_nice = 0``, ``[serve]
+gateway_process = false``, ``serve --gateway-only`` (the same gateway with
+nothing processed behind it), and ``bare_sink``: not a serve but ``baresink``
+(aiosmtpd, fsync, commit, 250, nothing behind it), the floor these clients
+and this machine give any gateway. After a warm-up round
 each, they take turns (A B, then B A): every round waits until its runs
 ended, so one variant's work never overlaps another's measurement.
 
@@ -40,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ..base import fixtures as fx
+from ..base.baresink import BareSink
 from ..base.faultcheck import runs_by_message, wait_terminal
 from ..base.harness import frame, percentile, row
 from ..base.recorder import AuditRecorder
@@ -53,7 +57,10 @@ Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sec
 # serve's own process
 VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),
                                 "same_priority": ({"serve": {"gateway_process": True, "engine_nice": 0}}, ()),
-                                "one_process": ({"serve": {"gateway_process": False}}, ())}
+                                "one_process": ({"serve": {"gateway_process": False}}, ()),
+                                "gateway_only": ({}, ("--gateway-only",)),
+                                "bare_sink": ({}, ())}
+BARE = "bare_sink"  # not a serve: ``baresink``, the floor (aiosmtpd, fsync, commit, 250; no pipeline)
 START_DELAY_S = 0.5  # senders start together this long after being handed their mails (process start-up)
 
 
@@ -95,8 +102,8 @@ def large_mail(tag: str, pdf: bytes) -> tuple[str, bytes]:
     return message_id, fx.email_with([("big.pdf", pdf)], subject="large", message_id=message_id)
 
 
-def _round(pool: ProcessPoolExecutor, serve: ServeProcess, variant: str, rep: int, senders: int, per_sender: int,
-           large_pdf: bytes | None, settle: bool, timeout_s: float) -> Rows:
+def _round(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: str, rep: int, senders: int,
+           per_sender: int, large_pdf: bytes | None, settle: bool, timeout_s: float) -> Rows:
     """One round: ``senders`` closed-loop sender processes (plus the large mail), then its rows."""
     tag = f"{variant}-{rep}-{senders}{'-large' if large_pdf else ''}"
     small = mails(tag, senders * per_sender)
@@ -144,13 +151,15 @@ def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: in
     rows: Rows = []
     context = multiprocessing.get_context("forkserver")  # senders never share a GIL with each other or serve
     with tempfile.TemporaryDirectory(prefix="client-latency-", dir=work) as tmp, ExitStack() as stack:
-        serves = {name: ServeProcess(Path(tmp) / name / "data", Path(tmp) / name, config, args)
-                  for name, (config, args) in variants.items()}
+        serves: dict[str, ServeProcess | BareSink] = {
+            name: BareSink(Path(tmp) / name / "data", Path(tmp) / name) if name == BARE
+            else ServeProcess(Path(tmp) / name / "data", Path(tmp) / name, config, args)
+            for name, (config, args) in variants.items()}
         for serve in serves.values():
             stack.callback(serve.stop)
             serve.start()
         pool = stack.enter_context(ProcessPoolExecutor(max(senders) + 1, mp_context=context))
-        settle = {name: "--gateway-only" not in args for name, (_, args) in variants.items()}
+        settle = {name: name != BARE and "--gateway-only" not in args for name, (_, args) in variants.items()}
         for name, serve in serves.items():  # warm-up: workers spawned, code paths hot; not recorded
             _round(pool, serve, name, -1, min(max(senders), 4), max(1, warmup_mails // 4), None, settle[name],
                    timeout_s)

@@ -2,7 +2,8 @@
 still works. Variant names start with ``baseline:`` or ``optimized:`` so the report can take ratios.
 
 Store: synchronous level, WAL, batched commits, BEGIN IMMEDIATE, the count table and indexes, selecting
-only needed columns. Gateway: chunked DATA reading, inotify against polling for the drop folder.
+only needed columns, waiting for the write lock by polling. Gateway: chunked DATA reading, inotify against
+polling for the drop folder.
 Ingestion: worker processes against threads, streaming pages against holding the text. (Extraction
 engines and page-parallel extraction are compared in ``pdf_ingestion.pdf_scaling``.)
 """
@@ -34,6 +35,7 @@ from ..base.harness import row
 from ..base.memory import traced
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import free_port
+from . import lock_wait
 from .store_queries import fill_store, transitions_per_s
 
 
@@ -93,10 +95,11 @@ def _timed(fn: Callable[[], Any], repeat: int = 20) -> float:
 
 
 def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder | None = None,
-                   transitions: int = 2000) -> pd.DataFrame:
+                   transitions: int = 2000, lock_inserts: int = 300) -> pd.DataFrame:
     """Every store switch, baseline and optimized, interleaved; returns tidy rows. ``runs``: the store the index
     and query switches read; ``transitions``: per measurement of the commit switches (one fsync each with
-    journal=DELETE synchronous=FULL: 2,000 took 4 s there)."""
+    journal=DELETE synchronous=FULL: 2,000 took 4 s there); ``lock_inserts``: run inserts per turn beside a
+    busy writer process (``lock_wait``)."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="store-switches-") as tmp:
         tmp_path = Path(tmp)
@@ -119,9 +122,27 @@ def store_switches(runs: int = 100_000, reps: int = 5, recorder: AuditRecorder |
                             "read_then_write_errors", "errors", {"switch": "BEGIN IMMEDIATE"})
         rows += _query_switches(store, filled, tmp_path, reps, runs)
         store.close()
+        rows += _lock_polling_switch(tmp_path, reps, lock_inserts)
     if recorder is not None:
         recorder.record("optimizations", pd.DataFrame(rows))
     return pd.DataFrame(rows)
+
+
+def _lock_polling_switch(tmp_path: Path, reps: int, inserts: int) -> list[dict[str, Any]]:
+    """``[store] lock_polling`` off and on (``lock_wait``): a run insert's p99 beside a writer process committing
+    a transition at a time, and that writer's commits/s meanwhile (what polling costs the other side)."""
+    variants = {"baseline: SQLite's busy handler": False, "optimized: lock polling": True}
+    rows: list[dict[str, Any]] = []
+    for rep in range(-1, reps):  # -1: warm-up, not recorded
+        for variant, polling in variants.items() if rep % 2 else reversed(variants.items()):
+            result = lock_wait.summarize(lock_wait.contended_inserts(tmp_path / f"lock-{rep}-{polling}.db", polling,
+                                                                     inserts))
+            if rep >= 0:
+                rows += [row(variant, "insert_p99_ms_beside_writer", result["p99_ms"], "ms", rep,
+                             switch="lock polling"),
+                         row(variant, "writer_commits_per_s", result["writer_commits_per_s"], "1/s", rep,
+                             switch="lock polling")]
+    return rows
 
 
 def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: int, runs: int) -> list[dict[str, Any]]:

@@ -1,15 +1,18 @@
 """The audit's scale-out figures (issue 12): PostgreSQL beside SQLite, Dask beside local workers, more gateways.
 
-Five parts, each measured on real engines (one throwaway PostgreSQL server for the notebook, a fresh database
+Six parts, each measured on real engines (one throwaway PostgreSQL server for the notebook, a fresh database
 per variant; Dask LocalClusters of real worker processes; real ``python -m pipeline serve`` children):
 
 - store: the canonical queries of notebook 06 and task transitions/s (one per commit, batched) on SQLite and
   on PostgreSQL at each size (``store_queries`` with the same query set on both backends).
+- writers: transitions/s one per commit from one and from several writer processes at once on each backend,
+  beside one client's bare round trips: the store's capacity, as the capacity model uses it.
 - pipeline: the email_digest at a given concurrency (mails with a ~1 MB text PDF), variants interleaved
   (A B C ... A B C ... after a warm-up round): throughput (runs/s) and e2e latency (DATA end -> run ended,
   read from the run store) per variant.
 - ingestion: CPU-bound text extraction only, dense PDFs straight to a Dask cluster of 1 and of 2 workers,
-  interleaved: pages/s per worker count; and the Dask round trip of a no-op task (its added overhead).
+  interleaved: pages/s per worker count; and the round trip of a no-op task through the package's executor
+  (its added overhead), alternated with a bare ``client.submit`` of the same task (Dask's own floor).
 - gateways: three serve processes on one PostgreSQL store, a burst where a third of the Message-IDs go to two
   gateways: duplicate and lost acked messages, counted from the store.
 - capacity: ``capacity_model`` turns the measured parts into workers and gateways per mail rate.
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from ... import store as s
 from ...config import StoreConfig
+from ...sql_store import SqlRunStore
 from ...store import open_store
 from ..base import fixtures as fx
 from ..base.harness import frame, row
@@ -83,6 +87,62 @@ def store_backends(work: Path, pg_url: UrlMaker | None, sizes: list[int], repeat
         finally:
             store.close()
     return rows
+
+
+def store_writers(work: Path, pg_url: UrlMaker | None, writers: tuple[int, ...] = (1, 4), transitions: int = 4_000,
+                  reps: int = 2, round_trips: int = 2_000,
+                  backends: tuple[str, ...] = ("sqlite", "postgres")) -> Rows:
+    """Transitions/s one per commit from 1 and from several writer processes at once, on each backend, rounds
+    interleaved (backend by backend, writer count by writer count, ``reps`` times); and the rate of one client's
+    bare ``SELECT 1`` round trips, the ceiling of what one writer alone can commit one per round trip.
+
+    One writer measures its own round trips (client and server wake each other once per commit); a store that
+    several serves share is judged by what it takes from several writers, which is the capacity model's input."""
+    configs = {"sqlite": StoreConfig(path=work / "writers.sqlite3")} if "sqlite" in backends else {}
+    if pg_url is not None and "postgres" in backends:
+        configs["postgres"] = StoreConfig(url=pg_url("store_writers"))
+    rows: Rows = []
+    for rep in range(reps):
+        for backend, config in configs.items():
+            rows.append(row("writers", "select_1_per_s", _round_trips_per_s(config, round_trips), "1/s", rep,
+                            backend=backend, writers=1))
+            for n in writers:
+                rate = store_queries.concurrent_transitions_per_s(config, transitions, n)
+                rows.append(row("writers", "task_transitions_per_s_one_per_commit", rate, "1/s", rep,
+                                backend=backend, writers=n))
+    return rows + _peaks(rows)
+
+
+def _peaks(rows: Rows) -> Rows:
+    """Per backend, the highest median transitions/s over the writer counts: the store's capacity (the
+    throughput at its best concurrency), tagged with the writer count that reached it."""
+    found: Rows = []
+    for backend in sorted({r["tags"]["backend"] for r in rows}):
+        medians = {n: statistics.median(r["value"] for r in rows if r["metric"].endswith("one_per_commit")
+                                        and r["tags"] == {"backend": backend, "writers": n})
+                   for n in {r["tags"]["writers"] for r in rows if r["metric"].endswith("one_per_commit")
+                             and r["tags"]["backend"] == backend}}
+        if medians:
+            best = max(medians, key=lambda n: medians[n])
+            found.append(row("writers", "task_transitions_per_s_peak", medians[best], "1/s", 0, backend=backend,
+                             writers=best))
+    return found
+
+
+def _round_trips_per_s(config: StoreConfig, count: int) -> float:
+    """``SELECT 1`` through the store's own connection handling, ``count`` times in a row, after a warm-up."""
+    store = open_store(config)
+    try:
+        if not isinstance(store, SqlRunStore):
+            raise TypeError(f"{type(store).__name__} has no plain-SQL query")
+        for _ in range(50):
+            store.query("SELECT 1")
+        t0 = time.perf_counter()
+        for _ in range(count):
+            store.query("SELECT 1")
+        return count / (time.perf_counter() - t0)
+    finally:
+        store.close()
 
 
 # -- pipeline: the email_digest through serve, variants interleaved ----------------------------------------------
@@ -300,12 +360,15 @@ def _dask_round(executor: Any, work: Path, pdf: Path, documents: int, n: int, re
     seconds = time.perf_counter() - started
     rows = [row("ingestion", "pages_per_s", pages / seconds, "pages/s", rep, pages=pages, **tags),
             row("ingestion", "batch_seconds", seconds, "s", rep, pages=pages, **tags)]
+    # ours (the package's executor: announce, done-callback) and Dask's own (a bare client.submit), alternated
+    submitters = {"dask_task_overhead_ms": executor.submit,
+                  "dask_bare_round_trip_ms": lambda fn, i, key: executor.client.submit(fn, i, key=key, pure=False)}
     for i in range(5 + roundtrips):
-        t0 = time.perf_counter()
-        executor.submit(noop_task, i, key=f"noop-{n}-{rep}-{i}-{uuid.uuid4().hex[:8]}").result(timeout=60)
-        if i >= 5:  # the first few pay for imports and connections
-            rows.append(row("ingestion", "dask_task_overhead_ms", (time.perf_counter() - t0) * 1000, "ms", rep,
-                            **tags))
+        for metric, submit in submitters.items():
+            t0 = time.perf_counter()
+            submit(noop_task, i, key=f"noop-{n}-{rep}-{i}-{uuid.uuid4().hex[:8]}").result(timeout=60)
+            if i >= 5:  # the first few pay for imports and connections
+                rows.append(row("ingestion", metric, (time.perf_counter() - t0) * 1000, "ms", rep, **tags))
     return rows
 
 
@@ -371,13 +434,14 @@ def postgres_server() -> Iterator[tuple[UrlMaker | None, str]]:
 
 
 def scale_out_figures(work: Path, params: dict[str, dict[str, Any]], pdf: Path, dense_pdf: Path,
-                      only: tuple[str, ...] = ("store", "pipeline", "ingestion", "gateways"),
+                      only: tuple[str, ...] = ("store", "writers", "pipeline", "ingestion", "gateways"),
                       recorder: AuditRecorder | None = None) -> pd.DataFrame:
     """Run each part in ``only`` with its ``params`` against one PostgreSQL server; record the rows under
     scenario ``scale_out``. ``pdf`` is the mails' attachment, ``dense_pdf`` the CPU-bound ingestion document."""
     work.mkdir(parents=True, exist_ok=True)
     parts: dict[str, Callable[[Path, UrlMaker | None], Rows]] = {
         "store": lambda tmp, url: store_backends(tmp, url, **params.get("store", {})),
+        "writers": lambda tmp, url: store_writers(tmp, url, **params.get("writers", {})),
         "pipeline": lambda tmp, url: pipeline_variants(tmp, url, pdf, **params.get("pipeline", {})),
         "ingestion": lambda tmp, url: dask_ingestion(tmp, dense_pdf, **params.get("ingestion", {})),
         "gateways": lambda tmp, url: gateway_dedup(tmp, url, pdf, **params.get("gateways", {})),

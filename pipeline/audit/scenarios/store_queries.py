@@ -10,6 +10,7 @@ Every timing is repeated after a warm-up; results are tidy rows
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -22,19 +23,20 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from ...config import EngineConfig, RunnerConfig, Settings
+from ...config import EngineConfig, RunnerConfig, Settings, StoreConfig
 from ...dag import DAG, Task
 from ...engine import WorkflowEngine
 from ...errors import ConfigurationError
 from ...postgres_schema import REBUILD_DURATION_BINS
 from ...sqlite_store import SqliteRunStore
-from ...store import DAGRunStore, Transition
+from ...store import DAGRunStore, Transition, open_store
 from ..base.harness import percentile, row, save
 from ..base.recorder import AuditRecorder
 
 TASKS_PER_RUN = ("parse_email", "ingest_pdf[0]", "ingest_pdf[1]", "build_digest", "deliver")
 WORKFLOWS = 5
 SPAN_S = 30 * 86400.0  # the filled history spans 30 days, ending now
+WRITER_WAIT_S = 120.0  # a writer process that has not connected or finished by then has failed
 
 
 def fill_store(store: DAGRunStore, runs: int, chunk: int = 100_000,
@@ -227,6 +229,67 @@ def transitions_per_s(store: DAGRunStore, transitions: int, batch: int) -> float
     for i in range(0, len(rows), batch):
         store.record_transitions(rows[i:i + batch])
     return len(rows) / (time.perf_counter() - t0)
+
+
+def _writer(config: StoreConfig, run_id: int, task_ids: list[str], go: Any, results: Any) -> None:
+    """One writer process: connect, say so, then record its tasks' transitions (running, success) one per
+    commit once ``go`` is set; put the count written, or the error's text."""
+    try:
+        store = open_store(config)
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        rows = [Transition(run_id, t, state, 1, 1.0) for t in task_ids for state in ("running", "success")]
+        results.put("ready")
+        go.wait(WRITER_WAIT_S)
+        for one in rows:
+            store.record_transitions([one])
+        results.put(len(rows))
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+    finally:
+        store.close()
+
+
+def concurrent_transitions_per_s(config: StoreConfig, transitions: int, writers: int) -> float:
+    """Task transitions per second, one per commit, from ``writers`` processes writing at once, each on its own
+    connection as several serves would: what the store takes, where one client measures its own round trips.
+    The clock runs from the start signal (every writer connected) to the last writer's end."""
+    store = open_store(config)
+    try:
+        run = store.create_run("bench_writers", {})[0]
+        ids = [f"w{i}" for i in range(transitions // 2)]
+        store.create_tasks(run.run_id, ids)
+    finally:
+        store.close()
+    context = multiprocessing.get_context("spawn")  # the audit process has threads: no fork
+    go, results = context.Event(), context.Queue()
+    procs = [context.Process(target=_writer, args=(config, run.run_id, ids[i::writers], go, results), daemon=True)
+             for i in range(writers)]
+    for proc in procs:
+        proc.start()
+    try:
+        _expect(results, writers, "ready")
+        t0 = time.perf_counter()
+        go.set()
+        done = sum(_expect(results, writers, int))
+        seconds = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    return done / seconds
+
+
+def _expect(results: Any, count: int, wanted: Any) -> list[Any]:
+    """``count`` messages from the writers, each ``wanted`` (a value, or a type); a writer's error raises."""
+    got = [results.get(timeout=WRITER_WAIT_S) for _ in range(count)]
+    for message in got:
+        if not (isinstance(message, wanted) if isinstance(wanted, type) else message == wanted):
+            raise RuntimeError(f"a writer process failed: {message}")
+    return got
 
 
 def write_throughput(store: DAGRunStore, transitions: int = 20_000, batch: int = 100) -> Iterator[dict[str, Any]]:
