@@ -208,10 +208,11 @@ md("### Scale-out: PostgreSQL, Dask and several gateways\n\nIssue 12 on real eng
    "every run of every round; pg_2_gateways is a serve and a `serve --gateway-only` on one store and data dir (two gateways, one engine):\n\n" + fmt(scaleoutviews.pipeline_table(m)) +
    "\n\n**Store queries and transitions** (median ms; transitions per second), SQLite and PostgreSQL at each size "
    "(the query set of notebook 06):\n\n" + fmt(scaleoutviews.store_table(m).reset_index()) +
-   "\n\n**Writers at once** (transitions/s one per commit from 1, 2 and 4 writer processes, each on its own "
-   "connection as several serves would be, rounds interleaved; *peak* marks the best median per backend, the store's "
-   "capacity that the capacity model and the SLA use; one client alone waits a round trip per commit, and its bare "
-   "`SELECT 1` round trips/s are its ceiling):\n\n" + fmt(scaleoutviews.writers_table(m)) +
+   "\n\n**Writers at once** (transitions/s one per commit from several writer processes at once, each on its "
+   "own connection as several serves would be, on the store at its largest size, writer counts in turn; *peak* marks "
+   "the best median per backend, the store's capacity that the capacity model and the SLA use; one client alone "
+   "waits a round trip per commit, and its bare `SELECT 1` rate is its ceiling):\n\n"
+   + fmt(scaleoutviews.writers_table(m)) +
    "\n\n**CPU-bound ingestion on Dask** (dense PDFs straight to the cluster; a task round trip is a no-op task's "
    "submit → result through the package's executor, what the Dask path adds to every task; the bare round trip is "
    "the same task by `client.submit` alone, alternated with it: Dask's own floor here, where distributed's client "

@@ -3,7 +3,9 @@
 One connection per store object, shared by the process's threads behind a
 lock: SQLite has one writer at a time anyway, and serialising in-process means
 our own threads never see "database is locked". Other processes (the CLI
-reading while ``serve`` writes) are handled by WAL and the busy timeout.
+reading while ``serve`` writes, serve's gateway and engine processes) are
+handled by WAL and waiting up to the busy timeout: by trying again every
+0.1-1 ms (``[store] lock_polling``, see ``_begin``) or by SQLite's busy handler.
 Every read-then-write runs in ``BEGIN IMMEDIATE`` so it takes the write lock
 up front: a deferred transaction that upgrades can fail with
 SQLITE_BUSY_SNAPSHOT, which busy_timeout does not retry.
@@ -64,6 +66,11 @@ def _busy(exc: sqlite3.Error) -> bool:
     return code & 0xFF == sqlite3.SQLITE_BUSY if isinstance(code, int) else "locked" in str(exc).lower()
 
 
+def _busy_cause(exc: BaseException) -> bool:
+    """Whether a StoreError was translated from SQLITE_BUSY (not SQLITE_LOCKED: that one no wait clears)."""
+    return isinstance(exc, StoreBusyError) and isinstance(exc.__cause__, sqlite3.Error) and _busy(exc.__cause__)
+
+
 def provide_math_functions(conn: sqlite3.Connection) -> None:
     """Register ln() and floor() where SQLite was built without its math functions: the triggers that keep
     the duration histograms call them (``duration_bins``)."""
@@ -78,6 +85,7 @@ class SqliteRunStore(SqlRunStore):
     """DAGRunStore in one SQLite file (WAL by default)."""
 
     BEGIN = "BEGIN IMMEDIATE"
+    _wal_active = False  # set by _connect: the journal mode SQLite actually took
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     TASK_NAME_SQL = task_name_sql("task_id")
     WINDOW_INDEX_HINT = " INDEXED BY task_runs_success_window"
@@ -117,7 +125,11 @@ class SqliteRunStore(SqlRunStore):
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
             provide_math_functions(conn)
             migrate(conn, self.path)
-            if self.config.lock_polling and self.config.wal:  # this store waits itself (``_begin``)
+            # this store waits for locks itself (``_begin``) where COMMIT needs none: in WAL mode, if SQLite
+            # really took it (it may keep another journal mode on some file systems)
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            self._wal_active = str(mode).lower() == "wal"
+            if self.config.lock_polling and self._wal_active:
                 conn.execute("PRAGMA busy_timeout = 0")
         except BaseException as exc:
             conn.close()
@@ -148,7 +160,7 @@ class SqliteRunStore(SqlRunStore):
     @property
     def _polling(self) -> bool:
         """Whether this store waits for locks itself (``lock_polling``, WAL only: there COMMIT needs no lock)."""
-        return self.config.lock_polling and self.config.wal
+        return self.config.lock_polling and self._wal_active
 
     def _begin(self, conn: sqlite3.Connection, sql: str) -> None:  # type: ignore[override]
         """Take the write lock; with lock polling, by trying again every LOCK_POLL_S (up to the busy timeout)
@@ -170,15 +182,13 @@ class SqliteRunStore(SqlRunStore):
         if not self._polling:
             return super()._read(sql, params)
         params = tuple(params)
-        return self._until_free(lambda: super(SqliteRunStore, self)._read(sql, params),
-                                lambda exc: isinstance(exc, StoreBusyError))
+        return self._until_free(lambda: super(SqliteRunStore, self)._read(sql, params), _busy_cause)
 
     def spool_names_in_use(self, names: Iterable[str]) -> set[str]:
         names = set(names)
         if not self._polling:
             return super().spool_names_in_use(names)
-        return self._until_free(lambda: super(SqliteRunStore, self).spool_names_in_use(names),
-                                lambda exc: isinstance(exc, StoreBusyError))
+        return self._until_free(lambda: super(SqliteRunStore, self).spool_names_in_use(names), _busy_cause)
 
     def _until_free(self, attempt: Callable[[], T], busy: Callable[[BaseException], bool]) -> T:
         """``attempt()`` again after LOCK_POLL_S pauses (doubling) while it fails ``busy``, up to the busy timeout."""
@@ -216,8 +226,14 @@ class SqliteRunStore(SqlRunStore):
         return cur.lastrowid or 0
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file and truncate it: the file alone then holds every row."""
-        self.query("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Copy the WAL into the database file and truncate it: the file alone then holds every row.
+        Another connection reading or writing blocks it: it is tried again up to the busy timeout, then
+        StoreBusyError (SQLite reports that as a result row, not an error)."""
+        def once() -> None:
+            if self.query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]:
+                raise StoreBusyError(f"{self.path}: another connection blocked the WAL checkpoint")
+
+        self._until_free(once, lambda exc: isinstance(exc, StoreBusyError))
 
     def close(self) -> None:
         """Close the connection and stop the queue watchers (a second close does nothing)."""

@@ -72,14 +72,40 @@ def test_a_lock_held_past_the_busy_timeout_is_a_store_busy_error_at_that_timeout
 @pytest.mark.parametrize("polling", MODES)
 def test_reads_go_on_while_another_connection_writes(tmp_path, polling):
     store = _store(tmp_path, polling)
+    other = sqlite3.connect(store.path, isolation_level=None)
     try:
         store.create_run("w", {}, dedup_key="m1")
-        holder = _hold_write_lock(store.path, 0.3)
-        t0 = time.monotonic()
-        assert [r.dedup_key for r in store.list_runs()] == ["m1"]
-        assert time.monotonic() - t0 < 0.25  # WAL: a reader does not wait for the writer
-        holder.join()
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE runs SET heartbeat_at = 1")
+        assert [r.dedup_key for r in store.list_runs()] == ["m1"]  # WAL: read while the writer holds its lock
+        assert store.count_runs_by_state() == {"queued": 1}
+        other.execute("COMMIT")
     finally:
+        other.close()
+        store.close()
+
+
+@pytest.mark.parametrize("polling", MODES)
+def test_checkpoint_waits_for_a_reader_then_empties_the_wal(tmp_path, polling):
+    store = _store(tmp_path, polling)
+    store.create_run("w", {}, dedup_key="m1")
+    reader = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM runs").fetchone()  # a read snapshot pins the WAL
+
+    def finish():
+        time.sleep(0.3)
+        reader.execute("COMMIT")
+        reader.close()
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    try:
+        store.checkpoint()
+        thread.join()
+        assert (tmp_path / "runs.sqlite3-wal").stat().st_size == 0
+    finally:
+        thread.join()
         store.close()
 
 

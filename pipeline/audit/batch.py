@@ -68,8 +68,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "spool": {"mails": 10, "senders": 2}},
         # CI runs the quick audit: a few mails and rows per part, enough to prove every part runs end to end
         "11_scale_out": {"mail_pdf_mb": 0.5, "dense_pdf_mb": 0.5,
-                         "store": {"sizes": [2_000], "repeat": 10, "transitions": 1_000},
-                         "writers": {"writers": [1, 2], "transitions": 400, "reps": 1, "round_trips": 200},
+                         "store": {"sizes": [2_000], "repeat": 10, "transitions": 1_000,
+                                   "writers": {"writers": [1, 2], "transitions": 400, "reps": 1,
+                                               "round_trips": 200}},
                          "pipeline": {"variants": ["pg_local", "pg_dask_1"], "mails": 2, "concurrency": 2,
                                       "reps": 1, "warmup_mails": 0},
                          "ingestion": {"documents": 2, "reps": 1, "roundtrips": 10},
@@ -124,9 +125,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_scale_out": {"mail_pdf_mb": 1.0, "dense_pdf_mb": 1.0,
                          # SQLite at these sizes: notebook 06 in the same session (the report shows both)
                          "store": {"sizes": [100_000, 1_000_000], "repeat": 20, "transitions": 2_000,
-                                   "backends": ["postgres"]},
-                         # 2 backends x 3 writer counts x 3 rounds of 6,000 transitions: about a minute
-                         "writers": {"writers": [1, 2, 4], "transitions": 6_000, "reps": 3, "round_trips": 2_000},
+                                   "backends": ["postgres"],
+                                   # at 1M runs: 3 writer counts x 3 rounds of 6,000 transitions, about 30 s
+                                   "writers": {"writers": [1, 2, 4], "transitions": 6_000, "reps": 3,
+                                               "round_trips": 2_000}},
                          # every round warms its serve(s) up with a mail first: no separate warm-up round;
                          # 50 mails x 2 rounds x 5 variants took 12 min at load 5-15 (the notebook 18 min)
                          # a round's 1 MB mails take ~1 s each on 2 cores (30 a round: 27-53 s, 338 s in all)

@@ -2,7 +2,8 @@
 
 aiosmtpd and the durable minimum our gateway does before its 250, nothing else: each message is written to a
 temporary file, fsynced, renamed, its directory fsynced, and one row is committed to a SQLite file (WAL,
-synchronous FULL), off the event loop, then 250. No parsing, no limits, no metrics, no pipeline behind it.
+synchronous NORMAL, as the run store ships), off the event loop, then 250. No parsing, no limits, no metrics,
+no pipeline behind it.
 Timed by the same sender processes as serve (``client_latency``'s ``bare_sink`` variant), it shows what this
 machine, aiosmtpd and smtplib clients cost by themselves: the part of the sender's wait no gateway change removes.
 
@@ -37,7 +38,7 @@ class DurableSinkHandler:
         self._dir_fd = os.open(directory, os.O_RDONLY)
         self._db = sqlite3.connect(directory / "sink.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA synchronous = NORMAL")  # as the run store ships ([store] synchronous)
         self._db.execute("CREATE TABLE IF NOT EXISTS mails (name TEXT PRIMARY KEY, size INTEGER)")
         self._lock = threading.Lock()  # one writer on the connection at a time
 
@@ -72,13 +73,12 @@ def main(argv: list[str]) -> int:
     port, directory = int(argv[0]), Path(argv[1])
     handler = DurableSinkHandler(directory)
     controller = Controller(handler, hostname="127.0.0.1", port=port)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)  # the controller's thread inherits the mask
     controller.start()
     try:
         print(READY, flush=True)
-        stop.wait()
+        signal.sigwait(stopping)
     finally:
         controller.stop()
         handler.close()
@@ -95,14 +95,15 @@ class BareSink:
 
     def start(self, timeout_s: float = 60.0) -> BareSink:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(self.port), str(self.data_dir)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                     text=True)
+        log = self.work_dir / "baresink.log"
+        with open(log, "wb") as errors:
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(self.port), str(self.data_dir)],
+                                         stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = _readline(self.proc.stdout, timeout_s)
         if line.strip() != READY:
             self.stop()
-            raise RuntimeError(f"the bare SMTP sink did not start (it said {line.strip()!r})")
+            raise RuntimeError(f"the bare SMTP sink did not start: {log.read_text(errors='replace')[-500:]}")
         return self
 
     def stop(self) -> None:

@@ -109,7 +109,7 @@ def ingestion_table(m: pd.DataFrame) -> pd.DataFrame:
 
 def writers_table(m: pd.DataFrame) -> pd.DataFrame:
     """Per backend and writer count: transitions/s one per commit (median and range over rounds), and one
-    client's bare SELECT 1 round trips per second beside the single writer."""
+    client's bare SELECT 1 calls per second beside the single writer (a round trip each on PostgreSQL)."""
     r = _part(m, "writers")
     if r.empty or "writers" not in r:
         return pd.DataFrame()
@@ -119,10 +119,10 @@ def writers_table(m: pd.DataFrame) -> pd.DataFrame:
         if rates.empty:
             continue
         peak = g[g.metric == "task_transitions_per_s_peak"]
-        out.append({"backend": backend, "writers": int(n), "rounds": len(rates),
-                    "transitions/s median": rates.median(), "range": f"{rates.min():,.0f}–{rates.max():,.0f}",
-                    "SELECT 1 round trips/s": _median(g, "select_1_per_s"),
-                    "peak": "yes" if len(peak) else ""})
+        out.append({"backend": backend, "runs in store": _tag_max(g, "runs"), "writers": int(n),
+                    "rounds": len(rates), "transitions/s median": rates.median(),
+                    "range": f"{rates.min():,.0f}–{rates.max():,.0f}",
+                    "one client's SELECT 1/s": _median(g, "select_1_per_s"), "peak": "yes" if len(peak) else ""})
     return pd.DataFrame(out)
 
 

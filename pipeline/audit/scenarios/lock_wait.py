@@ -59,8 +59,10 @@ def contended_inserts(path: Path, lock_polling: bool, inserts: int = 300, gap_s:
     writer.start()
     store = open_store(config)
     try:
-        if not ready.wait(120):
-            raise RuntimeError("the writer process did not start")
+        deadline = time.monotonic() + 120
+        while not ready.wait(0.5):
+            if not writer.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the writer process did not start (exit code {writer.exitcode})")
         times = []
         for i in range(inserts):
             t0 = time.perf_counter()
@@ -75,6 +77,7 @@ def contended_inserts(path: Path, lock_polling: bool, inserts: int = 300, gap_s:
         writer.join(30)
         if writer.is_alive():
             writer.kill()
+            writer.join(10)
     return {"lock_polling": lock_polling, "insert_ms": times, "writer_commits_per_s": done / seconds}
 
 

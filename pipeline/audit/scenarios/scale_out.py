@@ -1,12 +1,12 @@
 """The audit's scale-out figures (issue 12): PostgreSQL beside SQLite, Dask beside local workers, more gateways.
 
-Six parts, each measured on real engines (one throwaway PostgreSQL server for the notebook, a fresh database
+Five parts, each measured on real engines (one throwaway PostgreSQL server for the notebook, a fresh database
 per variant; Dask LocalClusters of real worker processes; real ``python -m pipeline serve`` children):
 
 - store: the canonical queries of notebook 06 and task transitions/s (one per commit, batched) on SQLite and
-  on PostgreSQL at each size (``store_queries`` with the same query set on both backends).
-- writers: transitions/s one per commit from one and from several writer processes at once on each backend,
-  beside one client's bare round trips: the store's capacity, as the capacity model uses it.
+  on PostgreSQL at each size (``store_queries`` with the same query set on both backends); at the largest size,
+  transitions/s one per commit from one and from several writer processes at once, beside one client's bare
+  round trips: the store's capacity, as the capacity model uses it.
 - pipeline: the email_digest at a given concurrency (mails with a ~1 MB text PDF), variants interleaved
   (A B C ... A B C ... after a warm-up round): throughput (runs/s) and e2e latency (DATA end -> run ended,
   read from the run store) per variant.
@@ -65,9 +65,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
 
 
 def store_backends(work: Path, pg_url: UrlMaker | None, sizes: list[int], repeat: int = 50,
-                   transitions: int = 20_000, backends: tuple[str, ...] = ("sqlite", "postgres")) -> Rows:
-    """Grow one store per backend through ``sizes`` runs; at each size time 06's queries and transitions/s.
-    The batch leaves SQLite out when notebook 06 measures it at the same sizes in the same session."""
+                   transitions: int = 20_000, backends: tuple[str, ...] = ("sqlite", "postgres"),
+                   writers: dict[str, Any] | None = None) -> Rows:
+    """Grow one store per backend through ``sizes`` runs; at each size time 06's queries and transitions/s;
+    at the largest, with ``writers`` (``store_writers``' parameters), the same store from several writer
+    processes at once. The batch leaves SQLite out when notebook 06 measures it at the same sizes in the
+    same session."""
     rows: Rows = []
     configs = {"sqlite": StoreConfig(path=work / "store-bench.sqlite3")} if "sqlite" in backends else {}
     if pg_url is not None and "postgres" in backends:
@@ -86,46 +89,44 @@ def store_backends(work: Path, pg_url: UrlMaker | None, sizes: list[int], repeat
                          if r.get(stat) is not None]
         finally:
             store.close()
+        if writers is not None and sizes:
+            rows += store_writers(config, backend, max(sizes), **writers)
     return rows
 
 
-def store_writers(work: Path, pg_url: UrlMaker | None, writers: tuple[int, ...] = (1, 4), transitions: int = 4_000,
-                  reps: int = 2, round_trips: int = 2_000,
-                  backends: tuple[str, ...] = ("sqlite", "postgres")) -> Rows:
-    """Transitions/s one per commit from 1 and from several writer processes at once, on each backend, rounds
-    interleaved (backend by backend, writer count by writer count, ``reps`` times); and the rate of one client's
-    bare ``SELECT 1`` round trips, the ceiling of what one writer alone can commit one per round trip.
+def store_writers(config: StoreConfig, backend: str, runs: int, writers: tuple[int, ...] = (1, 2, 4),
+                  transitions: int = 4_000, reps: int = 2, round_trips: int = 2_000) -> Rows:
+    """Transitions/s one per commit from each number of writer processes in ``writers``, all at once on the
+    store of ``config`` (holding ``runs`` runs), ``reps`` rounds with the counts in turn (forward, then
+    backward); and per round one client's ``SELECT 1`` rate, the ceiling of what one writer alone can commit
+    a round trip at a time (for SQLite a call in process, no round trip).
 
     One writer measures its own round trips (client and server wake each other once per commit); a store that
     several serves share is judged by what it takes from several writers, which is the capacity model's input."""
-    configs = {"sqlite": StoreConfig(path=work / "writers.sqlite3")} if "sqlite" in backends else {}
-    if pg_url is not None and "postgres" in backends:
-        configs["postgres"] = StoreConfig(url=pg_url("store_writers"))
     rows: Rows = []
+    tags = {"backend": backend, "runs": runs}
     for rep in range(reps):
-        for backend, config in configs.items():
-            rows.append(row("writers", "select_1_per_s", _round_trips_per_s(config, round_trips), "1/s", rep,
-                            backend=backend, writers=1))
-            for n in writers:
-                rate = store_queries.concurrent_transitions_per_s(config, transitions, n)
-                rows.append(row("writers", "task_transitions_per_s_one_per_commit", rate, "1/s", rep,
-                                backend=backend, writers=n))
+        rows.append(row("writers", "select_1_per_s", _round_trips_per_s(config, round_trips), "1/s", rep,
+                        writers=1, **tags))
+        for n in writers if rep % 2 == 0 else writers[::-1]:
+            rate = store_queries.concurrent_transitions_per_s(config, transitions, n)
+            rows.append(row("writers", "task_transitions_per_s_one_per_commit", rate, "1/s", rep, writers=n,
+                            **tags))
     return rows + _peaks(rows)
 
 
 def _peaks(rows: Rows) -> Rows:
     """Per backend, the highest median transitions/s over the writer counts: the store's capacity (the
     throughput at its best concurrency), tagged with the writer count that reached it."""
+    rates = [r for r in rows if r["metric"] == "task_transitions_per_s_one_per_commit"]
     found: Rows = []
-    for backend in sorted({r["tags"]["backend"] for r in rows}):
-        medians = {n: statistics.median(r["value"] for r in rows if r["metric"].endswith("one_per_commit")
-                                        and r["tags"] == {"backend": backend, "writers": n})
-                   for n in {r["tags"]["writers"] for r in rows if r["metric"].endswith("one_per_commit")
-                             and r["tags"]["backend"] == backend}}
-        if medians:
-            best = max(medians, key=lambda n: medians[n])
-            found.append(row("writers", "task_transitions_per_s_peak", medians[best], "1/s", 0, backend=backend,
-                             writers=best))
+    for backend in sorted({r["tags"]["backend"] for r in rates}):
+        mine = [r for r in rates if r["tags"]["backend"] == backend]
+        medians = {n: statistics.median(r["value"] for r in mine if r["tags"]["writers"] == n)
+                   for n in {r["tags"]["writers"] for r in mine}}
+        best = max(medians, key=lambda n: medians[n])
+        found.append(row("writers", "task_transitions_per_s_peak", medians[best], "1/s", 0, backend=backend,
+                         writers=best, runs=mine[0]["tags"].get("runs")))
     return found
 
 
@@ -364,7 +365,7 @@ def _dask_round(executor: Any, work: Path, pdf: Path, documents: int, n: int, re
     submitters = {"dask_task_overhead_ms": executor.submit,
                   "dask_bare_round_trip_ms": lambda fn, i, key: executor.client.submit(fn, i, key=key, pure=False)}
     for i in range(5 + roundtrips):
-        for metric, submit in submitters.items():
+        for metric, submit in list(submitters.items())[::1 if i % 2 else -1]:  # each first in turn
             t0 = time.perf_counter()
             submit(noop_task, i, key=f"noop-{n}-{rep}-{i}-{uuid.uuid4().hex[:8]}").result(timeout=60)
             if i >= 5:  # the first few pay for imports and connections
@@ -434,14 +435,13 @@ def postgres_server() -> Iterator[tuple[UrlMaker | None, str]]:
 
 
 def scale_out_figures(work: Path, params: dict[str, dict[str, Any]], pdf: Path, dense_pdf: Path,
-                      only: tuple[str, ...] = ("store", "writers", "pipeline", "ingestion", "gateways"),
+                      only: tuple[str, ...] = ("store", "pipeline", "ingestion", "gateways"),
                       recorder: AuditRecorder | None = None) -> pd.DataFrame:
     """Run each part in ``only`` with its ``params`` against one PostgreSQL server; record the rows under
     scenario ``scale_out``. ``pdf`` is the mails' attachment, ``dense_pdf`` the CPU-bound ingestion document."""
     work.mkdir(parents=True, exist_ok=True)
     parts: dict[str, Callable[[Path, UrlMaker | None], Rows]] = {
         "store": lambda tmp, url: store_backends(tmp, url, **params.get("store", {})),
-        "writers": lambda tmp, url: store_writers(tmp, url, **params.get("writers", {})),
         "pipeline": lambda tmp, url: pipeline_variants(tmp, url, pdf, **params.get("pipeline", {})),
         "ingestion": lambda tmp, url: dask_ingestion(tmp, dense_pdf, **params.get("ingestion", {})),
         "gateways": lambda tmp, url: gateway_dedup(tmp, url, pdf, **params.get("gateways", {})),

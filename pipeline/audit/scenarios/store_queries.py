@@ -11,11 +11,12 @@ Every timing is repeated after a warm-up; results are tidy rows
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,8 @@ def _writer(config: StoreConfig, run_id: int, task_ids: list[str], go: Any, resu
     try:
         rows = [Transition(run_id, t, state, 1, 1.0) for t in task_ids for state in ("running", "success")]
         results.put("ready")
-        go.wait(WRITER_WAIT_S)
+        if not go.wait(WRITER_WAIT_S):  # the measurement was given up
+            return
         for one in rows:
             store.record_transitions([one])
         results.put(len(rows))
@@ -270,22 +272,36 @@ def concurrent_transitions_per_s(config: StoreConfig, transitions: int, writers:
     for proc in procs:
         proc.start()
     try:
-        _expect(results, writers, "ready")
+        _expect(results, writers, "ready", procs)
         t0 = time.perf_counter()
         go.set()
-        done = sum(_expect(results, writers, int))
+        done = sum(_expect(results, writers, int, procs))
         seconds = time.perf_counter() - t0
     finally:
         for proc in procs:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+                proc.join(10)
+        results.close()
     return done / seconds
 
 
-def _expect(results: Any, count: int, wanted: Any) -> list[Any]:
-    """``count`` messages from the writers, each ``wanted`` (a value, or a type); a writer's error raises."""
-    got = [results.get(timeout=WRITER_WAIT_S) for _ in range(count)]
+def _expect(results: Any, count: int, wanted: Any, procs: Sequence[Any] = ()) -> list[Any]:
+    """``count`` messages from the writers, each ``wanted`` (a value, or a type); a writer's error, a writer
+    that died without a word, or WRITER_WAIT_S without one raises."""
+    got: list[Any] = []
+    deadline = time.monotonic() + WRITER_WAIT_S
+    while len(got) < count:
+        try:
+            got.append(results.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            raise RuntimeError(f"a writer process failed: exit code {dead[0]}" if dead else
+                               f"the writer processes said nothing for {WRITER_WAIT_S:.0f} s")
     for message in got:
         if not (isinstance(message, wanted) if isinstance(wanted, type) else message == wanted):
             raise RuntimeError(f"a writer process failed: {message}")
