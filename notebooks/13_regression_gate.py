@@ -24,7 +24,7 @@ fixtures_dir = "data/fixtures"
 profile = "quick"
 measures = {"cpu": 2}  # measure -> repetitions
 load = 0
-work = 50
+work = 75
 
 # %%
 from IPython.display import Markdown, display

@@ -77,7 +77,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          "gateways": {"mails": 2, "concurrency": 2, "pdf_pages": 1}},
         "12_monitoring": {"mails": 10, "senders": 2, "reps": 1, "warmup_mails": 1},
         # the commit A/B on a planted slowdown, CPU seconds only: proves the path (the judged check is standard's)
-        "13_regression_gate": {"measures": {"cpu": 2}, "load": 0, "work": 50},
+        "13_regression_gate": {"measures": {"cpu": 2}, "load": 0, "work": 75},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf",
@@ -141,7 +141,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # metrics on/off A/B: 4 turns of 150 small mails per variant, interleaved (about 2 min)
         "12_monitoring": {"mails": 150, "senders": 4, "reps": 4, "warmup_mails": 10},
         # a planted ~14 % store slowdown (instructions) against its parent, two busy neighbours (about 5 min)
-        "13_regression_gate": {"measures": {"instructions": 2, "cpu": 3}, "load": 2, "work": 50},
+        "13_regression_gate": {"measures": {"instructions": 2, "cpu": 3}, "load": 2, "work": 75},
     },
 }
 PROFILES["full"] = {
