@@ -168,9 +168,9 @@ class SqliteRunStore(SqlRunStore):
 
         The handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries, and SQLite queues no one: a writer in
         another process that commits again and again (serve's engine, a transition per commit) retakes the lock
-        between those sleeps. Beside such a writer a run insert waited 231 ms at p99 with the handler and 8.6 ms
-        polling (``scripts/bench_lock.py``). The connection's own busy timeout is 0 then, so the fast path
-        costs no statement more; reads wait the same way (``_read``).
+        between those sleeps. Beside such a writer a run insert waited 230 ms at p99 with the handler and 11.4 ms
+        polling (``scripts/bench_lock.py`` at f94ba66; README, Benchmarks). The connection's own busy timeout
+        is 0 then, so the fast path costs no statement more; reads wait the same way (``_read``).
         """
         if not self._polling:
             conn.execute(sql)
