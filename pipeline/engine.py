@@ -302,7 +302,7 @@ class WorkflowEngine:
         if stopping:  # shutdown began during the claim and will not wait for this run: do not start it
             self.store.requeue_run(run.run_id, owner=self.owner)
             return False
-        log.info("run %s (%s): running", run.run_id, run.workflow)
+        log.debug("run %s (%s): running", run.run_id, run.workflow)  # the queued and ended lines are at INFO
         tracing.send(tracing.RUN_STARTED, run=run)
         runner.start()
         with self._cond:

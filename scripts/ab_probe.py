@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One probe of an interleaved commit A/B (run by ``pipeline.audit.reporting.abcommits``, not by hand).
 
-    PYTHONPATH=<tree> python scripts/ab_probe.py trigger|ingest|transitions [--small PASSES]
+    PYTHONPATH=<tree> python scripts/ab_probe.py trigger|drain|ingest|transitions [--small PASSES]
 
 Imports ``pipeline`` from whichever tree is on PYTHONPATH and uses only long-standing APIs, so the
 same probe runs against an older commit. Prints one JSON object: the probe's value and unit (wall
@@ -51,6 +51,21 @@ def trigger(small: int) -> tuple[float, str, float]:
     return statistics.median(rows.value), "ms", spent
 
 
+def drain(small: int) -> tuple[float, str, float]:
+    """Small mails processed per second: a fresh serve sent 400 small mails (no attachment) at once, its
+    backlog's peak over the time from the last send until every run ended (issue 16)."""
+    try:
+        from pipeline.audit.scenarios.email_bursts import email_burst
+    except ImportError:  # a commit from before the audit was grouped by notebook (issue 14)
+        from pipeline.audit.scenarios import email_burst
+
+    before = cpu_s()
+    df = email_burst([], burst=100 if small else 400, senders=4)
+    spent = cpu_s() - before
+    value = df[df.metric.isin(["backlog_peak", "drain_seconds"])].groupby("metric").value.first()
+    return float(value["backlog_peak"] / value["drain_seconds"]), "1/s", spent
+
+
 def ingest(small: int) -> tuple[float, str, float]:
     """Median seconds to ingest a 1 MB text PDF with the default settings (3 times after a warm-up)."""
     try:
@@ -95,7 +110,7 @@ def transitions(small: int) -> tuple[float, str, float]:
     return statistics.median(rates[1:] or rates), "1/s", spent
 
 
-PROBES = {"trigger": trigger, "ingest": ingest, "transitions": transitions}
+PROBES = {"trigger": trigger, "drain": drain, "ingest": ingest, "transitions": transitions}
 
 if __name__ == "__main__":
     passes = int(sys.argv[3]) if sys.argv[2:3] == ["--small"] and len(sys.argv) > 3 else 0

@@ -6,7 +6,9 @@
     python scripts/bench_cli.py --pdf FILE.pdf --reps 5 --json
 
 ``--manual`` downloads Debian's r-doc-pdf once (apt-get download, nothing installed) into
-data/real-pdfs/. Commands take turns, after a warm-up round; median and p95 of wall and CPU seconds.
+data/real-pdfs/. Commands take turns, after a warm-up round; median and p95 of wall and CPU seconds, each
+command with the pipeline's modules compiled (as installed) and from source (a checkout without .pyc files
+on a machine with PYTHONDONTWRITEBYTECODE set), interleaved.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def main() -> int:
         return 0
     print(f"CLI cold start; {meta}")
     for r in summary:
-        print(f"  {r['command']:<8} wall median {r['wall_median_s']:6.3f} s, p95 {r['wall_p95_s']:6.3f} s; "
+        print(f"  {r['bytecode']:<8} {r['command']:<8} wall median {r['wall_median_s']:6.3f} s, "
+              f"p95 {r['wall_p95_s']:6.3f} s; "
               f"CPU median {r['cpu_median_s']:6.3f} s  (n={r['n']}, failures={r['failures']})")
     return 1 if any(r["failures"] for r in summary) else 0
 

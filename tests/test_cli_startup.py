@@ -121,13 +121,19 @@ def test_a_document_still_works_after_the_pool_was_closed(pdf, tmp_path):
 
 def test_cli_start_benchmark_times_every_command(pdf):
     rows = cli_start.measure_cli_start(reps=2, pdf=pdf(fx.typeset_pdf(LINES), "one-page.pdf"))
-    assert sorted((r["command"], r["rep"]) for r in rows) == sorted(
-        (command, rep) for command in cli_start.COMMANDS for rep in (1, 2))
+    assert sorted((r["command"], r["bytecode"], r["rep"]) for r in rows) == sorted(
+        (command, variant, rep) for command in cli_start.COMMANDS for variant in cli_start.BYTECODE for rep in (1, 2))
     assert all(r["returncode"] == 0 for r in rows), rows
     assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
     summary = cli_start.summarize(rows)
-    assert [s["command"] for s in summary] == list(cli_start.COMMANDS)
+    assert [(s["bytecode"], s["command"]) for s in summary] == [
+        (variant, command) for variant in cli_start.BYTECODE for command in cli_start.COMMANDS]
     assert all(s["n"] == 2 and s["failures"] == 0 and 0 < s["wall_median_s"] <= s["wall_p95_s"] for s in summary)
+
+
+def test_cli_start_benchmark_refuses_an_unknown_bytecode_variant():
+    with pytest.raises(ValueError, match="compiled, source"):
+        cli_start.measure_cli_start(reps=1, bytecode=("frozen",))
 
 
 @pytest.fixture(scope="session")

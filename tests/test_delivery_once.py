@@ -82,3 +82,24 @@ def test_a_marker_left_by_another_run_in_a_reused_work_dir_is_ignored(tmp_path, 
     result = deliver_task(ctx, relayed)
     assert result["message_id"] != "<digest-7-0123456789abcdef@localhost>"
     assert [m["Message-ID"] for m in handler.wait_for(1)] == [result["message_id"]]
+
+
+def test_a_read_digest_of_another_run_whose_name_starts_alike_does_not_count(tmp_path, settings):
+    ctx = _ctx(tmp_path)
+    outbox = settings.delivery.outbox
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True, exist_ok=True)
+    (outbox / "cur" / (delivery_key(ctx) + "0:2,S")).write_bytes(b"Subject: another run's digest\r\n\r\n")
+    deliver_task(ctx, settings)
+    assert len(mailbox.Maildir(outbox, create=False)) == 2
+
+
+def test_an_outbox_whose_folders_were_removed_is_made_again(tmp_path, settings):
+    deliver_task(_ctx(tmp_path, run_id=1), settings)
+    outbox = settings.delivery.outbox
+    for sub in ("tmp", "new", "cur"):
+        for path in (outbox / sub).iterdir():
+            path.unlink()
+        (outbox / sub).rmdir()
+    deliver_task(_ctx(tmp_path, run_id=2), settings)
+    assert len(mailbox.Maildir(outbox, create=False)) == 1

@@ -38,7 +38,6 @@ import re
 import smtplib
 from collections.abc import Mapping
 from email import errors as email_errors
-from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -49,6 +48,7 @@ from urllib.parse import urlparse
 from ..config import DeliveryConfig
 from ..errors import DeliveryError, ParseError
 from .digest import Digest
+from .mailpolicy import DEFAULT, SMTPUTF8
 from .parse import clean_header, parse_mailboxes
 
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
@@ -56,7 +56,7 @@ _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
 _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDefect)
 # RFC 6532: a UTF-8 address is written as UTF-8, never as an RFC 2047 encoded word (which policy.default
 # would silently put in the local part); a relay must then offer SMTPUTF8 (smtplib checks).
-_UTF8 = policy.default.clone(utf8=True)
+_UTF8 = SMTPUTF8
 
 
 LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers with write access to the data dir
@@ -128,7 +128,7 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
                   message_id: str | None = None) -> EmailMessage:
     """Build the reply to ``to`` (see ``reply_recipient``): text and HTML alternatives, threaded under the original."""
     utf8 = not to.addr_spec.isascii()  # RFC 6532: a UTF-8 address is written raw (needs SMTPUTF8 at the relay)
-    msg = EmailMessage(policy=_UTF8 if utf8 else policy.default)
+    msg = EmailMessage(policy=_UTF8 if utf8 else DEFAULT)
     msg["From"] = config.sender
     msg["To"] = to
     msg["Subject"] = clean_header(digest.subject, 250)
@@ -183,19 +183,43 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
 
 
 def _add_once(msg: EmailMessage, outbox: Path, key: str) -> str:
-    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already."""
-    for sub in ("tmp", "new", "cur"):
-        (outbox / sub).mkdir(parents=True, exist_ok=True)
-    done = [p for p in (outbox / "new" / key, *(outbox / "cur").glob(f"{key}:*"), outbox / "cur" / key) if p.exists()]
+    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already.
+
+    The Maildir's folders are made when a write finds them missing, not checked on every digest.
+    """
+    done = _delivered_as(outbox, key)
     if done:
-        return str(done[0])
+        return done
     tmp = outbox / "tmp" / f"{key}.{os.getpid()}"
-    with open(tmp, "wb") as out:  # Maildir: write in tmp/, fsync, then rename into new/
+    try:
+        out = open(tmp, "wb")
+    except FileNotFoundError:  # the first digest into this outbox (or its folders were removed)
+        for sub in ("tmp", "new", "cur"):
+            (outbox / sub).mkdir(parents=True, exist_ok=True)
+        out = open(tmp, "wb")
+    with out:  # Maildir: write in tmp/, fsync, then rename into new/
         out.write(msg.as_bytes())
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, outbox / "new" / key)
     return str(outbox / "new" / key)
+
+
+def _delivered_as(outbox: Path, key: str) -> str | None:
+    """The path of the message named ``key`` in new/ or cur/ (``key`` or ``key:2,FLAGS`` once read), or None.
+
+    A prefix test over cur/'s names: a glob would compile a pattern for every key.
+    """
+    if (outbox / "new" / key).exists():
+        return str(outbox / "new" / key)
+    try:
+        with os.scandir(outbox / "cur") as entries:
+            for entry in entries:
+                if entry.name == key or entry.name.startswith(key + ":"):
+                    return entry.path
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def delivered_before(marker: Path) -> dict[str, Any] | None:

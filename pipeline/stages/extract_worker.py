@@ -398,10 +398,13 @@ def serve(memory_limit: int) -> None:
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
     documents = OpenDocuments()  # a document's next chunk usually comes back to the same worker
     preloaded = False
+    _settle_heap()
     while True:
         if not preloaded and not select.select([sys.stdin], [], [], 0)[0]:  # idle: no request waits
             _preload_engine()
             preloaded = True
+            if not len(documents):  # nothing a request made is alive: only the engine's import is settled
+                _settle_heap()
         line = sys.stdin.readline()
         if not line:
             return
@@ -413,6 +416,18 @@ def serve(memory_limit: int) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
             return
         gc.collect()
+
+
+def _settle_heap() -> None:
+    """Collect, then move every object alive now (modules, classes, the engine's bindings) out of the cycle
+    collector's sight for good (``gc.freeze``).
+
+    The full collection after each request then walks only what requests made: it cost 2.5 ms a request
+    with PDFium loaded, more than parsing a small mail (issue 16). Called only while no request's objects are
+    alive: a frozen object is never collected, so a cached document frozen here would leak once dropped.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _preload_engine() -> None:

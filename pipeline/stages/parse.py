@@ -35,17 +35,16 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from email import errors as email_errors
-from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.policy import SMTP
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
 from ..errors import ParseError
+from .mailpolicy import DEFAULT, SMTP
 
 MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
@@ -65,7 +64,7 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     """
     check_part_count(raw)
     try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
-        msg = BytesParser(policy=policy.default).parsebytes(raw)
+        msg = BytesParser(policy=DEFAULT).parsebytes(raw)
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
     except RecursionError:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
@@ -96,7 +95,7 @@ def parse_mailboxes(name: str, value: str) -> tuple[list[Address], tuple[Excepti
     Raises ParseError naming the header when the email package cannot parse it.
     """
     try:
-        header = policy.default.header_factory(name, value)
+        header = DEFAULT.header_factory(name, value)
         addresses = list(header.addresses)
     except HEADER_ERRORS as exc:
         raise ParseError(f"{name}: cannot parse {clean_header(value, 80)!r} ({exc})") from exc
@@ -151,7 +150,7 @@ def return_path(msg: EmailMessage) -> str | None:
     if value is None:
         return None
     try:
-        mailboxes = usable_mailboxes(policy.default.header_factory("To", value.strip()).addresses)
+        mailboxes = usable_mailboxes(DEFAULT.header_factory("To", value.strip()).addresses)
         return addr_spec(mailboxes[0], "Return-Path") if len(mailboxes) == 1 else ""
     except (ParseError, *HEADER_ERRORS):
         return ""
@@ -316,7 +315,7 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
 
 def wrap_pdf(pdf: bytes, filename: str, sender: str = "ingest@localhost") -> bytes:
     """Wrap a bare PDF as an email with one attachment, so it runs through the same workflow."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=DEFAULT)
     msg["From"] = sender
     msg["To"] = sender
     msg["Subject"] = clean_header(filename)

@@ -125,6 +125,9 @@ class OpenDocuments:
         self.size = size
         self._docs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._docs)
+
     @contextmanager
     def open(self, path: Path, name: str, limits: IngestConfig) -> Iterator[Any]:
         """The document entered for one request (its limits applied while the block runs)."""

@@ -1,0 +1,34 @@
+"""The email policies the stages parse and write mail with: the standard library's, its header classes made once.
+
+``email.headerregistry.HeaderRegistry`` builds a new class (``type(...)``) for every header it parses or
+sets. Parsing a small mail and writing its digest made about thirty of them, 0.6 ms of the 1.8 ms a
+digest mail took to compose (issue 16, small mails per second). The classes depend only on the header's
+kind, never on its value, so a registry that keeps the one class per kind gives the same headers. The
+cache is bounded by the number of kinds (a few dozen): unknown header names all share one class.
+"""
+
+from __future__ import annotations
+
+from email import policy
+from email.headerregistry import BaseHeader, HeaderRegistry
+from typing import Any
+
+
+class ReusedHeaderClasses(HeaderRegistry):
+    """A HeaderRegistry that makes each header class once and hands it out again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._made: dict[type, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(kind)
+        if made is None:  # two threads may both make it: either class is right, the last one stays
+            made = self._made[kind] = super().__getitem__(name)
+        return made
+
+
+DEFAULT = policy.default.clone(header_factory=ReusedHeaderClasses())
+SMTP = DEFAULT.clone(linesep="\r\n")
+SMTPUTF8 = DEFAULT.clone(utf8=True)
