@@ -134,6 +134,22 @@ def test_cli_start_benchmark_times_every_command(pdf):
 def test_cli_start_benchmark_refuses_an_unknown_bytecode_variant():
     with pytest.raises(ValueError, match="compiled, source"):
         cli_start.measure_cli_start(reps=1, bytecode=("frozen",))
+    with pytest.raises(ValueError, match="each once"):
+        cli_start.measure_cli_start(reps=1, bytecode=("source", "source"))
+
+
+def test_the_source_variant_has_every_cached_module_but_the_pipeline_s(tmp_path):
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    package = cli_start._package_cache(tmp_path, env)
+    cli_start._copy_without(tmp_path / "pycache", tmp_path / "no-pipeline", package)
+    copied = {p.name for p in (tmp_path / "no-pipeline").rglob("*.pyc")}
+    assert f"argparse.{sys.implementation.cache_tag}.pyc" in copied  # the standard library's stay compiled
+    assert {p.name for p in package.glob("*.pyc")} and not any(
+        p.is_relative_to(tmp_path / "no-pipeline" / package.relative_to(tmp_path / "pycache"))
+        for p in (tmp_path / "no-pipeline").rglob("*.pyc"))
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ def test_each_run_has_its_own_digest_id_even_when_ids_are_reused(tmp_path):
 
 def test_an_outbox_that_cannot_be_written_is_a_retryable_delivery_error(tmp_path, settings):
     settings.delivery.outbox.parent.mkdir(parents=True, exist_ok=True)
-    settings.delivery.outbox.write_text("a file where the Maildir should be")  # the fault: mkdir fails
+    settings.delivery.outbox.write_text("a file where the Maildir should be")  # the fault: no folder can be made
     with pytest.raises(DeliveryError, match="cannot store the digest") as err:
         deliver_task(_ctx(tmp_path), settings)
     assert err.value.retryable
@@ -94,12 +94,15 @@ def test_a_read_digest_of_another_run_whose_name_starts_alike_does_not_count(tmp
     assert len(mailbox.Maildir(outbox, create=False)) == 2
 
 
-def test_an_outbox_whose_folders_were_removed_is_made_again(tmp_path, settings):
+@pytest.mark.parametrize("removed", [("tmp", "new", "cur"), ("new",), ("cur",)])
+def test_an_outbox_whose_folders_were_removed_is_made_again(tmp_path, settings, removed):
     deliver_task(_ctx(tmp_path, run_id=1), settings)
     outbox = settings.delivery.outbox
-    for sub in ("tmp", "new", "cur"):
+    for sub in removed:
         for path in (outbox / sub).iterdir():
             path.unlink()
         (outbox / sub).rmdir()
     deliver_task(_ctx(tmp_path, run_id=2), settings)
-    assert len(mailbox.Maildir(outbox, create=False)) == 1
+    assert all((outbox / sub).is_dir() for sub in ("tmp", "new", "cur"))
+    assert not list((outbox / "tmp").iterdir())  # nothing half-delivered left behind
+    assert len(mailbox.Maildir(outbox, create=False)) == (1 if "new" in removed else 2)

@@ -185,23 +185,36 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
 def _add_once(msg: EmailMessage, outbox: Path, key: str) -> str:
     """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already.
 
-    The Maildir's folders are made when a write finds them missing, not checked on every digest.
+    The Maildir's folders are made when the look-up or the write finds one missing, not on every digest.
     """
     done = _delivered_as(outbox, key)
     if done:
         return done
-    tmp = outbox / "tmp" / f"{key}.{os.getpid()}"
+    data = msg.as_bytes()
     try:
-        out = open(tmp, "wb")
-    except FileNotFoundError:  # the first digest into this outbox (or its folders were removed)
-        for sub in ("tmp", "new", "cur"):
-            (outbox / sub).mkdir(parents=True, exist_ok=True)
-        out = open(tmp, "wb")
-    with out:  # Maildir: write in tmp/, fsync, then rename into new/
-        out.write(msg.as_bytes())
+        return _store(data, outbox, key)
+    except FileNotFoundError:  # a folder was removed since the look-up
+        _make_folders(outbox)
+        return _store(data, outbox, key)
+
+
+def _make_folders(outbox: Path) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _store(data: bytes, outbox: Path, key: str) -> str:
+    """Maildir delivery: write in tmp/, fsync, then rename into new/ (a failed rename leaves no file in tmp/)."""
+    tmp = outbox / "tmp" / f"{key}.{os.getpid()}"
+    with open(tmp, "wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
-    os.replace(tmp, outbox / "new" / key)
+    try:
+        os.replace(tmp, outbox / "new" / key)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return str(outbox / "new" / key)
 
 
@@ -217,8 +230,8 @@ def _delivered_as(outbox: Path, key: str) -> str | None:
             for entry in entries:
                 if entry.name == key or entry.name.startswith(key + ":"):
                     return entry.path
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError:  # the first digest into this outbox, or cur/ was removed: mail readers need it
+        _make_folders(outbox)
     return None
 
 

@@ -423,8 +423,10 @@ def _settle_heap() -> None:
     collector's sight for good (``gc.freeze``).
 
     The full collection after each request then walks only what requests made: it cost 2.5 ms a request
-    with PDFium loaded, more than parsing a small mail (issue 16). Called only while no request's objects are
-    alive: a frozen object is never collected, so a cached document frozen here would leak once dropped.
+    with PDFium loaded, more than parsing a small mail (issue 16). Frozen objects are still freed by their
+    reference counts, but a frozen cycle never is: so this runs only while no request's objects are alive
+    (at start, and after the preload if no document is cached; if one is, the engine's import stays unfrozen
+    in that worker, which costs time, not memory).
     """
     gc.collect()
     gc.freeze()

@@ -52,9 +52,8 @@ def measure_cli_start(reps: int = 10, pdf: Path | None = None,
     ``pdf``: the document ``ingest`` reads (default: a generated one-page text PDF). The ``show`` store
     is seeded by one untimed ``ingest`` of it. Returns one row per sample (see the module docstring).
     """
-    unknown = set(bytecode) - set(BYTECODE)
-    if unknown or not bytecode:
-        raise ValueError(f"bytecode variants are {', '.join(BYTECODE)}; got {', '.join(bytecode) or 'none'}")
+    if not bytecode or set(bytecode) - set(BYTECODE) or len(set(bytecode)) < len(bytecode):
+        raise ValueError(f"bytecode variants are {', '.join(BYTECODE)}, each once; got {', '.join(bytecode) or 'none'}")
     with tempfile.TemporaryDirectory(prefix="clistart-") as tmp:
         root = Path(tmp)
         compiled = dict(os.environ, PYTHONPYCACHEPREFIX=str(root / "pycache"))
@@ -69,12 +68,11 @@ def measure_cli_start(reps: int = 10, pdf: Path | None = None,
         rows = []
         for rep in range(reps + 1):  # round 0 warms the page cache and writes the cache's .pyc files
             if rep == 1:  # the cache without the pipeline's modules: the source variant compiles only those
-                package = Path(__file__).resolve().parents[2]
-                _copy_without(root / "pycache", root / "no-pipeline", _cached(root, package))
+                _copy_without(root / "pycache", root / "no-pipeline", _package_cache(root, compiled))
             turn = rep % len(COMMANDS)
-            variants = bytecode if rep % 2 else bytecode[::-1]
+            variants = (bytecode if rep % 2 else bytecode[::-1]) if rep else ("compiled",)
             for command in COMMANDS[turn:] + COMMANDS[:turn]:
-                for variant in variants if rep else bytecode[:1]:
+                for variant in variants:
                     wall_s, cpu_s, code = _run_cli(_argv(command, root, pdf, rep, variant), root, envs[variant])
                     if rep:
                         rows.append({"command": command, "bytecode": variant, "rep": rep, "wall_s": wall_s,
@@ -83,13 +81,18 @@ def measure_cli_start(reps: int = 10, pdf: Path | None = None,
 
 
 def _copy_without(src: Path, dst: Path, left_out: Path) -> None:
-    """Copy the tree ``src`` to ``dst``, leaving out the directory ``left_out`` inside it."""
+    """Copy the tree ``src`` to ``dst``, leaving out the directory ``left_out`` inside it (which must exist:
+    otherwise the source variant would quietly measure compiled code)."""
+    if not left_out.is_dir():
+        raise RuntimeError(f"no compiled pipeline modules at {left_out}: cannot measure the source variant")
     shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d, n) == left_out])
 
 
-def _cached(root: Path, package: Path) -> Path:
-    """Where PYTHONPYCACHEPREFIX ``root/pycache`` keeps the .pyc files of the source dir ``package``."""
-    return root / "pycache" / package.relative_to(package.anchor)
+def _package_cache(root: Path, env: dict[str, str]) -> Path:
+    """The directory of the pipeline's own .pyc files in the cache, as a CLI process sees its path."""
+    ask = "import importlib.util, pipeline; print(importlib.util.cache_from_source(pipeline.__file__))"
+    done = subprocess.run([sys.executable, "-c", ask], cwd=root, env=env, capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip()).parent
 
 
 def _argv(command: str, root: Path, pdf: Path, rep: int, variant: str) -> list[str]:
@@ -114,9 +117,9 @@ def _run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, fl
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median and p95 of wall and CPU seconds per bytecode variant and command (``COMMANDS`` order), and failures."""
     summary = []
-    for variant in [v for v in BYTECODE if any(r.get("bytecode", "compiled") == v for r in rows)]:
+    for variant in [v for v in BYTECODE if any(r["bytecode"] == v for r in rows)]:
         for command in [c for c in COMMANDS if any(r["command"] == c for r in rows)]:
-            mine = [r for r in rows if r["command"] == command and r.get("bytecode", "compiled") == variant]
+            mine = [r for r in rows if r["command"] == command and r["bytecode"] == variant]
             if not mine:
                 continue
             wall, cpu = [r["wall_s"] for r in mine], [r["cpu_s"] for r in mine]
