@@ -27,6 +27,7 @@ duration_s = 0.5
 burst = 25
 senders = 2
 client = {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5, "warmup_mails": 4}
+drain = {"burst": 60, "reps": 1, "senders": 2}
 
 # %%
 from pipeline.audit.notebook import open_recorder, scratch_dir
@@ -44,6 +45,15 @@ views.fig_burst(recorder.measurements());
 
 # %%
 soakviews.burst_resources(recorder.measurements())
+
+# %% [markdown]
+# Small mails processed per second (issue 16): a burst to a fresh serve per round, worked off after the last
+# send; the shipped settings against `build_digest` and `deliver` in the engine's threads
+# (`[runner] stage_executor = "thread"`), interleaved.
+
+# %%
+email_bursts.small_mail_drain(**drain, recorder=recorder)
+soakviews.drain_table(recorder.measurements())
 
 # %% [markdown]
 # The sender's wait (issue 17): whole SMTP transactions timed by client processes against a real serve that

@@ -137,6 +137,14 @@ if len(views.rows(m, "email_burst")):
     views.fig_burst(m);
 
 # %%
+if len(views.rows(m, "small_mail_drain")):
+    md("Small mails processed per second (issue 16): a burst of small mails (no attachment) at once to a fresh "
+       "serve per round; *runs/s* is the backlog's peak over the time from the last send until every run ended, "
+       "*CPU ms per run* serve's and its workers' CPU over the round per run. *default* runs `build_digest` and "
+       "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
+       "threads, as before issue 16's change; rounds interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
+
+# %%
 md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "
    "connection, in a closed loop, against a real `python -m pipeline serve` that processes the runs at the same "
    "time; *client_txn_ms* is connect → the final 250 (what a sender waits), *client_mail_ms* MAIL → that 250, "

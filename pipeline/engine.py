@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -44,7 +45,7 @@ from . import store as s
 from .config import Settings
 from .dag import DAG
 from .errors import PipelineError, StoreError, UnknownWorkflowError
-from .executors import Executors, ignore_stop_signals
+from .executors import Executors, init_pool_worker
 from .health import LoopHealth, backoff_s, one_line
 from .runner import DAGRunner
 from .store import DAGRunStore, Run, RunTakenOver
@@ -133,8 +134,10 @@ class WorkflowEngine:
         self._executors = Executors(
             cfg, ThreadPoolExecutor(cfg.thread_workers, thread_name_prefix="pipeline-task"),
             lambda: ProcessPoolExecutor(cfg.process_workers, mp_context=multiprocessing.get_context("forkserver"),
-                                        initializer=ignore_stop_signals),
+                                        initializer=init_pool_worker, initargs=(os.getpid(),)),
             cluster=self.settings.executor)
+        if any(t.executor == "process" for dag in self._workflows.values() for t in dag.tasks):
+            self._executors.warm_process_pool()  # forkserver and workers start beside the rest of start-up
         for name, target in (("dispatcher", self._dispatch_loop), ("heartbeat", self._heartbeat_loop)):
             thread = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
             thread.start()

@@ -9,8 +9,10 @@ imported only then, so the ``[dask]`` extra stays optional).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,12 @@ class Executors:
                 self._process = self._process_factory()
                 return self._process.submit(fn, *args)
 
+    def warm_process_pool(self) -> None:
+        """Start the process pool's workers now, in the background, so the first task sent there does not
+        wait for them (a worker starts on a submit that finds none idle: one no-op per worker)."""
+        for _ in range(self.config.process_workers):
+            self.submit_process(os.getpid)
+
     def shutdown(self, wait: bool = True) -> None:
         """Shut the pools down and close the Dask client; queued work is cancelled."""
         self.thread.shutdown(wait=wait, cancel_futures=True)
@@ -72,14 +80,30 @@ class Executors:
             self._cluster.close()
 
 
-def ignore_stop_signals() -> None:
-    """Initialize a process-pool worker to ignore SIGINT/SIGTERM; it exits when the pool shuts down.
+def init_pool_worker(owner_pid: int) -> None:
+    """Initialize a process-pool worker: ignore SIGINT/SIGTERM, and exit once ``owner_pid`` is gone.
 
     Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group; a worker
     killed by them would fail its task with a made-up reason while the service stops gracefully.
+    It exits when the pool shuts down, or, if its owner was killed outright (SIGKILL, OOM killer),
+    within a second: a pool worker holds both ends of its own task queue, so it never reads EOF,
+    and the fork server it came from lives as long as any of its children does.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _exit_without(owner_pid: int, every_s: float = 0.5) -> None:
+    """Exit this process once ``owner_pid`` no longer exists (checked every ``every_s``)."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:  # EPERM: alive, owned by someone else (cannot happen for our own parent tree)
+            continue
 
 
 def call_task(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:

@@ -300,6 +300,8 @@ def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0
     Always makes new runs (no dedup), so this is also how a message is reprocessed. SIGTERM and
     SIGHUP raise KeyboardInterrupt (like Ctrl-C) after stopping the service: its runs are requeued.
     """
+    if settings.runner.stage_executor == "auto":  # a few runs end before a process pool would have started
+        settings = replace(settings, runner=replace(settings.runner, stage_executor="thread"))
     with _stop_signals_interrupt():
         service = PipelineService(settings, listen=False)
         try:

@@ -140,6 +140,11 @@ def cluster_try_timeout_s(settings: Settings) -> float | None:
     return 4 * settings.ingest.timeout_s + 60
 
 
+def stage_executor(settings: Settings) -> str:
+    """Where build_digest and deliver run: ``runner.stage_executor``, "auto" being the process pool."""
+    return "process" if settings.runner.stage_executor == "auto" else settings.runner.stage_executor
+
+
 def delivery_key(ctx: TaskContext) -> str:
     """A name for this run's digest, stable across tries and distinct across runs (and purged, reused ids)."""
     spool = str(ctx.payload.get("spool", ""))
@@ -158,7 +163,10 @@ def email_digest_dag(settings: Settings) -> DAG:
              map_over="parse_email", map_items=pdf_items, retries=1,
              executor="dask" if settings.executor.kind == "dask" else "thread",
              timeout_s=cluster_try_timeout_s(settings)),
+        # build_digest and deliver: in the runner's process pool by default (runner.stage_executor); one retry
+        # for a pool worker killed from outside (BrokenProcessPool); deliver has its own three
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
-             allow_failed=("ingest_pdf",)),
-        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3),
+             allow_failed=("ingest_pdf",), executor=stage_executor(settings), retries=1),
+        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3,
+             executor=stage_executor(settings)),
     ])

@@ -80,6 +80,27 @@ def test_email_burst_on_serve_loses_nothing_and_records_resources_by_role(record
     assert {"peak RSS MB serve", "peak RSS MB workers", "CPU s serve", "CPU s workers"} <= set(resources.columns)
 
 
+def test_small_mail_drain_measures_each_variant_in_interleaved_rounds(recorder):
+    variants = {"default": None, "stage_threads": {"runner": {"stage_executor": "thread"}}}
+    df = email_bursts.small_mail_drain(burst=60, reps=2, senders=2, variants=variants, recorder=recorder)
+    cpu = df[df.metric == "cpu_ms_per_run"]
+    assert list(cpu.variant) == ["default", "stage_threads", "stage_threads", "default"]  # the order alternates
+    assert (cpu.value > 0).all()
+    rates = df[df.metric == "runs_per_s"]
+    assert (rates.value > 0).all() and set(rates.variant) <= set(variants)
+    table = soakviews.drain_table(recorder.measurements())
+    assert set(table.variant) == set(rates.variant)
+    if "default" in set(rates.variant):
+        assert (table.loc[table.variant == "default", "x default"] == 1.0).all()
+
+
+def test_a_serve_config_that_names_an_unknown_stage_executor_is_refused(tmp_path):
+    from pipeline.config import ConfigurationError, RunnerConfig
+
+    with pytest.raises(ConfigurationError, match="stage_executor"):
+        RunnerConfig(stage_executor="dask").validate()
+
+
 def _soak_rows(rss_by_runs):
     """Serve-soak measurement rows as the scenario records them (serve process RSS against runs)."""
     return pd.DataFrame([{"scenario": "soak", "variant": "serve", "metric": "rss_bytes", "value": float(rss),

@@ -91,7 +91,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                   "stop_on_failure": False},
         # on a fresh serve per round, whose runs drain at ~10-20 small mails/s on 2 cores: 2 s per rate keeps the
         # notebook near its in-kernel 100 s (5 s per rate took ~7 min on serve at load 7)
+        # small_mail_drain: 400 mails a round, 3 rounds per variant (about 10 s a round)
         "04_email_bursts": {"rates": [100, 200, 400], "duration_s": 2.0, "burst": 500, "senders": 4,
+                            "drain": {"burst": 400, "reps": 3, "senders": 4},
                             # the sender's wait: 8 closed-loop senders (and one 5 MB mail beside), both serve layouts
                             "client": {"senders": [1, 8], "per_sender": 50, "reps": 2, "large_mb": 5.0,
                                        "warmup_mails": 20}},
@@ -149,7 +151,8 @@ PROFILES["full"] = {
     "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
                               "stop_on_failure": True},
     "04_email_bursts": {"rates": [100, 200, 400, 800], "duration_s": 10.0, "burst": 2000, "senders": 8,
-                        "client": PROFILES["standard"]["04_email_bursts"]["client"]},
+                        "client": PROFILES["standard"]["04_email_bursts"]["client"],
+                        "drain": PROFILES["standard"]["04_email_bursts"]["drain"]},
     "07_code_quality": {"with_coverage": True},
     # the 1,100 idle connections: the audit process holds them, so it needs ~1,200 open files
     "10_hostile_senders": {"sessions": {"limit": 500, "extra": 600, "sends": 20, "release": 10, "churn": 5000},

@@ -180,3 +180,17 @@ def kernel_soak_text(m: pd.DataFrame) -> str:
             "`gc.collect()`): a leak keeps growing to the end, while a bounded cache filling up is a step early on"
             + (f"; fitted over every sample the traced slope is {kib_per_run(whole)}, which such steps inflate "
                "(the chart shows where they are)." if whole is not None else "."))
+
+
+def drain_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Small mails processed per second per serve variant: median and range over its rounds, CPU ms per run, and
+    each variant's median rate over the default's (rounds interleaved in one session)."""
+    r = rows(m, "small_mail_drain")
+    if r.empty:
+        return r
+    rate = r[r.metric == "runs_per_s"].groupby("variant").value
+    table = pd.DataFrame({"rounds": rate.size(), "runs/s median": rate.median(), "min": rate.min(), "max": rate.max(),
+                          "CPU ms per run": r[r.metric == "cpu_ms_per_run"].groupby("variant").value.median()})
+    if "default" in table.index:
+        table["x default"] = table["runs/s median"] / table.loc["default", "runs/s median"]
+    return table.reset_index()

@@ -114,3 +114,44 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
                  for p in ("serve", "workers")]
         rows.append(row("baseline", "worker_restarts", done.worker_restarts, "workers", 0, process="workers", **tags))
     return save(recorder, "email_burst", rows)
+
+
+# where build_digest and deliver run (issue 16): the shipped default against the engine's own threads
+DRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]] | None] = {
+    "default": None, "stage_threads": {"runner": {"stage_executor": "thread"}}}
+
+
+def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
+                     variants: dict[str, dict[str, dict[str, Any]] | None] | None = None,
+                     recorder: AuditRecorder | None = None) -> pd.DataFrame:
+    """Small mails processed per second: ``burst`` small mails at once to a fresh serve per round, its backlog's
+    peak over the time from the last send until every run ended; each variant (a serve config) ``reps`` times,
+    interleaved, the order alternating round by round.
+
+    Rows ``runs_per_s`` (``backlog_peak / drain_seconds``) and ``cpu_ms_per_run`` (serve and its workers)
+    tagged ``variant``; a round whose backlog was gone by the last send has no rate to give and is left out.
+    """
+    variants = DRAIN_VARIANTS if variants is None else variants
+    rows: list[dict[str, Any]] = []
+    turns = [(rep, name) for rep in range(reps) for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1])]
+    for rep, name in tqdm(turns, desc="small_mail_drain", unit="round"):
+        with tempfile.TemporaryDirectory(prefix="drain-") as tmp:
+            work = Path(tmp)
+            with serving(work / "data", work, variants[name]) as serve:
+                store = SqliteRunStore(serve.data_dir / "runs.sqlite3", create=False)
+                try:
+                    with TreeWatch(serve) as watch:
+                        accepted, backlog, last_sent = paced_send(serve.port, store, burst, float("inf"), senders,
+                                                                  prefix=f"drain-{name}-{rep}")
+                        found = wait_terminal(serve.data_dir, accepted, 600.0)
+                finally:
+                    store.close()
+        runs = [r for mid in accepted for r in found.get(mid, [])]
+        drained = max((r.ended_at or 0 for r in runs), default=last_sent) - last_sent
+        peak = max((b for _, b in backlog), default=0)
+        tags = {"messages": burst, "senders": senders}
+        if drained > 0 and peak > 0:
+            rows.append(row(name, "runs_per_s", peak / drained, "1/s", rep, **tags))
+        cpu = watch.cpu_seconds()
+        rows.append(row(name, "cpu_ms_per_run", 1000 * sum(cpu.values()) / max(1, len(runs)), "ms", rep, **tags))
+    return save(recorder, "small_mail_drain", rows)

@@ -104,7 +104,9 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None, min_run
 
             return _measure(batch, runs, warmup, every, min_runs)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        settings = replace(Settings.for_data_dir(Path(tmp)), runner=RunnerConfig(thread_workers=4))
+        # stages in this process (not the process pool), so tracemalloc sees every line the pipeline runs
+        settings = replace(Settings.for_data_dir(Path(tmp)),
+                           runner=RunnerConfig(thread_workers=4, stage_executor="thread"))
         store = open_store(settings.store)
         with WorkflowEngine(store, settings) as engine:
             engine.register(dag)
