@@ -65,7 +65,8 @@ class RunnerConfig:
     retry_max_delay_s: float = 30.0
     # where build_digest and deliver run: "process", the pool of process_workers (the email package's header
     # parsing and the summary off the engine's GIL: small mails 1.3x per second, issue 16), or "thread";
-    # "auto": the pool in serve, threads for `ingest` (whose few runs end before a pool has started)
+    # "auto": the pool, but threads for `ingest` (whose few runs end before a pool has started); deliver keeps
+    # to threads when it sends through a relay (workflows.email_digest_dag)
     stage_executor: str = "auto"
 
     def validate(self) -> None:

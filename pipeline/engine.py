@@ -134,7 +134,8 @@ class WorkflowEngine:
         self._executors = Executors(
             cfg, ThreadPoolExecutor(cfg.thread_workers, thread_name_prefix="pipeline-task"),
             lambda: ProcessPoolExecutor(cfg.process_workers, mp_context=multiprocessing.get_context("forkserver"),
-                                        initializer=init_pool_worker, initargs=(os.getpid(),)),
+                                        initializer=init_pool_worker,
+                                        initargs=(os.getpid(), logging.getLogger().getEffectiveLevel())),
             cluster=self.settings.executor)
         if any(t.executor == "process" for dag in self._workflows.values() for t in dag.tasks):
             self._executors.warm_process_pool()  # forkserver and workers start beside the rest of start-up

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ class Executors:
                 return self._process.submit(fn, *args)
             except BrokenExecutor:  # a worker was killed (OOM, kill -9): that pool takes nothing more
                 log.warning("process pool broken by a worker that died; starting a new one")
+                _kill_workers(self._process)  # they ignore SIGTERM: stop them before they run tries failed already
                 self._process.shutdown(wait=False)
                 self._process = self._process_factory()
                 return self._process.submit(fn, *args)
@@ -80,7 +82,17 @@ class Executors:
             self._cluster.close()
 
 
-def init_pool_worker(owner_pid: int) -> None:
+def _kill_workers(pool: Executor) -> None:
+    """SIGKILL the processes of a broken ProcessPoolExecutor (its ``_processes``: CPython's, stable since 3.2)."""
+    processes = getattr(pool, "_processes", None) or {}
+    for proc in list(processes.values()):
+        try:
+            proc.kill()
+        except (OSError, ValueError):  # gone already, or closed
+            continue
+
+
+def init_pool_worker(owner_pid: int, log_level: int = logging.INFO) -> None:
     """Initialize a process-pool worker: ignore SIGINT/SIGTERM, and exit once ``owner_pid`` is gone.
 
     Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group; a worker
@@ -91,6 +103,8 @@ def init_pool_worker(owner_pid: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the tasks' log lines go to serve's stderr as the engine's do (a fresh interpreter has no handler)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     threading.Thread(target=_exit_without, args=(owner_pid,), name="owner-watch", daemon=True).start()
 
 

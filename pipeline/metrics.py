@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 EXTRACT_WORKER = "pipeline.stages.extract_worker"  # in the command line of every extraction worker process
 GATEWAY_PROCESS = "pipeline.gatewaychild"  # in the command line of serve's gateway process
+STAGE_POOL = "multiprocessing.forkserver"  # the runner's process pool (build_digest, deliver) and its fork server
 
 _MS_TO_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -223,15 +224,15 @@ def memory_families() -> Iterator[Any]:
     (sum and max, no pids)."""
     import psutil  # imported here: the hooks in the core never pay for it
 
-    rss: dict[str, list[int]] = {"serve": [], "gateway": [], "extract_worker": []}
+    rss: dict[str, list[int]] = {"serve": [], "gateway": [], "extract_worker": [], "stage_pool": []}
     try:
         me = psutil.Process(os.getpid())
         rss["serve"].append(me.memory_info().rss)
         for child in me.children(recursive=True):
             try:
                 command = child.cmdline()
-                role = next((r for r, m in (("extract_worker", EXTRACT_WORKER), ("gateway", GATEWAY_PROCESS))
-                             if any(m in part for part in command)), None)
+                role = next((r for r, m in (("extract_worker", EXTRACT_WORKER), ("gateway", GATEWAY_PROCESS),
+                                            ("stage_pool", STAGE_POOL)) if any(m in part for part in command)), None)
                 if role is not None:
                     rss[role].append(child.memory_info().rss)
             except psutil.Error:  # it ended meanwhile

@@ -42,7 +42,7 @@ from . import dag as dags
 from . import metrics, tracing
 from . import store as s
 from .dag import DAG, Task, TaskContext, parse_instance
-from .errors import StepError, StoreError, TaskTimeoutError
+from .errors import StepError, StoreError, TaskTimeoutError, WorkerCrashedError
 from .executors import Executors, call_task
 from .handover import Handover
 from .stages.worker_pool import WaitClock, timing_waits
@@ -304,6 +304,8 @@ class DAGRunner:
         if future.cancelled() or (self._stopping and isinstance(exc, BrokenExecutor)):
             self._interrupted(instance_id)  # the executor shut down under this try: not the task's failure
             return
+        if isinstance(exc, BrokenExecutor):  # a process-pool worker killed from outside: typed, retryable
+            exc = WorkerCrashedError(f"the process running {instance_id} died ({type(exc).__name__}: {exc})")
         output_json = None
         if exc is None:
             try:

@@ -66,3 +66,10 @@ def recovery_dag():
         Task("b", record_call, deps=("a",), map_over="a"),
         Task("c", record_call, deps=("b",)),
     ])
+
+
+def die_on_first_try(ctx: TaskContext) -> dict:
+    """Kill this process-pool worker outright on the first try (as the OOM killer would); succeed after."""
+    if ctx.try_number == 1:
+        os.kill(os.getpid(), 9)
+    return {"pid": os.getpid(), "try": ctx.try_number}

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from helpers import noop, square_in_process
+from helpers import die_on_first_try, noop, square_in_process
 
 from pipeline.dag import DAG, Task
 from pipeline.errors import UnknownWorkflowError
@@ -142,6 +142,16 @@ def test_process_executor_runs_in_another_process(store, make_engine):
     run = engine.wait(engine.trigger("cpu", {"n": 7}).run_id, timeout=60)
     out = store.get_tasks(run.run_id)[0].output
     assert run.state == "success" and out["value"] == 49 and out["pid"] != os.getpid()
+
+
+def test_a_killed_process_pool_worker_fails_its_try_as_worker_crashed_and_the_retry_runs(store, make_engine):
+    engine = make_engine(DAG("dies", [Task("d", die_on_first_try, executor="process", retries=1)]))
+    run = engine.wait(engine.trigger("dies", {}).run_id, timeout=60)
+    assert run.state == "success", run
+    task = store.get_tasks(run.run_id)[0]
+    assert task.output["try"] == 2 and task.try_number == 2
+    events = store.query("SELECT state, error_type FROM task_events WHERE run_id = ? ORDER BY rowid", (run.run_id,))
+    assert ("retrying", "worker_crashed") in [tuple(e) for e in events]
 
 
 def test_trigger_dedup_returns_same_run(make_engine):

@@ -67,7 +67,7 @@ def test_pyspy_profile_is_recorded_or_its_absence_explained(profiled):
         assert "could not record" in profileviews.pyspy_note(recorder.measurements())
         pytest.skip(f"py-spy could not record serve here: {status.reason}")
     top = profileviews.top_self_time(recorder.measurements(), top=5)
-    assert len(top) and set(top.process) <= {"serve", "gateway", "extract worker", "other child"}
+    assert len(top) and set(top.process) <= {"serve", "gateway", "extract worker", "stage pool", "other child"}
     assert not any(site.startswith("/") for site in df[df.metric == "self_seconds"].site)
     svg = profileviews.flamegraph_file(recorder.measurements(), artefacts)
     assert svg is not None

@@ -43,8 +43,8 @@ class CountingSink:
 
 @contextmanager
 def running_pipeline(data_dir: Path | None = None, *, workers: bool = True, max_active_runs: int = 32,
-                     thread_workers: int = 16, ingest: IngestConfig | None = None
-                     ) -> Iterator[tuple[PipelineService, CountingSink]]:
+                     thread_workers: int = 16, ingest: IngestConfig | None = None,
+                     stage_executor: str = "auto") -> Iterator[tuple[PipelineService, CountingSink]]:
     """A started PipelineService delivering to a local SMTP sink; stopped (and temp data removed) after."""
     with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
         root = Path(data_dir or tmp)
@@ -56,7 +56,7 @@ def running_pipeline(data_dir: Path | None = None, *, workers: bool = True, max_
                            gateway=GatewayConfig(port=free_port(), drop_folder=False),
                            delivery=DeliveryConfig(relay=f"smtp://127.0.0.1:{sink_port}", outbox=root / "outbox"),
                            engine=EngineConfig(max_active_runs=max_active_runs),
-                           runner=RunnerConfig(thread_workers=thread_workers),
+                           runner=RunnerConfig(thread_workers=thread_workers, stage_executor=stage_executor),
                            ingest=ingest or IngestConfig())
         service = PipelineService(settings).start(run_workers=workers)
         try:

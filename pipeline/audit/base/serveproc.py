@@ -31,6 +31,7 @@ import psutil
 
 EXTRACT_WORKER = "pipeline.stages.extract_worker"
 GATEWAY_PROCESS = "pipeline.gatewaychild"  # serve's SMTP gateway child (issue 17), part of the "serve" role
+STAGE_POOL = "multiprocessing.forkserver"  # the runner's process pool and its fork server (issue 16), "serve" too
 ROOT = Path(__file__).resolve().parents[3]  # serve runs from the repository root, as `make` does
 
 
@@ -109,11 +110,13 @@ class ServeProcess:
             return []
 
     def serve_processes(self) -> list[psutil.Process]:
-        """What the audit calls *serve*: the main process and its gateway process (the default since issue 17:
-        it accepts the mail), everything of serve except the extraction workers."""
+        """What the audit calls *serve*: everything of serve except the extraction workers: the main process, its
+        gateway process (the default since issue 17: it accepts the mail) and the runner's process pool with its
+        fork server (build_digest and deliver, issue 16)."""
         if self.proc is None or self.proc.poll() is not None:
             return []
-        return [psutil.Process(self.proc.pid), *self._descendants_running(GATEWAY_PROCESS)]
+        workers = {p.pid for p in self.extract_workers()}
+        return [psutil.Process(self.proc.pid), *(p for p in self.descendants() if p.pid not in workers)]
 
     def extract_workers(self) -> list[psutil.Process]:
         """Serve's PDF extraction worker processes."""

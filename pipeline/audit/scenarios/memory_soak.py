@@ -92,7 +92,8 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None, min_run
     after at least that many once the traced slope is ``precise_enough`` (the last point's ``runs`` says when).
     """
     if dag is None:
-        with running_pipeline() as (service, _sink):
+        # the stages in this process (not the process pool), so tracemalloc sees every line the pipeline runs
+        with running_pipeline(stage_executor="thread") as (service, _sink):
             pdf = fx.text_pdf(1)
             counter = iter(range(10**9))
 
@@ -104,9 +105,7 @@ def run_soak(runs: int, warmup: int, every: int, dag: DAG | None = None, min_run
 
             return _measure(batch, runs, warmup, every, min_runs)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        # stages in this process (not the process pool), so tracemalloc sees every line the pipeline runs
-        settings = replace(Settings.for_data_dir(Path(tmp)),
-                           runner=RunnerConfig(thread_workers=4, stage_executor="thread"))
+        settings = replace(Settings.for_data_dir(Path(tmp)), runner=RunnerConfig(thread_workers=4))
         store = open_store(settings.store)
         with WorkflowEngine(store, settings) as engine:
             engine.register(dag)

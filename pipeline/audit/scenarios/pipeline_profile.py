@@ -37,7 +37,15 @@ from ..base.faultcheck import wait_terminal
 from ..base.harness import frame, row
 from ..base.paths import short_site
 from ..base.recorder import AuditRecorder
-from ..base.serveproc import EXTRACT_WORKER, GATEWAY_PROCESS, Senders, ServeProcess, digests_by_original, serving
+from ..base.serveproc import (
+    EXTRACT_WORKER,
+    GATEWAY_PROCESS,
+    STAGE_POOL,
+    Senders,
+    ServeProcess,
+    digests_by_original,
+    serving,
+)
 from .concurrency import stage_times, task_windows
 
 SCENARIO = "pipeline_profile"
@@ -51,15 +59,18 @@ Rows = list[dict[str, Any]]
 
 
 def role_of(proc: psutil.Process, serve_pid: int) -> str:
-    """``serve``, ``gateway``, ``extract worker`` or ``other child``: what a process of serve's tree is, never its
-    pid (the gateway process accepts the mail since issue 17; the profile shows it apart from serve's engine)."""
+    """``serve``, ``gateway``, ``extract worker``, ``stage pool`` or ``other child``: what a process of serve's
+    tree is, never its pid (the gateway process accepts the mail since issue 17; the stage pool, the runner's
+    process pool and its fork server, runs build_digest and deliver since issue 16)."""
     if proc.pid == serve_pid:
         return SERVE
     try:
         command = proc.cmdline()
         if any(GATEWAY_PROCESS in part for part in command):
             return "gateway"
-        return EXTRACT if any(EXTRACT_WORKER in part for part in command) else "other child"
+        if any(EXTRACT_WORKER in part for part in command):
+            return EXTRACT
+        return "stage pool" if any(STAGE_POOL in part for part in command) else "other child"
     except psutil.Error:
         return "other child"
 
