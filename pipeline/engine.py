@@ -138,7 +138,7 @@ class WorkflowEngine:
                                         initargs=(os.getpid(), logging.getLogger().getEffectiveLevel())),
             cluster=self.settings.executor)
         if any(t.executor == "process" for dag in self._workflows.values() for t in dag.tasks):
-            self._executors.warm_process_pool()  # forkserver and workers start beside the rest of start-up
+            self._executors.warm_process_pool()  # the workers' imports run beside the rest of start-up
         for name, target in (("dispatcher", self._dispatch_loop), ("heartbeat", self._heartbeat_loop)):
             thread = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
             thread.start()
