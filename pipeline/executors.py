@@ -69,8 +69,8 @@ class Executors:
 
     def warm_process_pool(self) -> None:
         """Start the process pool's workers now, so the first task sent there does not wait for them (a worker
-        starts on a submit that finds none idle: one no-op per worker). Starting them takes the caller a few
-        tens of milliseconds (the fork server forks them); their imports then run beside the caller."""
+        starts on a submit that finds none idle: one no-op per worker). The caller waits until the fork server
+        has forked them; their imports then run beside the caller."""
         for _ in range(self.config.process_workers):
             self.submit_process(os.getpid)
 
