@@ -64,7 +64,7 @@ class RunnerConfig:
     retry_base_delay_s: float = 0.5
     retry_max_delay_s: float = 30.0
     # where build_digest and deliver run: "process", the pool of process_workers (the email package's header
-    # parsing and the summary off the engine's GIL: small mails 1.3x per second, issue 16), or "thread";
+    # parsing and the summary off the engine's GIL: small mails 1.24x per second in small_mail_drain), or "thread";
     # "auto": the pool, but threads for `ingest` (whose few runs end before a pool has started); deliver keeps
     # to threads when it sends through a relay (workflows.email_digest_dag)
     stage_executor: str = "auto"

@@ -54,9 +54,8 @@ from .parse import clean_header, parse_mailboxes
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
 # Defects that still leave one well-defined mailbox: a UTF-8 local part (RFC 6532) and an obsolete route.
 _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDefect)
-# RFC 6532: a UTF-8 address is written as UTF-8, never as an RFC 2047 encoded word (which policy.default
-# would silently put in the local part); a relay must then offer SMTPUTF8 (smtplib checks).
-_UTF8 = SMTPUTF8
+# RFC 6532: a UTF-8 address is written as UTF-8 (mailpolicy.SMTPUTF8), never as an RFC 2047 encoded word
+# (which the default policy would silently put in the local part); a relay must then offer SMTPUTF8.
 
 
 LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers with write access to the data dir
@@ -128,7 +127,7 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
                   message_id: str | None = None) -> EmailMessage:
     """Build the reply to ``to`` (see ``reply_recipient``): text and HTML alternatives, threaded under the original."""
     utf8 = not to.addr_spec.isascii()  # RFC 6532: a UTF-8 address is written raw (needs SMTPUTF8 at the relay)
-    msg = EmailMessage(policy=_UTF8 if utf8 else DEFAULT)
+    msg = EmailMessage(policy=SMTPUTF8 if utf8 else DEFAULT)
     msg["From"] = config.sender
     msg["To"] = to
     msg["Subject"] = clean_header(digest.subject, 250)
