@@ -27,6 +27,7 @@ profile = "quick"
 reps = 1
 variants = None  # None: every engine variant of pdf_ingestion.ENGINE_VARIANTS
 once_above_mb = None  # documents over this size: every rep with the default engine, one with the others
+others_max_mb = None  # documents over this size: the default engine only (None: every engine on every document)
 
 # %%
 from pipeline.audit.notebook import fixture_items, open_recorder
@@ -37,7 +38,8 @@ recorder = open_recorder(db_path, session_id, profile)
 
 # %%
 scaling = pdf_ingestion.pdf_scaling(fixture_items(fixtures_dir, profile), reps=reps, recorder=recorder,
-                                    variants=variants, once_above_mb=once_above_mb)
+                                    variants=variants, once_above_mb=once_above_mb,
+                                    others_max_mb=others_max_mb)
 table = views.pdf_scaling_table(recorder.measurements())
 table
 

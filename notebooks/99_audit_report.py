@@ -242,7 +242,8 @@ md("## 7. Optimizations, before and after\n\nEach switch measured both ways in t
    "(`StoreConfig`, `GatewayConfig`); the ingestion ones are `IngestConfig.isolate` (worker processes) and "
    "`IngestConfig.stream_text`:\n\n" + views.markdown(optim) +
    "\n\nPDF ingestion engines (median seconds; `pypdf/x` is how many times faster x is than single-worker "
-   "pypdf; the shipped default is PDFium with pages split across two workers):\n\n" + views.markdown(engines))
+   "pypdf; the shipped default is PDFium with pages split across two workers" +
+   views.engines_not_measured(info.get("params")) + "):\n\n" + views.markdown(engines))
 
 # %%
 counts, errors = views.code_quality_tables(m)

@@ -113,6 +113,17 @@ def test_pdf_scaling_runs_other_engines_once_above_the_size_and_the_default_ever
         (1, "text", "pypdf"), (1, "text", "pdfium-2w"), (1, "mixed", "pdfium-2w")]  # still interleaved
 
 
+def test_pdf_scaling_measures_only_the_default_engine_above_the_others_size_cap(recorder, small_pdfs):
+    items = [{"path": str(small_pdfs["text"]), "kind": "text", "mb": 0.01},
+             {"path": str(small_pdfs["mixed"]), "kind": "mixed", "mb": 10}]
+    df = pdf_ingestion.pdf_scaling(items, reps=2, recorder=recorder, variants=["pypdf", "pdfium-2w"],
+                                   once_above_mb=1, others_max_mb=5)
+    timings = df[df.metric == "ingest_seconds"]
+    assert list(zip(timings.rep, timings.kind, timings.variant, strict=True)) == [
+        (0, "text", "pypdf"), (0, "text", "pdfium-2w"), (0, "mixed", "pdfium-2w"),
+        (1, "text", "pypdf"), (1, "text", "pdfium-2w"), (1, "mixed", "pdfium-2w")]
+
+
 def test_worker_rss_sampler_measures_the_extraction_workers_and_no_other_process(small_pdfs, tmp_path):
     decoy = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:

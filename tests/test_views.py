@@ -1,5 +1,6 @@
 """The report's tables are arithmetic on recorded rows: check that arithmetic on rows with known values."""
 
+import json
 import math
 import re
 
@@ -42,6 +43,14 @@ def test_stage_breakdown_orders_stages_and_shares_add_up(recorded):
 def test_engine_table_gives_the_speedup_over_pypdf(recorded):
     table = views.engine_table(recorded)
     assert table["pypdf/pdfium-2w"].item() == pytest.approx(4.0)
+
+
+def test_the_engine_tables_blanks_are_explained_from_the_session_parameters():
+    from pipeline.audit.batch import PROFILES
+    standard = views.engines_not_measured(json.dumps(PROFILES["standard"]))
+    assert "up to 5 MB only" in standard and "--profile full" in standard
+    assert views.engines_not_measured(json.dumps(PROFILES["full"])) == ""
+    assert views.engines_not_measured(None) == "" and views.engines_not_measured("{}") == ""
 
 
 def test_baselines_include_the_runner_overhead(recorded):

@@ -7,6 +7,7 @@ arranges them. Empty inputs give empty tables, never invented figures.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -306,6 +307,17 @@ def engine_table(m: pd.DataFrame) -> pd.DataFrame:
         for variant in [c for c in table.columns if c != "pypdf"]:
             table[f"pypdf/{variant}"] = table["pypdf"] / table[variant]
     return table.reset_index()
+
+
+def engines_not_measured(session_params: str | dict[str, Any] | None) -> str:
+    """The engine table's blanks explained from the session's notebook parameters: which documents the engines
+    other than the default skipped (``others_max_mb`` of notebook 02); '' when they ran on every document."""
+    params = json.loads(session_params) if isinstance(session_params, str) else (session_params or {})
+    cap = params.get("02_pdf_ingestion", {}).get("others_max_mb")
+    if cap is None:
+        return ""
+    return (f"; a blank cell was not measured: this profile runs the engines other than the default on documents "
+            f"up to {cap:g} MB only, and `--profile full` on every document")
 
 
 def hostile_table(m: pd.DataFrame) -> pd.DataFrame:
