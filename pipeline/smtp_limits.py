@@ -29,9 +29,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
-
 from .config import GatewayConfig
+from .smtp_lean import LeanSMTP
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_SESSIONS = 500
@@ -189,7 +188,7 @@ def close_soon(transport: asyncio.WriteTransport) -> None:
         transport.close()
 
 
-class LimitedSMTP(SMTP):
+class LimitedSMTP(LeanSMTP):
     """aiosmtpd's SMTP that counts itself against ``limits`` and closes idle or long sessions with 421."""
 
     def __init__(self, handler: Any, *, limits: SessionLimits, **kwargs: Any) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One probe of an interleaved commit A/B (run by ``pipeline.audit.reporting.abcommits``, not by hand).
 
-    PYTHONPATH=<tree> python scripts/ab_probe.py trigger|drain|ingest|transitions [--small PASSES]
+    PYTHONPATH=<tree> python scripts/ab_probe.py trigger|drain|accept|ingest|transitions [--small PASSES]
 
 Imports ``pipeline`` from whichever tree is on PYTHONPATH and uses only long-standing APIs, so the
 same probe runs against an older commit. Prints one JSON object: the probe's value and unit (wall
@@ -68,6 +68,19 @@ def drain(small: int) -> tuple[float, str, float]:  # no small form: ``small`` i
     return float(value["backlog_peak"] / value["drain_seconds"]), "1/s", spent
 
 
+def accept(small: int) -> tuple[float, str, float]:  # no small form: ``small`` is unused
+    """Small mails accepted per second by our gateway alone (``serve --gateway-only``): 8 closed-loop sender
+    processes, a new connection per mail, 100 mails each, after a warm-up; the median of 2 rounds (issue 17)."""
+    from pipeline.audit.scenarios.client_latency import VARIANTS, client_latency
+
+    before = cpu_s()
+    with tempfile.TemporaryDirectory(prefix="ab-accept-") as tmp:
+        df = client_latency(Path(tmp), senders=(8,), per_sender=100, reps=2, large_mb=None, warmup_mails=40,
+                            variants={"gateway_only": VARIANTS["gateway_only"]})
+    spent = cpu_s() - before
+    return statistics.median(df[df.metric == "accepted_per_s"].value), "1/s", spent
+
+
 def ingest(small: int) -> tuple[float, str, float]:
     """Median seconds to ingest a 1 MB text PDF with the default settings (3 times after a warm-up)."""
     try:
@@ -112,7 +125,7 @@ def transitions(small: int) -> tuple[float, str, float]:
     return statistics.median(rates[1:] or rates), "1/s", spent
 
 
-PROBES = {"trigger": trigger, "drain": drain, "ingest": ingest, "transitions": transitions}
+PROBES = {"trigger": trigger, "drain": drain, "accept": accept, "ingest": ingest, "transitions": transitions}
 
 if __name__ == "__main__":
     passes = int(sys.argv[3]) if sys.argv[2:3] == ["--small"] and len(sys.argv) > 3 else 0

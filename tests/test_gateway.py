@@ -115,6 +115,17 @@ def test_recipient_outside_allow_list_gets_550(service_factory):
         assert not smtp.sendmail("a@example.com", ["digest@pipeline.local"], fx.email_with([], message_id="<ok@x>"))
 
 
+@pytest.mark.parametrize("command", ["MAIL FROM:<alice@", "MAIL FROM:<@>"])
+def test_a_malformed_sender_address_gets_553_not_a_temporary_failure(service_factory, command):
+    service = service_factory()
+    with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+        smtp.ehlo()
+        code, reply = smtp.docmd(command)
+        assert code == 553, reply  # permanent (5.1.3 malformed): an MTA must not retry what never parses
+        assert not smtp.sendmail("a@example.com", ["digest@pipeline.local"], fx.email_with([], message_id="<ok@x>"))
+    assert service.engine.wait(service.store.find_run("email_digest", "<ok@x>").run_id, timeout=60).state == "success"
+
+
 def test_garbage_data_is_stored_and_fails_at_parse(service_factory):
     service = service_factory()
     garbage = fx.random_bytes(1500).hex().encode()

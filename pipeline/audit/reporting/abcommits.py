@@ -33,9 +33,9 @@ from .regression import TIME_UNITS, SeriesVerdict, bootstrap_ratio, judge
 from .report import ROOT
 
 PROBE = ROOT / "scripts" / "ab_probe.py"
-PROBES = ("trigger", "drain", "ingest", "transitions")
+PROBES = ("trigger", "drain", "accept", "ingest", "transitions")
 MEASURES = ("cpu", "wall", "instructions")
-INSTRUCTION_PROBES = ("transitions", "ingest")  # the SMTP probes (trigger, drain) have no small form
+INSTRUCTION_PROBES = ("transitions", "ingest")  # the SMTP probes (trigger, drain, accept) have no small form
 _I_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
