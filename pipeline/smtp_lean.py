@@ -29,6 +29,7 @@ from aiosmtpd.smtp import SMTP
 # The attribute prefixes aiosmtpd's SMTP.__init__ builds its tables from (1.4: smtp_* commands, auth_* mechanisms).
 INTROSPECTED_PREFIXES = ("smtp_", "auth_")
 ADDRESS_CACHE_SIZE = 4096
+_INTROSPECTED: dict[type, list[str]] = {}  # per session class: its attributes with those prefixes
 
 
 class LeanSMTP(SMTP):
@@ -36,7 +37,10 @@ class LeanSMTP(SMTP):
 
     def __dir__(self) -> list[str]:
         """Only the command and AUTH methods: what aiosmtpd introspects on every connection."""
-        return _introspected_names(type(self))
+        cls = type(self)
+        if cls not in _INTROSPECTED:
+            _INTROSPECTED[cls] = [name for name in dir(cls) if name.startswith(INTROSPECTED_PREFIXES)]
+        return _INTROSPECTED[cls]  # dir() returns a sorted copy
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's ``_getaddr``: (address, the rest of the argument), or (None, None) if it does not parse
@@ -45,11 +49,6 @@ class LeanSMTP(SMTP):
         if address and self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, rest
-
-
-@functools.cache
-def _introspected_names(cls: type) -> list[str]:
-    return sorted(name for name in dir(cls) if name.startswith(INTROSPECTED_PREFIXES))
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
