@@ -14,8 +14,10 @@
 # Each optimization is a switch whose baseline still works; both are run in this session, interleaved
 # (A B A B) after a warm-up. Store: journal and synchronous level, batched commits, BEGIN IMMEDIATE,
 # indexes, the counter table, selecting only needed columns, waiting for the write lock by polling. Gateway:
-# chunked DATA reading, inotify against polling. Ingestion: worker processes against threads for CPU-bound
-# extraction, streaming pages against holding the document's text. (PDF engines and page-parallel extraction are compared in the PDF
+# chunked DATA reading, inotify against polling, LeanSMTP sessions against aiosmtpd's, small mails accepted
+# on the event loop against in the thread pool. Ingestion: worker processes against threads for CPU-bound
+# extraction, streaming pages against holding the document's text. (PDF engines and page-parallel
+# extraction are compared in the PDF
 # ingestion notebook; the runner's per-task overhead is in the store notebook.)
 
 # %% tags=["parameters"]
@@ -28,7 +30,8 @@ reps = 1
 transitions = 500  # per commit-switch measurement
 lock_inserts = 50  # run inserts per turn beside a busy writer process (lock polling off and on)
 gateway_reps = 1
-gateway = {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20, "drop_messages": 3}
+gateway = {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20, "drop_messages": 3,
+           "session_senders": 2, "session_mails": 5}
 dense_pdf = "text-0.5mb.pdf"  # streaming against holding: the text-densest fixture of the profile
 batch_pdf = "text-tiny.pdf"  # executor kinds: several copies ingested at once
 documents = 2

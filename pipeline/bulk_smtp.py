@@ -278,9 +278,9 @@ class GatewayController(Controller):
     """
 
     def __init__(self, handler: object, *, bulk_data: bool = True, limits: SessionLimits | None = None,
-                 **kwargs: Any) -> None:
+                 lean_sessions: bool = True, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.bulk_data = bulk_data
+        self.bulk_data, self.lean_sessions = bulk_data, lean_sessions
         self.limits = limits or SessionLimits()
         self.loop.set_exception_handler(self.limits.log.loop_exception_handler)
 
@@ -289,7 +289,7 @@ class GatewayController(Controller):
             return RefusedConnection()
         try:
             return (BulkDataSMTP if self.bulk_data else LimitedSMTP)(self.handler, limits=self.limits,
-                                                                     **self.SMTP_kwargs)
+                                                                     lean=self.lean_sessions, **self.SMTP_kwargs)
         except BaseException:
             self.limits.close_session()
             raise

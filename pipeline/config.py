@@ -140,6 +140,9 @@ class GatewayConfig:
     bulk_data: bool = True  # read DATA in chunks (BulkDataSMTP); False: aiosmtpd's line-by-line reader
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
     accept_off_loop: bool = True  # store and queue each message in a thread; False: on the SMTP event loop
+    # ... but a message up to this size on the event loop, cheaper than the hand-off (inline_accept.py); 0: none
+    inline_accept_bytes: int = 64 * 1024
+    lean_sessions: bool = True  # LeanSMTP's cheap session start and cached address parse; False: aiosmtpd's own
     poll_interval_s: float = 1.0
     # Limits on what senders can hold (issue 11). None: a quarter of the process's open-file limit, at most 500.
     max_sessions: int | None = None  # concurrent SMTP sessions; one more is answered 421 4.3.2 and closed
@@ -156,6 +159,8 @@ class GatewayConfig:
             raise ConfigurationError(f"gateway.port {self.port} is not a TCP port")
         if self.max_message_bytes <= 0:
             raise ConfigurationError("gateway.max_message_bytes must be > 0")
+        if self.inline_accept_bytes < 0:
+            raise ConfigurationError("gateway.inline_accept_bytes must be >= 0 (0: every message in the thread pool)")
         if self.watch_mode not in {"inotify", "poll"}:
             raise ConfigurationError("gateway.watch_mode must be 'inotify' or 'poll'")
         if self.max_sessions is not None and self.max_sessions < 1:

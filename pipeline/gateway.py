@@ -2,8 +2,10 @@
 
 The aiosmtpd handler does no parsing: the fsync and the run-store commit run
 in a small thread pool, so a 5 MB message never stalls the event loop that
-serves every other sender. SIZE is advertised and enforced (552), and an
-optional allow-list of recipient domains answers 550 to the rest.
+serves every other sender; a small one (``inline_accept_bytes``) is accepted on
+the loop, where it costs its sender less than the hand-off (``inline_accept``).
+SIZE is advertised and enforced (552), and an optional allow-list of recipient
+domains answers 550 to the rest.
 
 Issue 11 (what a hostile or careless sender can hold): sessions, idle time,
 session time and DATA bytes in flight are bounded (``smtp_limits``); with
@@ -55,6 +57,7 @@ from .bulk_smtp import DataEnvelope, GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .errors import PipelineError, SpoolError, StartupError, StoreError, UnavailableError
+from .inline_accept import InlineAccepts
 from .smtp_limits import SessionLimits
 from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
 from .store import Run
@@ -74,6 +77,7 @@ class EmailGateway:
         self.workflow = workflow
         self.limits = SessionLimits.from_config(self.config)  # the automatic session limit is read here
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
+        self.inline_accepts = InlineAccepts(self.config.inline_accept_bytes)
         self._controller: GatewayController | None = None
         # whether the workers can take runs (None: yes); serve's gateway process hears it from its parent
         self.health: Callable[[], str | None] = lambda: engine.health_problem
@@ -167,6 +171,7 @@ class EmailGateway:
         sockets = sockets or listen_sockets(self.config.host, self.config.port)
         host, port = sockets[0].getsockname()[:2]
         controller = _SocketController(_SmtpHandler(self), sockets, bulk_data=self.config.bulk_data,
+                                       lean_sessions=self.config.lean_sessions,
                                        limits=self.limits, data_size_limit=self.config.max_message_bytes,
                                        server_hostname=socket.getfqdn(),  # once: aiosmtpd asks DNS per session
                                        ready_timeout=10)
@@ -265,17 +270,31 @@ class _SmtpHandler:
                 raw = raw.encode("utf-8", "surrogateescape")
             accept = partial(self.gateway.accept, raw, mail_from=mail_from, rcpt_tos=rcpt_tos,
                              data_end_at=data_end_at, head=return_path_header(mail_from))
+        size = writer.size if isinstance(writer, SpoolWriter) else len(raw)
         try:
             with metrics.ACCEPTS_IN_PROGRESS.track_inprogress():
-                if self.gateway.config.accept_off_loop:  # the fsyncs and the commit must not stall other sessions
-                    run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
-                else:  # the baseline the switch measures against
+                if not self.gateway.config.accept_off_loop:  # the baseline the switch measures against
                     run = accept()
+                elif self.gateway.inline_accepts.inline(size):  # small: cheaper here than a thread hand-off
+                    run = self._accept_inline(accept)
+                else:  # the fsyncs and the commit must not stall other sessions
+                    run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
             return metrics.smtp_reply("DATA", smtp_reply_for(exc))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
+
+    def _accept_inline(self, accept: Callable[[], Run]) -> Run:
+        """Accept on the event loop, timed: a slow or failed accept sends the next ones to the pool a while."""
+        t0 = time.perf_counter()
+        try:
+            run = accept()
+        except BaseException:
+            self.gateway.inline_accepts.took(time.perf_counter() - t0, failed=True)
+            raise
+        self.gateway.inline_accepts.took(time.perf_counter() - t0)
+        return run
 
     async def handle_exception(self, error: Exception) -> str:
         """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""

@@ -33,10 +33,15 @@ _INTROSPECTED: dict[type, list[str]] = {}  # per session class: its attributes w
 
 
 class LeanSMTP(SMTP):
-    """aiosmtpd's SMTP with a short ``dir()`` and a cached address parser (module docstring)."""
+    """aiosmtpd's SMTP with a short ``dir()`` and a cached address parser (module docstring). A session with
+    ``lean`` False behaves as aiosmtpd's own: the baseline of ``[gateway] lean_sessions``."""
+
+    lean = True
 
     def __dir__(self) -> list[str]:
         """Only the command and AUTH methods: what aiosmtpd introspects on every connection."""
+        if not self.lean:
+            return list(super().__dir__())
         cls = type(self)
         if cls not in _INTROSPECTED:
             _INTROSPECTED[cls] = [name for name in dir(cls) if name.startswith(INTROSPECTED_PREFIXES)]
@@ -45,6 +50,8 @@ class LeanSMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's ``_getaddr``: (address, the rest of the argument), or (None, None) if it does not parse
         or its local part is over ``local_part_limit``."""
+        if not self.lean:
+            return super()._getaddr(arg)
         address, rest = parse_address(arg)
         if address and self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None

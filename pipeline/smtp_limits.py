@@ -191,8 +191,9 @@ def close_soon(transport: asyncio.WriteTransport) -> None:
 class LimitedSMTP(LeanSMTP):
     """aiosmtpd's SMTP that counts itself against ``limits`` and closes idle or long sessions with 421."""
 
-    def __init__(self, handler: Any, *, limits: SessionLimits, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, limits: SessionLimits, lean: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", limits.command_timeout_s)  # aiosmtpd's idle timer, reset by every command
+        self.lean = lean  # before aiosmtpd's __init__, which introspects this session
         super().__init__(handler, **kwargs)
         self.limits = limits
         self._counted = True  # the controller counted this session before building it

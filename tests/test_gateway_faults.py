@@ -112,6 +112,22 @@ def test_store_error_while_queueing_answers_451(settings):
         assert service.store.count_runs_by_state() == {}
 
 
+def test_a_failed_inline_accept_sends_the_next_accepts_to_the_thread_pool(settings):
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
+    with started(settings, run_workers=False) as service:
+        inline = service.gateway.inline_accepts
+        assert inline.inline(1000) and not inline.inline(settings.gateway.inline_accept_bytes + 1)
+        with exclusive_lock(settings.store.path):  # the small mail's commit fails on the event loop
+            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock1@x>"))
+            assert code == 451, reply
+            assert not inline.inline(1000)  # the event loop is not held by the next ones
+            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock2@x>"))
+            assert code == 451, reply
+        code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock2@x>"))
+        assert code == 250, reply  # accepted in the pool, within the back-off
+        assert [r.dedup_key for r in service.store.list_runs()] == ["<lock2@x>"]
+
+
 def test_spool_directory_gone_answers_451_and_creates_no_run(settings):
     with started(settings) as service:
         service.spool.directory.rmdir()  # empty: nothing was spooled yet

@@ -60,3 +60,15 @@ def test_a_session_gets_the_same_command_auth_and_hook_tables_as_aiosmtpd_builds
     assert ours._handle_hooks.keys() == {n.removeprefix("handle_") for n in dir(handler) if n.startswith("handle_")}
     assert ours._smtp_methods["MAIL"] != BulkDataSMTP(handler, limits=SessionLimits(), loop=loop,
                                                        hostname="h")._smtp_methods["MAIL"]
+
+
+def test_a_session_that_is_not_lean_is_aiosmtpds_own_the_switchs_baseline(loop):
+    from pipeline.smtp_limits import LimitedSMTP
+
+    plain = LimitedSMTP(object(), limits=SessionLimits(), lean=False, loop=loop, hostname="h")
+    lean = LimitedSMTP(object(), limits=SessionLimits(), loop=loop, hostname="h")
+    assert len(dir(plain)) > 3 * len(dir(lean)) and set(dir(lean)) < set(dir(plain))
+    assert plain._smtp_methods.keys() == lean._smtp_methods.keys()
+    with pytest.raises(IndexError):
+        plain._getaddr("<a@")
+    assert lean._getaddr("<a@") == (None, None)

@@ -64,9 +64,14 @@ def test_both_drop_folder_watch_modes_queue_every_file(mode):
 
 def test_gateway_switches_measure_both_ways_with_one_generated_attachment(recorder, tmp_path):
     df = optimizations.gateway_switches(reps=1, recorder=recorder, message_mb=0.3, rounds=1, concurrent=1,
-                                        small_mails=2, drop_messages=1, cache_dir=tmp_path)
+                                        small_mails=2, drop_messages=1, cache_dir=tmp_path, session_senders=2,
+                                        session_mails=3)
     assert _variants_by_switch(df) == {s: {"baseline", "optimized"} for s in (
-        "chunked DATA", "accept off the event loop", "drop folder watch")}
+        "chunked DATA", "accept off the event loop", "drop folder watch", "lean SMTP sessions",
+        "inline accept of small mails")}
     assert set(df.metric) == {"large_client_latency_p95_ms", "small_client_latency_during_large_p95_ms",
-                              "drop_to_queued_ms"} and (df.value > 0).all()
+                              "drop_to_queued_ms", "accepted_per_s", "client_txn_p99_ms"} and (df.value > 0).all()
+    for switch in ("lean SMTP sessions", "inline accept of small mails"):
+        rows = df[df.tags.map(lambda tags, switch=switch: tags["switch"]) == switch]
+        assert len(rows) == 4  # per variant: its rate and its senders' p99
     assert len(list(tmp_path.glob("gateway-large-*.pdf"))) == 1  # generated once, reused by every variant

@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_code_quality": {"with_coverage": False},
         "08_optimizations": {"store_runs": 5_000, "reps": 1, "transitions": 500, "lock_inserts": 50, "gateway_reps": 1,
                              "gateway": {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20,
-                                         "drop_messages": 3},
+                                         "drop_messages": 3, "session_senders": 2, "session_mails": 5},
                              "dense_pdf": "text-0.5mb.pdf", "batch_pdf": "text-tiny.pdf", "documents": 2,
                              "ingestion_reps": 1, "memory_reps": 1},
         "09_faults": {"kill_serve": {"messages": 16, "senders": 2, "kill_points": [0.5]},
@@ -111,8 +111,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # lock polling: 6 turns per mode of 300 inserts 5 ms apart beside a writer process, about 40 s
         "08_optimizations": {"store_runs": 200_000, "reps": 5, "transitions": 500, "lock_inserts": 300,
                              "gateway_reps": 2,
+                             # lean sessions: 8 senders x 100 small mails per variant and rep, about 5 s a round
                              "gateway": {"message_mb": 5.0, "rounds": 3, "concurrent": 4, "small_mails": 150,
-                                         "drop_messages": 5},
+                                         "drop_messages": 5, "session_senders": 8, "session_mails": 100},
                              "dense_pdf": "text-5mb.pdf", "batch_pdf": "text-1mb.pdf", "documents": 4,
                              "ingestion_reps": 2, "memory_reps": 1},
         "09_faults": {"kill_serve": {"messages": 1000, "senders": 8, "kill_points": [0.25, 0.5, 0.75]},

@@ -31,7 +31,7 @@ from ...service import PipelineService
 from ...sqlite_store import SqliteRunStore
 from ...stages.ingest import extract_text, ingest_pdf
 from ..base import fixtures as fx
-from ..base.harness import row
+from ..base.harness import percentile, row
 from ..base.memory import traced
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import free_port
@@ -175,11 +175,14 @@ def _query_switches(store: SqliteRunStore, filled: Path, tmp_path: Path, reps: i
 
 def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None, message_mb: float = 5.0,
                      rounds: int = 3, concurrent: int = 4, small_mails: int = 150, drop_messages: int = 10,
-                     cache_dir: Path | None = None) -> pd.DataFrame:
+                     cache_dir: Path | None = None, session_senders: int = 8, session_mails: int = 50
+                     ) -> pd.DataFrame:
     """Chunked DATA reading against aiosmtpd's line reader, accepting off the event loop against on it
     (both with ``concurrent`` messages of ``message_mb`` MB arriving at once, ``rounds`` times, while two senders
-    send ``small_mails`` small ones each); inotify against polling (``drop_messages`` files per variant and rep).
-    The large messages' PDF is generated once (cached in ``cache_dir`` when given)."""
+    send ``small_mails`` small ones each); inotify against polling (``drop_messages`` files per variant and rep);
+    LeanSMTP's sessions against aiosmtpd's, and small mails accepted on the event loop against in the pool
+    (``session_switches``: ``session_senders`` sender processes, ``session_mails`` each). The large messages'
+    PDF is generated once (cached in ``cache_dir`` when given)."""
     from .gateway_bench import large_messages, large_pdf
 
     pdf = large_pdf(message_mb, cache_dir)
@@ -202,9 +205,40 @@ def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None, messa
         for variant, mode in {"baseline: polling (1 s)": "poll", "optimized: inotify (watchdog)": "inotify"}.items():
             for seconds in drop_folder_latency(mode, messages=drop_messages):
                 rows.append(row(variant, "drop_to_queued_ms", seconds * 1000, "ms", rep, switch="drop folder watch"))
+    rows += session_switches(reps, session_senders, session_mails)
     if recorder is not None:
         recorder.record("optimizations", pd.DataFrame(rows))
     return pd.DataFrame(rows)
+
+
+# The gateway alone, three ways: each switch's baseline against the shipped default (the optimized side of both).
+_DEFAULT_GATEWAY = "optimized: the shipped gateway"
+_SESSION_SWITCHES: dict[str, tuple[str, dict[str, Any]]] = {
+    "lean SMTP sessions": ("baseline: aiosmtpd's SMTP session", {"lean_sessions": False}),
+    "inline accept of small mails": ("baseline: every accept in the thread pool", {"inline_accept_bytes": 0}),
+}
+
+
+def session_switches(reps: int, senders: int, per_sender: int) -> list[dict[str, Any]]:
+    """``[gateway] lean_sessions`` and ``inline_accept_bytes``, each off against the shipped default: the gateway
+    alone (``serve --gateway-only``) accepting small mails from ``senders`` closed-loop sender processes, a new
+    connection per mail, as ``client_latency`` sends them (interleaved, after a warm-up): per rep, mails accepted
+    per second and the senders' p99 wait. The default's rounds serve as the optimized side of both switches."""
+    from .client_latency import Variant, client_latency
+
+    variants: dict[str, Variant] = {_DEFAULT_GATEWAY: ({}, ("--gateway-only",))}
+    variants |= {name: ({"gateway": off}, ("--gateway-only",)) for name, off in _SESSION_SWITCHES.values()}
+    with tempfile.TemporaryDirectory(prefix="gateway-sessions-") as tmp:
+        measured = client_latency(Path(tmp), senders=(senders,), per_sender=per_sender, reps=reps, large_mb=None,
+                                  warmup_mails=4 * senders, variants=variants)
+    rows = []
+    for switch, (baseline, _) in _SESSION_SWITCHES.items():
+        for (variant, rep), group in measured[measured.variant.isin([baseline, _DEFAULT_GATEWAY])].groupby(
+                ["variant", "rep"], sort=False):
+            rate, wait = group[group.metric == "accepted_per_s"].value, group[group.metric == "client_txn_ms"].value
+            rows += [row(variant, "accepted_per_s", rate.iloc[0], "1/s", rep, switch=switch),
+                     row(variant, "client_txn_p99_ms", percentile(wait, 99), "ms", rep, switch=switch)]
+    return rows
 
 
 def drop_folder_latency(mode: str, messages: int = 10) -> list[float]:
