@@ -140,8 +140,9 @@ class GatewayConfig:
     bulk_data: bool = True  # read DATA in chunks (BulkDataSMTP); False: aiosmtpd's line-by-line reader
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
     accept_off_loop: bool = True  # store and queue each message in a thread; False: on the SMTP event loop
-    # ... but a message up to this size on the event loop, cheaper than the hand-off (inline_accept.py); 0: none
-    inline_accept_bytes: int = 64 * 1024
+    # > 0: a message up to this size accepted on the event loop (inline_accept.py): better with the gateway alone,
+    # worse p99 beside a busy engine on the same SQLite store (its commit waits for the write lock on the loop)
+    inline_accept_bytes: int = 0
     lean_sessions: bool = True  # LeanSMTP's cheap session start and cached address parse; False: aiosmtpd's own
     poll_interval_s: float = 1.0
     # Limits on what senders can hold (issue 11). None: a quarter of the process's open-file limit, at most 500.

@@ -2,8 +2,8 @@
 
 The aiosmtpd handler does no parsing: the fsync and the run-store commit run
 in a small thread pool, so a 5 MB message never stalls the event loop that
-serves every other sender; a small one (``inline_accept_bytes``) is accepted on
-the loop, where it costs its sender less than the hand-off (``inline_accept``).
+serves every other sender (with ``inline_accept_bytes`` set, a small one is
+accepted on the loop instead: ``inline_accept``).
 SIZE is advertised and enforced (552), and an optional allow-list of recipient
 domains answers 550 to the rest.
 

@@ -1,11 +1,16 @@
 """Which messages the gateway accepts on its SMTP event loop, and which in its thread pool (issue 17).
 
-Accepting a message is two fsyncs, a read and a commit. For a small message, handing that to a thread costs
-its sender more than the work itself: the hand-off, and the GIL passing back and forth between the event
-loop and the thread. With the gateway alone and 8 sender processes of small mails, accepting on the loop
-answered more mails a second with a shorter p99 than the pool did (the audit's "inline accept" switch,
-notebook 08). A large message's fsync grows with it and would stall every other session, so it still goes
-to the pool.
+Accepting a message is two fsyncs, a read and a commit. For a small message, handing that to a thread can
+cost its sender more than the work itself: the hand-off, and the GIL passing back and forth between the event
+loop and the thread. Off by default (``[gateway] inline_accept_bytes = 0``), because it depends on the store:
+
+- the gateway alone (``serve --gateway-only``), 8 sender processes of small mails: on the loop, more mails a
+  second and a shorter p99 than in the pool (notebook 08's "inline accept of small mails" switch);
+- ``serve`` with the engine working off the same mails: the engine's commits hold SQLite's write lock often,
+  the gateway's commit waits for it, and on the loop that wait holds every session: a longer p99 and fewer
+  mails a second than the pool (notebook 04's ``inline_accept`` variant, the sender's wait).
+
+A large message's fsync grows with it and would stall every other session, so it always goes to the pool.
 
 A slow inline accept (a locked store waiting out its busy timeout, a slow disk) stalls every session
 too. So after one inline accept that took longer than ``slow_s`` or failed, every message goes to the pool

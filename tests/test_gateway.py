@@ -28,8 +28,10 @@ def tasks(service, run_id):
     return {t.task_id: t for t in service.store.get_tasks(run_id)}
 
 
-@pytest.mark.parametrize("baseline", [{}, {"bulk_data": False}, {"accept_off_loop": False}],
-                         ids=["defaults", "line-reader-baseline", "accept-on-loop-baseline"])
+@pytest.mark.parametrize("baseline", [{}, {"bulk_data": False}, {"accept_off_loop": False},
+                                      {"inline_accept_bytes": 64 * 1024}, {"lean_sessions": False}],
+                         ids=["defaults", "line-reader-baseline", "accept-on-loop-baseline", "inline-accepts",
+                              "aiosmtpd-sessions"])
 def test_mail_with_pdfs_gets_a_digest_reply(service_factory, smtp_sink, baseline):
     service = service_factory(**baseline)
     raw = fx.email_with([("report.pdf", fx.text_pdf(3)), ("scan.pdf", fx.image_pdf(1))], subject="Q3 reports",

@@ -114,9 +114,9 @@ def test_store_error_while_queueing_answers_451(settings):
 
 def test_a_failed_inline_accept_sends_the_next_accepts_to_the_thread_pool(settings):
     settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
-    with started(settings, run_workers=False) as service:
+    with started(settings, run_workers=False, inline_accept_bytes=64 * 1024) as service:
         inline = service.gateway.inline_accepts
-        assert inline.inline(1000) and not inline.inline(settings.gateway.inline_accept_bytes + 1)
+        assert inline.inline(1000) and not inline.inline(64 * 1024 + 1)
         with exclusive_lock(settings.store.path):  # the small mail's commit fails on the event loop
             code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock1@x>"))
             assert code == 451, reply

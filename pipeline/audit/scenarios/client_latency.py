@@ -52,12 +52,15 @@ from ..base.serveproc import RECIPIENT, SENDER, ServeProcess, reply_of
 Rows = list[dict[str, Any]]
 SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
+INLINE_BYTES = 64 * 1024  # [gateway] inline_accept_bytes where a variant turns it on: small mails, not 5 MB ones
 # the shipped default (gateway process, engine 5 nice steps below it; still named "gateway_process", which the
 # SLA rows select), the same layout without the priority step ([serve] engine_nice = 0), and the gateway in
 # serve's own process
 VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),
                                 "same_priority": ({"serve": {"gateway_process": True, "engine_nice": 0}}, ()),
                                 "one_process": ({"serve": {"gateway_process": False}}, ()),
+                                # small mails accepted on the gateway's event loop (off by default)
+                                "inline_accept": ({"gateway": {"inline_accept_bytes": INLINE_BYTES}}, ()),
                                 "gateway_only": ({}, ("--gateway-only",)),
                                 "bare_sink": ({}, ())}
 BARE = "bare_sink"  # not a serve: ``baresink``, the floor (aiosmtpd, fsync, commit, 250; no pipeline)

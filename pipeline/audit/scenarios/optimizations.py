@@ -35,7 +35,7 @@ from ..base.harness import percentile, row
 from ..base.memory import traced
 from ..base.recorder import AuditRecorder
 from ..base.serveproc import free_port
-from . import lock_wait
+from . import client_latency, lock_wait
 from .store_queries import fill_store, transitions_per_s
 
 
@@ -211,33 +211,37 @@ def gateway_switches(reps: int = 2, recorder: AuditRecorder | None = None, messa
     return pd.DataFrame(rows)
 
 
-# The gateway alone, three ways: each switch's baseline against the shipped default (the optimized side of both).
-_DEFAULT_GATEWAY = "optimized: the shipped gateway"
-_SESSION_SWITCHES: dict[str, tuple[str, dict[str, Any]]] = {
-    "lean SMTP sessions": ("baseline: aiosmtpd's SMTP session", {"lean_sessions": False}),
-    "inline accept of small mails": ("baseline: every accept in the thread pool", {"inline_accept_bytes": 0}),
+# The gateway alone, three ways: the shipped settings, and each switch turned the other way.
+_GATEWAY_SETTINGS: dict[str, dict[str, Any]] = {
+    "shipped": {}, "aiosmtpd sessions": {"lean_sessions": False},
+    "inline accepts": {"inline_accept_bytes": client_latency.INLINE_BYTES}}
+# switch -> (baseline label, its settings), (optimized label, its settings)
+_SESSION_SWITCHES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "lean SMTP sessions": (("baseline: aiosmtpd's SMTP session", "aiosmtpd sessions"),
+                           ("optimized: LeanSMTP session (shipped)", "shipped")),
+    "inline accept of small mails": (("baseline: every accept in the thread pool (shipped)", "shipped"),
+                                     ("optimized: small mails accepted on the event loop", "inline accepts")),
 }
 
 
 def session_switches(reps: int, senders: int, per_sender: int) -> list[dict[str, Any]]:
-    """``[gateway] lean_sessions`` and ``inline_accept_bytes``, each off against the shipped default: the gateway
-    alone (``serve --gateway-only``) accepting small mails from ``senders`` closed-loop sender processes, a new
-    connection per mail, as ``client_latency`` sends them (interleaved, after a warm-up): per rep, mails accepted
-    per second and the senders' p99 wait. The default's rounds serve as the optimized side of both switches."""
-    from .client_latency import Variant, client_latency
-
-    variants: dict[str, Variant] = {_DEFAULT_GATEWAY: ({}, ("--gateway-only",))}
-    variants |= {name: ({"gateway": off}, ("--gateway-only",)) for name, off in _SESSION_SWITCHES.values()}
+    """``[gateway] lean_sessions`` and ``inline_accept_bytes``, each both ways: the gateway alone (``serve
+    --gateway-only``) accepting small mails from ``senders`` closed-loop sender processes, a new connection per
+    mail, as ``client_latency`` sends them (interleaved, after a warm-up): per rep, mails accepted per second and
+    the senders' p99 wait. The shipped settings' rounds serve both switches. (How inline accepts fare beside a
+    busy engine: ``client_latency``'s ``inline_accept`` variant, notebook 04.)"""
+    variants: dict[str, client_latency.Variant] = {
+        name: ({"gateway": settings}, ("--gateway-only",)) for name, settings in _GATEWAY_SETTINGS.items()}
     with tempfile.TemporaryDirectory(prefix="gateway-sessions-") as tmp:
-        measured = client_latency(Path(tmp), senders=(senders,), per_sender=per_sender, reps=reps, large_mb=None,
-                                  warmup_mails=4 * senders, variants=variants)
+        measured = client_latency.client_latency(Path(tmp), senders=(senders,), per_sender=per_sender, reps=reps,
+                                                 large_mb=None, warmup_mails=4 * senders, variants=variants)
     rows = []
-    for switch, (baseline, _) in _SESSION_SWITCHES.items():
-        for (variant, rep), group in measured[measured.variant.isin([baseline, _DEFAULT_GATEWAY])].groupby(
-                ["variant", "rep"], sort=False):
-            rate, wait = group[group.metric == "accepted_per_s"].value, group[group.metric == "client_txn_ms"].value
-            rows += [row(variant, "accepted_per_s", rate.iloc[0], "1/s", rep, switch=switch),
-                     row(variant, "client_txn_p99_ms", percentile(wait, 99), "ms", rep, switch=switch)]
+    for switch, sides in _SESSION_SWITCHES.items():
+        for label, serve in sides:
+            for rep, group in measured[measured.variant == serve].groupby("rep"):
+                rate, wait = group[group.metric == "accepted_per_s"].value, group[group.metric == "client_txn_ms"].value
+                rows += [row(label, "accepted_per_s", rate.iloc[0], "1/s", int(rep), switch=switch),
+                         row(label, "client_txn_p99_ms", percentile(wait, 99), "ms", int(rep), switch=switch)]
     return rows
 
 
