@@ -110,15 +110,18 @@ def init_pool_worker(owner_pid: int, log_level: int = logging.INFO) -> None:
 
 
 def _exit_without(owner_pid: int, every_s: float = 0.5) -> None:
-    """Exit this process once ``owner_pid`` no longer exists (checked every ``every_s``)."""
-    while True:
-        time.sleep(every_s)
-        try:
-            os.kill(owner_pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except OSError:  # EPERM: alive, owned by someone else (cannot happen for our own parent tree)
-            continue
+    """Exit this process once ``owner_pid`` is gone (checked every ``every_s``): no such process, a zombie its
+    parent has not reaped yet (killed outright, under a harness that waits later), or a new process that took
+    its pid."""
+    import psutil  # here: only pool workers need it, and the CLI's start-up imports this module
+
+    try:
+        owner = psutil.Process(owner_pid)
+        while owner.is_running() and owner.status() != psutil.STATUS_ZOMBIE:  # is_running: same pid, same start
+            time.sleep(every_s)
+    except psutil.Error:  # NoSuchProcess: gone between two looks
+        pass
+    os._exit(1)
 
 
 def call_task(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
