@@ -40,11 +40,18 @@ def is_dead(run: Run, me: str, stale_before: float) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Tell whether a process with this pid exists on this host."""
+    """Tell whether a process with this pid runs on this host (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    import psutil  # here: the CLI's start-up imports this module, and only a live pid needs the second look
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import recovery_dag
+from helpers import recovery_dag, wait_until
 
 from pipeline.engine import WorkflowEngine
 
@@ -18,7 +18,7 @@ sys.path.insert(0, {tests!r})
 from pipeline.config import Settings
 from pipeline.engine import WorkflowEngine
 from pipeline.sqlite_store import SqliteRunStore
-from helpers import recovery_dag
+from helpers import recovery_dag, wait_until
 settings = Settings.for_data_dir({data!r})
 engine = WorkflowEngine(SqliteRunStore(settings.store), settings)
 engine.register(recovery_dag())
@@ -152,3 +152,21 @@ def test_ingest_stops_the_service_on_sigterm(tmp_path, settings):
             child.wait()
     assert child.returncode == 130, err
     assert "stopped: signal SIGTERM" in out and "Traceback" not in err
+
+
+def test_an_owner_killed_and_not_yet_reaped_is_dead_not_alive(store):
+    from pipeline.liveness import HOST, is_dead, pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        run = store.create_run("w", {}, "zombie-owner")[0]
+        claimed = store.claim_next_run(f"{HOST}:{child.pid}:cafe0002")  # heartbeat fresh: only the owner tells
+        assert claimed.run_id == run.run_id and pid_alive(child.pid)
+        assert not is_dead(claimed, me="someone-else", stale_before=0.0)
+        child.send_signal(signal.SIGKILL)
+        assert wait_until(lambda: not pid_alive(child.pid)), "a zombie counted as a live owner"
+        assert is_dead(claimed, me="someone-else", stale_before=0.0)
+        assert os.path.exists(f"/proc/{child.pid}")  # still a zombie: nobody has waited for it yet
+    finally:
+        child.kill()
+        child.wait(timeout=30)
