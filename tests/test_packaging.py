@@ -19,7 +19,7 @@ LAYERS = [
     {"executors", "dask_executor", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
-    {"smtp_limits", "bulk_smtp"},
+    {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},
     {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
     {"service"},
     {"cli", "__main__", "gatewaychild"},
