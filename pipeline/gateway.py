@@ -268,15 +268,19 @@ class _SmtpHandler:
             raw = envelope.original_content or envelope.content or b""
             if isinstance(raw, str):
                 raw = raw.encode("utf-8", "surrogateescape")
+            head = return_path_header(mail_from)
             accept = partial(self.gateway.accept, raw, mail_from=mail_from, rcpt_tos=rcpt_tos,
-                             data_end_at=data_end_at, head=return_path_header(mail_from))
-        size = writer.size if isinstance(writer, SpoolWriter) else len(raw)
+                             data_end_at=data_end_at, head=head)
+        size = writer.size if isinstance(writer, SpoolWriter) else len(head) + len(raw)  # both: as spooled
+        inline = self.gateway.inline_accepts
+        if self.gateway.config.accept_off_loop and inline.small(size):  # timed on the loop or in the pool alike
+            accept = partial(inline.timed, accept)
         try:
             with metrics.ACCEPTS_IN_PROGRESS.track_inprogress():
                 if not self.gateway.config.accept_off_loop:  # the baseline the switch measures against
                     run = accept()
-                elif self.gateway.inline_accepts.inline(size):  # small: cheaper here than a thread hand-off
-                    run = self._accept_inline(accept)
+                elif inline.inline(size):  # small, and accepts are fast: cheaper here than a thread hand-off
+                    run = accept()
                 else:  # the fsyncs and the commit must not stall other sessions
                     run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
@@ -284,17 +288,6 @@ class _SmtpHandler:
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
             return metrics.smtp_reply("DATA", smtp_reply_for(exc))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
-
-    def _accept_inline(self, accept: Callable[[], Run]) -> Run:
-        """Accept on the event loop, timed: a slow or failed accept sends the next ones to the pool a while."""
-        t0 = time.perf_counter()
-        try:
-            run = accept()
-        except BaseException:
-            self.gateway.inline_accepts.took(time.perf_counter() - t0, failed=True)
-            raise
-        self.gateway.inline_accepts.took(time.perf_counter() - t0)
-        return run
 
     async def handle_exception(self, error: Exception) -> str:
         """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""

@@ -3,26 +3,25 @@
 aiosmtpd 1.4 runs both on the event loop, so every sender waits for them:
 
 - ``SMTP.__init__`` builds its command and AUTH tables by walking ``dir(self)`` and
-  ``inspect.getmembers(self)``, about 170 attributes, for every connection: about 85 of the
-  150 us a session took to build (``scripts/bench_gateway.py --sessions`` measures it).
+  ``inspect.getmembers(self)``, over a hundred attributes, for every connection.
   ``LeanSMTP.__dir__`` lists only the attributes those tables keep (``smtp_*`` and ``auth_*``),
   once per class, so the tables come out the same.
 - ``SMTP._getaddr`` (MAIL FROM and RCPT TO) defines a ``typing.Protocol`` class on every call
-  and runs the email package's address parser: about 80 us per address. ``LeanSMTP`` parses with
-  the same parser, once per distinct argument (senders repeat their addresses), and keeps
-  aiosmtpd's local-part limit.
+  and runs the email package's address parser. ``LeanSMTP`` parses with the same parser, once
+  per distinct argument (senders repeat their addresses), and keeps aiosmtpd's local-part limit.
 
-One difference, on purpose: the email package's parser raises IndexError on some truncated addresses
-(``MAIL FROM:<a@``). aiosmtpd lets it escape, and the session answered ``451`` (try again later) to an
-address that will never parse, so a real MTA would retry it for days. Here it is malformed like any
-other: ``553 5.1.3`` at once.
+Notebook 08 measures the gateway alone both ways (``[gateway] lean_sessions``).
+
+One difference, on purpose: the email package's parser raises IndexError, AttributeError or even
+UnboundLocalError on some truncated addresses (``MAIL FROM:<a@``, ``"``, ``<a@[``, ``<ü@[ ``).
+aiosmtpd lets them escape, and the session answered ``451`` (try again later) to an address that will
+never parse, so a real MTA would retry it for days. Here it is malformed like any other: ``553 5.1.3``.
 """
 
 from __future__ import annotations
 
 import functools
 from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 
 from aiosmtpd.smtp import SMTP
 
@@ -39,7 +38,7 @@ class LeanSMTP(SMTP):
     lean = True
 
     def __dir__(self) -> list[str]:
-        """Only the command and AUTH methods: what aiosmtpd introspects on every connection."""
+        """List only the command and AUTH methods: what aiosmtpd introspects on every connection."""
         if not self.lean:
             return list(super().__dir__())
         cls = type(self)
@@ -61,12 +60,12 @@ class LeanSMTP(SMTP):
 @functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def parse_address(arg: str) -> tuple[str | None, str | None]:
     """An SMTP command's address argument as aiosmtpd parses it: ``("", "")`` when empty, ``(None, None)``
-    when it does not parse (including the parser's IndexError on truncated input), else (address, the rest:
+    when it does not parse (including the parser's own errors on truncated input), else (address, the rest:
     ESMTP parameters)."""
     if not arg:
         return "", ""
     try:
         address, rest = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
-    except (HeaderParseError, IndexError):
+        return address.addr_spec, rest
+    except Exception:  # HeaderParseError, and on truncated input IndexError, AttributeError, UnboundLocalError...
         return None, None
-    return address.addr_spec, rest

@@ -8,6 +8,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -113,18 +114,31 @@ def test_store_error_while_queueing_answers_451(settings):
 
 
 def test_a_failed_inline_accept_sends_the_next_accepts_to_the_thread_pool(settings):
-    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=100))
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=3000))
     with started(settings, run_workers=False, inline_accept_bytes=64 * 1024) as service:
-        inline = service.gateway.inline_accepts
+        inline, port = service.gateway.inline_accepts, service.settings.gateway.port
         assert inline.inline(1000) and not inline.inline(64 * 1024 + 1)
-        with exclusive_lock(settings.store.path):  # the small mail's commit fails on the event loop
-            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock1@x>"))
+        with exclusive_lock(settings.store.path):  # the small mail's commit waits, then fails, on the event loop
+            code, reply = smtp_data(port, fx.email_with([], message_id="<lock1@x>"))
             assert code == 451, reply
-            assert not inline.inline(1000)  # the event loop is not held by the next ones
-            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock2@x>"))
-            assert code == 451, reply
-        code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<lock2@x>"))
-        assert code == 250, reply  # accepted in the pool, within the back-off
+            assert not inline.inline(1000)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as slow:  # the next one waits in a pool thread
+                slow.ehlo()
+                slow.mail("alice@example.com")
+                slow.rcpt("digest@pipeline.local")
+                assert slow.docmd("DATA")[0] == 354
+                body = fx.email_with([], message_id="<lock2@x>").replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                slow.send(body + b"\r\n.\r\n")
+                sent = time.monotonic()
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as other:  # greeted and answered meanwhile
+                    assert other.noop()[0] == 250
+                answered = time.monotonic() - sent
+                code, reply = slow.getreply()
+                waited = time.monotonic() - sent
+        assert code == 451, reply
+        assert answered < 1.5 < waited, (answered, waited)  # the loop served others while that accept waited
+        code, text = smtp_data(port, fx.email_with([], message_id="<lock2@x>"))
+        assert code == 250, text
         assert [r.dedup_key for r in service.store.list_runs()] == ["<lock2@x>"]
 
 

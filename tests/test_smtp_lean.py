@@ -35,16 +35,17 @@ class _LeanSMTP(LeanSMTP):
 @pytest.mark.parametrize("limit_class", [(SMTP, LeanSMTP), (_PlainSMTP, _LeanSMTP)])
 def test_addresses_parse_as_aiosmtpd_parses_them_with_and_without_a_local_part_limit(loop, limit_class):
     plain_class, lean_class = limit_class
+    parse_address.cache_clear()
     plain, lean = plain_class(object(), loop=loop, hostname="h"), lean_class(object(), loop=loop, hostname="h")
     for argument in ARGUMENTS:
         assert lean._getaddr(argument) == plain._getaddr(argument), argument
         assert lean._getaddr(argument) == plain._getaddr(argument), argument  # from the cache this time
-    assert parse_address.cache_info().hits >= len(ARGUMENTS)
+    assert parse_address.cache_info().hits == len(ARGUMENTS)  # each argument parsed once
 
 
-@pytest.mark.parametrize("argument", ["<a@", "<alice@"])
+@pytest.mark.parametrize("argument", ["<a@", "<alice@", '"', "<a@[", "a@[", "<ü@[ "])
 def test_a_truncated_address_that_crashes_aiosmtpds_parser_is_malformed_here(loop, argument):
-    with pytest.raises(IndexError):
+    with pytest.raises((IndexError, AttributeError, UnboundLocalError)):
         SMTP(object(), loop=loop, hostname="h")._getaddr(argument)
     assert LeanSMTP(object(), loop=loop, hostname="h")._getaddr(argument) == (None, None)
 
@@ -58,8 +59,6 @@ def test_a_session_gets_the_same_command_auth_and_hook_tables_as_aiosmtpd_builds
     assert all(method.__self__ is ours for method in ours._smtp_methods.values())  # bound to this session
     assert set(ours._auth_methods) == {"LOGIN", "PLAIN"}  # aiosmtpd's two built-in mechanisms
     assert ours._handle_hooks.keys() == {n.removeprefix("handle_") for n in dir(handler) if n.startswith("handle_")}
-    assert ours._smtp_methods["MAIL"] != BulkDataSMTP(handler, limits=SessionLimits(), loop=loop,
-                                                       hostname="h")._smtp_methods["MAIL"]
 
 
 def test_a_session_that_is_not_lean_is_aiosmtpds_own_the_switchs_baseline(loop):

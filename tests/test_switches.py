@@ -70,8 +70,9 @@ def test_gateway_switches_measure_both_ways_with_one_generated_attachment(record
         "chunked DATA", "accept off the event loop", "drop folder watch", "lean SMTP sessions",
         "inline accept of small mails")}
     assert set(df.metric) == {"large_client_latency_p95_ms", "small_client_latency_during_large_p95_ms",
-                              "drop_to_queued_ms", "accepted_per_s", "client_txn_p99_ms"} and (df.value > 0).all()
+                              "drop_to_queued_ms", "accepted_per_s", "client_txn_p99_ms", "refused"}
+    assert (df[df.metric != "refused"].value > 0).all() and (df[df.metric == "refused"].value == 0).all()
     for switch in ("lean SMTP sessions", "inline accept of small mails"):
         rows = df[df.tags.map(lambda tags, switch=switch: tags["switch"]) == switch]
-        assert len(rows) == 4  # per variant: its rate and its senders' p99
+        assert len(rows) == 6  # per variant: its rate, its senders' p99 and its refusals
     assert len(list(tmp_path.glob("gateway-large-*.pdf"))) == 1  # generated once, reused by every variant

@@ -85,8 +85,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                 # issue 16's target: a 1 MB text PDF, 4 senders each waiting for its digest
                                 "e2e": {"pdf": "text-1mb.pdf", "senders": [1, 4], "per_sender": 10, "rounds": 1}},
         # the default engine every rep; the others (pypdf alone: 85 s on 25 MB, 34 s on kerned 5 MB at load 5)
-        # once on the documents over 1 MB, and not at all over 5 MB (pypdf's 10 and 25 MB rows took 413 of the
-        # notebook's 610 s in 20261128T211913-630a20, and show the same linear slope as its 1 and 5 MB rows)
+        # once on the documents over 1 MB, and not at all over 5 MB (pypdf's 10 and 25 MB rows, one worker and two,
+        # took 413 of the notebook's 610 s in the report committed at 3e5ed37: the slope its 1-5 MB rows show)
         "02_pdf_ingestion": {"reps": 2, "once_above_mb": 1, "others_max_mb": 5},
         "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500], "pdf": "text-tiny.pdf",
                                   "stop_on_failure": False},

@@ -227,9 +227,10 @@ _SESSION_SWITCHES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
 def session_switches(reps: int, senders: int, per_sender: int) -> list[dict[str, Any]]:
     """``[gateway] lean_sessions`` and ``inline_accept_bytes``, each both ways: the gateway alone (``serve
     --gateway-only``) accepting small mails from ``senders`` closed-loop sender processes, a new connection per
-    mail, as ``client_latency`` sends them (interleaved, after a warm-up): per rep, mails accepted per second and
-    the senders' p99 wait. The shipped settings' rounds serve both switches. (How inline accepts fare beside a
-    busy engine: ``client_latency``'s ``inline_accept`` variant, notebook 04.)"""
+    mail, as ``client_latency`` sends them (interleaved, after a warm-up): per rep, mails accepted per second, the
+    senders' p99 wait (both of accepted mails) and how many were refused. The shipped settings' rounds serve
+    both switches. (How inline accepts fare beside a busy engine: ``client_latency``'s ``inline_accept``
+    variant, notebook 04.)"""
     variants: dict[str, client_latency.Variant] = {
         name: ({"gateway": settings}, ("--gateway-only",)) for name, settings in _GATEWAY_SETTINGS.items()}
     with tempfile.TemporaryDirectory(prefix="gateway-sessions-") as tmp:
@@ -240,8 +241,10 @@ def session_switches(reps: int, senders: int, per_sender: int) -> list[dict[str,
         for label, serve in sides:
             for rep, group in measured[measured.variant == serve].groupby("rep"):
                 rate, wait = group[group.metric == "accepted_per_s"].value, group[group.metric == "client_txn_ms"].value
+                refused = group[group.metric == "refused"].value.sum()  # rate and wait count the 250s alone
                 rows += [row(label, "accepted_per_s", rate.iloc[0], "1/s", int(rep), switch=switch),
-                         row(label, "client_txn_p99_ms", percentile(wait, 99), "ms", int(rep), switch=switch)]
+                         row(label, "client_txn_p99_ms", percentile(wait, 99), "ms", int(rep), switch=switch),
+                         row(label, "refused", refused, "mails", int(rep), switch=switch)]
     return rows
 
 

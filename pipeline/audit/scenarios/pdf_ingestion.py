@@ -42,8 +42,9 @@ def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecord
     Documents over ``once_above_mb`` MB get every rep with the default engine and one (the first, still
     interleaved) with the other engines: single-worker pypdf took 85 s a rep on 25 MB at load 5. Documents over
     ``others_max_mb`` MB are measured with the default engine only: the others' time grows linearly with the
-    text (pypdf 15, 51 and 213 s on the 5, 10 and 25 MB text fixtures in session 20261128T211913-630a20, two
-    thirds of that notebook's 10 minutes), so their big rows repeat the slope the smaller rows already show.
+    text (single-worker pypdf 15, 51 and 213 s on the 5, 10 and 25 MB text fixtures in the report committed at
+    3e5ed37; its pypdf rows over 5 MB, one worker and two, took 413 of that notebook's 610 s), so their big rows
+    repeat the slope the smaller rows already show.
     """
     base = IngestConfig(max_attachment_bytes=200 * MB, max_pages=100_000, timeout_s=900)
     defaults = IngestConfig()
