@@ -142,7 +142,9 @@ if len(views.rows(m, "small_mail_drain")):
        "serve per round; *runs/s* is the backlog's peak over the time from the last send until every run ended, "
        "*CPU ms per run* serve's and its workers' CPU over the round per run. *default* runs `build_digest` and "
        "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
-       "threads, as before issue 16's change; rounds interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
+       "threads, as before issue 16's change; *results_on_pool_thread* takes the pool's results to their runs on "
+       "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; rounds "
+       "interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
 
 # %%
 md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "

@@ -68,10 +68,15 @@ class RunnerConfig:
     # "auto": the pool, but threads for `ingest` (whose few runs end before a pool has started); deliver keeps
     # to threads when it sends through a relay (workflows.email_digest_dag)
     stage_executor: str = "auto"
+    # threads that take a process-pool or Dask try's result to its run (the store writes, the next task's submit);
+    # 0: the pool's own result thread does it, and while it writes, no other result or submission moves (baseline)
+    completion_threads: int = 4
 
     def validate(self) -> None:
         if self.thread_workers < 1 or self.process_workers < 1:
             raise ConfigurationError("runner worker counts must be >= 1")
+        if self.completion_threads < 0:
+            raise ConfigurationError("runner.completion_threads must be >= 0 (0: on the pool's result thread)")
         if self.stage_executor not in ("auto", "process", "thread"):
             raise ConfigurationError(f"runner.stage_executor must be \"auto\", \"process\" or \"thread\", "
                                      f"not {self.stage_executor!r}")

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import tracing
@@ -35,6 +35,8 @@ class Executors:
                  cluster: ExecutorConfig | None = None) -> None:
         self.config = config
         self.thread = thread_pool
+        self._completions = (ThreadPoolExecutor(config.completion_threads, thread_name_prefix="pipeline-completion")
+                             if config.completion_threads else None)
         self._process_factory = process_factory
         self._process: Executor | None = None
         self._cluster_config = cluster or ExecutorConfig()
@@ -67,6 +69,25 @@ class Executors:
                 self._process = self._process_factory()
                 return self._process.submit(fn, *args)
 
+    def on_done(self, future: Future[Any], callback: Callable[[Future[Any]], None]) -> None:
+        """Call ``callback(future)`` once a process-pool or Dask try ends, on a completion thread.
+
+        A future's own callbacks run on the thread that sets its result: for a ProcessPoolExecutor, the one
+        thread that also hands every queued call to the workers. A run's callback writes to the store and
+        submits the next task; run there, it held up every other result and submission (issue 16: small
+        mails' build_digest and deliver waited about 100 ms each for two idle workers).
+        """
+        if self._completions is None:
+            future.add_done_callback(callback)
+            return
+        future.add_done_callback(lambda done: self._complete(callback, done))
+
+    def _complete(self, callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
+        try:
+            self._completions.submit(callback, future)  # type: ignore[union-attr]
+        except RuntimeError:  # shut down already (interpreter exit): call it here rather than lose the result
+            callback(future)
+
     def warm_process_pool(self) -> None:
         """Start the process pool's workers now, so the first task sent there does not wait for them (a worker
         starts on a submit that finds none idle: one no-op per worker). The caller waits until the fork server
@@ -81,6 +102,8 @@ class Executors:
             self._process.shutdown(wait=wait, cancel_futures=True)
         if self._cluster is not None:
             self._cluster.close()
+        if self._completions is not None:  # last: the pools' final results still reach their runs
+            self._completions.shutdown(wait=wait)
 
 
 def _kill_workers(pool: Executor) -> None:

@@ -274,7 +274,10 @@ class DAGRunner:
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:
             self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
-        future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
+        if inst.clock is None:  # off the pool's result thread, which must keep moving other tries
+            self.executors.on_done(future, lambda f: self._on_done(instance_id, attempt, f))
+        else:
+            future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
 
     def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext, clock: WaitClock) -> Any:
         try:

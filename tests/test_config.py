@@ -37,6 +37,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("gateway = 5", "[gateway] must be a table of settings, not the integer 5"),
     ("[gateway]\nport = 70000", "gateway.port 70000 is not a TCP port"),
     ("[ingest]\nmax_pages = 0", "ingest.max_pages must be > 0, not 0"),
+    ("[runner]\ncompletion_threads = -1", "runner.completion_threads must be >= 0"),
     ("[gateway]\ninline_accept_bytes = -1", "gateway.inline_accept_bytes must be >= 0 (0: every message in the"),
     ("[serve]\nengine_nice = 20", "[serve] engine_nice must be 0-19 (nice steps), got 20"),
     ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
