@@ -146,7 +146,7 @@ class GatewayConfig:
     watch_mode: str = "inotify"  # "inotify" (watchdog) or "poll"
     accept_off_loop: bool = True  # store and queue each message in a thread; False: on the SMTP event loop
     # > 0: a message up to this size accepted on the event loop (inline_accept.py): better with the gateway alone,
-    # worse p99 beside a busy engine on the same SQLite store (its commit waits for the write lock on the loop)
+    # mixed beside a busy engine on the same SQLite store (its commit waits for the write lock on the loop)
     inline_accept_bytes: int = 0
     lean_sessions: bool = True  # LeanSMTP's cheap session start and cached address parse; False: aiosmtpd's own
     poll_interval_s: float = 1.0

@@ -7,8 +7,9 @@ loop and the thread. Off by default (``[gateway] inline_accept_bytes = 0``), bec
 - the gateway alone (``serve --gateway-only``), 8 sender processes of small mails: on the loop, more mails a
   second and a shorter p99 than in the pool (notebook 08's "inline accept of small mails" switch);
 - ``serve`` with the engine working off the same mails: the engine's commits hold SQLite's write lock often,
-  the gateway's commit waits for it, and on the loop that wait holds every session: a longer p99 and fewer
-  mails a second than the pool (notebook 04's ``inline_accept`` variant, the sender's wait).
+  the gateway's commit waits for it, and on the loop that wait holds every session. Measured both ways
+  (notebook 04's ``inline_accept`` variant, the sender's wait), the p99 came out better in one session and
+  worse in another, and worse beside a 5 MB mail: not a default yet.
 
 A large message's fsync grows with it and would stall every other session, so it always goes to the pool.
 
