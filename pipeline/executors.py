@@ -74,8 +74,9 @@ class Executors:
 
         A future's own callbacks run on the thread that sets its result: for a ProcessPoolExecutor, the one
         thread that also hands every queued call to the workers. A run's callback writes to the store and
-        submits the next task; run there, it held up every other result and submission (issue 16: small
-        mails' build_digest and deliver waited about 100 ms each for two idle workers).
+        submits the next task; run there, it held up every other result and submission (issue 16; notebook
+        04's small_mail_drain measures both ways, ``[runner] completion_threads = 0`` being the old way).
+        A callback that raises is logged, as ``add_done_callback`` logs it, and the thread goes on.
         """
         if self._completions is None:
             future.add_done_callback(callback)
@@ -84,7 +85,7 @@ class Executors:
 
     def _complete(self, callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
         try:
-            self._completions.submit(callback, future)  # type: ignore[union-attr]
+            self._completions.submit(_logged, callback, future)  # type: ignore[union-attr]
         except RuntimeError:  # shut down already (interpreter exit): call it here rather than lose the result
             callback(future)
 
@@ -104,6 +105,14 @@ class Executors:
             self._cluster.close()
         if self._completions is not None:  # last: the pools' final results still reach their runs
             self._completions.shutdown(wait=wait)
+
+
+def _logged(callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
+    """Call a completion callback; log what it raises (its Future is never read, so it would vanish)."""
+    try:
+        callback(future)
+    except Exception:
+        log.exception("completion callback %r failed", callback)
 
 
 def _kill_workers(pool: Executor) -> None:

@@ -277,9 +277,8 @@ class _SmtpHandler:
             accept = partial(inline.timed, accept)
         try:
             with metrics.ACCEPTS_IN_PROGRESS.track_inprogress():
-                if not self.gateway.config.accept_off_loop:  # the baseline the switch measures against
-                    run = accept()
-                elif inline.inline(size):  # small, and accepts are fast: cheaper here than a thread hand-off
+                # on the loop: the switch's baseline, or a small mail while accepts are fast (no thread hand-off)
+                if not self.gateway.config.accept_off_loop or inline.inline(size):
                     run = accept()
                 else:  # the fsyncs and the commit must not stall other sessions
                     run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)

@@ -8,8 +8,8 @@ loop and the thread. Off by default (``[gateway] inline_accept_bytes = 0``), bec
   second and a shorter p99 than in the pool (notebook 08's "inline accept of small mails" switch);
 - ``serve`` with the engine working off the same mails: the engine's commits hold SQLite's write lock often,
   the gateway's commit waits for it, and on the loop that wait holds every session. Measured both ways
-  (notebook 04's ``inline_accept`` variant, the sender's wait), the p99 came out better in one session and
-  worse in another, and worse beside a 5 MB mail: not a default yet.
+  (notebook 04's ``inline_accept`` variant, the sender's wait), the p99 came out better in the audit's
+  session 479a33 but worse beside a 5 MB mail there, and worse in a one-off run: not a default yet.
 
 A large message's fsync grows with it and would stall every other session, so it always goes to the pool.
 

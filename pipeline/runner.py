@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,10 +275,11 @@ class DAGRunner:
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:
             self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
+        done = partial(self._on_done, instance_id, attempt)
         if inst.clock is None:  # off the pool's result thread, which must keep moving other tries
-            self.executors.on_done(future, lambda f: self._on_done(instance_id, attempt, f))
+            self.executors.on_done(future, done)
         else:
-            future.add_done_callback(lambda f: self._on_done(instance_id, attempt, f))
+            future.add_done_callback(done)
 
     def _run_in_thread(self, instance_id: str, attempt: int, ctx: TaskContext, clock: WaitClock) -> Any:
         try:

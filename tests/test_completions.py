@@ -46,3 +46,22 @@ def test_process_tasks_chain_to_success_both_ways(store, settings, threads):
         engine.shutdown(grace_s=5)
     outputs = {t.output["value"] for r in runs for t in store.get_tasks(r) if t.task_id == "b"}
     assert outputs == {n * n for n in range(6)}
+
+
+def test_a_completion_callback_that_raises_is_logged_and_the_next_one_still_runs(caplog):
+    context = multiprocessing.get_context("forkserver")
+    executors = Executors(RunnerConfig(completion_threads=1), ThreadPoolExecutor(1),
+                          lambda: ProcessPoolExecutor(1, mp_context=context))
+    seen: queue.Queue = queue.Queue()
+
+    def broken(future):
+        raise RuntimeError("bookkeeping bug")
+
+    try:
+        executors.on_done(executors.submit_process(os.getpid), broken)
+        executors.on_done(executors.submit_process(os.getpid), lambda f: seen.put(f.result()))
+        assert seen.get(timeout=60) != os.getpid()  # the one completion thread went on
+    finally:
+        executors.shutdown()
+    failures = [r for r in caplog.records if "completion callback" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info[1].args == ("bookkeeping bug",)
