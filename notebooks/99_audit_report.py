@@ -143,8 +143,10 @@ if len(views.rows(m, "small_mail_drain")):
        "*CPU ms per run* serve's and its workers' CPU over the round per run. *default* runs `build_digest` and "
        "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
        "threads, as before issue 16's change; *results_on_pool_thread* takes the pool's results to their runs on "
-       "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; rounds "
-       "interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
+       "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; "
+       "*writes_unjoined* commits each store write of a runner callback on its own (`[runner] join_writes = false`) "
+       "instead of one transaction per callback, *claims_one_by_one* claims one queued run per transaction "
+       "(`[engine] claim_batch = 1`) instead of up to 8; rounds interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
 
 # %%
 md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "

@@ -71,6 +71,9 @@ class RunnerConfig:
     # threads that take a process-pool or Dask try's result to its run (the store writes, the next task's submit);
     # 0: the pool's own result thread does it, and while it writes, no other result or submission moves (baseline)
     completion_threads: int = 4
+    # one transaction for the store writes of each callback (a task's end, the next one's RUNNING, the run's end),
+    # where the store joins them (SQLite); a try starts once its RUNNING has committed. False: one per write
+    join_writes: bool = True
 
     def validate(self) -> None:
         if self.thread_workers < 1 or self.process_workers < 1:
@@ -119,10 +122,14 @@ class EngineConfig:
     # an idle dispatcher looks for queued runs this often; a store that wakes it when another process queues a
     # run (PostgreSQL NOTIFY, SQLite pipeline.wakeup) makes this a fallback; other stores are polled every 1 s
     queue_poll_s: float = 5.0
+    # queued runs claimed in one transaction (at most the free slots); 1: a transaction per claimed run
+    claim_batch: int = 8
 
     def validate(self) -> None:
         if self.max_active_runs < 1:
             raise ConfigurationError("engine.max_active_runs must be >= 1")
+        if self.claim_batch < 1:
+            raise ConfigurationError("engine.claim_batch must be >= 1")
         if self.queue_poll_s <= 0:
             raise ConfigurationError("engine.queue_poll_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.stale_after_s <= self.heartbeat_interval_s:

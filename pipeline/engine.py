@@ -1,8 +1,9 @@
 """WorkflowEngine: the registry of workflows and the loop that runs them.
 
 ``trigger`` records a queued run (deduplicated by key) and returns at once; a
-dispatcher thread claims queued runs in FIFO order while fewer than
-``max_active_runs`` are active, and hands each to a DAGRunner. A heartbeat
+dispatcher thread claims queued runs in FIFO order (``claim_batch`` per
+transaction) while fewer than ``max_active_runs`` are active, and hands each
+to a DAGRunner. A heartbeat
 thread keeps the engine's runs marked alive and, every ``stale_after_s``,
 requeues runs whose owner is gone (a dead pid on this host, an owner of this
 very pid that is not a live engine, as after a container restart as PID 1, or
@@ -264,28 +265,41 @@ class WorkflowEngine:
     def _claim_runs(self) -> tuple[bool, tuple[int, Exception] | None]:
         """Start queued runs while slots are free; return (whether one started, (run id, error) of one that broke).
 
-        Claims nothing while a run requeued for a broken start backs off: the queue is FIFO,
-        so it would be claimed again at once, and the fault is the environment's.
+        Claims up to ``claim_batch`` runs per transaction. Claims nothing while a run requeued for a
+        broken start backs off: the queue is FIFO, so it would be claimed again at once, and the
+        fault is the environment's; the rest of a batch goes back to the queue then.
         """
         started = False
         while True:
             with self._cond:
-                if self._stopping or len(self._active) >= self.settings.engine.max_active_runs or self._hold_s():
+                free = self.settings.engine.max_active_runs - len(self._active)
+                if self._stopping or free <= 0 or self._hold_s():
                     return started, None
-            run = self.store.claim_next_run(self.owner)
-            if run is None:
+            runs = self.store.claim_runs(self.owner, min(free, self.settings.engine.claim_batch))
+            if not runs:
                 with self._cond:
                     self._not_before.clear()  # all were due, and none is queued here any more
                 return started, None
+            for n, run in enumerate(runs):
+                try:
+                    started |= self._start_run(run)
+                except Exception as exc:  # work dir, store, a bug: the run is requeued or failed, never left running
+                    runner = self._active.get(run.run_id)
+                    if runner is not None:
+                        runner.fail(exc)  # hands the run to _run_broken once its live tries have ended
+                    else:
+                        self._run_broken(run.run_id, exc)
+                    self._give_back(runs[n + 1:])
+                    return started, (run.run_id, exc)
+
+    def _give_back(self, runs: list[Run]) -> None:
+        """Requeue claimed runs not started; one the store will not take back waits for the stale-run check."""
+        for run in runs:
             try:
-                started |= self._start_run(run)
-            except Exception as exc:  # work dir, store, a bug: the run is requeued or failed, never left running
-                runner = self._active.get(run.run_id)
-                if runner is not None:
-                    runner.fail(exc)  # hands the run to _run_broken once its live tries have ended
-                else:
-                    self._run_broken(run.run_id, exc)
-                return started, (run.run_id, exc)
+                self.store.requeue_run(run.run_id, owner=self.owner)
+            except Exception as exc:
+                log.error("run %s: claimed, not started, and cannot be requeued now (%s); recovered once its "
+                          "heartbeat is stale", run.run_id, one_line(exc))
 
     def _start_run(self, run: Run) -> bool:
         """Start a claimed run; return False if it was not started (unknown workflow, or stopping)."""

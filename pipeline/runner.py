@@ -16,6 +16,14 @@ task timeout), and only then hands the run to ``on_broken``, which requeues or
 fails it (``WorkflowEngine`` decides): a requeued copy never runs beside them.
 Every write carries the run's owner; one the store refuses because another
 process took the run over abandons the run quietly (``RunTakenOver``).
+The store writes one callback makes (a task's end, a mapped task's instances,
+the next task's RUNNING, the run's end) go into one transaction where the
+store joins them (``DAGRunStore.joined``, SQLite; ``runner.join_writes``):
+12 transactions for a small mail's run became about 5 (issue 16). What
+depends on those writes waits for their commit (``_run_after_commit``): a
+try starts only once its RUNNING is durable, and the engine hears of a run's
+end only once it is stored. If the commit fails, the run breaks as above,
+having launched nothing.
 A try interrupted by a stop (its future cancelled, its process pool broken, or
 a retryable failure within the grace period) is not the task's failure: the
 instance and the run go back to the queue.
@@ -34,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -89,6 +98,7 @@ class DAGRunner:
         self._finished = False
         self._reported = False  # on_finish was called: the run's outcome is in the store
         self._abandoned = False
+        self._after_commit: list[Callable[[], None]] = []  # launches and the run's report, once its writes commit
         cap = max([abandon_grace_s, *(t.timeout_s or self.config.default_timeout_s or 0.0 for t in dag.tasks)])
         self._handover = Handover(run.run_id, on_broken or (lambda run_id, exc: None), timers, cap)
 
@@ -98,11 +108,13 @@ class DAGRunner:
         """Load what the store knows of this run, then submit every ready task."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         static = [t.id for t in self.dag.tasks if t.map_over is None]
-        self.store.create_tasks(self.run.run_id, static)
         with self._lock:
-            for row in self.store.get_tasks(self.run.run_id):
-                self._load(row)
-            self._advance()
+            with self._joined():
+                self.store.create_tasks(self.run.run_id, static)
+                for row in self.store.get_tasks(self.run.run_id):
+                    self._load(row)
+                self._advance()
+            self._run_after_commit()
 
     def stop(self) -> None:
         """Submit nothing more; once live tries end, the run goes back to the queue."""
@@ -132,13 +144,30 @@ class DAGRunner:
         self._maybe_finish()
 
     def _guarded(self, body: Callable[..., None], *args: Any) -> None:
-        """Run a callback body under the lock; if it raises, abandon the run (``_break``)."""
+        """Run a callback body under the lock, its writes joined; if it raises, abandon the run (``_break``)."""
         try:
             with self._lock:
                 if not self._abandoned:
-                    body(*args)
+                    with self._joined():
+                        body(*args)
+                    self._run_after_commit()
         except Exception as exc:
             self._break(exc)
+
+    def _joined(self) -> AbstractContextManager[None]:
+        """The store writes of one callback in one transaction (``runner.join_writes``; the store decides)."""
+        return self.store.joined() if self.config.join_writes else nullcontext()
+
+    def _run_after_commit(self) -> None:
+        """Start the tries and report the outcome a callback decided, now that its writes are durable.
+
+        A try starts only after its RUNNING (with its try number) is committed: a task that kills the
+        process is counted, so recovery cannot retry it for ever. A launch whose future is done already
+        runs its callback inline, which may queue more; a run abandoned meanwhile launches nothing more.
+        """
+        while self._after_commit and not self._abandoned:
+            self._after_commit.pop(0)()
+        self._after_commit.clear()
 
     def _break(self, exc: Exception) -> None:
         with self._lock:
@@ -146,6 +175,7 @@ class DAGRunner:
                 return
             self._abandoned = self._finished = True
             self._waiting_retry.clear()
+            self._after_commit.clear()  # its writes were rolled back, or are not ours any more
         if isinstance(exc, RunTakenOver):
             log.warning("run %s: taken over by another process", self.run.run_id)
         elif self._reported or self.on_broken is None:  # outcome stored already, or nobody to hand the run to
@@ -268,6 +298,11 @@ class DAGRunner:
         inst.clock = None if inst.task.executor != "thread" else WaitClock()
         if inst.clock is None:  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
+        self._after_commit.append(partial(self._launch, instance_id, attempt, ctx))
+
+    def _launch(self, instance_id: str, attempt: int, ctx: TaskContext) -> None:
+        inst = self._instances[instance_id]
+        if inst.clock is None:
             future = self.executors.submit_to(inst.task.executor, inst.task.fn, ctx)
         else:
             future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx, inst.clock)
@@ -416,17 +451,22 @@ class DAGRunner:
         if not complete and self._stopping:  # stopped with work left: the next start resumes it
             self._finished = True
             self._owned(bool(self.store.requeue_run(self.run.run_id, owner=self.run.owner)))
-            self._reported = True
-            self.on_finish(self.run.run_id, s.QUEUED)
+            self._after_commit.append(partial(self._report, s.QUEUED, None))
             return
         if not complete:
             return
         self._finished = True
         state, reason = self._outcome()
         self._owned(bool(self.store.finish_run(self.run.run_id, state, reason, owner=self.run.owner)))
-        metrics.run_finished(state, reason)
-        log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state, f" ({reason})" if reason else "")
+        self._after_commit.append(partial(self._report, state, reason))
+
+    def _report(self, state: str, reason: str | None) -> None:
+        """The run's outcome is in the store: count it, log it and tell the engine."""
         self._reported = True
+        if state != s.QUEUED:
+            metrics.run_finished(state, reason)
+            log.info("run %s (%s): %s%s", self.run.run_id, self.dag.workflow_id, state,
+                     f" ({reason})" if reason else "")
         self.on_finish(self.run.run_id, state)
 
     def _outcome(self) -> tuple[str, str | None]:

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import store as s
@@ -81,9 +81,14 @@ class SqlRunStore(DAGRunStore):
     TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
     WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
+    # whether ``joined`` joins writes into one transaction: SQLite's one connection behind one lock pays for
+    # every transaction it serialises (12 a small mail's run, issue 16); PostgreSQL writes a transition as one
+    # autocommitted round trip and would pin a pooled connection for the block, so it does not join
+    JOINS_WRITES = False
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._join = threading.local()  # this thread's joined block: depth, and its open transaction if begun
 
     # -- what a backend supplies ---------------------------------------------------
 
@@ -116,7 +121,12 @@ class SqlRunStore(DAGRunStore):
         A failed COMMIT (disk full, deferred constraint) leaves the transaction
         open, so it is rolled back too: the connection stays usable. ``lazy``
         marks writes that may be lost in a server crash (see BEGIN_LAZY).
+        Inside ``joined`` the write goes into the block's transaction instead.
         """
+        if getattr(self._join, "depth", 0):
+            with self._joined_write() as conn:
+                yield conn
+            return
         from . import metrics  # here, not at the top: reading a store (`runs`, `show`) never loads prometheus_client
 
         try:
@@ -130,6 +140,73 @@ class SqlRunStore(DAGRunStore):
                     raise
         except self.DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
+
+    # -- joined writes (DAGRunStore.joined) ------------------------------------------
+
+    def joined(self) -> AbstractContextManager[None]:
+        return self._joined() if self.JOINS_WRITES else nullcontext()
+
+    @contextmanager
+    def _joined(self) -> Iterator[None]:
+        join = self._join
+        join.depth = getattr(join, "depth", 0) + 1
+        try:
+            yield
+        except BaseException:
+            if join.depth == 1:
+                self._end_joined(commit=False)
+            raise
+        else:
+            if join.depth == 1:
+                self._end_joined(commit=True)
+        finally:
+            join.depth -= 1
+
+    @contextmanager
+    def _joined_write(self) -> Iterator[Connection]:
+        """One write inside ``joined``: the block's transaction, begun (holding the connection) at its first write."""
+        join = self._join
+        try:
+            if getattr(join, "open", None) is None:
+                from . import metrics
+
+                held = ExitStack()
+                try:
+                    conn = held.enter_context(self._connection())
+                    held.enter_context(metrics.STORE_TX[False].time())
+                    self._begin(conn, self.BEGIN)
+                except BaseException:
+                    held.close()
+                    raise
+                join.open = (held, conn)
+            try:
+                yield join.open[1]
+            except BaseException:
+                self._end_joined(commit=False)
+                raise
+        except self.DRIVER_ERRORS as exc:
+            raise self._store_error(exc) from exc
+
+    def _end_joined(self, commit: bool) -> None:
+        """Commit (or roll back) the block's transaction, if a write began one, and lend the connection back."""
+        join = self._join
+        opened: tuple[ExitStack, Connection] | None = getattr(join, "open", None)
+        if opened is None:
+            return
+        join.open = None
+        held, conn = opened
+        with held:
+            try:
+                if not commit:
+                    self._rollback(conn)
+                    return
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+            except self.DRIVER_ERRORS as exc:
+                raise self._store_error(exc) from exc
 
     def _begin(self, conn: Connection, sql: str) -> None:
         """Begin a write transaction (SQLite overrides it: how it waits for the write lock)."""
@@ -226,19 +303,22 @@ class SqlRunStore(DAGRunStore):
         return [run_from_row(r) for r in rows]
 
     @retried
-    def claim_next_run(self, owner: str, now: float | None = None) -> Run | None:
+    def claim_runs(self, owner: str, limit: int, now: float | None = None) -> list[Run]:
+        if limit < 1:
+            raise ValueError(f"claim_runs takes a limit of 1 or more, not {limit}")
         with self._tx() as conn:
             now = time.time() if now is None else now
-            row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' "
-                               f"ORDER BY run_id LIMIT 1{self.CLAIM_LOCK}").fetchone()
-            if row is None:
-                return None
-            run = run_from_row(row)
+            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' "
+                                f"ORDER BY run_id LIMIT ?{self.CLAIM_LOCK}", (limit,)).fetchall()
+            runs = [run_from_row(row) for row in rows]
             # keep the first start across requeues; never before the queue time (another host's clock may lag)
-            started = run.started_at if run.started_at is not None else max(now, run.queued_at)
-            conn.execute("UPDATE runs SET state = 'running', started_at = ?, heartbeat_at = ?, owner = ? "
-                         "WHERE run_id = ?", (started, now, owner, run.run_id))
-        return Run(**{**run.__dict__, "state": s.RUNNING, "started_at": started, "heartbeat_at": now, "owner": owner})
+            claimed = [Run(**{**r.__dict__, "state": s.RUNNING, "heartbeat_at": now, "owner": owner,
+                              "started_at": r.started_at if r.started_at is not None else max(now, r.queued_at)})
+                       for r in runs]
+            if claimed:
+                conn.executemany("UPDATE runs SET state = 'running', started_at = ?, heartbeat_at = ?, owner = ? "
+                                 "WHERE run_id = ?", [(r.started_at, now, owner, r.run_id) for r in claimed])
+        return claimed
 
     @retried
     def heartbeat(self, run_ids: Iterable[int], now: float | None = None, owner: str | None = None) -> int:

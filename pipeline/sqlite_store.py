@@ -85,6 +85,7 @@ class SqliteRunStore(SqlRunStore):
     """DAGRunStore in one SQLite file (WAL by default)."""
 
     BEGIN = "BEGIN IMMEDIATE"
+    JOINS_WRITES = True
     _wal_active = False  # set by _connect: the journal mode SQLite actually took
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     TASK_NAME_SQL = task_name_sql("task_id")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -270,6 +271,16 @@ class DAGRunStore:
 
         Raises StoreBusyError (retryable) when another process holds the write lock too long.
         """
+        runs = self.claim_runs(owner, 1, now)
+        return runs[0] if runs else None
+
+    def claim_runs(self, owner: str, limit: int, now: float | None = None) -> list[Run]:
+        """Atomically move up to ``limit`` of the oldest queued runs to running for ``owner``, in one
+        transaction; return them oldest first (empty if none is queued).
+
+        One claim per run cost the engine a transaction per run (issue 16); a batch keeps FIFO order.
+        Raises ValueError for ``limit`` < 1, StoreBusyError as ``claim_next_run``.
+        """
         raise NotImplementedError
 
     def heartbeat(self, run_ids: Iterable[int], now: float | None = None, owner: str | None = None) -> int:
@@ -380,6 +391,18 @@ class DAGRunStore:
         purge that deleted runs but no files, not a lost message.
         """
         raise NotImplementedError
+
+    def joined(self) -> AbstractContextManager[None]:
+        """Join the writes this thread makes inside the block into one transaction, where the backend can.
+
+        The transaction begins at the first write and commits when the block ends (rolls back if it
+        raises); a write that fails rolls back the block's earlier writes with it, and a later write
+        in the block begins anew. Reads inside see the block's writes. Nothing written inside is
+        durable, nor visible to others, before the block ends: do what depends on it (start a task,
+        report a run finished) afterwards. Blocks nest (the outermost commits). The base store does
+        not join: each write commits on its own.
+        """
+        return nullcontext()
 
     # True when watch_queue really calls back (PostgreSQL LISTEN/NOTIFY); the engine then polls rarely
     queue_notifications = False

@@ -73,3 +73,13 @@ def die_on_first_try(ctx: TaskContext) -> dict:
     if ctx.try_number == 1:
         os.kill(os.getpid(), 9)
     return {"pid": os.getpid(), "try": ctx.try_number}
+
+
+def own_row_in_process(ctx: TaskContext) -> dict:
+    """Read this try's own task row from the store file over a fresh connection (what a crash would leave)."""
+    import sqlite3
+
+    with sqlite3.connect(ctx.payload["db"]) as conn:
+        state, tries = conn.execute("SELECT state, try_number FROM task_runs WHERE run_id = ? AND task_id = ?",
+                                    (ctx.run_id, ctx.task_id)).fetchone()
+    return {"state": state, "try": tries}

@@ -279,12 +279,12 @@ class SlowClaimStore(SqliteRunStore):
         super().__init__(config)
         self.claimed, self.release = threading.Event(), threading.Event()
 
-    def claim_next_run(self, owner, now=None):
-        run = super().claim_next_run(owner, now)
-        if run is not None:
+    def claim_runs(self, owner, limit, now=None):
+        runs = super().claim_runs(owner, limit, now)
+        if runs:
             self.claimed.set()
             self.release.wait(30)
-        return run
+        return runs
 
 
 def test_run_claimed_while_shutting_down_is_requeued_not_started(settings, start_engine):

@@ -158,6 +158,32 @@ def test_claim_is_fifo_and_stale_runs_are_found(contract_store):
     assert [r.run_id for r in contract_store.stale_runs(heartbeat_before=250.0)] == [b.run_id]
 
 
+def test_claim_runs_takes_a_batch_oldest_first_in_one_go(contract_store):
+    ids = [contract_store.create_run("wf", {}, now=50.0)[0].run_id for _ in range(5)]
+    batch = contract_store.claim_runs("me", 3, now=100.0)
+    assert [r.run_id for r in batch] == ids[:3]
+    assert {(r.state, r.owner, r.started_at, r.heartbeat_at) for r in batch} == {("running", "me", 100.0, 100.0)}
+    assert [contract_store.get_run(i).state for i in ids] == ["running"] * 3 + ["queued"] * 2
+    assert [r.run_id for r in contract_store.claim_runs("you", 10)] == ids[3:]  # fewer queued than the limit
+    assert contract_store.claim_runs("me", 10) == []
+    with pytest.raises(ValueError):
+        contract_store.claim_runs("me", 0)
+
+
+def test_writes_in_a_joined_block_are_all_there_after_it(contract_store):
+    run = contract_store.create_run("wf", {})[0]
+    contract_store.claim_next_run("me")
+    with contract_store.joined():
+        contract_store.create_tasks(run.run_id, ["a"])
+        with contract_store.joined():  # nested: still one block
+            assert contract_store.record_transitions([Transition(run.run_id, "a", "success", 1, 2.0)],
+                                                     owner="me") == 1
+        assert contract_store.get_tasks(run.run_id)[0].state == "success"  # the block reads its own writes
+        assert contract_store.finish_run(run.run_id, "success", owner="me") == 1
+    assert contract_store.get_run(run.run_id).state == "success"
+    assert [t.state for t in contract_store.get_tasks(run.run_id)] == ["success"]
+
+
 def test_a_run_never_starts_before_it_was_queued(contract_store):
     """A claimer whose clock lags the gateway's (or read it before the lock) must not give a negative queue wait."""
     run = contract_store.create_run("wf", {}, now=500.0)[0]

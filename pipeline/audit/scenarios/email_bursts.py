@@ -116,11 +116,13 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
     return save(recorder, "email_burst", rows)
 
 
-# where build_digest and deliver run (issue 16): the shipped default against the engine's own threads; and
-# where their results reach their runs: completion threads against the process pool's own result thread
+# where build_digest and deliver run (issue 16): the shipped default against the engine's own threads; where
+# their results reach their runs: completion threads against the process pool's own result thread; and the
+# store's transactions: one per runner callback against one per write, a batch of claims against one per run
 DRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]] | None] = {
     "default": None, "stage_threads": {"runner": {"stage_executor": "thread"}},
-    "results_on_pool_thread": {"runner": {"completion_threads": 0}}}
+    "results_on_pool_thread": {"runner": {"completion_threads": 0}},
+    "writes_unjoined": {"runner": {"join_writes": False}}, "claims_one_by_one": {"engine": {"claim_batch": 1}}}
 
 
 def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
