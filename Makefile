@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: audit test bytecode lab bench clean-data
+.PHONY: audit test bytecode lab bench clean-data peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,8 @@ bench: $(STAMP)
 
 clean-data:
 	rm -rf data/runs.sqlite3* data/spool data/outbox data/work data/inbox
+
+# Issue 16's peers (Prefect, Dagster, Airflow) for notebook 14_peers, each in a venv of its own under data/peers/:
+# their pins conflict with each other's and ours, so they are no extra of this package. Minutes; needs the index.
+peers: $(STAMP)
+	$(PY) -m pipeline.audit.base.peerenv

@@ -242,6 +242,13 @@ if len(views.rows(m, "scale_out")):
     scaleoutviews.fig_scale_out(m);
 
 # %%
+from pipeline.audit.reporting import peerviews  # noqa: E402  (this section's own views)
+
+md("### Beside Prefect, Dagster and Airflow\n\n" + peerviews.report_markdown(m))
+if len(peerviews.ratio_table(m)):
+    peerviews.fig_peers(peerviews.ratio_table(m));
+
+# %%
 optim, engines = views.optimization_table(m), views.engine_table(m)
 md("## 7. Optimizations, before and after\n\nEach switch measured both ways in this session, interleaved after a "
    "warm-up (spread: min–max over the repetitions). The store and gateway switches are settings "

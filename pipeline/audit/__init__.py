@@ -20,8 +20,13 @@ notebook                 scenario module (``scenarios/``)                report 
 11_scale_out             scale_out                                       scaleoutviews
 12_monitoring            monitoring                                      alertbaselines, views
 13_regression_gate       regression_gate                                 views (abcommits, regression)
+14_peers                 peers, peer_shapes (peer_bench: a script)       peerviews
 99_audit_report          (measures nothing)                              report and every view above
 =======================  ==============================================  ===================================
+
+``peer_bench`` is no module of the package at run time: ``peers`` runs it as a script with each peer engine's own
+interpreter (``data/peers/<name>/venv``, made by ``make peers``: ``base.peerenv``), so it imports only the
+standard library and that engine.
 
 One scenario module has no notebook: ``cli_start`` (the CLI's start-up; ``tests/test_cli_startup.py`` checks
 its import budget and the module times the commands when run by hand).
@@ -29,7 +34,7 @@ its import budget and the module times the commands when run by hand).
 ``base/``: recorder (DuckDB), fixtures (PDFs and mails), harness (in-process pipeline, rows, ``save``),
 memory, paths, serveproc (a real ``python -m pipeline serve``), smtpclients (the sender processes' light
 module), servemem, workerrss, faultcheck, pgserver, realpdfs, baresink (the bare SMTP sink under the
-sender's wait).
+sender's wait), peerenv (the peer engines' venvs).
 A module in ``base/`` never imports ``scenarios/`` or ``reporting/``; ``reporting/`` reads what the
 scenarios recorded and measures nothing.
 """

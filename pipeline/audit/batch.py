@@ -32,6 +32,10 @@ REPORT_NOTEBOOK = "99_audit_report"
 REPORT_NAME = "PERFORMANCE_AUDIT_SPRINT4"
 _QUICK_PDFS = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 _STANDARD_PDFS = ["text-1mb.pdf", "mixed-5mb.pdf", "scan-5mb.pdf"]
+_PEER_SIZES_QUICK = {"chain": {"this_project": 20, "prefect": 5, "dagster": 5, "airflow": 5},
+                     "fanout": {"this_project": 20, "prefect": 5, "dagster": 5, "airflow": 5},
+                     "digest": {"this_project": 1, "prefect": 1, "dagster": 1, "airflow": 1},
+                     "burst": {"this_project": 10, "prefect": 2, "dagster": 2, "airflow": 0}}
 
 # Per profile, the parameters of each scenario notebook. quick: CI, every scenario end to end on the smallest inputs
 # that exercise it (target: 2 min of notebook time on an idle 2-core machine); standard: `make audit`, every
@@ -78,6 +82,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "12_monitoring": {"mails": 10, "senders": 2, "reps": 1, "warmup_mails": 1},
         # the commit A/B on a planted slowdown, CPU seconds only: proves the path (the judged check is standard's)
         "13_regression_gate": {"measures": {"cpu": 2}, "load": 0, "work": 75},
+        # the peers only where `make peers` installed them (never in CI): a few tasks each, one rep (about 1 min)
+        "14_peers": {"reps": 1, "sizes": _PEER_SIZES_QUICK},
     },
     "standard": {
         "01_pipeline_profile": {"emails": 30, "senders": 4, "pdfs": _STANDARD_PDFS, "line_profile_pdf": "text-1mb.pdf",
@@ -146,10 +152,24 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "12_monitoring": {"mails": 150, "senders": 4, "reps": 4, "warmup_mails": 10},
         # a planted ~14 % store slowdown (instructions) against its parent, two busy neighbours (about 5 min)
         "13_regression_gate": {"measures": {"instructions": 2, "cpu": 3}, "load": 2, "work": 75},
+        # issue 16's 200-task chain, 1,000-wide fan-out and 100 runs at once on this project; the peers smaller, as
+        # their runs take seconds (Prefect: ~1 s a flow, 5 flows at once 16 s; Dagster and Airflow 35-100 ms a task):
+        # about 3.5 min with all three installed at load 2-4, 10 s with none
+        "14_peers": {"reps": 3, "sizes": {"chain": {"this_project": 200, "prefect": 50, "dagster": 50, "airflow": 50},
+                                           "fanout": {"this_project": 1000, "prefect": 200, "dagster": 50,
+                                                      "airflow": 50},
+                                           "digest": {"this_project": 1, "prefect": 1, "dagster": 1, "airflow": 1},
+                                           "burst": {"this_project": 100, "prefect": 3, "dagster": 5,
+                                                     "airflow": 0}}},
     },
 }
 PROFILES["full"] = {
     **PROFILES["standard"],
+    # the issue's sizes wherever a peer finishes them within minutes
+    "14_peers": {"reps": 5, "sizes": {"chain": {"this_project": 200, "prefect": 200, "dagster": 200, "airflow": 200},
+                                      "fanout": {"this_project": 1000, "prefect": 1000, "dagster": 200, "airflow": 200},
+                                      "digest": {"this_project": 1, "prefect": 1, "dagster": 1, "airflow": 1},
+                                      "burst": {"this_project": 100, "prefect": 20, "dagster": 50, "airflow": 0}}},
     "02_pdf_ingestion": {"reps": 2, "once_above_mb": 1, "others_max_mb": None},
     "03_concurrency_stress": {"levels": [10, 50, 100, 200, 500, 1000, 2000, 4000], "pdf": "text-tiny.pdf",
                               "stop_on_failure": True},
