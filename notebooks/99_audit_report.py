@@ -62,6 +62,13 @@ if len(e2e):
        "digest is delivered (its run ended), then sends the next, so at most *senders* runs are in the pipeline "
        "at once (default settings, after a warm-up mail). End to end is DATA end → digest delivered; the stages "
        "are those above, per mail:\n\n" + views.markdown(e2e))
+floor = profileviews.end_to_end_floor_table(m)
+if len(floor):
+    md("What the CPU allows: *senders* keep that many mails in flight, and the machine's *cores* finish at most "
+       "cores / (CPU s per mail) mails a second, so a mail's mean end to end is at least senders × CPU s per mail "
+       "/ cores (Little's law), however the work is scheduled. *CPU s per mail* is serve's and its workers' CPU "
+       "over a round (psutil) per mail; a *mean / floor* near 1 means CPU-bound: only less CPU per mail makes the "
+       "mail faster:\n\n" + views.markdown(floor))
 
 # %%
 md("Sampling profile of serve under that load. " + profileviews.pyspy_note(m) + " Top 5 functions by self time "

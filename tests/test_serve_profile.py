@@ -152,3 +152,19 @@ def test_closed_loop_senders_each_wait_for_their_digest_and_the_table_says_where
     table = profileviews.end_to_end_table(recorder.measurements())
     assert table.what.tolist()[0] == "end to end" and set(table.what) == {"end to end", *concurrency.STAGES}
     assert set(table.n) == {4} and (table.pdf == "doc.pdf").all() and (table.senders == 2).all()
+    cpu = df[df.metric == "cpu_seconds_per_mail"].value
+    floor = df[df.metric == "cpu_floor_seconds"]
+    assert len(cpu) == 1 and cpu.iloc[0] > 0  # serve and its workers did parse and extract the mails
+    assert floor.value.iloc[0] == pytest.approx(2 * cpu.iloc[0] / end_to_end.CORES)
+    bounds = profileviews.end_to_end_floor_table(recorder.measurements())
+    assert bounds.senders.tolist() == [2] and bounds["mean / floor"].iloc[0] > 0
+
+
+def test_the_cpu_floor_grows_with_the_mails_in_flight_and_shrinks_with_the_cores():
+    from pipeline.audit.scenarios.end_to_end import cpu_floor_s
+
+    assert cpu_floor_s(0.6, 1, 2) == pytest.approx(0.3)  # one mail may use both cores at best
+    assert cpu_floor_s(0.6, 4, 2) == pytest.approx(1.2)  # four in flight share two cores
+    assert cpu_floor_s(0.6, 4, 4) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        cpu_floor_s(0.6, 0, 2)

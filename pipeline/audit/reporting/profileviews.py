@@ -115,6 +115,30 @@ def closing_note(m: pd.DataFrame, top: int = 5) -> str:
     return " ".join(parts)
 
 
+def end_to_end_floor_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and sender count: CPU seconds per mail (serve and its workers, median over rounds), the floor
+    the CPU sets on a mail's mean end to end (``end_to_end.cpu_floor_s``), the measured mean and median, and the
+    mean over the floor (near 1: CPU-bound); empty when not measured."""
+    r = rows(m, "end_to_end")
+    if r.empty or "cpu_floor_seconds" not in set(r.metric):
+        return pd.DataFrame(columns=["variant", "senders", "cores", "CPU s per mail", "floor s", "mean s",
+                                     "median s", "mean / floor"])
+    out = []
+    for (variant, senders), group in r.groupby(["variant", "senders"]):
+        floor = group[group.metric == "cpu_floor_seconds"]
+        e2e = group[group.metric == "end_to_end_seconds"].value
+        if floor.empty or e2e.empty:
+            continue
+        out.append({"variant": variant, "senders": int(senders), "cores": int(floor.cores.iloc[0]),
+                    "CPU s per mail": float(group[group.metric == "cpu_seconds_per_mail"].value.median()),
+                    "floor s": float(floor.value.median()), "mean s": float(e2e.mean()),
+                    "median s": float(e2e.median())})
+    table = pd.DataFrame(out)
+    if len(table):
+        table["mean / floor"] = table["mean s"] / table["floor s"]
+    return table
+
+
 def end_to_end_table(m: pd.DataFrame) -> pd.DataFrame:
     """Median and p95 seconds of a closed-loop mail (scenario ``end_to_end``) end to end and in each stage, per
     variant, with the conditions (PDF, its MB, senders) beside them; empty when not measured."""

@@ -15,11 +15,19 @@ each, round by round.
 Rows (harness ``row``, scenario ``end_to_end``): ``end_to_end_seconds`` (tags
 ``arrived``, ``ended``: the epoch seconds it spans) and ``stage_seconds`` (tag
 ``stage``) per mail, tags ``senders``, ``pdf``, ``pdf_mb``; ``runs_failed`` per
-variant and round.
+variant and round; per variant, round and sender count ``cpu_seconds_per_mail``
+(serve and its workers, psutil) and ``cpu_floor_seconds`` (tag ``cores``).
+
+The floor is what the CPU alone allows: N senders keep N mails in flight, and
+C cores finish at most C / (CPU seconds per mail) mails a second, so by
+Little's law a mail's mean end to end is at least N x CPU per mail / C, however
+the work is scheduled. An end to end near its floor is CPU-bound: only less
+CPU per mail makes it faster.
 """
 
 from __future__ import annotations
 
+import os
 import smtplib
 import threading
 import time
@@ -36,6 +44,7 @@ from ..base import fixtures as fx
 from ..base.faultcheck import TERMINAL_RUN_STATES
 from ..base.harness import frame, row
 from ..base.recorder import AuditRecorder
+from ..base.servemem import TreeWatch
 from ..base.serveproc import RECIPIENT, SENDER, ServeProcess
 from .concurrency import stage_times
 
@@ -43,6 +52,7 @@ SCENARIO = "end_to_end"
 Rows = list[dict[str, Any]]
 POLL_S = 0.005  # how often a waiting sender looks at the store: well under the figures measured
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {"default": {}}
+CORES = len(os.sched_getaffinity(0))  # the cores serve may use, as the floor counts them
 
 
 def end_to_end(pdf: Path, work: Path, senders: tuple[int, ...] = (1, 4), per_sender: int = 10, rounds: int = 1,
@@ -66,13 +76,25 @@ def end_to_end(pdf: Path, work: Path, senders: tuple[int, ...] = (1, 4), per_sen
         for turn in range(rounds):
             for variant in (list(serves) if turn % 2 == 0 else list(serves)[::-1]):
                 for count in senders:
-                    ids = _closed_loop(serves[variant], raw, f"{variant}-{turn}-{count}", count, per_sender,
-                                       timeout_s)
+                    with TreeWatch(serves[variant]) as watch:
+                        ids = _closed_loop(serves[variant], raw, f"{variant}-{turn}-{count}", count, per_sender,
+                                           timeout_s)
                     rows += _rows(serves[variant].data_dir, ids, variant, turn, {**tags, "senders": count})
+                    per_mail = sum(watch.cpu_seconds().values()) / max(1, len(ids))
+                    rows += [row(variant, "cpu_seconds_per_mail", per_mail, "s", turn, **tags, senders=count),
+                             row(variant, "cpu_floor_seconds", cpu_floor_s(per_mail, count, CORES), "s", turn,
+                                 **tags, senders=count, cores=CORES)]
     result = frame(rows)
     if recorder is not None:
         recorder.record(SCENARIO, result)
     return result
+
+
+def cpu_floor_s(cpu_s_per_mail: float, in_flight: int, cores: int) -> float:
+    """The least mean end to end the CPU allows ``in_flight`` closed-loop mails on ``cores`` (module docstring)."""
+    if cores < 1 or in_flight < 1:
+        raise ValueError(f"cpu_floor_s needs cores and in_flight >= 1, not {cores} and {in_flight}")
+    return in_flight * cpu_s_per_mail / cores
 
 
 def _closed_loop(serve: ServeProcess, pdf: bytes, tag: str, senders: int, per_sender: int,
