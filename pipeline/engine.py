@@ -293,13 +293,16 @@ class WorkflowEngine:
                     return started, (run.run_id, exc)
 
     def _give_back(self, runs: list[Run]) -> None:
-        """Requeue claimed runs not started; one the store will not take back waits for the stale-run check."""
+        """Requeue claimed runs not started; one the store will not take back now is requeued by the dispatcher's
+        guarded loop later (``_settle``), as a broken run's requeue is: no heartbeat of ours would ever go stale."""
         for run in runs:
             try:
                 self.store.requeue_run(run.run_id, owner=self.owner)
             except Exception as exc:
-                log.error("run %s: claimed, not started, and cannot be requeued now (%s); recovered once its "
-                          "heartbeat is stale", run.run_id, one_line(exc))
+                log.error("run %s: claimed, not started, and cannot be requeued now (%s); will retry",
+                          run.run_id, one_line(exc))
+                with self._cond:
+                    self._unsettled.setdefault(run.run_id, None)
 
     def _start_run(self, run: Run) -> bool:
         """Start a claimed run; return False if it was not started (unknown workflow, or stopping)."""

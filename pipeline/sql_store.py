@@ -158,14 +158,23 @@ class SqlRunStore(DAGRunStore):
             raise
         else:
             if join.depth == 1:
+                failed = getattr(join, "failed", None)
+                if failed is not None:  # the caller went on after a failed write: its block is not stored
+                    raise StoreError(f"a write of this joined block failed; nothing of the block was stored: "
+                                     f"{failed}") from failed
                 self._end_joined(commit=True)
         finally:
             join.depth -= 1
+            if join.depth == 0:
+                join.failed = None
 
     @contextmanager
     def _joined_write(self) -> Iterator[Connection]:
         """One write inside ``joined``: the block's transaction, begun (holding the connection) at its first write."""
         join = self._join
+        if getattr(join, "failed", None) is not None:  # its earlier writes are gone: none may commit without them
+            raise StoreError(f"a write of this joined block failed and took the block's writes with it: "
+                             f"{join.failed}") from join.failed
         try:
             if getattr(join, "open", None) is None:
                 from . import metrics
@@ -181,7 +190,8 @@ class SqlRunStore(DAGRunStore):
                 join.open = (held, conn)
             try:
                 yield join.open[1]
-            except BaseException:
+            except BaseException as exc:
+                join.failed = exc
                 self._end_joined(commit=False)
                 raise
         except self.DRIVER_ERRORS as exc:

@@ -105,6 +105,7 @@ class SqliteRunStore(SqlRunStore):
         self._conn = self._connect()
         self._bell = QueueBell(Path(f"{self.path}-wake"))  # the registry of this store's queue watchers
         self._ring_after_commit = False
+        self._lent = 0  # nested loans of the connection by this thread (a joined block and the reads inside)
 
     # -- connection and transactions ---------------------------------------
 
@@ -150,11 +151,14 @@ class SqliteRunStore(SqlRunStore):
         woken engine must find the run), outside the lock.
         """
         with self._lock:
+            self._lent += 1
             try:
                 yield self._conn
-                ring = self._ring_after_commit
+                ring = self._lent == 1 and self._ring_after_commit  # a nested loan (a read in a joined block) waits
             finally:
-                self._ring_after_commit = False
+                self._lent -= 1
+                if not self._lent:
+                    self._ring_after_commit = False
         if ring:
             self._bell.ring()
 

@@ -396,8 +396,9 @@ class DAGRunStore:
         """Join the writes this thread makes inside the block into one transaction, where the backend can.
 
         The transaction begins at the first write and commits when the block ends (rolls back if it
-        raises); a write that fails rolls back the block's earlier writes with it, and a later write
-        in the block begins anew. Reads inside see the block's writes. Nothing written inside is
+        raises); a write that fails rolls back the block's earlier writes with it, and every later
+        write in the block, and its end, raise StoreError: a caller that goes on after the failure
+        stores none of the block. Reads inside see the block's writes. Nothing written inside is
         durable, nor visible to others, before the block ends: do what depends on it (start a task,
         report a run finished) afterwards. Blocks nest (the outermost commits). The base store does
         not join: each write commits on its own.

@@ -10,7 +10,7 @@ from helpers import own_row_in_process, square_in_process
 from pipeline import tracing
 from pipeline.dag import DAG, Task
 from pipeline.engine import WorkflowEngine
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, StoreIOError
 from pipeline.sqlite_store import SqliteRunStore
 from pipeline.store import Transition
 
@@ -41,26 +41,37 @@ def test_a_block_that_raises_leaves_none_of_its_writes(store):
     assert [t.task_id for t in store.get_tasks(run.run_id)] == ["b"]
 
 
-def test_a_failed_write_takes_the_blocks_earlier_writes_with_it_and_a_later_one_begins_anew(store):
+def test_a_failed_write_takes_the_blocks_writes_with_it_and_nothing_later_in_the_block_is_stored(store):
     run = store.create_run("wf", {})[0]
-    with store.joined():
+    with pytest.raises(StoreError, match="nothing of the block was stored"), store.joined():
         store.create_tasks(run.run_id, ["a"])
         with pytest.raises(StoreError):
             store.write_in_one_transaction([("INSERT INTO no_such_table VALUES (1)", ())])
         assert store.get_tasks(run.run_id) == []  # rolled back with the failed write
-        store.create_tasks(run.run_id, ["b"])
-    assert [t.task_id for t in store.get_tasks(run.run_id)] == ["b"]
+        with pytest.raises(StoreError, match="took the block's writes with it"):
+            store.create_tasks(run.run_id, ["b"])  # would be stored without "a": refused
+    assert store.get_tasks(run.run_id) == []
+    with store.joined():  # the next block starts clean
+        store.create_tasks(run.run_id, ["c"])
+    assert [t.task_id for t in store.get_tasks(run.run_id)] == ["c"]
 
 
 def test_other_threads_wait_for_the_block_and_then_see_all_of_it(store):
     run = store.create_run("wf", {})[0]
     seen: list = []
+    reading = threading.Event()
+
+    def read() -> None:
+        reading.set()
+        seen.append([t.task_id for t in store.get_tasks(run.run_id)])
+
     with store.joined():
         store.create_tasks(run.run_id, ["a"])
-        reader = threading.Thread(target=lambda: seen.append([t.task_id for t in store.get_tasks(run.run_id)]))
+        reader = threading.Thread(target=read)
         reader.start()
+        assert reading.wait(10)
         reader.join(0.2)
-        assert reader.is_alive()  # the block holds the one connection until it ends
+        assert seen == []  # the block holds the one connection until it ends
         store.create_tasks(run.run_id, ["b"])
     reader.join(10)
     assert seen == [["a", "b"]]
@@ -152,3 +163,39 @@ def test_the_engine_hears_of_a_runs_end_only_once_it_is_committed(store, setting
         engine.shutdown(grace_s=5)
         tracing.disconnect(tracing.RUN_FINISHED, finished)
     assert seen == [("success", "success")]
+
+
+class FailingStartStore(SqliteRunStore):
+    """A real store whose first ``create_tasks`` (a run's start) fails, and then the first requeue of another
+    run (one handed back unstarted), as a disk that fills."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.broken: int | None = None
+        self.requeue_failed = False
+
+    def create_tasks(self, run_id, task_ids, now=None):
+        if self.broken is None:
+            self.broken = run_id
+            raise StoreIOError("injected: disk full at a run's start")
+        return super().create_tasks(run_id, task_ids, now)
+
+    def requeue_run(self, run_id, now=None, owner=None):
+        if run_id != self.broken and not self.requeue_failed:
+            self.requeue_failed = True
+            raise StoreIOError("injected: disk full at a requeue")
+        return super().requeue_run(run_id, now, owner)
+
+
+def test_a_batch_whose_first_start_breaks_gives_the_rest_back_and_every_run_ends(settings, caplog):
+    """The first run's start fails and so does the first hand-back: nothing stays running under a live owner."""
+    with FailingStartStore(settings.store) as store:
+        runs = [store.create_run("cpu", {"n": n})[0].run_id for n in range(3)]
+        engine = WorkflowEngine(store, settings)
+        engine.register(PROCESS_CHAIN)
+        engine.start()
+        try:
+            assert [engine.wait(r, timeout=60).state for r in runs] == ["success"] * 3
+        finally:
+            engine.shutdown(grace_s=5)
+    assert any("claimed, not started, and cannot be requeued now" in r.getMessage() for r in caplog.records)

@@ -94,7 +94,6 @@ class Job:
     """One unit of work shared fairly: its queued chunks, its lanes in use, its spent budget and its outcome."""
 
     what = "document"  # what the job reads, for messages ("the document needed memory over ...")
-    settled_cond: threading.Condition  # set by the queue at submit, on its lock; notified once the job settles
 
     def __init__(self, name: str, budget_s: float, chunks: list[Any], max_workers: int = 1,
                  priority: int = PRIORITY_EXTRACT) -> None:
@@ -130,8 +129,7 @@ class FairQueue:
     def __init__(self, lanes: int = 1) -> None:
         """``lanes``: how many lanes take from this queue; parses may hold all of them but one."""
         self._parse_cap = max(1, lanes - 1)
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # lanes wait here for a chunk; each job's caller on its own
+        self._cond = threading.Condition()
         self._jobs: list[Job] = []
         self._seq = itertools.count()
         self._closed: BaseException | None = None  # the error jobs get while closed
@@ -140,9 +138,6 @@ class FairQueue:
         """Queue a job's chunks for the lanes."""
         with self._cond:
             job.seq = next(self._seq)
-            # notified only when this job settles: one condition for every waiter woke all the callers (16
-            # runner threads parsing small mails) at every chunk's end to find theirs still running (issue 16)
-            job.settled_cond = threading.Condition(self._lock)
             job.clock, job.waiting = getattr(_this_thread, "clock", None), True
             if job.clock is not None:
                 job.clock.start()
@@ -181,14 +176,12 @@ class FairQueue:
                 self._fail(job, error)
             elif job.chunks and job.spent_s >= job.budget_s:
                 self._fail(job, job.timeout_error())
-            self._cond.notify_all()  # a lane, or a job over its lanes' cap, may take a chunk now
-            if job.settled():
-                job.settled_cond.notify_all()
+            self._cond.notify_all()
 
     def wait(self, job: Job) -> None:
         """Block until ``job`` is settled and forget it; raise its error if it failed."""
         with self._cond:
-            job.settled_cond.wait_for(job.settled)
+            self._cond.wait_for(job.settled)
             self._jobs.remove(job)
             self._started(job)  # a job failed before any lane took it waited until now
         if job.error is not None:
@@ -219,5 +212,3 @@ class FairQueue:
         if job.error is None:
             job.error = error
         job.chunks.clear()
-        if job.settled():
-            job.settled_cond.notify_all()
