@@ -134,10 +134,10 @@ class SqlRunStore(DAGRunStore):
                 self._begin(conn, (self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
                 try:
                     yield conn
-                    conn.execute("COMMIT")
                 except BaseException:
                     self._rollback(conn)
                     raise
+                self._commit(conn)
         except self.DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
 
@@ -207,16 +207,20 @@ class SqlRunStore(DAGRunStore):
         held, conn = opened
         with held:
             try:
-                if not commit:
+                if commit:
+                    self._commit(conn)
+                else:
                     self._rollback(conn)
-                    return
-                try:
-                    conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback(conn)
-                    raise
             except self.DRIVER_ERRORS as exc:
                 raise self._store_error(exc) from exc
+
+    def _commit(self, conn: Connection) -> None:
+        """COMMIT; one that fails (disk full, deferred constraint) leaves the transaction open: roll it back."""
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
 
     def _begin(self, conn: Connection, sql: str) -> None:
         """Begin a write transaction (SQLite overrides it: how it waits for the write lock)."""
