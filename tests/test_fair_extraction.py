@@ -61,9 +61,11 @@ class _Background:
             self.done.set()
 
 
+# 1,200 pages of 2,000 draws: over a minute of PDFium on any core we have seen, so the budget (15-20 s) ends it;
+# 300 pages (about 18-26 s) ended within the budget on a fast day, and the tests expecting a timeout failed
 def test_a_normal_pdf_finishes_while_a_slow_one_holds_both_workers(pdf, tmp_path, own_pool):
     limits = own_pool(905, workers=2, page_workers=2, timeout_s=20.0)
-    slow = _Background(pdf(fx.slow_pdf(300, draws=2000), "slow.pdf"), tmp_path / "slow.txt", limits)
+    slow = _Background(pdf(fx.slow_pdf(1200, draws=2000), "slow.pdf"), tmp_path / "slow.txt", limits)
     try:
         # both of its shards are being read: the slow document holds both workers now
         both = [tmp_path / "slow.txt.s000", tmp_path / "slow.txt.s001"]
@@ -245,7 +247,7 @@ def _send(service: Any, raw: bytes) -> None:
 def test_over_smtp_a_normal_mail_is_answered_while_a_slow_pdf_is_still_extracted(service_factory, smtp_sink):
     service = service_factory()
     work = service.settings.data_dir / "work"
-    _send(service, fx.email_with([("slow.pdf", fx.slow_pdf(300, draws=2000))], subject="slow one",
+    _send(service, fx.email_with([("slow.pdf", fx.slow_pdf(1200, draws=2000))], subject="slow one",
                                  message_id="<slow@example.com>"))
     assert wait_until(lambda: bool(list(work.glob("*/text/*.p*"))), 120)  # its extraction has begun
     _send(service, fx.email_with([("a.pdf", fx.text_pdf(1))], subject="normal one", message_id="<n@example.com>"))

@@ -165,7 +165,7 @@ def test_a_parse_is_not_queued_behind_a_slow_pdf(pdf, tmp_path, parse_settings):
 
     def slow() -> None:
         try:
-            ingest_pdf(pdf(fx.slow_pdf(300, draws=2000), "slow.pdf"), tmp_path / "slow.txt", settings.ingest)
+            ingest_pdf(pdf(fx.slow_pdf(1200, draws=2000), "slow.pdf"), tmp_path / "slow.txt", settings.ingest)
         except BaseException as exc:
             failed.append(exc)
 
