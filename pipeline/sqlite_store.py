@@ -123,7 +123,11 @@ class SqliteRunStore(SqlRunStore):
             conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
             refuse_foreign(conn, self.path)  # before any pragma that writes to the file
             if self.config.wal:
-                conn.execute("PRAGMA journal_mode = WAL")
+                # on a fresh file several openers at once (serve's gateway and engine processes) each hold a
+                # shared lock while switching to WAL: SQLite refuses all but one at once, without its busy
+                # handler (deadlock avoidance), so the others try again up to the busy timeout
+                self._until_free(lambda: conn.execute("PRAGMA journal_mode = WAL"),
+                                 lambda exc: isinstance(exc, sqlite3.OperationalError) and _busy(exc))
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
             provide_math_functions(conn)
             migrate(conn, self.path)
