@@ -82,8 +82,8 @@ class SqlRunStore(DAGRunStore):
     WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
     # whether ``joined`` joins writes into one transaction: SQLite's one connection behind one lock pays for
-    # every transaction it serialises (12 a small mail's run, issue 16); PostgreSQL writes a transition as one
-    # autocommitted round trip and would pin a pooled connection for the block, so it does not join
+    # every transaction it serialises (one per write: 6 a two-task run, issue 16); PostgreSQL writes a
+    # transition as one autocommitted round trip and would pin a pooled connection for the block: no joining
     JOINS_WRITES = False
 
     def __init__(self) -> None:

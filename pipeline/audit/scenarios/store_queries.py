@@ -33,6 +33,7 @@ from ...sqlite_store import SqliteRunStore
 from ...store import DAGRunStore, Transition, open_store
 from ..base.harness import percentile, row, save
 from ..base.recorder import AuditRecorder
+from .peer_shapes import shape_dag
 
 TASKS_PER_RUN = ("parse_email", "ingest_pdf[0]", "ingest_pdf[1]", "build_digest", "deliver")
 WORKFLOWS = 5
@@ -324,17 +325,16 @@ def runner_overhead_samples(data_dir: Path, tasks: int = 1000, repeat: int = 5) 
     warm-up run, on a fresh store: what the runner and store cost a task that does nothing."""
     settings = replace(Settings.for_data_dir(data_dir), runner=RunnerConfig(thread_workers=4))
     store = SqliteRunStore(settings.store)
-    dag = DAG("noop_wide", [Task(f"t{i}", _noop) for i in range(tasks)])
-    chain = DAG("noop_chain", [Task("t0", _noop)] + [Task(f"t{i}", _noop, deps=(f"t{i - 1}",)) for i in range(1, 200)])
+    dags = {"noop_wide": shape_dag("fanout", tasks), "noop_chain": shape_dag("chain", 200)}  # notebook 14's too
     out: dict[str, list[float]] = {}
     with WorkflowEngine(store, settings) as engine:
-        engine.register(dag)
-        engine.register(chain)
+        for dag in dags.values():
+            engine.register(dag)
         for name, size in (("noop_wide", tasks), ("noop_chain", 200)):
             samples = []
             for _ in range(repeat + 1):
                 t0 = time.perf_counter()
-                engine.wait(engine.trigger(name).run_id, timeout=600)
+                engine.wait(engine.trigger(dags[name].workflow_id).run_id, timeout=600)
                 samples.append((time.perf_counter() - t0) / size)
             out[name] = samples[1:]
     store.close()
