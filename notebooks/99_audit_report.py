@@ -161,7 +161,7 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "time; *client_txn_ms* is connect → the final 250 (what a sender waits), *client_mail_ms* MAIL → that 250, "
    "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
    "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
-   "of its own, the engine and its workers 5 nice steps below it), *same_priority* that layout without the "
+   "of its own, the engine and its workers `[serve] engine_nice` (12) nice steps below it), *same_priority* that layout without the "
    "priority step (`[serve] engine_nice = 0`), *one_process* the gateway in serve's process, *inline_accept* "
    "the default with small mails accepted on the gateway's event loop (`[gateway] inline_accept_bytes = 65536`), "
    "*gateway_only* "

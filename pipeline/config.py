@@ -293,9 +293,9 @@ class ServeConfig:
     # with the gateway in its own process: how many nice steps (0-19, added to serve's own nice value) the
     # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
     # Linux only (per-thread nice values).
-    # Measured with 8 senders, interleaved (README, Benchmarks): a lower median in three runs out of three,
-    # more mails accepted in two, a lower p99 in one
-    engine_nice: int = 5
+    # 12, not 5 as before: 5 (weight 335 against the gateway's 1,024) still let the engine take a core from the
+    # gateway for tens of ms; at 12 (weight 70) 8 senders' p99 fell by about half (README, Benchmarks)
+    engine_nice: int = 12
 
     def validate(self) -> None:
         """Reject an engine_nice outside 0-19."""

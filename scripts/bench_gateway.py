@@ -15,7 +15,11 @@ Then what a sender of a real, busy ``python -m pipeline serve`` waits (issue 17,
 per mail, timed from the client (connect -> final 250, MAIL -> 250) next to the
 store's DATA end -> run queued, while serve processes the runs; the shipped
 settings, ``[serve] engine_nice = 0`` and ``[serve] gateway_process = false``,
-interleaved after a warm-up, plus a round with a 5 MB mail beside the small ones.
+interleaved after a warm-up, plus a round with a 5 MB mail beside the small ones. With
+``--engine-nice 0 5 12`` the serves compared are instead the shipped settings with those
+``[serve] engine_nice`` values (how the default of 12 was chosen):
+
+    python scripts/bench_gateway.py --serve-only --serve-senders 8 --serve-reps 3 --engine-nice 0 5 12
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.audit.scenarios import client_latency, gateway_bench  # noqa: E402
 
 
+def nice_variants(values: list[int] | None) -> dict[str, client_latency.Variant] | None:
+    """One serve per ``[serve] engine_nice`` value (None: the scenario's own layouts)."""
+    if not values:
+        return None
+    return {f"engine_nice_{n}": ({"serve": {"engine_nice": n}}, ()) for n in values}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000)
@@ -43,6 +54,8 @@ def main() -> int:
                         help="closed-loop senders against a real serve; one round per value (default 1 8)")
     parser.add_argument("--serve-mails", type=int, default=50, help="mails per sender and round (default 50)")
     parser.add_argument("--serve-reps", type=int, default=2, help="turns per serve layout (default 2)")
+    parser.add_argument("--engine-nice", type=int, nargs="+", default=None,
+                        help="compare serves with these [serve] engine_nice values instead of the layouts")
     parser.add_argument("--no-serve", action="store_true", help="skip the client-side rounds against serve")
     parser.add_argument("--serve-only", action="store_true", help="only the client-side rounds against serve")
     parser.add_argument("--json", action="store_true")
@@ -55,7 +68,7 @@ def main() -> int:
             rows += gateway_bench.large_messages(Path(tmp) / "large", args.large_mb)
         serve = [] if args.no_serve else client_latency.summary(client_latency.client_latency(
             Path(tmp) / "serve", tuple(args.serve_senders), args.serve_mails, args.serve_reps,
-            args.large_mb)).to_dict("records")
+            args.large_mb, variants=nice_variants(args.engine_nice))).to_dict("records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"host": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
             "commit": commit}

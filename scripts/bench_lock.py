@@ -4,7 +4,7 @@
     python scripts/bench_lock.py                     # 5 turns per mode, 300 inserts each, interleaved
     python scripts/bench_lock.py --reps 3 --inserts 500 --json
 
-Each turn starts a writer process (5 nice steps lower, like serve's engine) committing one task transition
+Each turn starts a writer process (as many nice steps lower as serve's engine) committing one task transition
 per transaction in a loop, and times run inserts of this process (like serve's gateway) 5 ms apart. Modes
 take turns (off, on, on, off, ...) after a warm-up turn each; the table gives the median over turns of each
 turn's median, p99 and max insert time, and the writer's commits/s (what polling costs the other side).

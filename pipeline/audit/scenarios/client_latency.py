@@ -53,7 +53,7 @@ Rows = list[dict[str, Any]]
 SCENARIO = "client_latency"
 Variant = tuple[dict[str, dict[str, Any]], tuple[str, ...]]  # (serve's TOML sections, extra serve flags)
 INLINE_BYTES = 64 * 1024  # [gateway] inline_accept_bytes where a variant turns it on: small mails, not 5 MB ones
-# the shipped default (gateway process, engine 5 nice steps below it; still named "gateway_process", which the
+# the shipped default (gateway process, engine 12 nice steps below it; still named "gateway_process", which the
 # SLA rows select), the same layout without the priority step ([serve] engine_nice = 0), and the gateway in
 # serve's own process
 VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),

@@ -1,10 +1,10 @@
 """A gateway's insert beside a busy writer on one SQLite file (issue 17): how ``[store] lock_polling`` waits.
 
-serve's gateway process inserts a run per mail while serve's engine, in another process and 5 nice steps
-lower, commits one task transition at a time to the same file. SQLite has one writer and queues no one: its
-busy handler sleeps 1, 2, 5 ... 100 ms between tries and the engine can retake the lock during each sleep,
-so an insert can wait far longer than any one commit. ``contended_inserts`` reproduces that with a real
-writer process committing transitions in a loop, and times each insert of this process, with one
+serve's gateway process inserts a run per mail while serve's engine, in another process and ``[serve]
+engine_nice`` steps lower, commits one task transition at a time to the same file. SQLite has one writer and
+queues no one: its busy handler sleeps 1, 2, 5 ... 100 ms between tries and the engine can retake the lock
+during each sleep, so an insert can wait far longer than any one commit. ``contended_inserts`` reproduces
+that with a real writer process committing transitions in a loop, and times each insert of this process, with one
 ``StoreConfig`` for both sides (lock polling on or off). ``scripts/bench_lock.py`` and notebook 08 run it
 both ways, interleaved.
 """
@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ...config import StoreConfig
+from ...config import ServeConfig, StoreConfig
 from ...store import Transition, open_store
 from ..base.harness import percentile
 
@@ -45,7 +45,7 @@ def _writer(config: StoreConfig, nice: int, ready: Any, stop: Any, counted: Any)
 
 
 def contended_inserts(path: Path, lock_polling: bool, inserts: int = 300, gap_s: float = 0.005,
-                      writer_nice: int = 5) -> dict[str, Any]:
+                      writer_nice: int = ServeConfig.engine_nice) -> dict[str, Any]:
     """``inserts`` runs created one at a time (``gap_s`` apart) beside a writer process at ``writer_nice``.
 
     Returns ``insert_ms`` (every insert's wall time), ``writer_commits_per_s`` (the writer's rate meanwhile)
