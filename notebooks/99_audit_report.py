@@ -151,9 +151,10 @@ if len(views.rows(m, "small_mail_drain")):
        "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
        "threads, as before issue 16's change; *results_on_pool_thread* takes the pool's results to their runs on "
        "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; "
-       "*writes_unjoined* commits each store write of a runner callback on its own (`[runner] join_writes = false`) "
-       "instead of one transaction per callback, *claims_one_by_one* claims one queued run per transaction "
-       "(`[engine] claim_batch = 1`) instead of up to 8; rounds interleaved:\n\n" + views.markdown(soakviews.drain_table(m)))
+       "*writes_joined* commits the store writes of each runner callback in one transaction (`[runner] join_writes "
+       "= true`) instead of each on its own, *claims_in_batches* claims up to 8 queued runs per transaction "
+       "(`[engine] claim_batch = 8`) instead of one; rounds interleaved:\n\n"
+       + views.markdown(soakviews.drain_table(m)))
 
 # %%
 md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "
@@ -161,7 +162,8 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "time; *client_txn_ms* is connect → the final 250 (what a sender waits), *client_mail_ms* MAIL → that 250, "
    "*server_trigger_ms* DATA end → run committed (serve's own figure); a `large` round has one 5 MB PDF mail "
    "beside the small ones. *gateway_process* is the shipped default (issue 17: SMTP accepted in a child process "
-   "of its own, the engine and its workers `[serve] engine_nice` (12) nice steps below it), *same_priority* that layout without the "
+   "of its own, the engine and its workers `[serve] engine_nice` (12) nice steps below it), *same_priority* "
+   "that layout without the "
    "priority step (`[serve] engine_nice = 0`), *one_process* the gateway in serve's process, *inline_accept* "
    "the default with small mails accepted on the gateway's event loop (`[gateway] inline_accept_bytes = 65536`), "
    "*gateway_only* "

@@ -18,8 +18,8 @@ Every write carries the run's owner; one the store refuses because another
 process took the run over abandons the run quietly (``RunTakenOver``).
 The store writes one callback makes (a task's end, a mapped task's instances,
 the next task's RUNNING, the run's end) go into one transaction where the
-store joins them (``DAGRunStore.joined``, SQLite; ``runner.join_writes``):
-a two-task process chain commits 3 times a run instead of 6
+store joins them (``DAGRunStore.joined``, SQLite; ``runner.join_writes``, off
+by default): a two-task process chain commits 3 times a run instead of 6
 (``tests/test_joined_writes.py``; issue 16). What
 depends on those writes waits for their commit (``_run_after_commit``): a
 try starts only once its RUNNING is durable, and the engine hears of a run's

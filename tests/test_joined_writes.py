@@ -115,7 +115,8 @@ PROCESS_CHAIN = DAG("cpu", [Task("a", square_in_process, executor="process"),
 @pytest.mark.parametrize(("join", "per_run"), [(True, 3), (False, 6)], ids=["joined", "one-per-write-baseline"])
 def test_a_two_task_run_commits_once_per_callback(settings, join, per_run):
     """Joined: start (tasks, a's RUNNING), a's end (a's SUCCESS, b's RUNNING), b's end (b's SUCCESS, the run's)."""
-    settings = replace(settings, runner=replace(settings.runner, join_writes=join))
+    settings = replace(settings, runner=replace(settings.runner, join_writes=join),
+                       engine=replace(settings.engine, claim_batch=8))  # the 4 runs claimed in one transaction
     with CountingStore(settings.store) as store:
         runs = [store.create_run("cpu", {"n": n})[0].run_id for n in range(4)]
         engine = WorkflowEngine(store, settings)
@@ -146,7 +147,9 @@ def test_a_process_try_starts_only_once_its_running_is_committed(store, settings
     assert [t.output for t in store.get_tasks(run.run_id)] == [{"state": "running", "try": 1}] * 2
 
 
-def test_the_engine_hears_of_a_runs_end_only_once_it_is_committed(store, settings):
+@pytest.mark.parametrize("join", [True, False], ids=["joined", "one-per-write-baseline"])
+def test_the_engine_hears_of_a_runs_end_only_once_it_is_committed(store, settings, join):
+    settings = replace(settings, runner=replace(settings.runner, join_writes=join))
     seen: list = []
 
     def finished(run_id, state, **_):
@@ -189,6 +192,7 @@ class FailingStartStore(SqliteRunStore):
 
 def test_a_batch_whose_first_start_breaks_gives_the_rest_back_and_every_run_ends(settings, caplog):
     """The first run's start fails and so does the first hand-back: nothing stays running under a live owner."""
+    settings = replace(settings, engine=replace(settings.engine, claim_batch=8))
     with FailingStartStore(settings.store) as store:
         runs = [store.create_run("cpu", {"n": n})[0].run_id for n in range(3)]
         engine = WorkflowEngine(store, settings)
@@ -199,3 +203,52 @@ def test_a_batch_whose_first_start_breaks_gives_the_rest_back_and_every_run_ends
         finally:
             engine.shutdown(grace_s=5)
     assert any("claimed, not started, and cannot be requeued now" in r.getMessage() for r in caplog.records)
+
+
+class FailingCommitStore(SqliteRunStore):
+    """A real store whose ``fail_at``-th COMMIT at the end of a joined block fails, as a disk that errs at the sync."""
+
+    def __init__(self, config, fail_at: int) -> None:
+        super().__init__(config)
+        self.fail_at, self.commits = fail_at, 0
+        self._armed = threading.local()
+        self._count = threading.Lock()
+
+    @property
+    def failed(self) -> bool:
+        return self.commits >= self.fail_at
+
+    def _end_joined(self, commit):
+        if commit and getattr(self._join, "open", None) is not None:
+            with self._count:
+                self.commits += 1
+                self._armed.on = self.commits == self.fail_at
+        super()._end_joined(commit)
+
+    def _commit(self, conn):
+        if getattr(self._armed, "on", False):
+            self._armed.on = False
+            self._rollback(conn)
+            raise sqlite3.OperationalError("disk I/O error")  # injected at the block's COMMIT
+        super()._commit(conn)
+
+
+# the 1st block is the run's start (its tasks, first's RUNNING), the 2nd first's end with second's RUNNING
+@pytest.mark.parametrize(("fail_at", "tries"), [(1, [1, 1]), (2, [2, 1])], ids=["at-start", "at-a-tasks-end"])
+def test_a_joined_block_whose_commit_fails_launches_nothing_and_the_run_still_ends(settings, fail_at, tries):
+    """The block is rolled back whole, its try is never launched, and the run, requeued, ends."""
+    settings = replace(settings, runner=replace(settings.runner, join_writes=True))
+    with FailingCommitStore(settings.store, fail_at) as store:
+        engine = WorkflowEngine(store, settings)
+        engine.register(DAG("peek", [Task("first", own_row_in_process, executor="process"),
+                                     Task("second", own_row_in_process, deps=("first",), executor="process")]))
+        engine.start()
+        try:
+            run = engine.wait(engine.trigger("peek", {"db": str(store.path)}).run_id, timeout=60)
+        finally:
+            engine.shutdown(grace_s=5)
+        assert store.failed  # the fault was injected
+        assert run.state == "success"
+        # every try that ran saw its own RUNNING committed; at a task's end, first's success was rolled back
+        # with the block, so first ran again (try 2) and second's rolled-back try 1 was never launched
+        assert [t.output for t in store.get_tasks(run.run_id)] == [{"state": "running", "try": n} for n in tries]

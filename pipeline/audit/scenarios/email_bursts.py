@@ -122,7 +122,7 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
 DRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]] | None] = {
     "default": None, "stage_threads": {"runner": {"stage_executor": "thread"}},
     "results_on_pool_thread": {"runner": {"completion_threads": 0}},
-    "writes_unjoined": {"runner": {"join_writes": False}}, "claims_one_by_one": {"engine": {"claim_batch": 1}}}
+    "writes_joined": {"runner": {"join_writes": True}}, "claims_in_batches": {"engine": {"claim_batch": 8}}}
 
 
 def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
