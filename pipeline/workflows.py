@@ -85,16 +85,13 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     Whom it goes to, and when no digest is sent (null sender), is ``deliver.reply_recipient``'s rule;
     a skipped digest returns ``{"skipped": why}``. A run requeued after a crash that came after delivery
     must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
-    and a marker in the work dir records a relay send (an outbox copy is found by its name). The first
-    try looks for neither: the runner commits a try's RUNNING before it starts the try, so a try
-    numbered 1 knows no earlier one began (a look in the outbox reads all of ``cur/``, which grows).
+    and a marker in the work dir records a relay send.
     """
     from .stages import deliver, digest
 
     key = delivery_key(ctx)
     marker = Path(ctx.work_dir) / "delivered.json"
-    retried = ctx.try_number > 1
-    earlier = deliver.delivered_before(marker) if retried and settings.delivery.relay else None
+    earlier = deliver.delivered_before(marker)
     # only this run's own marker counts: a work dir left by an older version's purge can hold another run's
     if earlier is not None and earlier.get("message_id") == deliver.digest_message_id(key, settings.delivery):
         return earlier
@@ -107,10 +104,8 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,
                                     message_id=deliver.digest_message_id(key, settings.delivery))
-        where = deliver.send_message(msg, settings.delivery, key=key, look_first=retried)
+        where = deliver.send_message(msg, settings.delivery, key=key)
     result = {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
-    if not settings.delivery.relay:
-        return result
     try:
         deliver.mark_delivered(marker, result)
     except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice

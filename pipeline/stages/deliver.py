@@ -151,12 +151,11 @@ def _domain(config: DeliveryConfig) -> str:
     return config.sender.partition("@")[2] or "localhost"
 
 
-def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None, look_first: bool = True) -> str:
+def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None) -> str:
     """Hand the message to the relay, or add it to the outbox; return where it went.
 
     With a ``key`` the outbox copy is ``new/<key>``, written once: a run retried after a crash that
-    came after delivery finds it there and does not deliver twice (``look_first=False`` skips that
-    look, for a caller that knows no earlier try began). Raises DeliveryError: retryable
+    came after delivery finds it there and does not deliver twice. Raises DeliveryError: retryable
     for an unreachable relay or an unwritable outbox, not retryable for a UTF-8 address and a relay
     that does not offer SMTPUTF8 (RFC 6531).
     """
@@ -165,7 +164,7 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
     try:
         if key is None:
             return str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
-        return _add_once(msg, Path(config.outbox), key, look_first)
+        return _add_once(msg, Path(config.outbox), key)
     except OSError as exc:  # full disk, read-only outbox: another try may work
         raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
 
@@ -182,17 +181,14 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
     return str(config.relay)
 
 
-def _add_once(msg: EmailMessage, outbox: Path, key: str, look_first: bool = True) -> str:
-    """Store ``msg`` as ``outbox/new/<key>`` unless (``look_first``) a message of that name is in new/ or cur/.
+def _add_once(msg: EmailMessage, outbox: Path, key: str) -> str:
+    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already.
 
     The Maildir's folders are made when the look-up or the write finds one missing, not on every digest.
     """
-    if look_first:
-        done = _delivered_as(outbox, key)
-        if done:
-            return done
-    elif not (outbox / "cur").is_dir():  # the look makes it when missing; mail readers need it
-        _make_folders(outbox)
+    done = _delivered_as(outbox, key)
+    if done:
+        return done
     data = msg.as_bytes()
     try:
         return _store(data, outbox, key)
