@@ -72,9 +72,9 @@ class RunnerConfig:
     # 0: the pool's own result thread does it, and while it writes, no other result or submission moves (baseline)
     completion_threads: int = 4
     # True: one transaction for the store writes of each callback (a task's end, the next one's RUNNING, the run's
-    # end), where the store joins them (SQLite); a try starts once its RUNNING has committed. False, the default:
-    # one per write. Half the commits, but no drain of small mails measured faster with it (issue 16: three
-    # interleaved comparisons, 2026-11-29), so the simpler path is the default
+    # end), where the store joins them (SQLite). False, the default: one per write. Either way a try starts once
+    # its RUNNING has committed. Half the commits, but small mails drained no faster with it, within the noise of
+    # three interleaved comparisons (issue 16, 2026-11-29), so the simpler path is the default
     join_writes: bool = False
 
     def validate(self) -> None:

@@ -75,6 +75,13 @@ def die_on_first_try(ctx: TaskContext) -> dict:
     return {"pid": os.getpid(), "try": ctx.try_number}
 
 
+def own_row_logged_in_process(ctx: TaskContext) -> dict:
+    """``own_row_in_process``, after logging "<task> <try>" to the payload's log file: which tries were launched."""
+    with Path(ctx.payload["log"]).open("a") as fh:
+        fh.write(f"{ctx.task_id} {ctx.try_number}\n")
+    return own_row_in_process(ctx)
+
+
 def own_row_in_process(ctx: TaskContext) -> dict:
     """Read this try's own task row from the store file over a fresh connection (what a crash would leave)."""
     import sqlite3

@@ -5,7 +5,7 @@ import threading
 from dataclasses import replace
 
 import pytest
-from helpers import own_row_in_process, square_in_process
+from helpers import own_row_in_process, own_row_logged_in_process, square_in_process
 
 from pipeline import tracing
 from pipeline.dag import DAG, Task
@@ -115,8 +115,7 @@ PROCESS_CHAIN = DAG("cpu", [Task("a", square_in_process, executor="process"),
 @pytest.mark.parametrize(("join", "per_run"), [(True, 3), (False, 6)], ids=["joined", "one-per-write-baseline"])
 def test_a_two_task_run_commits_once_per_callback(settings, join, per_run):
     """Joined: start (tasks, a's RUNNING), a's end (a's SUCCESS, b's RUNNING), b's end (b's SUCCESS, the run's)."""
-    settings = replace(settings, runner=replace(settings.runner, join_writes=join),
-                       engine=replace(settings.engine, claim_batch=8))  # the 4 runs claimed in one transaction
+    settings = replace(settings, runner=replace(settings.runner, join_writes=join))
     with CountingStore(settings.store) as store:
         runs = [store.create_run("cpu", {"n": n})[0].run_id for n in range(4)]
         engine = WorkflowEngine(store, settings)
@@ -210,13 +209,9 @@ class FailingCommitStore(SqliteRunStore):
 
     def __init__(self, config, fail_at: int) -> None:
         super().__init__(config)
-        self.fail_at, self.commits = fail_at, 0
+        self.fail_at, self.commits, self.injected = fail_at, 0, 0
         self._armed = threading.local()
         self._count = threading.Lock()
-
-    @property
-    def failed(self) -> bool:
-        return self.commits >= self.fail_at
 
     def _end_joined(self, commit):
         if commit and getattr(self._join, "open", None) is not None:
@@ -228,27 +223,36 @@ class FailingCommitStore(SqliteRunStore):
     def _commit(self, conn):
         if getattr(self._armed, "on", False):
             self._armed.on = False
+            self.injected += 1
             self._rollback(conn)
             raise sqlite3.OperationalError("disk I/O error")  # injected at the block's COMMIT
         super()._commit(conn)
 
 
-# the 1st block is the run's start (its tasks, first's RUNNING), the 2nd first's end with second's RUNNING
-@pytest.mark.parametrize(("fail_at", "tries"), [(1, [1, 1]), (2, [2, 1])], ids=["at-start", "at-a-tasks-end"])
-def test_a_joined_block_whose_commit_fails_launches_nothing_and_the_run_still_ends(settings, fail_at, tries):
+# the 1st block is the run's start (its tasks, first's RUNNING), the 2nd first's end with second's RUNNING;
+# launched: each try that ran, in order (the rolled-back one never among them)
+@pytest.mark.parametrize(("fail_at", "launched", "rows"),
+                         [(1, ["first 1", "second 1"], [1, 1]),
+                          (2, ["first 1", "first 2", "second 1"], [2, 1])], ids=["at-start", "at-a-tasks-end"])
+def test_a_joined_block_whose_commit_fails_launches_nothing_and_the_run_still_ends(settings, tmp_path, caplog,
+                                                                                 fail_at, launched, rows):
     """The block is rolled back whole, its try is never launched, and the run, requeued, ends."""
     settings = replace(settings, runner=replace(settings.runner, join_writes=True))
+    log = tmp_path / "launched.log"
     with FailingCommitStore(settings.store, fail_at) as store:
         engine = WorkflowEngine(store, settings)
-        engine.register(DAG("peek", [Task("first", own_row_in_process, executor="process"),
-                                     Task("second", own_row_in_process, deps=("first",), executor="process")]))
+        engine.register(DAG("peek", [Task("first", own_row_logged_in_process, executor="process"),
+                                     Task("second", own_row_logged_in_process, deps=("first",), executor="process")]))
         engine.start()
         try:
-            run = engine.wait(engine.trigger("peek", {"db": str(store.path)}).run_id, timeout=60)
+            run = engine.wait(engine.trigger("peek", {"db": str(store.path), "log": str(log)}).run_id, timeout=60)
         finally:
             engine.shutdown(grace_s=5)
-        assert store.failed  # the fault was injected
+        assert store.injected == 1
         assert run.state == "success"
+        assert log.read_text().split("\n")[:-1] == launched
         # every try that ran saw its own RUNNING committed; at a task's end, first's success was rolled back
         # with the block, so first ran again (try 2) and second's rolled-back try 1 was never launched
-        assert [t.output for t in store.get_tasks(run.run_id)] == [{"state": "running", "try": n} for n in tries]
+        assert [t.output for t in store.get_tasks(run.run_id)] == [{"state": "running", "try": n} for n in rows]
+    assert [r.getMessage().split(";")[1].strip()[:8] for r in caplog.records
+            if "bookkeeping failed" in r.getMessage()] == ["requeued"]

@@ -113,7 +113,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                              "runner_tasks": 1000, "runner_repeat": 10},
         "07_code_quality": {"with_coverage": False},
         # streaming's heap peak (tracemalloc, 15-20 s per 5 MB extraction) does not vary with load: one rep;
-        # the executor switch (4 documents of 1 MB with pypdf, 12-27 s a rep at load 5): two
+        # the executor switch (4 documents of 1 MB with pypdf, 12-27 s a rep at load 5): one
         # lock polling: 4 turns per mode of 300 inserts 5 ms apart beside a writer process, about 27 s
         # (issue 16, audit time) reps 5 -> 3 and gateway_reps, ingestion_reps 2 -> 1: in the report at d53ef80 every
         # store switch differed 4-800x and lock polling 733 against 11 ms p99; the executor's two reps were
