@@ -233,6 +233,12 @@ def test_capacity_lines_name_the_peak_and_the_burst_processing_rate():
     assert "peaks at 43 runs/s with 100 workflows" in lines[0] and "154,800 mails an hour" in lines[0]
     assert "up to 500) it is 30–30 runs/s" in lines[0]
     assert "backlog of 400 runs in 20 s" in lines[1] and "about 20 runs/s (72,000 an hour)" in lines[1]
+    assert "rounds of the same kind" not in lines[1]  # no drain scenario in this session: the one burst alone
+
+    drains = [r("small_mail_drain", "runs_per_s", v) | {"variant": variant}
+              for variant, v in (("default", 30.0), ("default", 10.0), ("default", 25.0), ("writes_joined", 99.0))]
+    line = views.capacity_lines(pd.concat([m, pd.DataFrame(drains)]))[1]
+    assert "3 rounds of the same kind" in line and "a median of 25 runs/s (10–30), the figure the SLA reads" in line
 
 
 def test_bottleneck_line_names_the_slowest_stage_and_nothing_without_stages(recorded, tmp_path):
@@ -276,3 +282,16 @@ def test_one_percentile_for_the_whole_audit_agrees_with_numpy_and_statistics():
             assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
             assert percentile(values, q) == pytest.approx(cuts[q - 1])
     assert percentile([4.0], 99) == 4.0 and math.isnan(percentile([], 50))
+
+
+def test_a_burst_rounds_drain_rate_is_its_backlog_peak_over_the_time_after_the_last_send():
+    from pipeline.audit.scenarios.email_bursts import BurstRound
+    from pipeline.store import Run
+
+    def ended(at):
+        return Run(1, "email_digest", "success", None, {}, 0.0, 0.0, ended_at=at)
+
+    done = BurstRound(["a", "b"], [ended(104.0), ended(110.0)], [(0.0, 5), (1.0, 120), (2.0, 40)], 100.0, {}, {}, 0)
+    assert done.drain_seconds() == 10.0 and done.drain_rate() == 12.0
+    idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, {}, 0)  # nothing left when the sending stopped
+    assert idle.drain_rate() is None

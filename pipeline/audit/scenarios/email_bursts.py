@@ -68,11 +68,22 @@ class BurstRound:
     worker_restarts: int
 
 
-def serve_round(work: Path, count: int, rate: float, senders: int, prefix: str, timeout_s: float = 600.0
-                ) -> BurstRound:
-    """Start a fresh serve, send ``count`` mails at ``rate`` per second (inf: at once), wait for every acked
-    mail's run to end; serve is killed on every path out."""
-    with serving(work / "data", work) as serve:
+    def drain_seconds(self) -> float:
+        """From the last send until the last run ended (0 when every run had ended by then)."""
+        return max((r.ended_at or 0 for r in self.runs), default=self.last_sent) - self.last_sent
+
+    def drain_rate(self) -> float | None:
+        """Runs processed per second once the sending stopped: the backlog's peak over ``drain_seconds``
+        (None when there was no backlog left to time)."""
+        peak, drained = max((b for _, b in self.backlog), default=0), self.drain_seconds()
+        return peak / drained if peak > 0 and drained > 0 else None
+
+
+def serve_round(work: Path, count: int, rate: float, senders: int, prefix: str, timeout_s: float = 600.0,
+                config: dict[str, dict[str, Any]] | None = None) -> BurstRound:
+    """Start a fresh serve (``config``: its TOML sections), send ``count`` mails at ``rate`` per second (inf:
+    at once), wait for every acked mail's run to end; serve is killed on every path out."""
+    with serving(work / "data", work, config) as serve:
         store = SqliteRunStore(serve.data_dir / "runs.sqlite3", create=False)  # serve made it before answering
         try:
             with TreeWatch(serve) as watch:
@@ -97,7 +108,6 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
         with tempfile.TemporaryDirectory(prefix="burst-") as tmp:
             done = serve_round(Path(tmp), count, rate, senders, prefix=label)
         runs, backlog = done.runs, done.backlog
-        drained = max((r.ended_at or 0 for r in runs), default=done.last_sent)
         keys = {r.dedup_key for r in runs}
         tags = {"round": label, "mode": kind, "rate_per_s": None if kind == "burst" else rate, "messages": count}
         for rep, r in enumerate(runs):
@@ -105,7 +115,7 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
                             rep, **tags))
         rows += [row("baseline", "accepted", len(done.accepted), "messages", 0, **tags),
                  row("baseline", "lost", sum(mid not in keys for mid in done.accepted), "messages", 0, **tags),
-                 row("baseline", "drain_seconds", drained - done.last_sent, "s", 0, **tags),
+                 row("baseline", "drain_seconds", done.drain_seconds(), "s", 0, **tags),
                  row("baseline", "backlog_peak", max((b for _, b in backlog), default=0), "runs", 0, **tags)]
         rows += [row("baseline", "backlog", b, "runs", i, **tags, t=t) for i, (t, b) in enumerate(backlog)]
         rows += [row("baseline", "peak_rss_bytes", done.peak_rss[p], "bytes", 0, process=p, **tags)
@@ -140,22 +150,11 @@ def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
     turns = [(rep, name) for rep in range(reps) for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1])]
     for rep, name in tqdm(turns, desc="small_mail_drain", unit="round"):
         with tempfile.TemporaryDirectory(prefix="drain-") as tmp:
-            work = Path(tmp)
-            with serving(work / "data", work, variants[name]) as serve:
-                store = SqliteRunStore(serve.data_dir / "runs.sqlite3", create=False)
-                try:
-                    with TreeWatch(serve) as watch:
-                        accepted, backlog, last_sent = paced_send(serve.port, store, burst, float("inf"), senders,
-                                                                  prefix=f"drain-{name}-{rep}")
-                        found = wait_terminal(serve.data_dir, accepted, 600.0)
-                finally:
-                    store.close()
-        runs = [r for mid in accepted for r in found.get(mid, [])]
-        drained = max((r.ended_at or 0 for r in runs), default=last_sent) - last_sent
-        peak = max((b for _, b in backlog), default=0)
+            done = serve_round(Path(tmp), burst, float("inf"), senders, f"drain-{name}-{rep}", config=variants[name])
         tags = {"messages": burst, "senders": senders}
-        if drained > 0 and peak > 0:
-            rows.append(row(name, "runs_per_s", peak / drained, "1/s", rep, **tags))
-        cpu = watch.cpu_seconds()
-        rows.append(row(name, "cpu_ms_per_run", 1000 * sum(cpu.values()) / max(1, len(runs)), "ms", rep, **tags))
+        rate = done.drain_rate()
+        if rate is not None:
+            rows.append(row(name, "runs_per_s", rate, "1/s", rep, **tags))
+        cpu_ms = 1000 * sum(done.cpu_seconds.values()) / max(1, len(done.runs))
+        rows.append(row(name, "cpu_ms_per_run", cpu_ms, "ms", rep, **tags))
     return save(recorder, "small_mail_drain", rows)
