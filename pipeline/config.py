@@ -73,8 +73,8 @@ class RunnerConfig:
     completion_threads: int = 4
     # True: one transaction for the store writes of each callback (a task's end, the next one's RUNNING, the run's
     # end), where the store joins them (SQLite). False, the default: one per write. Either way a try starts once
-    # its RUNNING has committed. Half the commits, but small mails drained no faster with it, within the noise of
-    # three interleaved comparisons (issue 16, 2026-11-29), so the simpler path is the default
+    # its RUNNING has committed. Half the commits; drains of small mails gave no consistent gain (issue 16: one
+    # audit session 1.16x faster, four other comparisons no gain), so the simpler path is the default
     join_writes: bool = False
 
     def validate(self) -> None:
@@ -125,7 +125,7 @@ class EngineConfig:
     # run (PostgreSQL NOTIFY, SQLite pipeline.wakeup) makes this a fallback; other stores are polled every 1 s
     queue_poll_s: float = 5.0
     # queued runs claimed in one transaction (at most the free slots); 1, the default: a transaction per claimed
-    # run (batches of 8 measured no faster at draining small mails, issue 16; a broken start hands the rest back)
+    # run (batches of 8: no consistent gain at draining small mails, issue 16; a broken start hands the rest back)
     claim_batch: int = 1
 
     def validate(self) -> None:
@@ -297,7 +297,8 @@ class ServeConfig:
     # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
     # Linux only (per-thread nice values).
     # 12, not 5 as before: 5 (weight 335 against the gateway's 1,024) still let the engine take a core from the
-    # gateway for tens of ms; at 12 (weight 70) 8 senders' p99 fell by about half (README, Benchmarks)
+    # gateway for tens of ms; at 12 (weight 70) 8 senders' median, mails accepted and p99 beside a 5 MB mail
+    # improved in every run, their p99 alone in the three bench runs, not in two audit sessions (README, Benchmarks)
     engine_nice: int = 12
 
     def validate(self) -> None:

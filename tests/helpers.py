@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import os
 import smtplib
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.dag import TaskContext
+
+
+def at_once(fn: Callable[[], object], count: int) -> tuple[list, list[Exception]]:
+    """Call ``fn`` from ``count`` threads released together by a barrier; return (results, errors raised)."""
+    barrier = threading.Barrier(count, timeout=30)
+    results: list = []
+    errors: list[Exception] = []
+
+    def one() -> None:
+        try:
+            barrier.wait()
+            results.append(fn())
+        except Exception as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
 
 
 def send_for_run_id(service, raw: bytes, sender: str = "alice@example.com") -> int:

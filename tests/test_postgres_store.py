@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from helpers import noop, wait_until
+from helpers import at_once, noop, wait_until
 
 from pipeline.config import Settings, StoreConfig
 from pipeline.dag import DAG, Task
@@ -46,20 +46,7 @@ def test_a_missing_driver_is_a_one_line_configuration_error(monkeypatch):
 
 
 def test_concurrent_openers_of_a_new_database_migrate_it_once(pg_url):
-    barrier, errors, stores = threading.Barrier(6, timeout=30), [], []
-
-    def open_one():
-        try:
-            barrier.wait()
-            stores.append(PostgresRunStore(pg_url))
-        except Exception as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_one) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    stores, errors = at_once(lambda: PostgresRunStore(pg_url), 6)
     for store in stores:
         store.close()
     assert not errors

@@ -5,6 +5,7 @@ The backend-agnostic contract (dedup, queries, ownership, purge ...) is tests/te
 import sqlite3
 
 import pytest
+from helpers import at_once
 
 from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreError
 from pipeline.sqlite_schema import SCHEMA_VERSION
@@ -69,23 +70,8 @@ def test_missing_store_is_an_error_when_not_creating(tmp_path):
 def test_stores_opened_at_once_on_a_fresh_file_all_open(tmp_path):
     """Several openers switching a new file to WAL at once: SQLite refuses all but one without waiting (its
     deadlock rule skips the busy handler); the others must try again, not fail serve's start."""
-    import threading
-
     failures = []
     for round_ in range(40):
         path = tmp_path / f"fresh-{round_}.sqlite3"
-        barrier = threading.Barrier(8, timeout=30)
-
-        def open_one(path=path, barrier=barrier) -> None:
-            barrier.wait()
-            try:
-                SqliteRunStore(path).close()
-            except StoreError as exc:
-                failures.append(exc)
-
-        threads = [threading.Thread(target=open_one) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        failures += at_once(lambda path=path: SqliteRunStore(path).close(), 8)[1]
     assert failures == []

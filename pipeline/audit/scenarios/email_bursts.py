@@ -69,7 +69,7 @@ class BurstRound:
 
 
     def drain_seconds(self) -> float:
-        """From the last send until the last run ended (0 when every run had ended by then)."""
+        """From the last send until the last run ended (0 or less when every run had ended by then)."""
         return max((r.ended_at or 0 for r in self.runs), default=self.last_sent) - self.last_sent
 
     def drain_rate(self) -> float | None:
