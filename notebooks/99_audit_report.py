@@ -151,9 +151,7 @@ if len(views.rows(m, "small_mail_drain")):
        "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
        "threads, as before issue 16's change; *results_on_pool_thread* takes the pool's results to their runs on "
        "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; "
-       "*writes_joined* commits the store writes of each runner callback in one transaction (`[runner] join_writes "
-       "= true`) instead of each on its own, *claims_in_batches* claims up to 8 queued runs per transaction "
-       "(`[engine] claim_batch = 8`) instead of one; rounds interleaved:\n\n"
+       "rounds interleaved:\n\n"
        + views.markdown(soakviews.drain_table(m)))
 
 # %%

@@ -71,11 +71,6 @@ class RunnerConfig:
     # threads that take a process-pool or Dask try's result to its run (the store writes, the next task's submit);
     # 0: the pool's own result thread does it, and while it writes, no other result or submission moves (baseline)
     completion_threads: int = 4
-    # True: one transaction for the store writes of each callback (a task's end, the next one's RUNNING, the run's
-    # end), where the store joins them (SQLite). False, the default: one per write. Either way a try starts once
-    # its RUNNING has committed. Half the commits; drains of small mails gave no consistent gain (issue 16: one
-    # audit session 1.16x faster, four other comparisons no gain), so the simpler path is the default
-    join_writes: bool = False
 
     def validate(self) -> None:
         if self.thread_workers < 1 or self.process_workers < 1:

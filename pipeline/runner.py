@@ -16,15 +16,9 @@ task timeout), and only then hands the run to ``on_broken``, which requeues or
 fails it (``WorkflowEngine`` decides): a requeued copy never runs beside them.
 Every write carries the run's owner; one the store refuses because another
 process took the run over abandons the run quietly (``RunTakenOver``).
-The store writes one callback makes (a task's end, a mapped task's instances,
-the next task's RUNNING, the run's end) go into one transaction where the
-store joins them (``DAGRunStore.joined``, SQLite; ``runner.join_writes``, off
-by default): a two-task process chain commits 3 times a run instead of 6
-(``tests/test_joined_writes.py``; issue 16). What
-depends on those writes waits for their commit (``_run_after_commit``): a
-try starts only once its RUNNING is durable, and the engine hears of a run's
-end only once it is stored. If the commit fails, the run breaks as above,
-having launched nothing.
+What depends on a callback's store writes runs once the callback body has written them
+(``_run_after_commit``): a try starts only once its RUNNING is committed, and the engine hears of a
+run's end only once it is stored. If a write fails, the run breaks as above, having launched nothing.
 A try interrupted by a stop (its future cancelled, its process pool broken, or
 a retryable failure within the grace period) is not the task's failure: the
 instance and the run go back to the queue.
@@ -43,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Future
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -110,11 +103,10 @@ class DAGRunner:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         static = [t.id for t in self.dag.tasks if t.map_over is None]
         with self._lock:
-            with self._joined():
-                self.store.create_tasks(self.run.run_id, static)
-                for row in self.store.get_tasks(self.run.run_id):
-                    self._load(row)
-                self._advance()
+            self.store.create_tasks(self.run.run_id, static)
+            for row in self.store.get_tasks(self.run.run_id):
+                self._load(row)
+            self._advance()
             self._run_after_commit()
 
     def stop(self) -> None:
@@ -145,19 +137,14 @@ class DAGRunner:
         self._maybe_finish()
 
     def _guarded(self, body: Callable[..., None], *args: Any) -> None:
-        """Run a callback body under the lock, its writes joined; if it raises, abandon the run (``_break``)."""
+        """Run a callback body under the lock; if it raises, abandon the run (``_break``)."""
         try:
             with self._lock:
                 if not self._abandoned:
-                    with self._joined():
-                        body(*args)
+                    body(*args)
                     self._run_after_commit()
         except Exception as exc:
             self._break(exc)
-
-    def _joined(self) -> AbstractContextManager[None]:
-        """The store writes of one callback in one transaction (``runner.join_writes``; the store decides)."""
-        return self.store.joined() if self.config.join_writes else nullcontext()
 
     def _run_after_commit(self) -> None:
         """Start the tries and report the outcome a callback decided, now that its writes are durable.

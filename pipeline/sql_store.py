@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import store as s
@@ -81,14 +81,9 @@ class SqlRunStore(DAGRunStore):
     TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
     WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
-    # whether ``joined`` joins writes into one transaction: SQLite's one connection behind one lock pays for
-    # every transaction it serialises (one per write: 6 a two-task run, issue 16); PostgreSQL writes a
-    # transition as one autocommitted round trip and would pin a pooled connection for the block: no joining
-    JOINS_WRITES = False
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._join = threading.local()  # this thread's joined block: depth, and its open transaction if begun
 
     # -- what a backend supplies ---------------------------------------------------
 
@@ -121,12 +116,7 @@ class SqlRunStore(DAGRunStore):
         A failed COMMIT (disk full, deferred constraint) leaves the transaction
         open, so it is rolled back too: the connection stays usable. ``lazy``
         marks writes that may be lost in a server crash (see BEGIN_LAZY).
-        Inside ``joined`` the write goes into the block's transaction instead.
         """
-        if getattr(self._join, "depth", 0):
-            with self._joined_write() as conn:
-                yield conn
-            return
         from . import metrics  # here, not at the top: reading a store (`runs`, `show`) never loads prometheus_client
 
         try:
@@ -140,79 +130,6 @@ class SqlRunStore(DAGRunStore):
                 self._commit(conn)
         except self.DRIVER_ERRORS as exc:
             raise self._store_error(exc) from exc
-
-    # -- joined writes (DAGRunStore.joined) ------------------------------------------
-
-    def joined(self) -> AbstractContextManager[None]:
-        return self._joined() if self.JOINS_WRITES else nullcontext()
-
-    @contextmanager
-    def _joined(self) -> Iterator[None]:
-        join = self._join
-        join.depth = getattr(join, "depth", 0) + 1
-        try:
-            yield
-        except BaseException:
-            if join.depth == 1:
-                self._end_joined(commit=False)
-            raise
-        else:
-            if join.depth == 1:
-                failed = getattr(join, "failed", None)
-                if failed is not None:  # the caller went on after a failed write: its block is not stored
-                    raise StoreError(f"a write of this joined block failed; nothing of the block was stored: "
-                                     f"{failed}") from failed
-                self._end_joined(commit=True)
-        finally:
-            join.depth -= 1
-            if join.depth == 0:
-                join.failed = None
-
-    @contextmanager
-    def _joined_write(self) -> Iterator[Connection]:
-        """One write inside ``joined``: the block's transaction, begun (holding the connection) at its first write."""
-        join = self._join
-        if getattr(join, "failed", None) is not None:  # its earlier writes are gone: none may commit without them
-            raise StoreError(f"a write of this joined block failed and took the block's writes with it: "
-                             f"{join.failed}") from join.failed
-        try:
-            if getattr(join, "open", None) is None:
-                from . import metrics
-
-                held = ExitStack()
-                try:
-                    conn = held.enter_context(self._connection())
-                    held.enter_context(metrics.STORE_TX[False].time())
-                    self._begin(conn, self.BEGIN)
-                except BaseException:
-                    held.close()
-                    raise
-                join.open = (held, conn)
-            try:
-                yield join.open[1]
-            except BaseException as exc:
-                join.failed = exc
-                self._end_joined(commit=False)
-                raise
-        except self.DRIVER_ERRORS as exc:
-            raise self._store_error(exc) from exc
-
-    def _end_joined(self, commit: bool) -> None:
-        """Commit (or roll back) the block's transaction, if a write began one, and lend the connection back."""
-        join = self._join
-        opened: tuple[ExitStack, Connection] | None = getattr(join, "open", None)
-        if opened is None:
-            return
-        join.open = None
-        held, conn = opened
-        with held:
-            try:
-                if commit:
-                    self._commit(conn)
-                else:
-                    self._rollback(conn)
-            except self.DRIVER_ERRORS as exc:
-                raise self._store_error(exc) from exc
 
     def _commit(self, conn: Connection) -> None:
         """COMMIT; one that fails (disk full, deferred constraint) leaves the transaction open: roll it back."""

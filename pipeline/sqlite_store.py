@@ -85,7 +85,6 @@ class SqliteRunStore(SqlRunStore):
     """DAGRunStore in one SQLite file (WAL by default)."""
 
     BEGIN = "BEGIN IMMEDIATE"
-    JOINS_WRITES = True
     _wal_active = False  # set by _connect: the journal mode SQLite actually took
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     TASK_NAME_SQL = task_name_sql("task_id")
@@ -105,7 +104,6 @@ class SqliteRunStore(SqlRunStore):
         self._conn = self._connect()
         self._bell = QueueBell(Path(f"{self.path}-wake"))  # the registry of this store's queue watchers
         self._ring_after_commit = False
-        self._lent = 0  # nested loans of the connection by this thread (a joined block and the reads inside)
 
     # -- connection and transactions ---------------------------------------
 
@@ -155,14 +153,11 @@ class SqliteRunStore(SqlRunStore):
         woken engine must find the run), outside the lock.
         """
         with self._lock:
-            self._lent += 1
             try:
                 yield self._conn
-                ring = self._lent == 1 and self._ring_after_commit  # a nested loan (a read in a joined block) waits
+                ring = self._ring_after_commit
             finally:
-                self._lent -= 1
-                if not self._lent:
-                    self._ring_after_commit = False
+                self._ring_after_commit = False
         if ring:
             self._bell.ring()
 

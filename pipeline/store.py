@@ -36,7 +36,6 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -391,19 +390,6 @@ class DAGRunStore:
         purge that deleted runs but no files, not a lost message.
         """
         raise NotImplementedError
-
-    def joined(self) -> AbstractContextManager[None]:
-        """Join the writes this thread makes inside the block into one transaction, where the backend can.
-
-        The transaction begins at the first write and commits when the block ends (rolls back if it
-        raises); a write that fails rolls back the block's earlier writes with it, and every later
-        write in the block, and its end, raise StoreError: a caller that goes on after the failure
-        stores none of the block. Reads inside see the block's writes. Nothing written inside is
-        durable, nor visible to others, before the block ends: do what depends on it (start a task,
-        report a run finished) afterwards. Blocks nest (the outermost commits). The base store does
-        not join: each write commits on its own.
-        """
-        return nullcontext()
 
     # True when watch_queue really calls back (PostgreSQL LISTEN/NOTIFY); the engine then polls rarely
     queue_notifications = False

@@ -146,11 +146,8 @@ class FlakyStore(SqliteRunStore):
 CHAIN = DAG("chain", [Task("a", lambda ctx: "a"), Task("b", lambda ctx: ctx.upstream["a"] + "b", deps=("a",))])
 
 
-@pytest.mark.parametrize("join", [False, True], ids=["per-write", "joined"])
 @pytest.mark.parametrize("failing_write", [1, 2, 3, 4], ids=["a-running", "a-success", "b-running", "b-success"])
-def test_task_write_failing_in_a_callback_requeues_the_run_which_completes(settings, start_engine, failing_write,
-                                                                           join):
-    settings = replace(settings, runner=replace(settings.runner, join_writes=join))
+def test_task_write_failing_in_a_callback_requeues_the_run_which_completes(settings, start_engine, failing_write):
     with FlakyStore(settings.store, lambda call, _: call == failing_write) as store:
         engine = start_engine(store, settings, CHAIN)
         run = engine.wait(engine.trigger("chain").run_id, timeout=30)

@@ -170,20 +170,6 @@ def test_claim_runs_takes_a_batch_oldest_first_in_one_go(contract_store):
         contract_store.claim_runs("me", 0)
 
 
-def test_writes_in_a_joined_block_are_all_there_after_it(contract_store):
-    run = contract_store.create_run("wf", {})[0]
-    contract_store.claim_next_run("me")
-    with contract_store.joined():
-        contract_store.create_tasks(run.run_id, ["a"])
-        with contract_store.joined():  # nested: still one block
-            assert contract_store.record_transitions([Transition(run.run_id, "a", "success", 1, 2.0)],
-                                                     owner="me") == 1
-        assert contract_store.get_tasks(run.run_id)[0].state == "success"  # the block reads its own writes
-        assert contract_store.finish_run(run.run_id, "success", owner="me") == 1
-    assert contract_store.get_run(run.run_id).state == "success"
-    assert [t.state for t in contract_store.get_tasks(run.run_id)] == ["success"]
-
-
 def test_a_run_never_starts_before_it_was_queued(contract_store):
     """A claimer whose clock lags the gateway's (or read it before the lock) must not give a negative queue wait."""
     run = contract_store.create_run("wf", {}, now=500.0)[0]

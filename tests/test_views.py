@@ -236,7 +236,7 @@ def test_capacity_lines_name_the_peak_and_the_burst_processing_rate():
     assert "rounds of the same kind" not in lines[1]  # no drain scenario in this session: the one burst alone
 
     drains = [r("small_mail_drain", "runs_per_s", v) | {"variant": variant}
-              for variant, v in (("default", 30.0), ("default", 10.0), ("default", 25.0), ("writes_joined", 99.0))]
+              for variant, v in (("default", 30.0), ("default", 10.0), ("default", 25.0), ("stage_threads", 99.0))]
     line = views.capacity_lines(pd.concat([m, pd.DataFrame(drains)]))[1]
     assert "3 rounds of the same kind" in line and "a median of 25 runs/s (10–30), the figure the SLA reads" in line
 

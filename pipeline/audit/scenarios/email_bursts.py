@@ -127,12 +127,10 @@ def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, s
 
 
 # where build_digest and deliver run (issue 16): the shipped default against the engine's own threads; where
-# their results reach their runs: completion threads against the process pool's own result thread; and the
-# store's transactions: one per runner callback against one per write, a batch of claims against one per run
+# their results reach their runs: completion threads against the process pool's own result thread
 DRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]] | None] = {
     "default": None, "stage_threads": {"runner": {"stage_executor": "thread"}},
-    "results_on_pool_thread": {"runner": {"completion_threads": 0}},
-    "writes_joined": {"runner": {"join_writes": True}}, "claims_in_batches": {"engine": {"claim_batch": 8}}}
+    "results_on_pool_thread": {"runner": {"completion_threads": 0}}}
 
 
 def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
