@@ -23,6 +23,7 @@
     │   └── WorkerCrashedError  reason "worker_crashed": the extraction worker died for another cause
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
+    ├── TaskIOError             a task's file or socket call failed (disk full, permissions, a file gone)
     ├── ClusterUnavailableError the Dask scheduler cannot be reached, or lost a task (retryable)
     └── StepError               a task failed; carries run_id, task_id and reason
     TaskTimeoutError(StepError) a task ran past its timeout
@@ -227,6 +228,13 @@ class DeliveryError(PipelineError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class TaskIOError(PipelineError):
+    """An OS error a task body let through (disk full, permissions, a file gone), typed at the task's edge
+    (``executors.call_task``); retryable: the disk may have room by the next try."""
+
+    reason = "task_io"
 
 
 class StepError(PipelineError):

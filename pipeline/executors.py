@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from . import tracing
 from .config import ExecutorConfig, RunnerConfig
 from .dag import TaskContext
+from .errors import TaskIOError
+from .health import one_line
 
 if TYPE_CHECKING:
     from .dask_executor import DaskExecutor
@@ -157,6 +159,10 @@ def _exit_without(owner_pid: int, every_s: float = 0.5) -> None:
 
 
 def call_task(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
-    """Run a task callable inside a span (module-level so process pools can pickle it)."""
+    """Run a task callable inside a span (module-level so process pools can pickle it). An OS error it lets
+    through is typed here, where it leaves the task: ``TaskIOError``, its reason ``task_io``."""
     with tracing.span("task", task_id=ctx.task_id, run_id=ctx.run_id):
-        return fn(ctx)
+        try:
+            return fn(ctx)
+        except OSError as exc:
+            raise TaskIOError(f"{ctx.task_id}: {one_line(exc)}") from exc

@@ -281,12 +281,24 @@ class _SmtpHandler:
                 if not self.gateway.config.accept_off_loop or inline.inline(size):
                     run = accept()
                 else:  # the fsyncs and the commit must not stall other sessions
-                    run = await asyncio.get_running_loop().run_in_executor(self.gateway._pool, accept)
+                    run = await self._off_loop(accept, writer)
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
             return metrics.smtp_reply("DATA", smtp_reply_for(exc))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
+
+    async def _off_loop(self, accept: Callable[[], Run], writer: object) -> Run:
+        """Run ``accept`` in the accept pool. A session that ends while it waits there (the client closed the
+        connection after its data, or timed out) cancels it: then the spooled data, unaccepted, is given up, its
+        file and its in-flight bytes freed (an accept already running goes on, and its run stands)."""
+        job = self.gateway._pool.submit(accept)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel() and isinstance(writer, SpoolWriter):  # never ran, and never will
+                writer.abort()
+            raise
 
     async def handle_exception(self, error: Exception) -> str:
         """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""

@@ -36,7 +36,6 @@ import logging
 import os
 import pickle
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from typing import IO
 from .config import MetricsConfig, Settings
 from .errors import StartupError
 from .gateway import listen_sockets
-from .health import backoff_s, one_line
+from .health import backoff_s, one_line, signal_name
 from .metrics import GATEWAY_PROCESS
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0  # the child's registry endpoint, 0 when it serves none
         self.problem: str | None = None  # why serve answers no SMTP now; None while the child listens
+        self._look_failed = False  # the last look at the child raised (its problem is ours, not the child's)
         self.restarts = 0
         self._started_at = 0.0
         self._told: str | None = None  # the health the child was last told
@@ -192,36 +192,55 @@ class GatewayProcess:
     # -- supervision ------------------------------------------------------------
 
     def _supervise(self) -> None:
-        """Pass the engine's health on; when the child dies, log it, back off and start another."""
+        """Pass the engine's health on; when the child dies, log it, back off and start another.
+
+        Guarded: an error of supervision itself is logged and reported as serve's problem, and supervision
+        goes on, backing off; a thread that died here would leave SMTP unanswered while serve looked healthy.
+        """
         failures = 0
         while not self._stopping.is_set():
-            proc = self.proc
-            if proc is not None and proc.poll() is None:
-                self._tell_health(proc)
-                self._stopping.wait(SUPERVISE_EVERY_S)
-                continue
-            if proc is not None:
-                failures = self._died(proc, failures)
-            if self._stopping.wait(backoff_s(self.settings.engine, failures)):
-                return
             try:
-                self._spawn()
-            except Exception as exc:  # StartupError, or the OS refused the process: try again, backing off
-                self.proc = None
-                if self._stopping.is_set():
-                    return
+                failures = self._look(failures)
+            except Exception as exc:
                 failures += 1
-                log.error("gateway process could not start again: %s; next try in %.1f s", one_line(exc),
-                          backoff_s(self.settings.engine, failures))
-                continue
-            log.warning("gateway process %d listening again (restart %d): serve accepts SMTP again",
-                        self.pid, self.restarts)
-            self.problem = None
+                self._look_failed = True
+                self.problem = f"supervising the gateway process failed: {one_line(exc)}"
+                log.error("supervising the gateway process failed; next look in %.1f s",
+                          backoff_s(self.settings.engine, failures), exc_info=exc)
+                self._stopping.wait(backoff_s(self.settings.engine, failures))
+
+    def _look(self, failures: int) -> int:
+        """One look at the child: tell it the engine's health, or restart it; return the failure count."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self._tell_health(proc)
+            if self._look_failed:  # supervision works again, and the child lives
+                self._look_failed, self.problem = False, None
+            self._stopping.wait(SUPERVISE_EVERY_S)
+            return failures
+        if proc is not None:
+            failures = self._died(proc, failures)
+        if self._stopping.wait(backoff_s(self.settings.engine, failures)):
+            return failures
+        try:
+            self._spawn()
+        except Exception as exc:  # StartupError, or the OS refused the process: try again, backing off
+            self.proc = None
+            if self._stopping.is_set():
+                return failures
+            failures += 1
+            log.error("gateway process could not start again: %s; next try in %.1f s", one_line(exc),
+                      backoff_s(self.settings.engine, failures))
+            return failures
+        log.warning("gateway process %d listening again (restart %d): serve accepts SMTP again",
+                    self.pid, self.restarts)
+        self._look_failed, self.problem = False, None
+        return failures
 
     def _died(self, proc: subprocess.Popen[bytes], failures: int) -> int:
         """Log the child's death and report serve unhealthy; return the failure count its backoff follows."""
         code = proc.returncode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
         failures = 1 if time.monotonic() - self._started_at >= STABLE_S else failures + 1
         self.restarts += 1
         self.problem = f"the gateway process {how}; serve answers no SMTP until it is restarted"

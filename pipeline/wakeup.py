@@ -44,7 +44,9 @@ class QueueBell:
         self._watchers: list[_Watcher] = []
 
     def ring(self) -> None:
-        """Send one empty datagram to each registered watcher (call it after the commit, not inside)."""
+        """Send one empty datagram to each registered watcher (call it after the commit, not inside). Never
+        raises: a missed wake-up costs a watcher one poll interval, an error here would make a caller think its
+        committed write failed."""
         if not SUPPORTED:
             return
         try:
@@ -53,7 +55,11 @@ class QueueBell:
             return
         with self._lock:
             if self._sender is None:
-                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                except OSError as exc:  # out of descriptors or buffers: the watchers poll, the commit stands
+                    log.debug("queue wake-up socket: %s", exc)
+                    return
                 self._sender.setblocking(False)  # a full receiver already has a wake-up pending
             for name in names:
                 try:

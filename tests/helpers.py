@@ -59,6 +59,12 @@ def noop(ctx: TaskContext) -> None:
     return None
 
 
+def write_to_full_disk(ctx: TaskContext) -> None:
+    """Write to /dev/full, which fails every write with ENOSPC: a real full disk, on any machine."""
+    with open("/dev/full", "wb", buffering=0) as fh:
+        fh.write(b"digest")
+
+
 def square_in_process(ctx: TaskContext) -> dict:
     return {"pid": os.getpid(), "value": ctx.payload["n"] ** 2}
 

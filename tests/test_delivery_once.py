@@ -72,6 +72,22 @@ def test_an_outbox_that_cannot_be_written_is_a_retryable_delivery_error(tmp_path
     assert not (tmp_path / "work-7" / "delivered.json").exists()  # not marked delivered
 
 
+def test_an_outbox_on_a_full_disk_leaves_no_temp_file_and_a_later_try_delivers(tmp_path, settings):
+    """The digest's temp file is /dev/full (a real ENOSPC at the write): a retryable DeliveryError, and
+    nothing left in tmp/ (each retry on a full disk would add one); once there is room, the retry delivers."""
+    import os
+
+    ctx, outbox = _ctx(tmp_path), settings.delivery.outbox
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True, exist_ok=True)
+    (outbox / "tmp" / f"{delivery_key(ctx)}.{os.getpid()}").symlink_to("/dev/full")
+    with pytest.raises(DeliveryError, match="No space left on device") as err:
+        deliver_task(ctx, settings)
+    assert err.value.retryable and list((outbox / "tmp").iterdir()) == []
+    assert deliver_task(ctx, settings)["where"] == str(outbox / "new" / delivery_key(ctx))
+    assert len(mailbox.Maildir(outbox, create=False)) == 1
+
+
 def test_a_marker_left_by_another_run_in_a_reused_work_dir_is_ignored(tmp_path, settings, smtp_sink):
     handler, url = smtp_sink
     relayed = replace(settings, delivery=DeliveryConfig(relay=url, outbox=settings.delivery.outbox))

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from helpers import die_on_first_try, noop, square_in_process
+from helpers import die_on_first_try, noop, square_in_process, write_to_full_disk
 
 from pipeline.dag import DAG, Task
 from pipeline.errors import UnknownWorkflowError
@@ -108,7 +108,18 @@ def test_retries_exhausted_fail_with_last_error(store, make_engine):
     run = engine.wait(engine.trigger("down").run_id, timeout=10)
     task = store.get_tasks(run.run_id)[0]
     assert (run.state, task.state, task.try_number) == ("failed", "failed", 3)
-    assert task.error_message == "down on try 3"
+    assert (task.error_type, task.error_message) == ("task_io", "f: ConnectionError: down on try 3")
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_task_on_a_full_disk_fails_typed_after_its_retry(store, make_engine, executor):
+    """/dev/full answers every write with ENOSPC: the OS error is typed where it leaves the task (task_io),
+    and retried, as a disk may have room again by the next try."""
+    engine = make_engine(DAG("full", [Task("w", write_to_full_disk, executor=executor, retries=1)]))
+    run = engine.wait(engine.trigger("full", {}).run_id, timeout=60)
+    task = store.get_tasks(run.run_id)[0]
+    assert (run.state, task.state, task.try_number, task.error_type) == ("failed", "failed", 2, "task_io")
+    assert task.error_message == "w: OSError: [Errno 28] No space left on device"
 
 
 def test_timeout_fails_task_and_ignores_late_result(store, make_engine):

@@ -8,6 +8,7 @@ import random
 import resource
 import smtplib
 import socket
+import threading
 import tracemalloc
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -127,6 +128,29 @@ def test_refused_or_lost_data_leaves_no_temp_file_and_no_bytes_in_flight(service
         smtp.close()
     assert wait_until(lambda: not temp_files(service) and service.gateway.limits.inflight.used == 0)
     assert service.store.count_runs_by_state() == {}
+
+
+def test_a_session_closed_while_its_accept_waits_for_the_pool_frees_its_file_and_bytes(service_factory):
+    """The client closes right after its final dot while every accept thread is busy: the queued accept never
+    runs, and its spooled data (file, in-flight bytes) is given up, not left open until a restart."""
+    service = service_factory(max_message_bytes=200_000)
+    pool, budget = service.gateway._pool, service.gateway.limits.inflight
+    release = threading.Event()
+    busy = [pool.submit(release.wait, 30) for _ in range(pool._max_workers)]  # every accept thread held
+    try:
+        smtp = RawSession(service.settings.gateway.port)
+        smtp.start_data()
+        smtp.sock.sendall(HEAD + LINE * 100 + b".\r\n")
+        assert wait_until(lambda: temp_files(service) and budget.used > 5_000)  # spooled, its accept queued
+        smtp.close()  # no reply awaited: the session ends while its accept waits
+        assert wait_until(lambda: not temp_files(service) and budget.used == 0), "the unaccepted data was kept"
+    finally:
+        release.set()
+        for job in busy:
+            job.result(timeout=30)
+    assert service.store.count_runs_by_state() == {}  # not accepted, not answered: the sender still has it
+    code, text = send(service)  # and the gateway takes mail as before
+    assert code == 250, text
 
 
 def test_inflight_cap_answers_452_at_mail_and_after_data_and_frees_on_disconnect(service_factory):

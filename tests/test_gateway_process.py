@@ -126,6 +126,17 @@ def test_a_killed_gateway_process_is_restarted_and_no_accepted_mail_is_lost(serv
     assert all(len(runs[key]) == 1 and runs[key][0].state == SUCCESS for key in acked)
 
 
+def test_a_gateway_process_killed_by_a_signal_python_has_no_name_for_is_restarted(serve):
+    """Real-time signal 35 is no member of ``signal.Signals``: naming it must not end supervision."""
+    first = gateway_children(serve)[0]
+    os.kill(first.pid, 35)  # SIGRTMIN + 1: the default action ends the process
+    assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [first.pid]),
+                      timeout_s=60), serve.log_tail()
+    assert "queued as run" in send(serve.port, "<after-rt-signal@example.com>")
+    log = serve.log_tail(50_000)
+    assert "was killed by signal 35" in log and "listening again" in log
+
+
 def test_ctrl_c_to_the_process_group_stops_serve_and_its_gateway_process(serve):
     child = gateway_children(serve)[0]
     send(serve.port, "<ctrl-c@example.com>")
@@ -185,6 +196,33 @@ def test_the_gateway_process_answers_451_while_the_engine_is_unhealthy(settings)
     with SqliteRunStore(settings.store) as store:  # a mail answered 451 was neither spooled nor queued
         assert store.count_runs_by_state() == {"queued": codes.count(250)}
     assert set(codes) == {250, 451}
+
+
+def test_a_failing_look_at_the_engine_is_reported_and_supervision_goes_on(settings):
+    """The health callback raising (a bug) makes serve report the problem; once it works again the problem
+    clears, and a gateway process killed after that is still restarted."""
+    failing = threading.Event()
+
+    def health() -> str | None:
+        if failing.is_set():
+            raise RuntimeError("injected: health check broke")
+        return None
+
+    gateway = GatewayProcess(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)),
+                             health=health)
+    gateway.start()
+    try:
+        failing.set()
+        assert wait_until(lambda: (gateway.problem or "").startswith("supervising the gateway process failed"),
+                          timeout_s=30)
+        failing.clear()
+        assert wait_until(lambda: gateway.problem is None, timeout_s=30)
+        first = gateway.pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: gateway.pid != first and gateway.problem is None, timeout_s=60)
+        assert data_reply(gateway.settings.gateway.port, "<after-broken-look@example.com>")[0] == 250
+    finally:
+        gateway.stop()
 
 
 def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):

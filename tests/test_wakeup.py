@@ -3,6 +3,7 @@ every other store object on the same file, once it is committed; a dead watcher'
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -52,3 +53,20 @@ def test_closing_the_store_stops_its_watchers(tmp_path):
     assert len(list((tmp_path / "runs.sqlite3-wake").iterdir())) == 1
     store.close()
     assert list((tmp_path / "runs.sqlite3-wake").iterdir()) == []
+
+
+
+def test_a_ring_whose_socket_cannot_be_made_does_not_fail_the_committed_write(tmp_path, monkeypatch):
+    """The OS refusing the bell's socket (out of descriptors or buffers): the run is queued, and create_run
+    says so rather than raising an error for a write that committed (its watchers poll instead)."""
+    with SqliteRunStore(tmp_path / "runs.sqlite3") as store:
+        registry = tmp_path / "runs.sqlite3-wake"
+        registry.mkdir()
+        (registry / "4242-cafe").touch()  # a watcher to ring
+
+        def refused(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+        monkeypatch.setattr(wakeup.socket, "socket", refused)  # the fault, injected at the OS call
+        run, created = store.create_run("email_digest", {"spool": "a.eml"}, "<c@x>")
+        monkeypatch.undo()
+        assert created and store.count_runs_by_state() == {"queued": 1}

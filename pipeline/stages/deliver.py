@@ -203,13 +203,14 @@ def _make_folders(outbox: Path) -> None:
 
 
 def _store(data: bytes, outbox: Path, key: str) -> str:
-    """Maildir delivery: write in tmp/, fsync, then rename into new/ (a failed rename leaves no file in tmp/)."""
+    """Maildir delivery: write in tmp/, fsync, then rename into new/ (a failed write, fsync or rename leaves no
+    file in tmp/: a full disk is not made fuller by every retry)."""
     tmp = outbox / "tmp" / f"{key}.{os.getpid()}"
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
     try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, outbox / "new" / key)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from ..errors import (
     PipelineError,
     WorkerCrashedError,
 )
+from ..health import signal_name
 
 # What a worker that hit its RLIMIT_AS cap leaves behind. Measured (pypdfium2 5.15, PDFium under a 300 MB cap
 # on a 600 MB Flate bomb): the process dies of SIGABRT with faulthandler's "Fatal Python error: Aborted" and a
@@ -37,20 +38,13 @@ def death_error(returncode: int | None, stderr: list[str], memory_limit: int, na
     another try may cure.
     """
     code = returncode if returncode is not None else 0
-    how = f"exit code {code}" + (f", {_signal_name(-code)}" if code < 0 else "")
+    how = f"exit code {code}" + (f", {signal_name(-code)}" if code < 0 else "")
     if code == -signal.SIGABRT or any(mark in line for line in stderr for mark in MEMORY_EVIDENCE):
         return PdfTooLargeError(f"the {what} needed memory over the {memory_limit:,}-byte memory cap: the "
                                 f"extraction worker aborted ({how})", name)
     last = next((line.strip() for line in reversed(stderr) if line.strip()), "")
     return WorkerCrashedError(f"the extraction worker died ({how}) while reading the {what}"
                               + (f"; its last words: {last[:200]}" if last else ""), name, exit_code=code)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def typed_error(cls: str, message: str, name: str) -> PipelineError:
