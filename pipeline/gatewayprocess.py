@@ -49,8 +49,9 @@ from typing import IO
 from .config import MetricsConfig, Settings
 from .errors import StartupError
 from .gateway import listen_sockets
-from .health import backoff_s, one_line, signal_name
+from .health import backoff_s, one_line
 from .metrics import GATEWAY_PROCESS
+from .stages.worker_errors import signal_name
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0  # a child that does not listen by then is killed: start-up fails (or is retried)

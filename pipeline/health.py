@@ -8,7 +8,6 @@ traceback and each further one in one line, back off (doubling), and after
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Iterable
 
 from .config import EngineConfig
@@ -50,14 +49,6 @@ class LoopHealth:
         if self.failures:
             log.warning("%s recovered after %d failure(s)", self.activity, self.failures)
         self.failures, self.problem = 0, None
-
-
-def signal_name(number: int) -> str:
-    """``SIGKILL`` for 9; ``signal 35`` for a number Python names no signal for (most real-time signals)."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def one_line(exc: BaseException) -> str:

@@ -20,7 +20,6 @@ from ..errors import (
     PipelineError,
     WorkerCrashedError,
 )
-from ..health import signal_name
 
 # What a worker that hit its RLIMIT_AS cap leaves behind. Measured (pypdfium2 5.15, PDFium under a 300 MB cap
 # on a 600 MB Flate bomb): the process dies of SIGABRT with faulthandler's "Fatal Python error: Aborted" and a
@@ -45,6 +44,14 @@ def death_error(returncode: int | None, stderr: list[str], memory_limit: int, na
     last = next((line.strip() for line in reversed(stderr) if line.strip()), "")
     return WorkerCrashedError(f"the extraction worker died ({how}) while reading the {what}"
                               + (f"; its last words: {last[:200]}" if last else ""), name, exit_code=code)
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 35`` for a number Python names no signal for (most real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def typed_error(cls: str, message: str, name: str) -> PipelineError:
