@@ -18,18 +18,21 @@
 # while large mails arrive at once, before (`gateway.stream_data` and `ingest.parse_isolate` off, no in-flight
 # cap) and after (both on). **Head of line**: a hostile slow PDF, then 1 s later a normal one; the normal one's
 # DATA end → run ended, with `ingest.fair_extraction` off and on. **Spool**: spool and work bytes per 1,000
-# mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates.
+# mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates. **Abandoned
+# accepts**: many senders close the connection right after their final dot, never reading the reply: the runs
+# made, the spool temp files and gateway descriptors left, and a normal mail's reply afterwards.
 
 # %% tags=["parameters"]
 session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["sessions", "memory", "head_of_line", "spool"]
+only = ["sessions", "memory", "head_of_line", "spool", "abandoned"]
 sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
 memory = {"mails": 2, "mail_mb": 2, "reps": 1}
 head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
+abandoned = {"mails": 24, "clients": 2}
 
 # %%
 from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
@@ -42,7 +45,7 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
-          "head_of_line": head_of_line, "spool": spool}
+          "head_of_line": head_of_line, "spool": spool, "abandoned": abandoned}
 hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
 print(hostileviews.notes(m))
@@ -56,6 +59,9 @@ hostileviews.comparison_table(m, "head_of_line")
 
 # %%
 hostileviews.comparison_table(m, "spool")
+
+# %%
+hostileviews.comparison_table(m, "abandoned")
 
 # %%
 hostileviews.fig_hostile_senders(m);

@@ -209,7 +209,12 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "\n\n**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "
    "--older-than 0`, the bytes purge reports, then a restart with a killed accept's temp file planted: the runs "
    "and digests it re-creates, run ids reused, temp files left.\n\n"
-   + fmt(hostileviews.comparison_table(m, "spool")) + "\n\n" + hostileviews.notes(m))
+   + fmt(hostileviews.comparison_table(m, "spool")) +
+   "\n\n**Abandoned accepts**: client processes open many sessions, send each one's mail and final dot, and "
+   "close them all without reading a reply (far more at once than the gateway's accept threads): the runs made "
+   "(an accept already running completes; the sender, unanswered, would send again), messages with two runs, "
+   "the spool temp files and the gateway's descriptors left once all ended, and a normal mail's reply after.\n\n"
+   + fmt(hostileviews.comparison_table(m, "abandoned")) + "\n\n" + hostileviews.notes(m))
 
 # %%
 if len(views.rows(m, "hostile")):

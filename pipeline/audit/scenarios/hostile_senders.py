@@ -1,6 +1,6 @@
 """The audit's hostile senders (issue 11), each against a real ``python -m pipeline serve`` on loopback.
 
-Four figures, each with its before/after where a setting switches the behaviour:
+Five figures, each with its before/after where a setting switches the behaviour:
 
 - sessions: a normal client's whole-transaction latency (connect → final 250) while N idle sessions are held
   open, N = 0, half the session limit, the limit, the limit + extra; what the idle connections got (220 or 421);
@@ -12,6 +12,9 @@ Four figures, each with its before/after where a setting switches the behaviour:
   partial text it left.
 - spool lifecycle: spool and work bytes per 1,000 mails before and after ``python -m pipeline purge``, the
   bytes purge reports, and the runs and digests a restart re-creates (expected none).
+- abandoned accepts: senders that close the connection right after their final dot, never reading the reply,
+  many at once (more than the gateway's accept threads): the runs made (at most one per message), the spool
+  temp files and gateway descriptors left once they ended, and a normal mail's reply afterwards.
 
 Figures are measured, never assumed: a server that does not hold shows it in the rows, not as an exception.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 
 from ... import store as s
+from ...metrics import GATEWAY_PROCESS
 from ..base import fixtures as fx
 from ..base.faultcheck import Rows, burst_messages, runs_by_message, task_instances, wait_terminal
 from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
-from ..base.serveproc import Senders, ServeProcess, digests_by_original, serving, timed_sends
+from ..base.serveproc import RECIPIENT, SENDER, Senders, ServeProcess, digests_by_original, serving, timed_sends
 from .hostile_checks import (
     MB,
     IdleSessions,
@@ -329,10 +335,89 @@ def _purge_rows(done: Any, tags: dict[str, Any]) -> Rows:
     return rows
 
 
+# -- abandoned accepts ------------------------------------------------------------------------------------------
+
+
+def _send_and_close(port: int, messages: list[bytes], timeout_s: float = 60.0) -> int:
+    """Open a session per message up to DATA's 354, then send every message's data and final dot, then close
+    every connection without reading a reply: all of them in flight at once. Runs in a client process; returns
+    how many reached their final dot."""
+    sent, socks = 0, []
+    try:
+        for _ in messages:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+            socks.append(sock)
+            replies = sock.makefile("rb")
+            if not replies.readline().startswith(b"220"):
+                continue
+            for line in (b"EHLO closer.example", f"MAIL FROM:<{SENDER}>".encode(), f"RCPT TO:<{RECIPIENT}>".encode(),
+                         b"DATA"):
+                sock.sendall(line + b"\r\n")
+                while replies.readline()[3:4] == b"-":  # a reply's continuation lines
+                    continue
+        for sock, raw in zip(socks, messages, strict=False):
+            try:
+                sock.sendall(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")  # raw ends with CRLF
+                sent += 1
+            except OSError:
+                continue
+    finally:
+        for sock in socks:
+            sock.close()
+    return sent
+
+
+def _gateway_fds(serve: ServeProcess) -> int:
+    """Open descriptors of the process that holds serve's SMTP sessions (its gateway process by default)."""
+    for proc in serve.descendants():
+        try:
+            if any(GATEWAY_PROCESS in part for part in proc.cmdline()):
+                return proc.num_fds()
+        except psutil.Error:
+            continue
+    return psutil.Process(serve.proc.pid).num_fds() if serve.proc is not None else 0
+
+
+def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: float = 30.0,
+                      timeout_s: float = 300.0) -> Rows:
+    """``clients`` processes of ``mails / clients`` sessions each send their mail and close at once without
+    reading the reply; then the figures (module docstring). The messages' senders never saw a 250: a run may or
+    may not have been made for each (an accept already running completes), never two."""
+    serve = ServeProcess(work / "data", work)
+    spool = serve.data_dir / "spool"
+    try:
+        serve.start()
+        fds_before = _gateway_fds(serve)
+        messages = _small_mails("abandoned", mails)
+        batches = [messages[i::clients] for i in range(clients)]
+        sent = sum(in_clients(_send_and_close, [(serve.port, batch) for batch in batches]))
+        deadline = time.monotonic() + settle_s  # until every session is closed and its data accepted or dropped
+        while time.monotonic() < deadline and (list(spool.glob(".incoming-*.tmp")) or serve_connections(serve)):
+            time.sleep(0.1)
+        made = {k: v for k, v in runs_by_message(serve.data_dir).items() if k}
+        ended = wait_terminal(serve.data_dir, list(made), timeout_s)
+        temp_left = len(list(spool.glob(".incoming-*.tmp")))
+        fds_after = _gateway_fds(serve)
+        after = fx.email_with([], message_id="<after-closers@hostile.audit>")
+        normal = in_clients(timed_sends, [(serve.port, [after])])
+    finally:
+        serve.kill()
+    tags = {"mails": mails, "clients": clients, "sent": sent}
+    return [row("abandoned", "mails_closed_after_data", sent, "mails", 0, **tags),
+            row("abandoned", "runs_made", sum(len(found) for found in ended.values()), "runs", 0, **tags),
+            row("abandoned", "messages_with_two_runs", sum(len(found) > 1 for found in ended.values()), "messages",
+                0, **tags),
+            row("abandoned", "runs_not_ended", sum(r.state not in (s.SUCCESS, s.FAILED) for found in ended.values()
+                                                   for r in found), "runs", 0, **tags),
+            row("abandoned", "temp_files_left", temp_left, "files", 0, **tags),
+            row("abandoned", "gateway_fds_growth", fds_after - fds_before, "fds", 0, before=fds_before, **tags),
+            row("abandoned", "normal_mail_replies", 1, "mails", 0, reply=normal[0][0][0], **tags)]
+
+
 # -- all of them -------------------------------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
-                                         "spool": spool_lifecycle}
+                                         "spool": spool_lifecycle, "abandoned": abandoned_accepts}
 
 
 def hostile_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = tuple(PARTS),
