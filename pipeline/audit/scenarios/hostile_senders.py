@@ -339,23 +339,30 @@ def _purge_rows(done: Any, tags: dict[str, Any]) -> Rows:
 
 
 def _send_and_close(port: int, messages: list[bytes], timeout_s: float = 60.0) -> int:
-    """Open a session per message up to DATA's 354, then send every message's data and final dot, then close
-    every connection without reading a reply: all of them in flight at once. Runs in a client process; returns
-    how many reached their final dot."""
-    sent, socks = 0, []
+    """Open a session per message up to DATA's 354, then send every such message's data and final dot, then
+    close every connection without reading a reply: all of them in flight at once. Runs in a client process;
+    returns how many were sent to their final dot (a session refused before its 354 sends nothing)."""
+    socks, ready = [], []
     try:
-        for _ in messages:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
-            socks.append(sock)
-            replies = sock.makefile("rb")
-            if not replies.readline().startswith(b"220"):
+        for raw in messages:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+                socks.append(sock)
+                replies = sock.makefile("rb")
+                reply = replies.readline()
+                for line in (b"EHLO closer.example", f"MAIL FROM:<{SENDER}>".encode(),
+                             f"RCPT TO:<{RECIPIENT}>".encode(), b"DATA"):
+                    if reply[:1] not in (b"2", b"3"):  # refused (421 beyond the session limit) or closed
+                        break
+                    sock.sendall(line + b"\r\n")
+                    while (reply := replies.readline())[3:4] == b"-":  # a reply's continuation lines
+                        continue
+            except OSError:
                 continue
-            for line in (b"EHLO closer.example", f"MAIL FROM:<{SENDER}>".encode(), f"RCPT TO:<{RECIPIENT}>".encode(),
-                         b"DATA"):
-                sock.sendall(line + b"\r\n")
-                while replies.readline()[3:4] == b"-":  # a reply's continuation lines
-                    continue
-        for sock, raw in zip(socks, messages, strict=False):
+            if reply.startswith(b"354"):
+                ready.append((sock, raw))
+        sent = 0
+        for sock, raw in ready:
             try:
                 sock.sendall(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")  # raw ends with CRLF
                 sent += 1
