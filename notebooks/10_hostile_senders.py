@@ -19,8 +19,8 @@
 # cap) and after (both on). **Head of line**: a hostile slow PDF, then 1 s later a normal one; the normal one's
 # DATA end → run ended, with `ingest.fair_extraction` off and on. **Spool**: spool and work bytes per 1,000
 # mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates. **Abandoned
-# accepts**: many senders close the connection right after their final dot, never reading the reply: the runs
-# made, the spool temp files and gateway descriptors left, and a normal mail's reply afterwards.
+# accepts**: many senders close the connection right after their final dot, never reading the reply, then send
+# every message again: the accepts dropped, the temp files and gateway descriptors left, messages without one run.
 
 # %% tags=["parameters"]
 session_id = None

@@ -211,9 +211,11 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "and digests it re-creates, run ids reused, temp files left.\n\n"
    + fmt(hostileviews.comparison_table(m, "spool")) +
    "\n\n**Abandoned accepts**: client processes open many sessions, send each one's mail and final dot, and "
-   "close them all without reading a reply (far more at once than the gateway's accept threads): the runs made "
-   "(an accept already running completes; the sender, unanswered, would send again), messages with two runs, "
-   "the spool temp files and the gateway's descriptors left once all ended, and a normal mail's reply after.\n\n"
+   "close them all without reading a reply (far more at once than the gateway's accept threads); then every "
+   "message is sent again, as an MTA whose mail was not answered does. *accepts_dropped*: mails with no run "
+   "(their accept was still waiting for a thread; one already running completes); the spool temp files and the "
+   "gateway's descriptors left once the closed sessions settled; messages without exactly one run after the "
+   "resend, and resent mails not answered 250.\n\n"
    + fmt(hostileviews.comparison_table(m, "abandoned")) + "\n\n" + hostileviews.notes(m))
 
 # %%

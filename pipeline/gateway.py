@@ -291,7 +291,7 @@ class _SmtpHandler:
     async def _off_loop(self, accept: Callable[[], Run], writer: object) -> Run:
         """Run ``accept`` in the accept pool. A session that ends while it waits there (the client closed the
         connection after its data, or timed out) cancels it: then the spooled data, unaccepted, is given up, its
-        file and its in-flight bytes freed (an accept already running goes on, and its run stands)."""
+        temp file closed and removed (an accept already running goes on, and its run stands)."""
         job = self.gateway._pool.submit(accept)
         try:
             return await asyncio.wrap_future(job)

@@ -205,6 +205,8 @@ class GatewayProcess:
             except Exception as exc:
                 failures += 1
                 self._look_failed = True
+                if self.proc is not None and self.proc.poll() is not None:  # dead, and not restarted: next look does
+                    self.proc = None
                 self.problem = f"supervising the gateway process failed: {one_line(exc)}"
                 log.error("supervising the gateway process failed; next look in %.1f s",
                           backoff_s(self.settings.engine, failures), exc_info=exc)
@@ -216,7 +218,7 @@ class GatewayProcess:
         if proc is not None and proc.poll() is None:
             self._tell_health(proc)
             if self._look_failed:  # supervision works again, and the child lives
-                self._look_failed, self.problem = False, None
+                self._look_failed, self.problem, failures = False, None, 0
             self._stopping.wait(SUPERVISE_EVERY_S)
             return failures
         if proc is not None:

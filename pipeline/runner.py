@@ -163,7 +163,7 @@ class DAGRunner:
                 return
             self._abandoned = self._finished = True
             self._waiting_retry.clear()
-            self._after_commit.clear()  # its writes were rolled back, or are not ours any more
+            self._after_commit.clear()  # nothing more is launched: the run is requeued, its RUNNING rows reset
         if isinstance(exc, RunTakenOver):
             log.warning("run %s: taken over by another process", self.run.run_id)
         elif self._reported or self.on_broken is None:  # outcome stored already, or nobody to hand the run to

@@ -158,12 +158,12 @@ def test_every_part_has_quick_and_standard_parameters_it_accepts(part):
 
 
 def test_abandoned_accepts_leave_no_temp_file_descriptor_or_second_run(tmp_path):
-    """Senders that close right after their final dot, more at once than the gateway's accept threads."""
+    """Senders that close right after their final dot, more at once than the gateway's accept threads, then
+    send every message again: some accepts were dropped, nothing of them is left, each message has one run."""
     rows = hostile_senders.abandoned_accepts(tmp_path, mails=40, clients=2, timeout_s=240)
     metrics = {name: found[0]["value"] for name, found in _by_metric(rows, "abandoned").items()}
     assert "error" not in metrics
     assert metrics["mails_closed_after_data"] == 40
-    assert 0 <= metrics["runs_made"] <= 40
-    assert metrics["messages_with_two_runs"] == metrics["runs_not_ended"] == metrics["temp_files_left"] == 0
-    assert metrics["gateway_fds_growth"] <= 2
-    assert _by_metric(rows, "abandoned")["normal_mail_replies"][0]["tags"]["reply"] == "250"
+    assert metrics["accepts_dropped"] > 0  # the path under test: accepts still queued when their session closed
+    assert metrics["temp_files_left"] == metrics["gateway_fds_growth"] == 0
+    assert metrics["messages_without_one_run"] == metrics["runs_not_ended"] == metrics["resent_not_250"] == 0

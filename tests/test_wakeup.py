@@ -55,7 +55,6 @@ def test_closing_the_store_stops_its_watchers(tmp_path):
     assert list((tmp_path / "runs.sqlite3-wake").iterdir()) == []
 
 
-
 def test_a_ring_whose_socket_cannot_be_made_does_not_fail_the_committed_write(tmp_path, monkeypatch):
     """The OS refusing the bell's socket (out of descriptors or buffers): the run is queued, and create_run
     says so rather than raising an error for a write that committed (its watchers poll instead)."""
