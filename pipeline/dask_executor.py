@@ -14,10 +14,14 @@ Worker deaths. A nanny that kills its worker for memory logs the event ``worker-
 the worker's address) before it sends SIGTERM; each task announces on which worker it started
 (``cluster_ingest.run_announced``); this client subscribes to both topics. The scheduler reports a try
 whose worker died as ``KilledWorker`` naming the task and the last worker, so that try ends ``too_large``
-(PdfTooLargeError, final) when a memory event names that worker and the task had started there, and
+(PdfTooLargeError, final) when a memory event names that worker, logged after the task started there (a
+worker restarted on the same address, as with a fixed ``--worker-port``, is judged afresh at every death), and
 WorkerCrashedError (retryable: the runner retries it, try_number increments) otherwise, e.g. a task only
 queued behind the bomb. The memory event comes by another connection than the worker's death, so it may
-arrive later: a death waits up to ``MEMORY_EVIDENCE_WAIT_S`` for it. With several threads per worker every
+arrive later: a death waits up to ``MEMORY_EVIDENCE_WAIT_S`` for it. The start announcement leaves the worker
+at its next flush (every few ms): a task that takes all its memory at once, holding the GIL, can be killed
+before that and is judged WorkerCrashedError (tests/test_dask.py: a pause of 0.5 s before a 600 MB allocation
+is enough; a PDF's decompression starts later than that). With several threads per worker every
 task running beside a bomb is blamed with it: run workers with ``--nthreads 1`` (as the LocalCluster here).
 The scheduler must not re-run a try on another worker behind our back (a bomb would kill them all, and a
 retry the runner does not count could run twice): ``distributed.scheduler.allowed-failures`` is 0 on the
@@ -93,9 +97,10 @@ class DaskExecutor:
         self._closed = False
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
         self._deaths = threading.Condition()
-        self._memory_kills: set[str] = set()  # worker addresses the nanny restarted for memory
-        self._started: OrderedDict[str, str] = OrderedDict()  # task key -> worker it started on (recent ones)
-        self._judged: dict[str, bool] = {}  # worker address -> died for memory (decided once)
+        # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
+        self._memory_kills: dict[str, float] = {}
+        # task key -> (worker it started on, when: the scheduler's clock), the recent ones
+        self._started: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     @property
     def client(self) -> Any:
@@ -188,14 +193,14 @@ class DaskExecutor:
         if address:
             log.warning("Dask worker %s was restarted for exceeding its memory limit", address)
             with self._deaths:
-                self._memory_kills.add(address)
+                self._memory_kills[address] = float(event[0])
                 self._deaths.notify_all()
 
     def _on_started_event(self, event: tuple[float, dict[str, Any]]) -> None:
         """Called on the client's event loop for each task that starts on a worker."""
         if isinstance(event[1], dict):
             with self._deaths:
-                self._started[str(event[1].get("key"))] = str(event[1].get("worker"))
+                self._started[str(event[1].get("key"))] = (str(event[1].get("worker")), float(event[0]))
                 while len(self._started) > STARTED_REMEMBERED:
                     self._started.popitem(last=False)
 
@@ -233,13 +238,12 @@ class DaskExecutor:
         return exc
 
     def _death_error(self, key: str, address: str) -> PipelineError:
-        """PdfTooLargeError if the nanny restarted ``address`` for memory while task ``key`` ran there,
-        else WorkerCrashedError."""
+        """PdfTooLargeError if the nanny restarted ``address`` for memory after task ``key`` started there,
+        else WorkerCrashedError (waiting up to MEMORY_EVIDENCE_WAIT_S for the nanny's event)."""
         with self._deaths:
-            if address not in self._judged:
-                self._deaths.wait_for(lambda: address in self._memory_kills, timeout=MEMORY_EVIDENCE_WAIT_S)
-                self._judged[address] = address in self._memory_kills
-            memory = self._judged[address] and self._started.get(key) == address
+            where, since = self._started.get(key, ("", float("inf")))
+            memory = where == address and self._deaths.wait_for(
+                lambda: self._memory_kills.get(address, float("-inf")) >= since, timeout=MEMORY_EVIDENCE_WAIT_S)
         if memory:
             return PdfTooLargeError(f"the task needed memory over the Dask worker's memory limit: the nanny "
                                     f"restarted worker {address}")

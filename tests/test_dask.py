@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,9 +159,10 @@ def _spawn(*args: str, env: dict[str, str]) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.fixture
-def separate_cluster() -> Iterator[str]:
-    """``dask scheduler`` and ``dask worker`` as separate processes on 127.0.0.1; both stopped after."""
+@contextmanager
+def _separate_cluster(*worker_args: str) -> Iterator[str]:
+    """``dask scheduler`` and ``dask worker`` (one process, one thread, 500 MiB, plus ``worker_args``) as separate
+    processes on 127.0.0.1; yields the scheduler's address; both stopped after."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     path = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}  # the scheduler unpickles tasks too
@@ -168,7 +170,7 @@ def separate_cluster() -> Iterator[str]:
                        env={**path, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
                             "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"})
     worker = _spawn("worker", address, "--nworkers", "1", "--nthreads", "1", "--memory-limit", "500MiB",
-                    "--no-dashboard", "--host", "127.0.0.1", env=path)
+                    "--no-dashboard", "--host", "127.0.0.1", *worker_args, env=path)
     try:
         yield address
     finally:
@@ -179,6 +181,19 @@ def separate_cluster() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture
+def separate_cluster() -> Iterator[str]:
+    with _separate_cluster() as address:
+        yield address
+
+
+@pytest.fixture
+def fixed_port_cluster() -> Iterator[str]:
+    """As ``separate_cluster``, its worker on a fixed port: the nanny restarts it on the same address."""
+    with _separate_cluster("--worker-port", str(free_port())) as address:
+        yield address
 
 
 def test_worker_killed_mid_task_is_retried_and_nothing_runs_twice_to_success(store, settings, separate_cluster,
@@ -202,6 +217,51 @@ def test_worker_killed_mid_task_is_retried_and_nothing_runs_twice_to_success(sto
     task = store.get_tasks(run.run_id)[0]
     assert run.state == "success" and task.try_number == 2
     assert log.read_text().count("done") == 1 and "done 2" in log.read_text()
+
+
+def swell_and_hold(ctx: TaskContext) -> int:
+    """Take 600 MB (every page written), then hold it until the nanny restarts this worker (60 s at most).
+    First a pause, as a real task opens its document: the worker sends the task's start announcement at its
+    next flush, which a GIL-holding allocation at once would delay past the kill."""
+    time.sleep(0.5)
+    ballast = b"x" * (600 << 20)
+    time.sleep(60)
+    return len(ballast)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_worker_restarted_on_its_own_address_is_judged_afresh_at_its_next_death(store, settings, tmp_path,
+                                                                                  fixed_port_cluster):
+    """A memory kill, then a kill for another cause of the worker the nanny restarted on the same address: the
+    first try ends too_large (final), the second worker_crashed (retried, and the run succeeds)."""
+    with distributed.Client(fixed_port_cluster, timeout=60, set_as_default=False) as client:
+        client.wait_for_workers(1, timeout=60)
+        first = next(iter(client.scheduler_info()["workers"]))
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=fixed_port_cluster))
+    engine.register(DAG("swell", [Task("big", swell_and_hold, executor="dask", retries=1)]))
+    engine.register(DAG("held", [Task("work", held_task, executor="dask", retries=1)]))
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    gate.touch()
+    engine.start()
+    try:
+        swollen = engine.wait(engine.trigger("swell").run_id, timeout=120)
+        big = store.get_tasks(swollen.run_id)[0]
+        assert (swollen.state, big.error_type, big.try_number) == ("failed", "too_large", 1), big.error_message
+        run = engine.trigger("held", {"log": str(log), "gate": str(gate)})
+        assert wait_until(lambda: log.exists() and "start 1" in log.read_text(), 90)
+        with distributed.Client(fixed_port_cluster, timeout=60, set_as_default=False) as client:
+            assert list(client.scheduler_info()["workers"]) == [first]  # restarted on the same address
+        os.kill(int(log.read_text().split()[2]), signal.SIGKILL)  # the worker process, not its nanny
+        # judged by the first death's verdict, this try ended too_large and was never retried
+        assert wait_until(lambda: "start 2" in log.read_text(), 90), store.get_tasks(run.run_id)
+        gate.unlink()
+        run = engine.wait(run.run_id, timeout=60)
+    finally:
+        engine.shutdown(grace_s=10)
+    task = store.get_tasks(run.run_id)[0]
+    assert run.state == "success" and task.try_number == 2
+    events = store.query("SELECT state, error_type FROM task_events WHERE run_id = ? ORDER BY rowid", (run.run_id,))
+    assert ("retrying", "worker_crashed") in [tuple(e) for e in events]
 
 
 def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settings, monkeypatch):

@@ -41,7 +41,8 @@ def run_announced(fn: Callable[..., Any], *args: Any) -> Any:
     from distributed import get_worker
 
     worker = get_worker()
-    # the worker's batched stream is ordered: the scheduler has this before it can see the worker die
+    # sent on the worker's batched stream at its next flush (every few ms): ordered before the task's end, but a
+    # worker killed before that flush takes it along (dask_executor's module docstring)
     worker.log_event(STARTED_TOPIC, {"key": worker.get_current_task(), "worker": worker.address})
     return fn(*args)
 
