@@ -196,6 +196,16 @@ def fixed_port_cluster() -> Iterator[str]:
         yield address
 
 
+def kill_the_first_try(engine: WorkflowEngine, store, run_id: int, log: Path, gate: Path) -> object:
+    """Once ``held_task``'s first try runs, SIGKILL its worker process (not the nanny); once the retry runs, let it
+    finish; return the ended run. A first try that was not retried fails the wait, with the tasks' rows."""
+    assert wait_until(lambda: log.exists() and "start 1" in log.read_text(), 90)
+    os.kill(int(log.read_text().split()[2]), signal.SIGKILL)
+    assert wait_until(lambda: "start 2" in log.read_text(), 90), store.get_tasks(run_id)
+    gate.unlink()
+    return engine.wait(run_id, timeout=60)
+
+
 def test_worker_killed_mid_task_is_retried_and_nothing_runs_twice_to_success(store, settings, separate_cluster,
                                                                                tmp_path):
     with distributed.Client(separate_cluster, timeout=60, set_as_default=False) as client:
@@ -206,12 +216,8 @@ def test_worker_killed_mid_task_is_retried_and_nothing_runs_twice_to_success(sto
     gate.touch()
     engine.start()
     try:
-        run = engine.trigger("held", {"log": str(log), "gate": str(gate)})
-        assert wait_until(lambda: log.exists() and "start 1" in log.read_text(), 60)
-        os.kill(int(log.read_text().split()[2]), signal.SIGKILL)  # the worker process, not its nanny
-        assert wait_until(lambda: "start 2" in log.read_text(), 90)
-        gate.unlink()
-        run = engine.wait(run.run_id, timeout=60)
+        run = kill_the_first_try(engine, store, engine.trigger("held", {"log": str(log), "gate": str(gate)}).run_id,
+                                 log, gate)
     finally:
         engine.shutdown(grace_s=10)
     task = store.get_tasks(run.run_id)[0]
@@ -247,15 +253,12 @@ def test_a_worker_restarted_on_its_own_address_is_judged_afresh_at_its_next_deat
         swollen = engine.wait(engine.trigger("swell").run_id, timeout=120)
         big = store.get_tasks(swollen.run_id)[0]
         assert (swollen.state, big.error_type, big.try_number) == ("failed", "too_large", 1), big.error_message
-        run = engine.trigger("held", {"log": str(log), "gate": str(gate)})
-        assert wait_until(lambda: log.exists() and "start 1" in log.read_text(), 90)
         with distributed.Client(fixed_port_cluster, timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
             assert list(client.scheduler_info()["workers"]) == [first]  # restarted on the same address
-        os.kill(int(log.read_text().split()[2]), signal.SIGKILL)  # the worker process, not its nanny
-        # judged by the first death's verdict, this try ended too_large and was never retried
-        assert wait_until(lambda: "start 2" in log.read_text(), 90), store.get_tasks(run.run_id)
-        gate.unlink()
-        run = engine.wait(run.run_id, timeout=60)
+        # judged by the first death's verdict, the first try would end too_large, never retried
+        run = kill_the_first_try(engine, store, engine.trigger("held", {"log": str(log), "gate": str(gate)}).run_id,
+                                 log, gate)
     finally:
         engine.shutdown(grace_s=10)
     task = store.get_tasks(run.run_id)[0]
