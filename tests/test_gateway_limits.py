@@ -130,7 +130,7 @@ def test_refused_or_lost_data_leaves_no_temp_file_and_no_bytes_in_flight(service
     assert service.store.count_runs_by_state() == {}
 
 
-def test_a_session_closed_while_its_accept_waits_for_the_pool_frees_its_file_and_bytes(service_factory):
+def test_a_session_closed_while_its_accept_waits_for_the_pool_frees_its_temp_file(service_factory):
     """The client closes right after its final dot while every accept thread is busy: the queued accept never
     runs, and its spooled temp file is closed and removed, not left open until a restart."""
     service = service_factory(max_message_bytes=200_000)
