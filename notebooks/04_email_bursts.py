@@ -26,7 +26,8 @@ rates = [50]
 duration_s = 0.5
 burst = 25
 senders = 2
-client = {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5, "warmup_mails": 4}
+client = {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5, "warmup_mails": 4,
+          "variants": ["gateway_process", "bare_sink"]}
 drain = {"burst": 60, "reps": 1, "senders": 2}
 
 # %%

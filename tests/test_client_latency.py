@@ -56,3 +56,10 @@ def test_the_bare_sink_stores_each_mail_durably_before_250_and_answers_451_when_
     finally:
         sink.stop()
     assert sink.proc is None
+
+
+def test_variants_are_picked_by_name_and_an_unknown_name_is_refused():
+    assert list(client_latency.pick_variants(["bare_sink", "gateway_process"])) == ["bare_sink", "gateway_process"]
+    assert client_latency.pick_variants(None) == client_latency.VARIANTS
+    with pytest.raises(ValueError, match="unknown client_latency variant.*known: gateway_process"):
+        client_latency.pick_variants(["gateway_proces"])

@@ -135,19 +135,32 @@ def _round(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: s
     return out
 
 
+def pick_variants(variants: dict[str, Variant] | list[str] | None) -> dict[str, Variant]:
+    """``variants`` as a dict: all of ``VARIANTS`` for None, those named for a list (a notebook's parameter)."""
+    if variants is None:
+        return VARIANTS
+    if isinstance(variants, dict):
+        return variants
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown client_latency variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    return {name: VARIANTS[name] for name in variants}
+
+
 def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: int = 50, reps: int = 2,
                    large_mb: float | None = 5.0, warmup_mails: int = 20, timeout_s: float = 600.0,
-                   variants: dict[str, Variant] | None = None, recorder: AuditRecorder | None = None
-                   ) -> pd.DataFrame:
+                   variants: dict[str, Variant] | list[str] | None = None,
+                   recorder: AuditRecorder | None = None) -> pd.DataFrame:
     """Time SMTP transactions from client processes against real serves, one per variant (module docstring).
 
     Each rep runs, per variant in turn (A B, then B A), one round per entry of ``senders``
     (``per_sender`` mails each), and with ``large_mb`` one more round of the largest sender count
     with a mail of that size beside the small ones. A variant whose flags include ``--gateway-only``
     processes nothing: its runs are read as queued. Returns the rows as a DataFrame (``harness.frame``),
-    recorded as scenario ``client_latency`` when a ``recorder`` is given.
+    recorded as scenario ``client_latency`` when a ``recorder`` is given. ``variants``: serve configurations by
+    name (``VARIANTS``), or a dict of them; all of ``VARIANTS`` by default.
     """
-    variants = variants or VARIANTS
+    variants = pick_variants(variants)
     work.mkdir(parents=True, exist_ok=True)
     pdf = fx.text_pdf_of_size(large_mb * 0.74) if large_mb else None  # base64 adds a third: a mail of large_mb
     rounds = [(n, None) for n in senders] + ([(max(senders), pdf)] if pdf is not None else [])
