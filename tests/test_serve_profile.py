@@ -13,15 +13,16 @@ from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import profileviews
 from pipeline.audit.scenarios import concurrency, pipeline_profile
 
-MAILS = 3
+MAILS = 6
 
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    """One tiny profile of serve (3 mails, small text PDFs, 1 s of py-spy), recorded into a DuckDB file."""
+    """One small profile of serve (6 mails, text PDFs of 30 and 60 pages), recorded into DuckDB; py-spy samples
+    3 s: the sender processes take up to a second to start, and a 1 s window could end before they send."""
     tmp = tmp_path_factory.mktemp("serve-profile")
     pdfs = []
-    for i, pages in enumerate((2, 4)):
+    for i, pages in enumerate((30, 60)):
         path = tmp / f"doc-{i}.pdf"
         path.write_bytes(fx.text_pdf(pages, seed=i + 1))
         pdfs.append(path)
@@ -29,7 +30,7 @@ def profiled(tmp_path_factory):
     session = recorder.start_session("test", {})
     artefacts = profileviews.artefact_dir(tmp / "audit.duckdb", session)
     df = pipeline_profile.profile_serve(pdfs, tmp / "work", emails=MAILS, senders=2, recorder=recorder,
-                                    artefacts=artefacts, pyspy_s=1.0, timeout_s=300)
+                                    artefacts=artefacts, pyspy_s=3.0, timeout_s=300)
     return df, recorder, artefacts
 
 

@@ -15,11 +15,14 @@ py-spy cannot attach, the rows say so and the profile goes on without it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +52,7 @@ from ..base.serveproc import (
 from .concurrency import stage_times, task_windows
 
 SCENARIO = "pipeline_profile"
+PYSPY_ATTACH_S = 10.0  # how long the load waits for py-spy to attach (it says "Sampling process" then)
 SERVE, EXTRACT = "serve", "extract worker"
 WORKERS = "extract workers"  # the extraction workers' RSS summed, in the per-stage memory rows
 # Seed stage of each task kind, for the per-stage memory rows.
@@ -230,6 +234,8 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
     procs = {name: subprocess.Popen([exe, *common, *extra, "--output", str(path)], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for name, (path, extra) in plans.items()}
+    # the load starts once both sample: a short load sent at once could end before py-spy has attached
+    said = {name: _await_sampling(proc, PYSPY_ATTACH_S) for name, proc in procs.items()}
     try:
         yield status
     finally:
@@ -240,10 +246,25 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
+            err = said[name] + err
             if proc.returncode != 0 or not plans[name][0].exists():
                 errors.append(f"{name}: exit {proc.returncode}: {err.decode(errors='replace').strip()[-300:]}")
         status.update(recorded=not errors, reason="; ".join(errors),
                       **{name: path for name, (path, _) in plans.items() if path.exists()})
+
+
+def _await_sampling(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    """Read py-spy's stderr until it says it is sampling (attached), it exits, or ``timeout_s``; return what it
+    said (the rest is read at its end)."""
+    assert proc.stderr is not None
+    said, deadline = b"", time.monotonic() + timeout_s
+    while b"Sampling process" not in said and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stderr], [], [], 0.05)[0]:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            said += chunk
+    return said
 
 
 def parse_speedscope(path: Path, roles: dict[int, str], default_pid: int) -> pd.DataFrame:
