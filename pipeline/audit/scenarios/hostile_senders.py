@@ -34,7 +34,6 @@ import pandas as pd
 import psutil
 
 from ... import store as s
-from ...metrics import GATEWAY_PROCESS
 from ..base import fixtures as fx
 from ..base.faultcheck import Rows, burst_messages, runs_by_message, task_instances, wait_terminal
 from ..base.harness import frame, row, run_parts
@@ -54,6 +53,7 @@ from .hostile_checks import (
     tree_bytes,
     wait_connections_at_most,
 )
+from .pipeline_profile import role_of
 
 SCENARIO = "hostile"
 MODES = (("before", False), ("after", True))  # (mode, the switches' value)
@@ -376,11 +376,12 @@ def _send_and_close(port: int, messages: list[bytes], timeout_s: float = 60.0) -
 
 def _gateway_fds(serve: ServeProcess) -> int:
     """Open descriptors of the process that holds serve's SMTP sessions (its gateway process by default)."""
+    assert serve.proc is not None
     for proc in serve.descendants():
         try:
-            if any(GATEWAY_PROCESS in part for part in proc.cmdline()):
+            if role_of(proc, serve.proc.pid) == "gateway":
                 return proc.num_fds()
-        except psutil.Error:
+        except psutil.Error:  # gone meanwhile
             continue
     return psutil.Process(serve.proc.pid).num_fds() if serve.proc is not None else 0
 

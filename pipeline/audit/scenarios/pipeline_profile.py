@@ -258,12 +258,15 @@ def _await_sampling(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
     said (the rest is read at its end)."""
     assert proc.stderr is not None
     said, deadline = b"", time.monotonic() + timeout_s
-    while b"Sampling process" not in said and time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stderr], [], [], 0.05)[0]:
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            said += chunk
+    try:
+        while b"Sampling process" not in said and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 0.05)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                if not chunk:
+                    break
+                said += chunk
+    except OSError as exc:  # its pipe gone: the load starts anyway, and py-spy's exit tells what happened
+        said += f"(reading py-spy's output failed: {exc})".encode()
     return said
 
 
