@@ -16,8 +16,9 @@
 # come from serve's run store (task start and end; the Email stage is DATA end → run queued). Memory and
 # CPU come from serve's process tree, each process named by its role: RSS sampled with `memory_profiler`
 # per process, per stage the peak and the largest rise over the RSS just before a task started. py-spy
-# samples serve and its extraction workers during the first `pyspy_s` seconds of the load (flame graph and
-# top functions by self time); it pauses a process for each sample, so stage times carry that small cost.
+# samples serve and its extraction workers over the load, from its start to its end or at most `pyspy_s`
+# seconds (flame graph and top functions by self time); it pauses a process for each sample, so stage times
+# carry that small cost.
 
 # %% tags=["parameters"]
 session_id = None
@@ -28,7 +29,7 @@ emails = 4
 senders = 2
 pdfs = ["text-0.5mb.pdf", "mixed-1mb.pdf"]
 line_profile_pdf = "text-0.5mb.pdf"
-pyspy_s = 1.0
+pyspy_s = 30.0
 pyspy_rate = 100
 memory_interval_s = 0.02
 e2e = {"pdf": "text-0.5mb.pdf", "senders": [2], "per_sender": 2, "rounds": 1}

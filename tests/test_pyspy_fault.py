@@ -1,8 +1,11 @@
-"""py-spy that cannot attach: the profile records why and goes on (pipeline/audit/scenarios/pipeline_profile.py)."""
+"""py-spy in the profile: its window spans the block it records, and a process it cannot attach to gives a row
+with the reason (pipeline/audit/scenarios/pipeline_profile.py)."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -29,3 +32,26 @@ def test_a_process_pyspy_cannot_attach_to_gives_a_row_with_the_reason(not_python
     assert row["metric"] == "pyspy_recorded" and row["value"] == 0.0
     assert row["tags"]["reason"] == status["reason"] and row["tags"]["flamegraph"] == ""
 
+
+
+@pytest.fixture
+def busy_python():
+    """A Python process that keeps a core busy, for py-spy to sample."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: sum(range(1000))"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_the_window_closes_when_the_block_ends_not_at_the_cap(busy_python, tmp_path):
+    if pipeline_profile.pyspy_path() is None:
+        pytest.skip("py-spy is not installed (the dev extra installs it)")
+    started = time.monotonic()
+    with pipeline_profile.pyspy_recording(busy_python, tmp_path / "spy", 120, 50) as status:
+        time.sleep(1.0)  # the load
+    assert status["recorded"] is True, status["reason"]
+    assert time.monotonic() - started < 60  # stopped by SIGINT at the block's end, not after 120 s
+    assert 1.0 <= status["duration_s"] < 60
+    assert status["flamegraph"].stat().st_size > 0
+    profile = pipeline_profile.parse_speedscope(status["speedscope"], {}, busy_python)
+    assert not profile.empty

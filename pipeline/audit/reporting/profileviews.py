@@ -80,7 +80,8 @@ def pyspy_note(m: pd.DataFrame) -> str:
     item = r.iloc[0]
     if item.value:
         return (f"py-spy sampled serve and its extraction workers (`--subprocesses`) at {item.rate:g} Hz for "
-                f"{item.duration_s:g} s from the start of the load; idle threads are left out.")
+                f"{item.duration_s:g} s: the load from its start to its end, or its first `pyspy_s` seconds; idle "
+                f"threads are left out.")
     return f"py-spy could not record serve in this session, so there is no flame graph: {item.reason}"
 
 

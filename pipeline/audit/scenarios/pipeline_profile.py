@@ -19,6 +19,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -215,9 +216,11 @@ def pyspy_path() -> str | None:
 @contextmanager
 def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> Iterator[dict[str, Any]]:
     """Record ``pid`` and its subprocesses with two py-spy processes over the same window: speedscope JSON
-    aggregated by function (``--function``) and a flame-graph SVG by line. Yields a status dict that is
-    filled in when the block ends (``recorded``, ``reason``, file paths); never raises for py-spy failing.
-    A ``duration_s`` of 0 switches py-spy off."""
+    aggregated by function (``--function``) and a flame-graph SVG by line. The window opens once both have
+    attached and closes when the block ends (py-spy stops on SIGINT and writes its files), or after
+    ``duration_s`` at most, so it spans the load the block drives however long that takes to start. Yields
+    a status dict that is filled in when the block ends (``recorded``, ``reason``, file paths, the window's
+    ``duration_s``); never raises for py-spy failing. A ``duration_s`` of 0 switches py-spy off."""
     seconds = max(1, round(duration_s)) if duration_s > 0 else 0  # py-spy takes whole seconds only
     status: dict[str, Any] = {"recorded": False, "reason": "py-spy not installed", "duration_s": seconds,
                               "rate": rate}
@@ -236,9 +239,14 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
              for name, (path, extra) in plans.items()}
     # the load starts once both sample: a short load sent at once could end before py-spy has attached
     said = {name: _await_sampling(proc, PYSPY_ATTACH_S) for name, proc in procs.items()}
+    opened = time.monotonic()
     try:
         yield status
     finally:
+        status["duration_s"] = round(min(time.monotonic() - opened, seconds), 1)
+        for proc in procs.values():  # the load ended: stop sampling (py-spy writes what it has on SIGINT)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
         errors = []
         for name, proc in procs.items():
             try:
@@ -340,12 +348,12 @@ def pyspy_rows(status: dict[str, Any], roles: dict[int, str], serve_pid: int, to
 
 
 def profile_serve(pdfs: list[Path], work: Path, emails: int = 20, senders: int = 4,
-                  recorder: AuditRecorder | None = None, artefacts: Path | None = None, pyspy_s: float = 3.0,
+                  recorder: AuditRecorder | None = None, artefacts: Path | None = None, pyspy_s: float = 60.0,
                   pyspy_rate: int = 100, memory_interval_s: float = 0.02, top: int = 15,
                   timeout_s: float = 600.0) -> pd.DataFrame:
     """Profile ``python -m pipeline serve`` under ``emails`` mails (each with one of ``pdfs`` in turn) sent by
     ``senders`` processes after a one-mail warm-up: stage times per run, per-process resources, per-stage
-    memory and a py-spy profile of the first ``pyspy_s`` seconds of the load (files in ``artefacts``)."""
+    memory and a py-spy profile of the load, at most its first ``pyspy_s`` seconds (files in ``artefacts``)."""
     attachments = [(Path(p).name, Path(p).read_bytes()) for p in pdfs]
     messages = [(f"<profile-{i}@audit>", fx.email_with([attachments[i % len(attachments)]],
                                                       message_id=f"<profile-{i}@audit>")) for i in range(emails)]
