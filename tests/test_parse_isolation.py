@@ -19,7 +19,7 @@ from helpers import wait_until
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.dag import TaskContext
-from pipeline.errors import ParseError, PdfTooLargeError, WorkerCrashedError
+from pipeline.errors import ParseError, PdfTooLargeError, TaskIOError, WorkerCrashedError
 from pipeline.stages.extract_worker import pool_for
 from pipeline.stages.ingest import ingest_pdf
 from pipeline.workflows import parse_email_task
@@ -239,3 +239,13 @@ def test_two_slow_parses_leave_a_worker_for_a_pdf(pdf, tmp_path, parse_settings)
     assert result.pages == 1
     for p in parses:
         assert isinstance(p.outcome, dict) and len(p.outcome["attachments"]) == 1, p.outcome
+
+
+def test_an_os_error_while_the_worker_parses_is_a_typed_retryable_task_io_error(tmp_path, parse_settings):
+    (tmp_path / "m.eml").write_bytes(fx.email_with([("a.pdf", fx.text_pdf(1))]))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "attachments").write_bytes(b"")  # a file where the attachments' folder goes: mkdir fails (EEXIST)
+    with pytest.raises(TaskIOError, match="FileExistsError") as err:
+        _parse(parse_settings(909), tmp_path / "m.eml", work)
+    assert err.value.reason == "task_io" and err.value.retryable

@@ -2,8 +2,12 @@
 
 Whom the digest goes to (issue 11: a digest must not go to a third party named in a header):
 
-1. ``delivery.recipient`` when it is configured, always.
-2. The envelope sender: the run payload's ``mail_from`` (SMTP ``MAIL FROM``).
+0. Never to machine-made mail (``Auto-Submitted``, delivery reports), and never to the digest's own
+   sender address: that is how mail loops start (``autoreply``; RFC 3834).
+1. ``delivery.recipient`` when it is configured.
+2. The envelope sender: the run payload's ``mail_from`` (SMTP ``MAIL FROM``); but list and bulk mail
+   (``List-Id``, ``Precedence: bulk``) gets no digest, as its envelope sender is a list's bounce
+   address, nor does an envelope sender without a domain (``MAILER-DAEMON``).
 3. An SMTP message whose ``MAIL FROM`` was the null reverse-path (``<>``) gets no digest: RFC 3834
    (and RFC 5321 6.1) forbid answering bounces and auto-replies automatically.
 4. Without ``mail_from`` in the payload (a run recreated from the spool file alone), the message's
@@ -47,6 +51,7 @@ from urllib.parse import urlparse
 
 from ..config import DeliveryConfig
 from ..errors import DeliveryError, ParseError
+from .autoreply import DIGEST_HEADERS, MACHINE
 from .digest import Digest
 from .mailpolicy import DEFAULT, SMTPUTF8
 from .parse import clean_header, parse_mailboxes
@@ -61,6 +66,8 @@ _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDe
 LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers with write access to the data dir
 NULL_SENDER = "null sender"
 NO_ENVELOPE = "no envelope sender"
+NO_DOMAIN = "envelope sender without a domain"
+OWN_ADDRESS = "the digest's own sender address"
 
 
 def reply_address(text: str, name: str = "") -> Address:
@@ -84,6 +91,8 @@ def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tup
     """Return (address to reply to, where it came from), or ("", why there is none): rules 2 to 6 above."""
     mail_from = str(payload.get("mail_from") or "")
     if mail_from and mail_from != "<>":
+        if "@" not in mail_from:  # MAILER-DAEMON and the like: a program's name, nobody to write to
+            return "", NO_DOMAIN
         return mail_from, "MAIL FROM"
     if payload.get("source") == "smtp":
         return "", NULL_SENDER
@@ -103,14 +112,27 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
 
     Raises DeliveryError(retryable=False) when the chosen address is not one mailbox.
     """
+    marked = email.get("automated") or {}  # absent from runs parsed by older versions: a person's mail
+    if marked.get("kind") in MACHINE:
+        return None, str(marked.get("why"))
     if config.recipient:
-        return reply_address(config.recipient), "delivery.recipient"
+        return _unless_own(reply_address(config.recipient), "delivery.recipient", config)
+    if marked:  # bulk or list mail: its envelope sender is a list's bounce address, not a person
+        return None, str(marked.get("why"))
     address, origin = envelope_sender(payload, email)
     if not address:
         return None, origin
     mailbox = reply_address(address)
     if _same_mailbox(mailbox, email.get("from")):
         mailbox = reply_address(address, str(email.get("from_name") or ""))
+    return _unless_own(mailbox, origin, config)
+
+
+def _unless_own(mailbox: Address, origin: str, config: DeliveryConfig) -> tuple[Address | None, str]:
+    """(``mailbox``, ``origin``), or (None, why) when it is the digest's own sender: the reply would loop.
+    Compared without case, local part too: mail systems mostly ignore it, and a loop must not slip through."""
+    if mailbox.addr_spec.lower() == reply_address(config.sender).addr_spec.lower():
+        return None, f"{OWN_ADDRESS} ({config.sender})"
     return mailbox, origin
 
 
@@ -133,6 +155,8 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
     msg["Subject"] = clean_header(digest.subject, 250)
     msg["Date"] = formatdate(localtime=True)  # the real offset ("+0000" on a UTC host), never "-0000"
     msg["Message-ID"] = message_id or make_msgid(domain=_domain(config))
+    for name, value in DIGEST_HEADERS.items():  # an automatic response (RFC 3834 5.2): never answered in turn
+        msg[name] = value
     original = email.get("message_id") or ""
     if _MSG_ID.match(original):
         msg["In-Reply-To"] = original

@@ -462,6 +462,11 @@ def _answer(line: str, memory_limit: int, documents: OpenDocuments) -> dict[str,
         return _error_reply(type(exc).__name__, str(exc))
     except MemoryError:
         return _error_reply("PdfTooLargeError", f"{doing} needed more than {memory_limit:,} bytes of memory")
+    except OSError as exc:
+        if doing == "parsing":  # the spool file or the attachments' folder: typed as a task's OS error
+            return _error_reply("TaskIOError", f"parsing: {type(exc).__name__}: {exc}"[:500])
+        traceback.print_exc()
+        return _error_reply("IngestError", f"{doing} failed: {type(exc).__name__}: {exc}"[:500])
     except Exception as exc:  # engine errors are CorruptPdfError already; this is a bug or the disk (the text file)
         traceback.print_exc()
         # an unexpected error of the parse stays untyped (retryable), as it was in the pipeline process

@@ -44,7 +44,9 @@ from typing import Any
 
 from ..config import IngestConfig
 from ..errors import ParseError
+from .autoreply import automated
 from .mailpolicy import DEFAULT, SMTP
+from .mime_repair import canonical_transfer_encoding, encoded_forward, needs_header_repair, repair_header_block
 
 MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
@@ -62,17 +64,27 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     Also ParseError for more than MAX_PARTS parts (checked on the raw bytes first, so a mail of
     100,000 empty parts costs a scan, not minutes of parsing) and for nesting too deep to parse.
     """
-    check_part_count(raw)
-    try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
-        msg = BytesParser(policy=DEFAULT).parsebytes(raw)
-    except HEADER_ERRORS as exc:
-        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
-    except RecursionError:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
-        raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
+    msg = _parse(raw, max_depth)
+    if needs_header_repair(msg):  # a header line without a colon cut the header block short
+        repaired = repair_header_block(raw)
+        if repaired is not None:
+            msg = _parse(repaired, max_depth)
     if not list(msg.keys()):
         raise ParseError("not an email: no header block (is this raw MIME?)")
     sender_address(msg)
     return msg  # type: ignore[return-value]
+
+
+def _parse(raw: bytes, max_depth: int) -> EmailMessage:
+    """The email package's parse of ``raw``; ParseError for too many parts, nesting too deep, or MIME headers
+    it cannot read."""
+    check_part_count(raw)
+    try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
+        return BytesParser(policy=DEFAULT).parsebytes(raw)  # type: ignore[return-value]
+    except HEADER_ERRORS as exc:
+        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
+    except RecursionError:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
+        raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
 
 
 def raw_header(msg: EmailMessage, name: str) -> str:
@@ -172,8 +184,14 @@ def safe_filename(name: str | None, index: int) -> str:
     stem, dot, ext = base.rpartition(".")
     if not dot:
         stem, ext = base, "pdf"
-    stem, ext = stem[:60] or "attachment", ext[:10] or "pdf"
+    # characters and bytes both capped: 60 four-byte characters would pass 255 bytes, the usual name limit
+    stem, ext = _clip_utf8(stem[:60], 150) or "attachment", _clip_utf8(ext[:10], 16) or "pdf"
     return f"{index:03d}-{stem}.{ext}"
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` bytes of UTF-8, at a character boundary."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
 def is_pdf(part: EmailMessage, payload: bytes) -> bool:
@@ -218,6 +236,9 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         yield part
         if part.is_multipart():  # multipart/* with a boundary, and message/rfc822 (one child: the message)
             children: list[EmailMessage] = part.get_payload()  # type: ignore[assignment]
+            forwarded = encoded_forward(part)  # a forward in base64: its child is the encoded text
+            if forwarded is not None:
+                children = [_parse(forwarded, max_depth)]
             stack.extend((child, depth + 1) for child in reversed(children))
 
 
@@ -240,13 +261,14 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
     """
     try:
         name = part.get_filename()
+        canonical_transfer_encoding(part)
         payload = part.get_payload(decode=True)
         payload = payload if isinstance(payload, bytes) else b""
         if part.get_content_maintype() == "multipart":  # is_multipart() is False: no boundary parameter
             pdf = pdf_in_body(payload)
             return name, pdf, "" if pdf is not None else NO_PDF_WITHOUT_BOUNDARY
-        if is_pdf(part, payload):
-            return name, payload, ""
+        if is_pdf(part, payload):  # a scanner's base64 PDF without a Content-Transfer-Encoding: decoded here
+            return name, payload if payload[:5] == b"%PDF-" else pdf_in_body(payload) or payload, ""
         body = name is None and part.get_content_maintype() == "text" and \
             part.get_content_disposition() != "attachment"
         return name, None, "" if body else f"not a PDF ({part.get_content_type()})"
@@ -310,6 +332,7 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
         "message_id": clean_header(read_header(msg, "Message-ID"), 998) or None,
         "attachments": pdfs,
         "skipped": skipped,
+        "automated": automated(msg),  # machine-made or list mail: see autoreply (None for a person's mail)
     }
 
 

@@ -18,6 +18,7 @@ from ..errors import (
     ParseError,
     PdfTooLargeError,
     PipelineError,
+    TaskIOError,
     WorkerCrashedError,
 )
 
@@ -60,4 +61,6 @@ def typed_error(cls: str, message: str, name: str) -> PipelineError:
         return ParseError(message)
     if cls == PipelineError.__name__:
         return PipelineError(message)
+    if cls == TaskIOError.__name__:
+        return TaskIOError(message)
     return _ERRORS.get(cls, IngestError)(message, name)

@@ -1,0 +1,112 @@
+"""What real mail clients send that Python's email package misreads, put right before a PDF is lost.
+
+Each repair is applied only where the parser left a sign of the problem,
+so a well-formed message is parsed once and never rewritten:
+
+- **A header line without a colon** (a scanner folding a long Subject without
+  indenting the next line, or a stray line): the parser ends the header
+  block there (``MissingHeaderBodySeparatorDefect``) and the rest of the
+  headers, Content-Type included, becomes the body: the attachments vanish.
+  ``repair_header_block`` folds such a line into the header above it when that
+  header is free text (Subject, X-...), drops it otherwise, and keeps going,
+  when real header lines follow it before the blank line.
+- **A space before the colon** (``From : x``, obsolete syntax RFC 5322 4.5.3
+  says to accept): the parser takes ``From `` for an mbox envelope line
+  (``MisplacedEnvelopeHeaderDefect``) and drops the header. Same repair.
+- **A forwarded message in base64 or quoted-printable** (RFC 2046 5.2.1
+  forbids it; Exchange and some phones do it): the parser reads the encoded
+  text as the message. ``encoded_forward`` decodes it and parses the result.
+- **A Content-Transfer-Encoding with trailing blanks or in odd case**
+  (``base64 ``): the email package leaves the payload encoded.
+  ``canonical_transfer_encoding`` rewrites the header first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import quopri
+import re
+from email import errors as email_errors
+from email.message import EmailMessage, Message
+from email.policy import EmailPolicy
+
+REPAIRABLE = (email_errors.MissingHeaderBodySeparatorDefect, email_errors.MisplacedEnvelopeHeaderDefect)
+# headers whose value is parsed: a stray line folded into one would break it, so the line is dropped instead
+STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return-path", "message-id",
+                        "in-reply-to", "references", "date", "mime-version", "content-type",
+                        "content-transfer-encoding", "content-disposition", "content-id", "resent-from",
+                        "resent-to", "resent-cc", "resent-date", "resent-message-id", "resent-sender"})
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+ENCODED = ("base64", "quoted-printable")
+AS_PARSED = EmailPolicy(refold_source="none", max_line_length=0)  # prints parsed headers back unchanged
+
+
+def needs_header_repair(msg: EmailMessage) -> bool:
+    """True when the parser cut the header block short or dropped a header (see the module docstring);
+    also for a first line ``From : x``, which it takes for an mbox envelope line without saying so."""
+    unixfrom = msg.get_unixfrom() or ""
+    return any(isinstance(defect, REPAIRABLE) for defect in msg.defects) or bool(_FIELD.match(unixfrom.encode()))
+
+
+def repair_header_block(raw: bytes) -> bytes | None:
+    """``raw`` with its header block put right, or None when there is nothing to repair.
+
+    A line that is neither a header nor a folded continuation is a lost fold when a header line follows
+    it before the blank line: it joins the free-text header above it, or is dropped after a structured
+    one. Lines after the last real header are left alone: there the body began without its blank line.
+    ``Name :`` becomes ``Name:``. A leading mbox ``From `` line is kept.
+    """
+    end = _BLANK_LINE.search(raw)
+    head, rest = (raw[:end.start()], raw[end.start():]) if end else (raw, b"")
+    lines = head.splitlines(keepends=True)
+    last_field = max((i for i, line in enumerate(lines) if _FIELD.match(line)), default=-1)
+    out: list[bytes] = []
+    name = b""
+    for i, line in enumerate(lines):
+        field = _FIELD.match(line)
+        if i == 0 and line.startswith(b"From ") and not field:  # mbox envelope line
+            out.append(line)
+        elif line[:1] in (b" ", b"\t") or i > last_field:  # a fold, or the body without its blank line
+            out.append(line)
+        elif field:
+            name = field.group(1)
+            out.append(name + b":" + line[field.end():])
+        elif name and name.lower().decode() not in STRUCTURED:
+            out.append(b" " + line)
+        # else: a stray line under a structured header (or before any header): dropped
+    repaired = b"".join(out) + rest
+    return repaired if repaired != raw else None
+
+
+def encoded_forward(part: EmailMessage) -> bytes | None:
+    """The forwarded message a message/rfc822 ``part`` carries in base64 or quoted-printable, decoded;
+    None for one sent as RFC 2046 says (7bit, 8bit, binary), which the parser has read already."""
+    if part.get_content_type() != "message/rfc822":
+        return None
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    children = part.get_payload()
+    if cte not in ENCODED or not isinstance(children, list) or not children:
+        return None
+    child = children[0]  # the encoded text, parsed as if it were a message: print it back as it came
+    if not isinstance(child, Message):
+        return None
+    text = child.as_bytes(policy=AS_PARSED)
+    if cte == "quoted-printable":
+        return quopri.decodestring(text)
+    try:
+        return base64.b64decode(b"".join(text.split()))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def canonical_transfer_encoding(part: EmailMessage) -> None:
+    """Rewrite a Content-Transfer-Encoding the email package would not recognise (``base64 `` with a
+    trailing blank, ``Base64\\t``) as its canonical lower-case name, so ``get_payload(decode=True)`` decodes."""
+    value = part.get("content-transfer-encoding")
+    if value is None:
+        return
+    canonical = str(value).strip().lower()
+    if canonical in ENCODED and str(value) != canonical:
+        part.replace_header("Content-Transfer-Encoding", canonical)

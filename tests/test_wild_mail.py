@@ -1,0 +1,112 @@
+"""Mail as real clients send it, which Python's email package misreads: the PDF is still found (mime_repair).
+
+Raw messages, byte for byte as scanners, Exchange and phones write them,
+through ``summarize_message``; the scanner's mail also over real SMTP to a
+real service whose digest reaches a real relay.
+"""
+
+import base64
+import quopri
+from pathlib import Path
+
+import pytest
+from helpers import send_for_run_id as send
+
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import IngestConfig
+from pipeline.stages import parse
+
+LIMITS = IngestConfig()
+PDF = fx.text_pdf(1)
+B64 = base64.encodebytes(PDF).replace(b"\n", b"\r\n")
+
+
+def mail(headers: bytes, parts: bytes = b"", top: bytes = b"From: Alice <alice@example.com>\r\n",
+         boundary: bytes = b"B") -> bytes:
+    """``top`` and ``headers``, a multipart/mixed declaration, a blank line, then ``parts`` (a text part and the
+    PDF by default) and the closing delimiter."""
+    parts = parts or (b"--%s\r\nContent-Type: text/plain\r\n\r\nScan attached.\r\n--%s\r\n" % (boundary, boundary)
+                      + b"Content-Type: application/pdf; name=\"scan.pdf\"\r\n"
+                      b"Content-Disposition: attachment; filename=\"scan.pdf\"\r\n"
+                      b"Content-Transfer-Encoding: base64\r\n\r\n" + B64)
+    return (top + headers + b"Message-ID: <wild@example.com>\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"%s\"\r\n\r\n%s\r\n--%s--\r\n" % (boundary, parts, boundary))
+
+
+def pdfs(raw: bytes, tmp_path) -> list[bytes]:
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    return [Path(a["path"]).read_bytes() for a in info["attachments"]]
+
+
+SCANNER = mail(b"To: d@example.net\r\nSubject: Scanned document from MFP-4521 in building 3,\r\n"
+               b"please review before Friday\r\n")  # a long Subject folded without indenting its second line
+
+
+def test_a_subject_folded_without_indent_keeps_the_mime_structure(tmp_path):
+    info = parse.summarize_message(SCANNER, tmp_path, LIMITS)
+    assert info["subject"] == "Scanned document from MFP-4521 in building 3, please review before Friday"
+    assert info["message_id"] == "<wild@example.com>" and [a["name"] for a in info["attachments"]] == ["scan.pdf"]
+    assert pdfs(SCANNER, tmp_path / "again") == [PDF]
+
+
+@pytest.mark.parametrize(("top", "headers"), [
+    (b"From: alice@example.com\r\nX-Broken header without colon\r\n", b"Subject: stray\r\n"),
+    (b"From : Alice <alice@example.com>\r\n", b"Subject: obsolete syntax\r\n"),  # RFC 5322 4.5.3
+    (b"Return-Path: <alice@example.com>\r\nFrom : alice@example.com\r\n", b"Subject: after the trace\r\n"),
+], ids=["stray-line-under-from", "space-before-colon", "space-before-colon-after-return-path"])
+def test_a_broken_header_line_costs_neither_the_sender_nor_the_pdf(tmp_path, top, headers):
+    info = parse.summarize_message(mail(headers, top=top), tmp_path, LIMITS)
+    assert info["from"] == "alice@example.com" and len(info["attachments"]) == 1
+    assert pdfs(mail(headers, top=top), tmp_path / "again") == [PDF]
+
+
+def test_a_body_begun_without_its_blank_line_is_left_as_the_body(tmp_path):
+    raw = b"From: alice@example.com\r\nSubject: short\r\nHello there,\r\nno blank line before me.\r\n"
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert info["subject"] == "short" and info["attachments"] == [] and info["skipped"] == []
+
+
+def forwarded(encoding: bytes, encoded: bytes) -> bytes:
+    inner = mail(b"Subject: the original\r\n", top=b"From: Bob <bob@example.org>\r\n", boundary=b"INNER")
+    return mail(b"Subject: Fwd: the original\r\n",
+                b"--B\r\nContent-Type: text/plain\r\n\r\nForwarding.\r\n--B\r\nContent-Type: message/rfc822\r\n"
+                b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + encoded(inner))
+
+
+@pytest.mark.parametrize(("encoding", "encode"), [
+    (b"base64", lambda inner: base64.encodebytes(inner).replace(b"\n", b"\r\n")),
+    (b"quoted-printable", lambda inner: quopri.encodestring(inner)),
+], ids=["base64", "quoted-printable"])
+def test_a_forward_in_base64_or_quoted_printable_gives_its_pdf(tmp_path, encoding, encode):
+    info = parse.summarize_message(forwarded(encoding, encode), tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+    assert pdfs(forwarded(encoding, encode), tmp_path / "again") == [PDF]
+
+
+@pytest.mark.parametrize("header", [b"Content-Transfer-Encoding: base64 \r\n",
+                                    b"Content-Transfer-Encoding: Base64\t\r\n", b""],
+                         ids=["trailing-blank", "tab", "missing"])
+def test_a_base64_pdf_is_decoded_whatever_its_transfer_encoding_header_says(tmp_path, header):
+    part = (b"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"a.pdf\"\r\n"
+            + header + b"\r\n" + B64)
+    assert pdfs(mail(b"Subject: scanner\r\n", part), tmp_path) == [PDF]
+
+
+def test_a_file_name_of_four_byte_characters_fits_a_file_system_name(tmp_path):
+    name = "\U00020000" * 70 + "." + "\U00020001" * 12
+    part = (b"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename*=utf-8''"
+            + "".join(f"%{b:02X}" for b in name.encode()).encode() + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + B64)
+    info = parse.summarize_message(mail(b"Subject: long name\r\n", part), tmp_path, LIMITS)
+    (item,) = info["attachments"]
+    stored = item["path"].rsplit("/", 1)[1]
+    assert len(stored.encode()) <= 255 and stored.startswith("000-\U00020000")
+    assert Path(item["path"]).read_bytes() == PDF and item["name"].startswith("\U00020000")
+
+
+def test_the_scanners_mail_is_digested_over_smtp(service_factory, smtp_sink):
+    service = service_factory()
+    run = service.engine.wait(send(service, SCANNER), timeout=120)
+    assert run.state == "success", run.reason
+    text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
+    assert "scan.pdf: 1 pages" in text and "no PDF attachments" not in text
