@@ -18,7 +18,9 @@
 # reasons in `pipeline.errors`. Faults: `kill -9` of serve mid-burst (restarted at once), `kill -9` of a busy
 # extraction worker, the run store locked by another process, the data dir's disk full (a tmpfs; skipped
 # with the reason where it cannot be mounted), and bad input (a damaged page, a From: decoding to CR/LF, a
-# quoted local part).
+# quoted local part, and mail as real clients write it: a scanner's Subject folded without indent, a forward in
+# base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
+# whose relay routes every digest back to its own gateway, watched until no run is added.
 
 # %% tags=["parameters"]
 session_id = None
@@ -48,6 +50,10 @@ views.fault_table(recorder.measurements())
 
 # %%
 views.fault_cases(recorder.measurements())
+# %%
+detail = views.rows(recorder.measurements(), "faults")
+detail[detail.variant.eq("mail_loop") | detail.metric.isin(["wild_mail_pdfs_missed", "automatic_mail_answered"])
+       ].dropna(axis=1, how="all")
 
 # %% [markdown]
 # The killed worker: the one caught mid-way through the victim document (its ingest_pdf task running, its CPU

@@ -37,6 +37,7 @@ from email.policy import compat32
 from pathlib import Path
 
 from .errors import SpoolError
+from .stages.mime_repair import needs_header_repair, repair_header_block
 
 log = logging.getLogger(__name__)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -312,7 +313,12 @@ def header_block(raw: bytes) -> Message:
     """Parse the header block of a raw message (at most its first 256 KB)."""
     match = _HEADER_END.search(raw, 0, _MAX_HEADER_BYTES)
     head = raw[: match.start()] if match else raw[:_MAX_HEADER_BYTES]
-    return BytesHeaderParser(policy=compat32).parsebytes(head)
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    if needs_header_repair(headers):  # a line without a colon: the parse stage repairs it, so the key must too
+        repaired = repair_header_block(head)
+        if repaired is not None:
+            headers = BytesHeaderParser(policy=compat32).parsebytes(repaired)
+    return headers
 
 
 def message_id_of(raw: bytes) -> str | None:

@@ -43,11 +43,18 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
     figures = _figures(rows, "bad_input")
-    assert figures["acked"] == 3 and figures["lost"] == 0 and figures["untyped"] == 0
+    assert figures["acked"] == 6 and figures["lost"] == 0 and figures["untyped"] == 0
     cases = {r["tags"]["case"]: r for r in rows if r["metric"] == "case_typed"}
-    assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part"}
+    assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part", "scanner_unindented_fold",
+                          "forward_in_base64", "auto_replied"}
     assert all(r["value"] == 1.0 for r in cases.values()), cases
     assert cases["crlf_encoded_from"]["tags"]["typed_reason"] == "malformed_email"
+    assert [cases[c]["tags"]["pdfs"] for c in ("scanner_unindented_fold", "forward_in_base64", "auto_replied")] == \
+        [1, 1, 1]
+    assert figures["wild_mail_pdfs_missed"] == 0 and figures["automatic_mail_answered"] == 0
+    assert cases["auto_replied"]["tags"]["digests"] == 0 and cases["forward_in_base64"]["tags"]["digests"] == 1
+    loop = _figures(rows, "mail_loop")  # a relay routed back to the gateway: the mail and its digest, then quiet
+    assert loop == {"runs_per_mail": 2.0, "runs_not_ended": 0.0}
     assert not _no_children_left(before)
 
 

@@ -29,7 +29,6 @@ import quopri
 import re
 from email import errors as email_errors
 from email.message import EmailMessage, Message
-from email.policy import EmailPolicy
 
 REPAIRABLE = (email_errors.MissingHeaderBodySeparatorDefect, email_errors.MisplacedEnvelopeHeaderDefect)
 # headers whose value is parsed: a stray line folded into one would break it, so the line is dropped instead
@@ -40,10 +39,9 @@ STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 ENCODED = ("base64", "quoted-printable")
-AS_PARSED = EmailPolicy(refold_source="none", max_line_length=0)  # prints parsed headers back unchanged
 
 
-def needs_header_repair(msg: EmailMessage) -> bool:
+def needs_header_repair(msg: Message) -> bool:
     """True when the parser cut the header block short or dropped a header (see the module docstring);
     also for a first line ``From : x``, which it takes for an mbox envelope line without saying so."""
     unixfrom = msg.get_unixfrom() or ""
@@ -92,7 +90,9 @@ def encoded_forward(part: EmailMessage) -> bytes | None:
     child = children[0]  # the encoded text, parsed as if it were a message: print it back as it came
     if not isinstance(child, Message):
         return None
-    text = child.as_bytes(policy=AS_PARSED)
+    from email.policy import EmailPolicy  # only here: the gateway imports this module, and its start must stay quick
+
+    text = child.as_bytes(policy=EmailPolicy(refold_source="none", max_line_length=0))  # headers as parsed
     if cte == "quoted-printable":
         return quopri.decodestring(text)
     try:

@@ -7,6 +7,7 @@ the run store opened read-only-ish, and the Maildir outbox.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sqlite3
@@ -234,7 +235,29 @@ def bad_input_messages() -> list[tuple[str, str, bytes]]:
     quoted = fx.email_with([("page.pdf", fx.text_pdf(1, seed=5))], message_id=quoted_id).replace(
         b"From: alice@example.com", b'From: "System Administrator"@example.com', 1)
     return [("damaged_page_pdf", damaged_id, damaged), ("crlf_encoded_from", header_id, header),
-            ("quoted_local_part", quoted_id, quoted)]
+            ("quoted_local_part", quoted_id, quoted), *wild_mail_messages()]
+
+
+def wild_mail_messages() -> list[tuple[str, str, bytes]]:
+    """``(case, Message-ID, raw)`` as real clients write mail that Python's email package misreads
+    (``stages.mime_repair``), each with one PDF that must be found, and an automatic reply that must get no
+    digest (``stages.autoreply``)."""
+    pdf = fx.text_pdf(1, seed=6)
+    fold_id, forward_id, auto_id = "<scanner-fold@faults.audit>", "<base64-forward@faults.audit>", \
+        "<auto-replied@faults.audit>"
+    # a scanner's long Subject folded without indenting its second line: the parser would end the headers there
+    fold = fx.email_with([("scan.pdf", pdf)], subject="Scanned document from MFP-4521,", message_id=fold_id)
+    fold = fold.replace(b"MFP-4521,\r\n", b"MFP-4521,\r\nplease review\r\n", 1)
+    inner = fx.email_with([("forwarded.pdf", pdf)], subject="the original", message_id="<original@faults.audit>")
+    forward = (b"From: alice@example.com\r\nTo: digest@pipeline.local\r\nSubject: Fwd: the original\r\n"
+               b"Message-ID: " + forward_id.encode() + b"\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=\"fwd\"\r\n\r\n--fwd\r\nContent-Type: text/plain\r\n\r\n"
+               b"Forwarding.\r\n--fwd\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+               + base64.encodebytes(inner).replace(b"\n", b"\r\n") + b"--fwd--\r\n")  # Exchange's way (RFC 2046: 7bit)
+    auto = fx.email_with([("notice.pdf", pdf)], subject="Out of office", message_id=auto_id).replace(
+        b"From: alice@example.com\r\n", b"From: alice@example.com\r\nAuto-Submitted: auto-replied\r\n", 1)
+    return [("scanner_unindented_fold", fold_id, fold), ("forward_in_base64", forward_id, forward),
+            ("auto_replied", auto_id, auto)]
 
 
 
@@ -254,10 +277,12 @@ def case_outcomes(data_dir: Path, cases: list[tuple[str, str]]) -> list[dict[str
             run = found[-1] if found else None
             if run is None:
                 out.append({"case": case, "state": "no run", "reason": None, "typed_reason": None, "typed": False,
-                            "task_errors": "", "pages_failed": None, "digests": digests.get(mid, 0)})
+                            "task_errors": "", "pages_failed": None, "pdfs": 0, "digests": digests.get(mid, 0)})
                 continue
             tasks = store.get_tasks(run.run_id)
             task_errors = [t.error_type for t in tasks if t.state == s.FAILED]
+            parsed = next((t.output for t in tasks if t.task_id == "parse_email" and isinstance(t.output, dict)), {})
+            found_pdfs = len(parsed.get("attachments") or [])  # the PDFs the parse found (none if it failed)
             pages = [t.output.get("pages_failed") for t in tasks if isinstance(t.output, dict)]
             typed = typed_reason(run.reason)
             out.append({"case": case, "state": run.state, "reason": (run.reason or "")[:200], "typed_reason": typed,
@@ -266,7 +291,7 @@ def case_outcomes(data_dir: Path, cases: list[tuple[str, str]]) -> list[dict[str
                         "task_errors": ", ".join(f"{t.task_id}: {t.error_type}" for t in tasks if t.error_type),
                         "pages_failed": sum(p for p in pages if isinstance(p, int)) if any(
                             isinstance(p, int) for p in pages) else None,
-                        "digests": digests.get(mid, 0)})
+                        "pdfs": found_pdfs, "digests": digests.get(mid, 0)})
     finally:
         store.close()
     return out

@@ -464,7 +464,7 @@ def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     table = r.assign(typed=r.value.map({1.0: "yes", 0.0: "NO"}))
     columns = [c for c in ("variant", "case", "state", "typed", "typed_reason", "reason", "task_errors",
-                           "pages_failed", "digests") if c in table]
+                           "pages_failed", "pdfs", "digests") if c in table]
     return table[columns].rename(columns={"variant": "fault"}).reset_index(drop=True)
 
 

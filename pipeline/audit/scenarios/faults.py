@@ -25,6 +25,7 @@ import psutil
 from ... import store as s
 from ..base import fixtures as fx
 from ..base.faultcheck import (
+    TERMINAL_RUN_STATES,
     Rows,
     bad_input_messages,
     burst_messages,
@@ -32,13 +33,15 @@ from ..base.faultcheck import (
     figures,
     judge,
     retries_logged,
+    runs_by_message,
     skipped,
     task_instances,
+    wild_mail_messages,
     worker_deaths,
 )
 from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
-from ..base.serveproc import Replies, Senders, ServeProcess, serving
+from ..base.serveproc import Replies, Senders, ServeProcess, serving, toml_text
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -286,8 +289,46 @@ def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
             replies = sending.wait(timeout_s)
         verdict = judge(serve.data_dir, replies, len(cases), timeout_s)
         outcomes = case_outcomes(serve.data_dir, [(case, mid) for case, mid, _ in cases])
+    wild = {case for case, _, _ in wild_mail_messages()}  # each carries one PDF; auto_replied wants no digest
+    missed = sum(1 - min(o["pdfs"], 1) for o in outcomes if o["case"] in wild)
+    answered = sum(o["digests"] for o in outcomes if o["case"] == "auto_replied")
     return figures("bad_input", verdict, replies, None) + [
-        row("bad_input", "case_typed", float(o.pop("typed")), "bool", i, **o) for i, o in enumerate(outcomes)]
+        row("bad_input", "case_typed", float(o.pop("typed")), "bool", i, **o) for i, o in enumerate(outcomes)
+    ] + [row("bad_input", "wild_mail_pdfs_missed", missed, "pdfs", 0, cases=len(wild)),
+         row("bad_input", "automatic_mail_answered", answered, "digests", 0)
+         ] + mail_loop(work / "loop", timeout_s=min(timeout_s, LOOP_WATCH_S))
+
+
+LOOP_WATCH_S = 20.0  # the loop this part guards against made 1,648 runs in 20 s (before stages.autoreply)
+
+
+def mail_loop(work: Path, mails: int = 3, quiet_s: float = 1.5, timeout_s: float = LOOP_WATCH_S) -> Rows:
+    """A serve whose ``[delivery] relay`` is its own gateway: every digest comes back as a new mail. Send
+    ``mails`` mails and count runs until none has been added for ``quiet_s`` and all ended (or ``timeout_s``):
+    2 per mail (the mail and its digest, which gets no digest of its own), or a loop that keeps growing."""
+    serve = ServeProcess(work / "data", work)
+    serve.config_path.write_text(toml_text({"delivery": {"relay": f"smtp://127.0.0.1:{serve.port}"}}))
+    messages = [(f"<loop-{i}@faults.audit>", fx.email_with([], sender=f"sender{i}@example.com",
+                                                            message_id=f"<loop-{i}@faults.audit>"))
+                for i in range(mails)]
+    runs: list[s.Run] = []
+    try:
+        serve.start()
+        with Senders(serve.port, messages, work, 1) as sending:
+            sending.wait(timeout_s)
+        deadline, last, quiet_since = time.monotonic() + timeout_s, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            runs = [r for found in runs_by_message(serve.data_dir).values() for r in found]
+            if len(runs) != last:
+                last, quiet_since = len(runs), time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s and all(r.state in TERMINAL_RUN_STATES for r in runs):
+                break
+            time.sleep(0.1)
+    finally:
+        serve.kill()
+    ended = sum(r.state in TERMINAL_RUN_STATES for r in runs)
+    return [row("mail_loop", "runs_per_mail", len(runs) / mails, "runs", 0, mails=mails, watched_s=timeout_s),
+            row("mail_loop", "runs_not_ended", len(runs) - ended, "runs", 0, mails=mails)]
 
 
 FAULTS = ("kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input")
