@@ -61,7 +61,7 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
             result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
     return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
             "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds,
-            "pages_failed": result.pages_failed}
+            "pages_failed": result.pages_failed, "title": result.title}
 
 
 def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:

@@ -19,6 +19,7 @@ for 6,000 pages, and a 1 s slice that began with it would be mostly overhead.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections import OrderedDict
@@ -90,6 +91,8 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
     with (documents or OpenDocuments(0)).open(Path(pdf_path), name, limits) as doc:
         pages = len(doc)
         if pages > limits.max_pages:
+            pages = doc.loadable_pages(limits.max_pages)  # PDFium trusts /Count: check it before refusing
+        if pages > limits.max_pages:
             raise PdfTooLargeError(f"{pages:,} pages, over the {limits.max_pages:,}-page limit", name)
         index, count = shard
         block = -(-pages // count)
@@ -107,8 +110,10 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
 
 
 def require_a_readable_page(result: PdfText, name: str) -> PdfText:
-    """Return ``result``, or raise CorruptPdfError when the document has pages and none could be read."""
-    if result.pages and result.pages_failed >= result.pages:
+    """Return ``result``, or raise CorruptPdfError when the document has no page or none could be read."""
+    if not result.pages:  # pypdf reads an empty page tree as 0 pages; PDFium refuses to load it
+        raise CorruptPdfError("the document has no pages", name)
+    if result.pages_failed >= result.pages:
         raise CorruptPdfError(f"none of the {result.pages:,} pages could be read: {result.page_error}"[:500], name)
     return result
 
@@ -150,6 +155,12 @@ class OpenDocuments:
             self._docs.popitem(last=False)[1].close()
 
 
+# pypdf's output caps per filter and buffer (pypdf 6+); [ingest] max_decompressed_bytes sets every one of them
+DECOMPRESSION_LIMITS = ("zlib_maximum_output_length", "lzw_maximum_output_length", "maximum_declared_stream_length",
+                        "run_length_maximum_output_length", "array_based_stream_maximum_output_length",
+                        "jbig2_maximum_output_length", "brotli_maximum_output_length", "image_maximum_buffer_size")
+
+
 class _PypdfPages:
     """A document read with pypdf, its limits applied while entered, its errors typed; reusable until closed."""
 
@@ -161,9 +172,8 @@ class _PypdfPages:
     def __enter__(self) -> _PypdfPages:
         import pypdf
 
-        self._config = pypdf.apply_configuration(zlib_maximum_output_length=self.max_bytes,
-                                                 lzw_maximum_output_length=self.max_bytes,
-                                                 maximum_declared_stream_length=self.max_bytes)
+        caps: dict[str, Any] = {name: self.max_bytes for name in DECOMPRESSION_LIMITS}
+        self._config = pypdf.apply_configuration(**caps)
         self._config.__enter__()
         if self.reader is None:
             self.reader = self._guard(lambda: _open(self.path, self.name))
@@ -177,6 +187,10 @@ class _PypdfPages:
 
     def __len__(self) -> int:
         return self._guard(lambda: len(self.reader.pages))
+
+    def loadable_pages(self, limit: int) -> int:
+        """The page count (pypdf counts the page tree's leaves: nothing to check)."""
+        return len(self)
 
     def text(self, number: int) -> str:
         return self._guard(lambda: self.reader.pages[number].extract_text() or "")
@@ -193,8 +207,8 @@ class _PypdfPages:
 
         try:
             return fn()
-        except LimitReachedError as exc:
-            raise PdfTooLargeError(f"decompression limit reached: {exc}", self.name) from exc
+        except LimitReachedError as exc:  # decompressed size, but also tokens per stream, declared xref sizes
+            raise PdfTooLargeError(f"over a pypdf limit: {exc}", self.name) from exc
         except (IngestError, MemoryError):
             raise
         except Exception as exc:
@@ -210,6 +224,7 @@ class _PdfiumPages:
     def __init__(self, path: Path, name: str, limits: IngestConfig) -> None:
         self.path, self.name, self.finished = path, name, False
         self.doc: Any = None
+        self.pages: int | None = None  # the page count when /Count was found wrong (loadable_pages)
 
     def __enter__(self) -> _PdfiumPages:
         import pypdfium2 as pdfium
@@ -219,9 +234,15 @@ class _PdfiumPages:
         try:
             self.doc = pdfium.PdfDocument(str(self.path))
         except pdfium.PdfiumError as exc:
-            if "password" in str(exc).lower():
-                raise EncryptedPdfError("encrypted with a password (the empty password does not open it)",
-                                        self.name) from exc
+            # PDFium's error code can be a stale one, left by an earlier failure in this thread, when a load
+            # fails without setting it (an empty page tree): trust it only for a file with an /Encrypt entry
+            if exc.err_code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY) and \
+                    _mentions_encrypt(self.path):
+                if exc.err_code == pdfium.raw.FPDF_ERR_PASSWORD:
+                    raise EncryptedPdfError("encrypted with a password (the empty password does not open it)",
+                                            self.name) from exc
+                raise EncryptedPdfError(f"encrypted with a security handler PDFium cannot open ({exc})",
+                                        self.name) from exc  # a certificate (Adobe.PubSec) or DRM handler
             raise CorruptPdfError(f"PDFium: {exc}", self.name) from exc
         return self
 
@@ -234,7 +255,30 @@ class _PdfiumPages:
             self.doc = None
 
     def __len__(self) -> int:
-        return len(self.doc)
+        return self.pages if self.pages is not None else len(self.doc)
+
+    def loadable_pages(self, limit: int) -> int:
+        """The page count, checked: PDFium takes the page tree's ``/Count`` on trust, and a one-page file
+        that claims a million pages would be refused as too large. When page ``limit`` (0-based: the first
+        one past the limit) and the last do not load, the count is one past the last page that does, found by
+        bisection (a few page loads); it is kept for the document's later requests."""
+        declared = len(self.doc)
+        if self.pages is None and not self._loads(limit) and not self._loads(declared - 1):
+            good, bad = -1, limit
+            while bad - good > 1:
+                middle = (good + bad) // 2
+                good, bad = (middle, bad) if self._loads(middle) else (good, middle)
+            self.pages = good + 1 if good >= 0 else declared  # no page loads: each is counted as failed
+        return len(self)
+
+    def _loads(self, number: int) -> bool:
+        try:
+            self.doc[number].close()
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - PdfiumError "Failed to load page.", or worse: not a page
+            return False
+        return True
 
     def metadata_title(self) -> str:
         """The document information dictionary's Title, or "" (a damaged dictionary costs only the title)."""
@@ -264,11 +308,25 @@ class _PdfiumPages:
             page.close()
 
 
+def _mentions_encrypt(path: Path) -> bool:
+    """True when the file's bytes contain ``/Encrypt``, as every encrypted PDF's trailer does (a C search)."""
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b"/Encrypt") >= 0
+    except (OSError, ValueError):  # an empty file cannot be mapped (ValueError): nothing in it
+        return False
+
+
 def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
     import pypdf
     from pypdf.errors import DependencyError, FileNotDecryptedError
 
-    reader = pypdf.PdfReader(pdf_path)
+    try:
+        reader = pypdf.PdfReader(pdf_path)
+    except NotImplementedError as exc:  # "only Standard PDF encryption handler is available": a certificate handler
+        if "encrypt" in str(exc).lower():
+            raise EncryptedPdfError(f"encrypted with a security handler pypdf cannot open ({exc})", name) from exc
+        raise
     if reader.is_encrypted:
         try:
             opened = reader.decrypt("")

@@ -108,17 +108,37 @@ def image_pdf_of_size(megabytes: float, text_lines: int = 0, seed: int = 1, imag
     return image_pdf(max(1, round(megabytes * 1024 * 1024 / (image_px * image_px))), seed, text_lines, image_px)
 
 
-def _raw_pdf(page_streams: list[bytes]) -> bytes:
-    """Assemble a minimal valid PDF whose pages draw the given (already Flate-compressed) content streams."""
+def _raw_pdf(page_streams: list[bytes], count: int | None = None) -> bytes:
+    """Assemble a minimal valid PDF whose pages draw the given (already Flate-compressed) content streams;
+    ``count`` is the page tree's /Count (the number of pages unless a hostile file says otherwise)."""
     n = len(page_streams)
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
                b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(n))
-               + b"] /Count %d >>" % n,
+               + b"] /Count %d >>" % (n if count is None else count),
                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     for i, stream in enumerate(page_streams):
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >>"
                        b" /Contents %d 0 R >>" % (5 + 2 * i))
         objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    return _pdf_of_objects(objects)
+
+
+def miscounted_pdf(pages: int, count: int) -> bytes:
+    """``pages`` pages of one line each ("page N") whose page tree claims ``count`` pages: broken writers do it,
+    and PDFium believes the claim."""
+    return _raw_pdf([zlib.compress(b"BT /F1 12 Tf 72 720 Td (page %d) Tj ET" % (i + 1)) for i in range(pages)],
+                    count=count)
+
+
+def run_length_pdf(decompressed_bytes: int) -> bytes:
+    """One page whose content stream is RunLengthDecode-encoded blanks inflating to ``decompressed_bytes``:
+    a bomb through a filter other than Flate (128 bytes out per 2 in)."""
+    stream = b"\x81 " * (decompressed_bytes // 128) + b"\x80"  # 129: repeat the next byte 128 times; 128: end
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [4 0 R] /Count 1 >>",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >>"
+               b" /Contents 5 0 R >>",
+               b"<< /Length %d /Filter /RunLengthDecode >>\nstream\n" % len(stream) + stream + b"\nendstream"]
     return _pdf_of_objects(objects)
 
 

@@ -1,0 +1,66 @@
+"""PDFs as broken writers and other tools make them: a lying page count, a certificate-encrypted file, an empty
+page tree, a bomb through a filter other than Flate. Each ends the same way with both engines, typed.
+
+Real PDF bytes through ``ingest_pdf`` (in its capped worker processes) with PDFium and with pypdf; the title
+over real SMTP to a real service, into the digest a real relay receives.
+"""
+
+from pathlib import Path
+
+import pytest
+from helpers import send_for_run_id as send
+
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import IngestConfig
+from pipeline.errors import CorruptPdfError, EncryptedPdfError, PdfTooLargeError
+from pipeline.stages.ingest import ingest_pdf
+
+ENGINES = ["pdfium", "pypdf"]
+
+
+def ingest(tmp_path: Path, pdf: bytes, engine: str, **limits):
+    path = tmp_path / "in.pdf"
+    path.write_bytes(pdf)
+    return ingest_pdf(path, tmp_path / "out.txt", IngestConfig(engine=engine, **limits))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_page_tree_claiming_more_pages_than_the_limit_is_read_for_what_it_has(tmp_path, engine):
+    result = ingest(tmp_path, fx.miscounted_pdf(1, 1_000_000), engine, max_pages=10)
+    assert (result.pages, result.pages_failed) == (1, 0)
+    assert (tmp_path / "out.txt").read_text().strip() == "page 1"
+    with pytest.raises(PdfTooLargeError, match="11 pages, over the 10-page limit"):  # a real 11-page file still is
+        ingest(tmp_path, fx.miscounted_pdf(11, 11), engine, max_pages=10)
+    result = ingest(tmp_path, fx.miscounted_pdf(3, 40), engine, max_pages=10)  # 3 real pages behind /Count 40
+    assert (result.pages, result.pages_failed) == (3, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_security_handler_the_engine_cannot_open_is_encrypted_not_corrupt(tmp_path, engine):
+    pdf = fx.text_pdf(1, encrypt="rc4").replace(b"/Standard", b"/Unknown1")  # as a certificate handler would be
+    with pytest.raises(EncryptedPdfError, match="security handler") as err:
+        ingest(tmp_path, pdf, engine)
+    assert err.value.reason == "encrypted" and not err.value.retryable
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_empty_page_tree_is_corrupt_with_both_engines(tmp_path, engine):
+    with pytest.raises(CorruptPdfError) as err:
+        ingest(tmp_path, fx.miscounted_pdf(0, 0), engine)
+    assert err.value.reason == "corrupt"
+
+
+def test_max_decompressed_bytes_caps_run_length_streams_too(tmp_path):
+    pdf = fx.run_length_pdf(4 * 1024 * 1024)  # 64 KB inflating to 4 MB
+    with pytest.raises(PdfTooLargeError, match="over a pypdf limit"):
+        ingest(tmp_path, pdf, "pypdf", max_decompressed_bytes=1024 * 1024)
+    assert ingest(tmp_path, pdf, "pypdf", max_decompressed_bytes=8 * 1024 * 1024).pages == 1
+
+
+def test_the_documents_title_reaches_the_digest(service_factory, smtp_sink):
+    service = service_factory()
+    pdf = fx.typeset_pdf([b"Quarterly figures for the northern region."], title=b"Northern Region Q3")
+    run = service.engine.wait(send(service, fx.email_with([("q3.pdf", pdf)], message_id="<title@x>")), timeout=120)
+    assert run.state == "success", run.reason
+    text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
+    assert '* "Northern Region Q3" (q3.pdf): 1 pages' in text
