@@ -180,7 +180,7 @@ def test_nested_forwarded_and_skipped_parts_reach_the_digest_over_smtp(service_f
     run = service.engine.wait(send(service, msg.as_bytes(policy=SMTP)), timeout=120)
     assert run.state == "success", run.reason
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
-    assert "direct.pdf: 1 pages" in text and "forwarded.pdf: 2 pages" in text
+    assert "(direct.pdf): 1 pages" in text and "(forwarded.pdf): 2 pages" in text
     assert "* blob.bin: not a PDF (application/octet-stream)" in text
 
 

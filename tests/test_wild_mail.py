@@ -110,4 +110,4 @@ def test_the_scanners_mail_is_digested_over_smtp(service_factory, smtp_sink):
     assert run.state == "success", run.reason
     assert run.dedup_key == "<wild@example.com>"  # the gateway reads the repaired header block too
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
-    assert "scan.pdf: 1 pages" in text and "no PDF attachments" not in text
+    assert "(scan.pdf): 1 pages" in text and "no PDF attachments" not in text
