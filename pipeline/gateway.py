@@ -232,6 +232,8 @@ class _SmtpHandler:
                           mail_options: list[str]) -> str:
         if not self.gateway.sender_allowed(address):
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
+        if any("\udc80" <= c <= "\udcff" for c in address):  # bytes that are not UTF-8 (aiosmtpd kept them)
+            return metrics.smtp_reply("MAIL", "553 5.6.7 Sender address is not valid UTF-8")
         size = declared_size(mail_options)
         if size is not None and size > self.gateway.limits.inflight.remaining:
             self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "

@@ -232,3 +232,19 @@ class LimitedSMTP(LeanSMTP):
     def reset_idle_timer(self) -> None:
         """Restart the idle timer: data is arriving, so the session is not idle."""
         self._reset_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        """Any bytes arriving make the session not idle: a DATA trickled slower than a line per
+        ``command_timeout_s`` (the DATA reader resets the timer once per ~1,000-byte piece) is not cut off
+        while it still sends; ``session_timeout_s`` still ends it."""
+        super().data_received(data)
+        if self.transport is not None and self._timeout_handle is not None:
+            self._reset_timeout()
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """No 503 for a transaction without HELO/EHLO (Postfix and sendmail take one by default; RFC 5321 puts
+        the greeting on the client): the session is named after the peer's address instead."""
+        if self.session is not None and not self.session.host_name:
+            peer = self.session.peer
+            self.session.host_name = f"[{peer[0]}]" if isinstance(peer, tuple) and peer else "[unknown]"
+        return False

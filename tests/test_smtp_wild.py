@@ -1,0 +1,65 @@
+"""SMTP as real clients speak it, over real sockets to the real gateway: what Postfix would take is taken, what
+can never get a digest is refused at once, and a slow sender is not cut off while it still sends."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from helpers import wait_until
+from test_smtp_data import HEAD, RawSession
+
+
+def raw_reply(sock: socket.socket) -> bytes:
+    """One reply line (enough for these single-line replies)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_transaction_without_helo_is_taken_as_postfix_takes_it(service_factory):
+    service = service_factory()
+    with socket.create_connection(("127.0.0.1", service.settings.gateway.port), timeout=30) as sock:
+        assert raw_reply(sock).startswith(b"220 ")
+        for line in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<digest@pipeline.local>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            assert raw_reply(sock)[:3] in (b"250", b"354"), line
+        sock.sendall(HEAD + b"no greeting first\r\n.\r\n")
+        reply = raw_reply(sock)
+    assert reply.startswith(b"250 "), reply
+    run = service.engine.wait(int(reply.split()[-1]), timeout=60)
+    assert run.state == "success", run.reason
+
+
+def test_a_sender_address_that_is_not_utf8_is_refused_at_mail(service_factory):
+    service = service_factory()
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        code, text = smtp.command(b"MAIL FROM:<caf\xe9@example.com>")  # Latin-1: no digest could ever go there
+        assert (code, text) == (553, "5.6.7 Sender address is not valid UTF-8")
+        assert smtp.command(b"MAIL FROM:<caf\xc3\xa9@example.com> SMTPUTF8")[0] == 250  # the session goes on
+    finally:
+        smtp.close()
+    assert service.store.count_runs_by_state() == {}
+
+
+def test_a_data_trickled_slower_than_a_line_per_idle_timeout_is_not_cut_off(service_factory):
+    service = service_factory(command_timeout_s=1.0)
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        smtp.start_data()
+        smtp.sock.sendall(HEAD)
+        deadline = time.monotonic() + 3.0  # three idle timeouts, one byte every 0.1 s: far below a line each
+        while time.monotonic() < deadline:
+            smtp.sock.sendall(b"x")
+            time.sleep(0.1)
+        smtp.sock.sendall(b"\r\n.\r\n")
+        code, text = smtp.reply()
+    finally:
+        smtp.close()
+    assert code == 250, text
+    assert wait_until(lambda: service.store.count_runs_by_state() != {})
