@@ -260,6 +260,9 @@ class DeliveryConfig:
             if value is not None and not _is_one_mailbox(value):
                 raise ConfigurationError(f"delivery.{name} must be one mail address like digest@example.com, "
                                          f"not {value!r}")
+        if self.recipient and self.recipient.lower() == self.sender.lower():
+            raise ConfigurationError(f"delivery.recipient is delivery.sender ({self.sender}): no digest would ever "
+                                     f"go out (a digest is never sent to its own sender: it could loop)")
 
 
 # local@domain, both dot-atoms (RFC 5322 3.4.1): the usual shape, which the email package reads as one mailbox

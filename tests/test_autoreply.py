@@ -12,6 +12,7 @@ from conftest import free_port
 from helpers import send_for_run_id as send
 
 from pipeline.config import DeliveryConfig, GatewayConfig
+from pipeline.errors import ConfigurationError
 from pipeline.service import PipelineService
 from pipeline.stages import deliver, parse
 
@@ -22,18 +23,19 @@ def raw(headers: str, content_type: str = "text/plain") -> bytes:
 
 
 @pytest.mark.parametrize(("headers", "content_type", "kind"), [
-    ("Auto-Submitted: auto-replied\r\n", "text/plain", "auto"),
-    ("Auto-Submitted: Auto-Generated (vacation); owner-email=\"bob@example.org\"\r\n", "text/plain", "auto"),
+    ("Auto-Submitted: auto-replied\r\n", "text/plain", "reply"),
+    ("Auto-Submitted: Auto-Generated (invoices); owner-email=\"bob@example.org\"\r\n", "text/plain", "auto"),
     ("Auto-Submitted: no\r\n", "text/plain", None),
-    ("X-Autoreply: yes\r\n", "text/plain", "auto"),
+    ("X-Autoreply: yes\r\n", "text/plain", "reply"),
     ("", "multipart/report; report-type=delivery-status; boundary=x", "report"),
     ("Precedence: bulk\r\n", "text/plain", "bulk"),
     ("Precedence: JUNK\r\n", "text/plain", "bulk"),
     ("Precedence: first-class\r\n", "text/plain", None),
     ("List-Id: Announcements <announce.lists.example.com>\r\n", "text/plain", "list"),
+    ("List-Id: <a.lists.example.com>\r\nResent-From: bob@example.org\r\n", "text/plain", None),
     ("", "text/plain", None),
 ], ids=["auto-replied", "auto-generated-with-comment", "auto-submitted-no", "x-autoreply", "report", "bulk",
-        "junk", "first-class", "list-id", "a-person"])
+        "junk", "first-class", "list-id", "resent-list-mail", "a-person"])
 def test_what_marks_a_message_as_machine_made_or_list_mail(tmp_path, headers, content_type, kind):
     from pipeline.config import IngestConfig
 
@@ -46,9 +48,10 @@ EMAIL = {"from": "bob@example.org", "from_name": "Bob"}
 
 
 @pytest.mark.parametrize(("kind", "to_sender", "to_recipient"), [
-    ("auto", None, None), ("report", None, None),  # machine-made: never answered
+    ("reply", None, None), ("report", None, None),  # an automatic reply or report: never answered
+    ("auto", None, "ops@example.net"),  # an invoice system's mail: digested for the operator, not answered
     ("bulk", None, "ops@example.net"), ("list", None, "ops@example.net"),  # a list's bounce address: not answered
-], ids=["auto", "report", "bulk", "list"])
+], ids=["reply", "report", "auto", "bulk", "list"])
 def test_the_reply_rule_for_marked_mail(kind, to_sender, to_recipient):
     email = {**EMAIL, "automated": {"kind": kind, "why": f"because {kind}"}}
     for config, expected in ((DeliveryConfig(), to_sender), (DeliveryConfig(recipient="ops@example.net"),
@@ -62,8 +65,8 @@ def test_no_digest_goes_to_the_digests_own_address_or_a_sender_without_a_domain(
     config = DeliveryConfig(sender="digest@pipeline.example")
     own = {"source": "smtp", "mail_from": "Digest@PIPELINE.example"}
     assert deliver.reply_recipient(own, EMAIL, config) == (None, f"{deliver.OWN_ADDRESS} (digest@pipeline.example)")
-    to_self = DeliveryConfig(sender="digest@pipeline.example", recipient="digest@pipeline.example")
-    assert deliver.reply_recipient(SMTP_PAYLOAD, EMAIL, to_self)[0] is None
+    with pytest.raises(ConfigurationError, match="no digest would ever go out"):  # refused at start, not silent
+        DeliveryConfig(sender="digest@pipeline.example", recipient="Digest@pipeline.example").validate()
     daemon = {"source": "smtp", "mail_from": "MAILER-DAEMON"}
     assert deliver.reply_recipient(daemon, EMAIL, DeliveryConfig()) == (None, deliver.NO_DOMAIN)
 

@@ -52,6 +52,7 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert [cases[c]["tags"]["pdfs"] for c in ("scanner_unindented_fold", "forward_in_base64", "auto_replied")] == \
         [1, 1, 1]
     assert figures["wild_mail_pdfs_missed"] == 0 and figures["automatic_mail_answered"] == 0
+    assert figures["missing_digests"] == 0  # the automatic reply's digest is skipped by design, not missing
     assert cases["auto_replied"]["tags"]["digests"] == 0 and cases["forward_in_base64"]["tags"]["digests"] == 1
     loop = _figures(rows, "mail_loop")  # a relay routed back to the gateway: the mail and its digest, then quiet
     assert loop == {"runs_per_mail": 2.0, "runs_not_ended": 0.0}

@@ -111,3 +111,47 @@ def test_the_scanners_mail_is_digested_over_smtp(service_factory, smtp_sink):
     assert run.dedup_key == "<wild@example.com>"  # the gateway reads the repaired header block too
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
     assert "(scan.pdf): 1 pages" in text and "no PDF attachments" not in text
+
+
+def test_an_mbox_from_line_with_8bit_bytes_is_read_and_keyed(tmp_path):
+    from pipeline import spool
+
+    raw = b"From caf\xc3\xa9@example.com Mon Jan  1 00:00:00 2026\n" + mail(b"Subject: mbox\r\n")
+    assert spool.message_id_of(raw) == "<wild@example.com>"  # the gateway and the drop folder key it
+    assert pdfs(raw, tmp_path) == [PDF]
+
+
+def test_a_quoted_printable_forward_with_long_header_lines_gives_its_pdf(tmp_path):
+    long_subject = b"Subject: " + b"a rather long subject line about the quarterly figures " * 3 + b"\r\n"
+    inner = mail(long_subject + b"Received: from mx.example.net by mx.example.org with ESMTPS id " + b"x" * 90
+                 + b"\r\n", top=b"From: Bob <bob@example.org>\r\n", boundary=b"----=_NextPart_000_0012_01DA" * 3)
+    raw = mail(b"Subject: Fwd\r\n", b"--B\r\nContent-Type: message/rfc822\r\n"
+               b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + quopri.encodestring(inner))
+    assert pdfs(raw, tmp_path) == [PDF]
+
+
+def test_a_forward_labelled_base64_but_sent_in_clear_is_read_as_sent(tmp_path):
+    inner = mail(b"Subject: the original\r\n", top=b"From: Bob <bob@example.org>\r\n", boundary=b"INNER")
+    raw = mail(b"Subject: Fwd\r\n", b"--B\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n"
+               b"\r\n" + inner)
+    assert pdfs(raw, tmp_path) == [PDF]
+
+
+def test_a_boundary_right_under_the_headers_keeps_every_part(tmp_path):
+    two = (b"--B\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + B64 + b"--B\r\nContent-Type: application/pdf; name=\"b.pdf\"\r\nContent-Transfer-Encoding: base64\r\n"
+           b"\r\n" + B64)
+    raw = mail(b"Subject: no blank line\r\n", two).replace(b"boundary=\"B\"\r\n\r\n--B", b"boundary=\"B\"\r\n--B", 1)
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["a.pdf", "b.pdf"]
+
+
+def test_a_forward_nested_too_deep_to_print_back_is_malformed_email(tmp_path):
+    from pipeline.errors import ParseError
+
+    deep = b"".join(b"Content-Type: multipart/mixed; boundary=\"n%d\"\r\n\r\n--n%d\r\n" % (i, i) for i in range(400))
+    raw = mail(b"Subject: deep\r\n", b"--B\r\nContent-Type: message/rfc822\r\n"
+               b"Content-Transfer-Encoding: quoted-printable\r\n\r\nFrom: x@example.org\r\n" + deep)
+    with pytest.raises(ParseError) as err:
+        parse.summarize_message(raw, tmp_path, LIMITS)
+    assert err.value.reason == "malformed_email"

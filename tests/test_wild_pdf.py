@@ -64,3 +64,9 @@ def test_the_documents_title_reaches_the_digest(service_factory, smtp_sink):
     assert run.state == "success", run.reason
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
     assert '* "Northern Region Q3" (q3.pdf): 1 pages' in text
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_page_tree_claiming_a_million_pages_with_none_is_corrupt_not_too_large(tmp_path, engine):
+    with pytest.raises(CorruptPdfError):
+        ingest(tmp_path, fx.miscounted_pdf(0, 1_000_000), engine, max_pages=10)

@@ -6,16 +6,20 @@ answering the notice, for ever; or the pipeline answering its own digest when
 a relay routes it back to the gateway. So ``automated`` reads, while the
 message is parsed, what marks it as made by a machine or sent to a list:
 
-- ``Auto-Submitted`` with any value but ``no`` (RFC 3834 5), and the older
-  ``X-Autoreply``/``X-Autorespond`` of vacation programs: kind ``auto``;
+- ``Auto-Submitted: auto-replied`` (RFC 3834 5), and the older
+  ``X-Autoreply``/``X-Autorespond`` of vacation programs: kind ``reply``;
+- ``Auto-Submitted`` with another value but ``no`` (``auto-generated``: an
+  invoice system, a scanner, a notification): kind ``auto``;
 - a delivery or read report (top-level ``multipart/report``, RFC 6522): kind ``report``;
 - ``Precedence: bulk``, ``list`` or ``junk``: kind ``bulk``;
 - ``List-Id`` (RFC 2919): kind ``list``: the envelope sender of list mail is
-  the list's bounce address, not a person.
+  the list's bounce address, not a person. Neither ``bulk`` nor ``list`` when
+  the message carries ``Resent-From``: a person resent it.
 
-Delivery (``deliver.reply_recipient``) then sends no digest for ``auto`` and
-``report``, whoever it would go to, and none for ``bulk`` and ``list`` when it
-would answer the sender. The digest itself says ``Auto-Submitted:
+Delivery (``deliver.reply_recipient``) then sends no digest for ``reply`` and
+``report``, whoever it would go to, and none for any kind when it would answer
+the sender; a configured ``[delivery] recipient`` still gets the digest of
+``auto``, ``bulk`` and ``list`` mail (machine-made PDFs it may well want). The digest itself says ``Auto-Submitted:
 auto-replied`` (RFC 3834 5.2) and asks Exchange not to answer it
 (``X-Auto-Response-Suppress``), so a digest that comes back is recognised.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 import re
 from email.message import EmailMessage
 
-MACHINE = frozenset({"auto", "report"})  # never answered, not even to a configured recipient
+MACHINE = frozenset({"reply", "report"})  # never answered, not even to a configured recipient
 _COMMENT = re.compile(r"\([^()]*\)")
 BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
 DIGEST_HEADERS = {"Auto-Submitted": "auto-replied", "X-Auto-Response-Suppress": "All"}
@@ -34,13 +38,17 @@ DIGEST_HEADERS = {"Auto-Submitted": "auto-replied", "X-Auto-Response-Suppress": 
 def automated(msg: EmailMessage) -> dict[str, str] | None:
     """``{"kind": ..., "why": ...}`` when ``msg`` is machine-made or list mail (module docstring), else None."""
     auto = _token(msg, "Auto-Submitted")
-    if auto and auto != "no":
-        return {"kind": "auto", "why": f"an automatic message (Auto-Submitted: {auto})"}
+    if auto == "auto-replied":
+        return {"kind": "reply", "why": f"an automatic message (Auto-Submitted: {auto})"}
     for name in ("X-Autoreply", "X-Autorespond"):
         if _raw(msg, name) is not None:
-            return {"kind": "auto", "why": f"an automatic reply ({name})"}
+            return {"kind": "reply", "why": f"an automatic reply ({name})"}
     if msg.get_content_type() == "multipart/report":
         return {"kind": "report", "why": "a delivery or read report (multipart/report)"}
+    if auto and auto != "no":
+        return {"kind": "auto", "why": f"an automatic message (Auto-Submitted: {auto})"}
+    if _raw(msg, "Resent-From") is not None:  # a person resent list or bulk mail: answer them
+        return None
     precedence = _token(msg, "Precedence")
     if precedence in BULK_PRECEDENCE:
         return {"kind": "bulk", "why": f"bulk mail (Precedence: {precedence})"}

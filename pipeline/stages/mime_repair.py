@@ -30,6 +30,8 @@ import re
 from email import errors as email_errors
 from email.message import EmailMessage, Message
 
+from ..errors import ParseError
+
 REPAIRABLE = (email_errors.MissingHeaderBodySeparatorDefect, email_errors.MisplacedEnvelopeHeaderDefect)
 # headers whose value is parsed: a stray line folded into one would break it, so the line is dropped instead
 STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return-path", "message-id",
@@ -37,15 +39,15 @@ STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return
                         "content-transfer-encoding", "content-disposition", "content-id", "resent-from",
                         "resent-to", "resent-cc", "resent-date", "resent-message-id", "resent-sender"})
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_HEAD_END = re.compile(rb"\r?\n(?:\r?\n|(?=--))")  # where a header block ends: a blank line or a "--" line
 ENCODED = ("base64", "quoted-printable")
 
 
 def needs_header_repair(msg: Message) -> bool:
     """True when the parser cut the header block short or dropped a header (see the module docstring);
     also for a first line ``From : x``, which it takes for an mbox envelope line without saying so."""
-    unixfrom = msg.get_unixfrom() or ""
-    return any(isinstance(defect, REPAIRABLE) for defect in msg.defects) or bool(_FIELD.match(unixfrom.encode()))
+    unixfrom = (msg.get_unixfrom() or "").encode("ascii", "surrogateescape")  # 8-bit bytes came as surrogates
+    return any(isinstance(defect, REPAIRABLE) for defect in msg.defects) or bool(_FIELD.match(unixfrom))
 
 
 def repair_header_block(raw: bytes) -> bytes | None:
@@ -56,7 +58,7 @@ def repair_header_block(raw: bytes) -> bytes | None:
     one. Lines after the last real header are left alone: there the body began without its blank line.
     ``Name :`` becomes ``Name:``. A leading mbox ``From `` line is kept.
     """
-    end = _BLANK_LINE.search(raw)
+    end = _HEAD_END.search(raw)  # a blank line, or a boundary line right under the headers
     head, rest = (raw[:end.start()], raw[end.start():]) if end else (raw, b"")
     lines = head.splitlines(keepends=True)
     last_field = max((i for i, line in enumerate(lines) if _FIELD.match(line)), default=-1)
@@ -88,17 +90,24 @@ def encoded_forward(part: EmailMessage) -> bytes | None:
     if cte not in ENCODED or not isinstance(children, list) or not children:
         return None
     child = children[0]  # the encoded text, parsed as if it were a message: print it back as it came
-    if not isinstance(child, Message):
-        return None
+    if not isinstance(child, Message) or (cte == "base64" and child.keys()):
+        return None  # base64 has no colons: a child with headers was sent in clear under a stale label
     from email.policy import EmailPolicy  # only here: the gateway imports this module, and its start must stay quick
 
-    text = child.as_bytes(policy=EmailPolicy(refold_source="none", max_line_length=0))  # headers as parsed
-    if cte == "quoted-printable":
-        return quopri.decodestring(text)
     try:
-        return base64.b64decode(b"".join(text.split()))
-    except (binascii.Error, ValueError):
-        return None
+        text = child.as_bytes(policy=EmailPolicy(refold_source="none", max_line_length=0))  # headers as parsed
+    except RecursionError:  # nesting the parser took but the generator cannot print back
+        raise ParseError("MIME: a forwarded message is nested too deep to read") from None
+    if cte == "base64":
+        try:
+            return base64.b64decode(b"".join(text.split()))
+        except (binascii.Error, ValueError):
+            return None
+    if any(isinstance(d, email_errors.MissingHeaderBodySeparatorDefect) for d in child.defects):
+        # a soft line break (=) in a long header ended the parsed headers there: the generator put a blank
+        # line at that point, which was not in the mail
+        text = text.replace(b"\n\n", b"\n", 1) if child.keys() else text.removeprefix(b"\n")
+    return quopri.decodestring(text)
 
 
 def canonical_transfer_encoding(part: EmailMessage) -> None:

@@ -261,14 +261,14 @@ class _PdfiumPages:
         """The page count, checked: PDFium takes the page tree's ``/Count`` on trust, and a one-page file
         that claims a million pages would be refused as too large. When page ``limit`` (0-based: the first
         one past the limit) and the last do not load, the count is one past the last page that does, found by
-        bisection (a few page loads); it is kept for the document's later requests."""
+        bisection (a few page loads; 0 when none does); it is kept for the document's later requests."""
         declared = len(self.doc)
         if self.pages is None and not self._loads(limit) and not self._loads(declared - 1):
             good, bad = -1, limit
             while bad - good > 1:
                 middle = (good + bad) // 2
                 good, bad = (middle, bad) if self._loads(middle) else (good, middle)
-            self.pages = good + 1 if good >= 0 else declared  # no page loads: each is counted as failed
+            self.pages = good + 1  # 0 when no page loads: "no pages", corrupt, as pypdf says of such a file
         return len(self)
 
     def _loads(self, number: int) -> bool:

@@ -108,16 +108,31 @@ def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0)
     lost = [m for m in acked if not runs.get(m) or any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
     mine = [r for m in acked for r in runs.get(m, [])]
     succeeded = {m for m in acked if any(r.state == s.SUCCESS for r in runs.get(m, []))}
+    missing = {m for m in succeeded if digests.get(m, 0) == 0}
     return {
         "sent": sent, "acked": len(acked), "lost": len(lost),
         "duplicated_runs": sum(len(runs.get(m, [])) > 1 for m in acked),
         "duplicated_digests": sum(digests.get(m, 0) > 1 for m in acked),
-        "missing_digests": sum(digests.get(m, 0) == 0 for m in succeeded),
+        "missing_digests": len(missing - no_digest_by_design(data_dir, {m: runs[m] for m in missing})),
         "untyped": len(untyped_runs(data_dir, mine)) if mine else 0,
         "failed_runs": sum(r.state == s.FAILED for r in mine),
         "last_ended_at": max((r.ended_at or 0.0 for r in mine), default=None),
         "lost_ids": lost[:10],
     }
+
+
+def no_digest_by_design(data_dir: Path, runs: dict[str, list[s.Run]]) -> set[str]:
+    """Message-IDs whose successful run's deliver task sent no digest on purpose (an automatic reply, the null
+    sender: ``{"skipped": why}``), so a missing digest there is no fault."""
+    if not runs:
+        return set()
+    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+    try:
+        return {m for m, found in runs.items() for r in found if r.state == s.SUCCESS and any(
+            t.task_id == "deliver" and isinstance(t.output, dict) and "skipped" in t.output
+            for t in store.get_tasks(r.run_id))}
+    finally:
+        store.close()
 
 
 def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: float | None,

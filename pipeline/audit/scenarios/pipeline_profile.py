@@ -244,9 +244,9 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
         yield status
     finally:
         status["duration_s"] = round(min(time.monotonic() - opened, seconds), 1)
-        for proc in procs.values():  # the load ended: stop sampling (py-spy writes what it has on SIGINT)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        for name, proc in procs.items():  # the load ended: stop sampling (py-spy writes what it has on SIGINT)
+            if proc.poll() is None and b"Sampling process" in said[name]:  # not one still attaching: it would
+                proc.send_signal(signal.SIGINT)                           # die of the signal and write nothing
         errors = []
         for name, proc in procs.items():
             try:
