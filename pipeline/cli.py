@@ -50,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--workflow", help="only runs of this workflow")
     runs.add_argument("--state", choices=s.RUN_STATES, help="only runs in this state")
     runs.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default 20)")
-    runs.add_argument("--before", type=int, metavar="RUN_ID", help="only runs older than this id (next page)")
+    runs.add_argument("--before", type=positive_int, metavar="RUN_ID", help="only runs older than this id (next page)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     show = sub.add_parser("show", parents=[common], help="one run with its task instances")
-    show.add_argument("run_id", type=int, metavar="RUN_ID")
+    show.add_argument("run_id", type=positive_int, metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     purge = sub.add_parser("purge", parents=[common],
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow a non-loopback --host (also needs [gateway] allowed_sender_domains)")
     serve.add_argument("--port", type=int, help="SMTP port (default 8025)")
     serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
-    serve.add_argument("--max-message-mb", type=float, help="largest accepted message (default 50)")
+    serve.add_argument("--max-message-mb", type=positive_number, help="largest accepted message (default 50)")
     serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
     serve.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off)")
@@ -278,14 +278,28 @@ def in_dag_order(tasks: list[s.TaskRun], order: Sequence[str]) -> list[s.TaskRun
     return sorted(tasks, key=key)
 
 
+MAX_INT = 2**63 - 1  # the largest run id or count a store can hold (SQLite's INTEGER)
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--limit -5`` is a mistake, not "no limit")."""
+    """argparse type: an integer from 1 to MAX_INT (``--limit -5`` is a mistake, not "no limit")."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_INT}, not {value}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (``nan`` and ``inf`` parse as floats, but are no size)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
     return value
 
 

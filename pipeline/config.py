@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 from dataclasses import dataclass, field, fields, replace
@@ -425,7 +426,8 @@ def _shown(name: str) -> str:
 
 
 _WRONG = object()  # _convert's answer for a value that does not fit the type
-_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+               float: ("a finite number", "finite numbers"),
                str: ("a string", "strings"), Path: ("a path (a string)", "paths")}
 
 
@@ -455,6 +457,8 @@ def _convert(value: Any, hint: Any) -> Any:
         return _WRONG
     if hint is float and isinstance(value, int):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+        return _WRONG
     if hint is Path and isinstance(value, str):
         return Path(value)
     if hint is Any:

@@ -10,12 +10,23 @@ A file whose accept fails (service unavailable, spool or store failing) stays
 in ``new/``, untouched, and is tried again every ``retry_interval_s`` until
 it is taken; every callback is guarded, so one bad
 file or one failing disk never stops the watcher.
+
+What people and programs really put there is checked before it is read: a file
+still open for writing (copied straight into ``new/``, not renamed from
+``tmp/``) waits until its writer closes it (a read lease cannot be had while
+one writes); a symlink, FIFO, device or directory is moved to ``rejected/``
+unread, as is a file over the size limit; names are logged quoted (a newline
+in a name cannot forge a log line), and names in ``cur/`` and ``rejected/``
+are kept short and never overwrite another file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -79,8 +90,9 @@ class DropFolder:
 
     def scan(self) -> int:
         """Take every file now in ``new/``; return how many were taken (a file that fails stays for later)."""
-        try:
-            paths = sorted(p for p in (self.directory / "new").iterdir() if p.is_file())
+        try:  # links, FIFOs and the like too: take() moves them to rejected/
+            with os.scandir(self.directory / "new") as entries:
+                paths = sorted(Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False))
         except OSError as exc:
             log.warning("drop folder: cannot list %s: %s", self.directory / "new", exc)
             return 0
@@ -91,31 +103,56 @@ class DropFolder:
         try:
             return self.take(path)
         except (PipelineError, OSError) as exc:  # expected faults: the file stays in new/ for the next rescan
-            log.warning("drop folder: %s stays in new/ (accept failed: %s: %s)", Path(path).name,
+            log.warning("drop folder: %r stays in new/ (accept failed: %s: %s)", Path(path).name,
                         type(exc).__name__, exc)
         except Exception:  # one bad file must not stop the watcher
-            log.exception("drop folder: could not accept %s; it stays in new/", path)
+            log.exception("drop folder: could not accept %r; it stays in new/", str(path))
         self._failed.add(Path(path))
         return False
 
     def take(self, path: Path) -> bool:
-        """Accept one file from ``new/`` and move it out; False if someone else took it first.
+        """Accept one file from ``new/`` and move it out; False if someone else took it first, or it is not
+        a message (moved to ``rejected/``), or it is still being written (tried again later).
 
         If ``accept`` raises, the file is left in ``new/`` and the exception propagates.
         """
         path = Path(path)
         with self._lock:  # an event and a scan may both see the same file
-            if not path.exists() or path.parent != self.directory / "new" or path.name.startswith("."):
+            if path.parent != self.directory / "new" or path.name.startswith("."):
                 return False
-            size = path.stat().st_size
-            if size > self.config.max_message_bytes:
-                log.warning("drop folder: %s is %d bytes, over the %d-byte limit; moved to rejected/", path.name,
-                            size, self.config.max_message_bytes)
-                os.replace(path, self.directory / "rejected" / path.name)
+            try:  # never follow a link, never wait on a FIFO
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
                 return False
-            self.accept(path.read_bytes())
-            os.replace(path, self.directory / "cur" / f"{path.name.partition(':')[0]}:2,S")
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # ENXIO: a socket
+                    raise
+                return self._reject(path, "not a regular file (a link, directory or socket)")
+            with os.fdopen(fd, "rb") as file:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return self._reject(path, "not a regular file (a FIFO or device)")
+                if st.st_size > self.config.max_message_bytes:
+                    return self._reject(path, f"{st.st_size:,} bytes, over the {self.config.max_message_bytes:,}-byte "
+                                              f"limit")
+                if _being_written(fd):
+                    log.debug("drop folder: %r is still open for writing; taken once closed", path.name)
+                    self._failed.add(path)
+                    return False
+                raw = file.read(self.config.max_message_bytes + 1)
+            self.accept(raw)
+            try:
+                os.replace(path, _free_name(self.directory / "cur", f"{path.name.partition(':')[0]}:2,S"))
+            except OSError as exc:  # accepted all the same: a rescan finds its run by its key, never a new one
+                log.error("drop folder: %r was accepted but cannot be moved to cur/ (%s); it stays in new/",
+                          path.name, exc)
             return True
+
+    def _reject(self, path: Path, why: str) -> bool:
+        """Move what is not a message out of ``new/`` to ``rejected/``, unread, with one log line."""
+        log.warning("drop folder: %r is %s; moved to rejected/", path.name, why)
+        os.replace(path, _free_name(self.directory / "rejected", path.name))
+        return False
 
     def _retry_loop(self) -> None:
         # inotify reports a file once: a file left in new/ by a failed accept is tried again from here.
@@ -124,6 +161,33 @@ class DropFolder:
             for path in sorted(self._failed):
                 self._failed.discard(path)
                 self.try_take(path)  # re-adds the path if it fails again
+
+
+MAX_NAME_BYTES = 200  # of a name in cur/ or rejected/, before the ".N" that keeps it unique (NAME_MAX is 255)
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    """``directory/name`` cut to MAX_NAME_BYTES, with ``.1``, ``.2``... added if taken: never overwrite."""
+    raw = os.fsencode(name)[:MAX_NAME_BYTES]
+    for n in range(10_000):
+        candidate = directory / os.fsdecode(raw + (b".%d" % n if n else b""))
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(f"no free name for {name!r} in {directory}")
+
+
+def _being_written(fd: int) -> bool:
+    """True when another process has the file open for writing: Linux grants no read lease then (EAGAIN).
+    Where leases are not to be had (not the owner, a network file system) the file is taken as complete."""
+    setlease = getattr(fcntl, "F_SETLEASE", None)  # Linux only
+    if setlease is None:
+        return False
+    try:
+        fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
+    return False
 
 
 class _Handler(FileSystemEventHandler):

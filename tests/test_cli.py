@@ -185,11 +185,16 @@ def test_show_lists_tasks_in_dag_order_then_by_start(settings, capsys):
     assert shown == ["parse_email", "ingest_pdf[1]", "ingest_pdf[0]", "build_digest", "deliver"]
 
 
-@pytest.mark.parametrize("argv", [["runs", "--limit", "-5"], ["runs", "--limit", "0"], ["runs", "--limit", "x"]])
-def test_nonsense_limits_are_refused(argv, tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["runs", "--limit", "-5"], ["runs", "--limit", "0"], ["runs", "--limit", "x"],
+                                  ["runs", "--limit", "99999999999999999999"],
+                                  ["runs", "--before", "9223372036854775808"], ["show", "9223372036854775808"],
+                                  ["show", "-1"], ["serve", "--max-message-mb", "nan"],
+                                  ["serve", "--max-message-mb", "inf"]])
+def test_nonsense_numbers_are_refused_in_one_line(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--data-dir", str(tmp_path)])
-    assert stop.value.code == 2 and "--limit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error: argument" in err and "Traceback" not in err
 
 
 # -- issue 12: --store-url, serve roles, the executor ---------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""What people and programs really put in the drop folder: a file copied straight into new/ while it is still
+being written, links, FIFOs, reused and overlong names. Real files, a real watcher (inotify and polling)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+from pipeline.config import GatewayConfig
+from pipeline.dropfolder import DropFolder
+
+MESSAGE = b"From: alice@example.com\r\nSubject: dropped\r\n\r\n" + b"line of text\r\n" * 200
+
+
+class Keep:
+    """An accept that keeps every message's bytes."""
+
+    def __init__(self) -> None:
+        self.accepted: list[bytes] = []
+
+    def __call__(self, raw: bytes) -> None:
+        self.accepted.append(raw)
+
+
+@pytest.fixture(params=["inotify", "poll"])
+def folder(request, tmp_path):
+    keep = Keep()
+    drop = DropFolder(tmp_path / "inbox", keep, GatewayConfig(watch_mode=request.param, poll_interval_s=0.05,
+                                                              max_message_bytes=100_000), retry_interval_s=0.1)
+    drop.start()
+    yield drop, keep
+    drop.stop()
+
+
+def test_a_file_written_straight_into_new_is_taken_whole_once_its_writer_closes_it(folder):
+    drop, keep = folder
+    target = drop.directory / "new" / "copied.eml"
+    with open(target, "wb") as out:  # as `cp` or a script does: created in new/, then written bit by bit
+        for i in range(0, len(MESSAGE), 500):
+            out.write(MESSAGE[i:i + 500])
+            out.flush()
+            time.sleep(0.05)
+    assert wait_until(lambda: keep.accepted, 10)
+    time.sleep(0.3)  # a later event or retry must not take it a second time
+    assert keep.accepted == [MESSAGE]
+    assert [p.name for p in (drop.directory / "cur").iterdir()] == ["copied.eml:2,S"]
+
+
+def test_links_fifos_and_directories_are_moved_to_rejected_unread_and_other_files_go_on(folder, tmp_path):
+    drop, keep = folder
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not yours")
+    new = drop.directory / "new"
+    os.symlink(secret, new / "link")
+    os.mkfifo(new / "fifo")  # opening it for reading would wait for a writer for ever
+    (new / "good.eml").write_bytes(MESSAGE)
+    assert wait_until(lambda: sorted(p.name for p in (drop.directory / "rejected").iterdir()) == ["fifo", "link"], 10)
+    assert wait_until(lambda: keep.accepted == [MESSAGE], 10)
+    assert b"not yours" not in b"".join(keep.accepted)
+
+
+def test_reused_and_overlong_names_never_overwrite_and_are_taken_once(folder):
+    drop, keep = folder
+    new, long_name = drop.directory / "new", "n" * 250  # 250 bytes: cur/'s ":2,S" would pass the 255-byte limit
+    for body in (MESSAGE, MESSAGE + b"second\r\n"):
+        (drop.directory / "tmp" / "reused").write_bytes(body)
+        os.rename(drop.directory / "tmp" / "reused", new / "reused")
+        assert wait_until(lambda: not (new / "reused").exists(), 10)
+    (drop.directory / "tmp" / long_name).write_bytes(MESSAGE + b"third\r\n")
+    os.rename(drop.directory / "tmp" / long_name, new / long_name)
+    assert wait_until(lambda: len(keep.accepted) == 3 and not list(new.iterdir()), 10)
+    time.sleep(0.3)  # no retry takes the long one again
+    assert len(keep.accepted) == 3
+    kept = sorted(p.read_bytes() for p in (drop.directory / "cur").iterdir())
+    assert kept == sorted([MESSAGE, MESSAGE + b"second\r\n", MESSAGE + b"third\r\n"])
+
+
+def test_an_oversized_file_dropped_twice_under_one_name_keeps_both_in_rejected(folder):
+    drop, keep = folder
+    for fill in (b"a", b"b"):
+        (drop.directory / "tmp" / "big").write_bytes(fill * 200_000)
+        os.rename(drop.directory / "tmp" / "big", drop.directory / "new" / "big")
+        assert wait_until(lambda: not (drop.directory / "new" / "big").exists(), 10)
+    assert sorted(p.read_bytes()[:1] for p in (drop.directory / "rejected").iterdir()) == [b"a", b"b"]
+    assert keep.accepted == []
+
+
+def test_a_name_with_a_newline_is_logged_quoted(folder, caplog):
+    drop, _ = folder
+    os.mkfifo(drop.directory / "new" / "x\n2026-01-01 ERROR forged")
+    assert wait_until(lambda: "forged" in caplog.text, 10)
+    assert "\n2026-01-01 ERROR forged" not in caplog.text and "\\n2026-01-01 ERROR forged" in caplog.text
