@@ -221,9 +221,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @command
 def cmd_ingest(args: argparse.Namespace) -> int:
-    missing = [str(f) for f in args.files if not f.is_file()]
+    missing = [str(f) for f in args.files if not f.exists()]
     if missing:
         raise ConfigurationError(f"no such file: {', '.join(missing)}")
+    odd = [str(f) for f in args.files if not f.is_file()]
+    if odd:  # a directory, a FIFO, a device
+        raise ConfigurationError(f"not a regular file: {', '.join(odd)}")
     from .workflows import start_extraction_workers
 
     settings = settings_from(args)

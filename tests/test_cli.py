@@ -253,3 +253,10 @@ def test_runs_and_show_read_a_postgresql_store_named_by_store_url(pg_url, tmp_pa
     assert main(["show", str(run.run_id), "--store-url", pg_url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run_id"] == run.run_id
     assert not (tmp_path / "data").exists()  # no SQLite file made beside the PostgreSQL store
+
+
+def test_ingest_names_a_missing_file_and_a_directory_in_one_line_each(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "d"), "ingest", str(tmp_path / "nope.pdf")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such file: {tmp_path / 'nope.pdf'}"
+    assert main(["--data-dir", str(tmp_path / "d"), "ingest", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: not a regular file: {tmp_path}"

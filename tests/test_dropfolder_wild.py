@@ -4,7 +4,6 @@ being written, links, FIFOs, reused and overlong names. Real files, a real watch
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
