@@ -261,7 +261,7 @@ class DeliveryConfig:
             if value is not None and not _is_one_mailbox(value):
                 raise ConfigurationError(f"delivery.{name} must be one mail address like digest@example.com, "
                                          f"not {value!r}")
-        if self.recipient and self.recipient.lower() == self.sender.lower():
+        if self.recipient and _addr_spec(self.recipient) == _addr_spec(self.sender):
             raise ConfigurationError(f"delivery.recipient is delivery.sender ({self.sender}): no digest would ever "
                                      f"go out (a digest is never sent to its own sender: it could loop)")
 
@@ -269,6 +269,13 @@ class DeliveryConfig:
 # local@domain, both dot-atoms (RFC 5322 3.4.1): the usual shape, which the email package reads as one mailbox
 _PLAIN_MAILBOX = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*",
                             re.ASCII)
+
+
+def _addr_spec(value: str) -> str:
+    """The address in ``value`` (``Digest <d@example.org>`` is ``d@example.org``), lower case, for comparing."""
+    from email.utils import parseaddr
+
+    return parseaddr(value)[1].lower()
 
 
 def _is_one_mailbox(value: str) -> bool:

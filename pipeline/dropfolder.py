@@ -14,8 +14,9 @@ file or one failing disk never stops the watcher.
 What people and programs really put there is checked before it is read: a file
 still open for writing (copied straight into ``new/``, not renamed from
 ``tmp/``) waits until its writer closes it (a read lease cannot be had while
-one writes); a symlink, FIFO, device or directory is moved to ``rejected/``
-unread, as is a file over the size limit; names are logged quoted (a newline
+one writes; where serve may not take one, a file not owned by it, until it
+has been unchanged for ``SETTLE_S``); a symlink, FIFO or device is moved to
+``rejected/`` unread, as is a file over the size limit (a directory is left alone); names are logged quoted (a newline
 in a name cannot forge a log line), and names in ``cur/`` and ``rejected/``
 are kept short and never overwrite another file.
 """
@@ -26,9 +27,12 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ class DropFolder:
         self._stopping = threading.Event()
         self._retry_thread: threading.Thread | None = None
         self._failed: set[Path] = set()  # files a failed accept left in new/, tried again by the retry loop
+        self._unmoved: set[Path] = set()  # files accepted whose move to cur/ failed: only the move is retried
         for sub in ("tmp", "new", "cur", "rejected"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
 
@@ -135,18 +140,32 @@ class DropFolder:
                 if st.st_size > self.config.max_message_bytes:
                     return self._reject(path, f"{st.st_size:,} bytes, over the {self.config.max_message_bytes:,}-byte "
                                               f"limit")
-                if _being_written(fd):
-                    log.debug("drop folder: %r is still open for writing; taken once closed", path.name)
+                with _read_lease(fd) as lease:  # None: no lease to be had, so the file must be quiet
+                    complete = lease if lease is not None else time.time() - st.st_mtime >= SETTLE_S
+                    if complete:
+                        raw = file.read(self.config.max_message_bytes + 1)
+                        complete = lease is None or _still_leased(fd)  # a writer opening it broke the lease
+                if not complete:
+                    log.debug("drop folder: %r is still being written; taken once it is closed", path.name)
                     self._failed.add(path)
                     return False
-                raw = file.read(self.config.max_message_bytes + 1)
             self.accept(raw)
-            try:
-                os.replace(path, _free_name(self.directory / "cur", f"{path.name.partition(':')[0]}:2,S"))
-            except OSError as exc:  # accepted all the same: a rescan finds its run by its key, never a new one
-                log.error("drop folder: %r was accepted but cannot be moved to cur/ (%s); it stays in new/",
-                          path.name, exc)
+            self._move_to_cur(path)
             return True
+
+    def _move_to_cur(self, path: Path) -> None:
+        """Move an accepted file to ``cur/``; if that fails, the retry loop tries the move again (never the
+        accept: a rescan at the next start finds the same run by its key)."""
+        try:
+            os.replace(path, _free_name(self.directory / "cur", path.name.partition(":")[0], ":2,S"))
+            self._unmoved.discard(path)
+        except FileNotFoundError:
+            self._unmoved.discard(path)
+        except OSError as exc:
+            if path not in self._unmoved:
+                log.error("drop folder: %r was accepted but cannot be moved to cur/ (%s); moving it is retried",
+                          path.name, exc)
+            self._unmoved.add(path)
 
     def _reject(self, path: Path, why: str) -> bool:
         """Move what is not a message out of ``new/`` to ``rejected/``, unread, with one log line."""
@@ -161,33 +180,60 @@ class DropFolder:
             for path in sorted(self._failed):
                 self._failed.discard(path)
                 self.try_take(path)  # re-adds the path if it fails again
+            for path in sorted(self._unmoved):
+                with self._lock:
+                    self._move_to_cur(path)
 
 
 MAX_NAME_BYTES = 200  # of a name in cur/ or rejected/, before the ".N" that keeps it unique (NAME_MAX is 255)
 
 
-def _free_name(directory: Path, name: str) -> Path:
-    """``directory/name`` cut to MAX_NAME_BYTES, with ``.1``, ``.2``... added if taken: never overwrite."""
-    raw = os.fsencode(name)[:MAX_NAME_BYTES]
+def _free_name(directory: Path, base: str, suffix: str = "") -> Path:
+    """``directory/base[.N]suffix``: ``base`` cut to MAX_NAME_BYTES at a character boundary, ``.1``, ``.2``...
+    added when taken (never overwrite), ``suffix`` (Maildir's ``:2,S``) kept whole at the end."""
+    raw = os.fsencode(base)
+    if len(raw) > MAX_NAME_BYTES:
+        raw = raw[:MAX_NAME_BYTES]
+        while raw and raw[-1] & 0xC0 == 0x80:  # continuation bytes of a UTF-8 character cut in two
+            raw = raw[:-1]
+        if raw and raw[-1] >= 0xC0:  # and its lead byte
+            raw = raw[:-1]
     for n in range(10_000):
-        candidate = directory / os.fsdecode(raw + (b".%d" % n if n else b""))
+        candidate = directory / os.fsdecode(raw + (b".%d" % n if n else b"") + suffix.encode())
         if not os.path.lexists(candidate):
             return candidate
-    raise FileExistsError(f"no free name for {name!r} in {directory}")
+    raise FileExistsError(f"no free name for {base!r} in {directory}")
 
 
-def _being_written(fd: int) -> bool:
-    """True when another process has the file open for writing: Linux grants no read lease then (EAGAIN).
-    Where leases are not to be had (not the owner, a network file system) the file is taken as complete."""
+SETTLE_S = 1.0  # with no lease to be had, a file unchanged this long counts as written
+
+
+@contextmanager
+def _read_lease(fd: int) -> Iterator[bool | None]:
+    """Hold a read lease on ``fd`` for the block: yields True while held, False when another process has the
+    file open for writing (Linux grants no read lease then), None where leases are not to be had (serve is
+    not the file's owner, a network file system): then the caller waits until the file is quiet. A writer
+    opening the file during the block breaks the lease with SIGURG (ignored), not SIGIO (which would end the
+    process): ``_still_leased`` tells."""
     setlease = getattr(fcntl, "F_SETLEASE", None)  # Linux only
     if setlease is None:
-        return False
+        yield None
+        return
     try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)
     except OSError as exc:
-        return exc.errno == errno.EAGAIN
-    fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
-    return False
+        yield False if exc.errno == errno.EAGAIN else None
+        return
+    try:
+        yield True
+    finally:
+        fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
+
+
+def _still_leased(fd: int) -> bool:
+    """True while no writer has broken the read lease on ``fd`` (see ``_read_lease``)."""
+    return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
 
 
 class _Handler(FileSystemEventHandler):

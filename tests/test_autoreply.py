@@ -32,7 +32,7 @@ def raw(headers: str, content_type: str = "text/plain") -> bytes:
     ("Precedence: JUNK\r\n", "text/plain", "bulk"),
     ("Precedence: first-class\r\n", "text/plain", None),
     ("List-Id: Announcements <announce.lists.example.com>\r\n", "text/plain", "list"),
-    ("List-Id: <a.lists.example.com>\r\nResent-From: bob@example.org\r\n", "text/plain", None),
+    ("List-Id: <a.lists.example.com>\r\nResent-From: bob@example.org\r\n", "text/plain", "list"),
     ("", "text/plain", None),
 ], ids=["auto-replied", "auto-generated-with-comment", "auto-submitted-no", "x-autoreply", "report", "bulk",
         "junk", "first-class", "list-id", "resent-list-mail", "a-person"])
@@ -65,8 +65,9 @@ def test_no_digest_goes_to_the_digests_own_address_or_a_sender_without_a_domain(
     config = DeliveryConfig(sender="digest@pipeline.example")
     own = {"source": "smtp", "mail_from": "Digest@PIPELINE.example"}
     assert deliver.reply_recipient(own, EMAIL, config) == (None, f"{deliver.OWN_ADDRESS} (digest@pipeline.example)")
-    with pytest.raises(ConfigurationError, match="no digest would ever go out"):  # refused at start, not silent
-        DeliveryConfig(sender="digest@pipeline.example", recipient="Digest@pipeline.example").validate()
+    for recipient in ("Digest@pipeline.example", "Digest <digest@PIPELINE.example>"):  # refused at start
+        with pytest.raises(ConfigurationError, match="no digest would ever go out"):
+            DeliveryConfig(sender="digest@pipeline.example", recipient=recipient).validate()
     daemon = {"source": "smtp", "mail_from": "MAILER-DAEMON"}
     assert deliver.reply_recipient(daemon, EMAIL, DeliveryConfig()) == (None, deliver.NO_DOMAIN)
 
@@ -99,3 +100,17 @@ def test_a_relay_that_routes_digests_back_to_the_gateway_makes_no_loop(settings)
         assert len(service.store.list_runs(limit=10)) == 2
     finally:
         service.stop(grace_s=10)
+
+
+def test_list_mail_resent_by_a_person_is_answered_but_a_resending_list_is_not(tmp_path):
+    from pipeline.config import IngestConfig
+
+    def reply(headers: str, mail_from: str):
+        email = parse.summarize_message(raw(headers), tmp_path, IngestConfig())
+        return deliver.reply_recipient({"source": "smtp", "mail_from": mail_from}, email, DeliveryConfig())[0]
+
+    by_alice = "List-Id: <a.lists.example.com>\r\nResent-From: Alice <Alice@example.com>\r\n"
+    assert str(reply(by_alice, "alice@example.com")) == "alice@example.com"
+    debian = ("List-Id: <debian-devel.lists.debian.org>\r\nPrecedence: list\r\n"  # SmartList resends as the list
+              "Resent-From: debian-devel@lists.debian.org\r\nResent-Sender: debian-devel-request@lists.debian.org\r\n")
+    assert reply(debian, "bounce-debian-devel=bob=example.org@lists.debian.org") is None

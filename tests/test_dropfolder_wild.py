@@ -4,6 +4,8 @@ being written, links, FIFOs, reused and overlong names. Real files, a real watch
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -49,7 +51,7 @@ def test_a_file_written_straight_into_new_is_taken_whole_once_its_writer_closes_
     assert [p.name for p in (drop.directory / "cur").iterdir()] == ["copied.eml:2,S"]
 
 
-def test_links_fifos_and_directories_are_moved_to_rejected_unread_and_other_files_go_on(folder, tmp_path):
+def test_links_and_fifos_are_moved_to_rejected_unread_and_other_files_go_on(folder, tmp_path):
     drop, keep = folder
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"not yours")
@@ -93,3 +95,19 @@ def test_a_name_with_a_newline_is_logged_quoted(folder, caplog):
     os.mkfifo(drop.directory / "new" / "x\n2026-01-01 ERROR forged")
     assert wait_until(lambda: "forged" in caplog.text, 10)
     assert "\n2026-01-01 ERROR forged" not in caplog.text and "\\n2026-01-01 ERROR forged" in caplog.text
+
+
+def test_a_writer_opening_a_leased_file_breaks_the_lease_without_killing_us(tmp_path):
+    from pipeline.dropfolder import _read_lease, _still_leased
+
+    path = tmp_path / "m.eml"
+    path.write_bytes(MESSAGE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _read_lease(fd) as lease:
+            assert lease is True and _still_leased(fd)
+            writer = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'ab').close()"])
+            assert wait_until(lambda: not _still_leased(fd), 10)  # the kernel told us with SIGURG (ignored)
+        assert writer.wait(timeout=30) == 0  # let go once the lease was released
+    finally:
+        os.close(fd)

@@ -155,3 +155,9 @@ def test_a_forward_nested_too_deep_to_print_back_is_malformed_email(tmp_path):
     with pytest.raises(ParseError) as err:
         parse.summarize_message(raw, tmp_path, LIMITS)
     assert err.value.reason == "malformed_email"
+
+
+def test_a_lost_fold_starting_with_dashes_is_still_repaired(tmp_path):
+    raw = mail(b"Subject: Scan from MFP\r\n-- building 3, please review\r\nTo: d@example.net\r\n")
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert info["subject"] == "Scan from MFP -- building 3, please review" and len(info["attachments"]) == 1

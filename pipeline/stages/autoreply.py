@@ -13,8 +13,10 @@ message is parsed, what marks it as made by a machine or sent to a list:
 - a delivery or read report (top-level ``multipart/report``, RFC 6522): kind ``report``;
 - ``Precedence: bulk``, ``list`` or ``junk``: kind ``bulk``;
 - ``List-Id`` (RFC 2919): kind ``list``: the envelope sender of list mail is
-  the list's bounce address, not a person. Neither ``bulk`` nor ``list`` when
-  the message carries ``Resent-From``: a person resent it.
+  the list's bounce address, not a person. ``resent_from`` keeps the
+  ``Resent-From`` mailbox: when it is the envelope sender, a person resent the
+  mail and is answered (a list that resends, as SmartList does, names itself
+  there, and its envelope sender is its bounce address: not answered).
 
 Delivery (``deliver.reply_recipient``) then sends no digest for ``reply`` and
 ``report``, whoever it would go to, and none for any kind when it would answer
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import re
 from email.message import EmailMessage
+from email.utils import parseaddr
 
 MACHINE = frozenset({"reply", "report"})  # never answered, not even to a configured recipient
 _COMMENT = re.compile(r"\([^()]*\)")
@@ -47,13 +50,12 @@ def automated(msg: EmailMessage) -> dict[str, str] | None:
         return {"kind": "report", "why": "a delivery or read report (multipart/report)"}
     if auto and auto != "no":
         return {"kind": "auto", "why": f"an automatic message (Auto-Submitted: {auto})"}
-    if _raw(msg, "Resent-From") is not None:  # a person resent list or bulk mail: answer them
-        return None
+    resent = {"resent_from": parseaddr(_raw(msg, "Resent-From") or "")[1].lower()}  # a person who resent it
     precedence = _token(msg, "Precedence")
     if precedence in BULK_PRECEDENCE:
-        return {"kind": "bulk", "why": f"bulk mail (Precedence: {precedence})"}
+        return {"kind": "bulk", "why": f"bulk mail (Precedence: {precedence})", **resent}
     if _raw(msg, "List-Id") is not None:
-        return {"kind": "list", "why": "mailing-list mail (List-Id)"}
+        return {"kind": "list", "why": "mailing-list mail (List-Id)", **resent}
     return None
 
 

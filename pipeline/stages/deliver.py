@@ -117,11 +117,11 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
         return None, str(marked.get("why"))
     if config.recipient:
         return _unless_own(reply_address(config.recipient), "delivery.recipient", config)
-    if marked:  # bulk or list mail: its envelope sender is a list's bounce address, not a person
-        return None, str(marked.get("why"))
     address, origin = envelope_sender(payload, email)
     if not address:
         return None, origin
+    if marked and address.lower() != marked.get("resent_from"):  # bulk or list mail: a list's bounce address
+        return None, str(marked.get("why"))                       # unless the person who resent it sent it
     mailbox = reply_address(address)
     if _same_mailbox(mailbox, email.get("from")):
         mailbox = reply_address(address, str(email.get("from_name") or ""))

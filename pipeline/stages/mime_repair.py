@@ -39,7 +39,8 @@ STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return
                         "content-transfer-encoding", "content-disposition", "content-id", "resent-from",
                         "resent-to", "resent-cc", "resent-date", "resent-message-id", "resent-sender"})
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
-_HEAD_END = re.compile(rb"\r?\n(?:\r?\n|(?=--))")  # where a header block ends: a blank line or a "--" line
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 ENCODED = ("base64", "quoted-printable")
 
 
@@ -58,8 +59,13 @@ def repair_header_block(raw: bytes) -> bytes | None:
     one. Lines after the last real header are left alone: there the body began without its blank line.
     ``Name :`` becomes ``Name:``. A leading mbox ``From `` line is kept.
     """
-    end = _HEAD_END.search(raw)  # a blank line, or a boundary line right under the headers
+    end = _BLANK_LINE.search(raw)
     head, rest = (raw[:end.start()], raw[end.start():]) if end else (raw, b"")
+    declared = _BOUNDARY.search(head)  # a part's delimiter line right under the headers ends them too
+    if declared:
+        delimiter = re.search(rb"(?m)^--" + re.escape(declared.group(1) or declared.group(2)), head)
+        if delimiter and delimiter.start() > 0:
+            head, rest = head[:delimiter.start()], head[delimiter.start():] + rest
     lines = head.splitlines(keepends=True)
     last_field = max((i for i, line in enumerate(lines) if _FIELD.match(line)), default=-1)
     out: list[bytes] = []

@@ -245,8 +245,10 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
     finally:
         status["duration_s"] = round(min(time.monotonic() - opened, seconds), 1)
         for name, proc in procs.items():  # the load ended: stop sampling (py-spy writes what it has on SIGINT)
-            if proc.poll() is None and b"Sampling process" in said[name]:  # not one still attaching: it would
-                proc.send_signal(signal.SIGINT)                           # die of the signal and write nothing
+            if proc.poll() is None:
+                if b"Sampling process" not in said[name]:  # still attaching: a SIGINT before its handler is in
+                    said[name] += _await_sampling(proc, PYSPY_ATTACH_S)  # place kills it, and it writes nothing
+                proc.send_signal(signal.SIGINT)
         errors = []
         for name, proc in procs.items():
             try:
