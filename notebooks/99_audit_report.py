@@ -184,7 +184,7 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
    "removed → first 250 (for `kill_serve`: kill → first 250 from the restarted serve); *drain s*: fault removed → "
    "last acked run ended.\n\n" + views.markdown(fault_table) +
    "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"
-   + views.markdown(fault_cases))
+   + views.markdown(fault_cases) + "\n\n" + views.wild_mail_line(m))
 
 # %%
 if len(views.rows(m, "faults", "replies")):

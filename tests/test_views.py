@@ -295,3 +295,18 @@ def test_a_burst_rounds_drain_rate_is_its_backlog_peak_over_the_time_after_the_l
     assert done.drain_seconds() == 10.0 and done.drain_rate() == 12.0
     idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, {}, 0)  # nothing left when the sending stopped
     assert idle.drain_rate() is None
+
+
+def test_the_fault_table_leaves_out_parts_with_figures_of_their_own_and_the_wild_mail_line_reads_them(tmp_path):
+    rec = AuditRecorder(tmp_path / "audit.duckdb")
+    rec.start_session("test")
+    rec.record("faults", pd.DataFrame([row("bad_input", "sent", 6, "messages", 0),
+                                       row("bad_input", "wild_mail_pdfs_missed", 0, "pdfs", 0),
+                                       row("bad_input", "automatic_mail_answered", 0, "digests", 0),
+                                       row("mail_loop", "runs_per_mail", 2.0, "runs", 0),
+                                       row("mail_loop", "runs_not_ended", 0, "runs", 0)]))
+    m = rec.measurements()
+    assert list(views.fault_table(m).fault) == ["bad_input"]
+    line = views.wild_mail_line(m)
+    assert "0 PDFs missed, 0 automatic replies answered" in line and "2 runs per mail (0 not ended)" in line
+    assert views.wild_mail_line(m[m.variant != "mail_loop"]) == ""

@@ -437,6 +437,8 @@ def fault_table(m: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     out = []
     for fault, group in r.groupby("variant", sort=False):
+        if not group.metric.isin(["sent", "skipped", "error"]).any():  # a part with figures of its own (mail_loop)
+            continue
         figures: dict[str, Any] = {"fault": fault}
         for metric, column in _FAULT_FIGURES.items():
             picked = group[group.metric == metric].value
@@ -466,6 +468,21 @@ def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in ("variant", "case", "state", "typed", "typed_reason", "reason", "task_errors",
                            "pages_failed", "pdfs", "digests") if c in table]
     return table[columns].rename(columns={"variant": "fault"}).reset_index(drop=True)
+
+
+def wild_mail_line(m: pd.DataFrame) -> str:
+    """One sentence on mail as real clients write it and the mail loop (notebook 09), or "" if not measured."""
+    r = rows(m, "faults")
+    figures = {metric: r[r.metric == metric].value.max() for metric in
+               ("wild_mail_pdfs_missed", "automatic_mail_answered", "runs_per_mail", "runs_not_ended")
+               if not r.empty and (r.metric == metric).any()}
+    if len(figures) < 4:
+        return ""
+    return (f"Mail as real clients write it (a scanner's unindented fold, a base64 forward, an automatic reply, "
+            f"one PDF each): {figures['wild_mail_pdfs_missed']:g} PDFs missed, {figures['automatic_mail_answered']:g} "
+            f"automatic replies answered. A serve whose relay routes every digest back to its own gateway: "
+            f"{figures['runs_per_mail']:g} runs per mail ({figures['runs_not_ended']:g} not ended) until no run "
+            f"was added (a loop would keep growing).")
 
 
 def fig_fault_replies(m: pd.DataFrame) -> Figure:
