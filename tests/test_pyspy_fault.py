@@ -48,7 +48,10 @@ def test_the_window_closes_when_the_block_ends_not_at_the_cap(busy_python, tmp_p
         pytest.skip("py-spy is not installed (the dev extra installs it)")
     started = time.monotonic()
     with pipeline_profile.pyspy_recording(busy_python, tmp_path / "spy", 120, 50) as status:
+        attached = time.monotonic() - started
         time.sleep(1.0)  # the load
+    # the load starts when py-spy says it samples (on its stdout), not after the wait for that runs out
+    assert attached < pipeline_profile.PYSPY_ATTACH_S
     assert status["recorded"] is True, status["reason"]
     assert time.monotonic() - started < 60  # stopped by SIGINT at the block's end, not after 120 s
     assert 1.0 <= status["duration_s"] < 60

@@ -235,7 +235,7 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
     plans = {"speedscope": (out_dir / SPEEDSCOPE, ["--format", "speedscope", "--function"]),
              "flamegraph": (out_dir / FLAMEGRAPH, ["--format", "flamegraph"])}
     procs = {name: subprocess.Popen([exe, *common, *extra, "--output", str(path)], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # it speaks on stdout
              for name, (path, extra) in plans.items()}
     # the load starts once both sample: a short load sent at once could end before py-spy has attached
     said = {name: _await_sampling(proc, PYSPY_ATTACH_S) for name, proc in procs.items()}
@@ -252,10 +252,10 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
         errors = []
         for name, proc in procs.items():
             try:
-                _, err = proc.communicate(timeout=seconds + 60)
+                err, _ = proc.communicate(timeout=seconds + 60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                _, err = proc.communicate()
+                err, _ = proc.communicate()
             err = said[name] + err
             if proc.returncode != 0 or not plans[name][0].exists():
                 errors.append(f"{name}: exit {proc.returncode}: {err.decode(errors='replace').strip()[-300:]}")
@@ -264,14 +264,14 @@ def pyspy_recording(pid: int, out_dir: Path, duration_s: float, rate: int) -> It
 
 
 def _await_sampling(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
-    """Read py-spy's stderr until it says it is sampling (attached), it exits, or ``timeout_s``; return what it
+    """Read py-spy's output until it says it is sampling (attached), it exits, or ``timeout_s``; return what it
     said (the rest is read at its end)."""
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     said, deadline = b"", time.monotonic() + timeout_s
     try:
         while b"Sampling process" not in said and time.monotonic() < deadline and proc.poll() is None:
-            if select.select([proc.stderr], [], [], 0.05)[0]:
-                chunk = os.read(proc.stderr.fileno(), 4096)
+            if select.select([proc.stdout], [], [], 0.05)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096)
                 if not chunk:
                     break
                 said += chunk
