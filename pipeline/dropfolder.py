@@ -16,9 +16,10 @@ still open for writing (copied straight into ``new/``, not renamed from
 ``tmp/``) waits until its writer closes it (a read lease cannot be had while
 one writes; where serve may not take one, a file not owned by it, until it
 has been unchanged for ``SETTLE_S``); a symlink, FIFO or device is moved to
-``rejected/`` unread, as is a file over the size limit (a directory is left alone); names are logged quoted (a newline
-in a name cannot forge a log line), and names in ``cur/`` and ``rejected/``
-are kept short and never overwrite another file.
+``rejected/`` unread, as is a file over the size limit (a directory is left
+alone); names are logged quoted (a newline in a name cannot forge a log line),
+and names in ``cur/`` and ``rejected/`` are kept short and never overwrite
+another file.
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ class DropFolder:
             except FileNotFoundError:
                 return False
             except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # ENXIO: a socket
+                if exc.errno not in (errno.ELOOP, errno.ENXIO):  # ELOOP: a link; ENXIO: a socket
                     raise
-                return self._reject(path, "not a regular file (a link, directory or socket)")
+                return self._reject(path, "not a regular file (a link or socket)")
             with os.fdopen(fd, "rb") as file:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):

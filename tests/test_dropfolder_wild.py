@@ -111,3 +111,24 @@ def test_a_writer_opening_a_leased_file_breaks_the_lease_without_killing_us(tmp_
         assert writer.wait(timeout=30) == 0  # let go once the lease was released
     finally:
         os.close(fd)
+
+
+def test_an_accepted_file_whose_move_fails_is_moved_later_never_accepted_twice(tmp_path, caplog):
+    keep = Keep()
+    drop = DropFolder(tmp_path / "inbox", keep, GatewayConfig(watch_mode="poll", poll_interval_s=0.05),
+                      retry_interval_s=0.1)
+    cur = drop.directory / "cur"
+    cur.rmdir()
+    cur.write_bytes(b"")  # a file where cur/ goes: the move after the accept fails (ENOTDIR)
+    (drop.directory / "new" / "m.eml").write_bytes(MESSAGE)
+    drop.start()
+    try:
+        assert wait_until(lambda: "cannot be moved to cur/" in caplog.text, 10)
+        time.sleep(0.5)  # several retry rounds while the move still fails
+        assert keep.accepted == [MESSAGE] and (drop.directory / "new" / "m.eml").exists()
+        cur.unlink()
+        cur.mkdir()  # the disk is right again
+        assert wait_until(lambda: [p.name for p in cur.iterdir()] == ["m.eml:2,S"], 10)
+    finally:
+        drop.stop()
+    assert keep.accepted == [MESSAGE]

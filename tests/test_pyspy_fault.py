@@ -12,13 +12,18 @@ import pytest
 from pipeline.audit.scenarios import pipeline_profile
 
 
-@pytest.fixture
-def not_python():
-    """A live process py-spy cannot profile (no Python interpreter in it)."""
-    proc = subprocess.Popen(["sleep", "60"])
+def _running(argv: list[str]):
+    """Run ``argv`` for the test; yield its pid, then kill and reap it."""
+    proc = subprocess.Popen(argv)
     yield proc.pid
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def not_python():
+    """A live process py-spy cannot profile (no Python interpreter in it)."""
+    yield from _running(["sleep", "60"])
 
 
 def test_a_process_pyspy_cannot_attach_to_gives_a_row_with_the_reason(not_python, tmp_path):
@@ -37,10 +42,7 @@ def test_a_process_pyspy_cannot_attach_to_gives_a_row_with_the_reason(not_python
 @pytest.fixture
 def busy_python():
     """A Python process that keeps a core busy, for py-spy to sample."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: sum(range(1000))"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
+    yield from _running([sys.executable, "-c", "while True: sum(range(1000))"])
 
 
 def test_the_window_closes_when_the_block_ends_not_at_the_cap(busy_python, tmp_path):

@@ -21,9 +21,10 @@ message is parsed, what marks it as made by a machine or sent to a list:
 Delivery (``deliver.reply_recipient``) then sends no digest for ``reply`` and
 ``report``, whoever it would go to, and none for any kind when it would answer
 the sender; a configured ``[delivery] recipient`` still gets the digest of
-``auto``, ``bulk`` and ``list`` mail (machine-made PDFs it may well want). The digest itself says ``Auto-Submitted:
-auto-replied`` (RFC 3834 5.2) and asks Exchange not to answer it
-(``X-Auto-Response-Suppress``), so a digest that comes back is recognised.
+``auto``, ``bulk`` and ``list`` mail (machine-made PDFs it may well want).
+The digest itself says ``Auto-Submitted: auto-replied`` (RFC 3834 5.2) and
+asks Exchange not to answer it (``X-Auto-Response-Suppress``), so a digest
+that comes back is recognised.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return
                         "resent-to", "resent-cc", "resent-date", "resent-message-id", "resent-sender"})
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+# a multipart's boundary parameter in raw bytes, quoted or bare (parse.check_part_count counts parts with it too)
+BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 ENCODED = ("base64", "quoted-printable")
 
 
@@ -61,7 +62,7 @@ def repair_header_block(raw: bytes) -> bytes | None:
     """
     end = _BLANK_LINE.search(raw)
     head, rest = (raw[:end.start()], raw[end.start():]) if end else (raw, b"")
-    declared = _BOUNDARY.search(head)  # a part's delimiter line right under the headers ends them too
+    declared = BOUNDARY_PARAM.search(head)  # a part's delimiter line right under the headers ends them too
     if declared:
         delimiter = re.search(rb"(?m)^--" + re.escape(declared.group(1) or declared.group(2)), head)
         if delimiter and delimiter.start() > 0:

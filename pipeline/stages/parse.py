@@ -46,7 +46,13 @@ from ..config import IngestConfig
 from ..errors import ParseError
 from .autoreply import automated
 from .mailpolicy import DEFAULT, SMTP
-from .mime_repair import canonical_transfer_encoding, encoded_forward, needs_header_repair, repair_header_block
+from .mime_repair import (
+    BOUNDARY_PARAM,
+    canonical_transfer_encoding,
+    encoded_forward,
+    needs_header_repair,
+    repair_header_block,
+)
 
 MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
@@ -54,7 +60,6 @@ _UNSAFE = re.compile(r"[^\w.\- ]+")
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
 # decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
 HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError)
-_BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
 
 
@@ -206,7 +211,7 @@ def check_part_count(raw: bytes) -> None:
     Every part of a multipart begins at such a line, so their number bounds the parts the parser would
     build; two regex scans in C, whatever the size.
     """
-    boundaries = {quoted or bare for quoted, bare in _BOUNDARY_PARAM.findall(raw)}
+    boundaries = {quoted or bare for quoted, bare in BOUNDARY_PARAM.findall(raw)}
     if not boundaries:
         return
     count = len(boundaries)
