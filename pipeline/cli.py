@@ -212,10 +212,15 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 @command
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import PipelineService
+    from .service import GATEWAY, PipelineService
 
     role = serve_role(args)
-    PipelineService(settings_from(args), role=role).serve_forever()
+    settings = settings_from(args)
+    if role == GATEWAY:  # a process that only accepts: answer senders as soon as it wakes
+        from .priority import request_slice
+
+        request_slice(settings.serve.gateway_slice_us)
+    PipelineService(settings, role=role).serve_forever()
     return 0
 
 

@@ -306,11 +306,19 @@ class ServeConfig:
     # gateway for tens of ms; at 12 (weight 70) 8 senders' median, mails accepted and p99 beside a 5 MB mail
     # improved in every run, their p99 alone in the three bench runs, not in two audit sessions (README, Benchmarks)
     engine_nice: int = 12
+    # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
+    # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (about 1.4 ms
+    # here). 100 (the shortest Linux takes): 8 senders' p99 beside a busy engine 40.8 against 60.8 ms, in three
+    # interleaved runs of scripts/bench_gateway.py --gateway-slice-us 0 100 (README, Benchmarks)
+    gateway_slice_us: int = 100
 
     def validate(self) -> None:
-        """Reject an engine_nice outside 0-19."""
+        """Reject an engine_nice outside 0-19 and a slice Linux would not take."""
         if not 0 <= self.engine_nice <= 19:
             raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
+        if self.gateway_slice_us != 0 and not 100 <= self.gateway_slice_us <= 100_000:
+            raise ConfigurationError("[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), "
+                                     f"got {self.gateway_slice_us}")
 
 
 @dataclass(frozen=True)

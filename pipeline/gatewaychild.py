@@ -20,6 +20,7 @@ import sys
 from . import metrics
 from .errors import PipelineError
 from .gatewayprocess import GatewayOrders
+from .priority import request_slice
 from .service import GATEWAY, PipelineService
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's: both write to serve's stderr
@@ -47,6 +48,7 @@ def main() -> int:
     logging.basicConfig(level=orders.log_levels.get("", logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
     for name, level in orders.log_levels.items():
         logging.getLogger(name or None).setLevel(level)
+    request_slice(orders.settings.serve.gateway_slice_us)  # before any thread starts: they inherit it
     engine = EngineHealth()
     try:
         service = PipelineService(orders.settings, role=GATEWAY,

@@ -17,9 +17,11 @@ store's DATA end -> run queued, while serve processes the runs; the shipped
 settings, ``[serve] engine_nice = 0`` and ``[serve] gateway_process = false``,
 interleaved after a warm-up, plus a round with a 5 MB mail beside the small ones. With
 ``--engine-nice 0 5 12`` the serves compared are instead the shipped settings with those
-``[serve] engine_nice`` values (how the default of 12 was chosen):
+``[serve] engine_nice`` values (how the default of 12 was chosen), and with
+``--gateway-slice-us 0 100`` those ``[serve] gateway_slice_us`` values:
 
     python scripts/bench_gateway.py --serve-only --serve-senders 8 --serve-reps 3 --engine-nice 0 5 12
+    python scripts/bench_gateway.py --serve-only --serve-senders 8 --serve-reps 6 --gateway-slice-us 0 100
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.audit.scenarios import client_latency, gateway_bench  # noqa: E402
 
 
-def nice_variants(values: list[int] | None) -> dict[str, client_latency.Variant] | None:
-    """One serve per ``[serve] engine_nice`` value (None: the scenario's own layouts)."""
+def setting_variants(name: str, values: list[int] | None) -> dict[str, client_latency.Variant] | None:
+    """One serve per value of the ``[serve]`` setting ``name`` (None: the scenario's own layouts)."""
     if not values:
         return None
-    return {f"engine_nice_{n}": ({"serve": {"engine_nice": n}}, ()) for n in values}
+    return {f"{name}_{n}": ({"serve": {name: n}}, ()) for n in values}
 
 
 def main() -> int:
@@ -56,10 +58,16 @@ def main() -> int:
     parser.add_argument("--serve-reps", type=int, default=2, help="turns per serve layout (default 2)")
     parser.add_argument("--engine-nice", type=int, nargs="+", default=None,
                         help="compare serves with these [serve] engine_nice values instead of the layouts")
+    parser.add_argument("--gateway-slice-us", type=int, nargs="+", default=None,
+                        help="compare serves with these [serve] gateway_slice_us values instead of the layouts")
     parser.add_argument("--no-serve", action="store_true", help="skip the client-side rounds against serve")
     parser.add_argument("--serve-only", action="store_true", help="only the client-side rounds against serve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.engine_nice and args.gateway_slice_us:
+        parser.error("compare one setting at a time: --engine-nice or --gateway-slice-us")
+    variants = (setting_variants("engine_nice", args.engine_nice)
+                or setting_variants("gateway_slice_us", args.gateway_slice_us))
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for senders in [] if args.serve_only else args.senders:
@@ -68,7 +76,7 @@ def main() -> int:
             rows += gateway_bench.large_messages(Path(tmp) / "large", args.large_mb)
         serve = [] if args.no_serve else client_latency.summary(client_latency.client_latency(
             Path(tmp) / "serve", tuple(args.serve_senders), args.serve_mails, args.serve_reps,
-            args.large_mb, variants=nice_variants(args.engine_nice))).to_dict("records")
+            args.large_mb, variants=variants)).to_dict("records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"host": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
             "commit": commit}

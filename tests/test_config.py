@@ -42,6 +42,8 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[runner]\ncompletion_threads = -1", "runner.completion_threads must be >= 0"),
     ("[gateway]\ninline_accept_bytes = -1", "gateway.inline_accept_bytes must be >= 0 (0: every message in the"),
     ("[serve]\nengine_nice = 20", "[serve] engine_nice must be 0-19 (nice steps), got 20"),
+    ("[serve]\ngateway_slice_us = 50", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), got 50"),
+    ("[serve]\ngateway_slice_us = 100001", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000"),
     ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
     ('[delivery]\nsender = "digest"', "delivery.sender must be one mail address"),
     ("[gateway]\nport = \nhost = \"x\"", "cannot read settings: Invalid value (at line 2, column 8)"),

@@ -6,9 +6,13 @@ Behaviour only: which process answers, what survives a kill, what a signal stops
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -19,9 +23,10 @@ import pytest
 from conftest import free_port
 from helpers import wait_until
 
+from pipeline import priority
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.serveproc import ServeProcess
-from pipeline.config import GatewayConfig
+from pipeline.config import GatewayConfig, ServeConfig
 from pipeline.gatewayprocess import GatewayProcess
 from pipeline.metrics import GATEWAY_PROCESS
 from pipeline.sqlite_store import SqliteRunStore
@@ -240,6 +245,62 @@ def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):
     main_rss = psutil.Process(serve.proc.pid).memory_info().rss
     assert sample.serve_rss > main_rss  # the child's RSS is in it
     assert child.pid not in sample.worker_pids
+
+
+def slices_us(proc: psutil.Process) -> set[int]:
+    """The scheduler slices (µs) ``proc``'s threads asked for (``sched_getattr``)."""
+    libc, calls = ctypes.CDLL(None, use_errno=True), priority.SCHED_ATTR_CALLS[platform.machine()]
+    return {priority._runtime(libc, calls, t.id) // 1000 for t in proc.threads()}
+
+
+def takes_slices() -> bool:
+    """Whether this kernel keeps a slice a thread asks for (Linux 6.12+), read back in a child process."""
+    code = "from pipeline.priority import request_slice; print(request_slice(300))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    return int(out) > 0
+
+
+@pytest.mark.skipif(platform.machine() not in priority.SCHED_ATTR_CALLS or not sys.platform.startswith("linux"),
+                    reason="slices are asked for on Linux x86_64 and aarch64 only")
+def test_the_gateway_process_asks_for_short_slices_and_the_engine_keeps_the_kernels(tmp_path):
+    if not takes_slices():
+        pytest.skip(f"this kernel ({platform.release()}) ignores slice requests (Linux 6.12+ takes them)")
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve").start()  # the shipped [serve] gateway_slice_us
+    try:
+        send(serve.port, "<slice-1@example.com>")  # the gateway's accept threads are up once a mail went through
+        assert wait_until(lambda: all_finished(serve.data_dir, ["<slice-1@example.com>"]), timeout_s=120)
+        child = gateway_children(serve)[0]
+        assert len(child.threads()) > 1 and slices_us(child) == {ServeConfig.gateway_slice_us}
+        assert ServeConfig.gateway_slice_us not in slices_us(psutil.Process(serve.proc.pid))  # the engine's: kernel's
+        child.kill()  # a restarted gateway process asks again, once it has read its orders
+        assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [child.pid]), timeout_s=60)
+        assert wait_until(lambda: slices_us(gateway_children(serve)[0]) == {ServeConfig.gateway_slice_us},
+                          timeout_s=60)
+    finally:
+        serve.stop()
+
+
+INHERITED = """
+import ctypes, platform, threading
+from pipeline import priority
+asked = priority.request_slice(250)
+libc, calls = ctypes.CDLL(None, use_errno=True), priority.SCHED_ATTR_CALLS.get(platform.machine())
+seen = []
+later = threading.Thread(target=lambda: seen.append(priority._runtime(libc, calls, threading.get_native_id())))
+later.start()
+later.join()
+print(asked, seen[0] if calls else -1)
+"""
+
+
+def test_a_slice_asked_for_is_inherited_by_threads_started_later():
+    out = subprocess.run([sys.executable, "-c", INHERITED], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    asked, later = int(out[0]), int(out[1])
+    if asked == 0:
+        pytest.skip("no slice requests here (not Linux 6.12+ on x86_64 or aarch64)")
+    assert later == 250_000
 
 
 def thread_nices(proc: psutil.Process) -> set[int]:
