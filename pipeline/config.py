@@ -307,9 +307,9 @@ class ServeConfig:
     # improved in every run, their p99 alone in the three bench runs, not in two audit sessions (README, Benchmarks)
     engine_nice: int = 12
     # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
-    # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (about 1.4 ms
-    # here). 100 (the shortest Linux takes): 8 senders' p99 beside a busy engine 40.8 against 60.8 ms, in three
-    # interleaved runs of scripts/bench_gateway.py --gateway-slice-us 0 100 (README, Benchmarks)
+    # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
+    # 100 (the shortest Linux takes): 8 senders' p99 beside a busy engine 40.3 against 63.7 ms, 393 against 354
+    # mails/s (scripts/bench_gateway.py --gateway-slice-us 0 100 at 9653d2f; README, Benchmarks)
     gateway_slice_us: int = 100
 
     def validate(self) -> None:
