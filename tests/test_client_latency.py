@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import smtplib
 import sqlite3
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -56,6 +59,19 @@ def test_the_bare_sink_stores_each_mail_durably_before_250_and_answers_451_when_
     finally:
         sink.stop()
     assert sink.proc is None
+
+
+def test_prestart_starts_every_sender_process_before_the_first_round():
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(3, mp_context=context) as pool:
+        started = client_latency.prestart(pool, 3, context)
+        assert len(started) == 3 and os.getpid() not in started
+        # the rounds after it find the processes idle: the pids they run in are the prestarted ones
+        assert set(pool.map(_pid, range(6))) <= started
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
 
 
 def test_variants_are_picked_by_name_and_an_unknown_name_is_refused():

@@ -31,6 +31,7 @@ into median / p99 per variant and load.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import smtplib
 import tempfile
 import time
@@ -65,6 +66,7 @@ VARIANTS: dict[str, Variant] = {"gateway_process": ({}, ()),
                                 "gateway_only": ({}, ("--gateway-only",)),
                                 "bare_sink": ({}, ())}
 BARE = "bare_sink"  # not a serve: ``baresink``, the floor (aiosmtpd, fsync, commit, 250; no pipeline)
+PRESTART_TIMEOUT_S = 120.0  # for every sender process to start (a loaded 2-core machine)
 START_DELAY_S = 0.5  # senders start together this long after being handed their mails (process start-up)
 
 
@@ -104,6 +106,25 @@ def large_mail(tag: str, pdf: bytes) -> tuple[str, bytes]:
     """One mail carrying ``pdf`` (base64 makes it a third larger), with a Message-ID unique to ``tag``."""
     message_id = f"<cl-{tag}-large@audit.example>"
     return message_id, fx.email_with([("big.pdf", pdf)], subject="large", message_id=message_id)
+
+
+def prestart(pool: ProcessPoolExecutor, workers: int, context: Any) -> set[int]:
+    """Start all ``workers`` sender processes of ``pool`` now; return their pids.
+
+    The pool starts a process only when a task finds none idle. Without this, the warm-up (at most 4 senders)
+    left the rest to start during the first measured round of 8 senders: the first variant in the order (the
+    shipped default, in the first rep) paid for their start-up, and its p99 was about twice its second rep's
+    in three audit sessions (98-113 against 40-47 ms). Each task waits at a barrier until all have started,
+    so no process takes two."""
+    with context.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        return set(pool.map(_pid_at_barrier, [barrier] * workers))
+
+
+def _pid_at_barrier(barrier: Any) -> int:
+    """This process's pid, once every prestart task has reached ``barrier`` (one per process)."""
+    barrier.wait(PRESTART_TIMEOUT_S)
+    return os.getpid()
 
 
 def _round(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: str, rep: int, senders: int,
@@ -176,6 +197,7 @@ def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: in
             stack.callback(serve.stop)
             serve.start()
         pool = stack.enter_context(ProcessPoolExecutor(max(senders) + 1, mp_context=context))
+        prestart(pool, max(senders) + 1, context)
         settle = {name: name != BARE and "--gateway-only" not in args for name, (_, args) in variants.items()}
         for name, serve in serves.items():  # warm-up: workers spawned, code paths hot; not recorded
             _round(pool, serve, name, -1, min(max(senders), 4), max(1, warmup_mails // 4), None, settle[name],
