@@ -104,13 +104,29 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,
                                     message_id=deliver.digest_message_id(key, settings.delivery))
-        where = deliver.send_message(msg, settings.delivery, key=key)
+        where = deliver.send_message(msg, settings.delivery, key=key, maybe_stored=_storing(marker))
     result = {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
     try:
         deliver.mark_delivered(marker, result)
     except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice
         log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
     return result
+
+
+def _storing(marker: Path) -> bool:
+    """Leave a sign beside ``marker`` that this run's digest is about to be stored; return whether an earlier
+    try left one (it may have stored the digest, then crashed before its marker: look for it everywhere).
+
+    Not fsynced: it only has to outlive a crashed process, and on ext4 a rename into the outbox that survives
+    a power loss was journaled after this file's creation. Where it cannot be written, every try looks."""
+    sign = marker.with_name("delivering")
+    if sign.exists():
+        return True
+    try:
+        sign.touch()
+    except OSError:
+        return True
+    return False
 
 
 def start_extraction_workers(settings: Settings) -> None:

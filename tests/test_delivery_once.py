@@ -46,6 +46,22 @@ def test_a_digest_read_by_a_mail_client_is_not_sent_again(tmp_path, settings):
     assert len(mailbox.Maildir(outbox, create=False)) == 1
 
 
+def test_a_first_try_does_not_search_what_a_mail_client_kept_and_a_later_try_does(tmp_path, settings):
+    """cur/ is listed only after a try that may have stored the digest: a name there that would match (here
+    planted; a first try cannot have put it there) is not seen by the first try, and is by the next one."""
+    ctx, outbox = _ctx(tmp_path), settings.delivery.outbox
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True)
+    kept = outbox / "cur" / (delivery_key(ctx) + ":2,S")
+    kept.write_bytes(b"Subject: planted\r\n\r\n")
+    first = deliver_task(ctx, settings)
+    assert first["where"] == str(outbox / "new" / delivery_key(ctx))
+    (outbox / "new" / delivery_key(ctx)).unlink()  # as if this try had crashed before storing and marking
+    (tmp_path / "work-7" / "delivered.json").unlink()
+    second = deliver_task(replace(ctx, try_number=2), settings)
+    assert second["where"] == str(kept) and not (outbox / "new" / delivery_key(ctx)).exists()
+
+
 def test_a_relayed_digest_is_not_relayed_again_once_marked(tmp_path, settings, smtp_sink):
     handler, url = smtp_sink
     relayed = replace(settings, delivery=DeliveryConfig(relay=url, outbox=settings.delivery.outbox))

@@ -175,11 +175,15 @@ def _domain(config: DeliveryConfig) -> str:
     return config.sender.partition("@")[2] or "localhost"
 
 
-def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None) -> str:
+def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None,
+                 maybe_stored: bool = True) -> str:
     """Hand the message to the relay, or add it to the outbox; return where it went.
 
     With a ``key`` the outbox copy is ``new/<key>``, written once: a run retried after a crash that
-    came after delivery finds it there and does not deliver twice. Raises DeliveryError: retryable
+    came after delivery finds it there (or in cur/, once a mail reader has seen it) and does not deliver
+    twice. ``maybe_stored=False`` says no earlier try can have stored it, so cur/ is not searched: that
+    search lists every message a reader has kept (tens of ms per digest with tens of thousands there). Raises
+    DeliveryError: retryable
     for an unreachable relay or an unwritable outbox, not retryable for a UTF-8 address and a relay
     that does not offer SMTPUTF8 (RFC 6531).
     """
@@ -188,7 +192,7 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
     try:
         if key is None:
             return str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
-        return _add_once(msg, Path(config.outbox), key)
+        return _add_once(msg, Path(config.outbox), key, maybe_stored)
     except OSError as exc:  # full disk, read-only outbox: another try may work
         raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
 
@@ -205,12 +209,13 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
     return str(config.relay)
 
 
-def _add_once(msg: EmailMessage, outbox: Path, key: str) -> str:
-    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or cur/ already.
+def _add_once(msg: EmailMessage, outbox: Path, key: str, maybe_stored: bool = True) -> str:
+    """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or (when an earlier try
+    ``maybe_stored`` it) cur/ already.
 
     The Maildir's folders are made when the look-up or the write finds one missing, not on every digest.
     """
-    done = _delivered_as(outbox, key)
+    done = _delivered_as(outbox, key, maybe_stored)
     if done:
         return done
     data = msg.as_bytes()
@@ -242,13 +247,18 @@ def _store(data: bytes, outbox: Path, key: str) -> str:
     return str(outbox / "new" / key)
 
 
-def _delivered_as(outbox: Path, key: str) -> str | None:
-    """The path of the message named ``key`` in new/ or cur/ (``key`` or ``key:2,FLAGS`` once read), or None.
+def _delivered_as(outbox: Path, key: str, search_cur: bool = True) -> str | None:
+    """The path of the message named ``key`` in new/ or, with ``search_cur``, cur/ (``key`` or ``key:2,FLAGS``
+    once read), or None.
 
     A prefix test over cur/'s names: a glob would compile a pattern for every key.
     """
     if (outbox / "new" / key).exists():
         return str(outbox / "new" / key)
+    if not search_cur:
+        if not (outbox / "cur").is_dir():  # the first digest into this outbox, or cur/ was removed
+            _make_folders(outbox)
+        return None
     try:
         with os.scandir(outbox / "cur") as entries:
             for entry in entries:
