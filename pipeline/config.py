@@ -252,10 +252,17 @@ class DeliveryConfig:
     outbox: Path = Path("data/outbox")
     sender: str = "digest@localhost"
     recipient: str | None = None  # default: the original sender
+    # a relay or outbox that fails for a while (a relay restarting, greylisting's usual 5 minutes, a full disk)
+    # is tried again with pauses doubling from [runner] retry_base_delay_s up to retry_max_delay_s: with these
+    # defaults over 13-26 minutes (the pauses are jittered), before the run fails with reason delivery
+    retries: int = 20
+    retry_max_delay_s: float = 120.0
 
     def validate(self) -> None:
-        if self.relay and not self.relay.startswith("smtp://"):
-            raise ConfigurationError(f"delivery.relay must look like smtp://host:port, not {self.relay!r}")
+        if self.relay:
+            _check_relay(self.relay)
+        if self.retries < 0 or not self.retry_max_delay_s > 0:
+            raise ConfigurationError("delivery.retries must be >= 0 and delivery.retry_max_delay_s > 0")
         for name in ("sender", "recipient"):
             value = getattr(self, name)
             if value is not None and not _is_one_mailbox(value):
@@ -264,6 +271,25 @@ class DeliveryConfig:
         if self.recipient and _addr_spec(self.recipient) == _addr_spec(self.sender):
             raise ConfigurationError(f"delivery.recipient is delivery.sender ({self.sender}): no digest would ever "
                                      f"go out (a digest is never sent to its own sender: it could loop)")
+
+
+def _check_relay(relay: str) -> None:
+    """A relay URL this client can use: smtp://host[:port], nothing else (it speaks no TLS and no AUTH, so a
+    user:password in the URL would be sent nowhere, and shown in every failed run's reason)."""
+    from urllib.parse import urlsplit
+
+    shape = "delivery.relay must look like smtp://host:port"
+    try:
+        url = urlsplit(relay)
+        url.port  # noqa: B018 - parsed only to refuse a port that is not a number or out of range
+    except ValueError as exc:  # a port that is not a number, or out of range
+        raise ConfigurationError(f"{shape}: {exc}") from exc
+    if url.scheme.lower() != "smtp":
+        raise ConfigurationError(f"{shape}, not {relay!r} (smtps and other schemes are not supported)")
+    if url.username is not None or url.password is not None:
+        raise ConfigurationError(f"{shape}: no user or password (the relay client speaks no AUTH)")
+    if not url.hostname or url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigurationError(f"{shape}, not {relay!r}")
 
 
 # local@domain, both dot-atoms (RFC 5322 3.4.1): the usual shape, which the email package reads as one mailbox

@@ -55,6 +55,7 @@ class Task:
     fn: Callable[[TaskContext], Any]
     deps: tuple[str, ...] = ()
     retries: int | None = None  # None: the runner's default
+    retry_max_delay_s: float | None = None  # the longest pause between tries; None: the runner's
     timeout_s: float | None = None
     executor: str = "thread"
     map_over: str | None = None

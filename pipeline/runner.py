@@ -377,7 +377,8 @@ class DAGRunner:
         elif inst.try_number <= retries and getattr(exc, "retryable", True):
             inst.state, inst.error = s.RETRYING, error
             self._write(instance_id, s.RETRYING, error=error)
-            delay = min(self.config.retry_max_delay_s, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
+            longest = inst.task.retry_max_delay_s or self.config.retry_max_delay_s
+            delay = min(longest, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
             self._waiting_retry.add(instance_id)
             metrics.task_retried(instance_id)
             self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)

@@ -60,6 +60,15 @@ ROLES = (ALL, GATEWAY, WORKERS)
 _ROLE_NAMES = {ALL: "gateway and workers", GATEWAY: "gateway only", WORKERS: "workers only"}
 
 
+def _abort_relay_sessions() -> None:
+    """End relay sessions still open past the grace period: a stuck relay must not hold serve's exit."""
+    from .stages.deliver import abort_relay_sessions
+
+    ended = abort_relay_sessions()
+    if ended:
+        log.warning("ended %d relay session(s) still open; their digests are sent at the next start", ended)
+
+
 class PipelineService:
     """Compose store, engine, gateway and drop folder from one Settings."""
 
@@ -200,7 +209,7 @@ class PipelineService:
         Every step runs even if an earlier one fails; the first failure is raised at the end. Safe to call twice.
         """
         steps: list[Callable[[], None]] = [self.gateway.stop, lambda: self.engine.shutdown(grace_s),
-                                           self.store.close, self.spool.close]
+                                           _abort_relay_sessions, self.store.close, self.spool.close]
         if self.gateway_process is not None:  # first: no new messages, and those accepted are committed
             steps.insert(0, self.gateway_process.stop)
         if self.drop_folder is not None:

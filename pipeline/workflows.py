@@ -181,9 +181,10 @@ def email_digest_dag(settings: Settings) -> DAG:
              timeout_s=cluster_try_timeout_s(settings)),
         # build_digest and deliver: in the runner's process pool by default (runner.stage_executor), deliver only
         # into the Maildir (a relay's network waits would hold the pool's few workers); one retry for a pool
-        # worker killed from outside (worker_crashed); deliver has its own three
+        # worker killed from outside (worker_crashed); deliver has [delivery] retries
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",), executor=stage_executor(settings), retries=1),
-        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"), retries=3,
+        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"),
+             retries=settings.delivery.retries, retry_max_delay_s=settings.delivery.retry_max_delay_s,
              executor="thread" if settings.delivery.relay else stage_executor(settings)),
     ])

@@ -42,6 +42,13 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[runner]\ncompletion_threads = -1", "runner.completion_threads must be >= 0"),
     ("[gateway]\ninline_accept_bytes = -1", "gateway.inline_accept_bytes must be >= 0 (0: every message in the"),
     ("[serve]\nengine_nice = 20", "[serve] engine_nice must be 0-19 (nice steps), got 20"),
+    ('[delivery]\nrelay = "smtps://mail.example.com:465"', "delivery.relay must look like smtp://host:port, not"),
+    ('[delivery]\nrelay = "mail.example.com:25"', "delivery.relay must look like smtp://host:port, not"),
+    ('[delivery]\nrelay = "smtp://127.0.0.1:25x"', "delivery.relay must look like smtp://host:port: Port could"),
+    ('[delivery]\nrelay = "smtp://127.0.0.1:99999"', "delivery.relay must look like smtp://host:port: Port out of"),
+    ('[delivery]\nrelay = "smtp://:2525"', "delivery.relay must look like smtp://host:port, not 'smtp://:2525'"),
+    ('[delivery]\nrelay = "smtp://relay:25?starttls=1"', "delivery.relay must look like smtp://host:port, not"),
+    ("[delivery]\nretries = -1", "delivery.retries must be >= 0"),
     ("[serve]\ngateway_slice_us = 50", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), got 50"),
     ("[serve]\ngateway_slice_us = 100001", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000"),
     ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
@@ -72,6 +79,18 @@ def test_good_setting_is_stored_as_its_field_type(tmp_path, toml, section, key, 
     settings = load_settings(write_toml(tmp_path, toml), tmp_path / "data")
     value = getattr(getattr(settings, section), key)
     assert value == expected and type(value) is type(expected)
+
+
+def test_a_relay_url_with_a_password_is_refused_without_showing_it(tmp_path):
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(write_toml(tmp_path, '[delivery]\nrelay = "smtp://mailer:s3cret@relay.example.com:587"'))
+    assert "no user or password" in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("relay", ["smtp://relay.example.com", "SMTP://relay.example.com:2525", "smtp://[::1]:2525",
+                                   "smtp://127.0.0.1:25/"])
+def test_a_relay_url_a_user_would_write_is_taken(tmp_path, relay):
+    assert load_settings(write_toml(tmp_path, f'[delivery]\nrelay = "{relay}"')).delivery.relay == relay
 
 
 def test_data_dir_from_the_file_places_store_and_outbox(tmp_path):

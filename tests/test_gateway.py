@@ -175,7 +175,7 @@ def test_relay_down_retries_then_fails_with_reason(service_factory, settings):
     from pipeline.config import DeliveryConfig, GatewayConfig
     from pipeline.service import PipelineService
 
-    dead = DeliveryConfig(relay=f"smtp://127.0.0.1:{free_port()}")
+    dead = DeliveryConfig(relay=f"smtp://127.0.0.1:{free_port()}", retries=3)  # the default tries for minutes
     service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), delivery=dead)).start()
     try:
         run = send_and_get_run(service, fx.email_with([], message_id="<relay@x>"))

@@ -35,11 +35,14 @@ non-retryable DeliveryError naming the address.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mailbox
 import os
 import re
 import smtplib
+import socket
+import threading
 from collections.abc import Mapping
 from email import errors as email_errors
 from email.headerregistry import Address
@@ -62,6 +65,12 @@ _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDe
 # RFC 6532: a UTF-8 address is written as UTF-8 (mailpolicy.SMTPUTF8), never as an RFC 2047 encoded word
 # (which the default policy would silently put in the local part); a relay must then offer SMTPUTF8.
 
+
+COMMAND_TIMEOUT_S = 30.0  # connect, the greeting and each command's reply
+DATA_END_TIMEOUT_S = 600.0  # the reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes)
+SESSION_DEADLINE_S = 900.0  # a whole relay session, however the relay trickles its replies
+_SESSIONS: set[Any] = set()  # the relay sessions open in this process (abort_relay_sessions)
+_SESSIONS_LOCK = threading.Lock()
 
 LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers with write access to the data dir
 NULL_SENDER = "null sender"
@@ -197,16 +206,93 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
         raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
 
 
+class _RelaySMTP(smtplib.SMTP):
+    """smtplib's client, waiting for the reply to the final dot as long as RFC 5321 4.5.3.2.6 says (a relay
+    that scans content answers late; giving up early sends the digest again)."""
+
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        if self.sock is not None:
+            self.sock.settimeout(DATA_END_TIMEOUT_S)
+        return super().data(msg)
+
+
+class _Session:
+    """One relay session that a watchdog ends at ``deadline_s`` (a relay that trickles its replies byte by
+    byte never lets a read time out) or ``abort_relay_sessions`` ends at once (serve stopping)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.smtp = _RelaySMTP(timeout=COMMAND_TIMEOUT_S)
+        self.expired = False
+        self._timer = threading.Timer(deadline_s, self.end)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Session:
+        with _SESSIONS_LOCK:
+            _SESSIONS.add(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with _SESSIONS_LOCK:
+            _SESSIONS.discard(self)
+        self.smtp.close()
+
+    def end(self) -> None:
+        """Shut the socket down: a read blocked on it returns at once (closing it alone would not wake it)."""
+        self.expired = True
+        sock = self.smtp.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def abort_relay_sessions() -> int:
+    """End every relay session of this process now (serve stopping: a stuck relay must not hold the exit);
+    return how many. Their tries fail retryable, and the runs are tried again at the next start."""
+    with _SESSIONS_LOCK:
+        sessions = list(_SESSIONS)
+    for session in sessions:
+        session.end()
+    return len(sessions)
+
+
 def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
+    """Send ``msg`` through the relay; DeliveryError as the relay's reply says (5xx: not retryable)."""
     url = urlparse(config.relay or "")
-    try:
-        with smtplib.SMTP(url.hostname or "127.0.0.1", url.port or 25, timeout=30) as smtp:
-            smtp.send_message(msg)
-    except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
-        raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
-    except (OSError, smtplib.SMTPException) as exc:
-        raise DeliveryError(f"relay {config.relay} refused or unreachable: {exc}") from exc
+    with _Session(SESSION_DEADLINE_S) as session:
+        try:
+            code, greeting = session.smtp.connect(url.hostname or "127.0.0.1", url.port or 25)
+            if code != 220:  # smtplib.SMTP(host) raises this itself; connect() only returns the reply
+                raise smtplib.SMTPConnectError(code, greeting)
+            session.smtp.send_message(msg)
+        except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
+            raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            if session.expired:
+                raise DeliveryError(f"relay {config.relay} did not finish the session within {SESSION_DEADLINE_S:g} s"
+                                    ) from exc
+            raise _relay_error(config.relay, exc) from exc
+        # the relay has the digest (250 to the final dot): whatever it answers to QUIT, it is delivered
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            session.smtp.quit()
     return str(config.relay)
+
+
+def _relay_error(relay: str | None, exc: BaseException) -> DeliveryError:
+    """A relay's refusal as a DeliveryError: a 5xx reply is permanent (RFC 5321 4.2.1: trying again cannot
+    help), a 4xx reply or a lost connection is not."""
+    text: bytes | str
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, text = min(exc.recipients.values(), key=lambda reply: reply[0])
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        code, text = exc.smtp_code, exc.smtp_error
+    else:
+        return DeliveryError(f"relay {relay} unreachable or gone: {exc}")
+    reply = f"{code} {text.decode('utf-8', 'replace') if isinstance(text, bytes) else text}"
+    if 500 <= code < 600:
+        return DeliveryError(f"relay {relay} refused the digest: {reply}", retryable=False)
+    return DeliveryError(f"relay {relay} deferred the digest: {reply}")
 
 
 def _add_once(msg: EmailMessage, outbox: Path, key: str, maybe_stored: bool = True) -> str:

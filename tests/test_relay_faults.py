@@ -1,0 +1,181 @@
+"""Relays as they behave in the wild (greylisting, permanent refusals, content scanners slow to answer the
+final dot, tarpits, odd replies to QUIT): what each does to a digest. The relay is outside the machine, so
+it is faked here: a scripted SMTP server on loopback, one script per connection."""
+
+from __future__ import annotations
+
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import pytest
+from conftest import free_port
+from helpers import send_for_run_id, wait_until
+
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import DeliveryConfig, GatewayConfig, RunnerConfig
+from pipeline.errors import DeliveryError
+from pipeline.service import PipelineService
+from pipeline.stages import deliver
+from pipeline.stages.digest import Digest
+from pipeline.store import SUCCESS
+
+OK = {"greeting": "220 relay ready", "ehlo": "250 relay", "mail": "250 ok", "rcpt": "250 ok", "data": "354 go on",
+      "dot": "250 queued", "quit": "221 bye"}
+
+
+@dataclass
+class Relay:
+    """Scripted replies, one script per connection (the last one repeats); records the messages it took."""
+
+    scripts: list[dict[str, str]]
+    trickle_greeting: bool = False  # an endless greeting, a byte every 50 ms
+    dot_delay_s: float = 0.0
+    messages: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    url: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)  # ends every session (the fixture's end)
+
+
+class _Session(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        relay: Relay = self.server.relay  # type: ignore[attr-defined]
+        script = {**OK, **relay.scripts[min(relay.connections, len(relay.scripts) - 1)]}
+        relay.connections += 1
+        if relay.trickle_greeting:
+            while not relay.stop.wait(0.05):
+                try:
+                    self.wfile.write(b"2")
+                except OSError:  # the client gave up
+                    return
+            return
+        if script["greeting"] == "":
+            relay.stop.wait(30)  # never greets
+            return
+        self.say(script["greeting"])
+        while line := self.rfile.readline():
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                self.say(script["ehlo"])
+            elif verb == b"MAIL":
+                self.say(script["mail"])
+            elif verb == b"RCPT":
+                self.say(script["rcpt"])
+            elif verb == b"DATA":
+                self.say(script["data"])
+                body = b"".join(iter(lambda: self.rfile.readline(), b".\r\n"))
+                time.sleep(relay.dot_delay_s)
+                if script["dot"].startswith("250"):
+                    relay.messages.append(body)
+                self.say(script["dot"])
+            elif verb == b"QUIT":
+                self.say(script["quit"])
+                return
+            else:
+                self.say("250 ok")
+
+    def say(self, reply: str) -> None:
+        self.wfile.write(reply.encode() + b"\r\n")
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Session)  # server_close joins the sessions
+    server.relay = Relay([{}])  # type: ignore[attr-defined]
+    server.relay.url = f"smtp://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.relay  # type: ignore[attr-defined]
+    server.relay.stop.set()  # type: ignore[attr-defined]
+    server.shutdown()
+    server.server_close()
+
+
+def send(relay: Relay) -> str:
+    config = DeliveryConfig(relay=relay.url)
+    to = deliver.reply_address("alice@example.com")
+    msg = deliver.compose_reply(Digest("Digest: hi", "body", "<p>body</p>"), {"message_id": "<m@x>"}, config, to=to)
+    return deliver.send_message(msg, config)
+
+
+@pytest.mark.parametrize("stage,reply", [("mail", "550 5.7.1 no relaying"), ("rcpt", "553 5.1.3 bad address"),
+                                         ("dot", "554 5.7.0 message rejected"),
+                                         ("mail", "530 5.7.0 Must issue a STARTTLS command first")])
+def test_a_permanent_refusal_is_not_tried_again_and_says_what_the_relay_said(relay, stage, reply):
+    relay.scripts = [{stage: reply}]
+    with pytest.raises(DeliveryError, match="refused the digest: " + reply.split()[0]) as refused:
+        send(relay)
+    assert not refused.value.retryable and not relay.messages
+
+
+@pytest.mark.parametrize("stage,reply", [("greeting", "421 4.3.2 busy"), ("mail", "451 4.7.1 greylisted"),
+                                         ("rcpt", "452 4.2.2 mailbox full"), ("dot", "451 4.3.0 try later")])
+def test_a_temporary_refusal_is_tried_again_and_says_so(relay, stage, reply):
+    relay.scripts = [{stage: reply}]
+    with pytest.raises(DeliveryError) as deferred:
+        send(relay)
+    assert deferred.value.retryable and not relay.messages
+    assert "deferred the digest: 4" in str(deferred.value) or "unreachable or gone" in str(deferred.value)
+
+
+def test_a_421_to_quit_after_the_relay_took_the_digest_is_a_delivery(relay):
+    relay.scripts = [{"quit": "421 4.3.0 shutting down"}]
+    assert send(relay) == relay.url and len(relay.messages) == 1
+
+
+def test_a_relay_slow_to_answer_the_final_dot_is_waited_for(relay, monkeypatch):
+    """A content scanner answers the final dot later than any command; giving up sent the digest again."""
+    monkeypatch.setattr(deliver, "COMMAND_TIMEOUT_S", 0.5)
+    relay.dot_delay_s = 1.5
+    assert send(relay) == relay.url and len(relay.messages) == 1 and relay.connections == 1
+
+
+def test_a_tarpit_relay_is_given_up_at_the_session_deadline(relay, monkeypatch):
+    """Each byte of its greeting comes before the read times out: only the session's deadline ends it."""
+    monkeypatch.setattr(deliver, "COMMAND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(deliver, "SESSION_DEADLINE_S", 1.5)
+    relay.trickle_greeting = True
+    with pytest.raises(DeliveryError, match="did not finish the session within 1.5 s") as slow:
+        send(relay)
+    assert slow.value.retryable
+
+
+def test_stopping_ends_a_session_stuck_on_a_relay_at_once(relay):
+    relay.scripts = [{"greeting": ""}]  # accepts the connection, never greets (30 s, the command timeout)
+    failed: list[BaseException] = []
+
+    def sending() -> None:
+        try:
+            send(relay)
+        except DeliveryError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=sending)
+    thread.start()
+    assert wait_until(lambda: relay.connections == 1 and deliver.abort_relay_sessions() == 1, timeout_s=10)
+    thread.join(10)
+    assert not thread.is_alive() and failed and failed[0].retryable
+
+
+def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):
+    """451 to the first two sessions (greylisting), then 250: the run succeeds on the third try, one copy."""
+    relay.scripts = [{"rcpt": "451 4.7.1 greylisted, come back later"}] * 2 + [{}]
+    fast = replace(settings.runner, retry_base_delay_s=0.05)
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), runner=fast,
+                                      delivery=DeliveryConfig(relay=relay.url))).start()
+    try:
+        run = service.engine.wait(send_for_run_id(service, fx.email_with([], message_id="<grey@x>")), timeout=60)
+        assert run.state == SUCCESS
+        deliver_try = {t.task_id: t for t in service.store.get_tasks(run.run_id)}["deliver"]
+        assert deliver_try.try_number == 3 and len(relay.messages) == 1
+    finally:
+        service.stop()
+
+
+def test_delivery_is_retried_for_minutes_by_default():
+    """The shipped schedule outlasts greylisting's usual 5 minutes, even with every pause at its shortest."""
+    runner, delivery = RunnerConfig(), DeliveryConfig()
+    pauses = [min(delivery.retry_max_delay_s, runner.retry_base_delay_s * 2 ** i) for i in range(delivery.retries)]
+    assert 0.5 * sum(pauses) > 5 * 60  # the runner jitters each pause to 50-100 % of its length
