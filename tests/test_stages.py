@@ -72,6 +72,26 @@ def test_reply_cannot_be_given_extra_headers():
     assert msg["Subject"] == "Digest: hi Bcc: evil@example.com"
 
 
+EXCHANGE_ID = "<AM0PR04MB6545E1B8B1C2D3E4F5A6B7C8D9E0F1A2B3C4D5E6F7A8B9C0@AM0PR04MB6545.eurprd04.prod.outlook.com>"
+
+
+@pytest.mark.parametrize("to", ["alice@example.com", "jörg@example.com"])  # the UTF-8 address: the other policy
+def test_a_reply_to_an_exchange_length_message_id_threads_under_it(to):
+    """A 99-character id written as it is (one line, under RFC 5322's 998), not as encoded words a reader
+    cannot match against the original."""
+    msg = deliver.compose_reply(digest.Digest("Digest: x", "t", "<p>h</p>"), {"message_id": EXCHANGE_ID},
+                                DeliveryConfig(), to=deliver.reply_address(to))
+    raw = msg.as_bytes()
+    assert f"\nIn-Reply-To: {EXCHANGE_ID}\n".encode() in raw and f"\nReferences: {EXCHANGE_ID}\n".encode() in raw
+    assert b"=?" not in raw.split(b"\n\n", 1)[0]
+
+
+def test_a_utf8_message_id_is_not_threaded_rather_than_written_encoded():
+    msg = deliver.compose_reply(digest.Digest("Digest: x", "t", "<p>h</p>"), {"message_id": "<ünï@example.com>"},
+                                DeliveryConfig(), to=deliver.reply_address("alice@example.com"))
+    assert "In-Reply-To" not in msg and b"=?" not in msg.as_bytes().split(b"\n\n", 1)[0]
+
+
 def test_reply_refuses_a_non_address():
     with pytest.raises(DeliveryError, match="not a single mailbox address") as err:
         deliver.reply_address("a@b, c@d")

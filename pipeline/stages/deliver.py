@@ -56,13 +56,13 @@ from ..config import DeliveryConfig
 from ..errors import DeliveryError, ParseError
 from .autoreply import DIGEST_HEADERS, MACHINE
 from .digest import Digest
-from .mailpolicy import DEFAULT, SMTPUTF8
+from .mailpolicy import REPLY, REPLY_UTF8
 from .parse import clean_header, parse_mailboxes
 
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
 # Defects that still leave one well-defined mailbox: a UTF-8 local part (RFC 6532) and an obsolete route.
 _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDefect)
-# RFC 6532: a UTF-8 address is written as UTF-8 (mailpolicy.SMTPUTF8), never as an RFC 2047 encoded word
+# RFC 6532: a UTF-8 address is written as UTF-8 (mailpolicy.REPLY_UTF8), never as an RFC 2047 encoded word
 # (which the default policy would silently put in the local part); a relay must then offer SMTPUTF8.
 
 
@@ -158,7 +158,7 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
                   message_id: str | None = None) -> EmailMessage:
     """Build the reply to ``to`` (see ``reply_recipient``): text and HTML alternatives, threaded under the original."""
     utf8 = not to.addr_spec.isascii()  # RFC 6532: a UTF-8 address is written raw (needs SMTPUTF8 at the relay)
-    msg = EmailMessage(policy=SMTPUTF8 if utf8 else DEFAULT)
+    msg = EmailMessage(policy=REPLY_UTF8 if utf8 else REPLY)
     msg["From"] = config.sender
     msg["To"] = to
     msg["Subject"] = clean_header(digest.subject, 250)
@@ -167,7 +167,7 @@ def compose_reply(digest: Digest, email: Mapping[str, Any], config: DeliveryConf
     for name, value in DIGEST_HEADERS.items():  # an automatic response (RFC 3834 5.2): never answered in turn
         msg[name] = value
     original = email.get("message_id") or ""
-    if _MSG_ID.match(original):
+    if _MSG_ID.match(original) and original.isascii():  # a UTF-8 id (RFC 6532) would be written encoded
         msg["In-Reply-To"] = original
         msg["References"] = original
     msg.set_content(digest.text)

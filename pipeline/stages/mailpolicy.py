@@ -10,7 +10,7 @@ cache is bounded by the number of kinds (a few dozen): unknown header names all 
 from __future__ import annotations
 
 from email import policy
-from email.headerregistry import BaseHeader, HeaderRegistry
+from email.headerregistry import BaseHeader, HeaderRegistry, MessageIDHeader
 from typing import Any
 
 
@@ -32,3 +32,18 @@ class ReusedHeaderClasses(HeaderRegistry):
 DEFAULT = policy.default.clone(header_factory=ReusedHeaderClasses())
 SMTP = DEFAULT.clone(linesep="\r\n")
 SMTPUTF8 = DEFAULT.clone(utf8=True)
+
+
+def _reply_headers() -> ReusedHeaderClasses:
+    """The registry a digest is written with: In-Reply-To and References are message ids (one each, the original's).
+
+    As free text (the default), a message id longer than a line (Exchange's are about 90 characters) was
+    written as RFC 2047 encoded words, and mail readers no longer put the digest under the original."""
+    registry = ReusedHeaderClasses()
+    for name in ("in-reply-to", "references"):
+        registry.map_to_type(name, MessageIDHeader)  # type: ignore[arg-type]  # a mixin, as every header class
+    return registry
+
+
+REPLY = DEFAULT.clone(header_factory=_reply_headers())  # a digest's headers (compose_reply); parsing uses DEFAULT
+REPLY_UTF8 = REPLY.clone(utf8=True)
