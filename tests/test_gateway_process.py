@@ -26,7 +26,7 @@ from helpers import wait_until
 from pipeline import priority
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.serveproc import ServeProcess
-from pipeline.config import GatewayConfig, ServeConfig
+from pipeline.config import GatewayConfig
 from pipeline.gatewayprocess import GatewayProcess
 from pipeline.metrics import GATEWAY_PROCESS
 from pipeline.sqlite_store import SqliteRunStore
@@ -253,6 +253,9 @@ def slices_us(proc: psutil.Process) -> set[int]:
     return {priority._runtime(libc, calls, t.id) // 1000 for t in proc.threads()}
 
 
+SLICE_US = 100  # [serve] gateway_slice_us asked for (the default, 0, asks for nothing)
+
+
 def takes_slices() -> bool:
     """Whether this kernel keeps a slice a thread asks for (Linux 6.12+), read back in a child process."""
     code = "from pipeline.priority import request_slice; print(request_slice(300))"
@@ -266,16 +269,16 @@ def takes_slices() -> bool:
 def test_the_gateway_process_asks_for_short_slices_and_the_engine_keeps_the_kernels(tmp_path):
     if not takes_slices():
         pytest.skip(f"this kernel ({platform.release()}) ignores slice requests (Linux 6.12+ takes them)")
-    serve = ServeProcess(tmp_path / "data", tmp_path / "serve").start()  # the shipped [serve] gateway_slice_us
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_slice_us": SLICE_US}}).start()
     try:
         send(serve.port, "<slice-1@example.com>")  # the gateway's accept threads are up once a mail went through
         assert wait_until(lambda: all_finished(serve.data_dir, ["<slice-1@example.com>"]), timeout_s=120)
         child = gateway_children(serve)[0]
-        assert len(child.threads()) > 1 and slices_us(child) == {ServeConfig.gateway_slice_us}
-        assert ServeConfig.gateway_slice_us not in slices_us(psutil.Process(serve.proc.pid))  # the engine's: kernel's
+        assert len(child.threads()) > 1 and slices_us(child) == {SLICE_US}
+        assert SLICE_US not in slices_us(psutil.Process(serve.proc.pid))  # the engine's: kernel's
         child.kill()  # a restarted gateway process asks again, once it has read its orders
         assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [child.pid]), timeout_s=60)
-        assert wait_until(lambda: slices_us(gateway_children(serve)[0]) == {ServeConfig.gateway_slice_us},
+        assert wait_until(lambda: slices_us(gateway_children(serve)[0]) == {SLICE_US},
                           timeout_s=60)
     finally:
         serve.stop()
