@@ -334,10 +334,9 @@ class ServeConfig:
     engine_nice: int = 12
     # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
     # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
-    # Measured both ways, the evidence is split: with 2 serves side by side (scripts/bench_gateway.py
-    # --gateway-slice-us 0 100 at 9653d2f) 100 gave p99 40.3 against 63.7 ms; in the audit, 7 serves side by
-    # side, the kernel's gave 31.9 against 44.1 ms (session 20261129T144720-1305a6). So the kernel's stays the
-    # default and 100 is a switch the audit measures (client_latency's short_slice) (README, Benchmarks)
+    # Not shown to help: client_latency's first variant measured worse in every comparison whatever its settings,
+    # and each value looked better whenever it was not first (README, Benchmarks); the audit measures 100 as
+    # short_slice
     gateway_slice_us: int = 0
 
     def validate(self) -> None:
