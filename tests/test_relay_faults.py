@@ -157,6 +157,7 @@ def test_stopping_ends_a_session_stuck_on_a_relay_at_once(relay):
     assert wait_until(lambda: relay.connections == 1 and deliver.abort_relay_sessions() == 1, timeout_s=10)
     thread.join(10)
     assert not thread.is_alive() and failed and failed[0].retryable
+    assert "was cut off: serve stopped" in str(failed[0])
 
 
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):

@@ -222,8 +222,8 @@ class _Session:
 
     def __init__(self, deadline_s: float) -> None:
         self.smtp = _RelaySMTP(timeout=COMMAND_TIMEOUT_S)
-        self.expired = False
-        self._timer = threading.Timer(deadline_s, self.end)
+        self.ended: str | None = None  # why the session was ended from outside, if it was
+        self._timer = threading.Timer(deadline_s, self.end, (f"did not finish the session within {deadline_s:g} s",))
         self._timer.daemon = True
 
     def __enter__(self) -> _Session:
@@ -238,9 +238,9 @@ class _Session:
             _SESSIONS.discard(self)
         self.smtp.close()
 
-    def end(self) -> None:
+    def end(self, why: str) -> None:
         """Shut the socket down: a read blocked on it returns at once (closing it alone would not wake it)."""
-        self.expired = True
+        self.ended = why
         sock = self.smtp.sock
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -253,7 +253,7 @@ def abort_relay_sessions() -> int:
     with _SESSIONS_LOCK:
         sessions = list(_SESSIONS)
     for session in sessions:
-        session.end()
+        session.end("was cut off: serve stopped")
     return len(sessions)
 
 
@@ -269,9 +269,8 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
         except smtplib.SMTPNotSupportedError as exc:  # a UTF-8 address and a relay without SMTPUTF8
             raise DeliveryError(f"relay {config.relay} cannot take {msg['To']}: {exc}", retryable=False) from exc
         except (OSError, smtplib.SMTPException) as exc:
-            if session.expired:
-                raise DeliveryError(f"relay {config.relay} did not finish the session within {SESSION_DEADLINE_S:g} s"
-                                    ) from exc
+            if session.ended:
+                raise DeliveryError(f"relay {config.relay} {session.ended}") from exc
             raise _relay_error(config.relay, exc) from exc
         # the relay has the digest (250 to the final dot): whatever it answers to QUIT, it is delivered
         with contextlib.suppress(OSError, smtplib.SMTPException):
