@@ -17,9 +17,15 @@ default the shipped settings, ``[serve] engine_nice = 0``, ``[serve]
 gateway_slice_us = 100``, ``[serve] gateway_process = false``, ``serve --gateway-only`` (the same gateway with
 nothing processed behind it), and ``bare_sink``: not a serve but ``baresink``
 (aiosmtpd, fsync, commit, 250, nothing behind it), the floor these clients
-and this machine give any gateway. After a warm-up round
-each, they take turns (A B, then B A): every round waits until its runs
-ended, so one variant's work never overlaps another's measurement.
+and this machine give any gateway. Variants take turns (A B, then B A),
+and only the one whose turn it is runs: each turn starts its serve, warms it
+up with a round that is not recorded, runs the measured rounds, and stops it.
+Every round waits until its runs ended, so one variant's work never overlaps
+another's measurement. One serve at a time is how serve runs on a machine,
+and it is fair: with all serves alive side by side, identical serves did not
+measure alike (the one started last measured best in 4 of 4 one-off runs,
+the others spending 5-7 % more CPU per mail; cause not found), and the
+shipped default, started first, paid for it in every audit session.
 
 Rows (harness ``row``): per mail ``client_txn_ms``, ``client_mail_ms`` and
 ``server_trigger_ms`` (tags ``senders``, ``large``, ``kind`` small/large), per
@@ -157,6 +163,21 @@ def _round(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: s
     return out
 
 
+def _turn(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: str, rep: int,
+          rounds: list[tuple[int, bytes | None]], senders: tuple[int, ...], per_sender: int, warmup_mails: int,
+          settle: bool, timeout_s: float) -> Rows:
+    """One variant's turn: start its serve, warm it up (workers spawned, code paths hot; not recorded), run
+    ``rounds``, stop it. The data dir stays, so the store grows turn by turn as a long-running serve's would."""
+    serve.start()
+    try:
+        _round(pool, serve, variant, -1 - rep, min(max(senders), 4), max(1, warmup_mails // 4), None, settle,
+               timeout_s)
+        return [one for count, big in rounds
+                for one in _round(pool, serve, variant, rep, count, per_sender, big, settle, timeout_s)]
+    finally:
+        serve.stop()
+
+
 def pick_variants(variants: dict[str, Variant] | list[str] | None) -> dict[str, Variant]:
     """``variants`` as a dict: all of ``VARIANTS`` for None, those named for a list (a notebook's parameter)."""
     if variants is None:
@@ -195,18 +216,14 @@ def client_latency(work: Path, senders: tuple[int, ...] = (1, 8), per_sender: in
             for name, (config, args) in variants.items()}
         for serve in serves.values():
             stack.callback(serve.stop)
-            serve.start()
         pool = stack.enter_context(ProcessPoolExecutor(max(senders) + 1, mp_context=context))
         prestart(pool, max(senders) + 1, context)
         settle = {name: name != BARE and "--gateway-only" not in args for name, (_, args) in variants.items()}
-        for name, serve in serves.items():  # warm-up: workers spawned, code paths hot; not recorded
-            _round(pool, serve, name, -1, min(max(senders), 4), max(1, warmup_mails // 4), None, settle[name],
-                   timeout_s)
         for rep in range(reps):
             order = list(serves) if rep % 2 == 0 else list(serves)[::-1]  # A B C, then C B A
             for name in order:
-                for count, big in rounds:
-                    rows += _round(pool, serves[name], name, rep, count, per_sender, big, settle[name], timeout_s)
+                rows += _turn(pool, serves[name], name, rep, rounds, senders, per_sender, warmup_mails,
+                              settle[name], timeout_s)
     result = frame(rows)
     if recorder is not None:
         recorder.record(SCENARIO, result)
