@@ -62,6 +62,22 @@ def test_a_first_try_does_not_search_what_a_mail_client_kept_and_a_later_try_doe
     assert second["where"] == str(kept) and not (outbox / "new" / delivery_key(ctx)).exists()
 
 
+
+def test_where_the_sign_cannot_be_written_even_a_first_try_searches_what_a_mail_client_kept(tmp_path, settings):
+    """The work dir gone (purged, or on a disk that failed) leaves no place for the ``delivering`` sign: such a
+    try cannot tell it is the first, so it looks in cur/ as a retry would, rather than risk a second copy."""
+    ctx, outbox = _ctx(tmp_path), settings.delivery.outbox
+    digest_path = tmp_path / "digest.json"  # kept apart: only the work dir is gone
+    (tmp_path / "work-7" / "digest.json").rename(digest_path)
+    (tmp_path / "work-7").rmdir()
+    ctx = replace(ctx, upstream={**ctx.upstream, "build_digest": {"digest_path": str(digest_path)}})
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True)
+    kept = outbox / "cur" / (delivery_key(ctx) + ":2,S")
+    kept.write_bytes(b"Subject: planted\r\n\r\n")
+    assert deliver_task(ctx, settings)["where"] == str(kept)
+    assert list((outbox / "new").iterdir()) == []
+
 def test_a_relayed_digest_is_not_relayed_again_once_marked(tmp_path, settings, smtp_sink):
     handler, url = smtp_sink
     relayed = replace(settings, delivery=DeliveryConfig(relay=url, outbox=settings.delivery.outbox))

@@ -1,11 +1,13 @@
 """Metrics on/off A/B: does serving ``/metrics`` slow the trigger? And which metric families does serve expose?
 
-Two real ``python -m pipeline serve`` processes run side by side, one with
+Two real ``python -m pipeline serve`` configurations, one with
 ``--metrics-port`` (scraped every ``scrape_every_s`` while it is loaded: 5 s,
-three times as often as a common 15 s Prometheus interval) and one without. After a warm-up mail each, the
-variants take turns (A B, then B A, ...): each turn sends ``mails`` small mails
-from sender processes and waits until their runs ended, so the other variant's
-work never overlaps. The trigger latency of each run is what the store says:
+three times as often as a common 15 s Prometheus interval) and one without,
+take turns (A B, then B A, ...), one serve alive at a time: each turn starts its
+serve, warms it up with ``warmup_mails`` (not recorded), sends ``mails`` small
+mails from sender processes, waits until their runs ended, and stops it. (With
+both alive side by side, identical serves did not measure alike: see
+``client_latency``.) The trigger latency of each run is what the store says:
 ``queued_at`` minus the ``data_end_at`` the gateway stamped when DATA ended.
 The counters in the core are always on (a dict lookup and an add); the A/B
 measures what the endpoint adds on top: its HTTP thread and the scrapes.
@@ -174,25 +176,29 @@ def overhead_rows(cpu: dict[str, list[float]]) -> Rows:
 
 def _ab_rows(work: Path, mails: int, senders: int, reps: int, warmup_mails: int, scrape_every_s: float,
              timeout_s: float) -> Rows:
-    """Both serves started in ``work``, warmed up, then the interleaved turns and the final scrape."""
+    """The interleaved turns, one serve alive at a time, and the families of metrics_on's last scrape."""
     port = free_port()
     serves = {"metrics_off": ServeProcess(work / "off" / "data", work / "off"),
               "metrics_on": ServeProcess(work / "on" / "data", work / "on", args=("--metrics-port", str(port)))}
     ports = {"metrics_off": None, "metrics_on": port}
     rows: Rows = []
+    exposed: dict[str, tuple[str, str]] = {}
     with ExitStack() as stack:
         for serve in serves.values():
             stack.callback(serve.stop)
-            serve.start()
-        for variant, serve in serves.items():  # warm-up: workers spawned, code paths hot; not recorded
-            _turn(serve, variant, -1, warmup_mails, 1, ports[variant], scrape_every_s, work, timeout_s)
         for rep in range(reps):
             for variant in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):
-                rows += _turn(serves[variant], variant, rep, mails, senders, ports[variant], scrape_every_s, work,
-                              timeout_s)
-        rows += [row("metrics_on", "metric_family", 1, "family", 0, name=name, type=kind, help=text)
-                 for name, (kind, text) in sorted(families(scrape(port)).items())]
-    return rows
+                serve = serves[variant].start()
+                try:  # warm-up: workers spawned, code paths hot; not recorded
+                    _turn(serve, variant, -1 - rep, warmup_mails, 1, ports[variant], scrape_every_s, work, timeout_s)
+                    rows += _turn(serve, variant, rep, mails, senders, ports[variant], scrape_every_s, work,
+                                  timeout_s)
+                    if ports[variant] is not None:
+                        exposed = families(scrape(port))
+                finally:
+                    serve.stop()
+    return rows + [row("metrics_on", "metric_family", 1, "family", 0, name=name, type=kind, help=text)
+                   for name, (kind, text) in sorted(exposed.items())]
 
 
 def summary(measurements: pd.DataFrame) -> dict[str, Any]:
