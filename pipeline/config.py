@@ -334,9 +334,8 @@ class ServeConfig:
     engine_nice: int = 12
     # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
     # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
-    # Not shown to help: client_latency's first variant measured worse in every comparison whatever its settings,
-    # and each value looked better whenever it was not first (README, Benchmarks); the audit measures 100 as
-    # short_slice
+    # Not shown to help: measured one serve at a time, 100 was within the spread of identical serves (README,
+    # Benchmarks); the audit measures 100 as short_slice
     gateway_slice_us: int = 0
 
     def validate(self) -> None:
