@@ -20,14 +20,16 @@
 # with the reason where it cannot be mounted), and bad input (a damaged page, a From: decoding to CR/LF, a
 # quoted local part, and mail as real clients write it: a scanner's Subject folded without indent, a forward in
 # base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
-# whose relay routes every digest back to its own gateway, watched until no run is added.
+# whose relay routes every digest back to its own gateway, watched until no run is added. Last, relays as they
+# behave in the wild (`bad_relay`: greylisting, a connection lost mid-DATA, a 421 to QUIT after the digest was
+# taken, a permanent refusal): each digest taken once, the refused run failed with what the relay said.
 
 # %% tags=["parameters"]
 session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input"]
+only = ["kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input", "bad_relay"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
@@ -50,6 +52,8 @@ views.fault_table(recorder.measurements())
 
 # %%
 views.fault_cases(recorder.measurements())
+# %%
+views.relay_cases(recorder.measurements())
 # %%
 detail = views.rows(recorder.measurements(), "faults")
 detail[detail.variant.eq("mail_loop") | detail.metric.isin(["wild_mail_pdfs_missed", "automatic_mail_answered"])

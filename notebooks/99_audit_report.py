@@ -185,7 +185,11 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
    "removed → first 250 (for `kill_serve`: kill → first 250 from the restarted serve); *drain s*: fault removed → "
    "last acked run ended.\n\n" + views.markdown(fault_table) +
    "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"
-   + views.markdown(fault_cases) + "\n\n" + views.wild_mail_line(m))
+   + views.markdown(fault_cases) + "\n\n" + views.wild_mail_line(m)
+   + ("\n\nRelays as they behave in the wild (`bad_relay`: a scripted relay on loopback, one mail per behaviour; "
+      "greylisting answers 451 to RCPT until the third session, *dropped* loses the connection mid-DATA once, "
+      "*quit_421* answers 421 to QUIT after taking the digest, *refused* answers 554 to the final dot):\n\n"
+      + views.markdown(relay) if len(relay := views.relay_cases(m)) else ""))
 
 # %%
 if len(views.rows(m, "faults", "replies")):

@@ -4,12 +4,15 @@ Every serve process (and what it started) is killed and reaped by the harness on
 check the figures it reports and that nothing it started is left running.
 """
 
+import pandas as pd
 import psutil
 import pytest
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.faultcheck import known_reasons, retries_logged, typed_reason, worker_deaths
+from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.base.serveproc import ServeProcess
+from pipeline.audit.reporting import views
 from pipeline.audit.scenarios import faults
 
 
@@ -111,6 +114,26 @@ def test_known_reasons_come_from_the_error_classes():
     assert {"encrypted", "corrupt", "too_large", "worker_crashed", "malformed_email", "timeout",
             "delivery"} <= known_reasons()
 
+
+
+def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_once(tmp_path):
+    before = _live_children()
+    rows = faults.bad_relay(tmp_path, timeout_s=120)
+    figures = _figures(rows, "bad_relay")
+    assert figures["acked"] == 4 and figures["lost"] == 0 and figures["untyped"] == 0
+    assert figures["duplicated"] == 0 and figures["missing_digests"] == 0 and figures["failed_runs"] == 1
+    cases = {r["tags"]["case"]: r["tags"] for r in rows if r["metric"] == "relay_case_as_expected"}
+    assert {case: (c["state"], c["copies"], c["deliver_tries"]) for case, c in cases.items()} == {
+        "greylisted": ("success", 1, 3), "dropped": ("success", 1, 2), "quit_421": ("success", 1, 1),
+        "refused": ("failed", 0, 1)}
+    assert "refused the digest: 554 5.7.1" in cases["refused"]["reason"]
+    assert figures["relay_cases_unexpected"] == 0
+    recorder = AuditRecorder(tmp_path / "audit.duckdb")
+    recorder.start_session("test")
+    recorder.record("faults", pd.DataFrame(rows))
+    table = views.relay_cases(recorder.measurements())
+    assert list(table["as expected"]) == ["yes"] * 4 and "deliver tries" in table
+    assert not _no_children_left(before)
 
 @pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "disk_full"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):

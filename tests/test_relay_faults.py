@@ -1,20 +1,19 @@
 """Relays as they behave in the wild (greylisting, permanent refusals, content scanners slow to answer the
 final dot, tarpits, odd replies to QUIT): what each does to a digest. The relay is outside the machine, so
-it is faked here: a scripted SMTP server on loopback, one script per connection."""
+it is faked here: a scripted SMTP server on loopback (pipeline.audit.base.fakerelay)."""
 
 from __future__ import annotations
 
-import socketserver
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 from conftest import free_port
 from helpers import send_for_run_id, wait_until
 
 from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base.fakerelay import Relay, running
 from pipeline.config import DeliveryConfig, GatewayConfig, RunnerConfig
 from pipeline.errors import DeliveryError
 from pipeline.service import PipelineService
@@ -22,75 +21,11 @@ from pipeline.stages import deliver
 from pipeline.stages.digest import Digest
 from pipeline.store import SUCCESS
 
-OK = {"greeting": "220 relay ready", "ehlo": "250 relay", "mail": "250 ok", "rcpt": "250 ok", "data": "354 go on",
-      "dot": "250 queued", "quit": "221 bye"}
-
-
-@dataclass
-class Relay:
-    """Scripted replies, one script per connection (the last one repeats); records the messages it took."""
-
-    scripts: list[dict[str, str]]
-    trickle_greeting: bool = False  # an endless greeting, a byte every 50 ms
-    dot_delay_s: float = 0.0
-    messages: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    url: str = ""
-    stop: threading.Event = field(default_factory=threading.Event)  # ends every session (the fixture's end)
-
-
-class _Session(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        relay: Relay = self.server.relay  # type: ignore[attr-defined]
-        script = {**OK, **relay.scripts[min(relay.connections, len(relay.scripts) - 1)]}
-        relay.connections += 1
-        if relay.trickle_greeting:
-            while not relay.stop.wait(0.05):
-                try:
-                    self.wfile.write(b"2")
-                except OSError:  # the client gave up
-                    return
-            return
-        if script["greeting"] == "":
-            relay.stop.wait(30)  # never greets
-            return
-        self.say(script["greeting"])
-        while line := self.rfile.readline():
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                self.say(script["ehlo"])
-            elif verb == b"MAIL":
-                self.say(script["mail"])
-            elif verb == b"RCPT":
-                self.say(script["rcpt"])
-            elif verb == b"DATA":
-                self.say(script["data"])
-                body = b"".join(iter(lambda: self.rfile.readline(), b".\r\n"))
-                time.sleep(relay.dot_delay_s)
-                if script["dot"].startswith("250"):
-                    relay.messages.append(body)
-                self.say(script["dot"])
-            elif verb == b"QUIT":
-                self.say(script["quit"])
-                return
-            else:
-                self.say("250 ok")
-
-    def say(self, reply: str) -> None:
-        self.wfile.write(reply.encode() + b"\r\n")
-
 
 @pytest.fixture
 def relay() -> Iterator[Relay]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Session)  # server_close joins the sessions
-    server.relay = Relay([{}])  # type: ignore[attr-defined]
-    server.relay.url = f"smtp://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.relay  # type: ignore[attr-defined]
-    server.relay.stop.set()  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
+    with running(Relay([{}])) as scripted:
+        yield scripted
 
 
 def send(relay: Relay) -> str:

@@ -100,11 +100,14 @@ def untyped_runs(data_dir: Path, runs: list[s.Run]) -> list[s.Run]:
         store.close()
 
 
-def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0) -> dict[str, Any]:
-    """The figures of one fault: sent, acked, lost, duplicated, untyped, and when the last acked run ended."""
+def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0,
+          outbox: Path | None = None) -> dict[str, Any]:
+    """The figures of one fault: sent, acked, lost, duplicated, untyped, and when the last acked run ended.
+    Digests are counted in ``outbox`` (a Maildir; serve's own outbox by default, a relay's mailbox when it has
+    one)."""
     acked = list(replies.acked)
     runs = wait_terminal(data_dir, acked, timeout_s)
-    digests = digests_by_original(Path(data_dir) / "outbox")
+    digests = digests_by_original(outbox or Path(data_dir) / "outbox")
     lost = [m for m in acked if not runs.get(m) or any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
     mine = [r for m in acked for r in runs.get(m, [])]
     succeeded = {m for m in acked if any(r.state == s.SUCCESS for r in runs.get(m, []))}

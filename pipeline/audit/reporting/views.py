@@ -470,6 +470,18 @@ def fault_cases(m: pd.DataFrame) -> pd.DataFrame:
     return table[columns].rename(columns={"variant": "fault"}).reset_index(drop=True)
 
 
+def relay_cases(m: pd.DataFrame) -> pd.DataFrame:
+    """Per relay behaviour (notebook 09's ``bad_relay``): the run's state, the copies the relay took, the deliver
+    task's tries, what was expected, and the run's reason."""
+    r = rows(m, "faults", "relay_case_as_expected")
+    if r.empty:
+        return pd.DataFrame()
+    table = r.assign(**{"as expected": r.value.map({1.0: "yes", 0.0: "NO"})})
+    columns = [c for c in ("case", "state", "copies", "deliver_tries", "expected", "as expected", "reason")
+               if c in table]
+    return table[columns].rename(columns={"deliver_tries": "deliver tries"}).reset_index(drop=True)
+
+
 def wild_mail_line(m: pd.DataFrame) -> str:
     """One sentence on mail as real clients write it and the mail loop (notebook 09), or "" if not measured."""
     r = rows(m, "faults")

@@ -41,6 +41,7 @@ import os
 import smtplib
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -164,7 +165,7 @@ def _round(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: s
 
 
 def _turn(pool: ProcessPoolExecutor, serve: ServeProcess | BareSink, variant: str, rep: int,
-          rounds: list[tuple[int, bytes | None]], senders: tuple[int, ...], per_sender: int, warmup_mails: int,
+          rounds: Sequence[tuple[int, bytes | None]], senders: tuple[int, ...], per_sender: int, warmup_mails: int,
           settle: bool, timeout_s: float) -> Rows:
     """One variant's turn: start its serve, warm it up (workers spawned, code paths hot; not recorded), run
     ``rounds``, stop it. The data dir stays, so the store grows turn by turn as a long-running serve's would."""

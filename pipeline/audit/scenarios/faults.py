@@ -12,6 +12,7 @@ an exception.
 from __future__ import annotations
 
 import math
+import smtplib
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ import pandas as pd
 import psutil
 
 from ... import store as s
+from ...sqlite_store import SqliteRunStore
 from ..base import fixtures as fx
+from ..base.fakerelay import DROP, Relay, running
 from ..base.faultcheck import (
     TERMINAL_RUN_STATES,
     Rows,
@@ -41,7 +44,7 @@ from ..base.faultcheck import (
 )
 from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
-from ..base.serveproc import Replies, Senders, ServeProcess, serving, toml_text
+from ..base.serveproc import Replies, Senders, ServeProcess, digests_by_original, reply_of, serving, toml_text
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -331,7 +334,63 @@ def mail_loop(work: Path, mails: int = 3, quiet_s: float = 1.5, timeout_s: float
             row("mail_loop", "runs_not_ended", len(runs) - ended, "runs", 0, mails=mails)]
 
 
-FAULTS = ("kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input")
+# the digest's recipient (the mail's envelope sender) -> (the relay's scripts for that recipient's sessions,
+# the run's state, the copies the relay should take, the deliver task's tries): greylisting (451 to RCPT until
+# the third session), a connection lost mid-DATA, a 421 to QUIT after the relay took the digest, a permanent
+# refusal at the final dot
+RELAY_CASES: dict[str, tuple[list[dict[str, str]], str, int, int]] = {
+    "greylisted": ([{"rcpt": "451 4.7.1 greylisted, come back later"}] * 2 + [{}], s.SUCCESS, 1, 3),
+    "dropped": ([{"data": DROP}, {}], s.SUCCESS, 1, 2),
+    "quit_421": ([{"quit": "421 4.3.0 shutting down"}], s.SUCCESS, 1, 1),
+    "refused": ([{"dot": "554 5.7.1 message rejected"}], s.FAILED, 0, 1),
+}
+
+
+def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
+    """A serve whose ``[delivery] relay`` behaves as relays in the wild do (``RELAY_CASES``; the relay is
+    outside the machine, so it is ``fakerelay``), one mail per behaviour from a sender of that name: each
+    digest the relay took once, a permanent refusal failing its run at once with what the relay said."""
+    mailbox_dir = work / "relay-mailbox"
+    relay = Relay([{}], by_recipient={case: scripts for case, (scripts, *_) in RELAY_CASES.items()},
+                  mailbox=mailbox_dir)
+    replies = Replies()
+    with running(relay), serving(work / "data", work, {"delivery": {"relay": relay.url}}) as serve:
+        for case in RELAY_CASES:
+            message_id = f"<relay-{case}@faults.audit>"
+            raw = fx.email_with([], sender=f"{case}@example.com", message_id=message_id)
+            try:
+                with smtplib.SMTP("127.0.0.1", serve.port, timeout=60) as smtp:
+                    smtp.sendmail(f"{case}@example.com", ["digest@pipeline.local"], raw)
+                reply = "250"
+            except (OSError, smtplib.SMTPException) as exc:
+                reply = reply_of(exc)
+            replies.events.append((message_id, reply, time.time()))
+        verdict = judge(serve.data_dir, replies, len(RELAY_CASES), timeout_s, outbox=mailbox_dir)
+        copies = digests_by_original(mailbox_dir)
+        runs = runs_by_message(serve.data_dir)
+        store = SqliteRunStore(serve.data_dir / "runs.sqlite3", create=False)
+        try:
+            outcomes: list[dict[str, Any]] = []
+            for case, (_, state, want_copies, want_tries) in RELAY_CASES.items():
+                message_id = f"<relay-{case}@faults.audit>"
+                found = runs.get(message_id)
+                run = found[-1] if found else None
+                tries = next((t.try_number for t in store.get_tasks(run.run_id) if t.task_id == "deliver"),
+                             None) if run is not None else None
+                got = {"state": run.state if run else "no run", "copies": copies.get(message_id, 0),
+                       "deliver_tries": tries, "reason": (run.reason or "")[:200] if run else ""}
+                outcomes.append({"case": case, **got, "as_expected": (got["state"], got["copies"], tries) == (
+                    state, want_copies, want_tries), "expected": f"{state}, {want_copies} copies, {want_tries} tries"})
+        finally:
+            store.close()
+    unexpected = sum(not o["as_expected"] for o in outcomes)
+    return figures("bad_relay", verdict, replies, None) + [
+        row("bad_relay", "relay_case_as_expected", float(o.pop("as_expected")), "bool", i, **o)
+        for i, o in enumerate(outcomes)] + [row("bad_relay", "relay_cases_unexpected", unexpected, "cases", 0,
+                                                cases=len(outcomes))]
+
+
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -342,7 +401,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     """
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "disk_full": disk_full,
-        "bad_input": bad_input}
+        "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
