@@ -58,7 +58,8 @@ soakviews.drain_table(recorder.measurements())
 
 # %% [markdown]
 # The sender's wait (issue 17): whole SMTP transactions timed by client processes against a real serve that
-# processes the runs, with the gateway in its own process (the default) and in serve's process, interleaved.
+# processes the runs, with the gateway in its own process (the default) and in serve's process, and the other
+# variants (`client_latency.VARIANTS`), interleaved, one serve alive at a time.
 
 # %%
 latency = client_latency.client_latency(scratch_dir(db_path, "client-latency-work"), recorder=recorder,

@@ -169,7 +169,8 @@ md("### The sender's wait\n\nConditions: small mails (no attachment) from client
    "`serve --gateway-only` (the same gateway, its runs left queued: nothing processed beside it), and *bare_sink* no "
    "serve at all but the floor under all of them (`pipeline.audit.base.baresink`: aiosmtpd that fsyncs the mail, "
    "commits a row and answers 250, with no pipeline behind it: what these clients and this machine cost by "
-   "themselves); variants interleaved after a warm-up:\n\n"
+   "themselves); variants interleaved, one alive at a time (each turn starts its serve, warms it up, measures, "
+   "stops it):\n\n"
    + views.markdown(client_latency.summary(views.rows(m, client_latency.SCENARIO))))
 
 # %%

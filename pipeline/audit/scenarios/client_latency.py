@@ -12,7 +12,7 @@ the final ``250`` of DATA (``client_txn_ms``), and ``MAIL`` to that ``250``
 5 MB PDF mail beside the small ones (``large=True``), sent once the small
 senders are under way.
 
-Variants are serve configurations run side by side, one serve each: by
+Variants are serve configurations, one serve each (alive only for its turns): by
 default the shipped settings, ``[serve] engine_nice = 0``, ``[serve]
 gateway_slice_us = 100``, ``[serve] gateway_process = false``, ``serve --gateway-only`` (the same gateway with
 nothing processed behind it), and ``bare_sink``: not a serve but ``baresink``
