@@ -80,9 +80,20 @@ def all_finished(data_dir: Path, keys: list[str]) -> bool:
 def serve(tmp_path: Path):
     serve = ServeProcess(tmp_path / "data", tmp_path / "serve")
     try:
-        yield serve.start()
+        yield taken(serve.start())
     finally:
         serve.stop()
+
+
+def taken(serve: ServeProcess) -> ServeProcess:
+    """``serve`` once it has taken its gateway process as started (its log says so). The child answers SMTP a
+    moment before serve reads its "ready": killed in between, it is a failed start, which ends serve (on a busy
+    machine a test that killed it at once saw "exited with code -35 before it listened")."""
+    def logged() -> bool:
+        children = gateway_children(serve)
+        return len(children) == 1 and f"gateway process {children[0].pid} accepts SMTP" in serve.log_tail(50_000)
+    assert wait_until(logged, timeout_s=60), serve.log_tail()
+    return serve
 
 
 def test_a_default_serve_accepts_in_a_child_process_and_finishes_the_runs(serve):
@@ -269,7 +280,8 @@ def takes_slices() -> bool:
 def test_the_gateway_process_asks_for_short_slices_and_the_engine_keeps_the_kernels(tmp_path):
     if not takes_slices():
         pytest.skip(f"this kernel ({platform.release()}) ignores slice requests (Linux 6.12+ takes them)")
-    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_slice_us": SLICE_US}}).start()
+    config = {"serve": {"gateway_slice_us": SLICE_US}}
+    serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", config).start())
     try:
         send(serve.port, "<slice-1@example.com>")  # the gateway's accept threads are up once a mail went through
         assert wait_until(lambda: all_finished(serve.data_dir, ["<slice-1@example.com>"]), timeout_s=120)
