@@ -13,6 +13,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import select
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -319,6 +321,16 @@ def _utc(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end was closed (poll reports an error on the writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll (not Unix)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
@@ -328,7 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("mail.log", "psycopg.pool", "distributed", "tornado"):
         logging.getLogger(chatty).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left (``runs | head``) shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():  # another pipe: an error like any other
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write: no error at exit
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader left, as head expects
     except PipelineError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -20,6 +20,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from .errors import ConfigurationError
 
 MB = 1024 * 1024
+# the longest any duration setting may be (a ``_s`` field; ``_ms`` in milliseconds): longer than any wait here
+# needs, and far inside what the OS's timers, select() and SQLite's busy timeout take (past ~2.9e8 years of
+# seconds, or 2^31 ms, they raise OverflowError in the thread that waits, which then dies)
+MAX_DURATION_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class RunnerConfig:
                                      f"not {self.stage_executor!r}")
         if self.retry_base_delay_s < 0 or self.retry_max_delay_s < self.retry_base_delay_s:
             raise ConfigurationError("runner retry delays must satisfy 0 <= base <= max")
+        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
+            raise ConfigurationError(f"runner.default_timeout_s must be > 0 (or left out: no timeout), "
+                                     f"not {self.default_timeout_s:g}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,8 @@ class GatewayConfig:
             raise ConfigurationError("gateway.inline_accept_bytes must be >= 0 (0: every message in the thread pool)")
         if self.watch_mode not in {"inotify", "poll"}:
             raise ConfigurationError("gateway.watch_mode must be 'inotify' or 'poll'")
+        if self.poll_interval_s <= 0:  # 0 would spin a core in the process that answers SMTP
+            raise ConfigurationError(f"gateway.poll_interval_s must be > 0, not {self.poll_interval_s:g}")
         if self.max_sessions is not None and self.max_sessions < 1:
             raise ConfigurationError("gateway.max_sessions must be >= 1 (or left out for the automatic limit)")
         if self.command_timeout_s <= 0 or self.session_timeout_s < self.command_timeout_s:
@@ -242,6 +251,8 @@ class IngestConfig:
                                      "limit, only the worker's memory cap bounds a bomb")
         if not 1 <= self.page_workers <= self.workers:
             raise ConfigurationError("ingest.page_workers must be between 1 and ingest.workers")
+        if not 0 <= self.summary_sentences <= 100:
+            raise ConfigurationError(f"ingest.summary_sentences must be 0-100, not {self.summary_sentences}")
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,21 @@ class MetricsConfig:
                                      "(or --allow-remote) to expose them beyond this machine")
 
 
+def _check_durations(section: str, config: Any) -> None:
+    """Every duration of ``config`` (a field named ``*_s``, or ``*_ms``) between 0 and ``MAX_DURATION_S``."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        unit = "s" if f.name.endswith("_s") else "ms" if f.name.endswith("_ms") else None
+        if unit is None:
+            continue
+        limit = MAX_DURATION_S * (1000 if unit == "ms" else 1)
+        if not 0 <= value <= limit:
+            raise ConfigurationError(f"{section}.{f.name} must be between 0 and {limit:,.0f} {unit} (a day), "
+                                     f"not {value:g}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of one pipeline process."""
@@ -383,6 +409,7 @@ class Settings:
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate()
+                _check_durations(f.name, value)
         return self
 
     @classmethod
@@ -438,6 +465,7 @@ def _with_section(settings: Settings, section: str, values: Any, source: str) ->
     updated = _replace_section(getattr(settings, section), values, section, prefix)
     try:
         updated.validate()
+        _check_durations(section, updated)
     except ConfigurationError as exc:
         raise ConfigurationError(f"{prefix}{exc}") from exc
     return replace(settings, **{section: updated})

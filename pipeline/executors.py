@@ -136,8 +136,8 @@ def init_pool_worker(owner_pid: int, log_level: int = logging.INFO) -> None:
     within a second: a pool worker holds both ends of its own task queue, so it never reads EOF,
     and the fork server it came from lives as long as any of its children does.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # serve decides when its workers stop
+        signal.signal(sig, signal.SIG_IGN)
     # the tasks' log lines go to serve's stderr as the engine's do (a fresh interpreter has no handler)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     threading.Thread(target=_exit_without, args=(owner_pid,), name="owner-watch", daemon=True).start()

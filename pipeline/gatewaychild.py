@@ -41,7 +41,7 @@ class EngineHealth:
 
 def main() -> int:
     """Serve SMTP for the serve process that started us until our stdin ends; return the exit code."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # serve stops us by closing our stdin
         signal.signal(sig, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     orders: GatewayOrders = pickle.load(stdin)

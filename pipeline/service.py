@@ -239,13 +239,19 @@ class PipelineService:
         return child or self.engine.health_problem
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop gracefully (no traceback on a normal stop).
+        """Run until SIGINT, SIGTERM or SIGHUP, then stop gracefully (no traceback on a normal stop).
 
-        The gateway runs in a child process of its own unless ``[serve] gateway_process`` is false.
+        SIGHUP (a closed terminal or ssh session) stops like SIGTERM, unless it was ignored when serve started
+        (``nohup``): killed by it, serve would leave its runs to the next start's recovery. The gateway runs
+        in a child process of its own unless ``[serve] gateway_process`` is false.
         """
         signalled: list[int] = []  # a handler must not take a lock: Event.set() there can deadlock with wait()
-        handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        stopping = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            stopping.append(signal.SIGHUP)
+        if self.role != GATEWAY:
+            _start_fork_server_ignoring_hangups()
+        handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number)) for sig in stopping}
         try:
             self.start(gateway_process=self.settings.serve.gateway_process)
             where = f", the gateway in process {self.gateway_process.pid}" if self.gateway_process else ""
@@ -253,12 +259,30 @@ class PipelineService:
                      where, self.settings.data_dir, store_location(self.settings))
             while not signalled and not self._stop.is_set():
                 time.sleep(0.2)  # a signal interrupts the sleep; its handler runs, then the loop ends
-            log.info("stopping: no new messages; letting running tasks finish (grace %.0f s)",
+            log.info("stopping%s: no new messages; letting running tasks finish (grace %.0f s)",
+                     f" on {signal.Signals(signalled[0]).name}" if signalled else "",
                      self.settings.engine.shutdown_grace_s)
             self.stop()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+
+def _start_fork_server_ignoring_hangups() -> None:
+    """Start multiprocessing's fork server (and its resource tracker) with SIGHUP ignored, as they then keep it.
+
+    A hangup (a closed terminal or ssh session) reaches the whole process group. Serve stops on it, and its
+    own children ignore it until serve stops them, but these two come from the standard library and would
+    die of it, breaking the process pool while serve finishes its runs. An ignored signal stays ignored in
+    the processes they fork (the pool's workers).
+    """
+    import multiprocessing.forkserver
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def store_location(settings: Settings) -> str:

@@ -1,6 +1,7 @@
 """The CLI on a real store: runs, show, purge, and one-line errors."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -260,3 +261,16 @@ def test_ingest_names_a_missing_file_and_a_directory_in_one_line_each(tmp_path, 
     assert capsys.readouterr().err.strip() == f"error: no such file: {tmp_path / 'nope.pdf'}"
     assert main(["--data-dir", str(tmp_path / "d"), "ingest", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: not a regular file: {tmp_path}"
+
+
+def test_runs_into_a_pipe_whose_reader_left_stops_quietly_as_head_expects(filled, settings):
+    """``runs | head -1``: the reader closes its end early; that is no error (exit 141, as a shell reports a
+    tool killed by SIGPIPE), and nothing is printed about it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already left: the first write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(settings.data_dir), "runs"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

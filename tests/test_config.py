@@ -54,6 +54,17 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
     ('[delivery]\nsender = "digest"', "delivery.sender must be one mail address"),
     ("[gateway]\nport = \nhost = \"x\"", "cannot read settings: Invalid value (at line 2, column 8)"),
+    # durations past a day: their waits raised OverflowError in the thread that waited, which died (the
+    # dispatcher: runs stayed queued for ever while serve answered 250)
+    ("[engine]\nqueue_poll_s = 1e10", "engine.queue_poll_s must be between 0 and 86,400 s (a day), not 1e+10"),
+    ("[engine]\nheartbeat_interval_s = 1e12\nstale_after_s = 1e13", "engine.heartbeat_interval_s must be between 0"),
+    ("[ingest]\ntimeout_s = 1e10", "ingest.timeout_s must be between 0 and 86,400 s (a day), not 1e+10"),
+    ("[store]\nbusy_timeout_ms = 1e10", "[store] busy_timeout_ms must be an integer"),
+    ("[store]\nbusy_timeout_ms = 10000000000", "store.busy_timeout_ms must be between 0 and 86,400,000 ms (a day)"),
+    ("[engine]\nshutdown_grace_s = -5", "engine.shutdown_grace_s must be between 0 and 86,400 s (a day), not -5"),
+    ("[runner]\ndefault_timeout_s = -1", "runner.default_timeout_s must be > 0 (or left out: no timeout), not -1"),
+    ("[gateway]\npoll_interval_s = 0", "gateway.poll_interval_s must be > 0, not 0"),
+    ("[ingest]\nsummary_sentences = -3", "ingest.summary_sentences must be 0-100, not -3"),
 ])
 def test_bad_setting_is_one_line_naming_file_section_and_key(tmp_path, toml, message):
     path = write_toml(tmp_path, toml)

@@ -153,14 +153,19 @@ def test_a_gateway_process_killed_by_a_signal_python_has_no_name_for_is_restarte
     assert "was killed by signal 35" in log and "listening again" in log
 
 
-def test_ctrl_c_to_the_process_group_stops_serve_and_its_gateway_process(serve):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_or_a_closed_terminal_stops_serve_and_its_gateway_process_gracefully(serve, sig):
+    """Ctrl-C and a hangup (a closed terminal or ssh session) signal the whole process group: serve stops as on
+    SIGTERM, and its gateway process and workers, which ignore both, are stopped by serve. (A hangup used to
+    kill serve outright, leaving its runs to the next start's recovery.)"""
     child = gateway_children(serve)[0]
-    send(serve.port, "<ctrl-c@example.com>")
-    os.killpg(serve.proc.pid, signal.SIGINT)
+    send(serve.port, f"<{sig.name}@example.com>")
+    os.killpg(serve.proc.pid, sig)
     assert serve.proc.wait(60) == 0, serve.log_tail()
     assert wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=30)
     log = serve.log_tail(20_000)
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert f"stopping on {sig.name}" in log and "process pool broken" not in log  # its fork server lived
 
 
 def test_a_gateway_process_whose_serve_died_stops_by_itself(serve):

@@ -66,7 +66,7 @@ GRACE_S = 1.0  # past its budget a worker may finish its page and stop itself; a
 STDERR_LINES = 40  # the last lines of a worker's stderr kept as evidence of how it died
 # Stop signals are ignored before the first import (importing the package takes a second on a loaded machine);
 # ``python -m`` would leave that window open to a KeyboardInterrupt traceback.
-_LAUNCH = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+_LAUNCH = ("import signal; [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]"
            "; import runpy, sys; runpy.run_module(sys.argv[1], run_name='__main__')")  # argv: -c, module, memory cap
 
 
@@ -387,11 +387,12 @@ def _package_root() -> str:
 def serve(memory_limit: int) -> None:
     """Worker main loop: one JSON request per line in, one JSON reply per line out, until stdin closes.
 
-    SIGINT and SIGTERM are ignored (systemd signals the whole cgroup, and a document in flight should end
-    with its real outcome); the parent stops a worker by closing its stdin or killing it.
+    SIGINT, SIGTERM and SIGHUP are ignored (systemd signals the whole cgroup, a closed terminal the whole
+    process group, and a document in flight should end with its real outcome); the parent stops a worker by
+    closing its stdin or killing it.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     faulthandler.enable()  # a fatal signal (PDFium aborting under the cap) leaves its stack on stderr as evidence
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     out = sys.stdout
