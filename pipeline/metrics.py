@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -280,10 +281,61 @@ def start_metrics_server(port: int, host: str = "127.0.0.1", *,
     shown even at 0. Raises ``OSError`` if the address cannot be bound.
     """
     from prometheus_client import disable_created_metrics
-    from prometheus_client.exposition import start_http_server
+    from prometheus_client.exposition import make_wsgi_app
 
     disable_created_metrics()  # the *_created series double every family and no alert needs them
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway))
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    server = _bounded_server(host, port, make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
+
+
+MAX_SCRAPERS = 8  # connections served at once; more are closed at once (a scraper needs one)
+SCRAPE_READ_TIMEOUT_S = 10.0  # a connection silent this long while sending its request is closed
+
+
+def _bounded_server(host: str, port: int, app: Any) -> Any:
+    """prometheus_client's threaded WSGI server, with a cap on connections and a read timeout.
+
+    Its own ``start_http_server`` starts a thread per connection and waits for a request for ever: idle
+    connections (a slowloris, or scrapers that hang) then took a thread and a file descriptor each until the
+    process ran out of them, and a mail answered 250 lost its PDF to "Too many open files". Here at most
+    ``MAX_SCRAPERS`` are served at once, each closed after ``SCRAPE_READ_TIMEOUT_S`` of silence.
+    """
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class QuietHandler(WSGIRequestHandler):
+        timeout = SCRAPE_READ_TIMEOUT_S
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+            """Log nothing: a scrape every few seconds is not news."""
+
+    class BoundedServer(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # full: this scraper tries again at its next interval
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: the slot is not taken
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A client that went silent or away is no error of ours (socketserver would print a traceback)."""
+            log.debug("metrics endpoint: a connection from %s ended badly", client_address, exc_info=True)
+
+    return make_server(host, port, app, BoundedServer, handler_class=QuietHandler)
