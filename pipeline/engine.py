@@ -70,6 +70,7 @@ class WorkflowEngine:
         self.queue_notices = 0  # wake-ups by the store's watcher: some process (SQLite: this one too) queued runs
         self._stopping = False
         self._started = False
+        self.abandoned = 0  # tasks still running when shutdown's grace ended (their runs requeued)
         self._threads: list[threading.Thread] = []
         self._timers: Timers | None = None
         self._executors: Executors | None = None
@@ -168,6 +169,7 @@ class WorkflowEngine:
                 self._cond.wait(deadline - time.monotonic())
             leftovers = dict(self._active)
             self._active.clear()
+        self.abandoned = len(leftovers)
         for thread in self._threads:
             thread.join()
         for run_id, runner in leftovers.items():  # tasks still running past the grace period: retried next start

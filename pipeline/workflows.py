@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     item = ctx.item
     if item.get("rejected"):
         raise PdfTooLargeError(item["rejected"], item["name"])
-    text_path = Path(ctx.work_dir) / "text" / f"{ctx.index:03d}.txt"
+    # a file of this try's own: a try abandoned at shutdown may still be writing (or removing) its text while
+    # the run's next owner extracts the same attachment (it ended with the other's text or a FileNotFoundError)
+    text_path = Path(ctx.work_dir) / "text" / f"{ctx.index:03d}-{uuid.uuid4().hex[:8]}.txt"
     with tracing.span("stage.ingest", run_id=ctx.run_id, size=item["size"]):
         if settings.executor.kind == "dask":  # on a Dask worker: its memory limit is the cap, no local pool
             result = cluster_ingest.ingest_on_worker(Path(item["path"]), text_path, settings.ingest,

@@ -87,15 +87,26 @@ def record_call(ctx: TaskContext) -> str:
     return ctx.task_id
 
 
-def recovery_dag():
-    """a -> b (fan-out over two items) -> c; each call is logged to the payload's log file."""
+def recovery_dag(flaky_b: bool = False):
+    """a -> b (fan-out over two items) -> c; each call is logged to the payload's log file. ``flaky_b``: each
+    b instance's first call in this process fails (retryably), and b has one retry."""
     from pipeline.dag import DAG, Task
 
     return DAG("recover", [
         Task("a", lambda ctx: record_call(ctx) and [1, 2]),
-        Task("b", record_call, deps=("a",), map_over="a"),
+        Task("b", fail_once_then_record if flaky_b else record_call, deps=("a",), map_over="a",
+             retries=1 if flaky_b else None),
         Task("c", record_call, deps=("b",)),
     ])
+
+
+def fail_once_then_record(ctx: TaskContext) -> str:
+    """``record_call``, except that each task instance's first call raises a retryable error."""
+    marker = Path(ctx.payload["log"]).with_name(f"{ctx.task_id}.failed-once")
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"{ctx.task_id}: failing once")
+    return record_call(ctx)
 
 
 def die_on_first_try(ctx: TaskContext) -> dict:

@@ -154,3 +154,19 @@ def test_an_outbox_whose_folders_were_removed_is_made_again(tmp_path, settings, 
     assert all((outbox / sub).is_dir() for sub in ("tmp", "new", "cur"))
     assert not list((outbox / "tmp").iterdir())  # nothing half-delivered left behind
     assert len(mailbox.Maildir(outbox, create=False)) == (1 if "new" in removed else 2)
+
+
+def test_a_retry_removes_what_a_try_killed_mid_write_left_in_tmp(tmp_path, settings):
+    """A try killed between writing tmp/<key>.<pid> and renaming it into new/ left a whole digest in tmp/,
+    which nothing removed (the chaos probe counted up to 9 after 60 worker kills); the retry removes it."""
+    ctx, outbox = _ctx(tmp_path), settings.delivery.outbox
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True)
+    (tmp_path / "work-7" / "delivering").touch()  # the killed try's sign: this one may follow a stored digest
+    left = outbox / "tmp" / f"{delivery_key(ctx)}.99999"
+    left.write_bytes(b"Subject: half written\r\n")
+    other = outbox / "tmp" / "digest-8-0123456789abcdef.99999"  # another run's: not this try's to remove
+    other.write_bytes(b"x")
+    second = deliver_task(replace(ctx, try_number=2), settings)
+    assert second["where"] == str(outbox / "new" / delivery_key(ctx))
+    assert not left.exists() and other.exists()

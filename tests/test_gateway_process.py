@@ -346,3 +346,31 @@ def test_engine_nice_lowers_the_engine_and_its_workers_and_keeps_the_gateway_fir
         assert thread_nices(gateway_children(serve)[0]) == {base}
     finally:
         serve.stop()
+
+
+def test_a_stop_past_the_grace_ends_the_extraction_it_abandons_and_the_run_is_finished_once_later(tmp_path):
+    """A document still extracting when the grace ends: its run is requeued, and the extraction is ended then,
+    not waited for (a 5,000-page PDF kept serve 12 s past a 1 s grace, its try writing into the work dir while
+    another serve had taken the run over). The abandoned try leaves no text behind; the next start extracts
+    the whole document, once."""
+    config = {"engine": {"shutdown_grace_s": 0.5}}
+    serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", config).start())
+    try:
+        send_pdf = fx.email_with([("slow.pdf", fx.slow_pdf(60))], message_id="<abandoned@example.com>")
+        with smtplib.SMTP("127.0.0.1", serve.port, timeout=60) as smtp:
+            smtp.sendmail("alice@example.com", ["digest@pipeline.local"], send_pdf)
+        text_dir = serve.data_dir / "work" / "1" / "text"
+        assert wait_until(lambda: text_dir.is_dir() and any(text_dir.iterdir()), timeout_s=120)  # extracting
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(120) == 0, serve.log_tail()
+        log = serve.log_tail(50_000)
+        assert "still running after 0.5 s grace, requeued" in log
+        assert list(text_dir.iterdir()) == []  # ended, not finished: its parts removed, no text joined
+        taken(serve.start())
+        assert wait_until(lambda: all_finished(serve.data_dir, ["<abandoned@example.com>"]), timeout_s=300)
+        runs = runs_by_key(serve.data_dir)["<abandoned@example.com>"]
+        assert [r.state for r in runs] == ["success"] and not runs[0].partial
+        texts = list(text_dir.glob("000-*.txt"))
+        assert len(texts) == 1 and texts[0].read_text().count("\f") == 60  # every page ends in one: all, one try
+    finally:
+        serve.stop()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mailbox
 import os
 import re
@@ -59,6 +60,7 @@ from .digest import Digest
 from .mailpolicy import REPLY, REPLY_UTF8
 from .parse import clean_header, parse_mailboxes
 
+log = logging.getLogger(__name__)
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")
 # Defects that still leave one well-defined mailbox: a UTF-8 local part (RFC 6532) and an obsolete route.
 _HARMLESS = (email_errors.NonASCIILocalPartDefect, email_errors.ObsoleteHeaderDefect)
@@ -298,8 +300,12 @@ def _add_once(msg: EmailMessage, outbox: Path, key: str, maybe_stored: bool = Tr
     """Store ``msg`` as ``outbox/new/<key>`` unless a message of that name is in new/ or (when an earlier try
     ``maybe_stored`` it) cur/ already.
 
-    The Maildir's folders are made when the look-up or the write finds one missing, not on every digest.
+    The Maildir's folders are made when the look-up or the write finds one missing, not on every digest. A try
+    after one that may have stored it also removes what that one left in tmp/ (killed between its write and
+    its rename: a whole digest each, which nothing else would ever remove).
     """
+    if maybe_stored:
+        _remove_leftovers(outbox, key)
     done = _delivered_as(outbox, key, maybe_stored)
     if done:
         return done
@@ -309,6 +315,22 @@ def _add_once(msg: EmailMessage, outbox: Path, key: str, maybe_stored: bool = Tr
     except FileNotFoundError:  # a folder was removed since the look-up
         _make_folders(outbox)
         return _store(data, outbox, key)
+
+
+def _remove_leftovers(outbox: Path, key: str) -> None:
+    """Delete ``tmp/<key>.<pid>`` files of earlier tries of this digest; one that cannot be is logged and left."""
+    try:
+        with os.scandir(outbox / "tmp") as entries:
+            leftovers = [entry.path for entry in entries if entry.name.startswith(key + ".")]
+    except OSError as exc:  # no tmp/ yet, or unreadable: the write below says what is wrong, if anything
+        log.debug("cannot list %s: %s", outbox / "tmp", exc)
+        return
+    for path in leftovers:
+        try:
+            os.unlink(path)
+            log.info("removed %s, left by an earlier try of this digest", path)
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an earlier try of this digest: %s", path, exc)
 
 
 def _make_folders(outbox: Path) -> None:
