@@ -11,9 +11,10 @@
 # %% [markdown]
 # # Monitoring: serve's /metrics and what it costs
 #
-# Issue 13. Two real `python -m pipeline serve` configurations, one with `--metrics-port` (scraped every 5 s
-# while loaded) and one without, take turns (A B, B A, ...), one serve alive at a time: each turn starts its
-# serve, warms it up, sends `mails` small mails from sender processes, and stops it. Trigger latency per run (DATA end → run queued) comes from each serve's run store;
+# Issue 13. Two real `python -m pipeline serve` configurations, one with `--metrics-port` (scraped every
+# 5 s while loaded) and one without, take turns (A B, B A, ...), one serve alive at a time: each turn
+# starts its serve, warms it up, sends `mails` small mails from sender processes, and stops it. Trigger
+# latency per run (DATA end → run queued) comes from each serve's run store;
 # the on/off ratio of the p99s is reported, and serve's CPU seconds per mail with and without metrics, compared
 # with a 95 % interval, judge the overhead (SLA: not shown to exceed 5 %). A scrape after the load records which
 # metric families serve exposes, for the report's monitoring section.

@@ -70,7 +70,7 @@ class WorkflowEngine:
         self.queue_notices = 0  # wake-ups by the store's watcher: some process (SQLite: this one too) queued runs
         self._stopping = False
         self._started = False
-        self.abandoned = 0  # tasks still running when shutdown's grace ended (their runs requeued)
+        self.abandoned = 0  # runs with tasks still running when shutdown's grace ended (requeued)
         self._threads: list[threading.Thread] = []
         self._timers: Timers | None = None
         self._executors: Executors | None = None

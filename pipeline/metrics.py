@@ -294,6 +294,7 @@ def start_metrics_server(port: int, host: str = "127.0.0.1", *,
 
 MAX_SCRAPERS = 8  # connections served at once; more are closed at once (a scraper needs one)
 SCRAPE_READ_TIMEOUT_S = 10.0  # a connection silent this long while sending its request is closed
+SCRAPE_DEADLINE_S = 30.0  # and none is served longer, however it trickles its request
 
 
 def _bounded_server(host: str, port: int, app: Any) -> Any:
@@ -302,7 +303,9 @@ def _bounded_server(host: str, port: int, app: Any) -> Any:
     Its own ``start_http_server`` starts a thread per connection and waits for a request for ever: idle
     connections (a slowloris, or scrapers that hang) then took a thread and a file descriptor each until the
     process ran out of them, and a mail answered 250 lost its PDF to "Too many open files". Here at most
-    ``MAX_SCRAPERS`` are served at once, each closed after ``SCRAPE_READ_TIMEOUT_S`` of silence.
+    ``MAX_SCRAPERS`` are served at once, each closed after ``SCRAPE_READ_TIMEOUT_S`` of silence or
+    ``SCRAPE_DEADLINE_S`` in all. Clients that hold all of them can still keep scrapes out for that long
+    (the endpoint is on loopback by default); they can no longer starve the pipeline.
     """
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -329,9 +332,13 @@ def _bounded_server(host: str, port: int, app: Any) -> Any:
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
+            deadline = threading.Timer(SCRAPE_DEADLINE_S, _cut, (request,))
+            deadline.daemon = True
+            deadline.start()
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                deadline.cancel()
                 self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
@@ -339,3 +346,11 @@ def _bounded_server(host: str, port: int, app: Any) -> Any:
             log.debug("metrics endpoint: a connection from %s ended badly", client_address, exc_info=True)
 
     return make_server(host, port, app, BoundedServer, handler_class=QuietHandler)
+
+
+def _cut(conn: socket.socket) -> None:
+    """End a connection past its deadline: a blocked read or write in its thread returns at once."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed meanwhile
+        pass

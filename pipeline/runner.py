@@ -183,14 +183,8 @@ class DAGRunner:
             log.warning("run %s: ignoring unknown task instance %r", self.run.run_id, row.task_id)
             return
         error = (row.error_type or "", row.error_message or "") if row.error_type else None
-        tries = row.try_number
-        if row.state == s.QUEUED and tries > 0 and error is None:
-            # its last try was cut short (serve stopped or crashed while it ran; a failed try leaves its error):
-            # no failure of the task's, so it starts again as that try and keeps its retries (a crash used to
-            # cost one, and a worker death after it then failed a good PDF)
-            tries -= 1
         self._instances[row.task_id] = _Instance(self.dag.task(task_id), index, row.state,
-                                                 tries, row.output, error)
+                                                 row.try_number, row.output, error)
         self._by_task.setdefault(task_id, []).append(row.task_id)
         self._terminal += row.state in s.TERMINAL_TASK_STATES
 

@@ -280,7 +280,7 @@ class SqlRunStore(DAGRunStore):
     def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            changed = self._requeue(conn, run_id, now, owner)
+            changed = self._requeue(conn, run_id, now, owner, give_back=True)
             if changed:
                 self._queued(conn)
             return changed
@@ -298,7 +298,13 @@ class SqlRunStore(DAGRunStore):
         return dead
 
     @staticmethod
-    def _requeue(conn: Connection, run_id: int, now: float, owner: str | None = None) -> int:
+    def _requeue(conn: Connection, run_id: int, now: float, owner: str | None = None,
+                 give_back: bool = False) -> int:
+        """Requeue a running run. ``give_back``: its owner requeues it (a stop whose grace ended, a broken run
+        handed over), so a try still running was cut short by us, not by the task: its number is given back
+        and the next start is that try again, costing no retry (a restart mid-PDF, then one worker death,
+        failed a good PDF). A dead owner's runs (``recover_runs``) keep theirs: a task that kills the process
+        must use up its tries, or recovery would run it for ever."""
         where, extra = owned(owner)
         cur = conn.execute(f"UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
                            f"WHERE run_id = ? AND {where}", (run_id, *extra))
@@ -306,6 +312,9 @@ class SqlRunStore(DAGRunStore):
             return 0
         conn.execute(EVENT + ") SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "
                      "WHERE run_id = ? AND state IN ('running', 'retrying')", (now, run_id))
+        if give_back:
+            conn.execute("UPDATE task_runs SET try_number = try_number - 1 "
+                         "WHERE run_id = ? AND state = 'running' AND try_number > 0", (run_id,))
         conn.execute("UPDATE task_runs SET state = 'queued' WHERE run_id = ? AND state IN ('running', 'retrying')",
                      (run_id,))
         conn.execute(EVENT + ") VALUES (?, '', 0, 'queued', ?)", (run_id, now))

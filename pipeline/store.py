@@ -306,7 +306,8 @@ class DAGRunStore:
         """Put a running run back in the queue, keeping its position; unfinished tasks become queued.
 
         Only a run in state running (and, with ``owner``, owned by ``owner``) is
-        requeued; return 1 if it was, 0 if the call did nothing.
+        requeued; return 1 if it was, 0 if the call did nothing. A task still running gets its try number
+        back (its try was cut short by the caller, not failed): the next start is that try again.
         """
         raise NotImplementedError
 

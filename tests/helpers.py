@@ -89,7 +89,7 @@ def record_call(ctx: TaskContext) -> str:
 
 def recovery_dag(flaky_b: bool = False):
     """a -> b (fan-out over two items) -> c; each call is logged to the payload's log file. ``flaky_b``: each
-    b instance's first call in this process fails (retryably), and b has one retry."""
+    b instance's first call fails (retryably; a marker file beside the log remembers it), and b has one retry."""
     from pipeline.dag import DAG, Task
 
     return DAG("recover", [
@@ -101,7 +101,8 @@ def recovery_dag(flaky_b: bool = False):
 
 
 def fail_once_then_record(ctx: TaskContext) -> str:
-    """``record_call``, except that each task instance's first call raises a retryable error."""
+    """``record_call``, except that each task instance's first call (per log directory) raises a retryable
+    error."""
     marker = Path(ctx.payload["log"]).with_name(f"{ctx.task_id}.failed-once")
     if not marker.exists():
         marker.touch()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -317,3 +318,28 @@ def _closed_by_server(conn: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_a_connection_that_trickles_its_request_is_closed_at_the_deadline(monkeypatch):
+    """A byte every 0.2 s never trips the read timeout; the per-connection deadline ends it all the same."""
+    monkeypatch.setattr(metrics, "SCRAPE_READ_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(metrics, "SCRAPE_DEADLINE_S", 1.0)
+    server = metrics.start_metrics_server(0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+            ended = None
+            for i in range(100):  # 20 s at most
+                try:
+                    conn.sendall(b"X")
+                except OSError:
+                    ended = i
+                    break
+                if _closed_by_server(conn):
+                    ended = i
+                    break
+                conn.setblocking(True)
+                time.sleep(0.2)
+            assert ended is not None and ended < 50  # cut after about 1 s of trickling, far before 10 s
+    finally:
+        server.close()

@@ -63,24 +63,27 @@ def test_sigkilled_run_is_recovered_and_finished(tmp_path, store, settings):
     assert lines.count("b[1] start") == 2 and lines.count("b[1] done") == 1
     assert lines.count("c done") == 1
     tries = {t.task_id: t.try_number for t in store.get_tasks(run.run_id)}
-    assert tries == {"a": 1, "b[0]": 1, "b[1]": 1, "c": 1}  # a try cut short by the kill is started again
+    assert tries == {"a": 1, "b[0]": 2, "b[1]": 2, "c": 1}  # a try a crash cut short counts (see test_commit_order)
     assert store.count_runs_by_state("recover") == {"success": 1}
 
 
-def test_a_try_cut_short_by_a_crash_costs_the_task_no_retry(tmp_path, store, settings):
-    """b has one retry. A crash while b ran, then one real failure of b: b is retried and the run succeeds
-    (the crash used to count as a try, so the failure was b's last word and the run failed)."""
+def test_a_try_cut_short_by_a_stop_costs_the_task_no_retry(tmp_path, store, settings):
+    """b has one retry. A stop whose grace ended while b ran, then one real failure of b: b is retried and the
+    run succeeds (the stop used to count as b's first try, so the failure was its last word: a restart mid-PDF,
+    then one worker death, failed a good PDF). A crash still counts: test_commit_order."""
     log, gate = tmp_path / "calls.log", tmp_path / "gate"
     gate.touch()
-    code = CHILD.format(tests=str(Path(__file__).parent), data=str(settings.data_dir), log=str(log), gate=str(gate))
-    child = subprocess.Popen([sys.executable, "-c", code])
+    engine = WorkflowEngine(store, settings)
+    engine.register(recovery_dag())
+    engine.start()
+    run = engine.trigger("recover", {"log": str(log), "gate": str(gate), "hold": ["b"]}, "stopped")
     try:
         assert wait_until(lambda: log.exists() and log.read_text().count("b[") == 2, timeout_s=30)
     finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        engine.shutdown(grace_s=0)  # b's tries still running: the run is requeued with their numbers given back
+    assert {t.task_id: (t.state, t.try_number) for t in store.get_tasks(run.run_id) if t.task_id.startswith("b")} \
+        == {"b[0]": ("queued", 0), "b[1]": ("queued", 0)}
     gate.unlink()
-    run = store.list_runs("recover")[0]
     engine = WorkflowEngine(store, settings)
     engine.register(recovery_dag(flaky_b=True))
     engine.start()
@@ -90,7 +93,7 @@ def test_a_try_cut_short_by_a_crash_costs_the_task_no_retry(tmp_path, store, set
         engine.shutdown()
     assert finished.state == "success", finished.reason
     tries = {t.task_id: t.try_number for t in store.get_tasks(run.run_id)}
-    assert tries == {"a": 1, "b[0]": 2, "b[1]": 2, "c": 1}  # the crashed try again as 1, the failed one's retry 2
+    assert tries == {"a": 1, "b[0]": 2, "b[1]": 2, "c": 1}  # the stopped try again as 1, the failed one's retry 2
 
 
 def test_run_of_an_earlier_process_with_our_pid_is_recovered_even_after_start(store, settings, make_engine):

@@ -97,7 +97,12 @@ class _Session(socketserver.StreamRequestHandler):
                 self.say(script["data"])
                 if not script["data"].startswith("354"):
                     continue
-                body = b"".join(iter(lambda: self.rfile.readline(), b".\r\n"))
+                lines = []
+                while (data_line := self.rfile.readline()) != b".\r\n":
+                    if not data_line:  # the client went away mid-DATA
+                        return
+                    lines.append(data_line)
+                body = b"".join(lines)
                 time.sleep(relay.dot_delay_s)
                 if script["dot"].startswith("250"):
                     relay.took(body)

@@ -150,9 +150,12 @@ class ServeProcess:
         self._sweep(left)
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM and wait for a graceful stop (SIGKILL after ``timeout_s``); return the exit code."""
+        """SIGTERM and wait for a graceful stop (SIGKILL after ``timeout_s``); return the exit code. Stopped (and
+        reaped) already, it does nothing more: its process group's id may belong to another process by now."""
         if self.proc is None:
             return None
+        if self.proc.returncode is not None:
+            return self.proc.returncode
         left = self.descendants()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -1,7 +1,7 @@
 """The audit's fault scenarios: each fault injected into a real ``python -m pipeline serve`` driven over SMTP.
 
 Every fault is judged the same way (``faultcheck``), from the senders' reply
-logs, the run store and the Maildir outbox: messages sent, acked (250), lost
+logs, the run store and the Maildir outbox (the relay's mailbox for ``bad_relay``): messages sent, acked (250), lost
 (acked but no run, or a run that never reached a terminal state), duplicated
 (more than one run or digest for a Message-ID), ended without a typed reason,
 time to recover, and the replies senders saw. The server's behaviour is
