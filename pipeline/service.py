@@ -229,7 +229,8 @@ class PipelineService:
     def _end_abandoned_extractions(self) -> None:
         """Stop the extraction workers when tasks outlived the grace period: their runs are requeued (another
         process may take them at once), so nothing is gained by waiting, and the process would not exit until
-        each one ended (a 5,000-page PDF kept serve 12 s past a 1 s grace)."""
+        each one ended (a 5,000-page PDF kept serve 12 s past a 1 s grace). The pools belong to the process:
+        serve has one service; a second one in the same process (tests) would see its extractions end too."""
         if self.engine.abandoned:
             from .stages import extract_worker
 
