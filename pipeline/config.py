@@ -345,9 +345,9 @@ class ServeConfig:
     engine_nice: int = 12
     # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
     # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
-    # Measured one serve at a time, 100 had the lower p99 of 8 senders in 6 of 8 reps over two runs (README,
-    # Benchmarks); the audit measures 0 as kernel_slice. An older kernel ignores the request (serve logs it)
-    gateway_slice_us: int = 100
+    # Not shown to help: measured one serve at a time, 100 was within the spread of identical serves (README,
+    # Benchmarks); the audit measures 100 as short_slice
+    gateway_slice_us: int = 0
 
     def validate(self) -> None:
         """Reject an engine_nice outside 0-19 and a slice Linux would not take."""

@@ -269,7 +269,7 @@ def slices_us(proc: psutil.Process) -> set[int]:
     return {priority._runtime(libc, calls, t.id) // 1000 for t in proc.threads()}
 
 
-SLICE_US = 100  # [serve] gateway_slice_us asked for (the default; 0 asks for nothing)
+SLICE_US = 100  # [serve] gateway_slice_us asked for (the default, 0, asks for nothing)
 
 
 def takes_slices() -> bool:
