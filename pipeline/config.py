@@ -345,7 +345,7 @@ class ServeConfig:
     engine_nice: int = 12
     # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
     # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
-    # Not shown to help: measured one serve at a time, 100 was within the spread of identical serves (README,
+    # Not shown to help: in the audit, whichever slice the default had, the other measured better (README,
     # Benchmarks); the audit measures 100 as short_slice
     gateway_slice_us: int = 0
 
