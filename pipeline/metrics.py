@@ -333,7 +333,7 @@ def _bounded_server(host: str, port: int, app: Any) -> Any:
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             deadline = threading.Timer(SCRAPE_DEADLINE_S, _cut, (request,))
-            deadline.daemon = True
+            deadline.name, deadline.daemon = "metrics-connection-deadline", True
             deadline.start()
             try:
                 super().process_request_thread(request, client_address)
