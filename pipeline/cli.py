@@ -25,9 +25,9 @@ from typing import Any
 # Only light modules here: --help, runs and show must start at once (issue 16). A command that needs the
 # service, the workflows or housekeeping imports it itself; a test checks what the read commands import.
 from . import store as s
-from .config import Settings, load_settings
+from .config import Settings, StoreConfig, load_settings
 from .dag import parse_instance
-from .errors import ConfigurationError, PipelineError, UnknownRunError
+from .errors import ConfigurationError, PipelineError, StoreIOError, UnknownRunError
 
 log = logging.getLogger("pipeline")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -177,8 +177,22 @@ def existing_store(args: argparse.Namespace) -> Iterator[s.DAGRunStore | None]:
     if not config.is_postgres and not config.path.exists():
         yield None
         return
-    with s.open_store(config, create=False) as store:
+    with _open_for_reading(config) as store:
         yield store
+
+
+def _open_for_reading(config: StoreConfig) -> s.DAGRunStore:
+    """Open the store to read it; a SQLite file whose directory this user cannot write (a read-only mount, a
+    backup, serve's data dir seen by another user) is opened read-only instead of failing."""
+    try:
+        return s.open_store(config, create=False)
+    except StoreIOError:
+        if config.is_postgres or os.access(config.path.parent, os.W_OK):
+            raise
+    from .sqlite_store import SqliteRunStore
+
+    log.info("%s: its directory cannot be written here: opened read-only", config.path)
+    return SqliteRunStore(config, read_only=True)
 
 
 @command

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from .config import StoreConfig
 from .errors import NotADatabaseError, StoreBusyError, StoreCorruptError, StoreError, StoreIOError
 from .sql_store import SqlRunStore
-from .sqlite_schema import SPOOL_TOMBSTONES_VERSION, migrate, refuse_foreign, task_name_sql
+from .sqlite_schema import SCHEMA_VERSION, SPOOL_TOMBSTONES_VERSION, migrate, refuse_foreign, task_name_sql
 from .sqlite_schema import rollback as _rollback
 from .wakeup import SUPPORTED as _BELL_SUPPORTED
 from .wakeup import QueueBell
@@ -92,16 +92,19 @@ class SqliteRunStore(SqlRunStore):
     DRIVER_ERRORS = (sqlite3.Error,)
     queue_notifications = _BELL_SUPPORTED  # processes on this host ring each other (``pipeline.wakeup``)
 
-    def __init__(self, config: StoreConfig | Path | str | None = None, *, create: bool = True) -> None:
+    def __init__(self, config: StoreConfig | Path | str | None = None, *, create: bool = True,
+                 read_only: bool = False) -> None:
+        """Open (with ``create``, make) the store; ``read_only`` opens an existing one for reading only, where its
+        directory cannot be written (see ``_connect_read_only``)."""
         super().__init__()
         if config is None:
             config = StoreConfig()
         self.config = config if isinstance(config, StoreConfig) else StoreConfig(path=Path(config))
         self.config.validate()
         self.path = Path(self.config.path)
-        if not create and not self.path.exists():
+        if (read_only or not create) and not self.path.exists():
             raise StoreError(f"{self.path}: no run store here (nothing has run yet?)")
-        self._conn = self._connect()
+        self._conn = self._connect_read_only() if read_only else self._connect()
         self._bell = QueueBell(Path(f"{self.path}-wake"))  # the registry of this store's queue watchers
         self._ring_after_commit = False
 
@@ -144,6 +147,48 @@ class SqliteRunStore(SqlRunStore):
                 raise store_error(self.path, exc) from exc
             raise
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Open the file for reading only: on a read-only mount, or by a user who may not write its directory.
+
+        A WAL store needs its ``-shm`` file to be read. Where that exists (a serve has the store open), SQLite
+        reads it (``mode=ro``). Where it does not and cannot be made, the file is opened as immutable: a
+        snapshot, which does not see runs still in a ``-wal`` file left beside it. Nothing is migrated: a store
+        of an older schema is refused with what to do.
+        """
+        uri = self.path.absolute().as_uri()
+        error: sqlite3.Error | None = None
+        for mode in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{uri}?{mode}", uri=True, isolation_level=None, check_same_thread=False,
+                                       timeout=self.config.busy_timeout_ms / 1000)
+            except sqlite3.Error as exc:
+                error = exc
+                continue
+            try:
+                refuse_foreign(conn, self.path)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.Error as exc:
+                conn.close()
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                    raise NotADatabaseError(self.path) from exc
+                error = exc
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            if version < SCHEMA_VERSION:
+                conn.close()
+                raise StoreError(f"{self.path}: written by an older version of the pipeline and opened read-only, "
+                                 "so it cannot be upgraded: run any command once where its directory can be "
+                                 "written")
+            provide_math_functions(conn)
+            wal = Path(f"{self.path}-wal")
+            if mode.startswith("immutable") and wal.exists() and wal.stat().st_size:
+                log.warning("%s: opened read-only as a snapshot: runs still in %s are not shown", self.path, wal)
+            return conn
+        assert error is not None
+        raise store_error(self.path, error) from error
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:

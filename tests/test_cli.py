@@ -5,12 +5,13 @@ import os
 import sqlite3
 import subprocess
 import sys
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import pytest
 from test_store_faults import damage_table
 
 from pipeline.cli import build_parser, main
+from pipeline.sqlite_store import SqliteRunStore
 from pipeline.store import Transition
 
 
@@ -274,3 +275,59 @@ def test_runs_into_a_pipe_whose_reader_left_stops_quietly_as_head_expects(filled
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@contextmanager
+def read_only_view(directory, view):
+    """Bind-mount ``directory`` read-only on ``view`` (skip where mounting is refused); unmounted after."""
+    view.mkdir()
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(directory), str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip() or done.returncode}")
+    try:
+        if os.access(view, os.W_OK):  # an old mount(8) ignores ro on a bind: remount it
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_runs_and_show_read_a_store_on_a_read_only_mount(settings, tmp_path, capsys):
+    """A backup or a data dir mounted read-only: SQLite cannot make the WAL's -shm file beside a closed store,
+    so the store is read as a snapshot rather than failing with "unable to open database file"."""
+    with closing(SqliteRunStore(settings.store)) as writer:
+        run = writer.create_run("email_digest", {}, "<ro@x>")[0]
+    assert not list(settings.data_dir.glob("*-shm"))  # closed: SQLite removed it
+    with read_only_view(settings.data_dir, tmp_path / "view") as view:
+        assert main(["--data-dir", str(view), "runs", "--json"]) == 0
+        assert [r["dedup_key"] for r in json.loads(capsys.readouterr().out)] == ["<ro@x>"]
+        assert main(["--data-dir", str(view), "show", str(run.run_id)]) == 0
+        assert capsys.readouterr().out.startswith(f"run {run.run_id}  email_digest  queued")
+        assert not list(view.iterdir()) or "runs.sqlite3-shm" not in os.listdir(view)
+
+
+def test_runs_read_only_sees_what_a_live_writer_committed(settings, tmp_path):
+    """While serve has the store open (its -shm exists), a reader who cannot write the directory still sees
+    every committed run, those only in the WAL included."""
+    settings.data_dir.mkdir(parents=True)
+    with read_only_view(settings.data_dir, tmp_path / "view") as view:
+        with closing(SqliteRunStore(settings.store)) as writer:
+            writer.create_run("email_digest", {}, "<first@x>")
+            writer.create_run("email_digest", {}, "<second@x>")  # in the WAL, not checkpointed
+            # another process, as a reader is (in this one, SQLite keeps the reader's descriptors while the
+            # writer holds locks on the same file)
+            done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(view), "runs", "--json"],
+                                  capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [r["dedup_key"] for r in json.loads(done.stdout)] == ["<second@x>", "<first@x>"]
+
+
+def test_read_only_store_of_an_older_schema_says_what_to_do(settings, tmp_path, capsys):
+    with closing(SqliteRunStore(settings.store)) as writer:
+        writer.create_run("email_digest", {}, "<old@x>")
+    with closing(sqlite3.connect(settings.store.path)) as conn:
+        conn.execute("PRAGMA user_version = 3")
+    with read_only_view(settings.data_dir, tmp_path / "view") as view:
+        assert main(["--data-dir", str(view), "runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "older version of the pipeline" in err[-1], err
