@@ -35,6 +35,8 @@ runner whether another try could help (bad input never gets better).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""
@@ -177,6 +179,9 @@ class IngestError(PipelineError):
         super().__init__(message)
         self.filename = filename
 
+    def __reduce__(self) -> tuple[Any, ...]:  # from a pool worker to the engine, with the file's name
+        return type(self), (str(self), self.filename)
+
 
 class EncryptedPdfError(IngestError):
     """The PDF is encrypted and the empty password does not open it."""
@@ -205,6 +210,9 @@ class WorkerCrashedError(IngestError):
     def __init__(self, message: str, filename: str = "", exit_code: int | None = None) -> None:
         super().__init__(message, filename)
         self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.filename, self.exit_code)
 
 
 class ClusterUnavailableError(PipelineError):

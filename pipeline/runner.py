@@ -46,7 +46,7 @@ from . import dag as dags
 from . import metrics, tracing
 from . import store as s
 from .dag import DAG, Task, TaskContext, parse_instance
-from .errors import StepError, StoreError, TaskTimeoutError, WorkerCrashedError
+from .errors import IngestError, StepError, StoreError, TaskTimeoutError, WorkerCrashedError
 from .executors import Executors, call_task
 from .handover import Handover
 from .stages.worker_pool import WaitClock, timing_waits
@@ -367,7 +367,7 @@ class DAGRunner:
     def _fail_or_retry(self, instance_id: str, exc: BaseException) -> None:
         inst = self._instances[instance_id]
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        error = (reason, str(exc) or type(exc).__name__)
+        error = (reason, _message(exc))
         retries = inst.task.retries if inst.task.retries is not None else self.config.default_retries
         if inst.try_number <= retries and getattr(exc, "retryable", True) and self._stopping:
             inst.state, inst.error = s.QUEUED, error  # not the task's last word: the next start tries again
@@ -410,7 +410,7 @@ class DAGRunner:
             metrics.task_finished(instance_id, time.monotonic() - inst.started)
         # a success is routine (four per mail): DEBUG; a failed or skipped task is worth a line at INFO
         log.log(logging.DEBUG if state == s.SUCCESS else logging.INFO, "run %s task %s: %s%s", self.run.run_id,
-                instance_id, state, f" ({error[0]})" if error else "")
+                instance_id, state, f" ({error[0]}: {error[1][:300]})" if error else "")
 
     def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
                error: tuple[str, str] | None = None, output_json: str | None = None) -> bool:
@@ -480,3 +480,10 @@ class DAGRunner:
                 reasons = sorted({inst.error[0] for inst in failed if inst.error} or {"failed"})
                 notes.append(f"{len(failed)} of {len(instances)} {task_id} failed ({', '.join(reasons)})")
         return (s.PARTIAL_PREFIX + "; ".join(notes))[:500] if notes else None
+
+
+def _message(exc: BaseException) -> str:
+    """A failed try's stored message, on one line; an attachment's error names the attachment it is about."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    name = getattr(exc, "filename", "") if isinstance(exc, IngestError) else ""
+    return f"{name}: {message}" if name and name not in message else message

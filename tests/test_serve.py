@@ -138,6 +138,10 @@ def test_a_mail_with_one_unreadable_attachment_is_a_partial_success_and_ingest_e
     run = json.loads(capsys.readouterr().out)
     assert run["state"] == "success" and run["partial"] is True
     assert run["reason"] == "partial: 1 of 2 ingest_pdf failed (corrupt)"
+    failed = [t for t in run["tasks"] if t["state"] == "failed"]
+    # the task's error names the attachment (as saved: its index, then its cleaned name), so an operator need
+    # not work out which one ingest_pdf[1] was
+    assert [t["error"]["message"].split(": ")[0] for t in failed] == ["001-bad.pdf"], failed
     assert main(["--data-dir", str(tmp_path / "data"), "runs"]) == 0
     assert "partial: 1 of 2 ingest_pdf failed (corrupt)" in capsys.readouterr().out
 
