@@ -74,6 +74,9 @@ def test_bad_attachments_fail_only_their_own_task(service_factory, smtp_sink):
     assert states["deliver"] == ("success", None)
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
     assert "locked.pdf: could not be read (encrypted" in text and "cut.pdf: could not be read (corrupt" in text
+    # the store's copy of the error names the attachment as saved; the digest names it as its sender did, once
+    assert tasks(service, run.run_id)["ingest_pdf[3]"].error_message.startswith("003-cut.pdf: ")
+    assert "003-cut.pdf" not in text and "(corrupt: 003-" not in text
 
 
 def test_same_message_twice_makes_one_run_and_a_reused_message_id_makes_a_second(service_factory, smtp_sink,

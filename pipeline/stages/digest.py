@@ -138,6 +138,13 @@ def _clip(sentence: str) -> str:
     return sentence if len(sentence) <= MAX_SENTENCE_CHARS else sentence[: MAX_SENTENCE_CHARS - 1] + "…"
 
 
+def _without_saved_name(message: str, attachment: Mapping[str, Any]) -> str:
+    """The error without the name the attachment was saved under, which the store's copy starts with: the
+    digest already names the attachment as its sender did."""
+    saved = Path(attachment["path"]).name + ": " if attachment.get("path") else None
+    return message[len(saved):] if saved and message.startswith(saved) else message
+
+
 def describe_documents(attachments: list[dict[str, Any]], results: list[Any], errors: Mapping[str, Mapping[str, str]],
                        sentences: int) -> list[dict[str, Any]]:
     """Join each PDF attachment with its ingestion result or error into one document entry."""
@@ -153,7 +160,7 @@ def describe_documents(attachments: list[dict[str, Any]], results: list[Any], er
                          pages_in_text=summary.pages_total)
         else:
             error = errors.get(instance_id("ingest_pdf", index), {"type": "not_ingested", "message": "no result"})
-            entry.update(error=error["type"], message=error["message"])
+            entry.update(error=error["type"], message=_without_saved_name(error["message"], attachment))
         documents.append(entry)
     return documents
 
