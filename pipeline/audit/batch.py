@@ -49,7 +49,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02_pdf_ingestion": {"reps": 1, "once_above_mb": None, "others_max_mb": None},
         "03_concurrency_stress": {"levels": [10, 20], "pdf": "text-tiny.pdf", "stop_on_failure": False},
         "04_email_bursts": {"rates": [50], "duration_s": 0.5, "burst": 25, "senders": 2,
-                            # the shipped serve and the floor: the path end to end (standard compares all six)
+                            # the shipped serve and the floor: the path end to end (standard compares all seven)
                             "client": {"senders": [1, 2], "per_sender": 5, "reps": 1, "large_mb": 0.5,
                                        "warmup_mails": 4, "variants": ["gateway_process", "bare_sink"]}},
         "05_memory_soak": {"serve_runs": 30, "serve_warmup": 10, "serve_every": 10, "serve_min_runs": None,
