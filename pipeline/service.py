@@ -261,7 +261,8 @@ class PipelineService:
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
             stopping.append(signal.SIGHUP)
         if self.role != GATEWAY:
-            _start_fork_server_ignoring_hangups()
+            with _as_startup_error("cannot start multiprocessing's fork server"):  # out of processes or fds
+                _start_fork_server_ignoring_hangups()
         handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number)) for sig in stopping}
         try:
             self.start(gateway_process=self.settings.serve.gateway_process)
