@@ -262,7 +262,7 @@ class PipelineService:
             stopping.append(signal.SIGHUP)
         if self.role != GATEWAY:
             with _as_startup_error("cannot start multiprocessing's fork server"):  # out of processes or fds
-                _start_fork_server_ignoring_hangups()
+                _start_fork_server_ignoring_stops()
         handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number)) for sig in stopping}
         try:
             self.start(gateway_process=self.settings.serve.gateway_process)
@@ -280,21 +280,26 @@ class PipelineService:
                 signal.signal(sig, handler)
 
 
-def _start_fork_server_ignoring_hangups() -> None:
-    """Start multiprocessing's fork server (and its resource tracker) with SIGHUP ignored, as they then keep it.
+def _start_fork_server_ignoring_stops() -> None:
+    """Start multiprocessing's fork server (and its resource tracker) with SIGHUP, SIGTERM and SIGINT ignored,
+    as they then keep them.
 
-    A hangup (a closed terminal or ssh session) reaches the whole process group. Serve stops on it, and its
-    own children ignore it until serve stops them, but these two come from the standard library and would
-    die of it, breaking the process pool while serve finishes its runs. An ignored signal stays ignored in
-    the processes they fork (the pool's workers).
+    A hangup (a closed terminal or ssh session), Ctrl-C and systemd's stop (SIGTERM to the whole cgroup) reach
+    the whole process group. Serve stops on them, and its own children ignore them until serve stops them, but
+    these two come from the standard library and would die of SIGHUP or SIGTERM (the fork server ignores
+    only SIGINT itself), breaking the process pool while serve finishes its runs. An ignored signal stays
+    ignored in the processes they fork (the pool's workers, which ignore all three anyway). The fork server
+    ends when serve does: it watches a pipe from serve.
     """
     import multiprocessing.forkserver
 
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stops = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def store_location(settings: Settings) -> str:

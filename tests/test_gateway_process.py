@@ -153,11 +153,12 @@ def test_a_gateway_process_killed_by_a_signal_python_has_no_name_for_is_restarte
     assert "was killed by signal 35" in log and "listening again" in log
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_or_a_closed_terminal_stops_serve_and_its_gateway_process_gracefully(serve, sig):
-    """Ctrl-C and a hangup (a closed terminal or ssh session) signal the whole process group: serve stops as on
-    SIGTERM, and its gateway process and workers, which ignore both, are stopped by serve. (A hangup used to
-    kill serve outright, leaving its runs to the next start's recovery.)"""
+    """Ctrl-C, systemd's stop (SIGTERM to the whole cgroup) and a hangup (a closed terminal or ssh session) signal
+    the whole process group: serve stops, and its gateway process, workers and multiprocessing's fork server,
+    which ignore all three, are stopped by serve. (A hangup used to kill serve outright, leaving its runs to the
+    next start's recovery; SIGTERM killed the fork server, which broke the process pool under running tries.)"""
     child = gateway_children(serve)[0]
     send(serve.port, f"<{sig.name}@example.com>")
     os.killpg(serve.proc.pid, sig)
