@@ -13,8 +13,12 @@ Both threads are guarded like huey's consumer loop (``health.LoopHealth``):
 an iteration that raises is logged, the loop backs off and goes on; after
 ``unhealthy_after`` failures in a row the engine reports itself unhealthy
 (``healthy``, ``health_problem``: the gateway then answers 451 so senders
-retry). Once a run failed to start, only a run that starts again makes the
-engine healthy: an empty queue proves nothing.
+retry). While a run requeued for a broken start waits, only a run that starts
+again makes the engine healthy: an empty queue proves nothing. Once it has
+failed for good, the dispatcher's next pass does, so one poison mail does not
+stop the gateway. A damaged store (``StoreCorruptError``, from any loop or
+run) is different: it does not heal, so the engine stays unhealthy, saying
+so, until it is restarted (after the file is restored).
 
 A run whose bookkeeping failed (its work dir cannot be made, a store write
 raised in a runner callback, anything unexpected) is never left running.
@@ -45,7 +49,7 @@ from . import liveness, metrics, tracing
 from . import store as s
 from .config import Settings
 from .dag import DAG
-from .errors import PipelineError, StoreError, UnknownWorkflowError
+from .errors import PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
 from .executors import Executors, init_pool_worker
 from .health import LoopHealth, backoff_s, one_line
 from .runner import DAGRunner
@@ -80,6 +84,7 @@ class WorkflowEngine:
         self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
+        self._store_damage: str | None = None  # set for good once the store reports damaged pages
 
     # -- health -------------------------------------------------------------------
 
@@ -91,7 +96,20 @@ class WorkflowEngine:
     @property
     def health_problem(self) -> str | None:
         """One line naming the failing loop and its last error; None when healthy."""
-        return self._dispatch_health.problem or self._heartbeat_health.problem
+        return self._store_damage or self._dispatch_health.problem or self._heartbeat_health.problem
+
+    def _note_damage(self, exc: BaseException) -> None:
+        """Remember that the store reported damaged pages (``exc`` or its cause): no later success undoes that."""
+        seen: BaseException | None = exc
+        for _ in range(8):  # a chain of causes is short; never follow a cycle for ever
+            if seen is None or isinstance(seen, StoreCorruptError):
+                break
+            seen = seen.__cause__ or seen.__context__
+        if not isinstance(seen, StoreCorruptError):
+            return
+        if self._store_damage is None:
+            self._store_damage = f"the run store is damaged ({one_line(seen)}): restore it and restart"
+            log.error("engine unhealthy until restarted: %s", self._store_damage)
 
     # -- registry and triggering -----------------------------------------------
 
@@ -250,8 +268,10 @@ class WorkflowEngine:
                 self._settle(run_id)
             started, broken = self._claim_runs()
         except Exception as exc:  # the store refused a claim or a settlement; so might the next try
+            self._note_damage(exc)
             return self._dispatch_health.failed(exc)
         if broken is not None:
+            self._note_damage(broken[1])
             return max(self._dispatch_health.failed(broken[1], [broken[0]]), self._hold_s())
         with self._cond:
             waiting = bool(self._not_before)  # a broken run waits to be tried again: no evidence the fault passed
@@ -356,6 +376,7 @@ class WorkflowEngine:
                 self._forget(run_id)
                 self._cond.notify_all()
             return
+        self._note_damage(exc)
         decided = self._decide(run_id, exc)
         if decided is None:
             return  # decided already: this is a second report of the same break
@@ -438,6 +459,7 @@ class WorkflowEngine:
                     self._recover_now()
                     next_recovery = time.monotonic() + cfg.stale_after_s
             except Exception as exc:  # retried sooner than the interval, so a short outage costs no stale runs
+                self._note_damage(exc)
                 delay = min(cfg.heartbeat_interval_s, self._heartbeat_health.failed(exc, ids))
             else:
                 self._heartbeat_health.succeeded()

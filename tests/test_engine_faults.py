@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import noop
+from test_store_faults import damage_table
 
 from pipeline.config import RunnerConfig, StoreConfig
 from pipeline.dag import DAG, Task
@@ -187,6 +188,24 @@ def test_corrupt_store_error_counts_toward_the_budget(settings, start_engine):
         engine = start_engine(store, settings, CHAIN, max_internal_requeues=1)
         run = engine.wait(engine.trigger("chain").run_id, timeout=30)
         assert (run.state, run.reason) == ("failed", "internal: StoreCorruptError: injected: write 2 failed")
+
+
+def test_a_damaged_store_keeps_the_engine_unhealthy_after_the_broken_run_failed(settings, start_engine, caplog):
+    """Real damaged pages in the task table: runs are still queued, but none can start. Once the broken run has
+    failed for good, the dispatcher's next empty claim must not make the engine healthy again: the gateway
+    would answer 250 for every mail while each run failed at once (a mail lost per retry)."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with SqliteRunStore(settings.store):  # the schema, then closed: no WAL left
+        pass
+    damage_table(settings.store.path, "task_runs")
+    with SqliteRunStore(settings.store) as store:
+        engine = start_engine(store, settings, CHAIN, max_internal_requeues=1, queue_poll_s=0.05)
+        run = engine.wait(engine.trigger("chain").run_id, timeout=30)
+        assert run.state == "failed" and "StoreCorruptError" in run.reason, run.reason
+        wait_until(lambda: any("claiming runs recovered" in r.getMessage() for r in caplog.records),
+                   what="the dispatcher's next pass after the failed run")  # which used to end the unhealth
+        assert engine.health_problem is not None and "run store is damaged" in engine.health_problem
+        assert "restore it" in engine.health_problem and not engine.healthy
 
 
 def test_broken_run_is_not_requeued_while_its_live_try_still_runs(settings, start_engine):
