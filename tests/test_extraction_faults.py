@@ -19,7 +19,7 @@ from pipeline import metrics
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
 from pipeline.dag import TaskContext
-from pipeline.errors import CorruptPdfError, IngestError, PdfTooLargeError, WorkerCrashedError
+from pipeline.errors import CorruptPdfError, PdfTooLargeError, TaskIOError, WorkerCrashedError
 from pipeline.stages import digest
 from pipeline.stages.extract_worker import _Worker, death_error, pool_for
 from pipeline.stages.ingest import ingest_pdf
@@ -132,12 +132,14 @@ def test_a_dead_worker_is_judged_by_its_exit_and_its_stderr(code, stderr, error)
         assert judged.exit_code == code and f"exit code {code}" in str(judged)
 
 
-def test_an_unexpected_error_in_the_worker_is_replied_typed_and_the_worker_survives(pdf, tmp_path, own_pool):
+def test_an_os_error_in_the_worker_is_a_retryable_task_io_error_and_the_worker_survives(pdf, tmp_path, own_pool):
+    """The disk failing under extraction (full, a folder gone) is the machine's fault, not the document's: typed
+    task_io and retried, never reported to the sender as an unreadable PDF."""
     limits = own_pool(902, engine="pypdf")
     (tmp_path / "plain").write_text("")  # the text file's directory cannot be made: FileExistsError in the worker
-    with pytest.raises(IngestError, match="FileExistsError") as err:
+    with pytest.raises(TaskIOError, match="FileExistsError") as err:
         ingest_pdf(pdf(fx.text_pdf(1)), tmp_path / "plain" / "t.txt", limits)
-    assert type(err.value) is IngestError
+    assert err.value.reason == "task_io" and err.value.retryable
     before = [w.pid for w in _workers(limits)]
     assert ingest_pdf(pdf(fx.text_pdf(1), "b.pdf"), tmp_path / "b.txt", limits).pages == 1
     assert [w.pid for w in _workers(limits)] == before  # the same worker answered

@@ -463,11 +463,10 @@ def _answer(line: str, memory_limit: int, documents: OpenDocuments) -> dict[str,
         return _error_reply(type(exc).__name__, str(exc))
     except MemoryError:
         return _error_reply("PdfTooLargeError", f"{doing} needed more than {memory_limit:,} bytes of memory")
-    except OSError as exc:
-        if doing == "parsing":  # the spool file or the attachments' folder: typed as a task's OS error
-            return _error_reply("TaskIOError", f"parsing: {type(exc).__name__}: {exc}"[:500])
-        traceback.print_exc()
-        return _error_reply("IngestError", f"{doing} failed: {type(exc).__name__}: {exc}"[:500])
+    except OSError as exc:  # the disk, not the document (PDFium and pypdf raise their own errors for those):
+        # the spool file, the attachments' folder, the PDF or its text file; retryable, the disk may have room
+        # by the next try, and the sender is not told the PDF could not be read
+        return _error_reply("TaskIOError", f"{doing}: {type(exc).__name__}: {exc}"[:500])
     except Exception as exc:  # engine errors are CorruptPdfError already; this is a bug or the disk (the text file)
         traceback.print_exc()
         # an unexpected error of the parse stays untyped (retryable), as it was in the pipeline process
