@@ -44,6 +44,19 @@ class PipelineError(Exception):
     reason = "error"
     retryable = True
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as args plus attributes, never through ``__init__``: errors cross from pool workers and Dask
+        to the engine, and one whose ``__init__`` takes other arguments than its args (a file name, an exit
+        code, a path and two versions) would fail to unpickle there, which breaks the whole process pool."""
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[PipelineError], args: tuple[Any, ...], state: dict[str, Any]) -> PipelineError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigurationError(PipelineError):
     """Settings are invalid or an optional dependency is missing."""
@@ -179,9 +192,6 @@ class IngestError(PipelineError):
         super().__init__(message)
         self.filename = filename
 
-    def __reduce__(self) -> tuple[Any, ...]:  # from a pool worker to the engine, with the file's name
-        return type(self), (str(self), self.filename)
-
 
 class EncryptedPdfError(IngestError):
     """The PDF is encrypted and the empty password does not open it."""
@@ -211,9 +221,6 @@ class WorkerCrashedError(IngestError):
         super().__init__(message, filename)
         self.exit_code = exit_code
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.filename, self.exit_code)
-
 
 class ClusterUnavailableError(PipelineError):
     """The Dask scheduler cannot be reached, or lost a task's result; trying later can work."""
@@ -240,9 +247,14 @@ class DeliveryError(PipelineError):
 
 class TaskIOError(PipelineError):
     """An OS error a task body let through (disk full, permissions, a file gone), typed at the task's edge
-    (``executors.call_task``); retryable: the disk may have room by the next try."""
+    (``executors.call_task``); retryable: the disk may have room by the next try. A task's own file found
+    damaged is not: ``retryable=False``."""
 
     reason = "task_io"
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StepError(PipelineError):

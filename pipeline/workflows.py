@@ -19,7 +19,7 @@ from typing import Any
 from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
-from .errors import PdfTooLargeError
+from .errors import PdfTooLargeError, TaskIOError
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
@@ -104,7 +104,7 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         log.info("run %s: no digest sent: %s", ctx.run_id, origin)
         return {"skipped": origin}
     with tracing.span("stage.deliver", run_id=ctx.run_id):
-        saved = json.loads(Path(ctx.upstream["build_digest"]["digest_path"]).read_text())
+        saved = _saved_digest(Path(ctx.upstream["build_digest"]["digest_path"]))
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,
                                     message_id=deliver.digest_message_id(key, settings.delivery))
         where = deliver.send_message(msg, settings.delivery, key=key, maybe_stored=_storing(marker))
@@ -114,6 +114,19 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice
         log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
     return result
+
+
+def _saved_digest(path: Path) -> dict[str, Any]:
+    """The digest build_digest saved; a damaged file (cut short by a power loss: it is not fsynced) is a typed
+    error no retry mends, where a missing one (an OSError) is retried as any task's file error is."""
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        raise TaskIOError(f"the saved digest {path.name} is damaged ({' '.join(str(exc).split())[:200]}); "
+                          "the run's digest was lost", retryable=False) from exc
+    return saved
 
 
 def _storing(marker: Path) -> bool:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import mailbox
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import pytest
 
 from pipeline.config import DeliveryConfig
 from pipeline.dag import TaskContext
-from pipeline.errors import DeliveryError
+from pipeline.errors import DeliveryError, TaskIOError
 from pipeline.workflows import deliver_task, delivery_key
 
 
@@ -170,3 +172,17 @@ def test_a_retry_removes_what_a_try_killed_mid_write_left_in_tmp(tmp_path, setti
     second = deliver_task(replace(ctx, try_number=2), settings)
     assert second["where"] == str(outbox / "new" / delivery_key(ctx))
     assert not left.exists() and other.exists()
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"subject": "Digest: hi", "te', b"\xff\xfe\x00", b"[]"])
+def test_a_damaged_saved_digest_is_a_typed_error_no_retry_mends_even_from_a_pool_worker(tmp_path, settings,
+                                                                                        damage):
+    """digest.json cut short (a power loss: it is not fsynced) used to fail deliver as an untyped
+    JSONDecodeError, retried for 13-26 minutes. Deliver runs in a process pool: the verdict must cross it."""
+    ctx = _ctx(tmp_path)
+    (tmp_path / "work-7" / "digest.json").write_bytes(damage)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with pytest.raises(TaskIOError, match="saved digest digest.json is damaged") as err:
+            pool.submit(deliver_task, ctx, settings).result(timeout=60)
+    assert (err.value.reason, err.value.retryable) == ("task_io", False)
+    assert not (settings.delivery.outbox / "new").exists() or not list((settings.delivery.outbox / "new").iterdir())

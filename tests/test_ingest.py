@@ -1,7 +1,6 @@
 """Ingestion of real PDFs with pypdf and PDFium, in the capped worker processes, including hostile files."""
 
 import ast
-import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
-from pipeline.errors import ConfigurationError, CorruptPdfError, EncryptedPdfError, PdfTooLargeError, WorkerCrashedError
+from pipeline.errors import ConfigurationError, CorruptPdfError, EncryptedPdfError, PdfTooLargeError
 from pipeline.stages.ingest import ingest_pdf
 
 LIMITS = IngestConfig()
@@ -130,12 +129,3 @@ def test_the_pdf_engines_sit_in_a_leaf_module_below_ingest_and_the_worker():
 
     assert not {"ingest", "extract_worker"} & imports("pdf_text.py")
     assert "ingest" not in imports("extract_worker.py")  # the old ingest <-> extract_worker circle
-
-
-@pytest.mark.parametrize("error", [CorruptPdfError("bad xref", "000-a.pdf"),
-                                   WorkerCrashedError("died", "001-b.pdf", exit_code=-9)])
-def test_an_ingest_error_keeps_its_file_name_across_processes(error):
-    """Errors come back pickled from a process pool or a Dask worker: the name (and exit code) must survive."""
-    back = pickle.loads(pickle.dumps(error))
-    assert (type(back), str(back), back.filename) == (type(error), str(error), error.filename)
-    assert getattr(back, "exit_code", None) == getattr(error, "exit_code", None)
