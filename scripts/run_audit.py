@@ -14,6 +14,7 @@ same), 1 when the audit itself failed (a notebook raised), 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def main() -> int:
     for name in ("data_dir", "report_dir", "outbox", "task_cards"):
         if getattr(args, name):
             setattr(paths, name, getattr(args, name).resolve())
+    # a CI job cancelled (SIGTERM) stops as Ctrl-C does: the notebook's kernel is interrupted, so its serves
+    # and workers are stopped by the cells' own cleanup instead of being left running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.report_only:
             print(f"report of session {args.report_only}: {render_report(args.report_only, paths)}")
@@ -53,6 +57,10 @@ def main() -> int:
     except AuditBatchError as exc:
         print(f"audit failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("audit interrupted: the session is left unfinished (later reports do not compare against it); "
+              "the report, outbox.json and TASK_CARDS.md are as they were", file=sys.stderr)
+        return 130
     print(summary_line(outbox))
     return EXIT_CODES[outbox["status"]]
 

@@ -8,18 +8,24 @@ exports it to markdown with the code hidden.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import jupytext
 import nbformat
 import pandas as pd
 import papermill
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbconvert import MarkdownExporter
 from tqdm import tqdm
 
@@ -223,20 +229,30 @@ def run_batch(profile: str, paths: BatchPaths | None = None, cell_timeout_s: int
     paths = paths or BatchPaths()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    with only_batch_in(paths.data_dir):
+        return _run_batch(profile, paths, cell_timeout_s)
+
+
+def _run_batch(profile: str, paths: BatchPaths, cell_timeout_s: int) -> dict[str, Any]:
     install_kernel()
     fixtures_dir = paths.data_dir / "fixtures"
     with tqdm(total=len(fx.PROFILES[profile]) + len(fx.HOSTILE), desc="fixtures", unit="file") as bar:
-        fx.build_fixtures(profile, fixtures_dir, progress=lambda name: bar.update())
-    recorder = AuditRecorder(paths.data_dir / "audit.duckdb")
+        try:
+            fx.build_fixtures(profile, fixtures_dir, progress=lambda name: bar.update())
+        except OSError as exc:
+            raise AuditBatchError(f"cannot build the fixtures in {fixtures_dir}: {one_line(exc)}") from exc
+    recorder = open_recorder(paths.data_dir / "audit.duckdb")
     session = recorder.start_session(profile, PROFILES[profile])
     run_dir = paths.data_dir / "audit-runs" / session
     common = {"session_id": session, "db_path": str(recorder.path), "fixtures_dir": str(fixtures_dir),
               "profile": profile}
     executed = []
-    for name, params in tqdm(list(PROFILES[profile].items()) + [(REPORT_NOTEBOOK, {})], desc="notebooks",
-                             unit="notebook"):
+    for name, params in tqdm(list(PROFILES[profile].items()), desc="notebooks", unit="notebook"):
         executed.append(_execute(paths.notebooks_dir / f"{name}.py", run_dir, {**common, **params},
                                  cell_timeout_s, recorder))
+    recorder.end_session()  # every scenario ran: later reports may compare against this session
+    executed.append(_execute(paths.notebooks_dir / f"{REPORT_NOTEBOOK}.py", run_dir, common, cell_timeout_s,
+                             recorder))
     report_path = export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
     outbox = write_outbox(paths.outbox, recorder, session, _relative(report_path), executed)
     update_task_card(paths.task_cards, outbox)
@@ -247,7 +263,7 @@ def render_report(session_id: str, paths: BatchPaths | None = None, cell_timeout
     """Redraw the report of an earlier session from DuckDB alone (no measuring): for a change to the
     report's tables or charts. The outbox and task card, which describe the session, stay as they are."""
     paths = paths or BatchPaths()
-    recorder = AuditRecorder(paths.data_dir / "audit.duckdb")
+    recorder = open_recorder(paths.data_dir / "audit.duckdb")
     found = recorder.query("SELECT profile FROM session WHERE session_id = ?", [session_id])
     if found.empty:
         raise AuditBatchError(f"no session {session_id!r} in {recorder.path}")
@@ -257,6 +273,44 @@ def render_report(session_id: str, paths: BatchPaths | None = None, cell_timeout
               "fixtures_dir": str(paths.data_dir / "fixtures"), "profile": found.profile.iloc[0]}
     _execute(paths.notebooks_dir / f"{REPORT_NOTEBOOK}.py", run_dir, params, cell_timeout_s, None)
     return export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
+
+
+def open_recorder(path: Path) -> AuditRecorder:
+    """The audit's DuckDB file; one that cannot be opened is a one-line AuditBatchError saying why."""
+    try:
+        return AuditRecorder(path)
+    except (duckdb.Error, OSError) as exc:
+        hint = ("; another process has it open (a notebook kernel in JupyterLab?): close that and run again"
+                if "lock" in str(exc).lower() else "")
+        raise AuditBatchError(f"cannot open {path}: {one_line(exc)}{hint}") from exc
+
+
+@contextmanager
+def only_batch_in(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir/audit.lock`` for the batch: two batches on one data dir share its scratch stores and
+    ports' worth of serves, and would measure each other."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = data_dir / "audit.lock"
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise AuditBatchError(f"another audit (pid {holder}) is running on {data_dir}: wait for it to end"
+                                  ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
@@ -277,6 +331,14 @@ def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
     except papermill.PapermillExecutionError as exc:
         raise AuditBatchError(f"notebook {source.name} failed at cell {exc.exec_count or exc.cell_index}: "
                               f"{exc.ename}: {exc.evalue}; partial executed notebook: {output}") from exc
+    except CellTimeoutError as exc:
+        raise AuditBatchError(f"notebook {source.name}: a cell ran past --cell-timeout ({timeout} s); partial "
+                              f"executed notebook: {output}") from exc
+    except DeadKernelError as exc:
+        raise AuditBatchError(f"notebook {source.name}: its kernel died (killed, or out of memory?); partial "
+                              f"executed notebook: {output}") from exc
+    except OSError as exc:  # writing the executed copy: a full or read-only data dir
+        raise AuditBatchError(f"notebook {source.name}: {one_line(exc)} (in {run_dir})") from exc
     finally:
         source_nb.unlink(missing_ok=True)
     seconds = time.perf_counter() - started

@@ -38,6 +38,16 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sla_result (session_id VARCHAR, sla VARCHAR, target DOUBLE, observed DOUBLE,
         unit VARCHAR, comparison VARCHAR, passed BOOLEAN, source VARCHAR)""",
 ]
+# a session whose scenario notebooks all ran (an interrupted one has no row): only those are compared against.
+# Made once; the sessions of an older file that have any measured SLA are taken as ended.
+SESSION_END = [
+    "CREATE TABLE session_end (session_id VARCHAR PRIMARY KEY, ended_at TIMESTAMP)",
+    "INSERT INTO session_end SELECT DISTINCT r.session_id, s.started_at FROM sla_result r JOIN session s "
+    "USING (session_id) WHERE r.observed IS NOT NULL",
+]
+# what the audit itself writes into the checkout: not a change to the code it measured
+AUDIT_OUTPUTS = ("docs/performance/PERFORMANCE_AUDIT_SPRINT4.md", "docs/performance/PERFORMANCE_AUDIT_SPRINT4_files",
+                 "outbox.json", "TASK_CARDS.md")
 MEASUREMENT_COLUMNS = ["variant", "metric", "value", "unit", "rep", "tags"]
 KEY_PACKAGES = ["pypdfium2", "pypdf", "aiosmtpd", "psycopg", "distributed", "prometheus-client", "duckdb", "pandas",
                 "matplotlib", "papermill", "nbconvert", "watchdog"]
@@ -53,6 +63,9 @@ class AuditRecorder:
         with self.connect() as db:
             for statement in SCHEMA:
                 db.execute(statement)
+            if db.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'session_end'").fetchone() == (0,):
+                for statement in SESSION_END:
+                    db.execute(statement)
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -70,6 +83,16 @@ class AuditRecorder:
                "profile": profile, **machine_facts(), "params": json.dumps(params or {}, default=str)}
         self._insert("session", pd.DataFrame([row]))
         return self.session_id
+
+    def end_session(self) -> None:
+        """Record that every scenario notebook of this session ran (the report compares only such sessions)."""
+        with self.connect() as db:
+            db.execute("INSERT OR REPLACE INTO session_end VALUES (?, ?)",
+                       [self._require_session(), datetime.now(UTC).replace(tzinfo=None)])
+
+    def ended(self, session_id: str) -> bool:
+        """Whether ``session_id`` ran to its end (``end_session``)."""
+        return not self.query("SELECT 1 FROM session_end WHERE session_id = ?", [session_id]).empty
 
     def record(self, scenario: str, frame: pd.DataFrame) -> int:
         """Append tidy measurement rows (columns ``MEASUREMENT_COLUMNS``) for ``scenario``; return the count."""
@@ -132,7 +155,8 @@ class AuditRecorder:
 def machine_facts() -> dict[str, Any]:
     """Commit, host, CPU model and count, Python and key package versions."""
     sha = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    outputs = [f":(top,exclude){path}" for path in AUDIT_OUTPUTS]  # an earlier audit's report is no code change
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", *outputs)) if sha else None
     packages: dict[str, str | None] = {}
     for name in KEY_PACKAGES:
         try:

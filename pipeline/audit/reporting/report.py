@@ -58,6 +58,15 @@ def select_rows(measurements: pd.DataFrame, sla: dict[str, Any]) -> pd.DataFrame
     return rows
 
 
+def missing_parts(measurements: pd.DataFrame, sla: dict[str, Any]) -> list[str]:
+    """For an SLA over every part of its scenario (``every_part = true``: "lost under any injected fault"), the
+    parts that errored or were skipped: then it was not measured, whatever the other parts say."""
+    if not sla.get("every_part"):
+        return []
+    rows = measurements[(measurements.scenario == sla["scenario"]) & measurements.metric.isin(["error", "skipped"])]
+    return sorted(set(rows.variant))
+
+
 def observe(rows: pd.DataFrame, stat: str) -> float | None:
     """The SLA's observed value, or None if no rows."""
     if rows.empty:
@@ -71,7 +80,7 @@ def evaluate_slas(recorder: AuditRecorder, session_id: str, slas: list[dict[str,
     measurements = recorder.measurements(session_id=session_id)
     results = []
     for sla in slas or load_slas():
-        observed = observe(select_rows(measurements, sla), sla["stat"])
+        observed = None if missing_parts(measurements, sla) else observe(select_rows(measurements, sla), sla["stat"])
         passed = None if observed is None else bool(_COMPARE[sla["comparison"]](observed, sla["target"]))
         results.append({"sla": sla["name"], "source": sla["source"], "target": float(sla["target"]),
                         "observed": observed, "unit": sla["unit"], "comparison": sla["comparison"],
@@ -127,10 +136,12 @@ def session_info(recorder: AuditRecorder, session_id: str | None = None) -> dict
 
 
 def previous_session(recorder: AuditRecorder, session_id: str) -> str | None:
-    """The latest earlier session of the same profile that has SLA results, if any."""
+    """The latest earlier session of the same profile that ran to its end and has SLA results, if any (an
+    interrupted session, even one whose report was drawn by hand, is never the comparison)."""
     frame = recorder.query(
         "SELECT s.session_id FROM session s, session me WHERE me.session_id = ? AND s.profile = me.profile "
         "AND s.started_at < me.started_at AND EXISTS (SELECT 1 FROM sla_result r WHERE r.session_id = s.session_id) "
+        "AND EXISTS (SELECT 1 FROM session_end e WHERE e.session_id = s.session_id) "
         "ORDER BY s.started_at DESC LIMIT 1", [session_id])
     return None if frame.empty else str(frame.iloc[0, 0])
 

@@ -46,6 +46,8 @@ def pdf_scaling(pdfs: list[dict[str, Any]], reps: int = 3, recorder: AuditRecord
     3e5ed37; its pypdf rows over 5 MB, one worker and two, took 413 of that notebook's 610 s), so their big rows
     repeat the slope the smaller rows already show.
     """
+    if reps < 1:
+        raise ValueError(f"reps must be 1 or more, not {reps}")
     base = IngestConfig(max_attachment_bytes=200 * MB, max_pages=100_000, timeout_s=900)
     defaults = IngestConfig()
     chosen = {name: replace(base, **ENGINE_VARIANTS[name]) for name in (variants or list(ENGINE_VARIANTS))}
