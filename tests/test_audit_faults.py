@@ -8,6 +8,7 @@ import sys
 import time
 
 import pandas as pd
+import psutil
 import pytest
 
 from pipeline.audit.base.recorder import AuditRecorder
@@ -103,3 +104,23 @@ def test_a_fault_that_errored_or_was_skipped_leaves_the_any_fault_slas_not_measu
     clean.record("faults", pd.DataFrame(rows[:-1]))
     ok = report.evaluate_slas(clean, clean_session, save=False).set_index("sla")
     assert ok.loc["Acked messages lost under any injected fault", "passed"] is True
+
+
+def test_a_serve_the_audit_started_stops_when_the_kernel_that_started_it_is_killed(tmp_path):
+    """A kernel killed outright (a cancelled CI job, a restart in JupyterLab) runs no cleanup; its serve, in a
+    session of its own, used to stay with its workers and temp dirs."""
+    script = ("import sys; from pathlib import Path; from pipeline.audit.base.serveproc import ServeProcess\n"
+              f"serve = ServeProcess(Path({str(tmp_path / 'data')!r}), Path({str(tmp_path / 'serve')!r})).start()\n"
+              "print(serve.proc.pid, flush=True); sys.stdin.read()")
+    kernel = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        serve = psutil.Process(int(kernel.stdout.readline()))
+        assert serve.is_running()
+        kernel.kill()  # no cleanup runs in it
+        kernel.wait()
+        serve.wait(timeout=60)  # SIGTERM from the kernel's death: serve stops gracefully
+    finally:
+        kernel.kill()
+        kernel.wait()
+        kernel.stdin.close()
+        kernel.stdout.close()

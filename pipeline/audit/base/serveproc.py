@@ -18,6 +18,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -80,7 +81,8 @@ class ServeProcess:
                 [sys.executable, "-m", "pipeline", "--data-dir", str(self.data_dir), "--config", str(self.config_path),
                  "serve", "--port", str(self.port), "--no-drop-folder", *self.args],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=stop_with_parent)
+                # the signal follows the thread that started serve: only the main thread lives as long as we do
+                preexec_fn=stop_with_parent if threading.current_thread() is threading.main_thread() else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -211,7 +213,8 @@ def stop_with_parent() -> None:
 
     A serve in a session of its own does not get the terminal's Ctrl-C, and a notebook kernel that is killed
     (a cancelled CI job, a kernel restart in JupyterLab) runs no cleanup: without this its serves, workers and
-    temp dirs would stay. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes.
+    temp dirs would stay. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes. Linux sends it when
+    the *thread* that forked ends, so only a serve started from the main thread asks for it.
     """
     if not sys.platform.startswith("linux"):
         return
