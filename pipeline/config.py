@@ -348,6 +348,9 @@ class ServeConfig:
     # Not shown to help: in the audit, whichever slice the default had, the other measured better (README,
     # Benchmarks); the audit measures 100 as short_slice
     gateway_slice_us: int = 0
+    # the gateway process says it is alive from its event loop every second; one silent this long (a loop that
+    # hangs: a deadlock, a callback that never returns) is killed and restarted, as a dead one is; 0: never
+    gateway_hung_after_s: float = 30.0
 
     def validate(self) -> None:
         """Reject an engine_nice outside 0-19 and a slice Linux would not take."""

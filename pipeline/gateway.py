@@ -189,6 +189,19 @@ class EmailGateway:
                  "" if self.config.max_sessions else ", a quarter of the open-file limit")
         return self
 
+    def every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the SMTP event loop every ``interval_s`` (after ``start``): a sign that the loop runs."""
+        assert self._controller is not None, "start() first"
+        loop = self._controller.loop
+
+        def tick() -> None:
+            try:
+                fn()
+            finally:
+                loop.call_later(interval_s, tick)
+
+        loop.call_soon_threadsafe(tick)
+
     def stop(self) -> None:
         """Stop listening; messages already answered 250 are safe in the spool and the store."""
         if self._controller is not None:

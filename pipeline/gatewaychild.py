@@ -3,15 +3,18 @@
 It reads its orders from stdin (``GatewayOrders``: settings, the listening
 sockets serve bound, log levels), runs the gateway role of ``PipelineService``
 on those sockets (spool reconciliation, SMTP, the drop folder), says
-``ready <metrics port>`` (or ``error <message>``) on stdout, then follows
-stdin: ``health <problem>`` lines are the engine's health, which it answers
-451 by; the end of stdin (serve stopped, or died) stops it gracefully. SIGINT
-and SIGTERM are ignored: serve decides when its gateway stops.
+``ready <metrics port>`` (or ``error <message>``) on stdout, then a byte a
+second from its SMTP event loop (serve kills a child that stays silent:
+``[serve] gateway_hung_after_s``), and follows stdin: ``health <problem>``
+lines are the engine's health, which it answers 451 by; the end of stdin
+(serve stopped, or died) stops it gracefully. SIGINT and SIGTERM are
+ignored: serve decides when its gateway stops.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -24,6 +27,7 @@ from .priority import request_slice
 from .service import GATEWAY, PipelineService
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's: both write to serve's stderr
+ALIVE_EVERY_S = 1.0
 
 
 class EngineHealth:
@@ -37,6 +41,14 @@ class EngineHealth:
         word, _, problem = line.decode("utf-8", "replace").strip().partition(" ")
         if word == "health":
             self.problem = problem or None
+
+
+def say_alive() -> None:
+    """One byte on stdout, from the SMTP event loop: serve kills a gateway process that stays silent."""
+    try:
+        os.write(sys.stdout.fileno(), b".")
+    except (BlockingIOError, BrokenPipeError):  # serve reads behind, or is gone (stdin's end stops us)
+        pass
 
 
 def main() -> int:
@@ -62,6 +74,8 @@ def main() -> int:
     try:
         registry = metrics.start_metrics_server(0) if orders.metrics else None
         print(f"ready {registry.port if registry else 0}", flush=True)
+        os.set_blocking(sys.stdout.fileno(), False)  # a sign of life never blocks the loop that gives it
+        service.gateway.every(ALIVE_EVERY_S, say_alive)
         for line in stdin:  # until serve closes the pipe or dies
             engine.follow(line)
     finally:

@@ -19,6 +19,9 @@ The child's lifetime is tied to serve's:
 - its first stdout line says it listens (``ready <metrics port>``) or why
   it cannot (``error <message>``): a start-up error fails serve with that
   one line before any run is claimed.
+- then a byte a second from its SMTP event loop: a child silent for
+  ``[serve] gateway_hung_after_s`` (a hung loop answers no sender, and
+  would never die by itself) is killed, and restarted as a dead one is.
 - if it dies, a supervising thread logs it, reports serve unhealthy
   (``problem``) and starts another after a backoff (``[engine]
   backoff_base_s`` doubling to ``backoff_max_s``). Serve keeps the
@@ -84,6 +87,9 @@ class GatewayProcess:
         self.restarts = 0
         self._started_at = 0.0
         self._told: str | None = None  # the health the child was last told
+        self._out: IO[bytes] | None = None  # the child's stdout: its signs of life after its ready line
+        self._alive_at = 0.0  # when the child last gave one (monotonic)
+        self._hung = False  # the supervisor killed the child for its silence
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,6 +132,8 @@ class GatewayProcess:
             self._thread.join()
             self._thread = None
         proc, self.proc = self.proc, None
+        _close(self._out)
+        self._out = None
         if proc is not None:
             _close(proc.stdin)
             try:
@@ -167,12 +175,14 @@ class GatewayProcess:
             proc.kill()
             proc.wait()
             _close(proc.stdin)
+            _close(proc.stdout)
             if isinstance(exc, (OSError, ValueError)):  # a broken pipe: it died while starting
                 raise StartupError(f"the gateway process could not start: {one_line(exc)}") from exc
             raise
-        finally:
-            _close(proc.stdout)  # the child says nothing after its first line
+        os.set_blocking(proc.stdout.fileno(), False)
+        _close(self._out)  # the last child's
         self.proc, self._started_at, self._told = proc, time.monotonic(), None
+        self._out, self._alive_at, self._hung = proc.stdout, time.monotonic(), False
         log.info("gateway process %d accepts SMTP for serve", proc.pid)
 
     def _await_ready(self, proc: subprocess.Popen[bytes], out: IO[bytes]) -> int:
@@ -215,6 +225,9 @@ class GatewayProcess:
     def _look(self, failures: int) -> int:
         """One look at the child: tell it the engine's health, or restart it; return the failure count."""
         proc = self.proc
+        if proc is not None and proc.poll() is None and self._silent_too_long(proc):
+            proc.kill()  # the next look finds it dead, and restarts it
+            proc.wait()
         if proc is not None and proc.poll() is None:
             self._tell_health(proc)
             if self._look_failed:  # supervision works again, and the child lives
@@ -240,10 +253,28 @@ class GatewayProcess:
         self._look_failed, self.problem = False, None
         return failures
 
+    def _silent_too_long(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Read the child's signs of life; True (logged) once it has given none for ``gateway_hung_after_s``."""
+        try:
+            while self._out is not None and os.read(self._out.fileno(), 4096):
+                self._alive_at = time.monotonic()
+        except BlockingIOError:  # nothing more now
+            pass
+        limit = self.settings.serve.gateway_hung_after_s
+        silent = time.monotonic() - self._alive_at
+        if not limit or silent < limit:
+            return False
+        self._hung = True
+        log.error("gateway process %d gave no sign of life for %.0f s (its event loop hangs): killing it",
+                  proc.pid, silent)
+        return True
+
     def _died(self, proc: subprocess.Popen[bytes], failures: int) -> int:
         """Log the child's death and report serve unhealthy; return the failure count its backoff follows."""
         code = proc.returncode
         how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        if self._hung:
+            how = f"hung (silent for {self.settings.serve.gateway_hung_after_s:g} s) and was killed"
         failures = 1 if time.monotonic() - self._started_at >= STABLE_S else failures + 1
         self.restarts += 1
         self.problem = f"the gateway process {how}; serve answers no SMTP until it is restarted"

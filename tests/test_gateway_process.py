@@ -142,6 +142,23 @@ def test_a_killed_gateway_process_is_restarted_and_no_accepted_mail_is_lost(serv
     assert all(len(runs[key]) == 1 and runs[key][0].state == SUCCESS for key in acked)
 
 
+def test_a_gateway_process_whose_event_loop_hangs_is_killed_and_restarted(tmp_path):
+    """A hung child (here stopped with SIGSTOP; in the wild a deadlock or a callback that never returns) used to
+    stay for ever: alive, so never restarted, while senders timed out and serve looked healthy."""
+    serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_hung_after_s": 2}}).start())
+    try:
+        first = gateway_children(serve)[0]
+        os.kill(first.pid, signal.SIGSTOP)
+        assert wait_until(lambda: [p.pid for p in gateway_children(serve)] not in ([], [first.pid]),
+                          timeout_s=60), serve.log_tail()
+        assert "queued as run" in send(serve.port, "<after-hang@example.com>")
+        log = serve.log_tail(50_000)
+        assert "gave no sign of life" in log and "hung (silent for 2 s) and was killed" in log, log
+        assert "listening again" in log
+    finally:
+        serve.stop()
+
+
 def test_a_gateway_process_killed_by_a_signal_python_has_no_name_for_is_restarted(serve):
     """Real-time signal 35 is no member of ``signal.Signals``: naming it must not end supervision."""
     first = gateway_children(serve)[0]
