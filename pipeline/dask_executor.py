@@ -35,14 +35,16 @@ cluster; its late result is ignored.
 
 Every distributed exception is translated here, at the edge: an unreachable scheduler or a lost result is
 ClusterUnavailableError (retryable; raised by ``submit`` it breaks the run, which the engine requeues with
-a backoff, uncounted), a dead worker as above. A try cancelled by ``close`` is a cancelled future (the
-runner puts the run back in the queue). An exception the task itself raised reaches the runner unchanged.
+a backoff, uncounted), and so is a scheduler with no worker; a dead worker as above. A try cancelled by
+``close`` is a cancelled future (the runner puts the run back in the queue). An exception the task itself
+raised reaches the runner unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError
@@ -55,6 +57,7 @@ from .stages import cluster_ingest
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler fails the submission after this long
+WORKERS_CHECK_EVERY_S = 2.0  # how long a look at the scheduler's worker count stands (a round trip each)
 MEMORY_EVIDENCE_WAIT_S = 3.0  # how long a worker's death waits for the nanny's memory event
 MEMORY_TOPIC = "worker-restart-memory"  # distributed's nanny (worker_memory.NannyMemoryManager) logs this
 RESULT_TIMEOUT_S = 30.0  # fetching a finished try's (small) result; past it the try is lost (retryable)
@@ -96,6 +99,7 @@ class DaskExecutor:
         self._cluster: Any = None
         self._closed = False
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
+        self._workers_seen_until = 0.0  # monotonic time until which the scheduler is known to have workers
         self._deaths = threading.Condition()
         # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
         self._memory_kills: dict[str, float] = {}
@@ -117,7 +121,10 @@ class DaskExecutor:
         client = self.client
         ours: Future[Any] = Future()
         try:
+            self._require_workers(client)
             theirs = client.submit(cluster_ingest.run_announced, fn, *args, key=key, pure=False)
+        except ClusterUnavailableError:
+            raise
         except Exception as exc:  # OSError, TimeoutError, a client closed meanwhile (ClosedClientError) ...
             raise ClusterUnavailableError(f"cannot submit to the Dask scheduler: {type(exc).__name__}: "
                                           f"{exc}") from exc
@@ -128,6 +135,20 @@ class DaskExecutor:
             self._live[key] = (theirs, ours)  # holding the distributed future keeps the task wanted
         theirs.add_done_callback(lambda f: self._done(key, f, ours))
         return ours
+
+    def _require_workers(self, client: Any) -> None:
+        """ClusterUnavailableError when the scheduler has no worker: a task sent there would wait until its try
+        times out, and end ``timeout`` as if the document were at fault (a scheduler restarted after its workers
+        left with it). Looked at once per ``WORKERS_CHECK_EVERY_S``."""
+        now = time.monotonic()
+        if now < self._workers_seen_until:
+            return
+        info = client.scheduler_info(n_workers=0)
+        if "n_workers" not in info:  # an older distributed that does not count them here: no look
+            return
+        if not info["n_workers"]:
+            raise ClusterUnavailableError(f"the Dask scheduler at {client.scheduler.address} has no workers")
+        self._workers_seen_until = now + WORKERS_CHECK_EVERY_S
 
     def close(self) -> None:
         """Cancel the tries still on the cluster, close the client and the LocalCluster started here."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -289,3 +290,38 @@ def test_missing_dask_is_a_one_line_configuration_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ConfigurationError, match=r"pip install 'email-digest-pipeline\[dask\]'"):
         DaskExecutor(ExecutorConfig(kind="dask")).submit(os.getpid, key="k")
+
+
+def test_a_scheduler_without_workers_requeues_the_run_with_a_typed_error_and_the_engine_is_unhealthy(store, settings):
+    """A scheduler restarted after its workers left with it: a task sent there waited until its try timed out, and
+    a good PDF ended ``timeout`` while serve answered 250. Now nothing is sent, the run waits queued, and the
+    engine says why (so the gateway answers 451)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", env={})
+    executor = DaskExecutor(ExecutorConfig(kind="dask", scheduler=address))
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=address))
+    try:
+        assert wait_until(lambda: _listening(port), 60)
+        with pytest.raises(ClusterUnavailableError, match="has no workers") as info:
+            executor.submit(os.getpid, key="k")
+        assert info.value.retryable
+        engine.register(DAG("held", [Task("work", held_task, executor="dask")]))
+        engine.start()
+        run = engine.trigger("held", {"log": "-", "gate": "-"})
+        assert wait_until(lambda: engine.health_problem is not None, 60)
+        assert "has no workers" in engine.health_problem
+    finally:
+        engine.shutdown(grace_s=5)
+        executor.close()
+        scheduler.terminate()
+        scheduler.wait(timeout=20)
+    assert store.get_run(run.run_id).state == "queued"  # not lost: it runs once the cluster has a worker
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -88,12 +88,14 @@ def _extract_ranges(pdf_path: Path, parts: list[Path], limits: IngestConfig,
     futures = [client.submit(run_announced, extract_range, pdf_path, part, limits, pages, pure=False,
                              key=f"pages-{pages[0]}-{pages[1]}-{name}-{uuid.uuid4().hex[:12]}")
                for part, pages in zip(parts, ranges, strict=True)]
-    secede()
+    secede()  # while seceded this thread holds no slot of the worker: a range may run here meanwhile
     try:
         wait(futures)
+        # results are taken before rejoining: a range whose result was lost with a killed worker is computed
+        # again when asked for, possibly here, and this thread must not hold the worker's only slot then
+        return [future.result() for future in futures]  # the first failed range's error, in page order
     finally:
         rejoin()
-    return [future.result() for future in futures]  # the first failed range's error, in page order
 
 
 def _require_capped_worker(pdf_path: Path) -> None:
