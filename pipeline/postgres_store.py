@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +46,11 @@ from .store import RUNNING, TERMINAL_TASK_STATES, Transition
 log = logging.getLogger(__name__)
 
 CHANNEL = "pipeline_runs_queued"
+IDLE_CHECK_S = 2.0  # a pooled connection idle this long is checked before it is lent (the server may be gone)
+# what the server answers a connection it refuses for its settings (libpq gives no SQLSTATE at connect): a wrong
+# user or password, no such database, no pg_hba.conf line for it; no retry mends them
+_REFUSED_FOR_SETTINGS = ("password authentication failed", "authentication failed", "does not exist",
+                         "no pg_hba.conf entry", "is not permitted to log in", "permission denied for database")
 WATCH_POLL_S = 0.5  # how often the listening thread looks up from its socket to see whether it must stop
 
 # (error class, SQLSTATEs or their two-character classes, hint): the first match wins.
@@ -154,11 +161,14 @@ class PostgresRunStore(SqlRunStore):
         self.DRIVER_ERRORS = (self._psycopg.Error,)
         self.url, self.label = self.config.url, redact(self.config.url)
         self._watchers: list[_QueueWatcher] = []
+        self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._connect_once()
         # how long a call waits for a pooled connection (or a reconnect) before StoreUnavailableError
         timeout_s = max(self.config.busy_timeout_ms / 1000, 0.1)
         self._pool = pool_module.ConnectionPool(
             self.url, min_size=1, max_size=self.config.pool_size, open=False, timeout=timeout_s,
-            kwargs=connection_options(self.config.busy_timeout_ms), name="pipeline-store")
+            kwargs=connection_options(self.config.busy_timeout_ms), name="pipeline-store",
+            check=self._check_if_idle)
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn:
@@ -170,13 +180,36 @@ class PostgresRunStore(SqlRunStore):
             self._pool.close()
             raise
 
+    def _connect_once(self) -> None:
+        """Connect once, outside the pool, so that a refusal is reported as itself: the pool only retries and
+        ends in "pool initialization incomplete after 10 s", whatever the server said. A wrong password or
+        database name, or a malformed URL, is a ConfigurationError (no retry mends it)."""
+        try:
+            self._psycopg.connect(self.url, **connection_options(self.config.busy_timeout_ms)).close()
+        except self._psycopg.Error as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, self._psycopg.ProgrammingError) or any(w in text for w in _REFUSED_FOR_SETTINGS):
+                raise ConfigurationError(f"{self.label}: {text} (check [store] url: user, password, "
+                                         "database)") from exc
+            raise store_error(self.label, exc) from exc
+
+    def _check_if_idle(self, conn: Any) -> None:
+        """The pool's check before it lends ``conn``: one idle for ``IDLE_CHECK_S`` must still answer (a server
+        restarted, or its backends ended, meanwhile: the pool then takes another), so the first write after a
+        quiet spell does not fail (a 451 for a sender). A busy connection is lent unchecked."""
+        if time.monotonic() - self._returned.get(conn, 0.0) >= IDLE_CHECK_S:
+            self._pool.check_connection(conn)
+
     # -- connection and transactions ---------------------------------------
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
         """Lend a pooled connection; one the server dropped is discarded by the pool on return."""
         with self._pool.connection() as conn:
-            yield _Cursor(conn)
+            try:
+                yield _Cursor(conn)
+            finally:
+                self._returned[conn] = time.monotonic()
 
     def _store_error(self, exc: BaseException) -> StoreError:
         error = store_error(self.label, exc)

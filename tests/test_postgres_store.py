@@ -26,7 +26,7 @@ from pipeline.errors import (
     StoreUnavailableError,
 )
 from pipeline.postgres_schema import MIGRATIONS, SCHEMA_VERSION
-from pipeline.postgres_store import PostgresRunStore, store_error
+from pipeline.postgres_store import IDLE_CHECK_S, PostgresRunStore, store_error
 from pipeline.sql_store import TransientStoreError
 from pipeline.store import Transition, open_store
 
@@ -274,3 +274,34 @@ def test_the_password_never_reaches_a_message_or_a_log_line(url, shown):
 
     assert redact(url) == shown
     assert store_location(Settings(store=StoreConfig(url=url))) == shown
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda url: url.rsplit("/", 1)[0] + "/no_such_db", "does not exist"),
+    (lambda url: url.replace("://", "://no_such_role@", 1) if "@" not in url else
+     "postgresql://no_such_role@" + url.split("@", 1)[1], "no_such_role"),
+])
+def test_a_wrong_database_or_user_is_a_configuration_error_saying_what_the_server_said(pg_url, change, said):
+    """It used to be "pool initialization incomplete after 10.0 sec (the server is unreachable; try again)",
+    after 10 s of pool retries, whatever the server had said: retryable, for a mistake no retry mends."""
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match=said) as err:
+        PostgresRunStore(StoreConfig(url=change(pg_url)))
+    assert "\n" not in str(err.value) and "check [store] url" in str(err.value)
+    assert not err.value.retryable
+    assert time.monotonic() - started < 8  # told at once, not after the pool's 10 s
+
+
+def test_the_first_write_after_the_servers_backends_ended_succeeds(pg_url):
+    """Idle pooled connections whose backends the server ended (a restart, pg_terminate_backend, a failover):
+    the first write after that used to fail (a 451 for a sender); a connection idle for a while is checked
+    before it is lent."""
+    with PostgresRunStore(StoreConfig(url=pg_url, pool_size=4)) as store, \
+            PostgresRunStore(StoreConfig(url=pg_url)) as admin:
+        store.create_run("wf", {})
+        time.sleep(IDLE_CHECK_S + 0.5)  # the pool's connections are idle now
+        with admin._pool.connection() as conn:
+            ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+        assert ended >= 1
+        assert store.create_run("wf", {})[1]  # no StoreUnavailableError
