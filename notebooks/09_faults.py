@@ -16,7 +16,8 @@
 # run store and the Maildir outbox: an acked (250) message is lost if it has no run or its run never ends,
 # duplicated if it has more than one run or digest; a failed run is untyped if its reason is not one of the
 # reasons in `pipeline.errors`. Faults: `kill -9` of serve mid-burst (restarted at once), `kill -9` of a busy
-# extraction worker, the run store locked by another process, the data dir's disk full (a tmpfs; skipped
+# extraction worker, the run store locked by another process, serve's gateway process hung (stopped with
+# SIGSTOP; serve kills and restarts it after `[serve] gateway_hung_after_s`, shortened here), the data dir's disk full (a tmpfs; skipped
 # with the reason where it cannot be mounted), and bad input (a damaged page, a From: decoding to CR/LF, a
 # quoted local part, and mail as real clients write it: a scanner's Subject folded without indent, a forward in
 # base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
@@ -29,10 +30,11 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input", "bad_relay"]
+only = ["kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "bad_input", "bad_relay"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
+hung_gateway = {"messages": 16, "senders": 2, "hung_after_s": 2.0, "margin_s": 1.0}
 disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32}
 
 # %%
@@ -46,7 +48,7 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir, profile, kill_worker_pdf)},
-          "store_locked": store_locked, "disk_full": disk_full}
+          "store_locked": store_locked, "hung_gateway": hung_gateway, "disk_full": disk_full}
 faults.fault_figures(work, params, only=tuple(only), recorder=recorder)
 views.fault_table(recorder.measurements())
 

@@ -42,6 +42,17 @@ def test_kill_9_mid_burst_loses_and_duplicates_no_acked_message(tmp_path):
     assert not _no_children_left(before)
 
 
+def test_a_hung_gateway_is_replaced_and_loses_no_acked_message(tmp_path):
+    before = _live_children()
+    rows = faults.hung_gateway(tmp_path, messages=16, senders=2, hung_after_s=2.0, margin_s=1.0, timeout_s=240)
+    figures = _figures(rows, "hung_gateway")
+    assert figures["acked"] == 16 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["untyped"] == 0 and figures["missing_digests"] == 0
+    # silence counts from the last sign of life, up to a second before the hang
+    assert 1.0 <= figures["killed_after_s"] and figures["recover_s"] >= figures["killed_after_s"] - 0.5
+    assert not _no_children_left(before)
+
+
 def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
@@ -135,7 +146,7 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
     assert list(table["as expected"]) == ["yes"] * 4 and "deliver tries" in table
     assert not _no_children_left(before)
 
-@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "disk_full"])
+@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "hung_gateway", "disk_full"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 

@@ -43,7 +43,16 @@ from ..base.faultcheck import (
 )
 from ..base.harness import frame, row, run_parts
 from ..base.recorder import AuditRecorder
-from ..base.serveproc import Replies, Senders, ServeProcess, digests_by_original, reply_of, serving, toml_text
+from ..base.serveproc import (
+    GATEWAY_PROCESS,
+    Replies,
+    Senders,
+    ServeProcess,
+    digests_by_original,
+    reply_of,
+    serving,
+    toml_text,
+)
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -241,6 +250,38 @@ def store_locked(work: Path, messages: int = 200, senders: int = 4, lock_s: floa
         row("store_locked", "replies_during_lock", len(during) - during.count("250"), "replies", 0, reply="other")]
 
 
+def hung_gateway(work: Path, messages: int = 200, senders: int = 4, hung_after_s: float = 5.0,
+                 timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """Stop serve's gateway process (SIGSTOP: its event loop hangs, as a deadlock would leave it) while senders
+    keep sending at a steady pace; serve kills it after ``[serve] gateway_hung_after_s`` (``hung_after_s`` here;
+    30 s by default) and starts another. *recover s* runs from the hang to the first 250 after it."""
+    gap = (hung_after_s + 2 * margin_s) * senders / messages  # sending spans the hang with a margin either side
+    with serving(work / "data", work, {"serve": {"gateway_hung_after_s": hung_after_s}}) as serve:
+        with Senders(serve.port, burst_messages("hung", messages), work, senders, gap_s=gap) as sending:
+            sending.wait_acked(max(1, messages // 10), timeout_s)
+            [child] = [p for p in serve.descendants() if any(GATEWAY_PROCESS in part for part in p.cmdline())]
+            hung_at = time.time()
+            child.suspend()
+            gone = _wait_gone(child, hung_after_s + 60)
+            replies = sending.wait(timeout_s)
+        verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    return figures("hung_gateway", verdict, replies, hung_at, hung_after_s=hung_after_s) + [
+        row("hung_gateway", "killed_after_s", gone - hung_at, "s", 0, to="serve killed the hung gateway")]
+
+
+def _wait_gone(proc: psutil.Process, timeout_s: float) -> float:
+    """When ``proc`` ended (wall time); TimeoutError if it outlives ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return time.time()
+        except psutil.NoSuchProcess:
+            return time.time()
+        time.sleep(0.05)
+    raise TimeoutError(f"the hung gateway process {proc.pid} was not killed within {timeout_s:g} s")
+
+
 def _fill(path: Path) -> int:
     """Write zeros to ``path`` until the disk is full; return the bytes written."""
     written = 0
@@ -385,7 +426,7 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
                                                 cases=len(outcomes))]
 
 
-FAULTS = ("kill_serve", "kill_worker", "store_locked", "disk_full", "bad_input", "bad_relay")
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -395,8 +436,8 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     A fault whose harness fails is recorded as an ``error`` row with the message, and the others still run.
     """
     runners: dict[str, Callable[..., Rows]] = {
-        "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "disk_full": disk_full,
-        "bad_input": bad_input, "bad_relay": bad_relay}
+        "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked,
+        "hung_gateway": hung_gateway, "disk_full": disk_full, "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
