@@ -46,8 +46,8 @@ def main() -> int:
     for name in ("data_dir", "report_dir", "outbox", "task_cards"):
         if getattr(args, name):
             setattr(paths, name, getattr(args, name).resolve())
-    # a CI job cancelled (SIGTERM) stops as Ctrl-C does: the notebook's kernel is interrupted, so its serves
-    # and workers are stopped by the cells' own cleanup instead of being left running
+    # a CI job cancelled (SIGTERM) stops as Ctrl-C does: one line, exit 130, nothing of the report written. The
+    # serves a notebook started stop with its kernel (serveproc.stop_with_parent), not left running
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.report_only:
