@@ -408,9 +408,12 @@ class DAGRunner:
         tracing.send(tracing.TASK_FINISHED, run_id=self.run.run_id, task_id=instance_id, state=state)
         if inst.started:  # an upstream_failed instance never ran
             metrics.task_finished(instance_id, time.monotonic() - inst.started)
-        # a success is routine (four per mail): DEBUG; a failed or skipped task is worth a line at INFO
-        log.log(logging.DEBUG if state == s.SUCCESS else logging.INFO, "run %s task %s: %s%s", self.run.run_id,
-                instance_id, state, f" ({error[0]}: {error[1][:300]})" if error else "")
+        # a success is routine (four per mail): DEBUG; a failed or skipped task is worth a line at INFO, and one
+        # the machine failed (a disk full, out of descriptors: task_io after its retries) a WARNING
+        level = logging.DEBUG if state == s.SUCCESS else logging.WARNING if error and error[0] == "task_io" else \
+            logging.INFO
+        log.log(level, "run %s task %s: %s%s", self.run.run_id, instance_id, state,
+                f" ({error[0]}: {error[1][:300]})" if error else "")
 
     def _write(self, instance_id: str, state: str, *, try_number: int | None = None,
                error: tuple[str, str] | None = None, output_json: str | None = None) -> bool:

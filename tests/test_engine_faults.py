@@ -348,3 +348,17 @@ def test_retryable_failure_while_stopping_requeues_instead_of_failing(store, set
     engine2 = start_engine(store, settings, dag)
     assert engine2.wait(run_id, timeout=30).state == "success"
     assert store.get_tasks(run_id)[0].output == "second"
+
+
+def _disk_full(ctx):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_task_the_machine_failed_is_logged_as_a_warning_with_its_cause(store, settings, start_engine, caplog):
+    """Out of disk or descriptors, tasks fail task_io after their retries: an operator must see it above INFO."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    engine = start_engine(store, settings, DAG("full", [Task("write", _disk_full, retries=0)]))
+    run = engine.wait(engine.trigger("full").run_id, timeout=30)
+    assert run.state == "failed"
+    [line] = [r for r in caplog.records if r.getMessage().startswith(f"run {run.run_id} task write: failed")]
+    assert line.levelno == logging.WARNING and "task_io" in line.getMessage() and "No space left" in line.getMessage()
