@@ -35,7 +35,7 @@ md(f"""# Performance audit, sprint 4 (TASK-163P)
 
 Session `{session_id}`, profile **{info['profile']}**, commit `{info['git_sha'][:12]}`{' (with uncommitted changes)' if info['git_dirty'] else ''},
 started {info['started_at']:%Y-%m-%d %H:%M} UTC on `{info['host']}`: {info['cpu']}, {info['cpus']} cores, Python {info['python']}.
-Every figure below is read from `{recorder.path.name}` for this session; rerun with `make audit`.""" +
+Every figure below is read from `{report.shown_path(recorder.path)}` for this session; rerun with `make audit`.""" +
    ("" if recorder.ended(session_id) else "\n\n**This session did not run to its end** (interrupted, or a notebook "
     "failed): what it did not measure reads as not measured."))
 

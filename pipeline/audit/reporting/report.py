@@ -126,6 +126,14 @@ def _margin(observed: float | None, target: float, comparison: str) -> str:
     return f"{headroom:+.0%}"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the report names it: relative to the repository when inside it (``data/audit.duckdb``)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def session_info(recorder: AuditRecorder, session_id: str | None = None) -> dict[str, Any]:
     """The session row (the latest if ``session_id`` is None)."""
     sql = "SELECT * FROM session " + ("WHERE session_id = ?" if session_id else "ORDER BY started_at DESC LIMIT 1")
