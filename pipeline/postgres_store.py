@@ -168,7 +168,7 @@ class PostgresRunStore(SqlRunStore):
         self._pool = pool_module.ConnectionPool(
             self.url, min_size=1, max_size=self.config.pool_size, open=False, timeout=timeout_s,
             kwargs=connection_options(self.config.busy_timeout_ms), name="pipeline-store",
-            check=self._check_if_idle)
+            check=self._check_if_idle, reset=self._returned_now)
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn:
@@ -196,9 +196,20 @@ class PostgresRunStore(SqlRunStore):
     def _check_if_idle(self, conn: Any) -> None:
         """The pool's check before it lends ``conn``: one idle for ``IDLE_CHECK_S`` must still answer (a server
         restarted, or its backends ended, meanwhile: the pool then takes another), so the first write after a
-        quiet spell does not fail (a 451 for a sender). A busy connection is lent unchecked."""
-        if time.monotonic() - self._returned.get(conn, 0.0) >= IDLE_CHECK_S:
+        quiet spell does not fail (a 451 for a sender). A busy connection is lent unchecked. When one is found
+        dead, the other idle ones are checked at once: the pool would otherwise try them one by one, backing off
+        1, 2, 4 s between them, past its timeout with five dead."""
+        if time.monotonic() - self._returned.get(conn, 0.0) < IDLE_CHECK_S:
+            return
+        try:
             self._pool.check_connection(conn)
+        except Exception:
+            self._pool.check()
+            raise
+
+    def _returned_now(self, conn: Any) -> None:
+        """The pool's reset callback, on every return (also of the connections writes borrow directly)."""
+        self._returned[conn] = time.monotonic()
 
     # -- connection and transactions ---------------------------------------
 
@@ -206,10 +217,7 @@ class PostgresRunStore(SqlRunStore):
     def _connection(self) -> Iterator[Connection]:
         """Lend a pooled connection; one the server dropped is discarded by the pool on return."""
         with self._pool.connection() as conn:
-            try:
-                yield _Cursor(conn)
-            finally:
-                self._returned[conn] = time.monotonic()
+            yield _Cursor(conn)
 
     def _store_error(self, exc: BaseException) -> StoreError:
         error = store_error(self.label, exc)

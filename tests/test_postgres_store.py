@@ -296,12 +296,20 @@ def test_the_first_write_after_the_servers_backends_ended_succeeds(pg_url):
     """Idle pooled connections whose backends the server ended (a restart, pg_terminate_backend, a failover):
     the first write after that used to fail (a 451 for a sender); a connection idle for a while is checked
     before it is lent."""
-    with PostgresRunStore(StoreConfig(url=pg_url, pool_size=4)) as store, \
+    with PostgresRunStore(StoreConfig(url=pg_url, pool_size=4, busy_timeout_ms=3000)) as store, \
             PostgresRunStore(StoreConfig(url=pg_url)) as admin:
+        held = threading.Barrier(4)
+
+        def hold_one() -> None:  # four at once: the pool grows to four connections
+            with store._pool.connection():
+                held.wait(timeout=30)
+        assert at_once(hold_one, 4)[1] == []
         store.create_run("wf", {})
         time.sleep(IDLE_CHECK_S + 0.5)  # the pool's connections are idle now
         with admin._pool.connection() as conn:
             ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
-        assert ended >= 1
-        assert store.create_run("wf", {})[1]  # no StoreUnavailableError
+        assert ended >= 4
+        # no StoreUnavailableError: with four dead, trying them one by one (backing off 1, 2, 4 s) would pass
+        # the 3 s the pool may wait
+        assert store.create_run("wf", {})[1]

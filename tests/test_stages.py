@@ -106,3 +106,15 @@ def test_outbox_delivery_writes_maildir(tmp_path):
     where = deliver.send_message(msg, config)
     saved = (tmp_path / "outbox" / "new").iterdir().__next__().read_bytes()
     assert where.startswith(str(tmp_path / "outbox" / "new")) and b"In-Reply-To: <m@x>" in saved
+
+
+def test_the_digest_names_an_unreadable_attachment_once():
+    """The store's copy of a failed ingest names the attachment (saved name, or its own when it was refused
+    before it was saved); the digest, which names it already, leaves that prefix out."""
+    attachments = [{"name": "big.pdf", "size": 30_000_000, "path": None},
+                   {"name": "cut.pdf", "size": 10, "path": "/data/work/7/attachments/001-cut.pdf"}]
+    errors = {"ingest_pdf[0]": {"type": "too_large", "message": "big.pdf: attachment is 30,000,000 bytes"},
+              "ingest_pdf[1]": {"type": "corrupt", "message": "001-cut.pdf: PDFium: Data format error"}}
+    docs = digest.describe_documents(attachments, [], errors, 2)
+    assert [(d["name"], d["message"]) for d in docs] == [("big.pdf", "attachment is 30,000,000 bytes"),
+                                                         ("cut.pdf", "PDFium: Data format error")]

@@ -139,10 +139,13 @@ def _clip(sentence: str) -> str:
 
 
 def _without_saved_name(message: str, attachment: Mapping[str, Any]) -> str:
-    """The error without the name the attachment was saved under, which the store's copy starts with: the
-    digest already names the attachment as its sender did."""
-    saved = Path(attachment["path"]).name + ": " if attachment.get("path") else None
-    return message[len(saved):] if saved and message.startswith(saved) else message
+    """The error without the attachment's name the store's copy starts with (the name it was saved under, or,
+    for one refused before it was saved, its own): the digest already names the attachment as its sender did."""
+    names = [Path(attachment["path"]).name] if attachment.get("path") else []
+    for name in [*names, str(attachment.get("name") or "")]:
+        if name and message.startswith(name + ": "):
+            return message[len(name) + 2:]
+    return message
 
 
 def describe_documents(attachments: list[dict[str, Any]], results: list[Any], errors: Mapping[str, Mapping[str, str]],
