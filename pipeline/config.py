@@ -356,6 +356,9 @@ class ServeConfig:
         """Reject an engine_nice outside 0-19 and a slice Linux would not take."""
         if not 0 <= self.engine_nice <= 19:
             raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
+        if self.gateway_hung_after_s and self.gateway_hung_after_s < 2:  # signs of life come once a second
+            raise ConfigurationError("[serve] gateway_hung_after_s must be 0 (never) or 2 s or more, got "
+                                     f"{self.gateway_hung_after_s:g}")
         if self.gateway_slice_us != 0 and not 100 <= self.gateway_slice_us <= 100_000:
             raise ConfigurationError("[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), "
                                      f"got {self.gateway_slice_us}")

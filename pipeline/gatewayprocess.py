@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0  # a child that does not listen by then is killed: start-up fails (or is retried)
 STABLE_S = 30.0  # a child that lived this long before it died starts the backoff afresh
 SUPERVISE_EVERY_S = 0.2  # how often the supervisor looks at the child and the engine's health
+UNWATCHED_S = 2.0  # a gap between looks longer than this: serve itself was paused, so a silence is not judged
 QUIET_LOGGERS = ("mail.log", "psycopg.pool")  # libraries whose chatter serve's CLI silences: the child follows
 
 
@@ -90,6 +91,7 @@ class GatewayProcess:
         self._out: IO[bytes] | None = None  # the child's stdout: its signs of life after its ready line
         self._alive_at = 0.0  # when the child last gave one (monotonic)
         self._hung = False  # the supervisor killed the child for its silence
+        self._looked_at = 0.0  # when the supervisor last read the child's signs of life (monotonic)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -182,7 +184,7 @@ class GatewayProcess:
         os.set_blocking(proc.stdout.fileno(), False)
         _close(self._out)  # the last child's
         self.proc, self._started_at, self._told = proc, time.monotonic(), None
-        self._out, self._alive_at, self._hung = proc.stdout, time.monotonic(), False
+        self._out, self._alive_at, self._hung, self._looked_at = proc.stdout, time.monotonic(), False, time.monotonic()
         log.info("gateway process %d accepts SMTP for serve", proc.pid)
 
     def _await_ready(self, proc: subprocess.Popen[bytes], out: IO[bytes]) -> int:
@@ -260,8 +262,12 @@ class GatewayProcess:
                 self._alive_at = time.monotonic()
         except BlockingIOError:  # nothing more now
             pass
+        now = time.monotonic()
+        if now - self._looked_at > UNWATCHED_S:  # serve was paused or starved too (Ctrl-Z, a frozen cgroup):
+            self._alive_at = max(self._alive_at, now)  # no verdict on a span nobody watched; the child's turn now
+        self._looked_at = now
         limit = self.settings.serve.gateway_hung_after_s
-        silent = time.monotonic() - self._alive_at
+        silent = now - self._alive_at
         if not limit or silent < limit:
             return False
         self._hung = True

@@ -51,6 +51,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[delivery]\nretries = -1", "delivery.retries must be >= 0"),
     ("[serve]\ngateway_slice_us = 50", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), got 50"),
     ("[serve]\ngateway_slice_us = 100001", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000"),
+    ("[serve]\ngateway_hung_after_s = 1", "[serve] gateway_hung_after_s must be 0 (never) or 2 s or more, got 1"),
     ('[delivery]\nrecipient = "a@b, c@d"', "delivery.recipient must be one mail address"),
     ('[delivery]\nsender = "digest"', "delivery.sender must be one mail address"),
     ("[gateway]\nport = \nhost = \"x\"", "cannot read settings: Invalid value (at line 2, column 8)"),

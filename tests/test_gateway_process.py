@@ -159,6 +159,23 @@ def test_a_gateway_process_whose_event_loop_hangs_is_killed_and_restarted(tmp_pa
         serve.stop()
 
 
+def test_a_paused_serve_does_not_kill_its_gateway_process_when_it_resumes(tmp_path):
+    """Ctrl-Z or a frozen container pauses serve and its gateway together: on resume the silence spans the pause,
+    but nobody was watching then, so it is not the child's: it must not be killed (cutting its senders)."""
+    serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_hung_after_s": 2}}).start())
+    try:
+        first = gateway_children(serve)[0]
+        os.killpg(serve.proc.pid, signal.SIGSTOP)
+        time.sleep(4)
+        os.killpg(serve.proc.pid, signal.SIGCONT)
+        assert "queued as run" in send(serve.port, "<after-pause@example.com>")
+        time.sleep(3)  # past the limit again: a child judged by the paused span would be gone by now
+        assert [p.pid for p in gateway_children(serve)] == [first.pid], serve.log_tail()
+        assert "gave no sign of life" not in serve.log_tail(50_000)
+    finally:
+        serve.stop()
+
+
 def test_a_gateway_process_killed_by_a_signal_python_has_no_name_for_is_restarted(serve):
     """Real-time signal 35 is no member of ``signal.Signals``: naming it must not end supervision."""
     first = gateway_children(serve)[0]
