@@ -101,6 +101,10 @@ class ExecutorConfig:
     local_workers: int = 2  # workers of that LocalCluster
     worker_memory_mb: int = 1024  # memory limit of each LocalCluster worker (the nanny restarts one over it)
     pages_per_task: int = 400  # with dask, a document over this many pages is split into page-range futures
+    # refuse to send a task to a scheduler that has no worker (the run waits queued, the engine reports why, the
+    # gateway answers 451) rather than let it wait out its timeout; false for a cluster that starts workers
+    # only on demand (adaptive, from zero)
+    require_workers: bool = True
 
     def validate(self) -> None:
         if self.kind not in ("local", "dask"):

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError
@@ -57,7 +56,6 @@ from .stages import cluster_ingest
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler fails the submission after this long
-WORKERS_CHECK_EVERY_S = 2.0  # how long a look at the scheduler's worker count stands (a round trip each)
 MEMORY_EVIDENCE_WAIT_S = 3.0  # how long a worker's death waits for the nanny's memory event
 MEMORY_TOPIC = "worker-restart-memory"  # distributed's nanny (worker_memory.NannyMemoryManager) logs this
 RESULT_TIMEOUT_S = 30.0  # fetching a finished try's (small) result; past it the try is lost (retryable)
@@ -99,7 +97,6 @@ class DaskExecutor:
         self._cluster: Any = None
         self._closed = False
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
-        self._workers_seen_until = 0.0  # monotonic time until which the scheduler is known to have workers
         self._deaths = threading.Condition()
         # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
         self._memory_kills: dict[str, float] = {}
@@ -139,16 +136,19 @@ class DaskExecutor:
     def _require_workers(self, client: Any) -> None:
         """ClusterUnavailableError when the scheduler has no worker: a task sent there would wait until its try
         times out, and end ``timeout`` as if the document were at fault (a scheduler restarted after its workers
-        left with it). Looked at once per ``WORKERS_CHECK_EVERY_S``."""
-        now = time.monotonic()
-        if now < self._workers_seen_until:
+        left with it). ``[executor] require_workers = false`` turns it off for a cluster that scales from zero.
+
+        Reads the scheduler's identity the client refreshes on its own thread every couple of seconds, so a
+        submission never waits on the network for it (a scheduler host gone can hold a call for 30 s). The
+        attribute is distributed's private cache; where it is missing or counts no workers, nothing is judged.
+        """
+        if not self.config.require_workers:
             return
-        info = client.scheduler_info(n_workers=0)
-        if "n_workers" not in info:  # an older distributed that does not count them here: no look
+        identity = getattr(client, "_scheduler_identity", None)
+        if not isinstance(identity, dict) or "n_workers" not in identity:
             return
-        if not info["n_workers"]:
+        if not identity["n_workers"]:
             raise ClusterUnavailableError(f"the Dask scheduler at {client.scheduler.address} has no workers")
-        self._workers_seen_until = now + WORKERS_CHECK_EVERY_S
 
     def close(self) -> None:
         """Cancel the tries still on the cluster, close the client and the LocalCluster started here."""
