@@ -55,7 +55,8 @@ def store_error(path: object, exc: sqlite3.Error) -> StoreError:
     primary = code & 0xFF if isinstance(code, int) else None  # extended codes (SQLITE_IOERR_WRITE) keep the low byte
     text = " ".join(str(exc).split()) or type(exc).__name__
     for cls, codes, words, hint in _TRANSLATIONS:
-        if primary in codes or any(word in text.lower() for word in words):
+        # the code when SQLite gave one: words alone would take "malformed JSON" for a damaged file
+        if primary in codes if primary is not None else any(word in text.lower() for word in words):
             return cls(f"{path}: {text}{hint}")
     return StoreError(f"{path}: {text}")
 

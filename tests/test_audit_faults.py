@@ -124,3 +124,23 @@ def test_a_serve_the_audit_started_stops_when_the_kernel_that_started_it_is_kill
         kernel.wait()
         kernel.stdin.close()
         kernel.stdout.close()
+
+
+def test_a_stop_while_the_report_is_written_waits_until_all_three_files_are(tmp_path):
+    """SIGTERM (a cancelled CI job) during the report, outbox and task card used to leave them half written."""
+    import os
+    import signal
+
+    from pipeline.audit.batch import stops_deferred
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    written = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stops_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)  # delivered now, were it not held
+                written += ["report", "outbox", "task card"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert written == ["report", "outbox", "task card"]

@@ -303,7 +303,6 @@ def test_runs_and_show_read_a_store_on_a_read_only_mount(settings, tmp_path, cap
         assert [r["dedup_key"] for r in json.loads(capsys.readouterr().out)] == ["<ro@x>"]
         assert main(["--data-dir", str(view), "show", str(run.run_id)]) == 0
         assert capsys.readouterr().out.startswith(f"run {run.run_id}  email_digest  queued")
-        assert not list(view.iterdir()) or "runs.sqlite3-shm" not in os.listdir(view)
 
 
 def test_runs_read_only_sees_what_a_live_writer_committed(settings, tmp_path):

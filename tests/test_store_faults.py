@@ -14,7 +14,7 @@ from pipeline.errors import (
     StoreError,
     StoreIOError,
 )
-from pipeline.sqlite_store import SqliteRunStore
+from pipeline.sqlite_store import SqliteRunStore, store_error
 
 
 def damage_table(path, table: str) -> None:
@@ -133,3 +133,13 @@ def test_context_manager_closes_the_store(settings):
         store.create_run("wf", {})
     with pytest.raises(StoreError):
         store.list_runs()
+
+
+def test_an_error_that_only_says_malformed_is_not_a_damaged_store(tmp_path):
+    """SQLite's code decides: "malformed JSON" (SQLITE_ERROR) once read as damaged pages, which now makes the
+    engine unhealthy until restarted."""
+    with closing(sqlite3.connect(":memory:")) as conn:
+        with pytest.raises(sqlite3.OperationalError) as raw:
+            conn.execute("SELECT json_extract('{not json', '$.a')")
+    assert "malformed" in str(raw.value)
+    assert type(store_error(tmp_path / "runs.sqlite3", raw.value)) is StoreError

@@ -11,8 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -256,10 +258,29 @@ def _run_batch(profile: str, paths: BatchPaths, cell_timeout_s: int) -> dict[str
     recorder.end_session()  # every scenario ran: later reports may compare against this session
     executed.append(_execute(paths.notebooks_dir / f"{REPORT_NOTEBOOK}.py", run_dir, common, cell_timeout_s,
                              recorder))
-    report_path = export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
-    outbox = write_outbox(paths.outbox, recorder, session, _relative(report_path), executed)
-    update_task_card(paths.task_cards, outbox)
+    with stops_deferred():  # the report, the outbox and the task card: all three written, or none touched
+        report_path = export_report(run_dir / f"{REPORT_NOTEBOOK}.ipynb", paths.report_dir)
+        outbox = write_outbox(paths.outbox, recorder, session, _relative(report_path), executed)
+        update_task_card(paths.task_cards, outbox)
     return outbox
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends (main thread only), so they cannot leave it half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []  # handlers, not a signal mask: another thread would take a masked signal
+    previous = {sig: signal.signal(sig, lambda number, _: pending.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:  # delivered now, to the handler it would have met
+            signal.raise_signal(pending[0])
 
 
 def render_report(session_id: str, paths: BatchPaths | None = None, cell_timeout_s: int = 600) -> Path:

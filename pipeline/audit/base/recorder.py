@@ -64,8 +64,10 @@ class AuditRecorder:
             for statement in SCHEMA:
                 db.execute(statement)
             if db.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'session_end'").fetchone() == (0,):
+                db.execute("BEGIN")  # the table and its backfill together, or neither
                 for statement in SESSION_END:
                     db.execute(statement)
+                db.execute("COMMIT")
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

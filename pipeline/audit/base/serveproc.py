@@ -10,6 +10,7 @@ saw and how the scenario follows progress while the sender runs.
 
 from __future__ import annotations
 
+import functools
 import mailbox
 import multiprocessing
 import os
@@ -82,7 +83,8 @@ class ServeProcess:
                  "serve", "--port", str(self.port), "--no-drop-folder", *self.args],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 # the signal follows the thread that started serve: only the main thread lives as long as we do
-                preexec_fn=stop_with_parent if threading.current_thread() is threading.main_thread() else None)
+                preexec_fn=(functools.partial(stop_with_parent, os.getpid(), _prctl())
+                            if threading.current_thread() is threading.main_thread() else None))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -208,20 +210,27 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def stop_with_parent() -> None:
-    """In the child, before serve starts: SIGTERM it (a graceful stop) when the process that started it dies.
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux (looked up before forking: no dlopen in the child), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+def stop_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:
+    """In the child, before serve starts: SIGTERM it (a graceful stop) when ``parent``, which started it, dies.
 
     A serve in a session of its own does not get the terminal's Ctrl-C, and a notebook kernel that is killed
     (a cancelled CI job, a kernel restart in JupyterLab) runs no cleanup: without this its serves, workers and
     temp dirs would stay. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes. Linux sends it when
     the *thread* that forked ends, so only a serve started from the main thread asks for it.
     """
-    if not sys.platform.startswith("linux"):
+    if prctl is None:
         return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -259,7 +259,7 @@ def hung_gateway(work: Path, messages: int = 200, senders: int = 4, hung_after_s
     with serving(work / "data", work, {"serve": {"gateway_hung_after_s": hung_after_s}}) as serve:
         with Senders(serve.port, burst_messages("hung", messages), work, senders, gap_s=gap) as sending:
             sending.wait_acked(max(1, messages // 10), timeout_s)
-            [child] = [p for p in serve.descendants() if any(GATEWAY_PROCESS in part for part in p.cmdline())]
+            [child] = [p for p in serve.descendants() if GATEWAY_PROCESS in _command(p)]
             hung_at = time.time()
             child.suspend()
             gone = _wait_gone(child, hung_after_s + 60)
@@ -267,6 +267,14 @@ def hung_gateway(work: Path, messages: int = 200, senders: int = 4, hung_after_s
         verdict = judge(serve.data_dir, replies, messages, timeout_s)
     return figures("hung_gateway", verdict, replies, hung_at, hung_after_s=hung_after_s) + [
         row("hung_gateway", "killed_after_s", gone - hung_at, "s", 0, to="serve killed the hung gateway")]
+
+
+def _command(proc: psutil.Process) -> str:
+    """The command line of ``proc``; "" for one that ended meanwhile."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _wait_gone(proc: psutil.Process, timeout_s: float) -> float:
