@@ -35,6 +35,7 @@ samples to its own (``metrics.merged``): Prometheus still scrapes one target.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -86,6 +87,7 @@ class GatewayProcess:
         self.problem: str | None = None  # why serve answers no SMTP now; None while the child listens
         self._look_failed = False  # the last look at the child raised (its problem is ours, not the child's)
         self.restarts = 0
+        self.restart_causes: collections.Counter[str] = collections.Counter()  # "died" or "hung"
         self._started_at = 0.0
         self._told: str | None = None  # the health the child was last told
         self._out: IO[bytes] | None = None  # the child's stdout: its signs of life after its ready line
@@ -283,6 +285,7 @@ class GatewayProcess:
             how = f"hung (silent for {self.settings.serve.gateway_hung_after_s:g} s) and was killed"
         failures = 1 if time.monotonic() - self._started_at >= STABLE_S else failures + 1
         self.restarts += 1
+        self.restart_causes["hung" if self._hung else "died"] += 1
         self.problem = f"the gateway process {how}; serve answers no SMTP until it is restarted"
         log.error("gateway process %d %s: senders wait in the backlog; restarting it in %.1f s", proc.pid, how,
                   backoff_s(self.settings.engine, failures))

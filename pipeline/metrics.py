@@ -68,6 +68,9 @@ TASK_RETRIES = Counter("pipeline_task_retries", "Task tries that failed and are 
                        registry=REGISTRY)
 WORKER_RESTARTS = Counter("pipeline_extract_worker_restarts", "Extraction worker processes that died or were "
                           "killed mid-request, by cause", ["cause"], registry=REGISTRY)
+TASK_FAILURES = Counter("pipeline_task_failures", "Task instances that failed for good, by task name and typed "
+                        "reason (a run that digested around them still ends a partial success)", ["task", "reason"],
+                        registry=REGISTRY)
 STORE_TX_SECONDS = Histogram("pipeline_store_transaction_seconds", "Run store write transactions, BEGIN to COMMIT",
                              ["kind"], buckets=_MS_TO_S, registry=REGISTRY)
 STORE_TX = {False: STORE_TX_SECONDS.labels("write"), True: STORE_TX_SECONDS.labels("lazy")}
@@ -124,6 +127,11 @@ def task_retried(instance_id: str) -> None:
     _child(TASK_RETRIES, task_name(instance_id)).inc()
 
 
+def task_failed(instance_id: str, reason: str) -> None:
+    """Count a task instance that failed for good with the typed ``reason`` of its last try."""
+    _child(TASK_FAILURES, task_name(instance_id), reason if reason in REASONS else "other").inc()
+
+
 def reason_code(reason: str | None) -> str:
     """The bounded reason label of a run's stored reason (``"ingest_pdf[0]: encrypted: ..."`` is ``encrypted``)."""
     if not reason:
@@ -150,10 +158,12 @@ class ScrapeCollector(Collector):
 
     def __init__(self, runs_by_state: Callable[[], dict[str, int]] | None = None,
                  active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
-                 gateway: Callable[[], str] | None = None) -> None:
+                 gateway: Callable[[], str] | None = None, health: Callable[[], str | None] | None = None,
+                 gateway_restarts: Callable[[], dict[str, int]] | None = None) -> None:
         self.runs_by_state, self.active_runs, self.gateway = runs_by_state, active_runs, gateway
+        self.health, self.gateway_restarts = health, gateway_restarts
         self.states = states  # shown as 0 when the store has no run in them, so every series always exists
-        self._errors = {"store": 0, **({"gateway": 0} if gateway is not None else {})}
+        self._errors = {"store": 0, "memory": 0, **({"gateway": 0} if gateway is not None else {})}
         self._lock = threading.Lock()  # two scrapes at once must not lose a count
 
     def collect(self) -> Iterator[Any]:
@@ -162,7 +172,20 @@ class ScrapeCollector(Collector):
         if self.active_runs is not None:
             yield GaugeMetricFamily("pipeline_active_runs", "Runs this process is running now",
                                     value=self.active_runs())
-        yield from memory_families()
+        try:
+            yield from memory_families()
+        except OSError as exc:  # out of descriptors (/proc unreadable): the other figures still go out
+            self._count_error("memory", exc)
+        if self.health is not None:  # what makes the gateway answer 451 (serve's health_problem)
+            yield GaugeMetricFamily("pipeline_healthy", "1 while serve is healthy, 0 while it answers 451 "
+                                    "(a failing loop, a damaged store, its gateway down)",
+                                    value=0 if self.health() else 1)
+        if self.gateway_restarts is not None:
+            restarts = CounterMetricFamily("pipeline_gateway_restarts", "Gateway processes serve restarted, by "
+                                           "cause (died, hung)", labels=["cause"])
+            for cause, n in sorted(self.gateway_restarts().items()):
+                restarts.add_metric([cause], n)
+            yield restarts
         errors_family = CounterMetricFamily("pipeline_scrape_errors", "Scrapes that could not read a source",
                                             labels=["source"])
         for source, count in self._errors.items():
@@ -240,6 +263,7 @@ def memory_families() -> Iterator[Any]:
                 continue
     except psutil.Error as exc:
         log.debug("metrics: cannot read memory: %s", exc)
+    # an OSError (out of descriptors: /proc cannot be opened) reaches the collector, which counts it
     family = GaugeMetricFamily("pipeline_process_resident_memory_bytes", "Resident memory by process role",
                                labels=["role", "stat"])
     count = GaugeMetricFamily("pipeline_processes", "Live processes by role", labels=["role"])
@@ -273,19 +297,21 @@ class MetricsServer:
 def start_metrics_server(port: int, host: str = "127.0.0.1", *,
                          runs_by_state: Callable[[], dict[str, int]] | None = None,
                          active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
-                         gateway: Callable[[], str] | None = None) -> MetricsServer:
+                         gateway: Callable[[], str] | None = None, health: Callable[[], str | None] | None = None,
+                         gateway_restarts: Callable[[], dict[str, int]] | None = None) -> MetricsServer:
     """Serve ``/metrics`` on ``host:port`` from a thread; return the server (close it on stop).
 
-    ``runs_by_state``, ``active_runs`` and ``gateway`` (the gateway process's exposition) are read at each
-    scrape (a role without a store, engine or gateway process passes None); ``states`` are the run states
-    shown even at 0. Raises ``OSError`` if the address cannot be bound.
+    ``runs_by_state``, ``active_runs``, ``gateway`` (the gateway process's exposition), ``health`` (serve's
+    problem, None when healthy) and ``gateway_restarts`` (by cause) are read at each scrape (a role without a
+    store, engine or gateway process passes None); ``states`` are the run states shown even at 0. Raises
+    ``OSError`` if the address cannot be bound.
     """
     from prometheus_client import disable_created_metrics
     from prometheus_client.exposition import make_wsgi_app
 
     disable_created_metrics()  # the *_created series double every family and no alert needs them
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway))
+    registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway, health, gateway_restarts))
     server = _bounded_server(host, port, make_wsgi_app(registry))
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()

@@ -408,6 +408,8 @@ class DAGRunner:
         tracing.send(tracing.TASK_FINISHED, run_id=self.run.run_id, task_id=instance_id, state=state)
         if inst.started:  # an upstream_failed instance never ran
             metrics.task_finished(instance_id, time.monotonic() - inst.started)
+        if state == s.FAILED and error:
+            metrics.task_failed(instance_id, error[0])
         # a success is routine (four per mail): DEBUG; a failed or skipped task is worth a line at INFO, and one
         # the machine failed (a disk full, out of descriptors: task_io after its retries) a WARNING
         level = logging.DEBUG if state == s.SUCCESS else logging.WARNING if error and error[0] == "task_io" else \

@@ -161,10 +161,13 @@ class PipelineService:
         """Serve ``/metrics`` (runs by state from the store; active runs if this role runs any); log its URL."""
         host, port = self.settings.metrics.host, self.settings.metrics.port
         active = None if self.role == GATEWAY else (lambda: len(self.engine.active_runs()))
-        child = self.gateway_process.exposition if self.gateway_process is not None else None
+        gateway = self.gateway_process
+        child = gateway.exposition if gateway is not None else None
+        restarts = (lambda: dict(gateway.restart_causes)) if gateway is not None else None
         try:
             server = metrics.start_metrics_server(port, host, runs_by_state=self.store.count_runs_by_state,
-                                                  active_runs=active, states=RUN_STATES, gateway=child)
+                                                  active_runs=active, states=RUN_STATES, gateway=child,
+                                                  health=lambda: self.health_problem, gateway_restarts=restarts)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         log.info("metrics on http://%s:%d/metrics", host, server.port)

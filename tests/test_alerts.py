@@ -29,7 +29,8 @@ def _rules() -> list[dict[str, Any]]:
 
 def _exposed_names() -> set[str]:
     """Every series name serve's /metrics can show (a labelled metric shows none until first used)."""
-    collector = metrics.ScrapeCollector(runs_by_state=lambda: {"queued": 1}, active_runs=lambda: 0)
+    collector = metrics.ScrapeCollector(runs_by_state=lambda: {"queued": 1}, active_runs=lambda: 0,
+                                        health=lambda: None, gateway_restarts=lambda: {"died": 1})
     return {family.name + suffix for family in collector.collect() for suffix in SUFFIXES.get(family.type, ("",))}
 
 
@@ -49,6 +50,13 @@ def test_promtool_accepts_the_alert_rules(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(_rules())} rules found" in result.stdout
+
+
+def test_the_rules_fire_on_the_faults_they_are_for_and_not_on_normal_traffic(promtool: str) -> None:
+    """alerts_test.yml: series shaped after a real serve under each fault (a helper's probe scraped them)."""
+    result = subprocess.run([promtool, "test", "rules", str(ALERTS.with_name("alerts_test.yml"))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 def test_every_rule_has_for_severity_summary_and_sla() -> None:

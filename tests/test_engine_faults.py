@@ -356,9 +356,15 @@ def _disk_full(ctx):
 
 def test_a_task_the_machine_failed_is_logged_as_a_warning_with_its_cause(store, settings, start_engine, caplog):
     """Out of disk or descriptors, tasks fail task_io after their retries: an operator must see it above INFO."""
+    from pipeline import metrics
+
     caplog.set_level(logging.INFO, logger="pipeline")
+    counted = lambda: metrics.REGISTRY.get_sample_value(  # noqa: E731
+        "pipeline_task_failures_total", {"task": "write", "reason": "task_io"}) or 0.0
+    before = counted()
     engine = start_engine(store, settings, DAG("full", [Task("write", _disk_full, retries=0)]))
     run = engine.wait(engine.trigger("full").run_id, timeout=30)
     assert run.state == "failed"
+    assert counted() == before + 1  # the metric an alert reads (PipelineTasksFailingForTheMachine)
     [line] = [r for r in caplog.records if r.getMessage().startswith(f"run {run.run_id} task write: failed")]
     assert line.levelno == logging.WARNING and "task_io" in line.getMessage() and "No space left" in line.getMessage()

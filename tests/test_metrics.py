@@ -127,6 +127,7 @@ def test_metrics_match_the_run_store_after_an_smtp_burst(serve):
     outcomes = Counter((r.state, metrics.reason_code(r.reason)) for r in runs)
     assert {(labels["state"], labels["reason"]): v for labels, v in after["pipeline_run_outcomes_total"]} == outcomes
     assert _value(after, "pipeline_processes", role="extract_worker") >= 1  # a PDF was extracted
+    assert _value(after, "pipeline_healthy") == 1 and "pipeline_gateway_restarts_total" not in after
     assert _value(after, "pipeline_process_resident_memory_bytes", role="serve", stat="sum") > 10 * 2**20
     _assert_bounded_labels(after)
 
@@ -199,6 +200,28 @@ def test_a_store_error_during_a_scrape_is_counted_not_a_500(tmp_path):
         store.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+
+
+def test_out_of_descriptors_a_scrape_still_answers_and_counts_what_it_could_not_read():
+    """serve out of file descriptors answered every scrape with 500 (psutil's OSError reading /proc), so every
+    series went stale while every PDF failed; now the rest goes out and the failing source is counted."""
+    import os
+    import resource
+
+    collector = metrics.ScrapeCollector(runs_by_state=lambda: {"queued": 1}, active_runs=lambda: 0,
+                                        health=lambda: "claiming runs failed 3 times: OSError: too many open files")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new descriptor takes the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no number left for a new one
+    try:
+        families = {family.name: family for family in collector.collect()}
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "pipeline_runs" in families and "pipeline_process_resident_memory_bytes" not in families
+    assert [sample.value for sample in families["pipeline_healthy"].samples] == [0]
+    errors = {sample.labels["source"]: sample.value for sample in families["pipeline_scrape_errors"].samples}
+    assert errors["memory"] == 1
 
 
 def test_reason_codes_are_bounded():

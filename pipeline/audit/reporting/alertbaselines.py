@@ -71,6 +71,8 @@ BASELINES: dict[str, list[Baseline]] = {
 UNMEASURED: dict[str, str] = {
     "PipelineRunsFailing": "failure share by reason: normal traffic fails none; the faults notebook injects failures",
     "PipelineWorkerRestarts": "restarts per 15 min: normal traffic restarts no worker; the faults notebook kills one",
+    "PipelineDeliveryRetrying": "deliver retries per 10 min: normal traffic retries none; the faults notebook's "
+                                "greylisting relay retries two",
 }
 
 
