@@ -172,6 +172,13 @@ class UnavailableError(PipelineError):
     reason = "unavailable"
 
 
+class AcceptStalledError(UnavailableError):
+    """Storing and queueing a message took longer than ``[gateway] accept_timeout_s``: the store or the disk does
+    not answer. The accept goes on; the sender is told to retry."""
+
+    reason = "accept_stalled"
+
+
 class RejectedMessageError(PipelineError):
     """The gateway refuses a message; ``smtp_code`` is the reply it sends."""
 

@@ -56,7 +56,7 @@ from . import metrics, tracing
 from .bulk_smtp import DataEnvelope, GatewayController
 from .config import GatewayConfig
 from .engine import WorkflowEngine
-from .errors import PipelineError, SpoolError, StartupError, StoreError, UnavailableError
+from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .inline_accept import InlineAccepts
 from .smtp_limits import SessionLimits
 from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
@@ -298,7 +298,7 @@ class _SmtpHandler:
                 else:  # the fsyncs and the commit must not stall other sessions
                     run = await self._off_loop(accept, writer)
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
-            if isinstance(writer, SpoolWriter):
+            if isinstance(writer, SpoolWriter) and not isinstance(exc, AcceptStalledError):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
             return metrics.smtp_reply("DATA", smtp_reply_for(exc))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
@@ -308,12 +308,19 @@ class _SmtpHandler:
         connection after its data, or timed out) cancels it: then the spooled data, unaccepted, is given up, its
         temp file closed and removed (an accept already running goes on, and its run stands)."""
         job = self.gateway._pool.submit(accept)
+        limit = self.gateway.config.accept_timeout_s
+        future = asyncio.wrap_future(job)
         try:
-            return await asyncio.wrap_future(job)
+            return await asyncio.wait_for(asyncio.shield(future), limit)
         except asyncio.CancelledError:
+            future.add_done_callback(_late_accept)
             if job.cancel() and isinstance(writer, SpoolWriter):  # never ran, and never will
                 writer.abort()
             raise
+        except TimeoutError:  # the job owns the writer now: it goes on, and its run stands if it completes
+            future.add_done_callback(_late_accept)
+            raise AcceptStalledError(f"storing and queueing a message took over {limit:g} s (the run store or the "
+                                     "disk does not answer)") from None
 
     async def handle_exception(self, error: Exception) -> str:
         """A command failed unexpectedly: one log line per kind per interval, and a reply to retry later."""
@@ -323,8 +330,24 @@ class _SmtpHandler:
         return "451 4.3.0 Temporary failure, try again later"
 
 
+def _late_accept(future: asyncio.Future[Run]) -> None:
+    """The end of an accept whose sender was answered before it finished (stalled, or gone)."""
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is None:
+        log.info("an accept whose sender was answered before it finished completed: run %s (a retry finds it)",
+                 future.result().run_id)
+    else:
+        log.warning("an accept whose sender was answered before it finished failed: %s: %s",
+                    type(error).__name__, error)
+
+
 def smtp_reply_for(exc: Exception) -> str:
     """Return the temporary-failure reply for a message that could not be accepted, and log one line."""
+    if isinstance(exc, AcceptStalledError):
+        log.warning("answered 451: %s", exc)
+        return "451 4.3.0 Temporary failure storing the message, try again later"
     if isinstance(exc, UnavailableError):
         log.warning("answered 451: service unavailable: %s", exc)
         return "451 4.3.0 Service temporarily unavailable, try again later"  # the detail (paths) stays in the log

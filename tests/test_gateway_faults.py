@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import smtplib
 import socket
@@ -111,6 +112,29 @@ def test_store_error_while_queueing_answers_451(settings):
             code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<busy@x>"))
         assert code == 451 and reply.startswith("4.3.0 Temporary failure"), reply
         assert service.store.count_runs_by_state() == {}
+
+
+def test_an_accept_that_stalls_is_answered_451_at_its_limit_and_its_run_stands_once_it_completes(settings, caplog):
+    """A store that does not answer (here locked by another process, waited on for 20 s; in the wild a frozen
+    disk, a PostgreSQL server gone quiet): the sender used to wait for command_timeout_s, then get 421 "idle
+    timeout", blaming it, with nothing logged above INFO. Now 451 at accept_timeout_s, and a WARNING."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=20_000))
+    raw = fx.email_with([], message_id="<stalled@x>")
+    with started(settings, run_workers=False, accept_timeout_s=1.0) as service:
+        port = service.settings.gateway.port
+        with exclusive_lock(settings.store.path):
+            started_at = time.monotonic()
+            code, reply = smtp_data(port, raw)
+            waited = time.monotonic() - started_at
+        assert code == 451 and reply.startswith("4.3.0 Temporary failure storing"), reply
+        assert waited < 15, waited  # answered at its 1 s limit, not at the 20 s lock wait
+        assert wait_until(lambda: [r.dedup_key for r in service.store.list_runs()] == ["<stalled@x>"])
+        code, reply = smtp_data(port, raw)  # the sender's retry finds the run the stalled accept made
+        assert code == 250, reply
+        assert [r.dedup_key for r in service.store.list_runs()] == ["<stalled@x>"]
+    logged = [r for r in caplog.records if "took over 1 s" in r.getMessage()]
+    assert logged and logged[0].levelno == logging.WARNING
 
 
 def test_a_failed_inline_accept_sends_the_next_accepts_to_the_thread_pool(settings):
