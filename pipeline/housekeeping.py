@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PipelineError
 from .store import DAGRunStore, open_store
 
 log = logging.getLogger(__name__)
@@ -96,23 +96,49 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
     """Like ``purge`` on an open store whose spool and work directories are under ``data_dir``."""
     now = time.time() if now is None else now
     files = _FileRemover(data_dir / "spool", data_dir / "work")
-    retry_tombstones(store, files)
     runs = 0
-    for batch in store.purge_batches(now - older_than_days * DAY_S, batch_size):
-        runs += len(batch.run_ids)
-        for run_id in batch.run_ids:
+
+    def report() -> PurgeReport:
+        return PurgeReport(older_than_days, runs, files.spool_files, files.spool_bytes, files.work_dirs,
+                           files.work_bytes, files.failures)
+    try:
+        retry_tombstones(store, files)
+        remove_orphan_work_dirs(store, files)
+        for batch in store.purge_batches(now - older_than_days * DAY_S, batch_size):
+            runs += len(batch.run_ids)
+            for run_id in batch.run_ids:
+                files.remove_work_dir(run_id)
+            # look again just before deleting: the same bytes may have arrived (and been named) since the commit
+            live = store.spool_names_in_use(batch.spool_names)
+            gone = [name for name in batch.spool_names if name not in live and files.remove_spool_file(name)]
+            store.drop_spool_tombstones([*live, *gone])
+        legacy_before = store.spool_tracked_since() - LEGACY_GRACE_S
+        for mtime, path in unknown_spool_files(store, data_dir / "spool"):
+            if mtime < legacy_before:
+                files.remove_spool_file(path.name)
+    except (PipelineError, KeyboardInterrupt):  # what is gone is gone: say so before the error does
+        log.warning("purge stopped before its end; until then it %s", report().summary().removeprefix("purged "))
+        raise
+    finally:
+        files.log_unlogged()
+    return report()
+
+
+def remove_orphan_work_dirs(store: DAGRunStore, files: _FileRemover, page: int = 500) -> None:
+    """Delete the work directories of runs that are gone: those a purge stopped midway (killed, Ctrl-C, the
+    store failing) had deleted the runs of but not yet the directories. A directory is an orphan when its number
+    is a run id already handed out (ids are never reused) and no run has it."""
+    work = files.work_dir
+    if not work.is_dir():
+        return
+    last = store.last_run_id()
+    with os.scandir(work) as entries:
+        numbered = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
+    candidates = [run_id for run_id in numbered if run_id <= last]
+    for start in range(0, len(candidates), page):
+        chunk = candidates[start:start + page]
+        for run_id in sorted(set(chunk) - store.existing_run_ids(chunk)):
             files.remove_work_dir(run_id)
-        # look again just before deleting: the same bytes may have arrived (and been named) since the commit
-        live = store.spool_names_in_use(batch.spool_names)
-        gone = [name for name in batch.spool_names if name not in live and files.remove_spool_file(name)]
-        store.drop_spool_tombstones([*live, *gone])
-    legacy_before = store.spool_tracked_since() - LEGACY_GRACE_S
-    for mtime, path in unknown_spool_files(store, data_dir / "spool"):
-        if mtime < legacy_before:
-            files.remove_spool_file(path.name)
-    files.log_unlogged()
-    return PurgeReport(older_than_days, runs, files.spool_files, files.spool_bytes, files.work_dirs,
-                       files.work_bytes, files.failures)
 
 
 def retry_tombstones(store: DAGRunStore, files: _FileRemover, page: int = 500) -> None:

@@ -149,6 +149,7 @@ class PostgresRunStore(SqlRunStore):
     BEGIN_LAZY = "BEGIN; SET LOCAL synchronous_commit TO off"
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     TASK_NAME_SQL = task_name_sql("task_id")
+    LAST_RUN_ID_SQL = "SELECT pg_sequence_last_value(pg_get_serial_sequence('runs', 'run_id'))"  # the identity's
     queue_notifications = True
 
     def __init__(self, config: StoreConfig | str, *, create: bool = True) -> None:

@@ -79,6 +79,7 @@ class SqlRunStore(DAGRunStore):
     OWNER_LOCK = ""
     TOMBSTONES_VERSION = 1  # the migration from which purge tombstones every spool file it drops
     TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
+    LAST_RUN_ID_SQL = "SELECT max(run_id) FROM runs"  # the backend's own counter of ids handed out, where it has one
     WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -422,6 +423,17 @@ class SqlRunStore(DAGRunStore):
         with self._tx() as conn:
             cur = conn.executemany("DELETE FROM spool_tombstones WHERE name = ?", rows)
             return max(cur.rowcount, 0)
+
+    def last_run_id(self) -> int:
+        rows = self._read(self.LAST_RUN_ID_SQL)
+        return int(rows[0][0] or 0) if rows else 0
+
+    def existing_run_ids(self, run_ids: Iterable[int]) -> set[int]:
+        wanted = [int(i) for i in set(run_ids)]
+        if not wanted:
+            return set()
+        rows = self._read(f"SELECT run_id FROM runs WHERE run_id IN ({','.join('?' * len(wanted))})", wanted)
+        return {int(r[0]) for r in rows}
 
     def spool_tracked_since(self) -> float:
         rows = self._read("SELECT applied_at FROM schema_migrations WHERE version = ?", (self.TOMBSTONES_VERSION,))

@@ -90,6 +90,7 @@ class SqliteRunStore(SqlRunStore):
     TOMBSTONES_VERSION = SPOOL_TOMBSTONES_VERSION
     TASK_NAME_SQL = task_name_sql("task_id")
     WINDOW_INDEX_HINT = " INDEXED BY task_runs_success_window"
+    LAST_RUN_ID_SQL = "SELECT max(seq) FROM sqlite_sequence WHERE name = 'runs'"  # AUTOINCREMENT's counter
     DRIVER_ERRORS = (sqlite3.Error,)
     queue_notifications = _BELL_SUPPORTED  # processes on this host ring each other (``pipeline.wakeup``)
 

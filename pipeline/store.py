@@ -383,6 +383,15 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
+    def last_run_id(self) -> int:
+        """The highest run id ever handed out (0 before the first): ids are never reused, so a work directory
+        numbered up to it without a run belongs to a purged run."""
+        raise NotImplementedError
+
+    def existing_run_ids(self, run_ids: Iterable[int]) -> set[int]:
+        """Those of ``run_ids`` that have a run (a few hundred at a time)."""
+        raise NotImplementedError
+
     def spool_tracked_since(self) -> float:
         """Return the time from which this store tombstones every spool file purge drops.
 

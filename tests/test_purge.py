@@ -13,6 +13,7 @@ from helpers import send_for_run_id as send
 from pipeline import housekeeping
 from pipeline.audit.base import fixtures as fx
 from pipeline.cli import main
+from pipeline.errors import StoreBusyError
 from pipeline.housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from pipeline.service import PipelineService
 from pipeline.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
@@ -268,3 +269,41 @@ def test_a_message_that_reused_a_message_id_keeps_its_run_after_the_first_is_pur
         assert [r.run_id for r in service.store.list_runs()] == [second.run_id]
     finally:
         service.stop(grace_s=0)
+
+
+def test_work_dirs_a_purge_stopped_midway_left_are_removed_by_the_next_purge(store, settings):
+    """A purge killed (or Ctrl-C'd, or failing) after a batch committed left that batch's work dirs, with the
+    users' PDFs, text and digests, for good: later purges only removed the dirs of the runs they deleted."""
+    done = [finished_run(store, settings, None) for _ in range(4)]
+    live = store.create_run(EMAIL_DIGEST, {})[0].run_id  # queued: its dir (made early, say) must stay
+    (settings.data_dir / "work" / str(live)).mkdir()
+    future = settings.data_dir / "work" / "999"  # no run has been handed that id: not ours to judge
+    future.mkdir()
+    batches = store.purge_batches(time.time(), 2)
+    first = next(batches)  # the batch committed; the process died before deleting any file
+    batches.close()
+    assert len(first.run_ids) == 2 and all((settings.data_dir / "work" / str(i)).is_dir() for i in first.run_ids)
+    report = housekeeping.purge(settings, 0)
+    assert report.runs == 2 and report.work_dirs == 4  # its own two and the two orphans
+    assert work_dirs(settings) == sorted([str(live), "999"])
+    assert not set(map(str, done)) & set(work_dirs(settings))
+
+
+class _FailingAfterOneBatch(SqliteRunStore):
+    """A store whose second purge batch fails as a store locked past its busy timeout does."""
+
+    def purge_batches(self, before, batch_size):
+        batches = super().purge_batches(before, batch_size)
+        yield next(batches)
+        raise StoreBusyError(f"{self.path}: database is locked (another process held it past the busy timeout)")
+
+
+def test_a_purge_that_fails_midway_says_what_it_had_deleted(settings, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with _FailingAfterOneBatch(settings.store) as store:
+        for _ in range(4):
+            finished_run(store, settings, None)
+        with pytest.raises(StoreBusyError):
+            housekeeping.purge_store(store, settings.data_dir, 0, batch_size=2)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("purge stopped")]
+    assert "2 run(s)" in line and "work 0.0 MB in 2 dir(s)" in line, line

@@ -635,3 +635,14 @@ def test_query_is_a_read_only_view_for_tools(contract_store):
     assert contract_store.query("SELECT count(*) FROM runs") == [(2,)]
     contract_store.write_in_one_transaction([("DELETE FROM task_runs", ())])
     assert contract_store.query("SELECT count(*) FROM task_runs") == [(0,)]
+
+
+def test_the_last_run_id_counts_purged_runs_and_existing_ids_are_found(contract_store):
+    """What purge's sweep of orphaned work dirs relies on: the highest id handed out, purged or not."""
+    assert contract_store.last_run_id() == 0
+    ids = [finished(contract_store) for _ in range(3)]
+    list(contract_store.purge_batches(time.time(), 1000))
+    kept = contract_store.create_run("wf", {})[0].run_id
+    assert contract_store.last_run_id() == kept == ids[-1] + 1
+    assert contract_store.existing_run_ids([*ids, kept, kept + 5]) == {kept}
+    assert contract_store.existing_run_ids([]) == set()
