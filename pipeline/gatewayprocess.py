@@ -230,8 +230,12 @@ class GatewayProcess:
         """One look at the child: tell it the engine's health, or restart it; return the failure count."""
         proc = self.proc
         if proc is not None and proc.poll() is None and self._silent_too_long(proc):
-            proc.kill()  # the next look finds it dead, and restarts it
-            proc.wait()
+            self.problem = "the gateway process hangs and is being killed; serve answers no SMTP until it restarts"
+            proc.kill()  # the next look that finds it dead restarts it
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a frozen disk): it dies when that returns
+                pass
         if proc is not None and proc.poll() is None:
             self._tell_health(proc)
             if self._look_failed:  # supervision works again, and the child lives
@@ -258,7 +262,10 @@ class GatewayProcess:
         return failures
 
     def _silent_too_long(self, proc: subprocess.Popen[bytes]) -> bool:
-        """Read the child's signs of life; True (logged) once it has given none for ``gateway_hung_after_s``."""
+        """Read the child's signs of life; True (logged) once it has given none for ``gateway_hung_after_s``
+        (once: a child already killed for it is waited for, not judged again)."""
+        if self._hung:
+            return False
         try:
             while self._out is not None and os.read(self._out.fileno(), 4096):
                 self._alive_at = time.monotonic()
