@@ -31,6 +31,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbconvert import MarkdownExporter
 from tqdm import tqdm
 
+from ..health import one_line
 from .base import fixtures as fx
 from .base.recorder import AuditRecorder
 from .reporting.report import ROOT, update_task_card, write_outbox
@@ -331,10 +332,6 @@ def only_batch_in(data_dir: Path) -> Iterator[None]:
             yield
         finally:
             fh.truncate(0)
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _execute(source: Path, run_dir: Path, params: dict[str, Any], timeout: int,
