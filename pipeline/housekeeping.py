@@ -132,8 +132,13 @@ def remove_orphan_work_dirs(store: DAGRunStore, files: _FileRemover, page: int =
     if not work.is_dir():
         return
     last = store.last_run_id()
-    with os.scandir(work) as entries:
-        numbered = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
+    try:
+        with os.scandir(work) as entries:
+            numbered = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
+    except OSError as exc:  # unreadable: the runs' own purge goes on; the next purge tries again
+        log.warning("cannot list %s for work dirs of purged runs: %s", work, exc)
+        files.failures += 1
+        return
     candidates = [run_id for run_id in numbered if run_id <= last]
     for start in range(0, len(candidates), page):
         chunk = candidates[start:start + page]
