@@ -116,7 +116,7 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
         for mtime, path in unknown_spool_files(store, data_dir / "spool"):
             if mtime < legacy_before:
                 files.remove_spool_file(path.name)
-    except (PipelineError, KeyboardInterrupt):  # what is gone is gone: say so before the error does
+    except (PipelineError, OSError, KeyboardInterrupt):  # what is gone is gone: say so before the error does
         log.warning("purge stopped before its end; until then it %s", report().summary().removeprefix("purged "))
         raise
     finally:

@@ -137,6 +137,27 @@ def test_an_accept_that_stalls_is_answered_451_at_its_limit_and_its_run_stands_o
     assert logged and logged[0].levelno == logging.WARNING
 
 
+def test_a_stalled_accept_that_then_fails_is_logged_and_the_retry_makes_the_one_run(settings, caplog):
+    """The stalled accept's other end: the store stays locked past its busy timeout, so the accept that went on
+    after the 451 fails. That failure is logged at WARNING (no one else hears of it), and the retry makes the
+    message's one run."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=2_000))
+    raw = fx.email_with([], message_id="<late-fail@x>")
+    with started(settings, run_workers=False, accept_timeout_s=0.5) as service:
+        port = service.settings.gateway.port
+        with exclusive_lock(settings.store.path):
+            code, reply = smtp_data(port, raw)
+            assert code == 451 and reply.startswith("4.3.0 Temporary failure storing"), reply
+            assert wait_until(lambda: any("before it finished failed" in r.getMessage() for r in caplog.records))
+        assert service.store.list_runs() == []
+        code, reply = smtp_data(port, raw)
+        assert code == 250, reply
+        assert [r.dedup_key for r in service.store.list_runs()] == ["<late-fail@x>"]
+    [late] = [r for r in caplog.records if "before it finished failed" in r.getMessage()]
+    assert late.levelno == logging.WARNING and "StoreBusyError" in late.getMessage(), late.getMessage()
+
+
 def test_a_failed_inline_accept_sends_the_next_accepts_to_the_thread_pool(settings):
     settings = replace(settings, store=StoreConfig(path=settings.store.path, busy_timeout_ms=3000))
     with started(settings, run_workers=False, inline_accept_bytes=64 * 1024) as service:

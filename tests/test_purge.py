@@ -307,3 +307,30 @@ def test_a_purge_that_fails_midway_says_what_it_had_deleted(settings, caplog):
             housekeeping.purge_store(store, settings.data_dir, 0, batch_size=2)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("purge stopped")]
     assert "2 run(s)" in line and "work 0.0 MB in 2 dir(s)" in line, line
+
+
+def test_a_work_dir_listing_that_fails_is_counted_and_the_next_purge_removes_the_orphan(store, settings, caplog):
+    """Out of file descriptors (for real: RLIMIT_NOFILE), the sweep for orphaned work dirs cannot list them:
+    it logs, counts one failure and returns, so the purge of the runs themselves goes on."""
+    import resource
+
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    orphan = finished_run(store, settings, None)
+    batches = store.purge_batches(time.time(), 10)
+    next(batches)  # the run is deleted; its work dir stays, as a purge killed here leaves it
+    batches.close()
+    assert work_dirs(settings) == [str(orphan)]
+    files = housekeeping._FileRemover(settings.data_dir / "spool", settings.data_dir / "work")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new descriptor takes the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no number left for the listing
+    try:
+        housekeeping.remove_orphan_work_dirs(store, files)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert files.failures == 1 and files.work_dirs == 0
+    assert any("cannot list" in r.getMessage() and "Too many open files" in r.getMessage() for r in caplog.records)
+    assert work_dirs(settings) == [str(orphan)]
+    report = housekeeping.purge(settings, 0)
+    assert report.work_dirs == 1 and report.failures == 0 and work_dirs(settings) == []
