@@ -77,7 +77,6 @@ def test_utf8_local_part_is_written_as_utf8(tmp_path):
     ("From", b"<>", b""),
     ("From", b'"unterminated@example.com', b""),
     ("From", b'"\xc3"@example.com', b""),  # 8-bit bytes that are not UTF-8
-    ("Message-ID", b"a@example.com", b"Message-ID: <\t,. a\r\n"),
     ("Content-Type", b"a@example.com", b"MIME-Version: 1.0\r\nContent-Type: application/pdf; name=;n*\r\n"),
 ])
 def test_unusable_header_is_malformed_email_naming_it(tmp_path, header, from_header, headers):
@@ -85,6 +84,11 @@ def test_unusable_header_is_malformed_email_naming_it(tmp_path, header, from_hea
         parse.summarize_message(raw_mail(from_header, headers), tmp_path, LIMITS)
     assert str(err.value).startswith(f"{header}:") and err.value.reason == "malformed_email"
     assert "\n" not in str(err.value) and "\r" not in str(err.value)
+
+
+def test_an_unusable_message_id_only_leaves_the_digest_unthreaded(tmp_path):
+    info = parse.summarize_message(raw_mail(b"a@example.com", b"Message-ID: <\t,. a\r\n"), tmp_path, LIMITS)
+    assert info["message_id"] is None and info["from"] == "a@example.com"
 
 
 def test_unparsable_attachment_header_is_malformed_email(tmp_path):

@@ -25,12 +25,12 @@ def test_display_name_is_one_printable_line():
     assert parse.display_name(None, 1) == "attachment-2"
 
 
-def test_parse_rejects_garbage_with_reason():
+def test_parse_rejects_garbage_with_reason(tmp_path):
     with pytest.raises(ParseError, match="no header block") as err:
         parse.parse_message(fx.random_bytes(500))
     assert err.value.reason == "malformed_email"
-    with pytest.raises(ParseError, match="^From: no usable address"):
-        parse.parse_message(b"Subject: hi\r\n\r\nbody\r\n")
+    with pytest.raises(ParseError, match="^From: no usable address"):  # no envelope sender: From is all there is
+        parse.summarize_message(b"Subject: hi\r\n\r\nbody\r\n", tmp_path, IngestConfig())
 
 
 def test_summarize_message_writes_only_pdfs(tmp_path):

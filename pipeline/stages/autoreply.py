@@ -33,6 +33,8 @@ import re
 from email.message import EmailMessage
 from email.utils import parseaddr
 
+from .mailpolicy import MAX_HEADER_CHARS
+
 MACHINE = frozenset({"reply", "report"})  # never answered, not even to a configured recipient
 _COMMENT = re.compile(r"\([^()]*\)")
 BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
@@ -51,13 +53,21 @@ def automated(msg: EmailMessage) -> dict[str, str] | None:
         return {"kind": "report", "why": "a delivery or read report (multipart/report)"}
     if auto and auto != "no":
         return {"kind": "auto", "why": f"an automatic message (Auto-Submitted: {auto})"}
-    resent = {"resent_from": parseaddr(_raw(msg, "Resent-From") or "")[1].lower()}  # a person who resent it
+    resent = {"resent_from": _address(_raw(msg, "Resent-From") or "")}  # a person who resent it
     precedence = _token(msg, "Precedence")
     if precedence in BULK_PRECEDENCE:
         return {"kind": "bulk", "why": f"bulk mail (Precedence: {precedence})", **resent}
     if _raw(msg, "List-Id") is not None:
         return {"kind": "list", "why": "mailing-list mail (List-Id)", **resent}
     return None
+
+
+def _address(value: str) -> str:
+    """The address in ``value``, lower case; "" for none, or for one nested too deep to read ("((((...")."""
+    try:
+        return parseaddr(value[:MAX_HEADER_CHARS])[1].lower()
+    except RecursionError:
+        return ""
 
 
 def _raw(msg: EmailMessage, name: str) -> str | None:

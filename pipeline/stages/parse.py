@@ -59,12 +59,13 @@ MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real ma
 _UNSAFE = re.compile(r"[^\w.\- ]+")
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
 # decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
-HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError)
+# RecursionError: comments or quoted strings nested a few hundred deep ("((((...") exhaust the parser's stack.
+HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, RecursionError, email_errors.MessageError)
 NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
 
 
 def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> EmailMessage:
-    """Parse MIME leniently; raise ParseError when there is no usable header block or sender.
+    """Parse MIME leniently; raise ParseError when there is no usable header block.
 
     Also ParseError for more than MAX_PARTS parts (checked on the raw bytes first, so a mail of
     100,000 empty parts costs a scan, not minutes of parsing) and for nesting too deep to parse.
@@ -76,7 +77,6 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
             msg = _parse(repaired, max_depth)
     if not list(msg.keys()):
         raise ParseError("not an email: no header block (is this raw MIME?)")
-    sender_address(msg)
     return msg  # type: ignore[return-value]
 
 
@@ -86,10 +86,27 @@ def _parse(raw: bytes, max_depth: int) -> EmailMessage:
     check_part_count(raw)
     try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
         return BytesParser(policy=DEFAULT).parsebytes(raw)  # type: ignore[return-value]
+    except RecursionError as exc:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
+        if not _in_header_parser(exc):
+            raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
+        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from None
     except HEADER_ERRORS as exc:
-        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({exc})") from exc
-    except RecursionError:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
-        raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
+        raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from exc
+
+
+def _in_header_parser(exc: BaseException) -> bool:
+    """True when ``exc`` was raised inside the email package's header parser (not its MIME parser)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith("_header_value_parser.py"):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def why(exc: BaseException) -> str:
+    """What a header parse failure says, in words (a RecursionError's own text names no header)."""
+    return "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc)
 
 
 def raw_header(msg: EmailMessage, name: str) -> str:
@@ -102,7 +119,7 @@ def read_header(msg: EmailMessage, name: str) -> Any:
     try:
         return msg[name]
     except HEADER_ERRORS as exc:
-        raise ParseError(f"{name}: cannot parse {raw_header(msg, name)!r} ({exc})") from exc
+        raise ParseError(f"{name}: cannot parse {raw_header(msg, name)!r} ({why(exc)})") from None
 
 
 def parse_mailboxes(name: str, value: str) -> tuple[list[Address], tuple[Exception, ...]]:
@@ -115,7 +132,7 @@ def parse_mailboxes(name: str, value: str) -> tuple[list[Address], tuple[Excepti
         header = DEFAULT.header_factory(name, value)
         addresses = list(header.addresses)
     except HEADER_ERRORS as exc:
-        raise ParseError(f"{name}: cannot parse {clean_header(value, 80)!r} ({exc})") from exc
+        raise ParseError(f"{name}: cannot parse {clean_header(value, 80)!r} ({why(exc)})") from None
     return usable_mailboxes(addresses), tuple(header.defects)
 
 
@@ -145,9 +162,28 @@ def sender_mailbox(msg: EmailMessage) -> Address:
     return mailboxes[0]
 
 
-def sender_address(msg: EmailMessage) -> str:
-    """Return the addr-spec of the first usable mailbox in From:; ParseError naming the header otherwise."""
-    return addr_spec(sender_mailbox(msg), "From")
+def header_sender(msg: EmailMessage, envelope: str | None) -> tuple[str, str]:
+    """(address, display name) of the first usable mailbox in From:, for display, and for the reply to mail that
+    has no envelope sender (``envelope`` None: the drop folder, ``ingest``): ParseError naming From: then.
+
+    Mail that came by SMTP is answered at its envelope sender, never at From:, so a From: that is missing (as
+    a script's mail through Postfix) or unreadable is shown as none instead of failing the mail's PDFs."""
+    try:
+        mailbox = sender_mailbox(msg)
+        return addr_spec(mailbox, "From"), sender_name(mailbox)
+    except ParseError:
+        if envelope is None:
+            raise
+        return "", ""
+
+
+def message_id(msg: EmailMessage) -> str | None:
+    """The Message-ID as one line, for the digest's In-Reply-To; None when absent or unreadable (``<>``): the
+    gateway deduplicates on the raw header, so an odd one costs only the threading, not the mail."""
+    try:
+        return clean_header(read_header(msg, "Message-ID"), 998) or None
+    except ParseError:
+        return None
 
 
 def sender_name(mailbox: Address) -> str:
@@ -278,7 +314,43 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
             part.get_content_disposition() != "attachment"
         return name, None, "" if body else f"not a PDF ({part.get_content_type()})"
     except HEADER_ERRORS as exc:
-        raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({exc})") from exc
+        raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({why(exc)})") from None
+
+
+_UU_BEGIN = re.compile(rb"^begin [0-7]{3,4} +([^\r\n]*?)[ \t]*\r?$", re.MULTILINE)
+_UU_STOP = re.compile(rb"^(?:end[ \t]*\r?$|begin [0-7]{3,4} )", re.MULTILINE)
+
+
+def uuencoded_files(body: bytes) -> Iterator[tuple[str, bytes]]:
+    """The files a text body carries uuencoded (``begin 644 name`` ... ``end``), as (name, bytes); at most
+    MAX_PARTS, each read up to its ``end`` or the next ``begin`` (so the body is read once, whatever it holds).
+
+    Old mailers and some mail gateways still send attachments so; without this the digest said the mail had
+    no PDF. Damaged lines are decoded as far as they go (as the email package does for x-uuencode parts).
+    """
+    for begin in islice(_UU_BEGIN.finditer(body), MAX_PARTS):
+        stop = _UU_STOP.search(body, begin.end())
+        decoded = bytearray()
+        for line in body[begin.end():stop.start() if stop else len(body)].splitlines():
+            line = line.rstrip(b" \t")
+            if not line:
+                continue
+            try:
+                decoded += binascii.a2b_uu(line)
+            except binascii.Error:  # a line cut short or padded oddly: the bytes its length byte announces
+                length = (((line[0] - 32) & 63) * 4 + 5) // 3
+                try:
+                    decoded += binascii.a2b_uu(line[:length])
+                except binascii.Error:
+                    break  # not uuencode after all: what came before stands
+        yield begin.group(1).decode("utf-8", "replace"), bytes(decoded)
+
+
+def body_files(part: EmailMessage) -> Iterator[tuple[str, bytes]]:
+    """The uuencoded files in a body part (``read_leaf`` found no file name on it); none for most mail."""
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes) and b"begin " in payload:
+        yield from uuencoded_files(payload)
 
 
 def extract_attachments(msg: EmailMessage, dest: Path,
@@ -295,11 +367,17 @@ def extract_attachments(msg: EmailMessage, dest: Path,
         if part.is_multipart():
             continue
         raw_name, payload, reason = read_leaf(part)
-        if payload is None:
-            if reason:
-                skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
-            continue
-        pdfs.append(_store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes))
+        if payload is not None:
+            pdfs.append(_store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes))
+        elif reason:
+            skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
+        else:  # the message body
+            for uu_name, data in body_files(part):
+                if data[:5] == b"%PDF-" or uu_name.lower().endswith(".pdf"):
+                    pdfs.append(_store_pdf(uu_name, data, len(pdfs), dest, limits.max_attachment_bytes))
+                else:
+                    skipped.append({"name": display_name(uu_name, len(pdfs) + len(skipped)),
+                                    "reason": "not a PDF (uuencoded in the body)"})
     return pdfs, skipped
 
 
@@ -316,7 +394,8 @@ def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max
 
 def clean_header(value: object, limit: int = 200) -> str:
     """One line of printable text from a header value: no CR/LF can reach an outgoing header."""
-    return " ".join("".join(c if c.isprintable() else " " for c in str(value or "")).split())[:limit]
+    text = str(value or "")[:limit * 8]  # a megabyte header is not read to give its first line
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
 
 
 def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[str, Any]:
@@ -327,14 +406,15 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
     Raises ParseError (reason malformed_email).
     """
     msg = parse_message(raw, limits.max_mime_depth)
+    envelope = return_path(msg)
+    sender, name = header_sender(msg, envelope)
     pdfs, skipped = extract_attachments(msg, work_dir / "attachments", limits)
-    sender = sender_mailbox(msg)
     return {
         "subject": clean_header(read_header(msg, "Subject")),
-        "from": addr_spec(sender, "From"),
-        "from_name": sender_name(sender),
-        "return_path": return_path(msg),
-        "message_id": clean_header(read_header(msg, "Message-ID"), 998) or None,
+        "from": sender,
+        "from_name": name,
+        "return_path": envelope,
+        "message_id": message_id(msg),
         "attachments": pdfs,
         "skipped": skipped,
         "automated": automated(msg),  # machine-made or list mail: see autoreply (None for a person's mail)

@@ -1,0 +1,144 @@
+"""Headers as hostile or careless senders write them: each costs at most its own mail, and only when it must.
+
+Found by a prober against a real serve: a 1 MB From: (50,000 addresses) took a minute of a parse worker,
+holding up every other mail; comments nested a few hundred deep failed parsing with an untyped RecursionError,
+retried; ``Message-ID: <>`` and a missing From: failed mails whose PDFs and envelope sender were fine; a PDF
+uuencoded in the body vanished without a word. Raw messages through ``summarize_message`` (SMTP mail carries
+the gateway's Return-Path; drop-folder mail does not), and two over real SMTP to a real service.
+"""
+
+import base64
+import binascii
+import time
+from pathlib import Path
+
+import pytest
+from helpers import send_for_run_id as send
+
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import IngestConfig
+from pipeline.errors import ParseError
+from pipeline.stages import parse
+from pipeline.stages.mailpolicy import MAX_HEADER_CHARS
+
+LIMITS = IngestConfig()
+PDF = fx.text_pdf(1)
+ENVELOPE = b"Return-Path: <alice@example.com>\r\n"  # what the gateway writes above every SMTP message
+NESTED = b"(" * 600 + b")" * 600
+MANY = ", ".join(f"u{i}@example.com" for i in range(50_000)).encode()  # about 1 MB
+
+
+def mail(headers: bytes, envelope: bytes = ENVELOPE, body: bytes | None = None) -> bytes:
+    """A mail with ``headers`` (give From: among them) and one base64 PDF attachment, or a text ``body`` only."""
+    top = envelope + headers + b"Subject: figures\r\nMIME-Version: 1.0\r\n"
+    if body is not None:
+        return top + b"Content-Type: text/plain\r\n\r\n" + body
+    return top + (b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+                  b"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=a.pdf\r\n"
+                  b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(PDF) + b"--B--\r\n")
+
+
+def summary(raw: bytes, tmp_path: Path) -> dict:
+    return parse.summarize_message(raw, tmp_path, LIMITS)
+
+
+def test_a_megabyte_from_is_not_parsed_and_smtp_mail_is_still_digested(tmp_path):
+    started = time.process_time()
+    info = summary(mail(b"From: " + MANY + b"\r\n"), tmp_path)
+    assert info["from"] == "" and info["return_path"] == "alice@example.com"  # answered at its envelope sender
+    assert [a["name"] for a in info["attachments"]] == ["a.pdf"]
+    with pytest.raises(ParseError, match=f"^From: cannot parse .*over the {MAX_HEADER_CHARS:,} a parsed header"):
+        summary(mail(b"From: " + MANY + b"\r\n", envelope=b""), tmp_path / "drop")  # no envelope: From is all
+    assert time.process_time() - started < 30  # CPU seconds, as a bound only: it took about 60 s per mail
+
+
+def test_a_long_free_text_header_is_cut_not_refused(tmp_path):
+    info = summary(mail(b"From: alice@example.com\r\nSubject: " + b"=?utf-8?q?caf=C3=A9?= " * 100_000 + b"\r\n"),
+                   tmp_path)
+    assert info["subject"].startswith("café") and len(info["attachments"]) == 1
+
+
+def test_a_content_type_with_fifty_thousand_parameters_is_malformed_email_naming_it(tmp_path):
+    params = b"; ".join(b"p%d=v" % i for i in range(50_000))
+    raw = mail(b"From: alice@example.com\r\n", body=b"hi\r\n").replace(b"text/plain", b"text/plain; " + params)
+    with pytest.raises(ParseError, match="^Content-Type: .*characters long, over the") as err:
+        summary(raw, tmp_path)
+    assert err.value.reason == "malformed_email"
+
+
+@pytest.mark.parametrize("name", ["Content-Disposition", "Content-Type"])
+def test_comments_nested_too_deep_in_a_part_header_are_malformed_email_naming_the_header(tmp_path, name):
+    raw = mail(b"From: alice@example.com\r\n")
+    line = b"Content-Type: application/pdf" if name == "Content-Type" else b"Content-Disposition: attachment"
+    raw = raw.replace(line, line + b" " + NESTED)
+    with pytest.raises(ParseError, match="nested too deep to parse") as err:
+        summary(raw, tmp_path)
+    assert err.value.reason == "malformed_email" and str(err.value).startswith(name.split("-")[0] + "-")
+    assert "MIME: parts nested" not in str(err.value)  # one part: it was reported as MIME nesting
+
+
+def test_a_from_nested_too_deep_is_shown_as_none_for_smtp_mail_and_refused_from_the_drop_folder(tmp_path):
+    headers = b"From: alice@example.com " + NESTED + b"\r\nMessage-ID: <a@x> " + NESTED + b"\r\n"
+    info = summary(mail(headers), tmp_path)
+    assert info["from"] == "" and info["message_id"] is None and len(info["attachments"]) == 1
+    with pytest.raises(ParseError, match=r"^From: cannot parse .*\(nested too deep to parse\)"):
+        summary(mail(headers, envelope=b""), tmp_path / "drop")
+
+
+def test_list_mail_resent_by_a_header_nested_too_deep_is_still_list_mail(tmp_path):
+    info = summary(mail(b"From: alice@example.com\r\nList-Id: <l.example.com>\r\nResent-From: " + NESTED + b"\r\n"),
+                   tmp_path)
+    assert info["automated"] == {"kind": "list", "why": "mailing-list mail (List-Id)", "resent_from": ""}
+
+
+@pytest.mark.parametrize("value", [b"<>", b"<<<>>> junk", b""])
+def test_an_unreadable_message_id_costs_only_the_threading(tmp_path, value):
+    info = summary(mail(b"From: alice@example.com\r\nMessage-ID: " + value + b"\r\n"), tmp_path)
+    assert info["message_id"] is None and [a["name"] for a in info["attachments"]] == ["a.pdf"]
+
+
+@pytest.mark.parametrize("headers", [b"", b"From: undisclosed-recipients:;\r\n", b"From: j\xfcrgen@example.com\r\n"],
+                         ids=["no-from", "empty-group", "latin1-address"])
+def test_smtp_mail_without_a_usable_from_is_digested_and_drop_folder_mail_is_refused(tmp_path, headers):
+    info = summary(mail(headers), tmp_path)
+    assert info["from"] == "" and info["return_path"] == "alice@example.com" and len(info["attachments"]) == 1
+    with pytest.raises(ParseError, match="^From: ") as err:
+        summary(mail(headers, envelope=b""), tmp_path / "drop")
+    assert err.value.reason == "malformed_email"
+
+
+def uuencode(data: bytes, name: str) -> bytes:
+    lines = b"".join(binascii.b2a_uu(data[i:i + 45]) for i in range(0, len(data), 45))
+    return b"begin 644 " + name.encode() + b"\n" + lines + b"`\nend\n"
+
+
+def test_a_pdf_uuencoded_in_the_body_is_digested_and_another_file_is_listed(tmp_path):
+    body = b"Report attached.\r\n\r\n" + uuencode(PDF, "report.pdf") + b"\r\n" + uuencode(b"a,b\n1,2\n", "t.csv")
+    info = summary(mail(b"From: alice@example.com\r\n", body=body), tmp_path)
+    assert [a["name"] for a in info["attachments"]] == ["report.pdf"]
+    assert Path(info["attachments"][0]["path"]).read_bytes() == PDF
+    assert info["skipped"] == [{"name": "t.csv", "reason": "not a PDF (uuencoded in the body)"}]
+
+
+def test_a_uuencoded_block_cut_short_gives_what_it_has_and_a_hostile_body_is_read_once():
+    cut = uuencode(PDF, "r.pdf")[:200]  # no end line: the mail was truncated
+    [(name, data)] = parse.uuencoded_files(cut)
+    whole = (200 - len(b"begin 644 r.pdf\n")) // 62 * 45  # the lines that arrived whole (45 bytes in 62 chars)
+    assert name == "r.pdf" and len(data) > whole and data[:whole] == PDF[:whole]
+    files = list(parse.uuencoded_files(b"begin 644 x\n" * 200_000))
+    assert len(files) == parse.MAX_PARTS and files[0] == ("x", b"")
+
+
+def test_hostile_headers_over_smtp_end_in_one_typed_run_each_and_a_digest_where_one_is_due(service_factory):
+    """Through the real parse worker: the nested Content-Type is malformed_email on its first try (it was an
+    untyped 'error', retried), and the megabyte From: mail is digested to its envelope sender."""
+    service = service_factory()
+    nested = mail(b"From: alice@example.com\r\nMessage-ID: <nested@x>\r\n", envelope=b"").replace(
+        b"Content-Type: application/pdf", b"Content-Type: application/pdf " + NESTED)
+    big_from = mail(b"From: " + MANY + b"\r\nMessage-ID: <many@x>\r\n", envelope=b"")
+    failed = service.engine.wait(send(service, nested), timeout=120)
+    digested = service.engine.wait(send(service, big_from), timeout=120)
+    assert failed.state == "failed" and failed.reason.startswith("parse_email: malformed_email: Content-Type:")
+    [parse_task] = [t for t in service.store.get_tasks(failed.run_id) if t.task_id == "parse_email"]
+    assert parse_task.try_number == 1, parse_task
+    assert digested.state == "success", digested.reason
