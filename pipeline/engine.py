@@ -30,7 +30,11 @@ doubling per break up to ``backoff_max_s``), so nothing acked is lost while a
 disk is full or a store locked. Any other error (a bug, StoreCorruptError)
 counts: after ``max_internal_requeues`` requeues the run fails with reason
 ``internal: <ExcType>: <message>``. If the store refuses that write too, the
-dispatcher retries it from its guarded loop. Every write for a claimed run
+dispatcher retries it from its guarded loop. A task whose tries failed because the
+machine is short of something (``MachineShortError``: a full disk under the work
+dir, no file descriptors) breaks its run the same way, as an environmental error,
+and the engine reports unhealthy while such a run waits (``MACHINE_FRESH_S``).
+Every write for a claimed run
 carries this engine's owner: a run another process took over is left alone.
 """
 
@@ -49,7 +53,7 @@ from . import liveness, metrics, tracing
 from . import store as s
 from .config import Settings
 from .dag import DAG
-from .errors import PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
+from .errors import MachineShortError, PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
 from .executors import Executors, init_pool_worker
 from .health import LoopHealth, backoff_s, one_line
 from .runner import DAGRunner
@@ -57,6 +61,7 @@ from .store import DAGRunStore, Run, RunTakenOver
 from .timers import Timers
 
 log = logging.getLogger(__name__)
+MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
 
 
 class WorkflowEngine:
@@ -85,6 +90,7 @@ class WorkflowEngine:
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
+        self._machine_short: dict[int, tuple[float, str]] = {}  # run requeued for the machine -> (when, why)
 
     # -- health -------------------------------------------------------------------
 
@@ -96,7 +102,20 @@ class WorkflowEngine:
     @property
     def health_problem(self) -> str | None:
         """One line naming the failing loop and its last error; None when healthy."""
-        return self._store_damage or self._dispatch_health.problem or self._heartbeat_health.problem
+        return (self._store_damage or self._machine_problem() or self._dispatch_health.problem
+                or self._heartbeat_health.problem)
+
+    def _machine_problem(self) -> str | None:
+        """Why tasks cannot run on this machine now (a full disk under the work dir), while a run they broke waits;
+        a break older than MACHINE_FRESH_S no longer counts (another engine may have finished that run)."""
+        if not self._machine_short:
+            return None
+        with self._cond:
+            horizon = time.monotonic() - MACHINE_FRESH_S
+            fresh = sorted((at, why) for at, why in self._machine_short.values() if at > horizon)
+        if not fresh:
+            return None
+        return f"tasks fail for the machine ({len(fresh)} run(s) wait for it): {fresh[-1][1]}"
 
     def _note_damage(self, exc: BaseException) -> None:
         """Remember that the store reported damaged pages (``exc`` or its cause): no later success undoes that."""
@@ -365,7 +384,7 @@ class WorkflowEngine:
 
     def _forget(self, run_id: int) -> None:
         """Drop what the engine remembers of a run's breaks (call under ``_cond``)."""
-        for memory in (self._internal_requeues, self._env_breaks, self._not_before):
+        for memory in (self._internal_requeues, self._env_breaks, self._not_before, self._machine_short):
             memory.pop(run_id, None)
 
     def _run_broken(self, run_id: int, exc: Exception) -> None:
@@ -381,9 +400,14 @@ class WorkflowEngine:
         if decided is None:
             return  # decided already: this is a second report of the same break
         outcome, first = decided
-        traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
-        log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
-                  exc_info=exc if traceback else None)
+        if isinstance(exc, MachineShortError):  # a task's tries failed for the machine: no bookkeeping broke
+            with self._cond:
+                self._machine_short[run_id] = (time.monotonic(), one_line(exc))
+            log.warning("run %s: waiting for the machine: %s; %s", run_id, one_line(exc), outcome)
+        else:
+            traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
+            log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
+                      exc_info=exc if traceback else None)
         try:
             self._settle(run_id)
         except Exception as err:  # the dispatcher's guarded loop tries again, backing off

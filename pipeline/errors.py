@@ -24,6 +24,7 @@
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
     ├── TaskIOError             a task's file or socket call failed (disk full, permissions, a file gone)
+    │   └── MachineShortError   ... because the machine ran short (space, quota, descriptors; read-only)
     ├── ClusterUnavailableError the Dask scheduler cannot be reached, or lost a task (retryable)
     └── StepError               a task failed; carries run_id, task_id and reason
     TaskTimeoutError(StepError) a task ran past its timeout
@@ -35,6 +36,7 @@ runner whether another try could help (bad input never gets better).
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -262,6 +264,23 @@ class TaskIOError(PipelineError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class MachineShortError(TaskIOError):
+    """A task's file call failed because the machine is short of something (disk space, quota, file descriptors)
+    or its file system turned read-only: not the document's fault, nor the task's. Once the task's own retries
+    are used up, its run is not failed but requeued to wait for the machine (``runner``), and the engine reports
+    unhealthy meanwhile, so the gateway answers 451: a full disk under the work dir lost every mail acked."""
+
+
+# the errnos of a machine short of something; a file gone (ENOENT) or refused (EACCES) is that file's alone
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
+
+
+def task_io_error(message: str, exc: OSError) -> TaskIOError:
+    """The typed error for an OS error ``exc`` a task let through: MachineShortError for a machine short of
+    something (MACHINE_ERRNOS), TaskIOError for any other."""
+    return (MachineShortError if exc.errno in MACHINE_ERRNOS else TaskIOError)(message)
 
 
 class StepError(PipelineError):

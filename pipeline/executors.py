@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import tracing
 from .config import ExecutorConfig, RunnerConfig
 from .dag import TaskContext
-from .errors import TaskIOError
+from .errors import task_io_error
 from .health import one_line
 
 if TYPE_CHECKING:
@@ -165,4 +165,4 @@ def call_task(fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Any:
         try:
             return fn(ctx)
         except OSError as exc:
-            raise TaskIOError(f"{ctx.task_id}: {one_line(exc)}") from exc
+            raise task_io_error(f"{ctx.task_id}: {one_line(exc)}", exc) from exc

@@ -46,7 +46,7 @@ from . import dag as dags
 from . import metrics, tracing
 from . import store as s
 from .dag import DAG, Task, TaskContext, parse_instance
-from .errors import IngestError, StepError, StoreError, TaskTimeoutError, WorkerCrashedError
+from .errors import IngestError, MachineShortError, StepError, StoreError, TaskTimeoutError, WorkerCrashedError
 from .executors import Executors, call_task
 from .handover import Handover
 from .stages.worker_pool import WaitClock, timing_waits
@@ -384,6 +384,8 @@ class DAGRunner:
             self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)
             log.info("run %s task %s: try %d failed (%s), retrying", self.run.run_id, instance_id,
                      inst.try_number, reason)
+        elif isinstance(exc, MachineShortError):  # not the task's failure: the run waits for the machine
+            raise exc  # (_guarded breaks the run: the engine requeues it, backing off, and reports unhealthy)
         else:
             self._finish(instance_id, s.FAILED, error)
 

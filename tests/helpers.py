@@ -59,10 +59,18 @@ def noop(ctx: TaskContext) -> None:
     return None
 
 
-def write_to_full_disk(ctx: TaskContext) -> None:
-    """Write to /dev/full, which fails every write with ENOSPC: a real full disk, on any machine."""
-    with open("/dev/full", "wb", buffering=0) as fh:
+def write_while_disk_full(ctx: TaskContext) -> int:
+    """Write to /dev/full (a real ENOSPC) while the payload's ``full`` file exists, then to the work dir."""
+    target = "/dev/full" if Path(ctx.payload["full"]).exists() else str(Path(ctx.work_dir) / "out")
+    with open(target, "wb", buffering=0) as fh:
         fh.write(b"digest")
+    return ctx.try_number
+
+
+def write_to_a_directory(ctx: TaskContext) -> None:
+    """Open the run's work dir as a file for writing: EISDIR, an OS error about this file, not the machine."""
+    with open(ctx.work_dir, "wb"):
+        pass
 
 
 def square_in_process(ctx: TaskContext) -> dict:

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from helpers import die_on_first_try, noop, square_in_process, write_to_full_disk
+from helpers import die_on_first_try, noop, square_in_process, wait_until, write_to_a_directory, write_while_disk_full
 
 from pipeline.dag import DAG, Task
 from pipeline.errors import UnknownWorkflowError
@@ -112,14 +112,37 @@ def test_retries_exhausted_fail_with_last_error(store, make_engine):
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
-def test_a_task_on_a_full_disk_fails_typed_after_its_retry(store, make_engine, executor):
-    """/dev/full answers every write with ENOSPC: the OS error is typed where it leaves the task (task_io),
-    and retried, as a disk may have room again by the next try."""
-    engine = make_engine(DAG("full", [Task("w", write_to_full_disk, executor=executor, retries=1)]))
-    run = engine.wait(engine.trigger("full", {}).run_id, timeout=60)
-    task = store.get_tasks(run.run_id)[0]
+def test_a_task_on_a_full_disk_waits_for_room_with_the_engine_unhealthy_then_succeeds(store, make_engine,
+                                                                                       executor, tmp_path):
+    """/dev/full answers every write with ENOSPC. The OS error is typed where it leaves the task, and once the
+    task's retries are used up the run is not failed (a full disk under the work dir failed every mail acked):
+    it is requeued to wait for room, the engine unhealthy meanwhile (the gateway answers 451), and it ends
+    once the disk has room, its failed tries not counted against it."""
+    full = tmp_path / "disk-is-full"
+    full.touch()
+    engine = make_engine(DAG("full", [Task("w", write_while_disk_full, executor=executor, retries=1)]),
+                         backoff_max_s=0.5)
+    run_id = engine.trigger("full", {"full": str(full)}).run_id
+    assert wait_until(lambda: "tasks fail for the machine" in (engine.health_problem or ""))
+    assert "No space left on device" in (engine.health_problem or "")
+    time.sleep(1.5)  # several breaks and requeues: none fails the run
+    assert store.get_run(run_id).state in ("queued", "running")
+    full.unlink()
+    run = engine.wait(run_id, timeout=60)
+    [task] = store.get_tasks(run_id)
+    assert (run.state, task.state) == ("success", "success") and task.try_number <= 2  # given back each break
+    assert engine.healthy
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_task_whose_file_is_refused_fails_typed_after_its_retry(store, make_engine, executor):
+    """A file of the task's own that the OS refuses (here: a directory where a file is written, EISDIR) is
+    that task's failure, not the machine's: task_io after its retry, and the engine stays healthy."""
+    engine = make_engine(DAG("own", [Task("w", write_to_a_directory, executor=executor, retries=1)]))
+    run = engine.wait(engine.trigger("own", {}).run_id, timeout=60)
+    [task] = store.get_tasks(run.run_id)
     assert (run.state, task.state, task.try_number, task.error_type) == ("failed", "failed", 2, "task_io")
-    assert task.error_message == "w: OSError: [Errno 28] No space left on device"
+    assert "[Errno 21] Is a directory" in task.error_message and engine.healthy
 
 
 def test_timeout_fails_task_and_ignores_late_result(store, make_engine):

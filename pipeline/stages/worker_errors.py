@@ -15,6 +15,7 @@ from ..errors import (
     CorruptPdfError,
     EncryptedPdfError,
     IngestError,
+    MachineShortError,
     ParseError,
     PdfTooLargeError,
     PipelineError,
@@ -63,4 +64,6 @@ def typed_error(cls: str, message: str, name: str) -> PipelineError:
         return PipelineError(message)
     if cls == TaskIOError.__name__:
         return TaskIOError(message)
+    if cls == MachineShortError.__name__:
+        return MachineShortError(message)
     return _ERRORS.get(cls, IngestError)(message, name)
