@@ -9,7 +9,11 @@ to ``rejected/`` with a log line. Files already in ``new/`` at start are taken t
 A file whose accept fails (service unavailable, spool or store failing) stays
 in ``new/``, untouched, and is tried again every ``retry_interval_s`` until
 it is taken; every callback is guarded, so one bad
-file or one failing disk never stops the watcher.
+file or one failing disk never stops the watcher. Events alone are not trusted:
+inotify drops them once its queue overflows (16,384 events: a prober's 20,000
+files left 11,342 in ``new/`` for good), and a folder removed and made again is no
+longer watched at all. So every ``retry_interval_s`` the whole of ``new/`` is
+scanned, and a folder that is gone or replaced is made again and watched anew.
 
 What people and programs really put there is checked before it is read: a file
 still open for writing (copied straight into ``new/``, not renamed from
@@ -45,7 +49,8 @@ from .config import GatewayConfig
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
-RETRY_INTERVAL_S = 5.0  # how often files left in new/ by a failed accept are tried again
+SUBDIRS = ("tmp", "new", "cur", "rejected")
+RETRY_INTERVAL_S = 5.0  # how often new/ is scanned for files a failed accept left, or no event reported
 
 
 class DropFolder:
@@ -61,21 +66,55 @@ class DropFolder:
         self._observer: Any = None
         self._stopping = threading.Event()
         self._retry_thread: threading.Thread | None = None
-        self._failed: set[Path] = set()  # files a failed accept left in new/, tried again by the retry loop
         self._unmoved: set[Path] = set()  # files accepted whose move to cur/ failed: only the move is retried
-        for sub in ("tmp", "new", "cur", "rejected"):
+        self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the observer watches
+        self._make_dirs()
+
+    def _make_dirs(self) -> None:
+        for sub in SUBDIRS:
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> DropFolder:
-        """Take what is waiting in ``new/``, then watch it (and retry files a failed accept left there)."""
-        if self.config.watch_mode == "poll":
-            self._observer = PollingObserver(timeout=self.config.poll_interval_s)
-        else:
-            self._observer = Observer()
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _watch(self) -> None:
+        """Start an observer on the folder as it is now."""
+        observer: Any = PollingObserver(timeout=self.config.poll_interval_s) if self.config.watch_mode == "poll" \
+            else Observer()
         # Watch the whole Maildir, not just new/: moving a taken file new/ -> cur/ must be seen as one paired
         # move, or watchdog holds the unpaired "moved from new/" for 0.5 s and every later event waits behind it.
-        self._observer.schedule(_Handler(self), str(self.directory), recursive=True)
-        self._observer.start()
+        observer.schedule(_Handler(self), str(self.directory), recursive=True)
+        observer.start()
+        self._observer, self._watched = observer, self._identity()
+
+    def _watch_again_if_replaced(self) -> None:
+        """Make the folder again and watch it anew when it was removed or replaced (its inotify watch went with
+        it, silently) or its observer stopped."""
+        observer = self._observer
+        if self._identity() == self._watched and observer is not None and observer.is_alive() and \
+                observer.emitters and all(emitter.is_alive() for emitter in observer.emitters) and \
+                all((self.directory / sub).is_dir() for sub in SUBDIRS):
+            return  # (an inotify watch ends, its emitter with it, when its folder is removed: inode numbers recur)
+        log.warning("drop folder %s was removed or replaced, or its watch stopped: making it again and watching "
+                    "it anew", self.directory)  # (once: the next pass finds it whole)
+        try:
+            self._make_dirs()
+        except OSError as exc:  # a file where a folder goes: scanning new/ (if it is there) goes on
+            log.warning("drop folder %s: cannot make its folders again: %s", self.directory, exc)
+            return
+        old, self._observer = self._observer, None
+        if old is not None:
+            old.stop()
+            old.join(timeout=5)
+        self._watch()
+
+    def start(self) -> DropFolder:
+        """Take what is waiting in ``new/``, then watch it (and rescan it, see the module's docstring)."""
+        self._watch()
         self._stopping.clear()
         self._retry_thread = threading.Thread(target=self._retry_loop, name="dropfolder-retry", daemon=True)
         self._retry_thread.start()
@@ -113,7 +152,6 @@ class DropFolder:
                         type(exc).__name__, exc)
         except Exception:  # one bad file must not stop the watcher
             log.exception("drop folder: could not accept %r; it stays in new/", str(path))
-        self._failed.add(Path(path))
         return False
 
     def take(self, path: Path) -> bool:
@@ -125,6 +163,9 @@ class DropFolder:
         path = Path(path)
         with self._lock:  # an event and a scan may both see the same file
             if path.parent != self.directory / "new" or path.name.startswith("."):
+                return False
+            if path in self._unmoved:  # accepted already: only its move is tried again, never the accept
+                self._move_to_cur(path)
                 return False
             try:  # never follow a link, never wait on a FIFO
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -148,7 +189,6 @@ class DropFolder:
                         complete = lease is None or _still_leased(fd)  # a writer opening it broke the lease
                 if not complete:
                     log.debug("drop folder: %r is still being written; taken once it is closed", path.name)
-                    self._failed.add(path)
                     return False
             self.accept(raw)
             self._move_to_cur(path)
@@ -175,15 +215,18 @@ class DropFolder:
         return False
 
     def _retry_loop(self) -> None:
-        # inotify reports a file once: a file left in new/ by a failed accept is tried again from here.
-        # Only those files: a periodic scan of all of new/ could take a file a non-Maildir writer is still writing.
+        # inotify reports a file once, and not at all once its queue overflowed: new/ is scanned from here. A
+        # file a writer still holds open is safe from the scan: take() leaves it until its writer closes it.
         while not self._stopping.wait(self.retry_interval_s):
-            for path in sorted(self._failed):
-                self._failed.discard(path)
-                self.try_take(path)  # re-adds the path if it fails again
-            for path in sorted(self._unmoved):
-                with self._lock:
-                    self._move_to_cur(path)
+            try:
+                self._watch_again_if_replaced()
+                self.scan()
+                for path in sorted(self._unmoved):
+                    with self._lock:
+                        self._move_to_cur(path)
+            except Exception:  # the loop is the folder's safety net: it must outlive any one failure
+                log.exception("drop folder: rescanning %s failed; trying again in %g s", self.directory,
+                              self.retry_interval_s)
 
 
 MAX_NAME_BYTES = 200  # of a name in cur/ or rejected/, before the ".N" that keeps it unique (NAME_MAX is 255)

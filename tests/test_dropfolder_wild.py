@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import wait_until
@@ -132,3 +133,47 @@ def test_an_accepted_file_whose_move_fails_is_moved_later_never_accepted_twice(t
     finally:
         drop.stop()
     assert keep.accepted == [MESSAGE]
+
+
+def test_a_folder_removed_and_made_again_is_watched_again(folder, caplog):
+    """A prober's find: after `rm -r inbox; mkdir -p inbox/{tmp,new,cur}` nothing dropped was ever taken, and
+    nothing said so. The rescan sees the folder replaced, watches it anew, and takes the file."""
+    import shutil
+
+    drop, keep = folder
+    shutil.rmtree(drop.directory)
+    for sub in ("tmp", "new", "cur"):
+        (drop.directory / sub).mkdir(parents=True)
+    (drop.directory / "tmp" / "after.eml").write_bytes(MESSAGE)
+    os.replace(drop.directory / "tmp" / "after.eml", drop.directory / "new" / "after.eml")
+    assert wait_until(lambda: keep.accepted == [MESSAGE], 10)
+    assert wait_until(lambda: (drop.directory / "rejected").is_dir() and not any((drop.directory / "new").iterdir()))
+    assert "was removed or replaced" in caplog.text
+
+
+def test_files_whose_events_inotify_dropped_are_taken_by_the_rescan(tmp_path, caplog):
+    """inotify drops events once its queue is full (a prober's 20,000 files left 11,342 in new/ for good).
+    Here the queue is made 16 events long for this watcher (the limit applies to inotify instances made while
+    it is set): 300 files overflow it, and every one is still taken, once."""
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    try:
+        before = limit.read_text()
+        limit.write_text("16")
+    except OSError as exc:
+        pytest.skip(f"cannot set the inotify queue length here: {exc}")
+    keep = Keep()
+    drop = DropFolder(tmp_path / "inbox", keep, GatewayConfig(watch_mode="inotify"), retry_interval_s=0.5)
+    try:
+        drop.start()
+    finally:
+        limit.write_text(before)
+    try:
+        messages = [MESSAGE + b"%d\r\n" % i for i in range(300)]
+        for i, raw in enumerate(messages):
+            (drop.directory / "tmp" / f"{i}.eml").write_bytes(raw)
+            os.replace(drop.directory / "tmp" / f"{i}.eml", drop.directory / "new" / f"{i}.eml")
+        assert wait_until(lambda: len(keep.accepted) == 300, 60), len(keep.accepted)
+        assert sorted(keep.accepted) == sorted(messages)
+        assert "overflow" in caplog.text.lower()  # events were lost, so the rescan took some of them
+    finally:
+        drop.stop()
