@@ -79,9 +79,13 @@ def all_finished(data_dir: Path, keys: list[str]) -> bool:
 @pytest.fixture
 def serve(tmp_path: Path):
     serve = ServeProcess(tmp_path / "data", tmp_path / "serve")
+    # serve started under nohup keeps ignoring SIGHUP, as documented: a suite run under nohup (a CI job kept
+    # alive past a closed session) must still start serve as a terminal would, or the hangup test waits 60 s
+    ignored = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         yield taken(serve.start())
     finally:
+        signal.signal(signal.SIGHUP, ignored)
         serve.stop()
 
 
