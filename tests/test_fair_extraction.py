@@ -155,6 +155,37 @@ def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():
     assert job.replies == ["slow0"]
 
 
+def test_chunks_running_side_by_side_share_the_budget_never_use_more_than_it():
+    """A prober's PDF whose pages each take PDFium minutes ran on both workers with the whole 60 s each:
+    122 worker-seconds of a 60 s budget, with other mail waiting. A chunk now gets its share of what no
+    running chunk holds, so the grants in flight never add up to more than the budget left."""
+    queue = FairQueue(lanes=2)
+    job = _Pages("hostile", 6, budget_s=60.0, max_workers=2)
+    queue.submit(job)
+    first, second = queue.take(), queue.take()
+    assert first is not None and second is not None
+    assert (first[2], second[2]) == (30.0, 30.0)
+    queue.finish(job, first[1], 10.0, reply={})  # the first ended after 10 s; the second still holds 30
+    third = queue.take()
+    assert third is not None and third[2] == pytest.approx(20.0)  # 60 - 10 spent - 30 held
+    queue.finish(job, second[1], 30.0, reply={})
+    queue.finish(job, third[1], 20.0, reply={})
+    assert job.spent_s == pytest.approx(60.0)
+    with pytest.raises(PdfTooLargeError):  # chunks left with the budget spent
+        queue.wait(job)
+
+
+def test_a_job_alone_on_one_lane_gets_the_whole_budget_left():
+    queue = FairQueue()
+    job = _Pages("doc", 2, budget_s=8.0)
+    queue.submit(job)
+    first = queue.take()
+    assert first is not None and first[2] == 8.0
+    queue.finish(job, first[1], 3.0, reply={})
+    second = queue.take()
+    assert second is not None and second[2] == pytest.approx(5.0)
+
+
 def test_an_error_of_one_chunk_fails_the_job_once_its_running_chunks_end():
     queue = FairQueue()
     job = _Pages("doc", 4, max_workers=2)

@@ -18,8 +18,12 @@ the other parses wait. Below that cap a parse keeps its priority.
 Time is a budget per job, not a wall clock: ``budget_s`` is the worker time a
 job may use in total (the sum of its chunks' durations, parallel chunks
 counted each), so waiting for a lane under load costs a document nothing. A
-chunk's request timeout is what is left of the budget (plus the pool's
-``GRACE_S``; a worker still busy then is killed and replaced); once the budget
+chunk's request timeout is its share of what is left of the budget: what no
+running chunk of the job holds, split over the lanes the job may still take
+(plus the pool's ``GRACE_S``; a worker still busy then is killed and replaced).
+Chunks running side by side so never use more than the budget between them: a
+prober's 21 KB PDF whose pages each take PDFium minutes held both workers for
+the whole 60 s budget each, 122 worker-seconds, while other mail waited. Once the budget
 is spent with chunks left, the job fails with ``timeout_error()`` and its
 queued chunks are dropped. The first error of any chunk fails the job the
 same way; chunks already running end their slice and their results are
@@ -101,6 +105,7 @@ class Job:
         self.chunks: deque[Any] = deque(chunks)
         self.running = 0
         self.spent_s = 0.0
+        self.granted: list[tuple[Any, float]] = []  # each running chunk and the budget it was given
         self.error: BaseException | None = None
         self.seq = 0  # submission order, set by the queue
         self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
@@ -121,6 +126,12 @@ class Job:
     def settled(self) -> bool:
         """True when nothing of the job runs and nothing more will: it succeeded or failed."""
         return self.running == 0 and (self.error is not None or not self.chunks)
+
+
+def _without_one(granted: list[tuple[Any, float]], chunk: Any) -> list[tuple[Any, float]]:
+    """``granted`` without the first grant to ``chunk`` (the object itself: two chunks may be equal)."""
+    at = next((i for i, (c, _) in enumerate(granted) if c is chunk), None)
+    return granted if at is None else granted[:at] + granted[at + 1:]
 
 
 class FairQueue:
@@ -155,9 +166,13 @@ class FairQueue:
                          and (j.priority != PRIORITY_PARSE or parsing < self._parse_cap)]
                 if ready:
                     job = min(ready, key=lambda j: (j.running, j.priority, j.seq))
+                    free = job.budget_s - job.spent_s - sum(share for _, share in job.granted)
+                    share = max(0.0, free / (job.max_workers - job.running))
                     job.running += 1
                     self._started(job)
-                    return job, job.chunks.popleft(), job.budget_s - job.spent_s
+                    chunk = job.chunks.popleft()
+                    job.granted.append((chunk, share))
+                    return job, chunk, share
                 self._cond.wait()
             return None
 
@@ -167,6 +182,7 @@ class FairQueue:
         with self._cond:
             job.running -= 1
             job.spent_s += elapsed_s
+            job.granted = _without_one(job.granted, chunk)
             if error is None and job.error is None and reply is not None:
                 try:
                     job.chunks.extendleft(reversed(job.absorb(chunk, reply)))
