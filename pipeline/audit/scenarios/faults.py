@@ -308,16 +308,33 @@ def disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 
               timeout_s: float = 300.0) -> Rows:
     """Serve on a small tmpfs filled with ballast while senders send; remove the ballast after ``full_s``."""
     mount = work / "disk"
+    return _on_full_disk("disk_full", mount, mount / "data", work, messages, senders, full_s, size_mb, timeout_s)
+
+
+def work_disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 5.0, size_mb: int = 16,
+                   timeout_s: float = 300.0) -> Rows:
+    """Only serve's work dir (``data/work``: attachments, text, digests) on a small tmpfs filled with ballast:
+    the spool has room, so mails are acked, and their runs must wait for room, not fail (they all failed
+    ``task_io`` for good before, with serve healthy)."""
+    data_dir = work / "data"
+    return _on_full_disk("work_disk_full", data_dir / "work", data_dir, work, messages, senders, full_s, size_mb,
+                         timeout_s)
+
+
+def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages: int, senders: int, full_s: float,
+                  size_mb: int, timeout_s: float) -> Rows:
+    """Serve on ``data_dir`` with a tmpfs of ``size_mb`` on ``mount`` filled with ballast while senders send;
+    the ballast is removed ``full_s`` after the first reply senders see."""
     mount.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        return skipped("disk_full", f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+        return skipped(fault, f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     try:
-        with serving(mount / "data", work) as serve:
+        with serving(data_dir, work) as serve:
             ballast = mount / "ballast"
             _fill(ballast)
-            with Senders(serve.port, burst_messages("full", messages), work, senders) as sending:
+            with Senders(serve.port, burst_messages(fault, messages), work, senders) as sending:
                 sending.wait_replies(1, timeout_s)  # the fault lasts full_s from the first reply senders see
                 time.sleep(full_s)
                 ballast.unlink()
@@ -328,8 +345,8 @@ def disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-    return figures("disk_full", verdict, replies, removed, size_mb=size_mb, full_s=full_s) + [
-        row("disk_full", "partial_spool_files", leftovers, "files", 0)]
+    return figures(fault, verdict, replies, removed, size_mb=size_mb, full_s=full_s) + [
+        row(fault, "partial_spool_files", leftovers, "files", 0)]
 
 
 def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
@@ -434,7 +451,8 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
                                                 cases=len(outcomes))]
 
 
-FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "bad_input", "bad_relay")
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "bad_input",
+          "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -445,7 +463,8 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     """
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked,
-        "hung_gateway": hung_gateway, "disk_full": disk_full, "bad_input": bad_input, "bad_relay": bad_relay}
+        "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
+        "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
