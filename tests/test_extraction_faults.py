@@ -162,7 +162,7 @@ def test_a_stopped_worker_exits_quietly_when_its_stdin_closes(pdf, tmp_path):
     try:
         request = {"pdf": str(pdf(fx.text_pdf(1))), "text": str(tmp_path / "t.txt"), "shard": [0, 1],
                    "limits": dataclasses.asdict(IngestConfig(engine="pypdf"))}
-        assert "ok" in (worker.request(request, 120) or {})
+        assert "ok" in (worker.request(request, lambda: 120.0) or {})
         worker.proc.send_signal(signal.SIGINT)
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.stdin is not None

@@ -155,24 +155,47 @@ def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():
     assert job.replies == ["slow0"]
 
 
-def test_chunks_running_side_by_side_share_the_budget_never_use_more_than_it():
+class _Clock:
+    """The queue's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_chunks_running_side_by_side_spend_the_budget_together():
     """A prober's PDF whose pages each take PDFium minutes ran on both workers with the whole 60 s each:
-    122 worker-seconds of a 60 s budget, with other mail waiting. A chunk now gets its share of what no
-    running chunk holds, so the grants in flight never add up to more than the budget left."""
-    queue = FairQueue(lanes=2)
+    122 worker-seconds of a 60 s budget, with other mail waiting. The budget left counts running chunks by
+    their time so far, so two chunks side by side exhaust it in 30 s."""
+    clock = _Clock()
+    queue = FairQueue(lanes=2, clock=clock)
     job = _Pages("hostile", 6, budget_s=60.0, max_workers=2)
     queue.submit(job)
     first, second = queue.take(), queue.take()
-    assert first is not None and second is not None
-    assert (first[2], second[2]) == (30.0, 30.0)
-    queue.finish(job, first[1], 10.0, reply={})  # the first ended after 10 s; the second still holds 30
-    third = queue.take()
-    assert third is not None and third[2] == pytest.approx(20.0)  # 60 - 10 spent - 30 held
-    queue.finish(job, second[1], 30.0, reply={})
-    queue.finish(job, third[1], 20.0, reply={})
-    assert job.spent_s == pytest.approx(60.0)
-    with pytest.raises(PdfTooLargeError):  # chunks left with the budget spent
-        queue.wait(job)
+    assert first is not None and second is not None and first[2] == second[2] == 60.0
+    clock.now += 29.0
+    assert queue.left(job) == pytest.approx(2.0)
+    clock.now += 1.0
+    assert queue.left(job) == pytest.approx(0.0)  # lanes kill their workers GRACE_S past this
+
+
+def test_a_chunk_whose_sibling_ended_early_may_use_the_rest_of_the_budget():
+    """A slow page alone: its empty sibling shard ends at once, and the page may take nearly the whole
+    budget, not a fixed half of it."""
+    clock = _Clock()
+    queue = FairQueue(lanes=2, clock=clock)
+    job = _Pages("slow-page", 2, budget_s=60.0, max_workers=2)
+    queue.submit(job)
+    slow, empty = queue.take(), queue.take()
+    assert slow is not None and empty is not None
+    clock.now += 0.5
+    queue.finish(job, empty[1], 0.5, reply={})
+    clock.now += 50.0
+    assert queue.left(job) == pytest.approx(9.0)  # 60 - 0.5 (the sibling) - 50.5 (this one so far)
+    queue.finish(job, slow[1], 50.5, reply={})
+    assert job.spent_s == pytest.approx(51.0) and queue.left(job) == pytest.approx(9.0)
 
 
 def test_a_job_alone_on_one_lane_gets_the_whole_budget_left():

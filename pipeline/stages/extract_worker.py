@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from .worker_pool import PRIORITY_EXTRACT, PRIORITY_PARSE, FairQueue, Job
 
 log = logging.getLogger(__name__)
 MAX_REQUESTS_PER_WORKER = 200  # then the worker is replaced, so no slow growth can accumulate
+POLL_S = 0.5  # how often a lane waiting for a reply looks at the document's budget again
 GRACE_S = 1.0  # past its budget a worker may finish its page and stop itself; after this it is killed
 STDERR_LINES = 40  # the last lines of a worker's stderr kept as evidence of how it died
 # Stop signals are ignored before the first import (importing the package takes a second on a loaded machine);
@@ -96,17 +98,18 @@ class _Worker:
             self.stderr_tail.append(line.rstrip("\n"))
             log.debug("extraction worker %d: %s", self.proc.pid, line.rstrip("\n"))
 
-    def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
-        """Send one request; return the reply, or None if the worker died. TimeoutError past ``timeout_s``."""
+    def request(self, message: dict[str, Any], allowed_s: Callable[[], float]) -> dict[str, Any] | None:
+        """Send one request; return the reply, or None if the worker died. TimeoutError once ``allowed_s()``
+        (asked again every ``POLL_S``: a sibling chunk ending early leaves this one more) is no longer > 0."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.proc.stdin.write(json.dumps(message) + "\n")
             self.proc.stdin.flush()
         except OSError:  # a broken pipe: the worker is gone
             return None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            raise TimeoutError
+        while not select.select([self.proc.stdout], [], [], min(POLL_S, max(0.0, allowed_s())))[0]:
+            if allowed_s() <= 0:
+                raise TimeoutError
         line = self.proc.stdout.readline()
         self.documents += 1
         try:
@@ -219,7 +222,7 @@ class ExtractionPool:
             job, chunk, remaining_s = picked
             started = time.monotonic()
             try:
-                reply = self._request(job, job.request(chunk, remaining_s), remaining_s)
+                reply = self._request(job, job.request(chunk, remaining_s))
             except Exception as exc:  # a typed error is the job's outcome; anything else is a bug, logged
                 if not isinstance(exc, PipelineError):
                     log.exception("extraction lane: unexpected error on %s", job.name)
@@ -227,12 +230,13 @@ class ExtractionPool:
             else:
                 self._queue.finish(job, chunk, time.monotonic() - started, reply=reply)
 
-    def _request(self, job: Job, message: dict[str, Any], remaining_s: float) -> dict[str, Any]:
+    def _request(self, job: Job, message: dict[str, Any]) -> dict[str, Any]:
         """One request in a borrowed worker: its "ok" reply, or the typed error of its failure or death."""
         worker = self._borrow()
         keep = False
         try:
-            reply = worker.request(message, remaining_s + GRACE_S)
+            # until the document's budget, its chunks running beside this one counted, is GRACE_S overspent
+            reply = worker.request(message, lambda: (self._queue.left(job) + GRACE_S) / max(1, job.running))
             keep = reply is not None and worker.documents < MAX_REQUESTS_PER_WORKER
         except TimeoutError:
             _count_restart("timeout")

@@ -17,13 +17,13 @@ the other parses wait. Below that cap a parse keeps its priority.
 
 Time is a budget per job, not a wall clock: ``budget_s`` is the worker time a
 job may use in total (the sum of its chunks' durations, parallel chunks
-counted each), so waiting for a lane under load costs a document nothing. A
-chunk's request timeout is its share of what is left of the budget: what no
-running chunk of the job holds, split over the lanes the job may still take
-(plus the pool's ``GRACE_S``; a worker still busy then is killed and replaced).
-Chunks running side by side so never use more than the budget between them: a
-prober's 21 KB PDF whose pages each take PDFium minutes held both workers for
-the whole 60 s budget each, 122 worker-seconds, while other mail waited. Once the budget
+counted each), so waiting for a lane under load costs a document nothing. The
+budget left (``left``) counts the chunks running now by their time so far, and
+a lane kills its worker (replaced) once that is below ``-GRACE_S``: chunks
+running side by side spend it together, and a chunk whose sibling ended early
+may use the rest (a prober's 21 KB PDF whose pages each take PDFium minutes
+held both workers for the whole 60 s each, 122 worker-seconds, while other mail
+waited; a fixed half for each would cut short a slow page alone). Once the budget
 is spent with chunks left, the job fails with ``timeout_error()`` and its
 queued chunks are dropped. The first error of any chunk fails the job the
 same way; chunks already running end their slice and their results are
@@ -46,7 +46,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,7 +105,7 @@ class Job:
         self.chunks: deque[Any] = deque(chunks)
         self.running = 0
         self.spent_s = 0.0
-        self.granted: list[tuple[Any, float]] = []  # each running chunk and the budget it was given
+        self.started: list[tuple[Any, float]] = []  # each running chunk and when it started (the queue's clock)
         self.error: BaseException | None = None
         self.seq = 0  # submission order, set by the queue
         self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
@@ -128,18 +128,19 @@ class Job:
         return self.running == 0 and (self.error is not None or not self.chunks)
 
 
-def _without_one(granted: list[tuple[Any, float]], chunk: Any) -> list[tuple[Any, float]]:
-    """``granted`` without the first grant to ``chunk`` (the object itself: two chunks may be equal)."""
-    at = next((i for i, (c, _) in enumerate(granted) if c is chunk), None)
-    return granted if at is None else granted[:at] + granted[at + 1:]
+def _without_one(started: list[tuple[Any, float]], chunk: Any) -> list[tuple[Any, float]]:
+    """``started`` without the first entry of ``chunk`` (the object itself: two chunks may be equal)."""
+    at = next((i for i, (c, _) in enumerate(started) if c is chunk), None)
+    return started if at is None else started[:at] + started[at + 1:]
 
 
 class FairQueue:
     """The jobs waiting for lanes, and the rule that picks which chunk a free lane runs next."""
 
-    def __init__(self, lanes: int = 1) -> None:
+    def __init__(self, lanes: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         """``lanes``: how many lanes take from this queue; parses may hold all of them but one."""
         self._parse_cap = max(1, lanes - 1)
+        self._clock = clock
         self._cond = threading.Condition()
         self._jobs: list[Job] = []
         self._seq = itertools.count()
@@ -166,13 +167,12 @@ class FairQueue:
                          and (j.priority != PRIORITY_PARSE or parsing < self._parse_cap)]
                 if ready:
                     job = min(ready, key=lambda j: (j.running, j.priority, j.seq))
-                    free = job.budget_s - job.spent_s - sum(share for _, share in job.granted)
-                    share = max(0.0, free / (job.max_workers - job.running))
+                    left = self._left(job)
                     job.running += 1
                     self._started(job)
                     chunk = job.chunks.popleft()
-                    job.granted.append((chunk, share))
-                    return job, chunk, share
+                    job.started.append((chunk, self._clock()))
+                    return job, chunk, max(0.0, left)
                 self._cond.wait()
             return None
 
@@ -182,7 +182,7 @@ class FairQueue:
         with self._cond:
             job.running -= 1
             job.spent_s += elapsed_s
-            job.granted = _without_one(job.granted, chunk)
+            job.started = _without_one(job.started, chunk)
             if error is None and job.error is None and reply is not None:
                 try:
                     job.chunks.extendleft(reversed(job.absorb(chunk, reply)))
@@ -193,6 +193,15 @@ class FairQueue:
             elif job.chunks and job.spent_s >= job.budget_s:
                 self._fail(job, job.timeout_error())
             self._cond.notify_all()
+
+    def left(self, job: Job) -> float:
+        """Seconds of ``job``'s budget left, its running chunks counted by their time so far (may be < 0)."""
+        with self._cond:
+            return self._left(job)
+
+    def _left(self, job: Job) -> float:
+        now = self._clock()
+        return job.budget_s - job.spent_s - sum(now - started for _, started in job.started)
 
     def wait(self, job: Job) -> None:
         """Block until ``job`` is settled and forget it; raise its error if it failed."""
