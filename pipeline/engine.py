@@ -33,7 +33,10 @@ counts: after ``max_internal_requeues`` requeues the run fails with reason
 dispatcher retries it from its guarded loop. A task whose tries failed because the
 machine is short of something (``MachineShortError``: a full disk under the work
 dir, no file descriptors) breaks its run the same way, as an environmental error,
-and the engine reports unhealthy while such a run waits (``MACHINE_FRESH_S``).
+and the engine reports unhealthy while such a run waits and no other run has
+succeeded since (``MACHINE_FRESH_S``). When others succeed while it waits, the
+machine is not short for them: after ``MACHINE_PATIENCE`` breaks the run fails
+``task_io`` (one mail too big for the room left must not stop all mail).
 Every write for a claimed run
 carries this engine's owner: a run another process took over is left alone.
 """
@@ -62,6 +65,7 @@ from .timers import Timers
 
 log = logging.getLogger(__name__)
 MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
+MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs succeed, then it fails task_io
 
 
 class WorkflowEngine:
@@ -90,7 +94,9 @@ class WorkflowEngine:
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
-        self._machine_short: dict[int, tuple[float, str]] = {}  # run requeued for the machine -> (when, why)
+        # run requeued for the machine -> (its last break, why, successes at its first break, at its last, breaks)
+        self._machine_short: dict[int, tuple[float, str, int, int, int]] = {}
+        self._successes = 0  # runs that ended in success
 
     # -- health -------------------------------------------------------------------
 
@@ -112,7 +118,9 @@ class WorkflowEngine:
             return None
         with self._cond:
             horizon = time.monotonic() - MACHINE_FRESH_S
-            fresh = sorted((at, why) for at, why in self._machine_short.values() if at > horizon)
+            for run_id in [r for r, wait in self._machine_short.items() if wait[0] <= horizon]:
+                del self._machine_short[run_id]  # (a run another engine finished is never forgotten otherwise)
+            fresh = sorted((at, why) for at, why, _, last, _ in self._machine_short.values() if last == self._successes)
         if not fresh:
             return None
         return f"tasks fail for the machine ({len(fresh)} run(s) wait for it): {fresh[-1][1]}"
@@ -374,6 +382,7 @@ class WorkflowEngine:
     def _on_run_finished(self, run_id: int, state: str) -> None:
         with self._cond:
             self._active.pop(run_id, None)
+            self._successes += state == s.SUCCESS
             if state != s.QUEUED:
                 self._forget(run_id)
             self._wake = True
@@ -401,8 +410,6 @@ class WorkflowEngine:
             return  # decided already: this is a second report of the same break
         outcome, first = decided
         if isinstance(exc, MachineShortError):  # a task's tries failed for the machine: no bookkeeping broke
-            with self._cond:
-                self._machine_short[run_id] = (time.monotonic(), one_line(exc))
             log.warning("run %s: waiting for the machine: %s; %s", run_id, one_line(exc), outcome)
         else:
             traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
@@ -422,7 +429,10 @@ class WorkflowEngine:
                 return None
             self._active.pop(run_id, None)
             count, breaks = self._internal_requeues.get(run_id, 0), self._env_breaks.get(run_id, 0)
-            if environmental:  # never counted: the run waits out the fault, backing off
+            alone = isinstance(exc, MachineShortError) and self._short_alone(run_id, one_line(exc))
+            if alone:
+                outcome = "failed (task_io: other runs succeeded while it waited, so it alone does not fit)"
+            elif environmental:  # never counted: the run waits out the fault, backing off
                 self._env_breaks[run_id] = breaks + 1
                 delay = backoff_s(cfg, breaks + 1)
                 self._not_before[run_id] = time.monotonic() + delay
@@ -432,10 +442,19 @@ class WorkflowEngine:
                 outcome = f"requeued ({count + 1} of {cfg.max_internal_requeues})"
             else:
                 outcome = "failed (internal)"
-            self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else None
+            self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else \
+                f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"[:500] if alone else None
             self._wake = True
             self._cond.notify_all()
         return outcome, count == 0 and breaks == 0
+
+    def _short_alone(self, run_id: int, why: str) -> bool:
+        """Record a break for the machine (under ``_cond``); True once the run has waited MACHINE_PATIENCE breaks
+        while other runs succeeded: the machine has room for them, not for it."""
+        seen = self._machine_short.get(run_id)
+        first, breaks = (seen[2], seen[4] + 1) if seen else (self._successes, 1)
+        self._machine_short[run_id] = (time.monotonic(), why, first, self._successes, breaks)
+        return breaks >= MACHINE_PATIENCE and self._successes > first
 
     def _settle(self, run_id: int) -> None:
         """Store the decision for a broken run: requeue, or fail with its reason; raise if the store refuses.

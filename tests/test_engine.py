@@ -134,6 +134,28 @@ def test_a_task_on_a_full_disk_waits_for_room_with_the_engine_unhealthy_then_suc
     assert engine.healthy
 
 
+def test_a_run_that_alone_does_not_fit_fails_task_io_while_the_others_succeed(store, make_engine, tmp_path):
+    """A reviewer's find: one mail too big for the room left on the work dir's disk broke again and again, and
+    kept the engine unhealthy (451 to all mail) for as long as it existed. Other runs succeeding meanwhile show
+    the machine has room for them: after MACHINE_PATIENCE breaks the big one fails task_io, and the engine is
+    healthy."""
+    from pipeline.engine import MACHINE_PATIENCE
+
+    full = tmp_path / "no-room-for-this-one"
+    full.touch()
+    engine = make_engine(DAG("fit", [Task("w", write_while_disk_full, retries=0)]), backoff_max_s=0.2)
+    big = engine.trigger("fit", {"full": str(full)}).run_id
+    small = []
+    while store.get_run(big).state not in ("success", "failed") and len(small) < 200:
+        small.append(engine.trigger("fit", {"full": str(tmp_path / "absent")}).run_id)
+        engine.wait(small[-1], timeout=30)
+    run = store.get_run(big)
+    assert run.state == "failed" and run.reason.startswith("task_io: MachineShortError"), run.reason
+    assert "other runs succeeded meanwhile" in run.reason and "No space left on device" in run.reason
+    assert all(store.get_run(r).state == "success" for r in small) and len(small) >= MACHINE_PATIENCE - 1
+    assert engine.healthy
+
+
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_a_task_whose_file_is_refused_fails_typed_after_its_retry(store, make_engine, executor):
     """A file of the task's own that the OS refuses (here: a directory where a file is written, EISDIR) is

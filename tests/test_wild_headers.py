@@ -77,6 +77,15 @@ def test_comments_nested_too_deep_in_a_part_header_are_malformed_email_naming_th
     assert "MIME: parts nested" not in str(err.value)  # one part: it was reported as MIME nesting
 
 
+def test_a_mime_tree_too_deep_for_the_parser_is_still_blamed_on_the_nesting(tmp_path):
+    """With ~1,000 nested multiparts the stack runs out inside a part's Content-Type parse; the message must
+    still name the nesting, not the header (a reviewer's find)."""
+    from test_mime import nested
+
+    with pytest.raises(ParseError, match=r"^MIME: parts nested too deep to parse"):
+        summary(nested(1000), tmp_path)
+
+
 def test_a_from_nested_too_deep_is_shown_as_none_for_smtp_mail_and_refused_from_the_drop_folder(tmp_path):
     headers = b"From: alice@example.com " + NESTED + b"\r\nMessage-ID: <a@x> " + NESTED + b"\r\n"
     info = summary(mail(headers), tmp_path)
@@ -127,6 +136,17 @@ def test_a_uuencoded_block_cut_short_gives_what_it_has_and_a_hostile_body_is_rea
     assert name == "r.pdf" and len(data) > whole and data[:whole] == PDF[:whole]
     files = list(parse.uuencoded_files(b"begin 644 x\n" * 200_000))
     assert len(files) == parse.MAX_PARTS and files[0] == ("x", b"")
+
+
+def test_uuencoded_files_in_many_bodies_count_against_one_bound_for_the_mail(tmp_path):
+    """A reviewer's find: 50 text parts of 1,000 empty uuencoded files each made 50,000 attachments from 1 MB."""
+    body = b"begin 644 a.pdf\r\nend\r\n" * 1000
+    parts = b"".join(b"--B\r\nContent-Type: text/plain\r\n\r\n" + body for _ in range(50))
+    top = ENVELOPE + b"From: alice@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+    raw = top + parts + b"--B--\r\n"
+    with pytest.raises(ParseError, match="more than 1,000 parts"):
+        summary(raw, tmp_path)
+    assert len(list((tmp_path / "attachments").iterdir())) <= parse.MAX_PARTS
 
 
 def test_hostile_headers_over_smtp_end_in_one_typed_run_each_and_a_digest_where_one_is_due(service_factory):

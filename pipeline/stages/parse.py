@@ -87,21 +87,20 @@ def _parse(raw: bytes, max_depth: int) -> EmailMessage:
     try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
         return BytesParser(policy=DEFAULT).parsebytes(raw)  # type: ignore[return-value]
     except RecursionError as exc:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
-        if not _in_header_parser(exc):
+        if _mime_levels(exc) > max_depth:  # (a deep tree may run out of stack in a part's header parse)
             raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from None
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from exc
 
 
-def _in_header_parser(exc: BaseException) -> bool:
-    """True when ``exc`` was raised inside the email package's header parser (not its MIME parser)."""
-    frame = exc.__traceback__
+def _mime_levels(exc: BaseException) -> int:
+    """How many of the feed parser's frames ``exc`` passed through: about one per multipart level."""
+    frames, frame = 0, exc.__traceback__
     while frame is not None:
-        if frame.tb_frame.f_code.co_filename.endswith("_header_value_parser.py"):
-            return True
+        frames += frame.tb_frame.f_code.co_filename.endswith("feedparser.py")
         frame = frame.tb_next
-    return False
+    return frames
 
 
 def why(exc: BaseException) -> str:
@@ -373,6 +372,8 @@ def extract_attachments(msg: EmailMessage, dest: Path,
             skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
         else:  # the message body
             for uu_name, data in body_files(part):
+                if len(pdfs) + len(skipped) >= MAX_PARTS:  # one bound for the whole mail, not per body
+                    raise ParseError(f"MIME: more than {MAX_PARTS:,} parts (files uuencoded in the body counted)")
                 if data[:5] == b"%PDF-" or uu_name.lower().endswith(".pdf"):
                     pdfs.append(_store_pdf(uu_name, data, len(pdfs), dest, limits.max_attachment_bytes))
                 else:
