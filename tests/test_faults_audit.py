@@ -73,7 +73,9 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part", "scanner_unindented_fold",
                           "forward_in_base64", "auto_replied"}
     assert all(r["value"] == 1.0 for r in cases.values()), cases
-    assert cases["crlf_encoded_from"]["tags"]["typed_reason"] == "malformed_email"
+    # an SMTP mail's From: is only shown, never written into the digest: the hostile one costs nothing
+    assert (cases["crlf_encoded_from"]["tags"]["state"], cases["crlf_encoded_from"]["tags"]["digests"]) == \
+        ("success", 1)
     assert [cases[c]["tags"]["pdfs"] for c in ("scanner_unindented_fold", "forward_in_base64", "auto_replied")] == \
         [1, 1, 1]
     assert figures["wild_mail_pdfs_missed"] == 0 and figures["automatic_mail_answered"] == 0

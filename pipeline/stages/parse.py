@@ -62,6 +62,7 @@ _UNSAFE = re.compile(r"[^\w.\- ]+")
 # RecursionError: comments or quoted strings nested a few hundred deep ("((((...") exhaust the parser's stack.
 HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, RecursionError, email_errors.MessageError)
 NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
+TRACE_HEADERS = frozenset({"return-path", "received"})  # what mail servers add: no sign the sender wrote a mail
 
 
 def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> EmailMessage:
@@ -75,7 +76,7 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
         repaired = repair_header_block(raw)
         if repaired is not None:
             msg = _parse(repaired, max_depth)
-    if not list(msg.keys()):
+    if not [name for name in msg.keys() if name.lower() not in TRACE_HEADERS]:  # the gateway writes Return-Path
         raise ParseError("not an email: no header block (is this raw MIME?)")
     return msg  # type: ignore[return-value]
 

@@ -242,7 +242,8 @@ def _damaged_pdf() -> bytes:
 
 
 def bad_input_messages() -> list[tuple[str, str, bytes]]:
-    """``(case, Message-ID, raw)``: a damaged page, a From: that decodes to CR/LF, a quoted local part."""
+    """``(case, Message-ID, raw)``: a damaged page, a From: that decodes to CR/LF (over SMTP only shown, so the
+    mail is digested to its envelope sender with no header of it copied), a quoted local part."""
     damaged_id, header_id, quoted_id = "<damaged-page@faults.audit>", "<crlf-from@faults.audit>", \
         "<quoted-local@faults.audit>"
     damaged = fx.email_with([("report.pdf", _damaged_pdf())], message_id=damaged_id)
