@@ -261,6 +261,8 @@ class _SmtpHandler:
                           rcpt_options: list[str]) -> str:
         if not self.gateway.recipient_allowed(address):
             return metrics.smtp_reply("RCPT", "550 5.7.1 Recipient domain not accepted here")
+        if len(envelope.rcpt_tos) >= self.gateway.config.max_recipients:  # the client sends the rest again later
+            return metrics.smtp_reply("RCPT", "452 4.5.3 Too many recipients")
         envelope.rcpt_tos.append(address)
         return metrics.smtp_reply("RCPT", "250 OK")
 

@@ -369,3 +369,18 @@ def test_a_failing_data_start_is_answered_before_any_data_and_the_session_goes_o
     finally:
         smtp.close()
     assert sum(service.store.count_runs_by_state().values()) == 1
+
+
+def test_recipients_beyond_max_recipients_get_452_and_the_mail_makes_one_run(service_factory):
+    """RCPT TO had no limit: 4 sessions of 250,000 recipients each held 2.9 GB in serve and its gateway (a
+    prober's find). The 101st recipient gets 452 4.5.3 (RFC 5321: the client sends the rest later); the
+    transaction goes on with the 100 taken."""
+    service = service_factory(max_recipients=100)
+    with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        codes = [smtp.rcpt(f"r{i}@example.com")[0] for i in range(101)]
+        code, reply = smtp.data(fx.email_with([], message_id="<many-rcpt@x>"))
+    assert codes == [250] * 100 + [452] and code == 250, reply
+    [run] = service.store.list_runs()
+    assert len(run.payload["rcpt_tos"]) == 100
