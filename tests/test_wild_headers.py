@@ -162,3 +162,23 @@ def test_hostile_headers_over_smtp_end_in_one_typed_run_each_and_a_digest_where_
     [parse_task] = [t for t in service.store.get_tasks(failed.run_id) if t.task_id == "parse_email"]
     assert parse_task.try_number == 1, parse_task
     assert digested.state == "success", digested.reason
+
+
+def test_a_mail_of_hundreds_of_pdfs_keeps_its_result_small_and_says_how_many_were_left_out(tmp_path):
+    """A prober's find: 300 one-page PDFs with 100-character names (1.7 MB) made a 77 KB parse result, over the
+    store's 64 KB, and the whole run failed bad_output. Now the first PDFs that fit are digested and the digest
+    names how many more were left out; their files are removed."""
+    import json
+
+    from pipeline.store import MAX_INLINE_OUTPUT
+
+    pdf = fx.text_pdf(1)
+    raw = fx.email_with([(f"{i:03d}-" + "n" * 96 + ".pdf", pdf) for i in range(300)])
+    info = summary(raw, tmp_path)
+    assert len(json.dumps(info)) <= parse.RESULT_BUDGET < MAX_INLINE_OUTPUT
+    kept = len(info["attachments"])
+    assert 50 < kept < 300 and [a["name"][:3] for a in info["attachments"]] == [f"{i:03d}" for i in range(kept)]
+    assert info["skipped"][-1] == {"name": f"{300 - kept} more PDF(s)", "reason": f"not digested: the first {kept} "
+                                   f"PDFs' names fill the {parse.RESULT_BUDGET // 1024} KB a mail's list of PDFs "
+                                   "may take"}
+    assert len(list((tmp_path / "attachments").iterdir())) == kept

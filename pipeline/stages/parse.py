@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -56,6 +57,9 @@ from .mime_repair import (
 
 MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
+# bytes of JSON the parse's result may take: under the store's MAX_INLINE_OUTPUT (64 KB), with room to spare.
+# A mail of 300 PDFs with 100-character names (1.7 MB) made a 77 KB result, and the run failed bad_output
+RESULT_BUDGET = 48 * 1024
 _UNSAFE = re.compile(r"[^\w.\- ]+")
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
 # decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
@@ -411,7 +415,7 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
     envelope = return_path(msg)
     sender, name = header_sender(msg, envelope)
     pdfs, skipped = extract_attachments(msg, work_dir / "attachments", limits)
-    return {
+    return fit_result({
         "subject": clean_header(read_header(msg, "Subject")),
         "from": sender,
         "from_name": name,
@@ -420,7 +424,37 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
         "attachments": pdfs,
         "skipped": skipped,
         "automated": automated(msg),  # machine-made or list mail: see autoreply (None for a person's mail)
-    }
+    })
+
+
+def fit_result(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with as many of its PDFs (in the mail's order) and listed parts as fit ``RESULT_BUDGET``; the rest
+    are named in one entry each of ``skipped``, so the digest says how many were left out and why. The files of
+    PDFs left out are removed."""
+    if len(json.dumps(info)) <= RESULT_BUDGET:
+        return info
+    room = RESULT_BUDGET - len(json.dumps({**info, "attachments": [], "skipped": []})) - 600  # the two notes
+    pdfs, left_out = _fitting(info["attachments"], room)
+    room -= len(json.dumps(pdfs))
+    skipped, unlisted = _fitting(info["skipped"], room)
+    for item in left_out:
+        if item.get("path"):
+            Path(item["path"]).unlink(missing_ok=True)
+    if left_out:
+        skipped.append({"name": f"{len(left_out)} more PDF(s)", "reason": f"not digested: the first {len(pdfs)} "
+                        f"PDFs' names fill the {RESULT_BUDGET // 1024} KB a mail's list of PDFs may take"})
+    if unlisted:
+        skipped.append({"name": f"{len(unlisted)} more part(s)", "reason": "not PDFs (too many to list one by one)"})
+    return {**info, "attachments": pdfs, "skipped": skipped}
+
+
+def _fitting(items: list[dict[str, Any]], room: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the first ``items`` whose JSON fits ``room`` bytes, the rest)."""
+    for n, item in enumerate(items):
+        room -= len(json.dumps(item)) + 2
+        if room < 0:
+            return items[:n], items[n:]
+    return items, []
 
 
 def wrap_pdf(pdf: bytes, filename: str, sender: str = "ingest@localhost") -> bytes:
