@@ -139,24 +139,21 @@ def test_a_free_worker_serves_the_document_holding_the_fewest_workers():
     assert _take(queue) == (small, "small0")  # big still holds one worker, small none
     queue.finish(big, "big1", 0.1, reply={})
     queue.submit(later := _Pages("later", 1))
-    assert _take(queue) == (later, "later0")  # both hold none: the one that has had less worker time
-    assert _take(queue) == (big, "big2")
-    queue.finish(later, "later0", 0.3, reply={})
-    queue.submit(last := _Pages("last", 1))
-    assert _take(queue) == (last, "last0")  # big holds one, last none
+    assert _take(queue) == (big, "big2")  # both hold none, neither has had LONG_JOB_S: the older document
+    assert _take(queue) == (later, "later0")  # big holds one now
 
 
 def test_a_newcomer_goes_before_long_documents_that_each_hold_no_lane_between_slices():
     """A prober's find: with as many long documents as lanes, the tie went to the oldest, so a 2-page PDF
-    waited 97 s behind six dense ones. Between slices each long one holds no lane; the newcomer, with no worker
-    time yet, takes the next free lane."""
+    waited 97 s behind six dense ones. Between slices each long one holds no lane; the newcomer, with under
+    LONG_JOB_S of worker time, takes the next free lane (short documents keep their order: mean latency)."""
     queue = FairQueue(lanes=2)
     longs = [_Pages(f"long{i}", 50, max_workers=2) for i in range(3)]
     for job in longs:
         queue.submit(job)
-    for _ in range(6):  # every long document has had slices
+    for _ in range(6):  # every long document has had slices, over LONG_JOB_S of worker time
         job, chunk = _take(queue)
-        queue.finish(job, chunk, 1.0, reply={})
+        queue.finish(job, chunk, 3.0, reply={})
     queue.submit(small := _Pages("small", 1))
     assert _take(queue) == (small, "small0")
 
