@@ -50,7 +50,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import liveness, metrics, tracing
 from . import store as s
@@ -66,6 +66,17 @@ from .timers import Timers
 log = logging.getLogger(__name__)
 MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
 MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs succeed, then it fails task_io
+
+
+class _MachineWait(NamedTuple):
+    """A run requeued because the machine was short of something: its last break, why, and the engine's count of
+    successful runs at its first and its last break."""
+
+    at: float
+    why: str
+    successes_first: int
+    successes_last: int
+    breaks: int
 
 
 class WorkflowEngine:
@@ -94,8 +105,7 @@ class WorkflowEngine:
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
-        # run requeued for the machine -> (its last break, why, successes at its first break, at its last, breaks)
-        self._machine_short: dict[int, tuple[float, str, int, int, int]] = {}
+        self._machine_short: dict[int, _MachineWait] = {}  # run requeued for the machine -> its wait
         self._successes = 0  # runs that ended in success
 
     # -- health -------------------------------------------------------------------
@@ -118,9 +128,9 @@ class WorkflowEngine:
             return None
         with self._cond:
             horizon = time.monotonic() - MACHINE_FRESH_S
-            for run_id in [r for r, wait in self._machine_short.items() if wait[0] <= horizon]:
+            for run_id in [r for r, wait in self._machine_short.items() if wait.at <= horizon]:
                 del self._machine_short[run_id]  # (a run another engine finished is never forgotten otherwise)
-            fresh = sorted((at, why) for at, why, _, last, _ in self._machine_short.values() if last == self._successes)
+            fresh = sorted((w.at, w.why) for w in self._machine_short.values() if w.successes_last == self._successes)
         if not fresh:
             return None
         return f"tasks fail for the machine ({len(fresh)} run(s) wait for it): {fresh[-1][1]}"
@@ -452,8 +462,8 @@ class WorkflowEngine:
         """Record a break for the machine (under ``_cond``); True once the run has waited MACHINE_PATIENCE breaks
         while other runs succeeded: the machine has room for them, not for it."""
         seen = self._machine_short.get(run_id)
-        first, breaks = (seen[2], seen[4] + 1) if seen else (self._successes, 1)
-        self._machine_short[run_id] = (time.monotonic(), why, first, self._successes, breaks)
+        first, breaks = (seen.successes_first, seen.breaks + 1) if seen else (self._successes, 1)
+        self._machine_short[run_id] = _MachineWait(time.monotonic(), why, first, self._successes, breaks)
         return breaks >= MACHINE_PATIENCE and self._successes > first
 
     def _settle(self, run_id: int) -> None:

@@ -277,10 +277,15 @@ class MachineShortError(TaskIOError):
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
 
 
+def task_io_class(exc: OSError) -> type[TaskIOError]:
+    """The typed error class for an OS error ``exc`` a task let through: MachineShortError for a machine short
+    of something (MACHINE_ERRNOS), TaskIOError for any other."""
+    return MachineShortError if exc.errno in MACHINE_ERRNOS else TaskIOError
+
+
 def task_io_error(message: str, exc: OSError) -> TaskIOError:
-    """The typed error for an OS error ``exc`` a task let through: MachineShortError for a machine short of
-    something (MACHINE_ERRNOS), TaskIOError for any other."""
-    return (MachineShortError if exc.errno in MACHINE_ERRNOS else TaskIOError)(message)
+    """``task_io_class(exc)`` with ``message``."""
+    return task_io_class(exc)(message)
 
 
 class StepError(PipelineError):

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
-from ..errors import IngestError, ParseError, PdfTooLargeError, PipelineError, WorkerCrashedError, task_io_error
+from ..errors import IngestError, ParseError, PdfTooLargeError, PipelineError, WorkerCrashedError, task_io_class
 from .parse import summarize_message
 from .pdf_text import OpenDocuments, extract_text
 from .worker_errors import MEMORY_EVIDENCE as MEMORY_EVIDENCE
@@ -470,7 +470,7 @@ def _answer(line: str, memory_limit: int, documents: OpenDocuments) -> dict[str,
     except OSError as exc:  # the disk, not the document (PDFium and pypdf raise their own errors for those):
         # the spool file, the attachments' folder, the PDF or its text file; retryable, the disk may have room
         # by the next try, and the sender is not told the PDF could not be read
-        return _error_reply(type(task_io_error("", exc)).__name__, f"{doing}: {type(exc).__name__}: {exc}"[:500])
+        return _error_reply(task_io_class(exc).__name__, f"{doing}: {type(exc).__name__}: {exc}"[:500])
     except Exception as exc:  # engine errors are CorruptPdfError already; this is a bug or the disk (the text file)
         traceback.print_exc()
         # an unexpected error of the parse stays untyped (retryable), as it was in the pipeline process

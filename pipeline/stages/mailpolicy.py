@@ -34,8 +34,11 @@ class ReusedHeaderClasses(HeaderRegistry):
         super().__init__(*args, **kwargs)
         self._made: dict[type, type[BaseHeader]] = {}
 
+    def _kind(self, name: str) -> type:
+        return self.registry.get(name.lower(), self.default_class)
+
     def __getitem__(self, name: str) -> type[BaseHeader]:
-        kind = self.registry.get(name.lower(), self.default_class)
+        kind = self._kind(name)
         made = self._made.get(kind)
         if made is None:  # two threads may both make it: either class is right, the last one stays
             made = self._made[kind] = super().__getitem__(name)
@@ -43,7 +46,7 @@ class ReusedHeaderClasses(HeaderRegistry):
 
     def __call__(self, name: str, value: Any) -> BaseHeader:
         if isinstance(value, str) and len(value) > MAX_HEADER_CHARS:  # set values may be Address objects
-            if not issubclass(self.registry.get(name.lower(), self.default_class), UnstructuredHeader):
+            if not issubclass(self._kind(name), UnstructuredHeader):
                 raise HeaderTooLongError(f"{len(value):,} characters long, over the {MAX_HEADER_CHARS:,} a parsed "
                                          "header may have")
             value = value[:MAX_HEADER_CHARS]
