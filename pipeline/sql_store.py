@@ -274,8 +274,29 @@ class SqlRunStore(DAGRunStore):
             cur = conn.execute(f"UPDATE runs SET state = ?, reason = ?, ended_at = ? WHERE run_id = ? AND {where}",
                                (state, reason, now, run_id, *extra))
             if cur.rowcount:
+                if state == s.FAILED:
+                    self._close_tasks(conn, run_id, reason or "failed", now)
                 conn.execute(EVENT + ") VALUES (?, '', 0, ?, ?)", (run_id, state, now))
             return int(cur.rowcount)
+
+    @staticmethod
+    def _close_tasks(conn: Connection, run_id: int, reason: str, now: float) -> None:
+        """End the task rows a failed run leaves open, so ``show`` never lists a task of a finished run as running.
+
+        A runner fails its run only once every task is final; the engine fails a run its runner left mid-task (a
+        bookkeeping error past its requeues, a task short of disk that alone does not fit): the task it was on
+        takes the run's reason, and a task not yet started is ``upstream_failed``."""
+        kind, _, message = reason.partition(": ")
+        opened = "state IN ('running', 'retrying')"
+        conn.execute(EVENT + f") SELECT run_id, task_id, try_number, 'failed', ? FROM task_runs "
+                     f"WHERE run_id = ? AND {opened}", (now, run_id))
+        conn.execute(f"UPDATE task_runs SET state = 'failed', ended_at = ?, error_type = ?, error_message = ? "
+                     f"WHERE run_id = ? AND {opened}", (now, kind, message or reason, run_id))
+        conn.execute(EVENT + ") SELECT run_id, task_id, try_number, 'upstream_failed', ? FROM task_runs "
+                     "WHERE run_id = ? AND state = 'queued'", (now, run_id))
+        conn.execute("UPDATE task_runs SET state = 'upstream_failed', ended_at = ?, error_type = 'upstream_failed', "
+                     "error_message = ? WHERE run_id = ? AND state = 'queued'",
+                     (now, f"not started: the run failed ({reason[:200]})", run_id))
 
     @retried
     def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:

@@ -152,6 +152,8 @@ def test_a_run_that_alone_does_not_fit_fails_task_io_while_the_others_succeed(st
     run = store.get_run(big)
     assert run.state == "failed" and run.reason.startswith("task_io: MachineShortError"), run.reason
     assert "other runs succeeded meanwhile" in run.reason and "No space left on device" in run.reason
+    [task] = store.get_tasks(big)  # the task it broke on takes the run's reason, never left "running"
+    assert (task.state, task.error_type) == ("failed", "task_io") and "No space left" in task.error_message
     assert all(store.get_run(r).state == "success" for r in small) and len(small) >= MACHINE_PATIENCE - 1
     assert engine.healthy
 

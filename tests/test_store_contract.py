@@ -253,6 +253,28 @@ def test_the_event_history_keeps_why_a_retried_try_failed(contract_store, store_
     assert events(store_config, run.run_id, "t") == ["queued", "running", "retrying", "running", "success"]
 
 
+def test_failing_a_run_mid_task_closes_its_open_tasks(contract_store, store_config):
+    """The engine fails a run its runner left mid-task (bookkeeping broken past its requeues, a task short of
+    disk that alone does not fit): ``show`` must not list a task of that finished run as running or queued."""
+    run = contract_store.create_run("wf", {})[0]
+    contract_store.claim_next_run("me")
+    contract_store.create_tasks(run.run_id, ["done", "busy", "later"])
+    contract_store.record_transitions([Transition(run.run_id, "done", "running", 1, 1.0),
+                                       Transition(run.run_id, "done", "success", 1, 2.0),
+                                       Transition(run.run_id, "busy", "running", 2, 3.0)])
+    reason = "task_io: MachineShortError: [Errno 28] No space left on device"
+    assert contract_store.finish_run(run.run_id, "failed", reason, now=9.0, owner="me") == 1
+    tasks = {t.task_id: t for t in contract_store.get_tasks(run.run_id)}
+    assert (tasks["done"].state, tasks["done"].ended_at) == ("success", 2.0)
+    busy, later = tasks["busy"], tasks["later"]
+    assert (busy.state, busy.try_number, busy.ended_at, busy.error_type) == ("failed", 2, 9.0, "task_io")
+    assert busy.error_message == "MachineShortError: [Errno 28] No space left on device"
+    assert (later.state, later.error_type, later.ended_at) == ("upstream_failed", "upstream_failed", 9.0)
+    assert later.error_message == f"not started: the run failed ({reason})"
+    assert events(store_config, run.run_id, "busy")[-1] == "failed"
+    assert events(store_config, run.run_id, "later")[-1] == "upstream_failed"
+
+
 @pytest.mark.parametrize("final", ["success", "failed"])
 def test_finished_run_keeps_its_state_reason_and_end(contract_store, store_config, final):
     run = contract_store.create_run("wf", {})[0]
