@@ -18,8 +18,10 @@
 # reasons in `pipeline.errors`. Faults: `kill -9` of serve mid-burst (restarted at once), `kill -9` of a busy
 # extraction worker, the run store locked by another process, serve's gateway process hung (stopped with
 # SIGSTOP; serve kills and restarts it after `[serve] gateway_hung_after_s`, shortened here), the data dir's disk full (a tmpfs; skipped
-# with the reason where it cannot be mounted), only the work dir's disk full (mails are acked; their runs must
-# wait for room, not fail), and bad input (a damaged page, a From: decoding to CR/LF, a
+# with the reason where it cannot be mounted), only the work dir's disk full (senders keep sending for a few
+# seconds: the first mails are acked and their runs must wait for room, not fail; once the engine sees the machine
+# short it is unhealthy and later mails get 451 until there is room: *4xx after s* is how long the gateway acked
+# mail before that), and bad input (a damaged page, a From: decoding to CR/LF, a
 # quoted local part, and mail as real clients write it: a scanner's Subject folded without indent, a forward in
 # base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
 # whose relay routes every digest back to its own gateway, watched until no run is added. Last, relays as they

@@ -61,6 +61,10 @@ def test_a_full_work_disk_fails_no_acked_run_and_every_mail_gets_its_digest(tmp_
     figures = _figures(rows, "work_disk_full")
     assert figures["acked"] == 10 and figures["lost"] == 0 and figures["duplicated"] == 0
     assert figures["failed_runs"] == 0 and figures["missing_digests"] == 0  # all failed task_io before
+    # the mails sent once the engine saw the machine short were refused (451), then acked once there was room
+    replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
+    assert replies.get("451", 0) >= 1 and figures["refused_after_s"] > 0, (replies, figures)
+    assert 1 <= figures["acked_while_full"] < 10
     assert not _no_children_left(before)
 
 

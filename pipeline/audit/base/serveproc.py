@@ -334,6 +334,11 @@ class Replies:
                 out.setdefault(mid, at)
         return out
 
+    @property
+    def acked_events(self) -> list[float]:
+        """Wall time of every 250."""
+        return [at for _, reply, at in self.events if reply == "250"]
+
     def counts(self) -> Counter[str]:
         """How often each reply was seen."""
         return Counter(reply for _, reply, _ in self.events)
@@ -408,6 +413,11 @@ class Senders:
     def wait_replies(self, count: int, timeout_s: float = 600.0) -> int:
         """Wait until senders logged ``count`` replies of any kind (or finished); return how many they logged."""
         return self._wait_for(lambda replies: len(replies.events), count, timeout_s)
+
+    def wait_refused(self, timeout_s: float = 600.0) -> float | None:
+        """Wait until a sender logged a reply other than 250 (or every sender finished); return its wall time."""
+        self._wait_for(lambda replies: len(replies.events) - len(replies.acked_events), 1, timeout_s)
+        return next((at for _, reply, at in self.replies().events if reply != "250"), None)
 
     def _wait_for(self, measure: Callable[[Replies], int], count: int, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s

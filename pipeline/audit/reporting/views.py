@@ -426,11 +426,13 @@ def code_quality_tables(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 _FAULT_FIGURES = {"sent": "sent", "acked": "acked (250)", "lost": "lost", "duplicated": "duplicated",
-                  "untyped": "untyped", "recover_s": "recover s", "drain_s": "drain s"}
+                  "untyped": "untyped", "failed_runs": "failed runs", "refused_after_s": "4xx after s",
+                  "recover_s": "recover s", "drain_s": "drain s"}
 
 
 def fault_table(m: pd.DataFrame) -> pd.DataFrame:
-    """Per fault: sent, acked, lost, duplicated, untyped, time to recover and drain, what senders saw, and a note
+    """Per fault: sent, acked, lost, duplicated, untyped, failed runs, how long the gateway acked mail before
+    refusing it (a disk full under the work dir), time to recover and drain, what senders saw, and a note
     (why a fault was skipped, or why its harness failed)."""
     r = rows(m, "faults")
     if r.empty:
@@ -451,7 +453,7 @@ def fault_table(m: pd.DataFrame) -> pd.DataFrame:
                                     zip(notes.metric, notes.get("reason", [""] * len(notes)), strict=True))
         out.append(figures)
     table = pd.DataFrame(out)
-    counts = ["sent", "acked (250)", "lost", "duplicated", "untyped"]
+    counts = ["sent", "acked (250)", "lost", "duplicated", "untyped", "failed runs"]
     table[counts] = table[counts].round().astype("Int64")  # message counts print as 1000, not 1e+03
     return table
 

@@ -306,25 +306,29 @@ def _fill(path: Path) -> int:
 
 def disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 5.0, size_mb: int = 48,
               timeout_s: float = 300.0) -> Rows:
-    """Serve on a small tmpfs filled with ballast while senders send; remove the ballast after ``full_s``."""
+    """Serve on a small tmpfs filled with ballast while senders send; remove the ballast ``full_s`` after the
+    first refusal (the spool is full: the first mail is refused)."""
     mount = work / "disk"
     return _on_full_disk("disk_full", mount, mount / "data", work, messages, senders, full_s, size_mb, timeout_s)
 
 
 def work_disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 5.0, size_mb: int = 16,
-                   timeout_s: float = 300.0) -> Rows:
+                   timeout_s: float = 300.0, span_s: float = 8.0) -> Rows:
     """Only serve's work dir (``data/work``: attachments, text, digests) on a small tmpfs filled with ballast:
-    the spool has room, so mails are acked, and their runs must wait for room, not fail (they all failed
-    ``task_io`` for good before, with serve healthy)."""
+    the spool has room, so the first mails are acked, and their runs must wait for room, not fail (they all
+    failed ``task_io`` for good before, with serve healthy). Senders keep sending for ``span_s``, so the mails
+    after the engine saw the machine short are refused with 451 (*refused after s*: how long the gateway acked
+    mail before that); the ballast is removed ``full_s`` after the first refusal."""
     data_dir = work / "data"
     return _on_full_disk("work_disk_full", data_dir / "work", data_dir, work, messages, senders, full_s, size_mb,
-                         timeout_s)
+                         timeout_s, span_s)
 
 
 def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages: int, senders: int, full_s: float,
-                  size_mb: int, timeout_s: float) -> Rows:
-    """Serve on ``data_dir`` with a tmpfs of ``size_mb`` on ``mount`` filled with ballast while senders send;
-    the ballast is removed ``full_s`` after the first reply senders see."""
+                  size_mb: int, timeout_s: float, span_s: float = 0.0) -> Rows:
+    """Serve on ``data_dir`` with a tmpfs of ``size_mb`` on ``mount`` filled with ballast while senders send
+    (spread over ``span_s``); the ballast is removed ``full_s`` after the first refusal senders see, or after
+    they all finished if none came."""
     mount.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
                              capture_output=True, text=True)
@@ -334,8 +338,10 @@ def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages:
         with serving(data_dir, work) as serve:
             ballast = mount / "ballast"
             _fill(ballast)
-            with Senders(serve.port, burst_messages(fault, messages), work, senders) as sending:
-                sending.wait_replies(1, timeout_s)  # the fault lasts full_s from the first reply senders see
+            filled = time.time()
+            gap = span_s * senders / messages
+            with Senders(serve.port, burst_messages(fault, messages), work, senders, gap_s=gap) as sending:
+                refused = sending.wait_refused(timeout_s)
                 time.sleep(full_s)
                 ballast.unlink()
                 removed = time.time()
@@ -345,8 +351,12 @@ def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages:
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    acked_full = sum(filled <= at < removed for at in replies.acked_events)
+    first = replies.events[0][2] if replies.events else removed
     return figures(fault, verdict, replies, removed, size_mb=size_mb, full_s=full_s) + [
-        row(fault, "partial_spool_files", leftovers, "files", 0)]
+        row(fault, "partial_spool_files", leftovers, "files", 0),
+        row(fault, "acked_while_full", acked_full, "messages", 0),  # each must still end in exactly one run
+        *([row(fault, "refused_after_s", refused - first, "s", 0, to="first refusal")] if refused else [])]
 
 
 def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
