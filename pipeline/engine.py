@@ -59,6 +59,7 @@ from .dag import DAG
 from .errors import MachineShortError, PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
 from .executors import Executors, init_pool_worker
 from .health import LoopHealth, backoff_s, one_line
+from .housekeeping import shed_run_files
 from .runner import DAGRunner
 from .store import DAGRunStore, Run, RunTakenOver
 from .timers import Timers
@@ -397,7 +398,13 @@ class WorkflowEngine:
                 self._forget(run_id)
             self._wake = True
             self._cond.notify_all()
+        if state != s.QUEUED:
+            self._shed(run_id)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=state)
+
+    def _shed(self, run_id: int) -> None:
+        """An ended run's attachments and text are of no more use: free their disk now, not at purge."""
+        shed_run_files(Path(self.settings.data_dir) / "work" / str(run_id))
 
     # -- runs whose bookkeeping failed ------------------------------------------------
 
@@ -495,6 +502,7 @@ class WorkflowEngine:
             return
         if reason is not None:
             metrics.run_finished(s.FAILED, reason)
+            self._shed(run_id)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=s.QUEUED if reason is None else s.FAILED)
 
     def _heartbeat_loop(self) -> None:

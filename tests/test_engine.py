@@ -292,3 +292,31 @@ def test_shutdown_while_last_task_finishes_completes_the_run(store, make_engine)
     threading.Timer(0.2, gate.set).start()
     engine.shutdown(grace_s=5)
     assert store.get_run(run_id).state == "success"  # finished inside the grace period: not requeued
+
+
+def _leave_files(ctx):
+    """Write what a digest run leaves in its work dir: attachments, extracted text, the digest's JSON."""
+    from pathlib import Path
+
+    work = Path(ctx.work_dir)
+    for sub, name in (("attachments", "a.pdf"), ("text", "000-a.txt")):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        (work / sub / name).write_bytes(b"x" * 1000)
+    (work / "digest.json").write_text("{}")
+    if ctx.payload.get("fail"):
+        raise ValueError("this document is bad")
+    return str(work)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["success", "failed"])
+def test_an_ended_run_sheds_its_attachments_and_text_but_keeps_its_digest(store, make_engine, fail):
+    """A prober's find: a 4.3 MB mail of dense PDFs left 483 MB of extracted text under work/ until purge, so a
+    few such mails filled the disk. Once the run has ended nothing reads them (a rerun starts from the spool)."""
+    from pathlib import Path
+
+    engine = make_engine(DAG("files", [Task("w", _leave_files)]))
+    run = engine.wait(engine.trigger("files", {"fail": fail}).run_id, timeout=30)
+    work = Path(engine.settings.data_dir) / "work" / str(run.run_id)
+    assert run.state == ("failed" if fail else "success")
+    assert wait_until(lambda: not (work / "text").exists() and not (work / "attachments").exists())
+    assert (work / "digest.json").exists()  # small, and what purge reports on; purge takes it

@@ -8,6 +8,7 @@ the run store opened read-only-ish, and the Maildir outbox.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import sqlite3
@@ -189,6 +190,24 @@ def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | 
     return run_id, [{"task_id": t, "state": state, "try_number": tries, "error_type": error,
                      "events": " ".join(f"{e}@{n}" for i, e, n in events if i == t)}
                     for t, state, tries, error in tasks]
+
+
+def attachment_files(data_dir: Path, run_id: int) -> set[str]:
+    """File names of the attachments ``run_id``'s parse stored (as a worker's death names its document), from the
+    store's parse_email result: the files themselves are deleted once the run has ended."""
+    try:
+        db = sqlite3.connect(f"file:{Path(data_dir) / 'runs.sqlite3'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return set()
+    try:
+        found = db.execute("SELECT output FROM task_runs WHERE run_id = ? AND task_id = 'parse_email'",
+                           (run_id,)).fetchone()
+    except sqlite3.Error:
+        return set()
+    finally:
+        db.close()
+    parsed = json.loads(found[0]) if found and found[0] else {}
+    return {Path(a["path"]).name for a in parsed.get("attachments", []) if a.get("path")}
 
 
 _WORKER_DIED = re.compile(r"extraction worker (\d+) died on (\S+) \((\w+):")

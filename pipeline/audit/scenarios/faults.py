@@ -29,6 +29,7 @@ from ..base.fakerelay import DROP, Relay, running
 from ..base.faultcheck import (
     TERMINAL_RUN_STATES,
     Rows,
+    attachment_files,
     bad_input_messages,
     burst_messages,
     case_outcomes,
@@ -123,19 +124,19 @@ def kill_worker(work: Path, pdf: Path, timeout_s: float = 300.0) -> Rows:
         rows.append(row("kill_worker", "victim_ended_s", ended - killed_at, "s", 0, to="the victim's run ended"))
     rows.append(row("kill_worker", "victim_worker_mid_document", 1.0, "bool", 0, pid=victim.pid, run_id=run_id,
                     **evidence))
-    rows += _victim_rows(serve.data_dir / "work" / str(run_id), victim.pid, tasks, seen_errors, log_text, retries)
+    rows += _victim_rows(attachment_files(serve.data_dir, run_id), victim.pid, tasks, seen_errors, log_text, retries)
     rows.append(row("kill_worker", "victim_run_typed", float(victim_case.pop("typed")), "bool", 0, **victim_case))
     rows.append(row("kill_worker", "next_pdf_succeeded", float(follow["state"] == s.SUCCESS), "bool", 0,
                     workers_after=len(workers), victim_replaced=victim.pid not in workers and bool(workers)))
     return rows
 
 
-def _victim_rows(run_dir: Path, pid: int, tasks: list[dict[str, Any]], seen_errors: set[str], log_text: str,
+def _victim_rows(documents: set[str], pid: int, tasks: list[dict[str, Any]], seen_errors: set[str], log_text: str,
                  retries: list[str]) -> Rows:
-    """Whether serve's log says the killed pid died on this run's document, and each ingest_pdf instance's tries
-    and events as the store has them."""
+    """Whether serve's log says the killed pid died on one of this run's ``documents``, and each ingest_pdf
+    instance's tries and events as the store has them."""
     died = worker_deaths(log_text).get(pid)
-    served = died is not None and (run_dir / "attachments" / died[0]).exists()
+    served = died is not None and died[0] in documents
     rows = [row("kill_worker", "killed_worker_served_victim", float(served), "bool", 0, pid=pid,
                 logged=f"died on {died[0]} ({died[1]})" if died else "no death logged for this pid")]
     return rows + [row("kill_worker", "victim_task_try_number", t["try_number"], "tries", i, task=t["task_id"],
