@@ -94,11 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _path_given(text: str) -> Path:
+    """A path option's value; an empty one (``--data-dir "$DATA"`` with DATA unset) is refused: as a path it is
+    the current directory, and the store, spool and outbox would be written there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?) would mean the current directory")
+    return Path(text)
+
+
 def _global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
     """Add --data-dir, --config and -v; a SUPPRESS default lets them follow the command without hiding them."""
-    parser.add_argument("--data-dir", type=Path, default=default,
+    parser.add_argument("--data-dir", type=_path_given, default=default,
                         help="where the run store, spool and outbox live (default: data)")
-    parser.add_argument("--config", type=Path, default=default,
+    parser.add_argument("--config", type=_path_given, default=default,
                         help="TOML settings file (sections: store, gateway, ingest, executor, ...)")
     parser.add_argument("--store-url", default=default, metavar="postgresql://USER@HOST/DB",
                         help="keep runs in this PostgreSQL database (extra [postgres]) instead of the "
@@ -173,12 +181,27 @@ def open_store(args: argparse.Namespace, create: bool = False) -> s.DAGRunStore:
 def existing_store(args: argparse.Namespace) -> Iterator[s.DAGRunStore | None]:
     """Yield the run store if it exists, else None (creating nothing); close it on leaving."""
     config = settings_from(args).store
-    # nothing has run here yet: an empty store, not an error (issue 10)
-    if not config.is_postgres and not config.path.exists():
+    if nothing_ran_yet(config):  # an empty store, not an error (issue 10)
         yield None
         return
     with _open_for_reading(config) as store:
         yield store
+
+
+def nothing_ran_yet(config: StoreConfig) -> bool:
+    """True for a SQLite store that is absent or an empty file with no WAL (``touch``, a restore that failed):
+    a read command shows it empty and writes nothing into it (it used to write a whole schema into the file)."""
+    if config.is_postgres:
+        return False
+    try:
+        if config.path.stat().st_size:
+            return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # opening it says why
+    wal = Path(f"{config.path}-wal")  # a new store's schema may sit in its WAL before a checkpoint
+    return not wal.exists() or wal.stat().st_size == 0
 
 
 def _open_for_reading(config: StoreConfig) -> s.DAGRunStore:
@@ -222,7 +245,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from . import housekeeping
 
-    print(housekeeping.purge(settings_from(args), args.older_than).summary())
+    settings = settings_from(args)
+    if nothing_ran_yet(settings.store):  # a fresh install's purge job has nothing to do, and is no error
+        print(f"purged 0 run(s): no run store at {settings.store.path} yet (nothing has run)")
+        return 0
+    print(housekeeping.purge(settings, args.older_than).summary())
     return 0
 
 

@@ -457,6 +457,8 @@ def load_settings(path: Path | None = None, data_dir: Path | str | None = None, 
     """
     source = str(path) if path is not None else ""
     raw = _read_toml(path) if path is not None else {}
+    if isinstance(raw.get("data_dir"), str) and not raw["data_dir"].strip():  # as a Path, "" is "."
+        raise ConfigurationError(f"{source}: data_dir is empty: it would mean the current directory; give a path")
     file_dir = _checked(raw.pop("data_dir"), Path, f"{source}: data_dir") if "data_dir" in raw else None
     settings = Settings.for_data_dir(data_dir or file_dir or "data")
     for section, values in raw.items():

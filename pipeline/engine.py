@@ -108,6 +108,8 @@ class WorkflowEngine:
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
         self._machine_short: dict[int, _MachineWait] = {}  # run requeued for the machine -> its wait
         self._successes = 0  # runs that ended in success
+        # None: claim any queued run; a set: only these (``ingest`` runs its own runs, never a serve's backlog)
+        self.claim_only: set[int] | None = None
 
     # -- health -------------------------------------------------------------------
 
@@ -270,6 +272,14 @@ class WorkflowEngine:
 
     # -- threads ----------------------------------------------------------------
 
+    def claim_also(self, run_id: int) -> None:
+        """With ``claim_only`` set: let the dispatcher claim this run too, now."""
+        with self._cond:
+            assert self.claim_only is not None, "claim_also is for an engine limited by claim_only"
+            self.claim_only.add(run_id)
+            self._wake = True
+            self._cond.notify_all()
+
     def wake(self) -> None:
         """Look for queued runs now (after runs were queued behind the engine's back)."""
         with self._cond:
@@ -335,7 +345,8 @@ class WorkflowEngine:
                 free = self.settings.engine.max_active_runs - len(self._active)
                 if self._stopping or free <= 0 or self._hold_s():
                     return started, None
-            runs = self.store.claim_runs(self.owner, min(free, self.settings.engine.claim_batch))
+                only = None if self.claim_only is None else set(self.claim_only)
+            runs = self.store.claim_runs(self.owner, min(free, self.settings.engine.claim_batch), only=only)
             if not runs:
                 with self._cond:
                     self._not_before.clear()  # all were due, and none is queued here any more

@@ -158,6 +158,14 @@ class StartupError(PipelineError):
     retryable = False
 
 
+class RunNotFinishedError(PipelineError):
+    """A run ``ingest`` made did not end while it waited (its time ran out, or the engine stayed unhealthy). The run
+    stays in the store, and a serve on the same data dir finishes it."""
+
+    reason = "not_finished"
+    retryable = False
+
+
 class SpoolError(PipelineError):
     """A message could not be written durably to the spool; ``disk_full`` is set when the disk is full."""
 

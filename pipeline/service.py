@@ -45,7 +45,7 @@ from . import metrics
 from .config import Settings
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
-from .errors import ConfigurationError, StartupError
+from .errors import ConfigurationError, PipelineError, RunNotFinishedError, StartupError
 from .gateway import EmailGateway
 from .gatewayprocess import GatewayProcess
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
@@ -106,13 +106,14 @@ class PipelineService:
                                           settings.gateway) if self.listen and settings.gateway.drop_folder else None
             opened.pop_all()  # all opened: stop() closes them from now on
 
-    def start(self, run_workers: bool = True, gateway_process: bool = False) -> PipelineService:
+    def start(self, run_workers: bool = True, gateway_process: bool = False, reconcile: bool = True) -> PipelineService:
         """Reconcile the spool, bind the SMTP port, then start the engine and the drop folder.
 
         ``run_workers=False`` (or the gateway role) only accepts and queues; the workers role neither
         reconciles nor listens. ``gateway_process`` (the full role only) binds the port here and starts
         the gateway, which reconciles and watches the drop folder too, in a child process. Raises a
         ``PipelineError`` (``StartupError`` for a port in use) after closing everything this service opened.
+        ``reconcile=False`` (``ingest``) leaves the spool's lost messages to serve.
         """
         run_workers = run_workers and self.role != GATEWAY
         in_child = gateway_process and self.listen and self.role == ALL
@@ -120,7 +121,7 @@ class PipelineService:
             with _as_startup_error("cannot start"):
                 if in_child:  # bound here, before the engine claims anything: a taken port changes nothing
                     self.gateway_process = GatewayProcess(self.settings, lambda: self.engine.health_problem).bind()
-                elif self.role != WORKERS:  # the spool is the gateways' side: they make its lost messages runs
+                elif self.role != WORKERS and reconcile:  # the gateways' side: they make its lost messages runs
                     self.reconcile_spool()
                 if self.listen and not in_child:
                     self.gateway.start(self.sockets)  # bind before the engine claims anything (as above)
@@ -347,26 +348,86 @@ def _stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0) -> list[int]:
+INGEST_UNHEALTHY_S = 30.0  # ingest gives up on an engine unhealthy this long: its user waits, serve would not
+
+
+def _as_mail(path: Path) -> bytes:
+    """A file's bytes as a mail (a bare PDF wrapped in one); ConfigurationError naming a file that cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return wrap_pdf(raw, path.name) if path.suffix.lower() == ".pdf" or raw[:5] == b"%PDF-" else raw
+
+
+def _check_readable(paths: list[Path]) -> None:
+    """Open every input before any run is made: an unreadable last file must not leave the first ones queued."""
+    for path in paths:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0,
+                 unhealthy_s: float = INGEST_UNHEALTHY_S) -> list[int]:
     """Run the workflow synchronously on .eml files (and bare .pdf files); return the run ids in order.
 
-    Always makes new runs (no dedup), so this is also how a message is reprocessed. SIGTERM and
-    SIGHUP raise KeyboardInterrupt (like Ctrl-C) after stopping the service: its runs are requeued.
+    Always makes new runs (no dedup), so this is also how a message is reprocessed. Runs only the runs it
+    makes: other runs queued in the store, and the spool's messages without a run, are left to serve.
+    SIGTERM and SIGHUP raise KeyboardInterrupt (like Ctrl-C) after stopping the service: its runs are requeued.
+    RunNotFinishedError once a run has not ended in ``timeout_s``, or the engine stayed unhealthy for
+    ``unhealthy_s``.
     """
     if settings.runner.stage_executor == "auto":  # a few runs end before a process pool would have started
         settings = replace(settings, runner=replace(settings.runner, stage_executor="thread"))
     with _stop_signals_interrupt():
         service = PipelineService(settings, listen=False)
+        # only the runs made here: a backlog a serve queued in this store is that serve's (its digests would go
+        # out with this command's settings), and neither are the spool's lost messages (serve's start queues them)
+        service.engine.claim_only = set()
         try:
-            service.start()
+            service.start(reconcile=False)
+            _check_readable(paths)
             run_ids = []
-            for path in paths:
-                raw = Path(path).read_bytes()
-                if Path(path).suffix.lower() == ".pdf" or raw[:5] == b"%PDF-":
-                    raw = wrap_pdf(raw, Path(path).name)
-                run_ids.append(service.gateway.accept(raw, source="cli", dedup=False).run_id)
+            for path in map(Path, paths):
+                run_ids.append(service.gateway.accept(_as_mail(path), source="cli", dedup=False).run_id)
+                service.engine.claim_also(run_ids[-1])
             for run_id in run_ids:
-                service.engine.wait(run_id, timeout=timeout_s)
+                _wait_for(service, run_id, timeout_s, unhealthy_s)
             return run_ids
         finally:
             service.stop()
+
+
+def _wait_for(service: PipelineService, run_id: int, timeout_s: float, unhealthy_s: float = INGEST_UNHEALTHY_S) -> None:
+    """Wait for an ingest run to end; RunNotFinishedError saying why once ``timeout_s`` passed, or the engine
+    stayed unhealthy for ``unhealthy_s`` (a work dir that cannot be written: it would wait out all of timeout_s)."""
+    deadline, sick_since = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            service.engine.wait(run_id, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return
+        except TimeoutError:
+            pass
+        now, problem = time.monotonic(), service.engine.health_problem
+        sick_since = None if problem is None else sick_since or now
+        left = "; it stays in the store, and serve on this data dir finishes it"
+        if sick_since is not None and now - sick_since >= unhealthy_s:
+            raise RunNotFinishedError(f"run {run_id} cannot go on: {problem}{left}")
+        if now >= deadline:
+            raise RunNotFinishedError(f"run {run_id} did not end within {timeout_s:g} s ({_where(service, run_id)})"
+                                      f"{left}")
+
+
+def _where(service: PipelineService, run_id: int) -> str:
+    """Where a run is: its state and its latest task's error, for a user who waited."""
+    try:
+        run, tasks = service.store.get_run(run_id), service.store.get_tasks(run_id)
+    except PipelineError as exc:
+        return f"its state cannot be read: {exc}"
+    errors = [t for t in tasks if t.error_type]
+    last = f"; {errors[-1].task_id} {errors[-1].state}: {errors[-1].error_type}: {errors[-1].error_message}" \
+        if errors else ""
+    return f"{run.state}{last}"[:400]

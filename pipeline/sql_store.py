@@ -21,7 +21,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -235,13 +235,18 @@ class SqlRunStore(DAGRunStore):
         return [run_from_row(r) for r in rows]
 
     @retried
-    def claim_runs(self, owner: str, limit: int, now: float | None = None) -> list[Run]:
+    def claim_runs(self, owner: str, limit: int, now: float | None = None,
+                   only: Collection[int] | None = None) -> list[Run]:
         if limit < 1:
             raise ValueError(f"claim_runs takes a limit of 1 or more, not {limit}")
+        ids = sorted(only) if only is not None else []
+        if only is not None and not ids:
+            return []
+        which = f" AND run_id IN ({', '.join('?' * len(ids))})" if only is not None else ""
         with self._tx() as conn:
             now = time.time() if now is None else now
-            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' "
-                                f"ORDER BY run_id LIMIT ?{self.CLAIM_LOCK}", (limit,)).fetchall()
+            rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued'{which} "
+                                f"ORDER BY run_id LIMIT ?{self.CLAIM_LOCK}", (*ids, limit)).fetchall()
             runs = [run_from_row(row) for row in rows]
             # keep the first start across requeues; never before the queue time (another host's clock may lag)
             claimed = [Run(**{**r.__dict__, "state": s.RUNNING, "heartbeat_at": now, "owner": owner,

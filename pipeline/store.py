@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -273,9 +273,11 @@ class DAGRunStore:
         runs = self.claim_runs(owner, 1, now)
         return runs[0] if runs else None
 
-    def claim_runs(self, owner: str, limit: int, now: float | None = None) -> list[Run]:
+    def claim_runs(self, owner: str, limit: int, now: float | None = None,
+                   only: Collection[int] | None = None) -> list[Run]:
         """Atomically move up to ``limit`` of the oldest queued runs to running for ``owner``, in one
-        transaction; return them oldest first (empty if none is queued).
+        transaction; return them oldest first (empty if none is queued). With ``only``, only runs of those
+        ids are claimed (``ingest`` runs its own runs, never a backlog some serve queued).
 
         One claim per run cost the engine a transaction per run (issue 16); a batch keeps FIFO order.
         Raises ValueError for ``limit`` < 1, StoreBusyError as ``claim_next_run``.

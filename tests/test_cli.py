@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 from contextlib import closing, contextmanager
+from pathlib import Path
 
 import pytest
 from test_store_faults import damage_table
@@ -85,10 +86,34 @@ def test_show_before_anything_ran_is_unknown_run_and_creates_nothing(tmp_path, c
     assert not data.exists()
 
 
-def test_purge_without_a_store_is_an_error_not_a_new_file(tmp_path, capsys):
-    assert main(["--data-dir", str(tmp_path / "nothing"), "purge", "--older-than", "1"]) == 2
-    assert "no run store here" in capsys.readouterr().err
+def test_purge_without_a_store_purges_nothing_and_creates_nothing(tmp_path, capsys):
+    """A fresh install's purge job (cron) has nothing to purge: that is no error (it was exit 2)."""
+    assert main(["--data-dir", str(tmp_path / "nothing"), "purge", "--older-than", "1"]) == 0
+    assert capsys.readouterr().out.startswith("purged 0 run(s): no run store at ")
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("argv", [["runs", "--json"], ["show", "1"], ["purge", "--older-than", "0"]])
+def test_an_empty_store_file_is_read_as_no_store_and_never_written(tmp_path, capsys, argv):
+    """A prober's find: with a 0-byte runs.sqlite3 (a restore that failed, ``> runs.sqlite3``) a read command
+    wrote a whole new schema into the file, and run ids started again at 1."""
+    (tmp_path / "runs.sqlite3").touch()
+    main(["--data-dir", str(tmp_path), *argv])
+    assert (tmp_path / "runs.sqlite3").stat().st_size == 0 and not (tmp_path / "runs.sqlite3-wal").exists()
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and (captured.out or captured.err)
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--config"])
+def test_an_empty_path_option_is_refused_not_the_current_directory(tmp_path, capsys, option, monkeypatch):
+    """``--data-dir "$DATA"`` with DATA unset: as a path "" is ".", and ingest wrote its store and spool there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([option, "", "runs"])
+    assert stopped.value.code == 2 and "an empty path" in capsys.readouterr().err
+    (tmp_path / "empty.toml").write_text('data_dir = ""\n')
+    assert main(["--config", str(tmp_path / "empty.toml"), "runs"]) == 2
+    assert "data_dir is empty" in capsys.readouterr().err and list(tmp_path.iterdir()) == [tmp_path / "empty.toml"]
 
 
 def one_error_line(capsys) -> str:
@@ -330,3 +355,86 @@ def test_read_only_store_of_an_older_schema_says_what_to_do(settings, tmp_path, 
         assert main(["--data-dir", str(view), "runs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "older version of the pipeline" in err[-1], err
+
+
+INGEST = [sys.executable, "-m", "pipeline", "--data-dir"]
+
+
+def _one_pdf(tmp_path):
+    from pipeline.audit.base import fixtures as fx
+
+    path = tmp_path / "one.pdf"
+    path.write_bytes(fx.text_pdf(1))
+    return path
+
+
+def test_ingest_runs_only_its_own_runs_never_a_backlog_serve_queued(tmp_path):
+    """A prober's find: ingest's engine claimed every queued run in the store (a gateway-only serve's 60 mails),
+    and delivered their digests with the ingest command's own settings (another outbox, another relay)."""
+    from pipeline.config import StoreConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with SqliteRunStore(StoreConfig(path=data / "runs.sqlite3")) as st:
+        theirs = st.create_run("a_workflow_of_serve", {}, "<serve's@x>")[0]  # claimed, it would fail at once
+    done = subprocess.run([*INGEST, str(data), "ingest", str(_one_pdf(tmp_path))], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "success"
+    with SqliteRunStore(StoreConfig(path=data / "runs.sqlite3")) as st:
+        assert st.get_run(theirs.run_id).state == "queued"  # left for serve
+
+
+def test_ingest_of_an_unreadable_file_is_one_line_and_makes_no_run(tmp_path):
+    """A prober's find: the unreadable second file failed with a bare OS error after the first file's run was
+    queued, a run no one waited for."""
+    unreadable = tmp_path / "secret.pdf"
+    unreadable.write_bytes(b"%PDF-1.4")
+    unreadable.chmod(0)
+    if os.geteuid() == 0:  # root reads any mode; a write-only kernel file refuses even root
+        unreadable = next((p for p in map(Path, ["/proc/sys/vm/compact_memory", "/proc/sysrq-trigger"])
+                           if p.is_file() and _refuses_read(p)), None)
+        if unreadable is None:
+            pytest.skip("no file here that root cannot read")
+    data = tmp_path / "data"
+    done = subprocess.run([*INGEST, str(data), "ingest", str(_one_pdf(tmp_path)), str(unreadable)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == \
+        [f"error: cannot read {unreadable}: Permission denied"], done.stderr
+    runs = subprocess.run([*INGEST, str(data), "runs", "--json"], capture_output=True, text=True, timeout=60)
+    assert json.loads(runs.stdout) == []
+
+
+def _refuses_read(path):
+    try:
+        with open(path, "rb"):
+            return False
+    except OSError:
+        return True
+
+
+INGEST_UNWRITABLE = """
+import sys
+from pathlib import Path
+from pipeline.config import Settings
+from pipeline.errors import RunNotFinishedError
+from pipeline.service import ingest_files
+data = Path(sys.argv[1])
+data.mkdir()
+(data / "work").write_text("a file where the work dir belongs")
+try:
+    ingest_files(Settings.for_data_dir(data), [Path(sys.argv[2])], unhealthy_s=1.0)
+except RunNotFinishedError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_ingest_gives_up_on_an_engine_that_stays_unhealthy_and_says_why(tmp_path):
+    """A prober's find: with the work dir unusable, ingest logged an ERROR every 5 s for its whole 600 s wait, then
+    said only 'run 1 still running after 600 s' (the run was in fact queued)."""
+    done = subprocess.run([sys.executable, "-c", INGEST_UNWRITABLE, str(tmp_path / "data"), str(_one_pdf(tmp_path))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.stdout, done.stderr[-2000:])
+    assert done.stdout.startswith("run 1 cannot go on: ") and "Not a directory" in done.stdout, done.stdout
+    assert "serve on this data dir finishes it" in done.stdout

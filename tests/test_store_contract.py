@@ -170,6 +170,16 @@ def test_claim_runs_takes_a_batch_oldest_first_in_one_go(contract_store):
         contract_store.claim_runs("me", 0)
 
 
+def test_claim_runs_only_some_ids_leaves_the_others_queued(contract_store):
+    """``ingest`` claims only the runs it made, never a backlog a serve queued in the same store."""
+    ids = [contract_store.create_run("wf", {})[0].run_id for _ in range(4)]
+    assert contract_store.claim_runs("ingest", 10, only=set()) == []
+    assert [r.run_id for r in contract_store.claim_runs("ingest", 10, only={ids[3], ids[1], 10_000})] == \
+        [ids[1], ids[3]]
+    assert [contract_store.get_run(i).state for i in ids] == ["queued", "running", "queued", "running"]
+    assert contract_store.claim_runs("ingest", 10, only={ids[1]}) == []  # running already
+
+
 def test_a_run_never_starts_before_it_was_queued(contract_store):
     """A claimer whose clock lags the gateway's (or read it before the lock) must not give a negative queue wait."""
     run = contract_store.create_run("wf", {}, now=500.0)[0]
