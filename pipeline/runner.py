@@ -54,6 +54,7 @@ from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
 
 log = logging.getLogger(__name__)
+MACHINE_RETRIES = 1  # quick retries of a task failing for the machine (a full disk) before its run waits for it
 
 
 @dataclass
@@ -374,6 +375,9 @@ class DAGRunner:
             self._write(instance_id, s.QUEUED, error=error)
             log.info("run %s task %s: try %d failed (%s) while stopping; queued again", self.run.run_id,
                      instance_id, inst.try_number, reason)
+        elif isinstance(exc, MachineShortError) and inst.try_number > min(retries, MACHINE_RETRIES):
+            raise exc  # not the task's failure: _guarded breaks the run, the engine requeues it, backing off, and
+            # reports unhealthy (451); deliver's 20 tries would have taken 13-26 minutes of 250s to get there
         elif inst.try_number <= retries and getattr(exc, "retryable", True):
             inst.state, inst.error = s.RETRYING, error
             self._write(instance_id, s.RETRYING, error=error)
@@ -384,8 +388,6 @@ class DAGRunner:
             self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)
             log.info("run %s task %s: try %d failed (%s), retrying", self.run.run_id, instance_id,
                      inst.try_number, reason)
-        elif isinstance(exc, MachineShortError):  # not the task's failure: the run waits for the machine
-            raise exc  # (_guarded breaks the run: the engine requeues it, backing off, and reports unhealthy)
         else:
             self._finish(instance_id, s.FAILED, error)
 

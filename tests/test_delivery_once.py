@@ -107,15 +107,19 @@ def test_an_outbox_that_cannot_be_written_is_a_retryable_delivery_error(tmp_path
 
 
 def test_an_outbox_on_a_full_disk_leaves_no_temp_file_and_a_later_try_delivers(tmp_path, settings):
-    """The digest's temp file is /dev/full (a real ENOSPC at the write): a retryable DeliveryError, and
-    nothing left in tmp/ (each retry on a full disk would add one); once there is room, the retry delivers."""
+    """The digest's temp file is /dev/full (a real ENOSPC at the write): the machine's fault, so the run waits for
+    room with serve unhealthy (a prober's find: it was a DeliveryError, every digest lost after deliver's
+    retries, serve healthy throughout), and nothing is left in tmp/ (each retry on a full disk would add one);
+    once there is room, the retry delivers."""
     import os
+
+    from pipeline.errors import MachineShortError
 
     ctx, outbox = _ctx(tmp_path), settings.delivery.outbox
     for sub in ("tmp", "new", "cur"):
         (outbox / sub).mkdir(parents=True, exist_ok=True)
     (outbox / "tmp" / f"{delivery_key(ctx)}.{os.getpid()}").symlink_to("/dev/full")
-    with pytest.raises(DeliveryError, match="No space left on device") as err:
+    with pytest.raises(MachineShortError, match="No space left on device") as err:
         deliver_task(ctx, settings)
     assert err.value.retryable and list((outbox / "tmp").iterdir()) == []
     assert deliver_task(ctx, settings)["where"] == str(outbox / "new" / delivery_key(ctx))

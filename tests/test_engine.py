@@ -111,16 +111,17 @@ def test_retries_exhausted_fail_with_last_error(store, make_engine):
     assert (task.error_type, task.error_message) == ("task_io", "f: ConnectionError: down on try 3")
 
 
-@pytest.mark.parametrize("executor", ["thread", "process"])
+@pytest.mark.parametrize("executor,retries", [("thread", 1), ("process", 1), ("thread", 20)])
 def test_a_task_on_a_full_disk_waits_for_room_with_the_engine_unhealthy_then_succeeds(store, make_engine,
-                                                                                       executor, tmp_path):
-    """/dev/full answers every write with ENOSPC. The OS error is typed where it leaves the task, and once the
-    task's retries are used up the run is not failed (a full disk under the work dir failed every mail acked):
-    it is requeued to wait for room, the engine unhealthy meanwhile (the gateway answers 451), and it ends
-    once the disk has room, its failed tries not counted against it."""
+                                                                                       executor, retries, tmp_path):
+    """/dev/full answers every write with ENOSPC. The OS error is typed where it leaves the task, and after one
+    quick retry (MACHINE_RETRIES, whatever the task's own retries: deliver's 20 would take 13-26 minutes) the
+    run is not failed (a full disk under the work dir failed every mail acked): it is requeued to wait for
+    room, the engine unhealthy meanwhile (the gateway answers 451), and it ends once the disk has room, its
+    failed tries not counted against it."""
     full = tmp_path / "disk-is-full"
     full.touch()
-    engine = make_engine(DAG("full", [Task("w", write_while_disk_full, executor=executor, retries=1)]),
+    engine = make_engine(DAG("full", [Task("w", write_while_disk_full, executor=executor, retries=retries)]),
                          backoff_max_s=0.5)
     run_id = engine.trigger("full", {"full": str(full)}).run_id
     assert wait_until(lambda: "tasks fail for the machine" in (engine.health_problem or ""))

@@ -100,8 +100,10 @@ def test_list_mail_resent_by_a_header_nested_too_deep_is_still_list_mail(tmp_pat
     assert info["automated"] == {"kind": "list", "why": "mailing-list mail (List-Id)", "resent_from": ""}
 
 
-@pytest.mark.parametrize("value", [b"<>", b"<<<>>> junk", b""])
+@pytest.mark.parametrize("value", [b"<>", b"<<<>>> junk", b"", b"<a@[ >", b"<a@[ ]>"])
 def test_an_unreadable_message_id_costs_only_the_threading(tmp_path, value):
+    """A prober's find: ``<a@[ >`` makes Python's header parser raise UnboundLocalError (a NameError, a bug of
+    its own), which failed the whole run untyped, every PDF with it."""
     info = summary(mail(b"From: alice@example.com\r\nMessage-ID: " + value + b"\r\n"), tmp_path)
     assert info["message_id"] is None and [a["name"] for a in info["attachments"]] == ["a.pdf"]
 

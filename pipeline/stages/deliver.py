@@ -54,7 +54,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..config import DeliveryConfig
-from ..errors import DeliveryError, ParseError
+from ..errors import MACHINE_ERRNOS, DeliveryError, MachineShortError, ParseError
 from .autoreply import DIGEST_HEADERS, MACHINE
 from .digest import Digest
 from .mailpolicy import REPLY, REPLY_UTF8
@@ -195,8 +195,8 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
     twice. ``maybe_stored=False`` says no earlier try can have stored it, so cur/ is not searched: that
     search lists every message a reader has kept (tens of ms per digest with tens of thousands there). Raises
     DeliveryError: retryable
-    for an unreachable relay or an unwritable outbox, not retryable for a UTF-8 address and a relay
-    that does not offer SMTPUTF8 (RFC 6531).
+    for an unreachable relay or an outbox that refuses the file, not retryable for a UTF-8 address and a relay
+    that does not offer SMTPUTF8 (RFC 6531); MachineShortError for an outbox on a full or read-only disk.
     """
     if config.relay:
         return _relay(msg, config)
@@ -204,8 +204,9 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
         if key is None:
             return str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
         return _add_once(msg, Path(config.outbox), key, maybe_stored)
-    except OSError as exc:  # full disk, read-only outbox: another try may work
-        raise DeliveryError(f"outbox {config.outbox}: cannot store the digest: {exc}") from exc
+    except OSError as exc:  # a full or read-only disk is the machine's: the run waits for it (451 meanwhile)
+        message = f"outbox {config.outbox}: cannot store the digest: {exc}"
+        raise (MachineShortError(message) if exc.errno in MACHINE_ERRNOS else DeliveryError(message)) from exc
 
 
 class _RelaySMTP(smtplib.SMTP):

@@ -64,7 +64,9 @@ _UNSAFE = re.compile(r"[^\w.\- ]+")
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
 # decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
 # RecursionError: comments or quoted strings nested a few hundred deep ("((((...") exhaust the parser's stack.
-HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, RecursionError, email_errors.MessageError)
+# NameError: UnboundLocalError from the parser's own bug for a domain literal left open ("<a@[ >").
+HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, NameError, RecursionError,
+                 email_errors.MessageError)
 NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
 TRACE_HEADERS = frozenset({"return-path", "received"})  # what mail servers add: no sign the sender wrote a mail
 
