@@ -247,6 +247,8 @@ class _SmtpHandler:
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
         if any("\udc80" <= c <= "\udcff" for c in address):  # bytes that are not UTF-8 (aiosmtpd kept them)
             return metrics.smtp_reply("MAIL", "553 5.6.7 Sender address is not valid UTF-8")
+        if not address.isprintable():  # CR, NUL and the like: no digest could ever reach it (it failed at delivery)
+            return metrics.smtp_reply("MAIL", "553 5.1.7 Sender address has control characters")
         size = declared_size(mail_options)
         if size is not None and size > self.gateway.limits.inflight.remaining:
             self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from helpers import wait_until
 from test_smtp_data import HEAD, RawSession
 
@@ -42,6 +43,20 @@ def test_a_sender_address_that_is_not_utf8_is_refused_at_mail(service_factory):
         code, text = smtp.command(b"MAIL FROM:<caf\xe9@example.com>")  # Latin-1: no digest could ever go there
         assert (code, text) == (553, "5.6.7 Sender address is not valid UTF-8")
         assert smtp.command(b"MAIL FROM:<caf\xc3\xa9@example.com> SMTPUTF8")[0] == 250  # the session goes on
+    finally:
+        smtp.close()
+    assert service.store.count_runs_by_state() == {}
+
+
+@pytest.mark.parametrize("address", [b'<"a\rBcc: x"@example.com>', b"<a\x00b@example.com>", b'<"a\x01b"@example.com>'])
+def test_a_sender_address_with_control_characters_is_refused_at_mail(service_factory, address):
+    """A prober's find: these got 250, then the run failed at delivery (no digest could reach them), and the
+    spool's Return-Path dropped the CR, naming another mailbox."""
+    service = service_factory()
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        assert smtp.command(b"MAIL FROM:" + address) == (553, "5.1.7 Sender address has control characters")
+        assert smtp.command(b"MAIL FROM:<alice@example.com>")[0] == 250  # the session goes on
     finally:
         smtp.close()
     assert service.store.count_runs_by_state() == {}
