@@ -54,6 +54,7 @@ from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
 
 log = logging.getLogger(__name__)
+MAX_ERROR_CHARS = 2000  # of a task's stored error message
 MACHINE_RETRIES = 1  # quick retries of a task failing for the machine (a full disk) before its run waits for it
 
 
@@ -492,7 +493,9 @@ class DAGRunner:
 
 
 def _message(exc: BaseException) -> str:
-    """A failed try's stored message, on one line; an attachment's error names the attachment it is about."""
+    """A failed try's stored message, on one line, at most MAX_ERROR_CHARS (a relay's reply of 2,000 lines was
+    stored whole, 2 MB per try); an attachment's error names the attachment it is about."""
     message = " ".join(str(exc).split()) or type(exc).__name__
     name = getattr(exc, "filename", "") if isinstance(exc, IngestError) else ""
-    return f"{name}: {message}" if name and name not in message else message
+    message = f"{name}: {message}" if name and name not in message else message
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS - 1] + "…"

@@ -321,3 +321,18 @@ def test_an_ended_run_sheds_its_attachments_and_text_but_keeps_its_digest(store,
     assert run.state == ("failed" if fail else "success")
     assert wait_until(lambda: not (work / "text").exists() and not (work / "attachments").exists())
     assert (work / "digest.json").exists()  # small, and what purge reports on; purge takes it
+
+
+def test_a_huge_error_message_is_stored_cut_to_a_bound(store, make_engine):
+    """A prober's relay answered 2,000 lines of 1 KB: the task's stored error was 2 MB per try (``show`` printed
+    it all). The store keeps MAX_ERROR_CHARS of it, the start that says what it was."""
+    from pipeline.runner import MAX_ERROR_CHARS
+
+    def refused(ctx):
+        raise ValueError("550 refused: " + "x" * 1_000_000)
+
+    engine = make_engine(DAG("huge", [Task("t", refused, retries=0)]))
+    run = engine.wait(engine.trigger("huge").run_id, timeout=30)
+    [task] = store.get_tasks(run.run_id)
+    assert task.error_message.startswith("550 refused: xxx") and len(task.error_message) == MAX_ERROR_CHARS
+    assert len(run.reason) <= 500
