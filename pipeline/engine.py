@@ -425,7 +425,20 @@ class WorkflowEngine:
             memory.pop(run_id, None)
 
     def _run_broken(self, run_id: int, exc: Exception) -> None:
-        """Free the run's slot, decide requeue or fail (module docstring), and try to store that."""
+        """Free the run's slot, decide requeue or fail (module docstring), and try to store that. Guarded: a run
+        whose break could not be handled would stay running, heartbeated, holding its slot until serve stops."""
+        try:
+            self._handle_break(run_id, exc)
+        except Exception as err:
+            log.error("run %s: its break could not be handled (%s); requeueing it", run_id, one_line(err),
+                      exc_info=err)
+            with self._cond:
+                self._active.pop(run_id, None)
+                self._unsettled.setdefault(run_id, None)  # the dispatcher's guarded loop stores the requeue
+                self._wake = True
+                self._cond.notify_all()
+
+    def _handle_break(self, run_id: int, exc: Exception) -> None:
         if isinstance(exc, RunTakenOver):  # another process runs it now: nothing of ours to store
             with self._cond:
                 self._active.pop(run_id, None)

@@ -53,4 +53,13 @@ class LoopHealth:
 
 def one_line(exc: BaseException) -> str:
     """Return ``ExcType: message`` on one line (for log lines and stored reasons)."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return " ".join(f"{type(exc).__name__}: {exc_text(exc)}".split())
+
+
+def exc_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder for an exception whose ``__str__`` raises: the code that reports an error
+    (a guarded loop's ``except``, a run's break) must not fail on it."""
+    try:
+        return str(exc)
+    except Exception:
+        return "(its message cannot be read)"

@@ -49,6 +49,7 @@ from .dag import DAG, Task, TaskContext, parse_instance
 from .errors import IngestError, MachineShortError, StepError, StoreError, TaskTimeoutError, WorkerCrashedError
 from .executors import Executors, call_task
 from .handover import Handover
+from .health import exc_text
 from .stages.worker_pool import WaitClock, timing_waits
 from .store import DAGRunStore, Run, RunTakenOver, Transition, encode_output
 from .timers import Timers
@@ -495,7 +496,7 @@ class DAGRunner:
 def _message(exc: BaseException) -> str:
     """A failed try's stored message, on one line, at most MAX_ERROR_CHARS (a relay's reply of 2,000 lines was
     stored whole, 2 MB per try); an attachment's error names the attachment it is about."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = " ".join(exc_text(exc).split()) or type(exc).__name__
     name = getattr(exc, "filename", "") if isinstance(exc, IngestError) else ""
     message = f"{name}: {message}" if name and name not in message else message
     return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS - 1] + "…"

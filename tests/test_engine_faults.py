@@ -302,8 +302,8 @@ class SlowClaimStore(SqliteRunStore):
         super().__init__(config)
         self.claimed, self.release = threading.Event(), threading.Event()
 
-    def claim_runs(self, owner, limit, now=None):
-        runs = super().claim_runs(owner, limit, now)
+    def claim_runs(self, owner, limit, now=None, only=None):
+        runs = super().claim_runs(owner, limit, now, only)
         if runs:
             self.claimed.set()
             self.release.wait(30)
@@ -375,3 +375,23 @@ def test_a_task_the_os_failed_is_logged_as_a_warning_with_its_cause(store, setti
     assert counted() == before + 1  # the metric an alert reads (PipelineTasksFailingForTheMachine)
     [line] = [r for r in caplog.records if r.getMessage().startswith(f"run {run.run_id} task write: failed")]
     assert line.levelno == logging.WARNING and "task_io" in line.getMessage() and "Is a directory" in line.getMessage()
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("this error cannot say what it is")
+
+
+def _raise_unprintable(ctx):
+    raise Unprintable()
+
+
+def test_an_error_that_cannot_be_printed_fails_its_task_not_the_bookkeeping(store, make_engine):
+    """A prober's find: the code that reports errors called ``str()`` on them, so an exception whose ``__str__``
+    raises broke the run's bookkeeping instead (three requeues, then ``internal``), and the same call in the
+    engine's break handling could leave a run running, heartbeated, until serve stopped."""
+    engine = make_engine(DAG("weird", [Task("t", _raise_unprintable, retries=0)]))
+    run = engine.wait(engine.trigger("weird").run_id, timeout=20)
+    [task] = store.get_tasks(run.run_id)
+    assert (run.state, task.state, task.error_type) == ("failed", "failed", "Unprintable"), run.reason
+    assert task.error_message == "(its message cannot be read)" and engine.active_runs() == [] and engine.healthy
