@@ -25,12 +25,14 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 SUPPORTED = sys.platform.startswith("linux")  # the abstract socket namespace is Linux's
 _PREFIX = "\0pipeline-wake-"
+BACKOFF_MAX_S = 5.0  # longest pause of a watcher whose socket keeps failing
 _GONE = {errno.ECONNREFUSED, errno.ENOENT}  # nobody bound to that name any more
 
 
@@ -114,10 +116,12 @@ class QueueBell:
 class _Watcher:
     """One bound datagram socket, its registration file and the thread that turns datagrams into wake-ups."""
 
+    socket_type = socket.socket  # a test's socket that fails like the OS can
+
     def __init__(self, directory: Path, wake: Callable[[], None]) -> None:
         self.name = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._wake, self._stopping = wake, False
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock = self.socket_type(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.bind(_PREFIX + self.name)
             directory.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,7 @@ class _Watcher:
         self._thread.start()
 
     def _loop(self) -> None:
+        failures = 0
         while True:
             try:
                 self._sock.recv(1)
@@ -140,13 +145,21 @@ class _Watcher:
                 except BlockingIOError:
                     pass
                 self._sock.setblocking(True)
-            except OSError as exc:  # never expected on a bound datagram socket; the poll remains
-                log.warning("queue wake-ups stopped: %s", exc)
-                return
+            except OSError as exc:  # never expected on a bound datagram socket: back off and go on (it ended the
+                if self._stopping:  # wake-ups for good, runs waiting up to the 5 s poll from then on)
+                    return
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "queue wake-ups failed (%d in a row): %s; trying again", failures, exc)
+                time.sleep(min(BACKOFF_MAX_S, 0.1 * 2 ** (failures - 1)))
+            else:
+                if failures:
+                    log.warning("queue wake-ups recovered after %d failure(s)", failures)
+                failures = 0
             if self._stopping:
                 return
             try:
-                self._wake()
+                self._wake()  # after a failure too: a ring may have been lost
             except Exception:  # a broken callback must not end the wake-ups
                 log.exception("queue wake-up callback failed")
 

@@ -4,6 +4,7 @@ every other store object on the same file, once it is committed; a dead watcher'
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 
 import pytest
@@ -69,3 +70,34 @@ def test_a_ring_whose_socket_cannot_be_made_does_not_fail_the_committed_write(tm
         run, created = store.create_run("email_digest", {"spool": "a.eml"}, "<c@x>")
         monkeypatch.undo()
         assert created and store.count_runs_by_state() == {"queued": 1}
+
+
+class _FailsOnce(socket.socket):
+    """A real datagram socket whose first receive fails as the OS can (EIO)."""
+
+    failed = False
+
+    def recv(self, *args):
+        if not _FailsOnce.failed:
+            _FailsOnce.failed = True
+            raise OSError(errno.EIO, "Input/output error")
+        return super().recv(*args)
+
+
+def test_a_watcher_whose_socket_fails_backs_off_and_goes_on(tmp_path, caplog):
+    """A prober's find: one OSError from the socket ended the wake-ups for good (runs then waited up to the 5 s
+    poll, and serve said nothing more). Now the watcher wakes its engine (a ring may have been lost), backs off
+    and keeps listening."""
+    class Flaky(wakeup._Watcher):
+        socket_type = _FailsOnce
+
+    woken = threading.Semaphore(0)
+    watcher = Flaky(tmp_path / "wake", woken.release)
+    try:
+        assert woken.acquire(timeout=30)  # the wake-up after the failure
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ring:
+            ring.sendto(b"x", wakeup._PREFIX + watcher.name)
+        assert woken.acquire(timeout=30)  # and a real ring after it: still listening
+    finally:
+        watcher.stop()
+    assert _FailsOnce.failed and any("queue wake-ups failed (1 in a row)" in r.getMessage() for r in caplog.records)
