@@ -128,6 +128,9 @@ class EngineConfig:
     backoff_base_s: float = 0.1  # a failing loop (or a run broken by the environment) waits this long, doubling
     backoff_max_s: float = 5.0
     max_internal_requeues: int = 3  # a run broken by a non-environmental error: requeued this often, then "internal"
+    # a pass of a background loop (claiming runs, heartbeats) or of a timer or completion callback running this
+    # long is a hang: the engine is unhealthy (451) until it returns (0: never)
+    stuck_after_s: float = 60.0
     # an idle dispatcher looks for queued runs this often; a store that wakes it when another process queues a
     # run (PostgreSQL NOTIFY, SQLite pipeline.wakeup) makes this a fallback; other stores are polled every 1 s
     queue_poll_s: float = 5.0
@@ -148,6 +151,8 @@ class EngineConfig:
             raise ConfigurationError("engine.unhealthy_after must be >= 1 and engine.max_internal_requeues >= 0")
         if not 0 < self.backoff_base_s <= self.backoff_max_s:
             raise ConfigurationError("engine backoff must satisfy 0 < backoff_base_s <= backoff_max_s")
+        if self.stuck_after_s < 0:
+            raise ConfigurationError("engine.stuck_after_s must be >= 0 (0: never)")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from .config import Settings
 from .dag import DAG
 from .errors import MachineShortError, PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
 from .executors import Executors, init_pool_worker
-from .health import LoopHealth, backoff_s, one_line
+from .health import LoopHealth, Passes, backoff_s, one_line
 from .housekeeping import shed_run_files
 from .runner import DAGRunner
 from .store import DAGRunStore, Run, RunTakenOver
@@ -101,6 +101,7 @@ class WorkflowEngine:
         self._executors: Executors | None = None
         self._dispatch_health = LoopHealth("claiming runs", self.settings.engine)
         self._heartbeat_health = LoopHealth("heartbeat", self.settings.engine)
+        self._dispatch_passes, self._heartbeat_passes = Passes("claiming runs"), Passes("heartbeat")
         self._unsettled: dict[int, str | None] = {}  # broken run -> reason to fail it with (None: requeue)
         self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
@@ -122,7 +123,15 @@ class WorkflowEngine:
     def health_problem(self) -> str | None:
         """One line naming the failing loop and its last error; None when healthy."""
         return (self._store_damage or self._machine_problem() or self._dispatch_health.problem
-                or self._heartbeat_health.problem)
+                or self._heartbeat_health.problem or self._stuck_problem())
+
+    def _stuck_problem(self) -> str | None:
+        """A loop or callback pass running past ``[engine] stuck_after_s``: a hang no exception reports."""
+        after = self.settings.engine.stuck_after_s
+        passes = [self._dispatch_passes, self._heartbeat_passes]
+        if self._timers is not None and self._executors is not None:
+            passes += [self._timers.passes, self._executors.completion_passes]
+        return next((p for p in (one.problem(after) for one in passes) if p), None)
 
     def _machine_problem(self) -> str | None:
         """Why tasks cannot run on this machine now (a full disk under the work dir), while a run they broke waits;
@@ -305,7 +314,8 @@ class WorkflowEngine:
                 if self._stopping:
                     return
                 self._wake = False
-            delay = self._dispatch_once()
+            with self._dispatch_passes.passing():
+                delay = self._dispatch_once()
 
     def _dispatch_once(self) -> float:
         """Settle broken runs, then claim and start runs; return how long to wait before the next try (0: none)."""
@@ -539,10 +549,11 @@ class WorkflowEngine:
                     return
                 ids = list(self._active)
             try:
-                self._beat(ids)
-                if time.monotonic() >= next_recovery:  # a dead process's runs, even one that died after our start
-                    self._recover_now()
-                    next_recovery = time.monotonic() + cfg.stale_after_s
+                with self._heartbeat_passes.passing():
+                    self._beat(ids)
+                    if time.monotonic() >= next_recovery:  # a dead process's runs, even one that died after start
+                        self._recover_now()
+                        next_recovery = time.monotonic() + cfg.stale_after_s
             except Exception as exc:  # retried sooner than the interval, so a short outage costs no stale runs
                 self._note_damage(exc)
                 delay = min(cfg.heartbeat_interval_s, self._heartbeat_health.failed(exc, ids))

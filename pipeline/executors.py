@@ -22,7 +22,7 @@ from . import tracing
 from .config import ExecutorConfig, RunnerConfig
 from .dag import TaskContext
 from .errors import task_io_error
-from .health import one_line
+from .health import Passes, one_line
 
 if TYPE_CHECKING:
     from .dask_executor import DaskExecutor
@@ -44,6 +44,7 @@ class Executors:
         self._cluster_config = cluster or ExecutorConfig()
         self._cluster: DaskExecutor | None = None
         self._lock = threading.Lock()
+        self.completion_passes = Passes("task completions")  # their callbacks write the store, then submit
 
     def submit_to(self, kind: str, fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Future[Any]:
         """Submit a task try to the process pool (``kind`` "process") or the Dask cluster ("dask")."""
@@ -87,7 +88,7 @@ class Executors:
 
     def _complete(self, callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
         try:
-            self._completions.submit(_logged, callback, future)  # type: ignore[union-attr]
+            self._completions.submit(_logged, callback, future, self.completion_passes)  # type: ignore[union-attr]
         except RuntimeError:  # shut down already (interpreter exit): call it here rather than lose the result
             callback(future)
 
@@ -109,10 +110,11 @@ class Executors:
             self._completions.shutdown(wait=wait)
 
 
-def _logged(callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
+def _logged(callback: Callable[[Future[Any]], None], future: Future[Any], passes: Passes) -> None:
     """Call a completion callback; log what it raises (its Future is never read, so it would vanish)."""
     try:
-        callback(future)
+        with passes.passing():
+            callback(future)
     except Exception:
         log.exception("completion callback %r failed", callback)
 

@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .health import Passes
+
 log = logging.getLogger(__name__)
 
 
 class Timers:
     """Call functions after a delay on a single daemon thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, passes: Passes | None = None) -> None:
+        self.passes = passes or Passes("timer callbacks")  # a callback that never returns holds every later one
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._counter = itertools.count()
         self._cond = threading.Condition()
@@ -51,6 +54,7 @@ class Timers:
                     return
                 _, _, fn, args = heapq.heappop(self._heap)
             try:
-                fn(*args)
+                with self.passes.passing():
+                    fn(*args)
             except Exception:  # one failing callback must not stop every later timer
                 log.exception("timer callback %r failed", fn)

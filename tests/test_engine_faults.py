@@ -395,3 +395,30 @@ def test_an_error_that_cannot_be_printed_fails_its_task_not_the_bookkeeping(stor
     [task] = store.get_tasks(run.run_id)
     assert (run.state, task.state, task.error_type) == ("failed", "failed", "Unprintable"), run.reason
     assert task.error_message == "(its message cannot be read)" and engine.active_runs() == [] and engine.healthy
+
+
+def test_a_dispatcher_stuck_in_the_store_makes_the_engine_unhealthy_until_it_returns(settings, start_engine):
+    """A prober's find: a dispatcher pass that never returned (no exception, so no failure streak) left the
+    gateway answering 250 for 80 mails while no run advanced, serve saying it was healthy. A pass past
+    ``[engine] stuck_after_s`` now makes it unhealthy (451), and healthy again once the pass returns."""
+    with SlowClaimStore(settings.store) as store:
+        engine = start_engine(store, settings, DAG("d", [Task("a", noop)]), stuck_after_s=0.5)
+        run_id = engine.trigger("d").run_id
+        assert store.claimed.wait(10)
+        wait_until(lambda: "claiming runs stuck for" in (engine.health_problem or ""), 10, "unhealthy")
+        store.release.set()
+        assert engine.wait(run_id, timeout=30).state == "success"
+        wait_until(lambda: engine.healthy, 10, "healthy again")
+
+
+def test_a_timer_callback_that_never_returns_makes_the_engine_unhealthy(settings, start_engine):
+    """Retries and task timeouts share one timer thread: a callback stuck there holds them all."""
+    gate = threading.Event()
+    with SqliteRunStore(settings.store) as store:
+        engine = start_engine(store, settings, DAG("d", [Task("a", noop)]), stuck_after_s=0.3)
+        engine._timers.call_later(0, gate.wait, 30)
+        try:
+            wait_until(lambda: "timer callbacks stuck for" in (engine.health_problem or ""), 10, "unhealthy")
+        finally:
+            gate.set()
+        wait_until(lambda: engine.healthy, 10, "healthy again")
