@@ -163,27 +163,29 @@ class ScrapeCollector(Collector):
         self.runs_by_state, self.active_runs, self.gateway = runs_by_state, active_runs, gateway
         self.health, self.gateway_restarts = health, gateway_restarts
         self.states = states  # shown as 0 when the store has no run in them, so every series always exists
-        self._errors = {"store": 0, "memory": 0, **({"gateway": 0} if gateway is not None else {})}
+        self._errors = {"store": 0, "memory": 0, "serve": 0, **({"gateway": 0} if gateway is not None else {})}
         self._lock = threading.Lock()  # two scrapes at once must not lose a count
 
     def collect(self) -> Iterator[Any]:
         yield from self._own_and_gateway()
         yield from self._runs()
-        if self.active_runs is not None:
-            yield GaugeMetricFamily("pipeline_active_runs", "Runs this process is running now",
-                                    value=self.active_runs())
+        active = self._read("serve", self.active_runs)
+        if active is not None:
+            yield GaugeMetricFamily("pipeline_active_runs", "Runs this process is running now", value=active)
         try:
             yield from memory_families()
         except OSError as exc:  # out of descriptors (/proc unreadable): the other figures still go out
             self._count_error("memory", exc)
         if self.health is not None:  # what makes the gateway answer 451 (serve's health_problem)
+            problem = self._read("serve", self.health, "its health cannot be read")
             yield GaugeMetricFamily("pipeline_healthy", "1 while serve is healthy, 0 while it answers 451 "
                                     "(a failing loop, a damaged store, its gateway down)",
-                                    value=0 if self.health() else 1)
-        if self.gateway_restarts is not None:
+                                    value=0 if problem else 1)
+        restarts_by_cause = self._read("serve", self.gateway_restarts)
+        if restarts_by_cause is not None:
             restarts = CounterMetricFamily("pipeline_gateway_restarts", "Gateway processes serve restarted, by "
                                            "cause (died, hung)", labels=["cause"])
-            for cause, n in sorted(self.gateway_restarts().items()):
+            for cause, n in sorted(restarts_by_cause.items()):
                 restarts.add_metric([cause], n)
             yield restarts
         errors_family = CounterMetricFamily("pipeline_scrape_errors", "Scrapes that could not read a source",
@@ -192,16 +194,27 @@ class ScrapeCollector(Collector):
             errors_family.add_metric([source], count)
         yield errors_family
 
+    def _read(self, source: str, read: Callable[[], Any] | None, failed: Any = None) -> Any:
+        """``read()``, or ``failed`` (counted and logged) if it raises: one source must not fail the whole scrape
+        (it answered 500, with a traceback on serve's stderr per scrape, and ``pipeline_healthy`` vanished)."""
+        if read is None:
+            return None
+        try:
+            return read()
+        except Exception as exc:
+            self._count_error(source, exc)
+            return failed
+
     def _own_and_gateway(self) -> Iterator[Any]:
         if self.gateway is None:
             yield from REGISTRY.collect()
             return
+        text = self._read("gateway", self.gateway, "")  # restarting, or cut off mid-reply: its figures left out
         try:
-            text = self.gateway()
-        except (OSError, ValueError) as exc:  # restarting: leave its figures out, count it
+            yield from list(merged(REGISTRY.collect(), text or ""))
+        except ValueError as exc:  # an exposition cut short that still parsed in part
             self._count_error("gateway", exc)
-            text = ""
-        yield from merged(REGISTRY.collect(), text)
+            yield from REGISTRY.collect()
 
     def _count_error(self, source: str, exc: Exception) -> None:
         with self._lock:

@@ -224,6 +224,27 @@ def test_out_of_descriptors_a_scrape_still_answers_and_counts_what_it_could_not_
     assert errors["memory"] == 1
 
 
+def test_a_source_that_raises_is_counted_and_the_rest_of_the_scrape_still_goes_out():
+    """A prober's find: a collector source that raised (a gateway process cut off mid-reply raises
+    http.client.IncompleteRead, not an OSError) answered the whole scrape with 500 and a traceback on serve's
+    stderr, and ``pipeline_healthy`` vanished with it."""
+    import http.client
+
+    def cut_off() -> str:
+        raise http.client.IncompleteRead(b"# HELP pipeline_")
+
+    def broken() -> str | None:
+        raise RuntimeError("health cannot be read")
+
+    collector = metrics.ScrapeCollector(runs_by_state=lambda: {"queued": 1}, active_runs=lambda: 0,
+                                        gateway=cut_off, health=broken)
+    families = {family.name: family for family in collector.collect()}
+    assert "pipeline_runs" in families and "pipeline_active_runs" in families
+    assert [sample.value for sample in families["pipeline_healthy"].samples] == [0]  # unknown counts as unhealthy
+    errors = {sample.labels["source"]: sample.value for sample in families["pipeline_scrape_errors"].samples}
+    assert (errors["gateway"], errors["serve"]) == (1, 1)
+
+
 def test_reason_codes_are_bounded():
     assert metrics.reason_code(None) == "none"
     assert metrics.reason_code("ingest_pdf[0]: encrypted: the PDF needs a password") == "encrypted"
