@@ -20,6 +20,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from .errors import ConfigurationError
 
 MB = 1024 * 1024
+# typo guards (20000 for 20 would start 20,000 interpreters; a cap setrlimit cannot take failed every run)
+MIN_WORKER_MEMORY, MAX_WORKER_MEMORY = 128 * MB, 1 << 40  # an extraction worker's imports need about 96 MB
+MAX_PROCESSES, MAX_THREADS, MAX_ACTIVE_RUNS = 256, 1024, 100_000
 # the longest any duration setting may be (a ``_s`` field; ``_ms`` in milliseconds): longer than any wait here
 # needs, and far inside what the OS's timers, select() and SQLite's busy timeout take (past ~2.9e8 years of
 # seconds, or 2^31 ms, they raise OverflowError in the thread that waits, which then dies)
@@ -80,6 +83,9 @@ class RunnerConfig:
     def validate(self) -> None:
         if self.thread_workers < 1 or self.process_workers < 1:
             raise ConfigurationError("runner worker counts must be >= 1")
+        if self.process_workers > MAX_PROCESSES or self.thread_workers > MAX_THREADS:
+            raise ConfigurationError(f"runner.process_workers must be at most {MAX_PROCESSES} and "
+                                     f"runner.thread_workers at most {MAX_THREADS}")
         if self.completion_threads < 0:
             raise ConfigurationError("runner.completion_threads must be >= 0 (0: on the pool's result thread)")
         if self.stage_executor not in ("auto", "process", "thread"):
@@ -139,8 +145,8 @@ class EngineConfig:
     claim_batch: int = 1
 
     def validate(self) -> None:
-        if self.max_active_runs < 1:
-            raise ConfigurationError("engine.max_active_runs must be >= 1")
+        if not 1 <= self.max_active_runs <= MAX_ACTIVE_RUNS:
+            raise ConfigurationError(f"engine.max_active_runs must be 1 to {MAX_ACTIVE_RUNS:,}")
         if self.claim_batch < 1:
             raise ConfigurationError("engine.claim_batch must be >= 1")
         if self.queue_poll_s <= 0:
@@ -265,6 +271,12 @@ class IngestConfig:
                 raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ConfigurationError("ingest.timeout_s must be > 0")
+        if not MIN_WORKER_MEMORY <= self.memory_limit_bytes <= MAX_WORKER_MEMORY:  # too little: not even imports
+            raise ConfigurationError(f"ingest.memory_limit_bytes must be {MIN_WORKER_MEMORY // MB:,} MB to "
+                                     f"{MAX_WORKER_MEMORY // MB:,} MB, not {self.memory_limit_bytes:,}")
+        if self.workers > MAX_PROCESSES:
+            raise ConfigurationError(f"ingest.workers must be at most {MAX_PROCESSES}, not {self.workers} "
+                                     f"(one process each, all started at once)")
         if self.engine not in ("pypdf", "pdfium"):
             raise ConfigurationError(f"ingest.engine must be 'pypdf' or 'pdfium', not {self.engine!r}")
         if self.engine == "pdfium" and not self.isolate:

@@ -66,6 +66,15 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[runner]\ndefault_timeout_s = -1", "runner.default_timeout_s must be > 0 (or left out: no timeout), not -1"),
     ("[gateway]\npoll_interval_s = 0", "gateway.poll_interval_s must be > 0, not 0"),
     ("[ingest]\nsummary_sentences = -3", "ingest.summary_sentences must be 0-100, not -3"),
+    # typo guards (a prober's finds): a cap setrlimit cannot take failed every run worker_crashed with an
+    # OverflowError, one too small to import anything failed them untyped, and every worker starts at once
+    ("[ingest]\nmemory_limit_bytes = 99999999999999999999", "ingest.memory_limit_bytes must be 128 MB to 1,048,576"),
+    ("[ingest]\nmemory_limit_bytes = 9999999999999999", "ingest.memory_limit_bytes must be 128 MB to 1,048,576 MB"),
+    ("[ingest]\nmemory_limit_bytes = 1000", "ingest.memory_limit_bytes must be 128 MB to 1,048,576 MB, not 1,000"),
+    ("[ingest]\nworkers = 20000\npage_workers = 2", "ingest.workers must be at most 256, not 20000"),
+    ("[runner]\nprocess_workers = 5000", "runner.process_workers must be at most 256"),
+    ("[engine]\nmax_active_runs = 10000000", "engine.max_active_runs must be 1 to 100,000"),
+    ("[engine]\nstuck_after_s = -1", "engine.stuck_after_s must be >= 0 (0: never)"),
 ])
 def test_bad_setting_is_one_line_naming_file_section_and_key(tmp_path, toml, message):
     path = write_toml(tmp_path, toml)
