@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import ConfigurationError, PipelineError
+from .errors import ConfigurationError, PipelineError, StoreIOError
 from .store import DAGRunStore, open_store
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,26 @@ def purge(settings: Settings, older_than_days: float, *, batch_size: int = 1000)
     if not math.isfinite(older_than_days) or older_than_days < 0:
         raise ConfigurationError(f"cannot purge runs older than {older_than_days:g} day(s): "
                                  "the age must be a number of days, 0 or more")
-    with open_store(settings.store, create=False) as store:
-        return purge_store(store, Path(settings.data_dir), older_than_days, batch_size=batch_size)
+    try:
+        with open_store(settings.store, create=False) as store:
+            return purge_store(store, Path(settings.data_dir), older_than_days, batch_size=batch_size)
+    except StoreIOError as exc:
+        free = _free_bytes(Path(settings.data_dir))
+        if free is None or free >= PURGE_NEEDS_FREE:
+            raise
+        # the store records what it deletes before a file goes (and SQLite cannot even open it on a full disk)
+        raise StoreIOError(f"{exc}: the disk has {free // 1024:,} KB free, and purge needs a few MB to record "
+                           f"what it deletes; free some (old digests in the outbox, say) and run it again") from exc
+
+
+PURGE_NEEDS_FREE = 4 * _MB  # below this, a purge that fails with a store I/O error says the disk is the cause
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, batch_size: int = 1000,

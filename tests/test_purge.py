@@ -334,3 +334,29 @@ def test_a_work_dir_listing_that_fails_is_counted_and_the_next_purge_removes_the
     assert work_dirs(settings) == [str(orphan)]
     report = housekeeping.purge(settings, 0)
     assert report.work_dirs == 1 and report.failures == 0 and work_dirs(settings) == []
+
+
+def test_purge_on_a_full_disk_says_what_to_do_and_works_once_there_is_room(tmp_path, capsys):
+    """A prober's find: on a full disk purge failed with SQLite's bare 'database or disk is full', although a full
+    disk is when an operator reaches for it: the store must record what it deletes before a file goes."""
+    from test_gateway_faults import tmpfs
+
+    data = tmp_path / "data"
+    with tmpfs(data, "16m"):
+        with SqliteRunStore(data / "runs.sqlite3") as store:
+            for i in range(300):
+                store.finish_run(store.create_run("wf", {"n": i, "pad": "x" * 500})[0].run_id, "success", now=1.0)
+        ballast = data / "ballast"
+        with ballast.open("wb", buffering=0) as fh:
+            chunk = b"\0" * 65536
+            while chunk:
+                try:
+                    fh.write(chunk)
+                except OSError:
+                    chunk = chunk[: len(chunk) // 4] if len(chunk) > 512 else b""  # to the last few bytes
+        assert main(["--data-dir", str(data), "purge", "--older-than", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "KB free, and purge needs a few MB to record what it deletes" in err[0], err
+        ballast.unlink()
+        assert main(["--data-dir", str(data), "purge", "--older-than", "0"]) == 0
+        assert capsys.readouterr().out.startswith("purged 300 run(s)")
