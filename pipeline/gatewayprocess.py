@@ -122,6 +122,15 @@ class GatewayProcess:
         return self
 
     @property
+    def down(self) -> str | None:
+        """Why no gateway process runs now, seen directly, or None: a supervisor stuck in a call would never set
+        ``problem`` (a prober blocked it and killed the child: no SMTP for 10 s, serve healthy)."""
+        proc = self.proc
+        if self._thread is None or self._stopping.is_set() or (proc is not None and proc.poll() is None):
+            return None
+        return "the gateway process is not running; serve answers no SMTP until it is restarted"
+
+    @property
     def supervisor_thread(self) -> int | None:
         """Native id of the thread that restarts the child (its priority is the child's), once started."""
         return self._thread.native_id if self._thread is not None else None

@@ -250,7 +250,8 @@ class PipelineService:
     def health_problem(self) -> str | None:
         """Why this service cannot do its whole job now (its gateway process is down, an engine loop keeps
         failing); None when healthy."""
-        child = self.gateway_process.problem if self.gateway_process is not None else None
+        gateway = self.gateway_process
+        child = (gateway.problem or gateway.down) if gateway is not None else None
         return child or self.engine.health_problem
 
     def serve_forever(self) -> None:

@@ -289,6 +289,35 @@ def test_a_failing_look_at_the_engine_is_reported_and_supervision_goes_on(settin
         gateway.stop()
 
 
+def test_a_dead_gateway_process_is_reported_even_while_supervision_is_stuck(settings):
+    """A prober's find: with the supervisor stuck in a call (here: the engine's health check, which it makes every
+    look) and the gateway process killed, no SMTP was answered for 10 s while serve said it was healthy: only
+    the supervisor set ``problem``. ``down`` looks at the process itself."""
+    stuck, release = threading.Event(), threading.Event()
+
+    def health() -> str | None:
+        if stuck.is_set():
+            release.wait(60)
+        return None
+
+    gateway = GatewayProcess(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)),
+                             health=health)
+    gateway.start()
+    try:
+        stuck.set()
+        time.sleep(1.0)  # the supervisor's next look calls health() and stays there
+        os.kill(gateway.pid, signal.SIGKILL)
+        assert wait_until(lambda: gateway.down is not None, timeout_s=30)
+        assert gateway.problem is None  # what the stuck supervisor would have said
+    finally:
+        stuck.clear()
+        release.set()
+    try:
+        assert wait_until(lambda: gateway.down is None and gateway.problem is None, timeout_s=60)
+    finally:
+        gateway.stop()
+
+
 def test_the_audit_counts_the_gateway_process_as_serve_not_as_a_worker(serve):
     """Memory and CPU figures of "serve" cover the process that accepts the mail and the stage pool, everything
     but the extraction workers (pipeline/audit/base/servemem.py)."""
