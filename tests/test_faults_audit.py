@@ -68,6 +68,19 @@ def test_a_full_work_disk_fails_no_acked_run_and_every_mail_gets_its_digest(tmp_
     assert not _no_children_left(before)
 
 
+def test_a_full_outbox_fails_no_acked_run_and_every_digest_arrives_once_there_is_room(tmp_path):
+    before = _live_children()
+    rows = faults.outbox_full(tmp_path, messages=10, senders=2, full_s=1.0, size_mb=16, timeout_s=240)
+    if rows[0]["metric"] == "skipped":
+        pytest.skip(rows[0]["tags"]["reason"])
+    figures = _figures(rows, "outbox_full")
+    assert figures["acked"] == 10 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["failed_runs"] == 0 and figures["missing_digests"] == 0  # every digest was lost before
+    replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
+    assert replies.get("451", 0) >= 1 and figures["refused_after_s"] > 0, (replies, figures)
+    assert not _no_children_left(before)
+
+
 def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
@@ -163,7 +176,8 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
     assert list(table["as expected"]) == ["yes"] * 4 and "deliver tries" in table
     assert not _no_children_left(before)
 
-@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "hung_gateway", "disk_full", "work_disk_full"])
+@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "hung_gateway", "disk_full", "work_disk_full",
+                                   "outbox_full"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 

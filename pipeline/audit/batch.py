@@ -77,7 +77,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                        "margin_s": 1.0},
                       "hung_gateway": {"messages": 16, "senders": 2, "hung_after_s": 2.0, "margin_s": 1.0},
                       "disk_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32},
-                      "work_disk_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}},
+                      "work_disk_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16},
+                      "outbox_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}},
         "10_hostile_senders": {"sessions": {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30},
                                "memory": {"mails": 2, "mail_mb": 2, "reps": 1},
                                "head_of_line": {"timeout_s": 3.0, "slow_pages": 20, "reps": 1},
@@ -144,7 +145,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       # serve's default waits 30 s before it kills a silent gateway; 5 s here, same path
                       "hung_gateway": {"messages": 200, "senders": 4, "hung_after_s": 5.0, "margin_s": 2.0},
                       "disk_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 48},
-                      "work_disk_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 16}},
+                      "work_disk_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 16},
+                      "outbox_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 16}},
         "10_hostile_senders": {"sessions": {"limit": 100, "extra": 100, "sends": 20, "release": 10, "churn": 1000},
                                "memory": {"mails": 10, "mail_mb": 44, "reps": 1},
                                # one rep: at d53ef80 its two agreed within 0.2 s (8.83/9.04 against 1.20/1.31 s)

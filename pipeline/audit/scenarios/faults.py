@@ -325,6 +325,17 @@ def work_disk_full(work: Path, messages: int = 40, senders: int = 2, full_s: flo
                          timeout_s, span_s)
 
 
+def outbox_full(work: Path, messages: int = 40, senders: int = 2, full_s: float = 5.0, size_mb: int = 16,
+                timeout_s: float = 300.0, span_s: float = 8.0) -> Rows:
+    """Only the outbox (``data/outbox``, the Maildir digests go into) on a small tmpfs filled with ballast: the
+    runs get as far as delivery and must wait there for room, not fail (every digest was lost after deliver's
+    13-26 minutes of retries, serve healthy throughout), the gateway answering 451 meanwhile, as in
+    ``work_disk_full``."""
+    data_dir = work / "data"
+    return _on_full_disk("outbox_full", data_dir / "outbox", data_dir, work, messages, senders, full_s, size_mb,
+                         timeout_s, span_s)
+
+
 def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages: int, senders: int, full_s: float,
                   size_mb: int, timeout_s: float, span_s: float = 0.0) -> Rows:
     """Serve on ``data_dir`` with a tmpfs of ``size_mb`` on ``mount`` filled with ballast while senders send
@@ -462,8 +473,8 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
                                                 cases=len(outcomes))]
 
 
-FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "bad_input",
-          "bad_relay")
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "outbox_full",
+          "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -475,7 +486,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked,
         "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
-        "bad_input": bad_input, "bad_relay": bad_relay}
+        "outbox_full": outbox_full, "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
