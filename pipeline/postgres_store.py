@@ -93,10 +93,23 @@ def connection_options(busy_timeout_ms: int) -> dict[str, Any]:
     retryable), and a dead connection is noticed within about 30 s.
     """
     wait_ms = max(int(busy_timeout_ms), 100)
-    return {"autocommit": True, "connect_timeout": max(2, -(-wait_ms // 1000)), "keepalives": 1,
+    # client_encoding: a database created SQL_ASCII (initdb's default under a C or unset locale, common in
+    # containers) hands text back as bytes otherwise: every run failed "unknown_workflow: b'email_digest'"
+    return {"autocommit": True, "client_encoding": "UTF8", "connect_timeout": max(2, -(-wait_ms // 1000)),
+            "keepalives": 1,
             "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000,
             "options": f"-c lock_timeout={wait_ms} -c idle_in_transaction_session_timeout=60000 "
                        f"-c statement_timeout={max(wait_ms, 60_000)}"}
+
+
+def refuse_non_utf8(conn: Any, label: str) -> None:
+    """Raise ConfigurationError, one line, for a database not encoded UTF8 (a prober's SQL_ASCII database, initdb's
+    default under a C locale: text came back as bytes and every acked mail failed; jsonb cannot even hold a
+    non-ASCII subject there)."""
+    encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+    if str(encoding).upper() not in ("UTF8", "UTF-8"):
+        raise ConfigurationError(f"{label}: the database is encoded {encoding}, and the run store needs UTF8: "
+                                 "create it with createdb --encoding=UTF8 --template=template0")
 
 
 def store_error(label: str, exc: BaseException) -> StoreError:
@@ -173,6 +186,7 @@ class PostgresRunStore(SqlRunStore):
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn:
+                refuse_non_utf8(conn, self.label)
                 migrate(conn, self.label, create)
         except self._psycopg.Error as exc:
             self._pool.close()

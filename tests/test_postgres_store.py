@@ -5,6 +5,7 @@ generated spool_name column, sharded run counters, typed errors when the server
 goes away (and recovery when it comes back), and LISTEN/NOTIFY wake-ups.
 """
 
+import os
 import subprocess
 import sys
 import threading
@@ -36,6 +37,25 @@ psycopg = pytest.importorskip("psycopg", reason="the [postgres] extra is not ins
 def test_open_store_picks_postgres_by_url(pg_url):
     with open_store(StoreConfig(url=pg_url)) as store:
         assert isinstance(store, PostgresRunStore) and store.queue_notifications
+
+
+def test_a_database_not_encoded_utf8_is_refused_in_one_line(pg_server):
+    """A prober's find: on a database created SQL_ASCII (initdb's default under a C locale, common in containers)
+    psycopg handed every text column back as bytes: all 60 acked mails failed "unknown_workflow:
+    b'email_digest' is not registered", and every metrics scrape answered 500 (jsonb there cannot even hold a
+    non-ASCII subject). The store refuses it at open, saying how to make a UTF8 one, and creates nothing."""
+    name = f"ascii{os.getpid()}"
+    url = pg_server.create_database(name, encoding="SQL_ASCII")
+    try:
+        with pytest.raises(ConfigurationError, match="encoded SQL_ASCII, and the run store needs UTF8: create it "
+                                                     "with createdb --encoding=UTF8"):
+            open_store(StoreConfig(url=url))
+        import psycopg
+
+        with psycopg.connect(url) as conn:  # refused untouched: no schema made
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
+    finally:
+        pg_server.drop_database(name)
 
 
 def test_a_missing_driver_is_a_one_line_configuration_error(monkeypatch):

@@ -180,9 +180,10 @@ class TemporaryPostgres:
         """The URL of database ``name`` on this server."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
-    def create_database(self, name: str) -> str:
-        """Create an empty database ``name`` (lowercase identifier) and return its URL."""
-        self._admin(f"CREATE DATABASE {_checked(name)}")
+    def create_database(self, name: str, encoding: str = "UTF8") -> str:
+        """Create an empty database ``name`` (lowercase identifier) in ``encoding`` and return its URL."""
+        self._admin(f"CREATE DATABASE {_checked(name)} ENCODING '{_checked(encoding.lower()).upper()}' "
+                    f"TEMPLATE template0")
         return self.database_url(name)
 
     def drop_database(self, name: str) -> None:
