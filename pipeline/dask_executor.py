@@ -34,8 +34,9 @@ A try past its task timeout (``workflows.cluster_try_timeout_s``) is failed by t
 cluster; its late result is ignored.
 
 Every distributed exception is translated here, at the edge: an unreachable scheduler or a lost result is
-ClusterUnavailableError (retryable; raised by ``submit`` it breaks the run, which the engine requeues with
-a backoff, uncounted), and so is a scheduler with no worker; a dead worker as above. A try cancelled by
+ClusterUnavailableError (retryable; raised by ``submit``, or as a try's result after its one quick retry, it
+breaks the run, which the engine requeues with a backoff, uncounted), and so is a scheduler with no worker; a
+dead worker as above. A try cancelled by
 ``close`` is a cancelled future (the runner puts the run back in the queue). An exception the task itself
 raised reaches the runner unchanged.
 """
@@ -110,6 +111,8 @@ class DaskExecutor:
             if self._closed:
                 raise ClusterUnavailableError("the Dask executor is shut down")
             if self._client is None or self._client.status in ("closing", "closed"):
+                if self._client is not None:  # gave up on a scheduler that went away: free its loop and sockets
+                    _release(self._client)
                 self._client = self._connect()
             return self._client
 
@@ -187,9 +190,7 @@ class DaskExecutor:
                         dashboard_address=None)
             client.__init__(self.config.scheduler or self._cluster, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
         except (OSError, TimeoutError) as exc:
-            runner = getattr(client, "_loop_runner", None)
-            if runner is not None:
-                runner.stop()
+            _release(client)
             raise ClusterUnavailableError(f"cannot reach the Dask scheduler at {target}: {exc}") from exc
         client.subscribe_topic(MEMORY_TOPIC, self._on_memory_event)
         client.subscribe_topic(cluster_ingest.STARTED_TOPIC, self._on_started_event)
@@ -269,6 +270,18 @@ class DaskExecutor:
             return PdfTooLargeError(f"the task needed memory over the Dask worker's memory limit: the nanny "
                                     f"restarted worker {address}")
         return WorkerCrashedError(f"Dask worker {address} died while running the task (not for memory)")
+
+
+def _release(client: Any) -> None:
+    """Close a client that is closed already in name (its scheduler gone, or its start failed), yet whose event loop
+    thread and descriptors live on."""
+    try:
+        client.close()
+    except Exception as exc:  # closing what is half gone: nothing more to release that way
+        log.debug("closing a gone Dask client: %s: %s", type(exc).__name__, exc)
+    runner = getattr(client, "_loop_runner", None)
+    if runner is not None:
+        runner.stop()
 
 
 def _settle(ours: Future[Any], result: Any = None, error: BaseException | None = None) -> None:

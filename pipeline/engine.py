@@ -56,7 +56,14 @@ from . import liveness, metrics, tracing
 from . import store as s
 from .config import Settings
 from .dag import DAG
-from .errors import MachineShortError, PipelineError, StoreCorruptError, StoreError, UnknownWorkflowError
+from .errors import (
+    ClusterUnavailableError,
+    MachineShortError,
+    PipelineError,
+    StoreCorruptError,
+    StoreError,
+    UnknownWorkflowError,
+)
 from .executors import Executors, init_pool_worker
 from .health import LoopHealth, Passes, backoff_s, one_line
 from .housekeeping import shed_run_files
@@ -460,8 +467,9 @@ class WorkflowEngine:
         if decided is None:
             return  # decided already: this is a second report of the same break
         outcome, first = decided
-        if isinstance(exc, MachineShortError):  # a task's tries failed for the machine: no bookkeeping broke
-            log.warning("run %s: waiting for the machine: %s; %s", run_id, one_line(exc), outcome)
+        if isinstance(exc, (MachineShortError, ClusterUnavailableError)):  # no bookkeeping broke: the run waits
+            what = "the machine" if isinstance(exc, MachineShortError) else "the Dask cluster"
+            log.warning("run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
         else:
             traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
             log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,

@@ -46,7 +46,15 @@ from . import dag as dags
 from . import metrics, tracing
 from . import store as s
 from .dag import DAG, Task, TaskContext, parse_instance
-from .errors import IngestError, MachineShortError, StepError, StoreError, TaskTimeoutError, WorkerCrashedError
+from .errors import (
+    ClusterUnavailableError,
+    IngestError,
+    MachineShortError,
+    StepError,
+    StoreError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
 from .executors import Executors, call_task
 from .handover import Handover
 from .health import exc_text
@@ -57,6 +65,10 @@ from .timers import Timers
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000  # of a task's stored error message
 MACHINE_RETRIES = 1  # quick retries of a task failing for the machine (a full disk) before its run waits for it
+# failures of the environment, not of the task: its run waits for them to pass. ClusterUnavailableError: a Dask
+# scheduler that lost or cancelled the try (killed and restarted mid-burst, every document failed
+# cluster_unavailable and its sender got an empty "partial" digest)
+NOT_THE_TASKS = (MachineShortError, ClusterUnavailableError)
 
 
 @dataclass
@@ -377,7 +389,7 @@ class DAGRunner:
             self._write(instance_id, s.QUEUED, error=error)
             log.info("run %s task %s: try %d failed (%s) while stopping; queued again", self.run.run_id,
                      instance_id, inst.try_number, reason)
-        elif isinstance(exc, MachineShortError) and inst.try_number > min(retries, MACHINE_RETRIES):
+        elif isinstance(exc, NOT_THE_TASKS) and inst.try_number > min(retries, MACHINE_RETRIES):
             raise exc  # not the task's failure: _guarded breaks the run, the engine requeues it, backing off, and
             # reports unhealthy (451); deliver's 20 tries would have taken 13-26 minutes of 250s to get there
         elif inst.try_number <= retries and getattr(exc, "retryable", True):
