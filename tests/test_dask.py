@@ -301,6 +301,31 @@ def test_a_scheduler_killed_mid_task_makes_the_run_wait_not_fail_its_document(st
     assert (run.state, run.reason, task.state) == ("success", None, "success"), (run, task)
 
 
+def _recurse(depth: int = 0) -> int:
+    return _recurse(depth + 1)
+
+
+def recursing_task(ctx: TaskContext) -> int:
+    return _recurse()
+
+
+def test_a_task_that_recurses_too_deep_on_a_worker_fails_with_that_error_not_a_timeout(store, settings, cluster):
+    """A prober's find: a RecursionError's traceback cannot be pickled back from the worker, Dask then never
+    completed the try's future, and the task ended "timeout" after its whole try timeout (300 s), hiding the
+    real error (pypdf on a deeply nested PDF would do it)."""
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=cluster))
+    engine.register(DAG("deep", [Task("work", recursing_task, executor="dask", retries=0, timeout_s=120)]))
+    engine.start()
+    try:
+        started = time.monotonic()
+        run = engine.wait(engine.trigger("deep").run_id, timeout=150)
+    finally:
+        engine.shutdown(grace_s=5)
+    [task] = store.get_tasks(run.run_id)
+    assert (run.state, task.error_type) == ("failed", "RecursionError"), (run, task)
+    assert time.monotonic() - started < 100  # ended when it failed, not when its try timed out
+
+
 def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settings, monkeypatch):
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
     address = f"tcp://127.0.0.1:{free_port()}"

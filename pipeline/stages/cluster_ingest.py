@@ -44,7 +44,11 @@ def run_announced(fn: Callable[..., Any], *args: Any) -> Any:
     # sent on the worker's batched stream at its next flush (every few ms): ordered before the task's end, but a
     # worker killed before that flush takes it along (dask_executor's module docstring)
     worker.log_event(STARTED_TOPIC, {"key": worker.get_current_task(), "worker": worker.address})
-    return fn(*args)
+    try:
+        return fn(*args)
+    except RecursionError as exc:  # its traceback, about a thousand frames deep, cannot be pickled back: Dask then
+        message = str(exc)  # never completed the future, and the try ended "timeout" after its whole try timeout
+    raise RecursionError(message)  # outside the handler: no context, no deep traceback
 
 
 def ingest_on_worker(pdf_path: Path, text_path: Path, limits: IngestConfig, pages_per_task: int) -> PdfText:
