@@ -22,7 +22,8 @@ from . import tracing
 from .config import ExecutorConfig, RunnerConfig
 from .dag import TaskContext
 from .errors import task_io_error
-from .health import Passes, one_line
+from .health import one_line
+from .passes import Passes
 
 if TYPE_CHECKING:
     from .dask_executor import DaskExecutor

@@ -3,17 +3,13 @@
 Guarded loops (STYLE.md section 3) log the first failure of a streak with a
 traceback and each further one in one line, back off (doubling), and after
 ``unhealthy_after`` failures in a row report the component unhealthy.
-``Passes`` catches what no exception reports: a pass of a loop (or a callback)
-that never returns, a store that does not answer, a deadlock.
+``passes.Passes`` catches what no exception reports: a pass that never returns.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 from .config import EngineConfig
 
@@ -69,30 +65,3 @@ def exc_text(exc: BaseException) -> str:
     except Exception:
         return "(its message cannot be read)"
 
-
-class Passes:
-    """The passes of a loop or a pool's callbacks under way now, and since when (one per thread).
-
-    A pass running longer than ``[engine] stuck_after_s`` is a hang: a prober blocked the dispatcher, and the
-    gateway answered 250 for 80 mails while no run advanced and serve said it was healthy."""
-
-    def __init__(self, activity: str) -> None:
-        self.activity = activity
-        self._since: dict[int, float] = {}  # thread id -> monotonic start of its pass
-
-    @contextmanager
-    def passing(self) -> Iterator[None]:
-        """Mark one pass of the calling thread."""
-        key = threading.get_ident()
-        self._since[key] = time.monotonic()
-        try:
-            yield
-        finally:
-            self._since.pop(key, None)
-
-    def problem(self, after_s: float) -> str | None:
-        """One line if a pass has run longer than ``after_s`` (0: never a problem), else None."""
-        started = min(list(self._since.values()), default=None)
-        if not after_s or started is None or time.monotonic() - started <= after_s:
-            return None
-        return f"{self.activity} stuck for {time.monotonic() - started:.0f} s (a store or a disk that does not answer?)"

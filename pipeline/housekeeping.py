@@ -143,19 +143,6 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
     return report()
 
 
-RUN_BULK = ("attachments", "text")  # what a run's work dir holds that its spool file can make again
-
-
-def shed_run_files(work_dir: Path) -> None:
-    """Delete an ended run's attachments and extracted text, keeping its digest and delivery marker for purge.
-
-    Nothing reads them once the run has ended (a rerun starts from the spool file), and they can be hundreds
-    of times the mail's size (a 4.3 MB mail of dense PDFs left 483 MB of text): kept until ``purge``, a few
-    such mails filled the disk. Best effort: what cannot be deleted now, purge deletes later."""
-    for name in RUN_BULK:
-        shutil.rmtree(work_dir / name, ignore_errors=True)  # symlinks inside are unlinked, never followed
-
-
 def remove_orphan_work_dirs(store: DAGRunStore, files: _FileRemover, page: int = 500) -> None:
     """Delete the work directories of runs that are gone: those a purge stopped midway (killed, Ctrl-C, the
     store failing) had deleted the runs of but not yet the directories. A directory is an orphan when its number

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .health import Passes
+from .passes import Passes
 
 log = logging.getLogger(__name__)
 
