@@ -44,6 +44,7 @@ import errno
 import logging
 import socket
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -247,7 +248,9 @@ class _SmtpHandler:
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
         if any("\udc80" <= c <= "\udcff" for c in address):  # bytes that are not UTF-8 (aiosmtpd kept them)
             return metrics.smtp_reply("MAIL", "553 5.6.7 Sender address is not valid UTF-8")
-        if not address.isprintable():  # CR, NUL and the like: no digest could ever reach it (it failed at delivery)
+        # CR, NUL and other controls: no digest could ever reach it (it failed at delivery). Only Cc: the joiners
+        # IDNA allows in Persian and Indic names are not printable, yet valid
+        if any(unicodedata.category(c) == "Cc" for c in address):
             return metrics.smtp_reply("MAIL", "553 5.1.7 Sender address has control characters")
         size = declared_size(mail_options)
         if size is not None and size > self.gateway.limits.inflight.remaining:

@@ -57,6 +57,9 @@ def test_a_sender_address_with_control_characters_is_refused_at_mail(service_fac
     try:
         assert smtp.command(b"MAIL FROM:" + address) == (553, "5.1.7 Sender address has control characters")
         assert smtp.command(b"MAIL FROM:<alice@example.com>")[0] == 250  # the session goes on
+        smtp.command(b"RSET")
+        # a zero-width non-joiner is not printable, yet valid in a Persian name (IDNA2008): taken
+        assert smtp.command("MAIL FROM:<me@\u0645\u06cc\u200c\u062e.example> SMTPUTF8".encode())[0] == 250
     finally:
         smtp.close()
     assert service.store.count_runs_by_state() == {}
