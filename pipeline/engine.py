@@ -441,6 +441,8 @@ class WorkflowEngine:
             self._successes += state == s.SUCCESS
             if state != s.QUEUED:
                 self._forget(run_id)
+                if self.claim_only is not None:  # ended: never claimed again (every claim sends the whole set)
+                    self.claim_only.discard(run_id)
             self._wake = True
             self._cond.notify_all()
         if state != s.QUEUED:

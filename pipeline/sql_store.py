@@ -290,18 +290,20 @@ class SqlRunStore(DAGRunStore):
 
         A runner fails its run only once every task is final; the engine fails a run its runner left mid-task (a
         bookkeeping error past its requeues, a task short of disk that alone does not fit): the task it was on
-        takes the run's reason, and a task not yet started is ``upstream_failed``."""
+        takes the run's reason (``internal: …``, ``task_io: …``), and a queued one ends ``upstream_failed``."""
         kind, _, message = reason.partition(": ")
+        if not kind.isidentifier():  # a sentence, not a reason code
+            kind, message = "internal", reason
         opened = "state IN ('running', 'retrying')"
-        conn.execute(EVENT + f") SELECT run_id, task_id, try_number, 'failed', ? FROM task_runs "
-                     f"WHERE run_id = ? AND {opened}", (now, run_id))
+        conn.execute(EVENT + f", error_type) SELECT run_id, task_id, try_number, 'failed', ?, ? FROM task_runs "
+                     f"WHERE run_id = ? AND {opened}", (now, kind, run_id))
         conn.execute(f"UPDATE task_runs SET state = 'failed', ended_at = ?, error_type = ?, error_message = ? "
                      f"WHERE run_id = ? AND {opened}", (now, kind, message or reason, run_id))
-        conn.execute(EVENT + ") SELECT run_id, task_id, try_number, 'upstream_failed', ? FROM task_runs "
-                     "WHERE run_id = ? AND state = 'queued'", (now, run_id))
+        conn.execute(EVENT + ", error_type) SELECT run_id, task_id, try_number, 'upstream_failed', ?, "
+                     "'upstream_failed' FROM task_runs WHERE run_id = ? AND state = 'queued'", (now, run_id))
         conn.execute("UPDATE task_runs SET state = 'upstream_failed', ended_at = ?, error_type = 'upstream_failed', "
                      "error_message = ? WHERE run_id = ? AND state = 'queued'",
-                     (now, f"not started: the run failed ({reason[:200]})", run_id))
+                     (now, f"not run to its end: the run failed ({reason[:200]})", run_id))
 
     @retried
     def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:

@@ -299,8 +299,10 @@ class DAGRunStore:
         Compare-and-set: a run already success or failed keeps its state,
         reason and end time (the call does nothing and returns 0). With
         ``owner``, only a running run owned by ``owner`` is finished: a process
-        whose run was taken over by another must not end it. Raises ValueError
-        for another state.
+        whose run was taken over by another must not end it. A run failed with
+        task rows still open ends them in the same transaction: a running or
+        retrying one ``failed`` with the reason's code and message, a queued one
+        ``upstream_failed``. Raises ValueError for another state.
         """
         raise NotImplementedError
 

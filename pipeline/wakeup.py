@@ -25,7 +25,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,6 +120,7 @@ class _Watcher:
     def __init__(self, directory: Path, wake: Callable[[], None]) -> None:
         self.name = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._wake, self._stopping = wake, False
+        self._stopped = threading.Event()
         self._sock = self.socket_type(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.bind(_PREFIX + self.name)
@@ -151,7 +151,7 @@ class _Watcher:
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "queue wake-ups failed (%d in a row): %s; trying again", failures, exc)
-                time.sleep(min(BACKOFF_MAX_S, 0.1 * 2 ** (failures - 1)))
+                self._stopped.wait(min(BACKOFF_MAX_S, 0.1 * 2 ** (failures - 1)))  # a stop cuts it short
             else:
                 if failures:
                     log.warning("queue wake-ups recovered after %d failure(s)", failures)
@@ -166,6 +166,7 @@ class _Watcher:
     def stop(self) -> None:
         """Deregister, unblock the thread with a datagram of our own, wait for it, close the socket."""
         self._stopping = True
+        self._stopped.set()
         try:
             os.unlink(self.registration)
         except OSError:

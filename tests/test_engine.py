@@ -342,3 +342,30 @@ def test_a_huge_error_message_is_stored_cut_to_a_bound(store, make_engine):
     [task] = store.get_tasks(run.run_id)
     assert task.error_message.startswith("550 refused: xxx") and len(task.error_message) == MAX_ERROR_CHARS
     assert len(run.reason) <= 500
+
+
+def test_a_run_requeued_by_a_stop_keeps_its_attachments_and_text(store, settings, tmp_path):
+    """Only an ended run sheds its files: a run a stop requeues is rerun from them (its finished tasks kept)."""
+    from pathlib import Path
+
+    from pipeline.engine import WorkflowEngine
+
+    gate = threading.Event()
+
+    def write_then_hold(ctx):
+        _leave_files(ctx)
+        gate.wait(30)
+        return "late"
+
+    engine = WorkflowEngine(store, settings)
+    engine.register(DAG("files", [Task("w", write_then_hold)]))
+    engine.start()
+    run_id = engine.trigger("files", {}).run_id
+    work = Path(settings.data_dir) / "work" / str(run_id)
+    try:
+        assert wait_until(lambda: (work / "text" / "000-a.txt").exists())
+        engine.shutdown(grace_s=0.2)
+    finally:
+        gate.set()
+    assert store.get_run(run_id).state == "queued"
+    assert (work / "text" / "000-a.txt").exists() and (work / "attachments" / "a.pdf").exists()

@@ -182,7 +182,7 @@ def test_a_bug_in_bookkeeping_fails_the_run_internal_after_the_budget_with_trace
         assert engine.active_runs() == []
         # no task is left queued in a finished run ("a" never got as far as running: that write failed)
         tasks = {t.task_id: (t.state, t.error_message) for t in store.get_tasks(run.run_id)}
-        why = "not started: the run failed (internal: RuntimeError: injected: write 3 failed)"
+        why = "not run to its end: the run failed (internal: RuntimeError: injected: write 3 failed)"
         assert tasks == {"a": ("upstream_failed", why), "b": ("upstream_failed", why)}, tasks
     assert [bool(r.exc_info) for r in breaks_of(caplog, run.run_id)] == [True] * 3
 

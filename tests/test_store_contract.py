@@ -280,7 +280,7 @@ def test_failing_a_run_mid_task_closes_its_open_tasks(contract_store, store_conf
     assert (busy.state, busy.try_number, busy.ended_at, busy.error_type) == ("failed", 2, 9.0, "task_io")
     assert busy.error_message == "MachineShortError: [Errno 28] No space left on device"
     assert (later.state, later.error_type, later.ended_at) == ("upstream_failed", "upstream_failed", 9.0)
-    assert later.error_message == f"not started: the run failed ({reason})"
+    assert later.error_message == f"not run to its end: the run failed ({reason})"
     assert events(store_config, run.run_id, "busy")[-1] == "failed"
     assert events(store_config, run.run_id, "later")[-1] == "upstream_failed"
 

@@ -91,6 +91,8 @@ def test_a_watcher_whose_socket_fails_backs_off_and_goes_on(tmp_path, caplog):
     class Flaky(wakeup._Watcher):
         socket_type = _FailsOnce
 
+    _FailsOnce.failed = False  # (a rerun of this test in the same process fails once again)
+
     woken = threading.Semaphore(0)
     watcher = Flaky(tmp_path / "wake", woken.release)
     try:
