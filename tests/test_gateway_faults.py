@@ -243,25 +243,30 @@ def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settin
 
 def test_a_full_disk_under_the_work_dir_keeps_acked_mail_waiting_answers_451_and_resumes(settings):
     """A prober's find: with data/work on its own full disk, the spool still took mail (250) and each run failed
-    at once with task_io, for good: the mail was lost, and serve said it was healthy. Now the run waits for
-    room, the gateway answers 451 meanwhile, and the acked mail is digested once there is room."""
+    at once with task_io, for good: the mail was lost, and serve said it was healthy. Now the runs wait for
+    room, the gateway answers 451 once two of them wait (one alone may just not fit), and the acked mail is
+    digested once there is room."""
     with tmpfs(settings.data_dir / "work") as work_dir:
         service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)))
         try:
             service.start()
             filler = fill(work_dir)
-            code, reply = smtp_data(service.settings.gateway.port, fx.email_with([("a.pdf", fx.text_pdf(2))],
-                                                                               message_id="<acked@x>"))
-            assert code == 250, reply
-            acked = int(reply.rsplit(" ", 1)[1])
+            acked_ids = []
+            for mid in ("<acked@x>", "<acked-too@x>"):
+                code, reply = smtp_data(service.settings.gateway.port, fx.email_with([("a.pdf", fx.text_pdf(2))],
+                                                                                   message_id=mid))
+                assert code == 250, reply
+                acked_ids.append(int(reply.rsplit(" ", 1)[1]))
+            acked = acked_ids[0]
             assert wait_until(lambda: not service.engine.healthy)
             assert "No space left on device" in (service.engine.health_problem or "")
             code, reply = smtp_data(service.settings.gateway.port, fx.email_with([], message_id="<later@x>"))
             assert code == 451, reply  # the sender keeps it: no 250 for work that cannot run now
             assert service.store.get_run(acked).state in ("queued", "running")
             filler.unlink()
-            run = service.engine.wait(acked, timeout=60)
-            assert run.state == "success" and run.reason is None, run.reason
+            for run_id in acked_ids:
+                run = service.engine.wait(run_id, timeout=60)
+                assert run.state == "success" and run.reason is None, run.reason
             assert wait_until(lambda: service.engine.healthy)
         finally:
             service.stop(grace_s=5)
