@@ -135,6 +135,7 @@ class WorkflowEngine:
         self._successes = 0  # runs that ended in success
         # None: claim any queued run; a set: only these (``ingest`` runs its own runs, never a serve's backlog)
         self.claim_only: set[int] | None = None
+        self.machine_witnesses = MACHINE_WITNESSES  # ingest: 1 (no other mail will come to show there is room)
 
     # -- health -------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class WorkflowEngine:
             for run_id in [r for r, wait in self._machine_short.items() if wait.at <= horizon]:
                 del self._machine_short[run_id]  # (a run another engine finished is never forgotten otherwise)
             fresh = sorted((w.at, w.why) for w in self._machine_short.values() if w.successes_last == self._successes)
-        if len(fresh) < MACHINE_WITNESSES:
+        if len(fresh) < self.machine_witnesses:
             return None
         return f"tasks fail for the machine ({len(fresh)} run(s) wait for it): {fresh[-1][1]}"
 

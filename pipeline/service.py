@@ -388,6 +388,7 @@ def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0
         # only the runs made here: a backlog a serve queued in this store is that serve's (its digests would go
         # out with this command's settings), and neither are the spool's lost messages (serve's start queues them)
         service.engine.claim_only = set()
+        service.engine.machine_witnesses = 1  # its one run waiting for the machine is all the evidence there is
         try:
             service.start(reconcile=False)
             _check_readable(paths)

@@ -9,6 +9,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -377,3 +378,50 @@ def test_damaged_task_events_pages_make_serve_answer_451_not_250(settings):
         assert code == 451 and reply.startswith("4.3.0 "), reply
         assert "corrupt" in (service.engine.health_problem or "").lower() or \
             "malformed" in (service.engine.health_problem or "").lower(), service.engine.health_problem
+
+
+def test_a_parse_that_fails_for_a_full_disk_keeps_no_partial_attachment(tmp_path):
+    """A prober's find: a 5 MB mail on a work disk with 1.6 MB left kept the 1.6 MB it had written of its PDF
+    while it waited for room, so no other run could get any, and serve answered 451 for good."""
+    from pipeline.config import IngestConfig
+    from pipeline.stages import parse
+
+    raw = fx.email_with([("small.pdf", fx.text_pdf(1)), ("big.pdf", os.urandom(2 << 20))], message_id="<big@x>")
+    with tmpfs(tmp_path / "work", "1m") as work_dir:
+        with pytest.raises(OSError) as err:
+            parse.summarize_message(raw, work_dir, IngestConfig())
+        assert err.value.errno == errno.ENOSPC
+        assert list((work_dir / "attachments").iterdir()) == []  # neither the whole small one nor half the big one
+
+
+INGEST_ON_A_FULL_DISK = """
+import sys
+from pathlib import Path
+from pipeline.config import Settings
+from pipeline.errors import RunNotFinishedError
+from pipeline.service import ingest_files
+try:
+    ingest_files(Settings.for_data_dir(Path(sys.argv[1])), [Path(sys.argv[2])], unhealthy_s=1.0)
+except RunNotFinishedError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_an_ingest_whose_one_run_waits_for_a_full_disk_gives_up_saying_why(tmp_path):
+    """A prober's find: with one file, ingest waited its whole 600 s on a full work disk: one run alone waiting for
+    the machine no longer makes serve unhealthy (it may just not fit), and ingest watched only that verdict.
+    For ingest its one run is all the evidence there is."""
+    pdf = tmp_path / "one.pdf"
+    pdf.write_bytes(fx.text_pdf(2))
+    data = tmp_path / "data"
+    with tmpfs(data / "work") as work_dir:
+        filler = fill(work_dir)
+        try:
+            done = subprocess.run([sys.executable, "-c", INGEST_ON_A_FULL_DISK, str(data), str(pdf)],
+                                  capture_output=True, text=True, timeout=300)
+        finally:
+            filler.unlink()
+    assert done.returncode == 2, (done.stdout, done.stderr[-2000:])
+    assert done.stdout.startswith("run 1 cannot go on: tasks fail for the machine (1 run(s)"), done.stdout
+    assert "No space left on device" in done.stdout

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -364,10 +365,23 @@ def extract_attachments(msg: EmailMessage, dest: Path,
     """Write every PDF part to ``dest``; return (pdf items, skipped parts as {"name", "reason"}).
 
     A PDF over ``limits.max_attachment_bytes`` is listed with ``rejected`` set and not written.
-    Raises ParseError (see ``walk_parts`` and ``read_leaf``).
+    Raises ParseError (see ``walk_parts`` and ``read_leaf``). On any error the files written so far are removed:
+    a parse that fails for a full disk must not keep its room (a prober's 5 MB mail left 1.6 MB of a PDF there
+    while it waited, so no other run could get room, and serve answered 451 for good).
     """
     dest.mkdir(parents=True, exist_ok=True)
     pdfs: list[dict[str, Any]] = []
+    try:
+        skipped = _extract_into(msg, dest, limits, pdfs)
+    except BaseException:
+        for item in pdfs:
+            _unlink_quietly(item["path"])
+        raise
+    return pdfs, skipped
+
+
+def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: list[dict[str, Any]]
+                  ) -> list[dict[str, str]]:
     skipped: list[dict[str, str]] = []
     for part in walk_parts(msg, limits.max_mime_depth):
         if part.is_multipart():
@@ -386,7 +400,7 @@ def extract_attachments(msg: EmailMessage, dest: Path,
                 else:
                     skipped.append({"name": display_name(uu_name, len(pdfs) + len(skipped)),
                                     "reason": "not a PDF (uuencoded in the body)"})
-    return pdfs, skipped
+    return skipped
 
 
 def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max_bytes: int) -> dict[str, Any]:
@@ -395,9 +409,21 @@ def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max
         item["rejected"] = f"attachment is {len(payload):,} bytes, over the {max_bytes:,}-byte limit"
     else:
         path = dest / safe_filename(raw_name, index)
-        path.write_bytes(payload)
+        try:
+            path.write_bytes(payload)
+        except BaseException:  # half written (a full disk): it must not keep the room it took
+            _unlink_quietly(str(path))
+            raise
         item["path"] = str(path)
     return item
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def clean_header(value: object, limit: int = 200) -> str:

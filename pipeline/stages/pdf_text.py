@@ -370,12 +370,16 @@ def _stream_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:
     """Write each page as it is extracted (one form feed after each): memory stays one page deep."""
     words = chars = 0
     Path(text_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(text_path, "w", encoding="utf-8") as out:
-        for text in pages:
-            out.write(text)
-            out.write("\f")
-            words += len(text.split())
-            chars += len(text)
+    try:
+        with open(text_path, "w", encoding="utf-8") as out:
+            for text in pages:
+                out.write(text)
+                out.write("\f")
+                words += len(text.split())
+                chars += len(text)
+    except BaseException:  # a full disk, a limit, a stop: partial text must not keep the room it took
+        Path(text_path).unlink(missing_ok=True)
+        raise
     return words, chars
 
 
