@@ -64,4 +64,3 @@ def exc_text(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return "(its message cannot be read)"
-

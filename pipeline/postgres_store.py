@@ -93,8 +93,8 @@ def connection_options(busy_timeout_ms: int) -> dict[str, Any]:
     retryable), and a dead connection is noticed within about 30 s.
     """
     wait_ms = max(int(busy_timeout_ms), 100)
-    # client_encoding: a database created SQL_ASCII (initdb's default under a C or unset locale, common in
-    # containers) hands text back as bytes otherwise: every run failed "unknown_workflow: b'email_digest'"
+    # client_encoding: text comes back as str whatever PGCLIENTENCODING says (a database not encoded UTF8, whose
+    # text came back as bytes, is refused at open: refuse_non_utf8)
     return {"autocommit": True, "client_encoding": "UTF8", "connect_timeout": max(2, -(-wait_ms // 1000)),
             "keepalives": 1,
             "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000,

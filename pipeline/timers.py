@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 class Timers:
     """Call functions after a delay on a single daemon thread."""
 
-    def __init__(self, passes: Passes | None = None) -> None:
-        self.passes = passes or Passes("timer callbacks")  # a callback that never returns holds every later one
+    def __init__(self) -> None:
+        self.passes = Passes("timer callbacks")  # a callback that never returns holds every later one
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._counter = itertools.count()
         self._cond = threading.Condition()

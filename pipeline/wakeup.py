@@ -119,8 +119,8 @@ class _Watcher:
 
     def __init__(self, directory: Path, wake: Callable[[], None]) -> None:
         self.name = f"{os.getpid()}-{os.urandom(6).hex()}"
-        self._wake, self._stopping = wake, False
-        self._stopped = threading.Event()
+        self._wake = wake
+        self._stopped = threading.Event()  # set by stop(); also cuts a backoff short
         self._sock = self.socket_type(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.bind(_PREFIX + self.name)
@@ -146,7 +146,7 @@ class _Watcher:
                     pass
                 self._sock.setblocking(True)
             except OSError as exc:  # never expected on a bound datagram socket: back off and go on (it ended the
-                if self._stopping:  # wake-ups for good, runs waiting up to the 5 s poll from then on)
+                if self._stopped.is_set():  # wake-ups for good, runs waiting up to the 5 s poll from then on)
                     return
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
@@ -156,7 +156,7 @@ class _Watcher:
                 if failures:
                     log.warning("queue wake-ups recovered after %d failure(s)", failures)
                 failures = 0
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             try:
                 self._wake()  # after a failure too: a ring may have been lost
@@ -165,7 +165,6 @@ class _Watcher:
 
     def stop(self) -> None:
         """Deregister, unblock the thread with a datagram of our own, wait for it, close the socket."""
-        self._stopping = True
         self._stopped.set()
         try:
             os.unlink(self.registration)

@@ -8,7 +8,6 @@ the run store opened read-only-ish, and the Maildir outbox.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 import sqlite3
@@ -195,19 +194,13 @@ def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | 
 def attachment_files(data_dir: Path, run_id: int) -> set[str]:
     """File names of the attachments ``run_id``'s parse stored (as a worker's death names its document), from the
     store's parse_email result: the files themselves are deleted once the run has ended."""
+    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
     try:
-        db = sqlite3.connect(f"file:{Path(data_dir) / 'runs.sqlite3'}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return set()
-    try:
-        found = db.execute("SELECT output FROM task_runs WHERE run_id = ? AND task_id = 'parse_email'",
-                           (run_id,)).fetchone()
-    except sqlite3.Error:
-        return set()
+        parsed = next((t.output for t in store.get_tasks(run_id) if t.task_id == "parse_email"), None)
     finally:
-        db.close()
-    parsed = json.loads(found[0]) if found and found[0] else {}
-    return {Path(a["path"]).name for a in parsed.get("attachments", []) if a.get("path")}
+        store.close()
+    attachments = parsed.get("attachments", []) if isinstance(parsed, dict) else []
+    return {Path(a["path"]).name for a in attachments if a.get("path")}
 
 
 _WORKER_DIED = re.compile(r"extraction worker (\d+) died on (\S+) \((\w+):")

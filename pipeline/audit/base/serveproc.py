@@ -416,7 +416,7 @@ class Senders:
 
     def wait_refused(self, timeout_s: float = 600.0) -> float | None:
         """Wait until a sender logged a reply other than 250 (or every sender finished); return its wall time."""
-        self._wait_for(lambda replies: len(replies.events) - len(replies.acked_events), 1, timeout_s)
+        self._wait_for(lambda replies: sum(reply != "250" for _, reply, _ in replies.events), 1, timeout_s)
         return next((at for _, reply, at in self.replies().events if reply != "250"), None)
 
     def _wait_for(self, measure: Callable[[Replies], int], count: int, timeout_s: float) -> int:

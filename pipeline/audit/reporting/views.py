@@ -432,7 +432,7 @@ _FAULT_FIGURES = {"sent": "sent", "acked": "acked (250)", "lost": "lost", "dupli
 
 def fault_table(m: pd.DataFrame) -> pd.DataFrame:
     """Per fault: sent, acked, lost, duplicated, untyped, failed runs, how long the gateway acked mail before
-    refusing it (a disk full under the work dir), time to recover and drain, what senders saw, and a note
+    refusing it (a disk full under the work dir or the outbox), time to recover and drain, what senders saw, and a note
     (why a fault was skipped, or why its harness failed)."""
     r = rows(m, "faults")
     if r.empty:
