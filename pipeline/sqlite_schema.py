@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .duration_bins import bin_sql, binned_measures, hour_sql, value_sql
-from .errors import SchemaTooNewError, StoreError
+from .errors import SchemaTooNewError, StoreCorruptError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                      "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+        refuse_rewound(conn, path, version)
         for number, (name, statements) in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in statements:
                 conn.execute(statement)
@@ -253,6 +254,18 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
     except BaseException:
         rollback(conn)
         raise
+
+
+def refuse_rewound(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Raise if the store records more migrations than its ``user_version`` says (a tool set it back, or the
+    file was stitched from two copies): applying them again would fail half-way on SQLite's "duplicate
+    column name", which names neither the cause nor the fix."""
+    applied = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+    if applied > version:
+        raise StoreCorruptError(f"{path}: its schema_migrations table records {applied} migration(s) applied but "
+                                f"PRAGMA user_version says {version}: the file was changed by hand or restored "
+                                "from mixed copies; restore it from a backup (or set user_version back to "
+                                f"{applied} if only that was changed)")
 
 
 def rollback(conn: sqlite3.Connection) -> None:

@@ -45,7 +45,9 @@ _TRANSLATIONS: list[tuple[type[StoreError], set[int], tuple[str, ...], str]] = [
     (StoreCorruptError, {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}, ("malformed", "disk image", "not a database"),
      " (the file is damaged; restore it from a backup)"),
     (StoreIOError, {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN},
-     ("is full", "readonly", "disk i/o", "unable to open"), ""),
+     ("is full", "readonly", "disk i/o", "unable to open"),
+     " (check that this user may write the file and its directory, and that the disk has room and is mounted "
+     "read-write)"),
 ]
 
 

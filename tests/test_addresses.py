@@ -67,7 +67,6 @@ def test_utf8_local_part_is_written_as_utf8(tmp_path):
 
 
 @pytest.mark.parametrize(("header", "from_header", "headers"), [
-    ("From", b"=?utf-8?q?evil=0D=0ABcc:_x@y?= <a@b.com>", b""),  # encoded word decoding to CR/LF
     ("From", b"=?utf-8?q?a=0Ab?=@example.com", b""),
     ("From", b"a@", b""),
     ("From", b"\x80?<", b""),

@@ -32,6 +32,19 @@ def run_cli(settings, *args):
     return main(["--data-dir", str(settings.data_dir), *args])
 
 
+@pytest.mark.parametrize("limit", [1, 4, 5, 9])
+def test_runs_reads_page_by_page(store, settings, capsys, monkeypatch, limit):
+    """``runs`` reads the store a page at a time (it held every row: 853 MB for ``--limit 200000``): pages
+    of 2 list the same runs, newest first, each once, as one page would; JSON and table alike."""
+    monkeypatch.setattr("pipeline.cli.RUNS_PAGE", 2)
+    ids = [store.create_run("wf", {"n": n})[0].run_id for n in range(5)]
+    assert run_cli(settings, "runs", "--json", "--limit", str(limit)) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ids[::-1][:limit]
+    assert run_cli(settings, "runs", "--limit", str(limit), "--before", str(ids[-1])) == 0
+    listed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ids[-2::-1][:limit]
+
+
 def test_runs_json_lists_newest_first(filled, settings, capsys):
     assert run_cli(settings, "runs", "--json") == 0
     rows = json.loads(capsys.readouterr().out)

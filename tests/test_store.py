@@ -3,11 +3,12 @@
 The backend-agnostic contract (dedup, queries, ownership, purge ...) is tests/test_store_contract.py."""
 
 import sqlite3
+from contextlib import closing
 
 import pytest
 from helpers import at_once
 
-from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreError
+from pipeline.errors import NotADatabaseError, SchemaTooNewError, StoreCorruptError, StoreError
 from pipeline.sqlite_schema import SCHEMA_VERSION
 from pipeline.sqlite_store import SqliteRunStore
 
@@ -51,6 +52,19 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(SchemaTooNewError, match="newer than this pipeline supports"):
         SqliteRunStore(path)
+
+
+def test_schema_version_set_back_is_refused_untouched(tmp_path):
+    """A store whose user_version a tool set back used to re-run its migrations and fail on SQLite's
+    "duplicate column name"; now it is refused, naming both counts, and the file is left as it was."""
+    path = tmp_path / "runs.sqlite3"
+    SqliteRunStore(path).close()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 3")
+    before = path.read_bytes()
+    with pytest.raises(StoreCorruptError, match=f"records {SCHEMA_VERSION} migration.*user_version says 3"):
+        SqliteRunStore(path)
+    assert path.read_bytes() == before
 
 
 def test_foreign_sqlite_file_is_refused(tmp_path):

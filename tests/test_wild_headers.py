@@ -118,6 +118,17 @@ def test_smtp_mail_without_a_usable_from_is_digested_and_drop_folder_mail_is_ref
     assert err.value.reason == "malformed_email"
 
 
+@pytest.mark.parametrize("envelope", [ENVELOPE, b""], ids=["smtp", "drop-folder"])
+def test_a_display_name_that_decodes_to_cr_lf_keeps_its_sender(tmp_path, envelope):
+    """The email package refuses a whole From: whose encoded display name decodes to CR/LF (an injection
+    attempt, or a careless mailer): SMTP mail's digest showed no sender, and drop-folder mail failed "nobody
+    to reply to" though its address was fine. The address is kept and the name cleaned to one line."""
+    info = summary(mail(b"From: =?utf-8?q?Ann=0D=0ABcc=3A_eve=40x.org?= <ann@example.com>\r\n", envelope),
+                   tmp_path)
+    assert (info["from"], info["from_name"]) == ("ann@example.com", "Ann Bcc: eve@x.org")
+    assert len(info["attachments"]) == 1
+
+
 def uuencode(data: bytes, name: str) -> bytes:
     lines = b"".join(binascii.b2a_uu(data[i:i + 45]) for i in range(0, len(data), 45))
     return b"begin 644 " + name.encode() + b"\n" + lines + b"`\nend\n"

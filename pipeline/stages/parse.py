@@ -37,9 +37,11 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from email import errors as email_errors
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.utils import getaddresses
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from typing import Any
 from ..config import IngestConfig
 from ..errors import ParseError
 from .autoreply import automated
-from .mailpolicy import DEFAULT, SMTP
+from .mailpolicy import DEFAULT, MAX_HEADER_CHARS, SMTP
 from .mime_repair import (
     BOUNDARY_PARAM,
     canonical_transfer_encoding,
@@ -162,11 +164,36 @@ def addr_spec(address: Address, name: str) -> str:
 
 def sender_mailbox(msg: EmailMessage) -> Address:
     """Return the first usable mailbox in From:; ParseError naming the header otherwise."""
-    header = read_header(msg, "From")
-    mailboxes = usable_mailboxes(header.addresses if header is not None else ())
+    try:
+        header = read_header(msg, "From")
+        mailboxes = usable_mailboxes(header.addresses if header is not None else ())
+    except ParseError:
+        mailboxes = lenient_mailboxes(msg, "From")
+        if not mailboxes:
+            raise
     if not mailboxes:
         raise ParseError(f"From: no usable address in {raw_header(msg, 'From') or 'missing'!r}: nobody to reply to")
     return mailboxes[0]
+
+
+def lenient_mailboxes(msg: EmailMessage, name: str) -> list[Address]:
+    """Header ``name``'s mailboxes as the older parser reads them, display names cleaned to one line: for a
+    header the strict parser refuses over its display name alone (an encoded CR/LF in ``=?utf-8?q?a=0D=0A?=``
+    failed a drop-folder mail's PDFs, "nobody to reply to", and left an SMTP mail's digest without a sender)."""
+    value = next((str(v) for k, v in msg.raw_items() if k.lower() == name.lower()), "")
+    if "=?" not in value or len(value) > MAX_HEADER_CHARS:  # only an encoded word decodes to CR/LF
+        return []
+    mailboxes = []
+    for display, address in getaddresses([value]):
+        try:
+            display = str(make_header(decode_header(display)))
+        except HEADER_ERRORS:  # an unknown charset: the name as written
+            pass
+        try:
+            mailboxes.append(Address(display_name=clean_header(display, MAX_NAME_CHARS), addr_spec=address))
+        except HEADER_ERRORS:
+            continue
+    return usable_mailboxes(mailboxes)
 
 
 def header_sender(msg: EmailMessage, envelope: str | None) -> tuple[str, str]:
@@ -466,8 +493,7 @@ def fit_result(info: dict[str, Any]) -> dict[str, Any]:
     room -= len(json.dumps(pdfs))
     skipped, unlisted = _fitting(info["skipped"], room)
     for item in left_out:
-        if item.get("path"):
-            Path(item["path"]).unlink(missing_ok=True)
+        _unlink_quietly(item.get("path"))  # a file that cannot go costs disk until the run sheds, not the run
     if left_out:
         skipped.append({"name": f"{len(left_out)} more PDF(s)", "reason": f"not digested: the first {len(pdfs)} "
                         f"PDFs' names fill the {RESULT_BUDGET // 1024} KB a mail's list of PDFs may take"})
