@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="delete finished runs older than N days with their spool and work files")
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS",
                        help="age in days (0: every finished run); digests in the outbox are kept")
+    purge.add_argument("--dry-run", action="store_true", help="only say how many runs would be purged")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --allow-remote)")
@@ -224,10 +225,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     with existing_store(args) as store:
         runs = _paged_runs(store, args) if store else iter(())
         if args.json:
-            print("[", end="")
-            for n, run in enumerate(runs):
-                print(("," if n else "") + "\n" + textwrap.indent(json.dumps(run.as_dict(), indent=2), "  "), end="")
-            print("\n]")
+            empty = True  # printed as it is read: the same text json.dumps(list, indent=2) would give
+            for run in runs:
+                print("[" if empty else ",", textwrap.indent(json.dumps(run.as_dict(), indent=2), "  "), sep="\n",
+                      end="")
+                empty = False
+            print("[]" if empty else "\n]")
             return 0
         print(f"{'RUN':>8}  {'WORKFLOW':<14} {'STATE':<9} {'QUEUED (UTC)':<20} {'SECONDS':>8}  REASON")
         for r in runs:
@@ -271,9 +274,15 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if nothing_ran_yet(settings.store):  # a fresh install's purge job has nothing to do, and is no error
-        print(f"purged 0 run(s): no run store at {settings.store.path} yet (nothing has run)")
+        print(f"{'would purge' if args.dry_run else 'purged'} 0 run(s): no run store at {settings.store.path} yet "
+              "(nothing has run)")
         return 0
-    print(housekeeping.purge(settings, args.older_than).summary())
+    if args.dry_run:
+        runs = housekeeping.purgeable(settings, args.older_than)
+        print(f"would purge {runs:,} run(s) that ended more than {args.older_than:g} day(s) ago (dry run: "
+              "nothing deleted)")
+        return 0
+    print(housekeeping.purge(settings, args.older_than, progress=sys.stderr.isatty()).summary())
     return 0
 
 

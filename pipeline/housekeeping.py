@@ -35,8 +35,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import Settings
 from .errors import ConfigurationError, PipelineError, StoreIOError
@@ -79,18 +81,24 @@ class PurgeReport:
         return line
 
 
-def purge(settings: Settings, older_than_days: float, *, batch_size: int = 1000) -> PurgeReport:
+def purge(settings: Settings, older_than_days: float, *, batch_size: int = 1000,
+          progress: bool = False) -> PurgeReport:
     """Delete finished runs that ended more than ``older_than_days`` ago, with their spool and work files.
 
     ``0`` purges every finished run. Raises ``ConfigurationError`` for a negative or non-finite age
-    and ``StoreError`` if the data dir has no run store (nothing is created).
+    and ``StoreError`` if the data dir has no run store (nothing is created). ``progress`` shows a bar on
+    stderr where it is a terminal (a purge of a million runs takes minutes).
     """
-    if not math.isfinite(older_than_days) or older_than_days < 0:
-        raise ConfigurationError(f"cannot purge runs older than {older_than_days:g} day(s): "
-                                 "the age must be a number of days, 0 or more")
+    check_age(older_than_days)
     try:
         with open_store(settings.store, create=False) as store:
-            return purge_store(store, Path(settings.data_dir), older_than_days, batch_size=batch_size)
+            bar = _progress_bar(store.count_purgeable(time.time() - older_than_days * DAY_S)) if progress else None
+            try:
+                return purge_store(store, Path(settings.data_dir), older_than_days, batch_size=batch_size,
+                                   on_batch=bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
     except StoreIOError as exc:
         free = _free_bytes(Path(settings.data_dir))
         if free is None or free >= PURGE_NEEDS_FREE:
@@ -98,6 +106,26 @@ def purge(settings: Settings, older_than_days: float, *, batch_size: int = 1000)
         # the store records what it deletes before a file goes (and SQLite cannot even open it on a full disk)
         raise StoreIOError(f"{exc}: the disk has {free // 1024:,} KB free, and purge needs a few MB to record "
                            f"what it deletes; free some (old digests in the outbox, say) and run it again") from exc
+
+
+def purgeable(settings: Settings, older_than_days: float) -> int:
+    """How many runs ``purge`` would delete now (``purge --dry-run``); deletes nothing."""
+    check_age(older_than_days)
+    with open_store(settings.store, create=False) as store:
+        return store.count_purgeable(time.time() - older_than_days * DAY_S)
+
+
+def check_age(older_than_days: float) -> None:
+    """ConfigurationError unless the age is a number of days, 0 or more."""
+    if not math.isfinite(older_than_days) or older_than_days < 0:
+        raise ConfigurationError(f"cannot purge runs older than {older_than_days:g} day(s): "
+                                 "the age must be a number of days, 0 or more")
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm  # only purge's own command needs it
+
+    return tqdm(total=total, unit="run", desc="purge", disable=None)  # disable=None: silent where not a tty
 
 
 PURGE_NEEDS_FREE = 4 * _MB  # below this, a purge that fails with a store I/O error says the disk is the cause
@@ -111,8 +139,9 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, batch_size: int = 1000,
-                now: float | None = None) -> PurgeReport:
-    """Like ``purge`` on an open store whose spool and work directories are under ``data_dir``."""
+                now: float | None = None, on_batch: Callable[[int], object] | None = None) -> PurgeReport:
+    """Like ``purge`` on an open store whose spool and work directories are under ``data_dir``; ``on_batch``
+    is called with the number of runs of each batch once its files are gone."""
     now = time.time() if now is None else now
     files = _FileRemover(data_dir / "spool", data_dir / "work")
     runs = 0
@@ -131,6 +160,8 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
             live = store.spool_names_in_use(batch.spool_names)
             gone = [name for name in batch.spool_names if name not in live and files.remove_spool_file(name)]
             store.drop_spool_tombstones([*live, *gone])
+            if on_batch is not None:
+                on_batch(len(batch.run_ids))
         legacy_before = store.spool_tracked_since() - LEGACY_GRACE_S
         for mtime, path in unknown_spool_files(store, data_dir / "spool"):
             if mtime < legacy_before:

@@ -37,6 +37,7 @@ TASK_COLUMNS = ("run_id, task_id, state, try_number, queued_at, started_at, ende
 # named columns: task_events grew error_type in a later (SQLite) migration
 EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
 FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
+PURGEABLE = "ended_at < ? AND state IN ('success', 'failed')"  # the runs purge deletes: ended, before a cut-off
 RETRIES = 2  # extra tries of a write that lost a deadlock or a serialisation race
 
 P = ParamSpec("P")
@@ -401,12 +402,15 @@ class SqlRunStore(DAGRunStore):
 
     # -- purge and the spool files of runs ---------------------------------------
 
+    def count_purgeable(self, older_than: float) -> int:
+        return int(self._read(f"SELECT count(*) FROM runs WHERE {PURGEABLE}", (older_than,))[0][0])
+
     def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[s.PurgedBatch]:
         while True:
             with self._tx() as conn:
                 ids = [r[0] for r in conn.execute(
-                    "SELECT run_id FROM runs WHERE ended_at < ? AND state IN ('success', 'failed') "
-                    f"LIMIT ?{self.CLAIM_LOCK}", (older_than, batch_size)).fetchall()]
+                    f"SELECT run_id FROM runs WHERE {PURGEABLE} LIMIT ?{self.CLAIM_LOCK}",
+                    (older_than, batch_size)).fetchall()]
                 if not ids:
                     return
                 marks = ",".join("?" * len(ids))

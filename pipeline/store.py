@@ -343,6 +343,10 @@ class DAGRunStore:
         """
         return sum(len(batch.run_ids) for batch in self.purge_batches(older_than, batch_size))
 
+    def count_purgeable(self, older_than: float) -> int:
+        """How many runs ``purge_batches(older_than)`` would delete now (``purge --dry-run``, its progress)."""
+        raise NotImplementedError
+
     def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[PurgedBatch]:
         """Delete finished runs that ended before ``older_than``, one batch per step; yield each batch.
 

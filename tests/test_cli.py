@@ -169,6 +169,9 @@ def test_serve_where_the_data_dir_cannot_be_made_is_one_line_error(tmp_path, cap
 
 
 def test_purge_removes_old_runs(filled, settings, store, capsys):
+    assert run_cli(settings, "purge", "--older-than", "1", "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("would purge 1 run(s) that ended more than 1 day(s) ago")
+    assert [r.run_id for r in store.list_runs()] == [filled[1].run_id, filled[0].run_id]  # the dry run kept it
     assert run_cli(settings, "purge", "--older-than", "1") == 0
     assert "purged 1 run(s)" in capsys.readouterr().out
     assert [r.run_id for r in store.list_runs()] == [filled[1].run_id]

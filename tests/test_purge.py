@@ -93,6 +93,14 @@ def test_purge_reports_the_bytes_it_freed(store, settings):
     assert store.list_spool_tombstones() == []  # files gone: their tombstones too
 
 
+def test_purge_reports_each_batch_for_its_progress_bar(store, settings):
+    for i in range(3):
+        finished_run(store, settings, spool_file(settings, f"message {i}\r\n".encode()), work_bytes=10)
+    seen: list[int] = []
+    report = housekeeping.purge_store(store, settings.data_dir, 0, batch_size=2, on_batch=seen.append)
+    assert seen == [2, 1] and report.runs == 3 and work_dirs(settings) == []
+
+
 def test_a_spool_file_is_kept_while_a_remaining_run_names_it(store, settings):
     shared = spool_file(settings, b"Subject: reprocessed\r\n\r\nbody\r\n")
     old = finished_run(store, settings, shared, ended_at=10.0)

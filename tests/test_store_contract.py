@@ -390,6 +390,7 @@ def test_purge_deletes_old_finished_runs_in_batches_and_never_live_ones(contract
     running = contract_store.create_run("wf", {}, now=1.0)[0].run_id
     assert contract_store.claim_next_run("me", now=1.0).run_id == queued
     fresh = finished(contract_store, ended_at=time.time() + 1000)
+    assert contract_store.count_purgeable(older_than=100.0) == 5  # what purge --dry-run says, deleting nothing
     batches = list(contract_store.purge_batches(older_than=100.0, batch_size=2))
     assert [len(b.run_ids) for b in batches] == [2, 2, 1]
     assert sorted(i for b in batches for i in b.run_ids) == old
@@ -398,6 +399,7 @@ def test_purge_deletes_old_finished_runs_in_batches_and_never_live_ones(contract
         contract_store.get_run(old[0])
     assert contract_store.get_tasks(old[0]) == []
     assert contract_store.purge_runs(older_than=100.0) == 0
+    assert contract_store.count_purgeable(older_than=100.0) == 0
 
 
 def test_purge_tombstones_only_names_no_remaining_run_names(contract_store, tmp_path):
