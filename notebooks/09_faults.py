@@ -21,7 +21,12 @@
 # with the reason where it cannot be mounted), only the work dir's disk full (senders keep sending for a few
 # seconds: the first mails are acked and their runs must wait for room, not fail; once the engine sees the machine
 # short it is unhealthy and later mails get 451 until there is room: *4xx after s* is how long the gateway acked
-# mail before that), only the outbox's disk full (the same, with runs waiting at delivery), and bad input (a damaged page, a From: decoding to CR/LF, a
+# mail before that), only the outbox's disk full (the same, with runs waiting at delivery), the scale-out engines
+# failing under a serve that uses them: the PostgreSQL run store's server stopped as by a crash (`pg_ctl stop -m
+# immediate`) and started again after a few seconds (`store_server_down`; *4xx after s* from the stop), and the Dask
+# scheduler killed mid-burst, a new cluster started on its address a few seconds later (`scheduler_killed`; every
+# mail carries a PDF, so every run needs the cluster), each skipped with the reason where PostgreSQL or Dask is not
+# installed, and bad input (a damaged page, a From: decoding to CR/LF, a
 # quoted local part, and mail as real clients write it: a scanner's Subject folded without indent, a forward in
 # base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
 # whose relay routes every digest back to its own gateway, watched until no run is added. Last, relays as they
@@ -34,7 +39,7 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 only = ["kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "outbox_full",
-        "bad_input", "bad_relay"]
+        "store_server_down", "scheduler_killed", "bad_input", "bad_relay"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
@@ -42,6 +47,8 @@ hung_gateway = {"messages": 16, "senders": 2, "hung_after_s": 2.0, "margin_s": 1
 disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32}
 work_disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}
 outbox_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}
+store_server_down = {"messages": 16, "senders": 2, "down_s": 2.0, "margin_s": 1.0}
+scheduler_killed = {"messages": 12, "senders": 2, "down_s": 2.0, "margin_s": 1.0}
 
 # %%
 from pipeline.audit.notebook import fixture, open_recorder, scratch_dir
@@ -55,7 +62,8 @@ work.mkdir(parents=True, exist_ok=True)
 # %%
 params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir, profile, kill_worker_pdf)},
           "store_locked": store_locked, "hung_gateway": hung_gateway, "disk_full": disk_full,
-          "work_disk_full": work_disk_full, "outbox_full": outbox_full}
+          "work_disk_full": work_disk_full, "outbox_full": outbox_full, "store_server_down": store_server_down,
+          "scheduler_killed": scheduler_killed}
 faults.fault_figures(work, params, only=tuple(only), recorder=recorder)
 views.fault_table(recorder.measurements())
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ... import errors
 from ... import store as s
+from ...config import StoreConfig
 from ...sqlite_store import SqliteRunStore
 from . import fixtures as fx
 from .harness import row
@@ -50,12 +51,18 @@ def typed_reason(reason: str | None) -> str | None:
 # -- judging ---------------------------------------------------------------------------------------------------
 
 
-def runs_by_message(data_dir: Path) -> dict[str, list[s.Run]]:
+def judged_store(data_dir: Path, store: StoreConfig | None = None) -> s.DAGRunStore:
+    """The store serve wrote: ``store`` when given (a PostgreSQL serve), else the SQLite file in ``data_dir``."""
+    if store is not None:
+        return s.open_store(store, create=False)
+    return SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+
+
+def runs_by_message(data_dir: Path, store_config: StoreConfig | None = None) -> dict[str, list[s.Run]]:
     """Every run in serve's store by dedup key (the Message-ID); empty when there is no store yet."""
-    path = Path(data_dir) / "runs.sqlite3"
-    if not path.exists():
+    if store_config is None and not (Path(data_dir) / "runs.sqlite3").exists():
         return {}
-    store = SqliteRunStore(path, create=False)
+    store = judged_store(data_dir, store_config)
     try:
         runs = store.list_runs(limit=10**9)
     finally:
@@ -66,13 +73,14 @@ def runs_by_message(data_dir: Path) -> dict[str, list[s.Run]]:
     return found
 
 
-def wait_terminal(data_dir: Path, message_ids: list[str], timeout_s: float) -> dict[str, list[s.Run]]:
+def wait_terminal(data_dir: Path, message_ids: list[str], timeout_s: float,
+                  store_config: StoreConfig | None = None) -> dict[str, list[s.Run]]:
     """Wait until each message's runs have all ended (or ``timeout_s``); return the runs by Message-ID."""
     deadline = time.monotonic() + timeout_s
     problem: Exception | None = None
     while True:
         try:
-            runs = runs_by_message(data_dir)
+            runs = runs_by_message(data_dir, store_config)
         except errors.StoreError as exc:  # busy or unreadable for now: the fault may still be there
             runs, problem = {}, exc
         pending = [m for m in message_ids if not runs.get(m) or
@@ -85,9 +93,9 @@ def wait_terminal(data_dir: Path, message_ids: list[str], timeout_s: float) -> d
         time.sleep(0.1)
 
 
-def untyped_runs(data_dir: Path, runs: list[s.Run]) -> list[s.Run]:
+def untyped_runs(data_dir: Path, runs: list[s.Run], store_config: StoreConfig | None = None) -> list[s.Run]:
     """Runs that failed without a typed reason, or with a task instance whose error type is not typed."""
-    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+    store = judged_store(data_dir, store_config)
     try:
         out = []
         for run in runs:
@@ -101,12 +109,12 @@ def untyped_runs(data_dir: Path, runs: list[s.Run]) -> list[s.Run]:
 
 
 def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0,
-          outbox: Path | None = None) -> dict[str, Any]:
+          outbox: Path | None = None, store_config: StoreConfig | None = None) -> dict[str, Any]:
     """The figures of one fault: sent, acked, lost, duplicated, untyped, and when the last acked run ended.
     Digests are counted in ``outbox`` (a Maildir; serve's own outbox by default, a relay's mailbox when it has
-    one)."""
+    one); runs in ``store_config`` (a PostgreSQL serve's), by default the SQLite store in ``data_dir``."""
     acked = list(replies.acked)
-    runs = wait_terminal(data_dir, acked, timeout_s)
+    runs = wait_terminal(data_dir, acked, timeout_s, store_config)
     digests = digests_by_original(outbox or Path(data_dir) / "outbox")
     lost = [m for m in acked if not runs.get(m) or any(r.state not in TERMINAL_RUN_STATES for r in runs[m])]
     mine = [r for m in acked for r in runs.get(m, [])]
@@ -116,20 +124,21 @@ def judge(data_dir: Path, replies: Replies, sent: int, timeout_s: float = 300.0,
         "sent": sent, "acked": len(acked), "lost": len(lost),
         "duplicated_runs": sum(len(runs.get(m, [])) > 1 for m in acked),
         "duplicated_digests": sum(digests.get(m, 0) > 1 for m in acked),
-        "missing_digests": len(missing - no_digest_by_design(data_dir, {m: runs[m] for m in missing})),
-        "untyped": len(untyped_runs(data_dir, mine)) if mine else 0,
+        "missing_digests": len(missing - no_digest_by_design(data_dir, {m: runs[m] for m in missing}, store_config)),
+        "untyped": len(untyped_runs(data_dir, mine, store_config)) if mine else 0,
         "failed_runs": sum(r.state == s.FAILED for r in mine),
         "last_ended_at": max((r.ended_at or 0.0 for r in mine), default=None),
         "lost_ids": lost[:10],
     }
 
 
-def no_digest_by_design(data_dir: Path, runs: dict[str, list[s.Run]]) -> set[str]:
+def no_digest_by_design(data_dir: Path, runs: dict[str, list[s.Run]],
+                        store_config: StoreConfig | None = None) -> set[str]:
     """Message-IDs whose successful run's deliver task sent no digest on purpose (an automatic reply, the null
     sender: ``{"skipped": why}``), so a missing digest there is no fault."""
     if not runs:
         return set()
-    store = SqliteRunStore(Path(data_dir) / "runs.sqlite3", create=False)
+    store = judged_store(data_dir, store_config)
     try:
         return {m for m, found in runs.items() for r in found if r.state == s.SUCCESS and any(
             t.task_id == "deliver" and isinstance(t.output, dict) and "skipped" in t.output

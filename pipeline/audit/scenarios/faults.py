@@ -54,6 +54,7 @@ from ..base.serveproc import (
     serving,
     toml_text,
 )
+from . import scaleout_faults
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -474,7 +475,7 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
 
 
 FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "outbox_full",
-          "bad_input", "bad_relay")
+          "store_server_down", "scheduler_killed", "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -486,7 +487,8 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked,
         "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
-        "outbox_full": outbox_full, "bad_input": bad_input, "bad_relay": bad_relay}
+        "outbox_full": outbox_full, "store_server_down": scaleout_faults.store_server_down,
+        "scheduler_killed": scaleout_faults.scheduler_killed, "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))

@@ -1,0 +1,162 @@
+"""Faults of the scale-out engines, injected under a real ``python -m pipeline serve`` and judged like the others
+(``faults``, ``faultcheck``): the PostgreSQL run store's server stopped mid-burst, and the Dask scheduler killed
+mid-burst. Both are the machine's fault, never the mail's: senders should see 451 while it lasts and 250 once it
+is back, and every acked mail should end in exactly one successful run with one digest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ... import store as s
+from ...config import StoreConfig
+from ..base.faultcheck import Rows, burst_messages, figures, judge, runs_by_message, skipped
+from ..base.harness import row
+from ..base.serveproc import Replies, Senders, free_port, serving
+
+DASK = Path(sys.executable).parent / "dask"  # the CLI of the project's environment (extra [dask])
+
+
+def store_server_down(work: Path, messages: int = 200, senders: int = 4, down_s: float = 5.0,
+                      busy_timeout_ms: int = 1000, timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """Serve on a PostgreSQL run store whose server is stopped (``pg_ctl stop -m immediate``: a crash, with
+    recovery at the next start) for ``down_s`` while senders keep sending at a steady pace, from about
+    ``margin_s`` before the outage to ``margin_s`` after it."""
+    fault = "store_server_down"
+    from ..base.pgserver import TemporaryPostgres
+
+    try:
+        server = TemporaryPostgres(durable=True).start()
+    except Exception as exc:  # not installed, or would not start here: the row says why
+        return skipped(fault, f"{type(exc).__name__}: {exc}")
+    try:
+        store = StoreConfig(url=server.create_database("faults"))
+        gap = (down_s + 2 * margin_s) * senders / messages  # sending spans the outage with a margin either side
+        with serving(work / "data", work, {"store": {"url": store.url, "busy_timeout_ms": busy_timeout_ms}}) as serve:
+            with Senders(serve.port, burst_messages("pgdown", messages), work, senders, gap_s=gap) as sending:
+                sending.wait_acked(max(1, messages // 10), timeout_s)
+                stopped = time.time()
+                server.pg_ctl("stop", "-m", "immediate", "-w")
+                time.sleep(down_s)
+                server.pg_ctl("start")
+                restarted = time.time()
+                replies = sending.wait(timeout_s)
+            verdict = judge(serve.data_dir, replies, messages, timeout_s, store_config=store)
+    finally:
+        server.stop()
+    return figures(fault, verdict, replies, restarted, down_s=down_s) + _outage_rows(fault, replies, stopped,
+                                                                                     restarted)
+
+
+def scheduler_killed(work: Path, messages: int = 60, senders: int = 4, down_s: float = 5.0,
+                     timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """Serve sending every PDF to a Dask cluster (``dask scheduler`` and one ``dask worker``, as the README deploys
+    them) whose scheduler is killed with SIGKILL mid-burst; ``down_s`` later a new cluster starts on the same
+    address, as a supervisor would restart it. Every mail carries a one-page PDF."""
+    fault = "scheduler_killed"
+    if not DASK.exists():
+        return skipped(fault, f"no Dask CLI at {DASK} (install the [dask] extra)")
+    port = free_port()
+    config = {"executor": {"kind": "dask", "scheduler": f"tcp://127.0.0.1:{port}"}}
+    gap = (down_s + 2 * margin_s) * senders / messages
+    first = dask_cluster(port, work / "cluster-1")
+    scheduler = next(first)
+    try:
+        with serving(work / "data", work, config) as serve:
+            with Senders(serve.port, burst_messages("daskdown", messages, pdf_every=1), work, senders,
+                         gap_s=gap) as sending:
+                _wait_succeeded(serve.data_dir, max(1, messages // 5), timeout_s)  # the executor is connected
+                killed = time.time()
+                scheduler.kill()
+                scheduler.wait()
+                first.close()  # its worker too: a supervisor restarts the cluster as a whole
+                time.sleep(max(0.0, down_s - (time.time() - killed)))
+                with _cluster(port, work / "cluster-2"):
+                    restarted = time.time()
+                    replies = sending.wait(timeout_s)
+                    verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    finally:
+        first.close()
+    return figures(fault, verdict, replies, restarted, down_s=down_s) + _outage_rows(fault, replies, killed,
+                                                                                     restarted)
+
+
+def _wait_succeeded(data_dir: Path, count: int, timeout_s: float) -> None:
+    """Wait until ``count`` runs in serve's store succeeded."""
+    deadline = time.monotonic() + timeout_s
+    while sum(r.state == s.SUCCESS for runs in runs_by_message(data_dir).values() for r in runs) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} runs succeeded within {timeout_s} s")
+        time.sleep(0.1)
+
+
+def _outage_rows(fault: str, replies: Replies, began: float, ended: float) -> Rows:
+    """Mails acked while the engine was away (each must still end in one run), and how soon senders were refused."""
+    refused = next((at for _, reply, at in replies.events if reply != "250" and at >= began), None)
+    return [row(fault, "acked_while_down", sum(began <= at < ended for at in replies.acked_events), "messages", 0),
+            *([row(fault, "refused_after_s", refused - began, "s", 0, to="first refusal")] if refused else [])]
+
+
+@contextmanager
+def _cluster(port: int, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+    cluster = dask_cluster(port, logs)
+    try:
+        yield next(cluster)
+    finally:
+        cluster.close()
+
+
+def dask_cluster(port: int, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``dask scheduler`` on ``port`` and one ``dask worker`` (one process, one thread, 1 GiB, as the
+    README's deployment), wait until the worker has joined, yield the scheduler's process; stop both on
+    ``close()``. Their logs go to ``logs``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+           "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+    procs = [_spawn(logs / "scheduler.log", env, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                    "--no-dashboard")]
+    try:
+        procs.append(_spawn(logs / "worker.log", env, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                            "--memory-limit", "1GiB", "--no-dashboard", "--host", "127.0.0.1"))
+        _wait_for_worker(address, procs)
+        yield procs[0]
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+
+
+def _spawn(log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(DASK), *args], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+
+
+def _wait_for_worker(address: str, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120.0) -> None:
+    import distributed
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"dask {dead[0].args[1]} exited with {dead[0].returncode} before the cluster was up")
+        try:
+            with distributed.Client(address, timeout=5, set_as_default=False) as client:
+                client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+                return
+        except (OSError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
