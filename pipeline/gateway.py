@@ -59,7 +59,7 @@ from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .inline_accept import InlineAccepts
-from .smtp_limits import SessionLimits
+from .smtp_limits import RateLimitedLog, SessionLimits
 from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
 from .store import Run
 from .workflows import EMAIL_DIGEST
@@ -307,7 +307,7 @@ class _SmtpHandler:
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter) and not isinstance(exc, AcceptStalledError):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
-            return metrics.smtp_reply("DATA", smtp_reply_for(exc))
+            return metrics.smtp_reply("DATA", smtp_reply_for(exc, self.gateway.limits.log))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
 
     async def _off_loop(self, accept: Callable[[], Run], writer: object) -> Run:
@@ -350,23 +350,27 @@ def _late_accept(future: asyncio.Future[Run]) -> None:
                     type(error).__name__, error)
 
 
-def smtp_reply_for(exc: Exception) -> str:
-    """Return the temporary-failure reply for a message that could not be accepted, and log one line."""
+def smtp_reply_for(exc: Exception, log: RateLimitedLog) -> str:
+    """Return the temporary-failure reply for a message that could not be accepted, and log it: one line per kind
+    per interval (an outage refused 100 mails in 5 s, one WARNING each, and an MTA retrying a queue of thousands
+    would write a line per try)."""
+    kind = type(exc).__name__
     if isinstance(exc, AcceptStalledError):
-        log.warning("answered 451: %s", exc)
+        log.report(f"answered 451 ({kind})", "answered 451: %s", exc)
         return "451 4.3.0 Temporary failure storing the message, try again later"
     if isinstance(exc, UnavailableError):
-        log.warning("answered 451: service unavailable: %s", exc)
+        log.report(f"answered 451 ({kind})", "answered 451: service unavailable: %s", exc)
         return "451 4.3.0 Service temporarily unavailable, try again later"  # the detail (paths) stays in the log
     if isinstance(exc, SpoolError) and exc.disk_full:
-        log.warning("answered 452: %s", exc)
+        log.report("answered 452", "answered 452: %s", exc)
         return "452 4.3.1 Insufficient system storage"
     if isinstance(exc, (SpoolError, StoreError)):
-        log.warning("answered 451: %s: %s", type(exc).__name__, exc)
+        log.report(f"answered 451 ({kind})", "answered 451: %s: %s", kind, exc)
     elif isinstance(exc, PipelineError):
-        log.error("answered 451: %s: %s", type(exc).__name__, exc)
+        log.report(f"answered 451 ({kind})", "answered 451: %s: %s", kind, exc, level=logging.ERROR)
     else:  # not a fault we expected: keep the traceback
-        log.error("could not accept a message; answered 451", exc_info=exc)
+        log.report(f"answered 451 ({kind})", "could not accept a message; answered 451", level=logging.ERROR,
+                   exc_info=exc)
     return "451 4.3.0 Temporary failure storing the message, try again later"
 
 

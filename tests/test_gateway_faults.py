@@ -74,20 +74,27 @@ class UnhealthyEngine(WorkflowEngine):
     health_problem = "claiming runs failed 3 times: StoreIOError: disk I/O error"
 
 
-def test_unhealthy_engine_answers_451_and_spools_nothing(settings, tmp_path):
+def test_unhealthy_engine_answers_451_spools_nothing_and_logs_one_line_per_interval(settings, tmp_path, caplog):
+    """Each 451 was a WARNING of its own: an outage of a few seconds wrote 100 lines, and MTAs retrying a
+    queue of thousands would write a line per try. One line per kind per interval; the rest are counted."""
     store = SqliteRunStore(settings.store)
     engine = UnhealthyEngine(store, settings)
     spool = Spool(tmp_path / "spool")
     gateway = EmailGateway(engine, spool, GatewayConfig(port=free_port())).start()
     try:
-        code, reply = smtp_data(gateway.config.port, fx.email_with([], message_id="<sick@x>"))
+        replies = [smtp_data(gateway.config.port, fx.email_with([], message_id=f"<sick-{i}@x>")) for i in range(5)]
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered 451")]
     finally:
         gateway.stop()
         spool.close()
         store.close()
-    assert code == 451 and reply.startswith("4.3.0 Service temporarily unavailable"), reply
-    assert reply.endswith("try again later")
+    for code, reply in replies:
+        assert code == 451 and reply.startswith("4.3.0 Service temporarily unavailable"), reply
+        assert reply.endswith("try again later")
     assert spooled(tmp_path / "spool") == []
+    assert len(logged) == 1 and "claiming runs failed 3 times" in logged[0], logged
+    stop_lines = [r.getMessage() for r in caplog.records if "more not logged" in r.getMessage()]
+    assert stop_lines == ["answered 451 (UnavailableError): 4 more not logged"]  # counted at stop
 
 
 def test_store_locked_makes_the_engine_unhealthy_451_then_250_after(settings):

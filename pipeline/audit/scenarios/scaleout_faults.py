@@ -7,11 +7,10 @@ is back, and every acked mail should end in exactly one successful run with one 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ... import store as s
@@ -65,24 +64,18 @@ def scheduler_killed(work: Path, messages: int = 60, senders: int = 4, down_s: f
     port = free_port()
     config = {"executor": {"kind": "dask", "scheduler": f"tcp://127.0.0.1:{port}"}}
     gap = (down_s + 2 * margin_s) * senders / messages
-    first = dask_cluster(port, work / "cluster-1")
-    scheduler = next(first)
-    try:
-        with serving(work / "data", work, config) as serve:
-            with Senders(serve.port, burst_messages("daskdown", messages, pdf_every=1), work, senders,
-                         gap_s=gap) as sending:
-                _wait_succeeded(serve.data_dir, max(1, messages // 5), timeout_s)  # the executor is connected
-                killed = time.time()
-                scheduler.kill()
-                scheduler.wait()
-                first.close()  # its worker too: a supervisor restarts the cluster as a whole
-                time.sleep(max(0.0, down_s - (time.time() - killed)))
-                with _cluster(port, work / "cluster-2"):
-                    restarted = time.time()
-                    replies = sending.wait(timeout_s)
-                    verdict = judge(serve.data_dir, replies, messages, timeout_s)
-    finally:
-        first.close()
+    with DaskCluster(port, work / "cluster-1") as first, serving(work / "data", work, config) as serve:
+        with Senders(serve.port, burst_messages("daskdown", messages, pdf_every=1), work, senders,
+                     gap_s=gap) as sending:
+            _wait_succeeded(serve.data_dir, max(1, messages // 5), timeout_s)  # the executor is connected
+            killed = time.time()
+            first.scheduler.kill()
+            first.stop()  # its worker too: a supervisor restarts the cluster as a whole
+            time.sleep(max(0.0, down_s - (time.time() - killed)))
+            with DaskCluster(port, work / "cluster-2"):
+                restarted = time.time()
+                replies = sending.wait(timeout_s)
+                verdict = judge(serve.data_dir, replies, messages, timeout_s)
     return figures(fault, verdict, replies, restarted, down_s=down_s) + _outage_rows(fault, replies, killed,
                                                                                      restarted)
 
@@ -103,39 +96,66 @@ def _outage_rows(fault: str, replies: Replies, began: float, ended: float) -> Ro
             *([row(fault, "refused_after_s", refused - began, "s", 0, to="first refusal")] if refused else [])]
 
 
-@contextmanager
-def _cluster(port: int, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
-    cluster = dask_cluster(port, logs)
-    try:
-        yield next(cluster)
-    finally:
-        cluster.close()
+class DaskCluster:
+    """``dask scheduler`` on ``port`` and one ``dask worker`` (one process, one thread, 1 GiB, as the README
+    deploys them) as separate processes, logging into ``logs``; ``with`` starts them and waits until the worker
+    has joined, and stops both on leaving (``stop`` is idempotent)."""
 
+    def __init__(self, port: int, logs: Path) -> None:
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.port, self.logs = port, logs
+        self.procs: list[subprocess.Popen[bytes]] = []
 
-def dask_cluster(port: int, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``dask scheduler`` on ``port`` and one ``dask worker`` (one process, one thread, 1 GiB, as the
-    README's deployment), wait until the worker has joined, yield the scheduler's process; stop both on
-    ``close()``. Their logs go to ``logs``."""
-    logs.mkdir(parents=True, exist_ok=True)
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
-           "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
-    procs = [_spawn(logs / "scheduler.log", env, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                    "--no-dashboard")]
-    try:
-        procs.append(_spawn(logs / "worker.log", env, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                            "--memory-limit", "1GiB", "--no-dashboard", "--host", "127.0.0.1"))
-        _wait_for_worker(address, procs)
-        yield procs[0]
-    finally:
-        for proc in reversed(procs):
+    @property
+    def scheduler(self) -> subprocess.Popen[bytes]:
+        return self.procs[0]
+
+    def __enter__(self) -> DaskCluster:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+               "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+        try:
+            self.procs.append(_spawn(self.logs / "scheduler.log", env, "scheduler", "--host", "127.0.0.1", "--port",
+                                     str(self.port), "--no-dashboard"))
+            self.procs.append(_spawn(self.logs / "worker.log", env, "worker", self.address, "--nworkers", "1",
+                                     "--nthreads", "1", "--memory-limit", "1GiB", "--no-dashboard", "--host",
+                                     "127.0.0.1"))
+            self._wait_for_worker()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the worker, then the scheduler (SIGTERM, SIGKILL after 20 s); reap both."""
+        for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+    def _wait_for_worker(self, timeout_s: float = 120.0) -> None:
+        import distributed
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = [name for name, p in zip(("scheduler", "worker"), self.procs, strict=True) if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"dask {dead[0]} exited before the cluster was up (see {self.logs})")
+            try:
+                with distributed.Client(self.address, timeout=5, set_as_default=False) as client:
+                    client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+                    return
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def _spawn(log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
@@ -143,20 +163,3 @@ def _spawn(log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes
         return subprocess.Popen([str(DASK), *args], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)
 
-
-def _wait_for_worker(address: str, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120.0) -> None:
-    import distributed
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            raise RuntimeError(f"dask {dead[0].args[1]} exited with {dead[0].returncode} before the cluster was up")
-        try:
-            with distributed.Client(address, timeout=5, set_as_default=False) as client:
-                client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
-                return
-        except (OSError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
