@@ -40,8 +40,8 @@ def store_server_down(work: Path, messages: int = 200, senders: int = 4, down_s:
         with serving(work / "data", work, {"store": {"url": store.url, "busy_timeout_ms": busy_timeout_ms}}) as serve:
             with Senders(serve.port, burst_messages("pgdown", messages), work, senders, gap_s=gap) as sending:
                 sending.wait_acked(max(1, messages // 10), timeout_s)
-                stopped = time.time()
                 server.pg_ctl("stop", "-m", "immediate", "-w")
+                stopped = time.time()  # down from here (a 250 read just after may be of a commit just before)
                 time.sleep(down_s)
                 server.pg_ctl("start")
                 restarted = time.time()
