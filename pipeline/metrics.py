@@ -33,6 +33,8 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -147,9 +149,68 @@ def run_finished(state: str, reason: str | None) -> None:
     _child(RUN_OUTCOMES, state, reason_code(reason)).inc()
 
 
+GATEWAY_RESTART_CAUSES = ("died", "hung")
+WORKER_RESTART_CAUSES = ("timeout", "too_large", "worker_crashed", "other")
+
+
+def zero_alerted_series(tasks: Iterable[str] = (), smtp: bool = False) -> None:
+    """Create at 0 the labelled series the alert rules count with ``increase()`` (docs/performance/alerts.yml):
+    of the tasks named (those this process runs) and, with ``smtp``, of the gateway's refusals. A series born
+    at its first event starts at 1, and Prometheus's increase() sees no rise before it: the first gateway
+    restart, task_io failure or untyped run paged no one (a prober's finding)."""
+    tasks = list(tasks)
+    if tasks:
+        for reason in ("other", "internal"):
+            _child(RUN_OUTCOMES, "failed", reason)
+        for cause in WORKER_RESTART_CAUSES:
+            _child(WORKER_RESTARTS, cause)
+    if smtp:
+        for code in ("421", "451", "452"):
+            _child(SMTP_REPLIES, "DATA", code)
+    for task in tasks:
+        _child(TASK_FAILURES, task, "task_io")
+        _child(TASK_RETRIES, task)
+
+
 def worker_restarted(cause: str) -> None:
     """Count an extraction worker lost mid-request (``timeout``, ``too_large``, ``worker_crashed``)."""
     _child(WORKER_RESTARTS, cause if cause in REASONS else "other").inc()
+
+
+STORE_READ_S = 2.0  # a scrape waits this long for the run store, then leaves the run figures out (counted)
+
+
+class BoundedRead:
+    """``read()`` on a thread of its own, waited for at most ``timeout_s``; one call in flight at a time.
+
+    A scrape read the store through the connection the engine holds while it waits out a lock (10 s busy
+    timeout) or a PostgreSQL server that is down: scrapes took 10-19 s, past Prometheus's 10 s scrape timeout,
+    so every series went stale, ``pipeline_healthy`` with them, and the endpoint's connection slots filled
+    with waiting scrapes. A read still running when the next scrape comes is waited for again, never doubled.
+    """
+
+    def __init__(self, read: Callable[[], Any], timeout_s: float = STORE_READ_S) -> None:
+        self.read, self.timeout_s = read, timeout_s
+        self._pending: Future[Any] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                pending = self._pending = Future()
+                threading.Thread(target=self._run, args=(pending,), name="metrics-store-read", daemon=True).start()
+        try:
+            return pending.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"no answer within {self.timeout_s:g} s (the store is locked, or its server "
+                               "does not answer)") from None
+
+    def _run(self, pending: Future[Any]) -> None:
+        try:
+            pending.set_result(self.read())
+        except BaseException as exc:  # handed to the scrape that waits, which counts it
+            pending.set_exception(exc)
 
 
 class ScrapeCollector(Collector):
@@ -160,7 +221,8 @@ class ScrapeCollector(Collector):
                  active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
                  gateway: Callable[[], str] | None = None, health: Callable[[], str | None] | None = None,
                  gateway_restarts: Callable[[], dict[str, int]] | None = None) -> None:
-        self.runs_by_state, self.active_runs, self.gateway = runs_by_state, active_runs, gateway
+        self.runs_by_state = BoundedRead(runs_by_state) if runs_by_state is not None else None
+        self.active_runs, self.gateway = active_runs, gateway
         self.health, self.gateway_restarts = health, gateway_restarts
         self.states = states  # shown as 0 when the store has no run in them, so every series always exists
         self._errors = {"store": 0, "memory": 0, "serve": 0, **({"gateway": 0} if gateway is not None else {})}
@@ -185,7 +247,7 @@ class ScrapeCollector(Collector):
         if restarts_by_cause is not None:
             restarts = CounterMetricFamily("pipeline_gateway_restarts", "Gateway processes serve restarted, by "
                                            "cause (died, hung)", labels=["cause"])
-            for cause, n in sorted(restarts_by_cause.items()):
+            for cause, n in sorted({**dict.fromkeys(GATEWAY_RESTART_CAUSES, 0), **restarts_by_cause}.items()):
                 restarts.add_metric([cause], n)
             yield restarts
         errors_family = CounterMetricFamily("pipeline_scrape_errors", "Scrapes that could not read a source",

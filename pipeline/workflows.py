@@ -107,12 +107,16 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         saved = _saved_digest(Path(ctx.upstream["build_digest"]["digest_path"]))
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,
                                     message_id=deliver.digest_message_id(key, settings.delivery))
-        where = deliver.send_message(msg, settings.delivery, key=key, maybe_stored=_storing(marker))
-    result = {"to": str(msg["To"]), "where": where, "message_id": str(msg["Message-ID"])}
-    try:
-        deliver.mark_delivered(marker, result)
-    except OSError as exc:  # delivered all the same; only a crash before the next try could send it twice
-        log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
+        result = {"to": str(msg["To"]), "message_id": str(msg["Message-ID"])}
+
+        def taken(where: str) -> None:  # at the relay's 250, before its QUIT: a crash there must not resend it
+            result["where"] = where
+            try:
+                deliver.mark_delivered(marker, result)
+            except OSError as exc:  # delivered all the same; only a crash before the next try could resend it
+                log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
+
+        deliver.send_message(msg, settings.delivery, key=key, maybe_stored=_storing(marker), taken=taken)
     return result
 
 

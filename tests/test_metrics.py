@@ -125,9 +125,10 @@ def test_metrics_match_the_run_store_after_an_smtp_burst(serve):
     observed = {labels["task"]: v for labels, v in after["pipeline_task_duration_seconds_count"]}
     assert observed == dict(ran)
     outcomes = Counter((r.state, metrics.reason_code(r.reason)) for r in runs)
-    assert {(labels["state"], labels["reason"]): v for labels, v in after["pipeline_run_outcomes_total"]} == outcomes
+    counted = {(labels["state"], labels["reason"]): v for labels, v in after["pipeline_run_outcomes_total"] if v}
+    assert counted == outcomes  # besides the series alerts count, shown at 0 from the start
     assert _value(after, "pipeline_processes", role="extract_worker") >= 1  # a PDF was extracted
-    assert _value(after, "pipeline_healthy") == 1 and "pipeline_gateway_restarts_total" not in after
+    assert _value(after, "pipeline_healthy") == 1 and _value(after, "pipeline_gateway_restarts_total") == 0
     assert _value(after, "pipeline_process_resident_memory_bytes", role="serve", stat="sum") > 10 * 2**20
     _assert_bounded_labels(after)
 
@@ -200,6 +201,55 @@ def test_a_store_error_during_a_scrape_is_counted_not_a_500(tmp_path):
         store.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+
+
+def test_a_store_that_does_not_answer_costs_a_scrape_two_seconds_not_its_busy_timeout():
+    """A prober's find: a scrape read the store through the engine's connection while it waited out a lock,
+    so scrapes took 10-19 s, past Prometheus's 10 s timeout, every series went stale and the endpoint's
+    connection slots filled. The read now waits at most STORE_READ_S, is counted, and is never doubled."""
+    release, calls = threading.Event(), []
+
+    def locked() -> dict[str, int]:
+        calls.append(1)
+        release.wait(30)
+        return {"queued": 3}
+
+    collector = metrics.ScrapeCollector(runs_by_state=locked, active_runs=lambda: 0, health=lambda: None)
+    try:
+        for scrape in (1, 2):
+            started = time.monotonic()
+            families = {family.name: family for family in collector.collect()}
+            assert time.monotonic() - started < metrics.STORE_READ_S + 5  # not the 30 s the read blocks
+            assert "pipeline_runs" not in families and "pipeline_healthy" in families
+            errors = {s_.labels["source"]: s_.value for s_ in families["pipeline_scrape_errors"].samples}
+            assert errors["store"] == scrape
+        assert len(calls) == 1  # the second scrape waited for the read in flight, it did not start another
+    finally:
+        release.set()
+    assert wait_until(lambda: "pipeline_runs" in {f.name for f in collector.collect()}, timeout_s=10)
+
+
+def test_a_fresh_serve_shows_the_series_its_alerts_count_at_zero(tmp_path):
+    """A series born at its first event starts at 1, and Prometheus's increase() sees no rise: the first
+    gateway restart, task_io failure or untyped run paged no one. They exist at 0 from the start."""
+    port = free_port()
+    serve = ServeProcess(tmp_path / "data", tmp_path / "serve", args=("--metrics-port", str(port))).start()
+    try:
+        samples = _scrape(port)
+    finally:
+        serve.stop()
+    zero = {"pipeline_gateway_restarts_total": [{"cause": "hung"}, {"cause": "died"}],
+            "pipeline_task_failures_total": [{"task": "deliver", "reason": "task_io"},
+                                             {"task": "ingest_pdf", "reason": "task_io"}],
+            "pipeline_run_outcomes_total": [{"state": "failed", "reason": "other"},
+                                            {"state": "failed", "reason": "internal"}],
+            "pipeline_task_retries_total": [{"task": "deliver"}],
+            "pipeline_extract_worker_restarts_total": [{"cause": "worker_crashed"}],
+            "pipeline_smtp_replies_total": [{"command": "DATA", "code": "451"}]}
+    for name, label_sets in zero.items():
+        for labels in label_sets:
+            found = [v for got, v in samples.get(name, []) if all(got.get(k) == w for k, w in labels.items())]
+            assert found == [0.0], (name, labels, samples.get(name))
 
 
 def test_out_of_descriptors_a_scrape_still_answers_and_counts_what_it_could_not_read():

@@ -44,7 +44,7 @@ import re
 import smtplib
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email import errors as email_errors
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -187,8 +187,10 @@ def _domain(config: DeliveryConfig) -> str:
 
 
 def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = None,
-                 maybe_stored: bool = True) -> str:
-    """Hand the message to the relay, or add it to the outbox; return where it went.
+                 maybe_stored: bool = True, taken: Callable[[str], None] | None = None) -> str:
+    """Hand the message to the relay, or add it to the outbox; return where it went. ``taken(where)`` is called
+    the moment it is delivered: for a relay at its 250 to the final dot, before QUIT, whose reply can take 30 s
+    (the caller records the delivery there; serve killed while a relay held its QUIT reply sent it again).
 
     With a ``key`` the outbox copy is ``new/<key>``, written once: a run retried after a crash that
     came after delivery finds it there (or in cur/, once a mail reader has seen it) and does not deliver
@@ -199,14 +201,18 @@ def send_message(msg: EmailMessage, config: DeliveryConfig, key: str | None = No
     that does not offer SMTPUTF8 (RFC 6531); MachineShortError for an outbox on a full or read-only disk.
     """
     if config.relay:
-        return _relay(msg, config)
+        return _relay(msg, config, taken)
     try:
         if key is None:
-            return str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
-        return _add_once(msg, Path(config.outbox), key, maybe_stored)
+            where = str(Path(config.outbox) / "new" / mailbox.Maildir(Path(config.outbox), create=True).add(msg))
+        else:
+            where = _add_once(msg, Path(config.outbox), key, maybe_stored)
     except OSError as exc:  # a full or read-only disk is the machine's: the run waits for it (451 meanwhile)
         message = f"outbox {config.outbox}: cannot store the digest: {exc}"
         raise (MachineShortError(message) if exc.errno in MACHINE_ERRNOS else DeliveryError(message)) from exc
+    if taken is not None:
+        taken(where)
+    return where
 
 
 class _RelaySMTP(smtplib.SMTP):
@@ -260,7 +266,7 @@ def abort_relay_sessions() -> int:
     return len(sessions)
 
 
-def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
+def _relay(msg: EmailMessage, config: DeliveryConfig, taken: Callable[[str], None] | None = None) -> str:
     """Send ``msg`` through the relay; DeliveryError as the relay's reply says (5xx: not retryable)."""
     url = urlparse(config.relay or "")
     with _Session(SESSION_DEADLINE_S) as session:
@@ -276,6 +282,8 @@ def _relay(msg: EmailMessage, config: DeliveryConfig) -> str:
                 raise DeliveryError(f"relay {config.relay} {session.ended}") from exc
             raise _relay_error(config.relay, exc) from exc
         # the relay has the digest (250 to the final dot): whatever it answers to QUIT, it is delivered
+        if taken is not None:
+            taken(str(config.relay))
         with contextlib.suppress(OSError, smtplib.SMTPException):
             session.smtp.quit()
     return str(config.relay)

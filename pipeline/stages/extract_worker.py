@@ -248,8 +248,9 @@ class ExtractionPool:
         if reply is None:  # the worker died mid-request; close() has reaped it and read its stderr to the end
             error = death_error(worker.proc.returncode, list(worker.stderr_tail), self.memory_limit, job.name,
                                 job.what)
-            log.warning("extraction worker %d died on %s (%s: %s); its last stderr lines:\n%s", worker.proc.pid,
-                        job.name, error.reason, error, "\n".join(worker.stderr_tail) or "(none)")
+            tail = "\n".join(worker.stderr_tail)
+            log.warning("extraction worker %d died on %s (%s: %s); %s", worker.proc.pid, job.name, error.reason,
+                        error, f"its last stderr lines:\n{tail}" if tail else "it wrote nothing to stderr")
             _count_restart(error.reason)
             raise error
         if "ok" in reply:

@@ -34,6 +34,7 @@ class Relay:
     by_recipient: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     trickle_greeting: bool = False  # an endless greeting, a byte every 50 ms
     dot_delay_s: float = 0.0
+    quit_delay_s: float = 0.0  # a relay slow to answer QUIT after taking the message (ended early by ``stop``)
     mailbox: Path | None = None
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -108,6 +109,7 @@ class _Session(socketserver.StreamRequestHandler):
                     relay.took(body)
                 self.say(script["dot"])
             elif verb == b"QUIT":
+                relay.stop.wait(relay.quit_delay_s)
                 self.say(script["quit"])
                 return
             else:
