@@ -399,9 +399,11 @@ class DAGRunner:
             delay = min(longest, self.config.retry_base_delay_s * 2 ** (inst.try_number - 1))
             self._waiting_retry.add(instance_id)
             metrics.task_retried(instance_id)
-            self.timers.call_later(delay * random.uniform(0.5, 1.0), self._retry, instance_id)
-            log.info("run %s task %s: try %d failed (%s), retrying", self.run.run_id, instance_id,
-                     inst.try_number, reason)
+            wait_s = delay * random.uniform(0.5, 1.0)
+            self.timers.call_later(wait_s, self._retry, instance_id)
+            # with what went wrong: a greylisting relay and one that never greets logged the same line
+            log.info("run %s task %s: try %d failed (%s), retrying in %.1f s: %s", self.run.run_id, instance_id,
+                     inst.try_number, reason, wait_s, error[1][:300])
         else:
             self._finish(instance_id, s.FAILED, error)
 

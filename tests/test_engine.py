@@ -1,6 +1,7 @@
 """WorkflowEngine and DAGRunner on real SQLite: fan-out, retries, timeouts, failures, bounds."""
 
 import itertools
+import logging
 import threading
 import time
 
@@ -78,7 +79,8 @@ def test_upstream_failed_propagates_and_fails_run(store, make_engine):
                                          "side": "success"}
 
 
-def test_retries_with_backoff_record_every_try(store, make_engine):
+def test_retries_with_backoff_record_every_try(store, make_engine, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.runner")
     calls = []
 
     def flaky(ctx):
@@ -98,6 +100,9 @@ def test_retries_with_backoff_record_every_try(store, make_engine):
                       ("running", 3), ("success", 3)]
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.004 for g in gaps)  # base delay 0.01 s with jitter in [0.5, 1]
+    # each retry's line says what went wrong (a greylisting relay and a silent one read the same before)
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [line.rsplit(": ", 1)[1] for line in retried] == ["try 1 failed", "try 2 failed"], retried
 
 
 def test_retries_exhausted_fail_with_last_error(store, make_engine):
