@@ -4,7 +4,8 @@ Writers put a file in ``tmp/`` and rename it into ``new/`` (the Maildir rule:
 a file in ``new/`` is complete); watchdog reports that through inotify (or by
 polling, if configured). Each file is accepted
 through the gateway, then moved to ``cur/``; a file over the size limit goes
-to ``rejected/`` with a log line. Files already in ``new/`` at start are taken too.
+to ``rejected/`` with a log line. Files already in ``new/`` at start are taken too, by the rescan thread (a
+backlog of thousands must not hold serve's start-up).
 
 A file whose accept fails (service unavailable, spool or store failing) stays
 in ``new/``, untouched, and is tried again every ``retry_interval_s`` until
@@ -47,6 +48,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .config import GatewayConfig
 from .errors import PipelineError
+from .smtp_limits import RateLimitedLog
 
 log = logging.getLogger(__name__)
 SUBDIRS = ("tmp", "new", "cur", "rejected")
@@ -66,7 +68,9 @@ class DropFolder:
         self._observer: Any = None
         self._stopping = threading.Event()
         self._retry_thread: threading.Thread | None = None
-        self._unmoved: set[Path] = set()  # files accepted whose move to cur/ failed: only the move is retried
+        # files accepted whose move to cur/ failed, by the (device, inode) read: only the move is retried
+        self._unmoved: dict[Path, tuple[int, int]] = {}
+        self._failures = RateLimitedLog(log)
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the observer watches
         self._make_dirs()
 
@@ -113,12 +117,13 @@ class DropFolder:
         self._watch()
 
     def start(self) -> DropFolder:
-        """Take what is waiting in ``new/``, then watch it (and rescan it, see the module's docstring)."""
+        """Watch ``new/``; what is waiting there is taken by the rescan thread, which starts with it at once.
+        (It was taken here, before serve was up: a backlog of 25,000 files took more than serve's 60 s start-up
+        limit, so serve failed to start twice before the backlog was small enough.)"""
         self._watch()
         self._stopping.clear()
         self._retry_thread = threading.Thread(target=self._retry_loop, name="dropfolder-retry", daemon=True)
         self._retry_thread.start()
-        self.scan()
         log.info("watching drop folder %s (%s)", self.directory / "new", self.config.watch_mode)
         return self
 
@@ -141,17 +146,24 @@ class DropFolder:
         except OSError as exc:
             log.warning("drop folder: cannot list %s: %s", self.directory / "new", exc)
             return 0
-        return sum(self.try_take(path) for path in paths)
+        taken = 0
+        for path in paths:
+            if self._stopping.is_set():  # a backlog of thousands must not hold serve's stop
+                break
+            taken += self.try_take(path)
+        return taken
 
     def try_take(self, path: Path) -> bool:
         """``take`` guarded: a failure is logged in one line (a traceback only if unexpected) and returns False."""
         try:
             return self.take(path)
         except (PipelineError, OSError) as exc:  # expected faults: the file stays in new/ for the next rescan
-            log.warning("drop folder: %r stays in new/ (accept failed: %s: %s)", Path(path).name,
-                        type(exc).__name__, exc)
-        except Exception:  # one bad file must not stop the watcher
-            log.exception("drop folder: could not accept %r; it stays in new/", str(path))
+            # one line per kind per interval: a full spool under 2,000 waiting files wrote 10,669 lines in 30 s
+            self._failures.report(type(exc).__name__, "drop folder: %r stays in new/ (accept failed: %s: %s)",
+                                  Path(path).name, type(exc).__name__, exc)
+        except Exception as exc:  # one bad file must not stop the watcher
+            self._failures.report(type(exc).__name__, "drop folder: could not accept %r; it stays in new/",
+                                  str(path), level=logging.ERROR, exc_info=exc)
         return False
 
     def take(self, path: Path) -> bool:
@@ -165,7 +177,7 @@ class DropFolder:
             if path.parent != self.directory / "new" or path.name.startswith("."):
                 return False
             if path in self._unmoved:  # accepted already: only its move is tried again, never the accept
-                self._move_to_cur(path)
+                self._move_to_cur(path, self._unmoved[path])
                 return False
             try:  # never follow a link, never wait on a FIFO
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -191,22 +203,37 @@ class DropFolder:
                     log.debug("drop folder: %r is still being written; taken once it is closed", path.name)
                     return False
             self.accept(raw)
-            self._move_to_cur(path)
+            self._move_to_cur(path, (st.st_dev, st.st_ino))
             return True
 
-    def _move_to_cur(self, path: Path) -> None:
-        """Move an accepted file to ``cur/``; if that fails, the retry loop tries the move again (never the
-        accept: a rescan at the next start finds the same run by its key)."""
+    def _move_to_cur(self, path: Path, read: tuple[int, int]) -> None:
+        """Move the accepted file, the one ``read`` names (device, inode), to ``cur/``; if that fails, the retry
+        loop tries the move again (never the accept: a rescan at the next start finds the same run by its key).
+        A file written under the same name meanwhile is a new message: it stays for its own accept (the name
+        alone moved 414 unaccepted mails of a writer reusing one name to cur/, marked seen, with no run)."""
         try:
-            os.replace(path, _free_name(self.directory / "cur", path.name.partition(":")[0], ":2,S"))
-            self._unmoved.discard(path)
-        except FileNotFoundError:
-            self._unmoved.discard(path)
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) != read:
+                self._unmoved.pop(path, None)
+                log.info("drop folder: %r was replaced after it was read: the new file is taken on its own",
+                         path.name)
+                return
+            target = _free_name(self.directory / "cur", path.name.partition(":")[0], ":2,S")
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:  # cur/ itself gone (the folder removed under serve): make it again
+                if not os.path.lexists(path):
+                    raise
+                self._make_dirs()
+                os.replace(path, target)
+            self._unmoved.pop(path, None)
+        except FileNotFoundError:  # taken by someone else, or removed: nothing left to move
+            self._unmoved.pop(path, None)
         except OSError as exc:
             if path not in self._unmoved:
                 log.error("drop folder: %r was accepted but cannot be moved to cur/ (%s); moving it is retried",
                           path.name, exc)
-            self._unmoved.add(path)
+            self._unmoved[path] = read
 
     def _reject(self, path: Path, why: str) -> bool:
         """Move what is not a message out of ``new/`` to ``rejected/``, unread, with one log line."""
@@ -217,16 +244,21 @@ class DropFolder:
     def _retry_loop(self) -> None:
         # inotify reports a file once, and not at all once its queue overflowed: new/ is scanned from here. A
         # file a writer still holds open is safe from the scan: take() leaves it until its writer closes it.
-        while not self._stopping.wait(self.retry_interval_s):
-            try:
-                self._watch_again_if_replaced()
-                self.scan()
-                for path in sorted(self._unmoved):
-                    with self._lock:
-                        self._move_to_cur(path)
-            except Exception:  # the loop is the folder's safety net: it must outlive any one failure
-                log.exception("drop folder: rescanning %s failed; trying again in %g s", self.directory,
-                              self.retry_interval_s)
+        # The first pass runs at once: it takes what waited in new/ while serve was down.
+        while not self._stopping.is_set():
+            for step in (self._watch_again_if_replaced, self.scan, self._move_unmoved):
+                try:  # each on its own: a folder that cannot be watched again must not stop the rescan
+                    step()
+                except Exception as exc:  # the loop is the folder's safety net: it must outlive any one failure
+                    self._failures.report(f"{step.__name__}: {type(exc).__name__}", "drop folder: %s of %s failed; "
+                                          "trying again in %g s", step.__name__.strip("_").replace("_", " "),
+                                          self.directory, self.retry_interval_s, level=logging.ERROR, exc_info=exc)
+            self._stopping.wait(self.retry_interval_s)
+
+    def _move_unmoved(self) -> None:
+        for path, read in sorted(self._unmoved.items()):
+            with self._lock:
+                self._move_to_cur(path, read)
 
 
 MAX_NAME_BYTES = 200  # of a name in cur/ or rejected/, before the ".N" that keeps it unique (NAME_MAX is 255)
@@ -242,11 +274,16 @@ def _free_name(directory: Path, base: str, suffix: str = "") -> Path:
             raw = raw[:-1]
         if raw and raw[-1] >= 0xC0:  # and its lead byte
             raw = raw[:-1]
-    for n in range(10_000):
+    if not raw:  # a name of bytes cut away entirely (255 bytes of 0x80): not an empty or hidden name
+        raw = b"message"
+    for n in range(100):
         candidate = directory / os.fsdecode(raw + (b".%d" % n if n else b"") + suffix.encode())
         if not os.path.lexists(candidate):
             return candidate
-    raise FileExistsError(f"no free name for {base!r} in {directory}")
+    while True:  # a writer that always uses one name (a scanner's scan.eml): a unique name, never a dead end
+        candidate = directory / os.fsdecode(raw + b".%d.%d" % (time.time_ns(), os.getpid()) + suffix.encode())
+        if not os.path.lexists(candidate):
+            return candidate
 
 
 SETTLE_S = 1.0  # with no lease to be had, a file unchanged this long counts as written

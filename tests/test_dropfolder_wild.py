@@ -185,3 +185,83 @@ def test_files_whose_events_inotify_dropped_are_taken_by_the_rescan(tmp_path, ca
         assert "overflow" in caplog.text.lower()  # events were lost, so the rescan took some of them
     finally:
         drop.stop()
+
+
+def test_a_backlog_waiting_at_start_does_not_hold_start_up_and_is_all_taken(tmp_path):
+    """A prober's find: the files waiting in new/ were taken inside start(), before serve was up; 25,000 of
+    them took longer than serve's 60 s start-up limit, and serve failed to start twice. The rescan thread
+    takes them now, beginning at once."""
+    accepted: list[bytes] = []
+
+    def slow(raw: bytes) -> None:
+        time.sleep(0.02)
+        accepted.append(raw)
+
+    drop = DropFolder(tmp_path / "inbox", slow, GatewayConfig(watch_mode="inotify"), retry_interval_s=60)
+    messages = [MESSAGE + b"%d\r\n" % i for i in range(200)]
+    for i, raw in enumerate(messages):
+        (drop.directory / "new" / f"{i}.eml").write_bytes(raw)
+    os.utime(drop.directory / "new", None)
+    drop.start()
+    try:
+        assert len(accepted) < len(messages)  # start() returned before the backlog was taken (4 s of accepts)
+        assert wait_until(lambda: len(accepted) == len(messages), 60), len(accepted)
+        assert sorted(accepted) == sorted(messages)
+    finally:
+        drop.stop()
+
+
+def test_a_file_replaced_under_its_name_while_accepted_is_taken_on_its_own(tmp_path):
+    """A prober's find: the move to cur/ went by name, so a writer reusing one name (tmp/x -> new/same.eml)
+    had its next mail moved to cur/, marked seen, unaccepted (414 of 487). The file read is the file moved."""
+    new = tmp_path / "inbox" / "new"
+    second = MESSAGE + b"second\r\n"
+    accepted: list[bytes] = []
+
+    def replace_while_accepting(raw: bytes) -> None:
+        accepted.append(raw)
+        if len(accepted) == 1:  # the writer's next mail arrives under the same name meanwhile
+            (tmp_path / "inbox" / "tmp" / "next").write_bytes(second)
+            os.replace(tmp_path / "inbox" / "tmp" / "next", new / "same.eml")
+
+    drop = DropFolder(tmp_path / "inbox", replace_while_accepting, GatewayConfig(watch_mode="poll",
+                                                                                poll_interval_s=0.05),
+                      retry_interval_s=0.1)
+    (new / "same.eml").write_bytes(MESSAGE)
+    os.utime(new / "same.eml", (0, 0))  # settled
+    drop.start()
+    try:
+        assert wait_until(lambda: len(accepted) == 2, 20), accepted
+        assert wait_until(lambda: not (new / "same.eml").exists(), 10)
+    finally:
+        drop.stop()
+    assert accepted == [MESSAGE, second]  # the first file itself is gone: the writer's rename replaced it
+    assert [p.read_bytes() for p in (tmp_path / "inbox" / "cur").iterdir()] == [second]
+
+
+def test_a_name_used_a_hundred_times_still_gets_a_free_name_and_the_rescan_outlives_a_failed_watch(tmp_path):
+    """Prober's finds: after 10,000 files of one name in cur/ (a scanner's scan.eml) the next could not be moved
+    and was retried for ever, and a rescan pass whose watch-again step failed (EMFILE: the inotify limit)
+    skipped its scan too, so nothing was taken."""
+    keep = Keep()
+    drop = DropFolder(tmp_path / "inbox", keep, GatewayConfig(watch_mode="inotify"), retry_interval_s=0.1)
+    cur = drop.directory / "cur"
+    for n in range(100):
+        (cur / (f"scan.eml.{n}:2,S" if n else "scan.eml:2,S")).write_bytes(b"old")
+
+    def no_more_watches() -> None:
+        raise OSError(24, "inotify instance limit reached")
+
+    drop._watch_again_if_replaced = no_more_watches  # type: ignore[method-assign]
+    drop.start()
+    drop._observer.stop()  # no events either: only the rescan can take the file
+    drop._observer.join()
+    try:
+        (drop.directory / "new" / "scan.eml").write_bytes(MESSAGE)
+        os.utime(drop.directory / "new" / "scan.eml", (0, 0))
+        assert wait_until(lambda: keep.accepted == [MESSAGE], 10)
+        assert wait_until(lambda: not (drop.directory / "new" / "scan.eml").exists(), 10)
+    finally:
+        drop._observer = None
+        drop.stop()
+    assert len(list(cur.iterdir())) == 101 and keep.accepted == [MESSAGE]
