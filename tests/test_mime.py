@@ -16,7 +16,7 @@ from helpers import send_for_run_id as send
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.errors import ParseError
-from pipeline.stages import digest, parse
+from pipeline.stages import digest, parse, text_normal
 
 LIMITS = IngestConfig()
 PDF = fx.text_pdf(1)
@@ -158,6 +158,60 @@ def test_a_thousand_parts_are_read_and_one_more_is_malformed_email(tmp_path):
         with pytest.raises(ParseError, match="more than 1,000 parts") as err:
             parse.summarize_message(empty_parts(count), tmp_path, LIMITS)
         assert err.value.reason == "malformed_email"
+
+
+def _parts_bomb(spelling: str, parts: int = 20_000) -> bytes:
+    """``parts`` empty parts under a boundary spelled as the raw-byte scan of check_part_count does not read."""
+    boundary, end = (b"B" * 250, b"\r\n") if spelling == "long" else (b"ABCD", b"\r" if spelling == "cr" else b"\r\n")
+    param = b'boundary*0="AB"; boundary*1="CD"' if spelling == "rfc2231" else b'boundary="' + boundary + b'"'
+    head = b"From: a@example.com" + end + b"MIME-Version: 1.0" + end + b"Content-Type: multipart/mixed; " + param
+    return head + end + end + (b"--" + boundary + end + end) * parts + b"--" + boundary + b"--" + end
+
+
+@pytest.mark.parametrize("spelling", ["rfc2231", "cr", "long"])
+def test_parts_are_counted_by_the_parser_whatever_the_boundarys_spelling(spelling):
+    """A prober's find: a boundary in RFC 2231 pieces, bare-CR line ends or a 250-character boundary passed the
+    byte scan, and the parser built every part: 400,000 of them held a parse worker for 45 s while every other
+    mail's parse waited. The parser itself stops at part MAX_PARTS + 1 (it used to parse all, and only the
+    walk over the parts refused them)."""
+    with pytest.raises(ParseError, match="more than 1,000 parts") as err:
+        parse.parse_message(_parts_bomb(spelling))
+    assert err.value.reason == "malformed_email"
+
+
+def _multipart(*parts: bytes, kind: bytes = b"mixed") -> bytes:
+    body = b"".join(b"--P\r\n" + part + b"\r\n" for part in parts)
+    return (b"From: alice@example.com\r\nSubject: wild\r\nMIME-Version: 1.0\r\nContent-Type: multipart/" + kind +
+            b'; boundary="P"\r\n\r\n' + body + b"--P--\r\n")
+
+
+def test_pdfs_as_mailers_in_the_wild_label_them_are_digested_and_mac_file_information_is_not(tmp_path):
+    """Prober's finds: a base64 PDF as application/x-pdf without a Content-Transfer-Encoding, and PDFs behind a
+    BOM, blank lines or NULs (PDFium reads them) were listed "not a PDF"; AppleDouble's resource fork, named
+    like the PDF it describes, was digested as a second, "corrupt" report.pdf."""
+    b64 = base64.encodebytes(PDF).replace(b"\n", b"\r\n")
+    raw = _multipart(
+        b'Content-Type: application/x-pdf; name="Rechnung"\r\n\r\n' + b64,
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(b"\xef\xbb\xbf\r\n" + b"\x00" * 64 + PDF).replace(b"\n", b"\r\n"),
+        b'Content-Type: multipart/appledouble; boundary="A"\r\n\r\n--A\r\n'
+        b'Content-Type: application/applefile; name="report.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        b"AAUWBwACAAA=\r\n--A\r\n" + pdf_part(b"report.pdf") + b"\r\n--A--")
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["Rechnung", "attachment-2", "report.pdf"]
+    assert all(Path(a["path"]).read_bytes().endswith(PDF) for a in info["attachments"])
+    assert info["skipped"] == [{"name": "report.pdf", "reason": "not a PDF (application/applefile: Mac file "
+                                                                "information)"}]
+
+
+def test_what_a_part_or_a_pdf_title_says_reaches_the_digest_without_control_characters(tmp_path):
+    """A prober's find: a Content-Type with NUL, backspaces and a terminal escape, and a PDF title with BEL, NUL
+    and U+202E (turning "exe.fdp" into "pdf.exe", the spoof names are cleaned of), reached the digest as sent."""
+    raw = _multipart(b"Content-Type: application/x-\x00\x08\x1b[2J; name=n.bin\r\n\r\nbinary")
+    [skipped] = parse.summarize_message(raw, tmp_path, LIMITS)["skipped"]
+    assert skipped["reason"].isprintable() and skipped["reason"].startswith("not a PDF (application/x-")
+    title = text_normal.pick_title("Invoice \u202eexe.fdp \x07\x00end", "")
+    assert title == "Invoice exe.fdp end"
 
 
 def test_skipped_parts_and_their_reasons_are_in_the_digest():

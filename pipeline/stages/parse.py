@@ -35,7 +35,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email import errors as email_errors
 from email.header import decode_header, make_header
 from email.headerregistry import Address
@@ -95,13 +95,37 @@ def _parse(raw: bytes, max_depth: int) -> EmailMessage:
     it cannot read."""
     check_part_count(raw)
     try:  # the parser reads Content-Type and Content-Transfer-Encoding of every part while it parses
-        return BytesParser(policy=DEFAULT).parsebytes(raw)  # type: ignore[return-value]
+        return BytesParser(_counted_parts(MAX_PARTS), policy=DEFAULT).parsebytes(raw)  # type: ignore[return-value]
+    except _TooManyParts:
+        raise ParseError(f"MIME: more than {MAX_PARTS:,} parts") from None
     except RecursionError as exc:  # the feed parser recurses once per multipart level: ~300 levels exhaust it
         if _mime_levels(exc) > max_depth:  # (a deep tree may run out of stack in a part's header parse)
             raise ParseError(f"MIME: parts nested too deep to parse (the limit is {max_depth} levels)") from None
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from None
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from exc
+
+
+class _TooManyParts(Exception):
+    """Raised inside the email package's parser at its part MAX_PARTS + 1."""
+
+
+def _counted_parts(limit: int) -> Callable[..., EmailMessage]:
+    """A message factory for the parser that raises _TooManyParts once it made ``limit`` parts. The scan of
+    ``check_part_count`` first is cheap but reads only the usual spellings: a boundary given in RFC 2231 pieces
+    (``boundary*0=``), bare-CR line ends or a boundary over 200 characters passed it, and 400,000 empty parts
+    held a parse worker for 45 s, every other mail's parse waiting behind it. This bounds whatever the parser
+    itself reads as parts."""
+    made = -1  # the parser makes one message when it starts, to see which arguments the factory takes
+
+    def make(policy: Any = DEFAULT) -> EmailMessage:
+        nonlocal made
+        made += 1
+        if made > limit:
+            raise _TooManyParts
+        return EmailMessage(policy=policy)
+
+    return make
 
 
 def _mime_levels(exc: BaseException) -> int:
@@ -269,10 +293,24 @@ def _clip_utf8(text: str, max_bytes: int) -> str:
     return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
+# what mailers in the wild label PDFs with, besides application/pdf
+PDF_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acrobat", "application/vnd.pdf",
+                       "applications/vnd.pdf", "text/pdf", "text/x-pdf"})
+# parts named like a PDF that are not one: AppleDouble's resource fork (multipart/appledouble) carries the name of
+# the file it describes, and was digested as a "corrupt" PDF beside the real one
+NOT_PDF_TYPES = frozenset({"application/applefile"})
+PDF_HEADER_WINDOW = 1024  # PDF readers (PDFium too) find %PDF- within this many bytes of the start (a BOM, NULs)
+
+
 def is_pdf(part: EmailMessage, payload: bytes) -> bool:
-    """True for application/pdf parts, *.pdf names, and octet-streams that start like a PDF."""
+    """True for parts of a PDF type, *.pdf names, and parts other than text whose first KB holds ``%PDF-``."""
+    kind = part.get_content_type()
+    if kind in NOT_PDF_TYPES:
+        return False
     name = (part.get_filename() or "").lower()
-    return part.get_content_type() == "application/pdf" or name.endswith(".pdf") or payload[:5] == b"%PDF-"
+    if kind in PDF_TYPES or name.endswith(".pdf") or payload[:5] == b"%PDF-":
+        return True
+    return part.get_content_maintype() != "text" and b"%PDF-" in payload[:PDF_HEADER_WINDOW]
 
 
 def check_part_count(raw: bytes) -> None:
@@ -346,7 +384,9 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
             return name, payload if payload[:5] == b"%PDF-" else pdf_in_body(payload) or payload, ""
         body = name is None and part.get_content_maintype() == "text" and \
             part.get_content_disposition() != "attachment"
-        return name, None, "" if body else f"not a PDF ({part.get_content_type()})"
+        kind = clean_header(part.get_content_type(), 80)  # as sent: NUL and terminal escapes reached the digest
+        return name, None, "" if body else f"not a PDF ({kind})" if kind not in NOT_PDF_TYPES else \
+            f"not a PDF ({kind}: Mac file information)"
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({why(exc)})") from None
 

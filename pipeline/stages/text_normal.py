@@ -107,13 +107,18 @@ _JUNK_TITLE = re.compile(r"^(untitled|title|document|microsoft word - .*|.*\.(do
                          re.I)
 
 
+_UNSHOWABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")  # controls, bidi overrides
+
+
 def pick_title(metadata_title: str | None, first_page: str) -> str:
-    """The document's title: its metadata title unless empty or junk, else its first heading-like line."""
-    title = " ".join((metadata_title or "").split())
+    """The document's title: its metadata title unless empty or junk, else its first heading-like line. Control
+    characters and bidi overrides go: a title is shown in the digest, where NUL, BEL and U+202E (which turns
+    "exe.fdp" into "pdf.exe", the spoof attachment names are cleaned of) came through as sent."""
+    title = " ".join(_UNSHOWABLE.sub(" ", metadata_title or "").split())
     if title and not _JUNK_TITLE.match(title) and sum(c.isalpha() for c in title) >= 3:
         return title[:200]
     for line in first_page.splitlines()[:15]:
-        line = " ".join(line.split())
+        line = " ".join(_UNSHOWABLE.sub(" ", line).split())
         letters = sum(c.isalpha() for c in line)
         if letters >= 4 and len(line) <= 120 and letters >= len(line) / 2 and not line.endswith((".", ",", ";")):
             return line
