@@ -49,6 +49,20 @@ def test_a_subject_folded_without_indent_keeps_the_mime_structure(tmp_path):
     assert pdfs(SCANNER, tmp_path / "again") == [PDF]
 
 
+@pytest.mark.parametrize("encoding", ["7bit", "base64"])
+def test_the_scanners_mail_forwarded_whole_keeps_its_pdf(tmp_path, encoding):
+    """A prober's find: the header repair ran on the top message only, so the scanner's mail forwarded as
+    message/rfc822 (in clear, or in base64 as Exchange sends it) lost its Content-Type to the body and its PDF
+    without a word: "The message had no PDF attachments"."""
+    inner = SCANNER if encoding == "7bit" else base64.encodebytes(SCANNER).replace(b"\n", b"\r\n")
+    part = (b"--F\r\nContent-Type: text/plain\r\n\r\nSee the scan below.\r\n--F\r\n"
+            b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: " + encoding.encode() + b"\r\n\r\n" + inner)
+    raw = mail(b"Subject: Fwd: scan\r\n", part, boundary=b"F")
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+    assert pdfs(raw, tmp_path / "again") == [PDF]
+
+
 @pytest.mark.parametrize(("top", "headers"), [
     (b"From: alice@example.com\r\nX-Broken header without colon\r\n", b"Subject: stray\r\n"),
     (b"From : Alice <alice@example.com>\r\n", b"Subject: obsolete syntax\r\n"),  # RFC 5322 4.5.3

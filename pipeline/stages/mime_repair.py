@@ -16,6 +16,9 @@ so a well-formed message is parsed once and never rewritten:
 - **A forwarded message in base64 or quoted-printable** (RFC 2046 5.2.1
   forbids it; Exchange and some phones do it): the parser reads the encoded
   text as the message. ``encoded_forward`` decodes it and parses the result.
+- **A forwarded message whose own headers the parser misread** (the scanner's
+  mail above, forwarded whole): ``misread_forward`` prints it back as it came,
+  and it is parsed with the same header repair as a top-level message.
 - **A Content-Transfer-Encoding with trailing blanks or in odd case**
   (``base64 ``): the email package leaves the payload encoded.
   ``canonical_transfer_encoding`` rewrites the header first.
@@ -115,6 +118,30 @@ def encoded_forward(part: EmailMessage) -> bytes | None:
         # line at that point, which was not in the mail
         text = text.replace(b"\n\n", b"\n", 1) if child.keys() else text.removeprefix(b"\n")
     return quopri.decodestring(text)
+
+
+def misread_forward(part: EmailMessage) -> bytes | None:
+    """The forwarded message a message/rfc822 ``part`` carries in clear, printed back as it came, when the parser
+    misread its headers (``needs_header_repair``: a header line without a colon cut them short, so its
+    Content-Type, and every PDF under it, became body text); None otherwise."""
+    if part.get_content_type() != "message/rfc822":
+        return None
+    children = part.get_payload()
+    if not isinstance(children, list) or not children or not isinstance(children[0], Message):
+        return None
+    child = children[0]
+    if not needs_header_repair(child):
+        return None
+    from email.policy import EmailPolicy
+
+    try:
+        text = child.as_bytes(policy=EmailPolicy(refold_source="none", max_line_length=0))  # headers as parsed
+    except RecursionError:
+        raise ParseError("MIME: a forwarded message is nested too deep to read") from None
+    if any(isinstance(d, email_errors.MissingHeaderBodySeparatorDefect) for d in child.defects):
+        # the generator put a blank line where the parser stopped reading headers: not in the mail
+        text = text.replace(b"\n\n", b"\n", 1) if child.keys() else text.removeprefix(b"\n")
+    return text
 
 
 def canonical_transfer_encoding(part: EmailMessage) -> None:

@@ -54,6 +54,7 @@ from .mime_repair import (
     BOUNDARY_PARAM,
     canonical_transfer_encoding,
     encoded_forward,
+    misread_forward,
     needs_header_repair,
     repair_header_block,
 )
@@ -80,14 +81,21 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     Also ParseError for more than MAX_PARTS parts (checked on the raw bytes first, so a mail of
     100,000 empty parts costs a scan, not minutes of parsing) and for nesting too deep to parse.
     """
-    msg = _parse(raw, max_depth)
-    if needs_header_repair(msg):  # a header line without a colon cut the header block short
-        repaired = repair_header_block(raw)
-        if repaired is not None:
-            msg = _parse(repaired, max_depth)
+    msg = _parse_repaired(raw, max_depth)
     if not [name for name in msg.keys() if name.lower() not in TRACE_HEADERS]:  # the gateway writes Return-Path
         raise ParseError("not an email: no header block (is this raw MIME?)")
     return msg  # type: ignore[return-value]
+
+
+def _parse_repaired(raw: bytes, max_depth: int) -> EmailMessage:
+    """``_parse``, once more on the header block put right where the parser shows it misread it (a header line
+    without a colon cut it short: ``mime_repair``)."""
+    msg = _parse(raw, max_depth)
+    if needs_header_repair(msg):
+        repaired = repair_header_block(raw)
+        if repaired is not None:
+            msg = _parse(repaired, max_depth)
+    return msg
 
 
 def _parse(raw: bytes, max_depth: int) -> EmailMessage:
@@ -349,9 +357,10 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         yield part
         if part.is_multipart():  # multipart/* with a boundary, and message/rfc822 (one child: the message)
             children: list[EmailMessage] = part.get_payload()  # type: ignore[assignment]
-            forwarded = encoded_forward(part)  # a forward in base64: its child is the encoded text
-            if forwarded is not None:
-                children = [_parse(forwarded, max_depth)]
+            # a forward in base64 (its child is the encoded text), or one whose headers the parser misread
+            forwarded = encoded_forward(part) or misread_forward(part)
+            if forwarded is not None:  # (a scanner's mail forwarded whole: its PDFs were lost without a word)
+                children = [_parse_repaired(forwarded, max_depth)]
             stack.extend((child, depth + 1) for child in reversed(children))
 
 
