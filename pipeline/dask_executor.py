@@ -97,6 +97,8 @@ class DaskExecutor:
         self._client: Any = None
         self._cluster: Any = None
         self._closed = False
+        self._connected_once = False  # after the first connection, reconnecting goes on a thread of its own
+        self._reconnecting: threading.Thread | None = None
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
         self._deaths = threading.Condition()
         # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
@@ -106,15 +108,46 @@ class DaskExecutor:
 
     @property
     def client(self) -> Any:
-        """The distributed Client, connecting first if needed; ClusterUnavailableError if that fails."""
+        """The distributed Client, connecting first if needed; ClusterUnavailableError if that fails.
+
+        The first connection is waited for. Once connected, a client that gave up on its scheduler (gone for
+        10 s) is replaced by one connected on a thread of its own, and until it is, this raises at once: the
+        caller is the engine's pass that claims runs, and a connect to a scheduler that is down takes
+        CONNECT_TIMEOUT_S (a killed scheduler held every claim, runs without PDFs too, 10 s per try).
+        """
         with self._lock:
             if self._closed:
                 raise ClusterUnavailableError("the Dask executor is shut down")
-            if self._client is None or self._client.status in ("closing", "closed"):
-                if self._client is not None:  # gave up on a scheduler that went away: free its loop and sockets
-                    _release(self._client)
+            if self._client is not None and self._client.status not in ("closing", "closed"):
+                return self._client
+            if self._client is not None:  # gave up on a scheduler that went away: free its loop and sockets
+                _release(self._client)
+                self._client = None
+            if not self._connected_once:
                 self._client = self._connect()
-            return self._client
+                self._connected_once = True
+                return self._client
+            if self._reconnecting is None:
+                self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
+                self._reconnecting.start()
+        raise ClusterUnavailableError(f"the Dask scheduler at {self.config.scheduler or 'a LocalCluster'} went "
+                                      "away; connecting to it again")
+
+    def _reconnect(self) -> None:
+        """Connect a new client on this thread; the next ``client`` after it returns finds it (or tries again)."""
+        client = None
+        try:
+            client = self._connect()
+        except ClusterUnavailableError as exc:
+            log.warning("%s; tried again at the next task", exc)
+        except Exception as exc:  # never let this thread die silently
+            log.error("connecting to the Dask scheduler again failed: %s: %s", type(exc).__name__, exc)
+        with self._lock:
+            self._reconnecting = None
+            if client is not None and self._closed:  # close() ran meanwhile: this client is nobody's
+                _release(client)
+            elif client is not None:
+                self._client = client
 
     def submit(self, fn: Any, *args: Any, key: str) -> Future[Any]:
         """Run ``fn(*args)`` on the cluster as task ``key``; the returned future completes from a callback."""
@@ -160,8 +193,11 @@ class DaskExecutor:
             client, cluster, live = self._client, self._cluster, list(self._live.values())
             self._client = self._cluster = None
             self._live.clear()
+            reconnecting = self._reconnecting
         for _, ours in live:
             ours.cancel()
+        if reconnecting is not None:  # it releases what it connects once it sees the executor closed
+            reconnecting.join(CONNECT_TIMEOUT_S + 5)
         for closable in (client, cluster):
             if closable is not None:
                 try:

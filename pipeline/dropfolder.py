@@ -68,9 +68,10 @@ class DropFolder:
         self._observer: Any = None
         self._stopping = threading.Event()
         self._retry_thread: threading.Thread | None = None
-        # files accepted whose move to cur/ failed, by the (device, inode) read: only the move is retried
-        self._unmoved: dict[Path, tuple[int, int]] = {}
+        # files accepted whose move to cur/ failed, with the version read (_version): only the move is retried
+        self._unmoved: dict[Path, tuple[int, ...]] = {}
         self._failures = RateLimitedLog(log)
+        self.first_pass = threading.Event()  # set once the rescan thread has taken what waited at start
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the observer watches
         self._make_dirs()
 
@@ -137,6 +138,7 @@ class DropFolder:
             self._observer.stop()
             self._observer.join()
             self._observer = None
+        self._failures.flush()
 
     def scan(self) -> int:
         """Take every file now in ``new/``; return how many were taken (a file that fails stays for later)."""
@@ -203,17 +205,17 @@ class DropFolder:
                     log.debug("drop folder: %r is still being written; taken once it is closed", path.name)
                     return False
             self.accept(raw)
-            self._move_to_cur(path, (st.st_dev, st.st_ino))
+            self._move_to_cur(path, _version(st))
             return True
 
-    def _move_to_cur(self, path: Path, read: tuple[int, int]) -> None:
-        """Move the accepted file, the one ``read`` names (device, inode), to ``cur/``; if that fails, the retry
-        loop tries the move again (never the accept: a rescan at the next start finds the same run by its key).
-        A file written under the same name meanwhile is a new message: it stays for its own accept (the name
-        alone moved 414 unaccepted mails of a writer reusing one name to cur/, marked seen, with no run)."""
+    def _move_to_cur(self, path: Path, read: tuple[int, ...]) -> None:
+        """Move the accepted file, as it was read (``_version``), to ``cur/``; if that fails, the retry loop tries
+        the move again (never the accept: a rescan at the next start finds the same run by its key). A file
+        written under the same name meanwhile, renamed over it or rewritten in place, is a new message: it stays
+        for its own accept (the name alone moved 414 unaccepted mails of a writer reusing one name to cur/,
+        marked seen, with no run)."""
         try:
-            now = os.lstat(path)
-            if (now.st_dev, now.st_ino) != read:
+            if _version(os.lstat(path)) != read:
                 self._unmoved.pop(path, None)
                 log.info("drop folder: %r was replaced after it was read: the new file is taken on its own",
                          path.name)
@@ -253,12 +255,19 @@ class DropFolder:
                     self._failures.report(f"{step.__name__}: {type(exc).__name__}", "drop folder: %s of %s failed; "
                                           "trying again in %g s", step.__name__.strip("_").replace("_", " "),
                                           self.directory, self.retry_interval_s, level=logging.ERROR, exc_info=exc)
+            self.first_pass.set()
             self._stopping.wait(self.retry_interval_s)
 
     def _move_unmoved(self) -> None:
-        for path, read in sorted(self._unmoved.items()):
-            with self._lock:
+        with self._lock:  # one pass over a snapshot: events change the dict under the lock meanwhile
+            for path, read in sorted(self._unmoved.items()):
                 self._move_to_cur(path, read)
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one file under a name from another, or from itself rewritten in place (``cp`` over it keeps
+    the inode): device, inode, size and change time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 MAX_NAME_BYTES = 200  # of a name in cur/ or rejected/, before the ".N" that keeps it unique (NAME_MAX is 255)

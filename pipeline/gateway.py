@@ -77,6 +77,7 @@ class EmailGateway:
         self.config.validate()
         self.workflow = workflow
         self.limits = SessionLimits.from_config(self.config)  # the automatic session limit is read here
+        self.refusals = RateLimitedLog(log)  # the 4xx answers to DATA: one line per kind per interval
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-accept")
         self.inline_accepts = InlineAccepts(self.config.inline_accept_bytes)
         self._controller: GatewayController | None = None
@@ -209,6 +210,7 @@ class EmailGateway:
             self._controller.stop()
             self._controller = None
             self.limits.log.flush()
+            self.refusals.flush()
         self._pool.shutdown(wait=True)
 
     def recipient_allowed(self, address: str) -> bool:
@@ -307,7 +309,7 @@ class _SmtpHandler:
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter) and not isinstance(exc, AcceptStalledError):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
-            return metrics.smtp_reply("DATA", smtp_reply_for(exc, self.gateway.limits.log))
+            return metrics.smtp_reply("DATA", smtp_reply_for(exc, self.gateway.refusals))
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
 
     async def _off_loop(self, accept: Callable[[], Run], writer: object) -> Run:

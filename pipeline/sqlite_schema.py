@@ -231,6 +231,8 @@ def refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
     if version > SCHEMA_VERSION:
         raise SchemaTooNewError(path, version, SCHEMA_VERSION)
     if version == 0 and foreign:
+        if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'schema_migrations'").fetchone()[0]:
+            refuse_rewound(conn, path, version)  # our store, its user_version set back to 0
         raise StoreError(f"{path}: a SQLite file with other tables, not a run store; refusing to touch it")
 
 

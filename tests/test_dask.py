@@ -302,6 +302,37 @@ def test_a_scheduler_killed_mid_task_makes_the_run_wait_not_fail_its_document(st
     assert (run.state, run.reason, task.state) == ("success", None, "success"), (run, task)
 
 
+def test_a_client_that_lost_its_scheduler_is_replaced_in_the_background_and_tasks_fail_fast_meanwhile(monkeypatch):
+    """Found while adding the audit's scheduler_killed: once the client gave up on a killed scheduler, every
+    submission connected anew, synchronously, in the engine's claim pass: 10 s per try while the scheduler
+    was down, runs without PDFs held up too. Now a submission says at once that the cluster is being
+    reconnected, and the client connected in the background is used once the scheduler is back."""
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 20.0)  # also how long the client tries to reconnect
+    port = free_port()
+    executor = DaskExecutor(ExecutorConfig(kind="dask", scheduler=f"tcp://127.0.0.1:{port}"))
+    try:
+        with _separate_cluster(port=port):
+            first = executor.client
+            first.wait_for_workers(1, timeout=60)
+            scheduler = next(p for p in psutil.process_iter(["cmdline"])
+                             if "scheduler" in (p.info["cmdline"] or []) and str(port) in (p.info["cmdline"] or []))
+            scheduler.kill()
+            assert wait_until(lambda: first.status in ("closing", "closed"), 90)  # it gave up (after 20 s)
+            with pytest.raises(ClusterUnavailableError, match="went away; connecting to it again"):
+                executor.submit(os.getpid, key="while-down")
+        with _separate_cluster(port=port):  # the scheduler is back on its address
+            assert wait_until(lambda: _submits(executor), 120)
+    finally:
+        executor.close()
+
+
+def _submits(executor: DaskExecutor) -> bool:
+    try:
+        return executor.submit(os.getpid, key=f"probe-{time.monotonic_ns()}").result(timeout=60) > 0
+    except ClusterUnavailableError:
+        return False
+
+
 def _recurse(depth: int = 0) -> int:
     return _recurse(depth + 1)
 

@@ -55,6 +55,19 @@ def test_a_hung_gateway_is_replaced_and_loses_no_acked_message(tmp_path):
     assert not _no_children_left(before)
 
 
+def test_a_locked_store_loses_no_acked_mail_and_metrics_still_answer_every_scrape(tmp_path):
+    """Scrapes read the store through the engine's connection while it waited out the lock: 10-19 s each, past
+    Prometheus's 10 s timeout (a prober's find). Now every scrape during the lock answers."""
+    before = _live_children()
+    rows = faults.store_locked(tmp_path, messages=16, senders=2, lock_s=12.0, busy_timeout_ms=10_000, margin_s=1.0,
+                               timeout_s=240)  # the shipped busy timeout
+    figures = _figures(rows, "store_locked")
+    assert figures["acked"] == 16 and figures["lost"] == 0 and figures["duplicated"] == 0
+    [scrapes] = [r["tags"]["scrapes"] for r in rows if r["metric"] == "scrapes_failed"]
+    assert scrapes >= 2 and figures["scrapes_failed"] == 0, rows
+    assert not _no_children_left(before)
+
+
 @pytest.mark.parametrize("fault", ["work_disk_full", "outbox_full"])
 def test_a_full_work_disk_or_outbox_fails_no_acked_run_and_every_mail_gets_its_digest(tmp_path, fault):
     """Before, every run acked while data/work was full failed task_io for good, and every digest meant for a

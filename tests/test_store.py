@@ -54,15 +54,17 @@ def test_newer_schema_is_refused(tmp_path):
         SqliteRunStore(path)
 
 
-def test_schema_version_set_back_is_refused_untouched(tmp_path):
+@pytest.mark.parametrize("version", [3, 0])
+def test_schema_version_set_back_is_refused_untouched(tmp_path, version):
     """A store whose user_version a tool set back used to re-run its migrations and fail on SQLite's
-    "duplicate column name"; now it is refused, naming both counts, and the file is left as it was."""
+    "duplicate column name" (or, set to 0, was called a foreign file); now it is refused, naming both counts,
+    and the file is left as it was."""
     path = tmp_path / "runs.sqlite3"
     SqliteRunStore(path).close()
     with closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA user_version = 3")
+        conn.execute(f"PRAGMA user_version = {version}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError, match=f"records {SCHEMA_VERSION} migration.*user_version says 3"):
+    with pytest.raises(StoreCorruptError, match=f"records {SCHEMA_VERSION} migration.*user_version says {version}"):
         SqliteRunStore(path)
     assert path.read_bytes() == before
 

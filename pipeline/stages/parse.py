@@ -61,6 +61,7 @@ from .mime_repair import (
 
 MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
+MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
 # bytes of JSON the parse's result may take: under the store's MAX_INLINE_OUTPUT (64 KB), with room to spare.
 # A mail of 300 PDFs with 100-character names (1.7 MB) made a 77 KB result, and the run failed bad_output
 RESULT_BUDGET = 48 * 1024
@@ -307,13 +308,14 @@ PDF_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acro
 # parts named like a PDF that are not one: AppleDouble's resource fork (multipart/appledouble) carries the name of
 # the file it describes, and was digested as a "corrupt" PDF beside the real one
 NOT_PDF_TYPES = frozenset({"application/applefile"})
+APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 PDF_HEADER_WINDOW = 1024  # PDF readers (PDFium too) find %PDF- within this many bytes of the start (a BOM, NULs)
 
 
 def is_pdf(part: EmailMessage, payload: bytes) -> bool:
     """True for parts of a PDF type, *.pdf names, and parts other than text whose first KB holds ``%PDF-``."""
     kind = part.get_content_type()
-    if kind in NOT_PDF_TYPES:
+    if kind in NOT_PDF_TYPES and payload[:4] == APPLEDOUBLE_MAGIC:  # (AppleSingle, the same type, holds the file)
         return False
     name = (part.get_filename() or "").lower()
     if kind in PDF_TYPES or name.endswith(".pdf") or payload[:5] == b"%PDF-":
@@ -346,7 +348,7 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
     than MAX_PARTS parts in all.
     """
     stack: list[tuple[EmailMessage, int]] = [(msg, 0)]
-    seen = 0
+    seen = repaired = 0
     while stack:
         part, depth = stack.pop()
         seen += 1
@@ -357,9 +359,15 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         yield part
         if part.is_multipart():  # multipart/* with a boundary, and message/rfc822 (one child: the message)
             children: list[EmailMessage] = part.get_payload()  # type: ignore[assignment]
-            # a forward in base64 (its child is the encoded text), or one whose headers the parser misread
-            forwarded = encoded_forward(part) or misread_forward(part)
-            if forwarded is not None:  # (a scanner's mail forwarded whole: its PDFs were lost without a word)
+            # a forward in base64 (its child is the encoded text), or one whose headers the parser misread (a
+            # scanner's mail forwarded whole: its PDFs were lost without a word). Each is printed back and parsed
+            # again with all it holds: at most MAX_REPAIRED_FORWARDS of the latter, or a forward misread at each
+            # of 31 levels parsed 50 MB 31 times (65 s)
+            forwarded = encoded_forward(part)
+            if forwarded is None and repaired < MAX_REPAIRED_FORWARDS:
+                forwarded = misread_forward(part)
+                repaired += forwarded is not None
+            if forwarded is not None:
                 children = [_parse_repaired(forwarded, max_depth)]
             stack.extend((child, depth + 1) for child in reversed(children))
 

@@ -236,10 +236,11 @@ def stop_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:
 
 
 @contextmanager
-def serving(data_dir: Path, work_dir: Path, config: dict[str, dict[str, Any]] | None = None
-            ) -> Iterator[ServeProcess]:
-    """A started ServeProcess that is killed and reaped on every path out of the block."""
-    serve = ServeProcess(data_dir, work_dir, config)
+def serving(data_dir: Path, work_dir: Path, config: dict[str, dict[str, Any]] | None = None,
+            args: tuple[str, ...] = ()) -> Iterator[ServeProcess]:
+    """A started ServeProcess (``args``: extra serve flags) that is killed and reaped on every path out of the
+    block."""
+    serve = ServeProcess(data_dir, work_dir, config, args=args)
     try:
         yield serve.start()
     finally:

@@ -427,13 +427,14 @@ def code_quality_tables(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 _FAULT_FIGURES = {"sent": "sent", "acked": "acked (250)", "lost": "lost", "duplicated": "duplicated",
                   "untyped": "untyped", "failed_runs": "failed runs", "refused_after_s": "4xx after s",
-                  "recover_s": "recover s", "drain_s": "drain s"}
+                  "recover_s": "recover s", "drain_s": "drain s", "scrape_max_s": "slowest scrape s"}
 
 
 def fault_table(m: pd.DataFrame) -> pd.DataFrame:
     """Per fault: sent, acked, lost, duplicated, untyped, failed runs, how long the gateway acked mail before
-    refusing it (a disk full under the work dir or the outbox), time to recover and drain, what senders saw, and a note
-    (why a fault was skipped, or why its harness failed)."""
+    refusing it (a disk full under the work dir or the outbox), time to recover and drain, the slowest scrape of
+    serve's ``/metrics`` during the fault (where it was scraped), what senders saw, and a note (why a fault was
+    skipped, or why its harness failed)."""
     r = rows(m, "faults")
     if r.empty:
         return pd.DataFrame()

@@ -6,6 +6,7 @@ is back, and every acked mail should end in exactly one successful run with one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -137,8 +138,10 @@ class DaskCluster:
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    pass
+            with contextlib.suppress(ProcessLookupError):  # what it started (a nanny's worker) goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def _wait_for_worker(self, timeout_s: float = 120.0) -> None:
         import distributed
