@@ -48,7 +48,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .config import GatewayConfig
 from .errors import PipelineError
-from .smtp_limits import RateLimitedLog
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 SUBDIRS = ("tmp", "new", "cur", "rejected")

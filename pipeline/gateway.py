@@ -59,7 +59,8 @@ from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .inline_accept import InlineAccepts
-from .smtp_limits import RateLimitedLog, SessionLimits
+from .ratelog import RateLimitedLog
+from .smtp_limits import SessionLimits
 from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
 from .store import Run
 from .workflows import EMAIL_DIGEST

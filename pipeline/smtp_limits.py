@@ -14,8 +14,8 @@ asyncio logged a traceback per failure (issue 11). So:
 - ``InflightBudget`` counts DATA bytes received and not yet accepted or refused,
   across all sessions (``BulkDataSMTP`` charges it; the gateway checks a
   declared ``SIZE=`` against it at MAIL).
-- ``RateLimitedLog`` writes at most one line per cause per interval, with the
-  number suppressed since; it also serves as the event loop's exception
+- ``RateLimitedLog`` (``ratelog``) writes at most one line per cause per interval,
+  with the number suppressed since; it also serves as the event loop's exception
   handler, where asyncio reports accept() errors and unretrieved task errors.
 """
 
@@ -24,17 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import threading
-import time
-from collections import Counter
 from typing import Any
 
 from .config import GatewayConfig
+from .ratelog import LOG_INTERVAL_S, RateLimitedLog
 from .smtp_lean import LeanSMTP
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_SESSIONS = 500
-LOG_INTERVAL_S = 10.0
 TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session timeout, closing connection"
@@ -47,54 +44,6 @@ def default_max_sessions() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_DEFAULT_SESSIONS
     return max(1, min(MAX_DEFAULT_SESSIONS, soft // 4))
-
-
-class RateLimitedLog:
-    """Log at most one line per cause per ``interval_s``; the next one says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S) -> None:
-        self.logger, self.interval_s = logger, interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self.counts: Counter[str] = Counter()  # every occurrence per cause, logged or not
-        self._lock = threading.Lock()  # causes come from the event loop and from the accept threads
-
-    def report(self, cause: str, message: str, *args: object, level: int = logging.WARNING,
-               exc_info: BaseException | None = None) -> bool:
-        """Log ``message % args`` unless ``cause`` was logged less than an interval ago; True if logged."""
-        now = time.monotonic()
-        with self._lock:
-            self.counts[cause] += 1
-            last = self._last.get(cause)
-            if last is not None and now - last < self.interval_s:
-                self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
-                return False
-            self._last[cause] = now
-            suppressed = self._suppressed.pop(cause, 0)
-        if suppressed:
-            message += " (and %d more like it in the last %.0f s)"
-            args += (suppressed, now - (last or now))
-        self.logger.log(level, message, *args, exc_info=exc_info)
-        return True
-
-    def flush(self) -> None:
-        """Log the count of every cause still suppressed (at shutdown)."""
-        with self._lock:
-            pending, self._suppressed = self._suppressed, {}
-        for cause, count in pending.items():
-            self.logger.warning("%s: %d more not logged", cause, count)
-
-    def loop_exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Event loop exception handler: one line per cause (message and exception type) per interval.
-
-        A traceback is kept only for what is not an OSError (a bug, not a hostile or broken peer).
-        """
-        exc = context.get("exception")
-        message = str(context.get("message") or "unhandled exception in the event loop")
-        cause = f"{message}: {type(exc).__name__}" if exc is not None else message
-        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-        trace = exc if isinstance(exc, BaseException) and not isinstance(exc, OSError) else None
-        self.report(cause, "SMTP event loop: %s%s", message, detail, exc_info=trace)
 
 
 class InflightBudget:

@@ -12,7 +12,7 @@ import pipeline
 ROOT = Path(__file__).resolve().parent.parent
 # Lower layers may not import higher ones (STYLE.md section 1).
 LAYERS = [
-    {"errors", "tracing", "timers", "priority", "passes"},
+    {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
     {"config", "dag", "store", "metrics"},
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool"},
