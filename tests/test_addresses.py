@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.errors import DeliveryError, ParseError
-from pipeline.stages import deliver, digest, parse
+from pipeline.stages import deliver, digest, headers, parse
 
 DIGEST = digest.Digest("Digest: hello", "text body", "<p>html body</p>")
 LIMITS = IngestConfig(max_attachment_bytes=1000)
@@ -36,7 +36,7 @@ def deliver_to_maildir(tmp_path, email: dict) -> bytes:
 
 def to_header_of(saved: bytes) -> list[str]:
     msg = BytesParser(policy=policy.default).parsebytes(saved)
-    return [parse.addr_spec(a, "To") for a in parse.read_header(msg, "To").addresses]
+    return [headers.addr_spec(a, "To") for a in headers.read_header(msg, "To").addresses]
 
 
 @pytest.mark.parametrize(("from_header", "expected"), [
@@ -134,7 +134,7 @@ def test_utf8_address_reaches_a_relay_with_smtputf8(smtp_sink):
     config = DeliveryConfig(relay=relay)
     deliver.send_message(reply_to("jörg@example.com", config), config)
     (received,) = sink.wait_for(1)
-    assert [parse.addr_spec(a, "To") for a in received["To"].addresses] == ["jörg@example.com"]
+    assert [headers.addr_spec(a, "To") for a in received["To"].addresses] == ["jörg@example.com"]
 
 
 def test_utf8_address_and_a_relay_without_smtputf8_is_a_permanent_failure():

@@ -17,7 +17,7 @@ from conftest import free_port
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, GatewayConfig
 from pipeline.service import PipelineService
-from pipeline.stages import deliver, parse
+from pipeline.stages import deliver, headers, parse
 from pipeline.workflows import EMAIL_DIGEST
 
 
@@ -132,7 +132,7 @@ def test_a_utf8_sender_gets_a_valid_to_header_in_the_maildir(start_service, send
     (to,) = email.message_from_string(data.decode("utf-8"), policy=policy.default)["To"].addresses
     assert (to.display_name, to.addr_spec) == (name, sender)
     (as_bytes,) = email.message_from_bytes(data, policy=policy.default)["To"].addresses
-    assert parse.addr_spec(as_bytes, "To") == sender and b"=?" not in data.split(b"\nTo:")[1].split(b"\n")[0]
+    assert headers.addr_spec(as_bytes, "To") == sender and b"=?" not in data.split(b"\nTo:")[1].split(b"\n")[0]
     assert tasks["deliver"].output["to"] == str(to)
 
 
@@ -142,7 +142,7 @@ def test_a_utf8_sender_reaches_a_relay_over_smtputf8(start_service, sink):
     assert run.state == "success", run.reason
     ((rcpt, msg),) = sink[0].wait_for(1)
     assert rcpt == ["jörg@example.com"]
-    assert [parse.addr_spec(a, "To") for a in msg["To"].addresses] == ["jörg@example.com"]
+    assert [headers.addr_spec(a, "To") for a in msg["To"].addresses] == ["jörg@example.com"]
 
 
 def test_a_run_rebuilt_from_the_spool_file_replies_to_its_return_path(start_service, sink, settings):

@@ -57,8 +57,8 @@ from ..config import DeliveryConfig
 from ..errors import MACHINE_ERRNOS, DeliveryError, MachineShortError, ParseError
 from .autoreply import DIGEST_HEADERS, MACHINE
 from .digest import Digest
+from .headers import clean_header, parse_mailboxes
 from .mailpolicy import REPLY, REPLY_UTF8
-from .parse import clean_header, parse_mailboxes
 
 log = logging.getLogger(__name__)
 _MSG_ID = re.compile(r"^<[^<>\s]{1,900}>$")

@@ -4,10 +4,7 @@ Attachments are written to files under the run's work directory, never
 under their own names: a name from the sender is display text only, and the
 file name is built from a sanitised copy of it (``safe_filename``).
 
-Addresses are parsed by ``email.headerregistry`` (RFC 5322: quoted local
-parts, display names with commas, encoded words, comments), never by regexes.
-Odd headers make the email package raise instead of recording a defect; every
-such exception becomes a ParseError that names the header.
+Headers (who sent it, its Message-ID) are read by ``headers``.
 
 Which parts count (issue 11). Every part anywhere in the MIME tree is looked at,
 without recursion: nested multipart/mixed, alternative and related, and forwarded
@@ -36,12 +33,8 @@ import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
-from email import errors as email_errors
-from email.header import decode_header, make_header
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import getaddresses
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -49,7 +42,17 @@ from typing import Any
 from ..config import IngestConfig
 from ..errors import ParseError
 from .autoreply import automated
-from .mailpolicy import DEFAULT, MAX_HEADER_CHARS, SMTP
+from .headers import (
+    HEADER_ERRORS,
+    MAX_NAME_CHARS,
+    clean_header,
+    header_sender,
+    message_id,
+    read_header,
+    return_path,
+    why,
+)
+from .mailpolicy import DEFAULT, SMTP
 from .mime_repair import (
     BOUNDARY_PARAM,
     canonical_transfer_encoding,
@@ -59,19 +62,12 @@ from .mime_repair import (
     repair_header_block,
 )
 
-MAX_NAME_CHARS = 100
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
 # bytes of JSON the parse's result may take: under the store's MAX_INLINE_OUTPUT (64 KB), with room to spare.
 # A mail of 300 PDFs with 100-character names (1.7 MB) made a 77 KB result, and the run failed bad_output
 RESULT_BUDGET = 48 * 1024
 _UNSAFE = re.compile(r"[^\w.\- ]+")
-# What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
-# decodes to CR/LF, IndexError for "a@", AttributeError/TypeError for some 8-bit junk, HeaderParseError).
-# RecursionError: comments or quoted strings nested a few hundred deep ("((((...") exhaust the parser's stack.
-# NameError: UnboundLocalError from the parser's own bug for a domain literal left open ("<a@[ >").
-HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, NameError, RecursionError,
-                 email_errors.MessageError)
 NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
 TRACE_HEADERS = frozenset({"return-path", "received"})  # what mail servers add: no sign the sender wrote a mail
 
@@ -144,136 +140,6 @@ def _mime_levels(exc: BaseException) -> int:
         frames += frame.tb_frame.f_code.co_filename.endswith("feedparser.py")
         frame = frame.tb_next
     return frames
-
-
-def why(exc: BaseException) -> str:
-    """What a header parse failure says, in words (a RecursionError's own text names no header)."""
-    return "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc)
-
-
-def raw_header(msg: EmailMessage, name: str) -> str:
-    """The unparsed value of header ``name`` as one printable line, for error messages."""
-    return clean_header(next((v for k, v in msg.raw_items() if k.lower() == name.lower()), ""), 80)
-
-
-def read_header(msg: EmailMessage, name: str) -> Any:
-    """Return header ``name`` parsed by the message's policy (None when absent); ParseError naming it if unparsable."""
-    try:
-        return msg[name]
-    except HEADER_ERRORS as exc:
-        raise ParseError(f"{name}: cannot parse {raw_header(msg, name)!r} ({why(exc)})") from None
-
-
-def parse_mailboxes(name: str, value: str) -> tuple[list[Address], tuple[Exception, ...]]:
-    """Parse ``value`` as the address header ``name``; return (its mailboxes, the parser's defects).
-
-    Groups are flattened; mailboxes without a local part or a domain are left out.
-    Raises ParseError naming the header when the email package cannot parse it.
-    """
-    try:
-        header = DEFAULT.header_factory(name, value)
-        addresses = list(header.addresses)
-    except HEADER_ERRORS as exc:
-        raise ParseError(f"{name}: cannot parse {clean_header(value, 80)!r} ({why(exc)})") from None
-    return usable_mailboxes(addresses), tuple(header.defects)
-
-
-def usable_mailboxes(addresses: Any) -> list[Address]:
-    """The mailboxes someone can be written to: both a local part and a domain ("<>" and "x" are not)."""
-    return [a for a in addresses if a.username and a.domain]
-
-
-def addr_spec(address: Address, name: str) -> str:
-    """The address as RFC 5322 writes it (local part quoted when needed), 8-bit bytes decoded as UTF-8.
-
-    A raw 8-bit header reaches the parser as surrogate escapes; RFC 6532 says they are UTF-8.
-    Raises ParseError naming header ``name`` when they are not.
-    """
-    try:
-        return address.addr_spec.encode("utf-8", "surrogateescape").decode("utf-8")
-    except UnicodeError as exc:
-        raise ParseError(f"{name}: address {clean_header(address.addr_spec, 80)!r} is not valid UTF-8") from exc
-
-
-def sender_mailbox(msg: EmailMessage) -> Address:
-    """Return the first usable mailbox in From:; ParseError naming the header otherwise."""
-    try:
-        header = read_header(msg, "From")
-        mailboxes = usable_mailboxes(header.addresses if header is not None else ())
-    except ParseError:
-        mailboxes = lenient_mailboxes(msg, "From")
-        if not mailboxes:
-            raise
-    if not mailboxes:
-        raise ParseError(f"From: no usable address in {raw_header(msg, 'From') or 'missing'!r}: nobody to reply to")
-    return mailboxes[0]
-
-
-def lenient_mailboxes(msg: EmailMessage, name: str) -> list[Address]:
-    """Header ``name``'s mailboxes as the older parser reads them, display names cleaned to one line: for a
-    header the strict parser refuses over its display name alone (an encoded CR/LF in ``=?utf-8?q?a=0D=0A?=``
-    failed a drop-folder mail's PDFs, "nobody to reply to", and left an SMTP mail's digest without a sender)."""
-    value = next((str(v) for k, v in msg.raw_items() if k.lower() == name.lower()), "")
-    if "=?" not in value or len(value) > MAX_HEADER_CHARS:  # only an encoded word decodes to CR/LF
-        return []
-    mailboxes = []
-    for display, address in getaddresses([value]):
-        try:
-            display = str(make_header(decode_header(display)))
-        except HEADER_ERRORS:  # an unknown charset: the name as written
-            pass
-        try:
-            mailboxes.append(Address(display_name=clean_header(display, MAX_NAME_CHARS), addr_spec=address))
-        except HEADER_ERRORS:
-            continue
-    return usable_mailboxes(mailboxes)
-
-
-def header_sender(msg: EmailMessage, envelope: str | None) -> tuple[str, str]:
-    """(address, display name) of the first usable mailbox in From:, for display, and for the reply to mail that
-    has no envelope sender (``envelope`` None: the drop folder, ``ingest``): ParseError naming From: then.
-
-    Mail that came by SMTP is answered at its envelope sender, never at From:, so a From: that is missing (as
-    a script's mail through Postfix) or unreadable is shown as none instead of failing the mail's PDFs."""
-    try:
-        mailbox = sender_mailbox(msg)
-        return addr_spec(mailbox, "From"), sender_name(mailbox)
-    except ParseError:
-        if envelope is None:
-            raise
-        return "", ""
-
-
-def message_id(msg: EmailMessage) -> str | None:
-    """The Message-ID as one line, for the digest's In-Reply-To; None when absent or unreadable (``<>``): the
-    gateway deduplicates on the raw header, so an odd one costs only the threading, not the mail."""
-    try:
-        return clean_header(read_header(msg, "Message-ID"), 998) or None
-    except ParseError:
-        return None
-
-
-def sender_name(mailbox: Address) -> str:
-    """The mailbox's display name as one printable line (raw 8-bit bytes read as UTF-8, RFC 6532)."""
-    name = mailbox.display_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return clean_header(name, MAX_NAME_CHARS)
-
-
-def return_path(msg: EmailMessage) -> str | None:
-    """The address of the first Return-Path header, "" for the null reverse-path, None when there is none.
-
-    The gateway writes this trace header above everything the sender wrote (RFC 5321 4.4), so the
-    first one is the envelope sender. One that is not a single usable address counts as null: a digest
-    must not go to a guess.
-    """
-    value = next((str(v) for k, v in msg.raw_items() if k.lower() == "return-path"), None)
-    if value is None:
-        return None
-    try:
-        mailboxes = usable_mailboxes(DEFAULT.header_factory("To", value.strip()).addresses)
-        return addr_spec(mailboxes[0], "Return-Path") if len(mailboxes) == 1 else ""
-    except (ParseError, *HEADER_ERRORS):
-        return ""
 
 
 def display_name(name: str | None, index: int) -> str:
@@ -508,12 +374,6 @@ def _unlink_quietly(path: str | None) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def clean_header(value: object, limit: int = 200) -> str:
-    """One line of printable text from a header value: no CR/LF can reach an outgoing header."""
-    text = str(value or "")[:limit * 8]  # a megabyte header is not read to give its first line
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
 
 
 def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[str, Any]:
