@@ -142,7 +142,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                              "ingestion_reps": 1, "memory_reps": 1},
         "09_faults": {"kill_serve": {"messages": 1000, "senders": 8, "kill_points": [0.25, 0.5, 0.75]},
                       "kill_worker_pdf": "text-5mb.pdf",
-                      "store_locked": {"messages": 200, "senders": 4, "lock_s": 5.0, "busy_timeout_ms": 1000,
+                      # the shipped busy timeout (10 s) and a lock past it: what senders and scrapes then see
+                      "store_locked": {"messages": 200, "senders": 4, "lock_s": 12.0, "busy_timeout_ms": 10_000,
                                        "margin_s": 2.0},
                       # serve's default waits 30 s before it kills a silent gateway; 5 s here, same path
                       "hung_gateway": {"messages": 200, "senders": 4, "hung_after_s": 5.0, "margin_s": 2.0},
