@@ -15,10 +15,8 @@ import math
 import smtplib
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +246,7 @@ def store_locked(work: Path, messages: int = 200, senders: int = 4, lock_s: floa
                  args=("--metrics-port", str(metrics_port))) as serve:
         with Senders(serve.port, burst_messages("locked", messages), work, senders, gap_s=gap) as sending:
             sending.wait_acked(max(1, messages // 10), timeout_s)
-            with timed_scrapes(metrics_port) as scrapes:  # what Prometheus sees of serve meanwhile
+            with monitoring.timed_scrapes(metrics_port) as scrapes:  # what Prometheus sees of serve meanwhile
                 locked, released = hold_store_lock(serve.data_dir / "runs.sqlite3", lock_s)
             replies = sending.wait(timeout_s)
         verdict = judge(serve.data_dir, replies, messages, timeout_s)
@@ -260,36 +258,6 @@ def store_locked(work: Path, messages: int = 200, senders: int = 4, lock_s: floa
         row("store_locked", "scrape_max_s", max((s_ for s_, _ in scraped), default=float("nan")), "s", 0,
             scrapes=len(scraped)),
         row("store_locked", "scrapes_failed", sum(not ok for _, ok in scraped), "scrapes", 0, scrapes=len(scraped))]
-
-
-SCRAPE_TIMEOUT_S = 10.0  # Prometheus's default scrape timeout: a slower scrape is a failed one
-
-
-@contextmanager
-def timed_scrapes(port: int, every_s: float = 0.5) -> Iterator[list[tuple[float, float, bool]]]:
-    """Scrape serve's ``/metrics`` every ``every_s`` from a thread while the block runs; yield the list of
-    (start wall time, seconds, answered within SCRAPE_TIMEOUT_S) it fills."""
-    scrapes: list[tuple[float, float, bool]] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            at, started = time.time(), time.monotonic()
-            try:
-                monitoring.scrape(port, timeout_s=SCRAPE_TIMEOUT_S)
-                ok = True
-            except OSError:
-                ok = False
-            scrapes.append((at, time.monotonic() - started, ok))
-            stop.wait(every_s)
-
-    thread = threading.Thread(target=loop, name="fault-scraper", daemon=True)
-    thread.start()
-    try:
-        yield scrapes
-    finally:
-        stop.set()
-        thread.join(timeout=SCRAPE_TIMEOUT_S + 5)
 
 
 def hung_gateway(work: Path, messages: int = 200, senders: int = 4, hung_after_s: float = 5.0,

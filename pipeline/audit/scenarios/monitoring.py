@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -77,33 +78,39 @@ def small_mails(tag: str, count: int) -> list[tuple[str, bytes]]:
     return out
 
 
+SCRAPE_TIMEOUT_S = 10.0  # Prometheus's default scrape timeout: a slower scrape is a failed one
+
+
 @contextmanager
-def _scraping(port: int | None, every_s: float) -> Iterator[list[int]]:
-    """Scrape ``port`` at once and then every ``every_s`` from a thread while the block runs (a turn shorter than
-    ``every_s`` is still scraped); yield the [ok, failed] counts."""
-    counts = [0, 0]
+def timed_scrapes(port: int | None, every_s: float = 0.5,
+                  timeout_s: float = SCRAPE_TIMEOUT_S) -> Iterator[list[tuple[float, float, bool]]]:
+    """Scrape ``port`` at once and then every ``every_s`` from a thread while the block runs (a block shorter than
+    ``every_s`` is still scraped); yield the list of (start wall time, seconds, answered within ``timeout_s``) it
+    fills. ``port`` None scrapes nothing."""
+    scrapes: list[tuple[float, float, bool]] = []
     if port is None:
-        yield counts
+        yield scrapes
         return
     stop = threading.Event()
 
     def loop() -> None:
-        while True:
+        while not stop.is_set():
+            at, started = time.time(), time.monotonic()
             try:
-                scrape(port)
-                counts[0] += 1
+                scrape(port, timeout_s=timeout_s)
+                ok = True
             except OSError:
-                counts[1] += 1
-            if stop.wait(every_s):
-                return
+                ok = False
+            scrapes.append((at, time.monotonic() - started, ok))
+            stop.wait(every_s)
 
-    thread = threading.Thread(target=loop, name="metrics-ab-scraper", daemon=True)
+    thread = threading.Thread(target=loop, name="metrics-scraper", daemon=True)
     thread.start()
     try:
-        yield counts
+        yield scrapes
     finally:
         stop.set()
-        thread.join(timeout=60)
+        thread.join(timeout=timeout_s + 30)
 
 
 def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int, metrics_port: int | None,
@@ -112,7 +119,7 @@ def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int,
     messages = small_mails(f"{variant}-{rep}", mails)
     (work / f"senders-{variant}-{rep}").mkdir(parents=True, exist_ok=True)
     cpu_before = serve_cpu_seconds(serve)
-    with _scraping(metrics_port, scrape_every_s) as scrapes, \
+    with timed_scrapes(metrics_port, scrape_every_s, timeout_s=30.0) as scrapes, \
             Senders(serve.port, messages, work / f"senders-{variant}-{rep}", count=senders, pause_s=0.05) as sending:
         sending.wait(timeout_s)
     ids = [m for m, _ in messages]
@@ -121,7 +128,8 @@ def _turn(serve: ServeProcess, variant: str, rep: int, mails: int, senders: int,
            for m in ids for r in runs.get(m, [])[:1] if "data_end_at" in r.payload]
     out.append(row(variant, "cpu_ms_per_mail", (serve_cpu_seconds(serve) - cpu_before) * 1000 / mails, "ms", rep))
     if metrics_port is not None:
-        out.append(row(variant, "scrapes", scrapes[0], "scrapes", rep, failed=scrapes[1]))
+        answered = sum(ok for _, _, ok in scrapes)
+        out.append(row(variant, "scrapes", answered, "scrapes", rep, failed=len(scrapes) - answered))
     return out
 
 
