@@ -48,7 +48,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .config import GatewayConfig
 from .errors import PipelineError
-from .ratelog import RateLimitedLog
+from .ratelog import RateLimitedLog, cause_of
 
 log = logging.getLogger(__name__)
 SUBDIRS = ("tmp", "new", "cur", "rejected")
@@ -161,11 +161,11 @@ class DropFolder:
             return self.take(path)
         except (PipelineError, OSError) as exc:  # expected faults: the file stays in new/ for the next rescan
             # one line per kind per interval: a full spool under 2,000 waiting files wrote 10,669 lines in 30 s
-            self._failures.report(type(exc).__name__, "drop folder: %r stays in new/ (accept failed: %s: %s)",
-                                  Path(path).name, type(exc).__name__, exc)
+            self._failures.report(f"drop folder: accept failed ({cause_of(exc)})", "drop folder: %r stays in new/ "
+                                  "(accept failed: %s: %s)", Path(path).name, type(exc).__name__, exc)
         except Exception as exc:  # one bad file must not stop the watcher
-            self._failures.report(type(exc).__name__, "drop folder: could not accept %r; it stays in new/",
-                                  str(path), level=logging.ERROR, exc_info=exc)
+            self._failures.report(f"drop folder: could not accept ({cause_of(exc)})", "drop folder: could not "
+                                  "accept %r; it stays in new/", str(path), level=logging.ERROR, exc_info=exc)
         return False
 
     def take(self, path: Path) -> bool:
@@ -215,12 +215,10 @@ class DropFolder:
         for its own accept (the name alone moved 414 unaccepted mails of a writer reusing one name to cur/,
         marked seen, with no run)."""
         try:
+            target = _free_name(self.directory / "cur", path.name.partition(":")[0], ":2,S")  # before the check
             if _version(os.lstat(path)) != read:
-                self._unmoved.pop(path, None)
-                log.info("drop folder: %r was replaced after it was read: the new file is taken on its own",
-                         path.name)
+                self._replaced(path)
                 return
-            target = _free_name(self.directory / "cur", path.name.partition(":")[0], ":2,S")
             try:
                 os.replace(path, target)
             except FileNotFoundError:  # cur/ itself gone (the folder removed under serve): make it again
@@ -228,6 +226,10 @@ class DropFolder:
                     raise
                 self._make_dirs()
                 os.replace(path, target)
+            if _version(os.lstat(target))[:4] != read[:4]:  # replaced between the check and the rename (the
+                os.replace(target, _free_name(self.directory / "new", path.name))  # rename changed its ctime)
+                self._replaced(path)
+                return
             self._unmoved.pop(path, None)
         except FileNotFoundError:  # taken by someone else, or removed: nothing left to move
             self._unmoved.pop(path, None)
@@ -236,6 +238,12 @@ class DropFolder:
                 log.error("drop folder: %r was accepted but cannot be moved to cur/ (%s); moving it is retried",
                           path.name, exc)
             self._unmoved[path] = read
+
+    def _replaced(self, path: Path) -> None:
+        """The file under ``path`` is not the one accepted: it stays in (or goes back to) ``new/`` for its own."""
+        self._unmoved.pop(path, None)
+        self._failures.report("replaced while read", "drop folder: %r was replaced after it was read: the new file "
+                              "is taken on its own", path.name, level=logging.INFO)
 
     def _reject(self, path: Path, why: str) -> bool:
         """Move what is not a message out of ``new/`` to ``rejected/``, unread, with one log line."""

@@ -59,7 +59,7 @@ from .config import GatewayConfig
 from .engine import WorkflowEngine
 from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .inline_accept import InlineAccepts
-from .ratelog import RateLimitedLog
+from .ratelog import RateLimitedLog, cause_of
 from .smtp_limits import SessionLimits
 from .spool import Spool, SpooledMessage, SpoolWriter, return_path_header
 from .store import Run
@@ -357,22 +357,22 @@ def smtp_reply_for(exc: Exception, log: RateLimitedLog) -> str:
     """Return the temporary-failure reply for a message that could not be accepted, and log it: one line per kind
     per interval (an outage refused 100 mails in 5 s, one WARNING each, and an MTA retrying a queue of thousands
     would write a line per try)."""
-    kind = type(exc).__name__
+    kind, cause = type(exc).__name__, cause_of(exc)
     if isinstance(exc, AcceptStalledError):
-        log.report(f"answered 451 ({kind})", "answered 451: %s", exc)
+        log.report(f"answered 451 ({cause})", "answered 451: %s", exc)
         return "451 4.3.0 Temporary failure storing the message, try again later"
     if isinstance(exc, UnavailableError):
-        log.report(f"answered 451 ({kind})", "answered 451: service unavailable: %s", exc)
+        log.report(f"answered 451 ({cause})", "answered 451: service unavailable: %s", exc)
         return "451 4.3.0 Service temporarily unavailable, try again later"  # the detail (paths) stays in the log
     if isinstance(exc, SpoolError) and exc.disk_full:
         log.report("answered 452", "answered 452: %s", exc)
         return "452 4.3.1 Insufficient system storage"
     if isinstance(exc, (SpoolError, StoreError)):
-        log.report(f"answered 451 ({kind})", "answered 451: %s: %s", kind, exc)
+        log.report(f"answered 451 ({cause})", "answered 451: %s: %s", kind, exc)
     elif isinstance(exc, PipelineError):
-        log.report(f"answered 451 ({kind})", "answered 451: %s: %s", kind, exc, level=logging.ERROR)
+        log.report(f"answered 451 ({cause})", "answered 451: %s: %s", kind, exc, level=logging.ERROR)
     else:  # not a fault we expected: keep the traceback
-        log.report(f"answered 451 ({kind})", "could not accept a message; answered 451", level=logging.ERROR,
+        log.report(f"answered 451 ({cause})", "could not accept a message; answered 451", level=logging.ERROR,
                    exc_info=exc)
     return "451 4.3.0 Temporary failure storing the message, try again later"
 

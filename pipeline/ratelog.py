@@ -5,6 +5,7 @@ per occurrence buried everything else (10,669 lines in 30 s)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -60,3 +61,11 @@ class RateLimitedLog:
         detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
         trace = exc if isinstance(exc, BaseException) and not isinstance(exc, OSError) else None
         self.report(cause, "SMTP event loop: %s%s", message, detail, exc_info=trace)
+
+
+def cause_of(exc: BaseException) -> str:
+    """The kind of a failure, to count it by: its type, and the OS error behind it (a full disk and a failing one
+    are both a SpoolError; one must not hide the other in the count of the first)."""
+    number = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
+    name = errno.errorcode.get(number, str(number)) if isinstance(number, int) else ""
+    return f"{type(exc).__name__} {name}".strip()

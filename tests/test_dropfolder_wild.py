@@ -271,3 +271,23 @@ def test_a_name_used_a_hundred_times_still_gets_a_free_name_and_the_rescan_outli
         drop._observer = None
         drop.stop()
     assert len(list(cur.iterdir())) == 101 and keep.accepted == [MESSAGE]
+
+
+def test_a_second_fault_of_the_same_type_is_logged_not_hidden_by_the_first(tmp_path, caplog):
+    """A prober's find: failures were counted by exception type alone, so a file failing EIO for good hid a
+    full disk (ENOSPC) refusing every other file: one OSError line per 10 s, naming the first file only."""
+    import errno
+
+    def failing(raw: bytes) -> None:
+        code = errno.EIO if raw.startswith(b"poison") else errno.ENOSPC
+        raise OSError(code, os.strerror(code))
+
+    drop = DropFolder(tmp_path / "inbox", failing, GatewayConfig(watch_mode="inotify"), retry_interval_s=0.1)
+    for name, raw in (("a-poison.eml", b"poison" + MESSAGE), ("b.eml", MESSAGE), ("c.eml", MESSAGE + b"c")):
+        (drop.directory / "new" / name).write_bytes(raw)
+        os.utime(drop.directory / "new" / name, (0, 0))
+    drop.start()
+    try:
+        assert wait_until(lambda: "No space left on device" in caplog.text and "Input/output error" in caplog.text, 10)
+    finally:
+        drop.stop()
