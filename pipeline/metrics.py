@@ -220,10 +220,11 @@ class ScrapeCollector(Collector):
     def __init__(self, runs_by_state: Callable[[], dict[str, int]] | None = None,
                  active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
                  gateway: Callable[[], str] | None = None, health: Callable[[], str | None] | None = None,
-                 gateway_restarts: Callable[[], dict[str, int]] | None = None) -> None:
+                 gateway_restarts: Callable[[], dict[str, int]] | None = None,
+                 wal_bytes: Callable[[], int | None] | None = None) -> None:
         self.runs_by_state = BoundedRead(runs_by_state) if runs_by_state is not None else None
         self.active_runs, self.gateway = active_runs, gateway
-        self.health, self.gateway_restarts = health, gateway_restarts
+        self.health, self.gateway_restarts, self.wal_bytes = health, gateway_restarts, wal_bytes
         self.states = states  # shown as 0 when the store has no run in them, so every series always exists
         self._errors = {"store": 0, "memory": 0, "serve": 0, **({"gateway": 0} if gateway is not None else {})}
         self._lock = threading.Lock()  # two scrapes at once must not lose a count
@@ -243,6 +244,10 @@ class ScrapeCollector(Collector):
             yield GaugeMetricFamily("pipeline_healthy", "1 while serve is healthy, 0 while it answers 451 "
                                     "(a failing loop, a damaged store, its gateway down)",
                                     value=0 if problem else 1)
+        wal = self._read("store", self.wal_bytes)
+        if wal is not None:
+            yield GaugeMetricFamily("pipeline_store_wal_bytes", "Size of the SQLite run store's write-ahead log "
+                                    "(it grows while a reader holds an old snapshot)", value=wal)
         restarts_by_cause = self._read("serve", self.gateway_restarts)
         if restarts_by_cause is not None:
             restarts = CounterMetricFamily("pipeline_gateway_restarts", "Gateway processes serve restarted, by "
@@ -373,20 +378,22 @@ def start_metrics_server(port: int, host: str = "127.0.0.1", *,
                          runs_by_state: Callable[[], dict[str, int]] | None = None,
                          active_runs: Callable[[], int] | None = None, states: tuple[str, ...] = (),
                          gateway: Callable[[], str] | None = None, health: Callable[[], str | None] | None = None,
-                         gateway_restarts: Callable[[], dict[str, int]] | None = None) -> MetricsServer:
+                         gateway_restarts: Callable[[], dict[str, int]] | None = None,
+                         wal_bytes: Callable[[], int | None] | None = None) -> MetricsServer:
     """Serve ``/metrics`` on ``host:port`` from a thread; return the server (close it on stop).
 
     ``runs_by_state``, ``active_runs``, ``gateway`` (the gateway process's exposition), ``health`` (serve's
-    problem, None when healthy) and ``gateway_restarts`` (by cause) are read at each scrape (a role without a
-    store, engine or gateway process passes None); ``states`` are the run states shown even at 0. Raises
-    ``OSError`` if the address cannot be bound.
+    problem, None when healthy), ``gateway_restarts`` (by cause) and ``wal_bytes`` (the store's WAL; None for
+    a store without one here) are read at each scrape (a role without a store, engine or gateway process passes
+    None); ``states`` are the run states shown even at 0. Raises ``OSError`` if the address cannot be bound.
     """
     from prometheus_client import disable_created_metrics
     from prometheus_client.exposition import make_wsgi_app
 
     disable_created_metrics()  # the *_created series double every family and no alert needs them
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway, health, gateway_restarts))
+    registry.register(ScrapeCollector(runs_by_state, active_runs, states, gateway, health, gateway_restarts,
+                                      wal_bytes))
     server = _bounded_server(host, port, make_wsgi_app(registry))
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()

@@ -170,7 +170,8 @@ class PipelineService:
         try:
             server = metrics.start_metrics_server(port, host, runs_by_state=self.store.count_runs_by_state,
                                                   active_runs=active, states=RUN_STATES, gateway=child,
-                                                  health=lambda: self.health_problem, gateway_restarts=restarts)
+                                                  health=lambda: self.health_problem, gateway_restarts=restarts,
+                                                  wal_bytes=self.store.wal_bytes)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         log.info("metrics on http://%s:%d/metrics", host, server.port)

@@ -343,6 +343,11 @@ class DAGRunStore:
         """
         return sum(len(batch.run_ids) for batch in self.purge_batches(older_than, batch_size))
 
+    def wal_bytes(self) -> int | None:
+        """The size of the store's write-ahead log on this host, where it has one here (None: PostgreSQL's is the
+        server's business)."""
+        return None
+
     def count_purgeable(self, older_than: float) -> int:
         """How many runs ``purge_batches(older_than)`` would delete now (``purge --dry-run``, its progress)."""
         raise NotImplementedError

@@ -30,7 +30,8 @@ def _rules() -> list[dict[str, Any]]:
 def _exposed_names() -> set[str]:
     """Every series name serve's /metrics can show (a labelled metric shows none until first used)."""
     collector = metrics.ScrapeCollector(runs_by_state=lambda: {"queued": 1}, active_runs=lambda: 0,
-                                        health=lambda: None, gateway_restarts=lambda: {"died": 1})
+                                        health=lambda: None, gateway_restarts=lambda: {"died": 1},
+                                        wal_bytes=lambda: 0)
     return {family.name + suffix for family in collector.collect() for suffix in SUFFIXES.get(family.type, ("",))}
 
 

@@ -246,6 +246,7 @@ def test_a_fresh_serve_shows_the_series_its_alerts_count_at_zero(tmp_path):
             "pipeline_task_retries_total": [{"task": "deliver"}],
             "pipeline_extract_worker_restarts_total": [{"cause": "worker_crashed"}],
             "pipeline_smtp_replies_total": [{"command": "DATA", "code": "451"}]}
+    assert [v for _, v in samples["pipeline_store_wal_bytes"]][0] >= 0  # the store's WAL, as serve sees it
     for name, label_sets in zero.items():
         for labels in label_sets:
             found = [v for got, v in samples.get(name, []) if all(got.get(k) == w for k, w in labels.items())]

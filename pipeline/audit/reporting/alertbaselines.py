@@ -61,6 +61,10 @@ BASELINES: dict[str, list[Baseline]] = {
         Baseline("soak", "leak_rss_bytes_per_run", "max", 1.0, "serve soak: serve's RSS slope per finished run",
                  "serve", (("process", "serve"),)),
     ],
+    "PipelineStoreWalLarge": [
+        Baseline("soak", "store_wal_bytes", "max", 1.0, "serve soak: the run store's WAL after each batch", "serve",
+                 (("process", "store"),)),
+    ],
     "PipelineQueueGrowing": [
         Baseline("email_burst", "backlog_peak", "max", 1.0,
                  "peak backlog of 2 s bursts (they drain; the rule also needs 30 min of growth)"),

@@ -187,7 +187,15 @@ def _serve_point(serve: ServeProcess, runs: int, watch: TreeWatch, failed: int) 
     now = sample_tree(serve, uss=True)
     return {"runs": runs, "serve_rss": now.serve_rss, "serve_uss": now.serve_uss, "workers_rss": now.workers_rss_sum,
             "workers_uss": now.workers_uss_sum, "workers_rss_max": now.workers_rss_max,
-            "live_workers": len(now.worker_pids), "worker_restarts": watch.worker_restarts, "failed": failed}
+            "live_workers": len(now.worker_pids), "worker_restarts": watch.worker_restarts, "failed": failed,
+            "wal_bytes": _file_bytes(serve.data_dir / "runs.sqlite3-wal")}
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _late_slope(points: list[dict[str, float]], key: str) -> LeakVerdict:
@@ -256,4 +264,6 @@ def serve_soak(runs: int = 1000, warmup: int = 100, every: int = 100, senders: i
              for i, p in enumerate(points)]
     rows += [row("serve", "worker_restarts", points[-1]["worker_restarts"], "workers", 0, process="workers"),
              row("serve", "runs_failed", points[-1]["failed"], "runs", 0, process="serve")]
+    rows += [row("serve", "store_wal_bytes", p["wal_bytes"], "bytes", i, runs=p["runs"], process="store")
+             for i, p in enumerate(points)]
     return save(recorder, "soak", rows, variant="serve")
