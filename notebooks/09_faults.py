@@ -16,7 +16,8 @@
 # run store and the Maildir outbox: an acked (250) message is lost if it has no run or its run never ends,
 # duplicated if it has more than one run or digest; a failed run is untyped if its reason is not one of the
 # reasons in `pipeline.errors`. Faults: `kill -9` of serve mid-burst (restarted at once), `kill -9` of a busy
-# extraction worker, the run store locked by another process, serve's gateway process hung (stopped with
+# extraction worker, the run store locked by another process, another process holding an old snapshot of the
+# store during a burst (`wal_reader`: the WAL grows, and is cut back once the reader goes), serve's gateway process hung (stopped with
 # SIGSTOP; serve kills and restarts it after `[serve] gateway_hung_after_s`, shortened here), the data dir's disk full (a tmpfs; skipped
 # with the reason where it cannot be mounted), only the work dir's disk full (senders keep sending for a few
 # seconds: the first mails are acked and their runs must wait for room, not fail; once the engine sees the machine
@@ -38,11 +39,12 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "outbox_full",
-        "store_server_down", "scheduler_killed", "bad_input", "bad_relay"]
+only = ["kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
+        "outbox_full", "store_server_down", "scheduler_killed", "bad_input", "bad_relay"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
+wal_reader = {"messages": 40, "senders": 2, "after": 10}
 hung_gateway = {"messages": 16, "senders": 2, "hung_after_s": 2.0, "margin_s": 1.0}
 disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32}
 work_disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}
@@ -61,7 +63,7 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir, profile, kill_worker_pdf)},
-          "store_locked": store_locked, "hung_gateway": hung_gateway, "disk_full": disk_full,
+          "store_locked": store_locked, "wal_reader": wal_reader, "hung_gateway": hung_gateway, "disk_full": disk_full,
           "work_disk_full": work_disk_full, "outbox_full": outbox_full, "store_server_down": store_server_down,
           "scheduler_killed": scheduler_killed}
 faults.fault_figures(work, params, only=tuple(only), recorder=recorder)

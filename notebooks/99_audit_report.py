@@ -188,8 +188,9 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
    "removed → first 250 (for `kill_serve`: kill → first 250 from the restarted serve); *drain s*: fault removed → "
    "last acked run ended; *4xx after s*: fault injected → first refusal senders saw; *slowest scrape s*: serve's "
    "`/metrics` scraped every 0.5 s during the fault (with Prometheus's default 10 s scrape timeout, a slower "
-   "scrape is a failed one); `store_server_down` and `scheduler_killed` are the scale-out engines failing under "
-   "a serve that uses them.\n\n" + views.markdown(fault_table) +
+   "scrape is a failed one); *WAL peak MB* / *WAL after MB* (`wal_reader`): the run store's write-ahead log while "
+   "another process held an old snapshot during the burst, and after it went and more mail came; "
+   "`store_server_down` and `scheduler_killed` are the scale-out engines failing under a serve that uses them.\n\n" + views.markdown(fault_table) +
    "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"
    + views.markdown(fault_cases) + "\n\n" + views.wild_mail_line(m)
    + ("\n\nRelays as they behave in the wild (`bad_relay`: a scripted relay on loopback, one mail per behaviour; "

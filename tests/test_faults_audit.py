@@ -68,6 +68,15 @@ def test_a_locked_store_loses_no_acked_mail_and_metrics_still_answer_every_scrap
     assert not _no_children_left(before)
 
 
+def test_a_reader_holding_an_old_snapshot_loses_no_mail_and_the_wal_is_cut_back_after_it(tmp_path):
+    before = _live_children()
+    rows = faults.wal_reader(tmp_path, messages=40, senders=2, after=10, timeout_s=240)
+    figures = _figures(rows, "wal_reader")
+    assert figures["acked"] == 50 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["wal_peak_mb"] > 0 and figures["wal_after_mb"] <= 32
+    assert not _no_children_left(before)
+
+
 @pytest.mark.parametrize("fault", ["work_disk_full", "outbox_full"])
 def test_a_full_work_disk_or_outbox_fails_no_acked_run_and_every_mail_gets_its_digest(tmp_path, fault):
     """Before, every run acked while data/work was full failed task_io for good, and every digest meant for a
@@ -200,8 +209,8 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
     assert list(table["as expected"]) == ["yes"] * 4 and "deliver tries" in table
     assert not _no_children_left(before)
 
-@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "hung_gateway", "disk_full", "work_disk_full",
-                                   "outbox_full", "store_server_down", "scheduler_killed"])
+@pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "wal_reader", "hung_gateway", "disk_full",
+                                   "work_disk_full", "outbox_full", "store_server_down", "scheduler_killed"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 

@@ -75,6 +75,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "kill_worker_pdf": "text-1mb.pdf",
                       "store_locked": {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000,
                                        "margin_s": 1.0},
+                      "wal_reader": {"messages": 40, "senders": 2, "after": 10},
                       "hung_gateway": {"messages": 16, "senders": 2, "hung_after_s": 2.0, "margin_s": 1.0},
                       "disk_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 32},
                       "work_disk_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16},
@@ -145,6 +146,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       # the shipped busy timeout (10 s) and a lock past it: what senders and scrapes then see
                       "store_locked": {"messages": 200, "senders": 4, "lock_s": 12.0, "busy_timeout_ms": 10_000,
                                        "margin_s": 2.0},
+                      "wal_reader": {"messages": 1000, "senders": 4, "after": 40},
                       # serve's default waits 30 s before it kills a silent gateway; 5 s here, same path
                       "hung_gateway": {"messages": 200, "senders": 4, "hung_after_s": 5.0, "margin_s": 2.0},
                       "disk_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 48},

@@ -39,6 +39,7 @@ from ..base.faultcheck import (
     runs_by_message,
     skipped,
     task_instances,
+    wait_terminal,
     wild_mail_messages,
     worker_deaths,
 )
@@ -380,6 +381,64 @@ def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages:
         *([row(fault, "refused_after_s", refused - first, "s", 0, to="first refusal")] if refused else [])]
 
 
+_SNAPSHOT_HOLDER = """import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+db.execute("BEGIN")
+db.execute("SELECT count(*) FROM runs").fetchone()
+print("reading", flush=True)
+sys.stdin.read()
+db.execute("COMMIT")
+"""
+
+
+def wal_reader(work: Path, messages: int = 400, senders: int = 4, after: int = 20, timeout_s: float = 300.0) -> Rows:
+    """Another process holds an old snapshot of serve's store (a ``sqlite3`` shell left in a transaction, a long
+    backup) while senders send ``messages``: SQLite cannot reuse the WAL, which grows; once the reader goes,
+    ``after`` more mails reuse it and it is cut back (``journal_size_limit``). *recover s*: reader gone → the
+    first of those mails acked."""
+    fault = "wal_reader"
+    with serving(work / "data", work) as serve:
+        wal = serve.data_dir / "runs.sqlite3-wal"
+        reader = subprocess.Popen([sys.executable, "-c", _SNAPSHOT_HOLDER, str(serve.data_dir / "runs.sqlite3")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout is not None and reader.stdin is not None
+            if reader.stdout.readline().strip() != "reading":
+                raise RuntimeError("the snapshot holder could not read the store")
+            burst = burst_messages(fault, messages + after)
+            for batch in ("held", "after"):
+                (work / batch).mkdir(parents=True, exist_ok=True)
+            with Senders(serve.port, burst[:messages], work / "held", senders) as sending:
+                held = sending.wait(timeout_s)
+            wait_terminal(serve.data_dir, list(held.acked), timeout_s)
+            peak = _size(wal)
+            reader.stdin.close()  # the reader commits and goes
+            reader.wait(60)
+            released = time.time()
+            with Senders(serve.port, burst[messages:], work / "after", senders) as sending:
+                later = sending.wait(timeout_s)
+            replies = Replies(sorted(held.events + later.events, key=lambda e: e[2]))
+            verdict = judge(serve.data_dir, replies, messages + after, timeout_s)
+            cut_back = _size(wal)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait()
+            for stream in (reader.stdin, reader.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+    return figures(fault, verdict, replies, released) + [
+        row(fault, "wal_peak_mb", peak / 2**20, "MB", 0, to="while the reader held its snapshot"),
+        row(fault, "wal_after_mb", cut_back / 2**20, "MB", 0, to=f"{after} mails after the reader went")]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
     """Send a damaged-page PDF, a From: decoding to CR/LF and a quoted local part; record each typed outcome."""
     cases = bad_input_messages()
@@ -482,8 +541,8 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
                                                 cases=len(outcomes))]
 
 
-FAULTS = ("kill_serve", "kill_worker", "store_locked", "hung_gateway", "disk_full", "work_disk_full", "outbox_full",
-          "store_server_down", "scheduler_killed", "bad_input", "bad_relay")
+FAULTS = ("kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
+          "outbox_full", "store_server_down", "scheduler_killed", "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -493,7 +552,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     A fault whose harness fails is recorded as an ``error`` row with the message, and the others still run.
     """
     runners: dict[str, Callable[..., Rows]] = {
-        "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked,
+        "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "wal_reader": wal_reader,
         "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
         "outbox_full": outbox_full, "store_server_down": scaleout_faults.store_server_down,
         "scheduler_killed": scaleout_faults.scheduler_killed, "bad_input": bad_input, "bad_relay": bad_relay}
