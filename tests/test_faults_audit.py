@@ -77,6 +77,18 @@ def test_a_reader_holding_an_old_snapshot_loses_no_mail_and_the_wal_is_cut_back_
     assert not _no_children_left(before)
 
 
+def test_serve_started_on_a_drop_folder_backlog_answers_smtp_and_takes_every_file_once(tmp_path):
+    """A prober's find: files waiting in inbox/new were taken before serve was up, and 25,000 of them held
+    start-up past its 60 s limit. Here 300 wait; SMTP mail sent meanwhile is taken too, each exactly once."""
+    before = _live_children()
+    rows = faults.drop_backlog(tmp_path, files=300, mails=10, senders=2, timeout_s=240)
+    figures = _figures(rows, "drop_backlog")
+    assert figures["acked"] == 310 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["failed_runs"] == 0 and figures["missing_digests"] == 0
+    assert not list((tmp_path / "data" / "inbox" / "new").iterdir())
+    assert not _no_children_left(before)
+
+
 @pytest.mark.parametrize("fault", ["work_disk_full", "outbox_full"])
 def test_a_full_work_disk_or_outbox_fails_no_acked_run_and_every_mail_gets_its_digest(tmp_path, fault):
     """Before, every run acked while data/work was full failed task_io for good, and every digest meant for a
@@ -210,7 +222,8 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
     assert not _no_children_left(before)
 
 @pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "wal_reader", "hung_gateway", "disk_full",
-                                   "work_disk_full", "outbox_full", "store_server_down", "scheduler_killed"])
+                                   "work_disk_full", "outbox_full", "store_server_down", "scheduler_killed",
+                                   "drop_backlog"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 

@@ -59,9 +59,10 @@ class ServeProcess:
     """``python -m pipeline serve`` on a free loopback port with its own data dir; restartable, killable."""
 
     def __init__(self, data_dir: Path, work_dir: Path, config: dict[str, dict[str, Any]] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), drop_folder: bool = False) -> None:
         self.data_dir, self.work_dir = Path(data_dir), Path(work_dir)
         self.args = tuple(args)  # extra serve flags, e.g. ("--gateway-only",)
+        self.drop_folder = drop_folder  # off unless asked: a scenario's stray files must not become runs
         self.port = free_port()
         self.config_path = self.work_dir / "serve.toml"  # outside the data dir: a full disk must not hide it
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ class ServeProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "--data-dir", str(self.data_dir), "--config", str(self.config_path),
-                 "serve", "--port", str(self.port), "--no-drop-folder", *self.args],
+                 "serve", "--port", str(self.port), *([] if self.drop_folder else ["--no-drop-folder"]), *self.args],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 # the signal follows the thread that started serve: only the main thread lives as long as we do
                 preexec_fn=(functools.partial(stop_with_parent, os.getpid(), _prctl())

@@ -432,6 +432,37 @@ def wal_reader(work: Path, messages: int = 400, senders: int = 4, after: int = 2
         row(fault, "wal_after_mb", cut_back / 2**20, "MB", 0, to=f"{after} mails after the reader went")]
 
 
+def drop_backlog(work: Path, files: int = 3000, mails: int = 20, senders: int = 2, timeout_s: float = 600.0) -> Rows:
+    """Serve started on ``files`` mails waiting in ``inbox/new/`` (dropped while it was down), and ``mails`` sent
+    over SMTP meanwhile: *recover s* is start → SMTP answering (a backlog taken before serve was up held start-up
+    past its 60 s limit), *drain s* start → last run ended; every file and mail must end in exactly one run."""
+    fault = "drop_backlog"
+    data = work / "data"
+    new = data / "inbox" / "new"
+    new.mkdir(parents=True, exist_ok=True)
+    burst = burst_messages(fault, files + mails)
+    for i, (_, raw) in enumerate(burst[:files]):
+        (new / f"{i:06d}.eml").write_bytes(raw)
+    started = time.time()
+    serve = ServeProcess(data, work, drop_folder=True)
+    try:
+        serve.start()
+        answering = time.time()
+        (work / "smtp").mkdir(parents=True, exist_ok=True)
+        with Senders(serve.port, burst[files:], work / "smtp", senders) as sending:
+            sent = sending.wait(timeout_s)
+        dropped = [(message_id, "250", started) for message_id, _ in burst[:files]]  # taken as files, not sent
+        replies = Replies(sorted(dropped + sent.events, key=lambda e: e[2]))
+        verdict = judge(serve.data_dir, replies, files + mails, timeout_s)
+    finally:
+        serve.kill()
+    rows = figures(fault, verdict, replies, None, files=files)
+    rows.append(row(fault, "recover_s", answering - started, "s", 0, to="SMTP answering"))
+    if verdict["last_ended_at"]:
+        rows.append(row(fault, "drain_s", verdict["last_ended_at"] - started, "s", 0, to="backlog drained"))
+    return rows
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -542,7 +573,7 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
 
 
 FAULTS = ("kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
-          "outbox_full", "store_server_down", "scheduler_killed", "bad_input", "bad_relay")
+          "outbox_full", "store_server_down", "scheduler_killed", "drop_backlog", "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -553,6 +584,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
     """
     runners: dict[str, Callable[..., Rows]] = {
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "wal_reader": wal_reader,
+        "drop_backlog": drop_backlog,
         "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
         "outbox_full": outbox_full, "store_server_down": scaleout_faults.store_server_down,
         "scheduler_killed": scaleout_faults.scheduler_killed, "bad_input": bad_input, "bad_relay": bad_relay}
