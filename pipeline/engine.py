@@ -240,9 +240,20 @@ class WorkflowEngine:
         return self
 
     def recover(self) -> list[int]:
-        """Requeue running runs whose owner is gone (dead pid on this host, or a stale heartbeat)."""
+        """Requeue running runs whose owner is gone (dead pid on this host, or a stale heartbeat), and runs in this
+        engine's name that it does not run, their heartbeat stale: a claim whose COMMIT reached the store while
+        its answer did not (the store's server died in between) left such a run, and nothing ran it until serve
+        restarted (a prober's store_server_down: an acked mail without a run end after 240 s)."""
         stale_before = time.time() - self.settings.engine.stale_after_s
-        return self.store.recover_runs(lambda run: liveness.is_dead(run, self.owner, stale_before))
+        with self._cond:
+            ours = set(self._active) | set(self._unsettled)
+
+        def dead(run: Run) -> bool:
+            if run.owner == self.owner:
+                return run.run_id not in ours and (run.heartbeat_at is None or run.heartbeat_at < stale_before)
+            return liveness.is_dead(run, self.owner, stale_before)
+
+        return self.store.recover_runs(dead)
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop claiming runs, let live tasks finish within the grace period, requeue the rest."""
@@ -603,5 +614,6 @@ class WorkflowEngine:
     def _recover_now(self) -> None:
         recovered = self.recover()
         if recovered:
-            log.warning("requeued %d run(s) left running by a dead process: %s", len(recovered), recovered)
+            log.warning("requeued %d run(s) left running by a dead process, or by a claim whose answer was lost: "
+                        "%s", len(recovered), recovered)
             self.wake()

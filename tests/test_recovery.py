@@ -123,6 +123,26 @@ def test_run_of_an_earlier_process_with_our_pid_is_recovered_even_after_start(st
     assert engine.wait(late.run_id, timeout=30).state == "success"
 
 
+def test_a_run_claimed_in_our_name_whose_claim_answer_was_lost_is_recovered(store, settings):
+    """A prober's find under store_server_down: the claim's COMMIT reached PostgreSQL, its answer did not (the
+    server was killed in between), so the run stood 'running' in this engine's name and nothing ran it until
+    serve restarted: the acked mail had no run end after 240 s. Recovery never took our own runs; now it takes
+    those we do not run whose heartbeat is stale."""
+    from helpers import noop
+
+    from pipeline.dag import DAG, Task
+
+    orphan = store.create_run("w", {}, "in-doubt")[0]
+    engine = WorkflowEngine(store, settings)
+    engine.register(DAG("w", [Task("a", noop)]))
+    assert store.claim_runs(engine.owner, 1, now=time.time() - 60)[0].run_id == orphan.run_id  # in our name
+    engine.start()  # its recovery (at start, then every stale_after_s) takes it
+    try:
+        assert engine.wait(orphan.run_id, timeout=60).state == "success"
+    finally:
+        engine.shutdown(grace_s=5)
+
+
 def test_a_live_engine_of_this_process_is_not_taken_for_dead(store, settings, make_engine):
     from pipeline.dag import DAG, Task
 
