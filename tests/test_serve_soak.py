@@ -30,7 +30,9 @@ def recorder(tmp_path):
 
 def test_serve_soak_records_a_series_and_a_slope_per_process_role(recorder):
     df = memory_soak.serve_soak(runs=20, warmup=5, every=5, senders=2, recorder=recorder)
-    assert set(df.variant) == {"serve"} and set(df.process) == {"serve", "workers"}
+    assert set(df.variant) == {"serve"} and set(df.process) == {"serve", "workers", "store"}
+    wal = df[df.metric == "store_wal_bytes"].sort_values("rep")  # the alert PipelineStoreWalLarge's baseline
+    assert list(wal.runs) == [0, 5, 10, 15, 20] and (wal.value > 0).all() and set(wal.process) == {"store"}
     assert not any("pid" in key for tags in df.tags for key in tags)  # roles, never pids
     rss = df[df.metric == "rss_bytes"]
     for process in ("serve", "workers"):
