@@ -148,8 +148,9 @@ def no_digest_by_design(data_dir: Path, runs: dict[str, list[s.Run]],
 
 
 def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: float | None,
-            **tags: Any) -> Rows:
-    """Tidy rows of one fault's verdict, the replies senders saw, and the time to recover."""
+            answered_from: float | None = None, **tags: Any) -> Rows:
+    """Tidy rows of one fault's verdict, the replies senders saw, and the time to recover: from ``removed_at``
+    to the first 250 logged at or after ``answered_from`` (``removed_at`` unless given)."""
     rows = [row(fault, metric, verdict[metric], "messages", 0, **tags)
             for metric in ("sent", "acked", "lost", "failed_runs", "untyped", "missing_digests")]
     rows.append(row(fault, "duplicated", verdict["duplicated_runs"] + verdict["duplicated_digests"], "messages", 0,
@@ -157,7 +158,7 @@ def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: f
     rows += [row(fault, "replies", count, "replies", 0, reply=reply, **tags)
              for reply, count in sorted(replies.counts().items())]
     if removed_at is not None:
-        first = replies.first_ack_after(removed_at)
+        first = replies.first_ack_after(removed_at if answered_from is None else answered_from)
         if first is not None:
             rows.append(row(fault, "recover_s", first - removed_at, "s", 0, to="first 250", **tags))
         if verdict["last_ended_at"]:
