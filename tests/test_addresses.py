@@ -6,6 +6,7 @@ the To: header written there is parsed back.
 """
 
 import random
+from pathlib import Path
 from email import policy
 from email.parser import BytesParser
 
@@ -160,3 +161,34 @@ def test_unwritable_outbox_is_a_retryable_delivery_error(tmp_path):
     with pytest.raises(DeliveryError, match="outbox") as err:
         deliver.send_message(reply_to("a@example.com", config), config)
     assert err.value.retryable is True
+
+
+def test_a_unicode_domain_is_written_in_punycode_and_reaches_a_relay_without_smtputf8():
+    """A UTF-8 domain was written raw, so a relay without SMTPUTF8 refused the digest for good, although the
+    DNS name (punycode) needs no extension."""
+    from aiosmtpd.controller import Controller
+    from conftest import SinkHandler, free_port
+
+    assert deliver.reply_address("jörg@bücher.example").addr_spec == "jörg@xn--bcher-kva.example"
+    handler, port = SinkHandler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        config = DeliveryConfig(relay=f"smtp://127.0.0.1:{port}")
+        deliver.send_message(reply_to("anna@BÜCHER.example", config), config)
+    finally:
+        controller.stop()
+    [received] = handler.messages
+    assert [a.addr_spec for a in received["To"].addresses] == ["anna@xn--bcher-kva.example"]
+
+
+def test_a_domain_idna_refuses_stays_as_written():
+    assert deliver.reply_address("a@☃☃.example").domain == "☃☃.example"  # symbols are not IDNA 2008
+
+
+def test_the_configured_recipients_display_name_is_kept(tmp_path):
+    config = DeliveryConfig(outbox=tmp_path / "outbox", recipient="Mail Admin <admin@example.com>")
+    to, why = deliver.reply_recipient({"mail_from": "a@example.com"}, {"from": "a@example.com"}, config)
+    assert (to.display_name, to.addr_spec, why) == ("Mail Admin", "admin@example.com", "delivery.recipient")
+    saved = deliver.send_message(deliver.compose_reply(DIGEST, {}, config, to=to), config)
+    assert b"To: Mail Admin <admin@example.com>" in Path(saved).read_bytes()

@@ -82,7 +82,9 @@ OWN_ADDRESS = "the digest's own sender address"
 
 
 def reply_address(text: str, name: str = "") -> Address:
-    """Parse ``text`` as the one mailbox the reply goes to, shown with display ``name``.
+    """Parse ``text`` as the one mailbox the reply goes to, shown with display ``name`` (by default the one
+    ``text`` gives: ``[delivery] recipient = "Admin <admin@example.com>"`` keeps "Admin"). A Unicode domain is
+    written as the DNS knows it (punycode), so a relay without SMTPUTF8 takes it when the local part is ASCII.
 
     Raises DeliveryError(retryable=False) when it is not exactly one mailbox with a
     local part and a domain: another try cannot make it an address.
@@ -95,7 +97,22 @@ def reply_address(text: str, name: str = "") -> Address:
     broken = [d for d in defects if not isinstance(d, _HARMLESS)]
     if len(mailboxes) != 1 or broken or not text.isprintable():
         raise DeliveryError(f"cannot deliver to {shown!r}: not a single mailbox address", retryable=False)
-    return Address(display_name=clean_header(name, 100), username=mailboxes[0].username, domain=mailboxes[0].domain)
+    [mailbox] = mailboxes
+    return Address(display_name=clean_header(name or mailbox.display_name, 100), username=mailbox.username,
+                   domain=_ascii_domain(mailbox.domain))
+
+
+def _ascii_domain(domain: str) -> str:
+    """``domain`` in punycode (IDNA 2008 with UTS 46 mapping, as mail programs do); one IDNA refuses stays as
+    it is, and then needs a relay with SMTPUTF8 like a UTF-8 local part."""
+    if domain.isascii():
+        return domain
+    import idna  # only a Unicode domain pays for the import
+
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain
 
 
 def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tuple[str, str]:
