@@ -6,9 +6,9 @@ the To: header written there is parsed back.
 """
 
 import random
-from pathlib import Path
 from email import policy
 from email.parser import BytesParser
+from pathlib import Path
 
 import pytest
 
