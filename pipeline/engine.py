@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -71,6 +70,7 @@ from .passes import Passes
 from .runner import DAGRunner
 from .store import DAGRunStore, Run, RunTakenOver
 from .timers import Timers
+from .workdir import shed_run_files
 
 log = logging.getLogger(__name__)
 MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
@@ -78,19 +78,6 @@ MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs 
 # runs waiting for the machine before it is unhealthy: one alone may just not fit (and 451 to all mail would keep
 # away the runs whose success shows that, holding everything for as long as it existed: a reviewer's find)
 MACHINE_WITNESSES = 2
-
-
-RUN_BULK = ("attachments", "text")  # what a run's work dir holds that its spool file can make again
-
-
-def shed_run_files(work_dir: Path) -> None:
-    """Delete an ended run's attachments and extracted text, keeping its digest and delivery marker for purge.
-
-    Nothing reads them once the run has ended (a rerun starts from the spool file), and they can be hundreds
-    of times the mail's size (a 4.3 MB mail of dense PDFs left 483 MB of text): kept until ``purge``, a few
-    such mails filled the disk. Best effort: what cannot be deleted now, purge deletes later."""
-    for name in RUN_BULK:
-        shutil.rmtree(work_dir / name, ignore_errors=True)  # symlinks inside are unlinked, never followed
 
 
 class _MachineWait(NamedTuple):

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dag as dags
-from . import metrics, tracing
+from . import metrics, tracing, workdir
 from . import store as s
 from .dag import DAG, Task, TaskContext, parse_instance
 from .errors import (
@@ -116,6 +116,7 @@ class DAGRunner:
     def start(self) -> None:
         """Load what the store knows of this run, then submit every ready task."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        workdir.clear_ended(self.work_dir)  # a run id used again (after a purge, a restored backup) runs anew
         static = [t.id for t in self.dag.tasks if t.map_over is None]
         with self._lock:
             self.store.create_tasks(self.run.run_id, static)

@@ -20,6 +20,7 @@ from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
 from .errors import PdfTooLargeError, TaskIOError
+from .workdir import shed_if_ended
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
@@ -62,6 +63,8 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
                                                      settings.executor.pages_per_task)
         else:
             result = ingest.ingest_pdf(Path(item["path"]), text_path, settings.ingest)
+    if shed_if_ended(Path(ctx.work_dir)):  # a late try: the run ended (and shed its text) while it ran
+        log.info("run %s: a late try of %s ended after its run; its text was deleted", ctx.run_id, ctx.task_id)
     return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
             "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds,
             "pages_failed": result.pages_failed, "title": result.title}

@@ -15,7 +15,7 @@ LAYERS = [
     {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
     {"config", "dag", "store", "metrics"},
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
-    {"sqlite_store", "postgres_store", "stages", "spool"},
+    {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness"},
     {"runner"},
     {"engine", "workflows"},
