@@ -24,13 +24,16 @@ class Passes:
 
     @contextmanager
     def passing(self) -> Iterator[None]:
-        """Mark one pass of the calling thread."""
+        """Mark one pass of the calling thread (a pass inside another counts from the outer one's start)."""
         key = threading.get_ident()
-        self._since[key] = time.monotonic()
+        outer = key in self._since
+        if not outer:
+            self._since[key] = time.monotonic()
         try:
             yield
         finally:
-            self._since.pop(key, None)
+            if not outer:
+                self._since.pop(key, None)
 
     def problem(self, after_s: float) -> str | None:
         """One line if a pass has run longer than ``after_s`` (0: never a problem), else None."""

@@ -337,8 +337,11 @@ class DAGRunner:
     # -- completion -------------------------------------------------------------
 
     def _on_done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
-        self._guarded(self._done, instance_id, attempt, future)
-        self._handover.try_ended()  # if the run broke, this may have been its last live try
+        # a thread task's callback runs on its own pool thread: marked like the pools' completion callbacks, so
+        # one stuck there (a store that does not answer) makes the engine unhealthy, as a stuck loop does
+        with self.executors.completion_passes.passing():
+            self._guarded(self._done, instance_id, attempt, future)
+            self._handover.try_ended()  # if the run broke, this may have been its last live try
 
     def _done(self, instance_id: str, attempt: int, future: Future[Any]) -> None:
         if self._inflight.get(instance_id) != attempt:

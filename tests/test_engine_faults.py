@@ -422,3 +422,30 @@ def test_a_timer_callback_that_never_returns_makes_the_engine_unhealthy(settings
         finally:
             gate.set()
         wait_until(lambda: engine.healthy, 10, "healthy again")
+
+
+def test_a_thread_tasks_completion_stuck_makes_the_engine_unhealthy(settings, start_engine):
+    """A thread task's completion callback (it writes the store, then submits the next task) runs on the task's
+    own pool thread, which no watch covered: stuck there, the engine said it was healthy. Here a receiver of
+    the task's end that never returns stands in for a store that does not answer."""
+    from pipeline import tracing
+
+    gate = threading.Event()
+
+    def hold(task_id, **_):
+        if task_id == "a":
+            gate.wait(30)
+
+    tracing.connect(tracing.TASK_FINISHED, hold)
+    try:
+        with SqliteRunStore(settings.store) as store:
+            engine = start_engine(store, settings, DAG("d", [Task("a", noop)]), stuck_after_s=0.3)
+            run_id = engine.trigger("d").run_id
+            try:
+                wait_until(lambda: "task completions stuck for" in (engine.health_problem or ""), 10, "unhealthy")
+            finally:
+                gate.set()
+            assert engine.wait(run_id, timeout=30).state == "success"
+            wait_until(lambda: engine.healthy, 10, "healthy again")
+    finally:
+        tracing.disconnect(tracing.TASK_FINISHED, hold)
