@@ -95,6 +95,7 @@ class BulkDataSMTP(LimitedSMTP):
         finally:
             claim.release()  # accepted, refused or lost: these bytes are no longer in flight
         self._set_post_data_state()
+        self.junk_commands = 0  # a mail: the commands that carry none count afresh
         await self.push(status)
 
     async def _receive(self, sink: StreamSink | MemorySink, claim: InflightClaim) -> str:

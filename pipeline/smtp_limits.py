@@ -14,6 +14,14 @@ asyncio logged a traceback per failure (issue 11). So:
 - ``InflightBudget`` counts DATA bytes received and not yet accepted or refused,
   across all sessions (``BulkDataSMTP`` charges it; the gateway checks a
   declared ``SIZE=`` against it at MAIL).
+- ``LimitedSMTP`` also takes its turn: a client that pipelines thousands of
+  commands in one write was answered in full before any other session got a
+  reply (one such client held a normal sender's mail 9 s, 45 of them kept EHLO
+  unanswered until the sender's idle timer cut it off). A session lets the
+  others go after every ``FAIR_SHARE_REPLIES`` replies, and one that sends more
+  than ``JUNK_LIMIT`` commands that carry no mail (NOOP, RSET, VRFY, EXPN,
+  HELP, HELO, EHLO) before its next DATA is closed with ``421 4.7.0``, as
+  Postfix's ``smtpd_junk_command_limit`` does.
 - ``RateLimitedLog`` (``ratelog``) writes at most one line per cause per interval,
   with the number suppressed since; it also serves as the event loop's exception
   handler, where asyncio reports accept() errors and unretrieved task errors.
@@ -22,9 +30,13 @@ asyncio logged a traceback per failure (issue 11). So:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from aiosmtpd.smtp import SMTP
 
 from .config import GatewayConfig
 from .ratelog import LOG_INTERVAL_S, RateLimitedLog
@@ -35,6 +47,9 @@ MAX_DEFAULT_SESSIONS = 500
 TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session timeout, closing connection"
+TOO_MUCH_JUNK = "421 4.7.0 Too many commands without a mail, closing connection"
+JUNK_LIMIT = 100  # commands that carry no mail, per mail (Postfix's smtpd_junk_command_limit default)
+FAIR_SHARE_REPLIES = 16  # replies a session sends before the other sessions get their turn
 
 
 def default_max_sessions() -> int:
@@ -137,8 +152,44 @@ def close_soon(transport: asyncio.WriteTransport) -> None:
         transport.close()
 
 
+Command = Callable[[Any, str], Coroutine[Any, Any, Any]]
+
+
+def _junk(command: Command) -> Command:
+    """aiosmtpd's ``command``, counted against the session's junk limit (its HELP text kept: ``wraps``)."""
+    @functools.wraps(command)
+    async def counted(self: LimitedSMTP, arg: str) -> None:
+        self.junk_commands += 1
+        if self.junk_commands > JUNK_LIMIT:
+            self._close_with(TOO_MUCH_JUNK, "too many commands without a mail")
+            return
+        await command(self, arg)
+    return counted
+
+
+def _mail(command: Command) -> Command:
+    """aiosmtpd's DATA, after which the junk count starts afresh."""
+    @functools.wraps(command)
+    async def mail(self: LimitedSMTP, arg: str) -> None:
+        await command(self, arg)
+        self.junk_commands = 0
+    return mail
+
+
 class LimitedSMTP(LeanSMTP):
-    """aiosmtpd's SMTP that counts itself against ``limits`` and closes idle or long sessions with 421."""
+    """aiosmtpd's SMTP that counts itself against ``limits``, closes idle or long sessions and junk floods with
+    421, and takes its turn with the other sessions (module docstring)."""
+
+    junk_commands = 0  # since the session's last DATA
+    _replies = 0
+    smtp_NOOP = _junk(SMTP.smtp_NOOP)
+    smtp_RSET = _junk(SMTP.smtp_RSET)
+    smtp_VRFY = _junk(SMTP.smtp_VRFY)
+    smtp_EXPN = _junk(SMTP.smtp_EXPN)  # type: ignore[assignment]  # (typed differently upstream)
+    smtp_HELP = _junk(SMTP.smtp_HELP)
+    smtp_HELO = _junk(SMTP.smtp_HELO)
+    smtp_EHLO = _junk(SMTP.smtp_EHLO)
+    smtp_DATA = _mail(SMTP.smtp_DATA)  # BulkDataSMTP's own DATA resets the count the same way
 
     def __init__(self, handler: Any, *, limits: SessionLimits, lean: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", limits.command_timeout_s)  # aiosmtpd's idle timer, reset by every command
@@ -162,6 +213,15 @@ class LimitedSMTP(LeanSMTP):
             self._counted = False
             self.limits.close_session()
         super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        """Send one reply; after every FAIR_SHARE_REPLIES, let the other sessions run. aiosmtpd reads a line and
+        writes its reply without suspending while the client's pipelined lines are buffered: one client could
+        hold the event loop for as long as it kept writing."""
+        await super().push(status)
+        self._replies += 1
+        if self._replies % FAIR_SHARE_REPLIES == 0:
+            await asyncio.sleep(0)
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timer fired: say why before closing."""

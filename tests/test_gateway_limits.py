@@ -9,6 +9,7 @@ import resource
 import smtplib
 import socket
 import threading
+import time
 import tracemalloc
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -384,3 +385,57 @@ def test_recipients_beyond_max_recipients_get_452_and_the_mail_makes_one_run(ser
     assert codes == [250] * 100 + [452] and code == 250, reply
     [run] = service.store.list_runs()
     assert len(run.payload["rcpt_tos"]) == 100
+
+
+def _replies_in(sock: socket.socket) -> int:
+    """How many reply lines have arrived on ``sock`` so far (read without waiting)."""
+    sock.setblocking(False)
+    count = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            count += chunk.count(b"\r\n")
+    except BlockingIOError:
+        pass
+    finally:
+        sock.setblocking(True)
+    return count
+
+
+def test_a_client_pipelining_thousands_of_commands_does_not_hold_the_others_replies(service_factory):
+    """A prober's find: aiosmtpd answers a session's buffered lines without letting other sessions run, so one
+    client writing commands without pause held every other sender (a normal mail took 9 s beside it). The
+    gateway's loop is held while both write, so their lines wait together; then the normal client's NOOP must
+    be answered after a few of the flooder's replies (14 here), not after all those one read took in."""
+    service = service_factory()
+    port = service.settings.gateway.port
+    loop = service.gateway._controller.loop
+    with greeted(port) as flooder, greeted(port) as normal:
+        flooder.sendall(b"MAIL FROM:<a@example.com>\r\n")
+        assert flooder.recv(512).startswith(b"250")
+        held = threading.Event()
+        loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.0)))
+        assert held.wait(10)
+        flooder.sendall(b"MAIL FROM:<a@example.com>\r\n" * 9000)  # each answered 503 (nested MAIL)
+        normal.sendall(b"NOOP\r\n")
+        normal.settimeout(30)
+        assert normal.recv(512).startswith(b"250")
+        before = _replies_in(flooder)
+    assert before < 1000, f"the normal client waited for {before:,} of the flooder's replies"  # 4,702 before
+
+
+def test_commands_that_carry_no_mail_are_limited_per_mail_and_the_flooder_is_closed_with_421(service_factory):
+    """Postfix's junk command limit: NOOP, RSET, VRFY, EXPN, HELP, HELO and EHLO, 100 per mail. A client that
+    pipelined NOOPs for ever held the gateway; a client that sends mail between them is never cut off."""
+    from pipeline.smtp_limits import JUNK_LIMIT
+
+    service = service_factory()
+    session = RawSession(service.settings.gateway.port)  # its EHLO is the first
+    with session.sock:
+        session.sock.sendall(b"NOOP\r\n" * (JUNK_LIMIT - 1))
+        assert all(session.reply()[0] == 250 for _ in range(JUNK_LIMIT - 1))
+        assert session.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")[0] == 250  # a mail: counted afresh
+        session.sock.sendall(b"RSET\r\n" * JUNK_LIMIT + b"HELP\r\n")
+        assert all(session.reply()[0] == 250 for _ in range(JUNK_LIMIT))
+        assert session.reply() == (421, "4.7.0 Too many commands without a mail, closing connection")
+        assert session.replies.read() == b""  # closed
+    assert service.gateway.limits.log.counts["too many commands without a mail"] == 1
