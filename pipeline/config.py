@@ -191,6 +191,12 @@ class GatewayConfig:
     # RCPT TO per transaction (RFC 5321 4.5.3.1.8: at least 100 must be taken); one more: 452 4.5.3. Unbounded,
     # 4 sessions of 250,000 recipients each held 2.9 GB in serve and its gateway, and 1.1 GB in the run store
     max_recipients: int = 100
+    # a client pipelining commands is answered this many at a time, taking turns with the other sessions; 0:
+    # every buffered command first (aiosmtpd's way, the baseline: one such client held everyone's mail)
+    fair_share_replies: int = 16
+    # commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, HELO, EHLO) between two DATA, as Postfix's
+    # smtpd_junk_command_limit; one more: 421 4.7.0 and the session is closed
+    max_junk_commands: int = 100
     stream_data: bool = True  # write DATA to the spool as it arrives; False: hold it whole first (baseline)
     # Who may trigger a digest (issue 11). Empty: anyone who can connect, so only loopback is allowed.
     allowed_sender_domains: tuple[str, ...] = ()  # envelope sender (MAIL FROM) domains; others get 550 5.7.1
@@ -209,6 +215,12 @@ class GatewayConfig:
             raise ConfigurationError(f"gateway.poll_interval_s must be > 0, not {self.poll_interval_s:g}")
         if self.max_recipients < 1:
             raise ConfigurationError(f"gateway.max_recipients must be >= 1, not {self.max_recipients}")
+        if self.fair_share_replies < 0:
+            raise ConfigurationError(f"gateway.fair_share_replies must be >= 0 (0: no turns), not "
+                                     f"{self.fair_share_replies}")
+        if self.max_junk_commands < 1:
+            raise ConfigurationError(f"gateway.max_junk_commands must be >= 1 (EHLO counts), not "
+                                     f"{self.max_junk_commands}")
         if self.max_sessions is not None and self.max_sessions < 1:
             raise ConfigurationError("gateway.max_sessions must be >= 1 (or left out for the automatic limit)")
         if self.command_timeout_s <= 0 or self.session_timeout_s < self.command_timeout_s:

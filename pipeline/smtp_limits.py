@@ -18,8 +18,8 @@ asyncio logged a traceback per failure (issue 11). So:
   commands in one write was answered in full before any other session got a
   reply (one such client held a normal sender's mail 9 s, 45 of them kept EHLO
   unanswered until the sender's idle timer cut it off). A session lets the
-  others go after every ``FAIR_SHARE_REPLIES`` replies, and one that sends more
-  than ``JUNK_LIMIT`` commands that carry no mail (NOOP, RSET, VRFY, EXPN,
+  others go after every ``fair_share_replies`` replies, and one that sends more
+  than ``max_junk_commands`` commands that carry no mail (NOOP, RSET, VRFY, EXPN,
   HELP, HELO, EHLO) before its next DATA is closed with ``421 4.7.0``, as
   Postfix's ``smtpd_junk_command_limit`` does.
 - ``RateLimitedLog`` (``ratelog``) writes at most one line per cause per interval,
@@ -48,8 +48,6 @@ TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session timeout, closing connection"
 TOO_MUCH_JUNK = "421 4.7.0 Too many commands without a mail, closing connection"
-JUNK_LIMIT = 100  # commands that carry no mail, per mail (Postfix's smtpd_junk_command_limit default)
-FAIR_SHARE_REPLIES = 16  # replies a session sends before the other sessions get their turn
 
 
 def default_max_sessions() -> int:
@@ -108,8 +106,10 @@ class SessionLimits:
 
     def __init__(self, *, max_sessions: int | None = None, command_timeout_s: float = 60.0,
                  session_timeout_s: float = 900.0, max_inflight_bytes: int = 256 * 1024 * 1024,
+                 fair_share_replies: int = 16, max_junk_commands: int = 100,
                  log_interval_s: float = LOG_INTERVAL_S) -> None:
         self.max_sessions = max_sessions or default_max_sessions()
+        self.fair_share_replies, self.max_junk_commands = fair_share_replies, max_junk_commands
         self.command_timeout_s, self.session_timeout_s = command_timeout_s, session_timeout_s
         self.inflight = InflightBudget(max_inflight_bytes)
         self.log = RateLimitedLog(log, log_interval_s)
@@ -119,7 +119,8 @@ class SessionLimits:
     def from_config(cls, config: GatewayConfig) -> SessionLimits:
         """The limits a GatewayConfig asks for (the automatic session limit is read now)."""
         return cls(max_sessions=config.max_sessions, command_timeout_s=config.command_timeout_s,
-                   session_timeout_s=config.session_timeout_s, max_inflight_bytes=config.max_inflight_bytes)
+                   session_timeout_s=config.session_timeout_s, max_inflight_bytes=config.max_inflight_bytes,
+                   fair_share_replies=config.fair_share_replies, max_junk_commands=config.max_junk_commands)
 
     def open_session(self) -> bool:
         """Count one more session; False (nothing counted) if the limit is reached."""
@@ -160,7 +161,7 @@ def _junk(command: Command) -> Command:
     @functools.wraps(command)
     async def counted(self: LimitedSMTP, arg: str) -> None:
         self.junk_commands += 1
-        if self.junk_commands > JUNK_LIMIT:
+        if self.junk_commands > self.limits.max_junk_commands:
             self._close_with(TOO_MUCH_JUNK, "too many commands without a mail")
             return
         await command(self, arg)
@@ -215,12 +216,13 @@ class LimitedSMTP(LeanSMTP):
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
-        """Send one reply; after every FAIR_SHARE_REPLIES, let the other sessions run. aiosmtpd reads a line and
-        writes its reply without suspending while the client's pipelined lines are buffered: one client could
-        hold the event loop for as long as it kept writing."""
+        """Send one reply; after every ``limits.fair_share_replies``, let the other sessions run. aiosmtpd reads
+        a line and writes its reply without suspending while the client's pipelined lines are buffered: one
+        client could hold the event loop for as long as it kept writing."""
         await super().push(status)
         self._replies += 1
-        if self._replies % FAIR_SHARE_REPLIES == 0:
+        every = self.limits.fair_share_replies
+        if every and self._replies % every == 0:
             await asyncio.sleep(0)
 
     def _timeout_cb(self) -> None:

@@ -75,6 +75,8 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[runner]\nprocess_workers = 5000", "runner.process_workers must be at most 256"),
     ("[engine]\nmax_active_runs = 10000000", "engine.max_active_runs must be 1 to 100,000"),
     ("[engine]\nstuck_after_s = -1", "engine.stuck_after_s must be >= 0 (0: never)"),
+    ("[gateway]\nmax_junk_commands = 0", "gateway.max_junk_commands must be >= 1 (EHLO counts), not 0"),
+    ("[gateway]\nfair_share_replies = -1", "gateway.fair_share_replies must be >= 0 (0: no turns), not -1"),
 ])
 def test_bad_setting_is_one_line_naming_file_section_and_key(tmp_path, toml, message):
     path = write_toml(tmp_path, toml)
