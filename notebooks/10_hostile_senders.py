@@ -27,12 +27,13 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["sessions", "memory", "head_of_line", "spool", "abandoned"]
+only = ["sessions", "memory", "head_of_line", "spool", "abandoned", "pipelining"]
 sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
 memory = {"mails": 2, "mail_mb": 2, "reps": 1}
 head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
 abandoned = {"mails": 24, "clients": 2}
+pipelining = {"sends": 3, "reps": 1}
 
 # %%
 from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
@@ -45,7 +46,7 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
-          "head_of_line": head_of_line, "spool": spool, "abandoned": abandoned}
+          "head_of_line": head_of_line, "spool": spool, "abandoned": abandoned, "pipelining": pipelining}
 hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
 print(hostileviews.notes(m))
@@ -62,6 +63,9 @@ hostileviews.comparison_table(m, "spool")
 
 # %%
 hostileviews.comparison_table(m, "abandoned")
+
+# %%
+hostileviews.comparison_table(m, "pipelining")
 
 # %%
 hostileviews.fig_hostile_senders(m);

@@ -167,3 +167,13 @@ def test_abandoned_accepts_leave_no_temp_file_descriptor_or_second_run(tmp_path)
     assert metrics["accepts_dropped"] > 0  # the path under test: accepts still queued when their session closed
     assert metrics["temp_files_left"] == metrics["gateway_fds_growth"] == 0
     assert metrics["messages_without_one_run"] == metrics["runs_not_ended"] == metrics["resent_not_250"] == 0
+
+
+def test_pipelining_measures_a_normal_client_beside_a_flooder_both_ways_and_the_junk_limit(tmp_path):
+    rows = hostile_senders.pipelining(tmp_path, sends=3, reps=1, chunk_lines=2000)
+    figures = {(r["metric"], r["tags"].get("mode")): r["value"] for r in rows if r["metric"] != "normal_latency_ms"}
+    assert figures[("normal_acked", "before")] == 3 and figures[("normal_acked", "after")] == 3
+    assert figures[("flood_replies", "before")] > 0 and figures[("flood_replies", "after")] > 0
+    assert len([r for r in rows if r["metric"] == "normal_latency_ms"]) == 6
+    assert figures[("junk_closed_421", None)] == 1
+    assert figures[("junk_answered", None)] == 100  # the default max_junk_commands

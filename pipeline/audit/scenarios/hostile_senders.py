@@ -1,6 +1,6 @@
 """The audit's hostile senders (issue 11), each against a real ``python -m pipeline serve`` on loopback.
 
-Five figures, each with its before/after where a setting switches the behaviour:
+Six figures, each with its before/after where a setting switches the behaviour:
 
 - sessions: a normal client's whole-transaction latency (connect → final 250) while N idle sessions are held
   open, N = 0, half the session limit, the limit, the limit + extra; what the idle connections got (220 or 421);
@@ -12,6 +12,8 @@ Five figures, each with its before/after where a setting switches the behaviour:
   partial text it left.
 - spool lifecycle: spool and work bytes per 1,000 mails before and after ``python -m pipeline purge``, the
   bytes purge reports, and the runs and digests a restart re-creates (expected none).
+- pipelining (``hostile_pipelining``): a normal client's mail beside a client that pipelines commands without
+  pause, with ``gateway.fair_share_replies`` off and on; and a NOOP flood ended by ``gateway.max_junk_commands``.
 - abandoned accepts: senders that close the connection right after their final dot, never reading the reply,
   many at once (more than the gateway's accept threads), then send every message again as an MTA would: the
   accepts dropped, the spool temp files and gateway descriptors left, messages without exactly one run.
@@ -53,6 +55,7 @@ from .hostile_checks import (
     tree_bytes,
     wait_connections_at_most,
 )
+from .hostile_pipelining import pipelining
 from .pipeline_profile import role_of
 
 SCENARIO = "hostile"
@@ -444,7 +447,8 @@ def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: 
 # -- all of them -------------------------------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
-                                         "spool": spool_lifecycle, "abandoned": abandoned_accepts}
+                                         "spool": spool_lifecycle, "abandoned": abandoned_accepts,
+                                         "pipelining": pipelining}
 
 
 def hostile_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = tuple(PARTS),
