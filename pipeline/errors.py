@@ -37,7 +37,16 @@ runner whether another try could help (bad input never gets better).
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any
+
+_UNSHOWABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")  # controls, bidi overrides
+
+
+def showable(text: str) -> str:
+    """``text`` on one line, without control characters or bidi overrides (each becomes a space): for text that
+    comes from a file or a peer and is shown to a person, in a digest, a log line or a terminal."""
+    return " ".join(_UNSHOWABLE.sub(" ", text).split())
 
 
 class PipelineError(Exception):
@@ -200,13 +209,14 @@ class RejectedMessageError(PipelineError):
 
 
 class IngestError(PipelineError):
-    """One PDF cannot be turned into text."""
+    """One PDF cannot be turned into text. Its message is made ``showable``: much of it comes from the file
+    (a filter name carried terminal escapes and a CR/LF into digests, logs and ``show``)."""
 
     reason = "ingest"
     retryable = False
 
     def __init__(self, message: str, filename: str = "") -> None:
-        super().__init__(message)
+        super().__init__(showable(message))
         self.filename = filename
 
 

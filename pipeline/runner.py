@@ -54,6 +54,7 @@ from .errors import (
     StoreError,
     TaskTimeoutError,
     WorkerCrashedError,
+    showable,
 )
 from .executors import Executors, call_task
 from .handover import Handover
@@ -514,7 +515,7 @@ class DAGRunner:
 def _message(exc: BaseException) -> str:
     """A failed try's stored message, on one line, at most MAX_ERROR_CHARS (a relay's reply of 2,000 lines was
     stored whole, 2 MB per try); an attachment's error names the attachment it is about."""
-    message = " ".join(exc_text(exc).split()) or type(exc).__name__
+    message = showable(exc_text(exc)) or type(exc).__name__  # a relay's reply, a file's text: shown in `show`
     name = getattr(exc, "filename", "") if isinstance(exc, IngestError) else ""
     message = f"{name}: {message}" if name and name not in message else message
     return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS - 1] + "…"

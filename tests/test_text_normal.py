@@ -116,3 +116,18 @@ def test_the_digest_date_header_carries_a_real_offset(tmp_path):
     saved = BytesParser(policy=policy.default).parsebytes(msg.as_bytes())
     assert not saved["Date"].endswith("-0000")
     assert abs(parsedate_to_datetime(saved["Date"]).timestamp() - time.time()) < 300
+
+
+def test_bidi_overrides_are_taken_out_of_page_text():
+    """U+202E in a summary turned "invoice exe.fdp" into "invoice pdf.exe" on screen (titles were cleaned of it,
+    page text was not); right-to-left letters stay as they are."""
+    page = "invoice \u202eexe.fdp\u202c and \u2067isolated\u2069 \u05e9\u05dc\u05d5\u05dd"
+    assert normalize_page(page) == "invoice exe.fdp and isolated \u05e9\u05dc\u05d5\u05dd"
+
+
+def test_a_sentence_repeated_on_every_page_is_summarised_once():
+    footer = "This report is confidential and intended for the named recipients of the quarterly review only."
+    pages = [f"Revenue grew in region {i} because distributors restocked early in the season. {footer}"
+             for i in range(10)]
+    summary = digest.summarize("\f".join(pages), 3)
+    assert len(summary) == len(set(summary)) == 3 and summary.count(footer) <= 1

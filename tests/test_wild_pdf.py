@@ -70,3 +70,48 @@ def test_the_documents_title_reaches_the_digest(service_factory, smtp_sink):
 def test_a_page_tree_claiming_a_million_pages_with_none_is_corrupt_not_too_large(tmp_path, engine):
     with pytest.raises(CorruptPdfError):
         ingest(tmp_path, fx.miscounted_pdf(0, 1_000_000), engine, max_pages=10)
+
+
+def _plain_pdf_saying_encrypt() -> bytes:
+    """No encryption, an empty page tree, and a stream whose text mentions /Encrypt (a prober's file)."""
+    note = b"% see /Encrypt in the spec"
+    return fx._pdf_of_objects([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>",
+                               b"<< /Length %d >>\nstream\n" % len(note) + note + b"\nendstream"])
+
+
+def test_a_plain_file_after_an_encrypted_one_is_corrupt_not_encrypted(tmp_path):
+    """pypdfium2 reported a document that loads with no page with the error code an earlier failure had left: a
+    plain page-less file read after an encrypted one was encrypted (its bytes mentioned /Encrypt), or corrupt
+    "(PDFium: Incorrect password error)"; and it never closed such a document (the fd check below)."""
+    in_this_thread = {"isolate": False}
+    with pytest.raises(EncryptedPdfError):
+        ingest(tmp_path, fx.text_pdf(1, encrypt="aes", user_password="secret"), "pdfium", **in_this_thread)
+    for pdf in (_plain_pdf_saying_encrypt(), fx.miscounted_pdf(0, 0)):
+        with pytest.raises(CorruptPdfError) as err:
+            ingest(tmp_path, pdf, "pdfium", **in_this_thread)
+        assert str(err.value) == "PDFium: the document has no pages"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_page_count_that_lies_under_the_limit_is_read_for_what_the_file_has(tmp_path, engine):
+    """One page behind /Count 4,999 was "4,999 pages, 4,998 could not be read" with PDFium (only a claim over
+    the page limit was checked)."""
+    result = ingest(tmp_path, fx.miscounted_pdf(1, 4999), engine)
+    assert (result.pages, result.pages_failed) == (1, 0)
+
+
+def test_an_error_text_from_the_file_reaches_no_one_with_its_control_characters(tmp_path):
+    """A filter name is the file's own text: pypdf's "Unsupported filter /Evil..." carried terminal escapes,
+    BEL, U+202E and a CR/LF (a forged log line) into the digest, serve's log and `show`."""
+    import zlib
+
+    content = zlib.compress(b"BT /F1 12 Tf 72 720 Td (page 1) Tj ET")
+    evil = b"/Evil#1b#5d0;pwned#07#1b#5b2J#0d#0aInjected#3a#20yes#e2#80#ae"
+    pdf = fx._raw_pdf([content]).replace(b"/Filter /FlateDecode", b"/Filter " + evil)
+    try:
+        result = ingest(tmp_path, pdf, "pypdf")  # PDFium skips a filter it does not know, saying nothing
+        said = result.page_error
+    except CorruptPdfError as exc:  # no page could be read
+        said = str(exc)
+    assert said, "the engine read a page it cannot decode"
+    assert not any(ch in said for ch in "\x1b\x07\r\n\u202e"), repr(said)

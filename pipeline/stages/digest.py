@@ -116,21 +116,25 @@ def _frequencies(pages: list[str]) -> Counter[str]:
 
 
 def _best(pages: Iterator[str] | list[str], freq: Counter[str], count: int) -> list[str]:
-    """The ``count`` best-scoring sentences (frequency of their distinct content words over their length)."""
+    """The ``count`` best-scoring sentences (frequency of their distinct content words over their length), each
+    once: a footer repeated on every page filled a whole summary."""
     best: list[tuple[float, int, str]] = []  # a min-heap of (score, -position, sentence)
+    chosen: set[str] = set()  # the sentences in it
     position = 0
     for page in pages:
         for sentence in split_sentences(page):
             found = _WORD.findall(sentence.lower())
-            if len(found) < 3:  # a heading, a page number, a table row
+            if len(found) < 3 or sentence in chosen:  # a heading, a page number, a table row; a repeat
                 continue
             words = [w for w in found if w not in STOP_WORDS]
             position += 1
             item = (sum(freq[w] for w in set(words)) / (1 + len(words)) ** 0.5, -position, sentence)
             if len(best) < count:
                 heapq.heappush(best, item)
+                chosen.add(sentence)
             elif item > best[0]:
-                heapq.heapreplace(best, item)
+                chosen.discard(heapq.heapreplace(best, item)[2])
+                chosen.add(sentence)
     return [_clip(sentence) for _, _, sentence in sorted(best, key=lambda item: -item[1])]
 
 

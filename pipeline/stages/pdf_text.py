@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..config import IngestConfig
-from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError
+from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, showable
 from .text_normal import normalize_page, pick_title
 
 if TYPE_CHECKING:  # imported where used: a process that extracts with PDFium never loads pypdf (issue 16)
@@ -68,7 +69,7 @@ class _Progress:
 
     def add(self, number: int, exc: Exception) -> None:
         self.count += 1
-        self.first = self.first or f"page {number + 1}: {exc}"
+        self.first = self.first or showable(f"page {number + 1}: {exc}")  # logged, shown in the digest
 
 
 def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: tuple[int, int] = (0, 1),
@@ -89,9 +90,7 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
         raise PdfTooLargeError(f"{size:,} bytes, over the {limits.max_attachment_bytes:,}-byte limit", name)
     started = time.monotonic()
     with (documents or OpenDocuments(0)).open(Path(pdf_path), name, limits) as doc:
-        pages = len(doc)
-        if pages > limits.max_pages:
-            pages = doc.loadable_pages(limits.max_pages)  # PDFium trusts /Count: check it before refusing
+        pages = doc.loadable_pages(limits.max_pages)  # PDFium trusts /Count: checked once per document
         if pages > limits.max_pages:
             raise PdfTooLargeError(f"{pages:,} pages, over the {limits.max_pages:,}-page limit", name)
         index, count = shard
@@ -232,12 +231,12 @@ class _PdfiumPages:
         if self.doc is not None:
             return self
         try:
-            self.doc = pdfium.PdfDocument(str(self.path))
+            self.doc = pdfium.PdfDocument(_load_pdfium(self.path, self.name))
         except pdfium.PdfiumError as exc:
-            # PDFium's error code can be a stale one, left by an earlier failure in this thread, when a load
-            # fails without setting it (an empty page tree): trust it only for a file with an /Encrypt entry
+            # a password or security error only for a file with an /Encrypt entry: belt and braces, as a stale
+            # error code once called a plain file encrypted (see _load_pdfium)
             if exc.err_code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY) and \
-                    _mentions_encrypt(self.path):
+                    _has_encrypt_entry(self.path):
                 if exc.err_code == pdfium.raw.FPDF_ERR_PASSWORD:
                     raise EncryptedPdfError("encrypted with a password (the empty password does not open it)",
                                             self.name) from exc
@@ -258,18 +257,24 @@ class _PdfiumPages:
         return self.pages if self.pages is not None else len(self.doc)
 
     def loadable_pages(self, limit: int) -> int:
-        """The page count, checked: PDFium takes the page tree's ``/Count`` on trust, and a one-page file
-        that claims a million pages would be refused as too large. When page ``limit`` (0-based: the first
-        one past the limit) and the last do not load, the count is one past the last page that does, found by
-        bisection (a few page loads; 0 when none does); it is kept for the document's later requests."""
-        declared = len(self.doc)
-        if self.pages is None and not self._loads(limit) and not self._loads(declared - 1):
-            good, bad = -1, limit
-            while bad - good > 1:
-                middle = (good + bad) // 2
-                good, bad = (middle, bad) if self._loads(middle) else (good, middle)
-            self.pages = good + 1  # 0 when no page loads: "no pages", corrupt, as pypdf says of such a file
-        return len(self)
+        """The page count, checked: PDFium takes the page tree's ``/Count`` on trust, so a one-page file that
+        claims a million pages was refused as too large, and one that claims 4,999 reported 4,998 unreadable
+        pages. When the last declared page (past ``limit`` pages: page ``limit``, the first past it) and the
+        last do not load, the count is one past the last page that does, found by bisection (a few page loads;
+        0 when none does), unless only the last page fails within the limit: that one is a damaged page, and is
+        reported as one ("1 of 3 pages could not be read"). Checked once: kept for later requests."""
+        if self.pages is None:
+            declared = len(self.doc)
+            top = min(declared - 1, limit)
+            self.pages = declared
+            if declared and not self._loads(top) and not self._loads(declared - 1):
+                good, bad = -1, top
+                while bad - good > 1:
+                    middle = (good + bad) // 2
+                    good, bad = (middle, bad) if self._loads(middle) else (good, middle)
+                if declared > limit or declared - (good + 1) > 1:
+                    self.pages = good + 1  # 0 when none loads: "no pages", corrupt, as pypdf says of such a file
+        return self.pages
 
     def _loads(self, number: int) -> bool:
         try:
@@ -308,11 +313,40 @@ class _PdfiumPages:
             page.close()
 
 
-def _mentions_encrypt(path: Path) -> bool:
-    """True when the file's bytes contain ``/Encrypt``, as every encrypted PDF's trailer does (a C search)."""
+PDFIUM_ERRORS = {1: "Unknown error", 2: "File access error", 3: "Data format error", 4: "Incorrect password error",
+                 5: "Unsupported security scheme", 6: "Page not found or content error"}
+
+
+def _load_pdfium(path: Path, name: str) -> Any:
+    """PDFium's handle of the document at ``path``: PdfiumError when it cannot load it, CorruptPdfError when it
+    has no page.
+
+    pypdfium2's own load (``PdfDocument(path)``) never closes a document that loads with no page: each such file
+    left a descriptor and its parsed objects in a long-lived extraction worker (200 of 200 here), and reported
+    whatever error code an earlier failure had left (a password error for a plain file read after an encrypted
+    one)."""
+    import pypdfium2 as pdfium
+
+    raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
+    if not raw:  # a failed load sets the error code itself: this one is fresh
+        code = pdfium.raw.FPDF_GetLastError()
+        raise pdfium.PdfiumError(f"Failed to load document (PDFium: {PDFIUM_ERRORS.get(code, code)}).",
+                                 err_code=code)
+    if pdfium.raw.FPDF_GetPageCount(raw) < 1:
+        pdfium.raw.FPDF_CloseDocument(raw)
+        raise CorruptPdfError("PDFium: the document has no pages", name)
+    return raw
+
+
+_ENCRYPT_ENTRY = re.compile(rb"/Encrypt\s*(?:\d+\s+\d+\s+R|<<)")  # "/Encrypt 12 0 R" or "/Encrypt <<"
+
+
+def _has_encrypt_entry(path: Path) -> bool:
+    """True when the file has an ``/Encrypt`` entry, as every encrypted PDF's trailer does: a key followed by
+    its value, not the bare word (a plain file whose text said "see /Encrypt" was reported encrypted)."""
     try:
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return data.find(b"/Encrypt") >= 0
+            return data.find(b"/Encrypt") >= 0 and _ENCRYPT_ENTRY.search(data) is not None  # type: ignore[call-overload]
     except (OSError, ValueError):  # an empty file cannot be mapped (ValueError): nothing in it
         return False
 

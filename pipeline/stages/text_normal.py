@@ -17,13 +17,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from ..errors import showable
+
 # soft hyphens: PDFium's U+FFFE and U+0002 markers, and the real U+00AD
 _SOFT = "\ufffe\u0002\u00ad"
 _LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
                             "\ufb05": "st", "\ufb06": "st"})
 _HAS_LIGATURE = re.compile("[\ufb00-\ufb06]")
-# C0/C1 controls except tab and newline (a form feed is our page separator: a page must not contain one)
-_CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\ufeff\uffff]")
+# C0/C1 controls except tab and newline (a form feed is our page separator: a page must not contain one), and
+# bidi embeddings, overrides and isolates: they reached summaries, where U+202E turns "exe.fdp" into "pdf.exe"
+# (right-to-left text needs none of them: its direction is the letters' own)
+_CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069\ufeff\uffff]")
 _SOFT_AT_LINE_END = re.compile(rf"[{_SOFT}][ \t]*\n[ \t]*")
 # a soft-hyphen mark inside a URL was the URL's own hyphen at a line end ("https://CRAN.R<FFFE>project.org")
 _SOFT_IN_URL = re.compile(r"((?:https?:|www\.)[^\s\ufffe]*)\ufffe")
@@ -107,18 +111,15 @@ _JUNK_TITLE = re.compile(r"^(untitled|title|document|microsoft word - .*|.*\.(do
                          re.I)
 
 
-_UNSHOWABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")  # controls, bidi overrides
-
-
 def pick_title(metadata_title: str | None, first_page: str) -> str:
     """The document's title: its metadata title unless empty or junk, else its first heading-like line. Control
     characters and bidi overrides go: a title is shown in the digest, where NUL, BEL and U+202E (which turns
     "exe.fdp" into "pdf.exe", the spoof attachment names are cleaned of) came through as sent."""
-    title = " ".join(_UNSHOWABLE.sub(" ", metadata_title or "").split())
+    title = showable(metadata_title or "")
     if title and not _JUNK_TITLE.match(title) and sum(c.isalpha() for c in title) >= 3:
         return title[:200]
     for line in first_page.splitlines()[:15]:
-        line = " ".join(_UNSHOWABLE.sub(" ", line).split())
+        line = showable(line)
         letters = sum(c.isalpha() for c in line)
         if letters >= 4 and len(line) <= 120 and letters >= len(line) / 2 and not line.endswith((".", ",", ";")):
             return line
