@@ -268,11 +268,11 @@ class PipelineService:
         stopping = [signal.SIGINT, signal.SIGTERM]
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
             stopping.append(signal.SIGHUP)
-        if self.role != GATEWAY:
-            with _as_startup_error("cannot start multiprocessing's fork server"):  # out of processes or fds
-                _start_fork_server_ignoring_stops()
         handlers = {sig: signal.signal(sig, lambda number, _: signalled.append(number)) for sig in stopping}
         try:
+            if self.role != GATEWAY:
+                with _as_startup_error("cannot start multiprocessing's fork server"):  # out of processes or fds
+                    _start_fork_server_ignoring_stops()
             self.start(gateway_process=self.settings.serve.gateway_process)
             where = f", the gateway in process {self.gateway_process.pid}" if self.gateway_process else ""
             log.info("pipeline serving (%s%s); data in %s; runs in %s. Ctrl-C to stop.", _ROLE_NAMES[self.role],
@@ -289,25 +289,32 @@ class PipelineService:
 
 
 def _start_fork_server_ignoring_stops() -> None:
-    """Start multiprocessing's fork server (and its resource tracker) with SIGHUP, SIGTERM and SIGINT ignored,
+    """Start multiprocessing's fork server (and its resource tracker) with SIGHUP, SIGTERM and SIGINT blocked,
     as they then keep them.
 
     A hangup (a closed terminal or ssh session), Ctrl-C and systemd's stop (SIGTERM to the whole cgroup) reach
     the whole process group. Serve stops on them, and its own children ignore them until serve stops them, but
     these two come from the standard library and would die of SIGHUP or SIGTERM (the fork server ignores
-    only SIGINT itself), breaking the process pool while serve finishes its runs. An ignored signal stays
-    ignored in the processes they fork (the pool's workers, which ignore all three anyway). The fork server
+    only SIGINT itself), breaking the process pool while serve finishes its runs. A blocked signal stays
+    blocked in the processes they fork (the pool's workers, which ignore all three anyway). The fork server
     ends when serve does: it watches a pipe from serve.
+
+    Blocked, not ignored: serve ignored them meanwhile, and a stop that came then was lost (serve went on
+    serving after a SIGTERM in 2 of 3 tries, a prober's find). Blocked, it waits for serve's handler, installed
+    before. The resource tracker goes first on its own: the standard library unblocks SIGINT and SIGTERM once
+    it has started it, so they are blocked again for the fork server.
     """
     import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
 
-    stops = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
+    stops = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         multiprocessing.forkserver.ensure_running()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a stop that came meanwhile reaches serve's handler
 
 
 def store_location(settings: Settings) -> str:
