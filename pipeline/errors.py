@@ -285,14 +285,19 @@ class TaskIOError(PipelineError):
 
 
 class MachineShortError(TaskIOError):
-    """A task's file call failed because the machine is short of something (disk space, quota, file descriptors)
-    or its file system turned read-only: not the document's fault, nor the task's. Once the task's own retries
+    """A task's file call failed because the machine is short of something (disk space, quota, file descriptors),
+    its file system turned read-only, or the data dir's permissions changed: not the document's fault, nor the
+    task's. Once the task's own retries
     are used up, its run is not failed but requeued to wait for the machine (``runner``), and the engine reports
     unhealthy meanwhile, so the gateway answers 451: a full disk under the work dir lost every mail acked."""
 
 
-# the errnos of a machine short of something; a file gone (ENOENT) or refused (EACCES) is that file's alone
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
+# the errnos of a machine short of something, and of a permission refused: tasks touch only the data dir's own
+# files, so that is someone's chmod or chown there (15 s of `chmod -R a-w` failed 4 of 40 acked mails for good,
+# while the runs that could not make their work dir waited: a prober's find); a file only this run cannot use
+# still fails once other runs succeed beside it (MACHINE_PATIENCE). A file gone (ENOENT) is that file's alone
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS,
+                            errno.EACCES, errno.EPERM})
 
 
 def task_io_class(exc: OSError) -> type[TaskIOError]:

@@ -67,6 +67,14 @@ def write_while_disk_full(ctx: TaskContext) -> int:
     return ctx.try_number
 
 
+def write_while_denied(ctx: TaskContext) -> int:
+    """Write to a read-only sysctl (a real EACCES, even as root) while the payload's ``denied`` file exists."""
+    target = "/proc/sys/kernel/ostype" if Path(ctx.payload["denied"]).exists() else str(Path(ctx.work_dir) / "out")
+    with open(target, "wb", buffering=0) as fh:
+        fh.write(b"digest")
+    return ctx.try_number
+
+
 def write_to_a_directory(ctx: TaskContext) -> None:
     """Open the run's work dir as a file for writing: EISDIR, an OS error about this file, not the machine."""
     with open(ctx.work_dir, "wb"):
