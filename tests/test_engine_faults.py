@@ -449,3 +449,50 @@ def test_a_thread_tasks_completion_stuck_makes_the_engine_unhealthy(settings, st
             wait_until(lambda: engine.healthy, 10, "healthy again")
     finally:
         tracing.disconnect(tracing.TASK_FINISHED, hold)
+
+
+class LostFinishAnswerStore(SqliteRunStore):
+    """A real store whose first successful run finish commits, then loses its answer, as a PostgreSQL
+    connection that drops after COMMIT does (a prober's proxy did it to half of the finishes)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.lost = 0
+
+    def finish_run(self, run_id, state, reason=None, now=None, owner=None):
+        changed = super().finish_run(run_id, state, reason, now, owner)
+        if state == "success" and not self.lost:
+            self.lost += 1
+            from pipeline.errors import StoreUnavailableError
+
+            raise StoreUnavailableError("the connection dropped after COMMIT")
+        return changed
+
+
+def _write_bulk(ctx):
+    (Path(ctx.work_dir) / "text").mkdir(parents=True, exist_ok=True)
+    (Path(ctx.work_dir) / "text" / "000-a.txt").write_text("words")
+
+
+def test_a_finish_whose_answer_was_lost_is_counted_logged_and_shed_as_ended(settings, start_engine, caplog):
+    """The run had ended (success, in the store), but the engine took the lost answer for a break, found the run
+    no longer its own to requeue, and logged "taken over by another process": the success went uncounted in
+    the metrics and its attachments and text stayed until purge."""
+    from pipeline import metrics
+
+    def successes() -> float:
+        return metrics.REGISTRY.get_sample_value("pipeline_run_outcomes_total",
+                                                 {"state": "success", "reason": "none"}) or 0.0
+
+    before = successes()
+    with LostFinishAnswerStore(settings.store) as store, caplog.at_level(logging.INFO, logger="pipeline.engine"):
+        engine = start_engine(store, settings, DAG("d", [Task("a", _write_bulk)]))
+        run_id = engine.trigger("d").run_id
+        assert engine.wait(run_id, timeout=30).state == "success" and store.lost == 1
+        work = Path(settings.data_dir) / "work" / str(run_id)
+        wait_until(lambda: not (work / "text").exists(), 10, "shed")
+        wait_until(lambda: engine.active_runs() == [] and engine.healthy, 10, "settled")
+    assert successes() == before + 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"run {run_id} (d): success (the answer to its commit was lost)" in line for line in lines), lines
+    assert not any("taken over" in line for line in lines)
