@@ -286,7 +286,7 @@ def test_active_runs_are_bounded_and_fifo(store, make_engine):
     for run_id in ids:
         assert engine.wait(run_id, timeout=10).state == "success"
     assert max(peak) <= 3
-    assert started_order[:3] == ids[:3]
+    assert sorted(started_order[:3]) == ids[:3]  # the first three claimed; their threads start in any order
 
 
 def test_shutdown_requeues_unfinished_runs(store, make_engine, settings):
