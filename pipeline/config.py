@@ -396,14 +396,21 @@ class ServeConfig:
     # the gateway process says it is alive from its event loop every second; one silent this long (a loop that
     # hangs: a deadlock, a callback that never returns) is killed and restarted, as a dead one is; 0: never
     gateway_hung_after_s: float = 30.0
+    # a stop (SIGTERM, Ctrl-C) that takes this long past [engine] shutdown_grace_s ends the process anyway: a run
+    # store that does not answer (a frozen PostgreSQL server, a network path that stalls) held serve for as long
+    # as it lasted; the runs it held are requeued by the next start's recovery; 0: wait for ever
+    stop_margin_s: float = 30.0
 
     def validate(self) -> None:
-        """Reject an engine_nice outside 0-19 and a slice Linux would not take."""
+        """Reject an engine_nice outside 0-19, a slice Linux would not take, and a negative stop margin."""
         if not 0 <= self.engine_nice <= 19:
             raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
         if self.gateway_hung_after_s and self.gateway_hung_after_s < 2:  # signs of life come once a second
             raise ConfigurationError("[serve] gateway_hung_after_s must be 0 (never) or 2 s or more, got "
                                      f"{self.gateway_hung_after_s:g}")
+        if not 0 <= self.stop_margin_s <= 86_400:
+            raise ConfigurationError(f"[serve] stop_margin_s must be 0 (wait for ever) to 86,400 s, got "
+                                     f"{self.stop_margin_s:g}")
         if self.gateway_slice_us != 0 and not 100 <= self.gateway_slice_us <= 100_000:
             raise ConfigurationError("[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), "
                                      f"got {self.gateway_slice_us}")

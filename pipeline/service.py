@@ -32,6 +32,7 @@ want.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -282,10 +283,41 @@ class PipelineService:
             log.info("stopping%s: no new messages; letting running tasks finish (grace %.0f s)",
                      f" on {signal.Signals(signalled[0]).name}" if signalled else "",
                      self.settings.engine.shutdown_grace_s)
-            self.stop()
+            margin = self.settings.serve.stop_margin_s
+            watch = _exit_if_stop_overruns(self.settings.engine.shutdown_grace_s + margin if margin else None)
+            try:
+                self.stop()
+            finally:
+                if watch is not None:
+                    watch.cancel()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+
+STOP_OVERRUN_EXIT = 1
+
+
+def _exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
+    """End the process if the stop has not finished within ``limit_s`` (None: never). Each part of a stop that
+    waits on the run store can wait as long as a store that does not answer: a frozen PostgreSQL server held a
+    SIGTERM'd serve for 100-150 s, until it came back (a prober's find). Exiting leaves the runs serve held
+    running in its name; the next start's recovery requeues them (its pid is gone), so nothing acked is lost."""
+    if limit_s is None:
+        return None
+
+    def overrun() -> None:
+        message = (f"error: the stop did not finish within {limit_s:g} s (does the run store answer?); exiting "
+                   "now: the runs still running are requeued by the next start\n")
+        try:
+            os.write(2, message.encode())  # not logging: its lock may be held by a thread that hangs
+        finally:
+            os._exit(STOP_OVERRUN_EXIT)
+
+    timer = threading.Timer(limit_s, overrun)
+    timer.daemon = True
+    timer.start()
+    return timer  # cancelled once the stop has finished
 
 
 def _start_fork_server_ignoring_stops() -> None:

@@ -75,6 +75,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ("[runner]\nprocess_workers = 5000", "runner.process_workers must be at most 256"),
     ("[engine]\nmax_active_runs = 10000000", "engine.max_active_runs must be 1 to 100,000"),
     ("[engine]\nstuck_after_s = -1", "engine.stuck_after_s must be >= 0 (0: never)"),
+    ("[serve]\nstop_margin_s = -1", "[serve] stop_margin_s must be 0 (wait for ever) to 86,400 s, got -1"),
     ("[gateway]\nmax_junk_commands = 0", "gateway.max_junk_commands must be >= 1 (EHLO counts), not 0"),
     ("[gateway]\nfair_share_replies = -1", "gateway.fair_share_replies must be >= 0 (0: no turns), not -1"),
 ])

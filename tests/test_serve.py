@@ -270,3 +270,55 @@ def test_a_stop_while_serve_starts_its_fork_server_is_not_lost(tmp_path):
         proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+def test_a_stop_that_waits_on_a_store_that_does_not_answer_ends_after_the_margin(tmp_path):
+    """A SIGTERM'd serve waited on a frozen PostgreSQL server for as long as it stayed frozen (100-150 s, a
+    prober's find). Here the SQLite store is held by another process's exclusive lock, with a 60 s busy timeout:
+    the stop ends after the grace and [serve] stop_margin_s, exit 1 and one line; the runs are the next start's."""
+    import sqlite3
+
+    config = tmp_path / "serve.toml"
+    config.write_text("[store]\nbusy_timeout_ms = 60000\n[engine]\nshutdown_grace_s = 1\n[serve]\nstop_margin_s = 2\n")
+    data = tmp_path / "data"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--data-dir", str(data), "--config", str(config),
+                             "serve", "--port", str(port), "--no-drop-folder"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        assert wait_until(lambda: (data / "runs.sqlite3").exists() and _answers(port), 60)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # a run in flight: the stop must requeue it
+            smtp.sendmail("alice@example.com", ["d@pipeline.local"],
+                          fx.email_with([("slow.pdf", fx.slow_pdf(200))], message_id="<slow@stop.test>"))
+        db = SqliteRunStore(data / "runs.sqlite3", read_only=True)
+        try:
+            assert wait_until(lambda: any(t.state == "running" and t.task_id.startswith("ingest")
+                                          for t in db.get_tasks(1)), 60)
+        finally:
+            db.close()
+        holder = sqlite3.connect(data / "runs.sqlite3", timeout=30, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # every write of serve's now waits up to its busy timeout
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=45)
+        took = time.monotonic() - started
+    finally:
+        if holder is not None:
+            holder.rollback()
+            holder.close()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 1, err
+    assert "the stop did not finish within 3 s (does the run store answer?)" in err
+    assert took < 40  # the busy timeout alone is 60 s
+
+
+def _answers(port: int) -> bool:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+            smtp.noop()
+        return True
+    except OSError:
+        return False
