@@ -239,6 +239,17 @@ def declared_size(mail_options: list[str]) -> int | None:
     return None
 
 
+def _unusable(address: str, who: str, syntax_code: str) -> str | None:
+    """The 553 for an address that is not UTF-8 (aiosmtpd keeps such bytes as surrogates) or holds control
+    characters (CR, NUL: no digest could ever reach a sender with them); None for a usable one. Only Cc: the
+    joiners IDNA allows in Persian and Indic names are not printable, yet valid."""
+    if any("\udc80" <= c <= "\udcff" for c in address):
+        return f"553 5.6.7 {who} address is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in address):
+        return f"553 {syntax_code} {who} address has control characters"
+    return None
+
+
 class _SmtpHandler:
     """aiosmtpd handler hooks; each does one thing."""
 
@@ -249,12 +260,9 @@ class _SmtpHandler:
                           mail_options: list[str]) -> str:
         if not self.gateway.sender_allowed(address):
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
-        if any("\udc80" <= c <= "\udcff" for c in address):  # bytes that are not UTF-8 (aiosmtpd kept them)
-            return metrics.smtp_reply("MAIL", "553 5.6.7 Sender address is not valid UTF-8")
-        # CR, NUL and other controls: no digest could ever reach it (it failed at delivery). Only Cc: the joiners
-        # IDNA allows in Persian and Indic names are not printable, yet valid
-        if any(unicodedata.category(c) == "Cc" for c in address):
-            return metrics.smtp_reply("MAIL", "553 5.1.7 Sender address has control characters")
+        unusable = _unusable(address, "Sender", "5.1.7")
+        if unusable:
+            return metrics.smtp_reply("MAIL", unusable)
         size = declared_size(mail_options)
         if size is not None and size > self.gateway.limits.inflight.remaining:
             self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "
@@ -269,6 +277,10 @@ class _SmtpHandler:
                           rcpt_options: list[str]) -> str:
         if not self.gateway.recipient_allowed(address):
             return metrics.smtp_reply("RCPT", "550 5.7.1 Recipient domain not accepted here")
+        unusable = "553 5.1.3 Recipient address is empty" if address in ("", "<>") else \
+            _unusable(address, "Recipient", "5.1.3")
+        if unusable:  # kept in the run's rcpt_tos as sent (a prober's RCPT TO:<d\x00@e.f> was answered 250)
+            return metrics.smtp_reply("RCPT", unusable)
         if len(envelope.rcpt_tos) >= self.gateway.config.max_recipients:  # the client sends the rest again later
             return metrics.smtp_reply("RCPT", "452 4.5.3 Too many recipients")
         envelope.rcpt_tos.append(address)

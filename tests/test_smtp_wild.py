@@ -65,6 +65,24 @@ def test_a_sender_address_with_control_characters_is_refused_at_mail(service_fac
     assert service.store.count_runs_by_state() == {}
 
 
+@pytest.mark.parametrize(("address", "reply"), [
+    (b"<d\x00@example.com>", (553, "5.1.3 Recipient address has control characters")),
+    (b"<d\r@example.com>", (553, "5.1.3 Recipient address has control characters")),
+    (b"<>", (553, "5.1.3 Recipient address is empty")),
+    (b"<caf\xe9@example.com>", (553, "5.6.7 Recipient address is not valid UTF-8")),
+])
+def test_a_recipient_address_no_mail_could_reach_is_refused_at_rcpt(service_factory, address, reply):
+    """A prober's find: these got 250 and went into the run's recipients as sent."""
+    service = service_factory()
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        assert smtp.command(b"MAIL FROM:<alice@example.com>")[0] == 250
+        assert smtp.command(b"RCPT TO:" + address) == reply
+        assert smtp.command(b"RCPT TO:<digest@pipeline.local>")[0] == 250  # the transaction goes on
+    finally:
+        smtp.close()
+
+
 def test_a_data_trickled_slower_than_a_line_per_idle_timeout_is_not_cut_off(service_factory):
     service = service_factory(command_timeout_s=1.0)
     smtp = RawSession(service.settings.gateway.port)
