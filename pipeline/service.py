@@ -43,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import metrics
+from . import store as s
 from .config import Settings
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
@@ -431,18 +432,33 @@ def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0
         # out with this command's settings), and neither are the spool's lost messages (serve's start queues them)
         service.engine.claim_only = set()
         service.engine.machine_witnesses = 1  # its one run waiting for the machine is all the evidence there is
+        run_ids: list[int] = []
         try:
             service.start(reconcile=False)
             _check_readable(paths)
-            run_ids = []
             for path in map(Path, paths):
                 run_ids.append(service.gateway.accept(_as_mail(path), source="cli", dedup=False).run_id)
                 service.engine.claim_also(run_ids[-1])
             for run_id in run_ids:
                 _wait_for(service, run_id, timeout_s, unhealthy_s)
             return run_ids
+        except KeyboardInterrupt:
+            _say_what_is_left(service, run_ids)
+            raise
         finally:
             service.stop()
+
+
+def _say_what_is_left(service: PipelineService, run_ids: list[int]) -> None:
+    """One line for an interrupted ``ingest``: the runs it made that have not ended stay queued, and a serve on
+    the data dir delivers their digests (it exited silently, and ingesting again sent a second digest)."""
+    try:
+        left = [r for r in run_ids if service.store.get_run(r).state not in (s.SUCCESS, s.FAILED)]
+    except PipelineError:
+        left = run_ids  # the store does not answer: say what may be left
+    if left:
+        log.warning("interrupted: run(s) %s left queued; serve on this data dir finishes them and sends their "
+                    "digests (ingesting the files again would send a second one)", ", ".join(map(str, left)))
 
 
 def _wait_for(service: PipelineService, run_id: int, timeout_s: float, unhealthy_s: float = INGEST_UNHEALTHY_S) -> None:

@@ -322,3 +322,34 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_an_interrupted_ingest_says_which_runs_it_leaves_queued(tmp_path):
+    """A prober's find: `ingest` stopped by SIGTERM exited 130 without a word, its runs left queued; a later
+    serve sent their digests, and a user who ingested the files again got a second one."""
+    pdf = tmp_path / "slow.pdf"
+    pdf.write_bytes(fx.slow_pdf(200))
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--data-dir", str(data), "ingest", str(pdf)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def extracting() -> bool:
+            if not (data / "runs.sqlite3").exists():
+                return False
+            db = SqliteRunStore(data / "runs.sqlite3", read_only=True)
+            try:
+                return any(t.state == "running" and t.task_id.startswith("ingest") for t in db.get_tasks(1))
+            except Exception:  # noqa: BLE001 - not made yet
+                return False
+            finally:
+                db.close()
+
+        assert wait_until(extracting, 60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 130, err
+    assert "interrupted: run(s) 1 left queued; serve on this data dir finishes them" in err
