@@ -216,10 +216,10 @@ class SpoolWriter:
 
     def write(self, data: bytes) -> None:
         """Append ``data`` (hashing it); small pieces are gathered, large ones written at once."""
+        self.size += len(data)  # counted when it fails too: the error names the message's size
         if self._fd < 0 or self._error is not None:
             return
         self._digest.update(data)
-        self.size += len(data)
         if not self._buffer and len(data) >= _WRITE_BUFFER:
             self._write(data)
             return

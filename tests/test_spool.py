@@ -90,8 +90,9 @@ def test_writer_in_a_vanished_directory_fails_at_finish(tmp_path):
         spool.directory.rmdir()
         writer = spool.open_writer()  # does not raise: the SMTP session answers after the data
         writer.write(RAW)
-        with pytest.raises(SpoolError, match="No such file or directory"):
+        with pytest.raises(SpoolError, match="No such file or directory") as err:
             writer.finish()
+        assert f"cannot spool a {len(RAW)}-byte message" in str(err.value)  # it said 0 bytes (a prober's find)
     finally:
         spool.close()
 
