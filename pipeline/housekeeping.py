@@ -167,7 +167,7 @@ def purge_store(store: DAGRunStore, data_dir: Path, older_than_days: float, *, b
             if mtime < legacy_before:
                 files.remove_spool_file(path.name)
     except (PipelineError, OSError, KeyboardInterrupt):  # what is gone is gone: say so before the error does
-        log.warning("purge stopped before its end; until then it %s", report().summary().removeprefix("purged "))
+        log.warning("purge stopped before its end; until then it %s", report().summary())
         raise
     finally:
         files.log_unlogged()

@@ -367,6 +367,8 @@ def _as_startup_error(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or exc)
+        if isinstance(exc, FileExistsError) and exc.filename:  # mkdir of a path that is a file said "File exists"
+            detail = f"{exc.filename} is not a directory"
         raise StartupError(f"{what}: {detail}") from exc
 
 

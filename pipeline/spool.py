@@ -300,6 +300,8 @@ def spool_error(what: str, exc: OSError) -> SpoolError:
     """Translate an OSError from the spool's disk into a one-line ``SpoolError``."""
     full = exc.errno in _DISK_FULL
     detail = "disk full" if full else (exc.strerror or type(exc).__name__)
+    if isinstance(exc, FileExistsError):  # mkdir of a path that is a file said "File exists"
+        detail = "a file is in the way (not a directory)"
     return SpoolError(f"{what}: {detail}", disk_full=full)
 
 

@@ -214,6 +214,9 @@ def test_serve_with_a_data_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path, 
     code = main(["--data-dir", str(tmp_path / "file" / "data"), "serve", "--port", str(free_port())])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "Not a directory" in err, err
+    code = main(["--data-dir", str(tmp_path / "file"), "serve", "--port", str(free_port())])  # the dir is a file
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith(f"{tmp_path / 'file'} is not a directory"), err  # it said "File exists"
 
 
 def test_gateway_only_queues_and_workers_only_runs_on_one_sqlite_store(settings, tmp_path):
