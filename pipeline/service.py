@@ -45,6 +45,7 @@ from pathlib import Path
 from . import metrics
 from . import store as s
 from .config import Settings
+from .datadir_watch import DataDirWatch
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .errors import ConfigurationError, PipelineError, RunNotFinishedError, StartupError
@@ -106,6 +107,9 @@ class PipelineService:
                                         smtp=self.listen)
             self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)
             opened.callback(self.gateway.stop)  # its accept pool
+            self.datadir = DataDirWatch(self.spool if self.listen else None,
+                                        None if settings.store.is_postgres else Path(settings.store.path))
+            self.gateway.health = self._accepting_problem
             self.drop_folder = DropFolder(data_dir / "inbox", lambda raw: self.gateway.accept(raw, source="dropfolder"),
                                           settings.gateway) if self.listen and settings.gateway.drop_folder else None
             opened.pop_all()  # all opened: stop() closes them from now on
@@ -124,7 +128,7 @@ class PipelineService:
         try:
             with _as_startup_error("cannot start"):
                 if in_child:  # bound here, before the engine claims anything: a taken port changes nothing
-                    self.gateway_process = GatewayProcess(self.settings, lambda: self.engine.health_problem).bind()
+                    self.gateway_process = GatewayProcess(self.settings, self._accepting_problem).bind()
                 elif self.role != WORKERS and reconcile:  # the gateways' side: they make its lost messages runs
                     self.reconcile_spool()
                 if self.listen and not in_child:
@@ -133,6 +137,8 @@ class PipelineService:
                     self.metrics_server = self._start_metrics()
                 if run_workers:
                     self.engine.start()
+                if self.listen or self.role == WORKERS:  # serve, not `ingest`
+                    self.datadir.start()
                 if self.gateway_process is not None:  # last: once it answers SMTP, serve is all up
                     self.gateway_process.start()
                     self._lower_engine_priority()
@@ -217,7 +223,7 @@ class PipelineService:
 
         Every step runs even if an earlier one fails; the first failure is raised at the end. Safe to call twice.
         """
-        steps: list[Callable[[], None]] = [self.gateway.stop, lambda: self.engine.shutdown(grace_s),
+        steps: list[Callable[[], None]] = [self.datadir.stop, self.gateway.stop, lambda: self.engine.shutdown(grace_s),
                                            self._end_abandoned_extractions, _abort_relay_sessions,
                                            self.store.close, self.spool.close]
         if self.gateway_process is not None:  # first: no new messages, and those accepted are committed
@@ -257,7 +263,11 @@ class PipelineService:
         failing); None when healthy."""
         gateway = self.gateway_process
         child = (gateway.problem or gateway.down) if gateway is not None else None
-        return child or self.engine.health_problem
+        return child or self._accepting_problem()
+
+    def _accepting_problem(self) -> str | None:
+        """Why the gateway must answer 451 now: the engine's problem, or the data dir's (``DataDirWatch``)."""
+        return self.engine.health_problem or self.datadir.problem
 
     def serve_forever(self) -> None:
         """Run until SIGINT, SIGTERM or SIGHUP, then stop gracefully (no traceback on a normal stop).

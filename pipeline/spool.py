@@ -160,6 +160,13 @@ class Spool:
                     raise
             os.close(fd)  # lost it to a cleaner: try a new name
 
+    def probe(self) -> None:
+        """Create and remove a temporary file, as an accept does first: OSError when the spool cannot take a
+        message now (its directory deleted or made read-only, no inode left)."""
+        fd, tmp = self._new_temp()
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+
     def _finish_temp(self, fd: int, tmp: Path, path: Path, pieces: list[bytes]) -> None:
         """Write the last ``pieces``, fsync, rename to ``path``, fsync the directory; the temp goes on failure.
 

@@ -16,7 +16,7 @@ LAYERS = [
     {"config", "dag", "store", "metrics"},
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
-    {"executors", "dask_executor", "handover", "health", "liveness"},
+    {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
     {"runner"},
     {"engine", "workflows"},
     {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},

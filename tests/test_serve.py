@@ -339,7 +339,10 @@ def test_an_interrupted_ingest_says_which_runs_it_leaves_queued(tmp_path):
         def extracting() -> bool:
             if not (data / "runs.sqlite3").exists():
                 return False
-            db = SqliteRunStore(data / "runs.sqlite3", read_only=True)
+            try:
+                db = SqliteRunStore(data / "runs.sqlite3", read_only=True)
+            except Exception:  # noqa: BLE001 - being made: not at this version yet
+                return False
             try:
                 return any(t.state == "running" and t.task_id.startswith("ingest") for t in db.get_tasks(1))
             except Exception:  # noqa: BLE001 - not made yet

@@ -1,0 +1,94 @@
+"""A look at serve's data dir every few seconds: can the spool take a message, is the run store file still the
+one serve opened. Either problem makes serve unhealthy (``pipeline_healthy`` 0, and the gateway answers 451
+before it reads a mail).
+
+A prober found serve healthy while it could not take any mail: its spool made unwritable, or its data dir
+deleted (451 to 510 tries over two minutes, ``pipeline_healthy`` 1 throughout); and a run store file deleted
+under serve went on taking mail into the unlinked file, which the next start never saw (its spool rebuilt the
+runs, and the digests already sent went out again through a relay).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from .health import one_line
+
+log = logging.getLogger(__name__)
+WATCH_EVERY_S = 5.0
+
+
+class Probed(Protocol):
+    def probe(self) -> None: ...
+
+
+class DataDirWatch:
+    """``problem``: why the data dir cannot serve now, from the last look (None: fine, or not looked yet)."""
+
+    def __init__(self, spool: Probed | None, store_file: Path | None) -> None:
+        self.spool, self.store_file = spool, store_file
+        self._identity = _identity(store_file) if store_file is not None else None
+        self.problem: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DataDirWatch:
+        self._thread = threading.Thread(target=self._loop, name="pipeline-datadir-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(WATCH_EVERY_S + 5)
+
+    def look(self) -> str | None:
+        """Look once; return (and keep) the problem, logging each change."""
+        problem = self._store_problem() or self._spool_problem()
+        if problem != self.problem:
+            if problem:
+                log.error("unhealthy: %s", problem)
+            else:
+                log.info("the data dir serves again: %s", self.problem)
+        self.problem = problem
+        return problem
+
+    def _loop(self) -> None:
+        while not self._stop.wait(WATCH_EVERY_S):
+            try:
+                self.look()
+            except Exception as exc:  # a look that breaks says so and tries again; it must never end the loop
+                log.exception("watching the data dir failed")
+                self.problem = f"watching the data dir failed: {one_line(exc)}"
+
+    def _store_problem(self) -> str | None:
+        if self.store_file is None or self._identity is None:
+            return None
+        now = _identity(self.store_file)
+        if now is None:
+            return f"the run store file {self.store_file} is gone (deleted under serve?): restore it and restart"
+        if now != self._identity:
+            return f"the run store file {self.store_file} was replaced under serve: restart to use the new one"
+        return None
+
+    def _spool_problem(self) -> str | None:
+        if self.spool is None:
+            return None
+        try:
+            self.spool.probe()
+        except OSError as exc:
+            return f"the spool cannot take a message: {exc.strerror or one_line(exc)}"
+        return None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

@@ -1,0 +1,66 @@
+"""Serve says it is unhealthy, and the gateway answers 451 at once, when its data dir cannot serve: a spool that
+cannot take a message, a run store file deleted or replaced under it (a prober's finds: healthy throughout)."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+
+import pytest
+from helpers import wait_until
+
+from pipeline import datadir_watch
+
+
+@pytest.fixture
+def quick_watch(monkeypatch):
+    monkeypatch.setattr(datadir_watch, "WATCH_EVERY_S", 0.1)
+
+
+def _send(service) -> int:
+    try:
+        with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+            smtp.sendmail("alice@example.com", ["digest@pipeline.local"], b"Subject: hi\r\n\r\nhello\r\n")
+        return 250
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code
+
+
+def test_a_spool_that_cannot_take_a_message_makes_serve_unhealthy_until_it_can(service_factory, quick_watch):
+    service = service_factory()
+    spool = service.spool.directory
+    assert _send(service) == 250
+    shutil.rmtree(spool)  # as a data dir deleted under serve: the gateway's directory handle leads nowhere
+    assert wait_until(lambda: "the spool cannot take a message" in (service.health_problem or ""), 10)
+    assert _send(service) == 451
+    assert service.datadir.problem.endswith("No such file or directory")
+
+
+def test_a_run_store_file_deleted_under_serve_makes_it_unhealthy(service_factory, quick_watch):
+    service = service_factory()
+    store_file = service.settings.store.path
+    assert _send(service) == 250
+    moved = store_file.with_name("moved.sqlite3")
+    store_file.rename(moved)  # serve's connection still writes to the file, which the next start never sees
+    assert wait_until(lambda: "is gone (deleted under serve?)" in (service.health_problem or ""), 10)
+    assert _send(service) == 451
+    moved.rename(store_file)
+    assert wait_until(lambda: service.health_problem is None, 10)
+    assert _send(service) == 250
+
+
+def test_a_look_that_breaks_is_reported_and_the_watch_goes_on(tmp_path, quick_watch):
+    class Broken:
+        calls = 0
+
+        def probe(self) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug in the probe")
+
+    watch = datadir_watch.DataDirWatch(Broken(), None).start()
+    try:
+        assert wait_until(lambda: watch.spool.calls >= 3, 10)  # the loop survived its first look's exception
+        assert wait_until(lambda: watch.problem is None, 10)
+    finally:
+        watch.stop()
