@@ -147,7 +147,8 @@ def test_body_text_is_not_listed_but_every_other_part_is(tmp_path):
     msg.add_attachment("a note", filename="note.txt")
     info = parse.summarize_message(msg.as_bytes(policy=SMTP), tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["a.pdf"]
-    assert info["skipped"] == [{"name": "notes.zip", "reason": "not a PDF (application/zip)"},
+    assert info["skipped"] == [{"name": "notes.zip", "reason": "a ZIP archive that cannot be read (File is not a zip "
+                                                         "file): its files are not read"},
                                {"name": "note.txt", "reason": "not a PDF (text/plain)"}]
 
 

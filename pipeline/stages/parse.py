@@ -61,6 +61,8 @@ from .mime_repair import (
     needs_header_repair,
     repair_header_block,
 )
+from .uuencode import uuencoded_files
+from .wrappers import NOT_READ, UNREAD_CONTAINERS, ZIP, wrapper_kind, zip_members
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
@@ -223,7 +225,8 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         if seen > MAX_PARTS:
             raise ParseError(f"MIME: more than {MAX_PARTS:,} parts")
         yield part
-        if part.is_multipart():  # multipart/* with a boundary, and message/rfc822 (one child: the message)
+        if part.is_multipart() and part.get_content_type() not in UNREAD_CONTAINERS:  # (listed, not read)
+            # multipart/* with a boundary, and message/rfc822 (one child: the message)
             children: list[EmailMessage] = part.get_payload()  # type: ignore[assignment]
             # a forward in base64 (its child is the encoded text), or one whose headers the parser misread (a
             # scanner's mail forwarded whole: its PDFs were lost without a word). Each is printed back and parsed
@@ -263,6 +266,11 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
         if part.get_content_maintype() == "multipart":  # is_multipart() is False: no boundary parameter
             pdf = pdf_in_body(payload)
             return name, pdf, "" if pdf is not None else NO_PDF_WITHOUT_BOUNDARY
+        wrapped = wrapper_kind(part, payload)
+        if wrapped == ZIP:
+            return name, payload, ZIP  # its PDFs are read (_extract_into)
+        if wrapped:
+            return name, None, f"{wrapped}: {NOT_READ}"
         if is_pdf(part, payload):  # a scanner's base64 PDF without a Content-Transfer-Encoding: decoded here
             return name, payload if payload[:5] == b"%PDF-" else pdf_in_body(payload) or payload, ""
         body = name is None and part.get_content_maintype() == "text" and \
@@ -274,39 +282,10 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
         raise ParseError(f"Content-Disposition: cannot parse an attachment's headers ({why(exc)})") from None
 
 
-_UU_BEGIN = re.compile(rb"^begin [0-7]{3,4} +([^\r\n]*?)[ \t]*\r?$", re.MULTILINE)
-_UU_STOP = re.compile(rb"^(?:end[ \t]*\r?$|begin [0-7]{3,4} )", re.MULTILINE)
-
-
-def uuencoded_files(body: bytes) -> Iterator[tuple[str, bytes]]:
-    """The files a text body carries uuencoded (``begin 644 name`` ... ``end``), as (name, bytes); at most
-    MAX_PARTS, each read up to its ``end`` or the next ``begin`` (so the body is read once, whatever it holds).
-
-    Old mailers and some mail gateways still send attachments so; without this the digest said the mail had
-    no PDF. Damaged lines are decoded as far as they go (as the email package does for x-uuencode parts).
-    """
-    for begin in islice(_UU_BEGIN.finditer(body), MAX_PARTS):
-        stop = _UU_STOP.search(body, begin.end())
-        decoded = bytearray()
-        for line in body[begin.end():stop.start() if stop else len(body)].splitlines():
-            line = line.rstrip(b" \t")
-            if not line:
-                continue
-            try:
-                decoded += binascii.a2b_uu(line)
-            except binascii.Error:  # a line cut short or padded oddly: the bytes its length byte announces
-                length = (((line[0] - 32) & 63) * 4 + 5) // 3
-                try:
-                    decoded += binascii.a2b_uu(line[:length])
-                except binascii.Error:
-                    break  # not uuencode after all: what came before stands
-        yield begin.group(1).decode("utf-8", "replace"), bytes(decoded)
-
-
 def body_files(part: EmailMessage) -> Iterator[tuple[str, bytes]]:
     """The uuencoded files in a body part (``read_leaf`` found no file name on it); none for most mail."""
     payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes) and b"begin " in payload:
+    if isinstance(payload, bytes) and b"begin" in payload:
         yield from uuencoded_files(payload)
 
 
@@ -335,22 +314,38 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
     skipped: list[dict[str, str]] = []
     for part in walk_parts(msg, limits.max_mime_depth):
         if part.is_multipart():
+            unread = UNREAD_CONTAINERS.get(part.get_content_type())
+            if unread:
+                skipped.append({"name": display_name(None, len(pdfs) + len(skipped)), "reason": unread})
             continue
         raw_name, payload, reason = read_leaf(part)
-        if payload is not None:
+        if reason == ZIP:
+            for member, data, why in zip_members(payload or b"", limits.max_attachment_bytes):
+                _count_file(pdfs, skipped)
+                if data is not None:
+                    pdfs.append(_store_pdf(member, data, len(pdfs), dest, limits.max_attachment_bytes))
+                else:
+                    skipped.append({"name": display_name(member or raw_name, len(pdfs) + len(skipped)),
+                                    "reason": why})
+        elif payload is not None:
             pdfs.append(_store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes))
         elif reason:
             skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
         else:  # the message body
             for uu_name, data in body_files(part):
-                if len(pdfs) + len(skipped) >= MAX_PARTS:  # one bound for the whole mail, not per body
-                    raise ParseError(f"MIME: more than {MAX_PARTS:,} parts (files uuencoded in the body counted)")
+                _count_file(pdfs, skipped)
                 if data[:5] == b"%PDF-" or uu_name.lower().endswith(".pdf"):
                     pdfs.append(_store_pdf(uu_name, data, len(pdfs), dest, limits.max_attachment_bytes))
                 else:
                     skipped.append({"name": display_name(uu_name, len(pdfs) + len(skipped)),
                                     "reason": "not a PDF (uuencoded in the body)"})
     return skipped
+
+
+def _count_file(pdfs: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
+    """One more file from inside a part (uuencoded in a body, in a ZIP archive): one bound for the whole mail."""
+    if len(pdfs) + len(skipped) >= MAX_PARTS:
+        raise ParseError(f"MIME: more than {MAX_PARTS:,} parts (files in bodies and archives counted)")
 
 
 def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max_bytes: int) -> dict[str, Any]:

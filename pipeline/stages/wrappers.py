@@ -1,0 +1,81 @@
+"""Parts that wrap other files: a ZIP archive's PDFs are read; other wrappers are named in the digest as not read,
+never taken for a PDF themselves.
+
+A prober's finds: an uncompressed ZIP or tar whose first KB held a PDF's ``%PDF-`` was digested as one document,
+the other PDFs inside lost without a word; Outlook's winmail.dat, S/MIME and OpenPGP wrappers were listed "not a
+PDF (application/ms-tnef)", which says nothing of the PDFs inside; the parts of a split message were read as a
+"corrupt" PDF or as no PDF at all.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+MAX_MEMBERS = 1000  # files read from one archive (the MIME part limit's size)
+ZIP = "a ZIP archive"
+NOT_READ = "its files are not read"
+# containers the parser would walk into as a message or a multipart, whose content is not the mail's files
+UNREAD_CONTAINERS = {
+    "message/partial": "a part of a split message (not put together again)",
+    "message/external-body": "a file by reference (not fetched)",
+    "multipart/encrypted": "an encrypted message (OpenPGP/MIME)",
+}
+_TYPES = {
+    "application/ms-tnef": "an Outlook TNEF wrapper (winmail.dat)",
+    "application/vnd.ms-tnef": "an Outlook TNEF wrapper (winmail.dat)",
+    "application/pkcs7-mime": "an S/MIME wrapper (signed or encrypted)",
+    "application/x-pkcs7-mime": "an S/MIME wrapper (signed or encrypted)",
+    "application/pgp-encrypted": "an OpenPGP-encrypted file",
+    "text/x-moz-deleted": "an attachment the sender's mail program deleted",
+}
+_MAGIC = (
+    (b"PK\x03\x04", ZIP),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x78\x9f\x3e\x22", "an Outlook TNEF wrapper (winmail.dat)"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+)
+
+
+def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
+    """What wraps the files of this leaf ``part`` ("a ZIP archive", ...), or None for a part that wraps none."""
+    kind = _TYPES.get(part.get_content_type())
+    if kind:
+        return kind
+    for magic, what in _MAGIC:
+        if payload.startswith(magic):
+            return what
+    if payload[257:262] == b"ustar":
+        return "a tar archive"
+    name = (part.get_filename() or "").lower()
+    return "an OpenPGP-encrypted file" if name.endswith((".pgp", ".gpg")) else None
+
+
+def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
+    """(name, PDF bytes or None, why not) for each file of a ZIP archive, at most MAX_MEMBERS: PDFs by name or
+    ``%PDF-``; one over ``max_bytes`` uncompressed is read no further than that (a bomb is cut there)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(payload))
+        members = [m for m in archive.infolist() if not m.is_dir()][:MAX_MEMBERS]
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        yield "", None, f"a ZIP archive that cannot be read ({exc}): {NOT_READ}"
+        return
+    for member in members:
+        yield _member(archive, member, max_bytes)
+
+
+def _member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_bytes: int) -> tuple[str, bytes | None, str]:
+    name = member.filename.rsplit("/", 1)[-1]
+    if member.flag_bits & 0x1:
+        return name, None, "encrypted in its ZIP archive: not read"
+    try:
+        with archive.open(member) as fh:
+            data = fh.read(max_bytes + 1)
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError) as exc:
+        return name, None, f"in a ZIP archive that cannot be read ({exc})"
+    if data[:5] != b"%PDF-" and not name.lower().endswith(".pdf"):
+        return name, None, "not a PDF (in a ZIP archive)"
+    return name, data, ""

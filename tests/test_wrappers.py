@@ -1,0 +1,101 @@
+"""Files wrapped in other files (a prober's finds): a ZIP archive's PDFs are read; other wrappers are named in
+the digest as not read, never taken for one PDF, and a PDF uuencoded with ``uuencode -m`` is read."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+import zipfile
+from email.message import EmailMessage
+from pathlib import Path
+
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import IngestConfig
+from pipeline.stages import parse
+
+ONE, TWO = fx.text_pdf(1, seed=1), fx.text_pdf(2, seed=2)
+
+
+def _mail(*parts: tuple[bytes, str, str]) -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "alice@example.com", "digest@pipeline.local", "files"
+    msg.set_content("see attached")
+    for data, ctype, name in parts:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def _summary(tmp_path: Path, raw: bytes, **limits) -> dict:
+    return parse.summarize_message(raw, tmp_path / "work", IngestConfig(**limits))
+
+
+def _zip(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def test_every_pdf_in_a_zip_archive_is_read_and_its_other_files_are_listed(tmp_path):
+    """A stored ZIP of two PDFs was digested as one document (PDFium read the last PDF in its bytes)."""
+    archive = _zip({"docs/one.pdf": ONE, "two.pdf": TWO, "notes.txt": b"hello"})
+    info = _summary(tmp_path, _mail((archive, "application/zip", "docs.zip")))
+    assert [a["name"] for a in info["attachments"]] == ["one.pdf", "two.pdf"]
+    assert [Path(a["path"]).read_bytes() for a in info["attachments"]] == [ONE, TWO]
+    assert info["skipped"] == [{"name": "notes.txt", "reason": "not a PDF (in a ZIP archive)"}]
+
+
+def test_a_zip_member_over_the_attachment_limit_is_rejected_without_reading_it_all(tmp_path):
+    bomb = _zip({"big.pdf": b"%PDF-1.4\n" + b"0" * 5_000_000}, zipfile.ZIP_DEFLATED)  # a few KB inflating to 5 MB
+    info = _summary(tmp_path, _mail((bomb, "application/zip", "big.zip")), max_attachment_bytes=1_000_000)
+    [item] = info["attachments"]
+    assert item["name"] == "big.pdf" and "over the 1,000,000-byte limit" in item["rejected"]
+
+
+def test_wrappers_that_are_not_read_are_named_not_taken_for_a_pdf(tmp_path):
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:  # uncompressed: one PDF's %PDF- in its first KB
+        for name, data in (("one.pdf", ONE), ("two.pdf", TWO)):
+            entry = tarfile.TarInfo(name)
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data))
+    tnef = b"\x78\x9f\x3e\x22" + b"\x00" * 40 + ONE  # winmail.dat's signature, a PDF inside
+    info = _summary(tmp_path, _mail((tar.getvalue(), "application/x-tar", "docs.tar"),
+                                    (tnef, "application/ms-tnef", "winmail.dat"),
+                                    (b"0\x82opaque", "application/pkcs7-mime", "smime.p7m"),
+                                    (ONE, "text/x-moz-deleted", "Deleted: report.pdf")))
+    assert info["attachments"] == []
+    assert [s["reason"] for s in info["skipped"]] == [
+        "a tar archive: its files are not read",
+        "an Outlook TNEF wrapper (winmail.dat): its files are not read",
+        "an S/MIME wrapper (signed or encrypted): its files are not read",
+        "an attachment the sender's mail program deleted: its files are not read"]
+
+
+def test_a_split_message_and_an_encrypted_one_are_named_not_read(tmp_path):
+    split = (b"From: alice@example.com\r\nMIME-Version: 1.0\r\n"
+             b"Content-Type: message/partial; id=\"abc@example.com\"; number=1; total=2\r\n\r\n"
+             b"Content-Type: application/pdf; name=split.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+             + base64.encodebytes(ONE[:300]) + b"\r\n")
+    info = _summary(tmp_path, split)
+    assert info["attachments"] == [] and [s["reason"] for s in info["skipped"]] == [
+        "a part of a split message (not put together again)"]
+    encrypted = (b"From: alice@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/encrypted; "
+                 b"protocol=\"application/pgp-encrypted\"; boundary=B\r\n\r\n--B\r\n"
+                 b"Content-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n--B\r\n"
+                 b"Content-Type: application/octet-stream; name=encrypted.asc\r\n\r\n"
+                 b"-----BEGIN PGP MESSAGE-----\r\nhQEMA\r\n-----END PGP MESSAGE-----\r\n--B--\r\n")
+    info = _summary(tmp_path / "e", encrypted)
+    assert info["attachments"] == [] and [s["reason"] for s in info["skipped"]] == [
+        "an encrypted message (OpenPGP/MIME)"]
+
+
+def test_a_pdf_uuencoded_with_base64_is_read(tmp_path):
+    body = b"here it is\r\nbegin-base64 644 report.pdf\r\n" + base64.encodebytes(ONE) + b"====\r\n"
+    raw = b"From: alice@example.com\r\nSubject: scan\r\n\r\n" + body
+    info = _summary(tmp_path, raw)
+    [item] = info["attachments"]
+    assert item["name"] == "report.pdf" and Path(item["path"]).read_bytes() == ONE
