@@ -195,3 +195,24 @@ def test_a_mail_of_hundreds_of_pdfs_keeps_its_result_small_and_says_how_many_wer
                                    f"PDFs' names fill the {parse.RESULT_BUDGET // 1024} KB a mail's list of PDFs "
                                    "may take"}
     assert len(list((tmp_path / "attachments").iterdir())) == kept
+
+
+def test_latin1_labels_read_as_windows_1252_and_raw_8bit_names_as_cp1252(tmp_path):
+    """A prober's finds: Outlook's curly quotes and dash under an ISO-8859-1 label were dropped ("It s the Q3
+    report final"), and a raw Latin-1 sender name showed as "J�rgen". (A raw Latin-1 file name still shows
+    "Pr�sentation.pdf": the email package replaces its bytes before we see them.)"""
+    raw = (ENVELOPE + b"From: J\xfcrgen M\xfcller <j@example.com>\r\n"
+           b"Subject: =?iso-8859-1?Q?It=92s_the_=93Q3=94_report_=96_final?=\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"Pr\xe4sentation.pdf\"\r\n\r\n"
+           + PDF + b"\r\n--B--\r\n")
+    info = summary(raw, tmp_path)
+    assert info["subject"] == "It\u2019s the \u201cQ3\u201d report \u2013 final"
+    assert info["from_name"] == "J\u00fcrgen M\u00fcller"
+    assert [a["name"] for a in info["attachments"]] == ["Pr\ufffdsentation.pdf"]  # read, its name as it could be
+
+
+def test_a_long_file_name_cut_for_the_digest_keeps_its_extension():
+    name = "Quarterly report of the northern region " * 5 + ".pdf"
+    shown = parse.display_name(name, 0)
+    assert len(shown) == parse.MAX_NAME_CHARS and shown.endswith("….pdf")

@@ -27,9 +27,27 @@ HEADER_ERRORS = (ValueError, LookupError, TypeError, AttributeError, NameError, 
                  email_errors.MessageError)
 
 
+# C1 controls as Windows-1252 reads their bytes: a text labelled ISO-8859-1 is most often Windows-1252, as web
+# browsers assume (Outlook's "It=92s =93Q3=94" lost its quotes and dash); the five bytes it leaves undefined stay
+_C1_AS_CP1252 = {c: bytes([c]).decode("cp1252") for c in range(0x80, 0xA0) if c not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
+_C1_TABLE = str.maketrans({chr(c): text for c, text in _C1_AS_CP1252.items()})
+
+
+def readable(text: str) -> str:
+    """``text`` with raw 8-bit bytes (surrogate escapes) read as UTF-8, or else as Windows-1252 (a raw Latin-1
+    "Jürgen" came out "J�rgen"), and C1 controls read as Windows-1252 would."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", "replace")
+    return text.translate(_C1_TABLE)
+
+
 def clean_header(value: object, limit: int = 200) -> str:
     """One line of printable text from a header value: no CR/LF can reach an outgoing header."""
-    text = str(value or "")[:limit * 8]  # a megabyte header is not read to give its first line
+    text = readable(str(value or "")[:limit * 8])  # a megabyte header is not read to give its first line
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
 
 
@@ -142,8 +160,7 @@ def message_id(msg: EmailMessage) -> str | None:
 
 def sender_name(mailbox: Address) -> str:
     """The mailbox's display name as one printable line (raw 8-bit bytes read as UTF-8, RFC 6532)."""
-    name = mailbox.display_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return clean_header(name, MAX_NAME_CHARS)
+    return clean_header(mailbox.display_name, MAX_NAME_CHARS)
 
 
 def return_path(msg: EmailMessage) -> str | None:

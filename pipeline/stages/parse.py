@@ -49,6 +49,7 @@ from .headers import (
     header_sender,
     message_id,
     read_header,
+    readable,
     return_path,
     why,
 )
@@ -148,8 +149,13 @@ def display_name(name: str | None, index: int) -> str:
     """A printable one-line version of a sender-supplied file name, for the digest."""
     if not name:
         return f"attachment-{index + 1}"
-    cleaned = "".join(c for c in unicodedata.normalize("NFC", name) if c.isprintable()).strip()
-    return (cleaned or f"attachment-{index + 1}")[:MAX_NAME_CHARS]
+    cleaned = "".join(c for c in unicodedata.normalize("NFC", readable(name)) if c.isprintable()).strip()
+    cleaned = cleaned or f"attachment-{index + 1}"
+    if len(cleaned) <= MAX_NAME_CHARS:
+        return cleaned
+    _, dot, ext = cleaned.rpartition(".")
+    tail = "." + ext if dot and 0 < len(ext) <= 10 else ""  # a long name cut keeps its extension (it lost ".pdf")
+    return cleaned[:MAX_NAME_CHARS - len(tail) - 1] + "…" + tail
 
 
 def safe_filename(name: str | None, index: int) -> str:
