@@ -62,6 +62,7 @@ from .errors import (
     PipelineError,
     StoreCorruptError,
     StoreError,
+    StoreUnavailableError,
     UnknownWorkflowError,
 )
 from .executors import Executors, init_pool_worker
@@ -489,7 +490,10 @@ class WorkflowEngine:
             what = "the machine" if isinstance(exc, MachineShortError) else "the Dask cluster"
             log.warning("run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
         else:
-            traceback = first or not isinstance(exc, (StoreError, OSError))  # a bug's traceback is worth every line
+            # a bug's traceback is worth every line; a store that does not answer is no bug (a prober's lost
+            # connections logged 102 tracebacks for 133 dropped answers)
+            traceback = not isinstance(exc, StoreUnavailableError) and (
+                first or not isinstance(exc, (StoreError, OSError)))
             log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
                       exc_info=exc if traceback else None)
         try:

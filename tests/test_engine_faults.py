@@ -496,3 +496,4 @@ def test_a_finish_whose_answer_was_lost_is_counted_logged_and_shed_as_ended(sett
     lines = [r.getMessage() for r in caplog.records]
     assert any(f"run {run_id} (d): success (the answer to its commit was lost)" in line for line in lines), lines
     assert not any("taken over" in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records)  # a store that did not answer is no bug: no traceback
