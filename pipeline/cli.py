@@ -207,17 +207,20 @@ def nothing_ran_yet(config: StoreConfig) -> bool:
 
 
 def _open_for_reading(config: StoreConfig) -> s.DAGRunStore:
-    """Open the store to read it; a SQLite file whose directory this user cannot write (a read-only mount, a
-    backup, serve's data dir seen by another user) is opened read-only instead of failing."""
+    """Open the store to read it; a SQLite file that cannot be opened for writing (its directory read-only, a
+    backup, serve's data dir seen by another user, a full disk: runs and show failed on a full disk, a prober's
+    find) is opened read-only instead of failing."""
     try:
         return s.open_store(config, create=False)
-    except StoreIOError:
-        if config.is_postgres or os.access(config.path.parent, os.W_OK):
+    except StoreIOError as exc:
+        if config.is_postgres:
             raise
+        why = exc
     from .sqlite_store import SqliteRunStore
 
-    log.info("%s: its directory cannot be written here: opened read-only", config.path)
-    return SqliteRunStore(config, read_only=True)
+    store = SqliteRunStore(config, read_only=True)  # its error, if any, says what to do (an older schema)
+    log.info("%s: cannot be opened for writing here (%s): opened read-only", config.path, why)
+    return store
 
 
 @command

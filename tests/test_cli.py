@@ -454,3 +454,19 @@ def test_ingest_gives_up_on_an_engine_that_stays_unhealthy_and_says_why(tmp_path
     assert done.returncode == 2, (done.stdout, done.stderr[-2000:])
     assert done.stdout.startswith("run 1 cannot go on: ") and "Not a directory" in done.stdout, done.stdout
     assert "serve on this data dir finishes it" in done.stdout
+
+
+def test_runs_and_show_read_a_store_on_a_full_disk(tmp_path, capsys):
+    """A prober's find: on a full disk serve, runs and show all failed "disk I/O error" (SQLite cannot make the
+    WAL's -shm file there), though the store reads fine read-only."""
+    from test_gateway_faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        data = disk / "data"
+        with closing(SqliteRunStore(data / "runs.sqlite3")) as writer:
+            run = writer.create_run("email_digest", {}, "<full@x>")[0]
+        fill(disk)
+        assert main(["--data-dir", str(data), "runs", "--json"]) == 0, capsys.readouterr().err
+        assert [r["dedup_key"] for r in json.loads(capsys.readouterr().out)] == ["<full@x>"]
+        assert main(["--data-dir", str(data), "show", str(run.run_id)]) == 0
+        assert capsys.readouterr().out.startswith(f"run {run.run_id}  email_digest  queued")
