@@ -19,9 +19,7 @@ for 6,000 pages, and a 1 s slice that began with it would be mostly overhead.
 
 from __future__ import annotations
 
-import mmap
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import tracing
 from ..config import IngestConfig
 from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, showable
+from .pdfium_pages import PdfiumPages
 from .text_normal import normalize_page, pick_title
 
 if TYPE_CHECKING:  # imported where used: a process that extracts with PDFium never loads pypdf (issue 16)
@@ -139,7 +138,7 @@ class OpenDocuments:
         key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, limits.engine, limits.max_decompressed_bytes)
         doc = self._docs.pop(key, None)
         if doc is None:
-            doc = (_PdfiumPages if limits.engine == "pdfium" else _PypdfPages)(path, name, limits)
+            doc = (PdfiumPages if limits.engine == "pdfium" else _PypdfPages)(path, name, limits)
         try:
             with doc:
                 yield doc
@@ -214,141 +213,6 @@ class _PypdfPages:
             # pypdf reports damage as its own errors but also as plain ones from deep inside its parser
             # (KeyError, TypeError, NotImplementedError for an unknown filter, RecursionError, ...)
             raise CorruptPdfError(f"{type(exc).__name__}: {exc}"[:500], self.name) from exc
-
-
-class _PdfiumPages:
-    """A document read with PDFium (pypdfium2). It has no decompression limit of its own: the worker's
-    address-space cap is what bounds a bomb, so use it only with ``isolate`` on."""
-
-    def __init__(self, path: Path, name: str, limits: IngestConfig) -> None:
-        self.path, self.name, self.finished = path, name, False
-        self.doc: Any = None
-        self.pages: int | None = None  # the page count when /Count was found wrong (loadable_pages)
-
-    def __enter__(self) -> _PdfiumPages:
-        import pypdfium2 as pdfium
-
-        if self.doc is not None:
-            return self
-        try:
-            self.doc = pdfium.PdfDocument(_load_pdfium(self.path, self.name))
-        except pdfium.PdfiumError as exc:
-            # a password or security error only for a file with an /Encrypt entry: belt and braces, as a stale
-            # error code once called a plain file encrypted (see _load_pdfium)
-            if exc.err_code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY) and \
-                    _has_encrypt_entry(self.path):
-                if exc.err_code == pdfium.raw.FPDF_ERR_PASSWORD:
-                    raise EncryptedPdfError("encrypted with a password (the empty password does not open it)",
-                                            self.name) from exc
-                raise EncryptedPdfError(f"encrypted with a security handler PDFium cannot open ({exc})",
-                                        self.name) from exc  # a certificate (Adobe.PubSec) or DRM handler
-            raise CorruptPdfError(f"PDFium: {exc}", self.name) from exc
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass  # the document stays open until close(): a worker may keep it for the next request
-
-    def close(self) -> None:
-        if self.doc is not None:
-            self.doc.close()
-            self.doc = None
-
-    def __len__(self) -> int:
-        return self.pages if self.pages is not None else len(self.doc)
-
-    def loadable_pages(self, limit: int) -> int:
-        """The page count, checked: PDFium takes the page tree's ``/Count`` on trust, so a one-page file that
-        claims a million pages was refused as too large, and one that claims 4,999 reported 4,998 unreadable
-        pages. When the last declared page (past ``limit`` pages: page ``limit``, the first past it) and the
-        last do not load, the count is one past the last page that does, found by bisection (a few page loads;
-        0 when none does), unless only the last page fails within the limit: that one is a damaged page, and is
-        reported as one ("1 of 3 pages could not be read"). Checked once: kept for later requests."""
-        if self.pages is None:
-            declared = len(self.doc)
-            top = min(declared - 1, limit)
-            self.pages = declared
-            if declared and not self._loads(top) and not self._loads(declared - 1):
-                good, bad = -1, top
-                while bad - good > 1:
-                    middle = (good + bad) // 2
-                    good, bad = (middle, bad) if self._loads(middle) else (good, middle)
-                if declared > limit or declared - (good + 1) > 1:
-                    self.pages = good + 1  # 0 when none loads: "no pages", corrupt, as pypdf says of such a file
-        return self.pages
-
-    def _loads(self, number: int) -> bool:
-        try:
-            self.doc[number].close()
-        except MemoryError:
-            raise
-        except Exception:  # noqa: BLE001 - PdfiumError "Failed to load page.", or worse: not a page
-            return False
-        return True
-
-    def metadata_title(self) -> str:
-        """The document information dictionary's Title, or "" (a damaged dictionary costs only the title)."""
-        try:
-            return str(self.doc.get_metadata_dict().get("Title") or "")
-        except Exception:  # noqa: BLE001 - any damage in the Info dictionary: no title, the text stands
-            return ""
-
-    def text(self, number: int) -> str:
-        try:
-            page = self.doc[number]  # PdfiumError "Failed to load page." when the page object is damaged
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise CorruptPdfError(f"PDFium: {exc}", self.name) from exc
-        try:
-            textpage = page.get_textpage()
-            try:
-                return textpage.get_text_range().replace("\r\n", "\n")
-            finally:
-                textpage.close()
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise CorruptPdfError(f"PDFium: {exc}", self.name) from exc
-        finally:
-            page.close()
-
-
-PDFIUM_ERRORS = {1: "Unknown error", 2: "File access error", 3: "Data format error", 4: "Incorrect password error",
-                 5: "Unsupported security scheme", 6: "Page not found or content error"}
-
-
-def _load_pdfium(path: Path, name: str) -> Any:
-    """PDFium's handle of the document at ``path``: PdfiumError when it cannot load it, CorruptPdfError when it
-    has no page.
-
-    pypdfium2's own load (``PdfDocument(path)``) never closes a document that loads with no page: each such file
-    left a descriptor and its parsed objects in a long-lived extraction worker (200 of 200 here), and reported
-    whatever error code an earlier failure had left (a password error for a plain file read after an encrypted
-    one)."""
-    import pypdfium2 as pdfium
-
-    raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
-    if not raw:  # a failed load sets the error code itself: this one is fresh
-        code = pdfium.raw.FPDF_GetLastError()
-        raise pdfium.PdfiumError(f"Failed to load document (PDFium: {PDFIUM_ERRORS.get(code, code)}).",
-                                 err_code=code)
-    if pdfium.raw.FPDF_GetPageCount(raw) < 1:
-        pdfium.raw.FPDF_CloseDocument(raw)
-        raise CorruptPdfError("PDFium: the document has no pages", name)
-    return raw
-
-
-_ENCRYPT_ENTRY = re.compile(rb"/Encrypt\s*(?:\d+\s+\d+\s+R|<<)")  # "/Encrypt 12 0 R" or "/Encrypt <<"
-
-
-def _has_encrypt_entry(path: Path) -> bool:
-    """True when the file has an ``/Encrypt`` entry, as every encrypted PDF's trailer does: a key followed by
-    its value, not the bare word (a plain file whose text said "see /Encrypt" was reported encrypted)."""
-    try:
-        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return data.find(b"/Encrypt") >= 0 and _ENCRYPT_ENTRY.search(data) is not None  # type: ignore[call-overload]
-    except (OSError, ValueError):  # an empty file cannot be mapped (ValueError): nothing in it
-        return False
 
 
 def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
