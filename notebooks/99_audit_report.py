@@ -234,8 +234,9 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "\n\n**Pipelining**: one client writes nested `MAIL` commands without pause (each answered 503), reading its "
    "replies, while a normal client sends small mails, each on a new connection (connect → 250, from a client "
    "process); `gateway.fair_share_replies` 0 (before: aiosmtpd answers every line a session has buffered before "
-   "another session runs) and 16 (after, the default), interleaved on serves of their own; *flood_replies*: the "
-   "flooder's replies meanwhile. Then `NOOP`s pipelined on one session: how many were answered before "
+   "another session runs) and 16 (after, the default), interleaved on serves of their own, the junk limit lifted "
+   "(it would close the flooder); *flood_replies*: the flooder's replies meanwhile. Then, with the default "
+   "limits, `NOOP`s and refused commands pipelined on one session: how many were answered before "
    "`gateway.max_junk_commands` closed it with 421 4.7.0.\n\n"
    + fmt(hostileviews.comparison_table(m, "pipelining")) + "\n\n" + hostileviews.notes(m))
 

@@ -175,5 +175,6 @@ def test_pipelining_measures_a_normal_client_beside_a_flooder_both_ways_and_the_
     assert figures[("normal_acked", "before")] == 3 and figures[("normal_acked", "after")] == 3
     assert figures[("flood_replies", "before")] > 0 and figures[("flood_replies", "after")] > 0
     assert len([r for r in rows if r["metric"] == "normal_latency_ms"]) == 6
-    assert figures[("junk_closed_421", None)] == 1
+    assert figures[("junk_closed_421", None)] == 1 and figures[("refusals_closed_421", None)] == 1
     assert figures[("junk_answered", None)] == 100  # the default max_junk_commands
+    assert figures[("refusals_answered", None)] == 101  # the reply that made 101 is sent, then the 421

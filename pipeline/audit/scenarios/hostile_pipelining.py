@@ -30,11 +30,16 @@ def pipelining(work: Path, sends: int = 10, reps: int = 2, chunk_lines: int = 50
     """For each repetition, both modes in turn (before: ``fair_share_replies = 0``; after: the default), each on a
     serve of its own: one flooder pipelines ``chunk_lines`` nested MAIL commands per write, reading its replies,
     while a normal client sends ``sends`` small mails, each on a new connection (connect → final 250).
-    Then the junk limit: NOOPs pipelined until the gateway closes the session."""
+    The junk limit is lifted there (it would close the flooder after 100 refusals); then, with the default
+    limits, NOOPs and then refused commands are pipelined until the gateway closes the session."""
     rows: Rows = []
     for rep in range(reps):
         for mode, fair in (("before", 0), ("after", None)):
-            config = {"gateway": {} if fair is None else {"fair_share_replies": fair}}
+            # the junk limit lifted: it closes this flooder after 100 refusals, and fairness is what is measured
+            gateway: dict[str, object] = {"max_junk_commands": 1_000_000}
+            if fair is not None:
+                gateway["fair_share_replies"] = fair
+            config = {"gateway": gateway}
             with serving(work / f"data-{mode}-{rep}", work, config) as serve:
                 stop = work / f"stop-{mode}-{rep}"
                 mails = [fx.email_with([], subject="normal client", message_id=f"<pipe-{mode}-{rep}-{i}@hostile.audit>")
@@ -50,10 +55,13 @@ def pipelining(work: Path, sends: int = 10, reps: int = 2, chunk_lines: int = 50
                          rep, **tags),
                      row("pipelining", "normal_acked", len(latencies), "mails", rep, sends=sends, **tags),
                      row("pipelining", "flood_replies", flood_replies, "replies", rep, **tags)]
-    with serving(work / "data-junk", work) as serve:
-        answered, last = in_clients(junk_flood, [(serve.port,)])[0]
+    with serving(work / "data-junk", work) as serve:  # the default limits
+        answered, last = in_clients(junk_flood, [(serve.port, b"NOOP")])[0]
+        refused, last_refused = in_clients(junk_flood, [(serve.port, NESTED_MAIL.strip())])[0]
     return rows + [row("pipelining", "junk_answered", answered, "commands", 0, last_reply=last[:80]),
-                   row("pipelining", "junk_closed_421", float(last.startswith("421 4.7.0")), "bool", 0)]
+                   row("pipelining", "junk_closed_421", float(last.startswith("421 4.7.0")), "bool", 0),
+                   row("pipelining", "refusals_answered", refused, "commands", 0, last_reply=last_refused[:80]),
+                   row("pipelining", "refusals_closed_421", float(last_refused.startswith("421 4.7.0")), "bool", 0)]
 
 
 def _client(kind: str, port: int, stop_path: str, arg: object) -> object:
@@ -83,7 +91,10 @@ def flood(port: int, stop_path: str, chunk_lines: int) -> int:
                 sock.sendall(chunk)
         except OSError:
             pass  # closed by the gateway
-        sock.shutdown(socket.SHUT_RDWR)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
         reader.join(10)
     return replies[0]
 
@@ -96,14 +107,19 @@ def _count_replies(sock: socket.socket, replies: list[int]) -> None:
         pass
 
 
-def junk_flood(port: int, count: int = 1000) -> tuple[int, str]:
-    """Pipeline ``count`` NOOPs; return how many were answered 250 and the last reply (421 once the limit hit)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        replies = sock.makefile("rb")
+def junk_flood(port: int, command: bytes, count: int = 1000) -> tuple[int, str]:
+    """Pipeline ``count`` of ``command`` after one MAIL FROM (so a second MAIL is refused 503); return how many
+    were answered before the last reply (421 once the limit hit), and that last reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock, sock.makefile("rb") as replies:
         replies.readline()  # the greeting
-        sock.sendall(b"NOOP\r\n" * count)
-        answered, last = 0, ""
-        while line := replies.readline():
-            last = line.decode("ascii", "replace").strip()
-            answered += last.startswith("250")
+        sock.sendall(NESTED_MAIL)
+        replies.readline()  # 250
+        sock.sendall(command + b"\r\n" + (command + b"\r\n") * (count - 1))
+        answered, last = -1, ""
+        try:
+            while line := replies.readline():
+                last = line.decode("ascii", "replace").strip()
+                answered += 1
+        except OSError:
+            pass  # reset: the gateway closed while commands were still arriving
         return answered, last
