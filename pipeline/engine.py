@@ -48,6 +48,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,6 +80,7 @@ MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs 
 # runs waiting for the machine before it is unhealthy: one alone may just not fit (and 451 to all mail would keep
 # away the runs whose success shows that, holding everything for as long as it existed: a reviewer's find)
 MACHINE_WITNESSES = 2
+ENDED_REMEMBERED = 10_000  # ends reported, remembered so that none is counted twice (a few hundred KB)
 
 
 class _MachineWait(NamedTuple):
@@ -121,6 +123,8 @@ class WorkflowEngine:
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
         self._machine_short: dict[int, _MachineWait] = {}  # run requeued for the machine -> its wait
         self._successes = 0  # runs that ended in success
+        # runs whose end this engine reported: a run the stop requeues may end just before (not counted twice)
+        self._ended: OrderedDict[int, None] = OrderedDict()
         # None: claim any queued run; a set: only these (``ingest`` runs its own runs, never a serve's backlog)
         self.claim_only: set[int] | None = None
         self.machine_witnesses = MACHINE_WITNESSES  # ingest: 1 (no other mail will come to show there is room)
@@ -440,6 +444,7 @@ class WorkflowEngine:
             self._active.pop(run_id, None)
             self._successes += state == s.SUCCESS
             if state != s.QUEUED:
+                self._remember_ended(run_id)
                 self._forget(run_id)
                 if self.claim_only is not None:  # ended: never claimed again (every claim sends the whole set)
                     self.claim_only.discard(run_id)
@@ -454,6 +459,12 @@ class WorkflowEngine:
         shed_run_files(Path(self.settings.data_dir) / "work" / str(run_id))
 
     # -- runs whose bookkeeping failed ------------------------------------------------
+
+    def _remember_ended(self, run_id: int) -> None:
+        """Note that this engine reported ``run_id``'s end (call under ``_cond``); the last ENDED_REMEMBERED."""
+        self._ended[run_id] = None
+        if len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
 
     def _forget(self, run_id: int) -> None:
         """Drop what the engine remembers of a run's breaks (call under ``_cond``)."""
@@ -582,11 +593,14 @@ class WorkflowEngine:
         if run.state not in (s.SUCCESS, s.FAILED) or run.owner != self.owner:
             log.warning("run %s: taken over by another process", run_id)
             return
+        with self._cond:
+            if run_id in self._ended:  # it ended just before the stop came to requeue it: counted then
+                return
+            self._remember_ended(run_id)
+            self._successes += run.state == s.SUCCESS
         metrics.run_finished(run.state, run.reason)
         log.info("run %s (%s): %s%s (the answer to its commit was lost)", run_id, run.workflow, run.state,
                  f" ({run.reason})" if run.reason else "")
-        with self._cond:
-            self._successes += run.state == s.SUCCESS
         self._shed(run_id)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=run.state)
 

@@ -497,3 +497,26 @@ def test_a_finish_whose_answer_was_lost_is_counted_logged_and_shed_as_ended(sett
     assert any(f"run {run_id} (d): success (the answer to its commit was lost)" in line for line in lines), lines
     assert not any("taken over" in line for line in lines)
     assert not any(r.exc_info for r in caplog.records)  # a store that did not answer is no bug: no traceback
+
+
+def test_a_run_that_ended_just_before_the_stop_settles_it_is_counted_once(settings, start_engine, caplog):
+    """A reviewer's find: a run left over after the grace can end (counted) just before the stop's settling
+    requeues it; the requeue then changes nothing, and the run was counted again as "the answer to its commit was
+    lost". Here the settling the stop would do is done by hand once the run has ended."""
+    from pipeline import metrics
+
+    def successes() -> float:
+        return metrics.REGISTRY.get_sample_value("pipeline_run_outcomes_total",
+                                                 {"state": "success", "reason": "none"}) or 0.0
+
+    with SqliteRunStore(settings.store) as store, caplog.at_level(logging.INFO, logger="pipeline.engine"):
+        engine = start_engine(store, settings, DAG("d", [Task("a", noop)]))
+        run_id = engine.trigger("d").run_id
+        assert engine.wait(run_id, timeout=30).state == "success"
+        wait_until(lambda: engine.active_runs() == [], 10, "ended")
+        before = successes()
+        with engine._cond:
+            engine._unsettled[run_id] = None  # as shutdown marks a runner left over after the grace
+        engine._settle(run_id)
+    assert successes() == before
+    assert not any("the answer to its commit was lost" in r.getMessage() for r in caplog.records)
