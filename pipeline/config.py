@@ -354,10 +354,19 @@ _PLAIN_MAILBOX = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)
 
 
 def _addr_spec(value: str) -> str:
-    """The address in ``value`` (``Digest <d@example.org>`` is ``d@example.org``), lower case, for comparing."""
+    """The address in ``value`` (``Digest <d@example.org>`` is ``d@example.org``), lower case, its domain in
+    punycode as delivery writes it, for comparing (a Unicode recipient equal to a punycode sender passed)."""
     from email.utils import parseaddr
 
-    return parseaddr(value)[1].lower()
+    local, at, domain = parseaddr(value)[1].lower().rpartition("@")
+    if at and not domain.isascii():
+        import idna
+
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            pass
+    return f"{local}{at}{domain}"
 
 
 def _is_one_mailbox(value: str) -> bool:

@@ -284,7 +284,7 @@ class PipelineService:
         try:
             if self.role != GATEWAY:
                 with _as_startup_error("cannot start multiprocessing's fork server"):  # out of processes or fds
-                    _start_fork_server_ignoring_stops()
+                    _start_fork_server_blocking_stops()
             self.start(gateway_process=self.settings.serve.gateway_process)
             where = f", the gateway in process {self.gateway_process.pid}" if self.gateway_process else ""
             log.info("pipeline serving (%s%s); data in %s; runs in %s. Ctrl-C to stop.", _ROLE_NAMES[self.role],
@@ -318,8 +318,8 @@ def _exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
         return None
 
     def overrun() -> None:
-        message = (f"error: the stop did not finish within {limit_s:g} s (does the run store answer?); exiting "
-                   "now: the runs still running are requeued by the next start\n")
+        message = (f"error: the stop did not finish within {limit_s:g} s (a run store, relay or task that does not "
+                   "answer?); exiting now: the runs still running are requeued by the next start\n")
         try:
             os.write(2, message.encode())  # not logging: its lock may be held by a thread that hangs
         finally:
@@ -331,7 +331,7 @@ def _exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
     return timer  # cancelled once the stop has finished
 
 
-def _start_fork_server_ignoring_stops() -> None:
+def _start_fork_server_blocking_stops() -> None:
     """Start multiprocessing's fork server (and its resource tracker) with SIGHUP, SIGTERM and SIGINT blocked,
     as they then keep them.
 

@@ -192,3 +192,12 @@ def test_the_configured_recipients_display_name_is_kept(tmp_path):
     assert (to.display_name, to.addr_spec, why) == ("Mail Admin", "admin@example.com", "delivery.recipient")
     saved = deliver.send_message(deliver.compose_reply(DIGEST, {}, config, to=to), config)
     assert b"To: Mail Admin <admin@example.com>" in Path(saved).read_bytes()
+
+
+def test_a_recipient_that_is_the_sender_in_punycode_is_refused_at_start():
+    """A reviewer's find: the two compared as written, and no digest would ever have gone out."""
+    from pipeline.errors import ConfigurationError
+
+    config = DeliveryConfig(sender="digest@xn--bcher-kva.example", recipient="Digest <DIGEST@b\u00fccher.example>")
+    with pytest.raises(ConfigurationError, match="is delivery.sender"):
+        config.validate()

@@ -139,6 +139,9 @@ def _load_pdfium(path: Path, name: str) -> Any:
     raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
     if not raw:  # a failed load sets the error code itself: this one is fresh
         code = pdfium.raw.FPDF_GetLastError()
+        if code == pdfium.raw.FPDF_ERR_FILE:  # the file, not the document: its OSError (EACCES: a chmod in the
+            with open(path, "rb"):            # data dir, which the run waits out), not "corrupt" for good
+                pass
         raise pdfium.PdfiumError(f"Failed to load document (PDFium: {PDFIUM_ERRORS.get(code, code)}).",
                                  err_code=code)
     if pdfium.raw.FPDF_GetPageCount(raw) < 1:
