@@ -315,7 +315,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     start_extraction_workers(settings)  # first: the workers start while this process imports the service
-    from .service import ingest_files
+    from .ingest_command import ingest_files
 
     run_ids = ingest_files(settings, args.files)
     with open_store(args) as store:

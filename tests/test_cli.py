@@ -434,7 +434,7 @@ import sys
 from pathlib import Path
 from pipeline.config import Settings
 from pipeline.errors import RunNotFinishedError
-from pipeline.service import ingest_files
+from pipeline.ingest_command import ingest_files
 data = Path(sys.argv[1])
 data.mkdir()
 (data / "work").write_text("a file where the work dir belongs")

@@ -406,7 +406,7 @@ import sys
 from pathlib import Path
 from pipeline.config import Settings
 from pipeline.errors import RunNotFinishedError
-from pipeline.service import ingest_files
+from pipeline.ingest_command import ingest_files
 try:
     ingest_files(Settings.for_data_dir(Path(sys.argv[1])), [Path(sys.argv[2])], unhealthy_s=1.0)
 except RunNotFinishedError as exc:

@@ -22,7 +22,7 @@ LAYERS = [
     {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},
     {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
     {"service"},
-    {"cli", "__main__", "gatewaychild"},
+    {"cli", "__main__", "gatewaychild", "ingest_command"},
 ]
 
 

@@ -162,7 +162,7 @@ import os, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from pipeline.config import Settings
-from pipeline.service import ingest_files
+from pipeline.ingest_command import ingest_files
 fifo = Path({fifo!r})
 os.mkfifo(fifo)
 try:
