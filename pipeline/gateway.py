@@ -55,7 +55,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from . import metrics, tracing
 from .bulk_smtp import DataEnvelope, GatewayController
-from .config import GatewayConfig
+from .config import GatewayConfig, is_loopback
 from .engine import WorkflowEngine
 from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
 from .inline_accept import InlineAccepts
@@ -190,6 +190,10 @@ class EmailGateway:
         log.info("SMTP gateway listening on %s:%d (max message %d bytes, at most %d sessions%s)", host, port,
                  self.config.max_message_bytes, self.limits.max_sessions,
                  "" if self.config.max_sessions else ", a quarter of the open-file limit")
+        if not is_loopback(host):  # allowed only with allow_remote and a sender allow-list (config)
+            log.warning("SMTP on %s reaches beyond this machine, with no TLS and no AUTH: anyone who can connect and "
+                        "claim a sender of %s can have digests mailed; put an authenticating MTA in front", host,
+                        ", ".join(self.config.allowed_sender_domains))
         return self
 
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:

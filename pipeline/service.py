@@ -361,7 +361,7 @@ def _start_fork_server_blocking_stops() -> None:
 def store_location(settings: Settings) -> str:
     """Where the runs live, for a log line: the PostgreSQL URL without its password, or the SQLite file."""
     if not settings.store.is_postgres:
-        return str(settings.store.path)
+        return str(Path(settings.store.path).absolute())  # as the data dir is logged (a relative --data-dir)
     from .postgres_store import redact  # imports no driver
 
     return redact(settings.store.url)

@@ -38,3 +38,20 @@ def test_serve_with_allow_remote_but_no_allow_list_names_what_is_missing(tmp_pat
     code = main(["serve", "--host", "0.0.0.0", "--allow-remote", "--data-dir", str(tmp_path / "d")])
     assert code == 2
     assert "allowed_sender_domains" in capsys.readouterr().err
+
+
+def test_a_gateway_listening_beyond_this_machine_warns_that_it_has_no_tls_or_auth(settings, caplog):
+    """A prober's find: serve on 0.0.0.0 with --allow-remote said nothing of what it lacks."""
+    import logging
+    from dataclasses import replace
+
+    from conftest import free_port
+
+    from pipeline.service import PipelineService
+
+    gateway = GatewayConfig(host="0.0.0.0", port=free_port(), allow_remote=True,
+                            allowed_sender_domains=("example.com",))
+    with caplog.at_level(logging.WARNING, logger="pipeline.gateway"):
+        service = PipelineService(replace(settings, gateway=gateway)).start()
+        service.stop(grace_s=1)
+    assert any("no TLS and no AUTH" in r.getMessage() and "example.com" in r.getMessage() for r in caplog.records)
