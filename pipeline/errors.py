@@ -24,7 +24,8 @@
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
     ├── TaskIOError             a task's file or socket call failed (disk full, permissions, a file gone)
-    │   └── MachineShortError   ... because the machine ran short (space, quota, descriptors; read-only)
+    │   ├── MachineShortError   ... because the machine ran short (space, quota, descriptors; read-only)
+    │   └── PermissionRefusedError  ... refused permission (a chmod in the data dir): retried about 30 s
     ├── ClusterUnavailableError the Dask scheduler cannot be reached, or lost a task (retryable)
     └── StepError               a task failed; carries run_id, task_id and reason
     TaskTimeoutError(StepError) a task ran past its timeout
@@ -285,25 +286,33 @@ class TaskIOError(PipelineError):
 
 
 class MachineShortError(TaskIOError):
-    """A task's file call failed because the machine is short of something (disk space, quota, file descriptors),
-    its file system turned read-only, or the data dir's permissions changed: not the document's fault, nor the
-    task's. Once the task's own retries
+    """A task's file call failed because the machine is short of something (disk space, quota, file descriptors)
+    or its file system turned read-only: not the document's fault, nor the task's. Once the task's own retries
     are used up, its run is not failed but requeued to wait for the machine (``runner``), and the engine reports
     unhealthy meanwhile, so the gateway answers 451: a full disk under the work dir lost every mail acked."""
 
 
-# the errnos of a machine short of something, and of a permission refused: tasks touch only the data dir's own
-# files, so that is someone's chmod or chown there (15 s of `chmod -R a-w` failed 4 of 40 acked mails for good,
-# while the runs that could not make their work dir waited: a prober's find); a file only this run cannot use
-# still fails once other runs succeed beside it (MACHINE_PATIENCE). A file gone (ENOENT) is that file's alone
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS,
-                            errno.EACCES, errno.EPERM})
+class PermissionRefusedError(TaskIOError):
+    """A task's file call was refused permission (EACCES, EPERM). Tasks touch only the data dir's own files, so
+    that is someone's chmod or chown there, most often undone soon: 15 s of `chmod -R a-w` failed 4 of 40 acked
+    mails for good (one retry, 0.5 s later; a prober's find). So the task is tried at least ``min_retries`` times,
+    backing off (about 30 s with the default delays), then fails ``task_io``. Not the machine's (the run does not
+    wait, nor make serve unhealthy): one file made unreadable then stopped all mail (a re-probe's find)."""
+
+    min_retries = 6
+
+
+# the errnos of a machine short of something; a file gone (ENOENT) is that file's alone
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
+PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 
 def task_io_class(exc: OSError) -> type[TaskIOError]:
     """The typed error class for an OS error ``exc`` a task let through: MachineShortError for a machine short
-    of something (MACHINE_ERRNOS), TaskIOError for any other."""
-    return MachineShortError if exc.errno in MACHINE_ERRNOS else TaskIOError
+    of something (MACHINE_ERRNOS), PermissionRefusedError for a permission refused, TaskIOError for any other."""
+    if exc.errno in MACHINE_ERRNOS:
+        return MachineShortError
+    return PermissionRefusedError if exc.errno in PERMISSION_ERRNOS else TaskIOError
 
 
 def task_io_error(message: str, exc: OSError) -> TaskIOError:

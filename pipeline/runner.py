@@ -389,6 +389,7 @@ class DAGRunner:
         reason = getattr(exc, "reason", None) or type(exc).__name__
         error = (reason, _message(exc))
         retries = inst.task.retries if inst.task.retries is not None else self.config.default_retries
+        retries = max(retries, getattr(exc, "min_retries", 0))  # a permission refused: a chmod soon undone
         if inst.try_number <= retries and getattr(exc, "retryable", True) and self._stopping:
             inst.state, inst.error = s.QUEUED, error  # not the task's last word: the next start tries again
             self._write(instance_id, s.QUEUED, error=error)

@@ -18,6 +18,7 @@ from ..errors import (
     MachineShortError,
     ParseError,
     PdfTooLargeError,
+    PermissionRefusedError,
     PipelineError,
     TaskIOError,
     WorkerCrashedError,
@@ -66,4 +67,6 @@ def typed_error(cls: str, message: str, name: str) -> PipelineError:
         return TaskIOError(message)
     if cls == MachineShortError.__name__:
         return MachineShortError(message)
+    if cls == PermissionRefusedError.__name__:  # a file of the data dir made unreadable: retried for a while
+        return PermissionRefusedError(message)
     return _ERRORS.get(cls, IngestError)(message, name)
