@@ -31,12 +31,19 @@ class DataDirWatch:
 
     def __init__(self, spool: Probed | None, store_file: Path | None) -> None:
         self.spool, self.store_file = spool, store_file
-        self._identity = _identity(store_file) if store_file is not None else None
+        self._files: dict[Path, tuple[int, int]] = {}  # the store's files at start, and their identity
         self.problem: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> DataDirWatch:
+        """Note the store's files as they are now (the store open: its -wal and -shm too), then look every
+        WATCH_EVERY_S."""
+        if self.store_file is not None:
+            for path in (self.store_file, *(Path(f"{self.store_file}{end}") for end in ("-wal", "-shm"))):
+                identity = _identity(path)
+                if identity is not None:
+                    self._files[path] = identity
         self._thread = threading.Thread(target=self._loop, name="pipeline-datadir-watch", daemon=True)
         self._thread.start()
         return self
@@ -66,13 +73,14 @@ class DataDirWatch:
                 self.problem = f"watching the data dir failed: {one_line(exc)}"
 
     def _store_problem(self) -> str | None:
-        if self.store_file is None or self._identity is None:
-            return None
-        now = _identity(self.store_file)
-        if now is None:
-            return f"the run store file {self.store_file} is gone (deleted under serve?): restore it and restart"
-        if now != self._identity:
-            return f"the run store file {self.store_file} was replaced under serve: restart to use the new one"
+        """The store's file, or its -wal or -shm (a deleted -wal lost 6 of 25 runs from every other reader, and
+        the next start re-made 9 runs from the spool, a re-probe's find), gone or replaced since start."""
+        for path, identity in self._files.items():
+            now = _identity(path)
+            if now is None:
+                return f"the run store file {path} is gone (deleted under serve?): restart serve"
+            if now != identity:
+                return f"the run store file {path} was replaced under serve: restart serve"
         return None
 
     def _spool_problem(self) -> str | None:

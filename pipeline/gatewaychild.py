@@ -24,7 +24,7 @@ from . import metrics
 from .errors import PipelineError
 from .gatewayprocess import GatewayOrders
 from .priority import request_slice
-from .service import GATEWAY, PipelineService
+from .service import GATEWAY, PipelineService, exit_if_stop_overruns
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's: both write to serve's stderr
 ALIVE_EVERY_S = 1.0
@@ -81,6 +81,10 @@ def main() -> int:
     finally:
         if registry is not None:
             registry.close()
+        # bounded as serve's own stop is: it outlived serve's exit on a locked store, then committed runs for
+        # mails whose senders had gone (a re-probe's find; their retries found the runs, nothing was lost)
+        margin = orders.settings.serve.stop_margin_s
+        exit_if_stop_overruns(orders.settings.engine.shutdown_grace_s + margin if margin else None)
         service.stop()
     return 0
 

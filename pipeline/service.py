@@ -135,8 +135,8 @@ class PipelineService:
                     self.metrics_server = self._start_metrics()
                 if run_workers:
                     self.engine.start()
-                if self.listen or self.role == WORKERS:  # serve, not `ingest`
-                    self.datadir.start()
+                if (self.listen or self.role == WORKERS) and self.sockets is None:  # serve; not `ingest`, nor
+                    self.datadir.start()  # a gateway process (serve watches for it: each change was logged twice)
                 if self.gateway_process is not None:  # last: once it answers SMTP, serve is all up
                     self.gateway_process.start()
                     self._lower_engine_priority()
@@ -293,7 +293,7 @@ class PipelineService:
                      f" on {signal.Signals(signalled[0]).name}" if signalled else "",
                      self.settings.engine.shutdown_grace_s)
             margin = self.settings.serve.stop_margin_s
-            watch = _exit_if_stop_overruns(self.settings.engine.shutdown_grace_s + margin if margin else None)
+            watch = exit_if_stop_overruns(self.settings.engine.shutdown_grace_s + margin if margin else None)
             try:
                 self.stop()
             finally:
@@ -307,7 +307,7 @@ class PipelineService:
 STOP_OVERRUN_EXIT = 1
 
 
-def _exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
+def exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
     """End the process if the stop has not finished within ``limit_s`` (None: never). Each part of a stop that
     waits on the run store can wait as long as a store that does not answer: a frozen PostgreSQL server held a
     SIGTERM'd serve for 100-150 s, until it came back (a prober's find). Exiting leaves the runs serve held

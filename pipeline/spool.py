@@ -162,10 +162,15 @@ class Spool:
 
     def probe(self) -> None:
         """Create and remove a temporary file, as an accept does first: OSError when the spool cannot take a
-        message now (its directory deleted or made read-only, no inode left)."""
+        message now (its directory deleted or made read-only, no inode left), or when the directory at its path
+        is no longer the one it opened (moved away and made anew: each accept's fsync went to the old one, so
+        no mail acked since was durable; a re-probe's find)."""
         fd, tmp = self._new_temp()
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        opened, there = os.fstat(self._dir_fd), os.stat(self.directory)
+        if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
+            raise OSError(errno.ESTALE, "the spool directory was replaced under serve: restart serve")
 
     def _finish_temp(self, fd: int, tmp: Path, path: Path, pieces: list[bytes]) -> None:
         """Write the last ``pieces``, fsync, rename to ``path``, fsync the directory; the temp goes on failure.

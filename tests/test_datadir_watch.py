@@ -64,3 +64,26 @@ def test_a_look_that_breaks_is_reported_and_the_watch_goes_on(tmp_path, quick_wa
         assert wait_until(lambda: watch.problem is None, 10)
     finally:
         watch.stop()
+
+
+def test_a_spool_directory_replaced_under_serve_makes_it_unhealthy(service_factory, quick_watch):
+    """A re-probe's find: `mv spool spool.old; mkdir spool` left serve healthy, and each accept's fsync went to the
+    old directory (its open handle), so no mail acked since had a durable name."""
+    service = service_factory()
+    spool = service.spool.directory
+    spool.rename(spool.with_name("spool.old"))
+    spool.mkdir()
+    assert wait_until(lambda: "spool directory was replaced" in (service.health_problem or ""), 10)
+    assert _send(service) == 451
+
+
+def test_a_store_wal_deleted_under_serve_makes_it_unhealthy(service_factory, quick_watch):
+    """A re-probe's find: with runs.sqlite3-wal deleted, serve took mail every other reader could not see, and
+    the next start re-made runs from the spool."""
+    service = service_factory()
+    assert _send(service) == 250
+    wal = service.settings.store.path.with_name(service.settings.store.path.name + "-wal")
+    assert wal.exists()
+    wal.unlink()
+    assert wait_until(lambda: "-wal is gone" in (service.health_problem or ""), 10)
+    assert _send(service) == 451

@@ -302,10 +302,28 @@ def test_a_stop_that_waits_on_a_store_that_does_not_answer_ends_after_the_margin
             db.close()
         holder = sqlite3.connect(data / "runs.sqlite3", timeout=30, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # every write of serve's now waits up to its busy timeout
+        import psutil
+
+        def send_into_the_lock() -> None:  # its accept waits on the lock in the gateway process
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=90) as smtp:
+                    smtp.sendmail("alice@example.com", ["d@pipeline.local"], fx.email_with([], message_id="<in@x>"))
+            except (OSError, smtplib.SMTPException):
+                pass  # cut off by the stop: its MTA would try again
+
+        sender = threading.Thread(target=send_into_the_lock, daemon=True)
+        sender.start()
+        time.sleep(1.0)
+
+        children = psutil.Process(proc.pid).children(recursive=True)  # the gateway process, workers, fork server
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=45)
         took = time.monotonic() - started
+        # while the store is still locked: the gateway process's own stop is bounded the same way (a re-probe
+        # found it alive until the lock went, then committing runs for senders long gone)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, [" ".join(c.cmdline()) for c in alive]
     finally:
         if holder is not None:
             holder.rollback()
