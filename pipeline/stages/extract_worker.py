@@ -107,10 +107,13 @@ class _Worker:
             self.proc.stdin.flush()
         except OSError:  # a broken pipe: the worker is gone
             return None
-        while not select.select([self.proc.stdout], [], [], min(POLL_S, max(0.0, allowed_s())))[0]:
-            if allowed_s() <= 0:
-                raise TimeoutError
-        line = self.proc.stdout.readline()
+        try:
+            while not select.select([self.proc.stdout], [], [], min(POLL_S, max(0.0, allowed_s())))[0]:
+                if allowed_s() <= 0:
+                    raise TimeoutError
+            line = self.proc.stdout.readline()
+        except ValueError:  # its pipe closed under us: a stop ended the worker (it logged a traceback per lane)
+            return None
         self.documents += 1
         try:
             reply = json.loads(line) if line else None
