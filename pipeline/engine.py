@@ -522,6 +522,10 @@ class WorkflowEngine:
             self._active.pop(run_id, None)
             count, breaks = self._internal_requeues.get(run_id, 0), self._env_breaks.get(run_id, 0)
             alone = isinstance(exc, MachineShortError) and self._short_alone(run_id, one_line(exc))
+            if isinstance(exc, ClusterUnavailableError):  # a cluster that cannot run tasks (a worker that cannot
+                # import a dependency): the run waits, and two such make the engine unhealthy, as a full disk does
+                self._machine_short[run_id] = _MachineWait(time.monotonic(), one_line(exc), self._successes,
+                                                           self._successes, 1)
             if alone:
                 outcome = "failed (task_io: other runs succeeded while it waited, so it alone does not fit)"
             elif environmental:  # never counted: the run waits out the fault, backing off

@@ -358,6 +358,28 @@ def test_a_task_that_recurses_too_deep_on_a_worker_fails_with_that_error_not_a_t
     assert time.monotonic() - started < 100  # ended when it failed, not when its try timed out
 
 
+def importing_what_the_worker_lacks(ctx: TaskContext) -> None:
+    import pipeline_module_no_worker_has  # noqa: F401 - as a worker without pypdfium2 fails
+
+
+def test_a_worker_that_cannot_import_a_dependency_makes_runs_wait_not_fail_untyped(store, settings, cluster):
+    """A prober's find: a worker without pypdfium2 failed every document "ModuleNotFoundError" (untyped), each
+    sender got an empty partial digest, and serve answered 250. The worker's environment is the cluster's
+    fault: the run waits, and the engine says why (the gateway answers 451)."""
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=cluster))
+    engine.register(DAG("env", [Task("work", importing_what_the_worker_lacks, executor="dask", retries=3)]))
+    engine.start()
+    try:
+        run_ids = [engine.trigger("env").run_id for _ in range(2)]  # two witnesses: the cluster, not one run
+        deadline = time.monotonic() + 60
+        while "cannot import pipeline_module_no_worker_has" not in (engine.health_problem or ""):
+            assert time.monotonic() < deadline, (engine.health_problem, [store.get_run(r) for r in run_ids])
+            time.sleep(0.1)
+        assert all(store.get_run(r).state in ("queued", "running") for r in run_ids)
+    finally:
+        engine.shutdown(grace_s=5)
+
+
 def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settings, monkeypatch):
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
     address = f"tcp://127.0.0.1:{free_port()}"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
-from ..errors import ConfigurationError
+from ..errors import ClusterUnavailableError, ConfigurationError
 from .ingest import join_parts, remove_files
 from .pdf_text import PdfText, extract_text, require_a_readable_page
 
@@ -46,6 +46,10 @@ def run_announced(fn: Callable[..., Any], *args: Any) -> Any:
     worker.log_event(STARTED_TOPIC, {"key": worker.get_current_task(), "worker": worker.address})
     try:
         return fn(*args)
+    except ImportError as exc:  # the worker's environment, not the document: the run waits, serve answers 451
+        raise ClusterUnavailableError(  # (a worker without pypdfium2 failed every document untyped, a prober's find)
+            f"Dask worker {worker.address} cannot import {exc.name or exc}: install the project and its "
+            "dependencies in every worker's Python environment") from None
     except RecursionError as exc:  # its traceback, about a thousand frames deep, cannot be pickled back: Dask then
         message = str(exc)  # never completed the future, and the try ended "timeout" after its whole try timeout
     raise RecursionError(message)  # outside the handler: no context, no deep traceback
@@ -112,3 +116,7 @@ def _require_capped_worker(pdf_path: Path) -> None:
     if not worker.memory_manager.memory_limit:
         raise ConfigurationError(f"Dask worker {worker.address} has no memory limit, so nothing bounds a PDF "
                                  "bomb: start it with --memory-limit")
+    # only a nanny enforces the limit: a prober's worker without one reached 1.7 GB under a 600 MiB limit
+    if getattr(worker, "nanny", None) is None:
+        raise ConfigurationError(f"Dask worker {worker.address} runs without a nanny, so its memory limit is "
+                                 "not enforced and nothing bounds a PDF bomb: start it without --no-nanny")
