@@ -190,7 +190,10 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
    "removed → "
    "last acked run ended; *4xx after s*: fault injected → first refusal senders saw; *slowest scrape s*: serve's "
    "`/metrics` scraped every 0.5 s during the fault (with Prometheus's default 10 s scrape timeout, a slower "
-   "scrape is a failed one); *WAL peak MB* / *WAL after MB* (`wal_reader`): the run store's write-ahead log while "
+   "scrape is a failed one); *acked meanwhile* (`spool_replaced`): mails acked into the new spool directory before "
+   "serve noticed it was not the one it had opened (each must still end in one run); *stop s* (`stop_overrun`): "
+   "SIGTERM → serve's exit, with the store locked (the grace plus `[serve] stop_margin_s` is the bound); "
+   "*WAL peak MB* / *WAL after MB* (`wal_reader`): the run store's write-ahead log while "
    "another process held an old snapshot during the burst, and after it went and more mail came; "
    "`store_server_down` and `scheduler_killed` are the scale-out engines failing under a serve that uses them.\n\n" + views.markdown(fault_table) +
    "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"

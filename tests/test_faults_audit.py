@@ -232,3 +232,27 @@ def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     accepted = set(inspect.signature(getattr(faults, fault, None) or getattr(scaleout_faults, fault)).parameters)
     for profile in ("quick", "standard", "full"):
         assert set(PROFILES[profile]["09_faults"][fault]) <= accepted, profile
+
+
+def test_a_spool_replaced_under_serve_gets_451_and_loses_no_acked_mail(tmp_path):
+    from pipeline.audit.scenarios import datadir_faults
+
+    before = _live_children()
+    rows = datadir_faults.spool_replaced(tmp_path, messages=20, senders=2, down_s=6.0, margin_s=1.0, timeout_s=240)
+    figures = _figures(rows, "spool_replaced")
+    assert figures["acked"] == 20 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["untyped"] == 0 and figures["missing_digests"] == 0
+    replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
+    assert replies.get("451", 0) >= 1  # unhealthy while its spool was not the one it opened
+    assert not _no_children_left(before)
+
+
+def test_a_stop_with_the_store_locked_ends_after_the_margin_and_a_restart_loses_nothing(tmp_path):
+    from pipeline.audit.scenarios import datadir_faults
+
+    before = _live_children()
+    rows = datadir_faults.stop_overrun(tmp_path, messages=16, senders=2, lock_s=12.0, timeout_s=240)
+    figures = _figures(rows, "stop_overrun")
+    assert figures["acked"] == 16 and figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["stop_exit_code"] == 1 and figures["stop_s"] < 12.0  # the lock (12 s) outlasts the stop
+    assert not _no_children_left(before)

@@ -82,7 +82,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "outbox_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16},
                       "store_server_down": {"messages": 16, "senders": 2, "down_s": 2.0, "margin_s": 1.0},
                       "scheduler_killed": {"messages": 12, "senders": 2, "down_s": 2.0, "margin_s": 1.0},
-                      "drop_backlog": {"files": 200, "mails": 10, "senders": 2}},
+                      "drop_backlog": {"files": 200, "mails": 10, "senders": 2},
+                      "spool_replaced": {"messages": 20, "senders": 2, "down_s": 6.0, "margin_s": 1.0},
+                      "stop_overrun": {"messages": 16, "senders": 2, "lock_s": 12.0}},
         "10_hostile_senders": {"sessions": {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30},
                                "memory": {"mails": 2, "mail_mb": 2, "reps": 1},
                                "head_of_line": {"timeout_s": 3.0, "slow_pages": 20, "reps": 1},
@@ -156,7 +158,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "outbox_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 16},
                       "store_server_down": {"messages": 200, "senders": 4, "down_s": 5.0, "margin_s": 2.0},
                       "scheduler_killed": {"messages": 60, "senders": 4, "down_s": 12.0, "margin_s": 2.0},
-                      "drop_backlog": {"files": 3000, "mails": 20, "senders": 2}},
+                      "drop_backlog": {"files": 3000, "mails": 20, "senders": 2},
+                      # the data-dir watch looks every 5 s: 10 s down shows it at work
+                      "spool_replaced": {"messages": 120, "senders": 4, "down_s": 10.0, "margin_s": 2.0},
+                      # grace 1 s + margin 3 s against a 60 s busy timeout; the lock held 20 s
+                      "stop_overrun": {"messages": 40, "senders": 2, "lock_s": 20.0}},
         "10_hostile_senders": {"sessions": {"limit": 100, "extra": 100, "sends": 20, "release": 10, "churn": 1000},
                                "memory": {"mails": 10, "mail_mb": 44, "reps": 1},
                                # one rep: at d53ef80 its two agreed within 0.2 s (8.83/9.04 against 1.20/1.31 s)

@@ -56,7 +56,7 @@ from ..base.serveproc import (
     serving,
     toml_text,
 )
-from . import monitoring, scaleout_faults
+from . import datadir_faults, monitoring, scaleout_faults
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -577,7 +577,8 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
 
 
 FAULTS = ("kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
-          "outbox_full", "store_server_down", "scheduler_killed", "drop_backlog", "bad_input", "bad_relay")
+          "outbox_full", "spool_replaced", "stop_overrun", "store_server_down", "scheduler_killed", "drop_backlog",
+          "bad_input", "bad_relay")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -590,7 +591,8 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
         "kill_serve": kill_serve, "kill_worker": kill_worker, "store_locked": store_locked, "wal_reader": wal_reader,
         "drop_backlog": drop_backlog,
         "hung_gateway": hung_gateway, "disk_full": disk_full, "work_disk_full": work_disk_full,
-        "outbox_full": outbox_full, "store_server_down": scaleout_faults.store_server_down,
+        "outbox_full": outbox_full, "spool_replaced": datadir_faults.spool_replaced,
+        "stop_overrun": datadir_faults.stop_overrun, "store_server_down": scaleout_faults.store_server_down,
         "scheduler_killed": scaleout_faults.scheduler_killed, "bad_input": bad_input, "bad_relay": bad_relay}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
