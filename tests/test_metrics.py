@@ -438,3 +438,8 @@ def test_a_connection_that_trickles_its_request_is_closed_at_the_deadline(monkey
             assert ended is not None and ended < 50  # cut after about 1 s of trickling, far before 10 s
     finally:
         server.close()
+    # the connection's own thread closes its socket a moment after the client saw it cut (it failed the fd check
+    # once under load): wait for it, as serve's exit would
+    deadline = time.monotonic() + 10
+    while any("process_request_thread" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
