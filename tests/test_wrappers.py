@@ -99,3 +99,18 @@ def test_a_pdf_uuencoded_with_base64_is_read(tmp_path):
     info = _summary(tmp_path, raw)
     [item] = info["attachments"]
     assert item["name"] == "report.pdf" and Path(item["path"]).read_bytes() == ONE
+
+
+def test_a_zip_of_many_pdfs_is_read_up_to_a_budget_and_the_rest_listed(tmp_path):
+    """A deflated archive of many members would otherwise write max_attachment_bytes per member to the work dir
+    (a bomb of a thousand members: a thousand times the limit)."""
+    from pipeline.stages.wrappers import ARCHIVE_BUDGET
+
+    pdf = b"%PDF-1.4\n" + b"0" * 400_000  # 400 KB each, a few KB deflated
+    archive = _zip({f"p{i}.pdf": pdf for i in range(20)}, zipfile.ZIP_DEFLATED)
+    info = _summary(tmp_path, _mail((archive, "application/zip", "many.zip")), max_attachment_bytes=1_000_000)
+    read = [a for a in info["attachments"] if not a.get("rejected")]
+    assert len(read) == ARCHIVE_BUDGET * 1_000_000 // len(pdf)  # 10 of 20 fit the budget
+    assert all(Path(a["path"]).stat().st_size == len(pdf) for a in read)  # none cut short
+    assert [s["reason"] for s in info["skipped"]] == [
+        f"not read: its ZIP archive's files are over {ARCHIVE_BUDGET * 1_000_000:,} bytes in all"] * (20 - len(read))

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 
 MAX_MEMBERS = 1000  # files read from one archive (the MIME part limit's size)
+ARCHIVE_BUDGET = 4  # an archive's files are read up to this many times max_attachment_bytes in all (a bomb of
+# a thousand deflated members would otherwise write max_attachment_bytes a thousand times to the work dir)
 ZIP = "a ZIP archive"
 NOT_READ = "its files are not read"
 # containers the parser would walk into as a message or a multipart, whose content is not the mail's files
@@ -56,15 +58,26 @@ def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
 
 def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
     """(name, PDF bytes or None, why not) for each file of a ZIP archive, at most MAX_MEMBERS: PDFs by name or
-    ``%PDF-``; one over ``max_bytes`` uncompressed is read no further than that (a bomb is cut there)."""
+    ``%PDF-``; one over ``max_bytes`` uncompressed is read no further than that (a bomb is cut there), and once
+    ARCHIVE_BUDGET times ``max_bytes`` were read in all, the rest are listed, not read."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(payload))
         members = [m for m in archive.infolist() if not m.is_dir()][:MAX_MEMBERS]
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         yield "", None, f"a ZIP archive that cannot be read ({exc}): {NOT_READ}"
         return
+    left = ARCHIVE_BUDGET * max_bytes
     for member in members:
-        yield _member(archive, member, max_bytes)
+        if left <= 0:
+            yield member.filename.rsplit("/", 1)[-1], None, \
+                f"not read: its ZIP archive's files are over {ARCHIVE_BUDGET * max_bytes:,} bytes in all"
+            continue
+        limit = min(max_bytes, left)
+        name, data, why = _member(archive, member, limit)
+        if data is not None and len(data) > limit and limit < max_bytes:  # within the file limit, past the budget
+            data, why = None, f"not read: its ZIP archive's files are over {ARCHIVE_BUDGET * max_bytes:,} bytes in all"
+        left -= len(data or b"")
+        yield name, data, why  # a file over max_bytes comes back max_bytes + 1 long: refused as too large
 
 
 def _member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_bytes: int) -> tuple[str, bytes | None, str]:
