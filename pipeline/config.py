@@ -194,8 +194,8 @@ class GatewayConfig:
     # a client pipelining commands is answered this many at a time, taking turns with the other sessions; 0:
     # every buffered command first (aiosmtpd's way, the baseline: one such client held everyone's mail)
     fair_share_replies: int = 16
-    # commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, HELO, EHLO, and any command refused with 4xx or
-    # 5xx) between two mails' data, in the spirit of Postfix's junk and error limits; one more: 421 4.7.0, closed
+    # commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, HELO, EHLO, and any command refused with 5xx)
+    # between two mails' data, in the spirit of Postfix's junk and error limits; one more: 421 4.7.0, closed
     max_junk_commands: int = 100
     stream_data: bool = True  # write DATA to the spool as it arrives; False: hold it whole first (baseline)
     # Who may trigger a digest (issue 11). Empty: anyone who can connect, so only loopback is allowed.

@@ -20,7 +20,7 @@ asyncio logged a traceback per failure (issue 11). So:
   unanswered until the sender's idle timer cut it off). A session lets the
   others go after every ``fair_share_replies`` replies, and one that sends more
   than ``max_junk_commands`` commands that carry no mail (NOOP, RSET, VRFY, EXPN,
-  HELP, HELO, EHLO, and any command refused with 4xx or 5xx) before its next
+  HELP, HELO, EHLO, and any command refused with 5xx) before its next
   mail's data is closed with ``421 4.7.0``, in the spirit of Postfix's junk
   command and error limits.
 - ``RateLimitedLog`` (``ratelog``) writes at most one line per cause per interval,
@@ -179,9 +179,9 @@ def _mail(command: Command) -> Command:
 
 
 def _refusal(status: Any) -> bool:
-    """A 4xx or 5xx reply."""
-    first = status[:1]
-    return first in ("4", "5", b"4", b"5")
+    """A 5xx reply. Not a 4xx: a client that pipelines 500 recipients gets 400 "452 too many recipients" and
+    must send them in another transaction (RFC 5321), not be cut off."""
+    return status[:1] in ("5", b"5")
 
 
 class LimitedSMTP(LeanSMTP):
@@ -231,7 +231,7 @@ class LimitedSMTP(LeanSMTP):
         return True
 
     async def push(self, status: Any) -> None:
-        """Send one reply; a refusal counts as junk (a reviewer's client pipelined nested MAILs, 65,170 503s in
+        """Send one reply; a 5xx refusal counts as junk (a reviewer's client pipelined nested MAILs, 65,170 503s in
         8 s, never closed); after every ``limits.fair_share_replies``, let the other sessions run. aiosmtpd reads
         a line and writes its reply without suspending while the client's pipelined lines are buffered: one
         client could hold the event loop for as long as it kept writing."""

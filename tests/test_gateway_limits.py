@@ -443,6 +443,19 @@ def test_a_client_pipelining_thousands_of_commands_does_not_hold_the_others_repl
         assert before >= 1000, before
 
 
+def test_a_client_pipelining_more_recipients_than_the_limit_is_not_cut_off(service_factory):
+    """452 for too many recipients is no junk: RFC 5321's client sends the rest in another transaction."""
+    service = service_factory()
+    session = RawSession(service.settings.gateway.port)
+    with session.sock, session.replies:
+        assert session.command(b"MAIL FROM:<a@example.com>")[0] == 250
+        session.sock.sendall(b"".join(b"RCPT TO:<r%d@pipeline.local>\r\n" % i for i in range(500)))
+        codes = [session.reply()[0] for _ in range(500)]
+        assert codes.count(250) == service.settings.gateway.max_recipients and codes.count(452) == 400
+        assert session.command(b"DATA")[0] == 354
+        assert session.command(b"Subject: many\r\n\r\nhi\r\n.")[0] == 250
+
+
 def test_a_client_flooding_refused_commands_is_closed_with_421(service_factory):
     """A reviewer's find: nested MAILs, each answered 503, were not junk: 65,170 replies in 8 s, never closed."""
     service = service_factory()
