@@ -68,8 +68,12 @@ def write_while_disk_full(ctx: TaskContext) -> int:
 
 
 def write_while_denied(ctx: TaskContext) -> int:
-    """Write to a read-only sysctl (a real EACCES, even as root) while the payload's ``denied`` file exists."""
-    target = "/proc/sys/kernel/ostype" if Path(ctx.payload["denied"]).exists() else str(Path(ctx.work_dir) / "out")
+    """Write to a read-only sysctl (a real EACCES, even as root) while the payload's ``denied`` file exists; the
+    file goes after the payload's ``denied_tries`` tries (a chmod undone), if it gives them."""
+    denied = Path(ctx.payload["denied"])
+    if ctx.try_number > ctx.payload.get("denied_tries", ctx.try_number):
+        denied.unlink(missing_ok=True)
+    target = "/proc/sys/kernel/ostype" if denied.exists() else str(Path(ctx.work_dir) / "out")
     with open(target, "wb", buffering=0) as fh:
         fh.write(b"digest")
     return ctx.try_number
