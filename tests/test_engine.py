@@ -179,7 +179,6 @@ def test_a_run_that_alone_does_not_fit_fails_task_io_while_the_others_succeed(st
     kept the engine unhealthy (451 to all mail) for as long as it existed. Other runs succeeding meanwhile show
     the machine has room for them: after MACHINE_PATIENCE breaks the big one fails task_io, and the engine is
     healthy."""
-    from pipeline.engine import MACHINE_PATIENCE
 
     full = tmp_path / "no-room-for-this-one"
     full.touch()
@@ -197,7 +196,9 @@ def test_a_run_that_alone_does_not_fit_fails_task_io_while_the_others_succeed(st
     assert "other runs succeeded meanwhile" in run.reason and "No space left on device" in run.reason
     [task] = store.get_tasks(big)  # the task it broke on takes the run's reason, never left "running"
     assert (task.state, task.error_type) == ("failed", "task_io") and "No space left" in task.error_message
-    assert all(store.get_run(r).state == "success" for r in small) and len(small) >= MACHINE_PATIENCE - 1
+    # its breaks come every backoff (0.2 s) and the small runs one after another: under load, one success can
+    # already come after its MACHINE_PATIENCE breaks (CI once); what matters is that some did, and all succeeded
+    assert all(store.get_run(r).state == "success" for r in small) and len(small) >= 1
     assert engine.healthy
 
 
