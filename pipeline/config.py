@@ -359,14 +359,20 @@ def _addr_spec(value: str) -> str:
     from email.utils import parseaddr
 
     local, at, domain = parseaddr(value)[1].lower().rpartition("@")
-    if at and not domain.isascii():
-        import idna
+    return f"{local}{at}{ascii_domain(domain)}" if at else domain  # no "@": rpartition leaves it all in domain
 
-        try:
-            domain = idna.encode(domain, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError):
-            pass
-    return f"{local}{at}{domain}"
+
+def ascii_domain(domain: str) -> str:
+    """``domain`` in punycode (IDNA 2008 with UTS 46 mapping, as mail programs do); one IDNA refuses stays as
+    it is, and then needs a relay with SMTPUTF8 like a UTF-8 local part."""
+    if domain.isascii():
+        return domain
+    import idna  # only a Unicode domain pays for the import
+
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain
 
 
 def _is_one_mailbox(value: str) -> bool:

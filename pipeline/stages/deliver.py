@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..config import DeliveryConfig
+from ..config import DeliveryConfig, ascii_domain
 from ..errors import MACHINE_ERRNOS, DeliveryError, MachineShortError, ParseError
 from .autoreply import DIGEST_HEADERS, MACHINE
 from .digest import Digest
@@ -99,20 +99,7 @@ def reply_address(text: str, name: str = "") -> Address:
         raise DeliveryError(f"cannot deliver to {shown!r}: not a single mailbox address", retryable=False)
     [mailbox] = mailboxes
     return Address(display_name=clean_header(name or mailbox.display_name, 100), username=mailbox.username,
-                   domain=_ascii_domain(mailbox.domain))
-
-
-def _ascii_domain(domain: str) -> str:
-    """``domain`` in punycode (IDNA 2008 with UTS 46 mapping, as mail programs do); one IDNA refuses stays as
-    it is, and then needs a relay with SMTPUTF8 like a UTF-8 local part."""
-    if domain.isascii():
-        return domain
-    import idna  # only a Unicode domain pays for the import
-
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError):
-        return domain
+                   domain=ascii_domain(mailbox.domain))
 
 
 def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tuple[str, str]:
