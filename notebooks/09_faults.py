@@ -26,7 +26,9 @@
 # failing under a serve that uses them: the PostgreSQL run store's server stopped as by a crash (`pg_ctl stop -m
 # immediate`) and started again after a few seconds (`store_server_down`; *4xx after s* from the stop), and the Dask
 # scheduler killed mid-burst, a new cluster started on its address a few seconds later (`scheduler_killed`; every
-# mail carries a PDF, so every run needs the cluster), each skipped with the reason where PostgreSQL or Dask is not
+# mail carries a PDF, so every run needs the cluster), the Dask scheduler frozen with SIGSTOP, then continued
+# (`scheduler_frozen`: serve must answer 451 once the scheduler is silent for `[executor] scheduler_silent_s`,
+# shortened here), each skipped with the reason where PostgreSQL or Dask is not
 # installed, serve started on a backlog of mails dropped into `inbox/new/` while it was down, SMTP mail sent meanwhile
 # (`drop_backlog`; *recover s* is start → SMTP answering, *drain s* start → last run ended), serve's spool
 # directory moved away and a new one put in its place mid-burst, then put back (`spool_replaced`; serve must answer
@@ -44,8 +46,8 @@ db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
 only = ["kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
-        "outbox_full", "spool_replaced", "stop_overrun", "store_server_down", "scheduler_killed", "drop_backlog",
-        "bad_input", "bad_relay"]
+        "outbox_full", "spool_replaced", "stop_overrun", "store_server_down", "scheduler_killed", "scheduler_frozen",
+        "drop_backlog", "bad_input", "bad_relay"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
@@ -56,6 +58,7 @@ work_disk_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}
 outbox_full = {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16}
 store_server_down = {"messages": 16, "senders": 2, "down_s": 2.0, "margin_s": 1.0}
 scheduler_killed = {"messages": 12, "senders": 2, "down_s": 2.0, "margin_s": 1.0}
+scheduler_frozen = {"messages": 12, "senders": 2, "down_s": 8.0, "margin_s": 1.0}
 drop_backlog = {"files": 200, "mails": 10, "senders": 2}
 spool_replaced = {"messages": 20, "senders": 2, "down_s": 6.0, "margin_s": 1.0}
 stop_overrun = {"messages": 16, "senders": 2, "lock_s": 12.0}
@@ -73,7 +76,8 @@ work.mkdir(parents=True, exist_ok=True)
 params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir, profile, kill_worker_pdf)},
           "store_locked": store_locked, "wal_reader": wal_reader, "hung_gateway": hung_gateway, "disk_full": disk_full,
           "work_disk_full": work_disk_full, "outbox_full": outbox_full, "store_server_down": store_server_down,
-          "scheduler_killed": scheduler_killed, "drop_backlog": drop_backlog, "spool_replaced": spool_replaced,
+          "scheduler_killed": scheduler_killed, "scheduler_frozen": scheduler_frozen, "drop_backlog": drop_backlog,
+          "spool_replaced": spool_replaced,
           "stop_overrun": stop_overrun}
 faults.fault_figures(work, params, only=tuple(only), recorder=recorder)
 views.fault_table(recorder.measurements())

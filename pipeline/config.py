@@ -111,6 +111,9 @@ class ExecutorConfig:
     # gateway answers 451) rather than let it wait out its timeout; false for a cluster that starts workers
     # only on demand (adaptive, from zero)
     require_workers: bool = True
+    # a scheduler that has not answered the client's 2-second refresh for this long (frozen, a stalled link) gets
+    # no task: the run waits queued and serve answers 451, as with no worker
+    scheduler_silent_s: float = 30.0
 
     def validate(self) -> None:
         if self.kind not in ("local", "dask"):
@@ -120,6 +123,8 @@ class ExecutorConfig:
                                      f"not {self.scheduler!r}")
         if self.local_workers < 1 or self.worker_memory_mb < 64 or self.pages_per_task < 1:
             raise ConfigurationError("executor: local_workers >= 1, worker_memory_mb >= 64, pages_per_task >= 1")
+        if self.scheduler_silent_s < 5:  # below the client's own refresh (2 s) and its jitter, a live one is silent
+            raise ConfigurationError(f"executor.scheduler_silent_s must be >= 5, not {self.scheduler_silent_s:g}")
 
 
 @dataclass(frozen=True)

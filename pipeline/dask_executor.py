@@ -31,7 +31,12 @@ installed like the workers (it unpickles the tasks). Worker saturation 1.0
 (``DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0``): under load a worker holds only the tasks it runs, so
 a death costs no queued task a try (with few tasks the scheduler still sends them all at once).
 A try past its task timeout (``workflows.cluster_try_timeout_s``) is failed by the runner but not stopped on the
-cluster; its late result is ignored.
+cluster; its late result is ignored. That is ``timeout`` only when a worker announced the try's start: a try that
+no worker started in that time waited at a frozen or unreachable scheduler, or behind busy or paused workers, and
+the document is not at fault (``timeout_error``: ClusterUnavailableError, so the run waits). Submissions are
+refused the same way while the client's view of the scheduler has not been refreshed for
+``[executor] scheduler_silent_s`` (a SIGSTOPped scheduler or a stalled link: its TCP connection stays open, so
+nothing else notices).
 
 Every distributed exception is translated here, at the edge: an unreachable scheduler or a lost result is
 ClusterUnavailableError (retryable; raised by ``submit``, or as a try's result after its one quick retry, it
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError
@@ -100,6 +106,8 @@ class DaskExecutor:
         self._connected_once = False  # after the first connection, reconnecting goes on a thread of its own
         self._reconnecting: threading.Thread | None = None
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
+        self._began: set[str] = set()  # keys in _live whose start a worker announced
+        self._identity: tuple[Any, float] | None = None  # the scheduler identity last seen, and since when
         self._deaths = threading.Condition()
         # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
         self._memory_kills: dict[str, float] = {}
@@ -154,6 +162,7 @@ class DaskExecutor:
         client = self.client
         ours: Future[Any] = Future()
         try:
+            self._require_live_scheduler(client)
             self._require_workers(client)
             theirs = client.submit(cluster_ingest.run_announced, fn, *args, key=key, pure=False)
         except ClusterUnavailableError:
@@ -186,6 +195,37 @@ class DaskExecutor:
         if not identity["n_workers"]:
             raise ClusterUnavailableError(f"the Dask scheduler at {client.scheduler.address} has no workers")
 
+    def _require_live_scheduler(self, client: Any) -> None:
+        """ClusterUnavailableError when the scheduler has not answered the client for ``scheduler_silent_s``.
+
+        The client replaces its cached identity (``_scheduler_identity``, private, as in ``_require_workers``) at
+        every answer; the same object seen twice that far apart means no answer came in between. A lower bound:
+        the object may be older than its first sighting here.
+        """
+        identity = getattr(client, "_scheduler_identity", None)
+        now = time.monotonic()
+        with self._lock:
+            if self._identity is None or self._identity[0] is not identity:
+                self._identity = (identity, now)
+            silent_s = now - self._identity[1]
+        if silent_s > self.config.scheduler_silent_s:
+            raise ClusterUnavailableError(f"the Dask scheduler at {client.scheduler.address} has not answered "
+                                          f"for {silent_s:.0f} s")
+
+    def timeout_error(self, ours: Future[Any], timeout_s: float) -> ClusterUnavailableError | None:
+        """The cluster's error for a try of ours that timed out before any worker announced its start; None for a
+        try that started (its timeout is the task's) or is not ours. The try is released, so it never runs late."""
+        with self._lock:
+            key = next((k for k, (_, mine) in self._live.items() if mine is ours), None)
+            if key is None or key in self._began:
+                return None
+            released = self._live.pop(key)  # dropping the last distributed future releases the task
+        del released  # outside the lock: the release is a message to the scheduler
+        error = ClusterUnavailableError(f"no Dask worker started the try within {timeout_s:g} s: the scheduler is "
+                                        "frozen or unreachable, or every worker is busy or paused")
+        _settle(ours, error=error)  # ended: the run's handover need not wait for it
+        return error
+
     def close(self) -> None:
         """Cancel the tries still on the cluster, close the client and the LocalCluster started here."""
         with self._lock:
@@ -193,6 +233,7 @@ class DaskExecutor:
             client, cluster, live = self._client, self._cluster, list(self._live.values())
             self._client = self._cluster = None
             self._live.clear()
+            self._began.clear()
             reconnecting = self._reconnecting
         for _, ours in live:
             ours.cancel()
@@ -257,10 +298,14 @@ class DaskExecutor:
     def _on_started_event(self, event: tuple[float, dict[str, Any]]) -> None:
         """Called on the client's event loop for each task that starts on a worker."""
         if isinstance(event[1], dict):
+            key = str(event[1].get("key"))
             with self._deaths:
-                self._started[str(event[1].get("key"))] = (str(event[1].get("worker")), float(event[0]))
+                self._started[key] = (str(event[1].get("worker")), float(event[0]))
                 while len(self._started) > STARTED_REMEMBERED:
                     self._started.popitem(last=False)
+            with self._lock:
+                if key in self._live:
+                    self._began.add(key)
 
     # -- completion -------------------------------------------------------------------
 
@@ -269,6 +314,7 @@ class DaskExecutor:
         with self._lock:
             closed = self._closed
             self._live.pop(key, None)
+            self._began.discard(key)
         try:
             if theirs.status == "finished":  # bounded: a result whose worker died meanwhile must not stall us
                 _settle(ours, result=theirs.result(timeout=RESULT_TIMEOUT_S))

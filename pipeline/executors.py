@@ -59,6 +59,12 @@ class Executors:
             cluster = self._cluster
         return cluster.submit(call_task, fn, ctx, key=task_key(ctx))
 
+    def timeout_error(self, future: Future[Any], timeout_s: float) -> BaseException | None:
+        """The executor's own error for a try that timed out, if the fault is not the task's (a Dask try no worker
+        started); None otherwise."""
+        cluster = self._cluster
+        return None if cluster is None else cluster.timeout_error(future, timeout_s)
+
     def submit_process(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Submit to the process pool, starting it on first use and again if a worker died abruptly."""
         with self._lock:

@@ -314,7 +314,7 @@ class DAGRunner:
         self._handover.try_started()
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:
-            self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout)
+            self.timers.call_later(timeout, self._on_timeout, instance_id, attempt, timeout, future)
         done = partial(self._on_done, instance_id, attempt)
         if inst.clock is None:  # off the pool's result thread, which must keep moving other tries
             self.executors.on_done(future, done)
@@ -373,15 +373,16 @@ class DAGRunner:
         self._instances[instance_id].state = s.QUEUED
         self._stop()
 
-    def _on_timeout(self, instance_id: str, attempt: int, timeout: float) -> None:
-        self._guarded(self._timed_out, instance_id, attempt, timeout)
+    def _on_timeout(self, instance_id: str, attempt: int, timeout: float, future: Future[Any]) -> None:
+        self._guarded(self._timed_out, instance_id, attempt, timeout, future)
 
-    def _timed_out(self, instance_id: str, attempt: int, timeout: float) -> None:
+    def _timed_out(self, instance_id: str, attempt: int, timeout: float, future: Future[Any]) -> None:
         if self._inflight.get(instance_id) != attempt:
             return
         del self._inflight[instance_id]
-        self._fail_or_retry(instance_id, TaskTimeoutError(f"task ran longer than {timeout:g} s",
-                                                          self.run.run_id, instance_id))
+        exc = self.executors.timeout_error(future, timeout)  # a Dask try no worker started: the cluster's fault
+        self._fail_or_retry(instance_id, exc or TaskTimeoutError(f"task ran longer than {timeout:g} s",
+                                                                 self.run.run_id, instance_id))
         self._advance(self.dag.dependents(self._instances[instance_id].task.id))
 
     def _fail_or_retry(self, instance_id: str, exc: BaseException) -> None:

@@ -302,6 +302,67 @@ def test_a_scheduler_killed_mid_task_makes_the_run_wait_not_fail_its_document(st
     assert (run.state, run.reason, task.state) == ("success", None, "success"), (run, task)
 
 
+def test_a_try_times_out_as_timeout_only_if_a_worker_started_it(store, settings, separate_cluster, tmp_path):
+    """A prober's find: a try still waiting at the scheduler (its workers busy, or the scheduler frozen) was
+    charged ``timeout`` once its try timeout passed, and a good document failed while serve answered 250. A try
+    no worker announced is the cluster's fault: its run waits, and the engine says why (serve answers 451). A try
+    that ran past its timeout on a worker is still the task's ``timeout``."""
+    with distributed.Client(separate_cluster, timeout=60, set_as_default=False) as client:
+        client.wait_for_workers(1, timeout=60)
+    engine = WorkflowEngine(store, dask_settings(settings, scheduler=separate_cluster))
+    engine.register(DAG("quick", [Task("work", held_task, executor="dask", retries=0, timeout_s=3)]))
+    gate = tmp_path / "gate"
+    gate.touch()
+    engine.start()
+    try:
+        overran = engine.wait(engine.trigger("quick", {"log": str(tmp_path / "a"), "gate": str(gate)}).run_id, 60)
+        # its try still holds the one worker until the gate opens: these two wait behind it at the scheduler
+        waiting = [engine.trigger("quick", {"log": str(tmp_path / f"w{i}"), "gate": str(gate)}).run_id
+                   for i in range(2)]
+        assert wait_until(lambda: engine.health_problem is not None, 60)
+        assert "no Dask worker started the try within 3 s" in engine.health_problem
+        assert {store.get_run(r).state for r in waiting} <= {"queued", "running"}
+        gate.unlink()
+        ended = [engine.wait(r, timeout=120) for r in waiting]
+    finally:
+        engine.shutdown(grace_s=5)
+    [task] = store.get_tasks(overran.run_id)
+    assert (overran.state, task.error_type) == ("failed", "timeout"), task
+    assert [r.state for r in ended] == ["success", "success"], ended
+    events = store.query("SELECT error_type FROM task_events WHERE run_id IN (?, ?)", tuple(waiting))
+    assert "timeout" not in {e[0] for e in events}, events
+
+
+def _scheduler_on(address: str) -> psutil.Process:
+    port = address.rsplit(":", 1)[1]
+    return next(p for p in psutil.process_iter(["cmdline"])
+                if "scheduler" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or []))
+
+
+def test_a_frozen_scheduler_refuses_submissions_once_silent(separate_cluster):
+    """A prober's find: with the scheduler SIGSTOPped (or its link stalled) the TCP connection stays open, so every
+    try was sent and waited there while serve answered 250. The client's view of the scheduler is refreshed every
+    2 s; unchanged past ``[executor] scheduler_silent_s``, a submission is refused (the run waits), and taken again
+    once the scheduler answers."""
+    executor = DaskExecutor(ExecutorConfig(kind="dask", scheduler=separate_cluster, scheduler_silent_s=5))
+    scheduler = _scheduler_on(separate_cluster)
+    try:
+        executor.client.wait_for_workers(1, timeout=60)
+        assert executor.submit(os.getpid, key="before").result(timeout=60)
+        scheduler.suspend()
+        try:
+            executor.submit(os.getpid, key="frozen-1")  # taken: no silence seen yet
+            time.sleep(6)
+            with pytest.raises(ClusterUnavailableError, match=r"has not answered for \d+ s") as info:
+                executor.submit(os.getpid, key="frozen-2")
+            assert info.value.retryable
+        finally:
+            scheduler.resume()
+        assert wait_until(lambda: _submits(executor), 60)
+    finally:
+        executor.close()
+
+
 def test_a_client_that_lost_its_scheduler_is_replaced_in_the_background_and_tasks_fail_fast_meanwhile(monkeypatch):
     """Found while adding the audit's scheduler_killed: once the client gave up on a killed scheduler, every
     submission connected anew, synchronously, in the engine's claim pass: 10 s per try while the scheduler

@@ -107,20 +107,22 @@ def test_a_full_work_disk_or_outbox_fails_no_acked_run_and_every_mail_gets_its_d
     assert not _no_children_left(before)
 
 
-@pytest.mark.parametrize("fault", ["store_server_down", "scheduler_killed"])
+@pytest.mark.parametrize("fault", ["store_server_down", "scheduler_killed", "scheduler_frozen"])
 def test_the_scale_out_engines_going_away_under_serve_lose_and_fail_no_acked_mail(tmp_path, fault):
     """The PostgreSQL store's server stopped as by a crash, or the Dask scheduler killed, mid-burst and back two
-    seconds later: the outage is the machine's, so no acked mail fails, is lost or is digested twice."""
+    seconds later, or the scheduler frozen for 8 s (past its 5 s of silence): the outage is the machine's, so no
+    acked mail fails, is lost or is digested twice."""
     before = _live_children()
-    rows = getattr(scaleout_faults, fault)(tmp_path, messages=12, senders=2, down_s=2.0, margin_s=1.0,
-                                           timeout_s=240)
+    rows = getattr(scaleout_faults, fault)(tmp_path, messages=12, senders=2, margin_s=1.0, timeout_s=240,
+                                           down_s=8.0 if fault == "scheduler_frozen" else 2.0)
     if rows[0]["metric"] == "skipped" and not os.environ.get("CI"):
         pytest.skip(rows[0]["tags"]["reason"])
     figures = _figures(rows, fault)
     assert figures["sent"] == 12 and figures["acked"] == 12, rows
     assert figures["lost"] == 0 and figures["duplicated"] == 0 and figures["untyped"] == 0
     assert figures["failed_runs"] == 0 and figures["missing_digests"] == 0
-    if fault == "store_server_down":  # nothing can be recorded without the store: senders were told to retry
+    if fault in ("store_server_down", "scheduler_frozen"):  # nothing recorded without the store, nothing sent to a
+        # silent scheduler: senders were told to retry
         replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
         assert replies.get("451", 0) >= 1, replies
     assert not _no_children_left(before)
@@ -223,7 +225,7 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
 
 @pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "wal_reader", "hung_gateway", "disk_full",
                                    "work_disk_full", "outbox_full", "store_server_down", "scheduler_killed",
-                                   "drop_backlog"])
+                                   "scheduler_frozen", "drop_backlog"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 

@@ -82,6 +82,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "outbox_full": {"messages": 10, "senders": 2, "full_s": 1.0, "size_mb": 16},
                       "store_server_down": {"messages": 16, "senders": 2, "down_s": 2.0, "margin_s": 1.0},
                       "scheduler_killed": {"messages": 12, "senders": 2, "down_s": 2.0, "margin_s": 1.0},
+                      "scheduler_frozen": {"messages": 12, "senders": 2, "down_s": 8.0, "margin_s": 1.0},
                       "drop_backlog": {"files": 200, "mails": 10, "senders": 2},
                       "spool_replaced": {"messages": 20, "senders": 2, "down_s": 6.0, "margin_s": 1.0},
                       "stop_overrun": {"messages": 16, "senders": 2, "lock_s": 12.0}},
@@ -158,6 +159,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "outbox_full": {"messages": 40, "senders": 4, "full_s": 3.0, "size_mb": 16},
                       "store_server_down": {"messages": 200, "senders": 4, "down_s": 5.0, "margin_s": 2.0},
                       "scheduler_killed": {"messages": 60, "senders": 4, "down_s": 12.0, "margin_s": 2.0},
+                      # silent 5 s (30 s by default, the same path); frozen 15 s shows the 451s
+                      "scheduler_frozen": {"messages": 60, "senders": 4, "down_s": 15.0, "margin_s": 2.0},
                       "drop_backlog": {"files": 3000, "mails": 20, "senders": 2},
                       # the data-dir watch looks every 5 s: 10 s down shows it at work
                       "spool_replaced": {"messages": 120, "senders": 4, "down_s": 10.0, "margin_s": 2.0},

@@ -1,7 +1,7 @@
 """Faults of the scale-out engines, injected under a real ``python -m pipeline serve`` and judged like the others
 (``faults``, ``faultcheck``): the PostgreSQL run store's server stopped mid-burst, and the Dask scheduler killed
-mid-burst. Both are the machine's fault, never the mail's: senders should see 451 while it lasts and 250 once it
-is back, and every acked mail should end in exactly one successful run with one digest.
+or frozen (SIGSTOP) mid-burst. All are the machine's fault, never the mail's: senders should see 451 while it
+lasts and 250 once it is back, and every acked mail should end in exactly one successful run with one digest.
 """
 
 from __future__ import annotations
@@ -79,6 +79,35 @@ def scheduler_killed(work: Path, messages: int = 60, senders: int = 4, down_s: f
                 verdict = judge(serve.data_dir, replies, messages, timeout_s)
     return figures(fault, verdict, replies, restarted, down_s=down_s) + _outage_rows(fault, replies, killed,
                                                                                      restarted)
+
+
+def scheduler_frozen(work: Path, messages: int = 60, senders: int = 4, down_s: float = 15.0, silent_s: float = 5.0,
+                     timeout_s: float = 300.0, margin_s: float = 2.0) -> Rows:
+    """As ``scheduler_killed``, the scheduler stopped with SIGSTOP for ``down_s`` instead, then continued: its TCP
+    connections stay open, so only its silence shows it. Serve refuses to send tasks to a scheduler silent for
+    ``[executor] scheduler_silent_s`` (``silent_s`` here; 30 s by default, the same path) and answers 451 once two
+    runs wait for it; the tries sent before that wait at the scheduler and end once it continues."""
+    fault = "scheduler_frozen"
+    if not DASK.exists():
+        return skipped(fault, f"no Dask CLI at {DASK} (install the [dask] extra)")
+    port = free_port()
+    config = {"executor": {"kind": "dask", "scheduler": f"tcp://127.0.0.1:{port}", "scheduler_silent_s": silent_s}}
+    gap = (down_s + 2 * margin_s) * senders / messages
+    with DaskCluster(port, work / "cluster") as cluster, serving(work / "data", work, config) as serve:
+        with Senders(serve.port, burst_messages("daskfrozen", messages, pdf_every=1), work, senders,
+                     gap_s=gap) as sending:
+            _wait_succeeded(serve.data_dir, max(1, messages // 5), timeout_s)  # the executor is connected
+            frozen = time.time()
+            cluster.scheduler.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(down_s)
+            finally:
+                cluster.scheduler.send_signal(signal.SIGCONT)
+            continued = time.time()
+            replies = sending.wait(timeout_s)
+            verdict = judge(serve.data_dir, replies, messages, timeout_s)
+    return figures(fault, verdict, replies, continued, down_s=down_s) + _outage_rows(fault, replies, frozen,
+                                                                                     continued)
 
 
 def _wait_succeeded(data_dir: Path, count: int, timeout_s: float) -> None:
