@@ -195,7 +195,9 @@ md("### Faults survived\n\nEach fault injected into a real `python -m pipeline s
    "SIGTERM → serve's exit, with the store locked (the grace plus `[serve] stop_margin_s` is the bound); "
    "*WAL peak MB* / *WAL after MB* (`wal_reader`): the run store's write-ahead log while "
    "another process held an old snapshot during the burst, and after it went and more mail came; "
-   "`store_server_down` and `scheduler_killed` are the scale-out engines failing under a serve that uses them.\n\n" + views.markdown(fault_table) +
+   "`store_server_down`, `scheduler_killed` and `scheduler_frozen` are the scale-out engines failing under a serve "
+   "that uses them (`scheduler_frozen`: SIGSTOP, then SIGCONT; *4xx after s* includes `[executor] "
+   "scheduler_silent_s`, 5 s here).\n\n" + views.markdown(fault_table) +
    "\n\nOutcome per judged case (bad inputs; the run whose extraction worker was killed):\n\n"
    + views.markdown(fault_cases) + "\n\n" + views.wild_mail_line(m)
    + ("\n\nRelays as they behave in the wild (`bad_relay`: a scripted relay on loopback, one mail per behaviour; "
