@@ -127,6 +127,25 @@ def store_error(label: str, exc: BaseException) -> StoreError:
     return StoreError(f"{label}: {text}")
 
 
+def _noting_connects(base: Any, note: Callable[[BaseException | None], None]) -> Any:
+    """A connection class for the pool that reports how each of its connects ended. The pool only logs why it could
+    not connect (a role without LOGIN, too many clients), and a call then fails "couldn't get a connection after
+    1.0 sec", which serve logged as "the server is unreachable" beside its 451."""
+
+    class NotingConnection(base):  # type: ignore[misc,valid-type]
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except Exception as exc:
+                note(exc)
+                raise
+            note(None)
+            return conn
+
+    return NotingConnection
+
+
 class _Cursor:
     """A psycopg connection speaking the shared code's ``?`` placeholders."""
 
@@ -172,17 +191,20 @@ class PostgresRunStore(SqlRunStore):
         if not self.config.url:
             raise ConfigurationError("PostgresRunStore needs store.url = 'postgresql://...'")
         self._psycopg, pool_module = _driver()
+        self._pool_timeout = pool_module.PoolTimeout
         self.DRIVER_ERRORS = (self._psycopg.Error,)
         self.url, self.label = self.config.url, redact(self.config.url)
         self._watchers: list[_QueueWatcher] = []
         self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._connect_once()
+        self._connect_failure: str | None = None  # why the pool's last connect failed; None once one succeeds
         # how long a call waits for a pooled connection (or a reconnect) before StoreUnavailableError
         timeout_s = max(self.config.busy_timeout_ms / 1000, 0.1)
         self._pool = pool_module.ConnectionPool(
             self.url, min_size=1, max_size=self.config.pool_size, open=False, timeout=timeout_s,
             kwargs=connection_options(self.config.busy_timeout_ms), name="pipeline-store",
-            check=self._check_if_idle, reset=self._returned_now)
+            check=self._check_if_idle, reset=self._returned_now,
+            connection_class=_noting_connects(self._psycopg.Connection, self._note_connect))
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn:
@@ -234,7 +256,13 @@ class PostgresRunStore(SqlRunStore):
         with self._pool.connection() as conn:
             yield _Cursor(conn)
 
+    def _note_connect(self, failure: BaseException | None) -> None:
+        self._connect_failure = None if failure is None else " ".join(str(failure).split()) or type(failure).__name__
+
     def _store_error(self, exc: BaseException) -> StoreError:
+        failure = self._connect_failure
+        if failure and isinstance(exc, self._pool_timeout):  # "couldn't get a connection": say why, not only that
+            exc = type(exc)(f"{exc}; the last connect failed: {failure}")
         error = store_error(self.label, exc)
         if isinstance(error, StoreUnavailableError):
             try:  # drop the idle connections the server lost too, so that the next call reconnects

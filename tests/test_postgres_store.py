@@ -333,3 +333,32 @@ def test_the_first_write_after_the_servers_backends_ended_succeeds(pg_url):
         # no StoreUnavailableError: with four dead, trying them one by one (backing off 1, 2, 4 s) would pass
         # the 3 s the pool may wait
         assert store.create_run("wf", {})[1]
+
+
+def test_a_connect_the_pool_could_not_make_is_named_in_the_error_not_only_that_it_timed_out(pg_url):
+    """A prober's find: with the store's role refused at login (NOLOGIN; also "too many clients"), every call
+    failed "couldn't get a connection after 1.0 sec (the server is unreachable ...)", serve's 451 log line
+    said no more, and only psycopg.pool's own warnings named the server's refusal."""
+    role = f"r{os.getpid()}"
+    host_part = pg_url.split("@", 1)[1]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+        store = PostgresRunStore(StoreConfig(url=f"postgresql://{role}@{host_part}", busy_timeout_ms=1000))
+        try:
+            store.create_run("wf", {})
+            admin.execute(f"ALTER ROLE {role} NOLOGIN")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            with pytest.raises(StoreUnavailableError, match=f'the last connect failed: .*role "{role}" is not '
+                                                            "permitted to log in") as err:
+                for _ in range(5):  # the first call may still find its connection alive, for an instant
+                    store.create_run("wf", {})
+            assert err.value.retryable and "\n" not in str(err.value)
+            admin.execute(f"ALTER ROLE {role} LOGIN")
+            assert wait_until(lambda: _answers(store), 30)  # the same store goes on once the role may log in
+        finally:
+            store.close()
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            admin.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
