@@ -351,6 +351,10 @@ class DaskExecutor:
         if memory:
             return PdfTooLargeError(f"the task needed memory over the Dask worker's memory limit: the nanny "
                                     f"restarted worker {address}")
+        if not where:  # no start announced: it died before the try ran there, or just after, before its flush
+            return WorkerCrashedError(f"Dask worker {address} died before the try announced its start there (not "
+                                      "for memory): a worker that cannot unpickle the task, the pipeline package "
+                                      "not installed in its environment, dies this way (see its log)")
         return WorkerCrashedError(f"Dask worker {address} died while running the task (not for memory)")
 
 

@@ -441,6 +441,28 @@ def test_a_worker_that_cannot_import_a_dependency_makes_runs_wait_not_fail_untyp
         engine.shutdown(grace_s=5)
 
 
+def test_a_worker_without_the_pipeline_package_is_named_as_a_likely_cause_of_its_death(store, settings):
+    """A prober's find: a worker where the project is not installed cannot unpickle our tasks; it drops its
+    connection and stops, the scheduler reports it killed, and the try failed "died while running the task".
+    A try that never announced its start says so and names that likely cause. It stays a retryable
+    ``worker_crashed``, not the cluster's fault: a PDF bomb that takes its memory at once dies before its
+    announcement too, and must not be retried for ever."""
+    with _separate_cluster("--preload", "block_pipeline") as address:
+        with distributed.Client(address, timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+        engine = WorkflowEngine(store, dask_settings(settings, scheduler=address))
+        engine.register(DAG("held", [Task("work", held_task, executor="dask", retries=0)]))
+        engine.start()
+        try:
+            run = engine.wait(engine.trigger("held", {"log": "-", "gate": "-"}).run_id, timeout=90)
+        finally:
+            engine.shutdown(grace_s=5)
+    [task] = store.get_tasks(run.run_id)
+    assert (run.state, task.error_type) == ("failed", "worker_crashed"), task
+    assert "before the try announced its start" in task.error_message
+    assert "pipeline package not installed" in task.error_message
+
+
 def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settings, monkeypatch):
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
     address = f"tcp://127.0.0.1:{free_port()}"
