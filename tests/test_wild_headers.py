@@ -216,3 +216,33 @@ def test_a_long_file_name_cut_for_the_digest_keeps_its_extension():
     name = "Quarterly report of the northern region " * 5 + ".pdf"
     shown = parse.display_name(name, 0)
     assert len(shown) == parse.MAX_NAME_CHARS and shown.endswith("….pdf")
+
+
+def attached(headers: bytes) -> bytes:
+    """A mail whose one PDF part has ``headers`` (its Content-Type and Content-Disposition)."""
+    return (ENVELOPE + b"From: a@example.com\r\nSubject: figures\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n" + headers + b"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(PDF) + b"--B--\r\n")
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"Rechnung.pdf\";\r\n"
+    b" filename*=utf-8''Rechnung%20M%C3%A4rz.pdf",
+    b"Content-Type: application/pdf\r\nContent-Disposition: attachment;\r\n"
+    b" filename*=utf-8''Rechnung%20M%C3%A4rz.pdf; filename=\"Rechnung.pdf\"",
+    b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"Rechnung.pdf\";\r\n"
+    b" filename*0*=utf-8''Rechnung%20M%C3%A4; filename*1=\"rz.pdf\"",
+    b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"Rechnung.pdf\"; "
+    b"filename*=iso-8859-1''Rechnung%20M%E4rz.pdf",
+    b"Content-Type: application/pdf; name=\"Rechnung.pdf\"; name*=utf-8''Rechnung%20M%C3%A4rz.pdf",
+], ids=["plain-first", "rfc2231-first", "rfc2231-pieces", "latin-1", "content-type-name"])
+def test_an_rfc2231_file_name_wins_over_the_plain_one_beside_it(tmp_path, headers):
+    """RFC 6266 4.3: the plain ``filename`` is the fallback for old readers. The email package takes the one
+    written first, so a mail whose fallback came first was digested as "Rechnung.pdf"."""
+    info = summary(attached(headers), tmp_path)
+    assert [a["name"] for a in info["attachments"]] == ["Rechnung M\u00e4rz.pdf"]
+
+
+def test_a_plain_file_name_alone_is_read_as_before(tmp_path):
+    headers = b"Content-Type: application/pdf; name=\"type.pdf\"\r\nContent-Disposition: attachment; filename=\"a.pdf\""
+    assert [a["name"] for a in summary(attached(headers), tmp_path)["attachments"]] == ["a.pdf"]

@@ -8,11 +8,12 @@ such exception becomes a ParseError that names the header.
 
 from __future__ import annotations
 
+import re
 from email import errors as email_errors
 from email.header import decode_header, make_header
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import getaddresses
+from email.message import EmailMessage, Message
+from email.utils import collapse_rfc2231_value, getaddresses
 from typing import Any
 
 from ..errors import ParseError
@@ -147,6 +148,29 @@ def header_sender(msg: EmailMessage, envelope: str | None) -> tuple[str, str]:
         if envelope is None:
             raise
         return "", ""
+
+
+def attachment_name(part: EmailMessage) -> str | None:
+    """The part's file name as ``get_filename`` reads it, but an RFC 2231 ``filename*`` (or ``name*``) wins over a
+    plain one beside it: RFC 6266 4.3, the plain one is the fallback for old readers. The email package takes
+    the one written first, so ``filename="Rechnung.pdf"; filename*=utf-8''Rechnung%20M%C3%A4rz.pdf`` was
+    digested under the fallback."""
+    name = extended_param(part, "content-disposition", "filename")
+    if name is None and part.get_param("filename", None, "content-disposition") is None:
+        name = extended_param(part, "content-type", "name")
+    return name if name is not None else part.get_filename()
+
+
+def extended_param(part: EmailMessage, header: str, param: str) -> str | None:
+    """Parameter ``param`` of the part's first ``header`` when it is written the RFC 2231 way (``name*=``,
+    ``name*0*=``), decoded; None when it is not."""
+    raw = next((str(v) for k, v in part.raw_items() if k.lower() == header), None)
+    if raw is None or not re.search(rf";\s*{param}\*", raw, re.IGNORECASE):
+        return None
+    holder = Message()  # compat32 reads each parameter as written, an RFC 2231 one apart from a plain one
+    holder[header] = readable(raw[:MAX_HEADER_CHARS])
+    values = [value for key, value in (holder.get_params([], header) or [])[1:] if key == param]
+    return collapse_rfc2231_value(values[-1]).strip() if values else None  # (the RFC 2231 one comes last)
 
 
 def message_id(msg: EmailMessage) -> str | None:

@@ -45,6 +45,7 @@ from .autoreply import automated
 from .headers import (
     HEADER_ERRORS,
     MAX_NAME_CHARS,
+    attachment_name,
     clean_header,
     header_sender,
     message_id,
@@ -191,7 +192,7 @@ def is_pdf(part: EmailMessage, payload: bytes) -> bool:
     kind = part.get_content_type()
     if kind in NOT_PDF_TYPES and payload[:4] == APPLEDOUBLE_MAGIC:  # (AppleSingle, the same type, holds the file)
         return False
-    name = (part.get_filename() or "").lower()
+    name = (attachment_name(part) or "").lower()
     if kind in PDF_TYPES or name.endswith(".pdf") or payload[:5] == b"%PDF-":
         return True
     return part.get_content_maintype() != "text" and b"%PDF-" in payload[:PDF_HEADER_WINDOW]
@@ -265,7 +266,7 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
     Raises ParseError naming Content-Disposition when the part's headers cannot be parsed.
     """
     try:
-        name = part.get_filename()
+        name = attachment_name(part)
         canonical_transfer_encoding(part)
         payload = part.get_payload(decode=True)
         payload = payload if isinstance(payload, bytes) else b""

@@ -14,6 +14,8 @@ import zipfile
 from collections.abc import Iterator
 from email.message import EmailMessage
 
+from .headers import attachment_name
+
 MAX_MEMBERS = 1000  # files read from one archive (the MIME part limit's size)
 ARCHIVE_BUDGET = 4  # an archive's files are read up to this many times max_attachment_bytes in all (a bomb of
 # a thousand deflated members would otherwise write max_attachment_bytes a thousand times to the work dir)
@@ -52,7 +54,7 @@ def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
             return what
     if payload[257:262] == b"ustar":
         return "a tar archive"
-    name = (part.get_filename() or "").lower()
+    name = (attachment_name(part) or "").lower()
     return "an OpenPGP-encrypted file" if name.endswith((".pgp", ".gpg")) else None
 
 
