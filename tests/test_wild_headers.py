@@ -199,8 +199,8 @@ def test_a_mail_of_hundreds_of_pdfs_keeps_its_result_small_and_says_how_many_wer
 
 def test_latin1_labels_read_as_windows_1252_and_raw_8bit_names_as_cp1252(tmp_path):
     """A prober's finds: Outlook's curly quotes and dash under an ISO-8859-1 label were dropped ("It s the Q3
-    report final"), and a raw Latin-1 sender name showed as "J�rgen". (A raw Latin-1 file name still shows
-    "Pr�sentation.pdf": the email package replaces its bytes before we see them.)"""
+    report final"), and a raw Latin-1 sender name showed as "J�rgen"; a raw Latin-1 file name showed as
+    "Pr�sentation.pdf" (the email package replaced its bytes before we saw them)."""
     raw = (ENVELOPE + b"From: J\xfcrgen M\xfcller <j@example.com>\r\n"
            b"Subject: =?iso-8859-1?Q?It=92s_the_=93Q3=94_report_=96_final?=\r\n"
            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
@@ -209,7 +209,31 @@ def test_latin1_labels_read_as_windows_1252_and_raw_8bit_names_as_cp1252(tmp_pat
     info = summary(raw, tmp_path)
     assert info["subject"] == "It\u2019s the \u201cQ3\u201d report \u2013 final"
     assert info["from_name"] == "J\u00fcrgen M\u00fcller"
-    assert [a["name"] for a in info["attachments"]] == ["Pr\ufffdsentation.pdf"]  # read, its name as it could be
+    assert [a["name"] for a in info["attachments"]] == ["Pr\u00e4sentation.pdf"]
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "utf-8"])
+def test_raw_8bit_file_names_and_subjects_read_as_utf8_or_else_windows_1252(tmp_path, encoding):
+    """Raw 8-bit bytes (no RFC 2047 or 2231 encoding) in a Subject, a Content-Type name and a Content-Disposition
+    filename: UTF-8 stays UTF-8 (RFC 6532), anything else is Windows-1252 ("caf\xe9" and the euro sign)."""
+    def raw(text: str) -> bytes:
+        return text.encode(encoding)
+
+    mail_bytes = (ENVELOPE + b"From: a@example.com\r\nSubject: " + raw("Caf\u00e9 \u20ac") + b"\r\n"
+                  b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+                  b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\""
+                  + raw("caf\u00e9.pdf") + b"\"\r\n\r\n" + PDF + b"\r\n--B\r\n"
+                  b"Content-Type: application/pdf; name=\"" + raw("\u20ac \u00fcber.pdf") + b"\"\r\n\r\n"
+                  + PDF + b"\r\n--B--\r\n")
+    info = summary(mail_bytes, tmp_path)
+    assert info["subject"] == "Caf\u00e9 \u20ac"
+    assert [a["name"] for a in info["attachments"]] == ["caf\u00e9.pdf", "\u20ac \u00fcber.pdf"]
+
+
+def test_a_raw_latin1_sender_address_is_still_refused_not_guessed(tmp_path):
+    """Only free text and file names are read as Windows-1252: an address that is not UTF-8 names no mailbox."""
+    with pytest.raises(ParseError, match="not valid UTF-8"):
+        summary(mail(b"From: J\xfcrgen <j\xfcrgen@example.com>\r\n", envelope=b""), tmp_path)
 
 
 def test_a_long_file_name_cut_for_the_digest_keeps_its_extension():

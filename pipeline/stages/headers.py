@@ -17,7 +17,7 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from typing import Any
 
 from ..errors import ParseError
-from .mailpolicy import DEFAULT, MAX_HEADER_CHARS
+from .mailpolicy import DEFAULT, MAX_HEADER_CHARS, decode_8bit
 
 MAX_NAME_CHARS = 100
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
@@ -38,11 +38,7 @@ def readable(text: str) -> str:
     """``text`` with raw 8-bit bytes (surrogate escapes) read as UTF-8, or else as Windows-1252 (a raw Latin-1
     "Jürgen" came out "J�rgen"), and C1 controls read as Windows-1252 would."""
     if any("\udc80" <= c <= "\udcff" for c in text):
-        raw = text.encode("utf-8", "surrogateescape")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252", "replace")
+        text = decode_8bit(text)
     return text.translate(_C1_TABLE)
 
 

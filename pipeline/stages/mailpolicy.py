@@ -11,16 +11,28 @@ of a From: and grows faster than the length: a 1 MB From: of 50,000 addresses to
 CPU, holding up the parsing of every other mail (a prober sent three). Real headers that are parsed (From,
 Content-Type, Message-ID) are far under 1 KB, so a longer one is refused (a structured header) or cut
 (free text such as Subject, of which a digest shows 250 characters anyway).
+
+Raw 8-bit bytes in free text and in Content-Type and Content-Disposition (the parser keeps them as surrogate
+escapes) are read as UTF-8 (RFC 6532), or else as Windows-1252, before the header is parsed: the email package
+would replace each byte of a raw Latin-1 "caf\xe9.pdf" or subject with U+FFFD. Address headers keep their bytes:
+an address that is not UTF-8 is refused where it is read (``headers.addr_spec``), never guessed at.
 """
 
 from __future__ import annotations
 
 from email import errors as email_errors
 from email import policy
-from email.headerregistry import BaseHeader, HeaderRegistry, MessageIDHeader, UnstructuredHeader
+from email.headerregistry import (
+    BaseHeader,
+    HeaderRegistry,
+    MessageIDHeader,
+    ParameterizedMIMEHeader,
+    UnstructuredHeader,
+)
 from typing import Any
 
 MAX_HEADER_CHARS = 8 * 1024
+EIGHT_BIT_READ = (UnstructuredHeader, ParameterizedMIMEHeader)  # header kinds whose raw 8-bit text is decoded first
 
 
 class HeaderTooLongError(email_errors.HeaderParseError):
@@ -50,7 +62,22 @@ class ReusedHeaderClasses(HeaderRegistry):
                 raise HeaderTooLongError(f"{len(value):,} characters long, over the {MAX_HEADER_CHARS:,} a parsed "
                                          "header may have")
             value = value[:MAX_HEADER_CHARS]
+        if isinstance(value, str) and not value.isascii() and issubclass(self._kind(name), EIGHT_BIT_READ):
+            value = decode_8bit(value)
         return super().__call__(name, value)
+
+
+def decode_8bit(text: str) -> str:
+    """``text`` with its raw 8-bit bytes (surrogate escapes) read as UTF-8, or else as Windows-1252 (what a mail
+    without a charset label most often is); ``text`` itself when it has none."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte gave (set by code, not parsed): nothing to read
+        return text
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace")
 
 
 DEFAULT = policy.default.clone(header_factory=ReusedHeaderClasses())
