@@ -270,3 +270,25 @@ def test_an_rfc2231_file_name_wins_over_the_plain_one_beside_it(tmp_path, header
 def test_a_plain_file_name_alone_is_read_as_before(tmp_path):
     headers = b"Content-Type: application/pdf; name=\"type.pdf\"\r\nContent-Disposition: attachment; filename=\"a.pdf\""
     assert [a["name"] for a in summary(attached(headers), tmp_path)["attachments"]] == ["a.pdf"]
+
+
+@pytest.mark.parametrize(("label", "wide", "text"), [
+    ("gb2312", "gb18030", "\u9555\u5b57 \u62a5\u544a"),  # 镕 is GBK, not GB 2312
+    ("GBK", "gb18030", "\u62a5\u4ef7 \u20ac"),  # the euro sign is in GB18030, not in Python's GBK
+    ("ks_c_5601-1987", "cp949", "\ub620 \ubcf4\uace0\uc11c"),  # Outlook's label; 똠 only in Windows-949
+    ("big5", "big5hkscs", "\u556b\u5605"),  # Hong Kong characters
+], ids=["gb2312", "gbk", "ks_c_5601-1987", "big5"])
+def test_a_charset_label_is_read_as_its_superset_like_mail_readers_do(tmp_path, label, wide, text):
+    """A mail labelled gb2312 whose subject, sender name and file names hold GBK characters came out with
+    U+FFFD (the email package decodes each label strictly); read as GB18030, as mail readers do."""
+    data = text.encode(wide)
+    word = f"=?{label}?B?{base64.b64encode(data).decode()}?=".encode()
+    pct = "".join(f"%{b:02X}" for b in data).encode()
+    raw = (ENVELOPE + b"From: " + word + b" <a@example.com>\r\nSubject: " + word + b"\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"" + word + b".pdf\"\r\n\r\n"
+           + PDF + b"\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+           b"filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + PDF + b"\r\n--B--\r\n")
+    info = summary(raw, tmp_path)
+    assert (info["subject"], info["from_name"]) == (text, text)
+    assert [a["name"] for a in info["attachments"]] == [text + ".pdf"] * 2

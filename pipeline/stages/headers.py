@@ -17,7 +17,7 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from typing import Any
 
 from ..errors import ParseError
-from .mailpolicy import DEFAULT, MAX_HEADER_CHARS, decode_8bit
+from .mailpolicy import DEFAULT, MAX_HEADER_CHARS, decode_8bit, superset_charset, wider_charsets
 
 MAX_NAME_CHARS = 100
 # What the email package raises on odd header input (CPython 3.11: ValueError for an encoded word that
@@ -118,6 +118,7 @@ def lenient_mailboxes(msg: EmailMessage, name: str) -> list[Address]:
     value = next((str(v) for k, v in msg.raw_items() if k.lower() == name.lower()), "")
     if "=?" not in value or len(value) > MAX_HEADER_CHARS:  # only an encoded word decodes to CR/LF
         return []
+    value = wider_charsets(value)
     mailboxes = []
     for display, address in getaddresses([value]):
         try:
@@ -166,7 +167,12 @@ def extended_param(part: EmailMessage, header: str, param: str) -> str | None:
     holder = Message()  # compat32 reads each parameter as written, an RFC 2231 one apart from a plain one
     holder[header] = readable(raw[:MAX_HEADER_CHARS])
     values = [value for key, value in (holder.get_params([], header) or [])[1:] if key == param]
-    return collapse_rfc2231_value(values[-1]).strip() if values else None  # (the RFC 2231 one comes last)
+    if not values:
+        return None
+    value = values[-1]  # (the RFC 2231 one comes last)
+    if isinstance(value, tuple) and value[0]:  # (charset, language, text)
+        value = (superset_charset(value[0]), value[1], value[2])
+    return collapse_rfc2231_value(value).strip()
 
 
 def message_id(msg: EmailMessage) -> str | None:

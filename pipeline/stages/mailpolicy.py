@@ -16,10 +16,15 @@ Raw 8-bit bytes in free text and in Content-Type and Content-Disposition (the pa
 escapes) are read as UTF-8 (RFC 6532), or else as Windows-1252, before the header is parsed: the email package
 would replace each byte of a raw Latin-1 "caf\xe9.pdf" or subject with U+FFFD. Address headers keep their bytes:
 an address that is not UTF-8 is refused where it is read (``headers.addr_spec``), never guessed at.
+
+An RFC 2047 encoded word labelled with a charset mail programs use for a larger one is read as the larger one
+(``SUPERSET_CHARSETS``), as mail readers do: a "gb2312" subject holding a GBK character came out with U+FFFD.
 """
 
 from __future__ import annotations
 
+import codecs
+import re
 from email import errors as email_errors
 from email import policy
 from email.headerregistry import (
@@ -33,6 +38,13 @@ from typing import Any
 
 MAX_HEADER_CHARS = 8 * 1024
 EIGHT_BIT_READ = (UnstructuredHeader, ParameterizedMIMEHeader)  # header kinds whose raw 8-bit text is decoded first
+# charsets (Python's codec names) that label text holding a larger charset's characters: read as the larger one,
+# as mail readers and the WHATWG Encoding Standard do (gb2312 and GBK as GB18030; Outlook's ks_c_5601-1987, which
+# Python reads as EUC-KR, as Windows-949; Big5 with the Hong Kong characters). ISO-8859-1 read as Windows-1252 is
+# ``headers.readable``'s: its C1 controls are translated after decoding.
+SUPERSET_CHARSETS = {"gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "big5": "big5hkscs"}
+# an RFC 2047 encoded word (with RFC 2231's ``charset*lang``): its charset, and the rest of it
+_ENCODED_WORD = re.compile(r"=\?([^?*\s]{1,40})((?:\*[^?\s]*)?\?[bBqQ]\?[^?\s]*\?=)")
 
 
 class HeaderTooLongError(email_errors.HeaderParseError):
@@ -64,7 +76,22 @@ class ReusedHeaderClasses(HeaderRegistry):
             value = value[:MAX_HEADER_CHARS]
         if isinstance(value, str) and not value.isascii() and issubclass(self._kind(name), EIGHT_BIT_READ):
             value = decode_8bit(value)
+        if isinstance(value, str) and "=?" in value:
+            value = wider_charsets(value)
         return super().__call__(name, value)
+
+
+def superset_charset(label: str) -> str:
+    """The charset to read text labelled ``label`` with: its superset (``SUPERSET_CHARSETS``), else ``label``."""
+    try:
+        return SUPERSET_CHARSETS.get(codecs.lookup(label).name, label)
+    except (LookupError, ValueError):  # an unknown label: the email package says so where it decodes
+        return label
+
+
+def wider_charsets(text: str) -> str:
+    """``text`` with the charset of each RFC 2047 encoded word in it replaced by its superset."""
+    return _ENCODED_WORD.sub(lambda word: "=?" + superset_charset(word.group(1)) + word.group(2), text)
 
 
 def decode_8bit(text: str) -> str:
