@@ -20,6 +20,7 @@
     │   ├── EncryptedPdfError   reason "encrypted"
     │   ├── CorruptPdfError     reason "corrupt"
     │   ├── PdfTooLargeError    reason "too_large" (pages, bytes, decompressed size, time, memory cap)
+    │   ├── NotReadError        reason "not_read": a wrapper whose files are not read (TNEF, S/MIME, tar...)
     │   └── WorkerCrashedError  reason "worker_crashed": the extraction worker died for another cause
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
@@ -237,6 +238,15 @@ class PdfTooLargeError(IngestError):
     """The PDF exceeds a page, size, decompression, memory or time limit."""
 
     reason = "too_large"
+
+
+class NotReadError(IngestError):
+    """An attachment whose files the pipeline lists but does not read (``stages.wrappers``): Outlook's
+    winmail.dat, an S/MIME or OpenPGP wrapper, an archive other than ZIP, a split or encrypted message, a damaged
+    ZIP archive or a member encrypted or past its budget. Its PDFs, if any, are not digested, so the run is
+    partial, as with a PDF that cannot be read."""
+
+    reason = "not_read"
 
 
 class WorkerCrashedError(IngestError):

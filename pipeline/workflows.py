@@ -19,7 +19,7 @@ from typing import Any
 from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
-from .errors import PdfTooLargeError, TaskIOError
+from .errors import NotReadError, PdfTooLargeError, TaskIOError
 from .workdir import shed_if_ended
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     item = ctx.item
     if item.get("rejected"):
         raise PdfTooLargeError(item["rejected"], item["name"])
+    if item.get("unread"):  # a wrapper whose files are not read: the run is partial (stages.wrappers)
+        raise NotReadError(item["unread"], item["name"])
     # a file of this try's own: a try abandoned at shutdown may still be writing (or removing) its text while
     # the run's next owner extracts the same attachment (it ended with the other's text or a FileNotFoundError)
     text_path = Path(ctx.work_dir) / "text" / f"{ctx.index:03d}-{uuid.uuid4().hex[:8]}.txt"

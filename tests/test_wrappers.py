@@ -10,6 +10,8 @@ import zipfile
 from email.message import EmailMessage
 from pathlib import Path
 
+from helpers import send_for_run_id as send
+
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.stages import parse
@@ -67,12 +69,11 @@ def test_wrappers_that_are_not_read_are_named_not_taken_for_a_pdf(tmp_path):
                                     (tnef, "application/ms-tnef", "winmail.dat"),
                                     (b"0\x82opaque", "application/pkcs7-mime", "smime.p7m"),
                                     (ONE, "text/x-moz-deleted", "Deleted: report.pdf")))
-    assert info["attachments"] == []
-    assert [s["reason"] for s in info["skipped"]] == [
-        "a tar archive: its files are not read",
-        "an Outlook TNEF wrapper (winmail.dat): its files are not read",
-        "an S/MIME wrapper (signed or encrypted): its files are not read",
-        "an attachment the sender's mail program deleted: its files are not read"]
+    assert info["skipped"] == [] and [(a["name"], a["path"], a["unread"]) for a in info["attachments"]] == [
+        ("docs.tar", None, "a tar archive: its files are not read"),
+        ("winmail.dat", None, "an Outlook TNEF wrapper (winmail.dat): its files are not read"),
+        ("smime.p7m", None, "an S/MIME wrapper (signed or encrypted): its files are not read"),
+        ("Deleted: report.pdf", None, "an attachment the sender's mail program deleted: its files are not read")]
 
 
 def test_a_split_message_and_an_encrypted_one_are_named_not_read(tmp_path):
@@ -81,7 +82,7 @@ def test_a_split_message_and_an_encrypted_one_are_named_not_read(tmp_path):
              b"Content-Type: application/pdf; name=split.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
              + base64.encodebytes(ONE[:300]) + b"\r\n")
     info = _summary(tmp_path, split)
-    assert info["attachments"] == [] and [s["reason"] for s in info["skipped"]] == [
+    assert info["skipped"] == [] and [a["unread"] for a in info["attachments"]] == [
         "a part of a split message (not put together again)"]
     encrypted = (b"From: alice@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/encrypted; "
                  b"protocol=\"application/pgp-encrypted\"; boundary=B\r\n\r\n--B\r\n"
@@ -89,7 +90,7 @@ def test_a_split_message_and_an_encrypted_one_are_named_not_read(tmp_path):
                  b"Content-Type: application/octet-stream; name=encrypted.asc\r\n\r\n"
                  b"-----BEGIN PGP MESSAGE-----\r\nhQEMA\r\n-----END PGP MESSAGE-----\r\n--B--\r\n")
     info = _summary(tmp_path / "e", encrypted)
-    assert info["attachments"] == [] and [s["reason"] for s in info["skipped"]] == [
+    assert info["skipped"] == [] and [a["unread"] for a in info["attachments"]] == [
         "an encrypted message (OpenPGP/MIME)"]
 
 
@@ -109,8 +110,25 @@ def test_a_zip_of_many_pdfs_is_read_up_to_a_budget_and_the_rest_listed(tmp_path)
     pdf = b"%PDF-1.4\n" + b"0" * 400_000  # 400 KB each, a few KB deflated
     archive = _zip({f"p{i}.pdf": pdf for i in range(20)}, zipfile.ZIP_DEFLATED)
     info = _summary(tmp_path, _mail((archive, "application/zip", "many.zip")), max_attachment_bytes=1_000_000)
-    read = [a for a in info["attachments"] if not a.get("rejected")]
+    read = [a for a in info["attachments"] if not a.get("unread")]
     assert len(read) == ARCHIVE_BUDGET * 1_000_000 // len(pdf)  # 10 of 20 fit the budget
     assert all(Path(a["path"]).stat().st_size == len(pdf) for a in read)  # none cut short
-    assert [s["reason"] for s in info["skipped"]] == [
+    assert [a.get("unread") for a in info["attachments"][len(read):]] == [
         f"not read: its ZIP archive's files are over {ARCHIVE_BUDGET * 1_000_000:,} bytes in all"] * (20 - len(read))
+    assert info["skipped"] == []
+
+
+def test_a_mail_whose_only_pdf_is_in_a_wrapper_is_a_partial_success_that_says_why(service_factory, smtp_sink):
+    """A winmail.dat (or an S/MIME .p7m) holding the mail's one PDF ended a plain success: the sender's PDF was
+    not digested, and only a line under "Parts not digested" said so. Over real SMTP, digest to a real relay."""
+    service = service_factory()
+    tnef = b"\x78\x9f\x3e\x22" + b"\x00" * 40 + ONE
+    raw = _mail((tnef, "application/ms-tnef", "winmail.dat"))
+    run = service.engine.wait(send(service, raw), timeout=120)
+    assert run.state == "success" and run.partial, run
+    assert run.reason == "partial: 1 of 1 ingest_pdf failed (not_read)"
+    [digest] = smtp_sink[0].wait_for(1)
+    text = digest.get_body(("plain",)).get_content()
+    assert "* winmail.dat: could not be read (not_read: an Outlook TNEF wrapper (winmail.dat): its files are not " \
+        "read)" in text, text
+    assert "no PDF attachments" not in text

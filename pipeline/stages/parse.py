@@ -64,7 +64,7 @@ from .mime_repair import (
     repair_header_block,
 )
 from .uuencode import uuencoded_files
-from .wrappers import NOT_READ, UNREAD_CONTAINERS, ZIP, wrapper_kind, zip_members
+from .wrappers import NOT_A_PDF_IN_ZIP, NOT_READ, UNREAD_CONTAINERS, ZIP, wrapper_kind, zip_members
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
@@ -323,7 +323,7 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
         if part.is_multipart():
             unread = UNREAD_CONTAINERS.get(part.get_content_type())
             if unread:
-                skipped.append({"name": display_name(None, len(pdfs) + len(skipped)), "reason": unread})
+                pdfs.append(_unread(None, unread, len(pdfs) + len(skipped)))
             continue
         raw_name, payload, reason = read_leaf(part)
         if reason == ZIP:
@@ -331,11 +331,15 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
                 _count_file(pdfs, skipped)
                 if data is not None:
                     pdfs.append(_store_pdf(member, data, len(pdfs), dest, limits.max_attachment_bytes))
+                elif why != NOT_A_PDF_IN_ZIP:  # encrypted, damaged, past the budget: it may be a PDF
+                    pdfs.append(_unread(member or raw_name, why, len(pdfs) + len(skipped)))
                 else:
                     skipped.append({"name": display_name(member or raw_name, len(pdfs) + len(skipped)),
                                     "reason": why})
         elif payload is not None:
             pdfs.append(_store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes))
+        elif reason.endswith(NOT_READ):  # a wrapper
+            pdfs.append(_unread(raw_name, reason, len(pdfs) + len(skipped)))
         elif reason:
             skipped.append({"name": display_name(raw_name, len(pdfs) + len(skipped)), "reason": reason})
         else:  # the message body
@@ -353,6 +357,11 @@ def _count_file(pdfs: list[dict[str, Any]], skipped: list[dict[str, str]]) -> No
     """One more file from inside a part (uuencoded in a body, in a ZIP archive): one bound for the whole mail."""
     if len(pdfs) + len(skipped) >= MAX_PARTS:
         raise ParseError(f"MIME: more than {MAX_PARTS:,} parts (files in bodies and archives counted)")
+
+
+def _unread(raw_name: str | None, why: str, index: int) -> dict[str, Any]:
+    """An item for a file that may hold PDFs and is not read (``wrappers``): its ingest_pdf fails it as not_read."""
+    return {"name": display_name(raw_name, index), "size": 0, "path": None, "unread": why}
 
 
 def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max_bytes: int) -> dict[str, Any]:

@@ -1,6 +1,11 @@
 """Parts that wrap other files: a ZIP archive's PDFs are read; other wrappers are named in the digest as not read,
 never taken for a PDF themselves.
 
+Files that may be PDFs and are not read (a wrapper, a part of a split message, a damaged ZIP archive, a member that
+is encrypted or past the archive's budget) are items of the mail's attachment list with ``unread`` set (``parse``):
+each fails its ingest_pdf as not_read, so the run ends partial and the digest says why, as for a PDF that cannot be
+read (they were listed beside the PDFs, and a mail whose one PDF came in a winmail.dat ended a plain success).
+
 A prober's finds: an uncompressed ZIP or tar whose first KB held a PDF's ``%PDF-`` was digested as one document,
 the other PDFs inside lost without a word; Outlook's winmail.dat, S/MIME and OpenPGP wrappers were listed "not a
 PDF (application/ms-tnef)", which says nothing of the PDFs inside; the parts of a split message were read as a
@@ -21,6 +26,7 @@ ARCHIVE_BUDGET = 4  # an archive's files are read up to this many times max_atta
 # a thousand deflated members would otherwise write max_attachment_bytes a thousand times to the work dir)
 ZIP = "a ZIP archive"
 NOT_READ = "its files are not read"
+NOT_A_PDF_IN_ZIP = "not a PDF (in a ZIP archive)"
 # containers the parser would walk into as a message or a multipart, whose content is not the mail's files
 UNREAD_CONTAINERS = {
     "message/partial": "a part of a split message (not put together again)",
@@ -92,5 +98,5 @@ def _member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_bytes: int) -
     except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError) as exc:
         return name, None, f"in a ZIP archive that cannot be read ({exc})"
     if data[:5] != b"%PDF-" and not name.lower().endswith(".pdf"):
-        return name, None, "not a PDF (in a ZIP archive)"
+        return name, None, NOT_A_PDF_IN_ZIP
     return name, data, ""
