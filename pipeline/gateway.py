@@ -243,14 +243,17 @@ def declared_size(mail_options: list[str]) -> int | None:
     return None
 
 
-def _unusable(address: str, who: str, syntax_code: str) -> str | None:
-    """The 553 for an address that is not UTF-8 (aiosmtpd keeps such bytes as surrogates) or holds control
-    characters (CR, NUL: no digest could ever reach a sender with them); None for a usable one. Only Cc: the
+def _unusable(address: str, who: str, syntax_code: str, smtputf8: bool) -> str | None:
+    """The 553 for an address that is not UTF-8 (aiosmtpd keeps such bytes as surrogates), holds control
+    characters (CR, NUL: no digest could ever reach a sender with them), or is not ASCII in a transaction whose
+    MAIL FROM did not declare ``smtputf8`` (RFC 6531 3.4; aiosmtpd took it); None for a usable one. Only Cc: the
     joiners IDNA allows in Persian and Indic names are not printable, yet valid."""
     if any("\udc80" <= c <= "\udcff" for c in address):
         return f"553 5.6.7 {who} address is not valid UTF-8"
     if any(unicodedata.category(c) == "Cc" for c in address):
         return f"553 {syntax_code} {who} address has control characters"
+    if not smtputf8 and not address.isascii():
+        return f"553 5.6.7 {who} address is not ASCII: declare SMTPUTF8 on MAIL FROM (RFC 6531)"
     return None
 
 
@@ -264,7 +267,7 @@ class _SmtpHandler:
                           mail_options: list[str]) -> str:
         if not self.gateway.sender_allowed(address):
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
-        unusable = _unusable(address, "Sender", "5.1.7")
+        unusable = _unusable(address, "Sender", "5.1.7", envelope.smtp_utf8)  # (aiosmtpd set it from the options)
         if unusable:
             return metrics.smtp_reply("MAIL", unusable)
         size = declared_size(mail_options)
@@ -282,7 +285,7 @@ class _SmtpHandler:
         if not self.gateway.recipient_allowed(address):
             return metrics.smtp_reply("RCPT", "550 5.7.1 Recipient domain not accepted here")
         unusable = "553 5.1.3 Recipient address is empty" if address in ("", "<>") else \
-            _unusable(address, "Recipient", "5.1.3")
+            _unusable(address, "Recipient", "5.1.3", envelope.smtp_utf8)
         if unusable:  # kept in the run's rcpt_tos as sent (a prober's RCPT TO:<d\x00@e.f> was answered 250)
             return metrics.smtp_reply("RCPT", unusable)
         if len(envelope.rcpt_tos) >= self.gateway.config.max_recipients:  # the client sends the rest again later

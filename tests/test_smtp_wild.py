@@ -99,3 +99,25 @@ def test_a_data_trickled_slower_than_a_line_per_idle_timeout_is_not_cut_off(serv
         smtp.close()
     assert code == 250, text
     assert wait_until(lambda: service.store.count_runs_by_state() != {})
+
+
+def test_a_utf8_address_without_smtputf8_is_refused_553_5_6_7(service_factory):
+    """RFC 6531 3.4: a non-ASCII address in a transaction whose MAIL FROM did not declare SMTPUTF8 is refused
+    553 5.6.7 (aiosmtpd took it with 250: the digest would go to an address the client never said it could use)."""
+    service = service_factory()
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        assert smtp.command("MAIL FROM:<jos\u00e9@example.com>".encode()) == (
+            553, "5.6.7 Sender address is not ASCII: declare SMTPUTF8 on MAIL FROM (RFC 6531)")
+        assert smtp.command("MAIL FROM:<me@b\u00fccher.example>".encode())[0] == 553  # a U-label domain too
+        assert smtp.command(b"MAIL FROM:<alice@example.com>")[0] == 250
+        assert smtp.command("RCPT TO:<d\u00efgest@pipeline.local>".encode()) == (
+            553, "5.6.7 Recipient address is not ASCII: declare SMTPUTF8 on MAIL FROM (RFC 6531)")
+        assert smtp.command(b"RCPT TO:<digest@pipeline.local>")[0] == 250  # the transaction goes on
+        smtp.command(b"RSET")
+        assert smtp.command("MAIL FROM:<jos\u00e9@example.com> SMTPUTF8".encode())[0] == 250  # declared: taken
+        assert smtp.command("RCPT TO:<d\u00efgest@pipeline.local>".encode())[0] == 250
+    finally:
+        smtp.close()
+    assert service.store.count_runs_by_state() == {}
+
