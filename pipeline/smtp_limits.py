@@ -270,6 +270,12 @@ class LimitedSMTP(LeanSMTP):
         if self.transport is not None and self._timeout_handle is not None:
             self._reset_timeout()
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Refuse AUTH as Postfix does without SASL: the gateway offers none (EHLO never listed it). aiosmtpd's
+        HELP listed it and its AUTH answered 538 "encryption required", as if a STARTTLS (not offered either)
+        would let a client in; without aiosmtpd's help text HELP no longer lists it."""
+        await self.push("502 5.5.1 Error: authentication not enabled")
+
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         """No 503 for a transaction without HELO/EHLO (Postfix and sendmail take one by default; RFC 5321 puts
         the greeting on the client): the session is named after the peer's address instead."""

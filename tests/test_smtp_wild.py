@@ -121,3 +121,19 @@ def test_a_utf8_address_without_smtputf8_is_refused_553_5_6_7(service_factory):
         smtp.close()
     assert service.store.count_runs_by_state() == {}
 
+
+def test_help_does_not_list_auth_which_the_gateway_does_not_offer(service_factory):
+    """aiosmtpd's HELP listed AUTH (and 'HELP AUTH' gave its syntax), and AUTH answered 538 "encryption required",
+    as if a STARTTLS would let it in: the gateway has neither. EHLO never offered it."""
+    service = service_factory()
+    smtp = RawSession(service.settings.gateway.port)
+    try:
+        code, text = smtp.command(b"HELP")
+        assert code == 250 and "MAIL" in text.split() and "AUTH" not in text.split(), text
+        code, text = smtp.command(b"HELP AUTH")
+        assert code == 501 and "AUTH" not in text.split(), text
+        assert smtp.command(b"AUTH PLAIN AGFAAGI=") == (502, "5.5.1 Error: authentication not enabled")
+        assert "AUTH" not in smtp.command(b"EHLO client.example")[1]
+        assert smtp.command(b"MAIL FROM:<alice@example.com>")[0] == 250  # the session goes on
+    finally:
+        smtp.close()
