@@ -66,6 +66,10 @@ class RunnerConfig:
     """How tasks run: pool sizes, default retries and timeouts."""
 
     thread_workers: int = 16
+    # threads of their own for tasks that wait on another host (deliver through a relay, executor "io"): a relay
+    # that hangs holds these, not the threads that parse and ingest every other mail (a prober's relay hanging
+    # after DATA held all 16 for its 10-minute timeout, and no mail was parsed meanwhile)
+    io_workers: int = 8
     process_workers: int = 2
     default_retries: int = 0
     default_timeout_s: float | None = None
@@ -74,18 +78,18 @@ class RunnerConfig:
     # where build_digest and deliver run: "process", the pool of process_workers (the email package's header
     # parsing and the summary off the engine's GIL: small mails 1.24x per second in small_mail_drain), or "thread";
     # "auto": the pool, but threads for `ingest` (whose few runs end before a pool has started); deliver keeps
-    # to threads when it sends through a relay (workflows.email_digest_dag)
+    # to the io_workers threads when it sends through a relay (workflows.email_digest_dag)
     stage_executor: str = "auto"
     # threads that take a process-pool or Dask try's result to its run (the store writes, the next task's submit);
     # 0: the pool's own result thread does it, and while it writes, no other result or submission moves (baseline)
     completion_threads: int = 4
 
     def validate(self) -> None:
-        if self.thread_workers < 1 or self.process_workers < 1:
+        if self.thread_workers < 1 or self.process_workers < 1 or self.io_workers < 1:
             raise ConfigurationError("runner worker counts must be >= 1")
-        if self.process_workers > MAX_PROCESSES or self.thread_workers > MAX_THREADS:
-            raise ConfigurationError(f"runner.process_workers must be at most {MAX_PROCESSES} and "
-                                     f"runner.thread_workers at most {MAX_THREADS}")
+        if self.process_workers > MAX_PROCESSES or max(self.thread_workers, self.io_workers) > MAX_THREADS:
+            raise ConfigurationError(f"runner.process_workers must be at most {MAX_PROCESSES}, and "
+                                     f"runner.thread_workers and io_workers at most {MAX_THREADS}")
         if self.completion_threads < 0:
             raise ConfigurationError("runner.completion_threads must be >= 0 (0: on the pool's result thread)")
         if self.stage_executor not in ("auto", "process", "thread"):

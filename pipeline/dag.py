@@ -17,7 +17,8 @@ from typing import Any
 
 from .errors import DAGError
 
-EXECUTORS = ("thread", "process", "dask")
+EXECUTORS = ("thread", "io", "process", "dask")  # "io": threads of their own, for tasks waiting on another host
+THREAD_EXECUTORS = ("thread", "io")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Executors: where every run's tries go (a thread pool; a process pool and a Dask cluster made on first use).
+"""Executors: where every run's tries go (a thread pool, another for tasks waiting on another host; a process pool
+and a Dask cluster made on first use).
 
 A process pool whose worker died abruptly (OOM killer, kill -9) is broken for
 good; ``submit_process`` replaces it so one dead worker costs one try, not the service.
@@ -38,6 +39,8 @@ class Executors:
                  cluster: ExecutorConfig | None = None) -> None:
         self.config = config
         self.thread = thread_pool
+        # tasks that wait on another host (a relay): a hung one holds these, not the threads every run needs
+        self.io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="pipeline-io")
         self._completions = (ThreadPoolExecutor(config.completion_threads, thread_name_prefix="pipeline-completion")
                              if config.completion_threads else None)
         self._process_factory = process_factory
@@ -109,6 +112,7 @@ class Executors:
     def shutdown(self, wait: bool = True) -> None:
         """Shut the pools down and close the Dask client; queued work is cancelled."""
         self.thread.shutdown(wait=wait, cancel_futures=True)
+        self.io.shutdown(wait=wait, cancel_futures=True)
         if self._process is not None:
             self._process.shutdown(wait=wait, cancel_futures=True)
         if self._cluster is not None:

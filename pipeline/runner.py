@@ -45,7 +45,7 @@ from typing import Any
 from . import dag as dags
 from . import metrics, tracing, workdir
 from . import store as s
-from .dag import DAG, Task, TaskContext, parse_instance
+from .dag import DAG, THREAD_EXECUTORS, Task, TaskContext, parse_instance
 from .errors import (
     ClusterUnavailableError,
     IngestError,
@@ -300,7 +300,7 @@ class DAGRunner:
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
-        inst.clock = None if inst.task.executor != "thread" else WaitClock()
+        inst.clock = None if inst.task.executor not in THREAD_EXECUTORS else WaitClock()
         if inst.clock is None:  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
         self._after_commit.append(partial(self._launch, instance_id, attempt, ctx))
@@ -310,7 +310,8 @@ class DAGRunner:
         if inst.clock is None:
             future = self.executors.submit_to(inst.task.executor, inst.task.fn, ctx)
         else:
-            future = self.executors.thread.submit(self._run_in_thread, instance_id, attempt, ctx, inst.clock)
+            pool = self.executors.io if inst.task.executor == "io" else self.executors.thread
+            future = pool.submit(self._run_in_thread, instance_id, attempt, ctx, inst.clock)
         self._handover.try_started()
         timeout = inst.task.timeout_s or self.config.default_timeout_s
         if timeout:

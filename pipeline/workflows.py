@@ -211,5 +211,5 @@ def email_digest_dag(settings: Settings) -> DAG:
              allow_failed=("ingest_pdf",), executor=stage_executor(settings), retries=1),
         Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"),
              retries=settings.delivery.retries, retry_max_delay_s=settings.delivery.retry_max_delay_s,
-             executor="thread" if settings.delivery.relay else stage_executor(settings)),
+             executor="io" if settings.delivery.relay else stage_executor(settings)),
     ])

@@ -95,6 +95,26 @@ def test_stopping_ends_a_session_stuck_on_a_relay_at_once(relay):
     assert "was cut off: serve stopped" in str(failed[0])
 
 
+def test_relay_sessions_that_hang_hold_threads_of_their_own_not_those_that_parse_other_mail(relay, settings):
+    """A prober's find: a relay that hung after the data held all 16 task threads for its 10-minute wait for the
+    final dot's reply; no other mail was parsed meanwhile, while serve answered 250. Relay sessions run on
+    ``[runner] io_workers`` threads of their own."""
+    relay.dot_delay_s = 300  # hangs after the data, until the relay stops
+    runner = replace(settings.runner, thread_workers=2, io_workers=2)
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), runner=runner,
+                                      delivery=DeliveryConfig(relay=relay.url))).start()
+    try:
+        for i in range(3):  # two hold both io threads, the third waits for one
+            send_for_run_id(service, fx.email_with([], message_id=f"<hung{i}@x>"))
+        assert wait_until(lambda: relay.connections == 2, 60)
+        later = send_for_run_id(service, fx.email_with([], message_id="<later@x>"))
+        assert wait_until(lambda: {t.task_id: t.state for t in service.store.get_tasks(later)}.get("build_digest")
+                          == SUCCESS, 60), service.store.get_tasks(later)
+        assert relay.connections == 2 and not relay.messages
+    finally:
+        service.stop()
+
+
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):
     """451 to the first two sessions (greylisting), then 250: the run succeeds on the third try, one copy."""
     relay.scripts = [{"rcpt": "451 4.7.1 greylisted, come back later"}] * 2 + [{}]

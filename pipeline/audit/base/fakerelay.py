@@ -14,7 +14,6 @@ from __future__ import annotations
 import mailbox
 import socketserver
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,7 +103,7 @@ class _Session(socketserver.StreamRequestHandler):
                         return
                     lines.append(data_line)
                 body = b"".join(lines)
-                time.sleep(relay.dot_delay_s)
+                relay.stop.wait(relay.dot_delay_s)  # (a relay that hangs after the data: ended by ``stop``)
                 if script["dot"].startswith("250"):
                     relay.took(body)
                 self.say(script["dot"])
