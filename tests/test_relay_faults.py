@@ -55,6 +55,16 @@ def test_a_temporary_refusal_is_tried_again_and_says_so(relay, stage, reply):
     assert "deferred the digest: 4" in str(deferred.value) or "unreachable or gone" in str(deferred.value)
 
 
+def test_a_relay_answering_garbage_is_said_to_not_speak_smtp_not_to_defer(relay):
+    """A prober's relay greeted with a line of binary garbage: the run failed "deferred the digest: -1 arbage
+    line" (smtplib's code for a line without one, its first characters cut), a protocol error called a deferral."""
+    relay.scripts = [{"mail": "hello world"}]
+    with pytest.raises(DeliveryError, match=r"does not speak SMTP: it answered a line without a reply code "
+                                            r"\(\.\.\.'o world'\)") as garbage:
+        send(relay)
+    assert garbage.value.retryable and "deferred" not in str(garbage.value) and not relay.messages
+
+
 def test_a_421_to_quit_after_the_relay_took_the_digest_is_a_delivery(relay):
     relay.scripts = [{"quit": "421 4.3.0 shutting down"}]
     assert send(relay) == relay.url and len(relay.messages) == 1

@@ -303,7 +303,11 @@ def _relay_error(relay: str | None, exc: BaseException) -> DeliveryError:
         code, text = exc.smtp_code, exc.smtp_error
     else:
         return DeliveryError(f"relay {relay} unreachable or gone: {exc}")
-    reply = f"{code} {text.decode('utf-8', 'replace') if isinstance(text, bytes) else text}"
+    said = text.decode('utf-8', 'replace') if isinstance(text, bytes) else text
+    if not 200 <= code < 600:  # smtplib's -1: a line without a 3-digit code (its first 4 characters cut off)
+        return DeliveryError(f"relay {relay} does not speak SMTP: it answered a line without a reply code "
+                             f"(...{said[:200]!r})")
+    reply = f"{code} {said}"
     if 500 <= code < 600:
         return DeliveryError(f"relay {relay} refused the digest: {reply}", retryable=False)
     return DeliveryError(f"relay {relay} deferred the digest: {reply}")
