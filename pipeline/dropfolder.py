@@ -73,6 +73,8 @@ class DropFolder:
         self._failures = RateLimitedLog(log)
         self.first_pass = threading.Event()  # set once the rescan thread has taken what waited at start
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the observer watches
+        # why the folder cannot be used (a file where it goes), logged once, not at every pass; None when usable
+        self.unusable: str | None = None
         self._make_dirs()
 
     def _make_dirs(self) -> None:
@@ -104,18 +106,33 @@ class DropFolder:
                 observer.emitters and all(emitter.is_alive() for emitter in observer.emitters) and \
                 all((self.directory / sub).is_dir() for sub in SUBDIRS):
             return  # (an inotify watch ends, its emitter with it, when its folder is removed: inode numbers recur)
-        log.warning("drop folder %s was removed or replaced, or its watch stopped: making it again and watching "
-                    "it anew", self.directory)  # (once: the next pass finds it whole)
+        if self.unusable is None:  # (once: the next pass finds it whole, or still unusable)
+            log.warning("drop folder %s was removed or replaced, or its watch stopped: making it again and "
+                        "watching it anew", self.directory)
         try:
             self._make_dirs()
         except OSError as exc:  # a file where a folder goes: scanning new/ (if it is there) goes on
-            log.warning("drop folder %s: cannot make its folders again: %s", self.directory, exc)
+            self._unusable(f"cannot make its folders again: {exc}")
             return
+        self._usable()
         old, self._observer = self._observer, None
         if old is not None:
             old.stop()
             old.join(timeout=5)
         self._watch()
+
+    def _unusable(self, why: str) -> None:
+        """Log why the folder cannot be used once, not at every pass (three lines every 5 s while a file stood
+        where the folder goes, a prober's find); the state is ``unusable`` until a pass finds it usable."""
+        if self.unusable is None:
+            log.warning("drop folder %s: %s; nothing dropped there is taken until it is mended (checked every "
+                        "%g s, logged once)", self.directory, why, self.retry_interval_s)
+        self.unusable = why
+
+    def _usable(self) -> None:
+        if self.unusable is not None:
+            log.warning("drop folder %s is usable again", self.directory)
+            self.unusable = None
 
     def start(self) -> DropFolder:
         """Watch ``new/``; what is waiting there is taken by the rescan thread, which starts with it at once.
@@ -146,8 +163,9 @@ class DropFolder:
             with os.scandir(self.directory / "new") as entries:
                 paths = sorted(Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False))
         except OSError as exc:
-            log.warning("drop folder: cannot list %s: %s", self.directory / "new", exc)
+            self._unusable(f"cannot list {self.directory / 'new'}: {exc}")
             return 0
+        self._usable()
         taken = 0
         for path in paths:
             if self._stopping.is_set():  # a backlog of thousands must not hold serve's stop
