@@ -38,7 +38,9 @@
 # base64, an automatic reply, each with one PDF; *pdfs* is how many the parse found). Then a mail loop: a serve
 # whose relay routes every digest back to its own gateway, watched until no run is added. Last, relays as they
 # behave in the wild (`bad_relay`: greylisting, a connection lost mid-DATA, a 421 to QUIT after the digest was
-# taken, a permanent refusal): each digest taken once, the refused run failed with what the relay said.
+# taken, a permanent refusal): each digest taken once, the refused run failed with what the relay said. And a relay
+# that hangs after the data (`relay_hung`: every session holds the final dot's reply for a few seconds while mail
+# keeps coming; *digested while hung* counts the mails parsed and digested meanwhile).
 
 # %% tags=["parameters"]
 session_id = None
@@ -47,7 +49,7 @@ fixtures_dir = "data/fixtures"
 profile = "quick"
 only = ["kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
         "outbox_full", "spool_replaced", "stop_overrun", "store_server_down", "scheduler_killed", "scheduler_frozen",
-        "drop_backlog", "bad_input", "bad_relay"]
+        "drop_backlog", "bad_input", "bad_relay", "relay_hung"]
 kill_serve = {"messages": 16, "senders": 2, "kill_points": [0.5]}
 kill_worker_pdf = "text-1mb.pdf"
 store_locked = {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000, "margin_s": 1.0}
@@ -62,6 +64,7 @@ scheduler_frozen = {"messages": 12, "senders": 2, "down_s": 8.0, "margin_s": 1.0
 drop_backlog = {"files": 200, "mails": 10, "senders": 2}
 spool_replaced = {"messages": 20, "senders": 2, "down_s": 6.0, "margin_s": 1.0}
 stop_overrun = {"messages": 16, "senders": 2, "lock_s": 12.0}
+relay_hung = {"messages": 16, "senders": 2, "hung_s": 3.0}
 
 # %%
 from pipeline.audit.notebook import fixture, open_recorder, scratch_dir
@@ -78,7 +81,7 @@ params = {"kill_serve": kill_serve, "kill_worker": {"pdf": fixture(fixtures_dir,
           "work_disk_full": work_disk_full, "outbox_full": outbox_full, "store_server_down": store_server_down,
           "scheduler_killed": scheduler_killed, "scheduler_frozen": scheduler_frozen, "drop_backlog": drop_backlog,
           "spool_replaced": spool_replaced,
-          "stop_overrun": stop_overrun}
+          "stop_overrun": stop_overrun, "relay_hung": relay_hung}
 faults.fault_figures(work, params, only=tuple(only), recorder=recorder)
 views.fault_table(recorder.measurements())
 

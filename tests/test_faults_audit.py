@@ -128,6 +128,20 @@ def test_the_scale_out_engines_going_away_under_serve_lose_and_fail_no_acked_mai
     assert not _no_children_left(before)
 
 
+def test_a_relay_hanging_after_the_data_leaves_later_mail_parsed_and_digested_and_loses_none(tmp_path):
+    """Every relay session hangs for 3 s once the first 16 mails' sessions did: the 16 mails sent then are parsed
+    and digested meanwhile (on the shared task threads, none was), and every digest arrives once after."""
+    from pipeline.audit.scenarios import relay_hung
+
+    before = _live_children()
+    rows = relay_hung.relay_hung(tmp_path, messages=16, senders=2, hung_s=3.0, timeout_s=240)
+    figures = _figures(rows, "relay_hung")
+    assert figures["acked"] == 32 and figures["lost"] == 0 and figures["duplicated"] == 0, rows
+    assert figures["failed_runs"] == 0 and figures["missing_digests"] == 0
+    assert figures["sessions_hung"] == 8 and figures["digested_while_hung"] >= 8, figures
+    assert not _no_children_left(before)
+
+
 def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
@@ -225,13 +239,15 @@ def test_relays_in_the_wild_get_each_digest_once_and_a_refusal_fails_its_run_at_
 
 @pytest.mark.parametrize("fault", ["kill_serve", "store_locked", "wal_reader", "hung_gateway", "disk_full",
                                    "work_disk_full", "outbox_full", "store_server_down", "scheduler_killed",
-                                   "scheduler_frozen", "drop_backlog"])
+                                   "scheduler_frozen", "drop_backlog", "relay_hung"])
 def test_every_profile_gives_the_fault_parameters_it_accepts(fault):
     import inspect
 
     from pipeline.audit.batch import PROFILES
+    from pipeline.audit.scenarios import relay_hung
 
-    accepted = set(inspect.signature(getattr(faults, fault, None) or getattr(scaleout_faults, fault)).parameters)
+    runner = getattr(relay_hung, fault, None) or getattr(faults, fault, None) or getattr(scaleout_faults, fault)
+    accepted = set(inspect.signature(runner).parameters)
     for profile in ("quick", "standard", "full"):
         assert set(PROFILES[profile]["09_faults"][fault]) <= accepted, profile
 

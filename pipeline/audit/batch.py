@@ -85,7 +85,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "scheduler_frozen": {"messages": 12, "senders": 2, "down_s": 8.0, "margin_s": 1.0},
                       "drop_backlog": {"files": 200, "mails": 10, "senders": 2},
                       "spool_replaced": {"messages": 20, "senders": 2, "down_s": 6.0, "margin_s": 1.0},
-                      "stop_overrun": {"messages": 16, "senders": 2, "lock_s": 12.0}},
+                      "stop_overrun": {"messages": 16, "senders": 2, "lock_s": 12.0},
+                      "relay_hung": {"messages": 16, "senders": 2, "hung_s": 3.0}},
         "10_hostile_senders": {"sessions": {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30},
                                "memory": {"mails": 2, "mail_mb": 2, "reps": 1},
                                "head_of_line": {"timeout_s": 3.0, "slow_pages": 20, "reps": 1},
@@ -165,7 +166,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       # the data-dir watch looks every 5 s: 10 s down shows it at work
                       "spool_replaced": {"messages": 120, "senders": 4, "down_s": 10.0, "margin_s": 2.0},
                       # grace 1 s + margin 3 s against a 60 s busy timeout; the lock held 20 s
-                      "stop_overrun": {"messages": 40, "senders": 2, "lock_s": 20.0}},
+                      "stop_overrun": {"messages": 40, "senders": 2, "lock_s": 20.0},
+                      # 16 mails after the 16 whose sessions hung: max_active_runs (32) takes them all
+                      "relay_hung": {"messages": 16, "senders": 2, "hung_s": 10.0}},
         "10_hostile_senders": {"sessions": {"limit": 100, "extra": 100, "sends": 20, "release": 10, "churn": 1000},
                                "memory": {"mails": 10, "mail_mb": 44, "reps": 1},
                                # one rep: at d53ef80 its two agreed within 0.2 s (8.83/9.04 against 1.20/1.31 s)

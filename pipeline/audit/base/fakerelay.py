@@ -40,6 +40,9 @@ class Relay:
     sessions: Counter[str] = field(default_factory=Counter)  # by recipient's local part: RCPTs seen
     url: str = ""
     stop: threading.Event = field(default_factory=threading.Event)  # ends every session (the relay's end)
+    # a script with "hold" answers the final dot only once this is set (a relay hung after the data)
+    release: threading.Event = field(default_factory=threading.Event)
+    held: int = 0  # sessions holding their final dot's reply now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def script_for(self, recipient: str, script: dict[str, str]) -> dict[str, str]:
@@ -104,6 +107,8 @@ class _Session(socketserver.StreamRequestHandler):
                     lines.append(data_line)
                 body = b"".join(lines)
                 relay.stop.wait(relay.dot_delay_s)  # (a relay that hangs after the data: ended by ``stop``)
+                if script.get("hold"):
+                    self.hold(relay)
                 if script["dot"].startswith("250"):
                     relay.took(body)
                 self.say(script["dot"])
@@ -113,6 +118,16 @@ class _Session(socketserver.StreamRequestHandler):
                 return
             else:
                 self.say("250 ok")
+
+    @staticmethod
+    def hold(relay: Relay) -> None:
+        """Wait for ``release`` (or ``stop``) before answering the final dot, counted in ``held`` meanwhile."""
+        with relay.lock:
+            relay.held += 1
+        while not (relay.release.wait(0.05) or relay.stop.is_set()):
+            pass
+        with relay.lock:
+            relay.held -= 1
 
     def say(self, reply: str) -> None:
         self.wfile.write(reply.encode() + b"\r\n")

@@ -56,7 +56,7 @@ from ..base.serveproc import (
     serving,
     toml_text,
 )
-from . import datadir_faults, monitoring, scaleout_faults
+from . import datadir_faults, monitoring, relay_hung, scaleout_faults
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -578,7 +578,7 @@ def bad_relay(work: Path, timeout_s: float = 120.0) -> Rows:
 
 FAULTS = ("kill_serve", "kill_worker", "store_locked", "wal_reader", "hung_gateway", "disk_full", "work_disk_full",
           "outbox_full", "spool_replaced", "stop_overrun", "store_server_down", "scheduler_killed", "scheduler_frozen",
-          "drop_backlog", "bad_input", "bad_relay")
+          "drop_backlog", "bad_input", "bad_relay", "relay_hung")
 
 
 def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = FAULTS,
@@ -594,7 +594,7 @@ def fault_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str
         "outbox_full": outbox_full, "spool_replaced": datadir_faults.spool_replaced,
         "stop_overrun": datadir_faults.stop_overrun, "store_server_down": scaleout_faults.store_server_down,
         "scheduler_killed": scaleout_faults.scheduler_killed, "scheduler_frozen": scaleout_faults.scheduler_frozen,
-        "bad_input": bad_input, "bad_relay": bad_relay}
+        "bad_input": bad_input, "bad_relay": bad_relay, "relay_hung": relay_hung.relay_hung}
     rows = run_parts(runners, only, params, work, "fault", "faults")
     if recorder is not None:
         recorder.record("faults", pd.DataFrame(rows))
