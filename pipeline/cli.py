@@ -125,7 +125,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "port", None) is not None:
         gateway["port"] = args.port
     if getattr(args, "max_message_mb", None):
-        gateway["max_message_bytes"] = int(args.max_message_mb * 1024 * 1024)
+        gateway["max_message_bytes"] = math.ceil(args.max_message_mb * 1024 * 1024)  # 1e-9 MB is a byte, not 0
     if getattr(args, "no_drop_folder", False):
         gateway["drop_folder"] = False
     if getattr(args, "allow_remote", False):
@@ -136,7 +136,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "allow_remote", False):
         metrics["allow_remote"] = True
     return load_settings(args.config, args.data_dir, gateway=gateway, delivery=delivery, store=store,
-                         executor=executor_options(args), metrics=metrics)
+                         executor=executor_options(args), metrics=metrics, given_as=OPTION_OF_SETTING)
+
+
+# the settings the command-line options above set: a value refused is reported by the option the user typed
+OPTION_OF_SETTING = {"gateway.host": "--host", "gateway.port": "--port",
+                     "gateway.max_message_bytes": "--max-message-mb", "gateway.drop_folder": "--no-drop-folder",
+                     "gateway.allow_remote": "--allow-remote", "metrics.allow_remote": "--allow-remote",
+                     "metrics.port": "--metrics-port", "delivery.relay": "--deliver", "store.url": "--store-url",
+                     "executor.kind": "--executor", "executor.scheduler": "--scheduler"}
 
 
 def executor_options(args: argparse.Namespace) -> dict[str, Any]:

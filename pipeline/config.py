@@ -13,6 +13,7 @@ import ipaddress
 import math
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -213,7 +214,7 @@ class GatewayConfig:
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
-            raise ConfigurationError(f"gateway.port {self.port} is not a TCP port")
+            raise ConfigurationError(f"gateway.port must be a TCP port, 0-65535 (0: any free port), not {self.port}")
         if self.max_message_bytes <= 0:
             raise ConfigurationError("gateway.max_message_bytes must be > 0")
         if self.inline_accept_bytes < 0:
@@ -237,9 +238,9 @@ class GatewayConfig:
         if self.accept_timeout_s <= 0:
             raise ConfigurationError(f"gateway.accept_timeout_s must be > 0, not {self.accept_timeout_s:g}")
         if self.max_inflight_bytes < self.max_message_bytes:
-            raise ConfigurationError(f"gateway.max_inflight_bytes ({self.max_inflight_bytes:,}) must be >= "
-                                     f"gateway.max_message_bytes ({self.max_message_bytes:,}): raise both "
-                                     "([gateway] in the --config file)")
+            raise ConfigurationError(f"gateway.max_inflight_bytes ({_mb(self.max_inflight_bytes)}) must be >= "
+                                     f"gateway.max_message_bytes ({_mb(self.max_message_bytes)}): raise "
+                                     "max_inflight_bytes too ([gateway] in the --config file)")
         self._check_exposure()
 
     def _check_exposure(self) -> None:
@@ -254,6 +255,10 @@ class GatewayConfig:
         if not self.allowed_sender_domains:
             raise ConfigurationError(f"listening on {self.host} needs gateway.allowed_sender_domains "
                                      "(the envelope sender domains that may trigger a digest)")
+
+
+def _mb(size: int) -> str:
+    return f"{size / MB:,.6g} MB"
 
 
 def is_loopback(host: str) -> bool:
@@ -450,7 +455,8 @@ class MetricsConfig:
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
-            raise ConfigurationError(f"metrics.port {self.port} is not a TCP port (0: no metrics endpoint)")
+            raise ConfigurationError(f"metrics.port must be a TCP port, 0-65535 (0: no metrics endpoint), "
+                                     f"not {self.port}")
         if not is_loopback(self.host) and not self.allow_remote:
             raise ConfigurationError(f"refusing to serve metrics on {self.host}: set metrics.allow_remote = true "
                                      "(or --allow-remote) to expose them beyond this machine")
@@ -506,14 +512,16 @@ class Settings:
         return replace(base, **sections).validate()
 
 
-def load_settings(path: Path | None = None, data_dir: Path | str | None = None, **overrides: Any) -> Settings:
+def load_settings(path: Path | None = None, data_dir: Path | str | None = None, *,
+                  given_as: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build settings from an optional TOML file, then ``data_dir``, then per-section overrides.
 
     The TOML file has an optional top-level ``data_dir`` and one table per section
     (``[store]``, ``[gateway]`` ...) whose keys are the dataclass fields. Each value is
     checked against its field's annotated type. Raises ConfigurationError, one line naming
     the file, section and key, for an unknown section or key (with the nearest valid name),
-    a value of the wrong type, or a value the section's ``validate()`` refuses.
+    a value of the wrong type, or a value the section's ``validate()`` refuses. ``given_as`` names the
+    command-line option of an override (``{"gateway.port": "--port"}``): its errors name what the user typed.
     """
     source = str(path) if path is not None else ""
     raw = _read_toml(path) if path is not None else {}
@@ -524,7 +532,7 @@ def load_settings(path: Path | None = None, data_dir: Path | str | None = None, 
     for section, values in raw.items():
         settings = _with_section(settings, section, values, source)
     for section, values in overrides.items():
-        settings = _with_section(settings, section, values, "")
+        settings = _with_section(settings, section, values, "", given_as or {})
     return settings.validate()
 
 
@@ -537,8 +545,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
 
 
-def _with_section(settings: Settings, section: str, values: Any, source: str) -> Settings:
-    """Return ``settings`` with ``values`` applied to ``section``; ``source`` (the file) prefixes errors."""
+def _with_section(settings: Settings, section: str, values: Any, source: str,
+                  given_as: Mapping[str, str] | None = None) -> Settings:
+    """Return ``settings`` with ``values`` applied to ``section``; ``source`` (the file) prefixes errors, and a
+    key of ``values`` that ``given_as`` names is called by its command-line option in them."""
     prefix = f"{source}: " if source else ""
     sections = [f.name for f in fields(settings) if dataclasses.is_dataclass(getattr(settings, f.name))]
     if section not in sections:
@@ -551,8 +561,18 @@ def _with_section(settings: Settings, section: str, values: Any, source: str) ->
         updated.validate()
         _check_durations(section, updated)
     except ConfigurationError as exc:
-        raise ConfigurationError(f"{prefix}{exc}") from exc
+        options = {f"{section}.{key}": (given_as or {}).get(f"{section}.{key}") for key in values}
+        raise ConfigurationError(f"{prefix}{_as_given(str(exc), options)}") from exc
     return replace(settings, **{section: updated})
+
+
+def _as_given(message: str, options: Mapping[str, str | None]) -> str:
+    """``message`` with each setting (``gateway.port``) named as the option that gave it (``--port``): a user who
+    typed ``--port 70000`` need not know the settings file's key."""
+    for key, option in options.items():
+        if option:
+            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", option, message)
+    return message
 
 
 def _replace_section(current: Any, values: dict[str, Any], section: str, prefix: str = "") -> Any:

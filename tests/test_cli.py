@@ -258,7 +258,7 @@ def test_store_url_and_executor_flags_reach_the_settings(tmp_path):
     (["serve", "--workers-only", "--port", "2525"], "--workers-only does not listen: drop --port"),
     (["serve", "--gateway-only", "--executor", "dask"], "--gateway-only runs no tasks: give --executor"),
     (["serve", "--executor", "local", "--scheduler", "tcp://h:8786"], "--scheduler names a Dask cluster"),
-    (["--store-url", "mysql://h/db", "runs"], "store.url must start with postgresql://"),
+    (["--store-url", "mysql://h/db", "runs"], "--store-url must start with postgresql://"),
 ])
 def test_serve_role_and_store_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(["--data-dir", str(tmp_path / "data"), *argv]) == 2

@@ -37,7 +37,9 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ('data_dr = "x"', "unknown setting data_dr (did you mean data_dir?)"),
     ("[gateway]\nzzz = 1", "unknown setting [gateway] zzz (known: host, port, "),
     ("gateway = 5", "[gateway] must be a table of settings, not the integer 5"),
-    ("[gateway]\nport = 70000", "gateway.port 70000 is not a TCP port"),
+    ("[gateway]\nport = 70000", "gateway.port must be a TCP port, 0-65535 (0: any free port), not 70000"),
+    ("[gateway]\nmax_message_bytes = 300000000", "gateway.max_inflight_bytes (256 MB) must be >= "
+                                                 "gateway.max_message_bytes (286.102 MB): raise max_inflight_bytes"),
     ("[ingest]\nmax_pages = 0", "ingest.max_pages must be > 0, not 0"),
     ("[runner]\ncompletion_threads = -1", "runner.completion_threads must be >= 0"),
     ("[gateway]\ninline_accept_bytes = -1", "gateway.inline_accept_bytes must be >= 0 (0: every message in the"),

@@ -154,7 +154,7 @@ def test_ingest_missing_file_is_one_line_error(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["serve", "--port", "99999"]])
 def test_bad_serve_settings_are_one_line_errors(tmp_path, capsys, argv):
     assert main(["--data-dir", str(tmp_path), *argv]) == 2
-    assert "is not a TCP port" in capsys.readouterr().err
+    assert "--port must be a TCP port, 0-65535" in capsys.readouterr().err
 
 
 def ingest_running(store_path: Path) -> bool:

@@ -1,0 +1,49 @@
+"""What a user types on the command line, run as `python -m pipeline` in a real process: refused values are named
+by the option typed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pipeline`` (this checkout's, from any ``cwd``) as a user would."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "--port", "70000"], "--port must be a TCP port, 0-65535 (0: any free port), not 70000"),
+    (["serve", "--port", "-1"], "--port must be a TCP port, 0-65535 (0: any free port), not -1"),
+    (["serve", "--metrics-port", "70000"], "--metrics-port must be a TCP port, 0-65535 (0: no metrics endpoint), "
+                                           "not 70000"),
+    (["serve", "--max-message-mb", "100000"], "gateway.max_inflight_bytes (256 MB) must be >= --max-message-mb "
+                                              "(100,000 MB): raise max_inflight_bytes too"),
+    (["serve", "--deliver", "http://relay.example"], "--deliver must look like smtp://host:port, not"),
+    (["ingest", "--deliver", "smtp://relay.example:99999", "x.eml"], "--deliver must look like smtp://host:port: Port"),
+    (["serve", "--scheduler", "sched.example:8786"], "--scheduler must be an address like tcp://host:8786, not"),
+    (["--store-url", "mysql://db.example/runs", "runs"], "--store-url must start with postgresql://"),
+])
+def test_a_refused_option_value_is_named_by_the_option_typed(tmp_path, argv, message):
+    """`serve --port 70000` said `gateway.port 70000 is not a TCP port`: the settings file's key, which the user
+    never wrote, and no valid range."""
+    (tmp_path / "x.eml").write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    done = pipeline("--data-dir", str(tmp_path / "data"), *argv, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {message}") and "\n" not in done.stderr.strip(), done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_a_value_from_the_settings_file_is_still_named_by_its_key(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text("[gateway]\nport = 70000\n")
+    done = pipeline("--config", str(config), "--data-dir", str(tmp_path / "data"), "serve", "--metrics-port", "44090")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {config}: gateway.port must be a TCP port, 0-65535 (0: any free port), "
+                                   "not 70000")
