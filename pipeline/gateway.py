@@ -420,7 +420,7 @@ def listen_sockets(host: str, port: int, backlog: int = 100) -> list[socket.sock
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise StartupError(_bind_problem(host, port, exc)) from exc
+        raise StartupError(bind_problem(host, port, exc)) from exc
     return sockets
 
 
@@ -454,11 +454,15 @@ class _Servers:
             await server.wait_closed()
 
 
-def _bind_problem(host: str, port: int, exc: OSError) -> str:
+def bind_problem(host: str, port: int, exc: OSError, what: str = "SMTP", option: str = "--port",
+                 key: str = "[gateway] port") -> str:
+    """One line saying why ``what`` cannot listen on ``host:port``; a port in use names the ``option`` and the
+    settings ``key`` that choose another."""
     if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is in use (another serve running? choose another with --port)"
+        return (f"{what} port {port} on {host} is in use (another serve running? choose another with {option}, "
+                f"or {key} in the --config file)")
     if exc.errno == errno.EACCES:
-        return f"port {port} on {host}: permission denied (ports below 1024 need privileges)"
+        return f"{what} port {port} on {host}: permission denied (ports below 1024 need privileges)"
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {host}:{port}: {host} is not an address of this machine"
-    return f"cannot listen for SMTP on {host}:{port}: {exc.strerror or exc}"
+    return f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}"

@@ -48,7 +48,7 @@ from .datadir_watch import DataDirWatch
 from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .errors import ConfigurationError, StartupError
-from .gateway import EmailGateway
+from .gateway import EmailGateway, bind_problem
 from .gatewayprocess import GatewayProcess
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from .spool import Spool, SpooledMessage
@@ -179,7 +179,7 @@ class PipelineService:
                                                   health=lambda: self.health_problem, gateway_restarts=restarts,
                                                   wal_bytes=self.store.wal_bytes)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+            raise StartupError(bind_problem(host, port, exc, "metrics", "--metrics-port", "[metrics] port")) from exc
         log.info("metrics on http://%s:%d/metrics", host, server.port)
         return server
 

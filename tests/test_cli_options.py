@@ -2,11 +2,15 @@
 by the option typed."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
+
+from pipeline.sqlite_store import SqliteRunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +51,26 @@ def test_a_value_from_the_settings_file_is_still_named_by_its_key(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: {config}: gateway.port must be a TCP port, 0-65535 (0: any free port), "
                                    "not 70000")
+
+
+@pytest.mark.parametrize(("option", "named"), [("--metrics-port", "metrics port {port} on 127.0.0.1 is in use (another "
+                                                "serve running? choose another with --metrics-port, or [metrics] port "
+                                                "in the --config file)"),
+                                               ("--port", "SMTP port {port} on 127.0.0.1 is in use (another serve "
+                                                "running? choose another with --port, or [gateway] port in the "
+                                                "--config file)")])
+def test_a_port_in_use_names_the_port_and_what_chooses_another(tmp_path, option, named):
+    """A taken metrics port failed serve with 'cannot serve metrics on 127.0.0.1:9108: Address already in use', no
+    word of --metrics-port; nothing is claimed either way."""
+    store = SqliteRunStore(tmp_path / "data" / "runs.sqlite3")
+    store.create_run("email_digest", {"spool": "none", "source": "test"}, "<queued@x>")
+    store.close()
+    ports = {"--port": str(free_port()), "--metrics-port": str(free_port())}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        ports[option] = str(port := taken.getsockname()[1])
+        done = pipeline("--data-dir", str(tmp_path / "data"), "serve", "--no-drop-folder",
+                        *(word for pair in ports.items() for word in pair))
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {named.format(port=port)}", done.stderr
+    store = SqliteRunStore(tmp_path / "data" / "runs.sqlite3")
+    assert store.count_runs_by_state() == {"queued": 1}
+    store.close()

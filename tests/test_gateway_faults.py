@@ -306,7 +306,7 @@ def test_port_in_use_is_a_startup_error_and_claims_nothing(settings):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         service = PipelineService(replace(settings, gateway=GatewayConfig(port=port, drop_folder=False)))
-        with pytest.raises(StartupError, match=f"^port {port} on 127.0.0.1 is in use"):
+        with pytest.raises(StartupError, match=f"^SMTP port {port} on 127.0.0.1 is in use"):
             service.start()
     store = SqliteRunStore(settings.store)
     assert store.get_run(run.run_id).state == "queued"

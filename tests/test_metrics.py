@@ -364,7 +364,7 @@ def test_in_process_service_serves_metrics_and_a_taken_port_fails_start_up(setti
         assert "pipeline_queue_depth" in _scrape(taken)
         second = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()),
                                          metrics=MetricsConfig(port=taken)))
-        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{taken}"):
+        with pytest.raises(StartupError, match=f"^metrics port {taken} on 127.0.0.1 is in use"):
             second.start()
     finally:
         first.stop()

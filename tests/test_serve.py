@@ -202,8 +202,8 @@ def test_serve_on_a_port_in_use_is_one_line_exit_2_and_claims_nothing(tmp_path, 
         port = taken.getsockname()[1]
         code = main(["--data-dir", str(tmp_path / "data"), "serve", "--port", str(port), "--no-drop-folder"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == f"error: port {port} on 127.0.0.1 is in use (another serve running? choose " \
-                                "another with --port)", err
+    assert code == 2 and err == f"error: SMTP port {port} on 127.0.0.1 is in use (another serve running? choose " \
+                                "another with --port, or [gateway] port in the --config file)", err
     store = SqliteRunStore(tmp_path / "data" / "runs.sqlite3")
     assert store.count_runs_by_state() == {"queued": 1}
     store.close()
