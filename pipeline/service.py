@@ -289,8 +289,10 @@ class PipelineService:
                      where, self.settings.data_dir, store_location(self.settings))
             while not signalled and not self._stop.is_set():
                 time.sleep(0.2)  # a signal interrupts the sleep; its handler runs, then the loop ends
-            log.info("stopping%s: no new messages; letting running tasks finish (grace %.0f s)",
-                     f" on {signal.Signals(signalled[0]).name}" if signalled else "",
+            for sig in stopping:  # a second stop signal (Ctrl-C again) does not wait for the grace
+                signal.signal(sig, _exit_at_once)
+            log.info("stopping%s: no new messages; letting running tasks finish (grace %.0f s; Ctrl-C again to stop "
+                     "at once)", f" on {signal.Signals(signalled[0]).name}" if signalled else "",
                      self.settings.engine.shutdown_grace_s)
             margin = self.settings.serve.stop_margin_s
             watch = exit_if_stop_overruns(self.settings.engine.shutdown_grace_s + margin if margin else None)
@@ -305,6 +307,23 @@ class PipelineService:
 
 
 STOP_OVERRUN_EXIT = 1
+STOPPED_AT_ONCE_EXIT = 130  # 128 + SIGINT, whichever signal came second: what `ingest` exits with when interrupted
+
+
+def _exit_at_once(number: int, _frame: object) -> None:
+    """A second stop signal while serve stops (Ctrl-C pressed again): exit now, as the user asks, rather than at the
+    end of the grace period. Nothing acked is lost: the runs still running stay in this process's name, and the
+    next start's recovery requeues them (its pid is gone), as after a stop that overruns."""
+    _exit_now(f"error: stopped at once on a second {signal.Signals(number).name}, without waiting for running tasks; "
+              "the runs still running are requeued by the next start\n", STOPPED_AT_ONCE_EXIT)
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Write ``message`` to stderr and end the process at once (no clean-up that could wait on a stuck thread)."""
+    try:
+        os.write(2, message.encode())  # not logging: its lock may be held by a thread that hangs
+    finally:
+        os._exit(code)
 
 
 def exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
@@ -316,12 +335,8 @@ def exit_if_stop_overruns(limit_s: float | None) -> threading.Timer | None:
         return None
 
     def overrun() -> None:
-        message = (f"error: the stop did not finish within {limit_s:g} s (a run store, relay or task that does not "
-                   "answer?); exiting now: the runs still running are requeued by the next start\n")
-        try:
-            os.write(2, message.encode())  # not logging: its lock may be held by a thread that hangs
-        finally:
-            os._exit(STOP_OVERRUN_EXIT)
+        _exit_now(f"error: the stop did not finish within {limit_s:g} s (a run store, relay or task that does not "
+                  "answer?); exiting now: the runs still running are requeued by the next start\n", STOP_OVERRUN_EXIT)
 
     timer = threading.Timer(limit_s, overrun)
     timer.daemon = True
