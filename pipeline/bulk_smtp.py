@@ -51,6 +51,7 @@ CRLF = b"\r\n"
 END = b"\r\n.\r\n"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
 NO_ROOM = "452 4.3.1 Insufficient system storage"
+CANCELLED_WAIT_S = 5.0  # at a stop, the longest the loop waits for its cancelled sessions to end
 
 
 class DataWriter(Protocol):
@@ -284,6 +285,23 @@ class GatewayController(Controller):
         self.bulk_data, self.lean_sessions = bulk_data, lean_sessions
         self.limits = limits or SessionLimits()
         self.loop.set_exception_handler(self.limits.log.loop_exception_handler)
+
+    def cancel_tasks(self, stop_loop: bool = True) -> None:
+        """Cancel every task on the loop and stop it once they have ended (at most ``CANCELLED_WAIT_S``).
+
+        aiosmtpd's own stops the loop at once: a session waiting on its accept in the pool needs another turn of
+        the loop to end its cancelled wait, so it was left pending, and serve's stop logged "Task was destroyed but
+        it is pending!" (its accept goes on in the pool either way, and its run stands)."""
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        if stop_loop:
+            self.loop.create_task(self._stop_when_ended(tasks))
+
+    async def _stop_when_ended(self, tasks: set[asyncio.Task[Any]]) -> None:
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCELLED_WAIT_S)
+        self.loop.stop()
 
     def factory(self) -> SMTP | RefusedConnection:
         if not self.limits.open_session():

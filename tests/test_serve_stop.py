@@ -2,9 +2,11 @@
 
 import signal
 import smtplib
+import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class Serve:
     """``python -m pipeline serve`` on ``data``, its stderr collected line by line as it comes."""
 
-    def __init__(self, data: Path, config: Path, port: int) -> None:
+    def __init__(self, data: Path, config: Path, port: int, *options: str) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--data-dir", str(data), "--config",
-                                      str(config), "serve", "--port", str(port), "--no-drop-folder"], cwd=ROOT,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                      str(config), "serve", "--port", str(port), "--no-drop-folder", *options],
+                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
 
@@ -106,3 +108,48 @@ def test_a_second_ctrl_c_during_the_stop_ends_serve_at_once_and_the_next_start_r
         assert again.end() == 0, again.stderr()
     finally:
         again.end(0)
+
+
+def accepts_in_progress(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        lines = page.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("pipeline_gateway_accepts_in_progress "))
+
+
+def test_ctrl_c_while_an_accept_waits_on_the_store_leaves_no_task_pending(tmp_path):
+    """Ctrl-C while a sender's accept waited in the pool (here: on a store another process holds) logged "Task was
+    destroyed but it is pending!": the gateway's event loop was stopped before the cancelled session could end.
+    Now the session ends (its sender sees the connection close, and retries), and the stop is clean, exit 0."""
+    config = tmp_path / "serve.toml"
+    config.write_text("")
+    data, port, metrics_port = tmp_path / "data", free_port(), free_port()
+    serve = Serve(data, config, port, "--metrics-port", str(metrics_port))
+    holder = None
+    try:
+        serve.wait_for("Ctrl-C to stop")
+        holder = sqlite3.connect(data / "runs.sqlite3", timeout=30, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # the accept's commit waits for it
+
+        def send() -> None:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+                    smtp.sendmail("alice@example.com", ["d@pipeline.local"],
+                                  fx.email_with([("a.pdf", fx.text_pdf(1))], message_id="<pending@stop.test>"))
+            except (OSError, smtplib.SMTPException):
+                pass  # cut off by the stop: its MTA tries again
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        assert wait_until(lambda: accepts_in_progress(metrics_port) == 1, 60), serve.stderr()
+        serve.proc.send_signal(signal.SIGINT)
+        sender.join(120)  # until the stop closes its connection (before the fix: once the accept gave up)
+        assert not sender.is_alive()
+        holder.rollback()
+        code = serve.end()
+    finally:
+        if holder is not None:
+            holder.close()
+        serve.end(0)
+    assert code == 0, serve.stderr()
+    assert "Task was destroyed but it is pending" not in serve.stderr(), serve.stderr()
+    assert "Traceback" not in serve.stderr(), serve.stderr()
