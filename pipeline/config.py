@@ -522,15 +522,18 @@ def load_settings(path: Path | None = None, data_dir: Path | str | None = None, 
     the file, section and key, for an unknown section or key (with the nearest valid name),
     a value of the wrong type, or a value the section's ``validate()`` refuses. ``given_as`` names the
     command-line option of an override (``{"gateway.port": "--port"}``): its errors name what the user typed.
+    A relative path in the file (``data_dir``, ``[store] path``, ``[delivery] outbox``) is relative to the file's
+    directory, as most tools take it; ``data_dir`` and the overrides stay relative to the current directory.
     """
     source = str(path) if path is not None else ""
     raw = _read_toml(path) if path is not None else {}
+    home = Path(path).parent if path is not None else None
     if isinstance(raw.get("data_dir"), str) and not raw["data_dir"].strip():  # as a Path, "" is "."
         raise ConfigurationError(f"{source}: data_dir is empty: it would mean the current directory; give a path")
-    file_dir = _checked(raw.pop("data_dir"), Path, f"{source}: data_dir") if "data_dir" in raw else None
+    file_dir = _checked(raw.pop("data_dir"), Path, f"{source}: data_dir", home) if "data_dir" in raw else None
     settings = Settings.for_data_dir(data_dir or file_dir or "data")
     for section, values in raw.items():
-        settings = _with_section(settings, section, values, source)
+        settings = _with_section(settings, section, values, source, home=home)
     for section, values in overrides.items():
         settings = _with_section(settings, section, values, "", given_as or {})
     return settings.validate()
@@ -546,9 +549,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _with_section(settings: Settings, section: str, values: Any, source: str,
-                  given_as: Mapping[str, str] | None = None) -> Settings:
+                  given_as: Mapping[str, str] | None = None, home: Path | None = None) -> Settings:
     """Return ``settings`` with ``values`` applied to ``section``; ``source`` (the file) prefixes errors, and a
-    key of ``values`` that ``given_as`` names is called by its command-line option in them."""
+    key of ``values`` that ``given_as`` names is called by its command-line option in them. A relative path
+    value is taken relative to ``home`` (the file's directory) if given."""
     prefix = f"{source}: " if source else ""
     sections = [f.name for f in fields(settings) if dataclasses.is_dataclass(getattr(settings, f.name))]
     if section not in sections:
@@ -556,7 +560,7 @@ def _with_section(settings: Settings, section: str, values: Any, source: str,
         raise ConfigurationError(f"{prefix}unknown {what} {_nearest(section, [*sections, 'data_dir'])}")
     if not isinstance(values, dict):
         raise ConfigurationError(f"{prefix}[{section}] must be a table of settings, not {_describe_value(values)}")
-    updated = _replace_section(getattr(settings, section), values, section, prefix)
+    updated = _replace_section(getattr(settings, section), values, section, prefix, home)
     try:
         updated.validate()
         _check_durations(section, updated)
@@ -575,15 +579,17 @@ def _as_given(message: str, options: Mapping[str, str | None]) -> str:
     return message
 
 
-def _replace_section(current: Any, values: dict[str, Any], section: str, prefix: str = "") -> Any:
-    """Return ``current`` with ``values`` replaced, each checked against the field's annotated type."""
+def _replace_section(current: Any, values: dict[str, Any], section: str, prefix: str = "",
+                     home: Path | None = None) -> Any:
+    """Return ``current`` with ``values`` replaced, each checked against the field's annotated type (a relative
+    path relative to ``home``, if given)."""
     hints = get_type_hints(type(current))
     known = [f.name for f in fields(current)]
     checked = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigurationError(f"{prefix}unknown setting [{section}] {_shown(key)} {_nearest(key, known)}")
-        checked[key] = _checked(value, hints[key], f"{prefix}[{section}] {key}")
+        checked[key] = _checked(value, hints[key], f"{prefix}[{section}] {key}", home)
     return replace(current, **checked)
 
 
@@ -604,12 +610,13 @@ _TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integer
                str: ("a string", "strings"), Path: ("a path (a string)", "paths")}
 
 
-def _checked(value: Any, hint: Any, where: str) -> Any:
-    """Return ``value`` as field type ``hint`` holds it; ConfigurationError "<where> must be X, not Y" if it cannot."""
+def _checked(value: Any, hint: Any, where: str, home: Path | None = None) -> Any:
+    """Return ``value`` as field type ``hint`` holds it, a relative path joined to ``home`` (if given);
+    ConfigurationError "<where> must be X, not Y" if it cannot."""
     converted = _convert(value, hint)
     if converted is _WRONG:
         raise ConfigurationError(f"{where} must be {_describe_type(hint)}, not {_describe_value(value)}")
-    return converted
+    return home / converted if home is not None and isinstance(converted, Path) else converted
 
 
 def _convert(value: Any, hint: Any) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+from pipeline.audit.base import fixtures as fx
 from pipeline.sqlite_store import SqliteRunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +75,22 @@ def test_a_port_in_use_names_the_port_and_what_chooses_another(tmp_path, option,
     store = SqliteRunStore(tmp_path / "data" / "runs.sqlite3")
     assert store.count_runs_by_state() == {"queued": 1}
     store.close()
+
+
+def test_relative_paths_in_the_settings_file_are_relative_to_the_file_and_on_the_command_line_to_the_cwd(tmp_path):
+    """A settings file's data_dir = "data" was taken relative to wherever the command ran: `--config
+    /etc/pipeline/p.toml` from another directory made a new, empty store there."""
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir()
+    elsewhere.mkdir()
+    (conf / "pipeline.toml").write_text('data_dir = "data"\n[delivery]\noutbox = "digests"\n')
+    (elsewhere / "doc.pdf").write_bytes(fx.text_pdf(1))
+    done = pipeline("--config", "../conf/pipeline.toml", "ingest", "doc.pdf", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (conf / "data" / "runs.sqlite3").is_file() and len(list((conf / "digests" / "new").iterdir())) == 1
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["doc.pdf"]  # nothing made in the current directory
+
+    done = pipeline("--config", "../conf/pipeline.toml", "--data-dir", "mine", "ingest", "doc.pdf", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (elsewhere / "mine" / "runs.sqlite3").is_file()  # --data-dir: relative to where the command runs
+    assert len(list((conf / "digests" / "new").iterdir())) == 2  # the file's outbox: still beside the file

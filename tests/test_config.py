@@ -95,7 +95,7 @@ def test_bad_setting_is_one_line_naming_file_section_and_key(tmp_path, toml, mes
     ('[delivery]\nrecipient = "ops@example.com"', "delivery", "recipient", "ops@example.com"),  # str | None
     ('[delivery]\nrecipient = "\\"System Administrator\\"@example.com"', "delivery", "recipient",
      '"System Administrator"@example.com'),
-    ('[store]\npath = "elsewhere/runs.sqlite3"', "store", "path", Path("elsewhere/runs.sqlite3")),
+    ('[store]\npath = "/srv/elsewhere/runs.sqlite3"', "store", "path", Path("/srv/elsewhere/runs.sqlite3")),
     ('[gateway]\nallowed_recipient_domains = ["example.com", "example.org"]', "gateway",
      "allowed_recipient_domains", ("example.com", "example.org")),
     ("[gateway]\nallowed_recipient_domains = []", "gateway", "allowed_recipient_domains", ()),
