@@ -22,7 +22,7 @@ import sys
 
 from . import metrics
 from .errors import PipelineError
-from .gatewayprocess import GatewayOrders
+from .gatewayprocess import STOP_SIGNALS, GatewayOrders
 from .priority import request_slice
 from .service import GATEWAY, PipelineService, exit_if_stop_overruns
 
@@ -53,8 +53,9 @@ def say_alive() -> None:
 
 def main() -> int:
     """Serve SMTP for the serve process that started us until our stdin ends; return the exit code."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # serve stops us by closing our stdin
+    for sig in STOP_SIGNALS:  # serve stops us by closing our stdin
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked until now (``GatewayProcess._spawn``)
     stdin = sys.stdin.buffer
     orders: GatewayOrders = pickle.load(stdin)
     logging.basicConfig(level=orders.log_levels.get("", logging.INFO), format=LOG_FORMAT, stream=sys.stderr)

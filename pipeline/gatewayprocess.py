@@ -40,6 +40,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,7 @@ READY_TIMEOUT_S = 60.0  # a child that does not listen by then is killed: start-
 STABLE_S = 30.0  # a child that lived this long before it died starts the backoff afresh
 SUPERVISE_EVERY_S = 0.2  # how often the supervisor looks at the child and the engine's health
 UNWATCHED_S = 2.0  # a gap between looks longer than this: serve itself was paused, so a silence is not judged
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # the child ignores them: serve stops it
 QUIET_LOGGERS = ("mail.log", "psycopg.pool")  # libraries whose chatter serve's CLI silences: the child follows
 
 
@@ -175,8 +177,14 @@ class GatewayProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                                         os.environ.get("PYTHONPATH")]))}
         fds = tuple(sock.fileno() for sock in self.sockets)
-        proc = subprocess.Popen([sys.executable, "-m", GATEWAY_PROCESS], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, pass_fds=fds, env=env)
+        # started with the stop signals blocked, it ignores them once it runs (``gatewaychild.main``): a Ctrl-C in
+        # the half second of its imports killed it, and serve failed to start
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", GATEWAY_PROCESS], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, pass_fds=fds, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("", *QUIET_LOGGERS)}

@@ -211,6 +211,30 @@ def test_ctrl_c_or_a_closed_terminal_stops_serve_and_its_gateway_process_gracefu
     assert f"stopping on {sig.name}" in log and "process pool broken" not in log  # its fork server lived
 
 
+def test_ctrl_c_while_the_gateway_process_starts_stops_serve_gracefully(tmp_path):
+    """A helper's find: the gateway process ignores the stop signals once its imports are done, half a second
+    after it starts; a Ctrl-C before that killed it, and serve failed "the gateway process exited with code -2
+    before it listened". It now starts with them blocked."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--data-dir", str(tmp_path / "data"),
+                             "--port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        def child_started() -> bool:
+            try:
+                return any(GATEWAY_PROCESS in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children())
+            except psutil.Error:  # a child gone between the two looks
+                return False
+        assert wait_until(child_started, timeout_s=60)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"exited with code" not in err and b"KeyboardInterrupt" not in err, err.decode()[-2000:]
+
+
 def test_a_gateway_process_whose_serve_died_stops_by_itself(serve):
     child = gateway_children(serve)[0]
     serve.proc.send_signal(signal.SIGKILL)  # serve only, not its process group
