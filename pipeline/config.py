@@ -327,12 +327,16 @@ class DeliveryConfig:
     # defaults over 13-26 minutes (the pauses are jittered), before the run fails with reason delivery
     retries: int = 20
     retry_max_delay_s: float = 120.0
+    # digests through the relay to one address in any hour; past it a digest is skipped (its run says why): a
+    # client can claim any envelope sender and have digests mailed to a third party. 0: no limit
+    max_digests_per_hour: int = 0
 
     def validate(self) -> None:
         if self.relay:
             _check_relay(self.relay)
-        if self.retries < 0 or not self.retry_max_delay_s > 0:
-            raise ConfigurationError("delivery.retries must be >= 0 and delivery.retry_max_delay_s > 0")
+        if self.retries < 0 or not self.retry_max_delay_s > 0 or self.max_digests_per_hour < 0:
+            raise ConfigurationError("delivery.retries and max_digests_per_hour must be >= 0, and "
+                                     "delivery.retry_max_delay_s > 0")
         for name in ("sender", "recipient"):
             value = getattr(self, name)
             if value is not None and not _is_one_mailbox(value):

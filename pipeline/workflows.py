@@ -95,7 +95,7 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
     and a marker in the work dir records a relay send.
     """
-    from .stages import deliver, digest
+    from .stages import deliver, digest_quota
 
     key = delivery_key(ctx)
     marker = Path(ctx.work_dir) / "delivered.json"
@@ -108,6 +108,23 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     if to is None:  # RFC 3834: never answer the null reverse-path; never guess an address
         log.info("run %s: no digest sent: %s", ctx.run_id, origin)
         return {"skipped": origin}
+    quota = digest_quota.quota_for(settings.delivery.max_digests_per_hour if settings.delivery.relay else 0)
+    if not quota.reserve(to):
+        why = f"over [delivery] max_digests_per_hour ({quota.per_window} digests to {to} within the hour)"
+        log.warning("run %s: no digest sent: %s", ctx.run_id, why)
+        return {"skipped": why}
+    try:
+        return _send_digest(ctx, settings, email, to, key, marker)
+    except BaseException:
+        quota.release(to)
+        raise
+
+
+def _send_digest(ctx: TaskContext, settings: Settings, email: dict[str, Any], to: Any, key: str,
+                 marker: Path) -> dict[str, Any]:
+    """Compose the digest to ``to`` and send it, recording it in ``marker`` the moment the relay takes it."""
+    from .stages import deliver, digest
+
     with tracing.span("stage.deliver", run_id=ctx.run_id):
         saved = _saved_digest(Path(ctx.upstream["build_digest"]["digest_path"]))
         msg = deliver.compose_reply(digest.Digest(**saved), email, settings.delivery, to=to,

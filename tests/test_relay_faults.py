@@ -125,6 +125,28 @@ def test_relay_sessions_that_hang_hold_threads_of_their_own_not_those_that_parse
         service.stop()
 
 
+def test_digests_to_one_address_past_the_hourly_quota_are_skipped_and_say_why(relay, settings):
+    """Whoever can connect can claim any envelope sender: ``[delivery] max_digests_per_hour`` bounds how many
+    digests one address gets through the relay. Past it the run succeeds, its deliver task saying why; another
+    address still gets its own."""
+    delivery = DeliveryConfig(relay=relay.url, max_digests_per_hour=2)
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), delivery=delivery)).start()
+    try:
+        sent = [(who, send_for_run_id(service, fx.email_with([], message_id=f"<quota{i}@x>", sender=who), who))
+                for i, who in enumerate(["victim@example.org"] * 3 + ["Other@Example.org"])]
+        ended = [(who, service.engine.wait(run_id, timeout=60)) for who, run_id in sent]
+        outputs = [{t.task_id: t for t in service.store.get_tasks(run.run_id)}["deliver"].output
+                   for _, run in ended]
+    finally:
+        service.stop()
+    assert [run.state for _, run in ended] == [SUCCESS] * 4
+    assert sorted(o.get("to", "").lower() for o in outputs if "skipped" not in o) == [
+        "other@example.org", "victim@example.org", "victim@example.org"]
+    skipped = [o["skipped"] for o in outputs if "skipped" in o]
+    assert len(skipped) == 1 and "max_digests_per_hour (2 digests to victim@example.org" in skipped[0], outputs
+    assert len(relay.messages) == 3
+
+
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):
     """451 to the first two sessions (greylisting), then 250: the run succeeds on the third try, one copy."""
     relay.scripts = [{"rcpt": "451 4.7.1 greylisted, come back later"}] * 2 + [{}]
