@@ -107,6 +107,7 @@ class DaskExecutor:
         self._reconnecting: threading.Thread | None = None
         self._live: dict[str, tuple[Any, Future[Any]]] = {}  # key -> (distributed future, ours)
         self._began: set[str] = set()  # keys in _live whose start a worker announced
+        self._key_of: dict[Future[Any], str] = {}  # ours -> its key, for the tries in _live
         self._identity: tuple[Any, float] | None = None  # the scheduler identity last seen, and since when
         self._deaths = threading.Condition()
         # worker address -> when (the scheduler's clock) its nanny last restarted it for memory
@@ -175,6 +176,7 @@ class DaskExecutor:
                 ours.cancel()
                 return ours
             self._live[key] = (theirs, ours)  # holding the distributed future keeps the task wanted
+            self._key_of[ours] = key
         theirs.add_done_callback(lambda f: self._done(key, f, ours))
         return ours
 
@@ -216,11 +218,14 @@ class DaskExecutor:
         """The cluster's error for a try of ours that timed out before any worker announced its start; None for a
         try that started (its timeout is the task's) or is not ours. The try is released, so it never runs late."""
         with self._lock:
-            key = next((k for k, (_, mine) in self._live.items() if mine is ours), None)
+            key = self._key_of.get(ours)
             if key is None or key in self._began:
                 return None
-            released = self._live.pop(key)  # dropping the last distributed future releases the task
-        del released  # outside the lock: the release is a message to the scheduler
+            theirs, _ = self._live.pop(key)
+            del self._key_of[ours]
+        # released explicitly: distributed's done callback holds the future too, so dropping ours released nothing
+        # and the try ran late (a reviewer's find); a message on the client's loop, never a wait for the scheduler
+        theirs.release()
         error = ClusterUnavailableError(f"no Dask worker started the try within {timeout_s:g} s: the scheduler is "
                                         "frozen or unreachable, or every worker is busy or paused")
         _settle(ours, error=error)  # ended: the run's handover need not wait for it
@@ -234,6 +239,7 @@ class DaskExecutor:
             self._client = self._cluster = None
             self._live.clear()
             self._began.clear()
+            self._key_of.clear()
             reconnecting = self._reconnecting
         for _, ours in live:
             ours.cancel()
@@ -315,6 +321,7 @@ class DaskExecutor:
             closed = self._closed
             self._live.pop(key, None)
             self._began.discard(key)
+            self._key_of.pop(ours, None)
         try:
             if theirs.status == "finished":  # bounded: a result whose worker died meanwhile must not stall us
                 _settle(ours, result=theirs.result(timeout=RESULT_TIMEOUT_S))

@@ -331,6 +331,8 @@ def test_a_try_times_out_as_timeout_only_if_a_worker_started_it(store, settings,
     assert [r.state for r in ended] == ["success", "success"], ended
     events = store.query("SELECT error_type FROM task_events WHERE run_id IN (?, ?)", tuple(waiting))
     assert "timeout" not in {e[0] for e in events}, events
+    # the tries given up at the scheduler were released there: none ran late beside the one that succeeded
+    assert [(tmp_path / f"w{i}").read_text().count("start") for i in range(2)] == [1, 1]
 
 
 def _scheduler_on(address: str) -> psutil.Process:
