@@ -267,6 +267,19 @@ def test_an_rfc2231_file_name_wins_over_the_plain_one_beside_it(tmp_path, header
     assert [a["name"] for a in info["attachments"]] == ["Rechnung M\u00e4rz.pdf"]
 
 
+@pytest.mark.parametrize(("value", "name"), [
+    (b"filename*=utf-8''\xe5\xa0\xb1\xe5\x91\x8a.pdf", "\u5831\u544a.pdf"),
+    (b"filename=\"a.pdf\"; filename*=utf-8''\xe5\xa0\xb1\xe5\x91\x8a.pdf", "\u5831\u544a.pdf"),
+    (b"filename*=utf-8''Rechnung M\xc3\xa4rz.pdf", "Rechnung M\u00e4rz.pdf"),
+    (b"filename*=iso-8859-1''M\xe4rz Bericht.pdf", "M\u00e4rz Bericht.pdf"),
+], ids=["utf8", "utf8-beside-plain", "utf8-with-space", "latin-1"])
+def test_an_rfc2231_name_written_with_raw_8bit_bytes_is_decoded_with_its_charset(tmp_path, value, name):
+    """Writers put raw bytes where RFC 2231 wants %-escapes; read as text first, they came out as literal
+    ``\\u5831`` escapes (a reviewer's find)."""
+    headers = b"Content-Type: application/pdf\r\nContent-Disposition: attachment; " + value
+    assert [a["name"] for a in summary(attached(headers), tmp_path)["attachments"]] == [name]
+
+
 def test_a_plain_file_name_alone_is_read_as_before(tmp_path):
     headers = b"Content-Type: application/pdf; name=\"type.pdf\"\r\nContent-Disposition: attachment; filename=\"a.pdf\""
     assert [a["name"] for a in summary(attached(headers), tmp_path)["attachments"]] == ["a.pdf"]

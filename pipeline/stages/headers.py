@@ -165,7 +165,7 @@ def extended_param(part: EmailMessage, header: str, param: str) -> str | None:
     if raw is None or not re.search(rf";\s*{param}\*", raw, re.IGNORECASE):
         return None
     holder = Message()  # compat32 reads each parameter as written, an RFC 2231 one apart from a plain one
-    holder[header] = readable(raw[:MAX_HEADER_CHARS])
+    holder[header] = _percent_encoded(raw[:MAX_HEADER_CHARS])
     values = [value for key, value in (holder.get_params([], header) or [])[1:] if key == param]
     if not values:
         return None
@@ -173,6 +173,14 @@ def extended_param(part: EmailMessage, header: str, param: str) -> str | None:
     if isinstance(value, tuple) and value[0]:  # (charset, language, text)
         value = (superset_charset(value[0]), value[1], value[2])
     return collapse_rfc2231_value(value).strip()
+
+
+def _percent_encoded(raw: str) -> str:
+    """``raw`` with each byte over 127 written ``%XX``: an RFC 2231 value holding raw 8-bit text (which writers send
+    instead of its %-escapes) is then decoded with its declared charset, as an escaped one is. Decoded as text
+    first, it came out of the email package as literal ``\\u5831`` escapes (a reviewer's find)."""
+    data = raw.encode("utf-8", "surrogateescape")  # surrogates: the raw bytes as parsed; other text: UTF-8
+    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in data)
 
 
 def message_id(msg: EmailMessage) -> str | None:
