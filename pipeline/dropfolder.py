@@ -75,6 +75,7 @@ class DropFolder:
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the observer watches
         # why the folder cannot be used (a file where it goes), logged once, not at every pass; None when usable
         self.unusable: str | None = None
+        self._problems: list[str] = []  # what this pass found wrong with the folder (``one_pass``)
         self._make_dirs()
 
     def _make_dirs(self) -> None:
@@ -112,27 +113,24 @@ class DropFolder:
         try:
             self._make_dirs()
         except OSError as exc:  # a file where a folder goes: scanning new/ (if it is there) goes on
-            self._unusable(f"cannot make its folders again: {exc}")
+            self._problems.append(f"cannot make its folders again: {exc}")
             return
-        self._usable()
         old, self._observer = self._observer, None
         if old is not None:
             old.stop()
             old.join(timeout=5)
         self._watch()
 
-    def _unusable(self, why: str) -> None:
-        """Log why the folder cannot be used once, not at every pass (three lines every 5 s while a file stood
-        where the folder goes, a prober's find); the state is ``unusable`` until a pass finds it usable."""
-        if self.unusable is None:
+    def _judge(self, problem: str | None) -> None:
+        """Log once when a pass finds the folder unusable (three lines every 5 s while a file stood where it
+        goes, a prober's find), and once when it is usable again; judged per pass, so one step that works does
+        not clear what another found."""
+        if problem is not None and self.unusable is None:
             log.warning("drop folder %s: %s; nothing dropped there is taken until it is mended (checked every "
-                        "%g s, logged once)", self.directory, why, self.retry_interval_s)
-        self.unusable = why
-
-    def _usable(self) -> None:
-        if self.unusable is not None:
+                        "%g s, logged once)", self.directory, problem, self.retry_interval_s)
+        elif problem is None and self.unusable is not None:
             log.warning("drop folder %s is usable again", self.directory)
-            self.unusable = None
+        self.unusable = problem
 
     def start(self) -> DropFolder:
         """Watch ``new/``; what is waiting there is taken by the rescan thread, which starts with it at once.
@@ -163,9 +161,8 @@ class DropFolder:
             with os.scandir(self.directory / "new") as entries:
                 paths = sorted(Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False))
         except OSError as exc:
-            self._unusable(f"cannot list {self.directory / 'new'}: {exc}")
+            self._problems.append(f"cannot list {self.directory / 'new'}: {exc}")
             return 0
-        self._usable()
         taken = 0
         for path in paths:
             if self._stopping.is_set():  # a backlog of thousands must not hold serve's stop
@@ -274,15 +271,22 @@ class DropFolder:
         # file a writer still holds open is safe from the scan: take() leaves it until its writer closes it.
         # The first pass runs at once: it takes what waited in new/ while serve was down.
         while not self._stopping.is_set():
-            for step in (self._watch_again_if_replaced, self.scan, self._move_unmoved):
-                try:  # each on its own: a folder that cannot be watched again must not stop the rescan
-                    step()
-                except Exception as exc:  # the loop is the folder's safety net: it must outlive any one failure
-                    self._failures.report(f"{step.__name__}: {type(exc).__name__}", "drop folder: %s of %s failed; "
-                                          "trying again in %g s", step.__name__.strip("_").replace("_", " "),
-                                          self.directory, self.retry_interval_s, level=logging.ERROR, exc_info=exc)
+            self.one_pass()
             self.first_pass.set()
             self._stopping.wait(self.retry_interval_s)
+
+    def one_pass(self) -> None:
+        """Watch the folder again if it was replaced, take what is in new/, move what could not be moved yet;
+        then judge whether the folder is usable."""
+        self._problems = []
+        for step in (self._watch_again_if_replaced, self.scan, self._move_unmoved):
+            try:  # each on its own: a folder that cannot be watched again must not stop the rescan
+                step()
+            except Exception as exc:  # the loop is the folder's safety net: it must outlive any one failure
+                self._failures.report(f"{step.__name__}: {type(exc).__name__}", "drop folder: %s of %s failed; "
+                                      "trying again in %g s", step.__name__.strip("_").replace("_", " "),
+                                      self.directory, self.retry_interval_s, level=logging.ERROR, exc_info=exc)
+        self._judge(self._problems[0] if self._problems else None)
 
     def _move_unmoved(self) -> None:
         with self._lock:  # one pass over a snapshot: events change the dict under the lock meanwhile

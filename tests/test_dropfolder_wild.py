@@ -160,26 +160,29 @@ def test_a_folder_removed_and_made_again_is_watched_again(tmp_path, caplog):
         drop.stop()
 
 
-def test_a_file_where_the_folder_goes_is_logged_once_not_at_every_pass_and_its_mending_too(tmp_path, caplog):
+@pytest.mark.parametrize("where", ["", "cur"], ids=["the-folder", "its-cur"])
+def test_a_file_where_the_folder_goes_is_logged_once_not_at_every_pass_and_its_mending_too(tmp_path, caplog, where):
     """A prober's find: while a file stood where the drop folder goes, each pass (every 5 s) logged three
     warnings, for as long as it stood there. Now one line says why nothing is taken, and one that it is usable
-    again once mended."""
+    again once mended; judged per pass (a reviewer's file where ``cur/`` goes was "usable again" at each pass,
+    as new/ could still be listed)."""
     import shutil
 
     keep = Keep()
     drop = DropFolder(tmp_path / "inbox", keep, GatewayConfig(watch_mode="inotify"), retry_interval_s=60).start()
     try:
         assert drop.first_pass.wait(10)
-        shutil.rmtree(drop.directory)
-        drop.directory.write_bytes(b"not a folder")
-        for _ in range(3):  # what the retry loop does at each pass
-            drop._watch_again_if_replaced()
-            drop.scan()
+        broken = drop.directory / where
+        shutil.rmtree(broken)
+        broken.write_bytes(b"not a folder")
+        caplog.clear()
+        for _ in range(3):  # what the retry loop does every 5 s
+            drop.one_pass()
         lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.dropfolder"]
         assert len(lines) == 2 and "nothing dropped there is taken until it is mended" in lines[1], lines
-        assert drop.unusable and "Not a directory" in drop.unusable
-        drop.directory.unlink()
-        drop._watch_again_if_replaced()
+        assert drop.unusable and ("Not a directory" in drop.unusable or "File exists" in drop.unusable)
+        broken.unlink()
+        drop.one_pass()
         assert drop.unusable is None and "is usable again" in caplog.text
         (drop.directory / "tmp" / "after.eml").write_bytes(MESSAGE)
         os.replace(drop.directory / "tmp" / "after.eml", drop.directory / "new" / "after.eml")
