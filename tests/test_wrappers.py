@@ -118,6 +118,17 @@ def test_a_zip_of_many_pdfs_is_read_up_to_a_budget_and_the_rest_listed(tmp_path)
     assert info["skipped"] == []
 
 
+def test_members_past_the_budget_are_unread_pdfs_only_when_they_may_be_pdfs(tmp_path):
+    """A reviewer's find: once the budget was spent, the .jpg files after the PDFs were failed as PDFs that could
+    not be read (the run partial for pictures); they are listed as not PDFs, and a member named .pdf or with no
+    type in its name is still an unread document."""
+    pdf = b"%PDF-1.4\n" + b"0" * (1_000_000 - 9)  # four fill the budget exactly
+    files = {f"p{i}.pdf": pdf for i in range(4)} | {"a.jpg": b"\xff\xd8", "b.pdf": pdf, "README": b"x"}
+    info = _summary(tmp_path, _mail((_zip(files), "application/zip", "mixed.zip")), max_attachment_bytes=1_000_000)
+    assert [a["name"] for a in info["attachments"] if a.get("unread")] == ["b.pdf", "README"]
+    assert [s["name"] for s in info["skipped"]] == ["a.jpg"]
+
+
 def test_a_mail_whose_only_pdf_is_in_a_wrapper_is_a_partial_success_that_says_why(service_factory, smtp_sink):
     """A winmail.dat (or an S/MIME .p7m) holding the mail's one PDF ended a plain success: the sender's PDF was
     not digested, and only a line under "Parts not digested" said so. Over real SMTP, digest to a real relay."""

@@ -64,7 +64,7 @@ from .mime_repair import (
     repair_header_block,
 )
 from .uuencode import uuencoded_files
-from .wrappers import NOT_A_PDF_IN_ZIP, NOT_READ, UNREAD_CONTAINERS, ZIP, wrapper_kind, zip_members
+from .wrappers import NOT_A_PDF_IN_ZIP, NOT_READ, UNREAD_CONTAINERS, ZIP, may_be_pdf, wrapper_kind, zip_members
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
@@ -331,7 +331,7 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
                 _count_file(pdfs, skipped)
                 if data is not None:
                     pdfs.append(_store_pdf(member, data, len(pdfs), dest, limits.max_attachment_bytes))
-                elif why != NOT_A_PDF_IN_ZIP:  # encrypted, damaged, past the budget: it may be a PDF
+                elif why != NOT_A_PDF_IN_ZIP and may_be_pdf(member):  # encrypted, damaged, past the budget
                     pdfs.append(_unread(member or raw_name, why, len(pdfs) + len(skipped)))
                 else:
                     skipped.append({"name": display_name(member or raw_name, len(pdfs) + len(skipped)),

@@ -64,6 +64,13 @@ def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
     return "an OpenPGP-encrypted file" if name.endswith((".pgp", ".gpg")) else None
 
 
+def may_be_pdf(name: str) -> bool:
+    """Whether an archive member that was not read may be a PDF: named ``.pdf``, or with no type in its name (a
+    ``.jpg`` past the archive's budget was failed as a PDF that could not be read: a reviewer's find)."""
+    last = name.rsplit("/", 1)[-1]
+    return last.lower().endswith(".pdf") or "." not in last.lstrip(".")
+
+
 def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
     """(name, PDF bytes or None, why not) for each file of a ZIP archive, at most MAX_MEMBERS: PDFs by name or
     ``%PDF-``; one over ``max_bytes`` uncompressed is read no further than that (a bomb is cut there), and once
