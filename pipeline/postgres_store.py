@@ -262,8 +262,10 @@ class PostgresRunStore(SqlRunStore):
     def _store_error(self, exc: BaseException) -> StoreError:
         failure = self._connect_failure
         if failure and isinstance(exc, self._pool_timeout):  # "couldn't get a connection": say why, not only that
-            exc = type(exc)(f"{exc}; the last connect failed: {failure}")
-        error = store_error(self.label, exc)
+            error: StoreError = StoreUnavailableError(f"{self.label}: {' '.join(str(exc).split())}; the last "
+                                                      f"connect failed: {failure} (try again)")
+        else:
+            error = store_error(self.label, exc)
         if isinstance(error, StoreUnavailableError):
             try:  # drop the idle connections the server lost too, so that the next call reconnects
                 self._pool.check()
