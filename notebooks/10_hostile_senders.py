@@ -21,19 +21,23 @@
 # mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates. **Abandoned
 # accepts**: many senders close the connection right after their final dot, never reading the reply, then send
 # every message again: the accepts dropped, the temp files and gateway descriptors left, messages without one run.
+# **Pipelining**: a normal client's mail beside a client that pipelines commands without pause. **Digest flood**: a
+# client claims one address as the envelope sender of every mail, delivered through a relay, with `[delivery]
+# max_digests_per_hour` off (before) and at 5 (after): the digests that address got.
 
 # %% tags=["parameters"]
 session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["sessions", "memory", "head_of_line", "spool", "abandoned", "pipelining"]
+only = ["sessions", "memory", "head_of_line", "spool", "abandoned", "pipelining", "digest_flood"]
 sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
 memory = {"mails": 2, "mail_mb": 2, "reps": 1}
 head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
 abandoned = {"mails": 24, "clients": 2}
 pipelining = {"sends": 3, "reps": 1}
+digest_flood = {"mails": 8, "quota": 5}
 
 # %%
 from pipeline.audit.notebook import open_recorder, resolve, scratch_dir
@@ -46,7 +50,8 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
-          "head_of_line": head_of_line, "spool": spool, "abandoned": abandoned, "pipelining": pipelining}
+          "head_of_line": head_of_line, "spool": spool, "abandoned": abandoned, "pipelining": pipelining,
+          "digest_flood": digest_flood}
 hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
 print(hostileviews.notes(m))
@@ -66,6 +71,8 @@ hostileviews.comparison_table(m, "abandoned")
 
 # %%
 hostileviews.comparison_table(m, "pipelining")
+# %%
+hostileviews.comparison_table(m, "digest_flood")
 
 # %%
 hostileviews.fig_hostile_senders(m);

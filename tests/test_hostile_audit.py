@@ -178,3 +178,11 @@ def test_pipelining_measures_a_normal_client_beside_a_flooder_both_ways_and_the_
     assert figures[("junk_closed_421", None)] == 1 and figures[("refusals_closed_421", None)] == 1
     assert figures[("junk_answered", None)] == 100  # the default max_junk_commands
     assert figures[("refusals_answered", None)] == 101  # the reply that made 101 is sent, then the 421
+
+
+def test_digest_flood_counts_the_digests_one_claimed_address_gets_with_the_quota_off_and_on(tmp_path):
+    rows = hostile_senders.digest_flood(tmp_path, mails=8, quota=5)
+    figures = {(r["metric"], r["tags"]["mode"]): r["value"] for r in rows}
+    assert figures[("acked", "before")] == figures[("acked", "after")] == 8
+    assert figures[("runs_succeeded", "before")] == figures[("runs_succeeded", "after")] == 8
+    assert figures[("digests_to_one_address", "before")] == 8 and figures[("digests_to_one_address", "after")] == 5

@@ -91,7 +91,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "memory": {"mails": 2, "mail_mb": 2, "reps": 1},
                                "head_of_line": {"timeout_s": 3.0, "slow_pages": 20, "reps": 1},
                                "spool": {"mails": 10, "senders": 2}, "abandoned": {"mails": 24, "clients": 2},
-                               "pipelining": {"sends": 3, "reps": 1}},
+                               "pipelining": {"sends": 3, "reps": 1},
+                               "digest_flood": {"mails": 8, "quota": 5}},
         # CI runs the quick audit: a few mails and rows per part, enough to prove every part runs end to end
         "11_scale_out": {"mail_pdf_mb": 0.5, "dense_pdf_mb": 0.5,
                          "store": {"sizes": [2_000], "repeat": 10, "transitions": 1_000,
@@ -178,7 +179,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                # 4 clients x 50 sessions closed at once: 25x the accept threads (about 4 s)
                                "abandoned": {"mails": 200, "clients": 4},
                                # 2 x 2 serves, interleaved; a before-mode send takes 1.4-2 s (about 40 s)
-                               "pipelining": {"sends": 10, "reps": 2}},
+                               "pipelining": {"sends": 10, "reps": 2},
+                               "digest_flood": {"mails": 20, "quota": 5}},
         "11_scale_out": {"mail_pdf_mb": 1.0, "dense_pdf_mb": 1.0,
                          # SQLite at these sizes: notebook 06 in the same session (the report shows both)
                          "store": {"sizes": [100_000, 1_000_000], "repeat": 20, "transitions": 2_000,
@@ -233,7 +235,8 @@ PROFILES["full"] = {
                            "memory": {"mails": 10, "mail_mb": 44, "reps": 2},
                            "head_of_line": {"timeout_s": 10.0, "slow_pages": 200, "reps": 3},
                            "spool": {"mails": 5000, "senders": 8}, "abandoned": {"mails": 800, "clients": 8},
-                           "pipelining": {"sends": 20, "reps": 3}},
+                           "pipelining": {"sends": 20, "reps": 3},
+                           "digest_flood": {"mails": 50, "quota": 5}},
 }
 
 

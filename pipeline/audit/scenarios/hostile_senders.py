@@ -56,6 +56,7 @@ from .hostile_checks import (
     wait_connections_at_most,
 )
 from .hostile_pipelining import pipelining
+from .hostile_quota import digest_flood
 from .pipeline_profile import role_of
 
 SCENARIO = "hostile"
@@ -448,7 +449,7 @@ def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: 
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
                                          "spool": spool_lifecycle, "abandoned": abandoned_accepts,
-                                         "pipelining": pipelining}
+                                         "pipelining": pipelining, "digest_flood": digest_flood}
 
 
 def hostile_figures(work: Path, params: dict[str, dict[str, Any]], only: tuple[str, ...] = tuple(PARTS),

@@ -5,11 +5,11 @@ A prober's relay took the data and never answered the final dot: each session th
 and relay sessions ran on the task threads every run's parse and ingest use, so with 16 hung no mail that came
 after was parsed, while serve answered 250. They now run on ``[runner] io_workers`` threads of their own.
 
-Here every session hangs: the first ``thread_workers`` mails (16) fill what sessions serve opens (``io_workers``, 8;
-all 16 on the shared threads before), and until ``hung_s`` after that ``messages`` more are sent, and the rows say how many of those were parsed and digested while
-the relay hung (each then waits for a session), and, once the relay answers, whether every digest arrived once.
-Runs waiting for delivery count against ``[engine] max_active_runs`` (32): past it, later mail waits queued,
-accepted and spooled.
+Here every session hangs: the first ``thread_workers`` mails (16) fill what sessions serve opens (``io_workers``,
+8; all 16 on the shared threads before); then ``messages`` more are sent, and ``hung_s`` later the rows say how many
+of those were parsed and digested while the relay hung (each then waits for a session), and, once the relay
+answers, whether every digest arrived once. Runs waiting for delivery count against ``[engine] max_active_runs``
+(32): past it, later mail waits queued, accepted and spooled.
 """
 
 from __future__ import annotations
