@@ -334,9 +334,11 @@ class DeliveryConfig:
     def validate(self) -> None:
         if self.relay:
             _check_relay(self.relay)
-        if self.retries < 0 or not self.retry_max_delay_s > 0 or self.max_digests_per_hour < 0:
-            raise ConfigurationError("delivery.retries and max_digests_per_hour must be >= 0, and "
-                                     "delivery.retry_max_delay_s > 0")
+        if self.retries < 0 or not self.retry_max_delay_s > 0:
+            raise ConfigurationError("delivery.retries must be >= 0 and delivery.retry_max_delay_s > 0")
+        if self.max_digests_per_hour < 0:
+            raise ConfigurationError(f"delivery.max_digests_per_hour must be >= 0 (0: no limit), "
+                                     f"not {self.max_digests_per_hour}")
         for name in ("sender", "recipient"):
             value = getattr(self, name)
             if value is not None and not _is_one_mailbox(value):

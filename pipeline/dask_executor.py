@@ -66,6 +66,9 @@ CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler fails the submission after 
 MEMORY_EVIDENCE_WAIT_S = 3.0  # how long a worker's death waits for the nanny's memory event
 MEMORY_TOPIC = "worker-restart-memory"  # distributed's nanny (worker_memory.NannyMemoryManager) logs this
 RESULT_TIMEOUT_S = 30.0  # fetching a finished try's (small) result; past it the try is lost (retryable)
+# the scheduler's HTTP routes (health, metrics) on a free loopback port: with the dashboard off they still took
+# port 8787, and a second cluster on the host (another serve's, a test's) met it taken (CI failed on the warning)
+SCHEDULER_HTTP = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 STARTED_REMEMBERED = 10_000  # task starts kept to judge deaths by (a death is judged within seconds)
 
 
@@ -270,7 +273,7 @@ class DaskExecutor:
                     self._cluster = distributed.LocalCluster(
                         n_workers=self.config.local_workers, threads_per_worker=1, processes=True,
                         memory_limit=f"{self.config.worker_memory_mb}MiB", host="127.0.0.1",
-                        dashboard_address=None)
+                        dashboard_address=None, scheduler_kwargs=SCHEDULER_HTTP)
             client.__init__(self.config.scheduler or self._cluster, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
         except (OSError, TimeoutError) as exc:
             _release(client)

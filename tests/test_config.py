@@ -51,6 +51,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ('[delivery]\nrelay = "smtp://:2525"', "delivery.relay must look like smtp://host:port, not 'smtp://:2525'"),
     ('[delivery]\nrelay = "smtp://relay:25?starttls=1"', "delivery.relay must look like smtp://host:port, not"),
     ("[delivery]\nretries = -1", "delivery.retries must be >= 0"),
+    ("[delivery]\nmax_digests_per_hour = -1", "delivery.max_digests_per_hour must be >= 0 (0: no limit), not -1"),
     ("[serve]\ngateway_slice_us = 50", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), got 50"),
     ("[serve]\ngateway_slice_us = 100001", "[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000"),
     ("[serve]\ngateway_hung_after_s = 1", "[serve] gateway_hung_after_s must be 0 (never) or 2 s or more, got 1"),

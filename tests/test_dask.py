@@ -32,6 +32,7 @@ from pipeline.stages.pdf_text import extract_text
 distributed = pytest.importorskip("distributed", reason="the [dask] extra is not installed")
 TESTS = Path(__file__).resolve().parent
 DASK = Path(sys.executable).parent / "dask"
+NO_DASHBOARD = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")  # its HTTP routes still listen: not on 8787
 
 
 # A LocalCluster hosted in a helper process: its scheduler's threads and sockets are not this process's (the
@@ -41,7 +42,8 @@ _HOST_CLUSTER = """
 import sys, dask, distributed
 with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}):
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
-                                       host="127.0.0.1", dashboard_address=None)
+                                       host="127.0.0.1", dashboard_address=None,
+                                       scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
 print(cluster.scheduler_address, flush=True)
 sys.stdin.read()
 cluster.close()
@@ -170,7 +172,7 @@ def _separate_cluster(*worker_args: str, port: int | None = None) -> Iterator[st
     port = port or free_port()
     address = f"tcp://127.0.0.1:{port}"
     path = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}  # the scheduler unpickles tasks too
-    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), *NO_DASHBOARD,
                        env={**path, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
                             "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"})
     worker = _spawn("worker", address, "--nworkers", "1", "--nthreads", "1", "--memory-limit", "500MiB",
@@ -495,7 +497,7 @@ def test_a_scheduler_without_workers_requeues_the_run_with_a_typed_error_and_the
     engine says why (so the gateway answers 451)."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", env={})
+    scheduler = _spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), *NO_DASHBOARD, env={})
     executor = DaskExecutor(ExecutorConfig(kind="dask", scheduler=address))
     engine = WorkflowEngine(store, dask_settings(settings, scheduler=address))
     try:

@@ -146,7 +146,7 @@ class DaskCluster:
                "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
         try:
             self.procs.append(_spawn(self.logs / "scheduler.log", env, "scheduler", "--host", "127.0.0.1", "--port",
-                                     str(self.port), "--no-dashboard"))
+                                     str(self.port), "--no-dashboard", "--dashboard-address", "127.0.0.1:0"))
             self.procs.append(_spawn(self.logs / "worker.log", env, "worker", self.address, "--nworkers", "1",
                                      "--nthreads", "1", "--memory-limit", "1GiB", "--no-dashboard", "--host",
                                      "127.0.0.1"))
