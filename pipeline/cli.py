@@ -347,6 +347,8 @@ def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
         took = f"{t.duration_s:.3f}s" if t.duration_s is not None else "-"
         waited = f"wait {t.wait_s:.3f}s" if t.duration_s is not None else ""  # of the duration, for a free worker
         err = f"  {t.error_type}: {t.error_message}" if t.error_type else ""
+        if not err and isinstance(t.output, dict) and t.output.get("skipped"):  # a digest not sent, and why
+            err = f"  skipped: {t.output['skipped']}"
         lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took:>9} {waited:<12}{err}".rstrip())
     return "\n".join(lines)
 

@@ -617,11 +617,13 @@ _TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integer
 
 
 def _checked(value: Any, hint: Any, where: str, home: Path | None = None) -> Any:
-    """Return ``value`` as field type ``hint`` holds it, a relative path joined to ``home`` (if given);
-    ConfigurationError "<where> must be X, not Y" if it cannot."""
+    """Return ``value`` as field type ``hint`` holds it, a path with ``~`` expanded and, if relative, joined to
+    ``home`` (if given); ConfigurationError "<where> must be X, not Y" if it cannot."""
     converted = _convert(value, hint)
     if converted is _WRONG:
         raise ConfigurationError(f"{where} must be {_describe_type(hint)}, not {_describe_value(value)}")
+    if isinstance(converted, Path):  # "~/pdata" in a file was <the file's dir>/~/pdata
+        converted = converted.expanduser()
     return home / converted if home is not None and isinstance(converted, Path) else converted
 
 

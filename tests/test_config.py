@@ -159,3 +159,14 @@ def test_cli_reports_a_bad_setting_in_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.splitlines() == [f"error: {path}: [gateway] port must be an integer, not the string '2525'"]
+
+
+def test_a_home_relative_path_in_a_settings_file_is_expanded(tmp_path, monkeypatch):
+    """A reprobe's find: ``data_dir = "~/pdata"`` became ``<the file's dir>/~/pdata``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    conf = tmp_path / "conf" / "pipeline.toml"
+    conf.parent.mkdir()
+    conf.write_text('data_dir = "~/pdata"\n[delivery]\noutbox = "~/digests"\n')
+    settings = load_settings(conf)
+    assert settings.data_dir == tmp_path / "home" / "pdata"
+    assert settings.delivery.outbox == tmp_path / "home" / "digests"

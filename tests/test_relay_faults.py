@@ -14,6 +14,7 @@ from helpers import send_for_run_id, wait_until
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.fakerelay import Relay, running
+from pipeline.cli import format_run
 from pipeline.config import DeliveryConfig, GatewayConfig, RunnerConfig
 from pipeline.errors import DeliveryError
 from pipeline.service import PipelineService
@@ -137,6 +138,7 @@ def test_digests_to_one_address_past_the_hourly_quota_are_skipped_and_say_why(re
         ended = [(who, service.engine.wait(run_id, timeout=60)) for who, run_id in sent]
         outputs = [{t.task_id: t for t in service.store.get_tasks(run.run_id)}["deliver"].output
                    for _, run in ended]
+        shown = [format_run(service.store, run.run_id, as_json=False) for _, run in ended]
     finally:
         service.stop()
     assert [run.state for _, run in ended] == [SUCCESS] * 4
@@ -145,6 +147,7 @@ def test_digests_to_one_address_past_the_hourly_quota_are_skipped_and_say_why(re
     skipped = [o["skipped"] for o in outputs if "skipped" in o]
     assert len(skipped) == 1 and "max_digests_per_hour (2 digests to victim@example.org" in skipped[0], outputs
     assert len(relay.messages) == 3
+    assert sum("deliver" in text and "skipped: over [delivery] max_digests_per_hour" in text for text in shown) == 1
 
 
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):
