@@ -49,7 +49,7 @@ from .dropfolder import DropFolder
 from .engine import WorkflowEngine
 from .errors import ConfigurationError, StartupError
 from .gateway import EmailGateway, bind_problem
-from .gatewayprocess import GatewayProcess
+from .gatewayprocess import STOP_SIGNALS, GatewayProcess
 from .housekeeping import LEGACY_GRACE_S, unknown_spool_files
 from .spool import Spool, SpooledMessage
 from .store import RUN_STATES, open_store
@@ -363,7 +363,7 @@ def _start_fork_server_blocking_stops() -> None:
     import multiprocessing.forkserver
     import multiprocessing.resource_tracker
 
-    stops = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    stops = STOP_SIGNALS
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         multiprocessing.resource_tracker.ensure_running()
