@@ -117,6 +117,7 @@ class WorkflowEngine:
         self._heartbeat_health = LoopHealth("heartbeat", self.settings.engine)
         self._dispatch_passes, self._heartbeat_passes = Passes("claiming runs"), Passes("heartbeat")
         self._unsettled: dict[int, str | None] = {}  # broken run -> reason to fail it with (None: requeue)
+        self._requeue_notes: dict[int, str] = {}  # run to requeue -> why, for its reason in the store
         self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
@@ -271,6 +272,7 @@ class WorkflowEngine:
             if runner.abandon():  # it had broken and waited for its tries: handed over (decided) just now
                 continue
             log.warning("run %s: still running after %.1f s grace, requeued", run_id, grace)
+            self._requeue_notes[run_id] = f"requeued: serve stopped while a task still ran ({grace:g} s grace)"
             self._unsettled.setdefault(run_id, None)
         for run_id in list(self._unsettled):
             try:
@@ -430,7 +432,7 @@ class WorkflowEngine:
             if not stopping:
                 self._active[run.run_id] = runner
         if stopping:  # shutdown began during the claim and will not wait for this run: do not start it
-            self.store.requeue_run(run.run_id, owner=self.owner)
+            self.store.requeue_run(run.run_id, owner=self.owner, note="requeued: serve stopped before it started")
             return False
         log.debug("run %s (%s): running", run.run_id, run.workflow)  # the queued and ended lines are at INFO
         tracing.send(tracing.RUN_STARTED, run=run)
@@ -540,6 +542,8 @@ class WorkflowEngine:
                 outcome = "failed (internal)"
             self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else \
                 f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"[:500] if alone else None
+            if self._unsettled[run_id] is None:  # `show` says why the run waits, not just that it is queued
+                self._requeue_notes[run_id] = f"{outcome}: {one_line(exc)}"
             self._wake = True
             self._cond.notify_all()
         return outcome, count == 0 and breaks == 0
@@ -564,7 +568,7 @@ class WorkflowEngine:
             reason = self._unsettled.pop(run_id)
         try:
             if reason is None:
-                changed = self.store.requeue_run(run_id, owner=self.owner)
+                changed = self.store.requeue_run(run_id, owner=self.owner, note=self._requeue_notes.get(run_id))
             else:
                 changed = self.store.finish_run(run_id, s.FAILED, reason, owner=self.owner)
         except Exception:
@@ -572,6 +576,7 @@ class WorkflowEngine:
                 self._unsettled.setdefault(run_id, reason)
             raise
         with self._cond:
+            self._requeue_notes.pop(run_id, None)
             if reason is not None or not changed:
                 self._forget(run_id)
             self._wake = True

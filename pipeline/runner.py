@@ -472,7 +472,8 @@ class DAGRunner:
         complete = len(self._decided) == len(self.dag.tasks) and self._terminal == len(self._instances)
         if not complete and self._stopping:  # stopped with work left: the next start resumes it
             self._finished = True
-            self._owned(bool(self.store.requeue_run(self.run.run_id, owner=self.run.owner)))
+            self._owned(bool(self.store.requeue_run(self.run.run_id, owner=self.run.owner,
+                                                    note="requeued: serve stopped before it ended")))
             self._after_commit.append(partial(self._report, s.QUEUED, None))
             return
         if not complete:

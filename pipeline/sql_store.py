@@ -307,10 +307,11 @@ class SqlRunStore(DAGRunStore):
                      (now, f"not run to its end: the run failed ({reason[:200]})", run_id))
 
     @retried
-    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
+    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None,
+                    note: str | None = None) -> int:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            changed = self._requeue(conn, run_id, now, owner, give_back=True)
+            changed = self._requeue(conn, run_id, now, owner, give_back=True, note=note)
             if changed:
                 self._queued(conn)
             return changed
@@ -322,22 +323,23 @@ class SqlRunStore(DAGRunStore):
             # locked as read (PostgreSQL): a run another engine claims meanwhile is neither read stale nor requeued
             rows = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'running'{self.CLAIM_LOCK}").fetchall()
             # a run another recoverer requeued first is not ours to report (its CAS changes nothing here)
-            dead = [r.run_id for r in map(run_from_row, rows) if is_dead(r) and self._requeue(conn, r.run_id, now)]
+            dead = [r.run_id for r in map(run_from_row, rows) if is_dead(r) and
+                    self._requeue(conn, r.run_id, now, note=f"requeued: its owner {r.owner} was gone")]
             if dead:
                 self._queued(conn)
         return dead
 
     @staticmethod
     def _requeue(conn: Connection, run_id: int, now: float, owner: str | None = None,
-                 give_back: bool = False) -> int:
-        """Requeue a running run. ``give_back``: its owner requeues it (a stop whose grace ended, a broken run
-        handed over), so a try still running was cut short by us, not by the task: its number is given back
-        and the next start is that try again, costing no retry (a restart mid-PDF, then one worker death,
-        failed a good PDF). A dead owner's runs (``recover_runs``) keep theirs: a task that kills the process
-        must use up its tries, or recovery would run it for ever."""
+                 give_back: bool = False, note: str | None = None) -> int:
+        """Requeue a running run, ``note`` its reason. ``give_back``: its owner requeues it (a stop whose grace
+        ended, a broken run handed over), so a try still running was cut short by us, not by the task: its
+        number is given back and the next start is that try again, costing no retry (a restart mid-PDF, then one
+        worker death, failed a good PDF). A dead owner's runs (``recover_runs``) keep theirs: a task that kills
+        the process must use up its tries, or recovery would run it for ever."""
         where, extra = owned(owner)
-        cur = conn.execute(f"UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL "
-                           f"WHERE run_id = ? AND {where}", (run_id, *extra))
+        cur = conn.execute(f"UPDATE runs SET state = 'queued', owner = NULL, heartbeat_at = NULL, reason = ? "
+                           f"WHERE run_id = ? AND {where}", (note and note[:500], run_id, *extra))
         if not cur.rowcount:  # finished, queued or taken over meanwhile: a requeue must not resurrect it
             return 0
         conn.execute(EVENT + ") SELECT run_id, task_id, try_number, 'queued', ? FROM task_runs "

@@ -306,17 +306,21 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
-    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None) -> int:
+    def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None,
+                    note: str | None = None) -> int:
         """Put a running run back in the queue, keeping its position; unfinished tasks become queued.
 
         Only a run in state running (and, with ``owner``, owned by ``owner``) is
         requeued; return 1 if it was, 0 if the call did nothing. A task still running gets its try number
-        back (its try was cut short by the caller, not failed): the next start is that try again.
+        back (its try was cut short by the caller, not failed): the next start is that try again. ``note``
+        (why, e.g. the fault the run waits out) becomes the run's ``reason`` until the run ends and
+        ``finish_run`` sets its own; None clears an earlier note.
         """
         raise NotImplementedError
 
     def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
-        """Requeue every running run for which ``is_dead(run)`` is true; return their ids."""
+        """Requeue every running run for which ``is_dead(run)`` is true; return their ids. Each one's ``reason``
+        says that its owner was gone (see ``requeue_run``)."""
         raise NotImplementedError
 
     def create_tasks(self, run_id: int, task_ids: Iterable[str], now: float | None = None) -> None:

@@ -73,11 +73,11 @@ class FailingStartStore(SqliteRunStore):
             raise StoreIOError("injected: disk full at a run's start")
         return super().create_tasks(run_id, task_ids, now)
 
-    def requeue_run(self, run_id, now=None, owner=None):
+    def requeue_run(self, run_id, now=None, owner=None, note=None):
         if run_id != self.broken and not self.requeue_failed:
             self.requeue_failed = True
             raise StoreIOError("injected: disk full at a requeue")
-        return super().requeue_run(run_id, now, owner)
+        return super().requeue_run(run_id, now, owner, note)
 
 
 def test_a_batch_whose_first_start_breaks_gives_the_rest_back_and_every_run_ends(settings, caplog):

@@ -480,6 +480,9 @@ def test_unreachable_scheduler_requeues_the_run_with_a_typed_error(store, settin
         run = engine.trigger("held", {"log": "-", "gate": "-"})
         assert wait_until(lambda: engine.health_problem is not None, 60)
         assert "cannot reach the Dask scheduler" in engine.health_problem
+        # `show` says why the run waits, not just that it is queued
+        assert wait_until(lambda: "cannot reach the Dask scheduler" in (store.get_run(run.run_id).reason or ""), 30)
+        assert store.get_run(run.run_id).reason.startswith("requeued, tried again in ")
     finally:
         engine.shutdown(grace_s=5)
     assert store.get_run(run.run_id).state == "queued"  # not lost: the next engine with a cluster runs it

@@ -317,6 +317,22 @@ def test_requeue_moves_only_running_runs_and_keeps_their_place(contract_store, s
     assert (again.run_id, again.started_at) == (running.run_id, 50.0) and later.run_id > again.run_id
 
 
+def test_a_requeued_run_says_why_until_it_ends(contract_store):
+    run = contract_store.create_run("wf", {})[0]
+    contract_store.claim_next_run("me", now=1.0)
+    assert contract_store.requeue_run(run.run_id, owner="me", note="requeued: waiting for the disk") == 1
+    assert contract_store.get_run(run.run_id).reason == "requeued: waiting for the disk"
+    contract_store.claim_next_run("me", now=2.0)
+    contract_store.requeue_run(run.run_id, owner="me")  # no note: the old one does not linger
+    assert contract_store.get_run(run.run_id).reason is None
+    contract_store.claim_next_run("dead:1:x", now=3.0)
+    contract_store.recover_runs(lambda r: True)
+    assert contract_store.get_run(run.run_id).reason == "requeued: its owner dead:1:x was gone"
+    contract_store.claim_next_run("me", now=4.0)
+    contract_store.finish_run(run.run_id, "success", owner="me", now=5.0)
+    assert contract_store.get_run(run.run_id).reason is None  # the end's own reason (none for a success)
+
+
 def test_heartbeat_touches_only_running_runs(contract_store):
     run = contract_store.create_run("wf", {})[0]
     assert contract_store.heartbeat([run.run_id], now=5.0) == 0
