@@ -104,6 +104,7 @@ def test_a_full_work_disk_or_outbox_fails_no_acked_run_and_every_mail_gets_its_d
     replies = {r["tags"]["reply"]: r["value"] for r in rows if r["metric"] == "replies"}
     assert replies.get("451", 0) >= 1 and figures["refused_after_s"] > 0, (replies, figures)
     assert 1 <= figures["acked_while_full"] < 10
+    assert figures["waiting_unexplained"] == 0, figures  # a run waiting for room says so in `show`
     assert not _no_children_left(before)
 
 

@@ -147,6 +147,22 @@ def no_digest_by_design(data_dir: Path, runs: dict[str, list[s.Run]],
         store.close()
 
 
+def waiting_runs(data_dir: Path, store_config: StoreConfig | None = None) -> tuple[int, int]:
+    """Runs queued again after their start (waiting out a fault), and how many of them do not say why in their
+    reason (what ``show`` prints); (0, 0) while the store cannot be read."""
+    try:
+        store = judged_store(data_dir, store_config)
+    except errors.StoreError:
+        return 0, 0
+    try:
+        waiting = [r for r in store.list_runs(state=s.QUEUED, limit=10**6) if r.started_at is not None]
+    except errors.StoreError:
+        return 0, 0
+    finally:
+        store.close()
+    return len(waiting), sum(not r.reason for r in waiting)
+
+
 def figures(fault: str, verdict: dict[str, Any], replies: Replies, removed_at: float | None,
             answered_from: float | None = None, **tags: Any) -> Rows:
     """Tidy rows of one fault's verdict, the replies senders saw, and the time to recover: from ``removed_at``

@@ -430,7 +430,8 @@ _FAULT_FIGURES = {"sent": "sent", "acked": "acked (250)", "lost": "lost", "dupli
                   "recover_s": "recover s", "drain_s": "drain s", "scrape_max_s": "slowest scrape s",
                   "wal_peak_mb": "WAL peak MB", "wal_after_mb": "WAL after MB",
                   "acked_while_replaced": "acked meanwhile", "stop_s": "stop s",
-                  "digested_while_hung": "digested while hung"}
+                  "digested_while_hung": "digested while hung", "waiting_runs": "waiting",
+                  "waiting_unexplained": "waiting, no reason"}
 
 
 def fault_table(m: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,7 @@ from ..base.faultcheck import (
     skipped,
     task_instances,
     wait_terminal,
+    waiting_runs,
     wild_mail_messages,
     worker_deaths,
 )
@@ -368,7 +369,7 @@ def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages:
             gap = span_s * senders / messages
             with Senders(serve.port, burst_messages(fault, messages), work, senders, gap_s=gap) as sending:
                 refused = sending.wait_refused(timeout_s)
-                time.sleep(full_s)
+                waiting = _sample_waiting(serve.data_dir, full_s)
                 ballast.unlink()
                 removed = time.time()
                 replies = sending.wait(timeout_s)
@@ -382,7 +383,21 @@ def _on_full_disk(fault: str, mount: Path, data_dir: Path, work: Path, messages:
     return figures(fault, verdict, replies, removed, size_mb=size_mb, full_s=full_s) + [
         row(fault, "partial_spool_files", leftovers, "files", 0),
         row(fault, "acked_while_full", acked_full, "messages", 0),  # each must still end in exactly one run
+        row(fault, "waiting_runs", waiting[0], "runs", 0),
+        row(fault, "waiting_unexplained", waiting[1], "runs", 0),
         *([row(fault, "refused_after_s", refused - first, "s", 0, to="first refusal")] if refused else [])]
+
+
+def _sample_waiting(data_dir: Path, seconds: float, every_s: float = 0.25) -> tuple[int, int]:
+    """For ``seconds``: the most runs seen waiting (queued again after their start), and the most of them seen
+    with no reason saying why (``show`` must not just say "queued")."""
+    most, unexplained = 0, 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        waiting, silent = waiting_runs(data_dir)
+        most, unexplained = max(most, waiting), max(unexplained, silent)
+        time.sleep(every_s)
+    return most, unexplained
 
 
 _SNAPSHOT_HOLDER = """import sqlite3, sys
