@@ -8,26 +8,21 @@ optimized variants side by side.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import math
-import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
+# ascii_domain, is_loopback, MAX_DURATION_S, MetricsConfig and ServeConfig lived here: callers still import them here
+from .addresses import addr_spec, ascii_domain, check_relay, is_loopback, is_one_mailbox  # noqa: F401
 from .errors import ConfigurationError
+from .serve_config import MetricsConfig, ServeConfig
+from .settings_file import MAX_DURATION_S, check_durations, checked_value, read_toml, with_section  # noqa: F401
 
 MB = 1024 * 1024
 # typo guards (20000 for 20 would start 20,000 interpreters; a cap setrlimit cannot take failed every run)
 MIN_WORKER_MEMORY, MAX_WORKER_MEMORY = 128 * MB, 1 << 40  # an extraction worker's imports need about 96 MB
 MAX_PROCESSES, MAX_THREADS, MAX_ACTIVE_RUNS = 256, 1024, 100_000
-# the longest any duration setting may be (a ``_s`` field; ``_ms`` in milliseconds): longer than any wait here
-# needs, and far inside what the OS's timers, select() and SQLite's busy timeout take (past ~2.9e8 years of
-# seconds, or 2^31 ms, they raise OverflowError in the thread that waits, which then dies)
-MAX_DURATION_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -261,16 +256,6 @@ def _mb(size: int) -> str:
     return f"{size / MB:,.6g} MB"
 
 
-def is_loopback(host: str) -> bool:
-    """True for a host name or address that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 @dataclass(frozen=True)
 class IngestConfig:
     """Bounds on one PDF: a hostile file costs at most these."""
@@ -333,7 +318,7 @@ class DeliveryConfig:
 
     def validate(self) -> None:
         if self.relay:
-            _check_relay(self.relay)
+            check_relay(self.relay)
         if self.retries < 0 or not self.retry_max_delay_s > 0:
             raise ConfigurationError("delivery.retries must be >= 0 and delivery.retry_max_delay_s > 0")
         if self.max_digests_per_hour < 0:
@@ -341,146 +326,12 @@ class DeliveryConfig:
                                      f"not {self.max_digests_per_hour}")
         for name in ("sender", "recipient"):
             value = getattr(self, name)
-            if value is not None and not _is_one_mailbox(value):
+            if value is not None and not is_one_mailbox(value):
                 raise ConfigurationError(f"delivery.{name} must be one mail address like digest@example.com, "
                                          f"not {value!r}")
-        if self.recipient and _addr_spec(self.recipient) == _addr_spec(self.sender):
+        if self.recipient and addr_spec(self.recipient) == addr_spec(self.sender):
             raise ConfigurationError(f"delivery.recipient is delivery.sender ({self.sender}): no digest would ever "
                                      f"go out (a digest is never sent to its own sender: it could loop)")
-
-
-def _check_relay(relay: str) -> None:
-    """A relay URL this client can use: smtp://host[:port], nothing else (it speaks no TLS and no AUTH, so a
-    user:password in the URL would be sent nowhere, and shown in every failed run's reason)."""
-    from urllib.parse import urlsplit
-
-    shape = "delivery.relay must look like smtp://host:port"
-    try:
-        url = urlsplit(relay)
-        url.port  # noqa: B018 - parsed only to refuse a port that is not a number or out of range
-    except ValueError as exc:  # a port that is not a number, or out of range
-        raise ConfigurationError(f"{shape}: {exc}") from exc
-    if url.scheme.lower() != "smtp":
-        raise ConfigurationError(f"{shape}, not {relay!r} (smtps and other schemes are not supported)")
-    if url.username is not None or url.password is not None:
-        raise ConfigurationError(f"{shape}: no user or password (the relay client speaks no AUTH)")
-    if not url.hostname or url.path not in ("", "/") or url.query or url.fragment:
-        raise ConfigurationError(f"{shape}, not {relay!r}")
-
-
-# local@domain, both dot-atoms (RFC 5322 3.4.1): the usual shape, which the email package reads as one mailbox
-_PLAIN_MAILBOX = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*",
-                            re.ASCII)
-
-
-def _addr_spec(value: str) -> str:
-    """The address in ``value`` (``Digest <d@example.org>`` is ``d@example.org``), lower case, its domain in
-    punycode as delivery writes it, for comparing (a Unicode recipient equal to a punycode sender passed)."""
-    from email.utils import parseaddr
-
-    local, at, domain = parseaddr(value)[1].lower().rpartition("@")
-    return f"{local}{at}{ascii_domain(domain)}" if at else domain  # no "@": rpartition leaves it all in domain
-
-
-def ascii_domain(domain: str) -> str:
-    """``domain`` in punycode (IDNA 2008 with UTS 46 mapping, as mail programs do); one IDNA refuses stays as
-    it is, and then needs a relay with SMTPUTF8 like a UTF-8 local part."""
-    if domain.isascii():
-        return domain
-    import idna  # only a Unicode domain pays for the import
-
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError):
-        return domain
-
-
-def _is_one_mailbox(value: str) -> bool:
-    """True when ``value`` parses (RFC 5322, email.headerregistry) as exactly one mailbox with a domain."""
-    if _PLAIN_MAILBOX.fullmatch(value):  # spares every CLI start the email package's import (issue 16)
-        return True
-    from email import errors as email_errors
-    from email import policy
-
-    try:
-        mailboxes = [a for a in policy.default.header_factory("To", value).addresses if a.username and a.domain]
-    except (ValueError, LookupError, TypeError, AttributeError, email_errors.MessageError):
-        return False  # what the email package raises on odd input instead of recording a defect
-    return len(mailboxes) == 1 and value.isprintable()
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """How ``serve`` lays out its processes (issue 17)."""
-
-    # accept SMTP (spool fsync, run commit, reply) in a child process of its own, so the pipeline's threads
-    # never hold the GIL the event loop needs; False: the gateway runs in serve's own process (the baseline)
-    gateway_process: bool = True
-    # with the gateway in its own process: how many nice steps (0-19, added to serve's own nice value) the
-    # engine and its extraction workers run below the gateway, so a busy machine answers senders first; 0: none.
-    # Linux only (per-thread nice values).
-    # 12, not 5 as before: 5 (weight 335 against the gateway's 1,024) still let the engine take a core from the
-    # gateway for tens of ms; at 12 (weight 70) 8 senders' median, mails accepted and p99 beside a 5 MB mail
-    # improved in every run, their p99 alone in the three bench runs, not in two audit sessions (README, Benchmarks)
-    engine_nice: int = 12
-    # the scheduler slice (µs) the gateway process asks Linux for (6.12+; pipeline.priority.request_slice): a
-    # short one lets a waking gateway preempt a running engine thread at once; 0: the kernel's (1.4 ms here).
-    # Not shown to help: in the audit, whichever slice the default had, the other measured better (README,
-    # Benchmarks); the audit measures 100 as short_slice
-    gateway_slice_us: int = 0
-    # the gateway process says it is alive from its event loop every second; one silent this long (a loop that
-    # hangs: a deadlock, a callback that never returns) is killed and restarted, as a dead one is; 0: never
-    gateway_hung_after_s: float = 30.0
-    # a stop (SIGTERM, Ctrl-C) that takes this long past [engine] shutdown_grace_s ends the process anyway: a run
-    # store that does not answer (a frozen PostgreSQL server, a network path that stalls) held serve for as long
-    # as it lasted; the runs it held are requeued by the next start's recovery; 0: wait for ever
-    stop_margin_s: float = 30.0
-
-    def validate(self) -> None:
-        """Reject an engine_nice outside 0-19, a slice Linux would not take, and a negative stop margin."""
-        if not 0 <= self.engine_nice <= 19:
-            raise ConfigurationError(f"[serve] engine_nice must be 0-19 (nice steps), got {self.engine_nice}")
-        if self.gateway_hung_after_s and self.gateway_hung_after_s < 2:  # signs of life come once a second
-            raise ConfigurationError("[serve] gateway_hung_after_s must be 0 (never) or 2 s or more, got "
-                                     f"{self.gateway_hung_after_s:g}")
-        if not 0 <= self.stop_margin_s <= 86_400:
-            raise ConfigurationError(f"[serve] stop_margin_s must be 0 (wait for ever) to 86,400 s, got "
-                                     f"{self.stop_margin_s:g}")
-        if self.gateway_slice_us != 0 and not 100 <= self.gateway_slice_us <= 100_000:
-            raise ConfigurationError("[serve] gateway_slice_us must be 0 (the kernel's) or 100-100000 (µs), "
-                                     f"got {self.gateway_slice_us}")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """The Prometheus ``/metrics`` endpoint of serve (``pipeline.metrics``); port 0: off."""
-
-    port: int = 0
-    host: str = "127.0.0.1"
-    allow_remote: bool = False  # listen on a non-loopback host (``--allow-remote`` sets it, as for SMTP)
-
-    def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigurationError(f"metrics.port must be a TCP port, 0-65535 (0: no metrics endpoint), "
-                                     f"not {self.port}")
-        if not is_loopback(self.host) and not self.allow_remote:
-            raise ConfigurationError(f"refusing to serve metrics on {self.host}: set metrics.allow_remote = true "
-                                     "(or --allow-remote) to expose them beyond this machine")
-
-
-def _check_durations(section: str, config: Any) -> None:
-    """Every duration of ``config`` (a field named ``*_s``, or ``*_ms``) between 0 and ``MAX_DURATION_S``."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        unit = "s" if f.name.endswith("_s") else "ms" if f.name.endswith("_ms") else None
-        if unit is None:
-            continue
-        limit = MAX_DURATION_S * (1000 if unit == "ms" else 1)
-        if not 0 <= value <= limit:
-            raise ConfigurationError(f"{section}.{f.name} must be between 0 and {limit:,.0f} {unit} (a day), "
-                                     f"not {value:g}")
 
 
 @dataclass(frozen=True)
@@ -503,7 +354,7 @@ class Settings:
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate()
-                _check_durations(f.name, value)
+                check_durations(f.name, value)
         return self
 
     @classmethod
@@ -532,140 +383,14 @@ def load_settings(path: Path | None = None, data_dir: Path | str | None = None, 
     directory, as most tools take it; ``data_dir`` and the overrides stay relative to the current directory.
     """
     source = str(path) if path is not None else ""
-    raw = _read_toml(path) if path is not None else {}
+    raw = read_toml(path) if path is not None else {}
     home = Path(path).parent if path is not None else None
     if isinstance(raw.get("data_dir"), str) and not raw["data_dir"].strip():  # as a Path, "" is "."
         raise ConfigurationError(f"{source}: data_dir is empty: it would mean the current directory; give a path")
-    file_dir = _checked(raw.pop("data_dir"), Path, f"{source}: data_dir", home) if "data_dir" in raw else None
+    file_dir = checked_value(raw.pop("data_dir"), Path, f"{source}: data_dir", home) if "data_dir" in raw else None
     settings = Settings.for_data_dir(data_dir or file_dir or "data")
     for section, values in raw.items():
-        settings = _with_section(settings, section, values, source, home=home)
+        settings = with_section(settings, section, values, source, home=home)
     for section, values in overrides.items():
-        settings = _with_section(settings, section, values, "", given_as or {})
+        settings = with_section(settings, section, values, "", given_as or {})
     return settings.validate()
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    import tomllib  # only with --config: a start without a settings file does not pay for it
-
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
-
-
-def _with_section(settings: Settings, section: str, values: Any, source: str,
-                  given_as: Mapping[str, str] | None = None, home: Path | None = None) -> Settings:
-    """Return ``settings`` with ``values`` applied to ``section``; ``source`` (the file) prefixes errors, and a
-    key of ``values`` that ``given_as`` names is called by its command-line option in them. A relative path
-    value is taken relative to ``home`` (the file's directory) if given."""
-    prefix = f"{source}: " if source else ""
-    sections = [f.name for f in fields(settings) if dataclasses.is_dataclass(getattr(settings, f.name))]
-    if section not in sections:
-        what = f"settings section [{_shown(section)}]" if isinstance(values, dict) else f"setting {_shown(section)}"
-        raise ConfigurationError(f"{prefix}unknown {what} {_nearest(section, [*sections, 'data_dir'])}")
-    if not isinstance(values, dict):
-        raise ConfigurationError(f"{prefix}[{section}] must be a table of settings, not {_describe_value(values)}")
-    updated = _replace_section(getattr(settings, section), values, section, prefix, home)
-    try:
-        updated.validate()
-        _check_durations(section, updated)
-    except ConfigurationError as exc:
-        options = {f"{section}.{key}": (given_as or {}).get(f"{section}.{key}") for key in values}
-        raise ConfigurationError(f"{prefix}{_as_given(str(exc), options)}") from exc
-    return replace(settings, **{section: updated})
-
-
-def _as_given(message: str, options: Mapping[str, str | None]) -> str:
-    """``message`` with each setting (``gateway.port``) named as the option that gave it (``--port``): a user who
-    typed ``--port 70000`` need not know the settings file's key."""
-    for key, option in options.items():
-        if option:
-            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", option, message)
-    return message
-
-
-def _replace_section(current: Any, values: dict[str, Any], section: str, prefix: str = "",
-                     home: Path | None = None) -> Any:
-    """Return ``current`` with ``values`` replaced, each checked against the field's annotated type (a relative
-    path relative to ``home``, if given)."""
-    hints = get_type_hints(type(current))
-    known = [f.name for f in fields(current)]
-    checked = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigurationError(f"{prefix}unknown setting [{section}] {_shown(key)} {_nearest(key, known)}")
-        checked[key] = _checked(value, hints[key], f"{prefix}[{section}] {key}", home)
-    return replace(current, **checked)
-
-
-def _nearest(name: str, known: list[str]) -> str:
-    import difflib  # only for an error message
-
-    close = difflib.get_close_matches(name, known, n=1)
-    return f"(did you mean {close[0]}?)" if close else f"(known: {', '.join(known)})"
-
-
-def _shown(name: str) -> str:
-    return name if name.isidentifier() else repr(name)[:60]
-
-
-_WRONG = object()  # _convert's answer for a value that does not fit the type
-_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
-               float: ("a finite number", "finite numbers"),
-               str: ("a string", "strings"), Path: ("a path (a string)", "paths")}
-
-
-def _checked(value: Any, hint: Any, where: str, home: Path | None = None) -> Any:
-    """Return ``value`` as field type ``hint`` holds it, a path with ``~`` expanded and, if relative, joined to
-    ``home`` (if given); ConfigurationError "<where> must be X, not Y" if it cannot."""
-    converted = _convert(value, hint)
-    if converted is _WRONG:
-        raise ConfigurationError(f"{where} must be {_describe_type(hint)}, not {_describe_value(value)}")
-    if isinstance(converted, Path):  # "~/pdata" in a file was <the file's dir>/~/pdata
-        converted = converted.expanduser()
-    return home / converted if home is not None and isinstance(converted, Path) else converted
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    """Fit a TOML value to a field type: ints are floats too, strings paths; bools are never numbers."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        fits = (_convert(value, arm) for arm in args if arm is not type(None))
-        return next((v for v in fits if v is not _WRONG), _WRONG)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return _WRONG
-        item_types = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args)
-        items = [_convert(v, t) for v, t in zip(value, item_types, strict=False)]
-        return _WRONG if len(item_types) != len(value) or _WRONG in items else tuple(items)
-    if isinstance(value, bool) and hint is not bool:
-        return _WRONG
-    if hint is float and isinstance(value, int):
-        return float(value)
-    if hint is float and isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
-        return _WRONG
-    if hint is Path and isinstance(value, str):
-        return Path(value)
-    if hint is Any:
-        return value
-    return value if isinstance(value, origin or hint) else _WRONG
-
-
-def _describe_type(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in args if a is not type(None))
-    if origin is tuple:
-        return f"a list of {_TYPE_NAMES.get(args[0], ('', 'values'))[1]}"
-    return _TYPE_NAMES.get(hint, (getattr(hint, "__name__", str(hint)), ""))[0]
-
-
-def _describe_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    kind = {int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(type(value))
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    return f"the {kind} {shown}" if kind else f"a {type(value).__name__} ({shown})"

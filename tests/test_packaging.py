@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lower layers may not import higher ones (STYLE.md section 1).
 LAYERS = [
     {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
-    {"config", "dag", "store", "metrics"},
+    {"addresses"},
+    {"config", "serve_config", "settings_file", "dag", "store", "metrics"},
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
