@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
     {"addresses"},
-    {"config", "serve_config", "settings_file", "dag", "store", "metrics"},
+    {"config", "serve_config", "settings_file", "dag", "store", "metrics", "metrics_counts", "metrics_scrape"},
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
