@@ -19,15 +19,15 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 # Only light modules here: --help, runs and show must start at once (issue 16). A command that needs the
 # service, the workflows or housekeeping imports it itself; a test checks what the read commands import.
 from . import store as s
+from .cli_format import format_run, in_dag_order, utc_text, workflow_order  # noqa: F401 - re-exported
+from .cli_parser import MAX_INT, build_parser, positive_int, positive_number  # noqa: F401 - re-exported
 from .config import Settings, StoreConfig, load_settings
-from .dag import parse_instance
 from .errors import ConfigurationError, PipelineError, StoreIOError, UnknownRunError
 
 log = logging.getLogger("pipeline")
@@ -38,83 +38,6 @@ def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     """Register ``fn`` as the CLI command named after it."""
     COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
     return fn
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of every command."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Email-triggered PDF digest pipeline.")
-    _global_options(parser)
-    parser.set_defaults(data_dir=None, config=None, verbose=False, store_url=None)
-    common = argparse.ArgumentParser(add_help=False)  # the same options after the command name, too
-    _global_options(common, argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    runs = sub.add_parser("runs", parents=[common], help="list runs, newest first")
-    runs.add_argument("--workflow", help="only runs of this workflow")
-    runs.add_argument("--state", choices=s.RUN_STATES, help="only runs in this state")
-    runs.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default 20)")
-    runs.add_argument("--before", type=positive_int, metavar="RUN_ID", help="only runs older than this id (next page)")
-    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    show = sub.add_parser("show", parents=[common], help="one run with its task instances")
-    show.add_argument("run_id", type=positive_int, metavar="RUN_ID")
-    show.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    purge = sub.add_parser("purge", parents=[common],
-                           help="delete finished runs older than N days with their spool and work files")
-    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS",
-                       help="age in days (0: every finished run); digests in the outbox are kept")
-    purge.add_argument("--dry-run", action="store_true", help="only say how many runs would be purged")
-    serve = sub.add_parser("serve", parents=[common],
-                           help="run the SMTP gateway, the drop folder and the workers until Ctrl-C")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --allow-remote)")
-    serve.add_argument("--allow-remote", action="store_true",
-                       help="allow a non-loopback --host (also needs [gateway] allowed_sender_domains)")
-    serve.add_argument("--port", type=int, help="SMTP port (default 8025)")
-    serve.add_argument("--deliver", metavar="smtp://HOST:PORT", help="relay for digests (default: data/outbox Maildir)")
-    serve.add_argument("--max-message-mb", type=positive_number, help="largest accepted message (default 50)")
-    serve.add_argument("--no-drop-folder", action="store_true", help="do not watch data/inbox")
-    serve.add_argument("--metrics-port", type=int, metavar="PORT",
-                       help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off)")
-    roles = serve.add_mutually_exclusive_group()
-    roles.add_argument("--gateway-only", action="store_true",
-                       help="accept and queue only (SMTP, drop folder, spool reconciliation); --workers-only "
-                            "processes sharing the store and the data dir run the work (a SQLite store: same "
-                            "host only; several hosts: a PostgreSQL --store-url and a shared data dir)")
-    roles.add_argument("--workers-only", action="store_true",
-                       help="claim and run queued runs only: no SMTP, no drop folder")
-    serve.add_argument("--executor", choices=("local", "dask"),
-                       help="where PDF extraction runs: local worker processes (default) or a Dask cluster")
-    serve.add_argument("--scheduler", metavar="tcp://HOST:8786",
-                       help="the Dask scheduler to submit to (implies --executor dask; default with dask: "
-                            "a local cluster in this process)")
-
-    ingest = sub.add_parser("ingest", parents=[common], help="run the digest workflow now on .eml or .pdf files")
-    ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    ingest.add_argument("--deliver", metavar="smtp://HOST:PORT",
-                        help="relay for digests (default: data/outbox Maildir)")
-    return parser
-
-
-def _path_given(text: str) -> Path:
-    """A path option's value; an empty one (``--data-dir "$DATA"`` with DATA unset) is refused: as a path it is
-    the current directory, and the store, spool and outbox would be written there."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path (an unset variable?) would mean the current directory")
-    return Path(text)
-
-
-def _global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
-    """Add --data-dir, --config and -v; a SUPPRESS default lets them follow the command without hiding them."""
-    parser.add_argument("--data-dir", type=_path_given, default=default,
-                        help="where the run store, spool and outbox live (default: data)")
-    parser.add_argument("--config", type=_path_given, default=default,
-                        help="TOML settings file (sections: store, gateway, ingest, executor, ...)")
-    parser.add_argument("--store-url", default=default, metavar="postgresql://USER@HOST/DB",
-                        help="keep runs in this PostgreSQL database (extra [postgres]) instead of the "
-                             "data dir's SQLite file; the same as [store] url")
-    parser.add_argument("-v", "--verbose", action="store_true", default=default,
-                        help="log at DEBUG level (and the SMTP library's per-connection lines)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -246,7 +169,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{'RUN':>8}  {'WORKFLOW':<14} {'STATE':<9} {'QUEUED (UTC)':<20} {'SECONDS':>8}  REASON")
         for r in runs:
             duration = f"{r.duration_s:8.3f}" if r.duration_s is not None else " " * 8
-            print(f"{r.run_id:>8}  {r.workflow:<14} {r.state:<9} {_utc(r.queued_at):<20} {duration}  {r.reason or ''}")
+            print(f"{r.run_id:>8}  {r.workflow:<14} {r.state:<9} {utc_text(r.queued_at):<20} {duration}  "
+                  f"{r.reason or ''}")
     return 0
 
 
@@ -335,77 +259,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 3 if any(run.partial for run in runs) else 0  # 3: digested, but some attachments could not be read
 
 
-def format_run(store: s.DAGRunStore, run_id: int, as_json: bool) -> str:
-    """Render one run with its tasks as JSON (the README's shape) or text."""
-    run = store.get_run(run_id)
-    tasks = in_dag_order(store.get_tasks(run_id), workflow_order(run.workflow))
-    if as_json:
-        return json.dumps({**run.as_dict(), "tasks": [t.as_dict() for t in tasks]}, indent=2)
-    lines = [f"run {run.run_id}  {run.workflow}  {run.state}" + (f"  ({run.reason})" if run.reason else ""),
-             f"  dedup key: {run.dedup_key}", f"  queued: {_utc(run.queued_at)}"]
-    for t in tasks:
-        took = f"{t.duration_s:.3f}s" if t.duration_s is not None else "-"
-        waited = f"wait {t.wait_s:.3f}s" if t.duration_s is not None else ""  # of the duration, for a free worker
-        err = f"  {t.error_type}: {t.error_message}" if t.error_type else ""
-        if not err and isinstance(t.output, dict) and t.output.get("skipped"):  # a digest not sent, and why
-            err = f"  skipped: {t.output['skipped']}"
-        lines.append(f"  {t.task_id:<20} {t.state:<16} try {t.try_number}  {took:>9} {waited:<12}{err}".rstrip())
-    return "\n".join(lines)
-
-
-def workflow_order(workflow: str) -> tuple[str, ...]:
-    """The topological task order of a workflow this package defines (empty for others)."""
-    from .workflows import EMAIL_DIGEST, email_digest_dag
-
-    return email_digest_dag(Settings()).order if workflow == EMAIL_DIGEST else ()
-
-
-def in_dag_order(tasks: list[s.TaskRun], order: Sequence[str]) -> list[s.TaskRun]:
-    """Tasks in the DAG's order, mapped instances (``ingest_pdf[3]``) by start time, then index; unknown last."""
-    rank = {task_id: i for i, task_id in enumerate(order)}
-
-    def key(task: s.TaskRun) -> tuple[int, float, int, str]:
-        try:
-            base, number = parse_instance(task.task_id)
-        except ValueError:
-            base, number = task.task_id, None
-        number = number or 0
-        started = task.started_at if task.started_at is not None else math.inf
-        return rank.get(base, len(rank)), started, number, task.task_id
-    return sorted(tasks, key=key)
-
-
-MAX_INT = 2**63 - 1  # the largest run id or count a store can hold (SQLite's INTEGER)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer from 1 to MAX_INT (``--limit -5`` is a mistake, not "no limit")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_INT}, not {value}")
-    return value
-
-
-def positive_number(text: str) -> float:
-    """argparse type: a finite number > 0 (``nan`` and ``inf`` parse as floats, but are no size)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
-    return value
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _utc(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _stdout_reader_gone() -> bool:

@@ -23,7 +23,7 @@ LAYERS = [
     {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},
     {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
     {"service"},
-    {"cli", "__main__", "gatewaychild", "ingest_command"},
+    {"cli", "cli_parser", "cli_format", "__main__", "gatewaychild", "ingest_command"},
 ]
 
 
