@@ -33,6 +33,8 @@ SURFACES = {
     "stages": "raised inside a task: recorded by the runner as that task's error",
     "config": "ConfigurationError at start-up, before anything runs",
 }
+# the settings modules config.py re-exports from
+SURFACES.update(dict.fromkeys(("addresses", "settings_file", "serve_config"), SURFACES["config"]))
 
 
 def tool_counts() -> list[dict[str, Any]]:
