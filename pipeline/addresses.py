@@ -46,9 +46,10 @@ _PLAIN_MAILBOX = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)
                             re.ASCII)
 
 
-def addr_spec(value: str) -> str:
+def address_key(value: str) -> str:
     """The address in ``value`` (``Digest <d@example.org>`` is ``d@example.org``), lower case, its domain in
-    punycode as delivery writes it, for comparing (a Unicode recipient equal to a punycode sender passed)."""
+    punycode as delivery writes it, for comparing (a Unicode recipient equal to a punycode sender passed).
+    The run store counts digests per address (``[delivery] max_digests_per_hour``) by this key."""
     from email.utils import parseaddr
 
     local, at, domain = parseaddr(value)[1].lower().rpartition("@")

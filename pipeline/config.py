@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # ascii_domain, is_loopback, MAX_DURATION_S, MetricsConfig and ServeConfig lived here: callers still import them here
-from .addresses import addr_spec, ascii_domain, check_relay, is_loopback, is_one_mailbox  # noqa: F401
+from .addresses import address_key, ascii_domain, check_relay, is_loopback, is_one_mailbox  # noqa: F401
 from .errors import ConfigurationError
 from .serve_config import MetricsConfig, ServeConfig
 from .settings_file import MAX_DURATION_S, check_durations, checked_value, read_toml, with_section  # noqa: F401
@@ -329,7 +329,7 @@ class DeliveryConfig:
             if value is not None and not is_one_mailbox(value):
                 raise ConfigurationError(f"delivery.{name} must be one mail address like digest@example.com, "
                                          f"not {value!r}")
-        if self.recipient and addr_spec(self.recipient) == addr_spec(self.sender):
+        if self.recipient and address_key(self.recipient) == address_key(self.sender):
             raise ConfigurationError(f"delivery.recipient is delivery.sender ({self.sender}): no digest would ever "
                                      f"go out (a digest is never sent to its own sender: it could loop)")
 

@@ -16,6 +16,7 @@ from .duration_bins import bin_sql, binned_measures, hour_sql
 from .errors import SchemaTooNewError, StoreError
 
 MIGRATION_LOCK = 0x7069_7065_6C69_6E65 & 0x7FFF_FFFF_FFFF_FFFF  # "pipeline": one advisory lock key per database
+DIGEST_LOCK_SPACE = 0x6469_6765  # "dige": first key of the advisory locks that serialise one address's digests
 COUNTER_SLOTS = 16  # run_counts rows per (workflow, state): concurrent writers rarely share one (see below)
 
 # The counter row a transaction adds to: its backend pid picks one of COUNTER_SLOTS rows, so gateways
@@ -196,6 +197,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "FOR EACH ROW WHEN (OLD.state = 'success' OR NEW.state = 'success') EXECUTE FUNCTION task_duration_bins_row()",
         "CREATE TRIGGER task_bins_delete AFTER DELETE ON task_runs REFERENCING OLD TABLE AS gone "
         "FOR EACH STATEMENT EXECUTE FUNCTION task_duration_bins_delete()",
+    ]),
+    ("digests counted per address", [
+        # [delivery] max_digests_per_hour, shared by every process on the store and kept over restarts
+        """CREATE TABLE digest_reservations (address text NOT NULL, digest text NOT NULL,
+            at double precision NOT NULL, PRIMARY KEY (address, digest))""",
+        "CREATE INDEX digest_reservations_by_at ON digest_reservations (at)",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

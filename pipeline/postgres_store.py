@@ -39,7 +39,7 @@ from .errors import (
     StoreIOError,
     StoreUnavailableError,
 )
-from .postgres_schema import SPOOL_TOMBSTONES_VERSION, migrate, task_name_sql
+from .postgres_schema import DIGEST_LOCK_SPACE, SPOOL_TOMBSTONES_VERSION, migrate, task_name_sql
 from .sql_store import EVENT, FINAL_TASK, Connection, SqlRunStore, TransientStoreError, retried
 from .store import RUNNING, TERMINAL_TASK_STATES, Transition
 
@@ -172,6 +172,8 @@ class PostgresRunStore(SqlRunStore):
 
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
     OWNER_LOCK = " FOR SHARE"
+    # held to the reservation's commit; the two-key form keeps clear of the migrations' one-key lock
+    DIGEST_LOCK = f"SELECT pg_advisory_xact_lock({DIGEST_LOCK_SPACE}, hashtext(?))"
     # Task transitions and heartbeats commit without waiting for the WAL flush (one statement, one round
     # trip: psycopg sends both in one simple query; a transition sets it itself, see _transition_text).
     # Losing the last ~0.6 s of them in a server crash is safe: the run stays running under a dead owner,

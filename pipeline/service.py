@@ -100,7 +100,7 @@ class PipelineService:
             self.spool = Spool(data_dir / "spool")
             opened.callback(self.spool.close)
             self.engine = WorkflowEngine(self.store, settings)
-            self.engine.register(dag := email_digest_dag(settings))
+            self.engine.register(dag := email_digest_dag(settings, self.store))
             metrics.zero_alerted_series(tasks=[t.id for t in dag.tasks] if self.role != GATEWAY else [],
                                         smtp=self.listen)
             self.gateway = EmailGateway(self.engine, self.spool, settings.gateway)

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import store as s
+from .addresses import address_key
 from .duration_bins import percentiles_by_task, window_params, window_sql
 from .errors import StoreBusyError, StoreError, UnknownRunError
 from .store import DAGRunStore, Run, TaskRun, Transition
@@ -82,6 +83,9 @@ class SqlRunStore(DAGRunStore):
     TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
     LAST_RUN_ID_SQL = "SELECT max(run_id) FROM runs"  # the backend's own counter of ids handed out, where it has one
     WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
+    # serialises the digest reservations of one address, its parameter the address (PostgreSQL: an advisory
+    # lock; SQLite's BEGIN IMMEDIATE already serialises every write transaction)
+    DIGEST_LOCK = ""
     DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
@@ -457,6 +461,38 @@ class SqlRunStore(DAGRunStore):
         with self._tx() as conn:
             cur = conn.executemany("DELETE FROM spool_tombstones WHERE name = ?", rows)
             return max(cur.rowcount, 0)
+
+    # -- digests per address ([delivery] max_digests_per_hour) --------------------------
+
+    @retried
+    def reserve_digest(self, address: str, digest: str, limit: int, window_s: float,
+                       now: float | None = None) -> bool:
+        if limit < 1:
+            raise ValueError(f"reserve_digest takes a limit of 1 or more, not {limit}")
+        address = address_key(address)
+        with self._tx() as conn:
+            if self.DIGEST_LOCK:
+                conn.execute(self.DIGEST_LOCK, (address,))
+            now = time.time() if now is None else now  # taken under the lock: ordered with the others
+            # rows another purger holds (PostgreSQL) are skipped: they are on their way out already
+            conn.execute("DELETE FROM digest_reservations WHERE (address, digest) IN (SELECT address, digest "
+                         f"FROM digest_reservations WHERE at <= ?{self.CLAIM_LOCK})", (now - window_s,))
+            if conn.execute("SELECT 1 FROM digest_reservations WHERE address = ? AND digest = ?",
+                            (address, digest)).fetchone():
+                return True
+            counted = conn.execute("SELECT count(*) FROM digest_reservations WHERE address = ? AND at > ?",
+                                   (address, now - window_s)).fetchone()[0]
+            if counted >= limit:
+                return False
+            conn.execute("INSERT INTO digest_reservations (address, digest, at) VALUES (?, ?, ?)",
+                         (address, digest, now))
+            return True
+
+    @retried
+    def release_digest(self, address: str, digest: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM digest_reservations WHERE address = ? AND digest = ?",
+                         (address_key(address), digest))
 
     def last_run_id(self) -> int:
         rows = self._read(self.LAST_RUN_ID_SQL)

@@ -209,6 +209,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         f"ON task_runs WHEN {_binned('NEW')} BEGIN {_count_new()} END",
         f"CREATE TRIGGER task_bins_delete AFTER DELETE ON task_runs WHEN {_binned('OLD')} BEGIN {_uncount_old()} END",
     ]),
+    ("digests counted per address", [
+        # [delivery] max_digests_per_hour, shared by every process on the store and kept over restarts
+        """CREATE TABLE digest_reservations (address TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (address, digest)) WITHOUT ROWID""",
+        "CREATE INDEX digest_reservations_by_at ON digest_reservations (at)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SPOOL_TOMBSTONES_VERSION = 5  # from this migration on, purge leaves a tombstone for every spool file it drops

@@ -418,6 +418,25 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
+    def reserve_digest(self, address: str, digest: str, limit: int, window_s: float,
+                       now: float | None = None) -> bool:
+        """Count ``digest`` (a name, one per run) as sent to ``address`` unless ``limit`` digests to it were counted
+        within the last ``window_s`` seconds; return whether it may be sent (``[delivery] max_digests_per_hour``).
+
+        Addresses are compared by ``addresses.address_key`` (no case, the domain in punycode). Checked and
+        counted in one transaction, serialised per address across threads and processes: reservations
+        racing for one address never pass the limit between them. A digest already counted for the
+        address passes without counting again (a try retried after a crash). ``now`` (Unix seconds)
+        defaults to the store's clock at the reservation; reservations older than the window are deleted
+        (any address's). Raises ValueError for ``limit`` < 1.
+        """
+        raise NotImplementedError
+
+    def release_digest(self, address: str, digest: str) -> None:
+        """Take back the reservation of ``digest`` to ``address``: it was not sent after all (the relay refused
+        it), so it does not count against the address; no reservation is no error."""
+        raise NotImplementedError
+
     # True when watch_queue really calls back (PostgreSQL LISTEN/NOTIFY); the engine then polls rarely
     queue_notifications = False
 

@@ -19,11 +19,13 @@ from typing import Any
 from . import tracing
 from .config import Settings
 from .dag import DAG, Task, TaskContext
-from .errors import NotReadError, PdfTooLargeError, TaskIOError
+from .errors import NotReadError, PdfTooLargeError, StoreError, TaskIOError
+from .store import DAGRunStore
 from .workdir import shed_if_ended
 
 log = logging.getLogger(__name__)
 EMAIL_DIGEST = "email_digest"
+DIGEST_WINDOW_S = 3600.0  # [delivery] max_digests_per_hour counts the digests of the last hour
 
 
 def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
@@ -87,15 +89,16 @@ def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     return {"digest_path": str(path), "documents": len(documents), "failed_documents": failed}
 
 
-def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
+def deliver_task(ctx: TaskContext, settings: Settings, quota: DAGRunStore | None = None) -> dict[str, Any]:
     """Send the digest to the envelope sender (or the configured recipient), once per run.
 
     Whom it goes to, and when no digest is sent (null sender), is ``deliver.reply_recipient``'s rule;
-    a skipped digest returns ``{"skipped": why}``. A run requeued after a crash that came after delivery
-    must not send a second digest: the digest's Message-ID and outbox file name derive from the run,
-    and a marker in the work dir records a relay send.
+    a skipped digest returns ``{"skipped": why}``, one over ``[delivery] max_digests_per_hour`` too, as
+    counted in ``quota`` (the run store: the count outlives a restart and is shared by its processes).
+    A run requeued after a crash that came after delivery must not send a second digest: the digest's
+    Message-ID and outbox file name derive from the run, and a marker in the work dir records a relay send.
     """
-    from .stages import deliver, digest_quota
+    from .stages import deliver
 
     key = delivery_key(ctx)
     marker = Path(ctx.work_dir) / "delivered.json"
@@ -108,16 +111,26 @@ def deliver_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
     if to is None:  # RFC 3834: never answer the null reverse-path; never guess an address
         log.info("run %s: no digest sent: %s", ctx.run_id, origin)
         return {"skipped": origin}
-    quota = digest_quota.quota_for(settings.delivery.max_digests_per_hour if settings.delivery.relay else 0)
-    if not quota.reserve(to):
-        why = f"over [delivery] max_digests_per_hour ({quota.per_window} digests to {to} within the hour)"
+    limit = settings.delivery.max_digests_per_hour
+    if quota is not None and not quota.reserve_digest(str(to), key, limit, DIGEST_WINDOW_S):
+        why = f"over [delivery] max_digests_per_hour ({limit} digests to {to} within the hour)"
         log.warning("run %s: no digest sent: %s", ctx.run_id, why)
         return {"skipped": why}
     try:
         return _send_digest(ctx, settings, email, to, key, marker)
     except BaseException:
-        quota.release(to)
+        if quota is not None:
+            _give_back(quota, str(to), key, ctx.run_id)
         raise
+
+
+def _give_back(quota: DAGRunStore, to: str, key: str, run_id: int) -> None:
+    """Release the digest's place in the quota: it was not sent. A store that fails here must not hide why the
+    digest failed; its place then stays taken until the hour is over."""
+    try:
+        quota.release_digest(to, key)
+    except StoreError as exc:
+        log.warning("run %s: the unsent digest to %s still counts against its quota: %s", run_id, to, exc)
 
 
 def _send_digest(ctx: TaskContext, settings: Settings, email: dict[str, Any], to: Any, key: str,
@@ -209,8 +222,13 @@ def delivery_key(ctx: TaskContext) -> str:
     return f"digest-{ctx.run_id}-{hashlib.sha256(f'{ctx.run_id}:{spool}'.encode()).hexdigest()[:16]}"
 
 
-def email_digest_dag(settings: Settings) -> DAG:
-    """Build the email_digest workflow bound to ``settings``."""
+def email_digest_dag(settings: Settings, store: DAGRunStore | None = None) -> DAG:
+    """Build the email_digest workflow bound to ``settings``.
+
+    ``store`` counts the digests per address of ``[delivery] max_digests_per_hour`` (through a relay only: a
+    Maildir outbox mails nobody); without it (a DAG built only to be read) none are counted.
+    """
+    quota = store if settings.delivery.relay and settings.delivery.max_digests_per_hour else None
     return DAG(EMAIL_DIGEST, [
         # one retry, for a parse worker killed from outside (WorkerCrashedError); a malformed mail fails at once
         Task("parse_email", partial(parse_email_task, settings=settings), retries=1),
@@ -226,7 +244,8 @@ def email_digest_dag(settings: Settings) -> DAG:
         # worker killed from outside (worker_crashed); deliver has [delivery] retries
         Task("build_digest", partial(build_digest_task, settings=settings), deps=("parse_email", "ingest_pdf"),
              allow_failed=("ingest_pdf",), executor=stage_executor(settings), retries=1),
-        Task("deliver", partial(deliver_task, settings=settings), deps=("parse_email", "build_digest"),
+        # a quota is bound only with a relay, where deliver runs on this process's threads (a store is not picklable)
+        Task("deliver", partial(deliver_task, settings=settings, quota=quota), deps=("parse_email", "build_digest"),
              retries=settings.delivery.retries, retry_max_delay_s=settings.delivery.retry_max_delay_s,
              executor="io" if settings.delivery.relay else stage_executor(settings)),
     ])

@@ -8,6 +8,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from helpers import wait_until
@@ -15,7 +16,7 @@ from helpers import wait_until
 from pipeline.audit.base.fakerelay import Relay, running
 from pipeline.config import DeliveryConfig
 from pipeline.dag import TaskContext
-from pipeline.errors import DeliveryError, TaskIOError
+from pipeline.errors import DeliveryError, StoreIOError, TaskIOError
 from pipeline.workflows import deliver_task, delivery_key
 
 
@@ -211,3 +212,20 @@ def test_a_damaged_saved_digest_is_a_typed_error_no_retry_mends_even_from_a_pool
             pool.submit(deliver_task, ctx, settings).result(timeout=60)
     assert (err.value.reason, err.value.retryable) == ("task_io", False)
     assert not (settings.delivery.outbox / "new").exists() or not list((settings.delivery.outbox / "new").iterdir())
+
+
+def test_a_refused_digest_gives_its_quota_place_back_and_a_store_failing_then_hides_not_the_refusal(
+        tmp_path, settings, store, caplog):
+    """The relay's refusal is what the run must report; a store that fails to release the place (a fault
+    injected here: a full disk at that moment) leaves it taken, with a warning."""
+    with running(Relay([{"rcpt": "550 5.1.1 no such user"}])) as relay:
+        relayed = replace(settings, delivery=DeliveryConfig(relay=relay.url, max_digests_per_hour=1))
+        with pytest.raises(DeliveryError, match="refused the digest: 550"):
+            deliver_task(_ctx(tmp_path, run_id=1), relayed, quota=store)
+        assert store.reserve_digest("alice@example.com", "another", 1, 3600)  # the place was given back
+        store.release_digest("alice@example.com", "another")
+        with mock.patch.object(store, "release_digest", side_effect=StoreIOError("disk full")), \
+                pytest.raises(DeliveryError, match="refused the digest: 550"):
+            deliver_task(_ctx(tmp_path, run_id=2), relayed, quota=store)
+    assert "the unsent digest to alice@example.com still counts against its quota: disk full" in caplog.text
+    assert not store.reserve_digest("alice@example.com", "another", 1, 3600)

@@ -4,9 +4,14 @@ it is faked here: a scripted SMTP server on loopback (pipeline.audit.base.fakere
 
 from __future__ import annotations
 
+import signal
+import smtplib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -18,9 +23,12 @@ from pipeline.cli import format_run
 from pipeline.config import DeliveryConfig, GatewayConfig, RunnerConfig
 from pipeline.errors import DeliveryError
 from pipeline.service import PipelineService
+from pipeline.sqlite_store import SqliteRunStore
 from pipeline.stages import deliver
 from pipeline.stages.digest import Digest
 from pipeline.store import SUCCESS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -148,6 +156,56 @@ def test_digests_to_one_address_past_the_hourly_quota_are_skipped_and_say_why(re
     assert len(skipped) == 1 and "max_digests_per_hour (2 digests to victim@example.org" in skipped[0], outputs
     assert len(relay.messages) == 3
     assert sum("deliver" in text and "skipped: over [delivery] max_digests_per_hour" in text for text in shown) == 1
+
+
+def test_the_hourly_quota_is_counted_in_the_store_over_a_restart_and_a_refused_digest_does_not_count(relay,
+                                                                                                    tmp_path):
+    """The count lived in serve's memory: a restart started it again (and N serve processes let N times as many
+    through). It is in the run store now; a digest the relay refused gives its place back."""
+    relay.scripts = [{"rcpt": "550 5.1.1 no such user"}, {}]  # the first session refuses, the others take it
+    config, data = tmp_path / "pipeline.toml", tmp_path / "data"
+    config.write_text(f'[delivery]\nrelay = "{relay.url}"\nmax_digests_per_hour = 1\n')
+    ended = [_one_digest_by_a_serve_of_its_own(config, data, f"<quota{i}@x>") for i in range(3)]
+    assert [state for state, _ in ended] == ["failed", SUCCESS, SUCCESS]  # the first refused for good
+    assert ended[1][1]["to"] == "victim@example.org", ended
+    assert "max_digests_per_hour (1 digests to victim@example.org" in ended[2][1]["skipped"], ended
+    assert len(relay.messages) == 1
+
+
+def _one_digest_by_a_serve_of_its_own(config: Path, data: Path, message_id: str) -> tuple[str, dict]:
+    """Start ``python -m pipeline serve``, have it make one digest to victim@example.org, stop it (SIGTERM);
+    return the run's state and its deliver task's output."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(config), "--data-dir", str(data),
+                             "serve", "--port", str(port), "--no-drop-folder"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _answers(port) or proc.poll() is not None, 60) and proc.poll() is None
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo()
+            smtp.mail("victim@example.org")
+            smtp.rcpt("digest@pipeline.local")
+            code, reply = smtp.data(fx.email_with([], message_id=message_id, sender="victim@example.org"))
+        assert code == 250, reply
+        run_id = int(reply.decode().rsplit(" ", 1)[1])
+        with SqliteRunStore(data / "runs.sqlite3") as store:
+            assert wait_until(lambda: store.get_run(run_id).state in (SUCCESS, "failed"), 60)
+            deliver_try = {t.task_id: t for t in store.get_tasks(run_id)}["deliver"]
+            return store.get_run(run_id).state, deliver_try.output or {}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+
+
+def _answers(port: int) -> bool:
+    """Whether an SMTP server answers on ``port``."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+            smtp.noop()
+        return True
+    except OSError:
+        return False
 
 
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):
