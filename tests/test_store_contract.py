@@ -357,7 +357,8 @@ def test_writes_with_an_owner_change_nothing_once_another_process_took_the_run_o
     assert contract_store.requeue_run(run.run_id, owner="hostA:1:aaaa") == 0
     assert contract_store.finish_run(run.run_id, "failed", "internal: A's view", owner="hostA:1:aaaa") == 0
     now = contract_store.get_run(run.run_id)
-    assert (now.state, now.owner, now.heartbeat_at, now.reason) == ("running", "hostB:2:bbbb", 60.0, None)
+    assert (now.state, now.owner, now.heartbeat_at) == ("running", "hostB:2:bbbb", 60.0)
+    assert now.reason == "requeued: its owner hostA:1:aaaa was gone"  # the recovery's note, not A's reason
     assert contract_store.get_tasks(run.run_id)[0].state == "queued"
     # B, the owner, is obeyed
     assert contract_store.record_transitions([running], owner="hostB:2:bbbb") == 1
