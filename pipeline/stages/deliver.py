@@ -7,7 +7,9 @@ Whom the digest goes to (issue 11: a digest must not go to a third party named i
 1. ``delivery.recipient`` when it is configured.
 2. The envelope sender: the run payload's ``mail_from`` (SMTP ``MAIL FROM``); but list and bulk mail
    (``List-Id``, ``Precedence: bulk``) gets no digest, as its envelope sender is a list's bounce
-   address, nor does an envelope sender without a domain (``MAILER-DAEMON``).
+   address, nor does an envelope sender without a domain (``MAILER-DAEMON``), nor one whose local part
+   is a mail system's or a list's own (``MAILER-DAEMON@``, ``owner-x@``, ``x-request@``, ``x-bounces+…@``:
+   RFC 3834 2).
 3. An SMTP message whose ``MAIL FROM`` was the null reverse-path (``<>``) gets no digest: RFC 3834
    (and RFC 5321 6.1) forbid answering bounces and auto-replies automatically.
 4. Without ``mail_from`` in the payload (a run recreated from the spool file alone), the message's
@@ -79,6 +81,10 @@ NULL_SENDER = "null sender"
 NO_ENVELOPE = "no envelope sender"
 NO_DOMAIN = "envelope sender without a domain"
 OWN_ADDRESS = "the digest's own sender address"
+# local parts of a mail system's or a list's own addresses (RFC 3834 2): a bounce sent with a sender, a list's
+# owner or request robot, Mailman's VERP return path (x-bounces+anna=example.com@)
+_SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|owner-.*|.*-(request|owner)|(.*-)?bounces?([-+=].*)?",
+                           re.IGNORECASE)
 
 
 def reply_address(text: str, name: str = "") -> Address:
@@ -135,6 +141,8 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
     address, origin = envelope_sender(payload, email)
     if not address:
         return None, origin
+    if _SYSTEM_LOCAL.fullmatch(address.rpartition("@")[0].strip('"')):
+        return None, f"a mail system's or a list's own address ({address}): RFC 3834 2"
     if marked and address.lower() != marked.get("resent_from"):  # bulk or list mail: a list's bounce address
         return None, str(marked.get("why"))                       # unless the person who resent it sent it
     mailbox = reply_address(address)

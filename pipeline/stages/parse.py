@@ -41,7 +41,7 @@ from typing import Any
 
 from ..config import IngestConfig
 from ..errors import ParseError
-from .autoreply import automated
+from .autoreply import automated, digest_subject_reply
 from .headers import (
     HEADER_ERRORS,
     MAX_NAME_CHARS,
@@ -398,15 +398,17 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
     envelope = return_path(msg)
     sender, name = header_sender(msg, envelope)
     pdfs, skipped = extract_attachments(msg, work_dir / "attachments", limits)
+    subject = clean_header(read_header(msg, "Subject"))
     return fit_result({
-        "subject": clean_header(read_header(msg, "Subject")),
+        "subject": subject,
         "from": sender,
         "from_name": name,
         "return_path": envelope,
         "message_id": message_id(msg),
         "attachments": pdfs,
         "skipped": skipped,
-        "automated": automated(msg),  # machine-made or list mail: see autoreply (None for a person's mail)
+        # machine-made or list mail, or an answer to a digest: see autoreply (None for a person's mail)
+        "automated": automated(msg) or digest_subject_reply(subject, bool(pdfs)),
     })
 
 
