@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import subprocess
+import sys
 import tarfile
 import zipfile
 from email.message import EmailMessage
 from pathlib import Path
 
+import pytest
 from helpers import send_for_run_id as send
 
 from pipeline.audit.base import fixtures as fx
@@ -143,3 +147,59 @@ def test_a_mail_whose_only_pdf_is_in_a_wrapper_is_a_partial_success_that_says_wh
     assert "* winmail.dat: could not be read (not_read: an Outlook TNEF wrapper (winmail.dat): its files are not " \
         "read)" in text, text
     assert "no PDF attachments" not in text
+
+
+def _docx() -> bytes:
+    """A real (if tiny) Word file's ZIP: what a sender attaches as contract.pdf by mistake."""
+    return _zip({"[Content_Types].xml": b"<Types/>", "_rels/.rels": b"<Relationships/>",
+                 "word/document.xml": b"<w:document/>"}, zipfile.ZIP_DEFLATED)
+
+
+@pytest.mark.parametrize("ctype, name", [("application/pdf", "contract.pdf"), ("application/octet-stream",
+                                                                               "contract.pdf"),
+                                         ("application/x-pdf", "contract")])
+def test_a_zip_labelled_or_named_a_pdf_with_no_pdf_in_it_is_a_document_not_read(tmp_path, ctype, name):
+    """A prober's find: a .docx sent as contract.pdf was "document.xml: not a PDF (in a ZIP archive)", the
+    sender's name nowhere, and the run a plain success."""
+    info = _summary(tmp_path, _mail((_docx(), ctype, name)))
+    assert info["skipped"] == [] and [(a["name"], a["path"], a["unread"]) for a in info["attachments"]] == [
+        (name, None, "not a PDF but a ZIP archive (a Word or other office file?)")]
+
+
+def test_a_zip_with_no_pdf_not_claimed_a_pdf_is_listed_under_its_own_name(tmp_path):
+    docx = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+    info = _summary(tmp_path, _mail((_docx(), docx, "report.docx"), (_zip({"a.jpg": b"\xff\xd8", "b.jpg": b"\xff\xd8"}),
+                                                                            "application/zip", "photos.zip")))
+    assert info["attachments"] == [] and info["skipped"] == [
+        {"name": "report.docx", "reason": "not a PDF: a ZIP archive with no PDF in it (3 files)"},
+        {"name": "photos.zip", "reason": "not a PDF: a ZIP archive with no PDF in it (2 files)"}]
+
+
+def test_a_zip_named_a_pdf_with_pdfs_in_it_has_its_pdfs_read(tmp_path):
+    archive = _zip({"notes.txt": b"hello", "one.pdf": ONE, "readme.md": b"x", "two.pdf": TWO})
+    info = _summary(tmp_path, _mail((archive, "application/pdf", "scans.pdf")))
+    assert [Path(a["path"]).read_bytes() for a in info["attachments"]] == [ONE, TWO]
+    assert info["skipped"] == [{"name": "notes.txt", "reason": "not a PDF (in a ZIP archive)"},
+                               {"name": "readme.md", "reason": "not a PDF (in a ZIP archive)"}]
+
+
+def test_a_word_file_sent_as_a_pdf_makes_the_run_partial_and_the_digest_names_it(service_factory, smtp_sink):
+    """Over real SMTP, digest to a real relay: the sender's name and what the file is, as for a PNG named .pdf."""
+    service = service_factory()
+    run = service.engine.wait(send(service, _mail((_docx(), "application/pdf", "contract.pdf"))), timeout=120)
+    assert run.state == "success" and run.partial, run
+    assert run.reason == "partial: 1 of 1 ingest_pdf failed (not_read)"
+    [digest] = smtp_sink[0].wait_for(1)
+    text = digest.get_body(("plain",)).get_content()
+    assert "* contract.pdf: could not be read (not_read: not a PDF but a ZIP archive (a Word or other office " \
+        "file?))" in text, text
+    assert "document.xml" not in text
+
+
+def test_ingest_of_a_word_file_named_pdf_exits_3(tmp_path):
+    path = tmp_path / "contract.pdf"
+    path.write_bytes(_docx())
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--data-dir", str(tmp_path / "data"), "ingest",
+                           str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert json.loads(done.stdout)["reason"] == "partial: 1 of 1 ingest_pdf failed (not_read)"

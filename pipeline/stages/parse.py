@@ -64,7 +64,16 @@ from .mime_repair import (
     repair_header_block,
 )
 from .uuencode import uuencoded_files
-from .wrappers import NOT_A_PDF_IN_ZIP, NOT_READ, UNREAD_CONTAINERS, ZIP, may_be_pdf, wrapper_kind, zip_members
+from .wrappers import (
+    NO_PDF_IN_ZIP,
+    NOT_A_PDF_IN_ZIP,
+    NOT_READ,
+    UNREAD_CONTAINERS,
+    ZIP,
+    archive_files,
+    may_be_pdf,
+    wrapper_kind,
+)
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
@@ -192,10 +201,14 @@ def is_pdf(part: EmailMessage, payload: bytes) -> bool:
     kind = part.get_content_type()
     if kind in NOT_PDF_TYPES and payload[:4] == APPLEDOUBLE_MAGIC:  # (AppleSingle, the same type, holds the file)
         return False
-    name = (attachment_name(part) or "").lower()
-    if kind in PDF_TYPES or name.endswith(".pdf") or payload[:5] == b"%PDF-":
+    if named_pdf(part) or payload[:5] == b"%PDF-":
         return True
     return part.get_content_maintype() != "text" and b"%PDF-" in payload[:PDF_HEADER_WINDOW]
+
+
+def named_pdf(part: EmailMessage) -> bool:
+    """True for a part the sender labelled (a PDF type) or named (``*.pdf``) a PDF."""
+    return part.get_content_type() in PDF_TYPES or (attachment_name(part) or "").lower().endswith(".pdf")
 
 
 def check_part_count(raw: bytes) -> None:
@@ -327,11 +340,12 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
             continue
         raw_name, payload, reason = read_leaf(part)
         if reason == ZIP:
-            for member, data, why in zip_members(payload or b"", limits.max_attachment_bytes):
+            for member, data, why in archive_files(payload or b"", limits.max_attachment_bytes, named_pdf(part)):
                 _count_file(pdfs, skipped)
                 if data is not None:
                     pdfs.append(_store_pdf(member, data, len(pdfs), dest, limits.max_attachment_bytes))
-                elif why != NOT_A_PDF_IN_ZIP and may_be_pdf(member):  # encrypted, damaged, past the budget
+                elif not why.startswith((NOT_A_PDF_IN_ZIP, NO_PDF_IN_ZIP)) and may_be_pdf(member):  # encrypted,
+                    # damaged, past the budget; an archive labelled or named a PDF with no PDF in it
                     pdfs.append(_unread(member or raw_name, why, len(pdfs) + len(skipped)))
                 else:
                     skipped.append({"name": display_name(member or raw_name, len(pdfs) + len(skipped)),

@@ -27,6 +27,8 @@ ARCHIVE_BUDGET = 4  # an archive's files are read up to this many times max_atta
 ZIP = "a ZIP archive"
 NOT_READ = "its files are not read"
 NOT_A_PDF_IN_ZIP = "not a PDF (in a ZIP archive)"
+NOT_A_PDF_BUT_ZIP = "not a PDF but a ZIP archive (a Word or other office file?)"
+NO_PDF_IN_ZIP = "not a PDF: a ZIP archive with no PDF in it"
 # containers the parser would walk into as a message or a multipart, whose content is not the mail's files
 UNREAD_CONTAINERS = {
     "message/partial": "a part of a split message (not put together again)",
@@ -69,6 +71,25 @@ def may_be_pdf(name: str) -> bool:
     ``.jpg`` past the archive's budget was failed as a PDF that could not be read: a reviewer's find)."""
     last = name.rsplit("/", 1)[-1]
     return last.lower().endswith(".pdf") or "." not in last.lstrip(".")
+
+
+def archive_files(payload: bytes, max_bytes: int, named_pdf: bool) -> Iterator[tuple[str, bytes | None, str]]:
+    """``zip_members``, but an archive with no file that is or may be a PDF is one entry named "" (the archive's
+    own name): NOT_A_PDF_BUT_ZIP when the sender labelled or named it a PDF (a .docx sent as contract.pdf was
+    "document.xml: not a PDF" and a plain success, the sender's name nowhere), else NO_PDF_IN_ZIP with its count
+    of files (a .docx listed a dozen XML files by their own names)."""
+    others: list[tuple[str, bytes | None, str]] = []
+    found = False
+    for member in zip_members(payload, max_bytes):
+        if member[2] == NOT_A_PDF_IN_ZIP and not found:
+            others.append(member)
+            continue
+        if not found:  # the files before the first PDF, in the archive's order
+            yield from others
+            found = True
+        yield member
+    if not found:
+        yield "", None, NOT_A_PDF_BUT_ZIP if named_pdf else f"{NO_PDF_IN_ZIP} ({len(others)} files)"
 
 
 def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
