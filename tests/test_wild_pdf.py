@@ -13,6 +13,7 @@ from helpers import send_for_run_id as send
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.errors import CorruptPdfError, EncryptedPdfError, PdfTooLargeError
+from pipeline.stages import parse
 from pipeline.stages.ingest import ingest_pdf
 
 ENGINES = ["pdfium", "pypdf"]
@@ -130,3 +131,29 @@ def test_damaged_pages_in_the_middle_and_at_the_end_hide_no_page_after_them(tmp_
     assert (result.pages, result.pages_failed) == (10, 2)
     text = (tmp_path / "out.txt").read_text()
     assert all(f"page {n}" in text for n in (1, 2, 3, 4, 6, 7, 8, 9))
+
+
+# what mail gateways and broken writers put before a PDF's header: past PDFium's 1 KB it failed "corrupt"
+JUNK = [b"G" * 2000, b"X-Mailer-Junk: yes\r\nContent-Type: application/pdf\r\n\r\n" + b"\x00" * 300 + b"G" * 60_000]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("junk", JUNK, ids=["2KB", "60KB"])
+def test_a_pdf_behind_junk_is_stored_from_its_header_and_read_by_both_engines(tmp_path, engine, junk):
+    pdf = fx.text_pdf(2, seed=3)
+    info = parse.summarize_message(fx.email_with([("scan.pdf", junk + pdf)]), tmp_path / "work", IngestConfig())
+    [item] = info["attachments"]
+    assert Path(item["path"]).read_bytes() == pdf and item["size"] == len(junk) + len(pdf)
+    result = ingest_pdf(Path(item["path"]), tmp_path / "junk.txt", IngestConfig(engine=engine))
+    assert (result.pages, result.pages_failed) == (2, 0)
+    ingest(tmp_path, pdf, engine)  # the same PDF without the junk: the same text
+    assert (tmp_path / "junk.txt").read_text() == (tmp_path / "out.txt").read_text()
+
+
+def test_a_pdf_behind_2kb_of_junk_is_digested_over_smtp(service_factory, smtp_sink):
+    service = service_factory()
+    raw = fx.email_with([("scan.pdf", JUNK[0] + fx.text_pdf(2, seed=3))], message_id="<junk@x>")
+    run = service.engine.wait(send(service, raw), timeout=120)
+    assert run.state == "success" and not run.partial, run.reason
+    text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
+    assert "(scan.pdf): 2 pages" in text and "could not be read" not in text, text

@@ -194,6 +194,7 @@ PDF_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acro
 NOT_PDF_TYPES = frozenset({"application/applefile"})
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 PDF_HEADER_WINDOW = 1024  # PDF readers (PDFium too) find %PDF- within this many bytes of the start (a BOM, NULs)
+PDF_HEADER_SEARCH = 64 * 1024  # a PDF's file is stored from its %PDF- when that is this far in (``pdf_start``)
 
 
 def is_pdf(part: EmailMessage, payload: bytes) -> bool:
@@ -209,6 +210,15 @@ def is_pdf(part: EmailMessage, payload: bytes) -> bool:
 def named_pdf(part: EmailMessage) -> bool:
     """True for a part the sender labelled (a PDF type) or named (``*.pdf``) a PDF."""
     return part.get_content_type() in PDF_TYPES or (attachment_name(part) or "").lower().endswith(".pdf")
+
+
+def pdf_start(payload: bytes) -> int:
+    """Where ``%PDF-`` begins in the first PDF_HEADER_SEARCH bytes of ``payload`` (0 when it is not there).
+
+    A PDF is stored from there: PDFium looks no further than PDF_HEADER_WINDOW in (a PDF behind 2 KB of text a
+    mail gateway prepended failed "corrupt", which pypdf and viewers read), and it counts the file's offsets from
+    the header anyway; pypdf then finds its offsets right too."""
+    return max(payload.find(b"%PDF-", 0, PDF_HEADER_SEARCH), 0)
 
 
 def check_part_count(raw: bytes) -> None:
@@ -385,7 +395,7 @@ def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max
     else:
         path = dest / safe_filename(raw_name, index)
         try:
-            path.write_bytes(payload)
+            path.write_bytes(memoryview(payload)[pdf_start(payload):])  # a view: no copy of the PDF
         except BaseException:  # half written (a full disk): it must not keep the room it took
             _unlink_quietly(str(path))
             raise
