@@ -160,8 +160,12 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert figures["wild_mail_pdfs_missed"] == 0 and figures["automatic_mail_answered"] == 0
     assert figures["missing_digests"] == 0  # the automatic reply's digest is skipped by design, not missing
     assert cases["auto_replied"]["tags"]["digests"] == 0 and cases["forward_in_base64"]["tags"]["digests"] == 1
-    loop = _figures(rows, "mail_loop")  # a relay routed back to the gateway: the mail and its digest, then quiet
-    assert loop == {"runs_per_mail": 2.0, "runs_not_ended": 0.0}
+    # each way a digest comes back (the relay is the gateway; a ticket system; a forwarding rule): the mail and
+    # what came back, then quiet; each responder got one digest per mail
+    loops = {(r["tags"]["loop"], r["metric"]): r["value"] for r in rows if r["variant"] == "mail_loop"}
+    assert loops == {**{(how, "runs_per_mail"): 2.0 for how in ("gateway", "ticket", "forward")},
+                     **{(how, "runs_not_ended"): 0.0 for how in ("gateway", "ticket", "forward")},
+                     ("ticket", "digests_per_mail"): 1.0, ("forward", "digests_per_mail"): 1.0}, loops
     assert not _no_children_left(before)
 
 

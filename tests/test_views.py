@@ -304,9 +304,11 @@ def test_the_fault_table_leaves_out_parts_with_figures_of_their_own_and_the_wild
                                        row("bad_input", "wild_mail_pdfs_missed", 0, "pdfs", 0),
                                        row("bad_input", "automatic_mail_answered", 0, "digests", 0),
                                        row("mail_loop", "runs_per_mail", 2.0, "runs", 0),
-                                       row("mail_loop", "runs_not_ended", 0, "runs", 0)]))
+                                       row("mail_loop", "runs_not_ended", 0, "runs", 0),
+                                       row("mail_loop", "digests_per_mail", 1.0, "digests", 0, loop="ticket")]))
     m = rec.measurements()
     assert list(views.fault_table(m).fault) == ["bad_input"]
     line = views.wild_mail_line(m)
     assert "0 PDFs missed, 0 automatic replies answered" in line and "2 runs per mail (0 not ended)" in line
+    assert "at most 1 digest per mail" in line
     assert views.wild_mail_line(m[m.variant != "mail_loop"]) == ""

@@ -497,11 +497,15 @@ def wild_mail_line(m: pd.DataFrame) -> str:
                if not r.empty and (r.metric == metric).any()}
     if len(figures) < 4:
         return ""
+    answered = r[r.metric == "digests_per_mail"]
+    responders = (f"; answered by a responder that ignores RFC 3834 (a ticket system, a forward-as-attachment rule), "
+                  f"at most {answered.value.max():g} digest per mail" if len(answered) else "")
     return (f"Mail as real clients write it (a scanner's unindented fold, a base64 forward, an automatic reply, "
             f"one PDF each): {figures['wild_mail_pdfs_missed']:g} PDFs missed, {figures['automatic_mail_answered']:g} "
-            f"automatic replies answered. A serve whose relay routes every digest back to its own gateway: "
-            f"{figures['runs_per_mail']:g} runs per mail ({figures['runs_not_ended']:g} not ended) until no run "
-            f"was added (a loop would keep growing).")
+            f"automatic replies answered. Digests that come back as mail (a relay routing them to the gateway"
+            f"{', or a responder answering each' if len(answered) else ''}): at most {figures['runs_per_mail']:g} "
+            f"runs per mail ({figures['runs_not_ended']:g} not ended) until no run was added (a loop would keep "
+            f"growing){responders}.")
 
 
 def fig_fault_replies(m: pd.DataFrame) -> Figure:
