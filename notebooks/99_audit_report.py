@@ -248,7 +248,7 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "`gateway.max_junk_commands` closed it with 421 4.7.0.\n\n"
    + fmt(hostileviews.comparison_table(m, "pipelining")) +
    "\n\n**Digest flood**: one client claims one address as the envelope sender of every mail, delivered through a "
-   "scripted relay, with `[delivery] max_digests_per_hour` off (before: 0, the default) and at the part's quota "
+   "scripted relay, with `[delivery] max_digests_per_hour` off (before: 0; the default is 100) and at the part's quota "
    "(after), each on a serve of its own: the digests that address got, the mails acked and the runs that "
    "succeeded (a digest over the quota is skipped, its run a success that says why).\n\n"
    + fmt(hostileviews.comparison_table(m, "digest_flood")) + "\n\n" + hostileviews.notes(m))

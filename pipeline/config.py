@@ -313,8 +313,9 @@ class DeliveryConfig:
     retries: int = 20
     retry_max_delay_s: float = 120.0
     # digests through the relay to one address in any hour; past it a digest is skipped (its run says why): a
-    # client can claim any envelope sender and have digests mailed to a third party. 0: no limit
-    max_digests_per_hour: int = 0
+    # client can claim any envelope sender and have digests mailed to a third party, and a loop no rule of
+    # autoreply recognises stays slow. 0: no limit
+    max_digests_per_hour: int = 100
 
     def validate(self) -> None:
         if self.relay:

@@ -1,6 +1,6 @@
 """The audit's digest flood (a hostile-senders part): a client that claims one address as its envelope sender for
 every mail, so the relay mails that address a digest of each. Whoever can connect can claim any sender; with
-``[delivery] max_digests_per_hour`` off (0, the default: before) every mail makes a digest to that address, and on
+``[delivery] max_digests_per_hour`` off (0: before) every mail makes a digest to that address, and on
 (after) at most the quota within the hour, the rest of the runs succeeding with a skipped digest. Both modes on a
 serve of their own, delivering through a scripted relay (``fakerelay``: the relay is outside the machine).
 """
