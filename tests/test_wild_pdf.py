@@ -157,3 +157,14 @@ def test_a_pdf_behind_2kb_of_junk_is_digested_over_smtp(service_factory, smtp_si
     assert run.state == "success" and not run.partial, run.reason
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
     assert "(scan.pdf): 2 pages" in text and "could not be read" not in text, text
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_font_whose_codes_are_surrogates_costs_those_codes_not_the_document(tmp_path, engine):
+    """A font without a Unicode map: pypdf takes its codes for the text, and codes in U+D800-U+DFFF were lone
+    surrogates that UTF-8 cannot write (the document failed, reason "ingest")."""
+    codes = [0xD800 + i for i in range(40)] + [0xDC00 + i for i in range(40)] + [0x20, *b"Plain words"]
+    result = ingest(tmp_path, fx.identity_font_pdf(codes), engine)
+    text = (tmp_path / "out.txt").read_text(encoding="utf-8")
+    assert (result.pages, result.pages_failed) == (1, 0) and text.endswith("Plain words\f")
+    assert not any("\ud800" <= ch <= "\udfff" for ch in text)

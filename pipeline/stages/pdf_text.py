@@ -269,7 +269,7 @@ def _stream_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:
     words = chars = 0
     Path(text_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(text_path, "w", encoding="utf-8") as out:
+        with open(text_path, "w", encoding="utf-8", errors="replace") as out:  # the last guard: see _CONTROLS
             for text in pages:
                 out.write(text)
                 out.write("\f")
@@ -292,5 +292,5 @@ def _hold_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:
 
     text = "".join(counted())
     Path(text_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(text_path).write_text(text, encoding="utf-8")
+    Path(text_path).write_text(text, encoding="utf-8", errors="replace")
     return len(text.split()), len(text) - count[0]

@@ -26,8 +26,10 @@ _LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\uf
 _HAS_LIGATURE = re.compile("[\ufb00-\ufb06]")
 # C0/C1 controls except tab and newline (a form feed is our page separator: a page must not contain one), and
 # bidi embeddings, overrides and isolates: they reached summaries, where U+202E turns "exe.fdp" into "pdf.exe"
-# (right-to-left text needs none of them: its direction is the letters' own)
-_CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069\ufeff\uffff]")
+# (right-to-left text needs none of them: its direction is the letters' own), and lone surrogates: pypdf
+# takes a font's codes for text when it has no Unicode map, and U+D800-U+DFFF cannot be written as UTF-8
+_CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+                       r"\ufeff\uffff]")
 _SOFT_AT_LINE_END = re.compile(rf"[{_SOFT}][ \t]*\n[ \t]*")
 # a soft-hyphen mark inside a URL was the URL's own hyphen at a line end ("https://CRAN.R<FFFE>project.org")
 _SOFT_IN_URL = re.compile(r"((?:https?:|www\.)[^\s\ufffe]*)\ufffe")

@@ -349,3 +349,31 @@ def typeset_pdf(lines: list[bytes], title: bytes | None = None) -> bytes:
         return _pdf_of_objects(objects)
     escaped = title.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
     return _pdf_of_objects([*objects, b"<< /Title (" + escaped + b") /Producer (audit fixtures) >>"], info=6)
+
+
+def identity_font_pdf(codes: Sequence[int], to_unicode: dict[int, str] | None = None) -> bytes:
+    """One line of two-byte ``codes`` in a Type0 (Identity-H) font without glyphs, mapped to text by
+    ``to_unicode`` when given: how scripts the base fonts lack reach a page. Without a map pypdf takes the
+    codes for the text itself, so codes in U+D800-U+DFFF come out as lone surrogates."""
+    font = b"<< /Type /Font /Subtype /Type0 /BaseFont /Foo /Encoding /Identity-H /DescendantFonts [6 0 R]%s >>"
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 5 0 R >> >>"
+               b" /Contents 4 0 R >>", _stream(b"BT /F1 12 Tf 40 800 Td <%s> Tj ET" % bytes(
+                   b"".join(code.to_bytes(2, "big") for code in codes)).hex().encode()),
+               font % (b" /ToUnicode 7 0 R" if to_unicode else b""),
+               b"<< /Type /Font /Subtype /CIDFontType2 /BaseFont /Foo /CIDToGIDMap /Identity /CIDSystemInfo"
+               b" << /Registry (Adobe) /Ordering (Identity) /Supplement 0 >> /FontDescriptor 8 0 R >>"]
+    pairs = b"".join(b"<%04x> <%s>\n" % (code, text.encode("utf-16-be").hex().encode())
+                     for code, text in (to_unicode or {}).items())
+    objects.append(_stream(b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap /CMapName /X def\n"
+                           b"1 begincodespacerange <0000> <FFFF> endcodespacerange\n%d beginbfchar\n%sendbfchar\n"
+                           b"endcmap CMapName currentdict /CMap defineresource pop end end"
+                           % (len(to_unicode or {}), pairs)))
+    objects.append(b"<< /Type /FontDescriptor /FontName /Foo /Flags 4 /FontBBox [0 0 1000 1000] /ItalicAngle 0"
+                   b" /Ascent 800 /Descent -200 /CapHeight 700 /StemV 80 >>")
+    return _pdf_of_objects(objects)
+
+
+def _stream(data: bytes) -> bytes:
+    packed = zlib.compress(data, 6)
+    return b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(packed) + packed + b"\nendstream"
