@@ -168,3 +168,19 @@ def test_a_font_whose_codes_are_surrogates_costs_those_codes_not_the_document(tm
     text = (tmp_path / "out.txt").read_text(encoding="utf-8")
     assert (result.pages, result.pages_failed) == (1, 0) and text.endswith("Plain words\f")
     assert not any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_rotated_pages_lines_read_top_to_bottom(tmp_path, engine):
+    """PDFium gave a /Rotate 90 page's lines bottom to top, which scrambled the summary of a rotated spec."""
+    import io
+
+    import pypdf
+
+    lines = [b"First line of the page.", b"Second line follows here.", b"Third line ends it."]
+    writer = pypdf.PdfWriter(clone_from=io.BytesIO(fx.typeset_pdf(lines)))
+    writer.pages[0].rotate(90)
+    rotated = io.BytesIO()
+    writer.write(rotated)
+    ingest(tmp_path, rotated.getvalue(), engine)
+    assert (tmp_path / "out.txt").read_text().split() == b" ".join(lines).decode().split()

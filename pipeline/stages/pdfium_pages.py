@@ -109,6 +109,8 @@ class PdfiumPages:
         except Exception as exc:
             raise CorruptPdfError(f"PDFium: {exc}", self.name) from exc
         try:
+            if page.get_rotation():  # PDFium orders a rotated page's lines as drawn: bottom to top at /Rotate 90
+                page.set_rotation(0)  # in memory only: the text then reads as on the unrotated page
             textpage = page.get_textpage()
             try:
                 return textpage.get_text_range().replace("\r\n", "\n")
