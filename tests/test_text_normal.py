@@ -17,7 +17,7 @@ from pipeline.audit.base import fixtures as fx
 from pipeline.config import DeliveryConfig, IngestConfig
 from pipeline.stages import deliver, digest
 from pipeline.stages.pdf_text import extract_text
-from pipeline.stages.text_normal import normalize_page, pick_title, split_sentences
+from pipeline.stages.text_normal import count_words, normalize_page, pick_title, split_sentences
 
 TYPESET = [b"Quarterly Report", b"The pipeline de-", b"scribed the \x01le and the \x02ow of \x03ce work.",
            b"A soft\xad", b"hyphen here, and https://CRAN.R-", b"project.org/package=gss is a URL.",
@@ -131,3 +131,42 @@ def test_a_sentence_repeated_on_every_page_is_summarised_once():
              for i in range(10)]
     summary = digest.summarize("\f".join(pages), 3)
     assert len(summary) == len(set(summary)) == 3 and summary.count(footer) <= 1
+
+
+# three sentences each in scripts other than Latin, and their word counts
+SCRIPTS = {
+    "hebrew": ("הדוח הרבעוני מראה שההכנסות גדלו באזור הצפוני. העלויות ירדו לאחר החוזה החדש. "
+               "הדירקטוריון אישר את התוכנית.", 16),
+    "arabic": ("يظهر التقرير الفصلي أن الإيرادات نمت في المنطقة الشمالية. انخفضت التكاليف بعد العقد الجديد. "
+               "وافق المجلس على الخطة.", 18),
+    "greek": ("Η τριμηνιαία έκθεση δείχνει ότι τα έσοδα αυξήθηκαν στη βόρεια περιοχή. "
+              "Το κόστος μειώθηκε μετά τη νέα σύμβαση. Το συμβούλιο ενέκρινε το σχέδιο.", 23),
+    "chinese": ("季度报告显示北部地区收入增长。新合同签订后成本下降。董事会批准了明年的计划。", 35),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_text_in_other_scripts_is_split_counted_and_summarised(script):
+    """Hebrew, Arabic and Chinese had no word the summary could score (no summary at all), Greek was never
+    split into sentences (the whole page was one), and a page of Chinese counted as one word."""
+    text, words = SCRIPTS[script]
+    sentences = list(split_sentences(text))
+    assert len(sentences) == 3 and "".join(sentences).replace(" ", "") == text.replace(" ", "")
+    assert count_words(text) == words
+    summary = digest.summarize(text, 2)
+    assert len(summary) == 2 and set(summary) <= set(sentences)
+
+
+@pytest.mark.parametrize("engine", ["pypdf", "pdfium"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_pdf_in_another_script_gets_a_summary_and_its_word_count(tmp_path, script, engine):
+    text, words = SCRIPTS[script]
+    codes = {ch: number for number, ch in enumerate(sorted(set(text)), start=1)}
+    drawn = text[::-1] if script in ("hebrew", "arabic") else text  # right to left: drawn from its end, leftmost first
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(fx.identity_font_pdf([codes[ch] for ch in drawn], {n: ch for ch, n in codes.items()}))
+    result = extract_text(pdf, tmp_path / "doc.txt", IngestConfig(engine=engine, isolate=False))
+    assert result.words == words
+    summary = digest.summarize_file(tmp_path / "doc.txt", 2).sentences
+    # the engines' own reordering of right-to-left text puts the paragraph's last full stop at its start
+    assert len(summary) == 2 and {s.strip(".") for s in summary} <= {s.strip(".") for s in split_sentences(text)}

@@ -32,7 +32,7 @@ from .. import tracing
 from ..config import IngestConfig
 from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, showable
 from .pdfium_pages import PdfiumPages
-from .text_normal import normalize_page, pick_title
+from .text_normal import count_words, normalize_page, pick_title
 
 if TYPE_CHECKING:  # imported where used: a process that extracts with PDFium never loads pypdf (issue 16)
     import pypdf
@@ -273,7 +273,7 @@ def _stream_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:
             for text in pages:
                 out.write(text)
                 out.write("\f")
-                words += len(text.split())
+                words += count_words(text)
                 chars += len(text)
     except BaseException:  # a full disk, a limit, a stop: partial text must not keep the room it took
         Path(text_path).unlink(missing_ok=True)
@@ -293,4 +293,4 @@ def _hold_pages(pages: Iterator[str], text_path: Path) -> tuple[int, int]:
     text = "".join(counted())
     Path(text_path).parent.mkdir(parents=True, exist_ok=True)
     Path(text_path).write_text(text, encoding="utf-8", errors="replace")
-    return len(text.split()), len(text) - count[0]
+    return count_words(text), len(text) - count[0]

@@ -7,9 +7,14 @@ across lines; control characters leak from broken encodings. Every page goes
 through ``normalize_page`` in the extraction worker, so the stored text, its
 word count and the digest all see the same words whichever engine read them.
 
-``split_sentences`` ends a sentence at ``.``/``!``/``?`` only when what follows
-starts a new one, and never after an abbreviation or an initial, and never
-inside a URL (a decimal point has no space after it), which is what extractive summaries otherwise cut in half.
+``split_sentences`` ends a sentence at ``.``/``!``/``?`` (and the Arabic, Urdu and
+Devanagari ones) only when what follows starts a new one (anything but a lowercase
+letter, in any script), never after an abbreviation or an initial, and never
+inside a URL (a decimal point has no space after it), which is what extractive summaries otherwise cut in half;
+and always at a CJK full stop (。！？), which has no space after it.
+
+Chinese and Japanese put no space between words: ``count_words`` counts each
+ideograph and kana as a word (``IDEOGRAPH`` is the class the digest scores them by).
 """
 
 from __future__ import annotations
@@ -70,8 +75,34 @@ ABBREVIATIONS = frozenset("""
 e.g i.e etc cf vs viz al approx ca fig figs eq eqs no nos vol vols pp p ch sec secs ref refs ed eds
 mr mrs ms dr prof sr jr st mt inc ltd co corp dept univ jan feb mar apr jun jul aug sep sept oct nov dec
 """.split())
-# a candidate end: . ! or ? (with closing quotes/brackets) followed by space and what may start a sentence
-_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9\u00c0-\u00de])")
+# a candidate end: a CJK full stop (with closing quotes/brackets), or . ! ? (and Arabic ? and full stop, the
+# danda) with closing quotes/brackets followed by space and a letter or digit (group 1) that may start a
+# sentence: not a lowercase one, in any script (split_sentences checks the rarer ones; the common ones are
+# left out here, which keeps the search as fast as it was). One class first: the search skips to it at C speed
+_END = re.compile(r"[.!?\u061f\u06d4\u0964\u3002\uff01\uff1f\uff61](?:(?<=[\u3002\uff01\uff1f\uff61])"
+                  r"[\"')\]\u201d\u2019\u300d\u300f\uff09]*\s*|[\"')\]\u201d\u2019]*\s+"
+                  r"(?=[\"'(\[\u201c\u2018]?([^\W_a-z\u00df-\u00f6\u00f8-\u00ff\u03ac-\u03ce\u0430-\u045f])))")
+# Chinese and Japanese words: each ideograph (CJK unified, extension A, compatibility) and kana is one
+IDEOGRAPH = re.compile("[\u3041-\u3096\u30a1-\u30fa\u30fc-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9d]")
+# CJK punctuation and full-width forms that are not letters or digits: no word of their own
+_CJK_PUNCTUATION = re.compile("[\u3000-\u303f\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]")
+
+
+def may_be_ideographic(text: str, words: int) -> bool:
+    """Whether ``text``, in which ``words`` words were found by spaces or letters, may be Chinese or Japanese:
+    under one word per 16 characters, and not ASCII. A Latin text (a word per 6 or 7) then costs no scan for
+    ideographs, even with a curly quote in it."""
+    return words * 16 < len(text) and not text.isascii()
+
+
+def count_words(text: str) -> int:
+    """The words in ``text``: runs between whitespace, and each Chinese or Japanese character (a page of
+    Chinese was "2 words")."""
+    words = len(text.split())
+    if not may_be_ideographic(text, words):
+        return words
+    rest, ideographs = IDEOGRAPH.subn(" ", text)
+    return ideographs + len(_CJK_PUNCTUATION.sub(" ", rest).split()) if ideographs else words
 
 
 def _ends_sentence(before: str) -> bool:
@@ -87,7 +118,7 @@ def _ends_sentence(before: str) -> bool:
     word = token.rstrip(".").lstrip("\"'([\u201c\u2018").lower()
     if word in ABBREVIATIONS:
         return False
-    if re.fullmatch(r"([a-z]\.)*[a-z]", word):  # an initial or an acronym: "J. Smith", "U.S. Army"
+    if re.fullmatch(r"([^\W\d_]\.)*[^\W\d_]", word):  # an initial or an acronym: "J. Smith", "U.S. Army"
         return False
     if "://" in word or word.startswith("www."):  # a URL's own dots and a trailing one are part of it
         return False
@@ -99,7 +130,8 @@ def split_sentences(text: str) -> Iterator[str]:
     start = 0
     for match in _END.finditer(text):
         end = match.start() + 1
-        if _ends_sentence(text[start:end]):
+        after = match.group(1)
+        if (after is None or not after.islower()) and _ends_sentence(text[start:end]):
             sentence = " ".join(text[start:match.end()].split())
             if sentence:
                 yield sentence
