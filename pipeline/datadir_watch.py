@@ -1,6 +1,10 @@
 """A look at serve's data dir every few seconds: can the spool take a message, is the run store file still the
-one serve opened. Either problem makes serve unhealthy (``pipeline_healthy`` 0, and the gateway answers 451
-before it reads a mail).
+one serve opened, has the disk under either room left. Any problem makes serve unhealthy (``pipeline_healthy``
+0, and the gateway answers 451 before it reads a mail).
+
+A full disk under the spool or the run store refused every mail (452, 451) after reading it whole, while
+``pipeline_healthy`` said 1 (an operations prober's find): an empty file still fits on a full disk, so the
+spool's probe passed. Now less than ``MIN_FREE_BYTES`` free there is a problem too.
 
 A prober found serve healthy while it could not take any mail: its spool made unwritable, or its data dir
 deleted (451 to 510 tries over two minutes, ``pipeline_healthy`` 1 throughout); and a run store file deleted
@@ -20,9 +24,12 @@ from .health import one_line
 
 log = logging.getLogger(__name__)
 WATCH_EVERY_S = 5.0
+MIN_FREE_BYTES = 64 * 1024  # below this a disk is full: no mail fits, nor a run store's next pages
 
 
 class Probed(Protocol):
+    directory: Path
+
     def probe(self) -> None: ...
 
 
@@ -55,7 +62,7 @@ class DataDirWatch:
 
     def look(self) -> str | None:
         """Look once; return (and keep) the problem, logging each change."""
-        problem = self._store_problem() or self._spool_problem()
+        problem = self._store_problem() or self._spool_problem() or self._disk_problem()
         if problem != self.problem:
             if problem:
                 log.error("unhealthy: %s", problem)
@@ -90,6 +97,21 @@ class DataDirWatch:
             self.spool.probe()
         except OSError as exc:
             return f"the spool cannot take a message: {exc.strerror or one_line(exc)}"
+        return None
+
+
+    def _disk_problem(self) -> str | None:
+        """A disk under the spool or the run store with less than ``MIN_FREE_BYTES`` free."""
+        places = [*([("spool", self.spool.directory)] if self.spool is not None else []),
+                  *([("run store", self.store_file.parent)] if self.store_file is not None else [])]
+        for what, directory in places:
+            try:
+                st = os.statvfs(directory)
+            except OSError:
+                continue  # gone or unreadable: the other looks say so
+            free = st.f_bavail * st.f_frsize
+            if free < MIN_FREE_BYTES:
+                return f"the disk under the {what} ({directory}) is full: {free:,} bytes free"
         return None
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import shutil
 import smtplib
+from dataclasses import replace
 
 import pytest
+from conftest import free_port
 from helpers import wait_until
+from test_gateway_faults import tmpfs
 
 from pipeline import datadir_watch
+from pipeline.config import GatewayConfig, StoreConfig
+from pipeline.service import PipelineService
 
 
 @pytest.fixture
@@ -52,6 +57,7 @@ def test_a_run_store_file_deleted_under_serve_makes_it_unhealthy(service_factory
 def test_a_look_that_breaks_is_reported_and_the_watch_goes_on(tmp_path, quick_watch):
     class Broken:
         calls = 0
+        directory = tmp_path
 
         def probe(self) -> None:
             self.calls += 1
@@ -87,3 +93,40 @@ def test_a_store_wal_deleted_under_serve_makes_it_unhealthy(service_factory, qui
     wal.unlink()
     assert wait_until(lambda: "-wal is gone" in (service.health_problem or ""), 10)
     assert _send(service) == 451
+
+
+def _fill(disk):
+    """A file that takes every byte left on ``disk`` (unbuffered: nothing is left to fail at close)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as fh:
+        chunk = b"\0" * 65536
+        while chunk:
+            try:
+                fh.write(chunk)
+            except OSError:
+                chunk = chunk[: len(chunk) // 4] if len(chunk) > 512 else b""
+    return filler
+
+
+@pytest.mark.parametrize("where", ["spool", "store"])
+def test_a_full_disk_under_the_spool_or_the_run_store_makes_serve_unhealthy_until_there_is_room(
+        settings, tmp_path, quick_watch, where):
+    """An operations prober's find: with the spool's disk full every mail got 452 after it was read whole, and with
+    the run store's disk full 451, while pipeline_healthy said 1 (an empty file still fits on a full disk)."""
+    disk = settings.data_dir / "spool" if where == "spool" else tmp_path / "store"
+    with tmpfs(disk, "4m"):
+        store = StoreConfig(path=disk / "runs.sqlite3") if where == "store" else settings.store
+        service = PipelineService(replace(settings, store=store, gateway=GatewayConfig(port=free_port(),
+                                                                                        drop_folder=False)))
+        try:
+            service.start()
+            assert _send(service) == 250
+            filler = _fill(disk)
+            assert wait_until(lambda: f"the disk under the {'spool' if where == 'spool' else 'run store'}" in
+                              (service.health_problem or ""), 10), service.health_problem
+            assert "is full" in service.health_problem and _send(service) == 451  # before the data is read
+            filler.unlink()
+            assert wait_until(lambda: service.health_problem is None, 10), service.health_problem
+            assert _send(service) == 250
+        finally:
+            service.stop(grace_s=5)  # releases the spool's and the store's files before the unmount

@@ -230,7 +230,12 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settings):
+def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settings, monkeypatch):
+    """The accept's own answer to a full disk; the data dir's watch (not looking here) then makes serve unhealthy
+    (test_datadir_watch)."""
+    from pipeline import datadir_watch
+
+    monkeypatch.setattr(datadir_watch, "WATCH_EVERY_S", 3600.0)
     with tmpfs(settings.data_dir / "spool") as spool_dir:
         service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)))
         try:
