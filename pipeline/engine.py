@@ -20,25 +20,11 @@ stop the gateway. A damaged store (``StoreCorruptError``, from any loop or
 run) is different: it does not heal, so the engine stays unhealthy, saying
 so, until it is restarted (after the file is restored).
 
-A run whose bookkeeping failed (its work dir cannot be made, a store write
-raised in a runner callback, anything unexpected) is never left running.
-Once its live tries have ended (they cannot be stopped), it is requeued, its
-finished tasks kept. An environmental error (an OSError, or a retryable
-PipelineError such as StoreBusyError or StoreIOError) never fails a run: it
-is requeued and not claimed again before a backoff (``backoff_base_s``
-doubling per break up to ``backoff_max_s``), so nothing acked is lost while a
-disk is full or a store locked. Any other error (a bug, StoreCorruptError)
-counts: after ``max_internal_requeues`` requeues the run fails with reason
-``internal: <ExcType>: <message>``. If the store refuses that write too, the
-dispatcher retries it from its guarded loop. A task whose tries failed because the
-machine is short of something (``MachineShortError``: a full disk under the work
-dir, no file descriptors) breaks its run the same way, as an environmental error,
-and the engine reports unhealthy while two such runs (``MACHINE_WITNESSES``) wait and no other run has
-succeeded since (``MACHINE_FRESH_S``). When others succeed while it waits, the
-machine is not short for them: after ``MACHINE_PATIENCE`` breaks the run fails
-``task_io`` (one mail too big for the room left must not stop all mail).
-Every write for a claimed run
-carries this engine's owner: a run another process took over is left alone.
+A run whose bookkeeping failed is never left running: ``engine_breaks.BrokenRuns``
+requeues or fails it, and ``engine_heartbeat.Heartbeat`` is the heartbeat thread;
+both are parts of WorkflowEngine, and their docstrings say how. Every write for
+a claimed run carries this engine's owner: a run another process took over is
+left alone.
 """
 
 from __future__ import annotations
@@ -48,53 +34,35 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from . import liveness, metrics, tracing
+from . import liveness, tracing
 from . import store as s
 from .config import Settings
 from .dag import DAG
-from .errors import (
-    ClusterUnavailableError,
-    MachineShortError,
-    PipelineError,
-    StoreCorruptError,
-    StoreError,
-    StoreUnavailableError,
-    UnknownWorkflowError,
+from .engine_breaks import (  # noqa: F401 - MACHINE_*, ENDED_REMEMBERED and _MachineWait lived here
+    ENDED_REMEMBERED,
+    MACHINE_FRESH_S,
+    MACHINE_PATIENCE,
+    MACHINE_WITNESSES,
+    BrokenRuns,
+    _MachineWait,
 )
+from .engine_heartbeat import Heartbeat
+from .errors import UnknownWorkflowError
 from .executors import Executors, init_pool_worker
-from .health import LoopHealth, backoff_s, one_line
+from .health import LoopHealth, one_line
 from .passes import Passes
 from .runner import DAGRunner
-from .store import DAGRunStore, Run, RunTakenOver
+from .store import DAGRunStore, Run
 from .timers import Timers
-from .workdir import shed_run_files
 
 log = logging.getLogger(__name__)
-MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
-MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs succeed, then it fails task_io
-# runs waiting for the machine before it is unhealthy: one alone may just not fit (and 451 to all mail would keep
-# away the runs whose success shows that, holding everything for as long as it existed: a reviewer's find)
-MACHINE_WITNESSES = 2
-ENDED_REMEMBERED = 10_000  # ends reported, remembered so that none is counted twice (a few hundred KB)
 
 
-class _MachineWait(NamedTuple):
-    """A run requeued because the machine was short of something: its last break, why, and the engine's count of
-    successful runs at its first and its last break."""
-
-    at: float
-    why: str
-    successes_first: int
-    successes_last: int
-    breaks: int
-
-
-class WorkflowEngine:
+class WorkflowEngine(BrokenRuns, Heartbeat):
     """Run registered workflows concurrently, bounded, with recovery."""
 
     def __init__(self, store: DAGRunStore, settings: Settings | None = None) -> None:
@@ -116,19 +84,9 @@ class WorkflowEngine:
         self._dispatch_health = LoopHealth("claiming runs", self.settings.engine)
         self._heartbeat_health = LoopHealth("heartbeat", self.settings.engine)
         self._dispatch_passes, self._heartbeat_passes = Passes("claiming runs"), Passes("heartbeat")
-        self._unsettled: dict[int, str | None] = {}  # broken run -> reason to fail it with (None: requeue)
-        self._requeue_notes: dict[int, str] = {}  # run to requeue -> why, for its reason in the store
-        self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
-        self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
-        self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
-        self._store_damage: str | None = None  # set for good once the store reports damaged pages
-        self._machine_short: dict[int, _MachineWait] = {}  # run requeued for the machine -> its wait
-        self._successes = 0  # runs that ended in success
-        # runs whose end this engine reported: a run the stop requeues may end just before (not counted twice)
-        self._ended: OrderedDict[int, None] = OrderedDict()
+        self._init_breaks()
         # None: claim any queued run; a set: only these (``ingest`` runs its own runs, never a serve's backlog)
         self.claim_only: set[int] | None = None
-        self.machine_witnesses = MACHINE_WITNESSES  # ingest: 1 (no other mail will come to show there is room)
 
     # -- health -------------------------------------------------------------------
 
@@ -150,33 +108,6 @@ class WorkflowEngine:
         if self._timers is not None and self._executors is not None:
             passes += [self._timers.passes, self._executors.completion_passes]
         return next((p for p in (one.problem(after) for one in passes) if p), None)
-
-    def _machine_problem(self) -> str | None:
-        """Why tasks cannot run on this machine now (a full disk under the work dir), while a run they broke waits;
-        a break older than MACHINE_FRESH_S no longer counts (another engine may have finished that run)."""
-        if not self._machine_short:
-            return None
-        with self._cond:
-            horizon = time.monotonic() - MACHINE_FRESH_S
-            for run_id in [r for r, wait in self._machine_short.items() if wait.at <= horizon]:
-                del self._machine_short[run_id]  # (a run another engine finished is never forgotten otherwise)
-            fresh = sorted((w.at, w.why) for w in self._machine_short.values() if w.successes_last == self._successes)
-        if len(fresh) < self.machine_witnesses:
-            return None
-        return f"tasks fail for the machine ({len(fresh)} run(s) wait for it): {fresh[-1][1]}"
-
-    def _note_damage(self, exc: BaseException) -> None:
-        """Remember that the store reported damaged pages (``exc`` or its cause): no later success undoes that."""
-        seen: BaseException | None = exc
-        for _ in range(8):  # a chain of causes is short; never follow a cycle for ever
-            if seen is None or isinstance(seen, StoreCorruptError):
-                break
-            seen = seen.__cause__ or seen.__context__
-        if not isinstance(seen, StoreCorruptError):
-            return
-        if self._store_damage is None:
-            self._store_damage = f"the run store is damaged ({one_line(seen)}): restore it and restart"
-            log.error("engine unhealthy until restarted: %s", self._store_damage)
 
     # -- registry and triggering -----------------------------------------------
 
@@ -231,22 +162,6 @@ class WorkflowEngine:
             thread.start()
             self._threads.append(thread)
         return self
-
-    def recover(self) -> list[int]:
-        """Requeue running runs whose owner is gone (dead pid on this host, or a stale heartbeat), and runs in this
-        engine's name that it does not run, their heartbeat stale: a claim whose COMMIT reached the store while
-        its answer did not (the store's server died in between) left such a run, and nothing ran it until serve
-        restarted (a prober's store_server_down: an acked mail without a run end after 240 s)."""
-        stale_before = time.time() - self.settings.engine.stale_after_s
-        with self._cond:
-            ours = set(self._active) | set(self._unsettled)
-
-        def dead(run: Run) -> bool:
-            if run.owner == self.owner:
-                return run.run_id not in ours and (run.heartbeat_at is None or run.heartbeat_at < stale_before)
-            return liveness.is_dead(run, self.owner, stale_before)
-
-        return self.store.recover_runs(dead)
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop claiming runs, let live tasks finish within the grace period, requeue the rest."""
@@ -455,200 +370,3 @@ class WorkflowEngine:
         if state != s.QUEUED:
             self._shed(run_id)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=state)
-
-    def _shed(self, run_id: int) -> None:
-        """An ended run's attachments and text are of no more use: free their disk now, not at purge."""
-        shed_run_files(Path(self.settings.data_dir) / "work" / str(run_id))
-
-    # -- runs whose bookkeeping failed ------------------------------------------------
-
-    def _remember_ended(self, run_id: int) -> None:
-        """Note that this engine reported ``run_id``'s end (call under ``_cond``); the last ENDED_REMEMBERED."""
-        self._ended[run_id] = None
-        if len(self._ended) > ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
-
-    def _forget(self, run_id: int) -> None:
-        """Drop what the engine remembers of a run's breaks (call under ``_cond``)."""
-        for memory in (self._internal_requeues, self._env_breaks, self._not_before, self._machine_short):
-            memory.pop(run_id, None)
-
-    def _run_broken(self, run_id: int, exc: Exception) -> None:
-        """Free the run's slot, decide requeue or fail (module docstring), and try to store that. Guarded: a run
-        whose break could not be handled would stay running, heartbeated, holding its slot until serve stops."""
-        try:
-            self._handle_break(run_id, exc)
-        except Exception as err:
-            log.error("run %s: its break could not be handled (%s); requeueing it", run_id, one_line(err),
-                      exc_info=err)
-            with self._cond:
-                self._active.pop(run_id, None)
-                self._unsettled.setdefault(run_id, None)  # the dispatcher's guarded loop stores the requeue
-                self._wake = True
-                self._cond.notify_all()
-
-    def _handle_break(self, run_id: int, exc: Exception) -> None:
-        if isinstance(exc, RunTakenOver):  # another process runs it now: nothing of ours to store
-            with self._cond:
-                self._active.pop(run_id, None)
-                self._forget(run_id)
-                self._cond.notify_all()
-            return
-        self._note_damage(exc)
-        decided = self._decide(run_id, exc)
-        if decided is None:
-            return  # decided already: this is a second report of the same break
-        outcome, first = decided
-        if isinstance(exc, (MachineShortError, ClusterUnavailableError)):  # no bookkeeping broke: the run waits
-            what = "the machine" if isinstance(exc, MachineShortError) else "the Dask cluster"
-            log.warning("run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
-        else:
-            # a bug's traceback is worth every line; a store that does not answer is no bug (a prober's lost
-            # connections logged 102 tracebacks for 133 dropped answers)
-            traceback = not isinstance(exc, StoreUnavailableError) and (
-                first or not isinstance(exc, (StoreError, OSError)))
-            log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
-                      exc_info=exc if traceback else None)
-        try:
-            self._settle(run_id)
-        except Exception as err:  # the dispatcher's guarded loop tries again, backing off
-            log.error("run %s: cannot store that yet (%s); will retry", run_id, one_line(err))
-
-    def _decide(self, run_id: int, exc: Exception) -> tuple[str, bool] | None:
-        """Record requeue or fail for a broken run; return (outcome for the log, first break), None if decided."""
-        cfg = self.settings.engine
-        environmental = isinstance(exc, OSError) or (isinstance(exc, PipelineError) and exc.retryable)
-        with self._cond:
-            if run_id in self._unsettled:
-                return None
-            self._active.pop(run_id, None)
-            count, breaks = self._internal_requeues.get(run_id, 0), self._env_breaks.get(run_id, 0)
-            alone = isinstance(exc, MachineShortError) and self._short_alone(run_id, one_line(exc))
-            if isinstance(exc, ClusterUnavailableError):  # a cluster that cannot run tasks (a worker that cannot
-                # import a dependency): the run waits, and two such make the engine unhealthy, as a full disk does
-                self._machine_short[run_id] = _MachineWait(time.monotonic(), one_line(exc), self._successes,
-                                                           self._successes, 1)
-            if alone:
-                outcome = "failed (task_io: other runs succeeded while it waited, so it alone does not fit)"
-            elif environmental:  # never counted: the run waits out the fault, backing off
-                self._env_breaks[run_id] = breaks + 1
-                delay = backoff_s(cfg, breaks + 1)
-                self._not_before[run_id] = time.monotonic() + delay
-                outcome = f"requeued, tried again in {delay:g} s or later (environmental, not counted)"
-            elif count < cfg.max_internal_requeues:
-                self._internal_requeues[run_id] = count + 1
-                outcome = f"requeued ({count + 1} of {cfg.max_internal_requeues})"
-            else:
-                outcome = "failed (internal)"
-            self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else \
-                f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"[:500] if alone else None
-            if self._unsettled[run_id] is None:  # `show` says why the run waits, not just that it is queued
-                self._requeue_notes[run_id] = f"{outcome}: {one_line(exc)}"
-            self._wake = True
-            self._cond.notify_all()
-        return outcome, count == 0 and breaks == 0
-
-    def _short_alone(self, run_id: int, why: str) -> bool:
-        """Record a break for the machine (under ``_cond``); True once the run has waited MACHINE_PATIENCE breaks
-        while other runs succeeded: the machine has room for them, not for it."""
-        seen = self._machine_short.get(run_id)
-        first, breaks = (seen.successes_first, seen.breaks + 1) if seen else (self._successes, 1)
-        self._machine_short[run_id] = _MachineWait(time.monotonic(), why, first, self._successes, breaks)
-        return breaks >= MACHINE_PATIENCE and self._successes > first
-
-    def _settle(self, run_id: int) -> None:
-        """Store the decision for a broken run: requeue, or fail with its reason; raise if the store refuses.
-
-        The entry is taken out first, so two threads never both write it: a slow
-        requeue must not land after the dispatcher has requeued and claimed the run again.
-        """
-        with self._cond:
-            if run_id not in self._unsettled:
-                return  # another thread settled it
-            reason = self._unsettled.pop(run_id)
-        try:
-            if reason is None:
-                changed = self.store.requeue_run(run_id, owner=self.owner, note=self._requeue_notes.get(run_id))
-            else:
-                changed = self.store.finish_run(run_id, s.FAILED, reason, owner=self.owner)
-        except Exception:
-            with self._cond:
-                self._unsettled.setdefault(run_id, reason)
-            raise
-        with self._cond:
-            self._requeue_notes.pop(run_id, None)
-            if reason is not None or not changed:
-                self._forget(run_id)
-            self._wake = True
-            self._cond.notify_all()
-        if not changed:
-            self._not_ours_anymore(run_id)
-            return
-        if reason is not None:
-            metrics.run_finished(s.FAILED, reason)
-            self._shed(run_id)
-        tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=s.QUEUED if reason is None else s.FAILED)
-
-    def _not_ours_anymore(self, run_id: int) -> None:
-        """A run to settle was no longer ours to change: ended by our own commit whose answer was lost (a
-        PostgreSQL connection dropped after COMMIT: 51 of 100 successes went uncounted, logged as taken over,
-        their files kept until purge; a prober's find), or recovered by another process after its heartbeat
-        lapsed while the store refused us."""
-        try:
-            run = self.store.get_run(run_id)
-        except Exception as exc:  # noqa: BLE001 - only the log line depends on it
-            log.warning("run %s: no longer ours (%s)", run_id, one_line(exc))
-            return
-        if run.state not in (s.SUCCESS, s.FAILED) or run.owner != self.owner:
-            log.warning("run %s: taken over by another process", run_id)
-            return
-        with self._cond:
-            if run_id in self._ended:  # it ended just before the stop came to requeue it: counted then
-                return
-            self._remember_ended(run_id)
-            self._successes += run.state == s.SUCCESS
-        metrics.run_finished(run.state, run.reason)
-        log.info("run %s (%s): %s%s (the answer to its commit was lost)", run_id, run.workflow, run.state,
-                 f" ({run.reason})" if run.reason else "")
-        self._shed(run_id)
-        tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=run.state)
-
-    def _heartbeat_loop(self) -> None:
-        cfg = self.settings.engine
-        delay, next_recovery = cfg.heartbeat_interval_s, time.monotonic() + cfg.stale_after_s
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping, timeout=delay)
-                if self._stopping:
-                    return
-                ids = list(self._active)
-            try:
-                with self._heartbeat_passes.passing():
-                    self._beat(ids)
-                    if time.monotonic() >= next_recovery:  # a dead process's runs, even one that died after start
-                        self._recover_now()
-                        next_recovery = time.monotonic() + cfg.stale_after_s
-            except Exception as exc:  # retried sooner than the interval, so a short outage costs no stale runs
-                self._note_damage(exc)
-                delay = min(cfg.heartbeat_interval_s, self._heartbeat_health.failed(exc, ids))
-            else:
-                self._heartbeat_health.succeeded()
-                delay = cfg.heartbeat_interval_s
-
-    def _beat(self, ids: list[int]) -> None:
-        """Refresh our runs' heartbeats; a run no longer running under our owner was taken over: let it go."""
-        if not ids or self.store.heartbeat(ids, owner=self.owner) == len(ids):
-            return
-        for run_id in ids:
-            run = self.store.get_run(run_id)
-            with self._cond:
-                runner = self._active.get(run_id)
-            if runner is not None and (run.state != s.RUNNING or run.owner != self.owner):
-                runner.taken_over()  # does nothing if the runner wrote the run's outcome itself meanwhile
-
-    def _recover_now(self) -> None:
-        recovered = self.recover()
-        if recovered:
-            log.warning("requeued %d run(s) left running by a dead process, or by a claim whose answer was lost: "
-                        "%s", len(recovered), recovered)
-            self.wake()

@@ -19,7 +19,7 @@ LAYERS = [
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
     {"runner"},
-    {"engine", "workflows"},
+    {"engine", "engine_breaks", "engine_heartbeat", "workflows"},
     {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},
     {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
     {"service"},
