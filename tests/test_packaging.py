@@ -18,7 +18,7 @@ LAYERS = [
     {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
-    {"runner"},
+    {"runner", "runner_completion"},
     {"engine", "engine_breaks", "engine_heartbeat", "workflows"},
     {"smtp_limits", "bulk_smtp", "smtp_lean", "inline_accept"},
     {"gateway", "dropfolder", "housekeeping", "gatewayprocess"},
