@@ -13,23 +13,27 @@ carry the state they expect in their WHERE clause (compare-and-set), so a late
 write (a task's RUNNING after its timeout FAILED) changes nothing. Given an
 owner, they also carry ``owner = ?``: a process whose run was taken over
 changes nothing.
+
+Its connections and transactions are ``sql_base.SqlBase``, and the purge of
+ended runs with the bookkeeping of their spool files ``sql_purge.SqlPurge``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 from . import store as s
 from .addresses import address_key
 from .duration_bins import percentiles_by_task, window_params, window_sql
-from .errors import StoreBusyError, StoreError, UnknownRunError
-from .store import DAGRunStore, Run, TaskRun, Transition
+from .errors import StoreError, UnknownRunError
+
+# these lived here: postgres_store.py and the tests import them from here
+from .sql_base import RETRIES, Connection, TransientStoreError, retried  # noqa: F401
+from .sql_purge import PURGEABLE, SqlPurge, names_in_use  # noqa: F401
+from .store import Run, TaskRun, Transition
 
 RUN_COLUMNS = ("run_id, workflow, state, dedup_key, payload, queued_at, started_at, ended_at, heartbeat_at, owner, "
                "reason")
@@ -38,137 +42,10 @@ TASK_COLUMNS = ("run_id, task_id, state, try_number, queued_at, started_at, ende
 # named columns: task_events grew error_type in a later (SQLite) migration
 EVENT = "INSERT INTO task_events (run_id, task_id, try_number, state, at"
 FINAL_TASK = "state NOT IN ('success', 'failed', 'upstream_failed')"
-PURGEABLE = "ended_at < ? AND state IN ('success', 'failed')"  # the runs purge deletes: ended, before a cut-off
-RETRIES = 2  # extra tries of a write that lost a deadlock or a serialisation race
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
-class Connection(Protocol):
-    """What the shared code uses of a connection: ``?`` placeholders; a DB-API cursor back, rows as tuples."""
-
-    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
-
-    def executemany(self, sql: str, params: Any, /) -> Any: ...
-
-
-class TransientStoreError(StoreBusyError):
-    """A write lost a deadlock or a serialisation race; it is retried, then surfaces as StoreBusyError."""
-
-
-def retried(method: Callable[P, T]) -> Callable[P, T]:
-    """Run a store write again (at most RETRIES more times) when it raised TransientStoreError."""
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        for _ in range(RETRIES):
-            try:
-                return method(*args, **kwargs)
-            except TransientStoreError:
-                time.sleep(0.01)
-        return method(*args, **kwargs)
-    return wrapper
-
-
-class SqlRunStore(DAGRunStore):
+class SqlRunStore(SqlPurge):
     """The DAGRunStore contract in shared SQL; backends supply connections and the differing pieces."""
-
-    BEGIN = "BEGIN"
-    BEGIN_LAZY: str | None = None  # begins a transaction whose commit need not wait for the disk (None: BEGIN)
-    CLAIM_LOCK = ""  # row lock a claim and a purge take on what they select (PostgreSQL: FOR UPDATE SKIP LOCKED)
-    # row lock a transition's owner check takes on its run (PostgreSQL: FOR SHARE), so a requeue committed while
-    # the transition waited is seen, not the statement's older snapshot (SQLite: one writer, nothing to lock)
-    OWNER_LOCK = ""
-    TOMBSTONES_VERSION = 1  # the migration from which purge tombstones every spool file it drops
-    TASK_NAME_SQL = "task_id"  # SQL for the task of an instance id (``ingest_pdf[3]`` -> ``ingest_pdf``)
-    LAST_RUN_ID_SQL = "SELECT max(run_id) FROM runs"  # the backend's own counter of ids handed out, where it has one
-    WINDOW_INDEX_HINT = ""  # what follows ``FROM task_runs`` when reading a window's tries (SQLite: INDEXED BY)
-    # serialises the digest reservations of one address, its parameter the address (PostgreSQL: an advisory
-    # lock; SQLite's BEGIN IMMEDIATE already serialises every write transaction)
-    DIGEST_LOCK = ""
-    DRIVER_ERRORS: tuple[type[BaseException], ...] = ()
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-
-    # -- what a backend supplies ---------------------------------------------------
-
-    def _connection(self) -> AbstractContextManager[Connection]:
-        """Lend a connection for one transaction or query (raising driver errors is fine here)."""
-        raise NotImplementedError
-
-    def _store_error(self, exc: BaseException) -> StoreError:
-        """Translate a driver error into the StoreError tree."""
-        raise NotImplementedError
-
-    def _rollback(self, conn: Connection) -> None:
-        """End a failed transaction, if one is open, so the connection stays usable."""
-        raise NotImplementedError
-
-    def _insert_run(self, conn: Connection, workflow: str, dedup_key: str | None, payload: str,
-                    now: float) -> int | None:
-        """Insert a queued run; return its id, or None if ``(workflow, dedup_key)`` exists (inserted meanwhile)."""
-        raise NotImplementedError
-
-    def _queued(self, conn: Connection) -> None:
-        """Tell other processes, at commit, that runs were queued (see ``watch_queue``); default: nothing."""
-
-    # -- transactions ------------------------------------------------------------
-
-    @contextmanager
-    def _tx(self, lazy: bool = False) -> Iterator[Connection]:
-        """Run a write transaction: begin, then commit or roll back; raise StoreError.
-
-        A failed COMMIT (disk full, deferred constraint) leaves the transaction
-        open, so it is rolled back too: the connection stays usable. ``lazy``
-        marks writes that may be lost in a server crash (see BEGIN_LAZY).
-        """
-        from . import metrics  # here, not at the top: reading a store (`runs`, `show`) never loads prometheus_client
-
-        try:
-            with self._connection() as conn, metrics.STORE_TX[lazy].time():
-                self._begin(conn, (self.BEGIN_LAZY or self.BEGIN) if lazy else self.BEGIN)
-                try:
-                    yield conn
-                except BaseException:
-                    self._rollback(conn)
-                    raise
-                self._commit(conn)
-        except self.DRIVER_ERRORS as exc:
-            raise self._store_error(exc) from exc
-
-    def _commit(self, conn: Connection) -> None:
-        """COMMIT; one that fails (disk full, deferred constraint) leaves the transaction open: roll it back."""
-        try:
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)
-            raise
-
-    def _begin(self, conn: Connection, sql: str) -> None:
-        """Begin a write transaction (SQLite overrides it: how it waits for the write lock)."""
-        conn.execute(sql)
-
-    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run one query and return its rows; raise StoreError."""
-        try:
-            with self._connection() as conn:
-                return list(conn.execute(sql, tuple(params)).fetchall())
-        except self.DRIVER_ERRORS as exc:
-            raise self._store_error(exc) from exc
-
-    # -- observation points for tools and the audit --------------------------
-
-    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one read-only SQL statement, on the store's own connection (what a benchmark or a
-        diagnosis needs beyond the API: plain-SQL baselines, row counts); raises StoreError."""
-        return self._read(sql, params)
-
-    def write_in_one_transaction(self, statements: Iterable[tuple[str, Mapping[str, Any] | Iterable[Any]]]) -> None:
-        """Run ``(sql, params)`` statements in one write transaction (bulk generation of test data)."""
-        with self._tx() as conn:
-            for sql, params in statements:
-                conn.execute(sql, params if isinstance(params, Mapping) else tuple(params))
 
     # -- runs -----------------------------------------------------------------
 
@@ -406,62 +283,6 @@ class SqlRunStore(DAGRunStore):
         sql = window_sql(self.TASK_NAME_SQL, self.WINDOW_INDEX_HINT, run_time)
         return percentiles_by_task(self._read(sql, window_params(since, until, run_time)))
 
-    # -- purge and the spool files of runs ---------------------------------------
-
-    def count_purgeable(self, older_than: float) -> int:
-        return int(self._read(f"SELECT count(*) FROM runs WHERE {PURGEABLE}", (older_than,))[0][0])
-
-    def purge_batches(self, older_than: float, batch_size: int = 1000) -> Iterator[s.PurgedBatch]:
-        while True:
-            with self._tx() as conn:
-                ids = [r[0] for r in conn.execute(
-                    f"SELECT run_id FROM runs WHERE {PURGEABLE} LIMIT ?{self.CLAIM_LOCK}",
-                    (older_than, batch_size)).fetchall()]
-                if not ids:
-                    return
-                marks = ",".join("?" * len(ids))
-                names = {r[0] for r in conn.execute(
-                    f"SELECT DISTINCT spool_name FROM runs WHERE run_id IN ({marks}) AND spool_name IS NOT NULL",
-                    ids).fetchall()}
-                conn.execute(f"DELETE FROM task_events WHERE run_id IN ({marks})", ids)
-                conn.execute(f"DELETE FROM task_runs WHERE run_id IN ({marks})", ids)
-                conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", ids)
-                dropped = sorted(names - names_in_use(conn, names))
-                if dropped:
-                    conn.executemany("INSERT INTO spool_tombstones VALUES (?, ?) "
-                                     "ON CONFLICT (name) DO UPDATE SET dropped_at = excluded.dropped_at",
-                                     [(name, time.time()) for name in dropped])
-            yield s.PurgedBatch(tuple(ids), tuple(dropped))  # after the commit: the caller deletes files now
-
-    def spool_names_in_use(self, names: Iterable[str]) -> set[str]:
-        try:
-            with self._connection() as conn:
-                return names_in_use(conn, set(names))
-        except self.DRIVER_ERRORS as exc:
-            raise self._store_error(exc) from exc
-
-    def spool_names_known(self, names: Iterable[str]) -> set[str]:
-        wanted = set(names)
-        if not wanted:
-            return set()
-        marks = ",".join("?" * len(wanted))
-        rows = self._read(f"SELECT spool_name FROM runs WHERE spool_name IN ({marks}) "
-                          f"UNION SELECT name FROM spool_tombstones WHERE name IN ({marks})", [*wanted, *wanted])
-        return {r[0] for r in rows}
-
-    def list_spool_tombstones(self, after: str = "", limit: int = 1000) -> list[str]:
-        return [r[0] for r in self._read("SELECT name FROM spool_tombstones WHERE name > ? ORDER BY name LIMIT ?",
-                                         (after, limit))]
-
-    @retried
-    def drop_spool_tombstones(self, names: Iterable[str]) -> int:
-        rows = [(n,) for n in set(names)]
-        if not rows:
-            return 0
-        with self._tx() as conn:
-            cur = conn.executemany("DELETE FROM spool_tombstones WHERE name = ?", rows)
-            return max(cur.rowcount, 0)
-
     # -- digests per address ([delivery] max_digests_per_hour) --------------------------
 
     @retried
@@ -493,30 +314,6 @@ class SqlRunStore(DAGRunStore):
         with self._tx() as conn:
             conn.execute("DELETE FROM digest_reservations WHERE address = ? AND digest = ?",
                          (address_key(address), digest))
-
-    def last_run_id(self) -> int:
-        rows = self._read(self.LAST_RUN_ID_SQL)
-        return int(rows[0][0] or 0) if rows else 0
-
-    def existing_run_ids(self, run_ids: Iterable[int]) -> set[int]:
-        wanted = [int(i) for i in set(run_ids)]
-        if not wanted:
-            return set()
-        rows = self._read(f"SELECT run_id FROM runs WHERE run_id IN ({','.join('?' * len(wanted))})", wanted)
-        return {int(r[0]) for r in rows}
-
-    def spool_tracked_since(self) -> float:
-        rows = self._read("SELECT applied_at FROM schema_migrations WHERE version = ?", (self.TOMBSTONES_VERSION,))
-        return float(rows[0][0])
-
-
-def names_in_use(conn: Connection, names: set[str]) -> set[str]:
-    """Those of ``names`` some run names (one indexed lookup each; inside the caller's connection)."""
-    if not names:
-        return set()
-    marks = ",".join("?" * len(names))
-    return {r[0] for r in conn.execute(f"SELECT DISTINCT spool_name FROM runs WHERE spool_name IN ({marks})",
-                                       list(names)).fetchall()}
 
 
 def owned(owner: str | None) -> tuple[str, tuple[str, ...]]:

@@ -15,7 +15,7 @@ LAYERS = [
     {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
     {"addresses"},
     {"config", "serve_config", "settings_file", "dag", "store", "metrics", "metrics_counts", "metrics_scrape"},
-    {"sqlite_schema", "postgres_schema", "sql_store", "duration_bins", "wakeup"},
+    {"sqlite_schema", "postgres_schema", "sql_base", "sql_purge", "sql_store", "duration_bins", "wakeup"},
     {"sqlite_store", "postgres_store", "stages", "spool", "workdir"},
     {"executors", "dask_executor", "handover", "health", "liveness", "datadir_watch"},
     {"runner", "runner_completion"},
