@@ -12,7 +12,7 @@ import pipeline
 ROOT = Path(__file__).resolve().parent.parent
 # Lower layers may not import higher ones (STYLE.md section 1).
 LAYERS = [
-    {"errors", "tracing", "timers", "priority", "passes", "ratelog"},
+    {"errors", "store_types", "tracing", "timers", "priority", "passes", "ratelog"},
     {"addresses"},
     {"config", "serve_config", "settings_file", "dag", "store", "metrics", "metrics_counts", "metrics_scrape"},
     {"sqlite_schema", "postgres_schema", "sql_base", "sql_purge", "sql_store", "duration_bins", "wakeup"},
