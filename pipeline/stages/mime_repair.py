@@ -43,7 +43,7 @@ STRUCTURED = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "return
                         "resent-to", "resent-cc", "resent-date", "resent-message-id", "resent-sender"})
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # a field name (printable ASCII but the colon), blanks, a colon
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-# a multipart's boundary parameter in raw bytes, quoted or bare (parse.check_part_count counts parts with it too)
+# a multipart's boundary parameter in raw bytes, quoted or bare (mime_tree.check_part_count counts parts with it too)
 BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 ENCODED = ("base64", "quoted-printable")
 
