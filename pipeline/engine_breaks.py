@@ -45,6 +45,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .health import backoff_s, one_line
+from .ratelog import RateLimitedLog, cause_of
 from .runner import DAGRunner
 from .store import DAGRunStore, RunTakenOver
 from .workdir import shed_run_files
@@ -82,6 +83,7 @@ class BrokenRuns:
     def _init_breaks(self) -> None:
         """Start with no breaks remembered (the engine's ``__init__`` calls this)."""
         self._unsettled: dict[int, str | None] = {}  # broken run -> reason to fail it with (None: requeue)
+        self._break_log = RateLimitedLog(log)  # breaks of many runs by one cause: a line per interval
         self._requeue_notes: dict[int, str] = {}  # run to requeue -> why, for its reason in the store
         self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
@@ -160,21 +162,31 @@ class BrokenRuns:
         decided = self._decide(run_id, exc)
         if decided is None:
             return  # decided already: this is a second report of the same break
-        outcome, first = decided
+        outcome = decided[0]
         if isinstance(exc, (MachineShortError, ClusterUnavailableError)):  # no bookkeeping broke: the run waits
             what = "the machine" if isinstance(exc, MachineShortError) else "the Dask cluster"
-            log.warning("run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
-        else:
-            # a bug's traceback is worth every line; a store that does not answer is no bug (a prober's lost
-            # connections logged 102 tracebacks for 133 dropped answers)
-            traceback = not isinstance(exc, StoreUnavailableError) and (
-                first or not isinstance(exc, (StoreError, OSError)))
-            log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome,
-                      exc_info=exc if traceback else None)
+            # one line per cause per interval: every waiting run's every backoff logged 154 lines in 37 s
+            self._log_break(f"waiting for {what}: {cause_of(exc)}", logging.WARNING, None,
+                            "run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
+        elif isinstance(exc, (StoreError, OSError)):
+            # the store's or the disk's fault, shared by every run it breaks: one line per cause per interval (a
+            # full disk gave 32 runs a traceback each in one second), a traceback with the first unless the store
+            # does not answer, which is no bug (a prober's lost connections logged 102 tracebacks)
+            self._log_break(f"bookkeeping failed: {cause_of(exc)}", logging.ERROR,
+                            None if isinstance(exc, StoreUnavailableError) else exc,
+                            "run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome)
+        else:  # a bug's traceback is worth every line
+            log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome, exc_info=exc)
         try:
             self._settle(run_id)
         except Exception as err:  # the dispatcher's guarded loop tries again, backing off
             log.error("run %s: cannot store that yet (%s); will retry", run_id, one_line(err))
+
+    def _log_break(self, cause: str, level: int, exc_info: BaseException | None, message: str,
+                   *args: object) -> None:
+        """Log a break at ``level`` once per cause per interval; the others at DEBUG, where they all are."""
+        if not self._break_log.report(cause, message, *args, level=level, exc_info=exc_info):
+            log.debug(message, *args)
 
     def _decide(self, run_id: int, exc: Exception) -> tuple[str, bool] | None:
         """Record requeue or fail for a broken run; return (outcome for the log, first break), None if decided."""
