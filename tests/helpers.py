@@ -152,3 +152,26 @@ def own_row_in_process(ctx: TaskContext) -> dict:
         state, tries = conn.execute("SELECT state, try_number FROM task_runs WHERE run_id = ? AND task_id = ?",
                                     (ctx.run_id, ctx.task_id)).fetchone()
     return {"state": state, "try": tries}
+
+
+def fill_disk(path: Path) -> Path:
+    """Write ``path`` until its disk is full, to the last few bytes (unbuffered: nothing is left to fail at
+    close); return it."""
+    with path.open("wb", buffering=0) as fh:
+        chunk = b"\0" * 65536
+        while chunk:
+            try:
+                fh.write(chunk)
+            except OSError:
+                chunk = chunk[: len(chunk) // 4] if len(chunk) > 512 else b""
+    return path
+
+
+def smtp_answers(port: int) -> bool:
+    """Whether an SMTP server answers on ``port`` (loopback)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+            smtp.noop()
+        return True
+    except OSError:
+        return False

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import free_port
-from helpers import wait_until
+from helpers import fill_disk, wait_until
 from test_gateway_faults import tmpfs
 
 from pipeline import datadir_watch
@@ -95,19 +95,6 @@ def test_a_store_wal_deleted_under_serve_makes_it_unhealthy(service_factory, qui
     assert _send(service) == 451
 
 
-def _fill(disk):
-    """A file that takes every byte left on ``disk`` (unbuffered: nothing is left to fail at close)."""
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as fh:
-        chunk = b"\0" * 65536
-        while chunk:
-            try:
-                fh.write(chunk)
-            except OSError:
-                chunk = chunk[: len(chunk) // 4] if len(chunk) > 512 else b""
-    return filler
-
-
 @pytest.mark.parametrize("where", ["spool", "store"])
 def test_a_full_disk_under_the_spool_or_the_run_store_makes_serve_unhealthy_until_there_is_room(
         settings, tmp_path, quick_watch, where):
@@ -121,7 +108,7 @@ def test_a_full_disk_under_the_spool_or_the_run_store_makes_serve_unhealthy_unti
         try:
             service.start()
             assert _send(service) == 250
-            filler = _fill(disk)
+            filler = fill_disk(disk / "filler")
             assert wait_until(lambda: f"the disk under the {'spool' if where == 'spool' else 'run store'}" in
                               (service.health_problem or ""), 10), service.health_problem
             assert "is full" in service.health_problem and _send(service) == 451  # before the data is read

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import fill_disk
 from helpers import send_for_run_id as send
 
 from pipeline import housekeeping
@@ -354,14 +355,7 @@ def test_purge_on_a_full_disk_says_what_to_do_and_works_once_there_is_room(tmp_p
         with SqliteRunStore(data / "runs.sqlite3") as store:
             for i in range(300):
                 store.finish_run(store.create_run("wf", {"n": i, "pad": "x" * 500})[0].run_id, "success", now=1.0)
-        ballast = data / "ballast"
-        with ballast.open("wb", buffering=0) as fh:
-            chunk = b"\0" * 65536
-            while chunk:
-                try:
-                    fh.write(chunk)
-                except OSError:
-                    chunk = chunk[: len(chunk) // 4] if len(chunk) > 512 else b""  # to the last few bytes
+        ballast = fill_disk(data / "ballast")
         assert main(["--data-dir", str(data), "purge", "--older-than", "0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "KB free, and purge needs a few MB to record what it deletes" in err[0], err

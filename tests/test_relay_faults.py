@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import send_for_run_id, wait_until
+from helpers import send_for_run_id, smtp_answers, wait_until
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.fakerelay import Relay, running
@@ -180,7 +180,7 @@ def _one_digest_by_a_serve_of_its_own(config: Path, data: Path, message_id: str)
                              "serve", "--port", str(port), "--no-drop-folder"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: _answers(port) or proc.poll() is not None, 60) and proc.poll() is None
+        assert wait_until(lambda: smtp_answers(port) or proc.poll() is not None, 60) and proc.poll() is None
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             smtp.ehlo()
             smtp.mail("victim@example.org")
@@ -197,15 +197,6 @@ def _one_digest_by_a_serve_of_its_own(config: Path, data: Path, message_id: str)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
 
-
-def _answers(port: int) -> bool:
-    """Whether an SMTP server answers on ``port``."""
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
-            smtp.noop()
-        return True
-    except OSError:
-        return False
 
 
 def test_a_greylisting_relay_gets_its_digest_once_when_it_lets_it_in(relay, settings):

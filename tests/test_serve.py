@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import wait_until
+from helpers import smtp_answers, wait_until
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.cli import main
@@ -290,7 +290,7 @@ def test_a_stop_that_waits_on_a_store_that_does_not_answer_ends_after_the_margin
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     holder = None
     try:
-        assert wait_until(lambda: (data / "runs.sqlite3").exists() and _answers(port), 60)
+        assert wait_until(lambda: (data / "runs.sqlite3").exists() and smtp_answers(port), 60)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # a run in flight: the stop must requeue it
             smtp.sendmail("alice@example.com", ["d@pipeline.local"],
                           fx.email_with([("slow.pdf", fx.slow_pdf(200))], message_id="<slow@stop.test>"))
@@ -335,14 +335,6 @@ def test_a_stop_that_waits_on_a_store_that_does_not_answer_ends_after_the_margin
     assert "the stop did not finish within 3 s (a run store, relay or task that does not answer?)" in err
     assert took < 40  # the busy timeout alone is 60 s
 
-
-def _answers(port: int) -> bool:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
-            smtp.noop()
-        return True
-    except OSError:
-        return False
 
 
 def test_an_interrupted_ingest_says_which_runs_it_leaves_queued(tmp_path):
