@@ -158,6 +158,20 @@ def test_digests_to_one_address_past_the_hourly_quota_are_skipped_and_say_why(re
     assert sum("deliver" in text and "skipped: over [delivery] max_digests_per_hour" in text for text in shown) == 1
 
 
+def test_the_configured_recipient_is_not_held_to_the_hourly_quota(relay, settings):
+    """A reviewer's find: the quota (100 by default) also cut off the operator's own [delivery] recipient, an
+    archive taking every digest, which no client can claim."""
+    delivery = DeliveryConfig(relay=relay.url, max_digests_per_hour=1, recipient="archive@example.net")
+    service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port()), delivery=delivery)).start()
+    try:
+        runs = [service.engine.wait(send_for_run_id(service, fx.email_with([], message_id=f"<arch{i}@x>")), 60)
+                for i in range(3)]
+        outputs = [{t.task_id: t for t in service.store.get_tasks(run.run_id)}["deliver"].output for run in runs]
+    finally:
+        service.stop()
+    assert [o.get("to") for o in outputs] == ["archive@example.net"] * 3 and len(relay.messages) == 3, outputs
+
+
 def test_the_hourly_quota_is_counted_in_the_store_over_a_restart_and_a_refused_digest_does_not_count(relay,
                                                                                                     tmp_path):
     """The count lived in serve's memory: a restart started it again (and N serve processes let N times as many

@@ -81,6 +81,7 @@ NULL_SENDER = "null sender"
 NO_ENVELOPE = "no envelope sender"
 NO_DOMAIN = "envelope sender without a domain"
 OWN_ADDRESS = "the digest's own sender address"
+CONFIGURED = "delivery.recipient"  # reply_recipient's why for the operator's configured recipient
 # local parts of a mail system's or a list's own addresses (RFC 3834 2): a bounce sent with a sender, a list's
 # owner or request robot, Mailman's VERP return path (x-bounces+anna=example.com@)
 _SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|owner-.*|.*-(request|owner)|(.*-)?bounces?([-+=].*)?",
@@ -137,7 +138,7 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
     if marked.get("kind") in MACHINE:
         return None, str(marked.get("why"))
     if config.recipient:
-        return _unless_own(reply_address(config.recipient), "delivery.recipient", config)
+        return _unless_own(reply_address(config.recipient), CONFIGURED, config)
     address, origin = envelope_sender(payload, email)
     if not address:
         return None, origin

@@ -54,7 +54,9 @@ def running_pipeline(data_dir: Path | None = None, *, workers: bool = True, max_
         controller.start()
         settings = replace(Settings.for_data_dir(root),
                            gateway=GatewayConfig(port=free_port(), drop_folder=False),
-                           delivery=DeliveryConfig(relay=f"smtp://127.0.0.1:{sink_port}", outbox=root / "outbox"),
+                           # every mail is alice's: no hourly quota, so every run delivers as the audit measured
+                           delivery=DeliveryConfig(relay=f"smtp://127.0.0.1:{sink_port}", outbox=root / "outbox",
+                                                   max_digests_per_hour=0),
                            engine=EngineConfig(max_active_runs=max_active_runs),
                            runner=RunnerConfig(thread_workers=thread_workers, stage_executor=stage_executor),
                            ingest=ingest or IngestConfig())
