@@ -83,8 +83,8 @@ NO_DOMAIN = "envelope sender without a domain"
 OWN_ADDRESS = "the digest's own sender address"
 CONFIGURED = "delivery.recipient"  # reply_recipient's why for the operator's configured recipient
 # local parts of a mail system's or a list's own addresses (RFC 3834 2): a bounce sent with a sender, a list's
-# owner or request robot, Mailman's VERP return path (x-bounces+anna=example.com@)
-_SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|owner-.*|.*-(request|owner)|(.*-)?bounces?([-+=].*)?",
+# owner or request robot, Mailman's return path (x-bounces+anna=example.com@), a VERP one (bounce-x=anna=…@)
+_SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|owner-.+|.+-request|.+-bounces(\+.+)?|bounces?-.+=.+",
                            re.IGNORECASE)
 
 

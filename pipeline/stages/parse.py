@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import IngestConfig
 from ..errors import ParseError
-from .autoreply import automated, digest_subject_reply
+from .autoreply import automated, digest_reply
 from .headers import (
     HEADER_ERRORS,
     MAX_NAME_CHARS,
@@ -305,7 +305,7 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
         "attachments": pdfs,
         "skipped": skipped,
         # machine-made or list mail, or an answer to a digest: see autoreply (None for a person's mail)
-        "automated": automated(msg) or digest_subject_reply(subject, bool(pdfs)),
+        "automated": automated(msg) or digest_reply(msg, subject, bool(pdfs)),
     })
 
 
