@@ -197,6 +197,7 @@ class WorkflowEngine(BrokenRuns, Heartbeat):
         assert self._executors is not None and self._timers is not None
         self._executors.shutdown(wait=not leftovers)
         self._timers.close()
+        self._break_log.flush()  # how many breaks of each cause were not logged since the last line
         self._unwatch()
         liveness.LIVE_OWNERS.discard(self.owner)
 

@@ -166,14 +166,14 @@ class BrokenRuns:
         if isinstance(exc, (MachineShortError, ClusterUnavailableError)):  # no bookkeeping broke: the run waits
             what = "the machine" if isinstance(exc, MachineShortError) else "the Dask cluster"
             # one line per cause per interval: every waiting run's every backoff logged 154 lines in 37 s
-            self._log_break(f"waiting for {what}: {cause_of(exc)}", logging.WARNING, None,
+            self._log_break(f"waiting for {what}: {cause_of(exc)}", logging.WARNING, None, outcome.startswith("failed"),
                             "run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
         elif isinstance(exc, (StoreError, OSError)):
             # the store's or the disk's fault, shared by every run it breaks: one line per cause per interval (a
             # full disk gave 32 runs a traceback each in one second), a traceback with the first unless the store
             # does not answer, which is no bug (a prober's lost connections logged 102 tracebacks)
             self._log_break(f"bookkeeping failed: {cause_of(exc)}", logging.ERROR,
-                            None if isinstance(exc, StoreUnavailableError) else exc,
+                            None if isinstance(exc, StoreUnavailableError) else exc, outcome.startswith("failed"),
                             "run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome)
         else:  # a bug's traceback is worth every line
             log.error("run %s: bookkeeping failed: %s; %s", run_id, one_line(exc), outcome, exc_info=exc)
@@ -182,10 +182,15 @@ class BrokenRuns:
         except Exception as err:  # the dispatcher's guarded loop tries again, backing off
             log.error("run %s: cannot store that yet (%s); will retry", run_id, one_line(err))
 
-    def _log_break(self, cause: str, level: int, exc_info: BaseException | None, message: str,
+    def _log_break(self, cause: str, level: int, exc_info: BaseException | None, failed: bool, message: str,
                    *args: object) -> None:
-        """Log a break at ``level`` once per cause per interval; the others at DEBUG, where they all are."""
-        if not self._break_log.report(cause, message, *args, level=level, exc_info=exc_info):
+        """Log a break at ``level`` once per cause per interval, its traceback only the first time; the others
+        at DEBUG, where they all are. A break that ``failed`` its run is always logged: it is the run's end."""
+        first = not self._break_log.counts[cause]
+        if failed:
+            log.log(level, message, *args, exc_info=exc_info if first else None)
+            self._break_log.counts[cause] += 1
+        elif not self._break_log.report(cause, message, *args, level=level, exc_info=exc_info if first else None):
             log.debug(message, *args)
 
     def _decide(self, run_id: int, exc: Exception) -> tuple[str, bool] | None:
@@ -217,7 +222,7 @@ class BrokenRuns:
             self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else \
                 f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"[:500] if alone else None
             if self._unsettled[run_id] is None:  # `show` says why the run waits, not just that it is queued
-                self._requeue_notes[run_id] = f"{outcome}: {one_line(exc)}"
+                self._requeue_notes[run_id] = f"{outcome} (from {_utc_now()}): {one_line(exc)}"
             self._wake = True
             self._cond.notify_all()
         return outcome, count == 0 and breaks == 0
@@ -286,3 +291,8 @@ class BrokenRuns:
                  f" ({run.reason})" if run.reason else "")
         self._shed(run_id)
         tracing.send(tracing.RUN_FINISHED, run_id=run_id, state=run.state)
+
+
+def _utc_now() -> str:
+    """The time now as ``14:05:03 UTC``: a requeue note is read long after ("tried again in 5 s" from when?)."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime())
