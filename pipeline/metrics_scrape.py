@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from .metrics_counts import GATEWAY_RESTART_CAUSES, REGISTRY
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.metrics")  # the /metrics lines under one name, as before the split
 EXTRACT_WORKER = "pipeline.stages.extract_worker"  # in the command line of every extraction worker process
 GATEWAY_PROCESS = "pipeline.gatewaychild"  # in the command line of serve's gateway process
 STAGE_POOL = "multiprocessing.forkserver"  # the runner's process pool (build_digest, deliver) and its fork server

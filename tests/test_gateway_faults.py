@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import wait_until
+from helpers import fill_disk, wait_until
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import GatewayConfig, StoreConfig
@@ -219,15 +219,7 @@ def tmpfs(directory: Path, size: str = "1m"):
 
 def fill(directory: Path) -> Path:
     """Write a file until the disk under ``directory`` is full; return it."""
-    filler = directory / "filler"
-    with filler.open("wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
+    return fill_disk(directory / "filler")
 
 
 def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settings, monkeypatch):

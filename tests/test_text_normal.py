@@ -170,3 +170,17 @@ def test_a_pdf_in_another_script_gets_a_summary_and_its_word_count(tmp_path, scr
     summary = digest.summarize_file(tmp_path / "doc.txt", 2).sentences
     # the engines' own reordering of right-to-left text puts the paragraph's last full stop at its start
     assert len(summary) == 2 and {s.strip(".") for s in summary} <= {s.strip(".") for s in split_sentences(text)}
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("目录\n第一章 总则\n第二章 范围\n第三章 定义\n", 17),  # a short-lined table of contents was counted by its lines
+    ("今天天气很好。我们去公园吧！", 12),  # one short line was "1 word"
+    ("Hello \u201cworld\u201d again", 3),
+])
+def test_ideographs_count_as_words_however_the_text_is_cut_in_lines(text, words):
+    assert count_words(text) == words
+
+
+def test_a_surrogate_pair_is_joined_into_its_character_and_a_lone_one_dropped():
+    """A font's codes taken for text (pypdf, no Unicode map) can hold an emoji as a pair: it was dropped too."""
+    assert normalize_page("a \ud83d\ude00 b \ud800 c") == "a \U0001f600 b  c"

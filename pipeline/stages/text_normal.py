@@ -35,6 +35,7 @@ _HAS_LIGATURE = re.compile("[\ufb00-\ufb06]")
 # takes a font's codes for text when it has no Unicode map, and U+D800-U+DFFF cannot be written as UTF-8
 _CONTROLS = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
                        r"\ufeff\uffff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _SOFT_AT_LINE_END = re.compile(rf"[{_SOFT}][ \t]*\n[ \t]*")
 # a soft-hyphen mark inside a URL was the URL's own hyphen at a line end ("https://CRAN.R<FFFE>project.org")
 _SOFT_IN_URL = re.compile(r"((?:https?:|www\.)[^\s\ufffe]*)\ufffe")
@@ -67,7 +68,11 @@ def normalize_page(text: str) -> str:
         text = _HYPHEN_AT_LINE_END.sub("", text)
     for mark in soft:
         text = text.replace(mark, "")
-    return _CONTROLS.sub("", text) if _CONTROLS.search(text) else text
+    if not _CONTROLS.search(text):
+        return text
+    if _SURROGATE.search(text):  # a high and a low one side by side are one character (an emoji): join them
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    return _CONTROLS.sub("", text)
 
 
 # abbreviations after which a period does not end a sentence (lowercase, without the period)
@@ -97,9 +102,10 @@ def may_be_ideographic(text: str, words: int) -> bool:
 
 def count_words(text: str) -> int:
     """The words in ``text``: runs between whitespace, and each Chinese or Japanese character (a page of
-    Chinese was "2 words")."""
+    Chinese was "2 words"). Any ideograph counts, however the text is cut in lines or pages: a short-lined
+    table of contents was counted by its lines, and a document by how it was streamed (a reviewer's find)."""
     words = len(text.split())
-    if not may_be_ideographic(text, words):
+    if text.isascii() or not IDEOGRAPH.search(text):
         return words
     rest, ideographs = IDEOGRAPH.subn(" ", text)
     return ideographs + len(_CJK_PUNCTUATION.sub(" ", rest).split()) if ideographs else words
