@@ -11,7 +11,6 @@ an exception.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import smtplib
 import subprocess
@@ -26,10 +25,8 @@ import psutil
 
 from ... import store as s
 from ..base import fixtures as fx
-from ..base import responder
 from ..base.fakerelay import DROP, Relay, running
 from ..base.faultcheck import (
-    TERMINAL_RUN_STATES,
     Rows,
     attachment_files,
     bad_input_messages,
@@ -57,9 +54,8 @@ from ..base.serveproc import (
     free_port,
     reply_of,
     serving,
-    toml_text,
 )
-from . import datadir_faults, monitoring, relay_hung, scaleout_faults
+from . import datadir_faults, mail_loop, monitoring, relay_hung, scaleout_faults
 
 # -- the faults --------------------------------------------------------------------------------------------------
 
@@ -506,64 +502,7 @@ def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
         row("bad_input", "case_typed", float(o.pop("typed")), "bool", i, **o) for i, o in enumerate(outcomes)
     ] + [row("bad_input", "wild_mail_pdfs_missed", missed, "pdfs", 0, cases=len(wild)),
          row("bad_input", "automatic_mail_answered", answered, "digests", 0)
-         ] + mail_loop(work / "loop", timeout_s=min(timeout_s, LOOP_WATCH_S))
-
-
-LOOP_WATCH_S = 20.0  # long enough to see a loop grow: before stages.autoreply, 624 runs per mail (slas.toml)
-
-
-def mail_loop(work: Path, mails: int = 3, quiet_s: float = 1.5, timeout_s: float = LOOP_WATCH_S) -> Rows:
-    """Digests that come back as new mail, each way a loop can start (``LOOPS``): send ``mails`` mails and
-    count runs until none has been added for ``quiet_s`` and all ended (or ``timeout_s``): 2 per mail (the mail
-    and what came back, which gets no digest of its own), or a loop that keeps growing."""
-    return [r for how in LOOPS for r in _one_loop(work / how, how, mails, quiet_s, timeout_s)]
-
-
-# how a digest comes back: the relay is the gateway itself, or a responder that ignores RFC 3834 answers it (a
-# ticket system; a rule forwarding it as an attachment: base.responder), each answer capped at 5 (a real loop
-# has no cap: 21 digests of one mail in 6 s before the answers were recognised)
-LOOPS = ("gateway", *responder.HOWS)
-
-
-def _one_loop(work: Path, how: str, mails: int, quiet_s: float, timeout_s: float) -> Rows:
-    serve = ServeProcess(work / "data", work)
-    relay_port = serve.port if how == "gateway" else free_port()
-    serve.config_path.write_text(toml_text({"delivery": {"relay": f"smtp://127.0.0.1:{relay_port}"}}))
-    messages = [(f"<loop-{how}-{i}@faults.audit>", fx.email_with(
-        [("a.pdf", fx.text_pdf(1))], sender=f"sender{i}@example.com", message_id=f"<loop-{how}-{i}@faults.audit>"))
-        for i in range(mails)]
-    runs: list[s.Run] = []
-    with contextlib.ExitStack() as stack:
-        answering = None if how == "gateway" else stack.enter_context(
-            responder.responding(serve.port, relay_port, how, cap=5 * mails))
-        try:
-            serve.start()
-            with Senders(serve.port, messages, work, 1) as sending:
-                sending.wait(timeout_s)
-            runs = _until_quiet(serve.data_dir, quiet_s, timeout_s)
-        finally:
-            serve.kill()
-    ended = sum(r.state in TERMINAL_RUN_STATES for r in runs)
-    digests = len(answering.digests) if answering else float("nan")
-    return [row("mail_loop", "runs_per_mail", len(runs) / mails, "runs", 0, mails=mails, watched_s=timeout_s,
-                loop=how),
-            row("mail_loop", "runs_not_ended", len(runs) - ended, "runs", 0, mails=mails, loop=how),
-            *([] if how == "gateway" else [row("mail_loop", "digests_per_mail", digests / mails, "digests", 0,
-                                               mails=mails, loop=how)])]
-
-
-def _until_quiet(data_dir: Path, quiet_s: float, timeout_s: float) -> list[s.Run]:
-    """Every run in serve's store once none has been added for ``quiet_s`` and all ended (or ``timeout_s``)."""
-    deadline, last, quiet_since = time.monotonic() + timeout_s, -1, time.monotonic()
-    runs: list[s.Run] = []
-    while time.monotonic() < deadline:
-        runs = [r for found in runs_by_message(data_dir).values() for r in found]
-        if len(runs) != last:
-            last, quiet_since = len(runs), time.monotonic()
-        elif time.monotonic() - quiet_since >= quiet_s and all(r.state in TERMINAL_RUN_STATES for r in runs):
-            break
-        time.sleep(0.1)
-    return runs
+         ] + mail_loop.mail_loop(work / "loop", timeout_s=min(timeout_s, mail_loop.LOOP_WATCH_S))
 
 
 # the digest's recipient (the mail's envelope sender) -> (the relay's scripts for that recipient's sessions,
