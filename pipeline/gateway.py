@@ -4,8 +4,8 @@ The aiosmtpd handler does no parsing: the fsync and the run-store commit run
 in a small thread pool, so a 5 MB message never stalls the event loop that
 serves every other sender (with ``inline_accept_bytes`` set, a small one is
 accepted on the loop instead: ``inline_accept``).
-SIZE is advertised and enforced (552), and an optional allow-list of recipient
-domains answers 550 to the rest.
+SIZE is advertised and enforced (552); a declared SIZE more than the spool's disk has free is refused at
+MAIL (452), before its data is sent; an optional allow-list of recipient domains answers 550 to the rest.
 
 Issue 11 (what a hostile or careless sender can hold): sessions, idle time,
 session time and DATA bytes in flight are bounded (``smtp_limits``); with
@@ -275,6 +275,11 @@ class _SmtpHandler:
             self.gateway.limits.log.report("in-flight limit", "answered 452 at MAIL: SIZE=%d is more than the "
                                            "%d bytes left of gateway.max_inflight_bytes", size,
                                            self.gateway.limits.inflight.remaining)
+            return metrics.smtp_reply("MAIL", "452 4.3.1 Insufficient system storage")
+        room = self.gateway.spool.free_bytes() if size is not None else None
+        if room is not None and size is not None and size > room:  # refused now, not after its data was read
+            self.gateway.limits.log.report("spool disk full", "answered 452 at MAIL: SIZE=%d is more than the %d "
+                                           "bytes free under the spool", size, room)
             return metrics.smtp_reply("MAIL", "452 4.3.1 Insufficient system storage")
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

@@ -160,6 +160,14 @@ class Spool:
                     raise
             os.close(fd)  # lost it to a cleaner: try a new name
 
+    def free_bytes(self) -> int | None:
+        """Bytes free for us on the spool's disk now; None when it cannot be told (the directory closed)."""
+        try:
+            st = os.fstatvfs(self._dir_fd)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
     def probe(self) -> None:
         """Create and remove a temporary file, as an accept does first: OSError when the spool cannot take a
         message now (its directory deleted or made read-only, no inode left), or when the directory at its path

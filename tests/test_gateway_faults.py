@@ -246,6 +246,33 @@ def test_spool_on_a_full_disk_answers_452_leaves_no_temp_file_and_resumes(settin
             service.stop(grace_s=5)  # releases the spool's directory handle before the unmount
 
 
+def test_a_declared_size_more_than_the_spool_disk_has_free_is_refused_at_mail(settings, monkeypatch):
+    """A reviewer's find: with 1 MB free, a 5 MB mail was read whole, then refused 452. A SIZE= (RFC 1870) more
+    than the free space is refused at MAIL, before the data; one that fits is taken."""
+    from pipeline import datadir_watch
+
+    monkeypatch.setattr(datadir_watch, "WATCH_EVERY_S", 3600.0)  # the watch's own verdict is not this test's
+    with tmpfs(settings.data_dir / "spool", "4m") as spool_dir:
+        service = PipelineService(replace(settings, gateway=GatewayConfig(port=free_port(), drop_folder=False)))
+        try:
+            service.start()
+            filler = fill_disk(spool_dir / "filler")
+            filler.write_bytes(b"\0" * (3 << 20))  # about 1 MB left
+            room = service.spool.free_bytes()
+            assert room is not None and 100_000 < room < (2 << 20), room
+            with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+                smtp.ehlo()
+                refused = smtp.mail("alice@example.com", [f"SIZE={room + 1}"])
+                assert refused == (452, b"4.3.1 Insufficient system storage"), refused
+                smtp.rset()
+                assert smtp.mail("alice@example.com", ["SIZE=1000"])[0] == 250
+                smtp.rcpt("digest@pipeline.local")
+                code, reply = smtp.data(fx.email_with([], message_id="<fits@x>"))
+            assert code == 250, reply
+        finally:
+            service.stop(grace_s=5)
+
+
 def test_a_full_disk_under_the_work_dir_keeps_acked_mail_waiting_answers_451_and_resumes(settings):
     """A prober's find: with data/work on its own full disk, the spool still took mail (250) and each run failed
     at once with task_io, for good: the mail was lost, and serve said it was healthy. Now the runs wait for
