@@ -293,6 +293,8 @@ class _SmtpHandler:
             _unusable(address, "Recipient", "5.1.3", envelope.smtp_utf8)
         if unusable:  # kept in the run's rcpt_tos as sent (a prober's RCPT TO:<d\x00@e.f> was answered 250)
             return metrics.smtp_reply("RCPT", unusable)
+        if address.lower() in (r.lower() for r in envelope.rcpt_tos):  # named once already: kept once
+            return metrics.smtp_reply("RCPT", "250 OK")
         if len(envelope.rcpt_tos) >= self.gateway.config.max_recipients:  # the client sends the rest again later
             return metrics.smtp_reply("RCPT", "452 4.5.3 Too many recipients")
         envelope.rcpt_tos.append(address)

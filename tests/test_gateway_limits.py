@@ -387,6 +387,20 @@ def test_recipients_beyond_max_recipients_get_452_and_the_mail_makes_one_run(ser
     assert len(run.payload["rcpt_tos"]) == 100
 
 
+def test_a_recipient_named_again_is_kept_once(service_factory):
+    """A prober's RCPT TO of one address five times was stored five times in the run's rcpt_tos."""
+    service = service_factory(max_recipients=3)
+    with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        codes = [smtp.rcpt(who)[0] for who in ["d@pipeline.local", "D@Pipeline.local", "d@pipeline.local",
+                                                "e@pipeline.local", "f@pipeline.local"]]
+        code, reply = smtp.data(fx.email_with([], message_id="<again-rcpt@x>"))
+    assert codes == [250] * 5 and code == 250, reply  # a name given again uses no place of max_recipients
+    [run] = service.store.list_runs()
+    assert run.payload["rcpt_tos"] == ["d@pipeline.local", "e@pipeline.local", "f@pipeline.local"]
+
+
 def _replies_in(sock: socket.socket) -> int:
     """How many reply lines have arrived on ``sock`` so far (read without waiting)."""
     sock.setblocking(False)
