@@ -123,4 +123,4 @@ def test_the_digest_names_an_unreadable_attachment_once():
 def test_a_mail_without_a_from_header_says_so_in_its_digest():
     """A prober's find: the first line ended in "from " with nothing after it."""
     rendered = digest.render_digest({"subject": "scan", "from": ""}, [])
-    assert rendered.text.splitlines()[0] == 'Digest of your message "scan" from (no From: header)'
+    assert rendered.text.splitlines()[0] == 'Digest of your message "scan" from (no address in From:)'

@@ -190,7 +190,8 @@ def describe_documents(attachments: list[dict[str, Any]], results: list[Any], er
 def render_digest(email: dict[str, Any], documents: list[dict[str, Any]]) -> Digest:
     """Render the plain-text and HTML bodies of the digest."""
     subject = f"Digest: {email.get('subject') or '(no subject)'}"
-    sender = email.get("from") or "(no From: header)"  # a mail without one ended its line in "from "
+    # a mail without one ended its line in "from "; "undisclosed-recipients:;" (a group, no address) has none too
+    sender = email.get("from") or "(no address in From:)"
     lines = [f"Digest of your message \"{email.get('subject') or '(no subject)'}\" from {sender}", ""]
     parts = [f"<h1>{html.escape(subject)}</h1>",
              f"<p>Digest of your message from {html.escape(sender)}.</p>"]
