@@ -265,6 +265,10 @@ class _SmtpHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        try:  # refused before the data is sent, not after it was read whole (a re-probe's find)
+            self.gateway.check_available()
+        except UnavailableError as exc:
+            return metrics.smtp_reply("MAIL", smtp_reply_for(exc, self.gateway.refusals))
         if not self.gateway.sender_allowed(address):
             return metrics.smtp_reply("MAIL", "550 5.7.1 Sender domain not accepted here")
         unusable = _unusable(address, "Sender", "5.1.7", envelope.smtp_utf8)  # (aiosmtpd set it from the options)

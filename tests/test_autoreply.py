@@ -110,6 +110,19 @@ def test_a_digest_forwarded_back_as_an_attachment_is_not_answered(tmp_path):
                                    IngestConfig())["automated"] is None
 
 
+def test_a_long_references_list_and_a_message_global_forward_name_a_digest_too(tmp_path):
+    """A re-probe's finds: 200 ids in References with the digest's last (the newest) were cut from the front, and
+    a forward as message/global (RFC 6532) was not looked into."""
+    from pipeline.config import IngestConfig
+
+    ids = " ".join(f"<t{i}-{'x' * 40}@example.org>" for i in range(200)) + " <digest-9-0123456789abcdef@x.example>"
+    marked = parse.summarize_message(raw(f"References: {ids}\r\n"), tmp_path, IngestConfig())["automated"]
+    assert marked and marked["kind"] == "reply" and "References" in marked["why"]
+    digest = "Message-ID: <digest-5-0123456789abcdef@localhost>\r\nSubject: hi\r\n\r\nbody"
+    forward = _multipart("multipart/mixed", [("text/plain", "fwd"), ("message/global", digest)])
+    assert parse.summarize_message(forward, tmp_path / "g", IngestConfig())["automated"]["kind"] == "reply"
+
+
 def test_a_person_answering_a_digest_with_a_new_pdf_gets_its_digest(tmp_path):
     """A reviewer's find: the In-Reply-To rule refused them too. A digest has no PDF, so neither has a responder's
     answer to it; one with a PDF of its own is a new request."""

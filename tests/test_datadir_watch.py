@@ -112,7 +112,9 @@ def test_a_full_disk_under_the_spool_or_the_run_store_makes_serve_unhealthy_unti
             # the watch's own verdict: the engine may also report its heartbeat failing on the full store first
             assert wait_until(lambda: f"the disk under the {'spool' if where == 'spool' else 'run store'}" in
                               (service.datadir.problem or ""), 10), service.health_problem
-            assert "is full" in service.datadir.problem and _send(service) == 451  # before the data is read
+            assert "is full" in service.datadir.problem and _send(service) == 451
+            with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=30) as smtp:
+                assert smtp.mail("alice@example.com")[0] == 451  # at MAIL: before the data is sent
             filler.unlink()
             assert wait_until(lambda: service.health_problem is None, 30), service.health_problem
             assert _send(service) == 250

@@ -35,7 +35,9 @@ def smtp_data(port: int, raw: bytes) -> tuple[int, str]:
     """Send one message over real SMTP; return the DATA reply (code, text)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo()
-        smtp.mail("alice@example.com")
+        code, reply = smtp.mail("alice@example.com")  # an unhealthy serve answers 451 here, before the data
+        if code != 250:
+            return code, reply.decode()
         smtp.rcpt("digest@pipeline.local")
         code, reply = smtp.data(raw)
     return code, reply.decode()

@@ -51,7 +51,9 @@ def data_reply(port: int, message_id: str) -> tuple[int, str]:
     """One small mail on its own connection; the DATA reply (raises what smtplib raises)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
         smtp.ehlo()
-        smtp.mail("alice@example.com")
+        code, reply = smtp.mail("alice@example.com")  # an unhealthy serve answers 451 here, before the data
+        if code != 250:
+            return code, reply.decode()
         smtp.rcpt("digest@pipeline.local")
         code, reply = smtp.data(fx.email_with([], message_id=message_id))
     return code, reply.decode()

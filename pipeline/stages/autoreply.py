@@ -63,6 +63,7 @@ REPORT_TYPES = frozenset({"multipart/report", "message/delivery-status", "messag
                           "message/disposition-notification", "message/global-disposition-notification"})
 DIGEST_HEADERS = {"Auto-Submitted": "auto-replied", "X-Auto-Response-Suppress": "All"}
 DIGEST_ID = re.compile(r"<digest-\d+-[0-9a-f]{16}@", re.IGNORECASE)  # workflows.delivery_key's Message-IDs
+FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})  # a forwarded mail (RFC 6532: with UTF-8)
 DIGEST_SUBJECT = re.compile(r"(^|\W)digest:\s", re.IGNORECASE)  # render_digest's "Digest: <subject>"
 
 
@@ -103,7 +104,8 @@ def digest_reply(msg: Message, subject: str, has_pdf: bool) -> dict[str, str] | 
     if has_pdf:
         return None
     for name in ("In-Reply-To", "References"):
-        if any(DIGEST_ID.search(str(v)[:MAX_HEADER_CHARS]) for k, v in msg.raw_items() if k.lower() == name.lower()):
+        # the whole value: References ends with the newest id, the one a long list cut from the front lost
+        if any(DIGEST_ID.search(str(v)) for k, v in msg.raw_items() if k.lower() == name.lower()):
             return {"kind": "reply", "why": f"an answer to a digest with no PDF ({name} names one): a mail loop"}
     if _forwarded_digest(msg, 0):
         return {"kind": "reply", "why": "a digest sent back as an attachment (a message/rfc822 part is one): "
@@ -120,7 +122,7 @@ def _forwarded_digest(part: Message, depth: int) -> bool:
     for child in part.get_payload():
         if not isinstance(child, Message):
             continue
-        if child.get_content_type() == "message/rfc822" and DIGEST_ID.search(_forwarded_id(child)):
+        if child.get_content_type() in FORWARDED_TYPES and DIGEST_ID.search(_forwarded_id(child)):
             return True
         if _forwarded_digest(child, depth + 1):
             return True
