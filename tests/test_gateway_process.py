@@ -446,12 +446,14 @@ def test_engine_nice_lowers_the_engine_and_its_workers_and_keeps_the_gateway_fir
         serve.stop()
 
 
+@pytest.mark.timeout(900)  # a slow PDF extracted once and a half: minutes beside two busy processes
 def test_a_stop_past_the_grace_ends_the_extraction_it_abandons_and_the_run_is_finished_once_later(tmp_path):
     """A document still extracting when the grace ends: its run is requeued, and the extraction is ended then,
     not waited for (a 5,000-page PDF kept serve 12 s past a 1 s grace, its try writing into the work dir while
     another serve had taken the run over). The abandoned try leaves no text behind; the next start extracts
     the whole document, once."""
-    config = {"engine": {"shutdown_grace_s": 0.5}}
+    # its time limit far off: beside two busy processes its 60 pages took longer than the default 60 s
+    config = {"engine": {"shutdown_grace_s": 0.5}, "ingest": {"timeout_s": 3600}}
     serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", config).start())
     try:
         send_pdf = fx.email_with([("slow.pdf", fx.slow_pdf(60))], message_id="<abandoned@example.com>")
