@@ -99,7 +99,6 @@ class DataDirWatch:
             return f"the spool cannot take a message: {exc.strerror or one_line(exc)}"
         return None
 
-
     def _disk_problem(self) -> str | None:
         """A disk under the spool or the run store with less than ``MIN_FREE_BYTES`` free."""
         places = [*([("spool", self.spool.directory)] if self.spool is not None else []),
