@@ -11,6 +11,7 @@ saw and how the scenario follows progress while the sender runs.
 from __future__ import annotations
 
 import functools
+import itertools
 import mailbox
 import multiprocessing
 import os
@@ -37,9 +38,28 @@ STAGE_POOL = "multiprocessing.forkserver"  # the runner's process pool and its f
 ROOT = Path(__file__).resolve().parents[3]  # serve runs from the repository root, as `make` does
 
 
+# ports handed out by free_port: below Linux's ephemeral range (32768 up), so no outgoing connection takes one
+# between the check and the server's bind, and a block of its own per pytest-xdist worker, so two workers
+# never pick the same one (the kernel's port 0 could give a port just freed by one worker to the other)
+PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20_000, 1_500, 8
+_next_port = itertools.count((os.getpid() * 7) % PORT_BLOCK)  # processes of one worker start apart
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on now (this module stays light: sender processes import it)."""
-    with socket.socket() as sock:
+    """A loopback TCP port nothing listens on now, from this process's block (``PORT_BASE``); each call moves on,
+    so one process never gets the same port twice in a row (this module stays light: sender processes import
+    it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+    for _ in range(PORT_BLOCK):
+        port = PORT_BASE + block * PORT_BLOCK + next(_next_port) % PORT_BLOCK
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or lingering after a close: the next one
+                continue
+            return port
+    with socket.socket() as sock:  # the whole block taken: whatever the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
