@@ -16,7 +16,8 @@
 # indexes, the counter table, selecting only needed columns, waiting for the write lock by polling. Gateway:
 # chunked DATA reading, inotify against polling, LeanSMTP sessions against aiosmtpd's, small mails accepted
 # on the event loop against in the thread pool. Ingestion: worker processes against threads for CPU-bound
-# extraction, streaming pages against holding the document's text. (PDF engines and page-parallel
+# extraction, streaming pages against holding the document's text. Stages: parsed mail headers kept against
+# parsed at every read. (PDF engines and page-parallel
 # extraction are compared in the PDF
 # ingestion notebook; the runner's per-task overhead is in the store notebook.)
 
@@ -37,6 +38,8 @@ batch_pdf = "text-tiny.pdf"  # executor kinds: several copies ingested at once
 documents = 2
 ingestion_reps = 1
 memory_reps = 1  # tracemalloc's peak does not vary with load: one rep after a warm-up
+stage_reps = 3
+stage_mails = 100  # distinct small mails per turn (parse, digest, compose)
 
 # %%
 from pipeline.audit.notebook import fixture, open_recorder, resolve
@@ -52,4 +55,5 @@ optimizations.gateway_switches(reps=gateway_reps, recorder=recorder, cache_dir=r
 optimizations.ingestion_switches(fixture(fixtures_dir, profile, dense_pdf), fixture(fixtures_dir, profile, batch_pdf),
                                  documents=documents, reps=ingestion_reps, recorder=recorder,
                                  memory_reps=memory_reps)
+optimizations.stage_switches(reps=stage_reps, mails=stage_mails, recorder=recorder)
 views.optimization_table(recorder.measurements())

@@ -8,6 +8,7 @@ from pipeline.audit.base import fixtures as fx
 from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import views
 from pipeline.audit.scenarios import optimizations
+from pipeline.stages import mailpolicy
 
 
 @pytest.fixture
@@ -76,3 +77,12 @@ def test_gateway_switches_measure_both_ways_with_one_generated_attachment(record
         rows = df[df.tags.map(lambda tags, switch=switch: tags["switch"]) == switch]
         assert len(rows) == 6  # per variant: its rate, its senders' p99 and its refusals
     assert len(list(tmp_path.glob("gateway-large-*.pdf"))) == 1  # generated once, reused by every variant
+
+
+def test_stage_switches_measure_parsed_headers_kept_both_ways(recorder):
+    df = optimizations.stage_switches(reps=2, mails=10, recorder=recorder)
+    assert set(df.variant) == {"baseline: every read parses the header", "optimized: parsed headers kept"}
+    assert (df.value > 0).all() and len(df) == 4
+    assert mailpolicy.CACHED_HEADER_CHARS > 0  # the switch is back on after the measurement
+    table = views.optimization_table(recorder.measurements())
+    assert "cpu_ms_per_small_mail" in set(table.metric)

@@ -70,7 +70,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                              "gateway": {"message_mb": 1.0, "rounds": 1, "concurrent": 2, "small_mails": 20,
                                          "drop_messages": 3, "session_senders": 2, "session_mails": 5},
                              "dense_pdf": "text-0.5mb.pdf", "batch_pdf": "text-tiny.pdf", "documents": 2,
-                             "ingestion_reps": 1, "memory_reps": 1},
+                             "ingestion_reps": 1, "memory_reps": 1, "stage_reps": 1, "stage_mails": 20},
         "09_faults": {"kill_serve": {"messages": 16, "senders": 2, "kill_points": [0.5]},
                       "kill_worker_pdf": "text-1mb.pdf",
                       "store_locked": {"messages": 16, "senders": 2, "lock_s": 2.0, "busy_timeout_ms": 1000,
@@ -147,7 +147,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                              "gateway": {"message_mb": 5.0, "rounds": 3, "concurrent": 4, "small_mails": 150,
                                          "drop_messages": 5, "session_senders": 8, "session_mails": 100},
                              "dense_pdf": "text-5mb.pdf", "batch_pdf": "text-1mb.pdf", "documents": 4,
-                             "ingestion_reps": 1, "memory_reps": 1},
+                             # parsed headers kept: 200 small mails a turn, about 0.7 s; 5 turns each way
+                             "ingestion_reps": 1, "memory_reps": 1, "stage_reps": 5, "stage_mails": 200},
         "09_faults": {"kill_serve": {"messages": 1000, "senders": 8, "kill_points": [0.25, 0.5, 0.75]},
                       "kill_worker_pdf": "text-5mb.pdf",
                       # the shipped busy timeout (10 s) and a lock past it: what senders and scrapes then see
