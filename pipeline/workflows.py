@@ -149,7 +149,7 @@ def _send_digest(ctx: TaskContext, settings: Settings, email: dict[str, Any], to
         def taken(where: str) -> None:  # at the relay's 250, before its QUIT: a crash there must not resend it
             result["where"] = where
             try:
-                deliver.mark_delivered(marker, result)
+                deliver.mark_delivered(marker, result, durable=bool(settings.delivery.relay))
             except OSError as exc:  # delivered all the same; only a crash before the next try could resend it
                 log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
 

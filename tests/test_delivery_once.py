@@ -41,6 +41,16 @@ def test_a_retry_after_a_crash_past_delivery_adds_no_second_digest_to_the_outbox
     assert [m["Message-ID"] for m in box] == [first["message_id"]]
 
 
+@pytest.mark.parametrize("left", ["", '{"to": "alice@exa'])
+def test_a_marker_cut_short_by_a_power_loss_adds_no_second_digest_to_the_outbox(tmp_path, settings, left):
+    """An outbox digest's marker is not fsynced (the digest in the outbox is the durable record)."""
+    ctx = _ctx(tmp_path)
+    first = deliver_task(ctx, settings)
+    (tmp_path / "work-7" / "delivered.json").write_text(left)
+    second = deliver_task(replace(ctx, try_number=2), settings)
+    assert len(mailbox.Maildir(settings.delivery.outbox, create=False)) == 1 and first == second
+
+
 def test_a_digest_read_by_a_mail_client_is_not_sent_again(tmp_path, settings):
     ctx = _ctx(tmp_path)
     first = deliver_task(ctx, settings)

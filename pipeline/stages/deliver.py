@@ -410,11 +410,14 @@ def delivered_before(marker: Path) -> dict[str, Any] | None:
         return None
 
 
-def mark_delivered(marker: Path, result: dict[str, Any]) -> None:
-    """Record, durably, that this run's digest went out (a relay cannot be asked afterwards)."""
+def mark_delivered(marker: Path, result: dict[str, Any], durable: bool = True) -> None:
+    """Record that this run's digest went out: ``durable`` (fsynced) for a relay, which cannot be asked
+    afterwards. A digest in the outbox is its own durable record (``_add_once`` finds it again), so its marker
+    only saves a later try the composing; an fsync there held a stage worker for a disk flush on every run."""
     tmp = marker.with_suffix(".tmp")
     with open(tmp, "w") as out:
         json.dump(result, out)
-        out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            out.flush()
+            os.fsync(out.fileno())
     os.replace(tmp, marker)
