@@ -142,6 +142,10 @@ def test_a_person_answering_a_digest_with_a_new_pdf_gets_its_digest(tmp_path):
     ("Fwd: digest: hello", 0, False),
     ("[Ticket #4] Re: Digest: hello", 1, True),  # with a PDF of its own it is a new request
     ("Weekly digest of sales", 0, True),  # "digest" without the colon our subjects have
+    ("RE: [EXTERNAL] AW: Digest: hello", 0, False), ("Automatic reply: Digest: hello", 0, False),
+    ("Re[2]: Digest: hello", 0, False), ("Ticket #123: Digest: hello", 0, False), ("回复: Digest: hello", 0, False),
+    ("Reader's Digest: the March issue", 0, True),  # a person's subject: "Digest:" not after reply prefixes
+    ("Re: Reader's Digest: the March issue", 0, True), ("Our digest: March", 0, True),
 ])
 def test_an_answer_to_a_digest_known_only_by_its_subject_is_answered_only_with_a_pdf(tmp_path, subject, pdfs,
                                                                                       answered):

@@ -32,9 +32,10 @@ Responders that ignore RFC 3834 (a ticket system's "[Ticket #1] Re: Digest: …"
 mail as an attachment) answered every digest, and each answer got a digest: a prober's loop made 21 digests
 in 6 s. So a mail with no PDF of its own that answers one of our digests is kind ``reply`` too
 (``digest_reply``): one that names a digest in ``In-Reply-To`` or ``References``, carries one as a
-``message/rfc822`` part (our digests' Message-IDs are ``<digest-<run>-<16 hex>@…>``), or names one in its
-subject (``Digest:``). A digest has no PDF, so neither has such an answer; a person who answers a digest with
-a new PDF gets its digest (a responder that answers with a PDF each time is held by the hourly quota).
+``message/rfc822`` part (our digests' Message-IDs are ``<digest-<run>-<16 hex>@…>``), or whose subject is
+a digest's (``Digest:`` after reply and forward prefixes only: ``DIGEST_SUBJECT``). A digest has no PDF, so
+neither has such an answer; a person who answers a digest with a new PDF gets its digest (a responder that
+answers with a PDF each time is held by the hourly quota).
 
 Delivery (``deliver.reply_recipient``) then sends no digest for ``reply`` and
 ``report``, whoever it would go to, and none for any kind when it would answer
@@ -64,7 +65,12 @@ REPORT_TYPES = frozenset({"multipart/report", "message/delivery-status", "messag
 DIGEST_HEADERS = {"Auto-Submitted": "auto-replied", "X-Auto-Response-Suppress": "All"}
 DIGEST_ID = re.compile(r"<digest-\d+-[0-9a-f]{16}@", re.IGNORECASE)  # workflows.delivery_key's Message-IDs
 FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})  # a forwarded mail (RFC 6532: with UTF-8)
-DIGEST_SUBJECT = re.compile(r"(^|\W)digest:\s", re.IGNORECASE)  # render_digest's "Digest: <subject>"
+# render_digest's "Digest: <subject>", after the prefixes answers and forwards add: "Re:", "AW:", "Re[2]:",
+# "Automatic reply:", "Ticket #4:", "[Ticket #4]", "(EXTERNAL)". Anywhere else it is a person's subject
+# ("Reader's Digest: the March issue": such a mail with no PDF got no digest before this was anchored)
+_PREFIX = (r"(?:\[[^\]]{0,80}\]|\([^)]{0,80}\)"  # a bracketed tag, or up to three words, a number, a colon
+           r"|[^\W\d_]{1,20}(?:[ \t]+[^\W\d_]{1,20}){0,2}(?:\s*[#\[(]?\d{1,12}[\])]?)?\s*:)")
+DIGEST_SUBJECT = re.compile(rf"^\s*(?:{_PREFIX}\s*)*digest:\s", re.IGNORECASE)
 
 
 def automated(msg: EmailMessage) -> dict[str, str] | None:
