@@ -56,6 +56,9 @@ soakviews.burst_resources(recorder.measurements())
 email_bursts.small_mail_drain(**drain, recorder=recorder)
 soakviews.drain_table(recorder.measurements())
 
+# %%
+soakviews.drain_cpu_by_process(recorder.measurements())
+
 # %% [markdown]
 # The sender's wait (issue 17): whole SMTP transactions timed by client processes against a real serve that
 # processes the runs, with the gateway in its own process (the default) and in serve's process, and the other

@@ -153,8 +153,13 @@ if len(views.rows(m, "small_mail_drain")):
        "`deliver` in the runner's process pool (`[runner] stage_executor`), *stage_threads* in the engine's "
        "threads, as before issue 16's change; *results_on_pool_thread* takes the pool's results to their runs on "
        "the pool's own result thread (`[runner] completion_threads = 0`) instead of the 4 completion threads; "
-       "rounds interleaved:\n\n"
-       + views.markdown(soakviews.drain_table(m)))
+       "rounds interleaved. *Main process CPU ms per run* is serve's main process alone: it runs the engine, the "
+       "runner's bookkeeping and the run store's writes in one interpreter, so *runs/s one core allows at that* "
+       "(1000 / it) is a ceiling that more stage workers do not raise:\n\n"
+       + views.markdown(soakviews.drain_table(m))
+       + "\n\nWhere the shipped defaults' CPU per small run goes, by process (median over rounds; the stage pool "
+       "includes its fork server, the extraction workers parse each mail):\n\n"
+       + views.markdown(soakviews.drain_cpu_by_process(m)))
 
 # %%
 md("### The sender's wait\n\nConditions: small mails (no attachment) from client processes, each on a new "

@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
+from pipeline.audit.base import servemem
 from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import report, soakviews, views
 from pipeline.audit.scenarios import email_bursts, memory_soak
@@ -94,6 +95,20 @@ def test_small_mail_drain_measures_each_variant_in_interleaved_rounds(recorder):
     assert set(table.variant) == set(rates.variant)
     if "default" in set(rates.variant):
         assert (table.loc[table.variant == "default", "x default"] == 1.0).all()
+    # serve's CPU by process: every one of them worked (the main process, the gateway that took the mail, the
+    # pool that digested and delivered, the worker that parsed), and together they are the round's whole CPU
+    parts = df[df.metric == "process_cpu_ms_per_run"]
+    for rep, variant, total in zip(cpu.rep, cpu.variant, cpu.value, strict=True):
+        mine = parts[(parts.rep == rep) & (parts.variant == variant)]
+        processes = dict(zip(mine.tags.map(lambda t: t["process"]), mine.value, strict=True))
+        assert set(processes) == set(servemem.PROCESSES)
+        assert processes["main"] > 0 and processes["gateway"] > 0 and processes["extraction workers"] > 0
+        assert variant != "default" or processes["stage pool"] > 0
+        assert sum(processes.values()) == pytest.approx(total, rel=1e-6)
+    by_process = soakviews.drain_cpu_by_process(recorder.measurements())
+    assert list(by_process.process) == list(servemem.PROCESSES) and (by_process["CPU ms per run"] > 0).all()
+    main = table["main process CPU ms per run"]
+    assert (table["runs/s one core allows at that"] == 1000 / main).all()
 
 
 def test_a_serve_config_that_names_an_unknown_stage_executor_is_refused(tmp_path):

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import psutil
 
-from .serveproc import ServeProcess
+from .serveproc import GATEWAY_PROCESS, ServeProcess
 
 ROLES = ("serve", "workers")
+# serve's processes one by one (``TreeWatch.cpu_seconds_by_process``): the main process runs the engine, the
+# runner's bookkeeping and the run store in one interpreter, so its CPU per run bounds runs/s on its own
+PROCESSES = ("main", "gateway", "stage pool", "extraction workers")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class TreeWatch:
         self._serve_pids: set[int] = set()  # serve's main and gateway processes (a restarted gateway adds one)
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
+        self._process_of: dict[int, str] = {}  # pid -> one of PROCESSES, named when first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-tree-watch", daemon=True)
 
@@ -95,10 +99,25 @@ class TreeWatch:
 
     def _cpu_now(self) -> dict[int, float]:
         """CPU seconds so far of serve's processes and each live worker, by pid (none includes its children's)."""
-        self._serve_pids |= {p.pid for p in self.serve.serve_processes()}
-        procs = self.serve.extract_workers() + self.serve.serve_processes()
-        found = {p.pid: _cpu_seconds(p) for p in procs}
+        serve_procs, workers = self.serve.serve_processes(), self.serve.extract_workers()
+        self._serve_pids |= {p.pid for p in serve_procs}
+        for proc in serve_procs + workers:
+            if proc.pid not in self._process_of:
+                self._process_of[proc.pid] = self._process_name(proc, proc in workers)
+        found = {p.pid: _cpu_seconds(p) for p in workers + serve_procs}
         return {pid: seconds for pid, seconds in found.items() if seconds is not None}
+
+    def _process_name(self, proc: psutil.Process, worker: bool) -> str:
+        """Which of ``PROCESSES`` ``proc`` is (the fork server and the resource tracker count as the stage pool's)."""
+        if worker:
+            return "extraction workers"
+        if self.serve.proc is not None and proc.pid == self.serve.proc.pid:
+            return "main"
+        try:
+            command = " ".join(proc.cmdline())
+        except psutil.Error:
+            command = ""
+        return "gateway" if GATEWAY_PROCESS in command else "stage pool"
 
     def sample(self) -> None:
         """Take one sample now (the thread calls this every ``every_s``)."""
@@ -120,3 +139,10 @@ class TreeWatch:
         spent = {pid: last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items()}
         return {"serve": sum(v for pid, v in spent.items() if pid in self._serve_pids),
                 "workers": sum(v for pid, v in spent.items() if pid not in self._serve_pids)}
+
+    def cpu_seconds_by_process(self) -> dict[str, float]:
+        """CPU seconds spent while watched by each of ``PROCESSES`` (its processes summed)."""
+        spent = dict.fromkeys(PROCESSES, 0.0)
+        for pid, last in self._cpu_last.items():
+            spent[self._process_of.get(pid, "stage pool")] += last - self._cpu_start.get(pid, 0.0)
+        return spent

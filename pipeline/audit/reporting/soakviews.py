@@ -183,14 +183,29 @@ def kernel_soak_text(m: pd.DataFrame) -> str:
 
 
 def drain_table(m: pd.DataFrame) -> pd.DataFrame:
-    """Small mails processed per second per serve variant: median and range over its rounds, CPU ms per run, and
-    each variant's median rate over the default's (rounds interleaved in one session)."""
+    """Small mails processed per second per serve variant: median and range over its rounds, CPU ms per run (all
+    of serve, then its main process), what one core allows at the main process's cost, and each variant's median
+    rate over the default's (rounds interleaved in one session)."""
     r = rows(m, "small_mail_drain")
     if r.empty:
         return r
     rate = r[r.metric == "runs_per_s"].groupby("variant").value
     table = pd.DataFrame({"rounds": rate.size(), "runs/s median": rate.median(), "min": rate.min(), "max": rate.max(),
                           "CPU ms per run": r[r.metric == "cpu_ms_per_run"].groupby("variant").value.median()})
+    by_process = r[r.metric == "process_cpu_ms_per_run"]
+    if not by_process.empty:  # sessions before the per-process rows have none
+        main = by_process[by_process.process == "main"].groupby("variant").value.median()
+        table["main process CPU ms per run"] = main
+        table["runs/s one core allows at that"] = 1000 / main
     if "default" in table.index:
         table["x default"] = table["runs/s median"] / table.loc["default", "runs/s median"]
     return table.reset_index()
+
+
+def drain_cpu_by_process(m: pd.DataFrame) -> pd.DataFrame:
+    """The shipped defaults' CPU ms per small run in each of serve's processes (median over rounds)."""
+    r = rows(m, "small_mail_drain", "process_cpu_ms_per_run")
+    if r.empty:
+        return r
+    return r[r.variant == "default"].groupby("process", sort=False).value.median().rename(
+        "CPU ms per run").reset_index()

@@ -57,7 +57,8 @@ def paced_send(port: int, store: SqliteRunStore, count: int, rate: float, sender
 @dataclass(frozen=True)
 class BurstRound:
     """What one round measured: the acked Message-IDs and their runs, the backlog samples, the last send's
-    wall time, and serve's tree by role over the round (peak RSS bytes, CPU seconds, workers replaced)."""
+    wall time, and serve's tree by role over the round (peak RSS bytes, CPU seconds, workers replaced; CPU
+    seconds by process)."""
 
     accepted: list[str]
     runs: list[Run]
@@ -66,6 +67,7 @@ class BurstRound:
     peak_rss: dict[str, int]
     cpu_seconds: dict[str, float]
     worker_restarts: int
+    cpu_by_process: dict[str, float]  # servemem.PROCESSES
 
 
     def drain_seconds(self) -> float:
@@ -94,7 +96,7 @@ def serve_round(work: Path, count: int, rate: float, senders: int, prefix: str, 
     runs = [r for mid in accepted for r in found.get(mid, [])]
     return BurstRound(accepted, runs, backlog, last_sent,
                       {"serve": watch.peak_serve_rss, "workers": watch.peak_workers_rss},
-                      watch.cpu_seconds(), watch.worker_restarts)
+                      watch.cpu_seconds(), watch.worker_restarts, watch.cpu_seconds_by_process())
 
 
 def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, senders: int = 4,
@@ -140,8 +142,9 @@ def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
     peak over the time from the last send until every run ended; each variant (a serve config) ``reps`` times,
     interleaved, the order alternating round by round.
 
-    Rows ``runs_per_s`` (``backlog_peak / drain_seconds``) and ``cpu_ms_per_run`` (serve and its workers)
-    tagged ``variant``; a round whose backlog was gone by the last send has no rate to give and is left out.
+    Rows ``runs_per_s`` (``backlog_peak / drain_seconds``), ``cpu_ms_per_run`` (serve and its workers) and
+    ``process_cpu_ms_per_run`` (tag ``process``: ``servemem.PROCESSES``) tagged ``variant``; a round whose
+    backlog was gone by the last send has no rate to give and is left out.
     """
     variants = DRAIN_VARIANTS if variants is None else variants
     rows: list[dict[str, Any]] = []
@@ -155,4 +158,6 @@ def small_mail_drain(burst: int = 400, reps: int = 2, senders: int = 4,
             rows.append(row(name, "runs_per_s", rate, "1/s", rep, **tags))
         cpu_ms = 1000 * sum(done.cpu_seconds.values()) / max(1, len(done.runs))
         rows.append(row(name, "cpu_ms_per_run", cpu_ms, "ms", rep, **tags))
+        rows += [row(name, "process_cpu_ms_per_run", 1000 * seconds / max(1, len(done.runs)), "ms", rep,
+                     process=process, **tags) for process, seconds in done.cpu_by_process.items()]
     return save(recorder, "small_mail_drain", rows)
