@@ -69,8 +69,10 @@ if len(floor):
     md("What the CPU allows: *senders* keep that many mails in flight, and the machine's *cores* finish at most "
        "cores / (CPU s per mail) mails a second, so a mail's mean end to end is at least senders × CPU s per mail "
        "/ cores (Little's law), however the work is scheduled. *CPU s per mail* is serve's and its workers' CPU "
-       "over a round (psutil) per mail; a *mean / floor* near 1 means CPU-bound: only less CPU per mail makes the "
-       "mail faster:\n\n" + views.markdown(floor))
+       "over a round (psutil) per mail, and the *of which* columns split it by process (the extraction workers "
+       "parse the mail and extract its PDF, the stage pool summarises and delivers, the main process runs the "
+       "engine); a *mean / floor* near 1 means CPU-bound: only less CPU per mail makes the mail faster:\n\n"
+       + views.markdown(floor))
 
 # %%
 md("Sampling profile of serve under that load. " + profileviews.pyspy_note(m) + " Top 5 functions by self time "

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.audit.base import fixtures as fx
+from pipeline.audit.base import servemem
 from pipeline.audit.base.recorder import AuditRecorder
 from pipeline.audit.reporting import profileviews
 from pipeline.audit.scenarios import concurrency, pipeline_profile
@@ -160,6 +161,10 @@ def test_closed_loop_senders_each_wait_for_their_digest_and_the_table_says_where
     assert floor.value.iloc[0] == pytest.approx(2 * cpu.iloc[0] / end_to_end.CORES)
     bounds = profileviews.end_to_end_floor_table(recorder.measurements())
     assert bounds.senders.tolist() == [2] and bounds["mean / floor"].iloc[0] > 0
+    # by process: the extraction workers extracted the PDFs, and the parts add up to the whole
+    parts = df[df.metric == "process_cpu_seconds_per_mail"]
+    assert sorted(parts.process) == sorted(servemem.PROCESSES)
+    assert parts.value.sum() == pytest.approx(cpu.iloc[0]) and bounds["of which extraction workers"].iloc[0] > 0
 
 
 def test_the_cpu_floor_grows_with_the_mails_in_flight_and_shrinks_with_the_cores():

@@ -117,7 +117,8 @@ def closing_note(m: pd.DataFrame, top: int = 5) -> str:
 
 
 def end_to_end_floor_table(m: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and sender count: CPU seconds per mail (serve and its workers, median over rounds), the floor
+    """Per variant and sender count: CPU seconds per mail (serve and its workers, median over rounds; then by
+    process, where measured), the floor
     the CPU sets on a mail's mean end to end (``end_to_end.cpu_floor_s``), the measured mean and median, and the
     mean over the floor (near 1: CPU-bound); empty when not measured."""
     r = rows(m, "end_to_end")
@@ -130,8 +131,12 @@ def end_to_end_floor_table(m: pd.DataFrame) -> pd.DataFrame:
         e2e = group[group.metric == "end_to_end_seconds"].value
         if floor.empty or e2e.empty:
             continue
+        by_process = group[group.metric == "process_cpu_seconds_per_mail"]
         out.append({"variant": variant, "senders": int(senders), "cores": int(floor.cores.iloc[0]),
                     "CPU s per mail": float(group[group.metric == "cpu_seconds_per_mail"].value.median()),
+                    # the same by process (sessions before these rows have none)
+                    **{f"of which {process}": float(part.value.median())
+                       for process, part in by_process.groupby("process", sort=False)},
                     "floor s": float(floor.value.median()), "mean s": float(e2e.mean()),
                     "median s": float(e2e.median())})
     table = pd.DataFrame(out)

@@ -16,7 +16,8 @@ Rows (harness ``row``, scenario ``end_to_end``): ``end_to_end_seconds`` (tags
 ``arrived``, ``ended``: the epoch seconds it spans) and ``stage_seconds`` (tag
 ``stage``) per mail, tags ``senders``, ``pdf``, ``pdf_mb``; ``runs_failed`` per
 variant and round; per variant, round and sender count ``cpu_seconds_per_mail``
-(serve and its workers, psutil) and ``cpu_floor_seconds`` (tag ``cores``).
+(serve and its workers, psutil), the same by process (``process_cpu_seconds_per_mail``, tag ``process``:
+``servemem.PROCESSES``) and ``cpu_floor_seconds`` (tag ``cores``).
 
 The floor is what the CPU alone allows: N senders keep N mails in flight, and
 C cores finish at most C / (CPU seconds per mail) mails a second, so by
@@ -89,6 +90,9 @@ def end_to_end(pdf: Path, work: Path, senders: tuple[int, ...] = (1, 4), per_sen
                     rows += [row(variant, "cpu_seconds_per_mail", per_mail, "s", turn, **tags, senders=count),
                              row(variant, "cpu_floor_seconds", cpu_floor_s(per_mail, count, CORES), "s", turn,
                                  **tags, senders=count, cores=CORES)]
+                    rows += [row(variant, "process_cpu_seconds_per_mail", seconds / max(1, len(ids)), "s", turn,
+                                 **tags, senders=count, process=process)
+                             for process, seconds in watch.cpu_seconds_by_process().items()]
     result = frame(rows)
     if recorder is not None:
         recorder.record(SCENARIO, result)
