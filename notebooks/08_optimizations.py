@@ -38,8 +38,8 @@ batch_pdf = "text-tiny.pdf"  # executor kinds: several copies ingested at once
 documents = 2
 ingestion_reps = 1
 memory_reps = 1  # tracemalloc's peak does not vary with load: one rep after a warm-up
-stage_reps = 3
-stage_mails = 100  # distinct small mails per turn (parse, digest, compose)
+stage_reps = 1
+stage_mails = 20  # distinct small mails per turn (parse, digest, compose)
 
 # %%
 from pipeline.audit.notebook import fixture, open_recorder, resolve

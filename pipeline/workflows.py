@@ -149,7 +149,9 @@ def _send_digest(ctx: TaskContext, settings: Settings, email: dict[str, Any], to
         def taken(where: str) -> None:  # at the relay's 250, before its QUIT: a crash there must not resend it
             result["where"] = where
             try:
-                deliver.mark_delivered(marker, result, durable=bool(settings.delivery.relay))
+                durable = bool(settings.delivery.relay) or not deliver.same_disk(marker.parent,
+                                                                                 Path(settings.delivery.outbox))
+                deliver.mark_delivered(marker, result, durable=durable)
             except OSError as exc:  # delivered all the same; only a crash before the next try could resend it
                 log.warning("run %s: digest delivered, but its marker could not be written: %s", ctx.run_id, exc)
 
@@ -174,8 +176,9 @@ def _storing(marker: Path) -> bool:
     """Leave a sign beside ``marker`` that this run's digest is about to be stored; return whether an earlier
     try left one (it may have stored the digest, then crashed before its marker: look for it everywhere).
 
-    Not fsynced: it only has to outlive a crashed process, and on ext4 a rename into the outbox that survives
-    a power loss was journaled after this file's creation. Where it cannot be written, every try looks."""
+    Not fsynced: it only has to outlive a crashed process, and on ext4 a rename into an outbox on the same disk
+    that survives a power loss was journaled after this file's creation (an outbox on another disk gets a marker
+    fsynced at once instead: ``deliver.mark_delivered``). Where it cannot be written, every try looks."""
     sign = marker.with_name("delivering")
     if sign.exists():
         return True

@@ -349,6 +349,9 @@ def test_a_connect_the_pool_could_not_make_is_named_in_the_error_not_only_that_i
             store.create_run("wf", {})
             admin.execute(f"ALTER ROLE {role} NOLOGIN")
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            # pg_terminate_backend only signals: a call right after it could still find its connection alive
+            assert wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                                                    (role,)).fetchone()[0] == 0, 10)
             errors = []
             for _ in range(5):  # the first calls may meet their ended connection ("terminating connection")
                 with pytest.raises(StoreUnavailableError) as err:

@@ -412,8 +412,10 @@ def delivered_before(marker: Path) -> dict[str, Any] | None:
 
 def mark_delivered(marker: Path, result: dict[str, Any], durable: bool = True) -> None:
     """Record that this run's digest went out: ``durable`` (fsynced) for a relay, which cannot be asked
-    afterwards. A digest in the outbox is its own durable record (``_add_once`` finds it again), so its marker
-    only saves a later try the composing; an fsync there held a stage worker for a disk flush on every run."""
+    afterwards, and for an outbox on another disk than the marker (``same_disk``). An outbox digest on the
+    marker's disk is its own durable record: ext4 and XFS journal the ``delivering`` sign (``workflows._storing``)
+    before the digest's rename, so a later try that finds the sign searches the outbox for it; the marker then
+    only saves that try the composing, and its fsync held a stage worker for a disk flush on every run."""
     tmp = marker.with_suffix(".tmp")
     with open(tmp, "w") as out:
         json.dump(result, out)
@@ -421,3 +423,11 @@ def mark_delivered(marker: Path, result: dict[str, Any], durable: bool = True) -
             out.flush()
             os.fsync(out.fileno())
     os.replace(tmp, marker)
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are on one filesystem (False when either cannot be looked at)."""
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False

@@ -15,6 +15,7 @@ import itertools
 import mailbox
 import multiprocessing
 import os
+import random
 import signal
 import smtplib
 import socket
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[3]  # serve runs from the repository roo
 # between the check and the server's bind, and a block of its own per pytest-xdist worker, so two workers
 # never pick the same one (the kernel's port 0 could give a port just freed by one worker to the other)
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20_000, 1_500, 8
-_next_port = itertools.count((os.getpid() * 7) % PORT_BLOCK)  # processes of one worker start apart
+_next_port = itertools.count(random.SystemRandom().randrange(PORT_BLOCK))  # processes sharing a block start apart
 
 
 def free_port() -> int:
