@@ -291,9 +291,9 @@ def test_a_burst_rounds_drain_rate_is_its_backlog_peak_over_the_time_after_the_l
     def ended(at):
         return Run(1, "email_digest", "success", None, {}, 0.0, 0.0, ended_at=at)
 
-    done = BurstRound(["a", "b"], [ended(104.0), ended(110.0)], [(0.0, 5), (1.0, 120), (2.0, 40)], 100.0, {}, {}, 0)
+    done = BurstRound(["a", "b"], [ended(104.0), ended(110.0)], [(0.0, 5), (1.0, 120), (2.0, 40)], 100.0, {}, {}, 0, {})
     assert done.drain_seconds() == 10.0 and done.drain_rate() == 12.0
-    idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, {}, 0)  # nothing left when the sending stopped
+    idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, {}, 0, {})  # nothing left when the sending stopped
     assert idle.drain_rate() is None
 
 
