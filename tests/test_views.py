@@ -291,9 +291,9 @@ def test_a_burst_rounds_drain_rate_is_its_backlog_peak_over_the_time_after_the_l
     def ended(at):
         return Run(1, "email_digest", "success", None, {}, 0.0, 0.0, ended_at=at)
 
-    done = BurstRound(["a", "b"], [ended(104.0), ended(110.0)], [(0.0, 5), (1.0, 120), (2.0, 40)], 100.0, {}, {}, 0, {})
+    done = BurstRound(["a", "b"], [ended(104.0), ended(110.0)], [(0.0, 5), (1.0, 120), (2.0, 40)], 100.0, {}, 0, {})
     assert done.drain_seconds() == 10.0 and done.drain_rate() == 12.0
-    idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, {}, 0, {})  # nothing left when the sending stopped
+    idle = BurstRound(["a"], [ended(99.0)], [(0.0, 0)], 100.0, {}, 0, {})  # nothing left when the sending stopped
     assert idle.drain_rate() is None
 
 
@@ -312,3 +312,10 @@ def test_the_fault_table_leaves_out_parts_with_figures_of_their_own_and_the_wild
     assert "0 PDFs missed, 0 automatic replies answered" in line and "2 runs per mail (0 not ended)" in line
     assert "at most 1 digest per mail" in line
     assert views.wild_mail_line(m[m.variant != "mail_loop"]) == ""
+
+
+def test_cpu_by_role_is_the_extraction_workers_against_every_other_process_of_serve():
+    from pipeline.audit.base.servemem import by_role
+
+    assert by_role({"main": 1.0, "gateway": 0.5, "stage pool": 2.0, "extraction workers": 3.0}) == \
+        {"serve": 3.5, "workers": 3.0}

@@ -74,10 +74,10 @@ class TreeWatch:
         self.peak_serve_rss = self.peak_workers_rss = self.taken = 0
         self.worker_pids: set[int] = set()
         self.most_live_workers = 0
-        self._serve_pids: set[int] = set()  # serve's main and gateway processes (a restarted gateway adds one)
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
-        self._process_of: dict[int, str] = {}  # pid -> one of PROCESSES, named when first seen
+        self._process_of: dict[int, str] = {}  # pid -> one of PROCESSES, named when first seen (a restarted
+        # gateway or a recycled worker adds its own)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-tree-watch", daemon=True)
 
@@ -100,7 +100,6 @@ class TreeWatch:
     def _cpu_now(self) -> dict[int, float]:
         """CPU seconds so far of serve's processes and each live worker, by pid (none includes its children's)."""
         serve_procs, workers = self.serve.serve_processes(), self.serve.extract_workers()
-        self._serve_pids |= {p.pid for p in serve_procs}
         for proc in serve_procs + workers:
             if proc.pid not in self._process_of:
                 self._process_of[proc.pid] = self._process_name(proc, proc in workers)
@@ -135,14 +134,19 @@ class TreeWatch:
         return max(0, len(self.worker_pids) - self.most_live_workers)
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds per role spent while watched (a worker that exited counts up to its last sample)."""
-        spent = {pid: last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items()}
-        return {"serve": sum(v for pid, v in spent.items() if pid in self._serve_pids),
-                "workers": sum(v for pid, v in spent.items() if pid not in self._serve_pids)}
+        """CPU seconds per role spent while watched: ``by_role`` of ``cpu_seconds_by_process``."""
+        return by_role(self.cpu_seconds_by_process())
 
     def cpu_seconds_by_process(self) -> dict[str, float]:
-        """CPU seconds spent while watched by each of ``PROCESSES`` (its processes summed)."""
+        """CPU seconds spent while watched by each of ``PROCESSES``, its processes summed (a worker that exited
+        counts up to its last sample)."""
         spent = dict.fromkeys(PROCESSES, 0.0)
         for pid, last in self._cpu_last.items():
-            spent[self._process_of.get(pid, "stage pool")] += last - self._cpu_start.get(pid, 0.0)
+            spent[self._process_of[pid]] += last - self._cpu_start.get(pid, 0.0)
         return spent
+
+
+def by_role(by_process: dict[str, float]) -> dict[str, float]:
+    """``ROLES`` from ``PROCESSES``: the extraction workers are *workers*, every other process is *serve*."""
+    workers = by_process.get("extraction workers", 0.0)
+    return {"serve": sum(by_process.values()) - workers, "workers": workers}

@@ -118,9 +118,8 @@ def closing_note(m: pd.DataFrame, top: int = 5) -> str:
 
 def end_to_end_floor_table(m: pd.DataFrame) -> pd.DataFrame:
     """Per variant and sender count: CPU seconds per mail (serve and its workers, median over rounds; then by
-    process, where measured), the floor
-    the CPU sets on a mail's mean end to end (``end_to_end.cpu_floor_s``), the measured mean and median, and the
-    mean over the floor (near 1: CPU-bound); empty when not measured."""
+    process, where measured), the floor the CPU sets on a mail's mean end to end (``end_to_end.cpu_floor_s``),
+    the measured mean and median, and the mean over the floor (near 1: CPU-bound); empty when not measured."""
     r = rows(m, "end_to_end")
     if r.empty or "cpu_floor_seconds" not in set(r.metric):
         return pd.DataFrame(columns=["variant", "senders", "cores", "CPU s per mail", "floor s", "mean s",

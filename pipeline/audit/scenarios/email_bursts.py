@@ -18,7 +18,7 @@ from ...sqlite_store import SqliteRunStore
 from ...store import Run
 from ..base.faultcheck import wait_terminal
 from ..base.harness import row, save
-from ..base.servemem import TreeWatch
+from ..base.servemem import TreeWatch, by_role
 from ..base.serveproc import serving
 from ..base.smtpclients import paced_sender
 
@@ -57,18 +57,21 @@ def paced_send(port: int, store: SqliteRunStore, count: int, rate: float, sender
 @dataclass(frozen=True)
 class BurstRound:
     """What one round measured: the acked Message-IDs and their runs, the backlog samples, the last send's
-    wall time, and serve's tree by role over the round (peak RSS bytes, CPU seconds, workers replaced; CPU
-    seconds by process)."""
+    wall time, and serve's tree over the round (peak RSS bytes by role, workers replaced, CPU seconds by process
+    and by role)."""
 
     accepted: list[str]
     runs: list[Run]
     backlog: list[tuple[float, int]]
     last_sent: float
     peak_rss: dict[str, int]
-    cpu_seconds: dict[str, float]
     worker_restarts: int
     cpu_by_process: dict[str, float]  # servemem.PROCESSES
 
+    @property
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds by role (``servemem.ROLES``)."""
+        return by_role(self.cpu_by_process)
 
     def drain_seconds(self) -> float:
         """From the last send until the last run ended (0 or less when every run had ended by then)."""
@@ -96,7 +99,7 @@ def serve_round(work: Path, count: int, rate: float, senders: int, prefix: str, 
     runs = [r for mid in accepted for r in found.get(mid, [])]
     return BurstRound(accepted, runs, backlog, last_sent,
                       {"serve": watch.peak_serve_rss, "workers": watch.peak_workers_rss},
-                      watch.cpu_seconds(), watch.worker_restarts, watch.cpu_seconds_by_process())
+                      watch.worker_restarts, watch.cpu_seconds_by_process())
 
 
 def email_burst(rates: list[float], duration_s: float = 5.0, burst: int = 200, senders: int = 4,
