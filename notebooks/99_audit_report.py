@@ -235,7 +235,13 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "\n\n**Head of line**: a hostile slow PDF, then 1 s later a normal one; latency is DATA end → run ended; "
    "`ingest.fair_extraction` off (before) and on (after); text left by a failed hostile run is partial text."
    "\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line")) +
-   "\n\n**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "
+   "\n\n**Head of line, many PDFs**: a mail of several hostile slow PDFs, then 1 s after its extraction began a "
+   "mail of one normal PDF; `ingest.fair_by_mail` off (before: the workers are shared PDF by PDF, and all of one "
+   "mail's PDFs go to the pool at once) and on (after: mail by mail, at most `ingest.workers` of one mail's PDFs "
+   "at once); `ingest.fair_extraction` on in both.\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line_many")))
+
+# %%
+md("**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "
    "--older-than 0`, the bytes purge reports, then a restart with a killed accept's temp file planted: the runs "
    "and digests it re-creates, run ids reused, temp files left.\n\n"
    + fmt(hostileviews.comparison_table(m, "spool")) +

@@ -274,6 +274,9 @@ class IngestConfig:
     max_mime_depth: int = 32  # multipart nesting deeper than this fails the run as malformed_email
     parse_isolate: bool = True  # parse MIME in a capped worker process; False: in the pipeline process (baseline)
     fair_extraction: bool = True  # documents share the workers page chunk by page chunk; False: whole shards
+    # mails share the workers as mails: one mail's PDFs go to the pool at most `workers` at once, and a free worker
+    # serves the mail that holds the fewest; False: each PDF on its own, all at once (baseline)
+    fair_by_mail: bool = True
 
     def validate(self) -> None:
         for name in ("max_attachment_bytes", "max_pages", "max_decompressed_bytes", "memory_limit_bytes", "workers",

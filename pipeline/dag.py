@@ -62,6 +62,9 @@ class Task:
     map_over: str | None = None
     map_items: Callable[[Any], Any] | None = None  # picks the list out of map_over's result (default: all of it)
     allow_failed: tuple[str, ...] = ()
+    # at most this many instances of the task run (or wait for a retry) at once in one run; None: all at once.
+    # A mapped task over a shared pool: one mail's hundred PDFs must not take every thread from other mails
+    max_parallel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ def _check_task(workflow_id: str, task: Task, ids: set[str]) -> None:
         raise DAGError(f"{where}: map_items needs map_over", task.id)
     if (task.retries is not None and task.retries < 0) or (task.timeout_s is not None and task.timeout_s <= 0):
         raise DAGError(f"{where}: retries must be >= 0 and timeout_s > 0", task.id)
+    if task.max_parallel is not None and task.max_parallel < 1:
+        raise DAGError(f"{where}: max_parallel must be >= 1 (or None: no limit), not {task.max_parallel}", task.id)
 
 
 def _topological_order(workflow_id: str, tasks: tuple[Task, ...]) -> tuple[str, ...]:

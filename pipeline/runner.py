@@ -94,6 +94,7 @@ class DAGRunner(Completion):
         self._decided: set[str] = set()
         self._inflight: dict[str, int] = {}  # instance id -> try number of the live try
         self._waiting_retry: set[str] = set()
+        self._held: list[str] = []  # ready instances over their task's max_parallel, in order (_within_limits)
         self._terminal = 0  # instances in a terminal state
         self._stopping = False
         self._finished = False
@@ -237,9 +238,31 @@ class DAGRunner(Completion):
                           if self._instances[i].state not in s.TERMINAL_TASK_STATES]
             if self._complete(task_id):
                 work += self.dag.dependents(task_id)
-        for instance_id in ready:
+        for instance_id in self._within_limits(ready):
             self._submit(instance_id)  # submits nothing once the run is abandoned
         self._maybe_finish()
+
+    def _within_limits(self, ready: list[str]) -> list[str]:
+        """``ready`` and the instances held back before, less those over their task's ``max_parallel``: these wait
+        (in order) until an instance of their task ends; every end calls ``_advance``. Nothing is let go while
+        stopping: held instances are queued in the store, and the next start runs them."""
+        self._held += [i for i in ready if self._instances[i].task.max_parallel is not None]
+        ready = [i for i in ready if self._instances[i].task.max_parallel is None]
+        if not self._held or self._stopping:
+            return ready
+        active: dict[str, int] = {}
+        for instance_id in (*self._inflight, *self._waiting_retry):
+            task_id = self._instances[instance_id].task.id
+            active[task_id] = active.get(task_id, 0) + 1
+        held, self._held = self._held, []
+        for instance_id in held:
+            task = self._instances[instance_id].task
+            if active.get(task.id, 0) < (task.max_parallel or 0):
+                active[task.id] = active.get(task.id, 0) + 1
+                ready.append(instance_id)
+            else:
+                self._held.append(instance_id)
+        return ready
 
     def _instantiate(self, task: Task) -> list[str]:
         if task.map_over is None:
@@ -291,7 +314,7 @@ class DAGRunner(Completion):
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
-        inst.clock = None if inst.task.executor not in THREAD_EXECUTORS else WaitClock()
+        inst.clock = None if inst.task.executor not in THREAD_EXECUTORS else WaitClock(owner=self.run.run_id)
         if inst.clock is None:  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
         self._after_commit.append(partial(self._launch, instance_id, attempt, ctx))

@@ -44,6 +44,15 @@ def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         return parse.summarize_message(raw, Path(ctx.work_dir), settings.ingest)
 
 
+def ingest_parallel(settings: Settings) -> int | None:
+    """How many of one mail's PDFs are extracted at once: as many as the extraction pool has workers (more would
+    only wait in its queue, each holding a runner thread that other mails' parses need), with
+    ``ingest.fair_by_mail``; None (all at once) without it, and on Dask, whose workers are the cluster's."""
+    if settings.executor.kind == "dask" or not settings.ingest.fair_by_mail:
+        return None
+    return settings.ingest.workers
+
+
 def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:
     """The list ingest_pdf fans out over."""
     return parsed["attachments"]
@@ -243,7 +252,7 @@ def email_digest_dag(settings: Settings, store: DAGRunStore | None = None) -> DA
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
              map_over="parse_email", map_items=pdf_items, retries=1,
              executor="dask" if settings.executor.kind == "dask" else "thread",
-             timeout_s=cluster_try_timeout_s(settings)),
+             timeout_s=cluster_try_timeout_s(settings), max_parallel=ingest_parallel(settings)),
         # build_digest and deliver: in the runner's process pool by default (runner.stage_executor), deliver only
         # into the Maildir (a relay's network waits would hold the pool's few workers); one retry for a pool
         # worker killed from outside (worker_crashed); deliver has [delivery] retries

@@ -312,6 +312,72 @@ def test_shutdown_requeues_unfinished_runs(store, make_engine, settings):
     assert engine2.wait(run_id, timeout=10).state == "success"
 
 
+class _Overlap:
+    """A mapped task's body that counts how many of its instances run at once (each holds a moment)."""
+
+    def __init__(self, fail_first_try_of: object = None) -> None:
+        self.lock, self.running, self.peak, self.fail = threading.Lock(), 0, 0, fail_first_try_of
+
+    def __call__(self, ctx):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(0.05)
+            if ctx.item == self.fail and ctx.try_number == 1:
+                raise ConnectionError("a first try that fails")
+            return ctx.item
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _capped_fan(body, items, cap=2):
+    return DAG("capped", [Task("split", lambda ctx: items),
+                          Task("each", body, deps=("split",), map_over="split", max_parallel=cap, retries=1),
+                          Task("total", lambda ctx: ctx.upstream["each"], deps=("each",))])
+
+
+def test_a_mapped_task_runs_at_most_max_parallel_instances_of_one_run_at_once(store, make_engine):
+    body = _Overlap()
+    engine = make_engine(_capped_fan(body, list(range(8))))
+    run = engine.wait(engine.trigger("capped").run_id, timeout=30)
+    assert run.state == "success" and output(store, run.run_id, "total") == list(range(8))
+    assert body.peak == 2  # never more, and the cap was used: two at a time
+
+
+def test_an_instance_waiting_for_its_retry_keeps_its_place_under_max_parallel(store, make_engine):
+    body = _Overlap(fail_first_try_of=0)
+    engine = make_engine(_capped_fan(body, list(range(5))))
+    run = engine.wait(engine.trigger("capped").run_id, timeout=30)
+    assert run.state == "success" and output(store, run.run_id, "total") == list(range(5))
+    assert body.peak <= 2
+    tries = {t.task_id: t.try_number for t in store.get_tasks(run.run_id)}
+    assert tries["each[0]"] == 2 and {tries[f"each[{i}]"] for i in range(1, 5)} == {1}
+
+
+def test_instances_held_back_by_max_parallel_run_after_a_stop_and_restart(store, make_engine):
+    gate = threading.Event()
+    body = _Overlap()
+
+    def held_at_first(ctx):
+        gate.wait(5)
+        return body(ctx)
+
+    dag = _capped_fan(held_at_first, list(range(6)))
+    engine = make_engine(dag)
+    run_id = engine.trigger("capped").run_id
+    assert wait_until(lambda: sum(t.state == "running" for t in store.get_tasks(run_id)) == 2, 10)
+    threading.Timer(0.2, gate.set).start()
+    engine.shutdown(grace_s=5)
+    assert store.get_run(run_id).state == "queued"
+    each = [t for t in store.get_tasks(run_id) if t.task_id.startswith("each[")]
+    assert sorted(t.state for t in each) == ["queued"] * 4 + ["success"] * 2  # the held four were never started
+    run = make_engine(dag).wait(run_id, timeout=30)
+    assert run.state == "success" and output(store, run_id, "total") == list(range(6))
+    assert body.peak <= 2
+
+
 def test_many_concurrent_runs_have_no_lock_errors(store, make_engine):
     dag = DAG("many", [Task("a", noop), Task("b", noop, deps=("a",)), Task("c", noop, deps=("a",)),
                        Task("d", noop, deps=("b", "c"))])

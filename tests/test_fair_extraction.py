@@ -18,7 +18,7 @@ from pipeline.errors import PdfTooLargeError, WorkerCrashedError
 from pipeline.stages import ingest
 from pipeline.stages.extract_worker import pool_for
 from pipeline.stages.ingest import ingest_pdf
-from pipeline.stages.worker_pool import PRIORITY_PARSE, FairQueue, Job
+from pipeline.stages.worker_pool import PRIORITY_PARSE, FairQueue, Job, WaitClock, timing_waits
 from pipeline.workflows import EMAIL_DIGEST
 
 MB = 1024 * 1024
@@ -157,6 +157,43 @@ def test_a_newcomer_goes_before_long_documents_that_each_hold_no_lane_between_sl
         queue.finish(job, chunk, 3.0, reply={})
     queue.submit(small := _Pages("small", 1))
     assert _take(queue) == (small, "small0")
+
+
+def _submit_for(queue: FairQueue, run: object, job: Job) -> Job:
+    """Submit ``job`` as a try of ``run`` does (its WaitClock names the run)."""
+    with timing_waits(WaitClock(owner=run)):
+        queue.submit(job)
+    return job
+
+
+@pytest.mark.parametrize("by_run", [True, False])
+def test_a_free_worker_serves_the_mail_holding_the_fewest_workers(by_run):
+    """A mail of many PDFs holds a lane with one of them; a one-PDF mail mailed after it goes next, not after
+    every PDF of the first (``by_run`` False, the baseline: the many PDFs' older jobs go first)."""
+    queue = FairQueue(lanes=2)
+    many = [_submit_for(queue, "many", _Pages(f"m{i}", 2, by_run=by_run)) for i in range(4)]
+    assert _take(queue) == (many[0], "m00")
+    assert _take(queue) == (many[1], "m10")
+    one = _submit_for(queue, "one", _Pages("one", 1, by_run=by_run))
+    queue.finish(many[0], "m00", 0.5, reply={})
+    if by_run:
+        assert _take(queue) == (one, "one0")  # "many" holds a lane still, "one" none
+    else:
+        assert _take(queue) == (many[0], "m01")  # by job: m0 and "one" hold none, m0 is older
+        queue.finish(many[0], "m01", 0.5, reply={})
+        assert _take(queue) == (many[2], "m20")
+
+
+def test_jobs_without_a_run_each_share_as_a_run_of_their_own():
+    """Outside the runner (``ingest``, the audit's direct calls) no clock names a run: the rule is by job."""
+    queue = FairQueue(lanes=2)
+    first, second = _Pages("a", 3), _Pages("b", 1)
+    queue.submit(first)
+    assert _take(queue) == (first, "a0")
+    queue.submit(second)
+    assert _take(queue) == (second, "b0")  # "a" holds a lane, "b" none (as a run, "a" would win no tie either)
+    queue.finish(first, "a0", 0.1, reply={})
+    assert _take(queue) == (first, "a1")
 
 
 def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():

@@ -38,3 +38,28 @@ def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert port == taken + 1
     with socket.socket() as sock:  # and it is free to bind
         sock.bind(("127.0.0.1", port))
+
+
+def test_with_its_whole_block_taken_it_falls_back_to_a_port_the_kernel_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.setattr(serveproc, "PORT_BLOCK", 3)  # a block of three ports, all held below
+    start = free_port()
+    monkeypatch.setattr(serveproc, "PORT_BASE", start)
+    held = []
+    try:
+        for port in range(start, start + 3):
+            sock = socket.socket()
+            held.append(sock)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:  # taken by someone else already: as good
+                pass
+        port = free_port()
+    finally:
+        for sock in held:
+            sock.close()
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert low <= port <= high  # from the kernel's ephemeral range, not the full block
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))

@@ -84,6 +84,16 @@ def test_head_of_line_times_the_normal_pdf_beside_the_hostile_one_in_both_modes(
     assert {r["tags"]["mode"] for r in metrics["hostile_pdf_failed"]} == {"before", "after"}
 
 
+def test_head_of_line_many_times_the_normal_pdf_after_a_mail_of_several_hostile_ones_in_both_modes(tmp_path):
+    rows = hostile_senders.head_of_line_many(tmp_path, pdfs=3, timeout_s=1.0, slow_pages=20, gap_s=0.5, wait_s=240)
+    metrics = _by_metric(rows, "head_of_line_many")
+    assert "error" not in metrics and "head_of_line" not in {r["variant"] for r in rows}
+    assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
+    assert {r["tags"]["mode"] for r in metrics["normal_latency_s"]} == {"before", "after"}
+    assert {r["tags"]["hostile_pdfs"] for r in rows} == {3}
+    assert {r["tags"]["mode"]: r["value"] for r in metrics["hostile_pdf_failed"]} == {"before": 1.0, "after": 1.0}
+
+
 def test_spool_lifecycle_runs_the_real_purge_and_restart(tmp_path):
     rows = hostile_senders.spool_lifecycle(tmp_path, mails=6, senders=2, timeout_s=240)
     metrics = _by_metric(rows, "spool")

@@ -188,7 +188,7 @@ class ExtractionPool:
         job = _OneRequest(name, {"op": "extract", "pdf": str(pdf_path), "text": str(text_path),
                                  "shard": list(shard), "limits": jsonable(limits)}, limits.timeout_s,
                           PdfTooLargeError(f"extraction took longer than {limits.timeout_s:g} s and was stopped",
-                                           name))
+                                           name), by_run=limits.fair_by_mail)
         self.run(job)
         return job.result
 
@@ -201,7 +201,7 @@ class ExtractionPool:
         job = _OneRequest(Path(spool_path).name, {"op": "parse", "spool": str(spool_path),
                                                   "work_dir": str(work_dir), "limits": jsonable(limits)},
                           limits.timeout_s, ParseError(f"parsing took longer than {limits.timeout_s:g} s"),
-                          PRIORITY_PARSE)
+                          PRIORITY_PARSE, by_run=limits.fair_by_mail)
         job.what = "email"
         self.run(job)
         return job.result
@@ -325,8 +325,8 @@ class _OneRequest(Job):
     """A job of one request: a whole shard of a PDF (the baseline fair extraction replaced) or a MIME parse."""
 
     def __init__(self, name: str, message: dict[str, Any], budget_s: float, timeout: PipelineError,
-                 priority: int = PRIORITY_EXTRACT) -> None:
-        super().__init__(name, budget_s, [None], priority=priority)
+                 priority: int = PRIORITY_EXTRACT, by_run: bool = True) -> None:
+        super().__init__(name, budget_s, [None], priority=priority, by_run=by_run)
         self.message, self._timeout = message, timeout
         self.result: dict[str, Any] = {}
 

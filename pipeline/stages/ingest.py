@@ -132,7 +132,7 @@ class _PageChunks(Job):
         # idle pool starts a document on all its lanes at once; what a slice leaves is queued again by page
         shards = max(1, limits.page_workers)
         super().__init__(pdf_path.name, limits.timeout_s, [("shard", i, shards) for i in range(shards)],
-                         max_workers=limits.page_workers)
+                         max_workers=limits.page_workers, by_run=limits.fair_by_mail)
         self.pdf_path, self.text_path, self.limits = pdf_path, text_path, limits
         self.parts: list[Path] = []  # every part file a request was given, so a failure can remove them
         self.results: dict[tuple[int, int], PdfText] = {}  # (first page, arrival) -> that chunk's result

@@ -4,9 +4,13 @@ Before, a document took its workers for as long as it needed them: one slow
 hostile PDF split across both workers held them for its whole timeout, and a
 2 KB PDF that came a second later waited a minute. Here every piece of work is
 a ``Job`` cut into chunks (a few pages, or one MIME parse), and a free worker
-slot (a lane) always takes the next chunk of the job that holds the fewest
-lanes right now; ties go to a parse (it unblocks a whole run), then to a job
-that has had under ``LONG_JOB_S`` of worker time, then to the oldest. (Ties to
+slot (a lane) always takes the next chunk of the job whose run (mail) holds
+the fewest lanes right now, then of the job that holds the fewest; ties go to a
+parse (it unblocks a whole run), then to a run, then a job, that has had under
+``LONG_JOB_S`` of worker time, then to the oldest. (Fair by job alone, a mail
+with ten slow PDFs took both lanes from a one-page PDF mailed a second after
+it, which waited 27.8 s while the ten took their turns. A job's run is its
+try's ``WaitClock.owner``; a job without one is a run of its own.) (Ties to
 the oldest alone made it first come, first served as soon as as many long
 documents as workers were queued: a 2-page PDF waited 97 s behind six dense
 ones. Ties to the least worker time alone shared the workers round robin
@@ -61,9 +65,13 @@ LONG_JOB_S = 5.0  # worker time after which a job yields ties to jobs that have 
 
 
 class WaitClock:
-    """Seconds one task try waited for a lane; read at any time, it includes a wait still under way."""
+    """Seconds one task try waited for a lane; read at any time, it includes a wait still under way.
 
-    def __init__(self) -> None:
+    ``owner``: the run the try belongs to; the jobs of one run share the lanes as one (``FairQueue``).
+    """
+
+    def __init__(self, owner: object = None) -> None:
+        self.owner = owner
         self._lock = threading.Lock()
         self._waited = 0.0
         self._since: float | None = None  # monotonic start of the wait under way
@@ -107,8 +115,10 @@ class Job:
     what = "document"  # what the job reads, for messages ("the document needed memory over ...")
 
     def __init__(self, name: str, budget_s: float, chunks: list[Any], max_workers: int = 1,
-                 priority: int = PRIORITY_EXTRACT) -> None:
+                 priority: int = PRIORITY_EXTRACT, by_run: bool = True) -> None:
+        """``by_run``: share the lanes with the other jobs of its run, as one (False: as a run of its own)."""
         self.name, self.budget_s, self.max_workers, self.priority = name, budget_s, max(1, max_workers), priority
+        self.by_run = by_run
         self.chunks: deque[Any] = deque(chunks)
         self.running = 0
         self.spent_s = 0.0
@@ -117,6 +127,7 @@ class Job:
         self.seq = 0  # submission order, set by the queue
         self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
         self.waiting = False  # queued, and no lane has taken a chunk of it yet
+        self.owner: object = self  # the run the job is for (its try's WaitClock says), or the job alone
 
     def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
         """The JSON request that runs ``chunk`` in a worker, given the budget left."""
@@ -158,6 +169,8 @@ class FairQueue:
         with self._cond:
             job.seq = next(self._seq)
             job.clock, job.waiting = getattr(_this_thread, "clock", None), True
+            if job.by_run and job.clock is not None and job.clock.owner is not None:
+                job.owner = job.clock.owner
             if job.clock is not None:
                 job.clock.start()
             self._jobs.append(job)
@@ -173,7 +186,7 @@ class FairQueue:
                 ready = [j for j in self._jobs if j.chunks and j.error is None and j.running < j.max_workers
                          and (j.priority != PRIORITY_PARSE or parsing < self._parse_cap)]
                 if ready:
-                    job = min(ready, key=lambda j: (j.running, j.priority, j.spent_s > LONG_JOB_S, j.seq))
+                    job = min(ready, key=self._turn_key())
                     left = self._left(job)
                     job.running += 1
                     self._started(job)
@@ -200,6 +213,18 @@ class FairQueue:
             elif job.chunks and job.spent_s >= job.budget_s:
                 self._fail(job, job.timeout_error())
             self._cond.notify_all()
+
+    def _turn_key(self) -> Callable[[Job], tuple[Any, ...]]:
+        """The order of the ready jobs (the lock held): fewest lanes held by the job's run, then by the job, then a
+        parse, then a run (its jobs in the queue) and a job that have had under ``LONG_JOB_S`` of worker time, then
+        the oldest."""
+        lanes: dict[object, int] = {}
+        spent: dict[object, float] = {}
+        for j in self._jobs:
+            lanes[j.owner] = lanes.get(j.owner, 0) + j.running
+            spent[j.owner] = spent.get(j.owner, 0.0) + j.spent_s
+        return lambda j: (lanes[j.owner], j.running, j.priority, spent[j.owner] > LONG_JOB_S,
+                          j.spent_s > LONG_JOB_S, j.seq)
 
     def left(self, job: Job) -> float:
         """Seconds of ``job``'s budget left, its running chunks counted by their time so far (may be < 0)."""

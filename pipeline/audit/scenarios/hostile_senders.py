@@ -1,6 +1,6 @@
 """The audit's hostile senders (issue 11), each against a real ``python -m pipeline serve`` on loopback.
 
-Six figures, each with its before/after where a setting switches the behaviour:
+Seven figures, each with its before/after where a setting switches the behaviour:
 
 - sessions: a normal client's whole-transaction latency (connect → final 250) while N idle sessions are held
   open, N = 0, half the session limit, the limit, the limit + extra; what the idle connections got (220 or 421);
@@ -10,6 +10,8 @@ Six figures, each with its before/after where a setting switches the behaviour:
 - head of line: a hostile slow PDF first, a normal small PDF 1 s later; the normal one's end-to-end time
   (DATA end → run ended) with ``ingest.fair_extraction`` off and on, the hostile run's outcome and the
   partial text it left.
+- head of line, many PDFs: a mail of several hostile slow PDFs first, the normal one 1 s later, with
+  ``ingest.fair_by_mail`` off (the PDFs share the workers one by one) and on (mails do).
 - spool lifecycle: spool and work bytes per 1,000 mails before and after ``python -m pipeline purge``, the
   bytes purge reports, and the runs and digests a restart re-creates (expected none).
 - pipelining (``hostile_pipelining``): a normal client's mail beside a client that pipelines commands without
@@ -213,9 +215,25 @@ def head_of_line(work: Path, timeout_s: float = 10.0, slow_pages: int = 200, gap
     for rep in range(reps):
         for mode, on in MODES:
             config = {"ingest": {"timeout_s": timeout_s, "fair_extraction": on}}
-            rows += _head_of_line_once(work / f"hol-{mode}-{rep}", config, (slow, normal), gap_s, rep, wait_s,
+            rows += _head_of_line_once(work / f"hol-{mode}-{rep}", config, ([slow], normal), gap_s, rep, wait_s,
                                        mode=mode, timeout_s=timeout_s, hostile_pdf=which,
                                        hostile_kb=round(len(slow) / 1024, 1), normal_kb=round(len(normal) / 1024, 1))
+    return rows
+
+
+def head_of_line_many(work: Path, pdfs: int = 6, timeout_s: float = 2.0, slow_pages: int = 200, gap_s: float = 1.0,
+                      reps: int = 1, wait_s: float = 300.0) -> Rows:
+    """A mail of ``pdfs`` hostile slow PDFs, then a normal one-page PDF mail ``gap_s`` after the first began;
+    ``ingest.fair_by_mail`` off (before: the PDFs share the workers one by one) and on (after: mails do)."""
+    slow, which = _slow_pdf(slow_pages)
+    normal = fx.text_pdf(1, seed=9)
+    rows: Rows = []
+    for rep in range(reps):
+        for mode, on in MODES:
+            config = {"ingest": {"timeout_s": timeout_s, "fair_by_mail": on}}
+            rows += _head_of_line_once(work / f"holm-{mode}-{rep}", config, ([slow] * pdfs, normal), gap_s, rep,
+                                       wait_s, part="head_of_line_many", mode=mode, timeout_s=timeout_s,
+                                       hostile_pdf=which, hostile_pdfs=pdfs)
     return rows
 
 
@@ -227,12 +245,12 @@ def _slow_pdf(pages: int) -> tuple[bytes, str]:
     return maker(pages), f"slow_pdf({pages})"
 
 
-def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tuple[bytes, bytes], gap_s: float,
-                       rep: int, wait_s: float, **tags: Any) -> Rows:
-    """One serve: the hostile mail, then (``gap_s`` after its extraction began) the normal one; their runs judged
-    from serve's store."""
+def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tuple[list[bytes], bytes], gap_s: float,
+                       rep: int, wait_s: float, part: str = "head_of_line", **tags: Any) -> Rows:
+    """One serve: the hostile mail (its PDFs ``pdfs[0]``), then (``gap_s`` after its extraction began) the normal
+    one; their runs judged from serve's store, as rows of ``part``."""
     hostile_id, normal_id = f"<hol-hostile-{rep}@hostile.audit>", f"<hol-normal-{rep}@hostile.audit>"
-    hostile = fx.email_with([("hostile.pdf", pdfs[0])], message_id=hostile_id)
+    hostile = fx.email_with([(f"hostile{i}.pdf", pdf) for i, pdf in enumerate(pdfs[0])], message_id=hostile_id)
     normal = fx.email_with([("normal.pdf", pdfs[1])], message_id=normal_id)
     with serving(work / "data", work, config) as serve:
         first = in_clients(timed_sends, [(serve.port, [hostile])])[0][0][0]
@@ -246,19 +264,19 @@ def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tupl
     tags = {**tags, "replies": f"hostile {first}, normal {second}"}
     state = {"hostile_state": bad.state if bad else "no run"}  # text left by a failed run is partial text
     failed = [t for t in extracted if t["state"] != s.SUCCESS]  # the run may succeed with the document failed
-    rows = [row("head_of_line", "hostile_pdf_failed", float(bool(failed) or not extracted), "bool", rep,
+    rows = [row(part, "hostile_pdf_failed", float(bool(failed) or not extracted), "bool", rep,
                 error=", ".join(f"{t['state']}: {t['error_type']}" for t in failed), **tags),
-            row("head_of_line", "hostile_text_left_files", left[1], "files", rep, **state, **tags),
-            row("head_of_line", "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags)]
+            row(part, "hostile_text_left_files", left[1], "files", rep, **state, **tags),
+            row(part, "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags)]
     for name, run in (("normal", good), ("hostile", bad)):
         ended = run is not None and run.ended_at is not None
         outcome = {"state": run.state if run else "no run", "reason": ((run.reason or "") if run else "")[:200]}
         succeeded = float(run is not None and run.state == s.SUCCESS)
-        rows.append(row("head_of_line", f"{name}_run_succeeded", succeeded, "bool", rep, **outcome, **tags))
+        rows.append(row(part, f"{name}_run_succeeded", succeeded, "bool", rep, **outcome, **tags))
         if ended:
             assert run is not None and run.ended_at is not None
             since = float(run.payload.get("data_end_at") or run.queued_at)
-            rows.append(row("head_of_line", f"{name}_latency_s", run.ended_at - since, "s", rep, **outcome, **tags))
+            rows.append(row(part, f"{name}_latency_s", run.ended_at - since, "s", rep, **outcome, **tags))
     return rows
 
 
@@ -448,6 +466,7 @@ def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: 
 # -- all of them -------------------------------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
+                                         "head_of_line_many": head_of_line_many,
                                          "spool": spool_lifecycle, "abandoned": abandoned_accepts,
                                          "pipelining": pipelining, "digest_flood": digest_flood}
 

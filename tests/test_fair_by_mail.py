@@ -1,0 +1,58 @@
+"""Mails share the extraction workers as mails (``[ingest] fair_by_mail``): one mail's many PDFs neither take
+every runner thread nor every turn at the workers from the mails that come after it."""
+
+from __future__ import annotations
+
+import smtplib
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+from pipeline import store as s
+from pipeline.audit.base import fixtures as fx
+from pipeline.config import Settings
+from pipeline.workflows import EMAIL_DIGEST
+
+HOSTILE_PDFS = 10
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """A short budget per document: each hostile PDF stops after 2 s of worker time, ten of them after 10 s
+    of both workers."""
+    return replace(settings, ingest=replace(settings.ingest, timeout_s=2.0))
+
+
+def _send(service: Any, raw: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", service.settings.gateway.port, timeout=60) as smtp:
+        assert not smtp.sendmail("alice@example.com", ["digest@pipeline.local"], raw)
+
+
+def _ingests(store: s.DAGRunStore, run_id: int) -> list[s.TaskRun]:
+    return [t for t in store.get_tasks(run_id) if t.task_id.startswith("ingest_pdf[")]
+
+
+def test_a_one_pdf_mail_is_not_queued_behind_every_pdf_of_a_mail_of_many(service_factory):
+    service = service_factory()
+    store = service.store
+    slow = fx.slow_pdf(1200, draws=2000)  # minutes of PDFium: each one runs its whole 2 s budget
+    _send(service, fx.email_with([(f"slow{i}.pdf", slow) for i in range(HOSTILE_PDFS)], subject="many",
+                                 message_id="<many@example.com>"))
+    assert wait_until(lambda: (run := store.find_run(EMAIL_DIGEST, "<many@example.com>")) is not None
+                      and any(t.state == s.RUNNING for t in _ingests(store, run.run_id)), 60)
+    _send(service, fx.email_with([("a.pdf", fx.text_pdf(1))], subject="one", message_id="<one@example.com>"))
+    many, one = (service.engine.wait(store.find_run(EMAIL_DIGEST, mid).run_id, timeout=240)
+                 for mid in ("<many@example.com>", "<one@example.com>"))
+    assert one.state == s.SUCCESS and one.reason is None
+    assert many.state == s.SUCCESS and many.reason == f"partial: {HOSTILE_PDFS} of {HOSTILE_PDFS} ingest_pdf " \
+                                                      "failed (too_large)"
+    assert one.ended_at is not None
+    ended_first = [t for t in _ingests(store, many.run_id) if t.ended_at is not None and t.ended_at < one.ended_at]
+    # by mail: the one-PDF mail takes the next free worker (two of the ten may end meanwhile, on a busy machine
+    # a few more); by PDF, it waited for all ten to start, at least eight of them to end
+    assert len(ended_first) <= HOSTILE_PDFS // 2, f"{len(ended_first)} of the many PDFs ended first"
+    held = max(sum(t.started_at is not None and t.started_at <= u.started_at and (t.ended_at or 1e18) > u.started_at
+                   for t in _ingests(store, many.run_id)) for u in _ingests(store, many.run_id))
+    assert held <= service.settings.ingest.workers  # never more of its PDFs at once than workers
