@@ -185,15 +185,17 @@ def test_a_free_worker_serves_the_mail_holding_the_fewest_workers(by_run):
 
 
 def test_jobs_without_a_run_each_share_as_a_run_of_their_own():
-    """Outside the runner (``ingest``, the audit's direct calls) no clock names a run: the rule is by job."""
-    queue = FairQueue(lanes=2)
+    """Outside the runner (``ingest``, the audit's direct calls) no clock names a run: each job is a run of its
+    own, not one run of all of them (a reviewer's find: the first version of this test passed either way)."""
+    queue = FairQueue(lanes=3)
     first, second = _Pages("a", 3), _Pages("b", 1)
     queue.submit(first)
-    assert _take(queue) == (first, "a0")
     queue.submit(second)
-    assert _take(queue) == (second, "b0")  # "a" holds a lane, "b" none (as a run, "a" would win no tie either)
-    queue.finish(first, "a0", 0.1, reply={})
-    assert _take(queue) == (first, "a1")
+    assert _take(queue) == (first, "a0")
+    third = _submit_for(queue, "x", _Pages("c", 1))
+    # "b" holds no lane; as one run with "a" it would hold one, and "c", of a run that holds none, would go first
+    assert _take(queue) == (second, "b0")
+    assert _take(queue) == (third, "c0")
 
 
 def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():

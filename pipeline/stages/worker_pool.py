@@ -6,18 +6,21 @@ hostile PDF split across both workers held them for its whole timeout, and a
 a ``Job`` cut into chunks (a few pages, or one MIME parse), and a free worker
 slot (a lane) always takes the next chunk of the job whose run (mail) holds
 the fewest lanes right now, then of the job that holds the fewest; ties go to a
-parse (it unblocks a whole run), then to a run, then a job, that has had under
-``LONG_JOB_S`` of worker time, then to the oldest. (Fair by job alone, a mail
-with ten slow PDFs took both lanes from a one-page PDF mailed a second after
-it, which waited 27.8 s while the ten took their turns. A job's run is its
-try's ``WaitClock.owner``; a job without one is a run of its own.) (Ties to
+parse (it unblocks a whole run), then to a run whose jobs in the queue, then to
+a job, that have had under ``LONG_JOB_S`` of worker time (a run's jobs that
+ended count no more: one PDF after another, a mail of many is never "long"),
+then to the oldest. (Fair by job alone, a mail with ten slow PDFs took both
+lanes from a one-page PDF mailed a second after it, which waited 27.8 s while
+the ten took their turns. A job's run is its try's ``WaitClock.owner``; a job
+without one, such as a shard of the baseline below, is a run of its own.) (Ties to
 the oldest alone made it first come, first served as soon as as many long
 documents as workers were queued: a 2-page PDF waited 97 s behind six dense
 ones. Ties to the least worker time alone shared the workers round robin
 between documents of a second each, and every one of them ended later: the
 end-to-end median of mails with a 1 MB PDF went from 1.6 to 2.8 s.) A job
-holds at most ``max_workers`` lanes, and a second one only when no job with
-fewer lanes has a chunk waiting. A chunk runs for a short time
+holds at most ``max_workers`` lanes, and a second one only when no job of a run
+holding fewer lanes, nor of its own run holding fewer itself, has a chunk
+waiting. A chunk runs for a short time
 slice, so a newcomer waits at most about one slice for a lane.
 
 A parse is one request that cannot be cut into slices, so parses together hold
@@ -216,8 +219,8 @@ class FairQueue:
 
     def _turn_key(self) -> Callable[[Job], tuple[Any, ...]]:
         """The order of the ready jobs (the lock held): fewest lanes held by the job's run, then by the job, then a
-        parse, then a run (its jobs in the queue) and a job that have had under ``LONG_JOB_S`` of worker time, then
-        the oldest."""
+        parse, then a run (its jobs still in the queue) and a job that have had under ``LONG_JOB_S`` of worker
+        time, then the oldest."""
         lanes: dict[object, int] = {}
         spent: dict[object, float] = {}
         for j in self._jobs:
