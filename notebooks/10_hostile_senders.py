@@ -18,7 +18,7 @@
 # while large mails arrive at once, before (`gateway.stream_data` and `ingest.parse_isolate` off, no in-flight
 # cap) and after (both on). **Head of line**: a hostile slow PDF, then 1 s later a normal one; the normal one's
 # DATA end → run ended, with `ingest.fair_extraction` off and on; **many PDFs**: the hostile mail carries several,
-# with `ingest.fair_by_mail` off and on. **Spool**: spool and work bytes per 1,000
+# with `ingest.fair_by_mail` off and on, then with `ingest.mail_timeout_s` out of reach and set. **Spool**: spool and work bytes per 1,000
 # mails before and after `python -m pipeline purge --older-than 0`, and what a restart re-creates. **Abandoned
 # accepts**: many senders close the connection right after their final dot, never reading the reply, then send
 # every message again: the accepts dropped, the temp files and gateway descriptors left, messages without one run.
@@ -31,11 +31,12 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["sessions", "memory", "head_of_line", "head_of_line_many", "spool", "abandoned", "pipelining", "digest_flood"]
+only = ["sessions", "memory", "head_of_line", "head_of_line_many", "mail_budget", "spool", "abandoned", "pipelining", "digest_flood"]
 sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
 memory = {"mails": 2, "mail_mb": 2, "reps": 1}
 head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 head_of_line_many = {"pdfs": 4, "timeout_s": 1.5, "slow_pages": 20, "reps": 1}
+mail_budget = {"pdfs": 6, "timeout_s": 1.0, "mail_timeout_s": 2.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
 abandoned = {"mails": 24, "clients": 2}
 pipelining = {"sends": 3, "reps": 1}
@@ -52,7 +53,8 @@ work.mkdir(parents=True, exist_ok=True)
 
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
-          "head_of_line": head_of_line, "head_of_line_many": head_of_line_many, "spool": spool, "abandoned": abandoned, "pipelining": pipelining,
+          "head_of_line": head_of_line, "head_of_line_many": head_of_line_many,
+          "mail_budget": mail_budget, "spool": spool, "abandoned": abandoned, "pipelining": pipelining,
           "digest_flood": digest_flood}
 hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
@@ -67,6 +69,9 @@ hostileviews.comparison_table(m, "head_of_line")
 
 # %%
 hostileviews.comparison_table(m, "head_of_line_many")
+
+# %%
+hostileviews.comparison_table(m, "mail_budget")
 
 # %%
 hostileviews.comparison_table(m, "spool")

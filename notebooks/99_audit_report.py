@@ -238,7 +238,11 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "\n\n**Head of line, many PDFs**: a mail of several hostile slow PDFs, then 1 s after its extraction began a "
    "mail of one normal PDF; `ingest.fair_by_mail` off (before: the workers are shared PDF by PDF, and all of one "
    "mail's PDFs go to the pool at once) and on (after: mail by mail, at most `ingest.workers` of one mail's PDFs "
-   "at once); `ingest.fair_extraction` on in both.\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line_many")))
+   "at once); `ingest.fair_extraction` on in both.\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line_many")) +
+   "\n\n**Mail budget**: the same two mails, the hostile one's PDFs sharing one budget of worker time "
+   "(`ingest.mail_timeout_s`): out of reach (before) and set (after, its value in the part's parameters); "
+   "*hostile_pdfs_unread_for_the_mail_budget*: its PDFs failed unread once the budget was used.\n\n"
+   + fmt(hostileviews.comparison_table(m, "mail_budget")))
 
 # %%
 md("**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "

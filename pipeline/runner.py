@@ -56,7 +56,7 @@ from .runner_completion import (  # noqa: F401 - MAX_ERROR_CHARS, MACHINE_RETRIE
     Completion,
     _message,
 )
-from .stages.worker_pool import WaitClock, timing_waits
+from .stages.worker_pool import RunShare, WaitClock, timing_waits
 from .store import DAGRunStore, Run, RunTakenOver
 from .timers import Timers
 
@@ -103,6 +103,7 @@ class DAGRunner(Completion):
         self._after_commit: list[Callable[[], None]] = []  # launches and the run's report, once its writes commit
         cap = max([abandon_grace_s, *(t.timeout_s or self.config.default_timeout_s or 0.0 for t in dag.tasks)])
         self._handover = Handover(run.run_id, on_broken or (lambda run_id, exc: None), timers, cap)
+        self._share = RunShare()  # its tries' jobs share the extraction workers as one, under one budget
 
     # -- public -----------------------------------------------------------------
 
@@ -314,7 +315,7 @@ class DAGRunner(Completion):
         attempt = inst.try_number
         self._inflight[instance_id] = attempt
         ctx = self._context(instance_id, inst)
-        inst.clock = None if inst.task.executor not in THREAD_EXECUTORS else WaitClock(owner=self.run.run_id)
+        inst.clock = None if inst.task.executor not in THREAD_EXECUTORS else WaitClock(owner=self._share)
         if inst.clock is None:  # a process pool or the Dask cluster
             self._write(instance_id, s.RUNNING)
         self._after_commit.append(partial(self._launch, instance_id, attempt, ctx))

@@ -12,17 +12,23 @@ from helpers import wait_until
 
 from pipeline import store as s
 from pipeline.audit.base import fixtures as fx
-from pipeline.config import Settings
+from pipeline.config import IngestConfig, Settings
 from pipeline.workflows import EMAIL_DIGEST
 
 HOSTILE_PDFS = 10
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
+def mail_timeout_s() -> float:
+    """``[ingest] mail_timeout_s``: the default, unless a test is parametrized with its own."""
+    return IngestConfig.mail_timeout_s
+
+
+@pytest.fixture
+def settings(settings: Settings, mail_timeout_s: float) -> Settings:
     """A short budget per document: each hostile PDF stops after 2 s of worker time, ten of them after 10 s
     of both workers."""
-    return replace(settings, ingest=replace(settings.ingest, timeout_s=2.0))
+    return replace(settings, ingest=replace(settings.ingest, timeout_s=2.0, mail_timeout_s=mail_timeout_s))
 
 
 def _send(service: Any, raw: bytes) -> None:
@@ -56,3 +62,23 @@ def test_a_one_pdf_mail_is_not_queued_behind_every_pdf_of_a_mail_of_many(service
     held = max(sum(t.started_at is not None and t.started_at <= u.started_at and (t.ended_at or 1e18) > u.started_at
                    for t in _ingests(store, many.run_id)) for u in _ingests(store, many.run_id))
     assert held <= service.settings.ingest.workers  # never more of its PDFs at once than workers
+
+
+
+@pytest.mark.parametrize("mail_timeout_s", [3.0])
+def test_a_mails_documents_share_one_budget_and_those_past_it_fail_without_being_read(service_factory):
+    """``[ingest] mail_timeout_s`` 3 s with 2 s per document: ten slow PDFs cost about 4 s of worker time, not 20."""
+    service = service_factory()
+    assert service.settings.ingest.mail_timeout_s == 3.0
+    store = service.store
+    slow = fx.slow_pdf(1200, draws=2000)
+    _send(service, fx.email_with([(f"slow{i}.pdf", slow) for i in range(HOSTILE_PDFS)], subject="many",
+                                 message_id="<capped@example.com>"))
+    assert wait_until(lambda: store.find_run(EMAIL_DIGEST, "<capped@example.com>") is not None, 60)
+    run = service.engine.wait(store.find_run(EMAIL_DIGEST, "<capped@example.com>").run_id, timeout=240)
+    assert run.state == s.SUCCESS and run.reason == f"partial: {HOSTILE_PDFS} of {HOSTILE_PDFS} ingest_pdf failed " \
+                                                     "(too_large)"
+    tasks = _ingests(store, run.run_id)
+    unread = [t for t in tasks if "mail_timeout_s" in (t.error_message or "")]
+    assert len(unread) >= HOSTILE_PDFS - 4, [t.error_message for t in tasks]
+    assert all("used their 3 s of worker time" in (t.error_message or "") for t in unread)

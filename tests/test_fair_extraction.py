@@ -18,7 +18,7 @@ from pipeline.errors import PdfTooLargeError, WorkerCrashedError
 from pipeline.stages import ingest
 from pipeline.stages.extract_worker import pool_for
 from pipeline.stages.ingest import ingest_pdf
-from pipeline.stages.worker_pool import PRIORITY_PARSE, FairQueue, Job, WaitClock, timing_waits
+from pipeline.stages.worker_pool import PRIORITY_PARSE, FairQueue, Job, RunShare, WaitClock, timing_waits
 from pipeline.workflows import EMAIL_DIGEST
 
 MB = 1024 * 1024
@@ -118,6 +118,9 @@ class _Pages(Job):
     def timeout_error(self) -> BaseException:
         return PdfTooLargeError(f"{self.name} took too long", self.name)
 
+    def run_budget_error(self, run_budget_s: float) -> BaseException:
+        return PdfTooLargeError(f"{self.name}: its run used its {run_budget_s:g} s", self.name)
+
 
 def _take(queue: FairQueue) -> tuple[Job, Any]:
     picked = queue.take()
@@ -159,7 +162,7 @@ def test_a_newcomer_goes_before_long_documents_that_each_hold_no_lane_between_sl
     assert _take(queue) == (small, "small0")
 
 
-def _submit_for(queue: FairQueue, run: object, job: Job) -> Job:
+def _submit_for(queue: FairQueue, run: RunShare, job: Job) -> Job:
     """Submit ``job`` as a try of ``run`` does (its WaitClock names the run)."""
     with timing_waits(WaitClock(owner=run)):
         queue.submit(job)
@@ -171,10 +174,11 @@ def test_a_free_worker_serves_the_mail_holding_the_fewest_workers(by_run):
     """A mail of many PDFs holds a lane with one of them; a one-PDF mail mailed after it goes next, not after
     every PDF of the first (``by_run`` False, the baseline: the many PDFs' older jobs go first)."""
     queue = FairQueue(lanes=2)
-    many = [_submit_for(queue, "many", _Pages(f"m{i}", 2, by_run=by_run)) for i in range(4)]
+    run = RunShare()
+    many = [_submit_for(queue, run, _Pages(f"m{i}", 2, by_run=by_run)) for i in range(4)]
     assert _take(queue) == (many[0], "m00")
     assert _take(queue) == (many[1], "m10")
-    one = _submit_for(queue, "one", _Pages("one", 1, by_run=by_run))
+    one = _submit_for(queue, RunShare(), _Pages("one", 1, by_run=by_run))
     queue.finish(many[0], "m00", 0.5, reply={})
     if by_run:
         assert _take(queue) == (one, "one0")  # "many" holds a lane still, "one" none
@@ -192,10 +196,47 @@ def test_jobs_without_a_run_each_share_as_a_run_of_their_own():
     queue.submit(first)
     queue.submit(second)
     assert _take(queue) == (first, "a0")
-    third = _submit_for(queue, "x", _Pages("c", 1))
+    third = _submit_for(queue, RunShare(), _Pages("c", 1))
     # "b" holds no lane; as one run with "a" it would hold one, and "c", of a run that holds none, would go first
     assert _take(queue) == (second, "b0")
     assert _take(queue) == (third, "c0")
+
+
+def test_a_run_that_had_more_than_long_job_s_in_all_yields_ties_though_each_of_its_documents_had_less():
+    """A reviewer's find: counting only a run's jobs still queued, a mail of many PDFs read one after another
+    never looked long, and its next PDF kept winning ties over a newcomer's."""
+    queue, many, other = FairQueue(lanes=1), RunShare(), RunShare()
+    for i in range(3):  # three documents of 2 s each, one after another: 6 s in all, each under LONG_JOB_S
+        job = _submit_for(queue, many, _Pages(f"d{i}", 1))
+        assert _take(queue) == (job, f"d{i}0")
+        queue.finish(job, f"d{i}0", 2.0, reply={})
+        queue.wait(job)
+    fourth = _submit_for(queue, many, _Pages("d3", 1))
+    newcomer = _submit_for(queue, other, _Pages("n", 1))
+    assert _take(queue) == (newcomer, "n0")
+    assert _take(queue) == (fourth, "d30")
+
+
+def test_a_runs_jobs_share_one_budget_past_which_every_one_of_them_fails():
+    queue, mail, other = FairQueue(lanes=2), RunShare(), RunShare()
+    first = _submit_for(queue, mail, _Pages("a", 5, run_budget_s=3.0))
+    queued = _submit_for(queue, mail, _Pages("b", 5, run_budget_s=3.0))
+    elsewhere = _submit_for(queue, other, _Pages("c", 5, run_budget_s=3.0))
+    assert _take(queue) == (first, "a0")
+    queue.finish(first, "a0", 2.0, reply={})  # 2 of the run's 3 s: on
+    assert not first.error and mail.spent_s == 2.0
+    assert _take(queue) == (first, "a1")  # neither run holds a lane nor has had LONG_JOB_S: the oldest
+    assert _take(queue) == (elsewhere, "c0")  # "mail" holds a lane, "other" none
+    queue.finish(first, "a1", 1.5, reply={})  # 3.5 s in all: both of the run's jobs with chunks left fail,
+    assert not queued.chunks and queued.running == 0  # the one no lane took yet too
+    for job in (first, queued):
+        with pytest.raises(PdfTooLargeError, match="its run used its 3 s"):
+            queue.wait(job)
+    late = _submit_for(queue, mail, _Pages("d", 1, run_budget_s=3.0))  # queued after: fails at once
+    with pytest.raises(PdfTooLargeError, match="its run used its 3 s"):
+        queue.wait(late)
+    queue.finish(elsewhere, "c0", 2.0, reply={})
+    assert elsewhere.error is None and len(elsewhere.chunks) == 4 and other.spent_s == 2.0
 
 
 def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():

@@ -94,6 +94,17 @@ def test_head_of_line_many_times_the_normal_pdf_after_a_mail_of_several_hostile_
     assert {r["tags"]["mode"]: r["value"] for r in metrics["hostile_pdf_failed"]} == {"before": 1.0, "after": 1.0}
 
 
+def test_mail_budget_leaves_pdfs_unread_only_with_the_budget_set(tmp_path):
+    rows = hostile_senders.mail_budget(tmp_path, pdfs=6, timeout_s=1.0, mail_timeout_s=2.0, slow_pages=20, gap_s=0.5,
+                                       wait_s=240)
+    metrics = _by_metric(rows, "mail_budget")
+    assert "error" not in metrics
+    unread = {r["tags"]["mode"]: r["value"] for r in metrics["hostile_pdfs_unread_for_the_mail_budget"]}
+    assert unread["before"] == 0 and unread["after"] >= 1  # 6 PDFs of 1 s each against a budget of 2 s in all
+    assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
+    assert {r["tags"]["mail_timeout_s"] for r in rows if r["tags"]["mode"] == "after"} == {2.0}
+
+
 def test_spool_lifecycle_runs_the_real_purge_and_restart(tmp_path):
     rows = hostile_senders.spool_lifecycle(tmp_path, mails=6, senders=2, timeout_s=240)
     metrics = _by_metric(rows, "spool")

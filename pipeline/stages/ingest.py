@@ -132,7 +132,8 @@ class _PageChunks(Job):
         # idle pool starts a document on all its lanes at once; what a slice leaves is queued again by page
         shards = max(1, limits.page_workers)
         super().__init__(pdf_path.name, limits.timeout_s, [("shard", i, shards) for i in range(shards)],
-                         max_workers=limits.page_workers, by_run=limits.fair_by_mail)
+                         max_workers=limits.page_workers, by_run=limits.fair_by_mail,
+                         run_budget_s=limits.mail_timeout_s if limits.fair_by_mail else None)
         self.pdf_path, self.text_path, self.limits = pdf_path, text_path, limits
         self.parts: list[Path] = []  # every part file a request was given, so a failure can remove them
         self.results: dict[tuple[int, int], PdfText] = {}  # (first page, arrival) -> that chunk's result
@@ -168,6 +169,10 @@ class _PageChunks(Job):
 
     def timeout_error(self) -> PdfTooLargeError:
         return PdfTooLargeError(f"extraction took longer than {self.limits.timeout_s:g} s and was stopped", self.name)
+
+    def run_budget_error(self, run_budget_s: float) -> PdfTooLargeError:
+        return PdfTooLargeError(f"not read to the end: the mail's documents used their {run_budget_s:g} s of worker "
+                                f"time in all ([ingest] mail_timeout_s)", self.name)
 
     def join(self) -> PdfText:
         """Concatenate the part files in page order into the text file and sum the chunks' counts."""

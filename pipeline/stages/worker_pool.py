@@ -6,12 +6,11 @@ hostile PDF split across both workers held them for its whole timeout, and a
 a ``Job`` cut into chunks (a few pages, or one MIME parse), and a free worker
 slot (a lane) always takes the next chunk of the job whose run (mail) holds
 the fewest lanes right now, then of the job that holds the fewest; ties go to a
-parse (it unblocks a whole run), then to a run whose jobs in the queue, then to
-a job, that have had under ``LONG_JOB_S`` of worker time (a run's jobs that
-ended count no more: one PDF after another, a mail of many is never "long"),
-then to the oldest. (Fair by job alone, a mail with ten slow PDFs took both
-lanes from a one-page PDF mailed a second after it, which waited 27.8 s while
-the ten took their turns. A job's run is its try's ``WaitClock.owner``; a job
+parse (it unblocks a whole run), then to a run (all its jobs so far), then to a
+job, that has had under ``LONG_JOB_S`` of worker time, then to the oldest.
+(Fair by job alone, a mail with ten slow PDFs took both lanes from a one-page
+PDF mailed a second after it, which waited 27.8 s while the ten took their
+turns. A job's run is its try's ``WaitClock.owner``, a ``RunShare``; a job
 without one, such as a shard of the baseline below, is a run of its own.) (Ties to
 the oldest alone made it first come, first served as soon as as many long
 documents as workers were queued: a 2-page PDF waited 97 s behind six dense
@@ -40,7 +39,10 @@ waited; a fixed half for each would cut short a slow page alone). Once the budge
 is spent with chunks left, the job fails with ``timeout_error()`` and its
 queued chunks are dropped. The first error of any chunk fails the job the
 same way; chunks already running end their slice and their results are
-thrown away.
+thrown away. A run's jobs also share a budget (``run_budget_s``, from
+``[ingest] mail_timeout_s``): once they have used it in all, its jobs with
+chunks left fail with ``run_budget_error()``, and so does every job it queues
+after. A mail of a thousand tiny slow PDFs cost a thousand budgets before.
 
 Queue wait (issue 14): a try's duration included its time waiting for a lane
 (a 200 KB PDF "took" 18.8 s behind two slow ones). A task try that runs inside
@@ -67,13 +69,21 @@ PRIORITY_PARSE, PRIORITY_EXTRACT = 0, 1
 LONG_JOB_S = 5.0  # worker time after which a job yields ties to jobs that have had less (a few slices)
 
 
+class RunShare:
+    """One run's part in the lanes: the jobs of its tries share them as one (``FairQueue``), and the worker time
+    they have used in all (``spent_s``, jobs that ended included) is held against ``run_budget_s`` of each job."""
+
+    def __init__(self) -> None:
+        self.spent_s = 0.0
+
+
 class WaitClock:
     """Seconds one task try waited for a lane; read at any time, it includes a wait still under way.
 
-    ``owner``: the run the try belongs to; the jobs of one run share the lanes as one (``FairQueue``).
+    ``owner``: the run the try belongs to, if any (its ``RunShare``).
     """
 
-    def __init__(self, owner: object = None) -> None:
+    def __init__(self, owner: RunShare | None = None) -> None:
         self.owner = owner
         self._lock = threading.Lock()
         self._waited = 0.0
@@ -118,10 +128,12 @@ class Job:
     what = "document"  # what the job reads, for messages ("the document needed memory over ...")
 
     def __init__(self, name: str, budget_s: float, chunks: list[Any], max_workers: int = 1,
-                 priority: int = PRIORITY_EXTRACT, by_run: bool = True) -> None:
-        """``by_run``: share the lanes with the other jobs of its run, as one (False: as a run of its own)."""
+                 priority: int = PRIORITY_EXTRACT, by_run: bool = True, run_budget_s: float | None = None) -> None:
+        """``by_run``: share the lanes with the other jobs of its run, as one (False: as a run of its own).
+        ``run_budget_s``: fail the job (``run_budget_error``) once its run's jobs have used that much worker time
+        in all, checked when it is queued and between its chunks; None: no such bound."""
         self.name, self.budget_s, self.max_workers, self.priority = name, budget_s, max(1, max_workers), priority
-        self.by_run = by_run
+        self.by_run, self.run_budget_s = by_run, run_budget_s
         self.chunks: deque[Any] = deque(chunks)
         self.running = 0
         self.spent_s = 0.0
@@ -130,7 +142,7 @@ class Job:
         self.seq = 0  # submission order, set by the queue
         self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
         self.waiting = False  # queued, and no lane has taken a chunk of it yet
-        self.owner: object = self  # the run the job is for (its try's WaitClock says), or the job alone
+        self.owner: RunShare | Job = self  # the run the job is for (its try's WaitClock says), or the job alone
 
     def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
         """The JSON request that runs ``chunk`` in a worker, given the budget left."""
@@ -143,6 +155,17 @@ class Job:
     def timeout_error(self) -> BaseException:
         """The error for a job whose budget is spent (or whose chunk ran past it)."""
         raise NotImplementedError
+
+    def run_budget_error(self, run_budget_s: float) -> BaseException:
+        """The error for a job whose run used ``run_budget_s`` of worker time before it could end."""
+        raise NotImplementedError
+
+    def run_spent_s(self) -> float:
+        """Worker time its run has used (the job's own, for a job that is a run of its own)."""
+        return self.owner.spent_s
+
+    def over_run_budget(self) -> bool:
+        return self.run_budget_s is not None and self.run_spent_s() >= self.run_budget_s
 
     def settled(self) -> bool:
         """True when nothing of the job runs and nothing more will: it succeeded or failed."""
@@ -179,6 +202,9 @@ class FairQueue:
             self._jobs.append(job)
             if self._closed is not None:
                 self._fail(job, self._closed)
+            elif job.over_run_budget():
+                assert job.run_budget_s is not None
+                self._fail(job, job.run_budget_error(job.run_budget_s))
             self._cond.notify_all()
 
     def take(self) -> tuple[Job, Any, float] | None:
@@ -205,6 +231,8 @@ class FairQueue:
         with self._cond:
             job.running -= 1
             job.spent_s += elapsed_s
+            if isinstance(job.owner, RunShare):
+                job.owner.spent_s += elapsed_s
             job.started = _without_one(job.started, chunk)
             if error is None and job.error is None and reply is not None:
                 try:
@@ -215,18 +243,20 @@ class FairQueue:
                 self._fail(job, error)
             elif job.chunks and job.spent_s >= job.budget_s:
                 self._fail(job, job.timeout_error())
+            if job.over_run_budget():  # every job of the run with chunks left ends now, not after a slice each
+                for other in self._jobs:
+                    if other.owner is job.owner and other.chunks and other.over_run_budget():
+                        assert other.run_budget_s is not None
+                        self._fail(other, other.run_budget_error(other.run_budget_s))
             self._cond.notify_all()
 
     def _turn_key(self) -> Callable[[Job], tuple[Any, ...]]:
         """The order of the ready jobs (the lock held): fewest lanes held by the job's run, then by the job, then a
-        parse, then a run (its jobs still in the queue) and a job that have had under ``LONG_JOB_S`` of worker
-        time, then the oldest."""
+        parse, then a run and a job that have had under ``LONG_JOB_S`` of worker time, then the oldest."""
         lanes: dict[object, int] = {}
-        spent: dict[object, float] = {}
         for j in self._jobs:
             lanes[j.owner] = lanes.get(j.owner, 0) + j.running
-            spent[j.owner] = spent.get(j.owner, 0.0) + j.spent_s
-        return lambda j: (lanes[j.owner], j.running, j.priority, spent[j.owner] > LONG_JOB_S,
+        return lambda j: (lanes[j.owner], j.running, j.priority, j.run_spent_s() > LONG_JOB_S,
                           j.spent_s > LONG_JOB_S, j.seq)
 
     def left(self, job: Job) -> float:

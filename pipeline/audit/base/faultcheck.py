@@ -189,8 +189,8 @@ def skipped(fault: str, reason: str) -> Rows:
 
 
 def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | None, list[dict[str, Any]]]:
-    """The latest run of ``message_id`` and its task instances named ``prefix...``: state, try_number, error_type
-    and their events (``running@1 retrying(worker_crashed)@1 running@2 success@2``), read from serve's
+    """The latest run of ``message_id`` and its task instances named ``prefix...``: state, try_number, error_type,
+    error_message and their events (``running@1 retrying(worker_crashed)@1 running@2 success@2``), read from serve's
     store opened read-only.
 
     ``(None, [])`` while there is no such run or the store cannot be read right now.
@@ -204,7 +204,7 @@ def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | 
         if run_id is None:
             return None, []
         which = (run_id, f"{prefix}*")
-        tasks = db.execute("SELECT task_id, state, try_number, error_type FROM task_runs "
+        tasks = db.execute("SELECT task_id, state, try_number, error_type, error_message FROM task_runs "
                            "WHERE run_id = ? AND task_id GLOB ? ORDER BY task_id", which).fetchall()
         events = db.execute("SELECT task_id, state || coalesce('(' || error_type || ')', ''), try_number "
                             "FROM task_events WHERE run_id = ? AND task_id GLOB ? ORDER BY at, rowid", which).fetchall()
@@ -212,9 +212,9 @@ def task_instances(data_dir: Path, message_id: str, prefix: str) -> tuple[int | 
         return None, []
     finally:
         db.close()
-    return run_id, [{"task_id": t, "state": state, "try_number": tries, "error_type": error,
+    return run_id, [{"task_id": t, "state": state, "try_number": tries, "error_type": error, "error_message": message,
                      "events": " ".join(f"{e}@{n}" for i, e, n in events if i == t)}
-                    for t, state, tries, error in tasks]
+                    for t, state, tries, error, message in tasks]
 
 
 def attachment_files(data_dir: Path, run_id: int) -> set[str]:

@@ -11,7 +11,8 @@ Seven figures, each with its before/after where a setting switches the behaviour
   (DATA end → run ended) with ``ingest.fair_extraction`` off and on, the hostile run's outcome and the
   partial text it left.
 - head of line, many PDFs: a mail of several hostile slow PDFs first, the normal one 1 s later, with
-  ``ingest.fair_by_mail`` off (the PDFs share the workers one by one) and on (mails do).
+  ``ingest.fair_by_mail`` off (the PDFs share the workers one by one) and on (mails do); and the same with
+  ``ingest.mail_timeout_s`` out of reach and set (mail budget): the hostile run's time, its PDFs not read.
 - spool lifecycle: spool and work bytes per 1,000 mails before and after ``python -m pipeline purge``, the
   bytes purge reports, and the runs and digests a restart re-creates (expected none).
 - pipelining (``hostile_pipelining``): a normal client's mail beside a client that pipelines commands without
@@ -237,6 +238,24 @@ def head_of_line_many(work: Path, pdfs: int = 6, timeout_s: float = 2.0, slow_pa
     return rows
 
 
+def mail_budget(work: Path, pdfs: int = 20, timeout_s: float = 2.0, mail_timeout_s: float = 6.0,
+                slow_pages: int = 200, gap_s: float = 1.0, reps: int = 1, wait_s: float = 300.0) -> Rows:
+    """The mail of ``pdfs`` hostile slow PDFs and the normal one after it (as ``head_of_line_many``), with
+    ``ingest.mail_timeout_s`` out of reach (before) and at ``mail_timeout_s`` (after): how long the hostile run
+    took and how many of its PDFs were not read for the mail's budget."""
+    slow, which = _slow_pdf(slow_pages)
+    normal = fx.text_pdf(1, seed=9)
+    rows: Rows = []
+    for rep in range(reps):
+        for mode, on in MODES:
+            budget = mail_timeout_s if on else 86_400.0  # out of reach: the most a setting in seconds may be
+            config = {"ingest": {"timeout_s": timeout_s, "mail_timeout_s": budget}}
+            rows += _head_of_line_once(work / f"budget-{mode}-{rep}", config, ([slow] * pdfs, normal), gap_s, rep,
+                                       wait_s, part="mail_budget", mode=mode, timeout_s=timeout_s,
+                                       mail_timeout_s=budget, hostile_pdf=which, hostile_pdfs=pdfs)
+    return rows
+
+
 def _slow_pdf(pages: int) -> tuple[bytes, str]:
     """The fixtures' hostile slow PDF (``fx.slow_pdf``), or a long text PDF where the fixtures have none yet."""
     maker: Callable[[int], bytes] | None = getattr(fx, "slow_pdf", None)
@@ -267,7 +286,9 @@ def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tupl
     rows = [row(part, "hostile_pdf_failed", float(bool(failed) or not extracted), "bool", rep,
                 error=", ".join(f"{t['state']}: {t['error_type']}" for t in failed), **tags),
             row(part, "hostile_text_left_files", left[1], "files", rep, **state, **tags),
-            row(part, "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags)]
+            row(part, "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags),
+            row(part, "hostile_pdfs_unread_for_the_mail_budget",
+                sum("mail_timeout_s" in (t["error_message"] or "") for t in failed), "pdfs", rep, **tags)]
     for name, run in (("normal", good), ("hostile", bad)):
         ended = run is not None and run.ended_at is not None
         outcome = {"state": run.state if run else "no run", "reason": ((run.reason or "") if run else "")[:200]}
@@ -466,7 +487,7 @@ def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: 
 # -- all of them -------------------------------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
-                                         "head_of_line_many": head_of_line_many,
+                                         "head_of_line_many": head_of_line_many, "mail_budget": mail_budget,
                                          "spool": spool_lifecycle, "abandoned": abandoned_accepts,
                                          "pipelining": pipelining, "digest_flood": digest_flood}
 
