@@ -241,7 +241,8 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "at once); `ingest.fair_extraction` on in both.\n\n" + fmt(hostileviews.comparison_table(m, "head_of_line_many")) +
    "\n\n**Mail budget**: the same two mails, the hostile one's PDFs sharing one budget of worker time "
    "(`ingest.mail_timeout_s`): out of reach (before) and set (after, its value in the part's parameters); "
-   "*hostile_pdfs_unread_for_the_mail_budget*: its PDFs failed unread once the budget was used.\n\n"
+   "*hostile_pdfs_cut_by_the_mail_budget*: its PDFs failed `not_read` once the budget was used (never read, or "
+   "not to the end).\n\n"
    + fmt(hostileviews.comparison_table(m, "mail_budget")))
 
 # %%

@@ -277,8 +277,9 @@ class IngestConfig:
     # mails share the workers as mails: one mail's PDFs go to the pool at most `workers` at once, and a free worker
     # serves the mail that holds the fewest; False: each PDF on its own, all at once (baseline)
     fair_by_mail: bool = True
-    # worker time all of one mail's documents may use together (with fair_by_mail and fair_extraction): past it,
-    # its documents not yet read fail too_large; a mail of a thousand tiny slow PDFs cost a thousand timeout_s
+    # worker time all of one mail's documents may use together (with fair_by_mail and fair_extraction, in local
+    # workers): past it, its documents not done fail not_read; a mail of a thousand tiny slow PDFs cost a thousand
+    # timeout_s
     mail_timeout_s: float = 600.0
 
     def validate(self) -> None:
@@ -286,8 +287,9 @@ class IngestConfig:
                      "max_mime_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
-        if self.timeout_s <= 0 or self.mail_timeout_s <= 0:
-            raise ConfigurationError("ingest.timeout_s and ingest.mail_timeout_s must be > 0")
+        for name in ("timeout_s", "mail_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
         if not MIN_WORKER_MEMORY <= self.memory_limit_bytes <= MAX_WORKER_MEMORY:  # too little: not even imports
             raise ConfigurationError(f"ingest.memory_limit_bytes must be {MIN_WORKER_MEMORY // MB:,} MB to "
                                      f"{MAX_WORKER_MEMORY // MB:,} MB, not {self.memory_limit_bytes:,}")

@@ -47,8 +47,9 @@ def parse_email_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
 def ingest_parallel(settings: Settings) -> int | None:
     """How many of one mail's PDFs are extracted at once: as many as the extraction pool has workers (more would
     only wait in its queue, each holding a runner thread that other mails' parses need), with
-    ``ingest.fair_by_mail``; None (all at once) without it, and on Dask, whose workers are the cluster's."""
-    if settings.executor.kind == "dask" or not settings.ingest.fair_by_mail:
+    ``ingest.fair_by_mail``; None (all at once) without it, without worker processes (``isolate`` off), and on
+    Dask, whose workers are the cluster's."""
+    if settings.executor.kind == "dask" or not settings.ingest.fair_by_mail or not settings.ingest.isolate:
         return None
     return settings.ingest.workers
 

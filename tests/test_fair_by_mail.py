@@ -76,9 +76,11 @@ def test_a_mails_documents_share_one_budget_and_those_past_it_fail_without_being
                                  message_id="<capped@example.com>"))
     assert wait_until(lambda: store.find_run(EMAIL_DIGEST, "<capped@example.com>") is not None, 60)
     run = service.engine.wait(store.find_run(EMAIL_DIGEST, "<capped@example.com>").run_id, timeout=240)
-    assert run.state == s.SUCCESS and run.reason == f"partial: {HOSTILE_PDFS} of {HOSTILE_PDFS} ingest_pdf failed " \
-                                                     "(too_large)"
+    assert run.state == s.SUCCESS and run.reason in (
+        f"partial: {HOSTILE_PDFS} of {HOSTILE_PDFS} ingest_pdf failed (not_read)",
+        f"partial: {HOSTILE_PDFS} of {HOSTILE_PDFS} ingest_pdf failed (not_read, too_large)")  # two may time out first
     tasks = _ingests(store, run.run_id)
-    unread = [t for t in tasks if "mail_timeout_s" in (t.error_message or "")]
-    assert len(unread) >= HOSTILE_PDFS - 4, [t.error_message for t in tasks]
-    assert all("used their 3 s of worker time" in (t.error_message or "") for t in unread)
+    cut = [t for t in tasks if t.error_type == "not_read"]
+    assert len(cut) >= HOSTILE_PDFS - 4, [t.error_message for t in tasks]
+    assert all("used all the time one mail may take (3 s of worker time)" in (t.error_message or "") for t in cut)
+    assert not list((service.settings.data_dir / "work" / str(run.run_id)).glob("text/*"))  # no partial text left

@@ -239,6 +239,29 @@ def test_a_runs_jobs_share_one_budget_past_which_every_one_of_them_fails():
     assert elsewhere.error is None and len(elsewhere.chunks) == 4 and other.spent_s == 2.0
 
 
+def test_a_job_cut_by_its_runs_budget_has_no_time_left_so_its_running_chunk_is_stopped_soon():
+    """A reviewer's find: a running chunk of a job the run's budget failed kept its worker until the job's own
+    budget (a page that takes minutes: up to timeout_s), its result thrown away."""
+    now = [0.0]
+    queue, mail = FairQueue(lanes=2, clock=lambda: now[0]), RunShare()
+    first = _submit_for(queue, mail, _Pages("a", 1, budget_s=60.0, run_budget_s=3.0))
+    second = _submit_for(queue, mail, _Pages("b", 1, budget_s=60.0, run_budget_s=3.0))
+    assert {_take(queue)[0], _take(queue)[0]} == {first, second}
+    now[0] = 3.5
+    queue.finish(first, "a0", 3.5, reply={})  # its last chunk: done; the run is over its 3 s with b running
+    assert first.error is None and isinstance(second.error, PdfTooLargeError)
+    assert queue.left(second) <= 0  # was 56.5 s: the lane stops its worker after GRACE_S
+    now[0] = 4.0
+    assert queue.left(second) == -0.5
+    queue.finish(second, "b0", 4.0, error=PdfTooLargeError("the lane's timeout", "b"))
+    with pytest.raises(PdfTooLargeError, match="its run used its 3 s"):  # the first cause stays
+        queue.wait(second)
+    parse = _submit_for(queue, mail, _Pages("p", 1, priority=PRIORITY_PARSE))
+    assert _take(queue)[0] is parse
+    queue.finish(parse, "p0", 9.0, reply={})
+    assert mail.spent_s == 7.5  # a parse's time is not the documents'
+
+
 def test_a_spent_budget_fails_the_job_and_drops_its_queued_chunks():
     queue = FairQueue()
     job = _Pages("slow", 5, budget_s=1.0)

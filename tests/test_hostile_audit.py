@@ -99,7 +99,7 @@ def test_mail_budget_leaves_pdfs_unread_only_with_the_budget_set(tmp_path):
                                        wait_s=240)
     metrics = _by_metric(rows, "mail_budget")
     assert "error" not in metrics
-    unread = {r["tags"]["mode"]: r["value"] for r in metrics["hostile_pdfs_unread_for_the_mail_budget"]}
+    unread = {r["tags"]["mode"]: r["value"] for r in metrics["hostile_pdfs_cut_by_the_mail_budget"]}
     assert unread["before"] == 0 and unread["after"] >= 1  # 6 PDFs of 1 s each against a budget of 2 s in all
     assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
     assert {r["tags"]["mail_timeout_s"] for r in rows if r["tags"]["mode"] == "after"} == {2.0}

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import IngestConfig
-from ..errors import PdfTooLargeError
+from ..errors import NotReadError, PdfTooLargeError
 from .extract_worker import GRACE_S, jsonable, pool_for
 from .pdf_text import PdfText, extract_text, require_a_readable_page
 from .pdf_text import _stream_pages as _stream_pages  # the audit's line profiler names it here
@@ -170,9 +170,9 @@ class _PageChunks(Job):
     def timeout_error(self) -> PdfTooLargeError:
         return PdfTooLargeError(f"extraction took longer than {self.limits.timeout_s:g} s and was stopped", self.name)
 
-    def run_budget_error(self, run_budget_s: float) -> PdfTooLargeError:
-        return PdfTooLargeError(f"not read to the end: the mail's documents used their {run_budget_s:g} s of worker "
-                                f"time in all ([ingest] mail_timeout_s)", self.name)
+    def run_budget_error(self, run_budget_s: float) -> NotReadError:
+        return NotReadError(f"not read: the mail's documents had used all the time one mail may take "
+                            f"({run_budget_s:g} s of worker time)", self.name)
 
     def join(self) -> PdfText:
         """Concatenate the part files in page order into the text file and sum the chunks' counts."""

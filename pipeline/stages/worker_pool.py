@@ -39,10 +39,11 @@ waited; a fixed half for each would cut short a slow page alone). Once the budge
 is spent with chunks left, the job fails with ``timeout_error()`` and its
 queued chunks are dropped. The first error of any chunk fails the job the
 same way; chunks already running end their slice and their results are
-thrown away. A run's jobs also share a budget (``run_budget_s``, from
-``[ingest] mail_timeout_s``): once they have used it in all, its jobs with
-chunks left fail with ``run_budget_error()``, and so does every job it queues
-after. A mail of a thousand tiny slow PDFs cost a thousand budgets before.
+thrown away. A run's documents also share a budget (``run_budget_s``, from
+``[ingest] mail_timeout_s``; parses do not count): once they have used it in
+all, its jobs not done fail with ``run_budget_error()``, their running chunks'
+workers stopped ``GRACE_S`` later, and so does every job it queues after. A
+mail of a thousand tiny slow PDFs cost a thousand budgets before.
 
 Queue wait (issue 14): a try's duration included its time waiting for a lane
 (a 200 KB PDF "took" 18.8 s behind two slow ones). A task try that runs inside
@@ -142,6 +143,7 @@ class Job:
         self.seq = 0  # submission order, set by the queue
         self.clock: WaitClock | None = None  # of the task try that submitted the job, if it counts its waits
         self.waiting = False  # queued, and no lane has taken a chunk of it yet
+        self.cut_at: float | None = None  # when its run's budget failed it (the queue's clock): running chunks stop
         self.owner: RunShare | Job = self  # the run the job is for (its try's WaitClock says), or the job alone
 
     def request(self, chunk: Any, remaining_s: float) -> dict[str, Any]:
@@ -203,8 +205,7 @@ class FairQueue:
             if self._closed is not None:
                 self._fail(job, self._closed)
             elif job.over_run_budget():
-                assert job.run_budget_s is not None
-                self._fail(job, job.run_budget_error(job.run_budget_s))
+                self._cut(job)
             self._cond.notify_all()
 
     def take(self) -> tuple[Job, Any, float] | None:
@@ -231,7 +232,7 @@ class FairQueue:
         with self._cond:
             job.running -= 1
             job.spent_s += elapsed_s
-            if isinstance(job.owner, RunShare):
+            if isinstance(job.owner, RunShare) and job.priority != PRIORITY_PARSE:  # the budget is the documents'
                 job.owner.spent_s += elapsed_s
             job.started = _without_one(job.started, chunk)
             if error is None and job.error is None and reply is not None:
@@ -243,11 +244,10 @@ class FairQueue:
                 self._fail(job, error)
             elif job.chunks and job.spent_s >= job.budget_s:
                 self._fail(job, job.timeout_error())
-            if job.over_run_budget():  # every job of the run with chunks left ends now, not after a slice each
+            if job.over_run_budget():  # every job of the run with chunks queued or running ends now
                 for other in self._jobs:
-                    if other.owner is job.owner and other.chunks and other.over_run_budget():
-                        assert other.run_budget_s is not None
-                        self._fail(other, other.run_budget_error(other.run_budget_s))
+                    if other.owner is job.owner and (other.chunks or other.running) and other.over_run_budget():
+                        self._cut(other)
             self._cond.notify_all()
 
     def _turn_key(self) -> Callable[[Job], tuple[Any, ...]]:
@@ -265,8 +265,18 @@ class FairQueue:
             return self._left(job)
 
     def _left(self, job: Job) -> float:
+        """A job cut by its run's budget has none left since then: its running chunks' workers are stopped after
+        ``GRACE_S`` (a page that takes minutes would hold its worker to the job's own budget)."""
         now = self._clock()
-        return job.budget_s - job.spent_s - sum(now - started for _, started in job.started)
+        left = job.budget_s - job.spent_s - sum(now - started for _, started in job.started)
+        return left if job.cut_at is None else min(left, job.cut_at - now)
+
+    def _cut(self, job: Job) -> None:
+        """Fail ``job`` for its run's budget, once (a job that failed for another cause keeps that error)."""
+        if job.error is None:
+            assert job.run_budget_s is not None
+            job.cut_at = self._clock()
+            self._fail(job, job.run_budget_error(job.run_budget_s))
 
     def wait(self, job: Job) -> None:
         """Block until ``job`` is settled and forget it; raise its error if it failed."""

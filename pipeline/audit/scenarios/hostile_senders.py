@@ -286,9 +286,10 @@ def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tupl
     rows = [row(part, "hostile_pdf_failed", float(bool(failed) or not extracted), "bool", rep,
                 error=", ".join(f"{t['state']}: {t['error_type']}" for t in failed), **tags),
             row(part, "hostile_text_left_files", left[1], "files", rep, **state, **tags),
-            row(part, "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags),
-            row(part, "hostile_pdfs_unread_for_the_mail_budget",
-                sum("mail_timeout_s" in (t["error_message"] or "") for t in failed), "pdfs", rep, **tags)]
+            row(part, "hostile_text_left_bytes", left[0], "bytes", rep, **state, **tags)]
+    if part == "mail_budget":  # not read, or not to the end, once the mail's documents had used its budget
+        rows.append(row(part, "hostile_pdfs_cut_by_the_mail_budget",
+                        sum(t["error_type"] == "not_read" for t in failed), "pdfs", rep, **tags))
     for name, run in (("normal", good), ("hostile", bad)):
         ended = run is not None and run.ended_at is not None
         outcome = {"state": run.state if run else "no run", "reason": ((run.reason or "") if run else "")[:200]}
