@@ -20,13 +20,15 @@
     │   ├── EncryptedPdfError   reason "encrypted"
     │   ├── CorruptPdfError     reason "corrupt"
     │   ├── PdfTooLargeError    reason "too_large" (pages, bytes, decompressed size, time, memory cap)
-    │   ├── NotReadError        reason "not_read": a wrapper whose files are not read (TNEF, S/MIME, tar...)
+    │   ├── NotReadError        reason "not_read": a wrapper whose files are not read (TNEF, S/MIME, tar...),
+    │   │                       or a document past its mail's budget of worker time
     │   └── WorkerCrashedError  reason "worker_crashed": the extraction worker died for another cause
     ├── ParseError              an email is not usable MIME; reason "malformed_email"
     ├── DeliveryError           the digest could not be delivered
     ├── TaskIOError             a task's file or socket call failed (disk full, permissions, a file gone)
     │   ├── MachineShortError   ... because the machine ran short (space, quota, descriptors; read-only)
-    │   └── PermissionRefusedError  ... refused permission (a chmod in the data dir): retried about 30 s
+    │   ├── PermissionRefusedError  ... refused permission (a chmod in the data dir): retried about 30 s
+    │   └── FileGoneError       ... a file not there (moved away, as in a restore): retried about 30 s
     ├── ClusterUnavailableError the Dask scheduler cannot be reached, or lost a task (retryable)
     └── StepError               a task failed; carries run_id, task_id and reason
     TaskTimeoutError(StepError) a task ran past its timeout
@@ -312,6 +314,15 @@ class PermissionRefusedError(TaskIOError):
     min_retries = 6
 
 
+class FileGoneError(TaskIOError):
+    """A file of the data dir a task needs is not there (ENOENT), most often moved away and soon put back: a
+    restore, or a spool directory moved aside by mistake, put back 10 s later, failed 4 of the 28 mails acked
+    meanwhile for good (task_io; the audit's spool_replaced). Tried at least ``min_retries`` times, backing off
+    (about 30 s with the default delays), then it fails ``task_io``; the file's alone, not the machine's."""
+
+    min_retries = 6
+
+
 # the errnos of a machine short of something; a file gone (ENOENT) is that file's alone
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
 PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
@@ -319,9 +330,12 @@ PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 def task_io_class(exc: OSError) -> type[TaskIOError]:
     """The typed error class for an OS error ``exc`` a task let through: MachineShortError for a machine short
-    of something (MACHINE_ERRNOS), PermissionRefusedError for a permission refused, TaskIOError for any other."""
+    of something (MACHINE_ERRNOS), PermissionRefusedError for a permission refused, FileGoneError for a file
+    not there, TaskIOError for any other."""
     if exc.errno in MACHINE_ERRNOS:
         return MachineShortError
+    if exc.errno == errno.ENOENT:
+        return FileGoneError
     return PermissionRefusedError if exc.errno in PERMISSION_ERRNOS else TaskIOError
 
 

@@ -132,6 +132,17 @@ def test_a_dead_worker_is_judged_by_its_exit_and_its_stderr(code, stderr, error)
         assert judged.exit_code == code and f"exit code {code}" in str(judged)
 
 
+def test_a_spool_file_gone_when_the_worker_parses_it_is_a_file_gone_error_retried_for_a_while(tmp_path, own_pool):
+    """A parse's spool file not there (its directory moved aside in a restore) is FileGoneError, from the real
+    worker: task_io, retried about 30 s, not a malformed mail nor a one-retry task_io."""
+    from pipeline.errors import FileGoneError
+
+    limits = own_pool(903)
+    with pytest.raises(FileGoneError, match="FileNotFoundError") as err:
+        pool_for(limits).parse(tmp_path / "spool" / "gone.eml", tmp_path / "work", limits)
+    assert err.value.reason == "task_io" and err.value.retryable and err.value.min_retries == 6
+
+
 def test_an_os_error_in_the_worker_is_a_retryable_task_io_error_and_the_worker_survives(pdf, tmp_path, own_pool):
     """The disk failing under extraction (full, a folder gone) is the machine's fault, not the document's: typed
     task_io and retried, never reported to the sender as an unreadable PDF."""

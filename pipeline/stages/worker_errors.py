@@ -14,6 +14,7 @@ import signal
 from ..errors import (
     CorruptPdfError,
     EncryptedPdfError,
+    FileGoneError,
     IngestError,
     MachineShortError,
     ParseError,
@@ -69,4 +70,6 @@ def typed_error(cls: str, message: str, name: str) -> PipelineError:
         return MachineShortError(message)
     if cls == PermissionRefusedError.__name__:  # a file of the data dir made unreadable: retried for a while
         return PermissionRefusedError(message)
+    if cls == FileGoneError.__name__:  # a file of the data dir moved away (the spool, in a restore): the same
+        return FileGoneError(message)
     return _ERRORS.get(cls, IngestError)(message, name)
