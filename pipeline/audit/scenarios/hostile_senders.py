@@ -210,49 +210,42 @@ def head_of_line(work: Path, timeout_s: float = 10.0, slow_pages: int = 200, gap
                  wait_s: float = 300.0) -> Rows:
     """A hostile slow PDF mailed first, a normal one-page PDF ``gap_s`` after its 250; with
     ``ingest.fair_extraction`` off (before) and on (after), ``ingest.timeout_s`` short to keep it brief."""
-    slow, which = _slow_pdf(slow_pages)
-    normal = fx.text_pdf(1, seed=9)
-    rows: Rows = []
-    for rep in range(reps):
-        for mode, on in MODES:
-            config = {"ingest": {"timeout_s": timeout_s, "fair_extraction": on}}
-            rows += _head_of_line_once(work / f"hol-{mode}-{rep}", config, ([slow], normal), gap_s, rep, wait_s,
-                                       mode=mode, timeout_s=timeout_s, hostile_pdf=which,
-                                       hostile_kb=round(len(slow) / 1024, 1), normal_kb=round(len(normal) / 1024, 1))
-    return rows
+    return _both_modes(work, "head_of_line", 1, slow_pages, lambda on: {"timeout_s": timeout_s, "fair_extraction": on},
+                       gap_s, reps, wait_s)
 
 
 def head_of_line_many(work: Path, pdfs: int = 6, timeout_s: float = 2.0, slow_pages: int = 200, gap_s: float = 1.0,
                       reps: int = 1, wait_s: float = 300.0) -> Rows:
     """A mail of ``pdfs`` hostile slow PDFs, then a normal one-page PDF mail ``gap_s`` after the first began;
     ``ingest.fair_by_mail`` off (before: the PDFs share the workers one by one) and on (after: mails do)."""
-    slow, which = _slow_pdf(slow_pages)
-    normal = fx.text_pdf(1, seed=9)
-    rows: Rows = []
-    for rep in range(reps):
-        for mode, on in MODES:
-            config = {"ingest": {"timeout_s": timeout_s, "fair_by_mail": on}}
-            rows += _head_of_line_once(work / f"holm-{mode}-{rep}", config, ([slow] * pdfs, normal), gap_s, rep,
-                                       wait_s, part="head_of_line_many", mode=mode, timeout_s=timeout_s,
-                                       hostile_pdf=which, hostile_pdfs=pdfs)
-    return rows
+    return _both_modes(work, "head_of_line_many", pdfs, slow_pages,
+                       lambda on: {"timeout_s": timeout_s, "fair_by_mail": on}, gap_s, reps, wait_s)
 
 
 def mail_budget(work: Path, pdfs: int = 20, timeout_s: float = 2.0, mail_timeout_s: float = 6.0,
                 slow_pages: int = 200, gap_s: float = 1.0, reps: int = 1, wait_s: float = 300.0) -> Rows:
     """The mail of ``pdfs`` hostile slow PDFs and the normal one after it (as ``head_of_line_many``), with
-    ``ingest.mail_timeout_s`` out of reach (before) and at ``mail_timeout_s`` (after): how long the hostile run
-    took and how many of its PDFs were not read for the mail's budget."""
+    ``ingest.mail_timeout_s`` out of reach (before: the most a setting in seconds may be) and at ``mail_timeout_s``
+    (after): how long the hostile run took and how many of its PDFs were not read for the mail's budget."""
+    return _both_modes(work, "mail_budget", pdfs, slow_pages,
+                       lambda on: {"timeout_s": timeout_s, "mail_timeout_s": mail_timeout_s if on else 86_400.0},
+                       gap_s, reps, wait_s)
+
+
+def _both_modes(work: Path, part: str, pdfs: int, slow_pages: int, ingest: Callable[[bool], dict[str, Any]],
+                gap_s: float, reps: int, wait_s: float) -> Rows:
+    """``_head_of_line_once`` for each rep, the switch off (before) then on (after): ``[ingest]`` is ``ingest(on)``,
+    its keys tags of the rows too, and the hostile mail carries ``pdfs`` copies of the slow PDF."""
     slow, which = _slow_pdf(slow_pages)
     normal = fx.text_pdf(1, seed=9)
     rows: Rows = []
     for rep in range(reps):
         for mode, on in MODES:
-            budget = mail_timeout_s if on else 86_400.0  # out of reach: the most a setting in seconds may be
-            config = {"ingest": {"timeout_s": timeout_s, "mail_timeout_s": budget}}
-            rows += _head_of_line_once(work / f"budget-{mode}-{rep}", config, ([slow] * pdfs, normal), gap_s, rep,
-                                       wait_s, part="mail_budget", mode=mode, timeout_s=timeout_s,
-                                       mail_timeout_s=budget, hostile_pdf=which, hostile_pdfs=pdfs)
+            config = ingest(on)
+            rows += _head_of_line_once(work / f"{part}-{mode}-{rep}", {"ingest": config}, ([slow] * pdfs, normal),
+                                       gap_s, rep, wait_s, part=part, mode=mode, **config, hostile_pdf=which,
+                                       hostile_pdfs=pdfs, hostile_kb=round(len(slow) / 1024, 1),
+                                       normal_kb=round(len(normal) / 1024, 1))
     return rows
 
 
