@@ -10,6 +10,7 @@ retryable): ``death_error``.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 from ..errors import (
     CorruptPdfError,
@@ -30,6 +31,10 @@ from ..errors import (
 # stack inside pypdfium2; C++ code that lets std::bad_alloc escape aborts the same way.
 MEMORY_EVIDENCE = ("MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory")
 _ERRORS = {cls.__name__: cls for cls in (CorruptPdfError, EncryptedPdfError, PdfTooLargeError, IngestError)}
+# errors made from a message alone: a malformed mail, and a file call of the worker's the OS failed (a permission
+# refused or a file moved away is retried for a while, a machine short of room makes the run wait)
+_MESSAGE_ONLY: dict[str, Callable[[str], PipelineError]] = {cls.__name__: cls for cls in (
+    ParseError, PipelineError, TaskIOError, MachineShortError, PermissionRefusedError, FileGoneError)}
 
 
 def death_error(returncode: int | None, stderr: list[str], memory_limit: int, name: str,
@@ -60,16 +65,6 @@ def signal_name(number: int) -> str:
 
 def typed_error(cls: str, message: str, name: str) -> PipelineError:
     """The error a worker's error reply names (its class name and message), about document ``name``."""
-    if cls == ParseError.__name__:
-        return ParseError(message)
-    if cls == PipelineError.__name__:
-        return PipelineError(message)
-    if cls == TaskIOError.__name__:
-        return TaskIOError(message)
-    if cls == MachineShortError.__name__:
-        return MachineShortError(message)
-    if cls == PermissionRefusedError.__name__:  # a file of the data dir made unreadable: retried for a while
-        return PermissionRefusedError(message)
-    if cls == FileGoneError.__name__:  # a file of the data dir moved away (the spool, in a restore): the same
-        return FileGoneError(message)
+    if cls in _MESSAGE_ONLY:
+        return _MESSAGE_ONLY[cls](message)
     return _ERRORS.get(cls, IngestError)(message, name)

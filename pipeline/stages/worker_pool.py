@@ -8,10 +8,11 @@ slot (a lane) always takes the next chunk of the job whose run (mail) holds
 the fewest lanes right now, then of the job that holds the fewest; ties go to a
 parse (it unblocks a whole run), then to a run (all its jobs so far), then to a
 job, that has had under ``LONG_JOB_S`` of worker time, then to the oldest.
-(Fair by job alone, a mail with ten slow PDFs took both lanes from a one-page
-PDF mailed a second after it, which waited 27.8 s while the ten took their
-turns. A job's run is its try's ``WaitClock.owner``, a ``RunShare``; a job
-without one, such as a shard of the baseline below, is a run of its own.) (Ties to
+(Fair by job alone, a mail of several slow PDFs took both lanes from a
+one-page PDF mailed a second after it, which waited while they all took their
+turns: the audit's hostile part ``head_of_line_many`` measures both ways. A
+job's run is its try's ``WaitClock.owner``, a ``RunShare``; a job without one,
+such as a shard of the baseline below, is a run of its own.) (Ties to
 the oldest alone made it first come, first served as soon as as many long
 documents as workers were queued: a 2-page PDF waited 97 s behind six dense
 ones. Ties to the least worker time alone shared the workers round robin
