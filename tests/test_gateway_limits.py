@@ -109,8 +109,9 @@ def test_session_cap_ends_a_drip_fed_data_and_leaves_nothing_behind(service_fact
         assert closing == b"421 4.4.2 Session timeout, closing connection\r\n"
     finally:
         smtp.close()
-    assert wait_until(lambda: not temp_files(service))
-    assert service.gateway.limits.inflight.used == 0 and service.store.count_runs_by_state() == {}
+    # the loop's thread removes the temp file, then gives the bytes back: wait for both, not one then the other
+    assert wait_until(lambda: not temp_files(service) and service.gateway.limits.inflight.used == 0)
+    assert service.store.count_runs_by_state() == {}
 
 
 @pytest.mark.parametrize("how", ["disconnect", "552"])
