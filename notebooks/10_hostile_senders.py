@@ -31,12 +31,13 @@ session_id = None
 db_path = "data/audit.duckdb"
 fixtures_dir = "data/fixtures"
 profile = "quick"
-only = ["sessions", "memory", "head_of_line", "head_of_line_many", "mail_budget", "spool", "abandoned", "pipelining", "digest_flood"]
+only = ["sessions", "memory", "head_of_line", "head_of_line_many", "mail_budget", "head_of_line_crowd", "spool", "abandoned", "pipelining", "digest_flood"]
 sessions = {"limit": 10, "extra": 10, "sends": 3, "release": 3, "churn": 30}
 memory = {"mails": 2, "mail_mb": 2, "reps": 1}
 head_of_line = {"timeout_s": 3.0, "slow_pages": 20, "reps": 1}
 head_of_line_many = {"pdfs": 4, "timeout_s": 1.5, "slow_pages": 20, "reps": 1}
 mail_budget = {"pdfs": 6, "timeout_s": 1.0, "mail_timeout_s": 2.0, "slow_pages": 20, "reps": 1}
+head_of_line_crowd = {"mails": 3, "pdfs": 2, "timeout_s": 1.0, "slow_pages": 20, "reps": 1}
 spool = {"mails": 10, "senders": 2}
 abandoned = {"mails": 24, "clients": 2}
 pipelining = {"sends": 3, "reps": 1}
@@ -54,7 +55,7 @@ work.mkdir(parents=True, exist_ok=True)
 # %%
 params = {"sessions": sessions, "memory": {**memory, "cache_dir": resolve(fixtures_dir)},
           "head_of_line": head_of_line, "head_of_line_many": head_of_line_many,
-          "mail_budget": mail_budget, "spool": spool, "abandoned": abandoned, "pipelining": pipelining,
+          "mail_budget": mail_budget, "head_of_line_crowd": head_of_line_crowd, "spool": spool, "abandoned": abandoned, "pipelining": pipelining,
           "digest_flood": digest_flood}
 hostile_senders.hostile_figures(work, params, only=tuple(only), recorder=recorder)
 m = recorder.measurements()
@@ -72,6 +73,9 @@ hostileviews.comparison_table(m, "head_of_line_many")
 
 # %%
 hostileviews.comparison_table(m, "mail_budget")
+
+# %%
+hostileviews.comparison_table(m, "head_of_line_crowd")
 
 # %%
 hostileviews.comparison_table(m, "spool")

@@ -243,7 +243,13 @@ md("### Hostile senders\n\nIssue 11 against a real `python -m pipeline serve` dr
    "(`ingest.mail_timeout_s`): out of reach (before) and set (after, its value in the part's parameters); "
    "*hostile_pdfs_cut_by_the_mail_budget*: its PDFs failed `not_read` once the budget was used (never read, or "
    "not to the end).\n\n"
-   + fmt(hostileviews.comparison_table(m, "mail_budget")))
+   + fmt(hostileviews.comparison_table(m, "mail_budget")) +
+   "\n\n**Head of line, a crowd**: several mails of slow PDFs at once (the part's parameters say how many), then "
+   "a mail of one normal PDF 1 s after most of them are being extracted; before: `runner.extract_pool` off (their "
+   "PDFs wait for a worker on the runner threads the next mail's parse needs) and `ingest.newcomer_s` 0 (each "
+   "earlier mail has 5 s of worker time before a newer one goes first); after: both on (the defaults); "
+   "*crowd_extracting*: the crowd's mails being extracted when the normal one was sent.\n\n"
+   + fmt(hostileviews.comparison_table(m, "head_of_line_crowd")))
 
 # %%
 md("**Spool lifecycle**: spool and work bytes per 1,000 mails before and after `python -m pipeline purge "

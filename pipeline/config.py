@@ -66,6 +66,12 @@ class RunnerConfig:
     # that hangs holds these, not the threads that parse and ingest every other mail (a prober's relay hanging
     # after DATA held all 16 for its 10-minute timeout, and no mail was parsed meanwhile)
     io_workers: int = 8
+    # ingest_pdf waits for an extraction worker on threads of its own, engine.max_active_runs x ingest.workers of
+    # them (every active mail's PDFs find one, and the workers' fair queue orders them), not on thread_workers:
+    # ten mails of slow PDFs held all 16 and the next mail's parse and PDF waited 19 s for them (notebook 10's
+    # head_of_line_crowd measures both ways); off: ingest_pdf shares thread_workers (before). With ingest.isolate
+    # off (text extracted on the thread itself) or on Dask it never applies
+    extract_pool: bool = True
     process_workers: int = 2
     default_retries: int = 0
     default_timeout_s: float | None = None
@@ -281,6 +287,10 @@ class IngestConfig:
     # workers): past it, its documents not done fail not_read; a mail of a thousand tiny slow PDFs cost a thousand
     # timeout_s
     mail_timeout_s: float = 600.0
+    # worker time under which a mail (and a document) goes ahead of those that have had more, at the workers, at most
+    # one slice (1 s, or timeout_s / 8): ten mails of slow PDFs each had 5 s of them before a one-page mail after
+    # them had any; 0: off (only the 5 s rule, before)
+    newcomer_s: float = 1.0
 
     def validate(self) -> None:
         for name in ("max_attachment_bytes", "max_pages", "max_decompressed_bytes", "memory_limit_bytes", "workers",
@@ -290,6 +300,8 @@ class IngestConfig:
         for name in ("timeout_s", "mail_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
+        if not 0 <= self.newcomer_s <= 60:
+            raise ConfigurationError(f"ingest.newcomer_s must be 0 to 60, not {self.newcomer_s}")
         if not MIN_WORKER_MEMORY <= self.memory_limit_bytes <= MAX_WORKER_MEMORY:  # too little: not even imports
             raise ConfigurationError(f"ingest.memory_limit_bytes must be {MIN_WORKER_MEMORY // MB:,} MB to "
                                      f"{MAX_WORKER_MEMORY // MB:,} MB, not {self.memory_limit_bytes:,}")

@@ -17,8 +17,8 @@ from typing import Any
 
 from .errors import DAGError
 
-EXECUTORS = ("thread", "io", "process", "dask")  # "io": threads of their own, for tasks waiting on another host
-THREAD_EXECUTORS = ("thread", "io")
+EXECUTORS = ("thread", "io", "extract", "process", "dask")  # "io", "extract": threads of their own (Executors)
+THREAD_EXECUTORS = ("thread", "io", "extract")
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ class WorkflowEngine(BrokenRuns, Heartbeat):
             lambda: ProcessPoolExecutor(cfg.process_workers, mp_context=multiprocessing.get_context("forkserver"),
                                         initializer=init_pool_worker,
                                         initargs=(os.getpid(), logging.getLogger().getEffectiveLevel())),
-            cluster=self.settings.executor)
+            cluster=self.settings.executor,
+            extract_threads=self.settings.engine.max_active_runs * self.settings.ingest.workers)
         if any(t.executor == "process" for dag in self._workflows.values() for t in dag.tasks):
             self._executors.warm_process_pool()  # the workers' imports run beside the rest of start-up
         for name, target in (("dispatcher", self._dispatch_loop), ("heartbeat", self._heartbeat_loop)):

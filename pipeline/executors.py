@@ -1,5 +1,5 @@
-"""Executors: where every run's tries go (a thread pool, another for tasks waiting on another host; a process pool
-and a Dask cluster made on first use).
+"""Executors: where every run's tries go (a thread pool, two more for tasks that wait on another host or on an
+extraction worker; a process pool and a Dask cluster made on first use).
 
 A process pool whose worker died abruptly (OOM killer, kill -9) is broken for
 good; ``submit_process`` replaces it so one dead worker costs one try, not the service.
@@ -36,11 +36,13 @@ class Executors:
     """The thread pool every run shares, and a process pool and a Dask client created on first use."""
 
     def __init__(self, config: RunnerConfig, thread_pool: Executor, process_factory: Callable[[], Executor],
-                 cluster: ExecutorConfig | None = None) -> None:
+                 cluster: ExecutorConfig | None = None, extract_threads: int = 1) -> None:
         self.config = config
         self.thread = thread_pool
         # tasks that wait on another host (a relay): a hung one holds these, not the threads every run needs
         self.io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="pipeline-io")
+        # tasks that wait for an extraction worker (ingest_pdf): slow PDFs hold these, not the threads that parse
+        self.extract = ThreadPoolExecutor(extract_threads, thread_name_prefix="pipeline-extract")
         self._completions = (ThreadPoolExecutor(config.completion_threads, thread_name_prefix="pipeline-completion")
                              if config.completion_threads else None)
         self._process_factory = process_factory
@@ -49,6 +51,10 @@ class Executors:
         self._cluster: DaskExecutor | None = None
         self._lock = threading.Lock()
         self.completion_passes = Passes("task completions")  # their callbacks write the store, then submit
+
+    def threads(self, kind: str) -> Executor:
+        """The thread pool of executor ``kind`` (one of ``dag.THREAD_EXECUTORS``)."""
+        return self.io if kind == "io" else self.extract if kind == "extract" else self.thread
 
     def submit_to(self, kind: str, fn: Callable[[TaskContext], Any], ctx: TaskContext) -> Future[Any]:
         """Submit a task try to the process pool (``kind`` "process") or the Dask cluster ("dask")."""
@@ -113,6 +119,7 @@ class Executors:
         """Shut the pools down and close the Dask client; queued work is cancelled."""
         self.thread.shutdown(wait=wait, cancel_futures=True)
         self.io.shutdown(wait=wait, cancel_futures=True)
+        self.extract.shutdown(wait=wait, cancel_futures=True)
         if self._process is not None:
             self._process.shutdown(wait=wait, cancel_futures=True)
         if self._cluster is not None:

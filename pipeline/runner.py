@@ -325,7 +325,7 @@ class DAGRunner(Completion):
         if inst.clock is None:
             future = self.executors.submit_to(inst.task.executor, inst.task.fn, ctx)
         else:
-            pool = self.executors.io if inst.task.executor == "io" else self.executors.thread
+            pool = self.executors.threads(inst.task.executor)
             future = pool.submit(self._run_in_thread, instance_id, attempt, ctx, inst.clock)
         self._handover.try_started()
         timeout = inst.task.timeout_s or self.config.default_timeout_s

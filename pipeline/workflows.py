@@ -54,6 +54,14 @@ def ingest_parallel(settings: Settings) -> int | None:
     return settings.ingest.workers
 
 
+def ingest_executor(settings: Settings) -> str:
+    """Where ingest_pdf runs: the cluster on Dask; with ``runner.extract_pool`` and worker processes
+    (``ingest.isolate``), threads of its own that only wait for a worker; else the runner's threads."""
+    if settings.executor.kind == "dask":
+        return "dask"
+    return "extract" if settings.runner.extract_pool and settings.ingest.isolate else "thread"
+
+
 def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:
     """The list ingest_pdf fans out over."""
     return parsed["attachments"]
@@ -252,7 +260,7 @@ def email_digest_dag(settings: Settings, store: DAGRunStore | None = None) -> DA
         # with executor.kind "dask" each instance is a future on the cluster (``dask_executor``)
         Task("ingest_pdf", partial(ingest_pdf_task, settings=settings), deps=("parse_email",),
              map_over="parse_email", map_items=pdf_items, retries=1,
-             executor="dask" if settings.executor.kind == "dask" else "thread",
+             executor=ingest_executor(settings),
              timeout_s=cluster_try_timeout_s(settings), max_parallel=ingest_parallel(settings)),
         # build_digest and deliver: in the runner's process pool by default (runner.stage_executor), deliver only
         # into the Maildir (a relay's network waits would hold the pool's few workers); one retry for a pool

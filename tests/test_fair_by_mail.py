@@ -4,6 +4,7 @@ every runner thread nor every turn at the workers from the mails that come after
 from __future__ import annotations
 
 import smtplib
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -25,10 +26,17 @@ def mail_timeout_s() -> float:
 
 
 @pytest.fixture
-def settings(settings: Settings, mail_timeout_s: float) -> Settings:
+def thread_workers() -> int:
+    """``[runner] thread_workers``: the tests' 8, unless a test is parametrized with its own."""
+    return 8
+
+
+@pytest.fixture
+def settings(settings: Settings, mail_timeout_s: float, thread_workers: int) -> Settings:
     """A short budget per document: each hostile PDF stops after 2 s of worker time, ten of them after 10 s
     of both workers."""
-    return replace(settings, ingest=replace(settings.ingest, timeout_s=2.0, mail_timeout_s=mail_timeout_s))
+    return replace(settings, ingest=replace(settings.ingest, timeout_s=2.0, mail_timeout_s=mail_timeout_s),
+                   runner=replace(settings.runner, thread_workers=thread_workers))
 
 
 def _send(service: Any, raw: bytes) -> None:
@@ -84,3 +92,33 @@ def test_a_mails_documents_share_one_budget_and_those_past_it_fail_without_being
     assert len(cut) >= HOSTILE_PDFS - 4, [t.error_message for t in tasks]
     assert all("used all the time one mail may take (3 s of worker time)" in (t.error_message or "") for t in cut)
     assert not list((service.settings.data_dir / "work" / str(run.run_id)).glob("text/*"))  # no partial text left
+
+
+
+@pytest.mark.parametrize("thread_workers", [4])
+def test_mails_of_slow_pdfs_waiting_for_a_worker_hold_no_thread_the_next_mail_needs(service_factory):
+    """``[runner] extract_pool``: three mails of slow PDFs, two of each extracting or waiting for a worker at a time,
+    would hold all four runner threads; the next mail's parse and PDF would wait in the threads' queue behind
+    theirs, and most of their PDFs would end first."""
+    service = service_factory()
+    store = service.store
+    assert service.settings.runner.thread_workers == 4 and service.settings.runner.extract_pool
+    slow = fx.slow_pdf(1200, draws=2000)
+    crowd = [f"<crowd{i}@example.com>" for i in range(3)]
+    for message_id in crowd:
+        _send(service, fx.email_with([(f"slow{j}.pdf", slow) for j in range(4)], message_id=message_id))
+    def waiting() -> int:
+        return sum(t.state == s.RUNNING for mid in crowd if (run := store.find_run(EMAIL_DIGEST, mid))
+                   for t in _ingests(store, run.run_id))
+
+    # four on threads at least (six with the pool); then the rest of the crowd's submissions settle
+    assert wait_until(lambda: waiting() >= 4, 60), f"{waiting()} of the crowd's PDFs extracting or waiting"
+    time.sleep(0.5)
+    _send(service, fx.email_with([("a.pdf", fx.text_pdf(1))], subject="one", message_id="<after@example.com>"))
+    one = service.engine.wait(store.find_run(EMAIL_DIGEST, "<after@example.com>").run_id, timeout=240)
+    assert one.state == s.SUCCESS and one.ended_at is not None
+    runs = [service.engine.wait(store.find_run(EMAIL_DIGEST, mid).run_id, timeout=240) for mid in crowd]
+    ended_first = [t for run in runs for t in _ingests(store, run.run_id)
+                   if t.ended_at is not None and t.ended_at < one.ended_at]
+    # its PDF takes the next free worker: the two being extracted may end first, on a busy machine a few more
+    assert len(ended_first) <= 4, f"{len(ended_first)} of the crowd's 12 PDFs ended first"

@@ -430,3 +430,21 @@ def test_over_smtp_a_normal_mail_is_answered_while_a_slow_pdf_is_still_extracted
     # the run's own dir, by its Message-ID: its attachments may already be shed, the run having ended
     slow_run = work / str(service.store.find_run(EMAIL_DIGEST, "<slow@example.com>").run_id)
     assert not list(slow_run.glob("text/*")), "the timed-out document left partial text behind"
+
+
+@pytest.mark.parametrize("newcomer_s", [0.0, 1.0])
+def test_a_run_past_newcomer_s_yields_to_a_newer_run_that_had_less(newcomer_s):
+    """``[ingest] newcomer_s``: ten mails of slow PDFs each had ``LONG_JOB_S`` of the workers before a one-page
+    mail after them had any. With it, a mail that had its first slice waits behind one that had none."""
+    queue, crowd, newcomer = FairQueue(lanes=1), [RunShare() for _ in range(3)], RunShare()
+    first = [_submit_for(queue, run, _Pages(f"h{i}", 5, newcomer_s=newcomer_s)) for i, run in enumerate(crowd)]
+    taken = [_take(queue), _take(queue)]  # two of the crowd have a slice each (a lane serves the one holding none)
+    assert taken == [(first[0], "h00"), (first[1], "h10")]
+    for job, chunk in taken:
+        queue.finish(job, chunk, 1.0, reply={})
+    late = _submit_for(queue, newcomer, _Pages("n", 1, newcomer_s=newcomer_s))
+    order = [_take(queue)[1] for _ in range(2)]
+    # with it: the one that had nothing yet (the oldest such), then the newcomer, then the two that had 1 s;
+    # without it, the oldest first, whatever each had
+    expected = ["h20", "n0"] if newcomer_s else ["h01", "h11"]
+    assert order == expected, (order, late)

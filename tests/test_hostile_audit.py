@@ -207,3 +207,15 @@ def test_digest_flood_counts_the_digests_one_claimed_address_gets_with_the_quota
     assert figures[("acked", "before")] == figures[("acked", "after")] == 8
     assert figures[("runs_succeeded", "before")] == figures[("runs_succeeded", "after")] == 8
     assert figures[("digests_to_one_address", "before")] == 8 and figures[("digests_to_one_address", "after")] == 5
+
+
+def test_head_of_line_crowd_times_the_normal_pdf_after_a_crowd_of_hostile_mails_in_both_modes(tmp_path):
+    rows = hostile_senders.head_of_line_crowd(tmp_path, mails=3, pdfs=2, timeout_s=1.0, slow_pages=20, gap_s=0.5,
+                                              wait_s=240)
+    metrics = _by_metric(rows, "head_of_line_crowd")
+    assert "error" not in metrics
+    assert {r["tags"]["mode"]: r["value"] for r in metrics["normal_run_succeeded"]} == {"before": 1.0, "after": 1.0}
+    assert {r["tags"]["mode"] for r in metrics["normal_latency_s"]} == {"before", "after"}
+    settings = {r["tags"]["mode"]: (r["tags"]["extract_pool"], r["tags"]["newcomer_s"]) for r in rows}
+    assert settings == {"before": (False, 0.0), "after": (True, "default")}
+    assert all(r["tags"]["crowd_extracting"] >= 1 for r in rows)

@@ -93,6 +93,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "head_of_line_many": {"pdfs": 4, "timeout_s": 1.5, "slow_pages": 20, "reps": 1},
                                "mail_budget": {"pdfs": 6, "timeout_s": 1.0, "mail_timeout_s": 2.0, "slow_pages": 20,
                                                "reps": 1},
+                               "head_of_line_crowd": {"mails": 3, "pdfs": 2, "timeout_s": 1.0, "slow_pages": 20,
+                                                      "reps": 1},
                                "spool": {"mails": 10, "senders": 2}, "abandoned": {"mails": 24, "clients": 2},
                                "pipelining": {"sends": 3, "reps": 1},
                                "digest_flood": {"mails": 8, "quota": 5}},
@@ -183,6 +185,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                # twelve PDFs of 2 s: 12 s of both workers without the mail's budget, about 3 with it
                                "mail_budget": {"pdfs": 12, "timeout_s": 2.0, "mail_timeout_s": 4.0, "slow_pages": 200,
                                                "reps": 1},
+                               # ten mails of three 2 s PDFs: about 20 s before, 3 s after, plus two serves' starts
+                               "head_of_line_crowd": {"mails": 10, "pdfs": 3, "timeout_s": 2.0, "slow_pages": 1200,
+                                                      "reps": 1},
                                # its figures are per 1,000 mails or zero counts: 500 mails show them (1,000: 44 s)
                                "spool": {"mails": 500, "senders": 4},
                                # 4 clients x 50 sessions closed at once: 25x the accept threads (about 4 s)
@@ -246,6 +251,8 @@ PROFILES["full"] = {
                            "head_of_line_many": {"pdfs": 20, "timeout_s": 2.0, "slow_pages": 200, "reps": 3},
                            "mail_budget": {"pdfs": 100, "timeout_s": 2.0, "mail_timeout_s": 10.0, "slow_pages": 200,
                                            "reps": 3},
+                           "head_of_line_crowd": {"mails": 30, "pdfs": 3, "timeout_s": 2.0, "slow_pages": 1200,
+                                                  "reps": 3},
                            "spool": {"mails": 5000, "senders": 8}, "abandoned": {"mails": 800, "clients": 8},
                            "pipelining": {"sends": 20, "reps": 3},
                            "digest_flood": {"mails": 50, "quota": 5}},

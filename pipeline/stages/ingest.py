@@ -133,7 +133,8 @@ class _PageChunks(Job):
         shards = max(1, limits.page_workers)
         super().__init__(pdf_path.name, limits.timeout_s, [("shard", i, shards) for i in range(shards)],
                          max_workers=limits.page_workers, by_run=limits.fair_by_mail,
-                         run_budget_s=limits.mail_timeout_s if limits.fair_by_mail else None)
+                         run_budget_s=limits.mail_timeout_s if limits.fair_by_mail else None,
+                         newcomer_s=min(limits.newcomer_s, SLICE_S, limits.timeout_s / 8))  # one slice at most
         self.pdf_path, self.text_path, self.limits = pdf_path, text_path, limits
         self.parts: list[Path] = []  # every part file a request was given, so a failure can remove them
         self.results: dict[tuple[int, int], PdfText] = {}  # (first page, arrival) -> that chunk's result

@@ -7,7 +7,11 @@ a ``Job`` cut into chunks (a few pages, or one MIME parse), and a free worker
 slot (a lane) always takes the next chunk of the job whose run (mail) holds
 the fewest lanes right now, then of the job that holds the fewest; ties go to a
 parse (it unblocks a whole run), then to a run (all its jobs so far), then to a
-job, that has had under ``LONG_JOB_S`` of worker time, then to the oldest.
+job, that has had less worker time by level: under ``newcomer_s`` (the job's, from
+``[ingest] newcomer_s``, about one slice), under ``LONG_JOB_S``, or more; then to
+the oldest. (With the one level at ``LONG_JOB_S``, ten mails of slow PDFs each had
+5 s of the workers before a one-page mail after them had any: it waited 19 s,
+against 3 s with ``newcomer_s``, the audit's ``head_of_line_crowd`` both ways.)
 (Fair by job alone, a mail of several slow PDFs took both lanes from a
 one-page PDF mailed a second after it, which waited while they all took their
 turns: the audit's hostile part ``head_of_line_many`` measures both ways. A
@@ -130,12 +134,14 @@ class Job:
     what = "document"  # what the job reads, for messages ("the document needed memory over ...")
 
     def __init__(self, name: str, budget_s: float, chunks: list[Any], max_workers: int = 1,
-                 priority: int = PRIORITY_EXTRACT, by_run: bool = True, run_budget_s: float | None = None) -> None:
+                 priority: int = PRIORITY_EXTRACT, by_run: bool = True, run_budget_s: float | None = None,
+                 newcomer_s: float = 0.0) -> None:
         """``by_run``: share the lanes with the other jobs of its run, as one (False: as a run of its own).
         ``run_budget_s``: fail the job (``run_budget_error``) once its run's jobs have used that much worker time
-        in all, checked when it is queued and between its chunks; None: no such bound."""
+        in all, checked when it is queued and between its chunks; None: no such bound. ``newcomer_s``: below
+        that much worker time, its run and itself go ahead of those that have had more (0: only ``LONG_JOB_S``)."""
         self.name, self.budget_s, self.max_workers, self.priority = name, budget_s, max(1, max_workers), priority
-        self.by_run, self.run_budget_s = by_run, run_budget_s
+        self.by_run, self.run_budget_s, self.newcomer_s = by_run, run_budget_s, newcomer_s
         self.chunks: deque[Any] = deque(chunks)
         self.running = 0
         self.spent_s = 0.0
@@ -166,6 +172,10 @@ class Job:
     def run_spent_s(self) -> float:
         """Worker time its run has used (the job's own, for a job that is a run of its own)."""
         return self.owner.spent_s
+
+    def level(self, spent_s: float) -> int:
+        """0 under ``newcomer_s`` of worker time, 1 up to ``LONG_JOB_S``, 2 past it: lower goes first."""
+        return 0 if spent_s < self.newcomer_s else 1 if spent_s <= LONG_JOB_S else 2
 
     def over_run_budget(self) -> bool:
         return self.run_budget_s is not None and self.run_spent_s() >= self.run_budget_s
@@ -253,12 +263,12 @@ class FairQueue:
 
     def _turn_key(self) -> Callable[[Job], tuple[Any, ...]]:
         """The order of the ready jobs (the lock held): fewest lanes held by the job's run, then by the job, then a
-        parse, then a run and a job that have had under ``LONG_JOB_S`` of worker time, then the oldest."""
+        parse, then a run and a job on a lower ``level`` of worker time, then the oldest."""
         lanes: dict[object, int] = {}
         for j in self._jobs:
             lanes[j.owner] = lanes.get(j.owner, 0) + j.running
-        return lambda j: (lanes[j.owner], j.running, j.priority, j.run_spent_s() > LONG_JOB_S,
-                          j.spent_s > LONG_JOB_S, j.seq)
+        return lambda j: (lanes[j.owner], j.running, j.priority, j.level(j.run_spent_s()), j.level(j.spent_s),
+                          j.seq)
 
     def left(self, job: Job) -> float:
         """Seconds of ``job``'s budget left, its running chunks counted by their time so far (may be < 0)."""

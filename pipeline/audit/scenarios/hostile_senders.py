@@ -1,6 +1,6 @@
 """The audit's hostile senders (issue 11), each against a real ``python -m pipeline serve`` on loopback.
 
-Seven figures, each with its before/after where a setting switches the behaviour:
+Eight figures, each with its before/after where a setting switches the behaviour:
 
 - sessions: a normal client's whole-transaction latency (connect → final 250) while N idle sessions are held
   open, N = 0, half the session limit, the limit, the limit + extra; what the idle connections got (220 or 421);
@@ -13,6 +13,8 @@ Seven figures, each with its before/after where a setting switches the behaviour
 - head of line, many PDFs: a mail of several hostile slow PDFs first, the normal one 1 s later, with
   ``ingest.fair_by_mail`` off (the PDFs share the workers one by one) and on (mails do); and the same with
   ``ingest.mail_timeout_s`` out of reach and set (mail budget): the hostile run's time, its PDFs not read.
+- head of line, a crowd (``hostile_crowd``): ten mails of slow PDFs at once, then the normal one, with
+  ``runner.extract_pool`` and ``ingest.newcomer_s`` off and on.
 - spool lifecycle: spool and work bytes per 1,000 mails before and after ``python -m pipeline purge``, the
   bytes purge reports, and the runs and digests a restart re-creates (expected none).
 - pipelining (``hostile_pipelining``): a normal client's mail beside a client that pipelines commands without
@@ -58,6 +60,7 @@ from .hostile_checks import (
     tree_bytes,
     wait_connections_at_most,
 )
+from .hostile_crowd import head_of_line_crowd
 from .hostile_pipelining import pipelining
 from .hostile_quota import digest_flood
 from .pipeline_profile import role_of
@@ -482,6 +485,7 @@ def abandoned_accepts(work: Path, mails: int = 200, clients: int = 4, settle_s: 
 
 PARTS: dict[str, Callable[..., Rows]] = {"sessions": sessions, "memory": memory, "head_of_line": head_of_line,
                                          "head_of_line_many": head_of_line_many, "mail_budget": mail_budget,
+                                         "head_of_line_crowd": head_of_line_crowd,
                                          "spool": spool_lifecycle, "abandoned": abandoned_accepts,
                                          "pipelining": pipelining, "digest_flood": digest_flood}
 
