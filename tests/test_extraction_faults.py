@@ -189,8 +189,8 @@ def test_the_digest_says_how_many_pages_could_not_be_read(tmp_path):
     result = {"pages": 412, "words": 9000, "has_text": True, "text_path": str(tmp_path / "t.txt"), "pages_failed": 3}
     docs = digest.describe_documents([{"name": "a.pdf", "size": 1}], [result], {}, 2)
     rendered = digest.render_digest({"subject": "s", "from": "alice@example.com"}, docs)
-    assert "a.pdf: 412 pages, 9000 words (3 of 412 pages could not be read)" in rendered.text
-    assert "<p>412 pages, 9000 words; 3 of 412 pages could not be read</p>" in rendered.html
+    assert "a.pdf: 412 pages, 9,000 words (3 of 412 pages could not be read)" in rendered.text
+    assert "<p>412 pages, 9,000 words; 3 of 412 pages could not be read</p>" in rendered.html
     whole = digest.render_digest({"subject": "s", "from": "a@example.com"},
                                  digest.describe_documents([{"name": "a.pdf", "size": 1}],
                                                            [{**result, "pages_failed": 0}], {}, 2))

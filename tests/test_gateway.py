@@ -45,7 +45,7 @@ def test_mail_with_pdfs_gets_a_digest_reply(service_factory, smtp_sink, baseline
     assert reply["Subject"] == "Digest: Q3 reports" and reply["To"] == "alice@example.com"
     assert reply["In-Reply-To"] == "<q3@example.com>"
     text = reply.get_body(("plain",)).get_content()
-    assert "(report.pdf): 3 pages" in text and "scan.pdf: 1 pages, 0 words (no text layer" in text
+    assert "(report.pdf): 3 pages" in text and "scan.pdf: 1 page, 0 words (no text layer" in text
     assert reply.get_body(("html",)) is not None
 
 

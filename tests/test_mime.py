@@ -223,7 +223,7 @@ def test_skipped_parts_and_their_reasons_are_in_the_digest():
     assert "* notes.zip: not a PDF (application/zip)" in rendered.text
     assert f"* <b>x</b>: {parse.NO_PDF_WITHOUT_BOUNDARY}" in rendered.text
     assert "* old-style.doc: not a PDF" in rendered.text  # a run parsed before the reasons existed
-    assert "&lt;b&gt;x&lt;/b&gt;: multipart without boundary" in rendered.html and "<b>x" not in rendered.html
+    assert "&lt;b&gt;x&lt;/b&gt;: multipart whose parts" in rendered.html and "<b>x" not in rendered.html
 
 
 
@@ -235,7 +235,7 @@ def test_nested_forwarded_and_skipped_parts_reach_the_digest_over_smtp(service_f
     run = service.engine.wait(send(service, msg.as_bytes(policy=SMTP)), timeout=120)
     assert run.state == "success", run.reason
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
-    assert "(direct.pdf): 1 pages" in text and "(forwarded.pdf): 2 pages" in text
+    assert "(direct.pdf): 1 page," in text and "(forwarded.pdf): 2 pages" in text
     assert "* blob.bin: not a PDF (application/octet-stream)" in text
 
 

@@ -124,7 +124,7 @@ def test_the_scanners_mail_is_digested_over_smtp(service_factory, smtp_sink):
     assert run.state == "success", run.reason
     assert run.dedup_key == "<wild@example.com>"  # the gateway reads the repaired header block too
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
-    assert "(scan.pdf): 1 pages" in text and "no PDF attachments" not in text
+    assert "(scan.pdf): 1 page," in text and "no PDF attachments" not in text
 
 
 def test_an_mbox_from_line_with_8bit_bytes_is_read_and_keyed(tmp_path):
@@ -175,3 +175,50 @@ def test_a_lost_fold_starting_with_dashes_is_still_repaired(tmp_path):
     raw = mail(b"Subject: Scan from MFP\r\n-- building 3, please review\r\nTo: d@example.net\r\n")
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert info["subject"] == "Scan from MFP -- building 3, please review" and len(info["attachments"]) == 1
+
+
+@pytest.mark.parametrize("boundary", [b"----=_NextPart_000_0001_01D2", b"=_a1/b2:c3?d4@e5", b"part(1),2"])
+def test_an_unquoted_boundary_with_a_character_that_needs_quotes_still_splits_the_parts(tmp_path, boundary):
+    """A wild-input probe's find: the email package cuts ``boundary=----=_NextPart_000`` at the "=", finds no
+    part, and the PDF was listed as "multipart without boundary: no PDF found" in a run that succeeded."""
+    raw = mail(b"Subject: invoice\r\n", boundary=boundary).replace(b'boundary="%s"' % boundary, b"boundary=" + boundary)
+    assert b'"' + boundary not in raw
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+    assert pdfs(raw, tmp_path / "again") == [PDF]
+
+
+def test_a_nested_multipart_that_reuses_its_parents_boundary_loses_no_pdf_after_it(tmp_path):
+    """Webmail (the Zimbra sample of mail-parser's corpus) nests a multipart/alternative with the boundary of the
+    multipart/mixed around it: its closing delimiter closed the parent too, the PDF after it was read as the
+    parent's epilogue and lost without a word, and the empty alternative listed as "no PDF found"."""
+    parts = (b"--B\r\nContent-Type: multipart/alternative; boundary=\"B\"\r\n\r\n"
+             b"--B\r\nContent-Type: text/plain\r\n\r\nSee the invoice.\r\n"
+             b"--B\r\nContent-Type: text/html\r\n\r\n<p>See the invoice.</p>\r\n--B--\r\n\r\n"
+             b"--B\r\nContent-Type: application/pdf; name=\"invoice.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+             + B64)
+    raw = mail(b"Subject: invoice\r\n", parts)
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["invoice.pdf"] and info["skipped"] == []
+    assert pdfs(raw, tmp_path / "again") == [PDF]
+
+
+def test_an_epilogue_of_text_and_a_well_formed_mail_are_not_parsed_again(tmp_path):
+    raw = mail(b"Subject: scan\r\n") + b"This is the epilogue. --B is not on a line of its own.\r\n"
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+
+
+@pytest.mark.parametrize("content_type", [b"application/octet-stream", b"text/plain"])
+def test_a_mail_attached_as_an_eml_file_has_its_pdf_read(tmp_path, content_type):
+    """A wild-input probe's find: a forward attached as ``forwarded.eml`` (not message/rfc822) was listed "not a
+    PDF (application/octet-stream)", the PDF inside it never read, in a run that succeeded."""
+    inner = base64.encodebytes(mail(b"Subject: the scan\r\n")).replace(b"\n", b"\r\n")
+    part = (b"--F\r\nContent-Type: text/plain\r\n\r\nForwarding the scan.\r\n--F\r\n"
+            b"Content-Type: " + content_type + b"; name=\"Forwarded.EML\"\r\n"
+            b"Content-Disposition: attachment; filename=\"Forwarded.EML\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + inner)
+    raw = mail(b"Subject: Fwd: scan\r\n", part, boundary=b"F")
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+    assert pdfs(raw, tmp_path / "again") == [PDF]

@@ -64,7 +64,7 @@ def test_the_documents_title_reaches_the_digest(service_factory, smtp_sink):
     run = service.engine.wait(send(service, fx.email_with([("q3.pdf", pdf)], message_id="<title@x>")), timeout=120)
     assert run.state == "success", run.reason
     text = smtp_sink[0].wait_for(1)[0].get_body(("plain",)).get_content()
-    assert '* "Northern Region Q3" (q3.pdf): 1 pages' in text
+    assert '* "Northern Region Q3" (q3.pdf): 1 page,' in text
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -7,7 +7,7 @@ counts, then sentence scores), one page at a time, so memory does not grow with
 the document; a document too long for the time budget is summarised over the
 pages the budget covered, and the digest says which. The digest has a plain-text and an HTML body; every piece
 of user text in the HTML is escaped. Parts of the mail that were not digested
-(not a PDF, a multipart without boundary and no PDF in it) are listed with the
+(not a PDF, a multipart whose parts could not be found and no PDF in it) are listed with the
 reason, so nothing the sender attached disappears without a word.
 """
 
@@ -214,6 +214,12 @@ def skipped_parts(skipped: list[Any]) -> list[tuple[str, str]]:
     return [(str(s), "not a PDF") if isinstance(s, str) else (str(s["name"]), str(s["reason"])) for s in skipped]
 
 
+def _sizes(doc: dict[str, Any]) -> str:
+    """"12 pages, 3,400 words", one of each in the singular ("1 pages" was in every one-page digest)."""
+    pages, words = doc["pages"], doc["words"]
+    return f"{pages:,} page{'' if pages == 1 else 's'}, {words:,} word{'' if words == 1 else 's'}"
+
+
 def _lost_pages(doc: dict[str, Any]) -> str:
     """ "3 of 412 pages could not be read", or "" when every page was read."""
     failed = doc.get("pages_failed", 0)
@@ -232,7 +238,7 @@ def _text_block(doc: dict[str, Any]) -> list[str]:
     if "error" in doc:
         return [f"* {doc['name']}: could not be read ({doc['error']}: {doc['message']})", ""]
     named = f"\"{doc['title']}\" ({doc['name']})" if doc.get("title") else doc["name"]
-    head = f"* {named}: {doc['pages']} pages, {doc['words']} words"
+    head = f"* {named}: {_sizes(doc)}"
     notes = [note for note in (_lost_pages(doc), _coverage(doc)) if note]
     if notes:
         head += f" ({'; '.join(notes)})"
@@ -248,7 +254,7 @@ def _html_block(doc: dict[str, Any]) -> str:
     if doc.get("title"):
         name = f"{html.escape(doc['title'])} <small>({name})</small>"
     notes = "".join(f"; {html.escape(note)}" for note in (_lost_pages(doc), _coverage(doc)) if note)
-    stats = f"<p>{doc['pages']} pages, {doc['words']} words{notes}</p>"
+    stats = f"<p>{_sizes(doc)}{notes}</p>"
     if not doc["has_text"]:
         return f"<h2>{name}</h2>{stats}<p>No text layer (scanned images?).</p>"
     items = "".join(f"<li>{html.escape(s)}</li>" for s in doc["summary"])

@@ -19,6 +19,20 @@ so a well-formed message is parsed once and never rewritten:
 - **A forwarded message whose own headers the parser misread** (the scanner's
   mail above, forwarded whole): ``misread_forward`` prints it back as it came,
   and it is parsed with the same header repair as a top-level message.
+- **An unquoted boundary with a character RFC 2045 says must be quoted**
+  (``boundary=----=_NextPart_000_0001``, as scripts write it): the email
+  package cuts it at the ``=``, finds none of the parts, and the PDF under it
+  was listed as "no PDF found". ``resplit_multipart`` gives the part back with
+  the boundary as sent, quoted, to be parsed again (mail readers read it whole).
+- **A nested multipart with its parent's boundary** (RFC 2046 forbids it;
+  webmail sends it): the inner part's closing delimiter closes the parent too,
+  and the parts after it (the PDF) were read as the parent's epilogue.
+  ``parts_after_close`` gives back an epilogue that holds the parent's own
+  delimiter lines as a multipart to parse.
+- **A mail attached as a file** (``forwarded.eml`` as application/octet-stream,
+  as some clients forward): a leaf to the parser, listed "not a PDF" with the
+  PDFs inside it unread. ``attached_mail`` gives its bytes back to be parsed
+  as the forwarded message it is.
 - **A Content-Transfer-Encoding with trailing blanks or in odd case**
   (``base64 ``): the email package leaves the payload encoded.
   ``canonical_transfer_encoding`` rewrites the header first.
@@ -34,6 +48,7 @@ from email import errors as email_errors
 from email.message import EmailMessage, Message
 
 from ..errors import ParseError
+from .headers import HEADER_ERRORS
 
 REPAIRABLE = (email_errors.MissingHeaderBodySeparatorDefect, email_errors.MisplacedEnvelopeHeaderDefect)
 # headers whose value is parsed: a stray line folded into one would break it, so the line is dropped instead
@@ -142,6 +157,57 @@ def misread_forward(part: EmailMessage) -> bytes | None:
         # the generator put a blank line where the parser stopped reading headers: not in the mail
         text = text.replace(b"\n\n", b"\n", 1) if child.keys() else text.removeprefix(b"\n")
     return text
+
+
+def resplit_multipart(part: EmailMessage) -> bytes | None:
+    """A multipart the parser did not split (its boundary, as parsed, is on no line of its body), with the boundary
+    as the raw header spells it quoted, when that one is: bytes to parse again. None otherwise."""
+    if part.is_multipart() or part.get_content_maintype() != "multipart":
+        return None
+    raw = next((value for name, value in part.raw_items() if name.lower() == "content-type"), "")
+    found = BOUNDARY_PARAM.search(str(raw).encode("utf-8", "surrogateescape"))
+    boundary = (found.group(1) or found.group(2)) if found else None
+    if not boundary or boundary.decode("utf-8", "surrogateescape") == part.get_boundary():
+        return None  # the same boundary: parsing again finds the same nothing
+    body = _raw_text(part.get_payload())
+    return _as_multipart(part.get_content_type(), boundary, body)
+
+
+def parts_after_close(part: EmailMessage) -> bytes | None:
+    """The parts a multipart's epilogue holds (its own delimiter lines after its closing one: a nested
+    multipart that reused its boundary closed it early), as a multipart to parse; None for an epilogue of text."""
+    boundary = part.get_boundary() if part.is_multipart() else None
+    if not boundary or not part.epilogue:
+        return None
+    return _as_multipart("multipart/mixed", boundary.encode("utf-8", "surrogateescape"), _raw_text(part.epilogue))
+
+
+def attached_mail(part: EmailMessage) -> bytes | None:
+    """The mail a leaf part named ``*.eml`` carries (decoded), when it begins with a header line; None otherwise."""
+    if part.is_multipart() or part.get_content_maintype() in ("multipart", "message"):
+        return None
+    try:
+        name = part.get_filename() or ""
+        payload = part.get_payload(decode=True) if name.lower().rstrip().endswith(".eml") else None
+    except HEADER_ERRORS:  # headers it cannot read: read_leaf names them
+        return None
+    if not isinstance(payload, bytes) or not _FIELD.match(payload.lstrip()[:1000]):
+        return None
+    return payload.lstrip()
+
+
+def _raw_text(payload: object) -> bytes:
+    """A payload the parser kept as text, back as the bytes that came (8-bit bytes are surrogate escapes in it)."""
+    return payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+
+
+def _as_multipart(content_type: str, boundary: bytes, body: bytes) -> bytes | None:
+    """``body`` under a header block naming ``boundary``, if a line of it is that boundary's delimiter."""
+    if b'"' in boundary or b"\\" in boundary or \
+            not re.search(rb"^--" + re.escape(boundary) + rb"[ \t]*\r?$", body, re.MULTILINE):
+        return None
+    head = b"Content-Type: " + content_type.encode("ascii", "replace") + b'; boundary="' + boundary + b'"'
+    return head + b"\r\n\r\n" + body
 
 
 def canonical_transfer_encoding(part: EmailMessage) -> None:

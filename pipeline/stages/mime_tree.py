@@ -25,11 +25,21 @@ from ..config import IngestConfig
 from ..errors import ParseError
 from .headers import HEADER_ERRORS, why
 from .mailpolicy import DEFAULT
-from .mime_repair import BOUNDARY_PARAM, encoded_forward, misread_forward, needs_header_repair, repair_header_block
+from .mime_repair import (
+    BOUNDARY_PARAM,
+    attached_mail,
+    encoded_forward,
+    misread_forward,
+    needs_header_repair,
+    parts_after_close,
+    repair_header_block,
+    resplit_multipart,
+)
 from .wrappers import UNREAD_CONTAINERS
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
+MAX_RESPLITS = 3  # multiparts parsed again with their boundary as sent, or their epilogue's parts (mime_repair)
 TRACE_HEADERS = frozenset({"return-path", "received"})  # what mail servers add: no sign the sender wrote a mail
 
 
@@ -128,7 +138,7 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
     than MAX_PARTS parts in all.
     """
     stack: list[tuple[EmailMessage, int]] = [(msg, 0)]
-    seen = repaired = 0
+    seen = repaired = resplit = 0
     while stack:
         part, depth = stack.pop()
         seen += 1
@@ -136,6 +146,14 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
             raise ParseError(f"MIME: a part is nested {depth} levels deep, over the limit of {max_depth}")
         if seen > MAX_PARTS:
             raise ParseError(f"MIME: more than {MAX_PARTS:,} parts")
+        # an unquoted boundary the parser cut short ("----=_NextPart_0"): its parts were never found
+        again = resplit_multipart(part) if resplit < MAX_RESPLITS else None
+        if again is not None:
+            part, resplit = _parse(again, max_depth), resplit + 1
+        # a forward attached as a file ("forwarded.eml", application/octet-stream): read as the mail it is
+        forward = attached_mail(part) if repaired < MAX_REPAIRED_FORWARDS else None
+        if forward is not None:
+            part, repaired = _parse_repaired(forward, max_depth), repaired + 1
         yield part
         if part.is_multipart() and part.get_content_type() not in UNREAD_CONTAINERS:  # (listed, not read)
             # multipart/* with a boundary, and message/rfc822 (one child: the message)
@@ -150,4 +168,8 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
                 repaired += forwarded is not None
             if forwarded is not None:
                 children = [_parse_repaired(forwarded, max_depth)]
+            # a nested multipart that reused this one's boundary closed it: the parts after are in its epilogue
+            after = parts_after_close(part) if resplit < MAX_RESPLITS else None
+            if after is not None:
+                children, resplit = children + _parse(after, max_depth).get_payload(), resplit + 1  # type: ignore[operator]
             stack.extend((child, depth + 1) for child in reversed(children))

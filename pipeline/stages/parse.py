@@ -75,7 +75,7 @@ from .wrappers import (
 # A mail of 300 PDFs with 100-character names (1.7 MB) made a 77 KB result, and the run failed bad_output
 RESULT_BUDGET = 48 * 1024
 _UNSAFE = re.compile(r"[^\w.\- ]+")
-NO_PDF_WITHOUT_BOUNDARY = "multipart without boundary: no PDF found"
+NO_PDF_WITHOUT_BOUNDARY = "multipart whose parts could not be found: no PDF found"
 
 
 def display_name(name: str | None, index: int) -> str:
@@ -167,8 +167,8 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
         payload = part.get_payload(decode=True)
         payload = payload if isinstance(payload, bytes) else b""
         if part.get_content_maintype() == "multipart":  # is_multipart() is False: no boundary parameter
-            pdf = pdf_in_body(payload)
-            return name, pdf, "" if pdf is not None else NO_PDF_WITHOUT_BOUNDARY
+            pdf = pdf_in_body(payload)  # an empty one (a nested multipart that reused its parent's boundary): nothing
+            return name, pdf, "" if pdf is not None or not payload.strip() else NO_PDF_WITHOUT_BOUNDARY
         wrapped = wrapper_kind(part, payload)
         if wrapped == ZIP:
             return name, payload, ZIP  # its PDFs are read (_extract_into)
