@@ -305,3 +305,17 @@ def test_a_charset_label_is_read_as_its_superset_like_mail_readers_do(tmp_path, 
     info = summary(raw, tmp_path)
     assert (info["subject"], info["from_name"]) == (text, text)
     assert [a["name"] for a in info["attachments"]] == [text + ".pdf"] * 2
+
+
+def test_machine_made_mail_from_the_drop_folder_needs_no_usable_from(tmp_path):
+    """A wild-input probe's find: a bounce (``From: MAILER DAEMON <>``) through ``ingest`` failed malformed_email,
+    "nobody to reply to", though machine-made mail is never answered (by SMTP its run succeeded)."""
+    info = summary(mail(b"From: MAILER DAEMON <>\r\nAuto-Submitted: auto-generated\r\n", envelope=b""), tmp_path)
+    assert info["from"] == "" and info["automated"]["kind"] == "auto" and len(info["attachments"]) == 1
+
+
+def test_a_mail_with_no_from_header_says_so_not_that_the_header_said_missing(tmp_path):
+    with pytest.raises(ParseError, match="^From: no such header: nobody to reply to$"):
+        summary(mail(b"", envelope=b""), tmp_path)
+    with pytest.raises(ParseError, match="^From: no usable address in 'undisclosed-recipients:;'"):
+        summary(mail(b"From: undisclosed-recipients:;\r\n", envelope=b""), tmp_path)

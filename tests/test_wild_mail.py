@@ -14,6 +14,7 @@ from helpers import send_for_run_id as send
 
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
+from pipeline.errors import ParseError
 from pipeline.stages import parse
 
 LIMITS = IngestConfig()
@@ -222,3 +223,30 @@ def test_a_mail_attached_as_an_eml_file_has_its_pdf_read(tmp_path, content_type)
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
     assert pdfs(raw, tmp_path / "again") == [PDF]
+
+
+OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)  # a compound file's header: Outlook's .msg, old .doc
+
+
+@pytest.mark.parametrize("content_type", [b"application/vnd.ms-outlook", b"application/octet-stream"])
+def test_an_attached_outlook_message_is_not_read_and_says_so(tmp_path, content_type):
+    """A probe's find: an attached .msg (a forward from Outlook, which may hold PDFs) was a plain "not a PDF" in a
+    run that succeeded; like winmail.dat, it is an item that fails not_read, so the run ends partial."""
+    part = (b"--F\r\nContent-Type: " + content_type + b"; name=\"Fwd Contract.msg\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(OLE).replace(b"\n", b"\r\n"))
+    info = parse.summarize_message(mail(b"Subject: Fwd: contract\r\n", part, boundary=b"F"), tmp_path, LIMITS)
+    assert [(a["name"], a.get("unread")) for a in info["attachments"]] == [
+        ("Fwd Contract.msg", "an Outlook message (.msg): its files are not read")]
+
+
+def test_an_old_word_document_is_not_taken_for_an_outlook_message(tmp_path):
+    part = (b"--F\r\nContent-Type: application/msword; name=\"report.doc\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(OLE).replace(b"\n", b"\r\n"))
+    info = parse.summarize_message(mail(b"Subject: report\r\n", part, boundary=b"F"), tmp_path, LIMITS)
+    assert info["attachments"] == [] and info["skipped"] == [{"name": "report.doc",
+                                                              "reason": "not a PDF (application/msword)"}]
+
+
+def test_an_outlook_msg_file_given_as_a_mail_is_named_for_what_it_is(tmp_path):
+    with pytest.raises(ParseError, match="^not an email: an Outlook .msg file"):
+        parse.summarize_message(OLE, tmp_path, LIMITS)

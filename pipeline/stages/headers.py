@@ -107,7 +107,9 @@ def sender_mailbox(msg: EmailMessage) -> Address:
         if not mailboxes:
             raise
     if not mailboxes:
-        raise ParseError(f"From: no usable address in {raw_header(msg, 'From') or 'missing'!r}: nobody to reply to")
+        raw = raw_header(msg, "From")  # "no usable address in 'missing'" read as if the header said "missing"
+        raise ParseError(f"From: no usable address in {raw!r}: nobody to reply to" if raw else
+                         "From: no such header: nobody to reply to")
     return mailboxes[0]
 
 
@@ -132,17 +134,19 @@ def lenient_mailboxes(msg: EmailMessage, name: str) -> list[Address]:
     return usable_mailboxes(mailboxes)
 
 
-def header_sender(msg: EmailMessage, envelope: str | None) -> tuple[str, str]:
+def header_sender(msg: EmailMessage, replied_at_from: bool) -> tuple[str, str]:
     """(address, display name) of the first usable mailbox in From:, for display, and for the reply to mail that
-    has no envelope sender (``envelope`` None: the drop folder, ``ingest``): ParseError naming From: then.
+    has no envelope sender and is answered (``replied_at_from``: the drop folder, ``ingest``): ParseError naming
+    From: then.
 
-    Mail that came by SMTP is answered at its envelope sender, never at From:, so a From: that is missing (as
-    a script's mail through Postfix) or unreadable is shown as none instead of failing the mail's PDFs."""
+    Mail that came by SMTP is answered at its envelope sender, never at From:, and machine-made mail is not
+    answered at all, so a From: that is missing (as a script's mail through Postfix, a bounce's ``MAILER DAEMON
+    <>``) or unreadable is shown as none instead of failing the mail's PDFs."""
     try:
         mailbox = sender_mailbox(msg)
         return addr_spec(mailbox, "From"), sender_name(mailbox)
     except ParseError:
-        if envelope is None:
+        if replied_at_from:
             raise
         return "", ""
 

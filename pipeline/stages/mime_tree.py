@@ -35,7 +35,7 @@ from .mime_repair import (
     repair_header_block,
     resplit_multipart,
 )
-from .wrappers import UNREAD_CONTAINERS
+from .wrappers import OLE_MAGIC, UNREAD_CONTAINERS
 
 MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real mail has a handful
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
@@ -51,6 +51,9 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     """
     msg = _parse_repaired(raw, max_depth)
     if not [name for name in msg.keys() if name.lower() not in TRACE_HEADERS]:  # the gateway writes Return-Path
+        if raw.lstrip()[:8] == OLE_MAGIC or OLE_MAGIC in raw[:4096]:
+            raise ParseError("not an email: an Outlook .msg file or another Office compound file (save the mail "
+                             "as .eml, or forward it)")
         raise ParseError("not an email: no header block (is this raw MIME?)")
     return msg  # type: ignore[return-value]
 

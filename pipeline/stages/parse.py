@@ -293,7 +293,8 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
     """
     msg = parse_message(raw, limits.max_mime_depth)
     envelope = return_path(msg)
-    sender, name = header_sender(msg, envelope)
+    machine_made = automated(msg)
+    sender, name = header_sender(msg, replied_at_from=envelope is None and machine_made is None)
     pdfs, skipped = extract_attachments(msg, work_dir / "attachments", limits)
     subject = clean_header(read_header(msg, "Subject"))
     return fit_result({
@@ -305,7 +306,7 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
         "attachments": pdfs,
         "skipped": skipped,
         # machine-made or list mail, or an answer to a digest: see autoreply (None for a person's mail)
-        "automated": automated(msg) or digest_reply(msg, subject, bool(pdfs)),
+        "automated": machine_made or digest_reply(msg, subject, bool(pdfs)),
     })
 
 

@@ -29,6 +29,8 @@ NOT_READ = "its files are not read"
 NOT_A_PDF_IN_ZIP = "not a PDF (in a ZIP archive)"
 NOT_A_PDF_BUT_ZIP = "not a PDF but a ZIP archive (a Word or other office file?)"
 NO_PDF_IN_ZIP = "not a PDF: a ZIP archive with no PDF in it"
+OUTLOOK_MSG = "an Outlook message (.msg)"
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # a compound file: Outlook's .msg, and old .doc and .xls too
 # containers the parser would walk into as a message or a multipart, whose content is not the mail's files
 UNREAD_CONTAINERS = {
     "message/partial": "a part of a split message (not put together again)",
@@ -42,6 +44,7 @@ _TYPES = {
     "application/x-pkcs7-mime": "an S/MIME wrapper (signed or encrypted)",
     "application/pgp-encrypted": "an OpenPGP-encrypted file",
     "text/x-moz-deleted": "an attachment the sender's mail program deleted",
+    "application/vnd.ms-outlook": OUTLOOK_MSG,
 }
 _MAGIC = (
     (b"PK\x03\x04", ZIP),
@@ -63,6 +66,8 @@ def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
     if payload[257:262] == b"ustar":
         return "a tar archive"
     name = (attachment_name(part) or "").lower()
+    if name.endswith(".msg") and payload.startswith(OLE_MAGIC):  # a probe's .msg was a plain "not a PDF"
+        return OUTLOOK_MSG
     return "an OpenPGP-encrypted file" if name.endswith((".pgp", ".gpg")) else None
 
 
