@@ -184,3 +184,30 @@ def test_a_rotated_pages_lines_read_top_to_bottom(tmp_path, engine):
     writer.write(rotated)
     ingest(tmp_path, rotated.getvalue(), engine)
     assert (tmp_path / "out.txt").read_text().split() == b" ".join(lines).decode().split()
+
+
+def _pdf(objects: list[bytes]) -> bytes:
+    """A PDF of ``objects`` (object 1 the catalog) with a correct cross-reference table."""
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+LONG_NAME = _pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                  b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+                  b"/Resources << /Font << /F1 5 0 R >> >> >>",
+                  b"<< /Length 44 >>\nstream\nBT /F1 12 Tf 72 712 Td (Hello world) Tj ET\nendstream",
+                  b"<< /Type /Font /Subtype /Type1 /BaseFont /" + b"A" * 5000 + b" >>"])
+
+
+def test_a_name_longer_than_any_real_one_is_damage_not_size_with_pypdf(tmp_path):
+    """A probe's find (pdf.js's filled-background.pdf): pypdf's LimitReachedError for a token past its length
+    was "too_large: over a pypdf limit", for a 3-page file; a name over 127 bytes breaks the PDF's own limits."""
+    with pytest.raises(CorruptPdfError, match="damaged: Read stream length of") as err:
+        ingest(tmp_path, LONG_NAME, "pypdf")
+    assert err.value.reason == "corrupt"

@@ -20,6 +20,7 @@ for 6,000 pages, and a 1 s slice that began with it would be mostly overhead.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..config import IngestConfig
-from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, showable
+from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, NotReadError, PdfTooLargeError, showable
 from .pdfium_pages import PdfiumPages
 from .text_normal import count_words, normalize_page, pick_title
 
@@ -201,18 +202,29 @@ class _PypdfPages:
             return ""
 
     def _guard(self, fn: Any) -> Any:
-        from pypdf.errors import LimitReachedError
+        from pypdf.errors import DependencyError, LimitReachedError
 
         try:
             return fn()
-        except LimitReachedError as exc:  # decompressed size, but also tokens per stream, declared xref sizes
-            raise PdfTooLargeError(f"over a pypdf limit: {exc}", self.name) from exc
+        except LimitReachedError as exc:  # decompressed size, declared xref sizes; but also damage (below)
+            message = _OBJECT_ID.sub(")", str(exc))  # "IndirectObject(2, 0, 139930529771344)": a new id each run
+            if _DAMAGE.search(message):  # a reference loop, a token far longer than any real one: a probe's
+                raise CorruptPdfError(f"damaged: {message}", self.name) from exc  # were "too_large"
+            raise PdfTooLargeError(f"over a pypdf limit: {message}", self.name) from exc
+        except DependencyError as exc:  # jbig2dec missing: this machine's lack, not the file's damage (PDFium reads it)
+            raise NotReadError(f"not read: pypdf needs what this machine lacks ({exc}); the pdfium engine reads "
+                               "such files", self.name) from exc
         except (IngestError, MemoryError):
             raise
         except Exception as exc:
             # pypdf reports damage as its own errors but also as plain ones from deep inside its parser
             # (KeyError, TypeError, NotImplementedError for an unknown filter, RecursionError, ...)
             raise CorruptPdfError(f"{type(exc).__name__}: {exc}"[:500], self.name) from exc
+
+
+# pypdf's LimitReachedError for damage rather than size: a reference cycle, a token past any real one's length
+_DAMAGE = re.compile(r"loop with self reference|[Cc]ycl(e|ic)|Read stream length of")
+_OBJECT_ID = re.compile(r", \d{6,}\)")
 
 
 def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:

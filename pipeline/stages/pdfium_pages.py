@@ -148,7 +148,9 @@ def _load_pdfium(path: Path, name: str) -> Any:
                                  err_code=code)
     if pdfium.raw.FPDF_GetPageCount(raw) < 1:
         pdfium.raw.FPDF_CloseDocument(raw)
-        raise CorruptPdfError("PDFium: the document has no pages", name)
+        # an encrypted file whose keys do not decrypt its page tree (pdf.js issue 19484's files) loads "with no pages"
+        damaged = " it can decrypt (its /Encrypt entry looks damaged)" if _has_encrypt_entry(path) else ""
+        raise CorruptPdfError(f"PDFium: the document has no pages{damaged}", name)
     return raw
 
 
