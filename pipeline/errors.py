@@ -316,9 +316,10 @@ class PermissionRefusedError(TaskIOError):
 
 class FileGoneError(TaskIOError):
     """A file of the data dir a task needs is not there (ENOENT), most often moved away and soon put back: a
-    restore, or a spool directory moved aside by mistake, put back 10 s later, failed 4 of the 28 mails acked
-    meanwhile for good (task_io; the audit's spool_replaced). Tried at least ``min_retries`` times, backing off
-    (about 30 s with the default delays), then it fails ``task_io``; the file's alone, not the machine's."""
+    restore, or a spool directory moved aside by mistake and put back 10 s later (the audit's spool_replaced,
+    whose mails acked meanwhile once failed for good when a parse fell in those seconds: one retry, 0.5 s
+    later). Tried at least ``min_retries`` times, backing off (about 30 s with the default delays), then it
+    fails ``task_io``; the file's alone, not the machine's."""
 
     min_retries = 6
 
