@@ -67,7 +67,8 @@ class RunnerConfig:
     # after DATA held all 16 for its 10-minute timeout, and no mail was parsed meanwhile)
     io_workers: int = 8
     # ingest_pdf waits for an extraction worker on threads of its own, engine.max_active_runs x ingest.workers of
-    # them (every active mail's PDFs find one, and the workers' fair queue orders them), not on thread_workers:
+    # them (with fair_by_mail every active mail's PDFs find one, and the workers' fair queue orders them; without
+    # it, ingest_pdf stays on thread_workers), not on thread_workers:
     # ten mails of slow PDFs held all 16 and the next mail's parse and PDF waited 19 s for them (notebook 10's
     # head_of_line_crowd measures both ways); off: ingest_pdf shares thread_workers (before). With ingest.isolate
     # off (text extracted on the thread itself) or on Dask it never applies
@@ -300,8 +301,8 @@ class IngestConfig:
         for name in ("timeout_s", "mail_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ingest.{name} must be > 0, not {getattr(self, name)}")
-        if not 0 <= self.newcomer_s <= 60:
-            raise ConfigurationError(f"ingest.newcomer_s must be 0 to 60, not {self.newcomer_s}")
+        if not 0 <= self.newcomer_s <= 1:  # a slice is at most 1 s (stages.ingest.SLICE_S)
+            raise ConfigurationError(f"ingest.newcomer_s must be 0 to 1 (s: one slice at most), not {self.newcomer_s}")
         if not MIN_WORKER_MEMORY <= self.memory_limit_bytes <= MAX_WORKER_MEMORY:  # too little: not even imports
             raise ConfigurationError(f"ingest.memory_limit_bytes must be {MIN_WORKER_MEMORY // MB:,} MB to "
                                      f"{MAX_WORKER_MEMORY // MB:,} MB, not {self.memory_limit_bytes:,}")

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import liveness, tracing
 from . import store as s
-from .config import Settings
+from .config import MAX_THREADS, Settings
 from .dag import DAG
 from .engine_breaks import (  # noqa: F401 - MACHINE_*, ENDED_REMEMBERED and _MachineWait lived here
     ENDED_REMEMBERED,
@@ -155,7 +155,7 @@ class WorkflowEngine(BrokenRuns, Heartbeat):
                                         initializer=init_pool_worker,
                                         initargs=(os.getpid(), logging.getLogger().getEffectiveLevel())),
             cluster=self.settings.executor,
-            extract_threads=self.settings.engine.max_active_runs * self.settings.ingest.workers)
+            extract_threads=min(MAX_THREADS, self.settings.engine.max_active_runs * self.settings.ingest.workers))
         if any(t.executor == "process" for dag in self._workflows.values() for t in dag.tasks):
             self._executors.warm_process_pool()  # the workers' imports run beside the rest of start-up
         for name, target in (("dispatcher", self._dispatch_loop), ("heartbeat", self._heartbeat_loop)):

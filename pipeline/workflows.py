@@ -55,11 +55,12 @@ def ingest_parallel(settings: Settings) -> int | None:
 
 
 def ingest_executor(settings: Settings) -> str:
-    """Where ingest_pdf runs: the cluster on Dask; with ``runner.extract_pool`` and worker processes
-    (``ingest.isolate``), threads of its own that only wait for a worker; else the runner's threads."""
+    """Where ingest_pdf runs: the cluster on Dask; with ``runner.extract_pool``, where a mail's PDFs go to the
+    workers ``ingest.workers`` at a time (``ingest_parallel``), threads of their own that only wait for a worker
+    (``max_active_runs`` x ``workers`` of them: one for each PDF that may be submitted); else the runner's."""
     if settings.executor.kind == "dask":
         return "dask"
-    return "extract" if settings.runner.extract_pool and settings.ingest.isolate else "thread"
+    return "extract" if settings.runner.extract_pool and ingest_parallel(settings) is not None else "thread"
 
 
 def pdf_items(parsed: dict[str, Any]) -> list[dict[str, Any]]:

@@ -271,3 +271,12 @@ def test_a_responder_that_answers_every_digest_gets_one_digest_not_a_loop(settin
             assert len(service.store.list_runs(limit=10)) == 2 and len(responder.digests) == 1
         finally:
             service.stop(grace_s=10)
+
+
+@pytest.mark.parametrize("kind", ["bulk", "list"])
+def test_drop_folder_list_mail_without_a_usable_from_says_why_no_digest_went(kind):
+    """A reviewer's find: drop-folder mail that parses with no usable From: (list mail may) gave the reason
+    "From" for its skipped digest."""
+    email = {"from": "", "from_name": "", "automated": {"kind": kind, "why": f"because {kind}"}}
+    assert deliver.reply_recipient({"source": "dropfolder"}, email, DeliveryConfig()) == (None, f"because {kind}")
+    assert deliver.envelope_sender({"source": "dropfolder"}, {"from": ""}) == ("", deliver.NO_USABLE_FROM)

@@ -14,7 +14,7 @@ from helpers import wait_until
 from pipeline import store as s
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig, Settings
-from pipeline.workflows import EMAIL_DIGEST
+from pipeline.workflows import EMAIL_DIGEST, email_digest_dag
 
 HOSTILE_PDFS = 10
 
@@ -122,3 +122,16 @@ def test_mails_of_slow_pdfs_waiting_for_a_worker_hold_no_thread_the_next_mail_ne
                    if t.ended_at is not None and t.ended_at < one.ended_at]
     # its PDF takes the next free worker: the two being extracted may end first, on a busy machine a few more
     assert len(ended_first) <= 4, f"{len(ended_first)} of the crowd's 12 PDFs ended first"
+
+
+def test_ingest_pdf_waits_on_threads_of_its_own_only_where_a_mails_pdfs_are_released_a_few_at_a_time(settings):
+    """Without fair_by_mail every PDF of a mail is submitted at once: one mail of 200 PDFs would take all the extract
+    threads and the others' PDFs would queue behind it first come, first served (a reviewer's find)."""
+    def executor(**changes: Any) -> str:
+        ingest = replace(settings.ingest, **{k: v for k, v in changes.items() if k != "extract_pool"})
+        runner = replace(settings.runner, extract_pool=changes.get("extract_pool", True))
+        dag = email_digest_dag(replace(settings, ingest=ingest, runner=runner))
+        return next(t.executor for t in dag.tasks if t.id == "ingest_pdf")
+
+    assert executor() == "extract"
+    assert executor(extract_pool=False) == executor(fair_by_mail=False) == executor(isolate=False) == "thread"

@@ -204,10 +204,21 @@ def test_a_nested_multipart_that_reuses_its_parents_boundary_loses_no_pdf_after_
     assert pdfs(raw, tmp_path / "again") == [PDF]
 
 
-def test_an_epilogue_of_text_and_a_well_formed_mail_are_not_parsed_again(tmp_path):
+def test_an_epilogue_of_plain_text_adds_no_part(tmp_path):
     raw = mail(b"Subject: scan\r\n") + b"This is the epilogue. --B is not on a line of its own.\r\n"
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["scan.pdf"] and info["skipped"] == []
+
+
+def test_an_epilogue_of_closing_delimiters_and_parts_is_read_without_an_untyped_error(tmp_path):
+    """A reviewer's find: an epilogue that begins with a closing delimiter parsed as a multipart of no parts, and
+    adding its text to the parts list failed the parse with a TypeError (untyped, retried)."""
+    parts = (b"--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n--B--\r\n--B--\r\n"
+             b"--B\r\nContent-Type: application/pdf; name=\"late.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+             + B64)
+    info = parse.summarize_message(mail(b"Subject: late\r\n", parts), tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["late.pdf"] and info["skipped"] == []
+
 
 
 @pytest.mark.parametrize("content_type", [b"application/octet-stream", b"text/plain"])
@@ -250,3 +261,25 @@ def test_an_old_word_document_is_not_taken_for_an_outlook_message(tmp_path):
 def test_an_outlook_msg_file_given_as_a_mail_is_named_for_what_it_is(tmp_path):
     with pytest.raises(ParseError, match="^not an email: an Outlook .msg file"):
         parse.summarize_message(OLE, tmp_path, LIMITS)
+
+
+def test_a_forward_attached_as_a_file_that_cannot_be_parsed_is_listed_and_the_mail_still_read(tmp_path):
+    """A reviewer's find: a forwarded .eml of 1,001 parts failed the whole mail (malformed_email), its PDF beside
+    it with it; before the .eml repair it was listed "not a PDF". The repair gives up and lists it again."""
+    inner = (b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=I\r\n\r\n"
+             + b"--I\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 1001 + b"--I--\r\n")
+    part = (b"--F\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + B64 + b"--F\r\nContent-Type: application/octet-stream; name=\"fw.eml\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(inner).replace(b"\n", b"\r\n"))
+    info = parse.summarize_message(mail(b"Subject: Fwd\r\n", part, boundary=b"F"), tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["scan.pdf"]
+    assert info["skipped"] == [{"name": "fw.eml", "reason": "not a PDF (application/octet-stream)"}]
+
+
+def test_a_note_named_eml_that_is_no_mail_is_still_listed(tmp_path):
+    """A reviewer's find: ``notes.eml`` holding "Note: call me" was read as a mail of no parts and vanished from
+    the digest's list; a parse with none of a mail's headers leaves the part as it was."""
+    part = (b"--F\r\nContent-Type: text/plain; name=\"notes.eml\"\r\n"
+            b"Content-Disposition: attachment; filename=\"notes.eml\"\r\n\r\nNote: call me\r\n")
+    info = parse.summarize_message(mail(b"Subject: notes\r\n", part, boundary=b"F"), tmp_path, LIMITS)
+    assert info["skipped"] == [{"name": "notes.eml", "reason": "not a PDF (text/plain)"}]

@@ -13,7 +13,7 @@ from helpers import send_for_run_id as send
 from pipeline.audit.base import fixtures as fx
 from pipeline.config import IngestConfig
 from pipeline.errors import CorruptPdfError, EncryptedPdfError, PdfTooLargeError
-from pipeline.stages import parse
+from pipeline.stages import parse, pdf_text
 from pipeline.stages.ingest import ingest_pdf
 
 ENGINES = ["pdfium", "pypdf"]
@@ -211,3 +211,15 @@ def test_a_name_longer_than_any_real_one_is_damage_not_size_with_pypdf(tmp_path)
     with pytest.raises(CorruptPdfError, match="damaged: Read stream length of") as err:
         ingest(tmp_path, LONG_NAME, "pypdf")
     assert err.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize(("message", "damage"), [
+    ("Read stream length of 112 exceeds maximum allowed length of 64.", True),  # pdf.js filled-background.pdf
+    ("Detected loop with self reference for IndirectObject(2, 0).", True),  # qpdf issue-117.pdf
+    ("Detected cycle in /Pages hierarchy when retrieving page.", True),
+    # a stream without /Length read past max_decompressed_bytes (a reviewer's find): size, not damage
+    ("Read stream length of 78643300 exceeds maximum allowed length of 78643200.", False),
+    ("Declared size 99999999 exceeds allowed limit of 5000000!", False),
+])
+def test_pypdfs_limit_errors_are_told_apart_as_damage_or_size(message, damage):
+    assert pdf_text._is_damage(message) is damage

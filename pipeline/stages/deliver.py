@@ -80,6 +80,7 @@ LOCAL_SOURCES = frozenset({"dropfolder", "cli", "audit"})  # in-process callers 
 NULL_SENDER = "null sender"
 NO_ENVELOPE = "no envelope sender"
 NO_DOMAIN = "envelope sender without a domain"
+NO_USABLE_FROM = "no usable From: address"
 OWN_ADDRESS = "the digest's own sender address"
 CONFIGURED = "delivery.recipient"  # reply_recipient's why for the operator's configured recipient
 # local parts of a mail system's or a list's own addresses (RFC 3834 2): a bounce sent with a sender, a list's
@@ -124,7 +125,8 @@ def envelope_sender(payload: Mapping[str, Any], email: Mapping[str, Any]) -> tup
     if payload.get("source") in LOCAL_SOURCES or payload.get("source") == "spool":
         # "spool": a run rebuilt after a crash from a file without Return-Path, which this version writes
         # on every SMTP message: so the file came from the drop folder or `ingest`
-        return str(email["from"]), "From"
+        # machine-made mail parses with From: unusable ("" : it is never answered), and bulk mail may too
+        return (str(email["from"]), "From") if email.get("from") else ("", NO_USABLE_FROM)
     return "", NO_ENVELOPE
 
 
@@ -140,8 +142,8 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
     if config.recipient:
         return _unless_own(reply_address(config.recipient), CONFIGURED, config)
     address, origin = envelope_sender(payload, email)
-    if not address:
-        return None, origin
+    if not address:  # bulk or list mail from the drop folder may have no usable From: its mark says why
+        return None, str(marked.get("why")) if marked else origin
     if _SYSTEM_LOCAL.fullmatch(address.rpartition("@")[0].strip('"')):
         return None, f"a mail system's or a list's own address ({address}): RFC 3834 2"
     if marked and address.lower() != marked.get("resent_from"):  # bulk or list mail: a list's bounce address

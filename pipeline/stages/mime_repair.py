@@ -1,7 +1,9 @@
 """What real mail clients send that Python's email package misreads, put right before a PDF is lost.
 
-Each repair is applied only where the parser left a sign of the problem,
-so a well-formed message is parsed once and never rewritten:
+Each repair is applied only where the parser left a sign of the problem (or, for a
+forward attached as a file, where the file is named ``.eml``), so a well-formed
+message is parsed once and never rewritten; a repair that fails to parse, or
+yields no mail, leaves the part as it was:
 
 - **A header line without a colon** (a scanner folding a long Subject without
   indenting the next line, or a stray line): the parser ends the header
@@ -202,12 +204,14 @@ def _raw_text(payload: object) -> bytes:
 
 
 def _as_multipart(content_type: str, boundary: bytes, body: bytes) -> bytes | None:
-    """``body`` under a header block naming ``boundary``, if a line of it is that boundary's delimiter."""
-    if b'"' in boundary or b"\\" in boundary or \
-            not re.search(rb"^--" + re.escape(boundary) + rb"[ \t]*\r?$", body, re.MULTILINE):
+    """``body`` from its first delimiter line of ``boundary`` on, under a header block naming it; None without
+    one. What comes before is a preamble, which may hold the closing lines of nested multiparts that reused the
+    boundary: the parser took the first for the end of this one too, and found no part (a reviewer's find)."""
+    first = re.search(rb"^--" + re.escape(boundary) + rb"[ \t]*\r?$", body, re.MULTILINE)
+    if b'"' in boundary or b"\\" in boundary or first is None:
         return None
     head = b"Content-Type: " + content_type.encode("ascii", "replace") + b'; boundary="' + boundary + b'"'
-    return head + b"\r\n\r\n" + body
+    return head + b"\r\n\r\n" + body[first.start():]
 
 
 def canonical_transfer_encoding(part: EmailMessage) -> None:

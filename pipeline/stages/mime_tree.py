@@ -41,6 +41,7 @@ MAX_PARTS = 1000  # MIME parts (containers and leaves) in one message; a real ma
 MAX_REPAIRED_FORWARDS = 3  # forwarded mails whose misread headers are repaired (each costs a parse of its tree)
 MAX_RESPLITS = 3  # multiparts parsed again with their boundary as sent, or their epilogue's parts (mime_repair)
 TRACE_HEADERS = frozenset({"return-path", "received"})  # what mail servers add: no sign the sender wrote a mail
+MAIL_HEADERS = frozenset({"from", "date", "message-id", "mime-version", "received", "subject", "to"})
 
 
 def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> EmailMessage:
@@ -83,6 +84,20 @@ def _parse(raw: bytes, max_depth: int) -> EmailMessage:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from None
     except HEADER_ERRORS as exc:
         raise ParseError(f"Content-Type: cannot parse the MIME headers of a part ({why(exc)})") from exc
+
+
+def _reparsed(part: EmailMessage, raw: bytes, max_depth: int, parse: Callable[[bytes, int], EmailMessage],
+              as_mail: bool = False) -> EmailMessage:
+    """``raw`` (a repair of ``part``) parsed, or ``part`` as it was when that fails or, ``as_mail``, yields no mail
+    (a note named notes.eml): a repair never makes a mail worse than the parse it repairs (a forward attached as
+    a file with 1,001 parts failed the whole mail, not just itself)."""
+    try:
+        parsed = parse(raw, max_depth)
+    except ParseError:
+        return part
+    if as_mail and not MAIL_HEADERS.intersection(name.lower() for name in parsed.keys()):
+        return part
+    return parsed
 
 
 class _TooManyParts(Exception):
@@ -152,11 +167,11 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         # an unquoted boundary the parser cut short ("----=_NextPart_0"): its parts were never found
         again = resplit_multipart(part) if resplit < MAX_RESPLITS else None
         if again is not None:
-            part, resplit = _parse(again, max_depth), resplit + 1
+            part, resplit = _reparsed(part, again, max_depth, _parse), resplit + 1
         # a forward attached as a file ("forwarded.eml", application/octet-stream): read as the mail it is
         forward = attached_mail(part) if repaired < MAX_REPAIRED_FORWARDS else None
         if forward is not None:
-            part, repaired = _parse_repaired(forward, max_depth), repaired + 1
+            part, repaired = _reparsed(part, forward, max_depth, _parse_repaired, as_mail=True), repaired + 1
         yield part
         if part.is_multipart() and part.get_content_type() not in UNREAD_CONTAINERS:  # (listed, not read)
             # multipart/* with a boundary, and message/rfc822 (one child: the message)
@@ -174,5 +189,8 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
             # a nested multipart that reused this one's boundary closed it: the parts after are in its epilogue
             after = parts_after_close(part) if resplit < MAX_RESPLITS else None
             if after is not None:
-                children, resplit = children + _parse(after, max_depth).get_payload(), resplit + 1  # type: ignore[operator]
+                extra = _reparsed(part, after, max_depth, _parse)
+                if extra is not part and extra.is_multipart():  # an epilogue of closing lines only: no parts
+                    children = children + extra.get_payload()  # type: ignore[operator]
+                resplit += 1
             stack.extend((child, depth + 1) for child in reversed(children))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..config import IngestConfig
-from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, NotReadError, PdfTooLargeError, showable
+from ..errors import CorruptPdfError, EncryptedPdfError, IngestError, PdfTooLargeError, showable
 from .pdfium_pages import PdfiumPages
 from .text_normal import count_words, normalize_page, pick_title
 
@@ -208,12 +208,12 @@ class _PypdfPages:
             return fn()
         except LimitReachedError as exc:  # decompressed size, declared xref sizes; but also damage (below)
             message = _OBJECT_ID.sub(")", str(exc))  # "IndirectObject(2, 0, 139930529771344)": a new id each run
-            if _DAMAGE.search(message):  # a reference loop, a token far longer than any real one: a probe's
+            if _is_damage(message):  # a reference loop, a token far longer than any real one: a probe's
                 raise CorruptPdfError(f"damaged: {message}", self.name) from exc  # were "too_large"
             raise PdfTooLargeError(f"over a pypdf limit: {message}", self.name) from exc
         except DependencyError as exc:  # jbig2dec missing: this machine's lack, not the file's damage (PDFium reads it)
-            raise NotReadError(f"not read: pypdf needs what this machine lacks ({exc}); the pdfium engine reads "
-                               "such files", self.name) from exc
+            raise CorruptPdfError(f"not read: pypdf needs what this machine lacks ({exc}); the pdfium engine reads "
+                                  "such pages", self.name) from exc  # a page's: the other pages are still read
         except (IngestError, MemoryError):
             raise
         except Exception as exc:
@@ -222,9 +222,18 @@ class _PypdfPages:
             raise CorruptPdfError(f"{type(exc).__name__}: {exc}"[:500], self.name) from exc
 
 
-# pypdf's LimitReachedError for damage rather than size: a reference cycle, a token past any real one's length
-_DAMAGE = re.compile(r"loop with self reference|[Cc]ycl(e|ic)|Read stream length of")
+# pypdf's LimitReachedError for damage rather than size: a reference loop or cycle
+_DAMAGE = re.compile(r"loop with self reference|[Cc]ycl(e|ic)")
+# or a token read past its limit ("Read stream length of 112 exceeds maximum allowed length of 64."): a name or a
+# number (limits of 64 to 4,096 bytes) is damage; a stream without /Length past max_decompressed_bytes is size
+_TOKEN_PAST = re.compile(r"Read stream length of \d+ exceeds maximum allowed length of (\d+)")
+MAX_TOKEN_LIMIT = 1 << 20
 _OBJECT_ID = re.compile(r", \d{6,}\)")
+
+
+def _is_damage(message: str) -> bool:
+    token = _TOKEN_PAST.search(message)
+    return bool(_DAMAGE.search(message)) or (token is not None and int(token.group(1)) < MAX_TOKEN_LIMIT)
 
 
 def _open(pdf_path: Path, name: str) -> pypdf.PdfReader:
