@@ -182,7 +182,7 @@ def test_ingest_of_a_real_2400_page_manual_extracts_every_page_and_delivers_its_
     assert pages > 1000
     mail = email.message_from_bytes(next((data / "outbox" / "new").iterdir()).read_bytes(), policy=email.policy.default)
     body = mail.get_body(("plain",)).get_content()
-    assert f": {pages} pages," in body and "\ufffe" not in body  # every page; PDFium's soft hyphens are gone
+    assert f": {pages:,} pages," in body and "\ufffe" not in body  # every page; PDFium's soft hyphens are gone
 
 
 def test_a_real_pdf_that_cannot_be_fetched_is_one_not_available_error(tmp_path, monkeypatch):
