@@ -319,3 +319,37 @@ def test_a_mail_with_no_from_header_says_so_not_that_the_header_said_missing(tmp
         summary(mail(b"", envelope=b""), tmp_path)
     with pytest.raises(ParseError, match="^From: no usable address in 'undisclosed-recipients:;'"):
         summary(mail(b"From: undisclosed-recipients:;\r\n", envelope=b""), tmp_path)
+
+
+def _eight_bit_mail(subject: bytes, filename: bytes, charset: bytes) -> bytes:
+    """A mail whose Subject and PDF name are raw 8-bit bytes (no RFC 2047 or 2231), its text part labelled."""
+    return (ENVELOPE + b"From: alice@example.com\r\nSubject: " + subject + b"\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain; charset=" + charset
+            + b"\r\n\r\nhi\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\""
+            + filename + b"\"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(PDF) + b"--B--\r\n")
+
+
+@pytest.mark.parametrize(("charset", "subject", "filename"), [
+    ("windows-1251", "Отчёт за квартал", "Отчёт.pdf"), ("gbk", "季度报告", "报告.pdf"),
+    ("shift_jis", "四半期報告書", "報告書.pdf"), ("iso-8859-2", "Zpráva za čtvrtletí", "Zpráva.pdf"),
+    ("iso-8859-1", "Café “menu”", "café.pdf"),  # Latin-1 labels are read as Windows-1252, as before
+])
+def test_raw_8bit_headers_are_read_in_the_charset_the_mail_names_for_its_text(tmp_path, charset, subject,
+                                                                                 filename):
+    """A wild-input probe's find: old clients write the Subject and file name as raw bytes of their charset and
+    label only the text part; read as Windows-1252 they came out "Îò÷¸ò çà êâàðòàë"."""
+    codec = "cp1252" if charset == "iso-8859-1" else charset
+    raw = _eight_bit_mail(subject.encode(codec), filename.encode(codec), charset.encode())
+    info = summary(raw, tmp_path)
+    assert info["subject"] == subject and [a["name"] for a in info["attachments"]] == [filename]
+
+
+def test_the_same_raw_header_reads_per_mail_not_as_the_mail_before_it_was_read(tmp_path):
+    """Parsed headers are cached by their text; the text of raw bytes depends on the mail's charset."""
+    name = "Отчёт.pdf".encode("cp1251")
+    first = summary(_eight_bit_mail(b"one", name, b"windows-1251"), tmp_path / "a")
+    second = summary(_eight_bit_mail(b"two", name, b"koi8-r"), tmp_path / "b")
+    assert first["attachments"][0]["name"] == "Отчёт.pdf"
+    assert second["attachments"][0]["name"] == name.decode("koi8-r")
+    utf8 = summary(_eight_bit_mail("Отчёт".encode(), "Отчёт.pdf".encode(), b"koi8-r"), tmp_path / "c")
+    assert (utf8["subject"], utf8["attachments"][0]["name"]) == ("Отчёт", "Отчёт.pdf")  # UTF-8 first, always

@@ -22,9 +22,12 @@ Content-Type, Message-ID) are far under 1 KB, so a longer one is refused (a stru
 (free text such as Subject, of which a digest shows 250 characters anyway).
 
 Raw 8-bit bytes in free text and in Content-Type and Content-Disposition (the parser keeps them as surrogate
-escapes) are read as UTF-8 (RFC 6532), or else as Windows-1252, before the header is parsed: the email package
-would replace each byte of a raw Latin-1 "caf\xe9.pdf" or subject with U+FFFD. Address headers keep their bytes:
-an address that is not UTF-8 is refused where it is read (``headers.addr_spec``), never guessed at.
+escapes) are read as UTF-8 (RFC 6532), or else in the charset the mail names for its text (``body_charset``, set
+around a mail's reading with ``fallback_charset``), or else as Windows-1252, before the header is parsed: the
+email package would replace each byte of a raw Latin-1 "caf\xe9.pdf" or subject with U+FFFD, and a Russian
+mail client's raw Windows-1251 subject came out as "Îò÷¸ò", though its text part said charset=windows-1251, as
+mail readers then read the headers too. Address headers keep their bytes: an address that is not UTF-8 is
+refused where it is read (``headers.addr_spec``), never guessed at.
 
 An RFC 2047 encoded word labelled with a charset mail programs use for a larger one is read as the larger one
 (``SUPERSET_CHARSETS``), as mail readers do: a "gb2312" subject holding a GBK character came out with U+FFFD.
@@ -33,8 +36,11 @@ An RFC 2047 encoded word labelled with a charset mail programs use for a larger 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import functools
 import re
+from collections.abc import Iterator
 from email import errors as email_errors
 from email import policy
 from email.headerregistry import (
@@ -58,6 +64,11 @@ EIGHT_BIT_READ = (UnstructuredHeader, ParameterizedMIMEHeader)  # header kinds w
 SUPERSET_CHARSETS = {"gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "big5": "big5hkscs"}
 # an RFC 2047 encoded word (with RFC 2231's ``charset*lang``): its charset, and the rest of it
 _ENCODED_WORD = re.compile(r"=\?([^?*\s]{1,40})((?:\*[^?\s]*)?\?[bBqQ]\?[^?\s]*\?=)")
+FALLBACK_CHARSET = "cp1252"
+_fallback = contextvars.ContextVar("fallback_charset", default=FALLBACK_CHARSET)  # the mail being read's
+# a part's charset parameter in raw bytes, quoted or bare
+_CHARSET_PARAM = re.compile(rb'charset\s*=\s*"?([A-Za-z0-9_.:+-]{1,40})', re.IGNORECASE)
+_NO_HINT = frozenset({"ascii", "utf-8", "utf_8"})  # charsets that say nothing about 8-bit bytes that are not UTF-8
 
 
 class HeaderTooLongError(email_errors.HeaderParseError):
@@ -70,7 +81,8 @@ class ReusedHeaderClasses(HeaderRegistry):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._made: dict[type, type[BaseHeader]] = {}
-        self._parsed = functools.lru_cache(maxsize=CACHED_HEADERS)(self._parse)  # thread-safe; errors not kept
+        # thread-safe; errors not kept; keyed by the fallback charset too (a raw 8-bit value reads per mail)
+        self._parsed = functools.lru_cache(maxsize=CACHED_HEADERS)(self._parse_as)
 
     def _kind(self, name: str) -> type:
         return self.registry.get(name.lower(), self.default_class)
@@ -84,7 +96,11 @@ class ReusedHeaderClasses(HeaderRegistry):
 
     def __call__(self, name: str, value: Any) -> BaseHeader:
         if isinstance(value, str) and len(value) <= CACHED_HEADER_CHARS and name.lower() in CACHED_NAMES:
-            return self._parsed(name, value)  # (a set value may be an Address object: never kept)
+            return self._parsed(name, value, _fallback.get())  # (a set value may be an Address object: never kept)
+        return self._parse(name, value)
+
+    def _parse_as(self, name: str, value: Any, fallback: str) -> BaseHeader:
+        """``_parse`` (``fallback``: the cache's key, the charset it reads raw 8-bit bytes with)."""
         return self._parse(name, value)
 
     def _parse(self, name: str, value: Any) -> BaseHeader:
@@ -123,7 +139,30 @@ def decode_8bit(text: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("cp1252", "replace")
+        return raw.decode(_fallback.get(), "replace")
+
+
+def body_charset(raw: bytes) -> str:
+    """The first charset ``raw`` (a whole mail) names for a part other than ASCII and UTF-8, as Python reads it
+    (``superset_charset``; ISO-8859-1 as Windows-1252, as ``headers.readable`` does); else Windows-1252."""
+    for found in _CHARSET_PARAM.finditer(raw, 0, 256 * 1024):  # the header block and the first parts
+        try:
+            name = codecs.lookup(found.group(1).decode("ascii")).name
+        except (LookupError, UnicodeDecodeError):
+            continue
+        if name not in _NO_HINT:
+            return FALLBACK_CHARSET if name in ("iso8859-1", "latin-1", "cp1252") else superset_charset(name)
+    return FALLBACK_CHARSET
+
+
+@contextlib.contextmanager
+def fallback_charset(charset: str) -> Iterator[None]:
+    """Read raw 8-bit header bytes that are not UTF-8 as ``charset`` inside the block (this thread's context)."""
+    token = _fallback.set(charset)
+    try:
+        yield
+    finally:
+        _fallback.reset(token)
 
 
 DEFAULT = policy.default.clone(header_factory=ReusedHeaderClasses())

@@ -47,7 +47,7 @@ from .headers import (
     return_path,
     why,
 )
-from .mailpolicy import DEFAULT, SMTP
+from .mailpolicy import DEFAULT, SMTP, body_charset, fallback_charset
 from .mime_repair import canonical_transfer_encoding
 
 # the MIME tree's parse and bounds lived here: callers and tests still use parse.MAX_PARTS, parse.parse_message
@@ -289,8 +289,14 @@ def summarize_message(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[
 
     ``limits`` gives max_attachment_bytes and max_mime_depth. ``return_path`` is the envelope sender the
     gateway recorded (see ``return_path``); ``from``/``from_name`` are the header's, for display.
-    Raises ParseError (reason malformed_email).
+    Raises ParseError (reason malformed_email). Raw 8-bit header bytes that are not UTF-8 are read in the charset
+    the mail names for its text, if any (``mailpolicy.body_charset``).
     """
+    with fallback_charset(body_charset(raw)):
+        return _summarize(raw, work_dir, limits)
+
+
+def _summarize(raw: bytes, work_dir: Path, limits: IngestConfig) -> dict[str, Any]:
     msg = parse_message(raw, limits.max_mime_depth)
     envelope = return_path(msg)
     machine_made = automated(msg)
