@@ -52,7 +52,7 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     """
     msg = _parse_repaired(raw, max_depth)
     if not [name for name in msg.keys() if name.lower() not in TRACE_HEADERS]:  # the gateway writes Return-Path
-        if raw.lstrip()[:8] == OLE_MAGIC or OLE_MAGIC in raw[:4096]:
+        if OLE_MAGIC in raw[:4096]:
             raise ParseError("not an email: an Outlook .msg file or another Office compound file (save the mail "
                              "as .eml, or forward it)")
         raise ParseError("not an email: no header block (is this raw MIME?)")
