@@ -219,7 +219,10 @@ class DaskExecutor:
 
     def timeout_error(self, ours: Future[Any], timeout_s: float) -> ClusterUnavailableError | None:
         """The cluster's error for a try of ours that timed out before any worker announced its start; None for a
-        try that started (its timeout is the task's) or is not ours. The try is released, so it never runs late."""
+        try that started (its timeout is the task's) or is not ours. The try is released at the scheduler, so it
+        does not run late once the release has reached it; a worker that frees up while the release is still on
+        its way may start it all the same (seen once, beside two CPU-bound processes: tests/test_dask.py's
+        test_a_try_times_out_as_timeout_only_if_a_worker_started_it), and its result is then thrown away."""
         with self._lock:
             key = self._key_of.get(ours)
             if key is None or key in self._began:
