@@ -69,8 +69,9 @@ class RunnerConfig:
     # ingest_pdf waits for an extraction worker on threads of its own, engine.max_active_runs x ingest.workers of
     # them (with fair_by_mail every active mail's PDFs find one, and the workers' fair queue orders them; without
     # it, ingest_pdf stays on thread_workers), not on thread_workers:
-    # ten mails of slow PDFs held all 16 and the next mail's parse and PDF waited 19 s for them (notebook 10's
-    # head_of_line_crowd measures both ways); off: ingest_pdf shares thread_workers (before). With ingest.isolate
+    # ten mails of slow PDFs held all 16, and the next mail's parse waited for one of their PDFs to end (notebook
+    # 10's head_of_line_crowd measures this with ingest.newcomer_s, both off and on); off: ingest_pdf shares
+    # thread_workers (before). With ingest.isolate
     # off (text extracted on the thread itself) or on Dask it never applies
     extract_pool: bool = True
     process_workers: int = 2

@@ -18,7 +18,6 @@ from ..errors import (
     FileGoneError,
     IngestError,
     MachineShortError,
-    NotReadError,
     ParseError,
     PdfTooLargeError,
     PermissionRefusedError,
@@ -31,8 +30,7 @@ from ..errors import (
 # on a 600 MB Flate bomb): the process dies of SIGABRT with faulthandler's "Fatal Python error: Aborted" and a
 # stack inside pypdfium2; C++ code that lets std::bad_alloc escape aborts the same way.
 MEMORY_EVIDENCE = ("MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory")
-_ERRORS = {cls.__name__: cls for cls in (CorruptPdfError, EncryptedPdfError, PdfTooLargeError, NotReadError,
-                                         IngestError)}
+_ERRORS = {cls.__name__: cls for cls in (CorruptPdfError, EncryptedPdfError, PdfTooLargeError, IngestError)}
 # errors made from a message alone: a malformed mail, and a file call of the worker's the OS failed (a permission
 # refused or a file moved away is retried for a while, a machine short of room makes the run wait)
 _MESSAGE_ONLY: dict[str, Callable[[str], PipelineError]] = {cls.__name__: cls for cls in (

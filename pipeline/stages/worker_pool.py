@@ -10,9 +10,9 @@ parse (it unblocks a whole run), then to a run (all its jobs so far), then to a
 job, that has had less worker time by level: under ``newcomer_s`` (the job's, from
 ``[ingest] newcomer_s``, about one slice), under ``LONG_JOB_S``, or more; then to
 the oldest. (With the one level at ``LONG_JOB_S``, ten mails of slow PDFs each had
-5 s of the workers before a one-page mail after them had any: it waited 19-20 s,
-10 s with ``newcomer_s``, 0.2-0.5 s with it and ``[runner] extract_pool``; the
-audit's ``head_of_line_crowd`` measures both ways.)
+5 s of the workers before a one-page mail after them had any: the audit's
+``head_of_line_crowd`` measures it with ``newcomer_s`` and ``[runner] extract_pool``
+both off and both on.)
 (Fair by job alone, a mail of several slow PDFs took both lanes from a
 one-page PDF mailed a second after it, which waited while they all took their
 turns: the audit's hostile part ``head_of_line_many`` measures both ways. A
