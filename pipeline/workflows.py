@@ -90,7 +90,7 @@ def ingest_pdf_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:
         log.info("run %s: a late try of %s ended after its run; its text was deleted", ctx.run_id, ctx.task_id)
     return {"name": item["name"], "pages": result.pages, "words": result.words, "chars": result.chars,
             "has_text": result.has_text, "text_path": result.text_path, "seconds": result.seconds,
-            "pages_failed": result.pages_failed, "title": result.title}
+            "pages_failed": result.pages_failed, "title": result.title, "pages_unmapped": result.pages_unmapped}
 
 
 def build_digest_task(ctx: TaskContext, settings: Settings) -> dict[str, Any]:

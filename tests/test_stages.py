@@ -54,6 +54,17 @@ def test_summary_is_deterministic_and_in_document_order():
     assert "Cats sleep." not in first  # too short to be a sentence worth quoting
 
 
+def test_digest_names_pages_whose_fonts_have_no_unicode_map_in_a_document_with_text():
+    doc = {"name": "mixed.pdf", "size": 1, "pages": 12, "words": 900, "has_text": True, "pages_unmapped": 3,
+           "summary": ["A sentence of the readable pages."]}
+    rendered = digest.render_digest({"subject": "s", "from": "a@example.com"}, [doc])
+    assert "mixed.pdf: 12 pages, 900 words (the text of 3 pages cannot be read: its fonts map" in rendered.text
+    assert "    A sentence of the readable pages." in rendered.text
+    assert "; the text of 3 pages cannot be read" in rendered.html
+    one = digest.render_digest({"subject": "s", "from": "a@example.com"}, [{**doc, "pages_unmapped": 1}])
+    assert "(the text of 1 page cannot be read" in one.text
+
+
 def test_digest_escapes_user_text_in_html():
     email = {"subject": "<script>alert(1)</script>", "from": "a@example.com", "skipped": ["<b>x</b>.doc"]}
     docs = [{"name": "<img src=x onerror=y>.pdf", "size": 1, "error": "corrupt", "message": "<bad> & worse"}]

@@ -74,9 +74,12 @@ def test_sentences_end_at_sentence_ends_only():
 
 def test_pick_title_rejects_junk_and_falls_back_to_the_first_heading():
     assert pick_title("  An  Introduction to R ", "") == "An Introduction to R"
-    for junk in ("", "untitled", "report.docx", "Microsoft Word - x", "12"):
+    for junk in ("", "untitled", "report.docx", "Microsoft Word - x", "12", "Untitled - Notepad", "notes.txt - Notepad",
+                 "Untitled document", "Untitled-1", "Document1", "Book1", "Microsoft Excel - Book1", "Presentation3"):
         assert pick_title(junk, "\n\nQuarterly Report\nThe body starts here.") == "Quarterly Report"
     assert pick_title(None, "The first line is a sentence.\n1\n") == ""
+    for title in ("Untitled Territories of the North", "Documenting Rivers", "Book of Hours", "Notepad Tips"):
+        assert pick_title(title, "Heading") == title  # the words alone make no junk
 
 
 def _long_text(tmp_path: Path, pages: int) -> Path:

@@ -171,6 +171,30 @@ def test_a_font_whose_codes_are_surrogates_costs_those_codes_not_the_document(tm
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_font_without_a_unicode_map_is_counted_not_taken_for_a_scan(tmp_path, engine):
+    """pdf.js bug1001080: a page whose characters come out as glyph numbers (control codes) has no words, and
+    its digest said "no text layer: scanned images?"; the pages are now counted apart from scans."""
+    result = ingest(tmp_path, fx.identity_font_pdf(list(range(1, 30))), engine)
+    assert (result.pages, result.words, result.has_text, result.pages_unmapped) == (1, 0, False, 1)
+    result = ingest(tmp_path, fx.identity_font_pdf([1, 2, 3, 0x20, *b"Plain words"]), engine)
+    assert (result.has_text, result.pages_unmapped) == (True, 0)  # some letters: the page has text
+    assert ingest(tmp_path, fx.image_pdf(1), engine).pages_unmapped == 0  # a scan: nothing at all
+
+
+def test_the_digest_tells_unreadable_fonts_from_scans_over_smtp(service_factory, smtp_sink):
+    service = service_factory()
+    raw = fx.email_with([("glyphs.pdf", fx.identity_font_pdf(list(range(1, 30)))), ("scan.pdf", fx.image_pdf(1))],
+                        message_id="<glyphs@x>")
+    run = service.engine.wait(send(service, raw), timeout=120)
+    assert run.state == "success", run.reason
+    digest = smtp_sink[0].wait_for(1)[0]
+    text, html = (digest.get_body((kind,)).get_content() for kind in ("plain", "html"))
+    assert "glyphs.pdf: 1 page, 0 words (text that cannot be read: its fonts map" in text, text
+    assert "scan.pdf: 1 page, 0 words (no text layer: scanned images?)" in text, text
+    assert "<p>Text that cannot be read: its fonts map" in html and "<p>No text layer: scanned images?</p>" in html
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_rotated_pages_lines_read_top_to_bottom(tmp_path, engine):
     """PDFium gave a /Rotate 90 page's lines bottom to top, which scrambled the summary of a rotated spec."""
     import io

@@ -101,7 +101,7 @@ def join_parts(parts: list[Path], results: list[PdfText], text_path: Path, secon
     page_error = next((r.page_error for r in results if r.page_error), "")
     return PdfText(results[0].pages, words, sum(r.chars for r in results), str(text_path), words > 0, seconds,
                    sum(r.pages_failed for r in results), page_error, results[-1].end_page,
-                   next((r.title for r in results if r.title), ""))
+                   next((r.title for r in results if r.title), ""), sum(r.pages_unmapped for r in results))
 
 
 def _extract_fairly(pdf_path: Path, text_path: Path, limits: IngestConfig) -> PdfText:

@@ -56,6 +56,7 @@ class PdfText:
     page_error: str = ""  # the first of those errors, e.g. "page 2: PDFium: Failed to load page."
     end_page: int = 0  # one past the last page this result covers (0-based)
     title: str = ""  # the document's title (metadata, else the first page's heading); set by the part with page 1
+    pages_unmapped: int = 0  # pages whose characters map to no letter (fonts without a Unicode map): not scans
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _Progress:
     count: int = 0
     first: str = ""
     first_page_text: str = ""  # the text of the document's first page, when this request read it
+    unmapped: int = 0  # pages whose engine text was all control codes: glyph numbers, fonts with no Unicode map
 
     def add(self, number: int, exc: Exception) -> None:
         self.count += 1
@@ -105,7 +107,7 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
         doc.finished = progress.end >= pages  # this worker is unlikely to see the document again
         title = pick_title(doc.metadata_title(), progress.first_page_text) if numbers.start == 0 < pages else ""
     return PdfText(pages, words, chars, str(text_path), words > 0, time.monotonic() - started,
-                   progress.count, progress.first, max(progress.end, numbers.start), title)
+                   progress.count, progress.first, max(progress.end, numbers.start), title, progress.unmapped)
 
 
 def require_a_readable_page(result: PdfText, name: str) -> PdfText:
@@ -270,10 +272,13 @@ def _pages(doc: Any, numbers: range, stops: tuple[float, float], name: str, prog
         with tracing.span("ingest.pages", first=first, document=name):
             for number in range(first, min(first + PAGES_PER_SPAN, numbers.stop)):
                 try:
-                    text = normalize_page(doc.text(number))
+                    raw = doc.text(number)
+                    text = normalize_page(raw)
                 except CorruptPdfError as exc:
                     progress.add(number, exc)
-                    text = ""
+                    raw = text = ""
+                if raw and not text.strip() and not raw.isspace():  # the characters were all controls: they are
+                    progress.unmapped += 1  # glyph numbers (pdf.js bug1001080: 47 on a page), not a missing layer
                 if number == 0:
                     progress.first_page_text = text
                 yield text

@@ -147,8 +147,11 @@ def split_sentences(text: str) -> Iterator[str]:
         yield tail
 
 
-_JUNK_TITLE = re.compile(r"^(untitled|title|document|microsoft word - .*|.*\.(docx?|pdf|tex|dvi|odt|rtf|indd|qxd))$",
-                         re.I)
+# what tools write when the author set none: "Untitled - Notepad" (Windows' Print to PDF), "Untitled document"
+# (Google Docs), "Untitled-1", "Document1", "Book1", "Presentation1", "Microsoft Excel - Book1", a file name
+_JUNK_TITLE = re.compile(r"^(untitled([ -]?\d+| document| - .*)?|.* - notepad|title|(document|book|presentation)\d*"
+                         r"|microsoft (word|excel|powerpoint|office \w+) - .*"
+                         r"|.*\.(docx?|xlsx?|pptx?|txt|pdf|tex|dvi|odt|rtf|indd|qxd))$", re.I)
 
 
 def pick_title(metadata_title: str | None, first_page: str) -> str:
