@@ -52,7 +52,7 @@ def test_a_one_pdf_mail_is_not_queued_behind_every_pdf_of_a_mail_of_many(service
     service = service_factory()
     store = service.store
     slow = fx.slow_pdf(1200, draws=2000)  # minutes of PDFium: each one runs its whole 2 s budget
-    _send(service, fx.email_with([(f"slow{i}.pdf", slow) for i in range(HOSTILE_PDFS)], subject="many",
+    _send(service, fx.email_with([(f"slow{i}.pdf", fx.distinct(slow, i)) for i in range(HOSTILE_PDFS)], subject="many",
                                  message_id="<many@example.com>"))
     assert wait_until(lambda: (run := store.find_run(EMAIL_DIGEST, "<many@example.com>")) is not None
                       and any(t.state == s.RUNNING for t in _ingests(store, run.run_id)), 60)
@@ -80,7 +80,7 @@ def test_a_mails_documents_share_one_budget_and_those_past_it_fail_without_being
     assert service.settings.ingest.mail_timeout_s == 3.0
     store = service.store
     slow = fx.slow_pdf(1200, draws=2000)
-    _send(service, fx.email_with([(f"slow{i}.pdf", slow) for i in range(HOSTILE_PDFS)], subject="many",
+    _send(service, fx.email_with([(f"slow{i}.pdf", fx.distinct(slow, i)) for i in range(HOSTILE_PDFS)], subject="many",
                                  message_id="<capped@example.com>"))
     assert wait_until(lambda: store.find_run(EMAIL_DIGEST, "<capped@example.com>") is not None, 60)
     run = service.engine.wait(store.find_run(EMAIL_DIGEST, "<capped@example.com>").run_id, timeout=240)
@@ -106,7 +106,7 @@ def test_mails_of_slow_pdfs_waiting_for_a_worker_hold_no_thread_the_next_mail_ne
     slow = fx.slow_pdf(1200, draws=2000)
     crowd = [f"<crowd{i}@example.com>" for i in range(3)]
     for message_id in crowd:
-        _send(service, fx.email_with([(f"slow{j}.pdf", slow) for j in range(4)], message_id=message_id))
+        _send(service, fx.email_with([(f"slow{j}.pdf", fx.distinct(slow, j)) for j in range(4)], message_id=message_id))
     def waiting() -> int:
         return sum(t.state == s.RUNNING for mid in crowd if (run := store.find_run(EMAIL_DIGEST, mid))
                    for t in _ingests(store, run.run_id))

@@ -158,7 +158,7 @@ def test_hostile_names_and_headers_stay_harmless(service_factory, smtp_sink):
     msg["Message-ID"] = "<hostile@example.com>"
     msg.set_content("see attached")
     for name in ["../../escape.pdf", "/etc/cron.d/evil.pdf", "x" * 300 + ".pdf", "Résumé 📄.pdf"]:
-        msg.add_attachment(fx.text_pdf(1), maintype="application", subtype="pdf", filename=name)
+        msg.add_attachment(fx.text_pdf(1, seed=len(name)), maintype="application", subtype="pdf", filename=name)
     run = send_and_get_run(service, msg.as_bytes(policy=SMTP))
     assert run.state == "success"
     work = service.settings.data_dir / "work" / str(run.run_id) / "attachments"  # shed once the run ended

@@ -194,15 +194,43 @@ def test_pdfs_as_mailers_in_the_wild_label_them_are_digested_and_mac_file_inform
     raw = _multipart(
         b'Content-Type: application/x-pdf; name="Rechnung"\r\n\r\n' + b64,
         b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        + base64.encodebytes(b"\xef\xbb\xbf\r\n" + b"\x00" * 64 + PDF).replace(b"\n", b"\r\n"),
+        + base64.encodebytes(b"\xef\xbb\xbf\r\n" + b"\x00" * 64 + fx.distinct(PDF, 2)).replace(b"\n", b"\r\n"),
         b'Content-Type: multipart/appledouble; boundary="A"\r\n\r\n--A\r\n'
         b'Content-Type: application/applefile; name="report.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
-        b"AAUWBwACAAA=\r\n--A\r\n" + pdf_part(b"report.pdf") + b"\r\n--A--")
+        b"AAUWBwACAAA=\r\n--A\r\n" + pdf_part(b"report.pdf", fx.distinct(PDF, 3)) + b"\r\n--A--")
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["Rechnung", "attachment-2", "report.pdf"]
-    assert all(Path(a["path"]).read_bytes().endswith(PDF) for a in info["attachments"])
+    assert all(Path(a["path"]).read_bytes().startswith(PDF) for a in info["attachments"])
     assert info["skipped"] == [{"name": "report.pdf", "reason": "not a PDF (application/applefile: Mac file "
                                                                 "information)"}]
+
+
+def test_the_same_pdf_attached_twice_is_digested_once_and_the_copy_listed(tmp_path):
+    """A forward with the original re-attached, a ZIP holding the attached PDF, the same file under another
+    name: each copy was extracted and digested again. A copy is listed, naming the document it repeats."""
+    import io
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("inner.pdf", PDF)
+    other = fx.text_pdf(1, seed=2)
+    raw = _multipart(pdf_part(b"report.pdf"), pdf_part(b"other.pdf", other), pdf_part(b"copy.pdf"),
+                     b"Content-Type: application/zip; name=a.zip\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                     + base64.encodebytes(archive.getvalue()), pdf_part(b"again.pdf", b"\r\n\r\n" + other))
+    info = parse.summarize_message(raw, tmp_path, LIMITS)
+    assert [a["name"] for a in info["attachments"]] == ["report.pdf", "other.pdf"]
+    assert info["skipped"] == [{"name": "copy.pdf", "reason": "the same file as report.pdf, digested above"},
+                               {"name": "inner.pdf", "reason": "the same file as report.pdf, digested above"},
+                               {"name": "again.pdf", "reason": "the same file as other.pdf, digested above"}]
+    assert sorted(p.name for p in (tmp_path / "attachments").iterdir()) == ["000-report.pdf", "001-other.pdf"]
+
+
+def test_copies_of_a_pdf_over_the_size_limit_are_each_rejected(tmp_path):
+    raw = _multipart(pdf_part(b"big.pdf"), pdf_part(b"big-copy.pdf"))
+    info = parse.summarize_message(raw, tmp_path, IngestConfig(max_attachment_bytes=len(PDF) - 1))
+    assert [(a["name"], a["path"], "over the" in a["rejected"]) for a in info["attachments"]] == [
+        ("big.pdf", None, True), ("big-copy.pdf", None, True)]
 
 
 def test_what_a_part_or_a_pdf_title_says_reaches_the_digest_without_control_characters(tmp_path):

@@ -186,7 +186,7 @@ def test_a_mail_of_hundreds_of_pdfs_keeps_its_result_small_and_says_how_many_wer
     from pipeline.store import MAX_INLINE_OUTPUT
 
     pdf = fx.text_pdf(1)
-    raw = fx.email_with([(f"{i:03d}-" + "n" * 96 + ".pdf", pdf) for i in range(300)])
+    raw = fx.email_with([(f"{i:03d}-" + "n" * 96 + ".pdf", fx.distinct(pdf, i)) for i in range(300)])
     info = summary(raw, tmp_path)
     assert len(json.dumps(info)) <= parse.RESULT_BUDGET < MAX_INLINE_OUTPUT
     kept = len(info["attachments"])
@@ -224,7 +224,7 @@ def test_raw_8bit_file_names_and_subjects_read_as_utf8_or_else_windows_1252(tmp_
                   b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\""
                   + raw("caf\u00e9.pdf") + b"\"\r\n\r\n" + PDF + b"\r\n--B\r\n"
                   b"Content-Type: application/pdf; name=\"" + raw("\u20ac \u00fcber.pdf") + b"\"\r\n\r\n"
-                  + PDF + b"\r\n--B--\r\n")
+                  + fx.distinct(PDF, 2) + b"\r\n--B--\r\n")
     info = summary(mail_bytes, tmp_path)
     assert info["subject"] == "Caf\u00e9 \u20ac"
     assert [a["name"] for a in info["attachments"]] == ["caf\u00e9.pdf", "\u20ac \u00fcber.pdf"]
@@ -301,7 +301,7 @@ def test_a_charset_label_is_read_as_its_superset_like_mail_readers_do(tmp_path, 
            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
            b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"" + word + b".pdf\"\r\n\r\n"
            + PDF + b"\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
-           b"filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + PDF + b"\r\n--B--\r\n")
+           b"filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + fx.distinct(PDF, 2) + b"\r\n--B--\r\n")
     info = summary(raw, tmp_path)
     assert (info["subject"], info["from_name"]) == (text, text)
     assert [a["name"] for a in info["attachments"]] == [text + ".pdf"] * 2

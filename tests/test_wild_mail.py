@@ -155,7 +155,7 @@ def test_a_forward_labelled_base64_but_sent_in_clear_is_read_as_sent(tmp_path):
 def test_a_boundary_right_under_the_headers_keeps_every_part(tmp_path):
     two = (b"--B\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
            + B64 + b"--B\r\nContent-Type: application/pdf; name=\"b.pdf\"\r\nContent-Transfer-Encoding: base64\r\n"
-           b"\r\n" + B64)
+           b"\r\n" + base64.encodebytes(fx.distinct(PDF, 2)).replace(b"\n", b"\r\n"))
     raw = mail(b"Subject: no blank line\r\n", two).replace(b"boundary=\"B\"\r\n\r\n--B", b"boundary=\"B\"\r\n--B", 1)
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["a.pdf", "b.pdf"]

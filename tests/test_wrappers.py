@@ -111,8 +111,8 @@ def test_a_zip_of_many_pdfs_is_read_up_to_a_budget_and_the_rest_listed(tmp_path)
     (a bomb of a thousand members: a thousand times the limit)."""
     from pipeline.stages.wrappers import ARCHIVE_BUDGET
 
-    pdf = b"%PDF-1.4\n" + b"0" * 400_000  # 400 KB each, a few KB deflated
-    archive = _zip({f"p{i}.pdf": pdf for i in range(20)}, zipfile.ZIP_DEFLATED)
+    pdf = b"%PDF-1.4\n" + b"0" * 400_000  # 400 KB each, a few KB deflated; each its own (copies are read once)
+    archive = _zip({f"p{i}.pdf": pdf[:-2] + b"%02d" % i for i in range(20)}, zipfile.ZIP_DEFLATED)
     info = _summary(tmp_path, _mail((archive, "application/zip", "many.zip")), max_attachment_bytes=1_000_000)
     read = [a for a in info["attachments"] if not a.get("unread")]
     assert len(read) == ARCHIVE_BUDGET * 1_000_000 // len(pdf)  # 10 of 20 fit the budget
@@ -127,7 +127,7 @@ def test_members_past_the_budget_are_unread_pdfs_only_when_they_may_be_pdfs(tmp_
     not be read (the run partial for pictures); they are listed as not PDFs, and a member named .pdf or with no
     type in its name is still an unread document."""
     pdf = b"%PDF-1.4\n" + b"0" * (1_000_000 - 9)  # four fill the budget exactly
-    files = {f"p{i}.pdf": pdf for i in range(4)} | {"a.jpg": b"\xff\xd8", "b.pdf": pdf, "README": b"x"}
+    files = {f"p{i}.pdf": pdf[:-1] + b"%d" % i for i in range(4)} | {"a.jpg": b"\xff\xd8", "b.pdf": pdf, "README": b"x"}
     info = _summary(tmp_path, _mail((_zip(files), "application/zip", "mixed.zip")), max_attachment_bytes=1_000_000)
     assert [a["name"] for a in info["attachments"] if a.get("unread")] == ["b.pdf", "README"]
     assert [s["name"] for s in info["skipped"]] == ["a.jpg"]

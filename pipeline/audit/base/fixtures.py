@@ -232,6 +232,12 @@ def kerned_pdf_of_size(megabytes: float, seed: int = 1) -> bytes:
     return kerned_pdf(max(1, round(megabytes * 1024 * 1024 / per_page)), seed)
 
 
+def distinct(pdf: bytes, copy: int) -> bytes:
+    """``pdf`` with a comment after its end naming ``copy``: the same document in other bytes, for a mail of many
+    documents (the parse step digests a mail's copies of one file once)."""
+    return pdf + b"%% copy %d\n" % copy
+
+
 def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[], bytes]) -> Path:
     """Return ``directory/<name>-<hash>.<ext>``, building it with ``make()`` only if absent."""
     key = hashlib.sha256(json.dumps({"name": name, **params}, sort_keys=True).encode()).hexdigest()[:12]

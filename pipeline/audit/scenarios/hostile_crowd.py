@@ -51,8 +51,8 @@ def _crowd_once(work: Path, config: dict[str, dict[str, Any]], slow: bytes, norm
     crowd = [f"<crowd-{rep}-{i}@hostile.audit>" for i in range(mails)]
     normal_id = f"<crowd-normal-{rep}@hostile.audit>"
     with serving(work / "data", work, config) as serve:
-        in_clients(timed_sends, [(serve.port, [fx.email_with([(f"slow{j}.pdf", slow) for j in range(pdfs)],
-                                                             message_id=mid)]) for mid in crowd])
+        slow_pdfs = [(f"slow{j}.pdf", fx.distinct(slow, j)) for j in range(pdfs)]  # copies would be read once
+        in_clients(timed_sends, [(serve.port, [fx.email_with(slow_pdfs, message_id=mid)]) for mid in crowd])
         extracting = _wait_extracting(serve.data_dir, crowd, min(mails, 8), 60.0)
         time.sleep(gap_s)
         reply = in_clients(timed_sends, [(serve.port, [fx.email_with([("normal.pdf", normal)],

@@ -265,7 +265,8 @@ def _head_of_line_once(work: Path, config: dict[str, dict[str, Any]], pdfs: tupl
     """One serve: the hostile mail (its PDFs ``pdfs[0]``), then (``gap_s`` after its extraction began) the normal
     one; their runs judged from serve's store, as rows of ``part``."""
     hostile_id, normal_id = f"<hol-hostile-{rep}@hostile.audit>", f"<hol-normal-{rep}@hostile.audit>"
-    hostile = fx.email_with([(f"hostile{i}.pdf", pdf) for i, pdf in enumerate(pdfs[0])], message_id=hostile_id)
+    hostile = fx.email_with([(f"hostile{i}.pdf", fx.distinct(pdf, i)) for i, pdf in enumerate(pdfs[0])],
+                            message_id=hostile_id)
     normal = fx.email_with([("normal.pdf", pdfs[1])], message_id=normal_id)
     with serving(work / "data", work, config) as serve:
         first = in_clients(timed_sends, [(serve.port, [hostile])])[0][0][0]
