@@ -54,6 +54,29 @@ def test_every_pdf_in_a_zip_archive_is_read_and_its_other_files_are_listed(tmp_p
     assert info["skipped"] == [{"name": "notes.txt", "reason": "not a PDF (in a ZIP archive)"}]
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_a_damaged_zip_member_is_an_unread_document_and_the_mails_other_pdfs_are_read(tmp_path, compression):
+    """A prober's find: a damaged deflate stream raised zlib.error (LZMAError for LZMA) through the parse, an
+    untyped failure retried for nothing, and the mail's good PDF was never digested."""
+    archive = bytearray(_zip({"invoice.pdf": fx.text_pdf(3, seed=7)}, compression))
+    for i in range(250, 310):  # inside the member's compressed bytes, as a bit-flipped download
+        archive[i] ^= 0x5A
+    info = _summary(tmp_path, _mail((ONE, "application/pdf", "good.pdf"), (bytes(archive), "application/zip",
+                                                                           "invoices.zip")))
+    [good, damaged] = info["attachments"]
+    assert good["name"] == "good.pdf" and Path(good["path"]).read_bytes() == ONE
+    assert damaged["name"] == "invoice.pdf" and damaged["unread"].startswith("in a ZIP archive that cannot be read (")
+
+
+def test_a_zip_whose_directory_names_an_unknown_version_is_listed_as_unreadable(tmp_path):
+    archive = bytearray(_zip({"invoice.pdf": ONE}))
+    archive[archive.index(b"PK\x01\x02") + 6] = 149  # "version needed to extract" 14.9: NotImplementedError
+    info = _summary(tmp_path, _mail((bytes(archive), "application/zip", "invoices.zip")))
+    assert [(a["name"], a["unread"]) for a in info["attachments"]] == [
+        ("invoices.zip", "a ZIP archive that cannot be read (zip file version 14.9): its files are not read")]
+
+
 def test_a_zip_member_over_the_attachment_limit_is_rejected_without_reading_it_all(tmp_path):
     bomb = _zip({"big.pdf": b"%PDF-1.4\n" + b"0" * 5_000_000}, zipfile.ZIP_DEFLATED)  # a few KB inflating to 5 MB
     info = _summary(tmp_path, _mail((bomb, "application/zip", "big.zip")), max_attachment_bytes=1_000_000)
