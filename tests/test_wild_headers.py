@@ -129,6 +129,19 @@ def test_a_display_name_that_decodes_to_cr_lf_keeps_its_sender(tmp_path, envelop
     assert len(info["attachments"]) == 1
 
 
+@pytest.mark.parametrize("envelope", [ENVELOPE, b""], ids=["smtp", "drop-folder"])
+@pytest.mark.parametrize("sender", [b"ceo@bigbank.example <anna@example.com>",
+                                    b"anna.b@example <anna@example.com>", b"ceo@bigbank.example\r\n <anna@example.com>"])
+def test_an_address_written_as_the_display_name_is_not_taken_for_the_sender(tmp_path, envelope, sender):
+    """A prober's find (the shape of MimeKit's issue358 sample): the email package took the unquoted address in
+    the display name for the mailbox and dropped the bracketed one, so a drop-folder mail's digest went to a
+    third party. The bracketed address is the sender, as mail readers show it."""
+    info = summary(mail(b"From: " + sender + b"\r\n", envelope), tmp_path)
+    assert info["from"] == "anna@example.com" and info["from_name"] in ("ceo@bigbank.example", "anna.b@example")
+    info = summary(mail(b"From: Anna <anna@example.com>, ceo@bigbank.example\r\n", envelope), tmp_path / "two")
+    assert info["from"] == "anna@example.com"  # a list of mailboxes: the first, as before
+
+
 def uuencode(data: bytes, name: str) -> bytes:
     lines = b"".join(binascii.b2a_uu(data[i:i + 45]) for i in range(0, len(data), 45))
     return b"begin 644 " + name.encode() + b"\n" + lines + b"`\nend\n"
