@@ -77,6 +77,37 @@ def test_a_zip_whose_directory_names_an_unknown_version_is_listed_as_unreadable(
         ("invoices.zip", "a ZIP archive that cannot be read (zip file version 14.9): its files are not read")]
 
 
+def test_a_gzip_file_is_read_for_the_one_file_it_holds(tmp_path):
+    """A probe's scan.pdf.gz was an unread document (the run partial), and a DMARC report's .xml.gz too."""
+    import gzip
+
+    damaged = bytearray(gzip.compress(TWO))
+    damaged[40:60] = b"\x00" * 20
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w:gz") as out:
+        info = tarfile.TarInfo("a.pdf")
+        info.size = len(ONE)
+        out.addfile(info, io.BytesIO(ONE))
+    info = _summary(tmp_path, _mail((gzip.compress(ONE), "application/gzip", "scan.pdf.gz"),
+                                    (gzip.compress(b"<feedback/>"), "application/gzip", "report.xml.gz"),
+                                    (bytes(damaged), "application/octet-stream", "two.pdf.gz"),
+                                    (tar.getvalue(), "application/gzip", "docs.tar.gz")))
+    [scan, two, docs] = info["attachments"]
+    assert scan["name"] == "scan.pdf" and Path(scan["path"]).read_bytes() == ONE
+    assert two["name"] == "two.pdf" and two["unread"].startswith("a gzip file that cannot be read (")
+    assert docs["name"] == "docs.tar.gz" and docs["unread"] == "a tar archive (gzip-compressed): its files are not read"
+    assert info["skipped"] == [{"name": "report.xml", "reason": "not a PDF (in a gzip file)"}]
+
+
+def test_a_gzip_bomb_is_cut_at_the_attachment_limit(tmp_path):
+    import gzip
+
+    bomb = gzip.compress(b"%PDF-1.4\n" + b"0" * 5_000_000)  # a few KB inflating to 5 MB
+    [item] = _summary(tmp_path, _mail((bomb, "application/gzip", "big.pdf.gz")),
+                      max_attachment_bytes=1_000_000)["attachments"]
+    assert item["path"] is None and "over the 1,000,000-byte limit" in item["rejected"]
+
+
 def test_a_zip_member_over_the_attachment_limit_is_rejected_without_reading_it_all(tmp_path):
     bomb = _zip({"big.pdf": b"%PDF-1.4\n" + b"0" * 5_000_000}, zipfile.ZIP_DEFLATED)  # a few KB inflating to 5 MB
     info = _summary(tmp_path, _mail((bomb, "application/zip", "big.zip")), max_attachment_bytes=1_000_000)

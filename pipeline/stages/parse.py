@@ -62,12 +62,15 @@ from .mime_tree import (  # noqa: F401
 )
 from .uuencode import uuencoded_files
 from .wrappers import (
+    GZIP,
     NO_PDF_IN_ZIP,
+    NOT_A_PDF_IN_GZIP,
     NOT_A_PDF_IN_ZIP,
     NOT_READ,
     UNREAD_CONTAINERS,
     ZIP,
     archive_files,
+    gzip_files,
     may_be_pdf,
     wrapper_kind,
 )
@@ -171,8 +174,8 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
             pdf = pdf_in_body(payload)  # an empty one (a nested multipart that reused its parent's boundary): nothing
             return name, pdf, "" if pdf is not None or not payload.strip() else NO_PDF_WITHOUT_BOUNDARY
         wrapped = wrapper_kind(part, payload)
-        if wrapped == ZIP:
-            return name, payload, ZIP  # its PDFs are read (_extract_into)
+        if wrapped in (ZIP, GZIP):
+            return name, payload, wrapped  # its PDFs are read (_extract_into)
         if wrapped:
             return name, None, f"{wrapped}: {NOT_READ}"
         if is_pdf(part, payload):  # a scanner's base64 PDF without a Content-Transfer-Encoding: decoded here
@@ -224,13 +227,15 @@ def _extract_into(msg: EmailMessage, dest: Path, limits: IngestConfig, pdfs: lis
                 pdfs.append(_unread(None, unread, len(pdfs) + len(skipped)))
             continue
         raw_name, payload, reason = read_leaf(part)
-        if reason == ZIP:
-            for member, data, why in archive_files(payload or b"", limits.max_attachment_bytes, named_pdf(part)):
+        if reason in (ZIP, GZIP):
+            files = archive_files(payload or b"", limits.max_attachment_bytes, named_pdf(part)) if reason == ZIP \
+                else gzip_files(payload or b"", limits.max_attachment_bytes, raw_name)
+            for member, data, why in files:
                 _count_file(pdfs, skipped)
                 if data is not None:
                     _add_pdf(member, data, dest, limits, pdfs, skipped, seen)
-                elif not why.startswith((NOT_A_PDF_IN_ZIP, NO_PDF_IN_ZIP)) and may_be_pdf(member):  # encrypted,
-                    # damaged, past the budget; an archive labelled or named a PDF with no PDF in it
+                elif not why.startswith((NOT_A_PDF_IN_ZIP, NO_PDF_IN_ZIP, NOT_A_PDF_IN_GZIP)) and may_be_pdf(member):
+                    # encrypted, damaged, past the budget; an archive labelled or named a PDF with no PDF in it
                     pdfs.append(_unread(member or raw_name, why, len(pdfs) + len(skipped)))
                 else:
                     skipped.append({"name": display_name(member or raw_name, len(pdfs) + len(skipped)),

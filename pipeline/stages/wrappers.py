@@ -1,5 +1,5 @@
-"""Parts that wrap other files: a ZIP archive's PDFs are read; other wrappers are named in the digest as not read,
-never taken for a PDF themselves.
+"""Parts that wrap other files: a ZIP archive's PDFs and a gzip file's one file are read; other wrappers are named
+in the digest as not read, never taken for a PDF themselves.
 
 Files that may be PDFs and are not read (a wrapper, a part of a split message, a damaged ZIP archive, a member that
 is encrypted or past the archive's budget) are items of the mail's attachment list with ``unread`` set (``parse``):
@@ -27,6 +27,8 @@ MAX_MEMBERS = 1000  # files read from one archive (the MIME part limit's size)
 ARCHIVE_BUDGET = 4  # an archive's files are read up to this many times max_attachment_bytes in all (a bomb of
 # a thousand deflated members would otherwise write max_attachment_bytes a thousand times to the work dir)
 ZIP = "a ZIP archive"
+GZIP = "a gzip file"  # one file, compressed: read (``gzip_files``)
+NOT_A_PDF_IN_GZIP = "not a PDF (in a gzip file)"
 NOT_READ = "its files are not read"
 NOT_A_PDF_IN_ZIP = "not a PDF (in a ZIP archive)"
 NOT_A_PDF_BUT_ZIP = "not a PDF but a ZIP archive (a Word or other office file?)"
@@ -50,7 +52,7 @@ _TYPES = {
 }
 _MAGIC = (
     (b"PK\x03\x04", ZIP),
-    (b"\x1f\x8b", "a gzip file"),
+    (b"\x1f\x8b", GZIP),
     (b"\x78\x9f\x3e\x22", "an Outlook TNEF wrapper (winmail.dat)"),
     (b"Rar!\x1a\x07", "a RAR archive"),
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
@@ -103,6 +105,24 @@ def archive_files(payload: bytes, max_bytes: int, named_pdf: bool) -> Iterator[t
 # deflate stream, 3,286 of 20,000 fuzzed archives in a probe; OSError for bzip2, LZMAError), NotImplementedError
 # for a version or method field it does not know (a damaged central directory: "zip file version 14.9")
 ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def gzip_files(payload: bytes, max_bytes: int, name: str | None) -> Iterator[tuple[str, bytes | None, str]]:
+    """The one file of a gzip part, as ``zip_members`` gives a member: named as the part without its ``.gz``,
+    decompressed no further than ``max_bytes`` + 1 (a bomb is cut there, and refused as too large). A probe's
+    scan.pdf.gz was an unread document, and a DMARC report's .xml.gz made its run partial."""
+    inner = (name or "")[:-3] if (name or "").lower().endswith(".gz") else name or ""
+    try:
+        data = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(payload, max_bytes + 1)
+    except zlib.error as exc:
+        yield inner, None, f"a gzip file that cannot be read ({exc}): {NOT_READ}"
+        return
+    if data[257:262] == b"ustar":
+        yield "", None, f"a tar archive (gzip-compressed): {NOT_READ}"  # under the part's name: it may hold PDFs
+    elif data[:5] == b"%PDF-" or inner.lower().endswith(".pdf"):
+        yield inner, data, ""
+    else:
+        yield inner, None, NOT_A_PDF_IN_GZIP
 
 
 def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
