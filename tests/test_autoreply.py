@@ -76,6 +76,22 @@ def _multipart(outer: str, parts: list[tuple[str, str]]) -> bytes:
             ).encode()
 
 
+@pytest.mark.parametrize(("subject", "headers", "kind"), [
+    ("Report Domain: example.com Submitter: google.com Report-ID: <1234567890>", "", "report"),
+    ("[Preview] Report Domain: example.com Submitter: mimecast.org Report-ID: x", "", "report"),
+    ("SMTP TLS Report", "TLS-Report-Domain: example.com\r\nTLS-Report-Submitter: google.com\r\n", "report"),
+    ("Re: Report Domain: example.com Submitter: google.com", "", None),  # a person's answer about one
+    ("Report domains for the submitters", "", None),
+], ids=["dmarc", "dmarc-tagged", "tls-rpt", "a-persons-reply", "plain"])
+def test_dmarc_and_tls_reports_are_machine_made(tmp_path, subject, headers, kind):
+    """A probe's DMARC aggregate reports (no Auto-Submitted) got digests at their robots' addresses."""
+    from pipeline.config import IngestConfig
+
+    mail = raw(headers).replace(b"Subject: hello", b"Subject: " + subject.encode())
+    marked = parse.summarize_message(mail, tmp_path, IngestConfig())["automated"]
+    assert (marked or {}).get("kind") == kind, marked
+
+
 @pytest.mark.parametrize(("outer", "parts", "kind"), [
     ("multipart/mixed", [("text/plain", "could not deliver"), ("message/delivery-status", "Status: 5.1.1")],
      "auto"),
@@ -164,6 +180,14 @@ def test_an_answer_to_a_digest_known_only_by_its_subject_is_answered_only_with_a
     ("bob@example.org", True), ("requester@example.org", True), ("bounty@example.org", True),
     ("anna-owner-relations@example.org", True),  # a reviewer's: people's and shops' own mailboxes are answered
     ("home-owner@example.org", True), ("jean-bounce@example.org", True), ("bounce-house@example.org", True),
+    # a probe's: report robots, a postmaster's bounce, mail services' bounce addresses
+    ("noreply-dmarc-support@google.com", False), ("no-reply@au-1.mimecastreport.com", False),
+    ("Postmaster@mx.example.com", False), ("do-not-reply@example.com", False), ("alerts.noreply@example.com", False),
+    ("bounces+5555-abcd-anna=example.com@em.example.com", False),
+    ("bounce-md_30850198.5e0b2ac2@mandrill.example", False),
+    ("3abc@scoutcamp.bounces.google.com", False), ("anna@bounce.example.com", False),
+    ("noreen@example.org", True), ("replyto@example.org", True), ("anna@bouncer.example.org", True),
+    ("anna@example.bounces", True),
 ])
 def test_no_digest_answers_a_mail_systems_or_a_lists_own_address(mail_from, answered):
     """RFC 3834 2; a prober's bounces from MAILER-DAEMON@host and a list's VERP address each got a digest."""

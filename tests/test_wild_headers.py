@@ -130,8 +130,8 @@ def test_a_display_name_that_decodes_to_cr_lf_keeps_its_sender(tmp_path, envelop
 
 
 @pytest.mark.parametrize("envelope", [ENVELOPE, b""], ids=["smtp", "drop-folder"])
-@pytest.mark.parametrize("sender", [b"ceo@bigbank.example <anna@example.com>",
-                                    b"anna.b@example <anna@example.com>", b"ceo@bigbank.example\r\n <anna@example.com>"])
+@pytest.mark.parametrize("sender", [b"ceo@bigbank.example <anna@example.com>", b"anna.b@example <anna@example.com>",
+                                    b"ceo@bigbank.example\r\n <anna@example.com>"])
 def test_an_address_written_as_the_display_name_is_not_taken_for_the_sender(tmp_path, envelope, sender):
     """A prober's find (the shape of MimeKit's issue358 sample): the email package took the unquoted address in
     the display name for the mailbox and dropped the bracketed one, so a drop-folder mail's digest went to a

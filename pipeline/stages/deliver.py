@@ -84,9 +84,14 @@ NO_USABLE_FROM = "no usable From: address"
 OWN_ADDRESS = "the digest's own sender address"
 CONFIGURED = "delivery.recipient"  # reply_recipient's why for the operator's configured recipient
 # local parts of a mail system's or a list's own addresses (RFC 3834 2): a bounce sent with a sender, a list's
-# owner or request robot, Mailman's return path (x-bounces+anna=example.com@), a VERP one (bounce-x=anna=…@)
-_SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|owner-.+|.+-request|.+-bounces(\+.+)?|bounces?-.+=.+",
+# owner or request robot, Mailman's return path (x-bounces+anna=example.com@), a VERP one (bounce-x=anna=…@);
+# a postmaster, a no-reply robot (noreply-dmarc-support@, no-reply@), a mail service's bounce address
+# (SendGrid's bounces+5555-abcd-anna=example.com@, Mandrill's bounce-md_3085.5e0b@): a probe's got digests
+_SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|postmaster|owner-.+|.+-request|.+-bounces(\+.+)?"
+                           r"|bounces?-.*[=_].*|bounces?\+.+|(.+[-._])?(no-?reply|do-?not-?reply)([-._+].*)?",
                            re.IGNORECASE)
+# a mail service's bounce domain: Google Groups' 3abc@scoutcamp.bounces.google.com
+_SYSTEM_DOMAIN = re.compile(r"(.+\.)?bounces?\..+", re.IGNORECASE)
 
 
 def reply_address(text: str, name: str = "") -> Address:
@@ -144,7 +149,8 @@ def reply_recipient(payload: Mapping[str, Any], email: Mapping[str, Any],
     address, origin = envelope_sender(payload, email)
     if not address:  # bulk or list mail from the drop folder may have no usable From: its mark says why
         return None, str(marked.get("why")) if marked else origin
-    if _SYSTEM_LOCAL.fullmatch(address.rpartition("@")[0].strip('"')):
+    local, _, domain = address.rpartition("@")
+    if _SYSTEM_LOCAL.fullmatch(local.strip('"')) or _SYSTEM_DOMAIN.fullmatch(domain.rstrip(">")):
         return None, f"a mail system's or a list's own address ({address}): RFC 3834 2"
     if marked and address.lower() != marked.get("resent_from"):  # bulk or list mail: a list's bounce address
         return None, str(marked.get("why"))                       # unless the person who resent it sent it
