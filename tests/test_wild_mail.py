@@ -283,3 +283,24 @@ def test_a_note_named_eml_that_is_no_mail_is_still_listed(tmp_path):
             b"Content-Disposition: attachment; filename=\"notes.eml\"\r\n\r\nNote: call me\r\n")
     info = parse.summarize_message(mail(b"Subject: notes\r\n", part, boundary=b"F"), tmp_path, LIMITS)
     assert info["skipped"] == [{"name": "notes.eml", "reason": "not a PDF (text/plain)"}]
+
+
+def test_a_second_content_type_naming_the_multipart_is_read(tmp_path):
+    """A probe's find (SpamAssassin's badmime2 has the shape): a stray ``Content-Type: text/plain`` above the real
+    multipart one; the parser reads the first only, and the mail's PDF vanished in a run that succeeded."""
+    raw = mail(b"Content-Type: text/plain\r\n")
+    assert raw.index(b"Content-Type: text/plain\r\n") < raw.index(b"Content-Type: multipart/mixed")
+    assert pdfs(raw, tmp_path) == [PDF]
+    info = parse.summarize_message(mail(b"Content-Type: text/plain\r\n", boundary=b"C").replace(
+        b"--C", b"--D"), tmp_path / "other", LIMITS)  # its delimiter lines are not in the body: text, as before
+    assert info["attachments"] == []
+
+
+def test_base64_encoded_in_padded_pieces_is_decoded_whole(tmp_path):
+    """A probe's find: a script that base64-encodes each 1,000 bytes it reads pads each piece, and the email
+    package stopped at the first padding: the PDF was its first 1,000 bytes, failed "corrupt"."""
+    pieces = b"".join(base64.encodebytes(PDF[i:i + 1000]) for i in range(0, len(PDF), 1000))
+    assert pieces.count(b"=") > 1 and len(PDF) % 1000  # padding inside, not only at the end
+    raw = mail(b"", b"--B\r\nContent-Type: application/pdf; name=\"chunks.pdf\"\r\n"
+                    b"Content-Transfer-Encoding: base64\r\n\r\n" + pieces.replace(b"\n", b"\r\n"))
+    assert pdfs(raw, tmp_path) == [PDF]

@@ -29,6 +29,7 @@ from .mime_repair import (
     BOUNDARY_PARAM,
     attached_mail,
     encoded_forward,
+    later_multipart,
     misread_forward,
     needs_header_repair,
     parts_after_close,
@@ -165,7 +166,8 @@ def walk_parts(msg: EmailMessage, max_depth: int) -> Iterator[EmailMessage]:
         if seen > MAX_PARTS:
             raise ParseError(f"MIME: more than {MAX_PARTS:,} parts")
         # an unquoted boundary the parser cut short ("----=_NextPart_0"): its parts were never found
-        again = resplit_multipart(part) if resplit < MAX_RESPLITS else None
+        # or a multipart named by a second Content-Type header, which the parser does not read
+        again = (resplit_multipart(part) or later_multipart(part)) if resplit < MAX_RESPLITS else None
         if again is not None:
             part, resplit = _reparsed(part, again, max_depth, _parse), resplit + 1
         # a forward attached as a file ("forwarded.eml", application/octet-stream): read as the mail it is

@@ -49,7 +49,7 @@ from .headers import (
     why,
 )
 from .mailpolicy import DEFAULT, SMTP, body_charset, fallback_charset
-from .mime_repair import canonical_transfer_encoding
+from .mime_repair import canonical_transfer_encoding, chunked_base64
 
 # the MIME tree's parse and bounds lived here: callers and tests still use parse.MAX_PARTS, parse.parse_message
 from .mime_tree import (  # noqa: F401
@@ -168,7 +168,7 @@ def read_leaf(part: EmailMessage) -> tuple[str | None, bytes | None, str]:
     try:
         name = attachment_name(part)
         canonical_transfer_encoding(part)
-        payload = part.get_payload(decode=True)
+        payload = chunked_base64(part) or part.get_payload(decode=True)
         payload = payload if isinstance(payload, bytes) else b""
         if part.get_content_maintype() == "multipart":  # is_multipart() is False: no boundary parameter
             pdf = pdf_in_body(payload)  # an empty one (a nested multipart that reused its parent's boundary): nothing
