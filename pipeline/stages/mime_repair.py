@@ -240,7 +240,10 @@ def chunked_base64(part: EmailMessage) -> bytes | None:
     if str(part.get("content-transfer-encoding", "")).strip().lower() != "base64":
         return None
     text = part.get_payload()
-    if not isinstance(text, str) or not _INNER_PADDING.search(text):
+    if not isinstance(text, str):
+        return None
+    first = text.find("=")  # a memchr: the regex from the start took 0.85 ms a MB
+    if first < 0 or not _INNER_PADDING.search(text, first):
         return None
     joined = "".join(text.split())
     try:
