@@ -304,3 +304,11 @@ def test_base64_encoded_in_padded_pieces_is_decoded_whole(tmp_path):
     raw = mail(b"", b"--B\r\nContent-Type: application/pdf; name=\"chunks.pdf\"\r\n"
                     b"Content-Transfer-Encoding: base64\r\n\r\n" + pieces.replace(b"\n", b"\r\n"))
     assert pdfs(raw, tmp_path) == [PDF]
+
+
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"\r\n\r\n", b"\xef\xbb\xbf\n"], ids=["bom", "blank-lines", "both"])
+def test_a_byte_order_mark_or_blank_lines_before_the_headers_are_ignored(tmp_path, prefix):
+    """A probe's finds (files a Windows tool or a script saved): a BOM failed the mail "From: no such header", and
+    blank lines first "not an email: no header block"."""
+    info = parse.summarize_message(prefix + mail(b"Subject: saved\r\n"), tmp_path, LIMITS)
+    assert (info["from"], info["subject"], len(info["attachments"])) == ("alice@example.com", "saved", 1)

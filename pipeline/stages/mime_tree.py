@@ -51,13 +51,20 @@ def parse_message(raw: bytes, max_depth: int = IngestConfig.max_mime_depth) -> E
     Also ParseError for more than MAX_PARTS parts (checked on the raw bytes first, so a mail of
     100,000 empty parts costs a scan, not minutes of parsing) and for nesting too deep to parse.
     """
-    msg = _parse_repaired(raw, max_depth)
+    msg = _parse_repaired(_without_leading_blanks(raw), max_depth)
     if not [name for name in msg.keys() if name.lower() not in TRACE_HEADERS]:  # the gateway writes Return-Path
         if OLE_MAGIC in raw[:4096]:
             raise ParseError("not an email: an Outlook .msg file or another Office compound file (save the mail "
                              "as .eml, or forward it)")
         raise ParseError("not an email: no header block (is this raw MIME?)")
     return msg  # type: ignore[return-value]
+
+
+def _without_leading_blanks(raw: bytes) -> bytes:
+    """``raw`` without a UTF-8 byte-order mark and blank lines before its first header, as a Windows tool or a
+    script saves a mail: a probe's BOM made From: the first header's name's tail ("From: no such header"), and a
+    blank line first read as an empty header block ("not an email")."""
+    return (raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).lstrip(b"\r\n")  # the same object when none
 
 
 def _parse_repaired(raw: bytes, max_depth: int) -> EmailMessage:
