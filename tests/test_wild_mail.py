@@ -222,13 +222,15 @@ def test_an_epilogue_of_closing_delimiters_and_parts_is_read_without_an_untyped_
 
 
 @pytest.mark.parametrize("content_type", [b"application/octet-stream", b"text/plain"])
-def test_a_mail_attached_as_an_eml_file_has_its_pdf_read(tmp_path, content_type):
+@pytest.mark.parametrize("name", [b"Forwarded.EML", b"Original message.msg"])
+def test_a_mail_attached_as_an_eml_file_has_its_pdf_read(tmp_path, content_type, name):
     """A wild-input probe's find: a forward attached as ``forwarded.eml`` (not message/rfc822) was listed "not a
-    PDF (application/octet-stream)", the PDF inside it never read, in a run that succeeded."""
+    PDF (application/octet-stream)", the PDF inside it never read, in a run that succeeded; the next probe's was
+    a mail's text named ``.msg``."""
     inner = base64.encodebytes(mail(b"Subject: the scan\r\n")).replace(b"\n", b"\r\n")
     part = (b"--F\r\nContent-Type: text/plain\r\n\r\nForwarding the scan.\r\n--F\r\n"
-            b"Content-Type: " + content_type + b"; name=\"Forwarded.EML\"\r\n"
-            b"Content-Disposition: attachment; filename=\"Forwarded.EML\"\r\n"
+            b"Content-Type: " + content_type + b"; name=\"" + name + b"\"\r\n"
+            b"Content-Disposition: attachment; filename=\"" + name + b"\"\r\n"
             b"Content-Transfer-Encoding: base64\r\n\r\n" + inner)
     raw = mail(b"Subject: Fwd: scan\r\n", part, boundary=b"F")
     info = parse.summarize_message(raw, tmp_path, LIMITS)

@@ -200,12 +200,13 @@ def parts_after_close(part: EmailMessage) -> bytes | None:
 
 
 def attached_mail(part: EmailMessage) -> bytes | None:
-    """The mail a leaf part named ``*.eml`` carries (decoded), when it begins with a header line; None otherwise."""
+    """The mail a leaf part named ``*.eml`` (or ``*.msg`` with a mail's text in it, as some clients name a forward)
+    carries (decoded), when it begins with a header line; None otherwise."""
     if part.is_multipart() or part.get_content_maintype() in ("multipart", "message"):
         return None
     try:
         name = part.get_filename() or ""
-        payload = part.get_payload(decode=True) if name.lower().rstrip().endswith(".eml") else None
+        payload = part.get_payload(decode=True) if name.lower().rstrip().endswith((".eml", ".msg")) else None
     except HEADER_ERRORS:  # headers it cannot read: read_leaf names them
         return None
     if not isinstance(payload, bytes) or not _FIELD.match(payload.lstrip()[:1000]):
