@@ -171,6 +171,12 @@ def test_a_font_whose_codes_are_surrogates_costs_those_codes_not_the_document(tm
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_an_empty_file_says_so(tmp_path, engine):
+    with pytest.raises(CorruptPdfError, match="an empty file \\(0 bytes\\)"):
+        ingest(tmp_path, b"", engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_font_without_a_unicode_map_is_counted_not_taken_for_a_scan(tmp_path, engine):
     """pdf.js bug1001080: a page whose characters come out as glyph numbers (control codes) has no words, and
     its digest said "no text layer: scanned images?"; the pages are now counted apart from scans."""

@@ -257,3 +257,17 @@ def test_ingest_of_a_word_file_named_pdf_exits_3(tmp_path):
                            str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout)["reason"] == "partial: 1 of 1 ingest_pdf failed (not_read)"
+
+
+def test_a_binhex_file_named_pdf_is_an_unread_document_and_a_certificate_file_is_listed(tmp_path):
+    """A probe's finds: BinHex text named report.pdf failed "corrupt" (PDFium's data format error), and an S/MIME
+    certificates-only .p7c counted as a PDF that could not be read, making its run partial."""
+    binhex = b"(This file must be converted with BinHex 4.0)\r\n:$f*TEQKPH#jdCA0d,R0TG!\r\n"
+    info = _summary(tmp_path, _mail((binhex, "application/pdf", "report.pdf"),
+                                    (b"0\x82\x01\x00", "application/pkcs7-mime", "smime.p7c")))
+    assert [(a["name"], a["unread"]) for a in info["attachments"]] == [
+        ("report.pdf", "a BinHex file: its files are not read")]
+    assert info["skipped"] == [{"name": "smime.p7c", "reason": "not a PDF (application/pkcs7-mime)"}]
+    signed = _summary(tmp_path / "p7m", _mail((b"0\x82\x01\x00", "application/pkcs7-mime", "smime.p7m")))
+    assert [a["unread"] for a in signed["attachments"]] == ["an S/MIME wrapper (signed or encrypted): its files are "
+                                                            "not read"]  # content inside: as before

@@ -90,6 +90,8 @@ def extract_text(pdf_path: Path, text_path: Path, limits: IngestConfig, shard: t
     size = Path(pdf_path).stat().st_size
     if size > limits.max_attachment_bytes:
         raise PdfTooLargeError(f"{size:,} bytes, over the {limits.max_attachment_bytes:,}-byte limit", name)
+    if not size:  # PDFium's "Data format error" said nothing of why (a probe's 0-byte attachment)
+        raise CorruptPdfError("an empty file (0 bytes): the sender's mail program attached nothing", name)
     started = time.monotonic()
     with (documents or OpenDocuments(0)).open(Path(pdf_path), name, limits) as doc:
         pages = doc.loadable_pages(limits.max_pages)  # PDFium trusts /Count: checked once per document

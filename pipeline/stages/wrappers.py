@@ -34,6 +34,7 @@ NOT_A_PDF_IN_ZIP = "not a PDF (in a ZIP archive)"
 NOT_A_PDF_BUT_ZIP = "not a PDF but a ZIP archive (a Word or other office file?)"
 NO_PDF_IN_ZIP = "not a PDF: a ZIP archive with no PDF in it"
 OUTLOOK_MSG = "an Outlook message (.msg)"
+BINHEX = b"(This file must be converted with BinHex"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # a compound file: Outlook's .msg, and old .doc and .xls too
 # containers the parser would walk into as a message or a multipart, whose content is not the mail's files
 UNREAD_CONTAINERS = {
@@ -62,14 +63,19 @@ _MAGIC = (
 def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
     """What wraps the files of this leaf ``part`` ("a ZIP archive", ...), or None for a part that wraps none."""
     kind = _TYPES.get(part.get_content_type())
+    name = (attachment_name(part) or "").lower()
+    if kind and "pkcs7" in part.get_content_type() and (
+            str(part.get_param("smime-type", "")).lower() == "certs-only" or name.endswith(".p7c")):
+        return None  # certificates only, no content (a probe's .p7c made a run partial): listed, not a PDF
     if kind:
         return kind
+    if BINHEX in payload[:1024]:  # a Mac's BinHex text, named .pdf in a probe: it failed "corrupt"
+        return "a BinHex file"
     for magic, what in _MAGIC:
         if payload.startswith(magic):
             return what
     if payload[257:262] == b"ustar":
         return "a tar archive"
-    name = (attachment_name(part) or "").lower()
     if name.endswith(".msg") and payload.startswith(OLE_MAGIC):  # a probe's .msg was a plain "not a PDF"
         return OUTLOOK_MSG
     return "an OpenPGP-encrypted file" if name.endswith((".pgp", ".gpg")) else None
