@@ -4,6 +4,7 @@ listens nowhere and runs only the runs it makes."""
 from __future__ import annotations
 
 import logging
+import mailbox
 import signal
 import threading
 import time
@@ -46,13 +47,20 @@ def _stop_signals_interrupt() -> Iterator[None]:
 INGEST_UNHEALTHY_S = 30.0  # ingest gives up on an engine unhealthy this long: its user waits, serve would not
 
 
-def _as_mail(path: Path) -> bytes:
-    """A file's bytes as a mail (a bare PDF wrapped in one); ConfigurationError naming a file that cannot be read."""
+def _as_mails(path: Path) -> list[bytes]:
+    """A file's bytes as mails: a bare PDF wrapped in one, an mbox split into its messages (a probe's mbox of three
+    was read as its first, the other two lost in its body); ConfigurationError naming a file that cannot be read."""
     try:
         raw = path.read_bytes()
+        if raw.startswith(b"From ") and b"\nFrom " in raw:  # an mbox's envelope line, and a second message
+            box = mailbox.mbox(path, create=False)
+            try:
+                return [box.get_bytes(key) for key in box.iterkeys()] or [raw]
+            finally:
+                box.close()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return wrap_pdf(raw, path.name) if path.suffix.lower() == ".pdf" or raw[:5] == b"%PDF-" else raw
+    return [wrap_pdf(raw, path.name) if path.suffix.lower() == ".pdf" or raw[:5] == b"%PDF-" else raw]
 
 
 def _check_readable(paths: list[Path]) -> None:
@@ -67,7 +75,8 @@ def _check_readable(paths: list[Path]) -> None:
 
 def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0,
                  unhealthy_s: float = INGEST_UNHEALTHY_S) -> list[int]:
-    """Run the workflow synchronously on .eml files (and bare .pdf files); return the run ids in order.
+    """Run the workflow synchronously on .eml files (bare .pdf files, mbox files of many); return the run ids in
+    order.
 
     Always makes new runs (no dedup), so this is also how a message is reprocessed. Runs only the runs it
     makes: other runs queued in the store, and the spool's messages without a run, are left to serve.
@@ -88,8 +97,9 @@ def ingest_files(settings: Settings, paths: list[Path], timeout_s: float = 600.0
             service.start(reconcile=False)
             _check_readable(paths)
             for path in map(Path, paths):
-                run_ids.append(service.gateway.accept(_as_mail(path), source="cli", dedup=False).run_id)
-                service.engine.claim_also(run_ids[-1])
+                for raw in _as_mails(path):
+                    run_ids.append(service.gateway.accept(raw, source="cli", dedup=False).run_id)
+                    service.engine.claim_also(run_ids[-1])
             for run_id in run_ids:
                 _wait_for(service, run_id, timeout_s, unhealthy_s)
             return run_ids

@@ -123,6 +123,22 @@ def test_ingest_command_runs_eml_and_pdf_files(tmp_path, capsys):
     assert again == 0 and json.loads(capsys.readouterr().out)["run_id"] == 3
 
 
+def test_ingest_of_an_mbox_makes_a_run_per_message(tmp_path, capsys):
+    """A probe's find: an mbox of three mails was read as its first, the other two (and their PDFs) lost in its
+    body, and ingest exited 0."""
+    mails = [fx.email_with([(f"doc{i}.pdf", fx.text_pdf(1, seed=i))], message_id=f"<mbox-{i}@x>",
+                           subject=f"From the archive {i}") for i in range(3)]
+    mbox = tmp_path / "archive.mbox"
+    mbox.write_bytes(b"".join(b"From alice@example.com Mon Nov 30 10:00:00 2026\n" + m.replace(b"\r\n", b"\n")
+                              + b"\n" for m in mails))
+    assert main(["--data-dir", str(tmp_path / "data"), "ingest", str(mbox)]) == 0
+    out = capsys.readouterr().out
+    runs = [json.loads(chunk) for chunk in out.replace("}\n{", "}\n\x00{").split("\x00")]
+    assert [r["state"] for r in runs] == ["success"] * 3
+    digests = [p.read_text() for p in (tmp_path / "data" / "outbox" / "new").iterdir()]
+    assert sorted([i for i in range(3) if f"doc{i}.pdf" in d] for d in digests) == [[0], [1], [2]]
+
+
 def test_ingest_exit_code_is_nonzero_when_a_run_fails(tmp_path, capsys):
     bad = tmp_path / "garbage.eml"
     bad.write_bytes(b"no headers here at all\r\n")
