@@ -350,6 +350,40 @@ def test_a_charset_label_is_read_as_its_superset_like_mail_readers_do(tmp_path, 
     assert [a["name"] for a in info["attachments"]] == [text + ".pdf"] * 2
 
 
+@pytest.mark.parametrize(("label", "codec", "text"), [
+    ("windows-874", "cp874", "\u0e43\u0e1a\u0e41\u0e08\u0e49\u0e07\u0e2b\u0e19\u0e35\u0e49"),  # Thai Outlook
+    ("Windows-31J", "cp932", "\u8acb\u6c42\u66f8"), ("x-sjis", "cp932", "\u8acb\u6c42\u66f8"),  # Java
+    ("iso-8859-8-i", "iso8859-8", "\u05de\u05e2\u05e0\u05d4"),
+    ("x-mac-cyrillic", "mac-cyrillic", "\u0421\u0447\u0435\u0442"),
+])
+def test_charset_labels_python_lacks_are_read_as_mail_readers_read_them(tmp_path, label, codec, text):
+    """A probe's finds: subjects and file names labelled windows-874, Windows-31J, iso-8859-8-i, x-mac-cyrillic
+    came out as U+FFFD (Python's codecs know none of these labels)."""
+    data = text.encode(codec)
+    word = f"=?{label}?B?{base64.b64encode(data).decode()}?=".encode()
+    pct = "".join(f"%{b:02X}" for b in data).encode()
+    raw = (ENVELOPE + b"From: alice@example.com\r\nSubject: " + word + b"\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain; charset="
+           + label.encode() + b"\r\n\r\n" + data + b"\r\n--B\r\nContent-Type: application/pdf\r\n"
+           b"Content-Disposition: attachment; filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + PDF + b"\r\n--B--\r\n")
+    info = summary(raw, tmp_path)
+    assert (info["subject"], [a["name"] for a in info["attachments"]]) == (text, [text + ".pdf"])
+
+
+def test_a_character_cut_between_two_encoded_words_is_read_whole(tmp_path):
+    """A probe's find: a mailer cut GB2312 subjects between encoded words mid-character, and each word was decoded
+    alone: "第三季�炔莆癖". RFC 2047 6.2 drops the blanks between adjacent words: their bytes are read together."""
+    text = "\u5173\u4e8e\u7b2c\u4e09\u5b63\u5ea6\u8d22\u52a1\u62a5\u544a"
+    data = text.encode("gb2312")
+    words = b" ".join(b"=?gb2312?B?" + base64.b64encode(data[i:i + 5]) + b"?=" for i in range(0, len(data), 5))
+    assert len(data) % 2 == 0 and 5 % 2  # odd cuts: characters are split
+    raw = ENVELOPE + b"From: alice@example.com\r\nSubject: " + words + b"\r\n\r\nbody\r\n"
+    assert summary(raw, tmp_path)["subject"] == text
+    plain = ENVELOPE + b"From: a@example.com\r\nSubject: =?utf-8?B?" + base64.b64encode("caf\u00e9".encode()) + \
+        b"?= and =?utf-8?B?" + base64.b64encode(b"tea") + b"?=\r\n\r\nbody\r\n"
+    assert summary(plain, tmp_path / "2")["subject"] == "caf\u00e9 and tea"  # words apart: not joined
+
+
 def test_machine_made_mail_from_the_drop_folder_needs_no_usable_from(tmp_path):
     """A wild-input probe's find: a bounce (``From: MAILER DAEMON <>``) through ``ingest`` failed malformed_email,
     "nobody to reply to", though machine-made mail is never answered (by SMTP its run succeeded)."""

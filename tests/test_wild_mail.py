@@ -308,7 +308,8 @@ def test_base64_encoded_in_padded_pieces_is_decoded_whole(tmp_path):
     assert pdfs(raw, tmp_path) == [PDF]
 
 
-@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"\r\n\r\n", b"\xef\xbb\xbf\n"], ids=["bom", "blank-lines", "both"])
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"\r\n\r\n", b"\xef\xbb\xbf\n"],
+                         ids=["bom", "blank-lines", "both"])
 def test_a_byte_order_mark_or_blank_lines_before_the_headers_are_ignored(tmp_path, prefix):
     """A probe's finds (files a Windows tool or a script saved): a BOM failed the mail "From: no such header", and
     blank lines first "not an email: no header block"."""

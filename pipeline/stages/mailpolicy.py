@@ -35,6 +35,7 @@ An RFC 2047 encoded word labelled with a charset mail programs use for a larger 
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import contextlib
 import contextvars
@@ -116,17 +117,52 @@ class ReusedHeaderClasses(HeaderRegistry):
         return super().__call__(name, value)
 
 
-def superset_charset(label: str) -> str:
-    """The charset to read text labelled ``label`` with: its superset (``SUPERSET_CHARSETS``), else ``label``."""
+# labels mail programs write that Python's codecs do not know, as the WHATWG Encoding Standard reads them: Thai
+# Outlook's windows-874, Java's Windows-31J and x-sjis, Hebrew's visual-order iso-8859-8-i, old Mac mailers'
+# x-mac-* (a probe's subjects and file names in these came out as U+FFFD)
+CHARSET_ALIASES = {"windows-874": "cp874", "windows-31j": "cp932", "x-sjis": "cp932", "iso-8859-8-i": "iso8859-8",
+                   "iso-8859-8-e": "iso8859-8", "iso-8859-6-i": "iso8859-6", "iso-8859-6-e": "iso8859-6",
+                   "x-mac-cyrillic": "mac-cyrillic", "x-mac-roman": "mac-roman", "x-mac-greek": "mac-greek",
+                   "x-mac-turkish": "mac-turkish", "x-gbk": "gb18030", "gb_2312-80": "gb18030",
+                   "csgb2312": "gb18030", "chinese": "gb18030", "x-euc-jp": "euc_jp", "x-euc-tw": "big5hkscs"}
+
+
+def codec_name(label: str) -> str | None:
+    """Python's codec name for charset ``label`` (``CHARSET_ALIASES`` first), or None for a label it cannot read."""
     try:
-        return SUPERSET_CHARSETS.get(codecs.lookup(label).name, label)
-    except (LookupError, ValueError):  # an unknown label: the email package says so where it decodes
-        return label
+        return codecs.lookup(CHARSET_ALIASES.get(label.strip().lower(), label)).name
+    except (LookupError, ValueError):
+        return None
+
+
+def superset_charset(label: str) -> str:
+    """The charset to read text labelled ``label`` with: its superset (``SUPERSET_CHARSETS``), else its codec's
+    name; ``label`` itself when unknown (the email package says so where it decodes)."""
+    name = codec_name(label)
+    return label if name is None else SUPERSET_CHARSETS.get(name, name)
+
+
+# adjacent base64 encoded words of one charset (only blanks between them, which RFC 2047 6.2 says to drop)
+_ADJACENT_B_WORDS = re.compile(r"=\?([^?*\s]{1,40})\?[bB]\?[A-Za-z0-9+/=]*\?="
+                               r"(?:[ \t\r\n]+=\?\1\?[bB]\?[A-Za-z0-9+/=]*\?=)+")
+_B_TEXT = re.compile(r"\?[bB]\?([A-Za-z0-9+/=]*)\?=")
 
 
 def wider_charsets(text: str) -> str:
-    """``text`` with the charset of each RFC 2047 encoded word in it replaced by its superset."""
+    """``text`` with the charset of each RFC 2047 encoded word in it replaced by its superset, and adjacent base64
+    words of one charset joined into one: a mailer that cuts a character between two words (a probe's GB2312
+    subject: "第三季�炔莆癖") is read as the words' bytes together, which is what RFC 2047 6.2 displays."""
+    if "?=" in text and _ADJACENT_B_WORDS.search(text):
+        text = _ADJACENT_B_WORDS.sub(_joined_word, text)
     return _ENCODED_WORD.sub(lambda word: "=?" + superset_charset(word.group(1)) + word.group(2), text)
+
+
+def _joined_word(run: re.Match[str]) -> str:
+    try:
+        data = b"".join(binascii.a2b_base64(word + "=" * (-len(word) % 4)) for word in _B_TEXT.findall(run.group(0)))
+    except (binascii.Error, ValueError):  # not base64 after all: as written
+        return run.group(0)
+    return f"=?{run.group(1)}?B?{binascii.b2a_base64(data, newline=False).decode('ascii')}?="
 
 
 def decode_8bit(text: str) -> str:
@@ -146,9 +182,8 @@ def body_charset(raw: bytes) -> str:
     """The first charset ``raw`` (a whole mail) names for a part other than ASCII and UTF-8, as Python reads it
     (``superset_charset``; ISO-8859-1 as Windows-1252, as ``headers.readable`` does); else Windows-1252."""
     for found in _CHARSET_PARAM.finditer(raw, 0, 256 * 1024):  # the header block and the first parts
-        try:
-            name = codecs.lookup(found.group(1).decode("ascii")).name
-        except (LookupError, UnicodeDecodeError):
+        name = codec_name(found.group(1).decode("ascii", "replace"))
+        if name is None:
             continue
         if name not in _NO_HINT:
             return FALLBACK_CHARSET if name in ("iso8859-1", "latin-1", "cp1252") else superset_charset(name)
