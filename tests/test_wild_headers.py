@@ -365,7 +365,8 @@ def test_charset_labels_python_lacks_are_read_as_mail_readers_read_them(tmp_path
     raw = (ENVELOPE + b"From: alice@example.com\r\nSubject: " + word + b"\r\nMIME-Version: 1.0\r\n"
            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain; charset="
            + label.encode() + b"\r\n\r\n" + data + b"\r\n--B\r\nContent-Type: application/pdf\r\n"
-           b"Content-Disposition: attachment; filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + PDF + b"\r\n--B--\r\n")
+           b"Content-Disposition: attachment; filename*=" + label.encode() + b"''" + pct + b".pdf\r\n\r\n" + PDF
+           + b"\r\n--B--\r\n")
     info = summary(raw, tmp_path)
     assert (info["subject"], [a["name"] for a in info["attachments"]]) == (text, [text + ".pdf"])
 
