@@ -371,6 +371,22 @@ def test_charset_labels_python_lacks_are_read_as_mail_readers_read_them(tmp_path
     assert (info["subject"], [a["name"] for a in info["attachments"]]) == (text, [text + ".pdf"])
 
 
+@pytest.mark.parametrize(("disposition", "name"), [
+    (b"attachment; filename=Report Final 2026.pdf", "Report Final 2026.pdf"),
+    (b'attachment; filename="C:\\Users\\anna\\Desktop\\Quarterly report.pdf"', "Quarterly report.pdf"),
+    (b"attachment; filename==?utf-8?q?caf=C3=A9_report.pdf?=", "caf\u00e9 report.pdf"),
+    (b'attachment; filename="a \\"quoted\\" name.pdf"', 'a "quoted" name.pdf'),  # escapes stay escapes
+    (b"attachment; filename=plain.pdf; size=3", "plain.pdf"),
+], ids=["unquoted-blanks", "windows-path", "unquoted-encoded-word", "escaped-quotes", "plain"])
+def test_file_names_as_mailers_write_them(tmp_path, disposition, name):
+    """A probe's finds: an unquoted name with blanks was cut at the first ("Report"), a Windows path in quotes lost
+    its backslashes ("C:UsersannaDesktopQuarterly report.pdf"), an unquoted encoded word gave no name at all."""
+    raw = (ENVELOPE + b"From: alice@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B"
+           b"\r\n\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: " + disposition + b"\r\n\r\n"
+           + PDF + b"\r\n--B--\r\n")
+    assert [a["name"] for a in summary(raw, tmp_path)["attachments"]] == [name]
+
+
 def test_a_character_cut_between_two_encoded_words_is_read_whole(tmp_path):
     """A probe's find: a mailer cut GB2312 subjects between encoded words mid-character, and each word was decoded
     alone: "第三季�炔莆癖". RFC 2047 6.2 drops the blanks between adjacent words: their bytes are read together."""

@@ -180,7 +180,40 @@ def attachment_name(part: EmailMessage) -> str | None:
     name = extended_param(part, "content-disposition", "filename")
     if name is None and part.get_param("filename", None, "content-disposition") is None:
         name = extended_param(part, "content-type", "name")
-    return name if name is not None else part.get_filename()
+    return name if name is not None else _as_written(part, part.get_filename())
+
+
+# a plain name parameter as written: unquoted (up to the next ";"), or quoted
+_RAW_NAME = re.compile(r'(?:^|;)\s*(?:file)?name\s*=\s*(?:"([^"\r\n]*)"|([^";\r\n]+))', re.IGNORECASE)
+
+
+def _decoded_words(text: str) -> str | None:
+    try:
+        return str(make_header(decode_header(wider_charsets(text)))).strip() or None
+    except HEADER_ERRORS:  # an unknown charset: no name, as before
+        return None
+
+
+def _as_written(part: EmailMessage, parsed: str | None) -> str | None:
+    """``parsed`` (the email package's reading of a plain name), or the name as written where the package cut it:
+    an unquoted name with blanks ("filename=Report Final 2026.pdf" was "Report"), or a Windows path in quotes,
+    whose backslashes it read as escapes ("C:UsersannaDesktopQuarterly report.pdf": the file's own name is
+    after the last backslash), or an unquoted encoded word it did not read at all. From a probe's samples
+    (mime4j's multi-2evil, stalwart's legacy mails)."""
+    for header in ("content-disposition", "content-type"):
+        raw = next((str(v) for k, v in part.raw_items() if k.lower() == header), "")
+        found = _RAW_NAME.search(raw[:MAX_HEADER_CHARS]) if "name" in raw.lower() else None
+        if found is None:
+            continue
+        quoted, bare = found.group(1), found.group(2)
+        if not parsed:  # an unquoted encoded word, "filename==?utf-8?q?caf=C3=A9.pdf?=": no name at all
+            return _decoded_words(bare.strip()) if bare and bare.strip().startswith("=?") else parsed
+        if quoted is not None and "\\" in quoted and "\\\"" not in quoted:
+            return quoted.rsplit("\\", 1)[-1].strip() or parsed
+        if bare is not None and " " in bare.strip() and bare.strip().startswith(parsed) and "=?" not in bare:
+            return bare.strip()
+        return parsed
+    return parsed
 
 
 def extended_param(part: EmailMessage, header: str, param: str) -> str | None:
