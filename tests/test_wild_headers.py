@@ -387,6 +387,18 @@ def test_file_names_as_mailers_write_them(tmp_path, disposition, name):
     assert [a["name"] for a in summary(raw, tmp_path)["attachments"]] == [name]
 
 
+def test_raw_utf8_with_one_damaged_byte_stays_utf8(tmp_path):
+    """A probe's find (flanker's russian-attachment-yahoo): one bad byte in a raw UTF-8 file name made the whole
+    name Windows-1252 mojibake ("ÐšÐ°Ñ€Ñ‚Ð¸Ð½ÐºÐ°"); a Windows-1252 name stays Windows-1252."""
+    damaged = "\u041a\u0430\u0440\u0442\u0438\u043d\u043a\u0430".encode() + b"\xff.pdf"
+    raw = (ENVELOPE + b"From: alice@example.com\r\nSubject: caf\xe9\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: application/pdf\r\n"
+           b"Content-Disposition: attachment; filename=\"" + damaged + b"\"\r\n\r\n" + PDF + b"\r\n--B--\r\n")
+    info = summary(raw, tmp_path)
+    assert [a["name"] for a in info["attachments"]] == ["\u041a\u0430\u0440\u0442\u0438\u043d\u043a\u0430\ufffd.pdf"]
+    assert info["subject"] == "caf\u00e9"
+
+
 def test_a_character_cut_between_two_encoded_words_is_read_whole(tmp_path):
     """A probe's find: a mailer cut GB2312 subjects between encoded words mid-character, and each word was decoded
     alone: "第三季�炔莆癖". RFC 2047 6.2 drops the blanks between adjacent words: their bytes are read together."""

@@ -166,8 +166,10 @@ def _joined_word(run: re.Match[str]) -> str:
 
 
 def decode_8bit(text: str) -> str:
-    """``text`` with its raw 8-bit bytes (surrogate escapes) read as UTF-8, or else as Windows-1252 (what a mail
-    without a charset label most often is); ``text`` itself when it has none."""
+    """``text`` with its raw 8-bit bytes (surrogate escapes) read as UTF-8, or else in the mail's charset
+    (``fallback_charset``; Windows-1252, what a mail without a charset label most often is); ``text`` itself when
+    it has none. UTF-8 with a damaged byte or two (at least two good characters beyond ASCII for each bad byte)
+    is still UTF-8: a probe's Cyrillic file names with one bad byte came out whole as Windows-1252 mojibake."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate no byte gave (set by code, not parsed): nothing to read
@@ -175,7 +177,12 @@ def decode_8bit(text: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode(_fallback.get(), "replace")
+        pass
+    lenient = raw.decode("utf-8", "replace")
+    bad = lenient.count("\ufffd")
+    if sum(not c.isascii() for c in lenient) - bad >= 2 * bad:
+        return lenient
+    return raw.decode(_fallback.get(), "replace")
 
 
 def body_charset(raw: bytes) -> str:
