@@ -147,10 +147,12 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     before = _live_children()
     rows = faults.bad_input(tmp_path, timeout_s=240)
     figures = _figures(rows, "bad_input")
-    assert figures["acked"] == 6 and figures["lost"] == 0 and figures["untyped"] == 0
+    probe = {"damaged_zip_beside_pdf", "second_content_type", "base64_in_padded_pieces", "yenc_in_body", "gzip_pdf",
+             "dmarc_report"}
+    assert figures["acked"] == 6 + len(probe) and figures["lost"] == 0 and figures["untyped"] == 0
     cases = {r["tags"]["case"]: r for r in rows if r["metric"] == "case_typed"}
     assert set(cases) == {"damaged_page_pdf", "crlf_encoded_from", "quoted_local_part", "scanner_unindented_fold",
-                          "forward_in_base64", "auto_replied"}
+                          "forward_in_base64", "auto_replied", *probe}
     assert all(r["value"] == 1.0 for r in cases.values()), cases
     # an SMTP mail's From: is only shown, never written into the digest: the hostile one costs nothing
     assert (cases["crlf_encoded_from"]["tags"]["state"], cases["crlf_encoded_from"]["tags"]["digests"]) == \
@@ -160,6 +162,9 @@ def test_bad_inputs_end_with_typed_outcomes(tmp_path):
     assert figures["wild_mail_pdfs_missed"] == 0 and figures["automatic_mail_answered"] == 0
     assert figures["missing_digests"] == 0  # the automatic reply's digest is skipped by design, not missing
     assert cases["auto_replied"]["tags"]["digests"] == 0 and cases["forward_in_base64"]["tags"]["digests"] == 1
+    assert {c: cases[c]["tags"]["pdfs"] for c in probe} == {**dict.fromkeys(probe, 1), "damaged_zip_beside_pdf": 2}
+    assert cases["damaged_zip_beside_pdf"]["tags"]["state"] == "success"  # partial: the member is not_read
+    assert cases["dmarc_report"]["tags"]["digests"] == 0 and cases["yenc_in_body"]["tags"]["digests"] == 1
     # each way a digest comes back (the relay is the gateway; a ticket system; a forwarding rule): the mail and
     # what came back, then quiet; each responder got one digest per mail
     loops = {(r["tags"]["loop"], r["metric"]): r["value"] for r in rows if r["variant"] == "mail_loop"}

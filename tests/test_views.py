@@ -301,7 +301,7 @@ def test_the_fault_table_leaves_out_parts_with_figures_of_their_own_and_the_wild
     rec = AuditRecorder(tmp_path / "audit.duckdb")
     rec.start_session("test")
     rec.record("faults", pd.DataFrame([row("bad_input", "sent", 6, "messages", 0),
-                                       row("bad_input", "wild_mail_pdfs_missed", 0, "pdfs", 0),
+                                       row("bad_input", "wild_mail_pdfs_missed", 0, "pdfs", 0, cases=8),
                                        row("bad_input", "automatic_mail_answered", 0, "digests", 0),
                                        row("mail_loop", "runs_per_mail", 2.0, "runs", 0),
                                        row("mail_loop", "runs_not_ended", 0, "runs", 0),
@@ -309,7 +309,8 @@ def test_the_fault_table_leaves_out_parts_with_figures_of_their_own_and_the_wild
     m = rec.measurements()
     assert list(views.fault_table(m).fault) == ["bad_input"]
     line = views.wild_mail_line(m)
-    assert "0 PDFs missed, 0 automatic replies answered" in line and "2 runs per mail (0 not ended)" in line
+    assert "0 PDFs missed, 0 machine-made mails answered" in line and "2 runs per mail (0 not ended)" in line
+    assert line.startswith("Mail as real clients write it (8 shapes, one PDF each")
     assert "at most 1 digest per mail" in line
     assert views.wild_mail_line(m[m.variant != "mail_loop"]) == ""
 

@@ -155,33 +155,15 @@ def test_a_pdf_uuencoded_in_the_body_is_digested_and_another_file_is_listed(tmp_
     assert info["skipped"] == [{"name": "t.csv", "reason": "not a PDF (uuencoded in the body)"}]
 
 
-def yencode(data: bytes, name: str, line: int = 128) -> bytes:
-    """yEnc as its spec writes it: each byte plus 42, NUL, LF, CR and "=" escaped as "=" and the byte plus 64."""
-    out, column = bytearray(), 0
-    for byte in data:
-        byte = (byte + 42) % 256
-        if byte in (0, 10, 13, 61):
-            out += bytes((61, (byte + 64) % 256))
-            column += 2
-        else:
-            out.append(byte)
-            column += 1
-        if column >= line:
-            out += b"\r\n"
-            column = 0
-    return (b"=ybegin line=%d size=%d name=%s\r\n" % (line, len(data), name.encode()) + bytes(out)
-            + b"\r\n=yend size=%d\r\n" % len(data))
-
-
 def test_a_yenc_pdf_in_the_body_is_digested_and_another_file_is_listed(tmp_path):
     """A probe's find: a yEnc PDF in a text body was lost without a word (the digest: no PDF attachments)."""
-    body = b"Here it is:\r\n\r\n" + yencode(PDF, "invoice 2026.pdf") + b"\r\n" + yencode(b"a,b\n1,2\n", "t.csv")
-    assert b"\n=}\r" in yencode(b"\x13", "eq")  # 0x13 + 42 is "=": escaped, as are NUL, LF and CR
+    body = b"Here it is:\r\n\r\n" + fx.yencoded(PDF, "invoice 2026.pdf") + b"\r\n" + fx.yencoded(b"a,b\n1,2\n", "t.csv")
+    assert b"\n=}\r" in fx.yencoded(b"\x13", "eq")  # 0x13 + 42 is "=": escaped, as are NUL, LF and CR
     info = summary(mail(b"From: alice@example.com\r\n", body=body), tmp_path)
     assert [a["name"] for a in info["attachments"]] == ["invoice 2026.pdf"]
     assert Path(info["attachments"][0]["path"]).read_bytes() == PDF
     assert info["skipped"] == [{"name": "t.csv", "reason": "not a PDF (uuencoded in the body)"}]
-    assert [data for _, data in parse.uuencoded_files(yencode(bytes(range(256)) * 3, "all.bin"))] == [
+    assert [data for _, data in parse.uuencoded_files(fx.yencoded(bytes(range(256)) * 3, "all.bin"))] == [
         bytes(range(256)) * 3]
 
 

@@ -8,10 +8,13 @@ the run store opened read-only-ish, and the Maildir outbox.
 from __future__ import annotations
 
 import base64
+import gzip
+import io
 import logging
 import re
 import sqlite3
 import time
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -314,7 +317,51 @@ def wild_mail_messages() -> list[tuple[str, str, bytes]]:
     auto = fx.email_with([("notice.pdf", pdf)], subject="Out of office", message_id=auto_id).replace(
         b"From: alice@example.com\r\n", b"From: alice@example.com\r\nAuto-Submitted: auto-replied\r\n", 1)
     return [("scanner_unindented_fold", fold_id, fold), ("forward_in_base64", forward_id, forward),
-            ("auto_replied", auto_id, auto)]
+            ("auto_replied", auto_id, auto), *probe_mail_messages(pdf)]
+
+
+MACHINE_CASES = frozenset({"auto_replied", "dmarc_report"})  # cases that must get no digest
+
+
+def probe_mail_messages(pdf: bytes) -> list[tuple[str, str, bytes]]:
+    """``(case, Message-ID, raw)``: the shapes the second wild-mail probe found the PDF lost or the run failed in,
+    each with ``pdf`` to be found: a damaged ZIP beside it (an untyped parse failure), a stray Content-Type
+    above the multipart one, base64 in padded pieces, yEnc in the body, a gzip file; and a DMARC report, which
+    must get no digest."""
+    def mail(case: str, content_type: bytes, body: bytes, subject: bytes = b"probe") -> tuple[str, str, bytes]:
+        mid = f"<{case.replace('_', '-')}@faults.audit>"
+        head = (b"From: alice@example.com\r\nTo: digest@pipeline.local\r\nSubject: " + subject + b"\r\n"
+                b"Message-ID: " + mid.encode() + b"\r\nMIME-Version: 1.0\r\n" + content_type + b"\r\n\r\n")
+        return case, mid, head + body
+
+    def part(headers: bytes, data: bytes) -> bytes:
+        return b"--P\r\n" + headers + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + _b64(data)
+
+    multipart = b'Content-Type: multipart/mixed; boundary="P"'
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("invoice.pdf", fx.text_pdf(3, seed=7))
+    damaged = bytearray(archive.getvalue())
+    damaged[250:310] = bytes(b ^ 0x5A for b in damaged[250:310])  # inside the member's deflate stream
+    pieces = b"".join(base64.encodebytes(pdf[i:i + 1000]) for i in range(0, len(pdf), 1000))
+    return [
+        mail("damaged_zip_beside_pdf", multipart, part(b"Content-Type: application/pdf; name=good.pdf", pdf)
+             + part(b"Content-Type: application/zip; name=invoices.zip", bytes(damaged)) + b"--P--\r\n"),
+        mail("second_content_type", b"Content-Type: text/plain\r\n" + multipart,
+             part(b"Content-Type: application/pdf; name=scan.pdf", pdf) + b"--P--\r\n"),
+        mail("base64_in_padded_pieces", multipart, b"--P\r\nContent-Type: application/pdf; name=chunks.pdf\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\n" + pieces.replace(b"\n", b"\r\n") + b"--P--\r\n"),
+        mail("yenc_in_body", b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit",
+             b"Here it is:\r\n\r\n" + fx.yencoded(pdf, "invoice.pdf")),
+        mail("gzip_pdf", multipart, part(b"Content-Type: application/gzip; name=scan.pdf.gz", gzip.compress(pdf))
+             + b"--P--\r\n"),
+        mail("dmarc_report", multipart, part(b"Content-Type: application/pdf; name=report.pdf", pdf) + b"--P--\r\n",
+             subject=b"Report Domain: example.com Submitter: google.com Report-ID: <1234>"),
+    ]
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
 

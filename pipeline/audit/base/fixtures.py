@@ -238,6 +238,25 @@ def distinct(pdf: bytes, copy: int) -> bytes:
     return pdf + b"%% copy %d\n" % copy
 
 
+def yencoded(data: bytes, name: str, line: int = 128) -> bytes:
+    """``data`` as yEnc writes a file into a text body: each byte plus 42, NUL, LF, CR and "=" escaped as "=" and
+    the byte plus 64, between ``=ybegin`` and ``=yend`` lines."""
+    out, column = bytearray(), 0
+    for byte in data:
+        byte = (byte + 42) % 256
+        if byte in (0, 10, 13, 61):
+            out += bytes((61, (byte + 64) % 256))
+            column += 2
+        else:
+            out.append(byte)
+            column += 1
+        if column >= line:
+            out += b"\r\n"
+            column = 0
+    return (b"=ybegin line=%d size=%d name=%s\r\n" % (line, len(data), name.encode()) + bytes(out)
+            + b"\r\n=yend size=%d\r\n" % len(data))
+
+
 def cached(directory: Path, name: str, params: dict[str, Any], make: Callable[[], bytes]) -> Path:
     """Return ``directory/<name>-<hash>.<ext>``, building it with ``make()`` only if absent."""
     key = hashlib.sha256(json.dumps({"name": name, **params}, sort_keys=True).encode()).hexdigest()[:12]

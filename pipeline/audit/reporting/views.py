@@ -500,9 +500,13 @@ def wild_mail_line(m: pd.DataFrame) -> str:
     answered = r[r.metric == "digests_per_mail"]
     responders = (f"; answered by a responder that ignores RFC 3834 (a ticket system, a forward-as-attachment rule), "
                   f"at most {answered.value.max():g} digest per mail" if len(answered) else "")
-    return (f"Mail as real clients write it (a scanner's unindented fold, a base64 forward, an automatic reply, "
-            f"one PDF each): {figures['wild_mail_pdfs_missed']:g} PDFs missed, {figures['automatic_mail_answered']:g} "
-            f"automatic replies answered. Digests that come back as mail (a relay routing them to the gateway"
+    missed = r[r.metric == "wild_mail_pdfs_missed"]
+    shapes = int(missed.cases.max()) if "cases" in missed and missed.cases.notna().any() else 0
+    return (f"Mail as real clients write it ({shapes or 'several'} shapes, one PDF each: a scanner's unindented fold, "
+            f"a base64 forward, an automatic reply; a damaged ZIP beside the PDF, a stray Content-Type above the "
+            f"multipart one, base64 in padded pieces, yEnc in the body, a gzip file, a DMARC report): "
+            f"{figures['wild_mail_pdfs_missed']:g} PDFs missed, {figures['automatic_mail_answered']:g} "
+            f"machine-made mails answered. Digests that come back as mail (a relay routing them to the gateway"
             f"{', or a responder answering each' if len(answered) else ''}): at most {figures['runs_per_mail']:g} "
             f"runs per mail ({figures['runs_not_ended']:g} not ended) until no run was added (a loop would keep "
             f"growing){responders}.")

@@ -27,6 +27,7 @@ from ... import store as s
 from ..base import fixtures as fx
 from ..base.fakerelay import DROP, Relay, running
 from ..base.faultcheck import (
+    MACHINE_CASES,
     Rows,
     attachment_files,
     bad_input_messages,
@@ -495,9 +496,9 @@ def bad_input(work: Path, timeout_s: float = 300.0) -> Rows:
             replies = sending.wait(timeout_s)
         verdict = judge(serve.data_dir, replies, len(cases), timeout_s)
         outcomes = case_outcomes(serve.data_dir, [(case, mid) for case, mid, _ in cases])
-    wild = {case for case, _, _ in wild_mail_messages()}  # each carries one PDF; auto_replied wants no digest
+    wild = {case for case, _, _ in wild_mail_messages()}  # each carries one PDF; MACHINE_CASES want no digest
     missed = sum(1 - min(o["pdfs"], 1) for o in outcomes if o["case"] in wild)
-    answered = sum(o["digests"] for o in outcomes if o["case"] == "auto_replied")
+    answered = sum(o["digests"] for o in outcomes if o["case"] in MACHINE_CASES)
     return figures("bad_input", verdict, replies, None) + [
         row("bad_input", "case_typed", float(o.pop("typed")), "bool", i, **o) for i, o in enumerate(outcomes)
     ] + [row("bad_input", "wild_mail_pdfs_missed", missed, "pdfs", 0, cases=len(wild)),
