@@ -17,7 +17,9 @@ and the engine reports unhealthy while two such runs (``MACHINE_WITNESSES``) wai
 succeeded since (``MACHINE_FRESH_S``). When others succeed while it waits, the
 machine is not short for them: after ``MACHINE_PATIENCE`` breaks the run fails
 ``task_io`` (one mail too big for the room left must not stop all mail).
-Every write for a claimed run
+A run whose work files an earlier task made are gone (``WorkLostError``: the
+work dir deleted under it) is rebuilt: requeued with every task queued again, so its parse reads the spool
+file anew, at most ``MAX_REBUILDS`` times. Every write for a claimed run
 carries this engine's owner: a run another process took over is left alone.
 
 ``BrokenRuns`` is a part of ``WorkflowEngine`` (it shares the engine's lock, active runs and store): it keeps what
@@ -43,6 +45,7 @@ from .errors import (
     StoreCorruptError,
     StoreError,
     StoreUnavailableError,
+    WorkLostError,
 )
 from .health import backoff_s, one_line
 from .ratelog import RateLimitedLog, cause_of
@@ -51,6 +54,7 @@ from .store import DAGRunStore, RunTakenOver
 from .workdir import shed_run_files
 
 log = logging.getLogger("pipeline.engine")  # the engine's lines: one logger for the operator to watch
+MAX_REBUILDS = 3  # a run whose work files are lost is rebuilt from its spool file this many times, then fails
 MACHINE_FRESH_S = 60.0  # a run broken for the machine keeps the engine unhealthy this long unless it breaks again
 MACHINE_PATIENCE = 3  # breaks for the machine a run waits out while other runs succeed, then it fails task_io
 # runs waiting for the machine before it is unhealthy: one alone may just not fit (and 451 to all mail would keep
@@ -87,6 +91,8 @@ class BrokenRuns:
         self._requeue_notes: dict[int, str] = {}  # run to requeue -> why, for its reason in the store
         self._internal_requeues: dict[int, int] = {}  # run -> requeues for a non-environmental bookkeeping error
         self._env_breaks: dict[int, int] = {}  # run -> breaks by an environmental error (its backoff exponent)
+        self._rebuilds: dict[int, int] = {}  # run -> rebuilds for its work files lost (WorkLostError)
+        self._to_rebuild: set[int] = set()  # broken runs to requeue as rebuilt (every task again)
         self._not_before: dict[int, float] = {}  # requeued broken run -> monotonic time before no run is claimed
         self._store_damage: str | None = None  # set for good once the store reports damaged pages
         self._machine_short: dict[int, _MachineWait] = {}  # run requeued for the machine -> its wait
@@ -134,7 +140,8 @@ class BrokenRuns:
 
     def _forget(self, run_id: int) -> None:
         """Drop what the engine remembers of a run's breaks (call under ``_cond``)."""
-        for memory in (self._internal_requeues, self._env_breaks, self._not_before, self._machine_short):
+        for memory in (self._internal_requeues, self._env_breaks, self._not_before, self._machine_short,
+                       self._rebuilds):
             memory.pop(run_id, None)
 
     def _run_broken(self, run_id: int, exc: Exception) -> None:
@@ -168,6 +175,9 @@ class BrokenRuns:
             # one line per cause per interval: every waiting run's every backoff logged 154 lines in 37 s
             self._log_break(f"waiting for {what}: {cause_of(exc)}", logging.WARNING, None, outcome.startswith("failed"),
                             "run %s: waiting for %s: %s; %s", run_id, what, one_line(exc), outcome)
+        elif isinstance(exc, WorkLostError):  # no bug: someone deleted the work dir (one line per interval)
+            self._log_break(f"work files lost: {cause_of(exc)}", logging.WARNING, None, outcome.startswith("failed"),
+                            "run %s: %s; %s", run_id, one_line(exc), outcome)
         elif isinstance(exc, (StoreError, OSError)):
             # the store's or the disk's fault, shared by every run it breaks: one line per cause per interval (a
             # full disk gave 32 runs a traceback each in one second), a traceback with the first unless the store
@@ -207,8 +217,18 @@ class BrokenRuns:
                 # import a dependency): the run waits, and two such make the engine unhealthy, as a full disk does
                 self._machine_short[run_id] = _MachineWait(time.monotonic(), one_line(exc), self._successes,
                                                            self._successes, 1)
+            rebuilds = self._rebuilds.get(run_id, 0)
+            failure: str | None = None  # the reason the run fails with; None: it is requeued
             if alone:
                 outcome = "failed (task_io: other runs succeeded while it waited, so it alone does not fit)"
+                failure = f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"
+            elif isinstance(exc, WorkLostError) and rebuilds >= MAX_REBUILDS:
+                outcome = f"failed (task_io: its work files were lost {rebuilds + 1} times)"
+                failure = f"task_io: {one_line(exc)} (lost {rebuilds + 1} times)"
+            elif isinstance(exc, WorkLostError):  # requeued with every task again: its parse reads the spool anew
+                self._rebuilds[run_id] = rebuilds + 1
+                self._to_rebuild.add(run_id)
+                outcome = f"rebuilt from its spool file ({rebuilds + 1} of {MAX_REBUILDS})"
             elif environmental:  # never counted: the run waits out the fault, backing off
                 self._env_breaks[run_id] = breaks + 1
                 delay = backoff_s(cfg, breaks + 1)
@@ -218,9 +238,8 @@ class BrokenRuns:
                 self._internal_requeues[run_id] = count + 1
                 outcome = f"requeued ({count + 1} of {cfg.max_internal_requeues})"
             else:
-                outcome = "failed (internal)"
-            self._unsettled[run_id] = f"internal: {one_line(exc)}"[:500] if outcome == "failed (internal)" else \
-                f"task_io: {one_line(exc)} (other runs succeeded meanwhile)"[:500] if alone else None
+                outcome, failure = "failed (internal)", f"internal: {one_line(exc)}"
+            self._unsettled[run_id] = failure and failure[:500]
             if self._unsettled[run_id] is None:  # `show` says why the run waits, not just that it is queued
                 self._requeue_notes[run_id] = f"{outcome} (from {_utc_now()}): {one_line(exc)}"
             self._wake = True
@@ -246,7 +265,9 @@ class BrokenRuns:
                 return  # another thread settled it
             reason = self._unsettled.pop(run_id)
         try:
-            if reason is None:
+            if reason is None and run_id in self._to_rebuild:
+                changed = self.store.rebuild_run(run_id, owner=self.owner, note=self._requeue_notes.get(run_id))
+            elif reason is None:
                 changed = self.store.requeue_run(run_id, owner=self.owner, note=self._requeue_notes.get(run_id))
             else:
                 changed = self.store.finish_run(run_id, s.FAILED, reason, owner=self.owner)
@@ -256,6 +277,7 @@ class BrokenRuns:
             raise
         with self._cond:
             self._requeue_notes.pop(run_id, None)
+            self._to_rebuild.discard(run_id)
             if reason is not None or not changed:
                 self._forget(run_id)
             self._wake = True

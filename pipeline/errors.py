@@ -324,6 +324,13 @@ class FileGoneError(TaskIOError):
     min_retries = 6
 
 
+class WorkLostError(TaskIOError):
+    """A task's tries failed for a file an earlier task of its run made (an attachment, a text), and that file is
+    gone: the run's work dir was deleted or emptied under it (a probe's ``rm -rf data/work`` failed 5 of 6 acked
+    mails for good). Retrying the task cannot bring the file back, so the run is rebuilt: every task queued
+    again, the run requeued, and its parse reads the spool file anew (``DAGRunStore.rebuild_run``)."""
+
+
 # the errnos of a machine short of something; a file gone (ENOENT) is that file's alone
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS})
 PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Future
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import metrics, tracing
@@ -28,11 +30,13 @@ from .config import RunnerConfig
 from .dag import DAG
 from .errors import (
     ClusterUnavailableError,
+    FileGoneError,
     IngestError,
     MachineShortError,
     StepError,
     TaskTimeoutError,
     WorkerCrashedError,
+    WorkLostError,
     showable,
 )
 from .executors import Executors
@@ -62,6 +66,7 @@ class Completion:
     config: RunnerConfig
     executors: Executors
     timers: Timers
+    work_dir: Path
     on_finish: Callable[[int, str], None]
     _instances: dict[str, _Instance]
     _by_task: dict[str, list[str]]
@@ -154,8 +159,18 @@ class Completion:
             # with what went wrong: a greylisting relay and one that never greets logged the same line
             log.info("run %s task %s: try %d failed (%s), retrying in %.1f s: %s", self.run.run_id, instance_id,
                      inst.try_number, reason, wait_s, error[1][:300])
+        elif isinstance(exc, FileGoneError) and self._made_files_gone():
+            raise WorkLostError(f"{instance_id}: files its run's earlier tasks made are gone ({error[1][:300]}); "
+                                "the run starts again from its spool file")  # _guarded breaks it: rebuilt
         else:
             self._finish(instance_id, s.FAILED, error)
+
+    def _made_files_gone(self) -> bool:
+        """Whether a file a finished task of this run made in its work dir (an attachment, a text) is gone."""
+        work = str(self.work_dir)
+        return any(isinstance(path, str) and path.startswith(work) and not os.path.exists(path)
+                   for inst in self._instances.values() if inst.state == s.SUCCESS
+                   for path in _paths(inst.output))
 
     def _retry(self, instance_id: str) -> None:
         self._guarded(self._resubmit, instance_id)
@@ -256,6 +271,18 @@ class Completion:
                 reasons = sorted({inst.error[0] for inst in failed if inst.error} or {"failed"})
                 notes.append(f"{len(failed)} of {len(instances)} {task_id} failed ({', '.join(reasons)})")
         return (s.PARTIAL_PREFIX + "; ".join(notes))[:500] if notes else None
+
+
+def _paths(output: Any, depth: int = 0) -> list[Any]:
+    """The values of ``path`` and ``text_path`` keys anywhere in a task's output (the files it made)."""
+    if depth > 4:
+        return []
+    if isinstance(output, dict):
+        return [output[k] for k in ("path", "text_path") if k in output] + [
+            p for v in output.values() if isinstance(v, (dict, list)) for p in _paths(v, depth + 1)]
+    if isinstance(output, list):
+        return [p for v in output if isinstance(v, (dict, list)) for p in _paths(v, depth + 1)]
+    return []
 
 
 def _message(exc: BaseException) -> str:

@@ -198,6 +198,20 @@ class SqlRunStore(SqlPurge):
             return changed
 
     @retried
+    def rebuild_run(self, run_id: int, now: float | None = None, owner: str | None = None,
+                    note: str | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            changed = self._requeue(conn, run_id, now, owner, give_back=True, note=note)
+            if changed:
+                conn.execute("UPDATE task_runs SET state = 'queued', try_number = 0, started_at = NULL, "
+                             "ended_at = NULL, error_type = NULL, error_message = NULL, output = NULL "
+                             "WHERE run_id = ?", (run_id,))
+                conn.execute(EVENT + ") VALUES (?, '', 0, 'rebuilt', ?)", (run_id, now))
+                self._queued(conn)
+            return changed
+
+    @retried
     def recover_runs(self, is_dead: Callable[[Run], bool], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
         with self._tx() as conn:

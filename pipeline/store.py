@@ -186,6 +186,13 @@ class DAGRunStore:
         """
         raise NotImplementedError
 
+    def rebuild_run(self, run_id: int, now: float | None = None, owner: str | None = None,
+                    note: str | None = None) -> int:
+        """``requeue_run``, with every task of the run queued again as never tried (outputs and errors cleared):
+        its files are gone (``errors.WorkLostError``), so it starts again from its parse. Return 1 if it was
+        rebuilt, 0 if the call did nothing; an event of state ``rebuilt`` (task "") records it."""
+        raise NotImplementedError
+
     def requeue_run(self, run_id: int, now: float | None = None, owner: str | None = None,
                     note: str | None = None) -> int:
         """Put a running run back in the queue, keeping its position; unfinished tasks become queued.

@@ -203,6 +203,46 @@ def test_a_file_gone_is_retried_for_a_while_so_one_moved_back_costs_nothing(stor
     assert task.try_number == FileGoneError.min_retries + 1 and engine.healthy
 
 
+def _make_a_file(ctx):
+    """Write a file into the run's work dir, as parse writes attachments; count the makes beside the payload."""
+    made = Path(ctx.payload["counter"])
+    made.write_text(str(int(made.read_text() or "0") + 1) if made.exists() else "1")
+    path = Path(ctx.work_dir) / "attachments" / "a.pdf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("made by an earlier task")
+    return {"path": str(path)}
+
+
+def _read_it_after_the_work_dir_went(ctx):
+    """Delete the run's work dir (as ``rm -rf data/work`` does) on the first ``lose`` makes, then read the file."""
+    makes = int(Path(ctx.payload["counter"]).read_text())
+    if makes <= ctx.payload["lose"]:
+        import shutil
+
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return Path(ctx.upstream["make"]["path"]).read_text()
+
+
+def test_a_run_whose_work_files_were_deleted_is_rebuilt_from_its_first_task(store, make_engine, tmp_path):
+    """A probe's find: ``rm -rf data/work`` under runs in flight failed 5 of 6 acked mails for good (the task that
+    needed a file an earlier task made retried, as FileGoneError, and could never find it). The run is rebuilt:
+    every task again, from the first (the parse, which reads the spool file). At most MAX_REBUILDS times."""
+    from pipeline.engine_breaks import MAX_REBUILDS
+
+    engine = make_engine(DAG("lost", [Task("make", _make_a_file),
+                                      Task("use", _read_it_after_the_work_dir_went, deps=("make",))]))
+    run = engine.wait(engine.trigger("lost", {"counter": str(tmp_path / "once"), "lose": 1}).run_id, timeout=60)
+    assert run.state == "success", run.reason
+    assert output(store, run.run_id, "use") == "made by an earlier task"
+    assert (tmp_path / "once").read_text() == "2"  # the first task ran again
+    assert store.query("SELECT count(*) FROM task_events WHERE run_id = ? AND task_id = '' AND state = 'rebuilt'",
+                       (run.run_id,)) == [(1,)]
+    always = engine.wait(engine.trigger("lost", {"counter": str(tmp_path / "always"), "lose": 99}).run_id,
+                         timeout=120)
+    assert always.state == "failed" and always.reason.startswith("task_io: ") and "lost 4 times" in always.reason
+    assert (tmp_path / "always").read_text() == str(MAX_REBUILDS + 1) and engine.healthy
+
+
 def test_a_run_that_alone_does_not_fit_fails_task_io_while_the_others_succeed(store, make_engine, tmp_path):
     """A reviewer's find: one mail too big for the room left on the work dir's disk broke again and again, and
     kept the engine unhealthy (451 to all mail) for as long as it existed. Other runs succeeding meanwhile show

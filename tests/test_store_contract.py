@@ -223,6 +223,24 @@ def test_requeue_resets_unfinished_tasks_only(contract_store):
     assert (tasks[1].state, tasks[1].try_number) == ("queued", 1) and tasks[2].state == "queued"
 
 
+def test_rebuild_queues_every_task_as_never_tried_and_only_for_its_owner(contract_store, store_config):
+    run = contract_store.create_run("wf", {})[0]
+    contract_store.claim_next_run("me")
+    contract_store.create_tasks(run.run_id, ["parse", "use"])
+    contract_store.record_transitions([Transition(run.run_id, "parse", "running", 1, 1.0),
+                                       Transition(run.run_id, "parse", "success", 1, 2.0, output_json='{"n": 1}'),
+                                       Transition(run.run_id, "use", "running", 3, 3.0)])
+    assert contract_store.rebuild_run(run.run_id, owner="someone else") == 0
+    assert contract_store.rebuild_run(run.run_id, owner="me", note="its work files were lost") == 1
+    after = contract_store.get_run(run.run_id)
+    assert (after.state, after.reason) == ("queued", "its work files were lost")
+    tasks = contract_store.get_tasks(run.run_id)
+    assert [(t.state, t.try_number, t.output, t.started_at, t.ended_at) for t in tasks] == [
+        ("queued", 0, None, None, None)] * 2
+    assert events(store_config, run.run_id, "")[-2:] == ["queued", "rebuilt"]
+    assert contract_store.rebuild_run(run.run_id, owner="me") == 0  # queued now: nothing to rebuild
+
+
 def test_late_running_does_not_undo_a_timeout(contract_store, store_config):
     run = contract_store.create_run("wf", {})[0]
     contract_store.claim_next_run("me")
