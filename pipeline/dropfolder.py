@@ -78,9 +78,14 @@ class DropFolder:
         self._problems: list[str] = []  # what this pass found wrong with the folder (``one_pass``)
         self._make_dirs()
 
-    def _make_dirs(self) -> None:
+    def _make_dirs(self, again: bool = False) -> None:
+        """Make the folder and its subfolders; ``again`` (it was removed), the folder only where its parent still
+        is: a data dir moved away had its inbox made again at the old path, parents and all, and the operator's
+        move back then landed inside that new data dir (a probe's find)."""
+        if again:
+            self.directory.mkdir(exist_ok=True)  # FileNotFoundError when the parent is gone: a problem, reported
         for sub in SUBDIRS:
-            (self.directory / sub).mkdir(parents=True, exist_ok=True)
+            (self.directory / sub).mkdir(parents=not again, exist_ok=True)
 
     def _identity(self) -> tuple[int, int] | None:
         try:
@@ -111,8 +116,8 @@ class DropFolder:
             log.warning("drop folder %s was removed or replaced, or its watch stopped: making it again and "
                         "watching it anew", self.directory)
         try:
-            self._make_dirs()
-        except OSError as exc:  # a file where a folder goes: scanning new/ (if it is there) goes on
+            self._make_dirs(again=True)
+        except OSError as exc:  # a file where a folder goes, its parent gone: scanning new/ (if there) goes on
             self._problems.append(f"cannot make its folders again: {exc}")
             return
         old, self._observer = self._observer, None

@@ -4,7 +4,7 @@ listens nowhere and runs only the runs it makes."""
 from __future__ import annotations
 
 import logging
-import mailbox
+import re
 import signal
 import threading
 import time
@@ -52,15 +52,17 @@ def _as_mails(path: Path) -> list[bytes]:
     was read as its first, the other two lost in its body); ConfigurationError naming a file that cannot be read."""
     try:
         raw = path.read_bytes()
-        if raw.startswith(b"From ") and b"\nFrom " in raw:  # an mbox's envelope line, and a second message
-            box = mailbox.mbox(path, create=False)
-            try:
-                return [box.get_bytes(key) for key in box.iterkeys()] or [raw]
-            finally:
-                box.close()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if raw.startswith(b"From "):  # an mbox's envelope line: the file may hold several messages
+        return [message for message in _ENVELOPE.split(raw) if message.strip()]
     return [wrap_pdf(raw, path.name) if path.suffix.lower() == ".pdf" or raw[:5] == b"%PDF-" else raw]
+
+
+# an mbox's envelope line ("From alice@example.com Mon Nov 30 10:00:00 2026"), at the start or after a blank line:
+# a body line that merely starts "From " is not one (mailbox.mbox split a saved mail at "From the board: ...")
+_ENVELOPE = re.compile(rb"(?:\A|(?<=\n\n)|(?<=\n\r\n))From \S+ +[A-Z][a-z]{2} [A-Z][a-z]{2} +\d{1,2} \d{1,2}:\d{2}"
+                       rb"[^\n]*\n")
 
 
 def _check_readable(paths: list[Path]) -> None:

@@ -185,9 +185,10 @@ def test_an_answer_to_a_digest_known_only_by_its_subject_is_answered_only_with_a
     ("Postmaster@mx.example.com", False), ("do-not-reply@example.com", False), ("alerts.noreply@example.com", False),
     ("bounces+5555-abcd-anna=example.com@em.example.com", False),
     ("bounce-md_30850198.5e0b2ac2@mandrill.example", False),
-    ("3abc@scoutcamp.bounces.google.com", False), ("anna@bounce.example.com", False),
-    ("noreen@example.org", True), ("replyto@example.org", True), ("anna@bouncer.example.org", True),
-    ("anna@example.bounces", True),
+    ("3abc@scoutcamp.bounces.google.com", False), ("noreen@example.org", True), ("replyto@example.org", True),
+    ("anna@bouncer.example.org", True), ("anna@example.bounces", True),
+    # a reviewer's: someone's own domain or shop
+    ("anna@bounce.com", True), ("sales@bounce.co.uk", True), ("bounce-house_rentals@example.org", True),
 ])
 def test_no_digest_answers_a_mail_systems_or_a_lists_own_address(mail_from, answered):
     """RFC 3834 2; a prober's bounces from MAILER-DAEMON@host and a list's VERP address each got a digest."""

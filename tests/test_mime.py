@@ -220,9 +220,9 @@ def test_the_same_pdf_attached_twice_is_digested_once_and_the_copy_listed(tmp_pa
                      + base64.encodebytes(archive.getvalue()), pdf_part(b"again.pdf", b"\r\n\r\n" + other))
     info = parse.summarize_message(raw, tmp_path, LIMITS)
     assert [a["name"] for a in info["attachments"]] == ["report.pdf", "other.pdf"]
-    assert info["skipped"] == [{"name": "copy.pdf", "reason": "the same file as report.pdf, digested above"},
-                               {"name": "inner.pdf", "reason": "the same file as report.pdf, digested above"},
-                               {"name": "again.pdf", "reason": "the same file as other.pdf, digested above"}]
+    assert info["skipped"] == [{"name": "copy.pdf", "reason": "the same file as report.pdf (above)"},
+                               {"name": "inner.pdf", "reason": "the same file as report.pdf (above)"},
+                               {"name": "again.pdf", "reason": "the same file as other.pdf (above)"}]
     assert sorted(p.name for p in (tmp_path / "attachments").iterdir()) == ["000-report.pdf", "001-other.pdf"]
 
 

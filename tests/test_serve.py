@@ -137,6 +137,15 @@ def test_ingest_of_an_mbox_makes_a_run_per_message(tmp_path, capsys):
     assert [r["state"] for r in runs] == ["success"] * 3
     digests = [p.read_text() for p in (tmp_path / "data" / "outbox" / "new").iterdir()]
     assert sorted([i for i in range(3) if f"doc{i}.pdf" in d] for d in digests) == [[0], [1], [2]]
+    # a reviewer's: one saved mail whose body has a line starting "From " is one mail, its PDF read
+    saved = tmp_path / "saved.eml"
+    body = "Hello,\n\nFrom the board: minutes attached.\n"
+    saved.write_bytes(b"From alice@example.com Mon Nov 30 10:00:00 2026\n" + fx.email_with(
+        [("minutes.pdf", fx.text_pdf(1))], body=body).replace(b"\r\n", b"\n"))
+    assert b"\n\nFrom the board" in saved.read_bytes()
+    assert main(["--data-dir", str(tmp_path / "data"), "ingest", str(saved)]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["state"] == "success" and any(t["task_id"] == "ingest_pdf[0]" for t in run["tasks"])
 
 
 def test_ingest_exit_code_is_nonzero_when_a_run_fails(tmp_path, capsys):

@@ -140,6 +140,9 @@ def test_an_address_written_as_the_display_name_is_not_taken_for_the_sender(tmp_
     assert info["from"] == "anna@example.com" and info["from_name"] in ("ceo@bigbank.example", "anna.b@example")
     info = summary(mail(b"From: Anna <anna@example.com>, ceo@bigbank.example\r\n", envelope), tmp_path / "two")
     assert info["from"] == "anna@example.com"  # a list of mailboxes: the first, as before
+    info = summary(mail(b"From: anna@example.com, bob@other.example <eve@evil.example>\r\n", envelope),
+                   tmp_path / "list")
+    assert info["from"] == "anna@example.com"  # a reviewer's: a list is no display name
 
 
 def uuencode(data: bytes, name: str) -> bytes:
@@ -359,7 +362,10 @@ def test_charset_labels_python_lacks_are_read_as_mail_readers_read_them(tmp_path
     (b"attachment; filename==?utf-8?q?caf=C3=A9_report.pdf?=", "caf\u00e9 report.pdf"),
     (b'attachment; filename="a \\"quoted\\" name.pdf"', 'a "quoted" name.pdf'),  # escapes stay escapes
     (b"attachment; filename=plain.pdf; size=3", "plain.pdf"),
-], ids=["unquoted-blanks", "windows-path", "unquoted-encoded-word", "escaped-quotes", "plain"])
+    ("attachment; filename=R\u00e9sum\u00e9 final.pdf".encode(), "R\u00e9sum\u00e9 final.pdf"),  # a reviewer's
+    (b'attachment; filename="=?utf-8?q?C:\\docs\\caf=C3=A9.pdf?="', "C:\\docs\\caf\u00e9.pdf"),  # as before
+], ids=["unquoted-blanks", "windows-path", "unquoted-encoded-word", "escaped-quotes", "plain", "unquoted-8bit",
+        "encoded-word-with-backslashes"])
 def test_file_names_as_mailers_write_them(tmp_path, disposition, name):
     """A probe's finds: an unquoted name with blanks was cut at the first ("Report"), a Windows path in quotes lost
     its backslashes ("C:UsersannaDesktopQuarterly report.pdf"), an unquoted encoded word gave no name at all."""
@@ -379,6 +385,10 @@ def test_raw_utf8_with_one_damaged_byte_stays_utf8(tmp_path):
     info = summary(raw, tmp_path)
     assert [a["name"] for a in info["attachments"]] == ["\u041a\u0430\u0440\u0442\u0438\u043d\u043a\u0430\ufffd.pdf"]
     assert info["subject"] == "caf\u00e9"
+    for charset, text in (("gbk", "\u9884\u7b97\u53d1\u7968"), ("euc-kr", "\ud68c\uc758\ub85d\uc548\ub0b4")):
+        legacy = (ENVELOPE + b"From: a@example.com\r\nSubject: " + text.encode(charset) + b"\r\nMIME-Version: 1.0\r\n"
+                  b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n\r\nbody\r\n")
+        assert summary(legacy, tmp_path / charset)["subject"] == text  # a reviewer's: pairs that look like UTF-8
 
 
 def test_a_character_cut_between_two_encoded_words_is_read_whole(tmp_path):

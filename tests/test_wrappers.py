@@ -99,6 +99,22 @@ def test_a_gzip_file_is_read_for_the_one_file_it_holds(tmp_path):
     assert info["skipped"] == [{"name": "report.xml", "reason": "not a PDF (in a gzip file)"}]
 
 
+def test_a_gzip_file_cut_short_is_unreadable_and_one_of_two_members_is_read_whole(tmp_path):
+    """A reviewer's finds: a truncated scan.pdf.gz went on as a PDF (failed "corrupt"), a gzip header alone as an
+    "empty file", and a file of two gzip members was cut to the first."""
+    import gzip
+
+    whole = gzip.compress(TWO)
+    two_members = gzip.compress(TWO[:2000]) + gzip.compress(TWO[2000:])
+    info = _summary(tmp_path, _mail((whole[:len(whole) * 6 // 10], "application/gzip", "cut.pdf.gz"),
+                                    (whole[:10], "application/gzip", "header.pdf.gz"),
+                                    (two_members, "application/gzip", "two.pdf.gz")))
+    [cut, header, two] = info["attachments"]
+    assert cut["unread"] == header["unread"] == "a gzip file that cannot be read (the file is cut short): " + \
+        "its files are not read"
+    assert two["name"] == "two.pdf" and Path(two["path"]).read_bytes() == TWO
+
+
 def test_a_gzip_bomb_is_cut_at_the_attachment_limit(tmp_path):
     import gzip
 
@@ -268,6 +284,9 @@ def test_a_binhex_file_named_pdf_is_an_unread_document_and_a_certificate_file_is
     assert [(a["name"], a["unread"]) for a in info["attachments"]] == [
         ("report.pdf", "a BinHex file: its files are not read")]
     assert info["skipped"] == [{"name": "smime.p7c", "reason": "not a PDF (application/pkcs7-mime)"}]
+    body = _mail().replace(b"see attached", b"Old Mac users saw '(This file must be converted with BinHex 4.0)'.")
+    quoted = _summary(tmp_path / "body", body)  # a body quoting the banner is no file (a reviewer's find)
+    assert quoted["attachments"] == []
     signed = _summary(tmp_path / "p7m", _mail((b"0\x82\x01\x00", "application/pkcs7-mime", "smime.p7m")))
     assert [a["unread"] for a in signed["attachments"]] == ["an S/MIME wrapper (signed or encrypted): its files are "
                                                             "not read"]  # content inside: as before

@@ -88,10 +88,11 @@ CONFIGURED = "delivery.recipient"  # reply_recipient's why for the operator's co
 # a postmaster, a no-reply robot (noreply-dmarc-support@, no-reply@), a mail service's bounce address
 # (SendGrid's bounces+5555-abcd-anna=example.com@, Mandrill's bounce-md_3085.5e0b@): a probe's got digests
 _SYSTEM_LOCAL = re.compile(r"mailer-daemon|listserv|majordomo|postmaster|owner-.+|.+-request|.+-bounces(\+.+)?"
-                           r"|bounces?-.*[=_].*|bounces?\+.+|(.+[-._])?(no-?reply|do-?not-?reply)([-._+].*)?",
+                           r"|bounces?-.+=.+|bounce-md_.+|bounces?\+.+|(.+[-._])?(no-?reply|do-?not-?reply)([-._+].*)?",
                            re.IGNORECASE)
-# a mail service's bounce domain: Google Groups' 3abc@scoutcamp.bounces.google.com
-_SYSTEM_DOMAIN = re.compile(r"(.+\.)?bounces?\..+", re.IGNORECASE)
+# a mail service's bounce subdomain: Google Groups' 3abc@scoutcamp.bounces.google.com (a label before it, two
+# after: bounce.com and bounce.co.uk are someone's own domains, a reviewer's find)
+_SYSTEM_DOMAIN = re.compile(r".+\.bounces?\.[^.]+\.[^.]+", re.IGNORECASE)
 
 
 def reply_address(text: str, name: str = "") -> Address:

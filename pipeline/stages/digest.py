@@ -145,11 +145,11 @@ def _best(pages: Iterator[str] | list[str], freq: Counter[str], count: int) -> l
             if len(found) < 3 or sentence in chosen:  # a heading, a page number, a table row; a repeat
                 continue
             # set operations and C-level counting: a list of the content words per sentence was 12% more time
-            distinct, length = set(found), len(found)
-            stops = distinct & STOP_WORDS
-            if stops:
-                length -= sum(map(found.count, stops))
-                distinct -= stops
+            distinct = set(found)
+            length = len(found)
+            if not distinct.isdisjoint(STOP_WORDS):
+                length -= sum(map(STOP_WORDS.__contains__, found))  # one C-level pass (found.count per stop word
+                distinct -= STOP_WORDS  # was a pass each: a reviewer's 1.6 MB run-on page took 0.38 s, not 0.22)
             position += 1
             item = (sum(map(frequency, distinct)) / (1 + length) ** 0.5, -position, sentence)
             if len(best) < count:

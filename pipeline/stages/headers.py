@@ -119,7 +119,7 @@ def sender_mailbox(msg: EmailMessage) -> Address:
 # takes it for the mailbox and drops the bracketed one, the address mail readers show and answer (a prober's
 # find, after MimeKit's sample "jang.abcdef@xyzlinu <jang.abcdef@xyzlinux12345678.it>": a third party got the
 # digest of a drop-folder mail, and an SMTP mail's digest named the wrong sender)
-_ADDRESS_AS_NAME = re.compile(r'^\s*([^<>"@]*@[^<>"]*?)\s*<([^<>\s"]+@[^<>\s"]+)>\s*$')
+_ADDRESS_AS_NAME = re.compile(r'^\s*([^<>",@]*@[^<>",]*?)\s*<([^<>\s",]+@[^<>\s",]+)>\s*$')  # one mailbox
 
 
 def bracketed_mailbox(msg: EmailMessage) -> list[Address]:
@@ -208,10 +208,11 @@ def _as_written(part: EmailMessage, parsed: str | None) -> str | None:
         quoted, bare = found.group(1), found.group(2)
         if not parsed:  # an unquoted encoded word, "filename==?utf-8?q?caf=C3=A9.pdf?=": no name at all
             return _decoded_words(bare.strip()) if bare and bare.strip().startswith("=?") else parsed
-        if quoted is not None and "\\" in quoted and "\\\"" not in quoted:
-            return quoted.rsplit("\\", 1)[-1].strip() or parsed
-        if bare is not None and " " in bare.strip() and bare.strip().startswith(parsed) and "=?" not in bare:
-            return bare.strip()
+        if quoted is not None and "\\" in quoted and "\\\"" not in quoted and "=?" not in quoted:
+            return decode_8bit(quoted.rsplit("\\", 1)[-1].strip()) or parsed
+        whole = decode_8bit(bare.strip()) if bare is not None else ""
+        if " " in whole and whole.startswith(parsed) and "=?" not in whole:  # raw 8-bit read as the name was
+            return whole
         return parsed
     return parsed
 

@@ -276,7 +276,7 @@ def _add_pdf(raw_name: str | None, payload: bytes, dest: Path, limits: IngestCon
     key = hashlib.blake2b(memoryview(payload)[pdf_start(payload):], digest_size=16).digest()
     if key in seen:
         name = display_name(raw_name, len(pdfs) + len(skipped))
-        skipped.append({"name": name, "reason": f"the same file as {seen[key]}, digested above"})
+        skipped.append({"name": name, "reason": f"the same file as {seen[key]} (above)"})  # read or not, once
         return
     item = _store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes)
     if item["path"]:  # two copies of a file over the size limit are each listed as such

@@ -69,8 +69,9 @@ def wrapper_kind(part: EmailMessage, payload: bytes) -> str | None:
         return None  # certificates only, no content (a probe's .p7c made a run partial): listed, not a PDF
     if kind:
         return kind
-    if BINHEX in payload[:1024]:  # a Mac's BinHex text, named .pdf in a probe: it failed "corrupt"
-        return "a BinHex file"
+    if part.get_content_type() == "application/mac-binhex40" or (name and BINHEX in payload[:1024]):
+        return "a BinHex file"  # a Mac's BinHex text, named .pdf in a probe, failed "corrupt" (a body quoting its
+        # banner is no file: a reviewer's find)
     for magic, what in _MAGIC:
         if payload.startswith(magic):
             return what
@@ -119,8 +120,8 @@ def gzip_files(payload: bytes, max_bytes: int, name: str | None) -> Iterator[tup
     scan.pdf.gz was an unread document, and a DMARC report's .xml.gz made its run partial."""
     inner = (name or "")[:-3] if (name or "").lower().endswith(".gz") else name or ""
     try:
-        data = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(payload, max_bytes + 1)
-    except zlib.error as exc:
+        data = _gunzipped(payload, max_bytes + 1)
+    except (zlib.error, EOFError) as exc:
         yield inner, None, f"a gzip file that cannot be read ({exc}): {NOT_READ}"
         return
     if data[257:262] == b"ustar":
@@ -129,6 +130,21 @@ def gzip_files(payload: bytes, max_bytes: int, name: str | None) -> Iterator[tup
         yield inner, data, ""
     else:
         yield inner, None, NOT_A_PDF_IN_GZIP
+
+
+def _gunzipped(payload: bytes, limit: int) -> bytes:
+    """A gzip file's data, every member of it, no more than ``limit`` bytes; EOFError for one cut short (a
+    reviewer's find: a truncated scan.pdf.gz was passed on as a PDF, failed "corrupt")."""
+    out, rest = b"", payload
+    while rest and len(out) < limit:
+        stream = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        out += stream.decompress(rest, limit - len(out))
+        if not stream.eof:
+            if len(out) >= limit:
+                break  # cut at the limit: refused as too large
+            raise EOFError("the file is cut short")
+        rest = stream.unused_data.lstrip(b"\0")  # the next member, if any (some writers pad with NULs)
+    return out
 
 
 def zip_members(payload: bytes, max_bytes: int) -> Iterator[tuple[str, bytes | None, str]]:
