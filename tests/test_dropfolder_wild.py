@@ -322,3 +322,23 @@ def test_a_second_fault_of_the_same_type_is_logged_not_hidden_by_the_first(tmp_p
         assert wait_until(lambda: "No space left on device" in caplog.text and "Input/output error" in caplog.text, 10)
     finally:
         drop.stop()
+
+
+def test_a_data_dir_moved_away_is_not_made_again_at_its_old_path(tmp_path):
+    """A probe's find: with the data dir moved away, the drop folder's next pass made ``data/inbox/...`` again,
+    parents and all, and the operator's ``mv data.away data`` then landed inside that new ``data``. The folder is
+    made again only where its parent still is, and the pass says why it cannot."""
+    data = tmp_path / "data"
+    drop = DropFolder(data / "inbox", Keep(), GatewayConfig(watch_mode="poll", poll_interval_s=0.05),
+                      retry_interval_s=60).start()
+    try:
+        assert drop.first_pass.wait(10)
+        os.rename(data, tmp_path / "data.away")
+        drop._problems = []
+        drop._watch_again_if_replaced()  # what the retry loop does each pass
+        assert not data.exists() and any("cannot make its folders again" in p for p in drop._problems)
+        os.rename(tmp_path / "data.away", data)  # the operator's move back lands where it was
+        drop._watch_again_if_replaced()
+        assert sorted(p.name for p in (data / "inbox").iterdir()) == ["cur", "new", "rejected", "tmp"]
+    finally:
+        drop.stop()
