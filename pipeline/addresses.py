@@ -30,9 +30,11 @@ def check_relay(relay: str) -> None:
     shape = "delivery.relay must look like smtp://host:port"
     try:
         url = urlsplit(relay)
-        url.port  # noqa: B018 - parsed only to refuse a port that is not a number or out of range
+        port = url.port
     except ValueError as exc:  # a port that is not a number, or out of range
         raise ConfigurationError(f"{shape}: {exc}") from exc
+    if port == 0:  # every digest would fail, after 13-26 minutes of retries (a probe's find)
+        raise ConfigurationError(f"{shape}: port 0 is no port to connect to")
     if url.scheme.lower() != "smtp":
         raise ConfigurationError(f"{shape}, not {relay!r} (smtps and other schemes are not supported)")
     if url.username is not None or url.password is not None:

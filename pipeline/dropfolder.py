@@ -217,7 +217,7 @@ class DropFolder:
                     return self._reject(path, f"{st.st_size:,} bytes, over the {self.config.max_message_bytes:,}-byte "
                                               f"limit")
                 with _read_lease(fd) as lease:  # None: no lease to be had, so the file must be quiet
-                    complete = lease if lease is not None else time.time() - st.st_mtime >= SETTLE_S
+                    complete = lease if lease is not None else _settled(st)
                     if complete:
                         raw = file.read(self.config.max_message_bytes + 1)
                         complete = lease is None or _still_leased(fd)  # a writer opening it broke the lease
@@ -331,6 +331,14 @@ def _free_name(directory: Path, base: str, suffix: str = "") -> Path:
 
 
 SETTLE_S = 1.0  # with no lease to be had, a file unchanged this long counts as written
+
+
+def _settled(st: os.stat_result) -> bool:
+    """Whether a file with no lease to be had has been unchanged for SETTLE_S: by its mtime, or by its ctime (set
+    by this kernel's clock) when its mtime is in the future (``cp -p`` or rsync from a host whose clock runs
+    ahead): a probe's file dated a day ahead was never taken, and nothing said so."""
+    now = time.time()
+    return now - (st.st_mtime if st.st_mtime <= now + SETTLE_S else st.st_ctime) >= SETTLE_S
 
 
 @contextmanager

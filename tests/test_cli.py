@@ -305,6 +305,22 @@ def test_ingest_names_a_missing_file_and_a_directory_in_one_line_each(tmp_path, 
     assert capsys.readouterr().err.strip() == f"error: not a regular file: {tmp_path}"
 
 
+def test_ingest_refuses_a_file_over_the_message_limit_in_one_line_before_any_run(tmp_path, capsys):
+    """A probe's find: ``ingest`` read any file whole (60 MB took 703 MB of memory; 100 GB: a MemoryError
+    traceback) where SMTP and the drop folder refuse it."""
+    small, big = tmp_path / "small.eml", tmp_path / "big.eml"
+    small.write_bytes(b"From: a@example.com\r\nSubject: s\r\n\r\nhi\r\n")
+    with open(big, "wb") as out:
+        out.truncate(2 * 1024 * 1024 + 1)  # sparse: nothing is written
+    (config := tmp_path / "small.toml").write_text("[gateway]\nmax_message_bytes = 2097152\n"
+                                                    "max_inflight_bytes = 2097152\n")
+    code = main(["--data-dir", str(tmp_path / "d"), "--config", str(config), "ingest", str(small), str(big)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"error: cannot ingest {big}: 2,097,153 bytes, over the 2,097,152-byte limit "
+                                 "([gateway] max_message_bytes)")
+    assert main(["--data-dir", str(tmp_path / "d"), "runs"]) == 0 and "email_digest" not in capsys.readouterr().out
+
+
 def test_runs_into_a_pipe_whose_reader_left_stops_quietly_as_head_expects(filled, settings):
     """``runs | head -1``: the reader closes its end early; that is no error (exit 141, as a shell reports a
     tool killed by SIGPIPE), and nothing is printed about it."""

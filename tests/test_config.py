@@ -48,6 +48,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     ('[delivery]\nrelay = "mail.example.com:25"', "delivery.relay must look like smtp://host:port, not"),
     ('[delivery]\nrelay = "smtp://127.0.0.1:25x"', "delivery.relay must look like smtp://host:port: Port could"),
     ('[delivery]\nrelay = "smtp://127.0.0.1:99999"', "delivery.relay must look like smtp://host:port: Port out of"),
+    ('[delivery]\nrelay = "smtp://127.0.0.1:0"', "delivery.relay must look like smtp://host:port: port 0 is no port"),
     ('[delivery]\nrelay = "smtp://:2525"', "delivery.relay must look like smtp://host:port, not 'smtp://:2525'"),
     ('[delivery]\nrelay = "smtp://relay:25?starttls=1"', "delivery.relay must look like smtp://host:port, not"),
     ("[delivery]\nretries = -1", "delivery.retries must be >= 0"),

@@ -342,3 +342,18 @@ def test_a_data_dir_moved_away_is_not_made_again_at_its_old_path(tmp_path):
         assert sorted(p.name for p in (data / "inbox").iterdir()) == ["cur", "new", "rejected", "tmp"]
     finally:
         drop.stop()
+
+
+def test_a_file_dated_in_the_future_counts_as_written_by_its_change_time(tmp_path):
+    """A probe's find: with no lease to be had (serve not root, the file another user's), a file whose mtime was a
+    day ahead (``cp -p`` from a host whose clock runs ahead) was never taken, and nothing said so."""
+    from pipeline.dropfolder import SETTLE_S, _settled
+
+    path = tmp_path / "future.eml"
+    path.write_bytes(MESSAGE)
+    os.utime(path, (time.time() + 86400, time.time() + 86400))
+    assert not _settled(os.stat(path))  # just changed: its change time is now
+    time.sleep(SETTLE_S + 0.2)
+    assert _settled(os.stat(path))
+    os.utime(path, (time.time(), time.time()))
+    assert not _settled(os.stat(path))  # a file written just now is not settled, whatever its dates

@@ -201,6 +201,19 @@ def test_reconciliation_looks_up_names_in_batches(store, settings):
     assert sorted(p.name for _, p in unknown) == sorted(p.name for p in paths[4:])
 
 
+def test_reconciliation_skips_what_is_not_a_regular_file(store, settings):
+    """A probe's find: a FIFO named *.eml in the spool blocked serve's start in its open() (60 s, then "the gateway
+    process did not listen"); a symlink could point at /dev/zero."""
+    import os
+
+    real = spool_file(settings, b"Subject: real\r\nMessage-ID: <real@x>\r\n\r\n")
+    spool = settings.data_dir / "spool"
+    os.mkfifo(spool / "fifo.eml")
+    (spool / "zero.eml").symlink_to("/dev/zero")
+    (spool / "dir.eml").mkdir()
+    assert [p.name for _, p in unknown_spool_files(store, spool)] == [real.name]
+
+
 @pytest.mark.parametrize("days", ["-1", "nan", "inf"])
 def test_purge_refuses_a_negative_or_non_finite_age_in_one_line(store, settings, capsys, days):
     assert main(["--data-dir", str(settings.data_dir), "purge", "--older-than", days]) == 2
