@@ -61,6 +61,7 @@ from .stages.worker_errors import signal_name
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0  # a child that does not listen by then is killed: start-up fails (or is retried)
 STABLE_S = 30.0  # a child that lived this long before it died starts the backoff afresh
+HEALTH_EVERY_S = 1.0  # the engine's health is told the child at least this often: its sign that serve lives
 SUPERVISE_EVERY_S = 0.2  # how often the supervisor looks at the child and the engine's health
 UNWATCHED_S = 2.0  # a gap between looks longer than this: serve itself was paused, so a silence is not judged
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # the child ignores them: serve stops it
@@ -92,6 +93,7 @@ class GatewayProcess:
         self.restart_causes: collections.Counter[str] = collections.Counter()  # "died" or "hung"
         self._started_at = 0.0
         self._told: str | None = None  # the health the child was last told
+        self._told_at = 0.0  # when (monotonic)
         self._out: IO[bytes] | None = None  # the child's stdout: its signs of life after its ready line
         self._alive_at = 0.0  # when the child last gave one (monotonic)
         self._hung = False  # the supervisor killed the child for its silence
@@ -317,9 +319,10 @@ class GatewayProcess:
         return failures
 
     def _tell_health(self, proc: subprocess.Popen[bytes]) -> None:
-        """Write the engine's health to the child when it changed (``health`` alone: healthy)."""
+        """Write the engine's health to the child when it changed, and at least every HEALTH_EVERY_S (``health``
+        alone: healthy): a child that hears nothing for ``gateway_hung_after_s`` answers 451 (``EngineHealth``)."""
         problem = self.health()
-        if problem == self._told or proc.stdin is None:
+        if proc.stdin is None or (problem == self._told and time.monotonic() - self._told_at < HEALTH_EVERY_S):
             return
         line = "health" if problem is None else "health " + " ".join(problem.split())
         try:
@@ -327,7 +330,7 @@ class GatewayProcess:
             proc.stdin.flush()
         except OSError:  # it died just now: the next look sees it
             return
-        self._told = problem
+        self._told, self._told_at = problem, time.monotonic()
 
     def _close_sockets(self) -> None:
         for sock in self.sockets:

@@ -7,6 +7,7 @@ Behaviour only: which process answers, what survives a kill, what a signal stops
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import platform
@@ -180,6 +181,27 @@ def test_a_paused_serve_does_not_kill_its_gateway_process_when_it_resumes(tmp_pa
         time.sleep(3)  # past the limit again: a child judged by the paused span would be gone by now
         assert [p.pid for p in gateway_children(serve)] == [first.pid], serve.log_tail()
         assert "gave no sign of life" not in serve.log_tail(50_000)
+    finally:
+        serve.stop()
+
+
+def test_a_gateway_process_whose_serve_is_frozen_answers_451_until_serve_speaks_again(tmp_path):
+    """A probe's find: serve stopped (SIGSTOP) while its gateway process went on answering 250 to mail no engine
+    ran, for as long as the freeze lasted. Serve tells the child its health every second; silent for
+    ``gateway_hung_after_s``, the child answers 451, and 250 again once serve speaks."""
+    serve = taken(ServeProcess(tmp_path / "data", tmp_path / "serve", {"serve": {"gateway_hung_after_s": 2}}).start())
+    try:
+        tries = itertools.count()
+        os.kill(serve.proc.pid, signal.SIGSTOP)  # serve alone: its gateway process runs on
+        try:  # (the first mails may still be taken: the child waits 2 s of silence)
+            assert wait_until(lambda: data_reply(serve.port, f"<frozen-{next(tries)}@example.com>")[0] == 451,
+                              timeout_s=60)
+            assert wait_until(lambda: "frozen or stuck" in serve.log_tail(50_000), timeout_s=30), serve.log_tail()
+        finally:
+            os.kill(serve.proc.pid, signal.SIGCONT)
+        refused = f"<frozen-{next(tries) - 1}@example.com>"
+        assert wait_until(lambda: data_reply(serve.port, "<thawed@example.com>")[0] == 250, timeout_s=60)
+        assert refused not in runs_by_key(serve.data_dir)  # refused, not taken
     finally:
         serve.stop()
 
