@@ -57,7 +57,15 @@ from . import metrics, tracing
 from .bulk_smtp import DataEnvelope, GatewayController
 from .config import GatewayConfig, is_loopback
 from .engine import WorkflowEngine
-from .errors import AcceptStalledError, PipelineError, SpoolError, StartupError, StoreError, UnavailableError
+from .errors import (
+    AcceptStalledError,
+    PipelineError,
+    SpoolError,
+    StartupError,
+    StoreBusyError,
+    StoreError,
+    UnavailableError,
+)
 from .inline_accept import InlineAccepts
 from .ratelog import RateLimitedLog, cause_of
 from .smtp_limits import SessionLimits
@@ -84,6 +92,7 @@ class EmailGateway:
         self._controller: GatewayController | None = None
         # whether the workers can take runs (None: yes); serve's gateway process hears it from its parent
         self.health: Callable[[], str | None] = lambda: engine.health_problem
+        self.storing = StoringTrouble()
 
     def accept(self, raw: bytes, *, source: str = "smtp", mail_from: str = "", rcpt_tos: tuple[str, ...] = (),
                data_end_at: float | None = None, dedup: bool = True, head: bytes = b"") -> Run:
@@ -157,8 +166,9 @@ class EmailGateway:
                  run.run_id)
 
     def check_available(self) -> None:
-        """Raise ``UnavailableError`` if the engine reports itself unhealthy (its loops keep failing)."""
-        problem = self.health()
+        """Raise ``UnavailableError`` if the engine reports itself unhealthy (its loops keep failing), or storing
+        mail failed just now (``StoringTrouble``)."""
+        problem = self.health() or self.storing.problem()
         if problem is None:
             return
         raise UnavailableError(" ".join(str(problem).split())[:200])  # one line: it goes into an SMTP reply
@@ -340,7 +350,11 @@ class _SmtpHandler:
         except Exception as exc:  # answer "try later" rather than drop: the sender keeps the message
             if isinstance(writer, SpoolWriter) and not isinstance(exc, AcceptStalledError):
                 writer.abort()  # if the pool refused the job (stopping); after finish() this does nothing
+            if isinstance(exc, (SpoolError, StoreError)) and not isinstance(exc, StoreBusyError) and \
+                    not getattr(exc, "disk_full", False):  # a lock is the engine's to report, a full disk the
+                self.gateway.storing.failed(exc)  # data-dir watch's (each clears when it passes)
             return metrics.smtp_reply("DATA", smtp_reply_for(exc, self.gateway.refusals))
+        self.gateway.storing.stored()
         return metrics.smtp_reply("DATA", f"250 2.0.0 OK queued as run {run.run_id}")
 
     async def _off_loop(self, accept: Callable[[], Run], writer: object) -> Run:
@@ -368,6 +382,32 @@ class _SmtpHandler:
         self.gateway.limits.log.report(f"session error: {type(error).__name__}", "SMTP session error: %s: %s",
                                        type(error).__name__, error, exc_info=trace)
         return "451 4.3.0 Temporary failure, try again later"
+
+
+STORING_FRESH_S = 5.0  # a failure to store mail makes the gateway unhealthy this long, unless one is stored
+
+
+class StoringTrouble:
+    """The last failure to store a mail (the spool or the run store refused it), until one is stored or
+    STORING_FRESH_S pass: meanwhile the gateway answers 451 before the data and reports unhealthy. A probe's
+    run store that refused writes (an immutable WAL) got 451 for every mail while serve said it was healthy;
+    nothing else looked, as an idle engine writes nothing."""
+
+    def __init__(self) -> None:
+        self._failed_at: float | None = None
+        self._why = ""
+
+    def failed(self, exc: Exception) -> None:
+        self._failed_at, self._why = time.monotonic(), f"storing mail failed: {type(exc).__name__}: {exc}"[:300]
+
+    def stored(self) -> None:
+        self._failed_at = None
+
+    def problem(self) -> str | None:
+        failed_at = self._failed_at
+        if failed_at is None or time.monotonic() - failed_at > STORING_FRESH_S:
+            return None  # after a while the next mail tries again: the store may be right by now
+        return self._why
 
 
 def _late_accept(future: asyncio.Future[Run]) -> None:

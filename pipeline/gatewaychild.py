@@ -72,10 +72,11 @@ class EngineHealth:
         return self.problem
 
 
-def say_alive() -> None:
-    """One byte on stdout, from the SMTP event loop: serve kills a gateway process that stays silent."""
+def say_alive(storing_fails: bool = False) -> None:
+    """One byte on stdout, from the SMTP event loop: serve kills a gateway process that stays silent. "!" while
+    storing mail fails (``gateway.StoringTrouble``): serve then reports itself unhealthy too."""
     try:
-        os.write(sys.stdout.fileno(), b".")
+        os.write(sys.stdout.fileno(), b"!" if storing_fails else b".")
     except (BlockingIOError, BrokenPipeError):  # serve reads behind, or is gone (stdin's end stops us)
         pass
 
@@ -105,7 +106,7 @@ def main() -> int:
         registry = metrics.start_metrics_server(0) if orders.metrics else None
         print(f"ready {registry.port if registry else 0}", flush=True)
         os.set_blocking(sys.stdout.fileno(), False)  # a sign of life never blocks the loop that gives it
-        service.gateway.every(ALIVE_EVERY_S, say_alive)
+        service.gateway.every(ALIVE_EVERY_S, lambda: say_alive(service.gateway.storing.problem() is not None))
         service.gateway.every(ALIVE_EVERY_S, engine.tick)
         for line in stdin:  # until serve closes the pipe or dies
             engine.follow(line)

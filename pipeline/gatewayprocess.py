@@ -94,6 +94,7 @@ class GatewayProcess:
         self._started_at = 0.0
         self._told: str | None = None  # the health the child was last told
         self._told_at = 0.0  # when (monotonic)
+        self._storing_fails = False  # the child's latest sign of life said storing mail fails
         self._out: IO[bytes] | None = None  # the child's stdout: its signs of life after its ready line
         self._alive_at = 0.0  # when the child last gave one (monotonic)
         self._hung = False  # the supervisor killed the child for its silence
@@ -124,6 +125,13 @@ class GatewayProcess:
         self._thread = threading.Thread(target=self._supervise, name="pipeline-gateway-process", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def storing(self) -> str | None:
+        """Why the child cannot store mail now (the spool or the run store refuses it), or None: its signs of
+        life say so (``gatewaychild.say_alive``)."""
+        return "the gateway process cannot store mail (the spool or the run store refuses it: see its log)" \
+            if self._storing_fails and self.proc is not None and self.proc.poll() is None else None
 
     @property
     def down(self) -> str | None:
@@ -206,6 +214,7 @@ class GatewayProcess:
         _close(self._out)  # the last child's
         self.proc, self._started_at, self._told = proc, time.monotonic(), None
         self._out, self._alive_at, self._hung, self._looked_at = proc.stdout, time.monotonic(), False, time.monotonic()
+        self._storing_fails = False
         log.info("gateway process %d accepts SMTP for serve", proc.pid)
 
     def _await_ready(self, proc: subprocess.Popen[bytes], out: IO[bytes]) -> int:
@@ -286,8 +295,9 @@ class GatewayProcess:
         if self._hung:
             return False
         try:
-            while self._out is not None and os.read(self._out.fileno(), 4096):
+            while self._out is not None and (signs := os.read(self._out.fileno(), 4096)):
                 self._alive_at = time.monotonic()
+                self._storing_fails = signs.endswith(b"!")  # the latest sign says whether storing mail fails
         except BlockingIOError:  # nothing more now
             pass
         now = time.monotonic()

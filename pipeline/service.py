@@ -260,8 +260,8 @@ class PipelineService:
         """Why this service cannot do its whole job now (its gateway process is down, an engine loop keeps
         failing); None when healthy."""
         gateway = self.gateway_process
-        child = (gateway.problem or gateway.down) if gateway is not None else None
-        return child or self._accepting_problem()
+        child = (gateway.problem or gateway.down or gateway.storing) if gateway is not None else None
+        return child or self._accepting_problem() or self.gateway.storing.problem()
 
     def _accepting_problem(self) -> str | None:
         """Why the gateway must answer 451 now: the engine's problem, or the data dir's (``DataDirWatch``)."""

@@ -124,6 +124,26 @@ def test_store_error_while_queueing_answers_451(settings):
         assert service.store.count_runs_by_state() == {}
 
 
+def test_a_store_that_refuses_writes_makes_the_gateway_unhealthy_until_a_mail_is_stored(settings):
+    """A probe's find: a run store that refused every write (an immutable WAL) got 451 for every mail while serve
+    reported itself healthy (an idle engine writes nothing, so nothing else saw it). Here SQLite refuses the run's
+    row (SQLITE_READONLY, as for a file made read-only, which root would ignore): 451, and the gateway is unhealthy
+    (451 before the data) until STORING_FRESH_S pass and a mail is stored again."""
+    from pipeline.gateway import STORING_FRESH_S
+
+    with started(settings, run_workers=False) as service:
+        port, conn = service.settings.gateway.port, service.store._conn
+        conn.execute("PRAGMA query_only = 1")
+        codes = [smtp_data(port, fx.email_with([], message_id=f"<refused-{i}@x>"))[0] for i in range(3)]
+        assert codes[0] == 451 and service.health_problem.startswith("storing mail failed: StoreIOError"), codes
+        assert codes[1:] == [451, 451]  # refused at MAIL now, before the data: the health check says why
+        conn.execute("PRAGMA query_only = 0")
+        time.sleep(STORING_FRESH_S + 0.5)
+        assert service.health_problem is None
+        code, reply = smtp_data(port, fx.email_with([], message_id="<after@x>"))
+        assert code == 250, reply
+
+
 def test_an_accept_that_stalls_is_answered_451_at_its_limit_and_its_run_stands_once_it_completes(settings, caplog):
     """A store that does not answer (here locked by another process, waited on for 20 s; in the wild a frozen
     disk, a PostgreSQL server gone quiet): the sender used to wait for command_timeout_s, then get 421 "idle
