@@ -40,6 +40,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from .config import GatewayConfig
+from .errors import ConfigurationError
 from .ratelog import LOG_INTERVAL_S, RateLimitedLog
 from .smtp_lean import LeanSMTP
 
@@ -118,7 +119,15 @@ class SessionLimits:
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> SessionLimits:
-        """The limits a GatewayConfig asks for (the automatic session limit is read now)."""
+        """The limits a GatewayConfig asks for (the automatic session limit is read now). ConfigurationError for a
+        ``max_sessions`` over half the open-file limit: a session may hold a socket and a spool file, and past
+        the limit asyncio's accept loop spins on EMFILE (a probe's 200 sessions under ``ulimit -n 64``: a core
+        busy, senders timing out unanswered, serve healthy)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if config.max_sessions is not None and soft != resource.RLIM_INFINITY and config.max_sessions > soft // 2:
+            raise ConfigurationError(f"gateway.max_sessions = {config.max_sessions} needs up to two open files a "
+                                     f"session, and this process may open {soft} (ulimit -n): set it to "
+                                     f"{max(1, soft // 4)} or less, or raise the limit")
         return cls(max_sessions=config.max_sessions, command_timeout_s=config.command_timeout_s,
                    session_timeout_s=config.session_timeout_s, max_inflight_bytes=config.max_inflight_bytes,
                    fair_share_replies=config.fair_share_replies, max_junk_commands=config.max_junk_commands)

@@ -503,3 +503,20 @@ def test_commands_that_carry_no_mail_are_limited_per_mail_and_the_flooder_is_clo
         assert session.reply() == (421, "4.7.0 Too many commands without a mail, closing connection")
         assert session.replies.read() == b""  # closed
     assert service.gateway.limits.log.counts["too many commands without a mail"] == 1
+
+
+def test_a_session_limit_the_open_file_limit_cannot_hold_is_refused_at_start():
+    """A probe's find: ``max_sessions = 200`` under ``ulimit -n 64`` was accepted; with 70 idle connections the
+    gateway's accept loop spun on EMFILE (a core busy, senders unanswered, serve healthy)."""
+    import resource
+
+    from pipeline.config import GatewayConfig
+    from pipeline.errors import ConfigurationError
+    from pipeline.smtp_limits import SessionLimits
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no open-file limit on this machine")
+    with pytest.raises(ConfigurationError, match=rf"gateway.max_sessions = {soft} needs up to two open files"):
+        SessionLimits.from_config(GatewayConfig(max_sessions=soft))
+    assert SessionLimits.from_config(GatewayConfig(max_sessions=soft // 2)).max_sessions == soft // 2
