@@ -58,6 +58,7 @@ from .passes import Passes
 from .runner import DAGRunner
 from .store import DAGRunStore, Run
 from .timers import Timers
+from .wakeup import not_watching
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,12 @@ class WorkflowEngine(BrokenRuns, Heartbeat):
         if self._started:
             return self
         recovered = self.recover()  # may raise StoreError: then nothing was started
+        # the runs' work dirs' parent, made once here: a runner makes only its own dir, so a data dir moved away
+        # while serve runs is not made again at its old path (a probe's move back landed inside the new one)
+        try:
+            (Path(self.settings.data_dir) / "work").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # each run's start then breaks on it, environmental, and the engine reports it
+            log.warning("cannot make the work dir %s: %s", Path(self.settings.data_dir) / "work", exc)
         self._started = True
         liveness.LIVE_OWNERS.add(self.owner)
         self._unwatch = self.store.watch_queue(self._queue_noticed)
@@ -250,7 +257,8 @@ class WorkflowEngine(BrokenRuns, Heartbeat):
     def _dispatch_loop(self) -> None:
         # also poll: another process may queue runs in a shared store; a store that notifies (PostgreSQL
         # LISTEN, SQLite's datagrams on this host) wakes us at its commit, so its poll is only a fallback
-        poll_s = self.settings.engine.queue_poll_s if self.store.queue_notifications else 1.0
+        notified = self.store.queue_notifications and self._unwatch is not not_watching  # (a watch that failed)
+        poll_s = self.settings.engine.queue_poll_s if notified else 1.0
         delay = 0.0
         while True:
             with self._cond:

@@ -109,8 +109,9 @@ class DAGRunner(Completion):
 
     def start(self) -> None:
         """Load what the store knows of this run, then submit every ready task."""
-        self.work_dir.parent.mkdir(exist_ok=True)  # data/work, but not the data dir: one moved away must not be
-        self.work_dir.mkdir(exist_ok=True)  # made again at its old path, the operator's move back landing inside
+        if not self.work_dir.parent.exists() and not self.work_dir.parent.is_symlink():  # data/work (the engine
+            self.work_dir.parent.mkdir(exist_ok=True)  # made it at start), never the data dir: one moved away must
+        self.work_dir.mkdir(exist_ok=True)  # not be made again at its old path (a file there: NotADirectoryError)
         workdir.clear_ended(self.work_dir)  # a run id used again (after a purge, a restored backup) runs anew
         static = [t.id for t in self.dag.tasks if t.map_over is None]
         with self._lock:

@@ -85,12 +85,12 @@ class QueueBell:
         If the socket or its registration cannot be made, log it and return a no-op: the caller polls.
         """
         if not SUPPORTED:
-            return lambda: None
+            return not_watching
         try:
             watcher = _Watcher(self.directory, wake)
         except OSError as exc:
-            log.warning("cannot watch the run queue for wake-ups (%s): polling only", exc)
-            return lambda: None
+            log.warning("cannot watch the run queue for wake-ups (%s): polling every second", exc)
+            return not_watching
         with self._lock:
             self._watchers.append(watcher)
 
@@ -110,6 +110,11 @@ class QueueBell:
             watcher.stop()
         if sender is not None:
             sender.close()
+
+
+def not_watching() -> None:
+    """What ``watch`` returns when it cannot watch: stopping it does nothing, and the engine, seeing it, polls
+    every second (it polled at the notifying store's slow interval, 5 s: a probe's wake-up file replaced)."""
 
 
 class _Watcher:

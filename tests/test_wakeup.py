@@ -103,3 +103,26 @@ def test_a_watcher_whose_socket_fails_backs_off_and_goes_on(tmp_path, caplog):
     finally:
         watcher.stop()
     assert _FailsOnce.failed and any("queue wake-ups failed (1 in a row)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_wake_up_folder_that_cannot_be_made_leaves_the_engine_polling_every_second(tmp_path, settings):
+    """A probe's find: with runs.sqlite3-wake a file, the watch failed ("polling only") and the engine polled at
+    the notifying store's interval (5 s), so a run another process queued waited 1.3-4.4 s to start."""
+    from dataclasses import replace
+
+    from pipeline.dag import DAG, Task
+    from pipeline.engine import WorkflowEngine
+
+    path = tmp_path / "runs.sqlite3"
+    (tmp_path / "runs.sqlite3-wake").write_text("a file where the folder goes")
+    config = replace(settings, engine=replace(settings.engine, queue_poll_s=30.0))
+    with SqliteRunStore(path) as store, SqliteRunStore(path) as other:
+        engine = WorkflowEngine(store, config)
+        engine.register(DAG("w", [Task("t", lambda ctx: 1)]))
+        engine.start()
+        try:
+            assert engine._unwatch is wakeup.not_watching
+            run = other.create_run("w", {})[0]  # queued by another process: no ring reaches this engine
+            assert engine.wait(run.run_id, timeout=20).state == "success"  # found by the 1 s poll, not 30 s
+        finally:
+            engine.shutdown(grace_s=5)
