@@ -64,8 +64,7 @@ class EngineHealth:
         """The engine's problem, or serve's silence (not a silence this process was paused through itself: Ctrl-Z
         or a frozen container pauses both, and nobody was watching then)."""
         now = time.monotonic()
-        if now - self.ticked_at > 3 * ALIVE_EVERY_S:
-            self._unless_paused(now)
+        self._unless_paused(now)  # (called on the SMTP loop: it runs now)
         silent = now - self.heard_at
         if self.silent_after_s and silent > self.silent_after_s:
             return f"serve has told this gateway nothing for {silent:.0f} s (frozen or stuck): its engine may not run"

@@ -167,7 +167,7 @@ class Completion:
 
     def _made_files_gone(self) -> bool:
         """Whether a file a finished task of this run made in its work dir (an attachment, a text) is gone."""
-        work = str(self.work_dir)
+        work = os.path.join(self.work_dir, "")
         return any(isinstance(path, str) and path.startswith(work) and not os.path.exists(path)
                    for inst in self._instances.values() if inst.state == s.SUCCESS
                    for path in _paths(inst.output))

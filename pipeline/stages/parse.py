@@ -272,26 +272,30 @@ def _add_pdf(raw_name: str | None, payload: bytes, dest: Path, limits: IngestCon
              skipped: list[dict[str, str]], seen: dict[bytes, str]) -> None:
     """Store a PDF part as the mail's next document, or list it when it is a copy of one stored before (``seen``:
     the stored ones' hashes and names): a mail with the same PDF attached twice (a forward with the original
-    re-attached) was extracted and digested twice. Hashing costs about 1.5 ms a MB."""
-    key = hashlib.blake2b(memoryview(payload)[pdf_start(payload):], digest_size=16).digest()
+    re-attached) was extracted and digested twice. Hashing costs about 1.3 ms a MB."""
+    body = memoryview(payload)[pdf_start(payload):]  # a view: no copy of the PDF
+    key = hashlib.blake2b(body, digest_size=16).digest()
     if key in seen:
         name = display_name(raw_name, len(pdfs) + len(skipped))
         skipped.append({"name": name, "reason": f"the same file as {seen[key]} (above)"})  # read or not, once
         return
-    item = _store_pdf(raw_name, payload, len(pdfs), dest, limits.max_attachment_bytes)
+    item = _store_pdf(raw_name, payload, body, len(pdfs), dest, limits.max_attachment_bytes)
     if item["path"]:  # two copies of a file over the size limit are each listed as such
         seen[key] = item["name"]
     pdfs.append(item)
 
 
-def _store_pdf(raw_name: str | None, payload: bytes, index: int, dest: Path, max_bytes: int) -> dict[str, Any]:
+def _store_pdf(raw_name: str | None, payload: bytes, body: memoryview, index: int, dest: Path,
+               max_bytes: int) -> dict[str, Any]:
+    """Write ``body`` (the part's ``payload`` from its ``%PDF-``) as the next document, or refuse it over
+    ``max_bytes``; its item for the mail's list."""
     item: dict[str, Any] = {"name": display_name(raw_name, index), "size": len(payload), "path": None}
     if len(payload) > max_bytes:
         item["rejected"] = f"attachment is {len(payload):,} bytes, over the {max_bytes:,}-byte limit"
     else:
         path = dest / safe_filename(raw_name, index)
         try:
-            path.write_bytes(memoryview(payload)[pdf_start(payload):])  # a view: no copy of the PDF
+            path.write_bytes(body)
         except BaseException:  # half written (a full disk): it must not keep the room it took
             _unlink_quietly(str(path))
             raise
